@@ -1,0 +1,143 @@
+"""Errors raised by the mediator.
+
+Every error derives from one root, so callers can catch the family at once::
+
+    MediatorError
+    ├── DefinitionError          a workflow definition is invalid
+    │   ├── UnknownDependency
+    │   ├── DuplicateStep
+    │   ├── CyclicDependency
+    │   ├── BadExpression
+    │   └── BadDuration
+    ├── UnknownWorkflow          a request names a workflow that is not loaded
+    ├── StateUnavailable         Redis could not be reached or answered wrongly
+    ├── InfrastructureError      an embedded server could not be started
+    └── ConfigurationError       settings are inconsistent
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "BadDuration",
+    "BadExpression",
+    "ConfigurationError",
+    "CyclicDependency",
+    "DefinitionError",
+    "DuplicateStep",
+    "InfrastructureError",
+    "MediatorError",
+    "StateUnavailable",
+    "UnknownDependency",
+    "UnknownWorkflow",
+]
+
+
+class MediatorError(Exception):
+    """Root of every error the mediator raises."""
+
+
+class DefinitionError(MediatorError):
+    """A workflow definition is invalid; the message names the file, workflow and step."""
+
+    def __init__(self, detail: str, *, source: str | None = None, workflow: str | None = None):
+        self.detail = detail
+        self.source = source
+        self.workflow = workflow
+        where = []
+        if source:
+            where.append(source)
+        if workflow:
+            where.append(f"workflow {workflow!r}")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {detail}" if prefix else detail)
+
+    def located(self, source: str) -> DefinitionError:
+        """The same error, naming the file it came from."""
+        err = type(self).__new__(type(self))
+        DefinitionError.__init__(err, self.detail, source=source, workflow=self.workflow)
+        err.__dict__.update({k: v for k, v in self.__dict__.items() if k not in err.__dict__})
+        return err
+
+
+class UnknownDependency(DefinitionError):
+    """A step depends on a step that does not exist."""
+
+    def __init__(self, workflow: str, step: str, dependency: str, known: Sequence[str]):
+        self.step, self.dependency, self.known = step, dependency, list(known)
+        super().__init__(
+            f"step {step!r} depends on unknown step {dependency!r}; "
+            f"known steps: {', '.join(known)}",
+            workflow=workflow,
+        )
+
+
+class DuplicateStep(DefinitionError):
+    """Two steps share one id."""
+
+    def __init__(self, workflow: str, step: str):
+        self.step = step
+        super().__init__(
+            f"step id {step!r} is used more than once; give every step a unique id",
+            workflow=workflow,
+        )
+
+
+class CyclicDependency(DefinitionError):
+    """The steps' dependencies form a cycle."""
+
+    def __init__(self, workflow: str, cycle: Sequence[str]):
+        self.cycle = list(cycle)
+        super().__init__(
+            f"dependency cycle {' -> '.join(cycle)}; remove one of these depends_on entries",
+            workflow=workflow,
+        )
+
+
+class BadExpression(DefinitionError):
+    """A JMESPath expression does not compile."""
+
+    def __init__(self, workflow: str, step: str | None, field: str, expression: str, reason: str):
+        self.step, self.field, self.expression = step, field, expression
+        where = f"step {step!r} " if step else ""
+        super().__init__(
+            f"{where}{field}: invalid JMESPath expression {expression!r}: {reason}",
+            workflow=workflow,
+        )
+
+
+class BadDuration(DefinitionError):
+    """A duration is not a positive number of seconds or a string like '250ms', '5s', '2m'."""
+
+    def __init__(self, workflow: str, step: str | None, field: str, value: object):
+        self.step, self.field, self.value = step, field, value
+        where = f"step {step!r} " if step else ""
+        super().__init__(
+            f"{where}{field}: invalid duration {value!r}; "
+            "use seconds (e.g. 1.5) or a string such as '250ms', '5s', '2m', '1h'",
+            workflow=workflow,
+        )
+
+
+class UnknownWorkflow(MediatorError):
+    """A request names a workflow that is not loaded."""
+
+    def __init__(self, name: str, version: int | None, known: Sequence[str]):
+        self.name, self.version, self.known = name, version, list(known)
+        which = f"{name!r} version {version}" if version is not None else repr(name)
+        super().__init__(
+            f"unknown workflow {which}; loaded workflows: {', '.join(known) or '(none)'}"
+        )
+
+
+class StateUnavailable(MediatorError):
+    """Redis could not be reached, or a script answered something unexpected."""
+
+
+class InfrastructureError(MediatorError):
+    """An embedded server could not be found, started or reached."""
+
+
+class ConfigurationError(MediatorError):
+    """The settings are inconsistent with each other or with the stored state."""

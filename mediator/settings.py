@@ -1,0 +1,116 @@
+"""Configuration: one frozen `Settings`, from environment variables and/or a YAML file.
+
+Environment variables use the ``MEDIATOR_`` prefix and ``__`` for nesting, e.g.
+``MEDIATOR_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``MEDIATOR_REDIS__URL=redis://r:6379/0``.
+A YAML file (``--config FILE`` or ``MEDIATOR_CONFIG=FILE``) gives the same fields; the
+environment wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mediator.errors import ConfigurationError
+from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
+
+__all__ = ["KafkaSettings", "OutboxSettings", "RedisSettings", "Settings", "load_settings"]
+
+
+class KafkaSettings(BaseModel):
+    """How to reach Kafka and which topics to use."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "mediator"
+    group_id: str = "mediator"
+    topic_prefix: str = DEFAULT_PREFIX
+    service_topic_prefix: str = DEFAULT_SERVICE_PREFIX
+    # Apache Kafka supports the idempotent producer; the embedded Tansu broker does not
+    # (it rejects InitProducerId), so `mediator dev` turns it off. Correctness never
+    # depends on it: commands and results are deduplicated by id downstream.
+    enable_idempotence: bool = True
+    linger_ms: int = Field(default=1, ge=0)
+    max_batch_records: int = Field(default=500, ge=1)
+    partitions: int = Field(default=8, ge=1, description="Partitions for topics we create.")
+
+    @property
+    def topics(self) -> Topics:
+        """The topic names these settings select."""
+        return Topics(prefix=self.topic_prefix, service_prefix=self.service_topic_prefix)
+
+
+class RedisSettings(BaseModel):
+    """Where orchestration state lives and how it is laid out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "med"
+    shards: int = Field(default=16, ge=1, le=16384)
+    retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    recent_limit: int = Field(default=1000, ge=1)
+
+
+class OutboxSettings(BaseModel):
+    """The at-least-once outbox that carries commands and results to Kafka."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lease_ms: int = Field(default=15_000, ge=100)
+    sweep_interval_ms: int = Field(default=1_000, ge=10)
+    sweep_batch: int = Field(default=500, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a mediator replica needs to know."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDIATOR_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    workflows: list[Path] = Field(
+        default_factory=list, description="YAML files or directories of workflow definitions."
+    )
+    log_level: str = "INFO"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from a YAML file (optional), the environment, then explicit overrides."""
+    path = config_file or (Path(os.environ["MEDIATOR_CONFIG"]) if "MEDIATOR_CONFIG" in os.environ else None)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            msg = f"cannot read config file {str(path)!r}: {exc}"
+            raise ConfigurationError(msg) from exc
+        if not isinstance(loaded, dict):
+            msg = f"config file {str(path)!r} must hold a mapping of settings"
+            raise ConfigurationError(msg)
+        file_values = loaded
+    env = Settings()
+    merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
+    merged = _deep_merge(merged, overrides)
+    return Settings.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

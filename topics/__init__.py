@@ -1,0 +1,53 @@
+"""The mediator's wire contract: topic names, event models and header names.
+
+This package imports only pydantic and the standard library, so clients and services can
+depend on it without pulling in the mediator's runtime.
+"""
+
+from __future__ import annotations
+
+from topics.events import (
+    EVENT_MODELS,
+    SCHEMA_VERSION,
+    CommandEvent,
+    DeadLetter,
+    ErrorInfo,
+    Event,
+    HealthEvent,
+    HealthStatus,
+    ReplyEvent,
+    ReplyStatus,
+    RequestEvent,
+    ResultEvent,
+    StepSummary,
+    WorkflowStatus,
+)
+from topics.headers import headers_for
+from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_SERVICE_PREFIX",
+    "EVENT_MODELS",
+    "SCHEMA_VERSION",
+    "CommandEvent",
+    "DeadLetter",
+    "ErrorInfo",
+    "Event",
+    "HealthEvent",
+    "HealthStatus",
+    "ReplyEvent",
+    "ReplyStatus",
+    "RequestEvent",
+    "ResultEvent",
+    "StepSummary",
+    "Topics",
+    "WorkflowStatus",
+    "headers_for",
+    "json_schemas",
+]
+
+
+def json_schemas() -> dict[str, dict[str, object]]:
+    """The JSON Schema of every event, keyed by model name."""
+    return {name: model.model_json_schema() for name, model in EVENT_MODELS.items()}

@@ -1,0 +1,199 @@
+"""Pydantic models of every event on the wire.
+
+All events are JSON objects with a ``type`` tag and a ``schema_version``. Timestamps are
+integer milliseconds since the Unix epoch (``*_ms``). Unknown fields are rejected, so a
+producer that drifts from the contract gets a dead letter naming the field rather than
+silent data loss.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "EVENT_MODELS",
+    "SCHEMA_VERSION",
+    "CommandEvent",
+    "DeadLetter",
+    "ErrorInfo",
+    "Event",
+    "HealthEvent",
+    "HealthStatus",
+    "ReplyEvent",
+    "ReplyStatus",
+    "RequestEvent",
+    "ResultEvent",
+    "StepSummary",
+    "WorkflowStatus",
+]
+
+SCHEMA_VERSION = 1
+
+Identifier = str
+JsonObject = dict[str, Any]
+
+
+class WorkflowStatus(StrEnum):
+    """Lifecycle of one workflow run."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @classmethod
+    def terminal(cls) -> frozenset[WorkflowStatus]:
+        """Statuses a workflow never leaves."""
+        return frozenset({cls.COMPLETED, cls.FAILED})
+
+
+class ReplyStatus(StrEnum):
+    """Outcome of one command as reported by a service."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+class HealthStatus(StrEnum):
+    """What a service instance says about itself in a heartbeat."""
+
+    UP = "up"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+class Event(BaseModel):
+    """Base of every event: frozen, strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong, in a shape any language can produce."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message: str
+    code: str = "error"
+    retryable: bool = False
+    step: str | None = None
+
+
+class RequestEvent(Event):
+    """A client asks the mediator to run a workflow. Key: ``request_id``."""
+
+    type: Literal["request"] = "request"
+    request_id: Identifier = Field(min_length=1, max_length=200)
+    workflow: str = Field(min_length=1, max_length=200)
+    payload: JsonObject = Field(default_factory=dict)
+    reply_to: str | None = Field(
+        default=None, description="Topic for the result; defaults to mediator.results."
+    )
+    trace_id: str | None = None
+    created_ms: int | None = None
+
+
+class CommandEvent(Event):
+    """The mediator asks a service to perform one step. Key: ``workflow_id``."""
+
+    type: Literal["command"] = "command"
+    command_id: Identifier = Field(description="Unique per step attempt; deduplicate on it.")
+    workflow_id: Identifier
+    request_id: Identifier
+    workflow: str
+    step: str
+    service: str
+    action: str
+    attempt: int = Field(ge=1)
+    input: Any = None
+    reply_to: str = Field(description="Topic the ReplyEvent must be published to.")
+    deadline_ms: int | None = Field(
+        default=None, description="After this instant the mediator no longer waits for it."
+    )
+    trace_id: str | None = None
+    sent_ms: int
+
+
+class ReplyEvent(Event):
+    """A service reports the outcome of a command. Key: ``workflow_id``."""
+
+    type: Literal["reply"] = "reply"
+    command_id: Identifier
+    workflow_id: Identifier
+    step: str
+    attempt: int = Field(ge=1)
+    status: ReplyStatus
+    output: Any = None
+    error: ErrorInfo | None = None
+    service: str | None = None
+    instance: str | None = None
+    trace_id: str | None = None
+    replied_ms: int | None = None
+
+
+class StepSummary(BaseModel):
+    """One step's outcome as reported in a result."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: str
+    attempts: int = 0
+    duration_ms: int | None = None
+
+
+class ResultEvent(Event):
+    """The outcome of a workflow. Key: ``request_id``."""
+
+    type: Literal["result"] = "result"
+    request_id: Identifier
+    workflow_id: Identifier | None
+    workflow: str
+    status: WorkflowStatus
+    output: Any = None
+    error: ErrorInfo | None = None
+    steps: dict[str, StepSummary] = Field(default_factory=dict)
+    started_ms: int | None = None
+    finished_ms: int
+    trace_id: str | None = None
+
+
+class HealthEvent(Event):
+    """A heartbeat from one service instance. Key: ``instance``."""
+
+    type: Literal["health"] = "health"
+    service: str
+    instance: str
+    status: HealthStatus = HealthStatus.UP
+    load: float = Field(default=0.0, ge=0.0, description="In-flight commands.")
+    capacity: int = Field(default=1, ge=1, description="Commands it can run at once.")
+    inbox: str | None = Field(default=None, description="Topic addressed to this instance.")
+    version: str | None = None
+    ts_ms: int
+
+
+class DeadLetter(Event):
+    """A message the mediator rejected, kept with the reason so it can be replayed."""
+
+    type: Literal["dead_letter"] = "dead_letter"
+    reason: str
+    source_topic: str
+    partition: int | None = None
+    offset: int | None = None
+    key: str | None = None
+    value: str = Field(description="The original value, decoded as UTF-8 with replacement.")
+    headers: dict[str, str] = Field(default_factory=dict)
+    rejected_ms: int
+
+
+EVENT_MODELS: dict[str, type[Event]] = {
+    "RequestEvent": RequestEvent,
+    "CommandEvent": CommandEvent,
+    "ReplyEvent": ReplyEvent,
+    "ResultEvent": ResultEvent,
+    "HealthEvent": HealthEvent,
+    "DeadLetter": DeadLetter,
+}
