@@ -1,0 +1,30 @@
+"""Durations as people write them in workflow files: ``1.5``, ``"250ms"``, ``"5s"``, ``"2m"``."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["parse_duration_ms"]
+
+_UNITS_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration_ms(value: object) -> int | None:
+    """Milliseconds for a duration, or None if the value is not one.
+
+    Numbers are seconds. Strings carry an optional unit (ms, s, m, h; seconds if absent).
+    Zero and negative durations are not durations.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        millis = float(value) * 1000.0
+    elif isinstance(value, str):
+        match = _PATTERN.match(value)
+        if match is None:
+            return None
+        millis = float(match.group(1)) * _UNITS_MS[match.group(2) or "s"]
+    else:
+        return None
+    return round(millis) if millis >= 1 else None

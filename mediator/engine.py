@@ -1,0 +1,283 @@
+"""The engine: a pure state machine ``(state, event, now) -> (state', effects)``.
+
+It performs no I/O and reads no clock: the runtime loads state, calls the engine, and
+commits the returned `Transition` (new state, effects to publish, counters) atomically.
+Because command ids are derived from ``(workflow id, step, attempt)``, replaying the same
+event against the same state yields byte-identical effects, so a transition lost to a
+compare-and-set conflict can simply be recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mediator.expressions import ExpressionError
+from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState
+from mediator.workflow import Step, Workflow
+from topics.events import (
+    CommandEvent,
+    ErrorInfo,
+    ReplyEvent,
+    ReplyStatus,
+    RequestEvent,
+    ResultEvent,
+    StepSummary,
+    WorkflowStatus,
+)
+
+__all__ = ["Effect", "Engine", "PublishResult", "SendCommand", "Transition", "command_id"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """Publish a command to the step's service."""
+
+    command: CommandEvent
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Publish the workflow's result to the requester."""
+
+    result: ResultEvent
+    reply_to: str | None
+
+
+Effect = SendCommand | PublishResult
+
+
+@dataclass(slots=True)
+class Transition:
+    """The outcome of one event: the new state, what to publish and what to count."""
+
+    state: WorkflowState
+    effects: list[Effect] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to counter `name`."""
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+def command_id(workflow_id: str, step: str, attempt: int) -> str:
+    """The id of one attempt of one step: deterministic, so recomputation is idempotent."""
+    return f"{workflow_id}.{step}.{attempt}"
+
+
+class Engine:
+    """Drives workflow runs. Holds only configuration; every method is pure."""
+
+    def __init__(self, replies_topic: str) -> None:
+        self.replies_topic = replies_topic
+
+    def start(
+        self, workflow: Workflow, request: RequestEvent, workflow_id: str, now_ms: int
+    ) -> Transition:
+        """A new run for `request`: dispatch the steps that are ready at once."""
+        state = WorkflowState(
+            workflow_id=workflow_id,
+            request_id=request.request_id,
+            workflow=workflow.name,
+            version=workflow.version,
+            status=WorkflowStatus.RUNNING,
+            payload=request.payload,
+            created_ms=now_ms,
+            updated_ms=now_ms,
+            steps={sid: StepState() for sid in workflow.order},
+            reply_to=request.reply_to,
+            trace_id=request.trace_id,
+            deadline_ms=now_ms + workflow.timeout_ms if workflow.timeout_ms else None,
+        )
+        transition = Transition(state)
+        transition.count(f"wf:{workflow.name}:started")
+        return self._advance(workflow, transition, now_ms)
+
+    def apply_reply(
+        self, workflow: Workflow, state: WorkflowState, reply: ReplyEvent, now_ms: int
+    ) -> Transition | None:
+        """Apply a service's reply; None when it is a duplicate, stale or unknown."""
+        step_state = state.steps.get(reply.step)
+        if (
+            state.terminal
+            or step_state is None
+            or step_state.status is not StepStatus.RUNNING
+            or step_state.command_id != reply.command_id
+            or step_state.attempt != reply.attempt
+        ):
+            return None
+        step = workflow.steps[reply.step]
+        transition = Transition(state)
+        if reply.status is ReplyStatus.OK:
+            done = replace(
+                step_state,
+                status=StepStatus.COMPLETED,
+                output=reply.output,
+                finished_ms=now_ms,
+                instance=reply.instance,
+            )
+            transition.count(f"svc:{step.service}:ok")
+            self._set_step(transition, reply.step, done, now_ms)
+            return self._advance(workflow, transition, now_ms)
+        error = reply.error or ErrorInfo(message="service replied error without details")
+        failed = replace(
+            step_state,
+            status=StepStatus.FAILED,
+            error=error.model_copy(update={"step": reply.step}).model_dump(exclude_none=True),
+            finished_ms=now_ms,
+            instance=reply.instance,
+        )
+        transition.count(f"svc:{step.service}:error")
+        self._set_step(transition, reply.step, failed, now_ms)
+        return self._finish(workflow, transition, now_ms, failed.error)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _set_step(transition: Transition, step_id: str, step: StepState, now_ms: int) -> None:
+        state = transition.state
+        transition.state = replace(state, steps={**state.steps, step_id: step}, updated_ms=now_ms)
+
+    def _advance(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
+        """Skip or dispatch every pending step whose dependencies are satisfied."""
+        steps = dict(transition.state.steps)
+        running = sum(1 for s in steps.values() if s.status is StepStatus.RUNNING)
+        context: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        # Topological order means a step skipped here unblocks its dependants in this pass.
+        for step_id in workflow.order:
+            current = steps[step_id]
+            if current.status is not StepStatus.PENDING:
+                continue
+            step = workflow.steps[step_id]
+            if not all(steps[dep].status in SATISFIED for dep in step.depends_on):
+                continue
+            if context is None or step.when is not None:
+                context = _context(transition.state, steps)
+            try:
+                if step.when is not None and not step.when.holds(context):
+                    steps[step_id] = StepState(status=StepStatus.SKIPPED, finished_ms=now_ms)
+                    transition.count("steps:skipped")
+                    continue
+                if workflow.max_parallel and running >= workflow.max_parallel:
+                    continue
+                command_input = step.input.render(context)
+            except ExpressionError as exc:
+                failure = _expression_failure(step, str(exc))
+                steps[step_id] = StepState(
+                    status=StepStatus.FAILED, error=failure, finished_ms=now_ms
+                )
+                break
+            steps[step_id] = self._dispatch(transition, step, command_input, now_ms)
+            running += 1
+        transition.state = replace(transition.state, steps=steps, updated_ms=now_ms)
+        if failure is not None:
+            return self._finish(workflow, transition, now_ms, failure)
+        if all(s.status in SATISFIED for s in steps.values()):
+            return self._finish(workflow, transition, now_ms, None)
+        return transition
+
+    def _dispatch(
+        self, transition: Transition, step: Step, command_input: Any, now_ms: int
+    ) -> StepState:
+        state = transition.state
+        attempt = 1
+        cid = command_id(state.workflow_id, step.id, attempt)
+        command = CommandEvent(
+            command_id=cid,
+            workflow_id=state.workflow_id,
+            request_id=state.request_id,
+            workflow=state.workflow,
+            step=step.id,
+            service=step.service,
+            action=step.action,
+            attempt=attempt,
+            input=command_input,
+            reply_to=self.replies_topic,
+            deadline_ms=now_ms + step.timeout_ms if step.timeout_ms else None,
+            trace_id=state.trace_id,
+            sent_ms=now_ms,
+        )
+        transition.effects.append(SendCommand(command))
+        transition.count(f"svc:{step.service}:sent")
+        return StepState(
+            status=StepStatus.RUNNING, attempt=attempt, command_id=cid, started_ms=now_ms
+        )
+
+    def _finish(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        now_ms: int,
+        error: dict[str, Any] | None,
+    ) -> Transition:
+        state = transition.state
+        status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
+        output: Any = None
+        if error is None:
+            try:
+                output = _output(workflow, state)
+            except ExpressionError as exc:
+                status = WorkflowStatus.FAILED
+                error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
+        state = replace(
+            state, status=status, output=output, error=error, finished_ms=now_ms, updated_ms=now_ms
+        )
+        transition.state = state
+        transition.count(f"wf:{workflow.name}:{status.value}")
+        transition.effects.append(PublishResult(result_of(state), state.reply_to))
+        return transition
+
+
+def result_of(state: WorkflowState) -> ResultEvent:
+    """The result event of a finished run (also used to re-send it for a duplicate request)."""
+    return ResultEvent(
+        request_id=state.request_id,
+        workflow_id=state.workflow_id,
+        workflow=state.workflow,
+        status=state.status,
+        output=state.output,
+        error=ErrorInfo.model_validate(state.error) if state.error else None,
+        steps={
+            sid: StepSummary(
+                status=step.status.value,
+                attempts=step.attempt,
+                duration_ms=step.finished_ms - step.started_ms
+                if step.finished_ms is not None and step.started_ms is not None
+                else None,
+            )
+            for sid, step in state.steps.items()
+        },
+        started_ms=state.created_ms,
+        finished_ms=state.finished_ms or state.updated_ms,
+        trace_id=state.trace_id,
+    )
+
+
+def _context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]:
+    return {
+        "payload": state.payload,
+        "steps": {
+            sid: s.output for sid, s in steps.items() if s.status is StepStatus.COMPLETED
+        },
+        "workflow": {
+            "id": state.workflow_id,
+            "request_id": state.request_id,
+            "name": state.workflow,
+        },
+    }
+
+
+def _output(workflow: Workflow, state: WorkflowState) -> Any:
+    context = _context(state, state.steps)
+    if workflow.output is not None:
+        return workflow.output.render(context)
+    return context["steps"]
+
+
+def _expression_failure(step: Step, reason: str) -> dict[str, Any]:
+    return {
+        "message": f"step {step.id!r} could not evaluate its input or condition: {reason}",
+        "code": "expression_error",
+        "step": step.id,
+    }

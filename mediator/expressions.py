@@ -1,0 +1,113 @@
+"""Step input mappings and conditions: JMESPath over the request and earlier outputs.
+
+An expression is evaluated against the *context*::
+
+    {"payload": <request payload>,
+     "steps": {<step id>: <output of that step>, ...},
+     "workflow": {"id": ..., "request_id": ..., "name": ...}}
+
+A mapping is a JSON-like template: strings are expressions, mappings and lists are walked,
+other scalars are literals. Expressions are compiled once, when the definition is loaded,
+and never ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+
+__all__ = ["Condition", "ExpressionError", "Template", "compile_expression", "truthy"]
+
+
+class ExpressionError(ValueError):
+    """An expression failed to compile or to evaluate."""
+
+
+@lru_cache(maxsize=4096)
+def compile_expression(text: str) -> ParsedResult:
+    """Compile one JMESPath expression (cached: definitions repeat expressions a lot)."""
+    try:
+        return jmespath.compile(text)
+    except JMESPathError as exc:
+        raise ExpressionError(_reason(exc)) from exc
+
+
+def _reason(exc: JMESPathError) -> str:
+    # jmespath's message spans lines with a caret diagram; keep the first, plus the position.
+    position = getattr(exc, "lex_position", None)
+    token = getattr(exc, "token_type", None)
+    if token == "eof":
+        return f"incomplete expression (ends at position {position})"
+    if token is not None:
+        value = getattr(exc, "token_value", "")
+        return f"unexpected token {value!r} ({token}) at position {position}"
+    return str(exc).splitlines()[0].rstrip(":")
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled input mapping: a tree of expressions and literals."""
+
+    tree: Any
+
+    @classmethod
+    def compile(cls, source: Any) -> Template:
+        """Compile every string in `source` as an expression."""
+        return cls(_compile_tree(source))
+
+    def render(self, context: Mapping[str, Any]) -> Any:
+        """Evaluate the template against `context`."""
+        return _render(self.tree, context)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A compiled `when` expression; true when its value is truthy (JMESPath truthiness)."""
+
+    expression: ParsedResult
+
+    @classmethod
+    def compile(cls, source: str) -> Condition:
+        """Compile `source`."""
+        return cls(compile_expression(source))
+
+    def holds(self, context: Mapping[str, Any]) -> bool:
+        """Evaluate the condition against `context`."""
+        try:
+            return truthy(self.expression.search(context))
+        except JMESPathError as exc:
+            raise ExpressionError(str(exc)) from exc
+
+
+def truthy(value: Any) -> bool:
+    """JMESPath truthiness: false, null, empty strings, lists and objects are false."""
+    return value not in (None, False, "", [], {})
+
+
+def _compile_tree(node: Any) -> Any:
+    if isinstance(node, str):
+        return compile_expression(node)
+    if isinstance(node, Mapping):
+        return {str(key): _compile_tree(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_compile_tree(value) for value in node]
+    return node
+
+
+def _render(node: Any, context: Mapping[str, Any]) -> Any:
+    if isinstance(node, ParsedResult):
+        try:
+            return node.search(context)
+        except JMESPathError as exc:
+            raise ExpressionError(f"{node.expression}: {exc}") from exc
+    if isinstance(node, dict):
+        return {key: _render(value, context) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_render(value, context) for value in node]
+    return node

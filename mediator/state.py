@@ -1,0 +1,120 @@
+"""The state of one workflow run, as the engine sees it and as Redis stores it.
+
+Plain frozen dataclasses: the engine builds new ones rather than mutating. `dumps` and
+`loads` give the compact JSON blob kept under the workflow's key; default-valued fields
+are left out so a finished three-step workflow stays well under a kilobyte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from topics.events import WorkflowStatus
+
+__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "loads"]
+
+
+class StepStatus(StrEnum):
+    """Lifecycle of one step within a run."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+#: A dependant may start once each of its dependencies is in one of these.
+SATISFIED = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
+TERMINAL_STEP = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED, StepStatus.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    """Where one step stands."""
+
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    command_id: str | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    instance: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowState:
+    """Where one workflow run stands. `rev` is the compare-and-set version in Redis."""
+
+    workflow_id: str
+    request_id: str
+    workflow: str
+    version: int
+    status: WorkflowStatus
+    payload: dict[str, Any]
+    created_ms: int
+    updated_ms: int
+    steps: dict[str, StepState] = field(default_factory=dict)
+    reply_to: str | None = None
+    trace_id: str | None = None
+    deadline_ms: int | None = None
+    finished_ms: int | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    rev: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """True once the run completed or failed."""
+        return self.status in WorkflowStatus.terminal()
+
+
+_STEP_DEFAULTS = StepState()
+_STEP_FIELDS = tuple(StepState.__slots__)  # type: ignore[attr-defined]
+_WF_OPTIONAL = ("reply_to", "trace_id", "deadline_ms", "finished_ms", "output", "error")
+
+
+def _step_to_dict(step: StepState) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _STEP_FIELDS:
+        value = getattr(step, name)
+        if value != getattr(_STEP_DEFAULTS, name):
+            out[name] = value
+    return out
+
+
+def dumps(state: WorkflowState) -> bytes:
+    """The JSON blob stored for `state`."""
+    doc: dict[str, Any] = {
+        "workflow_id": state.workflow_id,
+        "request_id": state.request_id,
+        "workflow": state.workflow,
+        "version": state.version,
+        "status": state.status,
+        "payload": state.payload,
+        "created_ms": state.created_ms,
+        "updated_ms": state.updated_ms,
+        "rev": state.rev,
+        "steps": {sid: _step_to_dict(step) for sid, step in state.steps.items()},
+    }
+    for name in _WF_OPTIONAL:
+        value = getattr(state, name)
+        if value is not None:
+            doc[name] = value
+    return orjson.dumps(doc)
+
+
+def loads(blob: bytes | str) -> WorkflowState:
+    """Rebuild a `WorkflowState` from `dumps` output."""
+    doc = orjson.loads(blob)
+    steps = {
+        sid: StepState(**{**raw, "status": StepStatus(raw.get("status", "pending"))})
+        for sid, raw in doc.pop("steps").items()
+    }
+    doc["status"] = WorkflowStatus(doc["status"])
+    return WorkflowState(steps=steps, **doc)

@@ -1,0 +1,369 @@
+"""Workflow definitions: the YAML schema, its validation and the compiled execution plan.
+
+A definition is written as YAML (or built as `WorkflowSpec` objects in Python) and compiled
+into a `Workflow`: steps in topological order with their dependants, compiled expressions
+and durations in milliseconds. Every error names the file, the workflow and the step.
+"""
+
+from __future__ import annotations
+
+import graphlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mediator.durations import parse_duration_ms
+from mediator.errors import (
+    BadDuration,
+    BadExpression,
+    CyclicDependency,
+    DefinitionError,
+    DuplicateStep,
+    UnknownDependency,
+    UnknownWorkflow,
+)
+from mediator.expressions import Condition, ExpressionError, Template
+
+__all__ = [
+    "Compensation",
+    "CompensateSpec",
+    "Definitions",
+    "RetryPolicy",
+    "RetrySpec",
+    "Step",
+    "StepSpec",
+    "Workflow",
+    "WorkflowSpec",
+    "compile_workflow",
+    "load_file",
+    "load_paths",
+    "parse_workflows",
+]
+
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+Duration = float | str
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RetrySpec(_Spec):
+    """How a failing step is retried: exponential backoff with jitter."""
+
+    max_attempts: int = Field(default=1, ge=1, le=1000)
+    backoff: Duration = "200ms"
+    max_backoff: Duration = "30s"
+    multiplier: float = Field(default=2.0, ge=1.0)
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+
+
+class CompensateSpec(_Spec):
+    """The action that undoes a completed step when a later step fails."""
+
+    action: str = Field(min_length=1)
+    service: str | None = None
+    input: Any = None
+
+
+class StepSpec(_Spec):
+    """One step as written in a definition."""
+
+    id: str = Field(pattern=_IDENT)
+    service: str = Field(pattern=_NAME)
+    action: str = Field(min_length=1)
+    depends_on: list[str] = Field(default_factory=list)
+    input: Any = None
+    when: str | None = None
+    timeout: Duration | None = None
+    retry: RetrySpec = RetrySpec()
+    compensate: CompensateSpec | None = None
+
+
+class WorkflowSpec(_Spec):
+    """A workflow as written in a definition."""
+
+    name: str = Field(pattern=_NAME)
+    version: int = Field(default=1, ge=1)
+    description: str = ""
+    timeout: Duration | None = None
+    max_parallel: int = Field(default=0, ge=0, description="0 means no limit.")
+    steps: list[StepSpec] = Field(min_length=1)
+    output: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Compiled `RetrySpec`."""
+
+    max_attempts: int = 1
+    backoff_ms: int = 200
+    max_backoff_ms: int = 30_000
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Compensation:
+    """Compiled `CompensateSpec`."""
+
+    service: str
+    action: str
+    input: Template
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One compiled step."""
+
+    id: str
+    service: str
+    action: str
+    depends_on: tuple[str, ...]
+    input: Template
+    when: Condition | None
+    timeout_ms: int | None
+    retry: RetryPolicy
+    compensate: Compensation | None
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """A compiled workflow: the execution plan the engine follows."""
+
+    name: str
+    version: int
+    steps: Mapping[str, Step]
+    order: tuple[str, ...]
+    dependants: Mapping[str, tuple[str, ...]]
+    max_parallel: int
+    timeout_ms: int | None
+    output: Template | None
+    description: str = ""
+    roots: tuple[str, ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+_DEFAULT_INPUT = Template.compile("payload")
+
+
+def compile_workflow(spec: WorkflowSpec) -> Workflow:
+    """Validate a spec's graph, expressions and durations; return its plan."""
+    name = spec.name
+    ids = [step.id for step in spec.steps]
+    seen: set[str] = set()
+    for step_id in ids:
+        if step_id in seen:
+            raise DuplicateStep(name, step_id)
+        seen.add(step_id)
+    for step in spec.steps:
+        for dep in step.depends_on:
+            if dep not in seen:
+                raise UnknownDependency(name, step.id, dep, ids)
+    order = _topological_order(name, {s.id: s.depends_on for s in spec.steps})
+    by_id = {s.id: s for s in spec.steps}
+    steps = {step_id: _compile_step(name, by_id[step_id]) for step_id in order}
+    dependants: dict[str, list[str]] = {step_id: [] for step_id in order}
+    for step_id in order:
+        for dep in steps[step_id].depends_on:
+            dependants[dep].append(step_id)
+    return Workflow(
+        name=name,
+        version=spec.version,
+        steps=steps,
+        order=tuple(order),
+        dependants={k: tuple(v) for k, v in dependants.items()},
+        max_parallel=spec.max_parallel,
+        timeout_ms=_duration(name, None, "timeout", spec.timeout),
+        output=_template(name, None, "output", spec.output) if spec.output is not None else None,
+        description=spec.description,
+        roots=tuple(s for s in order if not steps[s].depends_on),
+    )
+
+
+def _topological_order(name: str, graph: Mapping[str, list[str]]) -> list[str]:
+    sorter = graphlib.TopologicalSorter(graph)
+    try:
+        return list(sorter.static_order())
+    except graphlib.CycleError as exc:
+        # graphlib reports the cycle walking dependencies backwards; print it forwards.
+        raise CyclicDependency(name, list(reversed(exc.args[1]))) from None
+
+
+def _compile_step(name: str, spec: StepSpec) -> Step:
+    compensate = None
+    if spec.compensate is not None:
+        compensate = Compensation(
+            service=spec.compensate.service or spec.service,
+            action=spec.compensate.action,
+            input=_template(name, spec.id, "compensate.input", spec.compensate.input)
+            if spec.compensate.input is not None
+            else _DEFAULT_INPUT,
+        )
+    when = None
+    if spec.when is not None:
+        try:
+            when = Condition.compile(spec.when)
+        except ExpressionError as exc:
+            raise BadExpression(name, spec.id, "when", spec.when, str(exc)) from None
+    retry = spec.retry
+    backoff = _duration(name, spec.id, "retry.backoff", retry.backoff) or 0
+    return Step(
+        id=spec.id,
+        service=spec.service,
+        action=spec.action,
+        depends_on=tuple(spec.depends_on),
+        input=_template(name, spec.id, "input", spec.input)
+        if spec.input is not None
+        else _DEFAULT_INPUT,
+        when=when,
+        timeout_ms=_duration(name, spec.id, "timeout", spec.timeout),
+        retry=RetryPolicy(
+            max_attempts=retry.max_attempts,
+            backoff_ms=backoff,
+            max_backoff_ms=max(backoff, _duration(name, spec.id, "retry.max_backoff", retry.max_backoff) or 0),
+            multiplier=retry.multiplier,
+            jitter=retry.jitter,
+        ),
+        compensate=compensate,
+    )
+
+
+def _template(name: str, step: str | None, where: str, source: Any) -> Template:
+    try:
+        return Template.compile(source)
+    except ExpressionError as exc:
+        bad = _first_bad_expression(source)
+        raise BadExpression(name, step, where, bad, str(exc)) from None
+
+
+def _first_bad_expression(source: Any) -> str:
+    if isinstance(source, str):
+        return source
+    values = source.values() if isinstance(source, Mapping) else source if isinstance(source, list) else []
+    for value in values:
+        try:
+            Template.compile(value)
+        except ExpressionError:
+            return _first_bad_expression(value)
+    return repr(source)
+
+
+def _duration(name: str, step: str | None, where: str, value: Duration | None) -> int | None:
+    if value is None:
+        return None
+    millis = parse_duration_ms(value)
+    if millis is None:
+        raise BadDuration(name, step, where, value)
+    return millis
+
+
+def parse_workflows(document: Any, source: str = "<memory>") -> list[Workflow]:
+    """Compile the workflows in one parsed YAML document.
+
+    A document is one workflow mapping, a list of them, or ``{"workflows": [...]}``.
+    """
+    if isinstance(document, Mapping) and set(document) == {"workflows"}:
+        document = document["workflows"]
+    items = document if isinstance(document, list) else [document]
+    workflows = []
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            msg = f"entry {index} is a {type(item).__name__}, expected a workflow mapping"
+            raise DefinitionError(msg, source=source)
+        label = str(item.get("name") or f"#{index}")
+        try:
+            spec = WorkflowSpec.model_validate(item)
+        except ValidationError as exc:
+            raise DefinitionError(_describe(exc, item), source=source, workflow=label) from None
+        try:
+            workflows.append(compile_workflow(spec))
+        except DefinitionError as exc:
+            raise exc.located(source) from None
+    return workflows
+
+
+def _describe(exc: ValidationError, item: Mapping[str, Any]) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        loc = list(error["loc"])
+        where = ".".join(str(part) for part in loc)
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            steps = item.get("steps") or []
+            step = steps[loc[1]] if loc[1] < len(steps) else None
+            step_id = step.get("id") if isinstance(step, Mapping) else None
+            rest = ".".join(str(part) for part in loc[2:]) or "step"
+            where = f"step {step_id!r} {rest}" if step_id else f"steps[{loc[1]}] {rest}"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def load_file(path: Path) -> list[Workflow]:
+    """Compile every workflow in one YAML file."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        msg = f"cannot read: {exc.strerror or exc}"
+        raise DefinitionError(msg, source=str(path)) from None
+    except yaml.YAMLError as exc:
+        msg = f"not valid YAML: {exc}".replace("\n", " ")
+        raise DefinitionError(msg, source=str(path)) from None
+    return parse_workflows(document, source=str(path))
+
+
+def load_paths(paths: Iterable[Path]) -> Definitions:
+    """Load YAML files, and the ``*.yaml``/``*.yml`` files of directories, into `Definitions`."""
+    definitions = Definitions()
+    for path in paths:
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+        for file in files:
+            for workflow in load_file(file):
+                definitions.add(workflow, source=str(file))
+    return definitions
+
+
+class Definitions:
+    """The loaded workflows, by name and version; the latest version serves new requests."""
+
+    def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
+        self._by_key: dict[tuple[str, int], Workflow] = {}
+        self._latest: dict[str, Workflow] = {}
+        for workflow in workflows:
+            self.add(workflow)
+
+    def add(self, workflow: Workflow, source: str | None = None) -> None:
+        """Register a workflow; the same name and version twice is an error."""
+        key = (workflow.name, workflow.version)
+        if key in self._by_key:
+            msg = f"version {workflow.version} is defined twice; bump `version` to change it"
+            raise DefinitionError(msg, source=source, workflow=workflow.name)
+        self._by_key[key] = workflow
+        latest = self._latest.get(workflow.name)
+        if latest is None or latest.version < workflow.version:
+            self._latest[workflow.name] = workflow
+
+    def get(self, name: str, version: int | None = None) -> Workflow:
+        """The named workflow (its latest version unless one is given)."""
+        found = self._latest.get(name) if version is None else self._by_key.get((name, version))
+        if found is None:
+            raise UnknownWorkflow(name, version, sorted(self.names()))
+        return found
+
+    def names(self) -> list[str]:
+        """Names of the loaded workflows."""
+        return list(self._latest)
+
+    def __iter__(self) -> Any:
+        return iter(self._by_key.values())
+
+    def __len__(self) -> int:
+        return len(self._by_key)
