@@ -1,0 +1,9 @@
+"""Thin FastStream subscribers, one module per inbound topic: decode, call the runtime, ack."""
+
+from __future__ import annotations
+
+from handlers._batch import handle_batch
+from handlers.replies import register as register_replies
+from handlers.requests import register as register_requests
+
+__all__ = ["handle_batch", "register_replies", "register_requests"]

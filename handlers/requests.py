@@ -1,0 +1,29 @@
+"""Subscriber of the requests topic: start workflows."""
+
+from __future__ import annotations
+
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
+
+from handlers._batch import handle_batch
+from mediator.runtime import Runtime
+from mediator.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
+    """Subscribe `runtime` to the requests topic; offsets are committed after Redis."""
+
+    @broker.subscriber(
+        settings.kafka.topics.requests,
+        group_id=settings.kafka.group_id,
+        batch=True,
+        max_records=settings.kafka.max_batch_records,
+        batch_timeout_ms=100,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_requests(message: KafkaMessage) -> None:
+        await handle_batch(message, runtime.handle_requests)

@@ -1,0 +1,126 @@
+"""Wiring: Redis store, outbox dispatcher, runtime and the FastStream subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+from aiokafka import AIOKafkaProducer
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from redis.asyncio import Redis
+
+import handlers
+from mediator.keys import Keys
+from mediator.outbox import Dispatcher
+from mediator.runtime import Runtime
+from mediator.settings import Settings
+from mediator.store import Store
+from mediator.workflow import Definitions
+
+__all__ = ["Mediator", "create_app"]
+
+log = logging.getLogger("mediator.app")
+
+
+class Mediator:
+    """One mediator replica. Any number may run against the same Kafka and Redis."""
+
+    def __init__(self, settings: Settings, definitions: Definitions) -> None:
+        self.settings = settings
+        self.definitions = definitions
+        kafka = settings.kafka
+        self.redis = Redis.from_url(settings.redis.url)
+        self.store = Store(
+            self.redis,
+            Keys(settings.redis.key_prefix, settings.redis.shards),
+            retention_ms=round(settings.redis.retention_s * 1000),
+            recent_limit=settings.redis.recent_limit,
+            lease_ms=settings.outbox.lease_ms,
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-outbox",
+            enable_idempotence=kafka.enable_idempotence,
+            acks="all",
+            linger_ms=kafka.linger_ms,
+        )
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.producer,
+            sweep_interval_ms=settings.outbox.sweep_interval_ms,
+            sweep_batch=settings.outbox.sweep_batch,
+        )
+        self.runtime = Runtime(
+            definitions=definitions,
+            store=self.store,
+            dispatcher=self.dispatcher,
+            topics=kafka.topics,
+        )
+        self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
+        handlers.register_requests(self.broker, self.runtime, settings)
+        handlers.register_replies(self.broker, self.runtime, settings)
+        self._started = False
+
+    async def start(self) -> None:
+        """Connect to Redis and Kafka and start consuming."""
+        await self.store.check_layout()
+        await self.producer.start()
+        self.dispatcher.start()
+        await self.broker.start()
+        self._started = True
+        log.info(
+            "mediator started: %d workflows, kafka %s, redis %s",
+            len(self.definitions),
+            self.settings.kafka.bootstrap_servers,
+            self.settings.redis.url,
+        )
+
+    async def stop(self) -> None:
+        """Stop consuming, flush the outbox publishes in flight, disconnect."""
+        with contextlib.suppress(Exception):
+            await self.broker.stop()
+        await self.dispatcher.stop()
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+        await self.redis.aclose()
+        self._started = False
+
+    async def __aenter__(self) -> Mediator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        async with self:
+            await asyncio.Event().wait()
+
+
+def create_app(settings: Settings, definitions: Definitions) -> FastStream:
+    """A FastStream application running one mediator replica (`faststream run` compatible)."""
+    mediator = Mediator(settings, definitions)
+    app = FastStream(mediator.broker)
+
+    @app.on_startup
+    async def _connect() -> None:
+        await mediator.store.check_layout()
+        await mediator.producer.start()
+        mediator.dispatcher.start()
+
+    @app.after_shutdown
+    async def _disconnect() -> None:
+        await mediator.dispatcher.stop()
+        await mediator.producer.stop()
+        await mediator.redis.aclose()
+
+    return app

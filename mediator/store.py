@@ -1,0 +1,211 @@
+"""The Redis store: workflow state, its indexes, the outbox and counters.
+
+Each transition is committed by one Lua script guarded by the workflow's revision, so a
+transition happens exactly once even when replicas race. Commits of a whole fetched batch
+go out in one pipeline: one round trip for many workflows.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mediator.errors import ConfigurationError, StateUnavailable
+from mediator.keys import KEY_SCHEMA_VERSION, Keys
+from mediator.state import WorkflowState, dumps, loads
+
+__all__ = ["Commit", "CommitOutcome", "CommitResult", "Store"]
+
+
+class CommitOutcome(Enum):
+    """What became of one commit."""
+
+    COMMITTED = "committed"
+    EXISTS = "exists"  # a create found the workflow already there (duplicate request)
+    CONFLICT = "conflict"  # another writer committed first; reload and recompute
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One transition to commit: the new state, frames for the outbox, counter deltas."""
+
+    state: WorkflowState
+    expected_rev: int
+    outbox: Sequence[tuple[str, bytes]] = ()
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """The outcome of a `Commit`, with the stored state when it did not commit."""
+
+    outcome: CommitOutcome
+    current: WorkflowState | None = None
+
+
+def _script(name: str) -> str:
+    return importlib.resources.files("mediator").joinpath(f"lua/{name}").read_text()
+
+
+class Store:
+    """Orchestration state in Redis, for one key prefix and shard count."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        retention_ms: int,
+        recent_limit: int = 1000,
+        lease_ms: int = 15_000,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.retention_ms = retention_ms
+        self.recent_limit = recent_limit
+        self.lease_ms = lease_ms
+        self._commit = redis.register_script(_script("commit.lua"))
+        self._claim = redis.register_script(_script("claim.lua"))
+
+    async def check_layout(self) -> None:
+        """Record the key schema and shard count, or refuse a shard count that differs."""
+        try:
+            await self.redis.hsetnx(self.keys.meta, "shards", self.keys.shards)
+            await self.redis.hsetnx(self.keys.meta, "schema", KEY_SCHEMA_VERSION)
+            stored = await self.redis.hget(self.keys.meta, "shards")
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+        if stored is not None and int(stored) != self.keys.shards:
+            msg = (
+                f"Redis prefix {self.keys.prefix!r} was laid out with {int(stored)} shards but "
+                f"this replica is configured with {self.keys.shards}; set "
+                f"MEDIATOR_REDIS__SHARDS={int(stored)} or use another key prefix"
+            )
+            raise ConfigurationError(msg)
+
+    async def load_many(self, workflow_ids: Sequence[str]) -> dict[str, WorkflowState | None]:
+        """The current state of each workflow (None if unknown or expired); one round trip."""
+        if not workflow_ids:
+            return {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wid in workflow_ids:
+                    pipe.hget(self.keys.workflow(wid), "state")
+                blobs = await pipe.execute()
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis unavailable while loading state: {exc}") from exc
+        return {
+            wid: loads(blob) if blob is not None else None
+            for wid, blob in zip(workflow_ids, blobs, strict=True)
+        }
+
+    async def load(self, workflow_id: str) -> WorkflowState | None:
+        """The current state of one workflow."""
+        return (await self.load_many([workflow_id]))[workflow_id]
+
+    async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
+        """Commit transitions in one pipelined round trip; each is atomic on its own."""
+        if not commits:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for commit in commits:
+                    keys, args = self._commit_call(commit, now_ms)
+                    await self._commit(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis unavailable while committing: {exc}") from exc
+        return [self._result(reply) for reply in replies]
+
+    def _commit_call(self, commit: Commit, now_ms: int) -> tuple[list[str], list[Any]]:
+        state = commit.state
+        keys = self.keys
+        shard = keys.shard_of(state.workflow_id)
+        # The previous status is only known to differ from the new one on a finish.
+        previous = "running" if state.terminal else state.status.value
+        key_list = [
+            keys.workflow(state.workflow_id),
+            keys.status_index(shard, previous),
+            keys.status_index(shard, state.status.value),
+            keys.name_index(shard, state.workflow),
+            keys.recent(shard),
+            keys.counters(shard),
+            keys.outbox(shard),
+            keys.outbox_due(shard),
+        ]
+        args: list[Any] = [
+            commit.expected_rev,
+            state.workflow_id,
+            state.status.value,
+            state.workflow,
+            now_ms,
+            dumps(state),
+            1 if state.terminal else 0,
+            self.retention_ms,
+            self.recent_limit,
+            now_ms + self.lease_ms,
+            len(commit.outbox),
+        ]
+        for message_id, frame in commit.outbox:
+            args += (message_id, frame)
+        for name, delta in commit.counters.items():
+            args += (name, delta)
+        return key_list, args
+
+    @staticmethod
+    def _result(reply: Any) -> CommitResult:
+        if isinstance(reply, Exception):
+            raise StateUnavailable(f"commit script failed: {reply}")
+        code = int(reply[0])
+        if code == 1:
+            return CommitResult(CommitOutcome.COMMITTED)
+        current = loads(reply[1]) if len(reply) > 1 and reply[1] else None
+        outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
+        return CommitResult(outcome, current)
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def outbox_done(self, entries: Sequence[tuple[int, str]]) -> None:
+        """Forget outbox entries (shard, id) once Kafka acknowledged them."""
+        if not entries:
+            return
+        by_shard: dict[int, list[str]] = {}
+        for shard, message_id in entries:
+            by_shard.setdefault(shard, []).append(message_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, ids in by_shard.items():
+                    pipe.hdel(self.keys.outbox(shard), *ids)
+                    pipe.zrem(self.keys.outbox_due(shard), *ids)
+                await pipe.execute()
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis unavailable while clearing the outbox: {exc}") from exc
+
+    async def claim_expired(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, bytes]]:
+        """Take over outbox entries whose lease expired: their publisher died or stalled."""
+        try:
+            flat = await self._claim(
+                keys=[self.keys.outbox(shard), self.keys.outbox_due(shard)],
+                args=[now_ms, now_ms + self.lease_ms, limit],
+            )
+        except RedisError as exc:
+            raise StateUnavailable(f"Redis unavailable while claiming the outbox: {exc}") from exc
+        return [(_text(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def outbox_size(self) -> int:
+        """Entries waiting in the outbox across all shards."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(self.keys.shards):
+                pipe.zcard(self.keys.outbox_due(shard))
+            sizes = await pipe.execute()
+        return sum(int(n) for n in sizes)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
