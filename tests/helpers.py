@@ -1,0 +1,95 @@
+"""Shared test helpers: polling with a deadline and small Kafka produce/consume shortcuts."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+
+__all__ = ["consume_all", "produce", "wait_for"]
+
+
+async def wait_for(
+    predicate: Callable[[], object | Awaitable[object]],
+    # A deadline for the assertion, not a cancellation scope: ASYNC109 does not apply.
+    timeout: float = 10.0,  # noqa: ASYNC109
+    interval: float = 0.05,
+    *,
+    what: str | None = None,
+) -> object:
+    """Poll ``predicate`` (sync or async) until it returns something truthy, and return that.
+
+    Raises AssertionError naming ``what`` (or the predicate) and its last value on timeout.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: object = None
+    while True:
+        result = predicate()
+        last = await result if inspect.isawaitable(result) else result
+        if last:
+            return last
+        if loop.time() >= deadline:
+            desc = what or getattr(predicate, "__qualname__", repr(predicate))
+            msg = f"timed out after {timeout}s waiting for {desc}; last value: {last!r}"
+            raise AssertionError(msg)
+        await asyncio.sleep(interval)
+
+
+async def consume_all(
+    bootstrap: str,
+    topic: str,
+    *,
+    count: int,
+    timeout: float = 10.0,  # noqa: ASYNC109
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read ``topic`` from the earliest offset, without a group, until ``count`` records arrived.
+
+    Raises AssertionError with what was read so far if fewer arrive within ``timeout``.
+    """
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    await consumer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(records) < count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                values = [r.value for r in records]
+                msg = f"read {len(records)} of {count} records from {topic!r}: {values!r}"
+                raise AssertionError(msg)
+            batches = await consumer.getmany(timeout_ms=int(min(remaining, 0.5) * 1000))
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    values: Sequence[bytes],
+    keys: Sequence[bytes | None] | None = None,
+) -> None:
+    """Publish ``values`` (with ``keys``, if given) to ``topic`` and wait for every ack."""
+    if keys is not None and len(keys) != len(values):
+        msg = f"got {len(keys)} keys for {len(values)} values"
+        raise ValueError(msg)
+    # Tansu rejects InitProducerId, so the idempotent producer must stay off.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for i, value in enumerate(values):
+            await producer.send_and_wait(topic, value, key=keys[i] if keys else None)
+    finally:
+        await producer.stop()
