@@ -1,0 +1,242 @@
+"""The `mediator` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from mediator.errors import MediatorError
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="mediator",
+    help="Event-driven service orchestrator over Kafka, with its state in Redis.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
+    try:
+        return asyncio.run(coro)
+    except MediatorError as exc:
+        raise _fail(str(exc)) from None
+    except KafkaError as exc:
+        raise _fail(f"Kafka: {exc}") from None
+    except OSError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    from mediator.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ValidationError as exc:
+        raise _fail(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    except MediatorError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def dev(
+    requests: Annotated[
+        int | None, typer.Option("--requests", "-n", help="Exit after this many orders.")
+    ] = None,
+    rate: Annotated[float, typer.Option(help="Orders submitted per second.")] = 20.0,
+    workflows: Annotated[
+        list[Path] | None, typer.Option("--workflows", "-w", help="Extra workflow files.")
+    ] = None,
+) -> None:
+    """Run everything on an embedded broker and Redis: mediator, demo services, sample orders."""
+    from mediator.dev import run_dev
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if rate <= 0:
+        raise _fail("--rate must be positive")
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo))
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    workflows: Annotated[
+        list[Path] | None, typer.Option("--workflows", "-w", help="Workflow files or folders.")
+    ] = None,
+    create_topics: Annotated[
+        bool, typer.Option(help="Create the mediator's and services' topics first.")
+    ] = False,
+) -> None:
+    """Run one mediator replica against the configured Kafka and Redis until stopped."""
+    settings = _settings(config, **({"workflows": workflows} if workflows else {}))
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _run(_serve(settings, create_topics))
+
+
+async def _serve(settings: Any, create: bool) -> None:
+    from mediator.app import Mediator
+    from mediator.dev import service_names
+    from mediator.infra import create_topics
+    from mediator.workflow import load_paths
+
+    if not settings.workflows:
+        msg = "no workflows configured: pass --workflows PATH or set MEDIATOR_WORKFLOWS"
+        raise MediatorError(msg)
+    definitions = load_paths(settings.workflows)
+    if create:
+        topics = settings.kafka.topics
+        await create_topics(
+            settings.kafka.bootstrap_servers,
+            [*topics.mediator_topics(), *(topics.service(s) for s in service_names(definitions))],
+            partitions=settings.kafka.partitions,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Mediator(settings, definitions):
+        await stop.wait()
+
+
+@app.command()
+def submit(
+    workflow: Annotated[str, typer.Argument(help="Workflow name.")],
+    payload: Annotated[str, typer.Argument(help="JSON object, or @file.json.")] = "{}",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    request_id: Annotated[str | None, typer.Option(help="Idempotency key (default: new).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 30.0,
+    config: ConfigOption = None,
+) -> None:
+    """Publish a request; with --wait, print the result as JSON."""
+    text = payload
+    if payload.startswith("@"):
+        try:
+            text = Path(payload[1:]).read_text()
+        except OSError as exc:
+            raise _fail(f"cannot read payload file {payload[1:]!r}: {exc.strerror}") from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail("payload must be a JSON object")
+    settings = _settings(config)
+    rid = request_id or uuid.uuid4().hex
+    output = _run(_submit(settings, workflow, data, rid, wait, timeout))
+    typer.echo(output)
+
+
+async def _submit(
+    settings: Any, workflow: str, data: dict[str, Any], rid: str, wait: bool, timeout: float
+) -> str:
+    from mediator.client import MediatorClient
+
+    kafka = settings.kafka
+    async with MediatorClient(
+        kafka.bootstrap_servers, topics=kafka.topics, enable_idempotence=kafka.enable_idempotence
+    ) as client:
+        if not wait:
+            await client.publish(workflow, data, request_id=rid)
+            return rid
+        result = await client.submit(workflow, data, request_id=rid, timeout=timeout)
+        return result.model_dump_json(indent=2, exclude_none=True)
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    limit: Annotated[int, typer.Option(help="How many recent workflows to list.")] = 10,
+    config: ConfigOption = None,
+) -> None:
+    """Workflow counts, per-workflow and per-service counters, and recent runs, from Redis."""
+    settings = _settings(config)
+    summary = _run(_status(settings, limit))
+    if json_output:
+        typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        return
+    counts = summary["counts"]
+    typer.echo(
+        f"running {counts['running']}  completed {counts['completed']}  failed {counts['failed']}"
+        f"  outbox pending {summary['outbox_pending']}"
+    )
+    for name, values in summary["workflows"].items():
+        typer.echo(f"workflow {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+    for name, values in summary["services"].items():
+        typer.echo(f"service  {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+    for row in summary["recent"]:
+        typer.echo(f"  {row['workflow_id']}  {row['workflow']:<16} {row['status']}")
+
+
+async def _status(settings: Any, limit: int) -> dict[str, Any]:
+    from redis.asyncio import Redis
+
+    from mediator.keys import Keys
+    from mediator.status import collect_status
+
+    redis = Redis.from_url(settings.redis.url, socket_connect_timeout=5)
+    try:
+        return await collect_status(
+            redis, Keys(settings.redis.key_prefix, settings.redis.shards), limit=limit
+        )
+    finally:
+        await redis.aclose()
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="Workflow YAML files.")]) -> None:
+    """Check workflow definitions; exit 2 with the first error, naming file, workflow, step."""
+    from mediator.workflow import load_file
+
+    for file in files:
+        try:
+            workflows = load_file(file)
+        except MediatorError as exc:
+            raise _fail(str(exc)) from None
+        for wf in workflows:
+            typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
+
+
+@app.command()
+def schemas() -> None:
+    """Print the JSON Schema of every event on the wire."""
+    from topics import json_schemas
+
+    typer.echo(orjson.dumps(json_schemas(), option=orjson.OPT_INDENT_2).decode())
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,284 @@
+"""Client SDK: submit workflow requests and await their results.
+
+::
+
+    async with MediatorClient("127.0.0.1:9092") as client:
+        result = await client.submit("order", {"sku": "A"}, timeout=30.0)
+
+The client reads the results topic without a consumer group: on start it is assigned
+every partition and positioned at the end *before* any request can be sent, so no result
+of its own requests can be missed, and thousands of submits can wait at once on a single
+consumer. Results for request ids it is not waiting for are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import ValidationError
+
+from mediator import codec
+from mediator.errors import MediatorError
+from topics.events import RequestEvent, ResultEvent
+from topics.names import Topics
+
+__all__ = ["ClientClosed", "MediatorClient", "ResultsTopicMissing", "SubmitTimeout"]
+
+log = logging.getLogger("mediator.client")
+
+
+class SubmitTimeout(MediatorError, TimeoutError):
+    """No result arrived for a request within its timeout."""
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        self.request_id, self.timeout = request_id, timeout
+        super().__init__(
+            f"no result for request {request_id!r} within {timeout:g}s; the workflow may still "
+            "be running: submit again with the same request_id to wait for it"
+        )
+
+
+class ResultsTopicMissing(MediatorError):
+    """The results topic does not exist (or has no partitions), so results cannot be read."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        super().__init__(
+            f"results topic {topic!r} does not exist or has no partitions; create it "
+            "(e.g. start the mediator, or `mediator dev`) before starting the client"
+        )
+
+
+class ClientClosed(MediatorError):
+    """The client is not running (not started, stopped, or its results reader failed)."""
+
+
+class MediatorClient:
+    """Publishes `RequestEvent`s and resolves each submit with its `ResultEvent`."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        topics: Topics | None = None,
+        results_topic: str | None = None,
+        enable_idempotence: bool = True,
+        client_id: str = "mediator-client",
+        linger_ms: int = 1,
+    ) -> None:
+        self.topics = topics or Topics()
+        self.results_topic = results_topic or self.topics.results
+        self.bootstrap_servers = bootstrap_servers
+        self.enable_idempotence = enable_idempotence
+        self.client_id = client_id
+        self.linger_ms = linger_ms
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pending: dict[str, list[asyncio.Future[ResultEvent]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    async def start(self) -> None:
+        """Connect, and position the results reader at the end of every partition."""
+        if self._reader is not None:
+            return
+        # aiokafka clients bind to the running loop and cannot be restarted: build them here.
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            acks="all",
+            enable_idempotence=self.enable_idempotence,
+            linger_ms=self.linger_ms,
+        )
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            group_id=None,
+            enable_auto_commit=False,
+        )
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+            await self._assign_results(self._producer, self._consumer)
+        except BaseException:
+            await self._close()
+            raise
+        self._failure = None
+        self._reader = asyncio.create_task(self._read(), name="mediator-client:results")
+
+    async def stop(self) -> None:
+        """Stop reading results and close the connections; pending submits fail."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait([reader])
+        self._fail_pending(ClientClosed("the client was stopped while the request was pending"))
+        await self._close()
+
+    async def __aenter__(self) -> MediatorClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def publish(
+        self,
+        workflow: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> str:
+        """Send a request without waiting for its result; returns its id once the broker acked."""
+        request = RequestEvent(
+            request_id=request_id or uuid.uuid4().hex,
+            workflow=workflow,
+            payload=payload or {},
+            reply_to=None if self.results_topic == self.topics.results else self.results_topic,
+            trace_id=trace_id,
+            created_ms=codec.now_ms(),
+        )
+        if self._producer is None:
+            msg = "start the client (`await client.start()` or `async with client`) first"
+            raise ClientClosed(msg)
+        await self._producer.send_and_wait(
+            self.topics.requests,
+            value=codec.encode(request),
+            key=request.request_id.encode(),
+            headers=codec.headers(request),
+        )
+        return request.request_id
+
+    async def submit(
+        self,
+        workflow: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- part of the contract: SubmitTimeout names it
+        trace_id: str | None = None,
+    ) -> ResultEvent:
+        """Run ``workflow`` on ``payload`` and return its result.
+
+        Submitting again with the same ``request_id`` is safe (requests are idempotent) and
+        waits for the same workflow. Raises `SubmitTimeout` after ``timeout`` seconds.
+        """
+        if self._reader is None or self._reader.done():
+            msg = "start the client (`await client.start()` or `async with client`) first"
+            raise ClientClosed(msg) from self._failure
+        request_id = request_id or uuid.uuid4().hex
+        # Wait before publishing, so a result that comes back at once is not missed.
+        future: asyncio.Future[ResultEvent] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(request_id, []).append(future)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.publish(workflow, payload, request_id=request_id, trace_id=trace_id)
+                return await future
+        except TimeoutError as exc:
+            raise SubmitTimeout(request_id, timeout) from exc
+        finally:
+            waiters = self._pending.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._pending.pop(request_id, None)
+
+    async def submit_many(
+        self,
+        requests: Iterable[tuple[str, dict[str, Any]]],
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> list[ResultEvent]:
+        """Submit ``(workflow, payload)`` pairs concurrently; results in the same order.
+
+        Every submit runs to completion; then the first failure, if any, is raised.
+        """
+        outcomes = await asyncio.gather(
+            *(self.submit(wf, payload, timeout=timeout) for wf, payload in requests),
+            return_exceptions=True,
+        )
+        results: list[ResultEvent] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.append(outcome)
+        return results
+
+    @property
+    def pending(self) -> int:
+        """How many submits are waiting for their result."""
+        return sum(len(waiters) for waiters in self._pending.values())
+
+    async def _assign_results(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+        # `topics()` asks for full metadata, which never auto-creates a topic (asking for
+        # one topic by name may, with a broker default partition count).
+        if self.results_topic not in await consumer.topics():
+            raise ResultsTopicMissing(self.results_topic)
+        partitions = await producer.partitions_for(self.results_topic)
+        if not partitions:
+            raise ResultsTopicMissing(self.results_topic)
+        tps = [TopicPartition(self.results_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        # seek_to_end only schedules a lookup; `position` waits for it to resolve, so the
+        # end offsets are pinned before start() returns.
+        for tp in tps:
+            await consumer.position(tp)
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        try:
+            while True:
+                batch = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+                for records in batch.values():
+                    for record in records:
+                        self._deliver(record.key, record.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("results reader failed; pending submits fail")
+            self._failure = exc
+            self._fail_pending(ClientClosed(f"results reader failed: {exc!r}"))
+            raise
+
+    def _deliver(self, key: bytes | None, value: bytes | None) -> None:
+        # Most results belong to other clients: skip them by key without decoding.
+        if key is not None and key.decode(errors="replace") not in self._pending:
+            return
+        try:
+            result = ResultEvent.model_validate_json(value or b"")
+        except ValidationError as exc:
+            log.warning("ignoring invalid result (key %r): %s", key, exc.errors()[:1])
+            return
+        for future in self._pending.get(result.request_id, ()):
+            if not future.done():  # the first result wins
+                future.set_result(result)
+
+    def _fail_pending(self, error: MediatorError) -> None:
+        for waiters in self._pending.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # the waiter re-raises it; don't log it as lost
+
+    async def _close(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        try:
+            if consumer is not None:
+                await consumer.stop()
+        finally:
+            if producer is not None:
+                await producer.stop()

@@ -1,0 +1,39 @@
+"""Encoding of events for Kafka: JSON values, contract headers and the wall clock.
+
+One place decides how an event becomes bytes, so every producer in the project (mediator,
+service SDK, client SDK) writes the same shape. ``None`` fields are left out: the models
+give them back as defaults, so the value round-trips through ``Model.model_validate_json``
+while staying small on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel
+
+from topics.headers import headers_for
+
+__all__ = ["encode", "headers", "now_ms"]
+
+
+def encode(event: BaseModel) -> bytes:
+    """The JSON bytes of ``event``, without ``None`` fields.
+
+    Same bytes as ``orjson.dumps(event.model_dump(mode="json", exclude_none=True))`` but
+    serialised straight to JSON by pydantic-core, about twice as fast (no dict in between).
+    ``None`` inside free-form fields (``input``, ``output``, ``payload``) is kept.
+    """
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True)
+
+
+def headers(event: BaseModel) -> list[tuple[str, bytes]]:
+    """The contract headers of ``event`` (type, schema version, content type, trace id)."""
+    event_type = getattr(event, "type", type(event).__name__)
+    schema_version = getattr(event, "schema_version", 1)
+    return headers_for(str(event_type), int(schema_version), getattr(event, "trace_id", None))
+
+
+def now_ms() -> int:
+    """Milliseconds since the Unix epoch, as every ``*_ms`` field of the contract counts."""
+    return time.time_ns() // 1_000_000

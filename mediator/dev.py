@@ -1,0 +1,146 @@
+"""`mediator dev`: the whole system on one laptop, with nothing to install but this package.
+
+Starts an embedded Kafka-protocol broker and Redis, the mediator, the demo services, then
+submits sample orders and prints each result as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mediator.app import Mediator
+from mediator.client import MediatorClient
+from mediator.demo import DEMO_WORKFLOWS, demo_services, sample_order
+from mediator.infra import create_topics, embedded
+from mediator.keys import Keys
+from mediator.settings import Settings, load_settings
+from mediator.status import collect_status
+from mediator.workflow import Definitions, load_paths
+from topics.events import ResultEvent, WorkflowStatus
+
+__all__ = ["run_dev", "service_names"]
+
+Echo = Callable[[str], None]
+
+
+def service_names(definitions: Definitions) -> set[str]:
+    """Every service a set of workflows talks to (their topics must exist)."""
+    names = set()
+    for workflow in definitions:
+        for step in workflow.steps.values():
+            names.add(step.service)
+            if step.compensate is not None:
+                names.add(step.compensate.service)
+    return names
+
+
+async def run_dev(
+    *, requests: int | None, rate: float, workflows: list[Path], echo: Echo
+) -> dict[str, Any]:
+    """Run the demo; return the status summary read from Redis at the end."""
+    definitions = load_paths([DEMO_WORKFLOWS, *workflows])
+    echo("starting embedded Kafka-protocol broker (Tansu) and Redis ...")
+    async with embedded() as infra:
+        assert infra.kafka is not None and infra.redis is not None
+        settings = load_settings(
+            kafka={
+                "bootstrap_servers": infra.kafka.bootstrap_servers,
+                "enable_idempotence": False,
+                "partitions": 4,
+            },
+            redis={"url": infra.redis.url, "shards": 4},
+        )
+        topics = settings.kafka.topics
+        await create_topics(
+            infra.kafka.bootstrap_servers,
+            [*topics.mediator_topics(), *(topics.service(s) for s in service_names(definitions))],
+            partitions=settings.kafka.partitions,
+        )
+        echo(f"kafka  {infra.kafka.bootstrap_servers}   redis  {infra.redis.url}")
+        return await _drive(settings, definitions, requests=requests, rate=rate, echo=echo)
+
+
+async def _drive(
+    settings: Settings,
+    definitions: Definitions,
+    *,
+    requests: int | None,
+    rate: float,
+    echo: Echo,
+) -> dict[str, Any]:
+    kafka = settings.kafka
+    workers = demo_services(
+        kafka.bootstrap_servers, kafka.topics, enable_idempotence=kafka.enable_idempotence
+    )
+    mediator = Mediator(settings, definitions)
+    client = MediatorClient(
+        kafka.bootstrap_servers, topics=kafka.topics, enable_idempotence=kafka.enable_idempotence
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        await stack.enter_async_context(mediator)
+        await stack.enter_async_context(client)
+        echo(
+            f"mediator up: workflows {', '.join(sorted(definitions.names()))}; "
+            f"services {', '.join(w.service for w in workers)}"
+        )
+        outcomes = await _submit_orders(client, requests=requests, rate=rate, echo=echo)
+        summary = await collect_status(
+            mediator.redis, Keys(settings.redis.key_prefix, settings.redis.shards)
+        )
+    counts = summary["counts"]
+    echo(
+        f"done: {sum(outcomes.values())} results "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))}); "
+        f"redis says running {counts['running']}, completed {counts['completed']}, "
+        f"failed {counts['failed']}"
+    )
+    return summary
+
+
+async def _submit_orders(
+    client: MediatorClient, *, requests: int | None, rate: float, echo: Echo
+) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    tasks: set[asyncio.Task[None]] = set()
+    started = time.perf_counter()
+
+    async def one(n: int) -> None:
+        sent = time.perf_counter()
+        result = await client.submit("order", sample_order(n), request_id=f"order-{n:05d}")
+        outcomes[result.status.value] += 1
+        echo(_describe(n, result, (time.perf_counter() - sent) * 1000))
+
+    n = 0
+    try:
+        while requests is None or n < requests:
+            n += 1
+            task = asyncio.create_task(one(n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return outcomes
+
+
+def _describe(n: int, result: ResultEvent, elapsed_ms: float) -> str:
+    steps = result.steps.values()
+    ran = sum(1 for s in steps if s.status == "completed")
+    skipped = sum(1 for s in steps if s.status == "skipped")
+    head = f"[{n:5d}] {result.workflow} {result.request_id} {result.status.value:<9} {elapsed_ms:6.1f} ms"
+    head += f"  steps {ran} ok" + (f", {skipped} skipped" if skipped else "")
+    if result.status is WorkflowStatus.COMPLETED and isinstance(result.output, dict):
+        return f"{head}  tracking={result.output.get('tracking')}"
+    error = result.error
+    return f"{head}  {error.step}: {error.code}: {error.message}" if error else head
