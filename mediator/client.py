@@ -102,8 +102,8 @@ class MediatorClient:
             group_id=None,
             enable_auto_commit=False,
         )
-        await self._producer.start()
         try:
+            await self._producer.start()
             await self._consumer.start()
             await self._assign_results(self._producer, self._consumer)
         except BaseException:
@@ -118,6 +118,8 @@ class MediatorClient:
         if reader is not None:
             reader.cancel()
             await asyncio.wait([reader])
+            if not reader.cancelled():
+                reader.exception()  # it failed earlier and was logged then
         self._fail_pending(ClientClosed("the client was stopped while the request was pending"))
         await self._close()
 

