@@ -21,7 +21,10 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
         group_id=settings.kafka.group_id,
         batch=True,
         max_records=settings.kafka.max_batch_records,
-        batch_timeout_ms=100,
+        batch_timeout_ms=settings.kafka.poll_timeout_ms,
+        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+        session_timeout_ms=settings.kafka.session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.MANUAL,
     )

@@ -129,6 +129,37 @@ async def _serve(settings: Any, create: bool) -> None:
 
 
 @app.command()
+def services(config: ConfigOption = None) -> None:
+    """Run the demo order saga's services against the configured Kafka until stopped."""
+    settings = _settings(config)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _run(_services(settings))
+
+
+async def _services(settings: Any) -> None:
+    from mediator.demo import demo_services
+
+    kafka = settings.kafka
+    workers = demo_services(
+        kafka.bootstrap_servers,
+        kafka.topics,
+        enable_idempotence=kafka.enable_idempotence,
+        consumer_options=kafka.consumer_options(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        typer.echo(f"demo services up: {', '.join(w.service for w in workers)}")
+        await stop.wait()
+
+
+@app.command()
 def submit(
     workflow: Annotated[str, typer.Argument(help="Workflow name.")],
     payload: Annotated[str, typer.Argument(help="JSON object, or @file.json.")] = "{}",
@@ -163,7 +194,10 @@ async def _submit(
 
     kafka = settings.kafka
     async with MediatorClient(
-        kafka.bootstrap_servers, topics=kafka.topics, enable_idempotence=kafka.enable_idempotence
+        kafka.bootstrap_servers,
+        topics=kafka.topics,
+        enable_idempotence=kafka.enable_idempotence,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     ) as client:
         if not wait:
             await client.publish(workflow, data, request_id=rid)

@@ -71,7 +71,9 @@ class MediatorClient:
         enable_idempotence: bool = True,
         client_id: str = "mediator-client",
         linger_ms: int = 1,
+        fetch_max_wait_ms: int = 500,
     ) -> None:
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.topics = topics or Topics()
         self.results_topic = results_topic or self.topics.results
         self.bootstrap_servers = bootstrap_servers
@@ -101,6 +103,7 @@ class MediatorClient:
             client_id=self.client_id,
             group_id=None,
             enable_auto_commit=False,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
         )
         try:
             await self._producer.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ async def _pause(low_ms: float, high_ms: float) -> None:
 
 
 def demo_services(
-    bootstrap_servers: str, topics: Topics, *, enable_idempotence: bool, latency: bool = True
+    bootstrap_servers: str,
+    topics: Topics,
+    *,
+    enable_idempotence: bool,
+    latency: bool = True,
+    consumer_options: Mapping[str, Any] | None = None,
 ) -> list[Worker]:
     """The four demo services, ready to `start()`."""
 
@@ -40,6 +46,7 @@ def demo_services(
             topics=topics,
             instance=f"{service}-1",
             enable_idempotence=enable_idempotence,
+            consumer_options=consumer_options,
         )
 
     async def work(low_ms: float, high_ms: float) -> None:

@@ -24,7 +24,10 @@ from mediator.status import collect_status
 from mediator.workflow import Definitions, load_paths
 from topics.events import ResultEvent, WorkflowStatus
 
-__all__ = ["run_dev", "service_names"]
+__all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names"]
+
+#: Tansu holds an empty fetch for its full max wait, so the embedded default keeps it short.
+EMBEDDED_FETCH_WAIT_MS = 5
 
 Echo = Callable[[str], None]
 
@@ -53,6 +56,9 @@ async def run_dev(
                 "bootstrap_servers": infra.kafka.bootstrap_servers,
                 "enable_idempotence": False,
                 "partitions": 4,
+                "fetch_max_wait_ms": EMBEDDED_FETCH_WAIT_MS,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 300,
             },
             redis={"url": infra.redis.url, "shards": 4},
         )
@@ -76,11 +82,17 @@ async def _drive(
 ) -> dict[str, Any]:
     kafka = settings.kafka
     workers = demo_services(
-        kafka.bootstrap_servers, kafka.topics, enable_idempotence=kafka.enable_idempotence
+        kafka.bootstrap_servers,
+        kafka.topics,
+        enable_idempotence=kafka.enable_idempotence,
+        consumer_options=kafka.consumer_options(),
     )
     mediator = Mediator(settings, definitions)
     client = MediatorClient(
-        kafka.bootstrap_servers, topics=kafka.topics, enable_idempotence=kafka.enable_idempotence
+        kafka.bootstrap_servers,
+        topics=kafka.topics,
+        enable_idempotence=kafka.enable_idempotence,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
     async with contextlib.AsyncExitStack() as stack:
         for worker in workers:

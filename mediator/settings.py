@@ -39,6 +39,25 @@ class KafkaSettings(BaseModel):
     linger_ms: int = Field(default=1, ge=0)
     max_batch_records: int = Field(default=500, ge=1)
     partitions: int = Field(default=8, ge=1, description="Partitions for topics we create.")
+    # How long the broker may hold a fetch open when no data is there. Apache Kafka answers
+    # as soon as data arrives, so a long wait costs nothing; Tansu waits it out, so the
+    # embedded default uses a few milliseconds (each hop would otherwise cost ~the wait).
+    fetch_max_wait_ms: int = Field(default=500, ge=0)
+    # A FastStream batch subscriber sleeps this long again after an empty poll, so it
+    # bounds the latency an idle mediator adds to the first message: keep it small.
+    poll_timeout_ms: int = Field(default=10, ge=1)
+    # Consumer-group liveness. A dead replica's partitions move after the session timeout;
+    # Tansu also holds a JoinGroup reply for about half of it, which slows every start.
+    session_timeout_ms: int = Field(default=10_000, ge=100)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=10)
+
+    def consumer_options(self) -> dict[str, int]:
+        """Options for any aiokafka consumer of this deployment (SDK workers included)."""
+        return {
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+        }
 
     @property
     def topics(self) -> Topics:
