@@ -18,7 +18,7 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
 
     @broker.subscriber(
         settings.kafka.topics.replies,
-        group_id=settings.kafka.group_id,
+        group_id=f"{settings.kafka.group_id}.replies",
         batch=True,
         max_records=settings.kafka.max_batch_records,
         batch_timeout_ms=settings.kafka.poll_timeout_ms,

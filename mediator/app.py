@@ -69,7 +69,11 @@ class Mediator:
         await self.store.check_layout()
         await self.producer.start()
         self.dispatcher.start()
-        await self.broker.start()
+        # Start the subscribers side by side: each joins its consumer group, and a join can
+        # take seconds (Tansu holds the reply for half the session timeout).
+        await self.broker.connect()
+        await asyncio.gather(*(sub.start() for sub in self.broker.subscribers))
+        self.broker.running = True
         self._started = True
         log.info(
             "mediator started: %d workflows, kafka %s, redis %s",

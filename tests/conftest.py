@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-# The project is not installed into the venv (its setuptools predates PEP 660 support for
-# this layout), so make `mediator` and `topics` importable from the checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from mediator.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
+from tests.system import System
 from topics.names import Topics
 
 
@@ -79,6 +75,29 @@ def settings(
             "service_topic_prefix": topics.service_prefix,
             "partitions": 4,
             "group_id": f"{key_prefix}-mediator",
+            # Tansu holds empty fetches and JoinGroup replies for their full timeouts.
+            "fetch_max_wait_ms": 5,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 200,
         },
         redis={"url": redis_server.url, "key_prefix": key_prefix, "shards": 4},
     )
+
+
+@pytest.fixture
+async def make_system(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[System]]]:
+    """Build a `System` for some workflow definitions; everything is stopped afterwards."""
+    systems: list[System] = []
+
+    async def make(*workflows: Mapping[str, Any], **overrides: Any) -> System:
+        merged = settings.model_copy(update=overrides) if overrides else settings
+        system = System(merged, list(workflows))
+        await system.create_topics()
+        systems.append(system)
+        return system
+
+    try:
+        yield make
+    finally:
+        for system in reversed(systems):
+            await system.close()

@@ -150,7 +150,7 @@ class ResultEvent(Event):
 
     type: Literal["result"] = "result"
     request_id: Identifier
-    workflow_id: Identifier | None
+    workflow_id: Identifier | None = None
     workflow: str
     status: WorkflowStatus
     output: Any = None
