@@ -90,6 +90,13 @@ class Mediator:
         with contextlib.suppress(Exception):
             await self.producer.stop()
         await self.redis.aclose()
+        if self._started:
+            log.info(
+                "mediator stopped: %s; published %d, swept %d",
+                " ".join(f"{k}={v}" for k, v in self.runtime.stats.items()),
+                self.dispatcher.published,
+                self.dispatcher.swept,
+            )
         self._started = False
 
     async def __aenter__(self) -> Mediator:

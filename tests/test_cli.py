@@ -1,0 +1,115 @@
+"""The command line against the real broker and Redis, run as a user would run it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from mediator.settings import Settings
+from mediator.worker import ActionError
+from tests.system import echo
+
+
+async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """Run `python -m mediator ARGS` with `settings` in its environment."""
+    env = {
+        **os.environ,
+        "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
+        "MEDIATOR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "MEDIATOR_KAFKA__SERVICE_TOPIC_PREFIX": settings.kafka.service_topic_prefix,
+        "MEDIATOR_KAFKA__FETCH_MAX_WAIT_MS": "5",
+        "MEDIATOR_REDIS__URL": settings.redis.url,
+        "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+        "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediator", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_status_json_counts_match_what_ran(make_system: Any) -> None:
+    system = await make_system(
+        {
+            "name": "buy",
+            "steps": [
+                {"id": "pick", "service": "store", "action": "pick"},
+                {"id": "pay", "service": "bank", "action": "pay", "depends_on": ["pick"]},
+            ],
+        }
+    )
+
+    async def pay(data: Any) -> dict[str, Any]:
+        if data["amount"] > 100:
+            raise ActionError("too much", code="declined")
+        return {"paid": data["amount"]}
+
+    await system.worker("store", {"pick": echo})
+    await system.worker("bank", {"pay": pay})
+    await system.mediator()
+    client = await system.client()
+    amounts = [10, 20, 500, 30, 700, 40, 50]
+    results = await asyncio.gather(*(client.submit("buy", {"amount": a}) for a in amounts))
+    assert sorted(r.status.value for r in results) == ["completed"] * 5 + ["failed"] * 2
+
+    code, out, err = await cli(system.settings, "status", "--json", "--limit", "3")
+
+    assert code == 0, err
+    status = orjson.loads(out)
+    assert status["counts"] == {"running": 0, "completed": 5, "failed": 2}
+    assert status["workflows"]["buy"] == {"started": 7, "completed": 5, "failed": 2}
+    assert status["services"]["store"] == {"sent": 7, "ok": 7}
+    assert status["services"]["bank"] == {"sent": 7, "ok": 5, "error": 2}
+    assert len(status["recent"]) == 3
+    assert {r["workflow"] for r in status["recent"]} == {"buy"}
+    finished = {r.workflow_id for r in results}
+    assert {r["workflow_id"] for r in status["recent"]} <= finished
+
+
+async def test_submit_wait_prints_the_result(make_system: Any) -> None:
+    system = await make_system({"name": "hello", "steps": [{"id": "a", "service": "s", "action": "a"}]})
+    await system.worker("s", {"a": echo})
+    await system.mediator()
+
+    code, out, err = await cli(system.settings, "submit", "hello", '{"who": "you"}', "--wait")
+
+    assert code == 0, err
+    result = orjson.loads(out)
+    assert result["status"] == "completed"
+    assert result["output"] == {"a": {"step": "a", "input": {"who": "you"}}}
+
+
+async def test_bad_input_is_one_line_and_exit_code_2(settings: Settings, tmp_path: Any) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - {id: a, service: s, action: a, depends_on: [b]}\n")
+    for args, expected in [
+        (("submit", "w", "{nope"), "payload is not valid JSON"),
+        (("submit", "w", "[1, 2]"), "payload must be a JSON object"),
+        (("validate", str(bad)), "depends on unknown step 'b'"),
+        (("run",), "no workflows configured"),
+    ]:
+        code, out, err = await cli(settings, *args)
+        assert code == 2, (args, out, err)
+        assert expected in err
+        assert "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_schemas_prints_every_event() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediator", "schemas", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    schemas = orjson.loads(out)
+    assert set(schemas) == {
+        "RequestEvent", "CommandEvent", "ReplyEvent", "ResultEvent", "HealthEvent", "DeadLetter",
+    }
+    assert "request_id" in schemas["RequestEvent"]["required"]
