@@ -33,7 +33,9 @@ async def handle_batch(
     try:
         await process(records)
     except (StateUnavailable, KafkaError) as exc:
-        log.warning("batch of %d from %s will be redelivered: %s", len(records), records[0].topic, exc)
+        log.warning(
+            "batch of %d from %s will be redelivered: %s", len(records), records[0].topic, exc
+        )
         await asyncio.sleep(OUTAGE_PAUSE_S)
         await message.nack()
         return

@@ -49,7 +49,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except MediatorError as exc:
         raise _fail(str(exc)) from None
     except KafkaError as exc:
-        raise _fail(f"Kafka: {exc}") from None
+        msg = f"Kafka: {exc}"
+        raise _fail(msg) from None
     except OSError as exc:
         raise _fail(str(exc)) from None
 
@@ -60,7 +61,8 @@ def _settings(config: Path | None, **overrides: Any) -> Any:
     try:
         return load_settings(config, **overrides)
     except ValidationError as exc:
-        raise _fail(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        raise _fail(msg) from None
     except MediatorError as exc:
         raise _fail(str(exc)) from None
 
@@ -80,7 +82,8 @@ def dev(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if rate <= 0:
-        raise _fail("--rate must be positive")
+        msg = "--rate must be positive"
+        raise _fail(msg)
     with contextlib.suppress(KeyboardInterrupt):
         _run(run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo))
 
@@ -174,13 +177,16 @@ def submit(
         try:
             text = Path(payload[1:]).read_text()
         except OSError as exc:
-            raise _fail(f"cannot read payload file {payload[1:]!r}: {exc.strerror}") from None
+            msg = f"cannot read payload file {payload[1:]!r}: {exc.strerror}"
+            raise _fail(msg) from None
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise _fail(f"payload is not valid JSON: {exc}") from None
+        msg = f"payload is not valid JSON: {exc}"
+        raise _fail(msg) from None
     if not isinstance(data, dict):
-        raise _fail("payload must be a JSON object")
+        msg = "payload must be a JSON object"
+        raise _fail(msg)
     settings = _settings(config)
     rid = request_id or uuid.uuid4().hex
     output = _run(_submit(settings, workflow, data, rid, wait, timeout))
@@ -188,7 +194,7 @@ def submit(
 
 
 async def _submit(
-    settings: Any, workflow: str, data: dict[str, Any], rid: str, wait: bool, timeout: float
+    settings: Any, workflow: str, data: dict[str, Any], rid: str, wait: bool, wait_s: float
 ) -> str:
     from mediator.client import MediatorClient
 
@@ -202,7 +208,7 @@ async def _submit(
         if not wait:
             await client.publish(workflow, data, request_id=rid)
             return rid
-        result = await client.submit(workflow, data, request_id=rid, timeout=timeout)
+        result = await client.submit(workflow, data, request_id=rid, timeout=wait_s)
         return result.model_dump_json(indent=2, exclude_none=True)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,6 @@ DEMO_WORKFLOWS = Path(__file__).with_name("workflows")
 CARD_LIMIT = 900
 
 
-async def _pause(low_ms: float, high_ms: float) -> None:
-    await asyncio.sleep(random.uniform(low_ms, high_ms) / 1000)
-
-
 def demo_services(
     bootstrap_servers: str,
     topics: Topics,
@@ -38,9 +34,9 @@ def demo_services(
     consumer_options: Mapping[str, Any] | None = None,
 ) -> list[Worker]:
     """The four demo services, ready to `start()`."""
-
-    def worker(service: str) -> Worker:
-        return Worker(
+    workers = []
+    for service, actions in _ACTIONS.items():
+        worker = Worker(
             service,
             bootstrap_servers,
             topics=topics,
@@ -48,63 +44,69 @@ def demo_services(
             enable_idempotence=enable_idempotence,
             consumer_options=consumer_options,
         )
+        for name, (handler, low_ms, high_ms) in actions.items():
+            worker.add_action(name, _with_latency(handler, low_ms, high_ms) if latency else handler)
+        workers.append(worker)
+    return workers
 
-    async def work(low_ms: float, high_ms: float) -> None:
-        if latency:
-            await _pause(low_ms, high_ms)
 
-    inventory, payment, shipping, notification = (
-        worker(name) for name in ("inventory", "payment", "shipping", "notification")
-    )
+Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
-    @inventory.action("reserve")
-    async def reserve(data: dict[str, Any]) -> dict[str, Any]:
-        await work(2, 10)
-        if int(data.get("qty") or 0) <= 0:
-            msg = f"cannot reserve {data.get('qty')!r} units of {data.get('sku')!r}"
-            raise ActionError(msg, code="bad_quantity")
-        return {"reservation_id": f"res-{uuid.uuid4().hex[:8]}", "sku": data.get("sku")}
 
-    @inventory.action("release")
-    async def release(data: dict[str, Any]) -> dict[str, Any]:
-        await work(1, 5)
-        return {"released": data.get("reservation")}
+def _with_latency(handler: Action, low_ms: float, high_ms: float) -> Action:
+    async def slow(data: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(random.uniform(low_ms, high_ms) / 1000)
+        return await handler(data)
 
-    @payment.action("screen")
-    async def screen(data: dict[str, Any]) -> dict[str, Any]:
-        await work(2, 8)
-        return {"risk": "low"}
+    return slow
 
-    @payment.action("charge")
-    async def charge(data: dict[str, Any]) -> dict[str, Any]:
-        await work(5, 15)
-        amount = float(data.get("amount") or 0)
-        if amount > CARD_LIMIT:
-            msg = f"card declined: {amount:.2f} is over the limit of {CARD_LIMIT}"
-            raise ActionError(msg, code="card_declined")
-        return {"payment_id": f"pay-{uuid.uuid4().hex[:8]}", "amount": amount}
 
-    @payment.action("refund")
-    async def refund(data: dict[str, Any]) -> dict[str, Any]:
-        await work(2, 8)
-        return {"refunded": data.get("payment")}
+async def _reserve(data: dict[str, Any]) -> dict[str, Any]:
+    if int(data.get("qty") or 0) <= 0:
+        msg = f"cannot reserve {data.get('qty')!r} units of {data.get('sku')!r}"
+        raise ActionError(msg, code="bad_quantity")
+    return {"reservation_id": f"res-{uuid.uuid4().hex[:8]}", "sku": data.get("sku")}
 
-    @shipping.action("ship")
-    async def ship(data: dict[str, Any]) -> dict[str, Any]:
-        await work(5, 20)
-        return {"tracking": f"TRK{random.randint(100000, 999999)}"}
 
-    @notification.action("sms")
-    async def sms(data: dict[str, Any]) -> dict[str, Any]:
-        await work(1, 5)
-        return {"sent_to": data.get("phone")}
+async def _release(data: dict[str, Any]) -> dict[str, Any]:
+    return {"released": data.get("reservation")}
 
-    @notification.action("email")
-    async def email(data: dict[str, Any]) -> dict[str, Any]:
-        await work(1, 5)
-        return {"sent_to": data.get("email")}
 
-    return [inventory, payment, shipping, notification]
+async def _screen(data: dict[str, Any]) -> dict[str, Any]:
+    return {"risk": "low"}
+
+
+async def _charge(data: dict[str, Any]) -> dict[str, Any]:
+    amount = float(data.get("amount") or 0)
+    if amount > CARD_LIMIT:
+        msg = f"card declined: {amount:.2f} is over the limit of {CARD_LIMIT}"
+        raise ActionError(msg, code="card_declined")
+    return {"payment_id": f"pay-{uuid.uuid4().hex[:8]}", "amount": amount}
+
+
+async def _refund(data: dict[str, Any]) -> dict[str, Any]:
+    return {"refunded": data.get("payment")}
+
+
+async def _ship(data: dict[str, Any]) -> dict[str, Any]:
+    return {"tracking": f"TRK{random.randint(100000, 999999)}"}
+
+
+async def _notify(data: dict[str, Any]) -> dict[str, Any]:
+    return {"sent_to": data.get("phone") or data.get("email")}
+
+
+#: service -> action -> (handler, min latency ms, max latency ms)
+_ACTIONS: dict[str, dict[str, tuple[Action, float, float]]] = {
+    "inventory": {"reserve": (_reserve, 2, 10), "release": (_release, 1, 5)},
+    "payment": {
+        "screen": (_screen, 2, 8),
+        "charge": (_charge, 5, 15),
+        "refund": (_refund, 2, 8),
+    },
+    "shipping": {"ship": (_ship, 5, 20)},
+    "notification": {"sms": (_notify, 1, 5), "email": (_notify, 1, 5)},
+}
 
 
 def sample_order(n: int, rng: random.Random | None = None) -> dict[str, Any]:

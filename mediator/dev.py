@@ -150,7 +150,10 @@ def _describe(n: int, result: ResultEvent, elapsed_ms: float) -> str:
     steps = result.steps.values()
     ran = sum(1 for s in steps if s.status == "completed")
     skipped = sum(1 for s in steps if s.status == "skipped")
-    head = f"[{n:5d}] {result.workflow} {result.request_id} {result.status.value:<9} {elapsed_ms:6.1f} ms"
+    head = (
+        f"[{n:5d}] {result.workflow} {result.request_id} "
+        f"{result.status.value:<9} {elapsed_ms:6.1f} ms"
+    )
     head += f"  steps {ran} ok" + (f", {skipped} skipped" if skipped else "")
     if result.status is WorkflowStatus.COMPLETED and isinstance(result.output, dict):
         return f"{head}  tracking={result.output.get('tracking')}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["parse_duration_ms"]
@@ -19,7 +20,10 @@ def parse_duration_ms(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        millis = float(value) * 1000.0
+        try:
+            millis = float(value) * 1000.0
+        except OverflowError:  # an int beyond float range
+            return None
     elif isinstance(value, str):
         match = _PATTERN.match(value)
         if match is None:
@@ -27,4 +31,5 @@ def parse_duration_ms(value: object) -> int | None:
         millis = float(match.group(1)) * _UNITS_MS[match.group(2) or "s"]
     else:
         return None
-    return round(millis) if millis >= 1 else None
+    # `millis >= 1` is false for NaN; infinity (YAML `.inf`) has no integer value.
+    return round(millis) if 1 <= millis < math.inf else None

@@ -129,7 +129,7 @@ class Engine:
         )
         transition.count(f"svc:{step.service}:error")
         self._set_step(transition, reply.step, failed, now_ms)
-        return self._finish(workflow, transition, now_ms, failed.error)
+        self._finish(workflow, transition, now_ms, failed.error); return self._advance(workflow, transition, now_ms)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -144,6 +144,9 @@ class Engine:
         running = sum(1 for s in steps.values() if s.status is StepStatus.RUNNING)
         context: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
+        # Commands go out only once the whole pass evaluated: a later step's failing
+        # expression fails the run, and no service should be asked to work for it.
+        ready: list[tuple[Step, Any]] = []
         # Topological order means a step skipped here unblocks its dependants in this pass.
         for step_id in workflow.order:
             current = steps[step_id]
@@ -168,8 +171,11 @@ class Engine:
                     status=StepStatus.FAILED, error=failure, finished_ms=now_ms
                 )
                 break
-            steps[step_id] = self._dispatch(transition, step, command_input, now_ms)
+            ready.append((step, command_input))
             running += 1
+        if failure is None:
+            for step, command_input in ready:
+                steps[step.id] = self._dispatch(transition, step, command_input, now_ms)
         transition.state = replace(transition.state, steps=steps, updated_ms=now_ms)
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
@@ -257,9 +263,7 @@ def result_of(state: WorkflowState) -> ResultEvent:
 def _context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]:
     return {
         "payload": state.payload,
-        "steps": {
-            sid: s.output for sid, s in steps.items() if s.status is StepStatus.COMPLETED
-        },
+        "steps": {sid: s.output for sid, s in steps.items() if s.status is StepStatus.COMPLETED},
         "workflow": {
             "id": state.workflow_id,
             "request_id": state.request_id,

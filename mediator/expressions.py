@@ -87,7 +87,10 @@ class Condition:
 
 def truthy(value: Any) -> bool:
     """JMESPath truthiness: false, null, empty strings, lists and objects are false."""
-    return value not in (None, False, "", [], {})
+    if isinstance(value, bool):
+        return value
+    # False is kept out of this tuple: `0 == False` in Python, but 0 is true in JMESPath.
+    return value not in (None, "", [], {})
 
 
 def _compile_tree(node: Any) -> Any:
@@ -105,7 +108,8 @@ def _render(node: Any, context: Mapping[str, Any]) -> Any:
         try:
             return node.search(context)
         except JMESPathError as exc:
-            raise ExpressionError(f"{node.expression}: {exc}") from exc
+            msg = f"{node.expression}: {exc}"
+            raise ExpressionError(msg) from exc
     if isinstance(node, dict):
         return {key: _render(value, context) for key, value in node.items()}
     if isinstance(node, list):

@@ -44,7 +44,9 @@ class Message:
         return frame(self.topic, self.key, self.value, self.headers)
 
 
-def frame(topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> bytes:
+def frame(
+    topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]
+) -> bytes:
     """One line of JSON (topic, key, headers) followed by the raw value."""
     head = orjson.dumps(
         [topic, key.decode() if key is not None else None, [[k, v.decode()] for k, v in headers]]
@@ -131,7 +133,9 @@ class Dispatcher:
         await asyncio.gather(*futures)
         self.published += len(messages)
 
-    async def _settle(self, messages: Sequence[Message], futures: list[asyncio.Future[object]]) -> None:
+    async def _settle(
+        self, messages: Sequence[Message], futures: list[asyncio.Future[object]]
+    ) -> None:
         results = await asyncio.gather(*futures, return_exceptions=True)
         done = []
         for message, result in zip(messages, results, strict=True):
@@ -144,7 +148,9 @@ class Dispatcher:
         try:
             await self.store.outbox_done(done)
         except StateUnavailable as exc:
-            log.warning("could not clear %d outbox entries (they will be re-sent): %s", len(done), exc)
+            log.warning(
+                "could not clear %d outbox entries (they will be re-sent): %s", len(done), exc
+            )
 
     async def sweep_once(self) -> int:
         """Re-send every outbox entry whose lease expired; returns how many."""

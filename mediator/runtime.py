@@ -128,7 +128,9 @@ class Runtime:
             current = result.current
             if current is not None and current.terminal:
                 # A duplicate of a finished request: the client may have missed the result.
-                outgoing.append(self._result_message(result_of(current), current.reply_to, "resend"))
+                outgoing.append(
+                    self._result_message(result_of(current), current.reply_to, "resend")
+                )
         await self.dispatcher.send(outgoing)
         await self.dispatcher.send_now(direct + self._dead_letter_messages())
         self.overhead.add((time.perf_counter() - received) * 1000, len(commits) or 1)
@@ -234,7 +236,9 @@ class Runtime:
                     )
                 )
             elif isinstance(effect, PublishResult):
-                messages.append(self._result_message(effect.result, effect.reply_to, "result", shard))
+                messages.append(
+                    self._result_message(effect.result, effect.reply_to, "result", shard)
+                )
         return messages
 
     def _result_message(
@@ -276,16 +280,16 @@ class Runtime:
     def _dead_letter_messages(self) -> list[Message]:
         dead, self._dead = self._dead, []
         return [
-                Message(
-                    shard=-1,
-                    id=f"dlq.{d.source_topic}.{d.partition}.{d.offset}",
-                    topic=self.topics.dlq,
-                    key=d.key.encode() if d.key is not None else None,
-                    value=encode(d),
-                    headers=headers(d),
-                )
-                for d in dead
-            ]
+            Message(
+                shard=-1,
+                id=f"dlq.{d.source_topic}.{d.partition}.{d.offset}",
+                topic=self.topics.dlq,
+                key=d.key.encode() if d.key is not None else None,
+                value=encode(d),
+                headers=headers(d),
+            )
+            for d in dead
+        ]
 
 
 def _merge(first: Transition, second: Transition) -> Transition:

@@ -105,7 +105,9 @@ class Settings(BaseSettings):
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from a YAML file (optional), the environment, then explicit overrides."""
-    path = config_file or (Path(os.environ["MEDIATOR_CONFIG"]) if "MEDIATOR_CONFIG" in os.environ else None)
+    path = config_file or (
+        Path(os.environ["MEDIATOR_CONFIG"]) if "MEDIATOR_CONFIG" in os.environ else None
+    )
     file_values: dict[str, Any] = {}
     if path is not None:
         try:

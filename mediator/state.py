@@ -75,7 +75,7 @@ class WorkflowState:
 
 
 _STEP_DEFAULTS = StepState()
-_STEP_FIELDS = tuple(StepState.__slots__)  # type: ignore[attr-defined]
+_STEP_FIELDS = tuple(StepState.__slots__)
 _WF_OPTIONAL = ("reply_to", "trace_id", "deadline_ms", "finished_ms", "output", "error")
 
 

@@ -24,7 +24,8 @@ async def collect_status(redis: Redis, keys: Keys, *, limit: int = 10) -> dict[s
     try:
         return await _collect(redis, keys, limit)
     except RedisError as exc:
-        raise StateUnavailable(f"cannot read status from Redis: {exc}") from exc
+        msg = f"cannot read status from Redis: {exc}"
+        raise StateUnavailable(msg) from exc
 
 
 async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:

@@ -80,7 +80,8 @@ class Store:
             await self.redis.hsetnx(self.keys.meta, "schema", KEY_SCHEMA_VERSION)
             stored = await self.redis.hget(self.keys.meta, "shards")
         except RedisError as exc:
-            raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+            msg = f"Redis unavailable: {exc}"
+            raise StateUnavailable(msg) from exc
         if stored is not None and int(stored) != self.keys.shards:
             msg = (
                 f"Redis prefix {self.keys.prefix!r} was laid out with {int(stored)} shards but "
@@ -99,7 +100,8 @@ class Store:
                     pipe.hget(self.keys.workflow(wid), "state")
                 blobs = await pipe.execute()
         except RedisError as exc:
-            raise StateUnavailable(f"Redis unavailable while loading state: {exc}") from exc
+            msg = f"Redis unavailable while loading state: {exc}"
+            raise StateUnavailable(msg) from exc
         return {
             wid: loads(blob) if blob is not None else None
             for wid, blob in zip(workflow_ids, blobs, strict=True)
@@ -120,7 +122,8 @@ class Store:
                     await self._commit(keys=keys, args=args, client=pipe)
                 replies = await pipe.execute()
         except RedisError as exc:
-            raise StateUnavailable(f"Redis unavailable while committing: {exc}") from exc
+            msg = f"Redis unavailable while committing: {exc}"
+            raise StateUnavailable(msg) from exc
         return [self._result(reply) for reply in replies]
 
     def _commit_call(self, commit: Commit, now_ms: int) -> tuple[list[str], list[Any]]:
@@ -161,7 +164,8 @@ class Store:
     @staticmethod
     def _result(reply: Any) -> CommitResult:
         if isinstance(reply, Exception):
-            raise StateUnavailable(f"commit script failed: {reply}")
+            msg = f"commit script failed: {reply}"
+            raise StateUnavailable(msg)
         code = int(reply[0])
         if code == 1:
             return CommitResult(CommitOutcome.COMMITTED)
@@ -185,7 +189,8 @@ class Store:
                     pipe.zrem(self.keys.outbox_due(shard), *ids)
                 await pipe.execute()
         except RedisError as exc:
-            raise StateUnavailable(f"Redis unavailable while clearing the outbox: {exc}") from exc
+            msg = f"Redis unavailable while clearing the outbox: {exc}"
+            raise StateUnavailable(msg) from exc
 
     async def claim_expired(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, bytes]]:
         """Take over outbox entries whose lease expired: their publisher died or stalled."""
@@ -195,7 +200,8 @@ class Store:
                 args=[now_ms, now_ms + self.lease_ms, limit],
             )
         except RedisError as exc:
-            raise StateUnavailable(f"Redis unavailable while claiming the outbox: {exc}") from exc
+            msg = f"Redis unavailable while claiming the outbox: {exc}"
+            raise StateUnavailable(msg) from exc
         return [(_text(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def outbox_size(self) -> int:

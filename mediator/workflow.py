@@ -29,8 +29,8 @@ from mediator.errors import (
 from mediator.expressions import Condition, ExpressionError, Template
 
 __all__ = [
-    "Compensation",
     "CompensateSpec",
+    "Compensation",
     "Definitions",
     "RetryPolicy",
     "RetrySpec",
@@ -46,7 +46,9 @@ __all__ = [
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
-Duration = float | str
+# `bool` is listed so that `timeout: yes` reaches `parse_duration_ms`, which rejects it,
+# instead of being coerced to 1.0 seconds.
+Duration = bool | float | str
 
 
 class _Spec(BaseModel):
@@ -230,7 +232,9 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         retry=RetryPolicy(
             max_attempts=retry.max_attempts,
             backoff_ms=backoff,
-            max_backoff_ms=max(backoff, _duration(name, spec.id, "retry.max_backoff", retry.max_backoff) or 0),
+            max_backoff_ms=max(
+                backoff, _duration(name, spec.id, "retry.max_backoff", retry.max_backoff) or 0
+            ),
             multiplier=retry.multiplier,
             jitter=retry.jitter,
         ),
@@ -249,7 +253,13 @@ def _template(name: str, step: str | None, where: str, source: Any) -> Template:
 def _first_bad_expression(source: Any) -> str:
     if isinstance(source, str):
         return source
-    values = source.values() if isinstance(source, Mapping) else source if isinstance(source, list) else []
+    values = (
+        source.values()
+        if isinstance(source, Mapping)
+        else source
+        if isinstance(source, list)
+        else []
+    )
     for value in values:
         try:
             Template.compile(value)
@@ -313,6 +323,9 @@ def load_file(path: Path) -> list[Workflow]:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
         msg = f"cannot read: {exc.strerror or exc}"
+        raise DefinitionError(msg, source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        msg = f"not UTF-8 text: {exc.reason} at byte {exc.start}"
         raise DefinitionError(msg, source=str(path)) from None
     except yaml.YAMLError as exc:
         msg = f"not valid YAML: {exc}".replace("\n", " ")

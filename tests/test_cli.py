@@ -28,8 +28,13 @@ async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
         "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mediator", *args,
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "mediator",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode is not None
@@ -49,7 +54,8 @@ async def test_status_json_counts_match_what_ran(make_system: Any) -> None:
 
     async def pay(data: Any) -> dict[str, Any]:
         if data["amount"] > 100:
-            raise ActionError("too much", code="declined")
+            msg = "too much"
+            raise ActionError(msg, code="declined")
         return {"paid": data["amount"]}
 
     await system.worker("store", {"pick": echo})
@@ -75,7 +81,9 @@ async def test_status_json_counts_match_what_ran(make_system: Any) -> None:
 
 
 async def test_submit_wait_prints_the_result(make_system: Any) -> None:
-    system = await make_system({"name": "hello", "steps": [{"id": "a", "service": "s", "action": "a"}]})
+    system = await make_system(
+        {"name": "hello", "steps": [{"id": "a", "service": "s", "action": "a"}]}
+    )
     await system.worker("s", {"a": echo})
     await system.mediator()
 
@@ -110,6 +118,11 @@ async def test_schemas_prints_every_event() -> None:
     out, _ = await process.communicate()
     schemas = orjson.loads(out)
     assert set(schemas) == {
-        "RequestEvent", "CommandEvent", "ReplyEvent", "ResultEvent", "HealthEvent", "DeadLetter",
+        "RequestEvent",
+        "CommandEvent",
+        "ReplyEvent",
+        "ResultEvent",
+        "HealthEvent",
+        "DeadLetter",
     }
     assert "request_id" in schemas["RequestEvent"]["required"]

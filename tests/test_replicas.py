@@ -48,7 +48,10 @@ async def test_two_replicas_share_500_workflows_and_lose_none(
         )
         client = await system.client()
         results = await asyncio.gather(
-            *(client.submit("chain3", {"n": n}, request_id=f"rep-{n}", timeout=120) for n in range(500))
+            *(
+                client.submit("chain3", {"n": n}, request_id=f"rep-{n}", timeout=120)
+                for n in range(500)
+            )
         )
     finally:
         codes = [await replica.stop() for replica in replicas]
@@ -107,9 +110,7 @@ async def test_replica_killed_mid_run_its_workflows_complete_on_restart(
     # Commands may be re-sent after the kill (at-least-once); the worker ran each once.
     assert worker.stats["executed"] == 600
     mediator_store = await system.mediator()  # reads Redis with the same layout
-    await wait_for(
-        lambda: _outbox_empty(mediator_store), timeout=30, what="outbox drained"
-    )
+    await wait_for(lambda: _outbox_empty(mediator_store), timeout=30, what="outbox drained")
 
 
 async def _outbox_empty(mediator: Any) -> bool:

@@ -117,13 +117,17 @@ async def test_error_reply_fails_workflow_with_the_steps_error(make_system: Any)
     system = await make_system(
         {
             "name": "pay",
-            "steps": [step("reserve"), step("charge", depends_on=["reserve"]),
-                      step("ship", depends_on=["charge"])],
+            "steps": [
+                step("reserve"),
+                step("charge", depends_on=["reserve"]),
+                step("ship", depends_on=["charge"]),
+            ],
         }
     )
 
     async def charge(data: Any) -> dict[str, Any]:
-        raise ActionError("card declined", code="declined")
+        msg = "card declined"
+        raise ActionError(msg, code="declined")
 
     worker = await system.worker("svc", {"reserve": echo, "charge": charge, "ship": echo})
     await system.mediator()

@@ -34,7 +34,9 @@ CONTENT_TYPE = "content-type"
 JSON = b"application/json"
 
 
-def headers_for(event_type: str, schema_version: int, trace_id: str | None) -> list[tuple[str, bytes]]:
+def headers_for(
+    event_type: str, schema_version: int, trace_id: str | None
+) -> list[tuple[str, bytes]]:
     """The headers every event is published with."""
     headers = [
         (EVENT_TYPE, event_type.encode()),
