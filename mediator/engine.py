@@ -129,7 +129,7 @@ class Engine:
         )
         transition.count(f"svc:{step.service}:error")
         self._set_step(transition, reply.step, failed, now_ms)
-        self._finish(workflow, transition, now_ms, failed.error); return self._advance(workflow, transition, now_ms)
+        return self._finish(workflow, transition, now_ms, failed.error)
 
     # -- internals -------------------------------------------------------------------------
 
