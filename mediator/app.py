@@ -32,7 +32,11 @@ class Mediator:
         self.settings = settings
         self.definitions = definitions
         kafka = settings.kafka
-        self.redis = Redis.from_url(settings.redis.url)
+        self.redis = Redis.from_url(
+            settings.redis.url,
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_timeout_s,
+        )
         self.store = Store(
             self.redis,
             Keys(settings.redis.key_prefix, settings.redis.shards),

@@ -75,6 +75,9 @@ class RedisSettings(BaseModel):
     shards: int = Field(default=16, ge=1, le=16384)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     recent_limit: int = Field(default=1000, ge=1)
+    # Without a timeout a stalled Redis would hang a handler forever; with one, the batch
+    # is rewound and redelivered once Redis answers again.
+    socket_timeout_s: float = Field(default=5.0, gt=0)
 
 
 class OutboxSettings(BaseModel):
