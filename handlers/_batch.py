@@ -12,12 +12,18 @@ from faststream.kafka.message import KafkaMessage
 
 from mediator.errors import StateUnavailable
 
-__all__ = ["handle_batch"]
+__all__ = ["handle_batch", "undecoded"]
 
 log = logging.getLogger("mediator.handlers")
 
 #: Pause before redelivering a batch whose processing hit an outage, so nothing hot-loops.
 OUTAGE_PAUSE_S = 1.0
+
+
+async def undecoded(message: Any) -> None:
+    """FastStream decoder that decodes nothing: the runtime parses the raw records itself,
+    once, straight into the event models."""
+    return None
 
 
 async def handle_batch(

@@ -6,7 +6,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
 
-from handlers._batch import handle_batch
+from handlers._batch import handle_batch, undecoded
 from mediator.runtime import Runtime
 from mediator.settings import Settings
 
@@ -27,6 +27,7 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
         heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.MANUAL,
+        decoder=undecoded,
     )
     async def on_replies(message: KafkaMessage) -> None:
         await handle_batch(message, runtime.handle_replies)

@@ -10,11 +10,12 @@ from types import TracebackType
 from aiokafka import AIOKafkaProducer
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
-from redis.asyncio import Redis
 
 import handlers
+from mediator.codec import partition_for
 from mediator.keys import Keys
 from mediator.outbox import Dispatcher
+from mediator.redis_client import connect
 from mediator.runtime import Runtime
 from mediator.settings import Settings
 from mediator.store import Store
@@ -32,11 +33,7 @@ class Mediator:
         self.settings = settings
         self.definitions = definitions
         kafka = settings.kafka
-        self.redis = Redis.from_url(
-            settings.redis.url,
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-        )
+        self.redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
         self.store = Store(
             self.redis,
             Keys(settings.redis.key_prefix, settings.redis.shards),
@@ -48,6 +45,7 @@ class Mediator:
             bootstrap_servers=kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-outbox",
             enable_idempotence=kafka.enable_idempotence,
+            partitioner=partition_for,
             acks="all",
             linger_ms=kafka.linger_ms,
         )
@@ -62,6 +60,7 @@ class Mediator:
             store=self.store,
             dispatcher=self.dispatcher,
             topics=kafka.topics,
+            state_cache_size=settings.state_cache_size,
         )
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         handlers.register_requests(self.broker, self.runtime, settings)

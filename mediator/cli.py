@@ -238,12 +238,11 @@ def status(
 
 
 async def _status(settings: Any, limit: int) -> dict[str, Any]:
-    from redis.asyncio import Redis
-
     from mediator.keys import Keys
+    from mediator.redis_client import connect
     from mediator.status import collect_status
 
-    redis = Redis.from_url(settings.redis.url, socket_connect_timeout=5)
+    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
     try:
         return await collect_status(
             redis, Keys(settings.redis.key_prefix, settings.redis.shards), limit=limit

@@ -96,6 +96,7 @@ class MediatorClient:
             client_id=self.client_id,
             acks="all",
             enable_idempotence=self.enable_idempotence,
+            partitioner=codec.partition_for,
             linger_ms=self.linger_ms,
         )
         self._consumer = AIOKafkaConsumer(

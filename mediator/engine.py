@@ -9,11 +9,11 @@ compare-and-set conflict can simply be recomputed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from mediator.expressions import ExpressionError
-from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState
+from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve
 from mediator.workflow import Step, Workflow
 from topics.events import (
     CommandEvent,
@@ -109,7 +109,7 @@ class Engine:
         step = workflow.steps[reply.step]
         transition = Transition(state)
         if reply.status is ReplyStatus.OK:
-            done = replace(
+            done = evolve(
                 step_state,
                 status=StepStatus.COMPLETED,
                 output=reply.output,
@@ -120,7 +120,7 @@ class Engine:
             self._set_step(transition, reply.step, done, now_ms)
             return self._advance(workflow, transition, now_ms)
         error = reply.error or ErrorInfo(message="service replied error without details")
-        failed = replace(
+        failed = evolve(
             step_state,
             status=StepStatus.FAILED,
             error=error.model_copy(update={"step": reply.step}).model_dump(exclude_none=True),
@@ -136,7 +136,7 @@ class Engine:
     @staticmethod
     def _set_step(transition: Transition, step_id: str, step: StepState, now_ms: int) -> None:
         state = transition.state
-        transition.state = replace(state, steps={**state.steps, step_id: step}, updated_ms=now_ms)
+        transition.state = evolve(state, steps={**state.steps, step_id: step}, updated_ms=now_ms)
 
     def _advance(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
         """Skip or dispatch every pending step whose dependencies are satisfied."""
@@ -176,7 +176,7 @@ class Engine:
         if failure is None:
             for step, command_input in ready:
                 steps[step.id] = self._dispatch(transition, step, command_input, now_ms)
-        transition.state = replace(transition.state, steps=steps, updated_ms=now_ms)
+        transition.state = evolve(transition.state, steps=steps, updated_ms=now_ms)
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
         if all(s.status in SATISFIED for s in steps.values()):
@@ -226,7 +226,7 @@ class Engine:
             except ExpressionError as exc:
                 status = WorkflowStatus.FAILED
                 error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
-        state = replace(
+        state = evolve(
             state, status=status, output=output, error=error, finished_ms=now_ms, updated_ms=now_ms
         )
         transition.state = state

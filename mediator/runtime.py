@@ -12,18 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from mediator.cache import StateCache
 from mediator.codec import encode, headers, now_ms
 from mediator.engine import Engine, PublishResult, SendCommand, Transition, result_of
-from mediator.errors import UnknownWorkflow
+from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.keys import Keys, workflow_id_for
 from mediator.metrics import Samples
 from mediator.outbox import Dispatcher, Message
-from mediator.state import WorkflowState
+from mediator.state import WorkflowState, evolve
 from mediator.store import Commit, CommitOutcome, Store
 from mediator.workflow import Definitions
 from topics.events import (
@@ -73,7 +74,9 @@ class Runtime:
         store: Store,
         dispatcher: Dispatcher,
         topics: Topics,
+        state_cache_size: int = 100_000,
     ) -> None:
+        self.cache = StateCache(state_cache_size)
         self.definitions = definitions
         self.store = store
         self.keys: Keys = store.keys
@@ -120,9 +123,10 @@ class Runtime:
             prepared.append(messages)
         results = await self.store.commit_many(commits, now)
         outgoing: list[Message] = []
-        for messages, result in zip(prepared, results, strict=True):
+        for commit, messages, result in zip(commits, prepared, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
                 outgoing += messages
+                self.cache.put(commit.state)
                 continue
             self.stats["duplicates"] += 1
             current = result.current
@@ -146,41 +150,54 @@ class Runtime:
             if reply is not None:
                 self.stats["replies"] += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
+        states: dict[str, WorkflowState | None] = {wid: self.cache.get(wid) for wid in groups}
+        missing = [wid for wid, state in states.items() if state is None]
+        states.update(await self.store.load_many(missing))
+        fresh = set(missing)
         outgoing: list[Message] = []
-        attempt = 0
-        while groups:
+        for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
-            states = await self.store.load_many(list(groups))
-            pending = self._apply_all(groups, states, now)
-            if not pending:
-                break
+            pending, recheck = self._apply_all(groups, states, fresh, now)
             prepared = [self._commit_of(p.transition, expected_rev=p.base.rev) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[ReplyEvent]] = {}
-            for item, (_, messages), result in zip(pending, prepared, results, strict=True):
+            for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
+                wid = item.base.workflow_id
                 if result.outcome is CommitOutcome.COMMITTED:
                     outgoing += messages
+                    self.cache.put(commit.state)
                 else:
-                    retry[item.base.workflow_id] = groups[item.base.workflow_id]
-            if retry:
-                self.stats["conflicts"] += len(retry)
-                attempt += 1
-                if attempt > MAX_CONFLICT_RETRIES:
-                    log.error("giving up on %d workflows after repeated conflicts", len(retry))
-                    break
+                    self.stats["conflicts"] += 1
+                    retry[wid] = groups[wid]
+                    states[wid] = result.current
+                    fresh.add(wid)
+                    self.cache.forget(wid)
+            if recheck:
+                # A cached state ignored these replies; ask Redis before dropping them.
+                states.update(await self.store.load_many(recheck))
+                fresh.update(recheck)
+                retry.update({wid: groups[wid] for wid in recheck})
             groups = retry
+            if not groups:
+                break
         await self.dispatcher.send(outgoing)
         await self.dispatcher.send_now(self._dead_letter_messages())
         if outgoing:
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
+        if groups:
+            msg = f"{len(groups)} workflows kept conflicting; their replies will be redelivered"
+            raise StateUnavailable(msg)
 
     def _apply_all(
         self,
         groups: dict[str, list[ReplyEvent]],
         states: dict[str, WorkflowState | None],
+        fresh: set[str],
         now: int,
-    ) -> list[_Pending]:
+    ) -> tuple[list[_Pending], list[str]]:
+        """Transitions to commit, and workflows whose cached state must be re-read."""
         pending = []
+        recheck = []
         for wid, replies in groups.items():
             base = states.get(wid)
             if base is None:
@@ -194,21 +211,26 @@ class Runtime:
                 continue
             merged: Transition | None = None
             state = base
+            ignored = 0
             for reply in replies:
                 step = self.engine.apply_reply(workflow, state, reply, now)
                 if step is None:
-                    self.stats["ignored_replies"] += 1
+                    ignored += 1
                     continue
                 state = step.state
                 merged = step if merged is None else _merge(merged, step)
+            if ignored and wid not in fresh:
+                recheck.append(wid)
+                continue
+            self.stats["ignored_replies"] += ignored
             if merged is not None:
                 pending.append(_Pending(base, state, merged))
-        return pending
+        return pending, recheck
 
     # -- encoding --------------------------------------------------------------------------
 
     def _commit_of(self, transition: Transition, expected_rev: int) -> tuple[Commit, list[Message]]:
-        state = replace(transition.state, rev=expected_rev + 1)
+        state = evolve(transition.state, rev=expected_rev + 1)
         transition.state = state
         messages = self._messages(transition)
         commit = Commit(

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
         default_factory=list, description="YAML files or directories of workflow definitions."
     )
     log_level: str = "INFO"
+    state_cache_size: int = Field(
+        default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
+    )
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from topics.events import WorkflowStatus
 
-__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "loads"]
+_T = TypeVar("_T", "StepState", "WorkflowState")
+
+__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "evolve", "loads"]
 
 
 class StepStatus(StrEnum):
@@ -72,6 +74,19 @@ class WorkflowState:
     def terminal(self) -> bool:
         """True once the run completed or failed."""
         return self.status in WorkflowStatus.terminal()
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """A copy of a frozen slots dataclass with some fields changed.
+
+    The same as `dataclasses.replace` without re-running `__init__` and its introspection:
+    this sits on the hot path of every transition.
+    """
+    cls = type(obj)
+    new = object.__new__(cls)
+    for name in cls.__slots__:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
+    return new
 
 
 _STEP_DEFAULTS = StepState()

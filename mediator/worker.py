@@ -129,6 +129,7 @@ class Worker:
             client_id=client_id,
             acks="all",
             enable_idempotence=self.enable_idempotence,
+            partitioner=codec.partition_for,
             **({"linger_ms": 1} | self._producer_options),
         )
         consumer = AIOKafkaConsumer(
