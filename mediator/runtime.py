@@ -132,9 +132,7 @@ class Runtime:
             current = result.current
             if current is not None and current.terminal:
                 # A duplicate of a finished request: the client may have missed the result.
-                outgoing.append(
-                    self._result_message(result_of(current), current.reply_to, "resend")
-                )
+                direct.append(self._result_message(result_of(current), current.reply_to, "resend"))
         await self.dispatcher.send(outgoing)
         await self.dispatcher.send_now(direct + self._dead_letter_messages())
         self.overhead.add((time.perf_counter() - received) * 1000, len(commits) or 1)

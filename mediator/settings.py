@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
@@ -39,6 +39,7 @@ class KafkaSettings(BaseModel):
     linger_ms: int = Field(default=1, ge=0)
     max_batch_records: int = Field(default=500, ge=1)
     partitions: int = Field(default=8, ge=1, description="Partitions for topics we create.")
+    replication_factor: int = Field(default=1, ge=1, description="For topics we create.")
     # How long the broker may hold a fetch open when no data is there. Apache Kafka answers
     # as soon as data arrives, so a long wait costs nothing; Tansu waits it out, so the
     # embedded default uses a few milliseconds (each hop would otherwise cost ~the wait).
@@ -100,13 +101,23 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     outbox: OutboxSettings = OutboxSettings()
-    workflows: list[Path] = Field(
-        default_factory=list, description="YAML files or directories of workflow definitions."
+    workflows: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="YAML files or directories of workflow definitions "
+        "(in the environment: separated by commas or the path separator).",
     )
     log_level: str = "INFO"
     state_cache_size: int = Field(
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = value.replace(os.pathsep, ",").split(",")
+            return [part.strip() for part in parts if part.strip()]
+        return value
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -125,7 +136,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             msg = f"config file {str(path)!r} must hold a mapping of settings"
             raise ConfigurationError(msg)
         file_values = loaded
-    env = Settings()
+    try:
+        env = Settings()
+    except (SettingsError, ValidationError) as exc:
+        msg = f"invalid MEDIATOR_* environment: {exc}".replace("\n", " ")
+        raise ConfigurationError(msg) from exc
     merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
     merged = _deep_merge(merged, overrides)
     return Settings.model_validate(merged)

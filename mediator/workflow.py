@@ -42,6 +42,7 @@ __all__ = [
     "load_file",
     "load_paths",
     "parse_workflows",
+    "workflow_files",
 ]
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -333,12 +334,18 @@ def load_file(path: Path) -> list[Workflow]:
     return parse_workflows(document, source=str(path))
 
 
+def workflow_files(path: Path) -> list[Path]:
+    """`path` itself, or the ``*.yaml``/``*.yml`` files of a directory, sorted."""
+    if path.is_dir():
+        return sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+    return [path]
+
+
 def load_paths(paths: Iterable[Path]) -> Definitions:
     """Load YAML files, and the ``*.yaml``/``*.yml`` files of directories, into `Definitions`."""
     definitions = Definitions()
     for path in paths:
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
-        for file in files:
+        for file in workflow_files(path):
             for workflow in load_file(file):
                 definitions.add(workflow, source=str(file))
     return definitions

