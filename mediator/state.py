@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from topics.events import WorkflowStatus
+from topics.events import TERMINAL, WorkflowStatus
 
 _T = TypeVar("_T", "StepState", "WorkflowState")
 
@@ -73,32 +73,47 @@ class WorkflowState:
     @property
     def terminal(self) -> bool:
         """True once the run completed or failed."""
-        return self.status in WorkflowStatus.terminal()
+        return self.status in TERMINAL
 
 
 def evolve(obj: _T, **changes: Any) -> _T:
     """A copy of a frozen slots dataclass with some fields changed.
 
-    The same as `dataclasses.replace` without re-running `__init__` and its introspection:
-    this sits on the hot path of every transition.
+    The same as `dataclasses.replace`, minus its per-call introspection: this sits on the
+    hot path of every transition.
     """
-    cls = type(obj)
-    new = object.__new__(cls)
-    for name in cls.__slots__:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
-    return new
+    return _COPIERS[type(obj)](obj, changes)  # type: ignore[no-any-return]
 
 
-_STEP_DEFAULTS = StepState()
-_STEP_FIELDS = tuple(StepState.__slots__)
+def _copier(cls: type) -> Any:
+    # Straight-line code per class, as dataclasses itself generates __init__.
+    lines = ["def copy(obj, changes):", "    new = new_object(cls)"]
+    for name in cls.__dict__["__slots__"]:
+        lines.append(f"    setattr_(new, {name!r}, changes.get({name!r}, obj.{name}))")
+    lines.append("    return new")
+    namespace: dict[str, Any] = {
+        "cls": cls,
+        "new_object": object.__new__,
+        "setattr_": object.__setattr__,
+    }
+    exec("\n".join(lines), namespace)
+    return namespace["copy"]
+
+
+_COPIERS = {cls: _copier(cls) for cls in (StepState, WorkflowState)}
+
+
+_STEP_OPTIONAL = ("command_id", "output", "error", "started_ms", "finished_ms", "instance")
 _WF_OPTIONAL = ("reply_to", "trace_id", "deadline_ms", "finished_ms", "output", "error")
 
 
 def _step_to_dict(step: StepState) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in _STEP_FIELDS:
+    out: dict[str, Any] = {"status": step.status}
+    if step.attempt:
+        out["attempt"] = step.attempt
+    for name in _STEP_OPTIONAL:
         value = getattr(step, name)
-        if value != getattr(_STEP_DEFAULTS, name):
+        if value is not None:
             out[name] = value
     return out
 

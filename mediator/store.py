@@ -112,60 +112,82 @@ class Store:
         return (await self.load_many([workflow_id]))[workflow_id]
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
-        """Commit transitions in one pipelined round trip; each is atomic on its own."""
+        """Commit transitions in one round trip: one script call per shard touched.
+
+        Each transition is atomic on its own and applied in the order given.
+        """
         if not commits:
             return []
+        by_shard: dict[int, list[int]] = {}
+        for index, commit in enumerate(commits):
+            by_shard.setdefault(self.keys.shard_of(commit.state.workflow_id), []).append(index)
+        shards = list(by_shard)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for commit in commits:
-                    keys, args = self._commit_call(commit, now_ms)
+                for shard in shards:
+                    keys, args = self._commit_call(
+                        shard, [commits[i] for i in by_shard[shard]], now_ms
+                    )
                     await self._commit(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             msg = f"Redis unavailable while committing: {exc}"
             raise StateUnavailable(msg) from exc
-        return [self._result(reply) for reply in replies]
+        results: list[CommitResult | None] = [None] * len(commits)
+        for shard, reply in zip(shards, replies, strict=True):
+            if isinstance(reply, Exception):
+                msg = f"commit script failed: {reply}"
+                raise StateUnavailable(msg)
+            for index, one in zip(by_shard[shard], reply, strict=True):
+                results[index] = self._result(one)
+        return [r for r in results if r is not None]
 
-    def _commit_call(self, commit: Commit, now_ms: int) -> tuple[list[str], list[Any]]:
-        state = commit.state
+    def _commit_call(
+        self, shard: int, commits: Sequence[Commit], now_ms: int
+    ) -> tuple[list[str], list[Any]]:
         keys = self.keys
-        shard = keys.shard_of(state.workflow_id)
-        # The previous status is only known to differ from the new one on a finish.
-        previous = "running" if state.terminal else state.status.value
+        names: dict[str, int] = {}
+        for commit in commits:
+            names.setdefault(commit.state.workflow, len(names) + 1)
         key_list = [
-            keys.workflow(state.workflow_id),
-            keys.status_index(shard, previous),
-            keys.status_index(shard, state.status.value),
-            keys.name_index(shard, state.workflow),
-            keys.recent(shard),
             keys.counters(shard),
             keys.outbox(shard),
             keys.outbox_due(shard),
+            keys.recent(shard),
+            keys.status_index(shard, "running"),
+            keys.status_index(shard, "completed"),
+            keys.status_index(shard, "failed"),
+            *(keys.name_index(shard, name) for name in names),
+            *(keys.workflow(c.state.workflow_id) for c in commits),
         ]
         args: list[Any] = [
-            commit.expected_rev,
-            state.workflow_id,
-            state.status.value,
-            state.workflow,
             now_ms,
-            dumps(state),
-            1 if state.terminal else 0,
             self.retention_ms,
             self.recent_limit,
             now_ms + self.lease_ms,
-            len(commit.outbox),
+            len(names),
+            len(commits),
         ]
-        for message_id, frame in commit.outbox:
-            args += (message_id, frame)
-        for name, delta in commit.counters.items():
-            args += (name, delta)
+        for commit in commits:
+            state = commit.state
+            args += (
+                commit.expected_rev,
+                state.workflow_id,
+                state.workflow,
+                state.status.value,
+                names[state.workflow],
+                dumps(state),
+                len(commit.outbox),
+            )
+            for message_id, frame in commit.outbox:
+                args += (message_id, frame)
+            args.append(len(commit.counters))
+            for name, delta in commit.counters.items():
+                args += (name, delta)
         return key_list, args
 
     @staticmethod
     def _result(reply: Any) -> CommitResult:
-        if isinstance(reply, Exception):
-            msg = f"commit script failed: {reply}"
-            raise StateUnavailable(msg)
         code = int(reply[0])
         if code == 1:
             return CommitResult(CommitOutcome.COMMITTED)

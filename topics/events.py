@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "EVENT_MODELS",
     "SCHEMA_VERSION",
+    "TERMINAL",
     "CommandEvent",
     "DeadLetter",
     "ErrorInfo",
@@ -49,7 +50,11 @@ class WorkflowStatus(StrEnum):
     @classmethod
     def terminal(cls) -> frozenset[WorkflowStatus]:
         """Statuses a workflow never leaves."""
-        return frozenset({cls.COMPLETED, cls.FAILED})
+        return TERMINAL
+
+
+#: Statuses a workflow never leaves.
+TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED})
 
 
 class ReplyStatus(StrEnum):
