@@ -108,7 +108,7 @@ _WF_OPTIONAL = ("reply_to", "trace_id", "deadline_ms", "finished_ms", "output", 
 
 
 def _step_to_dict(step: StepState) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": step.status}
+    out: dict[str, Any] = {} if step.status is StepStatus.PENDING else {"status": step.status}
     if step.attempt:
         out["attempt"] = step.attempt
     for name in _STEP_OPTIONAL:
