@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
+from functools import lru_cache
 
-__all__ = ["parse_duration_ms"]
+__all__ = ["MAX_DURATION_MS", "parse_duration_ms"]
 
 _UNITS_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -15,8 +15,20 @@ def parse_duration_ms(value: object) -> int | None:
     """Milliseconds for a duration, or None if the value is not one.
 
     Numbers are seconds. Strings carry an optional unit (ms, s, m, h; seconds if absent).
-    Zero and negative durations are not durations.
+    Zero, negative, non-finite and absurdly long durations are not durations.
     """
+    try:
+        return _parse(value)
+    except TypeError:  # unhashable: certainly not a duration
+        return None
+
+
+#: Longer than any timeout or backoff means: a year. Also keeps millisecond sums in int64.
+MAX_DURATION_MS = 365 * 24 * 3600 * 1000
+
+
+@lru_cache(maxsize=1024, typed=True)  # typed: True and 1 must not share an entry
+def _parse(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -32,4 +44,4 @@ def parse_duration_ms(value: object) -> int | None:
     else:
         return None
     # `millis >= 1` is false for NaN; infinity (YAML `.inf`) has no integer value.
-    return round(millis) if 1 <= millis < math.inf else None
+    return round(millis) if 1 <= millis <= MAX_DURATION_MS else None
