@@ -1,0 +1,125 @@
+"""Child side of `benchmarks.procs`: echo services or one mediator replica, on a line protocol.
+
+``python -m benchmarks.hosts services --config FILE`` runs the echo service with the service
+SDK; ``python -m benchmarks.hosts mediator --config FILE`` runs one in-process `Mediator` so
+its own overhead samples can be read. Each prints ``ready`` once started, then answers one
+line per command read from stdin (``stats``, ``clear``) and stops on EOF or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks.stage import ECHO
+from mediator.app import Mediator
+from mediator.settings import Settings, load_settings
+from mediator.worker import Worker
+from mediator.workflow import load_paths
+
+
+async def echo(data: Any) -> Any:
+    """The trivial step every benchmark runs: returns its input."""
+    return data
+
+
+async def _serve(handle: Callable[[str], str]) -> None:
+    """Answer stdin commands until EOF or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print("ready", flush=True)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while True:
+            line_task = asyncio.create_task(reader.readline())
+            await asyncio.wait([line_task, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not line_task.done():
+                line_task.cancel()
+                return
+            line = line_task.result()
+            if not line:
+                return
+            print(handle(line.decode().strip()), flush=True)
+    finally:
+        stopping.cancel()
+
+
+async def services(settings: Settings, concurrency: int) -> None:
+    """The echo service, one SDK worker."""
+    kafka = settings.kafka
+    worker = Worker(
+        ECHO,
+        kafka.bootstrap_servers,
+        topics=kafka.topics,
+        instance=f"{ECHO}-bench",
+        enable_idempotence=kafka.enable_idempotence,
+        concurrency=concurrency,
+        consumer_options=kafka.consumer_options(),
+    )
+    worker.add_action(ECHO, echo)
+
+    def handle(command: str) -> str:
+        if command == "stats":
+            return orjson.dumps(dict(worker.stats)).decode()
+        return "unknown command"
+
+    async with worker:
+        await _serve(handle)
+
+
+async def mediator(settings: Settings) -> None:
+    """One mediator replica whose overhead samples the parent can clear and read."""
+    replica = Mediator(settings, load_paths(settings.workflows))
+
+    def handle(command: str) -> str:
+        runtime = replica.runtime
+        if command == "clear":
+            runtime.overhead.clear()
+            return "ok"
+        if command == "stats":
+            return orjson.dumps(
+                {
+                    "overhead_ms": runtime.overhead.summary(),
+                    "stats": runtime.stats,
+                    "published": replica.dispatcher.published,
+                    "cpu_s": time.process_time(),
+                }
+            ).decode()
+        return "unknown command"
+
+    async with replica:
+        await _serve(handle)
+
+
+def main() -> None:
+    """Parse the command line and run the chosen host until stopped."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hosts")
+    parser.add_argument("role", choices=["services", "mediator"])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--concurrency", type=int, default=1000)
+    args = parser.parse_args()
+    settings = load_settings(args.config)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    coro = services(settings, args.concurrency) if args.role == "services" else mediator(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The mediator: saturation throughput per workflow, and latency and overhead at half load.
+
+One replica runs in a child process (`benchmarks.hosts mediator`), as it would in
+production, so the load generator does not share its event loop; the echo services are the
+same SDK workers the floor uses; requests go through the client SDK from this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
+from benchmarks.stage import Rig, Rigs, Stage, steps_of
+from mediator.client import MediatorClient
+from mediator.settings import Settings
+from topics.events import WorkflowStatus
+
+__all__ = ["SATURATION_WORKFLOWS", "run_mediator", "submitter", "warm_up"]
+
+SATURATION_WORKFLOWS = ("chain1", "chain3", "chain10", "dag10")
+SUBMIT_TIMEOUT_S = 60.0
+WARM_UP_TIMEOUT_S = 90.0
+
+
+def submitter(client: MediatorClient, workflow: str) -> Callable[[int], Awaitable[bool]]:
+    """An operation for the load loops: submit one run of ``workflow``; True if it completed."""
+
+    async def submit(n: int) -> bool:
+        result = await client.submit(workflow, {"n": n}, timeout=SUBMIT_TIMEOUT_S)
+        return result.status is WorkflowStatus.COMPLETED
+
+    return submit
+
+
+def make_client(settings: Settings) -> MediatorClient:
+    """The client SDK, set up for this deployment (short fetch waits, no idempotence)."""
+    kafka = settings.kafka
+    return MediatorClient(
+        kafka.bootstrap_servers,
+        topics=kafka.topics,
+        enable_idempotence=kafka.enable_idempotence,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+    )
+
+
+async def warm_up(client: MediatorClient, workflow: str, runs: int = 100) -> None:
+    """A few runs first, so connections, group assignments and caches are settled."""
+    completed = await run_count(
+        submitter(client, workflow), runs, in_flight=50, timeout_s=WARM_UP_TIMEOUT_S
+    )
+    if completed != runs:
+        msg = f"warm-up: {completed} of {runs} {workflow} runs completed"
+        raise RuntimeError(msg)
+
+
+async def _replica_stats(rig: Rig) -> dict[str, Any]:
+    assert rig.replica is not None
+    stats: dict[str, Any] = orjson.loads(await rig.replica.ask("stats"))
+    return stats
+
+
+async def saturate(
+    rigs: Rigs, profile: Profile, workflow: str, out: list[Measure]
+) -> list[Measure]:
+    """Workflows/s, steps/s and the replica's CPU per step, one value per repetition."""
+    note = f"closed loop, {profile.mediator_in_flight} in flight"
+    name = f"mediator.{workflow}"
+    runs = Measure(f"{name}.workflows_per_s", "workflows/s", note=note)
+    steps = Measure(f"{name}.steps_per_s", "steps/s", note=note)
+    cpu = Measure(f"{name}.cpu_per_step", "ms CPU", note="the replica's process, per reply")
+    out += [runs, steps, cpu]
+    for _ in range(profile.repeat):
+        async with rigs.use() as rig, make_client(rig.settings) as client:
+            await warm_up(client, workflow)
+            before = await _replica_stats(rig)
+            result = await closed_loop(
+                submitter(client, workflow),
+                in_flight=profile.mediator_in_flight,
+                warmup_s=profile.warmup_s,
+                measure_s=profile.measure_s,
+                drain_s=profile.drain_s,
+            )
+            result.check(name)
+            after = await _replica_stats(rig)
+            runs.values.append(round(result.rate, 1))
+            steps.values.append(round(result.rate * steps_of(workflow), 1))
+            replies = after["stats"]["replies"] - before["stats"]["replies"]
+            cpu_ms = (after["cpu_s"] - before["cpu_s"]) * 1000
+            cpu.values.append(round(cpu_ms / max(1, replies), 3))
+    return [runs, steps, cpu]
+
+
+async def half_load(rigs: Rigs, profile: Profile, rate: float, out: list[Measure]) -> list[Measure]:
+    """Open-loop 3-step chains at ``rate``: end-to-end latency and the replica's overhead."""
+    note = f"open loop at {rate:.0f} workflows/s for {profile.half_load_s:g}s"
+    measures = {
+        name: Measure(f"mediator.chain3.half_load.{name}", "ms", note=note)
+        for name in ("latency_p50", "latency_p99", "overhead_p50", "overhead_p99")
+    }
+    out += measures.values()
+    for _ in range(profile.repeat):
+        async with rigs.use() as rig, make_client(rig.settings) as client:
+            assert rig.replica is not None
+            await warm_up(client, "chain3")
+            await rig.replica.ask("clear")
+            result = await open_loop(
+                submitter(client, "chain3"),
+                rate=rate,
+                duration_s=profile.half_load_s,
+                drain_s=profile.drain_s,
+            )
+            result.check("mediator chain3 half load")
+            overhead = (await _replica_stats(rig))["overhead_ms"]
+            measures["latency_p50"].values.append(round(result.latency(50), 2))
+            measures["latency_p99"].values.append(round(result.latency(99), 2))
+            measures["overhead_p50"].values.append(round(overhead["p50"] or 0.0, 3))
+            measures["overhead_p99"].values.append(round(overhead["p99"] or 0.0, 3))
+    return list(measures.values())
+
+
+async def run_mediator(
+    stage: Stage,
+    profile: Profile,
+    workflows: tuple[str, ...] = SATURATION_WORKFLOWS,
+    out: list[Measure] | None = None,
+) -> list[Measure]:
+    """Saturation for each workflow, then latency and overhead at half the chain3 peak.
+
+    Measures are appended to ``out`` as they start, so a section cut short keeps what it
+    measured.
+    """
+    measures: list[Measure] = [] if out is None else out
+    peak: float | None = None
+    async with Rigs(stage, "med", fresh=profile.fresh_rigs, mediator=True) as rigs:
+        for workflow in workflows:
+            found = await saturate(rigs, profile, workflow, measures)
+            if workflow == "chain3":
+                peak = found[0].median
+        if peak:
+            offered = Measure("mediator.chain3.half_load.offered", "workflows/s",
+                              values=[round(peak / 2, 1)], note="half the 3-step peak")  # fmt: skip
+            measures.append(offered)
+            await half_load(rigs, profile, peak / 2, measures)
+    return measures

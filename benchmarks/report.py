@@ -1,0 +1,147 @@
+"""The report: targets, ratios, the printed table, the JSON file and the README section."""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Measure
+
+__all__ = ["TARGETS", "Target", "render_table", "to_json", "update_readme"]
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue: ``measure`` (or a ratio) compared with ``bound``."""
+
+    label: str
+    measure: str
+    bound: float
+    compare: Callable[[float, float], bool]
+    symbol: str
+
+    def verdict(self, values: dict[str, float | None]) -> tuple[float | None, str]:
+        """The value and ``met`` / ``not met`` / ``n/a``."""
+        value = values.get(self.measure)
+        if value is None:
+            return None, "n/a"
+        return value, "met" if self.compare(value, self.bound) else "not met"
+
+
+TARGETS = [
+    Target("mediator steps/s >= 0.25 x floor (3-step)", "ratio.mediator_over_floor.chain3_steps",
+           0.25, operator.ge, ">="),
+    Target("mediator chains/s >= 5 x Celery (1-step)", "ratio.mediator_over_celery.chain1",
+           5.0, operator.ge, ">="),
+    Target("mediator chains/s >= 5 x Celery (3-step)", "ratio.mediator_over_celery.chain3",
+           5.0, operator.ge, ">="),
+    Target("overhead per step p99 at half load < 5 ms", "mediator.chain3.half_load.overhead_p99",
+           5.0, operator.lt, "<"),
+    Target("load-balancing decision < 20 us (slowest strategy)", "micro.balancer.slowest",
+           20.0, operator.lt, "<"),
+    Target("1,000-step DAG plan < 5 ms (from a dict)", "micro.dag1000.plan_from_dict",
+           5.0, operator.lt, "<"),
+]  # fmt: skip
+
+RATIOS = {
+    "ratio.mediator_over_floor.chain3_steps": (
+        "mediator.chain3.steps_per_s", "floor.chain3.steps_per_s"),
+    "ratio.mediator_over_floor.chain1_steps": (
+        "mediator.chain1.steps_per_s", "floor.chain1.steps_per_s"),
+    "ratio.mediator_over_celery.chain1": (
+        "mediator.chain1.workflows_per_s", "celery.chain1.chains_per_s"),
+    "ratio.mediator_over_celery.chain3": (
+        "mediator.chain3.workflows_per_s", "celery.chain3.chains_per_s"),
+    "ratio.replicas2_over_replicas1.chain3": (
+        "scaling.replicas2.chain3.workflows_per_s", "scaling.replicas1.chain3.workflows_per_s"),
+}  # fmt: skip
+
+
+def derived(measures: list[Measure]) -> dict[str, float | None]:
+    """Medians by name, plus the ratios of medians taken within this run."""
+    values: dict[str, float | None] = {m.name: m.median for m in measures}
+    for name, (top, bottom) in RATIOS.items():
+        a, b = values.get(top), values.get(bottom)
+        values[name] = round(a / b, 3) if a is not None and b else None
+    balancer = [m.median for m in measures
+                if m.name.startswith("micro.balancer.") and m.median is not None]  # fmt: skip
+    values["micro.balancer.slowest"] = max(balancer) if balancer else None
+    return values
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def render_table(measures: list[Measure], errors: dict[str, str]) -> str:
+    """A Markdown table of every measure, the ratios and the targets."""
+    values = derived(measures)
+    lines = ["| measure | median | unit | repetitions | note |", "|---|---:|---|---|---|"]
+    for m in measures:
+        reps = ", ".join(_fmt(v) for v in m.values) or "-"
+        lines.append(f"| {m.name} | {_fmt(m.median)} | {m.unit} | {reps} | {m.note} |")
+    lines += ["", "| ratio (medians, same run) | value |", "|---|---:|"]
+    lines += [f"| {name} | {_fmt(values[name])} |" for name in RATIOS]
+    lines += ["", "| target | value | status |", "|---|---:|---|"]
+    for target in TARGETS:
+        value, status = target.verdict(values)
+        lines.append(f"| {target.label} | {_fmt(value)} | {status} |")
+    if errors:
+        lines += ["", "| section | error |", "|---|---|"]
+        lines += [f"| {k} | {_one_line(v)} |" for k, v in errors.items()]
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "/")[:300]
+
+
+def to_json(
+    measures: list[Measure], errors: dict[str, str], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The whole run: machine and settings, every measure, ratios, targets, errors."""
+    values = derived(measures)
+    targets = []
+    for target in TARGETS:
+        value, status = target.verdict(values)
+        targets.append({"target": target.label, "measure": target.measure,
+                        "bound": f"{target.symbol} {target.bound:g}", "value": value,
+                        "status": status})  # fmt: skip
+    return {
+        "meta": meta,
+        "measures": {m.name: m.to_json() for m in measures},
+        "ratios": {name: values[name] for name in RATIOS},
+        "targets": targets,
+        "errors": errors,
+    }
+
+
+def update_readme(path: Path, table: str, meta: dict[str, Any]) -> None:
+    """Replace the results section of the README with this run's table and machine."""
+    machine = meta["machine"]
+    header = (
+        f"Run on {meta['date']} ({meta['profile']} profile, {meta['repeat']} repetitions, "
+        f"{meta['duration_s']:.0f} s): {machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['ram_gb']} GB RAM, Python {machine['python']}, {machine['os']}; "
+        f"broker {meta['broker']}, Redis {meta['redis']}."
+    )
+    section = f"{README_START}\n{header}\n\n{table}\n{README_END}"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{README_START}\n{README_END}\n"
+    if README_START not in text:
+        text += f"\n{README_START}\n{README_END}\n"
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1] if README_END in rest else ""
+    path.write_text(before + section + after)

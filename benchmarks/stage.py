@@ -1,0 +1,238 @@
+"""The stage every benchmark runs on: broker, Redis, workflows, settings and echo services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import tag
+from benchmarks.procs import Child
+from mediator.infra import EmbeddedKafka, EmbeddedRedis, create_topics
+from mediator.settings import Settings, load_settings
+from topics.names import Topics
+
+__all__ = [
+    "ECHO",
+    "WORKFLOWS",
+    "Rig",
+    "Rigs",
+    "Stage",
+    "chain",
+    "dag",
+    "machine",
+    "open_stage",
+    "steps_of",
+]
+
+ECHO = "echo"
+#: Partitions of every topic the suite creates (the embedded default's count).
+PARTITIONS = 4
+
+
+def chain(n: int) -> dict[str, Any]:
+    """A workflow of ``n`` echo steps, each depending on the one before."""
+    steps = [
+        {"id": f"s{i}", "service": ECHO, "action": ECHO, "depends_on": [f"s{i - 1}"] if i else []}
+        for i in range(n)
+    ]
+    return {"name": f"chain{n}", "steps": steps}
+
+
+def dag(branches: int = 4, depth: int = 2) -> dict[str, Any]:
+    """A root fanning out to ``branches`` chains of ``depth`` steps that join in one step."""
+    steps: list[dict[str, Any]] = [{"id": "root", "service": ECHO, "action": ECHO}]
+    for b in range(branches):
+        for d in range(depth):
+            dep = "root" if d == 0 else f"b{b}_{d - 1}"
+            steps.append({"id": f"b{b}_{d}", "service": ECHO, "action": ECHO, "depends_on": [dep]})
+    ends = [f"b{b}_{depth - 1}" for b in range(branches)]
+    steps.append({"id": "join", "service": ECHO, "action": ECHO, "depends_on": ends})
+    return {"name": f"dag{len(steps)}", "steps": steps}
+
+
+WORKFLOWS: dict[str, dict[str, Any]] = {
+    wf["name"]: wf for wf in (chain(1), chain(3), chain(10), dag(4, 2))
+}
+
+
+def steps_of(workflow: str) -> int:
+    """How many steps one run of ``workflow`` executes."""
+    return len(WORKFLOWS[workflow]["steps"])
+
+
+@dataclass
+class Rig:
+    """A broker with the echo service running on it, and optionally one mediator replica."""
+
+    settings: Settings
+    replica: Child | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """The rig's broker address."""
+        return self.settings.kafka.bootstrap_servers
+
+    @property
+    def topics(self) -> Topics:
+        """The rig's topic names."""
+        return self.settings.kafka.topics
+
+
+@dataclass
+class Stage:
+    """What every section of a run shares: Redis servers, a scratch directory, the broker.
+
+    Tansu keeps records in memory and gets slower as its logs grow (on this machine a
+    1-step floor falls from ~6,000 to under 1,000 chains/s over 40 s of load), which would
+    make whatever runs later look worse. So with the embedded broker every `rig` gets a
+    broker of its own; with a given broker, a rig gets fresh topics.
+    """
+
+    bootstrap: str | None
+    redis_url: str
+    celery_redis_url: str
+    broker: str
+    workdir: Path
+
+    def settings(self, name: str, bootstrap: str) -> Settings:
+        """Settings with fresh topics, consumer groups and Redis key prefix.
+
+        The short fetch wait and group timeouts suit the embedded broker, which holds an
+        empty fetch for its full wait and a JoinGroup reply for half the session timeout.
+        """
+        run = tag(name)
+        return load_settings(
+            kafka={
+                "bootstrap_servers": bootstrap,
+                "enable_idempotence": False,
+                "topic_prefix": f"{run}.",
+                "service_topic_prefix": f"{run}.svc.",
+                "partitions": PARTITIONS,
+                "group_id": f"{run}-mediator",
+                "fetch_max_wait_ms": 5,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 300,
+            },
+            redis={"url": self.redis_url, "key_prefix": run, "shards": 16},
+            workflows=[str(self.workflows_file)],
+            log_level="WARNING",
+        )
+
+    @property
+    def workflows_file(self) -> Path:
+        """Every benchmark workflow as one YAML file."""
+        path = self.workdir / "workflows.yaml"
+        if not path.exists():
+            path.write_text(yaml.safe_dump({"workflows": list(WORKFLOWS.values())}))
+        return path
+
+    def write_config(self, settings: Settings) -> Path:
+        """``settings`` as a YAML file for a child process."""
+        path = self.workdir / f"{settings.redis.key_prefix}.yaml"
+        path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        return path
+
+    @contextlib.asynccontextmanager
+    async def rig(self, name: str, *, mediator: bool = False) -> AsyncIterator[Rig]:
+        """A fresh broker (or fresh topics), the echo service, and a replica if asked for."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.bootstrap is None:
+                broker = await stack.enter_async_context(EmbeddedKafka())
+                bootstrap = broker.bootstrap_servers
+            else:
+                bootstrap = self.bootstrap
+            settings = self.settings(name, bootstrap)
+            topics = settings.kafka.topics
+            await create_topics(
+                bootstrap, [*topics.mediator_topics(), topics.service(ECHO)], partitions=PARTITIONS
+            )
+            config = self.write_config(settings)
+            children = [self._host("services", config)]
+            if mediator:
+                children.append(self._host("mediator", config))
+            for child in children:
+                stack.push_async_callback(child.stop)
+            # Side by side: each start is mostly waiting for a consumer group join.
+            await asyncio.gather(*(child.start(ready_timeout_s=60) for child in children))
+            yield Rig(settings, children[1] if mediator else None)
+
+    def _host(self, role: str, config: Path) -> Child:
+        args = ["-m", "benchmarks.hosts", role, "--config", str(config)]
+        return Child(f"{config.stem}-{role}", args, self.workdir)
+
+
+class Rigs:
+    """Rigs for one section: a fresh one for every use, or (``fresh=False``) one shared."""
+
+    def __init__(self, stage: Stage, name: str, *, fresh: bool, mediator: bool = False) -> None:
+        self.stage, self.name, self.fresh, self.mediator = stage, name, fresh, mediator
+        self._stack = contextlib.AsyncExitStack()
+        self._shared: Rig | None = None
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Rig]:
+        """A rig for one measurement."""
+        if self.fresh:
+            async with self.stage.rig(self.name, mediator=self.mediator) as rig:
+                yield rig
+            return
+        if self._shared is None:
+            opening = self.stage.rig(self.name, mediator=self.mediator)
+            self._shared = await self._stack.enter_async_context(opening)
+        yield self._shared
+
+    async def __aenter__(self) -> Rigs:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_stage(bootstrap: str | None, redis_url: str | None) -> AsyncIterator[Stage]:
+    """Embedded Valkey servers (or the Redis given), and the broker given if any.
+
+    Celery gets its own Redis server when the suite starts them (so its keys and load stay
+    apart from the mediator's); against a given Redis it shares ``redis_url``.
+    """
+    with tempfile.TemporaryDirectory(prefix="mediator-bench-") as scratch:
+        async with contextlib.AsyncExitStack() as stack:
+            if redis_url:
+                stores = (redis_url, redis_url)
+            else:
+                state = await stack.enter_async_context(EmbeddedRedis())
+                celery = await stack.enter_async_context(EmbeddedRedis())
+                stores = (state.url, celery.url)
+            broker = bootstrap or "Tansu (embedded, in-memory, a fresh one per measurement)"
+            yield Stage(bootstrap, *stores, broker, Path(scratch))
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory, Python and OS of this machine."""
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu or platform.processor(),
+        "ram_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+    }

@@ -1,0 +1,77 @@
+"""The benchmark suite in its smallest configuration: every piece runs and reports numbers.
+
+Correctness only (results present, positive, workflows completed); no timing assertions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import celery_bench, floor, mediator_bench, micro, report, scaling
+from benchmarks.common import Measure, Profile
+from benchmarks.stage import open_stage
+from mediator.infra import EmbeddedKafka, EmbeddedRedis
+
+TINY = Profile(
+    "smoke", repeat=1, warmup_s=0.2, measure_s=0.5, half_load_s=0.5, floor_in_flight=20,
+    mediator_in_flight=20, celery_in_flight=10, micro_iterations=2, memory_workflows=20,
+    budget_s=60.0, fresh_rigs=False, drain_s=20.0,
+)  # fmt: skip
+
+
+def _positive(measures: list[Measure], *names: str) -> None:
+    by_name = {m.name: m for m in measures}
+    for name in names:
+        assert name in by_name, f"{name} missing from {sorted(by_name)}"
+        values = by_name[name].values
+        assert values and all(v > 0 for v in values), (name, values)
+
+
+@pytest.mark.timeout(120)
+async def test_every_section_reports_positive_numbers(
+    kafka: EmbeddedKafka, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    measures: list[Measure] = []
+    async with open_stage(kafka.bootstrap_servers, redis_server.url) as stage:
+        measures += await floor.run_floor(stage, TINY, chains=(3,))
+        measures += await mediator_bench.run_mediator(stage, TINY, workflows=("chain3",))
+        measures += await floor.run_floor_latency(stage, TINY, rate=50.0)
+        measures += await celery_bench.run_celery(stage, TINY, chains=(3,))
+        measures += micro.balancer_decision(TINY) + micro.plan_dag(TINY)
+        measures += await micro.commit_per_transition(stage, TINY)
+        measures += await micro.redis_bytes_per_workflow(stage, TINY)
+        measures += await scaling.run_scaling(stage, TINY, in_flight=20, max_replicas=1)
+
+    _positive(
+        measures,
+        "floor.chain3.chains_per_s",
+        "floor.chain3.half_load.latency_p99",
+        "mediator.chain3.workflows_per_s",
+        "mediator.chain3.steps_per_s",
+        "mediator.chain3.half_load.latency_p50",
+        "mediator.chain3.half_load.overhead_p99",
+        "celery.chain3.chains_per_s",
+        "micro.dag1000.plan_from_dict",
+        "micro.dag1000.plan_from_yaml",
+        "micro.commit.single",
+        "micro.commit.pipelined100",
+        "micro.redis.bytes_per_chain3",
+        "scaling.replicas1.chain3.workflows_per_s",
+    )
+    balancer = [m for m in measures if m.name.startswith("micro.balancer.")]
+    assert balancer and all(m.values or "n/a" in m.note for m in balancer)
+
+    table = report.render_table(measures, {})
+    assert "ratio.mediator_over_floor.chain3_steps" in table
+    doc = report.to_json(measures, {}, {"date": "now"})
+    assert json.loads(json.dumps(doc))["measures"]["mediator.chain3.steps_per_s"]["median"] > 0
+    readme = tmp_path / "README.md"
+    meta = {"date": "now", "profile": "smoke", "repeat": 1, "duration_s": 1.0,
+            "machine": {"cores": 2, "cpu": "x", "ram_gb": 1, "python": "3", "os": "linux"},
+            "broker": "tansu", "redis": "valkey"}  # fmt: skip
+    report.update_readme(readme, table, meta)
+    report.update_readme(readme, table, meta)  # idempotent: one section, replaced
+    assert readme.read_text().count(report.README_START) == 1
