@@ -14,7 +14,8 @@ from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from mediator.errors import ConfigurationError, StateUnavailable
 from mediator.keys import KEY_SCHEMA_VERSION, Keys
@@ -122,14 +123,12 @@ class Store:
         for index, commit in enumerate(commits):
             by_shard.setdefault(self.keys.shard_of(commit.state.workflow_id), []).append(index)
         shards = list(by_shard)
+        calls = [
+            self._commit_call(shard, [commits[i] for i in by_shard[shard]], now_ms)
+            for shard in shards
+        ]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in shards:
-                    keys, args = self._commit_call(
-                        shard, [commits[i] for i in by_shard[shard]], now_ms
-                    )
-                    await self._commit(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._evalsha_many(self._commit, calls)
         except RedisError as exc:
             msg = f"Redis unavailable while committing: {exc}"
             raise StateUnavailable(msg) from exc
@@ -141,6 +140,32 @@ class Store:
             for index, one in zip(by_shard[shard], reply, strict=True):
                 results[index] = self._result(one)
         return [r for r in results if r is not None]
+
+    async def _evalsha_many(
+        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run `script` once per call in one pipeline, by SHA.
+
+        redis-py's `Script` object would first ask `SCRIPT EXISTS` on every pipeline, a
+        second round trip; instead, load the script only when Redis says it lacks it (after
+        a restart or `SCRIPT FLUSH`) and re-run just those calls.
+        """
+        replies = await self._pipeline_evalsha(script.sha, calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await self.redis.script_load(script.script)
+            again = await self._pipeline_evalsha(script.sha, [calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline_evalsha(
+        self, sha: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
     def _commit_call(
         self, shard: int, commits: Sequence[Commit], now_ms: int

@@ -1,0 +1,121 @@
+"""The Redis store against a real server: atomic commits, indexes, outbox, expiry."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from mediator.engine import Engine
+from mediator.keys import Keys
+from mediator.outbox import frame, unframe
+from mediator.state import StepStatus, WorkflowState, evolve
+from mediator.store import Commit, CommitOutcome, Store
+from tests.test_engine import make, step
+from topics import RequestEvent, WorkflowStatus
+
+NOW = 1_800_000_000_000
+
+
+@pytest.fixture
+def store(redis_client: Redis, key_prefix: str) -> Store:
+    return Store(redis_client, Keys(key_prefix, 4), retention_ms=60_000, lease_ms=1_000)
+
+
+def started(wid: str, name: str = "wf") -> WorkflowState:
+    workflow = make(step("a"), step("b", "a"), name=name)
+    request = RequestEvent(request_id=f"req-{wid}", workflow=name)
+    return evolve(Engine("r").start(workflow, request, wid, NOW).state, rev=1)
+
+
+def finished(state: WorkflowState, rev: int) -> WorkflowState:
+    return evolve(state, status=WorkflowStatus.COMPLETED, finished_ms=NOW + 5, rev=rev)
+
+
+async def test_create_is_idempotent_and_revisions_guard_updates(store: Store) -> None:
+    state = started("wf-1")
+    [created] = await store.commit_many([Commit(state, 0, counters={"x": 1})], NOW)
+    [again] = await store.commit_many([Commit(state, 0, counters={"x": 1})], NOW)
+    assert created.outcome is CommitOutcome.COMMITTED
+    assert again.outcome is CommitOutcome.EXISTS and again.current == state
+
+    moved = evolve(
+        state,
+        rev=2,
+        steps={**state.steps, "a": evolve(state.steps["a"], status=StepStatus.COMPLETED)},
+    )
+    [stale] = await store.commit_many([Commit(evolve(moved, rev=5), 4)], NOW)
+    [ok] = await store.commit_many([Commit(moved, 1)], NOW)
+    [lost_race] = await store.commit_many([Commit(moved, 1)], NOW)
+    assert stale.outcome is CommitOutcome.CONFLICT and stale.current == state
+    assert ok.outcome is CommitOutcome.COMMITTED
+    assert lost_race.outcome is CommitOutcome.CONFLICT and lost_race.current == moved
+    assert await store.load("wf-1") == moved
+    counters = await store.redis.hgetall(store.keys.counters(store.keys.shard_of("wf-1")))
+    assert counters == {b"x": b"1"}  # the refused create counted nothing
+
+
+async def test_a_batch_spanning_shards_commits_each_in_order(store: Store) -> None:
+    states = [started(f"wf-{n}") for n in range(20)]
+    assert len({store.keys.shard_of(s.workflow_id) for s in states}) > 1
+    results = await store.commit_many([Commit(s, 0) for s in states], NOW)
+    assert [r.outcome for r in results] == [CommitOutcome.COMMITTED] * 20
+    loaded = await store.load_many([s.workflow_id for s in states])
+    assert loaded == {s.workflow_id: s for s in states}
+
+
+async def test_indexes_follow_the_status_and_finished_runs_expire(store: Store) -> None:
+    keys = store.keys
+    state = started("wf-idx", name="orders")
+    shard = keys.shard_of("wf-idx")
+    await store.commit_many([Commit(state, 0)], NOW)
+    assert await store.redis.zscore(keys.status_index(shard, "running"), "wf-idx") == NOW
+    assert await store.redis.zscore(keys.name_index(shard, "orders"), "wf-idx") == NOW
+    assert await store.redis.pttl(keys.workflow("wf-idx")) == -1  # running: kept
+
+    await store.commit_many([Commit(finished(state, 2), 1)], NOW + 5)
+    assert await store.redis.zscore(keys.status_index(shard, "running"), "wf-idx") is None
+    assert await store.redis.zscore(keys.status_index(shard, "completed"), "wf-idx") == NOW + 5
+    assert await store.redis.zscore(keys.recent(shard), "wf-idx") == NOW + 5
+    assert 0 < await store.redis.pttl(keys.workflow("wf-idx")) <= 60_000
+    fields = await store.redis.hmget(keys.workflow("wf-idx"), "rev", "status", "workflow")
+    assert fields == [b"2", b"completed", b"orders"]
+
+
+async def test_outbox_entries_are_leased_then_claimable_until_done(store: Store) -> None:
+    state = started("wf-out")
+    shard = store.keys.shard_of("wf-out")
+    data = frame("svc.a", b"wf-out", b'{"v":1}', [("h", b"1")])
+    await store.commit_many([Commit(state, 0, outbox=[("wf-out.a.1", data)])], NOW)
+
+    assert await store.claim_expired(shard, NOW + 500, 10) == []  # still leased
+    [(mid, claimed)] = await store.claim_expired(shard, NOW + 1_001, 10)
+    assert mid == "wf-out.a.1"
+    message = unframe(shard, mid, claimed)
+    assert (message.topic, message.key, message.value, message.headers) == (
+        "svc.a",
+        b"wf-out",
+        b'{"v":1}',
+        [("h", b"1")],
+    )
+    assert await store.claim_expired(shard, NOW + 1_500, 10) == []  # re-leased by the claim
+    assert await store.outbox_size() == 1
+    await store.outbox_done([(shard, mid)])
+    assert await store.outbox_size() == 0
+
+
+async def test_commits_survive_a_script_cache_flush(store: Store) -> None:
+    await store.commit_many([Commit(started("wf-f1"), 0)], NOW)
+    await store.redis.script_flush()
+    [result] = await store.commit_many([Commit(started("wf-f2"), 0)], NOW)
+    assert result.outcome is CommitOutcome.COMMITTED
+    assert await store.load("wf-f2") is not None
+
+
+async def test_a_different_shard_count_for_the_same_prefix_is_refused(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    from mediator.errors import ConfigurationError
+
+    await Store(redis_client, Keys(key_prefix, 4), retention_ms=1).check_layout()
+    with pytest.raises(ConfigurationError, match=r"laid out with 4 shards .* configured with 8"):
+        await Store(redis_client, Keys(key_prefix, 8), retention_ms=1).check_layout()
