@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from handlers._batch import handle_batch
+from handlers._batch import Offsets, handle_batch
 from handlers.replies import register as register_replies
 from handlers.requests import register as register_requests
 
-__all__ = ["handle_batch", "register_replies", "register_requests"]
+__all__ = ["Offsets", "handle_batch", "register_replies", "register_requests"]

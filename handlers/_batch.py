@@ -1,18 +1,20 @@
-"""What every batch handler does around the runtime: ack after commit, nack on outage."""
+"""What every batch handler does around the runtime: offsets after commit, rewind on outage."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
 from faststream.kafka.message import KafkaMessage
 
 from mediator.errors import StateUnavailable
 
-__all__ = ["handle_batch", "undecoded"]
+__all__ = ["Offsets", "handle_batch", "undecoded"]
 
 log = logging.getLogger("mediator.handlers")
 
@@ -26,10 +28,77 @@ async def undecoded(message: Any) -> None:
     return None
 
 
+class _Committer:
+    """Commits one consumer's processed offsets in the background, coalescing batches."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.pending: dict[TopicPartition, int] = {}
+        self.wakeup = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name="offset-committer")
+
+    def mark(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            if offset > self.pending.get(tp, -1):
+                self.pending[tp] = offset
+        self.wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            await self.commit_pending()
+
+    async def commit_pending(self) -> None:
+        self.wakeup.clear()
+        offsets, self.pending = self.pending, {}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (KafkaError, IllegalStateError) as exc:
+            # A rebalance took the partitions away: their new owner replays from the last
+            # committed offset, and replays are idempotent.
+            log.info("offset commit skipped (%s): %s", type(exc).__name__, exc)
+
+
+class Offsets:
+    """Processed offsets, committed without holding up the next batch.
+
+    Only offsets of records whose transitions are in Redis are ever marked, so the
+    at-least-once guarantee is the same as committing synchronously; the next batch is
+    fetched and processed while the commit is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._committers: dict[int, _Committer] = {}
+
+    def mark(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
+        """The batch `records` of `consumer` is fully processed."""
+        offsets: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+        committer = self._committers.get(id(consumer))
+        if committer is None:
+            committer = self._committers[id(consumer)] = _Committer(consumer)
+        committer.mark(offsets)
+
+    async def flush(self) -> None:
+        """Commit everything marked, and stop the background committers."""
+        for committer in self._committers.values():
+            committer.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer.task
+            await committer.commit_pending()
+        self._committers.clear()
+
+
 async def handle_batch(
-    message: KafkaMessage, process: Callable[[Sequence[Any]], Awaitable[None]]
+    message: KafkaMessage,
+    process: Callable[[Sequence[Any]], Awaitable[None]],
+    offsets: Offsets,
 ) -> None:
-    """Run `process` on the batch's records; commit offsets only if it succeeded.
+    """Run `process` on the batch's records; mark their offsets only if it succeeded.
 
     On a Redis or Kafka outage the batch is rewound (nack) and redelivered after a pause:
     transitions already committed are recognised as duplicates on the second pass.
@@ -45,4 +114,4 @@ async def handle_batch(
         await asyncio.sleep(OUTAGE_PAUSE_S)
         await message.nack()
         return
-    await message.ack()
+    offsets.mark(message.consumer, records)

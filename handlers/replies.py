@@ -6,14 +6,14 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
 
-from handlers._batch import handle_batch, undecoded
+from handlers._batch import Offsets, handle_batch, undecoded
 from mediator.runtime import Runtime
 from mediator.settings import Settings
 
 __all__ = ["register"]
 
 
-def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
+def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
     """Subscribe `runtime` to the replies topic; offsets are committed after Redis."""
 
     @broker.subscriber(
@@ -30,4 +30,4 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings) -> None:
         decoder=undecoded,
     )
     async def on_replies(message: KafkaMessage) -> None:
-        await handle_batch(message, runtime.handle_replies)
+        await handle_batch(message, runtime.handle_replies, offsets)

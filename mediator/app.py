@@ -63,8 +63,9 @@ class Mediator:
             state_cache_size=settings.state_cache_size,
         )
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
-        handlers.register_requests(self.broker, self.runtime, settings)
-        handlers.register_replies(self.broker, self.runtime, settings)
+        self.offsets = handlers.Offsets()
+        handlers.register_requests(self.broker, self.runtime, settings, self.offsets)
+        handlers.register_replies(self.broker, self.runtime, settings, self.offsets)
         self._started = False
 
     async def start(self) -> None:
@@ -94,6 +95,8 @@ class Mediator:
 
     async def stop(self) -> None:
         """Stop consuming, flush the outbox publishes in flight, disconnect."""
+        # Processed offsets first, while the consumers can still commit them.
+        await self.offsets.flush()
         with contextlib.suppress(Exception):
             await self.broker.stop()
         await self.dispatcher.stop()
@@ -137,6 +140,10 @@ def create_app(settings: Settings, definitions: Definitions) -> FastStream:
         await mediator.store.check_layout()
         await mediator.producer.start()
         mediator.dispatcher.start()
+
+    @app.on_shutdown
+    async def _flush_offsets() -> None:
+        await mediator.offsets.flush()
 
     @app.after_shutdown
     async def _disconnect() -> None:

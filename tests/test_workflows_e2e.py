@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from mediator.worker import ActionError
 from tests.helpers import consume_all, produce, wait_for
@@ -254,3 +255,31 @@ async def test_result_goes_to_the_requests_reply_to_topic(make_system: Any) -> N
     result = ResultEvent.model_validate_json(record.value)
     assert (result.request_id, result.status) == ("rt-1", WorkflowStatus.COMPLETED)
     assert record.key == b"rt-1"
+
+
+async def test_processed_offsets_are_committed(make_system: Any) -> None:
+    system = await make_system({"name": "off", "steps": [step("a"), step("b", depends_on=["a"])]})
+    await system.worker("svc", {"a": echo, "b": echo})
+    mediator = await system.mediator()
+    client = await system.client()
+    await asyncio.gather(*(client.submit("off", {"n": n}, timeout=30) for n in range(20)))
+
+    await mediator.stop()  # flushes what the background committer still holds
+    group = system.settings.kafka.group_id
+    assert await committed(system.bootstrap, f"{group}.requests", system.topics.requests) == 20
+    assert await committed(system.bootstrap, f"{group}.replies", system.topics.replies) == 40
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum of `group`'s committed offsets over `topic`'s partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
+    finally:
+        await consumer.stop()
+    return sum(o or 0 for o in offsets)
