@@ -9,11 +9,12 @@ compare-and-set conflict can simply be recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mediator.expressions import ExpressionError
-from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve
+from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState, fork
 from mediator.workflow import Step, Workflow
 from topics.events import (
     CommandEvent,
@@ -99,87 +100,106 @@ class Engine:
         """Apply a service's reply; None when it is a duplicate, stale or unknown."""
         step_state = state.steps.get(reply.step)
         if (
-            state.terminal
-            or step_state is None
+            step_state is None
             or step_state.status is not StepStatus.RUNNING
             or step_state.command_id != reply.command_id
             or step_state.attempt != reply.attempt
+            or state.terminal
         ):
             return None
         step = workflow.steps[reply.step]
+        state = fork(state)
+        state.updated_ms = now_ms
         transition = Transition(state)
         if reply.status is ReplyStatus.OK:
-            done = evolve(
-                step_state,
-                status=StepStatus.COMPLETED,
-                output=reply.output,
-                finished_ms=now_ms,
-                instance=reply.instance,
+            state.steps[reply.step] = StepState(
+                StepStatus.COMPLETED,
+                step_state.attempt,
+                step_state.command_id,
+                reply.output,
+                None,
+                step_state.started_ms,
+                now_ms,
+                reply.instance,
             )
             transition.count(f"svc:{step.service}:ok")
-            self._set_step(transition, reply.step, done, now_ms)
-            return self._advance(workflow, transition, now_ms)
+            return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
         error = reply.error or ErrorInfo(message="service replied error without details")
-        failed = evolve(
-            step_state,
-            status=StepStatus.FAILED,
-            error=error.model_copy(update={"step": reply.step}).model_dump(exclude_none=True),
-            finished_ms=now_ms,
-            instance=reply.instance,
+        failure = error.model_dump(exclude_none=True)
+        failure["step"] = reply.step
+        state.steps[reply.step] = StepState(
+            StepStatus.FAILED,
+            step_state.attempt,
+            step_state.command_id,
+            None,
+            failure,
+            step_state.started_ms,
+            now_ms,
+            reply.instance,
         )
         transition.count(f"svc:{step.service}:error")
-        self._set_step(transition, reply.step, failed, now_ms)
-        return self._finish(workflow, transition, now_ms, failed.error)
+        return self._finish(workflow, transition, now_ms, failure)
 
     # -- internals -------------------------------------------------------------------------
 
-    @staticmethod
-    def _set_step(transition: Transition, step_id: str, step: StepState, now_ms: int) -> None:
-        state = transition.state
-        transition.state = evolve(state, steps={**state.steps, step_id: step}, updated_ms=now_ms)
+    def _advance(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        now_ms: int,
+        candidates: Iterable[str] | None = None,
+    ) -> Transition:
+        """Skip or dispatch every pending step whose dependencies are satisfied.
 
-    def _advance(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
-        """Skip or dispatch every pending step whose dependencies are satisfied."""
-        steps = dict(transition.state.steps)
-        running = sum(1 for s in steps.values() if s.status is StepStatus.RUNNING)
+        `candidates` are the steps that may have become ready (the dependants of the step
+        that just completed); None means every step. A step held back by `max_parallel`
+        is not among the dependants, so a limited workflow always looks at every step.
+        """
+        state = transition.state
+        steps = state.steps
+        if candidates is None or workflow.max_parallel:
+            candidates = workflow.order
+        running = (
+            sum(1 for s in steps.values() if s.status is StepStatus.RUNNING)
+            if workflow.max_parallel
+            else 0
+        )
         context: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
         # Commands go out only once the whole pass evaluated: a later step's failing
         # expression fails the run, and no service should be asked to work for it.
         ready: list[tuple[Step, Any]] = []
-        # Topological order means a step skipped here unblocks its dependants in this pass.
-        for step_id in workflow.order:
-            current = steps[step_id]
-            if current.status is not StepStatus.PENDING:
-                continue
+        queue = list(candidates)
+        queued = set(queue)
+        for step_id in queue:  # grows while we walk it: skips release their dependants
             step = workflow.steps[step_id]
-            if not all(steps[dep].status in SATISFIED for dep in step.depends_on):
+            if steps[step_id].status is not StepStatus.PENDING or not all(
+                steps[dep].status in SATISFIED for dep in step.depends_on
+            ):
                 continue
             if context is None or step.when is not None:
-                context = _context(transition.state, steps)
+                context = _context(state, steps)
             try:
                 if step.when is not None and not step.when.holds(context):
                     steps[step_id] = StepState(status=StepStatus.SKIPPED, finished_ms=now_ms)
                     transition.count("steps:skipped")
-                    continue
-                if workflow.max_parallel and running >= workflow.max_parallel:
-                    continue
-                command_input = step.input.render(context)
+                    fresh = [d for d in workflow.dependants[step_id] if d not in queued]
+                    queued.update(fresh)
+                    queue.extend(fresh)
+                elif not workflow.max_parallel or running < workflow.max_parallel:
+                    ready.append((step, step.input.render(context)))
+                    running += 1
             except ExpressionError as exc:
                 failure = _expression_failure(step, str(exc))
                 steps[step_id] = StepState(
                     status=StepStatus.FAILED, error=failure, finished_ms=now_ms
                 )
                 break
-            ready.append((step, command_input))
-            running += 1
-        if failure is None:
-            for step, command_input in ready:
-                steps[step.id] = self._dispatch(transition, step, command_input, now_ms)
-        transition.state = evolve(transition.state, steps=steps, updated_ms=now_ms)
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
-        if all(s.status in SATISFIED for s in steps.values()):
+        for step, command_input in ready:
+            steps[step.id] = self._dispatch(transition, step, command_input, now_ms)
+        if not ready and all(s.status in SATISFIED for s in steps.values()):
             return self._finish(workflow, transition, now_ms, None)
         return transition
 
@@ -206,9 +226,7 @@ class Engine:
         )
         transition.effects.append(SendCommand(command))
         transition.count(f"svc:{step.service}:sent")
-        return StepState(
-            status=StepStatus.RUNNING, attempt=attempt, command_id=cid, started_ms=now_ms
-        )
+        return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms)
 
     def _finish(
         self,
@@ -226,10 +244,11 @@ class Engine:
             except ExpressionError as exc:
                 status = WorkflowStatus.FAILED
                 error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
-        state = evolve(
-            state, status=status, output=output, error=error, finished_ms=now_ms, updated_ms=now_ms
-        )
-        transition.state = state
+        state.status = status
+        state.output = output
+        state.error = error
+        state.finished_ms = now_ms
+        state.updated_ms = now_ms
         transition.count(f"wf:{workflow.name}:{status.value}")
         transition.effects.append(PublishResult(result_of(state), state.reply_to))
         return transition

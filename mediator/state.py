@@ -1,8 +1,10 @@
 """The state of one workflow run, as the engine sees it and as Redis stores it.
 
-Plain frozen dataclasses: the engine builds new ones rather than mutating. `dumps` and
-`loads` give the compact JSON blob kept under the workflow's key; default-valued fields
-are left out so a finished three-step workflow stays well under a kilobyte.
+Plain slots dataclasses, treated as values: nothing changes a state it was given. The
+engine forks the state it is handed (`fork`) and changes only its private copy; step
+states are replaced, never changed. `dumps` and `loads` give the compact JSON blob kept
+under the workflow's key; default-valued fields are left out so a finished three-step
+workflow stays well under a kilobyte.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from topics.events import TERMINAL, WorkflowStatus
 
 _T = TypeVar("_T", "StepState", "WorkflowState")
 
-__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "evolve", "loads"]
+__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "evolve", "fork", "loads"]
 
 
 class StepStatus(StrEnum):
@@ -35,7 +37,7 @@ SATISFIED = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
 TERMINAL_STEP = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED, StepStatus.FAILED})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepState:
     """Where one step stands."""
 
@@ -49,7 +51,7 @@ class StepState:
     instance: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkflowState:
     """Where one workflow run stands. `rev` is the compare-and-set version in Redis."""
 
@@ -77,29 +79,30 @@ class WorkflowState:
 
 
 def evolve(obj: _T, **changes: Any) -> _T:
-    """A copy of a frozen slots dataclass with some fields changed.
-
-    The same as `dataclasses.replace`, minus its per-call introspection: this sits on the
-    hot path of every transition.
-    """
+    """A copy of a state with some fields changed (`dataclasses.replace`, but cheaper)."""
     return _COPIERS[type(obj)](obj, changes)  # type: ignore[no-any-return]
+
+
+def fork(state: WorkflowState) -> WorkflowState:
+    """A copy of `state` that may be changed, steps mapping included (step states are shared:
+    replace them, never change them)."""
+    new: WorkflowState = _COPIERS[WorkflowState](state, _NO_CHANGES)
+    new.steps = dict(state.steps)
+    return new
 
 
 def _copier(cls: type) -> Any:
     # Straight-line code per class, as dataclasses itself generates __init__.
     lines = ["def copy(obj, changes):", "    new = new_object(cls)"]
     for name in cls.__dict__["__slots__"]:
-        lines.append(f"    setattr_(new, {name!r}, changes.get({name!r}, obj.{name}))")
+        lines.append(f"    new.{name} = changes[{name!r}] if {name!r} in changes else obj.{name}")
     lines.append("    return new")
-    namespace: dict[str, Any] = {
-        "cls": cls,
-        "new_object": object.__new__,
-        "setattr_": object.__setattr__,
-    }
+    namespace: dict[str, Any] = {"cls": cls, "new_object": object.__new__}
     exec("\n".join(lines), namespace)
     return namespace["copy"]
 
 
+_NO_CHANGES: dict[str, Any] = {}
 _COPIERS = {cls: _copier(cls) for cls in (StepState, WorkflowState)}
 
 
