@@ -45,10 +45,12 @@ async def test_redis_paused_mid_run_every_workflow_still_completes(
     )
 
     async def slow(data: Any, command: Any) -> dict[str, Any]:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         return await echo(data, command)
 
-    worker = await system.worker("svc", {"work": slow})
+    # At most 16 commands at a time, 50 ms each: the run lasts seconds, so the stall
+    # lands in the middle of it.
+    worker = await system.worker("svc", {"work": slow}, concurrency=16)
     mediator = await system.mediator()
     client = await system.client()
     done: list[Any] = []
@@ -56,7 +58,7 @@ async def test_redis_paused_mid_run_every_workflow_still_completes(
     async def submit(n: int) -> None:
         done.append(await client.submit("chain3", {"n": n}, request_id=f"p-{n}", timeout=120))
 
-    tasks = [asyncio.create_task(submit(n)) for n in range(150)]
+    tasks = [asyncio.create_task(submit(n)) for n in range(300)]
     try:
         await wait_for(lambda: len(done) >= 10, timeout=60, what="first results")
         own_redis.pause()
@@ -69,10 +71,10 @@ async def test_redis_paused_mid_run_every_workflow_still_completes(
         for task in tasks:
             task.cancel()
 
-    assert len({r.request_id for r in done}) == 150
+    assert len({r.request_id for r in done}) == 300
     assert all(r.status is WorkflowStatus.COMPLETED for r in done)
-    assert finished_during_pause < 150
-    assert worker.stats["executed"] == 450
+    assert finished_during_pause < 300
+    assert worker.stats["executed"] == 900
     # The stall really hit the hot path: batches were rewound rather than lost.
     assert any("will be redelivered" in r.getMessage() for r in caplog.records)
     await wait_for(

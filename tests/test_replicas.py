@@ -76,10 +76,12 @@ async def test_replica_killed_mid_run_its_workflows_complete_on_restart(
     system = await make_system(CHAIN)
 
     async def slow(data: Any, command: Any) -> dict[str, Any]:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
         return await echo(data, command)
 
-    worker = await system.worker("svc", {"work": slow}, concurrency=64)
+    # At most 16 commands at a time, 50 ms each: the run lasts seconds, so the kill
+    # lands in the middle of it.
+    worker = await system.worker("svc", {"work": slow}, concurrency=16)
     workflows = system.write_workflows(tmp_path)
     first = MediatorProcess(system.settings, workflows, tmp_path, "first")
     second = MediatorProcess(system.settings, workflows, tmp_path, "second")
