@@ -9,6 +9,7 @@ compare-and-set conflict can simply be recomputed.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,9 +170,14 @@ class Engine:
         # Commands go out only once the whole pass evaluated: a later step's failing
         # expression fails the run, and no service should be asked to work for it.
         ready: list[tuple[Step, Any]] = []
-        queue = list(candidates)
-        queued = set(queue)
-        for step_id in queue:  # grows while we walk it: skips release their dependants
+        # Examine candidates in plan order (a heap of positions): a step is looked at only
+        # after every step before it that was queued, so a skip that frees it comes first.
+        position = workflow.position
+        heap = [(position[step_id], step_id) for step_id in candidates]
+        heapq.heapify(heap)
+        queued = {step_id for _, step_id in heap}
+        while heap:
+            _, step_id = heapq.heappop(heap)
             step = workflow.steps[step_id]
             if steps[step_id].status is not StepStatus.PENDING or not all(
                 steps[dep].status in SATISFIED for dep in step.depends_on
@@ -183,9 +189,7 @@ class Engine:
                 if step.when is not None and not step.when.holds(context):
                     steps[step_id] = StepState(status=StepStatus.SKIPPED, finished_ms=now_ms)
                     transition.count("steps:skipped")
-                    fresh = [d for d in workflow.dependants[step_id] if d not in queued]
-                    queued.update(fresh)
-                    queue.extend(fresh)
+                    _release(workflow, step_id, heap, queued)
                 elif not workflow.max_parallel or running < workflow.max_parallel:
                     ready.append((step, step.input.render(context)))
                     running += 1
@@ -252,6 +256,16 @@ class Engine:
         transition.count(f"wf:{workflow.name}:{status.value}")
         transition.effects.append(PublishResult(result_of(state), state.reply_to))
         return transition
+
+
+def _release(
+    workflow: Workflow, step_id: str, heap: list[tuple[int, str]], queued: set[str]
+) -> None:
+    """Queue the dependants of a skipped step: the skip may have made them ready."""
+    for dependant in workflow.dependants[step_id]:
+        if dependant not in queued:
+            queued.add(dependant)
+            heapq.heappush(heap, (workflow.position[dependant], dependant))
 
 
 def result_of(state: WorkflowState) -> ResultEvent:

@@ -216,6 +216,21 @@ def test_false_condition_skips_and_dependants_still_run() -> None:
     assert final.output == {"a": None, "c": "done"}
 
 
+def test_a_chain_of_skips_releases_a_step_written_before_it() -> None:
+    # b waits for x and for c; c is freed only by a's skip. b is written first, so only
+    # examining steps in plan order (not in the order they were queued) finds it ready.
+    workflow = make(
+        step("x"),
+        step("b", "x", "c"),
+        step("a", "x", when="payload.never"),
+        step("c", "a", when="payload.never"),
+    )
+    run = Run(workflow, {})
+    last = run.complete("x")
+    assert sent(last) == ["b"]
+    assert run.statuses() == {"x": "completed", "b": "running", "a": "skipped", "c": "skipped"}
+
+
 def test_true_condition_runs_the_step() -> None:
     run = Run(make(step("a"), step("b", "a", when="payload.express")), {"express": "yes"})
     last = run.complete("a")
