@@ -11,10 +11,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from faststream.kafka.message import KafkaMessage
+from faststream.middlewares import AckPolicy
 
 from mediator.errors import StateUnavailable
+from mediator.settings import KafkaSettings
 
-__all__ = ["Offsets", "handle_batch", "undecoded"]
+__all__ = ["Offsets", "batch_subscription", "handle_batch", "undecoded"]
 
 log = logging.getLogger("mediator.handlers")
 
@@ -26,6 +28,23 @@ async def undecoded(message: Any) -> None:
     """FastStream decoder that decodes nothing: the runtime parses the raw records itself,
     once, straight into the event models."""
     return None
+
+
+def batch_subscription(settings: KafkaSettings, name: str) -> dict[str, Any]:
+    """Options of every mediator subscriber: a batch consumer in its own group
+    (`<group_id>.<name>`), offsets left to `Offsets`, bodies left undecoded."""
+    return {
+        "group_id": f"{settings.group_id}.{name}",
+        "batch": True,
+        "max_records": settings.max_batch_records,
+        "batch_timeout_ms": settings.poll_timeout_ms,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "auto_offset_reset": "earliest",
+        "ack_policy": AckPolicy.MANUAL,
+        "decoder": undecoded,
+    }
 
 
 class _Committer:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
-from faststream.middlewares import AckPolicy
 
-from handlers._batch import Offsets, handle_batch, undecoded
+from handlers._batch import Offsets, batch_subscription, handle_batch
 from mediator.runtime import Runtime
 from mediator.settings import Settings
 
@@ -16,18 +15,9 @@ __all__ = ["register"]
 def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
     """Subscribe `runtime` to the replies topic; offsets are committed after Redis."""
 
-    @broker.subscriber(
-        settings.kafka.topics.replies,
-        group_id=f"{settings.kafka.group_id}.replies",
-        batch=True,
-        max_records=settings.kafka.max_batch_records,
-        batch_timeout_ms=settings.kafka.poll_timeout_ms,
-        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
-        session_timeout_ms=settings.kafka.session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka.heartbeat_interval_ms,
-        auto_offset_reset="earliest",
-        ack_policy=AckPolicy.MANUAL,
-        decoder=undecoded,
-    )
     async def on_replies(message: KafkaMessage) -> None:
         await handle_batch(message, runtime.handle_replies, offsets)
+
+    broker.subscriber(
+        settings.kafka.topics.replies, **batch_subscription(settings.kafka, "replies")
+    )(on_replies)
