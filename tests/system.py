@@ -6,6 +6,7 @@ mediator. `System.close()` stops whatever was started, in reverse order.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,12 +22,29 @@ from mediator.settings import Settings
 from mediator.worker import Worker
 from mediator.workflow import Definitions, parse_workflows
 
-__all__ = ["System", "echo"]
+__all__ = ["CHAIN3", "System", "echo", "slow_echo"]
+
+#: A 3-step sequential workflow on one service, `svc`, action `work`.
+CHAIN3: dict[str, Any] = {
+    "name": "chain3",
+    "steps": [
+        {"id": "a", "service": "svc", "action": "work"},
+        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
+        {"id": "c", "service": "svc", "action": "work", "depends_on": ["b"]},
+    ],
+}
 
 
 async def echo(data: Any, command: Any) -> dict[str, Any]:
     """A handler that returns what it got, tagged with the step."""
     return {"step": command.step, "input": data}
+
+
+async def slow_echo(data: Any, command: Any) -> dict[str, Any]:
+    """`echo` after 50 ms: with a bounded worker, a run of a few hundred workflows lasts
+    seconds, so a fault injected after the first results lands mid-run."""
+    await asyncio.sleep(0.05)
+    return await echo(data, command)
 
 
 class System:

@@ -12,19 +12,10 @@ import pytest
 from mediator.infra import EmbeddedRedis
 from mediator.settings import RedisSettings
 from tests.helpers import wait_for
-from tests.system import echo
+from tests.system import CHAIN3, slow_echo
 from topics import WorkflowStatus
 
 pytestmark = pytest.mark.slow
-
-CHAIN = {
-    "name": "chain3",
-    "steps": [
-        {"id": "a", "service": "svc", "action": "work"},
-        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
-        {"id": "c", "service": "svc", "action": "work", "depends_on": ["b"]},
-    ],
-}
 
 
 @pytest.fixture
@@ -39,18 +30,14 @@ async def test_redis_paused_mid_run_every_workflow_still_completes(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="mediator")
     redis = RedisSettings(url=own_redis.url, key_prefix="fault", shards=4, socket_timeout_s=0.5)
-    system = await make_system(CHAIN, redis=redis)
+    system = await make_system(CHAIN3, redis=redis)
     system.settings = system.settings.model_copy(
         update={"outbox": system.settings.outbox.model_copy(update={"lease_ms": 2000})}
     )
 
-    async def slow(data: Any, command: Any) -> dict[str, Any]:
-        await asyncio.sleep(0.05)
-        return await echo(data, command)
-
     # At most 16 commands at a time, 50 ms each: the run lasts seconds, so the stall
     # lands in the middle of it.
-    worker = await system.worker("svc", {"work": slow}, concurrency=16)
+    worker = await system.worker("svc", {"work": slow_echo}, concurrency=16)
     mediator = await system.mediator()
     client = await system.client()
     done: list[Any] = []

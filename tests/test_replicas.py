@@ -11,19 +11,10 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.processes import MediatorProcess, group_members
-from tests.system import echo
+from tests.system import CHAIN3, echo, slow_echo
 from topics import WorkflowStatus
 
 pytestmark = pytest.mark.slow
-
-CHAIN = {
-    "name": "chain3",
-    "steps": [
-        {"id": "a", "service": "svc", "action": "work"},
-        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
-        {"id": "c", "service": "svc", "action": "work", "depends_on": ["b"]},
-    ],
-}
 
 
 def _processed(output: str) -> dict[str, int]:
@@ -35,7 +26,7 @@ def _processed(output: str) -> dict[str, int]:
 async def test_two_replicas_share_500_workflows_and_lose_none(
     make_system: Any, tmp_path: Path
 ) -> None:
-    system = await make_system(CHAIN)
+    system = await make_system(CHAIN3)
     await system.worker("svc", {"work": echo}, concurrency=256)
     workflows = system.write_workflows(tmp_path)
     replicas = [MediatorProcess(system.settings, workflows, tmp_path, f"r{i}") for i in (1, 2)]
@@ -73,15 +64,11 @@ async def _members_are(bootstrap: str, group: str, n: int) -> bool:
 async def test_replica_killed_mid_run_its_workflows_complete_on_restart(
     make_system: Any, tmp_path: Path
 ) -> None:
-    system = await make_system(CHAIN)
-
-    async def slow(data: Any, command: Any) -> dict[str, Any]:
-        await asyncio.sleep(0.05)
-        return await echo(data, command)
+    system = await make_system(CHAIN3)
 
     # At most 16 commands at a time, 50 ms each: the run lasts seconds, so the kill
     # lands in the middle of it.
-    worker = await system.worker("svc", {"work": slow}, concurrency=16)
+    worker = await system.worker("svc", {"work": slow_echo}, concurrency=16)
     workflows = system.write_workflows(tmp_path)
     first = MediatorProcess(system.settings, workflows, tmp_path, "first")
     second = MediatorProcess(system.settings, workflows, tmp_path, "second")
