@@ -24,7 +24,7 @@ from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.keys import Keys, workflow_id_for
 from mediator.metrics import Samples
 from mediator.outbox import Dispatcher, Message
-from mediator.state import WorkflowState, evolve
+from mediator.state import WorkflowState
 from mediator.store import Commit, CommitOutcome, Store
 from mediator.workflow import Definitions
 from topics.events import (
@@ -228,8 +228,9 @@ class Runtime:
     # -- encoding --------------------------------------------------------------------------
 
     def _commit_of(self, transition: Transition, expected_rev: int) -> tuple[Commit, list[Message]]:
-        state = evolve(transition.state, rev=expected_rev + 1)
-        transition.state = state
+        # The engine hands over a state of its own (a fork or a new one): stamp it in place.
+        state = transition.state
+        state.rev = expected_rev + 1
         messages = self._messages(transition)
         commit = Commit(
             state=state,
