@@ -60,7 +60,6 @@ class _Pending:
     """A workflow being advanced within one batch."""
 
     base: WorkflowState
-    state: WorkflowState
     transition: Transition
 
 
@@ -222,7 +221,7 @@ class Runtime:
                 continue
             self.stats["ignored_replies"] += ignored
             if merged is not None:
-                pending.append(_Pending(base, state, merged))
+                pending.append(_Pending(base, merged))
         return pending, recheck
 
     # -- encoding --------------------------------------------------------------------------

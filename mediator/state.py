@@ -34,7 +34,6 @@ class StepStatus(StrEnum):
 
 #: A dependant may start once each of its dependencies is in one of these.
 SATISFIED = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
-TERMINAL_STEP = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED, StepStatus.FAILED})
 
 
 @dataclass(slots=True)
