@@ -5,6 +5,11 @@ commit script touches keys of one hash slot only and the same code runs on a sin
 Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
 
     med:meta                          hash   schema, shards (written once, checked at start)
+    med:stats                         hash   deployment-wide counters not tied to a workflow:
+                                             dead_letters, dead_letters:<reason code>,
+                                             replies:unknown_workflow, outbox:retried, ...
+    med:def:<name>@<version>          string compiled definition a run started on (JSON spec
+                                             with its content hash), written when first used
     med:{s3}:wf:<workflow_id>         hash   rev, status, workflow, updated_ms, state (JSON)
     med:{s3}:st:<status>              zset   workflow ids by last update (running/completed/failed)
     med:{s3}:name:<workflow name>     zset   workflow ids by start time
@@ -13,6 +18,8 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              svc:<service>:<sent|ok|error>, ...
     med:{s3}:outbox                   hash   message id -> framed Kafka message
     med:{s3}:outbox:due               zset   message id -> lease deadline (ms)
+    med:{s3}:done:<workflow_id>       hash   tombstone of a finished run: request fingerprint
+                                             and status, kept past the run's retention
 """
 
 from __future__ import annotations
@@ -50,6 +57,19 @@ class Keys:
     def meta(self) -> str:
         """Deployment-wide facts: key schema version and shard count."""
         return f"{self.prefix}:meta"
+
+    @property
+    def stats(self) -> str:
+        """Deployment-wide counters that belong to no workflow (dead letters, unknown replies)."""
+        return f"{self.prefix}:stats"
+
+    def definition(self, name: str, version: int) -> str:
+        """The stored definition of workflow `name` at `version`."""
+        return f"{self.prefix}:def:{name}@{version}"
+
+    def tombstone(self, workflow_id: str) -> str:
+        """What is left of a finished run once its state expired."""
+        return f"{self.tag(self.shard_of(workflow_id))}:done:{workflow_id}"
 
     def workflow(self, workflow_id: str) -> str:
         """The hash of one workflow run."""
