@@ -158,9 +158,16 @@ class StepSummary(BaseModel):
 
 
 class ResultEvent(Event):
-    """The outcome of a workflow. Key: ``request_id``."""
+    """The outcome of a workflow. Key: ``request_id``.
+
+    Results leave through an at-least-once outbox, so a consumer may see one twice:
+    ``result_id`` is the same for every copy of one result, so key deduplication on it.
+    """
 
     type: Literal["result"] = "result"
+    result_id: Identifier | None = Field(
+        default=None, description="Stable across re-sends of this result: deduplicate on it."
+    )
     request_id: Identifier
     workflow_id: Identifier | None = None
     workflow: str
@@ -199,6 +206,13 @@ class DeadLetter(Event):
     value: str = Field(description="The original value, decoded as UTF-8 with replacement.")
     headers: dict[str, str] = Field(default_factory=dict)
     rejected_ms: int
+    code: str | None = Field(
+        default=None, description="Machine-readable reason: invalid, too_large, undeliverable, ..."
+    )
+    size: int | None = Field(default=None, description="The original value's size in bytes.")
+    truncated: bool = Field(
+        default=False, description="True when `value` is only an excerpt of the original."
+    )
 
 
 EVENT_MODELS: dict[str, type[Event]] = {
