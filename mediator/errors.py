@@ -13,6 +13,7 @@ Every error derives from one root, so callers can catch the family at once::
     ├── StateUnavailable         Redis could not be reached or answered wrongly
     ├── InfrastructureError      an embedded server could not be started
     └── ConfigurationError       settings are inconsistent
+        └── DefinitionConflict   a loaded definition differs from the stored one of its version
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "BadExpression",
     "ConfigurationError",
     "CyclicDependency",
+    "DefinitionConflict",
     "DefinitionError",
     "DuplicateStep",
     "InfrastructureError",
@@ -141,3 +143,21 @@ class InfrastructureError(MediatorError):
 
 class ConfigurationError(MediatorError):
     """The settings are inconsistent with each other or with the stored state."""
+
+
+class DefinitionConflict(ConfigurationError):
+    """A loaded workflow differs from the definition Redis holds for the same version.
+
+    Runs of that version may still be following the stored plan, so the edited file is
+    refused rather than published over it.
+    """
+
+    def __init__(self, name: str, version: int, loaded_hash: str, stored_hash: str):
+        self.name, self.version = name, version
+        self.loaded_hash, self.stored_hash = loaded_hash, stored_hash
+        super().__init__(
+            f"workflow {name!r} version {version} differs from the definition already stored "
+            f"under that version (loaded content hash {loaded_hash}, stored {stored_hash}); "
+            "runs of that version may still follow the stored one, so the file is refused: "
+            "bump `version` in the file to change a workflow"
+        )

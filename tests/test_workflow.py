@@ -30,6 +30,7 @@ from mediator.workflow import (
     load_file,
     load_paths,
     parse_workflows,
+    workflow_from_json,
 )
 
 ORDER_YAML = Path(__file__).resolve().parent.parent / "mediator" / "workflows" / "order.yaml"
@@ -429,6 +430,89 @@ def test_compensation_defaults_to_the_step_service_and_payload() -> None:
     assert compensation is not None
     assert (compensation.service, compensation.action) == ("svc", "undo")
     assert compensation.input.render({"payload": {"p": 2}}) == {"p": 2}
+
+
+# -- canonical JSON, content hash and rebuilding -----------------------------------------
+
+
+def test_the_plan_keeps_its_definition_as_canonical_json() -> None:
+    wf = compile_one(step("b", timeout="2s"), step("a"), description="d")
+    assert wf.spec_json == (
+        b'{"description":"d","name":"wf","steps":['
+        b'{"action":"act","depends_on":[],"id":"b","service":"svc","timeout":"2s"},'
+        b'{"action":"act","depends_on":[],"id":"a","service":"svc"}]}'
+    )
+    assert len(wf.content_hash) == 32
+    assert "spec_json" not in repr(wf)
+
+
+def test_the_hash_follows_content_not_layout() -> None:
+    base = compile_one(step("a"), step("b", "a"))
+    [reordered] = parse_workflows(
+        {"steps": [step("a"), dict(reversed(step("b", "a").items()))], "name": "wf"}
+    )
+    assert reordered.content_hash == base.content_hash
+    for changed in (
+        compile_one(step("a"), step("b", "a", timeout="1s")),
+        compile_one(step("b"), step("a")),  # order breaks ties between ready steps
+        compile_one(step("a"), step("b", "a"), description="now documented"),
+    ):
+        assert changed.content_hash != base.content_hash
+
+
+def test_workflow_from_json_rebuilds_the_plan() -> None:
+    [order] = load_file(ORDER_YAML)
+    rebuilt = workflow_from_json(order.spec_json)
+    assert rebuilt == order
+    assert (rebuilt.spec_json, rebuilt.content_hash) == (order.spec_json, order.content_hash)
+    assert rebuilt.steps["reserve"].compensate == order.steps["reserve"].compensate
+
+
+def test_spec_objects_round_trip_too() -> None:
+    spec = WorkflowSpec(
+        name="py",
+        version=2,
+        timeout=5,
+        steps=[StepSpec(id="a", service="svc", action="x", retry={"multiplier": 3})],
+    )
+    wf = compile_workflow(spec)
+    assert b'"version":2' in wf.spec_json and b"max_attempts" not in wf.spec_json
+    rebuilt = workflow_from_json(wf.spec_json)
+    assert rebuilt == wf and rebuilt.content_hash == wf.content_hash
+    assert (rebuilt.timeout_ms, rebuilt.steps["a"].retry.multiplier) == (5_000, 3.0)
+
+
+def test_a_1000_step_plan_hashes_once() -> None:
+    steps = [step(f"s{i}", *([f"s{i - 1}"] if i else [])) for i in range(1000)]
+    wf = compile_one(*steps)
+    assert workflow_from_json(wf.spec_json).order == wf.order
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"{", "<json>: not valid JSON: "),
+        (b"[1]", "<json>: a JSON list, expected one workflow object"),
+        (b'{"name": "wf", "steps": []}', "<json>: workflow 'wf': steps: "),
+        (
+            b'{"name": "wf", "steps": [{"id": "a", "service": "s", "action": "x",'
+            b' "depends_on": ["z"]}]}',
+            "<json>: workflow 'wf': step 'a' depends on unknown step 'z'",
+        ),
+    ],
+)
+def test_workflow_from_json_rejects_bad_data(data: bytes, expected: str) -> None:
+    with pytest.raises(DefinitionError) as info:
+        workflow_from_json(data)
+    assert str(info.value).startswith(expected)
+
+
+def test_values_json_cannot_hold_are_refused() -> None:
+    with pytest.raises(DefinitionError, match="cannot be stored as JSON"):
+        compile_one(step("a", input={"big": 2**70}))
+    # Non-string keys are written as strings, as the template compiles them.
+    wf = compile_one(step("a", input={1: "payload.x"}))
+    assert b'"input":{"1":"payload.x"}' in wf.spec_json
 
 
 # -- the validate command -----------------------------------------------------------------
