@@ -13,15 +13,12 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from faststream.kafka.message import KafkaMessage
 from faststream.middlewares import AckPolicy
 
-from mediator.errors import StateUnavailable
+from mediator.boundary import Boundary
 from mediator.settings import KafkaSettings
 
 __all__ = ["Offsets", "batch_subscription", "handle_batch", "undecoded"]
 
 log = logging.getLogger("mediator.handlers")
-
-#: Pause before redelivering a batch whose processing hit an outage, so nothing hot-loops.
-OUTAGE_PAUSE_S = 1.0
 
 
 async def undecoded(message: Any) -> None:
@@ -78,6 +75,9 @@ class _Committer:
             # A rebalance took the partitions away: their new owner replays from the last
             # committed offset, and replays are idempotent.
             log.info("offset commit skipped (%s): %s", type(exc).__name__, exc)
+        except Exception:
+            # Never let the committer die silently: the records are redelivered at worst.
+            log.exception("offset commit failed; the records will be redelivered")
 
 
 class Offsets:
@@ -116,21 +116,14 @@ async def handle_batch(
     message: KafkaMessage,
     process: Callable[[Sequence[Any]], Awaitable[None]],
     offsets: Offsets,
+    boundary: Boundary,
 ) -> None:
-    """Run `process` on the batch's records; mark their offsets only if it succeeded.
-
-    On a Redis or Kafka outage the batch is rewound (nack) and redelivered after a pause:
-    transitions already committed are recognised as duplicates on the second pass.
-    """
+    """Run `process` on the batch's records behind the error boundary; mark their offsets
+    once every record ended applied or dead-lettered, rewind (nack) after a transient
+    failure. Nothing is raised into FastStream."""
     raw = message.raw_message
     records = raw if isinstance(raw, tuple) else (raw,)
-    try:
-        await process(records)
-    except (StateUnavailable, KafkaError) as exc:
-        log.warning(
-            "batch of %d from %s will be redelivered: %s", len(records), records[0].topic, exc
-        )
-        await asyncio.sleep(OUTAGE_PAUSE_S)
+    if await boundary.run(records, process):
+        offsets.mark(message.consumer, records)
+    else:
         await message.nack()
-        return
-    offsets.mark(message.consumer, records)

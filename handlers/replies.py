@@ -6,6 +6,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from handlers._batch import Offsets, batch_subscription, handle_batch
+from mediator.boundary import Boundary
 from mediator.runtime import Runtime
 from mediator.settings import Settings
 
@@ -15,8 +16,11 @@ __all__ = ["register"]
 def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
     """Subscribe `runtime` to the replies topic; offsets are committed after Redis."""
 
+    boundary = Boundary("replies", runtime.reject, settings.backoff)
+    runtime.boundaries.append(boundary)
+
     async def on_replies(message: KafkaMessage) -> None:
-        await handle_batch(message, runtime.handle_replies, offsets)
+        await handle_batch(message, runtime.handle_replies, offsets, boundary)
 
     broker.subscriber(
         settings.kafka.topics.replies, **batch_subscription(settings.kafka, "replies")

@@ -13,6 +13,7 @@ from faststream.kafka import KafkaBroker
 
 import handlers
 from mediator.codec import partition_for
+from mediator.definition_store import DefinitionStore
 from mediator.keys import Keys
 from mediator.outbox import Dispatcher
 from mediator.redis_client import connect
@@ -33,14 +34,20 @@ class Mediator:
         self.settings = settings
         self.definitions = definitions
         kafka = settings.kafka
-        self.redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+        redis = settings.redis
+        self.redis = connect(redis.url, timeout_s=redis.socket_timeout_s)
+        keys = Keys(redis.key_prefix, redis.shards)
         self.store = Store(
             self.redis,
-            Keys(settings.redis.key_prefix, settings.redis.shards),
-            retention_ms=round(settings.redis.retention_s * 1000),
-            recent_limit=settings.redis.recent_limit,
+            keys,
+            retention_ms=round(redis.retention_s * 1000),
+            recent_limit=redis.recent_limit,
             lease_ms=settings.outbox.lease_ms,
+            tombstone_ms=round(redis.tombstone_s * 1000),
+            wait_replicas=redis.wait_replicas,
+            wait_timeout_ms=redis.wait_timeout_ms,
         )
+        self.catalog = DefinitionStore(self.redis, keys, definitions)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-outbox",
@@ -48,18 +55,23 @@ class Mediator:
             partitioner=partition_for,
             acks="all",
             linger_ms=kafka.linger_ms,
+            max_request_size=settings.limits.max_message_bytes,
         )
         self.dispatcher = Dispatcher(
             self.store,
             self.producer,
+            topics=kafka.topics,
+            backoff=settings.backoff,
+            excerpt_bytes=settings.limits.dead_letter_excerpt_bytes,
             sweep_interval_ms=settings.outbox.sweep_interval_ms,
             sweep_batch=settings.outbox.sweep_batch,
         )
         self.runtime = Runtime(
-            definitions=definitions,
+            definitions=self.catalog,
             store=self.store,
             dispatcher=self.dispatcher,
             topics=kafka.topics,
+            limits=settings.limits,
             state_cache_size=settings.state_cache_size,
         )
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
@@ -76,10 +88,22 @@ class Mediator:
             await self.stop()
             raise
 
-    async def _start(self) -> None:
+    async def connect(self) -> None:
+        """Check the Redis layout, store the loaded definitions, start the outbox."""
         await self.store.check_layout()
+        await self.catalog.publish()
         await self.producer.start()
         self.dispatcher.start()
+
+    async def disconnect(self) -> None:
+        """Stop the outbox (flushing publishes in flight) and close the clients."""
+        await self.dispatcher.stop()
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+        await self.redis.aclose()
+
+    async def _start(self) -> None:
+        await self.connect()
         # Start the subscribers side by side: each joins its consumer group, and a join can
         # take seconds (Tansu holds the reply for half the session timeout).
         await self.broker.connect()
@@ -99,10 +123,7 @@ class Mediator:
         await self.offsets.flush()
         with contextlib.suppress(Exception):
             await self.broker.stop()
-        await self.dispatcher.stop()
-        with contextlib.suppress(Exception):
-            await self.producer.stop()
-        await self.redis.aclose()
+        await self.disconnect()
         if self._started:
             log.info(
                 "mediator stopped: %s; published %d, swept %d",
@@ -135,20 +156,8 @@ def create_app(settings: Settings, definitions: Definitions) -> FastStream:
     mediator = Mediator(settings, definitions)
     app = FastStream(mediator.broker)
 
-    @app.on_startup
-    async def _connect() -> None:
-        await mediator.store.check_layout()
-        await mediator.producer.start()
-        mediator.dispatcher.start()
-
-    @app.on_shutdown
-    async def _flush_offsets() -> None:
-        await mediator.offsets.flush()
-
-    @app.after_shutdown
-    async def _disconnect() -> None:
-        await mediator.dispatcher.stop()
-        await mediator.producer.stop()
-        await mediator.redis.aclose()
+    app.on_startup(mediator.connect)
+    app.on_shutdown(mediator.offsets.flush)
+    app.after_shutdown(mediator.disconnect)
 
     return app

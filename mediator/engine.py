@@ -141,6 +141,63 @@ class Engine:
         transition.count(f"svc:{step.service}:error")
         return self._finish(workflow, transition, now_ms, failure)
 
+    def refuse_command(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        command_id: str,
+        error: dict[str, Any],
+        now_ms: int,
+    ) -> Transition:
+        """`transition` (not yet committed) sends a command that cannot be delivered, e.g.
+        it is larger than the broker accepts: the command is withdrawn, its step fails with
+        `error` and the run ends (its other new commands are withdrawn too)."""
+        state = transition.state
+        command = next(
+            e.command
+            for e in transition.effects
+            if isinstance(e, SendCommand) and e.command.command_id == command_id
+        )
+        step_state = state.steps[command.step]
+        failure = {**error, "step": command.step}
+        state.steps[command.step] = StepState(
+            StepStatus.FAILED,
+            step_state.attempt,
+            step_state.command_id,
+            None,
+            failure,
+            step_state.started_ms,
+            now_ms,
+        )
+        transition.count(f"svc:{command.service}:refused")
+        kept: list[Effect] = []
+        for effect in transition.effects:
+            if isinstance(effect, SendCommand):
+                transition.count(f"svc:{effect.command.service}:sent", -1)
+                withdrawn = effect.command.step
+                if withdrawn != command.step:
+                    state.steps[withdrawn] = StepState()
+            else:
+                kept.append(effect)
+        transition.effects = kept
+        return self._finish(workflow, transition, now_ms, failure)
+
+    @staticmethod
+    def refuse_result(transition: Transition, error: dict[str, Any], now_ms: int) -> Transition:
+        """The result `transition` publishes cannot be delivered (too large): the run fails
+        with `error` instead, and its result says so without the output."""
+        state = transition.state
+        transition.count(f"wf:{state.workflow}:{state.status.value}", -1)
+        transition.effects = [e for e in transition.effects if not isinstance(e, PublishResult)]
+        if state.error is not None:
+            error = {**error, "cause": state.error}
+        return _end(transition, None, error, now_ms)
+
+    @staticmethod
+    def abandon(state: WorkflowState, error: dict[str, Any], now_ms: int) -> Transition:
+        """Fail a running run that cannot advance (its definition is gone) with `error`."""
+        return _end(Transition(fork(state)), None, error, now_ms)
+
     # -- internals -------------------------------------------------------------------------
 
     def _advance(
@@ -239,23 +296,29 @@ class Engine:
         now_ms: int,
         error: dict[str, Any] | None,
     ) -> Transition:
-        state = transition.state
-        status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
         output: Any = None
         if error is None:
             try:
-                output = _output(workflow, state)
+                output = _output(workflow, transition.state)
             except ExpressionError as exc:
-                status = WorkflowStatus.FAILED
                 error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
-        state.status = status
-        state.output = output
-        state.error = error
-        state.finished_ms = now_ms
-        state.updated_ms = now_ms
-        transition.count(f"wf:{workflow.name}:{status.value}")
-        transition.effects.append(PublishResult(result_of(state), state.reply_to))
-        return transition
+        return _end(transition, output, error, now_ms)
+
+
+def _end(
+    transition: Transition, output: Any, error: dict[str, Any] | None, now_ms: int
+) -> Transition:
+    """Finish the run: completed with `output`, or failed with `error`; publish its result."""
+    state = transition.state
+    status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
+    state.status = status
+    state.output = output
+    state.error = error
+    state.finished_ms = now_ms
+    state.updated_ms = now_ms
+    transition.count(f"wf:{state.workflow}:{status.value}")
+    transition.effects.append(PublishResult(result_of(state), state.reply_to))
+    return transition
 
 
 def _release(
@@ -270,7 +333,9 @@ def _release(
 
 def result_of(state: WorkflowState) -> ResultEvent:
     """The result event of a finished run (also used to re-send it for a duplicate request)."""
+    finished_ms = state.finished_ms or state.updated_ms
     return ResultEvent(
+        result_id=f"{state.workflow_id}@{finished_ms}",
         request_id=state.request_id,
         workflow_id=state.workflow_id,
         workflow=state.workflow,
@@ -288,7 +353,7 @@ def result_of(state: WorkflowState) -> ResultEvent:
             for sid, step in state.steps.items()
         },
         started_ms=state.created_ms,
-        finished_ms=state.finished_ms or state.updated_ms,
+        finished_ms=finished_ms,
         trace_id=state.trace_id,
     )
 

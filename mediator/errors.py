@@ -11,6 +11,7 @@ Every error derives from one root, so callers can catch the family at once::
     │   └── BadDuration
     ├── UnknownWorkflow          a request names a workflow that is not loaded
     ├── StateUnavailable         Redis could not be reached or answered wrongly
+    ├── CorruptState             a stored workflow state no longer decodes
     ├── InfrastructureError      an embedded server could not be started
     └── ConfigurationError       settings are inconsistent
         └── DefinitionConflict   a loaded definition differs from the stored one of its version
@@ -24,6 +25,7 @@ __all__ = [
     "BadDuration",
     "BadExpression",
     "ConfigurationError",
+    "CorruptState",
     "CyclicDependency",
     "DefinitionConflict",
     "DefinitionError",
@@ -135,6 +137,17 @@ class UnknownWorkflow(MediatorError):
 
 class StateUnavailable(MediatorError):
     """Redis could not be reached, or a script answered something unexpected."""
+
+
+class CorruptState(MediatorError):
+    """A workflow's stored state no longer decodes: that run cannot advance (permanent)."""
+
+    def __init__(self, workflow_id: str, cause: BaseException):
+        self.workflow_id = workflow_id
+        super().__init__(
+            f"stored state of workflow {workflow_id} does not decode ({cause}); "
+            "its events are dead-lettered: inspect or delete the key and replay them"
+        )
 
 
 class InfrastructureError(MediatorError):

@@ -11,25 +11,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from mediator.codec import now_ms
+from mediator.codec import encode, headers, now_ms
 from mediator.errors import StateUnavailable
-from mediator.store import Store
+from mediator.failures import dead_letter, failure_code, is_transient, metadata_age_s
+from mediator.ports import OutboxStore, Producer
+from mediator.settings import BackoffSettings
+from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
+from topics.names import Topics
 
 __all__ = ["Dispatcher", "Message", "frame", "unframe"]
 
 log = logging.getLogger("mediator.outbox")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One Kafka message waiting in the outbox of `shard` under `id`."""
+    """One Kafka message; stored in the outbox of `shard` under `id` (shard -1: not stored).
+
+    `lease` is the outbox lease deadline this replica was given when it committed or
+    claimed the message (Redis clock, ms): its fencing token. `kind` is "command",
+    "result" or "dead_letter".
+    """
 
     shard: int
     id: str
@@ -37,19 +46,37 @@ class Message:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    kind: str = "result"
+    lease: int = 0
 
     @property
     def frame(self) -> bytes:
         """How it is stored in Redis."""
-        return frame(self.topic, self.key, self.value, self.headers)
+        return frame(self.topic, self.key, self.value, self.headers, self.kind)
+
+    @property
+    def size(self) -> int:
+        """Bytes of key, value and headers: what a broker's size limit is measured on
+        (less the few dozen bytes of record framing)."""
+        key = len(self.key) if self.key is not None else 0
+        return key + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
 
 
 def frame(
-    topic: str, key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    headers: Sequence[tuple[str, bytes]],
+    kind: str = "result",
 ) -> bytes:
-    """One line of JSON (topic, key, headers) followed by the raw value."""
+    """One line of JSON (topic, key, headers, kind) followed by the raw value."""
     head = orjson.dumps(
-        [topic, key.decode() if key is not None else None, [[k, v.decode()] for k, v in headers]]
+        [
+            topic,
+            key.decode() if key is not None else None,
+            [[k, v.decode()] for k, v in headers],
+            kind,
+        ]
     )
     return head + b"\n" + value
 
@@ -57,7 +84,7 @@ def frame(
 def unframe(shard: int, message_id: str, data: bytes) -> Message:
     """The `Message` stored as `data`."""
     head, _, value = data.partition(b"\n")
-    topic, key, headers = orjson.loads(head)
+    topic, key, headers, *rest = orjson.loads(head)
     return Message(
         shard=shard,
         id=message_id,
@@ -65,28 +92,54 @@ def unframe(shard: int, message_id: str, data: bytes) -> Message:
         key=key.encode() if key is not None else None,
         value=value,
         headers=[(k, v.encode()) for k, v in headers],
+        kind=rest[0] if rest else "result",
     )
 
 
 class Dispatcher:
-    """Publishes outbox messages and clears them once Kafka has them; sweeps leftovers."""
+    """Publishes outbox messages and clears them once Kafka has them; sweeps leftovers.
+
+    Failures are sorted per message: a transient one (broker unreachable, a timeout)
+    re-schedules that entry alone with capped backoff while the others go; a permanent
+    one (too large, unknown topic) dead-letters the entry, fails the step that waited on
+    a command (an error reply, applied like any other), and clears it. Leases are
+    fencing tokens: an entry another replica took over (this one stalled past its lease)
+    is not published again, and the leases of publishes still in flight are renewed so
+    a slow broker does not make other replicas re-send them.
+    """
 
     def __init__(
         self,
-        store: Store,
-        producer: AIOKafkaProducer,
+        store: OutboxStore,
+        producer: Producer,
         *,
+        topics: Topics,
+        backoff: BackoffSettings | None = None,
+        excerpt_bytes: int = 16_384,
         sweep_interval_ms: int = 1000,
         sweep_batch: int = 500,
     ) -> None:
         self.store = store
         self.producer = producer
+        self.topics = topics
+        self.backoff = backoff or BackoffSettings()
+        self.excerpt_bytes = excerpt_bytes
+        self.lease_ms = store.lease_ms
         self.sweep_interval_ms = sweep_interval_ms
         self.sweep_batch = sweep_batch
         self.published = 0
         self.swept = 0
+        self.stats: dict[str, int] = {
+            "retried": 0,
+            "dead": 0,
+            "fenced": 0,
+            "sweep_failures": 0,
+        }
+        self._tries: dict[tuple[int, str], int] = {}
+        self._inflight: dict[tuple[int, str], Message] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._next_shard = 0
 
     def start(self) -> None:
         """Start the sweeper."""
@@ -101,19 +154,31 @@ class Dispatcher:
         if self._pending:
             await asyncio.wait(self._pending, timeout=10)
 
-    async def send(self, messages: Sequence[Message]) -> None:
-        """Hand `messages` to the producer now; clear them from Redis once acknowledged.
+    async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
+        """Hand outbox `messages` to the producer now; clear them once acknowledged.
 
+        `since` is the monotonic time just before their leases were taken: if this
+        replica stalled for a good part of a lease since (a long GC pause, SIGSTOP), it
+        first checks with Redis which entries it still holds and sends only those.
         Returns as soon as the producer holds them. Backpressure: if too many batches are
         still unacknowledged, waits for the oldest first.
         """
         if not messages:
             return
-        futures = [
-            await self.producer.send(m.topic, m.value, key=m.key, headers=m.headers)
-            for m in messages
-        ]
-        task = asyncio.create_task(self._settle(messages, futures))
+        if since is not None and time.monotonic() - since > self.lease_ms / 2000:
+            messages = await self._still_held(messages)
+        sent: list[tuple[Message, asyncio.Future[object]]] = []
+        for message in messages:
+            try:
+                future = await self._produce(message)
+            except Exception as exc:  # sorted per message, never the whole batch
+                await self._failed(message, exc)
+                continue
+            self._inflight[(message.shard, message.id)] = message
+            sent.append((message, future))
+        if not sent:
+            return
+        task = asyncio.create_task(self._settle(sent))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         if len(self._pending) > 64:
@@ -122,29 +187,135 @@ class Dispatcher:
     async def send_now(self, messages: Sequence[Message]) -> None:
         """Publish messages that are not in the outbox and wait until Kafka has them all.
 
-        Raises `KafkaError` if any failed, so the caller does not commit its offsets.
+        A message that can never be published (too large, unknown topic) is
+        dead-lettered instead. Raises on a transient failure, so the caller rewinds its
+        batch and does not commit its offsets.
         """
         if not messages:
             return
-        futures = [
-            await self.producer.send(m.topic, m.value, key=m.key, headers=m.headers)
-            for m in messages
-        ]
-        await asyncio.gather(*futures)
-        self.published += len(messages)
+        failed: list[tuple[Message, BaseException]] = []
+        futures = []
+        for message in messages:
+            try:
+                futures.append((message, await self._produce(message)))
+            except Exception as exc:
+                failed.append((message, exc))
+        for message, future in futures:
+            try:
+                await future
+                self.published += 1
+            except Exception as exc:
+                failed.append((message, exc))
+        for message, error in failed:
+            if self._transient(error):
+                raise error
+            self.stats["dead"] += 1
+            if message.kind == "dead_letter":
+                # Bounded by construction; if even that is refused, say so loudly.
+                log.error("dead letter to %s could not be published: %s", message.topic, error)
+                continue
+            await self._bury(message, error)
 
-    async def _settle(
-        self, messages: Sequence[Message], futures: list[asyncio.Future[object]]
-    ) -> None:
-        results = await asyncio.gather(*futures, return_exceptions=True)
+    # -- failures --------------------------------------------------------------------------
+
+    def _transient(self, exc: BaseException) -> bool:
+        return is_transient(exc, metadata_age_s=metadata_age_s(self.producer))
+
+    async def _failed(self, message: Message, exc: BaseException) -> None:
+        """Sort one message's failure; never raises for a transient one."""
+        slot = (message.shard, message.id)
+        self._inflight.pop(slot, None)
+        if self._transient(exc):
+            tries = self._tries[slot] = self._tries.get(slot, 0) + 1
+            delay = self.backoff.delay_ms(tries)
+            self.stats["retried"] += 1
+            log.warning(
+                "publish of %s %s to %s failed (try %d), retrying in %d ms: %s",
+                message.kind, message.id, message.topic, tries, delay, exc,
+            )  # fmt: skip
+            if message.shard >= 0:
+                with contextlib.suppress(StateUnavailable):  # the lease runs out instead
+                    await self.store.renew(message.shard, [(message.id, message.lease)],
+                                           delay_ms=delay)  # fmt: skip
+            return
+        self.stats["dead"] += 1
+        try:
+            await self._bury(message, exc)
+            if message.shard >= 0:
+                await self.store.outbox_done([slot])
+        except Exception as again:
+            # Left in the outbox: retried when its lease runs out.
+            log.warning("could not dead-letter outbox entry %s yet: %s", message.id, again)
+            return
+        self._tries.pop(slot, None)
+
+    async def _bury(self, message: Message, exc: BaseException) -> None:
+        """Dead-letter a message that can never be published; a command's step is failed
+        by an error reply, so the run does not wait for it for ever."""
+        code = failure_code(exc)
+        reason = f"{message.kind} to {message.topic} cannot be published: {exc}"
+        log.error("dead-lettering %s %s: %s", message.kind, message.id, reason)
+        dead = dead_letter(
+            reason=reason,
+            code=code,
+            topic=message.topic,
+            value=message.value,
+            key=message.key,
+            headers=message.headers,
+            excerpt_bytes=self.excerpt_bytes,
+        )
+        out = [
+            Message(-1, f"dlq.{message.id}", self.topics.dlq, message.key, encode(dead),
+                    headers(dead), "dead_letter"),
+        ]  # fmt: skip
+        if message.kind == "command":
+            reply = _undeliverable(message, reason, code)
+            if reply is not None:
+                undeliverable = f"undeliverable.{message.id}"
+                out.append(Message(-1, undeliverable, self.topics.replies, message.key,
+                                   encode(reply), headers(reply), "reply"))  # fmt: skip
+        await self.send_now(out)
+
+    async def _still_held(self, messages: Sequence[Message]) -> list[Message]:
+        """The messages whose outbox lease this replica still holds (fencing); their leases
+        are renewed."""
+        by_shard: dict[int, list[Message]] = {}
+        kept = [m for m in messages if m.shard < 0]
+        for message in messages:
+            if message.shard >= 0:
+                by_shard.setdefault(message.shard, []).append(message)
+        for shard, group in by_shard.items():
+            lease, held = await self.store.renew(shard, [(m.id, m.lease) for m in group])
+            for message, ok in zip(group, held, strict=True):
+                if ok:
+                    message.lease = lease
+                    kept.append(message)
+                else:
+                    self.stats["fenced"] += 1
+                    log.warning("not publishing %s: another replica took it over", message.id)
+        return kept
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def _produce(self, message: Message) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = await self.producer.send(
+            message.topic, message.value, key=message.key, headers=message.headers
+        )
+        return future
+
+    async def _settle(self, sent: Sequence[tuple[Message, asyncio.Future[object]]]) -> None:
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         done = []
-        for message, result in zip(messages, results, strict=True):
+        for (message, _), result in zip(sent, results, strict=True):
+            slot = (message.shard, message.id)
             if isinstance(result, BaseException):
-                # Left in the outbox: the sweeper re-sends it when the lease runs out.
-                log.warning("publish to %s failed, will retry: %s", message.topic, result)
-            elif message.shard >= 0:  # shard -1: sent directly, never stored
-                done.append((message.shard, message.id))
-        self.published += sum(1 for r in results if not isinstance(r, BaseException))
+                await self._failed(message, result)
+                continue
+            self._inflight.pop(slot, None)
+            self._tries.pop(slot, None)
+            self.published += 1
+            if message.shard >= 0:
+                done.append(slot)
         try:
             await self.store.outbox_done(done)
         except StateUnavailable as exc:
@@ -152,16 +323,42 @@ class Dispatcher:
                 "could not clear %d outbox entries (they will be re-sent): %s", len(done), exc
             )
 
+    async def renew_inflight(self) -> None:
+        """Keep the leases of publishes still waiting for the broker, so other replicas do
+        not take them over while the broker is merely slow."""
+        stale = [
+            m
+            for m in self._inflight.values()
+            if m.shard >= 0 and m.lease - now_ms() < self.lease_ms / 2
+        ]
+        if stale:
+            for message in await self._still_held(stale):
+                self._inflight[(message.shard, message.id)] = message
+
+    # -- sweeping --------------------------------------------------------------------------
+
     async def sweep_once(self) -> int:
-        """Re-send every outbox entry whose lease expired; returns how many."""
+        """Re-send every outbox entry whose lease expired, oldest first; returns how many.
+
+        Shards are visited from a rotating start, and a shard that fails does not stop
+        the others.
+        """
         total = 0
-        for shard in range(self.store.keys.shards):
-            claimed = await self.store.claim_expired(shard, now_ms(), self.sweep_batch)
-            if claimed:
-                messages = [unframe(shard, mid, data) for mid, data in claimed]
-                log.info("re-sending %d outbox messages of shard %d", len(messages), shard)
-                await self.send(messages)
-                total += len(messages)
+        shards = self.store.keys.shards
+        start, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
+        for shard in [*range(start, shards), *range(start)]:
+            try:
+                lease, claimed = await self.store.claim_expired(shard, self.sweep_batch)
+                if claimed:
+                    messages = [unframe(shard, mid, data) for mid, data in claimed]
+                    for message in messages:
+                        message.lease = lease
+                    log.info("re-sending %d outbox messages of shard %d", len(messages), shard)
+                    await self.send(messages)
+                    total += len(messages)
+            except (StateUnavailable, KafkaError) as exc:
+                self.stats["sweep_failures"] += 1
+                log.warning("outbox sweep of shard %d failed, retrying: %s", shard, exc)
         self.swept += total
         return total
 
@@ -169,6 +366,28 @@ class Dispatcher:
         while True:
             await asyncio.sleep(self.sweep_interval_ms / 1000)
             try:
+                await self.renew_inflight()
                 await self.sweep_once()
-            except (StateUnavailable, KafkaError) as exc:
-                log.warning("outbox sweep failed, retrying: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox sweep failed; retrying")
+
+
+def _undeliverable(message: Message, reason: str, code: str) -> ReplyEvent | None:
+    """The error reply that fails the step whose command could not be delivered."""
+    try:
+        command = orjson.loads(message.value)
+        return ReplyEvent(
+            command_id=command["command_id"],
+            workflow_id=command["workflow_id"],
+            step=command["step"],
+            attempt=command["attempt"],
+            status=ReplyStatus.ERROR,
+            error=ErrorInfo(message=reason, code=code, retryable=False),
+            service=command.get("service"),
+            replied_ms=now_ms(),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.error("outbox entry %s is not a command; dead-lettered only", message.id)
+        return None

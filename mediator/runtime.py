@@ -9,28 +9,36 @@ returns, i.e. after Redis has the transitions.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from pydantic import ValidationError
 
+from mediator.boundary import Boundary
 from mediator.cache import StateCache
 from mediator.codec import encode, headers, now_ms
+from mediator.definition_store import DefinitionStore
 from mediator.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.errors import StateUnavailable, UnknownWorkflow
+from mediator.failures import dead_letter
 from mediator.keys import Keys, workflow_id_for
 from mediator.metrics import Samples
 from mediator.outbox import Dispatcher, Message
+from mediator.settings import LimitsSettings
 from mediator.state import WorkflowState
-from mediator.store import Commit, CommitOutcome, Store
-from mediator.workflow import Definitions
+from mediator.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
+from mediator.workflow import Workflow
 from topics.events import (
     DeadLetter,
     ErrorInfo,
     ReplyEvent,
+    ReplyStatus,
     RequestEvent,
     ResultEvent,
     WorkflowStatus,
@@ -61,18 +69,38 @@ class _Pending:
 
     base: WorkflowState
     transition: Transition
+    workflow: Workflow | None
+
+
+@dataclass(slots=True)
+class _Start:
+    """A request about to start a run."""
+
+    request: RequestEvent
+    origin: str
+    fingerprint: str
+    commit: Commit
+    messages: list[Message]
 
 
 class Runtime:
-    """Turns batches of requests and replies into committed transitions and messages."""
+    """Turns batches of requests and replies into committed transitions and messages.
+
+    Bad input never raises: a record that does not decode, is too large or holds values
+    the store cannot encode is dead-lettered with its reason, and whoever waits on it (the
+    requester, the step) gets a clear error. What does raise is either transient
+    (`StateUnavailable`, Kafka errors: the caller rewinds the batch) or unexpected (the
+    caller isolates the record that causes it and dead-letters that one).
+    """
 
     def __init__(
         self,
         *,
-        definitions: Definitions,
+        definitions: DefinitionStore,
         store: Store,
         dispatcher: Dispatcher,
         topics: Topics,
+        limits: LimitsSettings | None = None,
         state_cache_size: int = 100_000,
     ) -> None:
         self.cache = StateCache(state_cache_size)
@@ -81,18 +109,25 @@ class Runtime:
         self.keys: Keys = store.keys
         self.dispatcher = dispatcher
         self.topics = topics
+        self.limits = limits or LimitsSettings()
         self.engine = Engine(replies_topic=topics.replies)
         self.overhead = Samples()
         self._dead: list[DeadLetter] = []
+        self._counts: Counter[str] = Counter()
+        #: The error boundaries of the subscribers feeding this runtime (for stats).
+        self.boundaries: list[Boundary] = []
         self.stats: dict[str, int] = {
             "requests": 0,
             "duplicates": 0,
+            "redelivered": 0,
+            "conflicting_requests": 0,
             "replies": 0,
             "ignored_replies": 0,
             "unknown_workflow_replies": 0,
             "conflicts": 0,
             "dead_letters": 0,
             "rejected_requests": 0,
+            "rewinds": 0,
         }
 
     # -- requests --------------------------------------------------------------------------
@@ -101,49 +136,122 @@ class Runtime:
         """Start a workflow for each request; re-send the result of finished duplicates."""
         received = time.perf_counter()
         now = now_ms()
-        commits: list[Commit] = []
-        prepared: list[list[Message]] = []
+        self._dead = []
+        starts: list[_Start] = []
         direct: list[Message] = []
         for record in records:
-            request = self._decode(record, RequestEvent)
-            if request is None:
-                continue
-            self.stats["requests"] += 1
-            try:
-                workflow = self.definitions.get(request.workflow)
-            except UnknownWorkflow as exc:
-                self.stats["rejected_requests"] += 1
-                log.warning("request %s rejected: %s", request.request_id, exc)
-                direct.append(self._rejection(request, exc, now))
-                continue
-            wid = workflow_id_for(request.request_id)
-            commit, messages = self._commit_of(self.engine.start(workflow, request, wid, now), 0)
-            commits.append(commit)
-            prepared.append(messages)
-        results = await self.store.commit_many(commits, now)
+            start = self._start(record, now, direct)
+            if start is not None:
+                starts.append(start)
+        since = time.monotonic()
+        results = await self.store.commit_many([s.commit for s in starts], now)
         outgoing: list[Message] = []
-        for commit, messages, result in zip(commits, prepared, results, strict=True):
+        for start, result in zip(starts, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
-                outgoing += messages
-                self.cache.put(commit.state)
-                continue
-            self.stats["duplicates"] += 1
-            current = result.current
-            if current is not None and current.terminal:
-                # A duplicate of a finished request: the client may have missed the result.
-                direct.append(self._result_message(result_of(current), current.reply_to, "resend"))
-        await self.dispatcher.send(outgoing)
-        await self.dispatcher.send_now(direct + self._dead_letter_messages())
-        self.overhead.add((time.perf_counter() - received) * 1000, len(commits) or 1)
+                for message in start.messages:
+                    message.lease = result.lease
+                outgoing += start.messages
+                self.cache.put(start.commit.state)
+            elif (answer := self._duplicate(start, result)) is not None:
+                direct.append(answer)
+        await self.dispatcher.send(outgoing, since)
+        await self._flush(direct)
+        self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
+
+    def _start(self, record: Record, now: int, direct: list[Message]) -> _Start | None:
+        """Decode and check one request and compute its first transition."""
+        request: RequestEvent | None = self._decode(record, RequestEvent)
+        if request is None:
+            return None
+        self.stats["requests"] += 1
+        origin = f"{record.topic}/{record.partition}/{record.offset}"
+        try:
+            canonical = orjson.dumps(request.payload, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError as exc:
+            reason = f"payload cannot be stored: {exc}"
+            self._refuse(record, request, "invalid_payload", reason, origin, direct)
+            return None
+        size = len(record.value or b"")
+        if size > self.limits.max_message_bytes:
+            reason = (
+                f"request is {size} bytes, over the {self.limits.max_message_bytes}-byte limit "
+                "(limits.max_message_bytes); send large data by reference"
+            )
+            self._refuse(record, request, "payload_too_large", reason, origin, direct)
+            return None
+        try:
+            workflow = self.definitions.definitions.get(request.workflow)
+        except UnknownWorkflow as exc:
+            self.stats["rejected_requests"] += 1
+            log.warning("request %s rejected: %s", request.request_id, exc)
+            direct.append(self._rejection(request, "unknown_workflow", str(exc), origin))
+            return None
+        digest = hashlib.blake2b(request.workflow.encode() + b"\0" + canonical, digest_size=12)
+        wid = workflow_id_for(request.request_id)
+        transition = self.engine.start(workflow, request, wid, now)
+        transition.state.fingerprint = digest.hexdigest()
+        transition.state.origin = origin
+        commit, messages = self._commit_of(workflow, transition, 0, now)
+        return _Start(request, origin, digest.hexdigest(), commit, messages)
+
+    def _refuse(
+        self,
+        record: Record,
+        request: RequestEvent,
+        code: str,
+        reason: str,
+        origin: str,
+        direct: list[Message],
+    ) -> None:
+        self.stats["rejected_requests"] += 1
+        log.warning("request %s refused: %s", request.request_id, reason)
+        self._dead_letter(record, reason, code)
+        direct.append(self._rejection(request, code, reason, origin))
+
+    def _duplicate(self, start: _Start, result: CommitResult) -> Message | None:
+        """What to answer a request whose run already exists (or existed)."""
+        self.stats["duplicates"] += 1
+        request = start.request
+        current = result.current
+        tomb: Tombstone | None = result.tombstone
+        fingerprint = current.fingerprint if current is not None else tomb and tomb.fingerprint
+        origin = current.origin if current is not None else tomb and tomb.origin
+        if origin == start.origin:
+            # Kafka redelivered the record that started the run (a rebalance, a rewind):
+            # not a new publish, so no second result.
+            self.stats["redelivered"] += 1
+            return None
+        if fingerprint and fingerprint != start.fingerprint:
+            self.stats["conflicting_requests"] += 1
+            reason = (
+                f"request id {request.request_id!r} was already used for a different "
+                f"workflow or payload (run {workflow_id_for(request.request_id)}); "
+                "use a new request id for a new request"
+            )
+            log.warning("%s", reason)
+            return self._rejection(request, "request_id_conflict", reason, start.origin)
+        if current is not None and current.terminal:
+            # A duplicate of a finished request: the client may have missed the result.
+            return self._result_message(result_of(current), current.reply_to, "resend")
+        if tomb is not None:
+            reason = (
+                f"request {request.request_id!r} already ran and finished {tomb.status}; "
+                "its result is past the retention (redis.retention_s) and was not kept"
+            )
+            return self._rejection(
+                request, "result_expired", reason, start.origin, WorkflowStatus(tomb.status)
+            )
+        return None
 
     # -- replies ---------------------------------------------------------------------------
 
     async def handle_replies(self, records: Sequence[Record]) -> None:
         """Apply each reply to its workflow; dispatch whatever becomes ready."""
         received = time.perf_counter()
+        self._dead = []
         groups: dict[str, list[ReplyEvent]] = {}
         for record in records:
-            reply = self._decode(record, ReplyEvent)
+            reply = self._reply(record)
             if reply is not None:
                 self.stats["replies"] += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
@@ -152,15 +260,18 @@ class Runtime:
         states.update(await self.store.load_many(missing))
         fresh = set(missing)
         outgoing: list[Message] = []
+        since = time.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
-            pending, recheck = self._apply_all(groups, states, fresh, now)
-            prepared = [self._commit_of(p.transition, expected_rev=p.base.rev) for p in pending]
+            pending, recheck = await self._apply_all(groups, states, fresh, now)
+            prepared = [self._commit_of(p.workflow, p.transition, p.base.rev, now) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[ReplyEvent]] = {}
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
                 wid = item.base.workflow_id
                 if result.outcome is CommitOutcome.COMMITTED:
+                    for message in messages:
+                        message.lease = result.lease
                     outgoing += messages
                     self.cache.put(commit.state)
                 else:
@@ -177,15 +288,42 @@ class Runtime:
             groups = retry
             if not groups:
                 break
-        await self.dispatcher.send(outgoing)
-        await self.dispatcher.send_now(self._dead_letter_messages())
+        await self.dispatcher.send(outgoing, since)
+        await self._flush([])
         if outgoing:
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         if groups:
             msg = f"{len(groups)} workflows kept conflicting; their replies will be redelivered"
             raise StateUnavailable(msg)
 
-    def _apply_all(
+    def _reply(self, record: Record) -> ReplyEvent | None:
+        """Decode one reply. A reply too large or holding values the store cannot encode
+        is dead-lettered, and its step fails with that error instead of waiting."""
+        reply: ReplyEvent | None = self._decode(record, ReplyEvent)
+        if reply is None:
+            return None
+        size = len(record.value or b"")
+        problem: tuple[str, str] | None = None
+        if size > self.limits.max_message_bytes:
+            problem = (
+                "payload_too_large",
+                f"reply is {size} bytes, over the {self.limits.max_message_bytes}-byte limit",
+            )
+        elif reply.output is not None:
+            try:
+                orjson.dumps(reply.output)
+            except orjson.JSONEncodeError as exc:
+                problem = ("invalid_output", f"reply output cannot be stored: {exc}")
+        if problem is None:
+            return reply
+        code, reason = problem
+        self._dead_letter(record, reason, code)
+        error = ErrorInfo(message=reason, code=code, retryable=False, step=reply.step)
+        return reply.model_copy(
+            update={"status": ReplyStatus.ERROR, "output": None, "error": error}
+        )
+
+    async def _apply_all(
         self,
         groups: dict[str, list[ReplyEvent]],
         states: dict[str, WorkflowState | None],
@@ -195,16 +333,20 @@ class Runtime:
         """Transitions to commit, and workflows whose cached state must be re-read."""
         pending = []
         recheck = []
+        plans = await self.definitions.get_many(
+            {(s.workflow, s.version) for s in states.values() if s is not None}
+        )
+        unknown = 0
         for wid, replies in groups.items():
             base = states.get(wid)
             if base is None:
-                self.stats["unknown_workflow_replies"] += len(replies)
-                log.info("%d replies for unknown or expired workflow %s", len(replies), wid)
+                unknown += len(replies)
                 continue
-            try:
-                workflow = self.definitions.get(base.workflow, base.version)
-            except UnknownWorkflow as exc:
-                log.error("workflow %s cannot advance: %s", wid, exc)
+            workflow = plans.get((base.workflow, base.version))
+            if workflow is None:
+                if base.terminal:
+                    continue
+                pending.append(self._abandon(base, now))
                 continue
             merged: Transition | None = None
             state = base
@@ -221,16 +363,51 @@ class Runtime:
                 continue
             self.stats["ignored_replies"] += ignored
             if merged is not None:
-                pending.append(_Pending(base, merged))
+                pending.append(_Pending(base, merged, workflow))
+        if unknown:
+            # Redis lost these runs (restarted empty, failed over) or they expired:
+            # counted where ops look, and `mediator recover` restarts lost runs.
+            self.stats["unknown_workflow_replies"] += unknown
+            self._counts["replies:unknown_workflow"] += unknown
+            log.warning("%d replies for workflows Redis does not have", unknown)
         return pending, recheck
+
+    def _abandon(self, base: WorkflowState, now: int) -> _Pending:
+        """A run whose definition is neither loaded nor stored cannot advance: fail it,
+        saying so, rather than leave it running for ever."""
+        reason = (
+            f"definition {base.workflow}@{base.version} is neither loaded nor stored in "
+            "Redis, so this run cannot advance; deploy that version again and retry"
+        )
+        log.error("workflow %s failed: %s", base.workflow_id, reason)
+        error = {"message": reason, "code": "unknown_definition"}
+        return _Pending(base, self.engine.abandon(base, error, now), None)
 
     # -- encoding --------------------------------------------------------------------------
 
-    def _commit_of(self, transition: Transition, expected_rev: int) -> tuple[Commit, list[Message]]:
+    def _commit_of(
+        self, workflow: Workflow | None, transition: Transition, expected_rev: int, now: int
+    ) -> tuple[Commit, list[Message]]:
+        """The commit of `transition`, and its messages, each within the size limit: a
+        command or result that would be too large fails its step or run instead."""
+        messages = self._messages(transition)
+        limit = self.limits.max_message_bytes - 1024  # room for the record framing
+        while (big := next((m for m in messages if m.size > limit), None)) is not None:
+            error = {
+                "message": f"{big.kind} {big.id} would be {big.size} bytes, over the "
+                f"{self.limits.max_message_bytes}-byte limit (limits.max_message_bytes); "
+                "pass large data by reference",
+                "code": "payload_too_large",
+            }
+            log.warning("workflow %s: %s", transition.state.workflow_id, error["message"])
+            if big.kind == "command" and workflow is not None:
+                transition = self.engine.refuse_command(workflow, transition, big.id, error, now)
+            else:
+                transition = self.engine.refuse_result(transition, error, now)
+            messages = self._messages(transition)
         # The engine hands over a state of its own (a fork or a new one): stamp it in place.
         state = transition.state
         state.rev = expected_rev + 1
-        messages = self._messages(transition)
         commit = Commit(
             state=state,
             expected_rev=expected_rev,
@@ -247,12 +424,13 @@ class Runtime:
                 command = effect.command
                 messages.append(
                     Message(
-                        shard=shard,
-                        id=command.command_id,
-                        topic=self.topics.service(command.service),
-                        key=command.workflow_id.encode(),
-                        value=encode(command),
-                        headers=headers(command),
+                        shard,
+                        command.command_id,
+                        self.topics.service(command.service),
+                        command.workflow_id.encode(),
+                        encode(command),
+                        headers(command),
+                        "command",
                     )
                 )
             elif isinstance(effect, PublishResult):
@@ -265,22 +443,30 @@ class Runtime:
         self, result: ResultEvent, reply_to: str | None, kind: str, shard: int = -1
     ) -> Message:
         return Message(
-            shard=shard,
-            id=f"{kind}.{result.workflow_id or result.request_id}",
-            topic=reply_to or self.topics.results,
-            key=result.request_id.encode(),
-            value=encode(result),
-            headers=headers(result),
+            shard,
+            f"{kind}.{result.workflow_id or result.request_id}",
+            reply_to or self.topics.results,
+            result.request_id.encode(),
+            encode(result),
+            headers(result),
         )
 
-    def _rejection(self, request: RequestEvent, exc: UnknownWorkflow, now: int) -> Message:
+    def _rejection(
+        self,
+        request: RequestEvent,
+        code: str,
+        reason: str,
+        origin: str,
+        status: WorkflowStatus = WorkflowStatus.FAILED,
+    ) -> Message:
         result = ResultEvent(
+            result_id=f"{code}@{origin}",
             request_id=request.request_id,
             workflow_id=None,
             workflow=request.workflow,
-            status=WorkflowStatus.FAILED,
-            error=ErrorInfo(message=str(exc), code="unknown_workflow"),
-            finished_ms=now,
+            status=status,
+            error=ErrorInfo(message=reason, code=code),
+            finished_ms=now_ms(),
             trace_id=request.trace_id,
         )
         return self._result_message(result, request.reply_to, "rejected")
@@ -290,26 +476,57 @@ class Runtime:
             return model.model_validate_json(record.value or b"")
         except ValidationError as exc:
             reason = _validation_reason(exc)
+        self._dead_letter(record, reason, "invalid")
+        return None
+
+    def _dead_letter(self, record: Record, reason: str, code: str) -> None:
         self.stats["dead_letters"] += 1
+        self._counts["dead_letters"] += 1
+        self._counts[f"dead_letters:{code}"] += 1
         log.warning(
             "dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
         )
-        self._dead.append(_dead_letter(record, reason))
-        return None
-
-    def _dead_letter_messages(self) -> list[Message]:
-        dead, self._dead = self._dead, []
-        return [
-            Message(
-                shard=-1,
-                id=f"dlq.{d.source_topic}.{d.partition}.{d.offset}",
-                topic=self.topics.dlq,
-                key=d.key.encode() if d.key is not None else None,
-                value=encode(d),
-                headers=headers(d),
+        self._dead.append(
+            dead_letter(
+                reason=reason,
+                code=code,
+                topic=record.topic,
+                value=record.value,
+                key=record.key,
+                headers=record.headers or (),
+                partition=record.partition,
+                offset=record.offset,
+                excerpt_bytes=self.limits.dead_letter_excerpt_bytes,
             )
-            for d in dead
-        ]
+        )
+
+    async def reject(self, record: Record, reason: str, code: str = "unprocessable") -> None:
+        """Dead-letter one record now (the batch boundary found it cannot be processed)."""
+        self._dead = []
+        self._dead_letter(record, reason, code)
+        await self._flush([])
+
+    async def _flush(self, direct: list[Message]) -> None:
+        """Publish direct messages and dead letters, then count what was counted."""
+        dead, self._dead = self._dead, []
+        await self.dispatcher.send_now(
+            direct
+            + [
+                Message(
+                    -1,
+                    f"dlq.{d.source_topic}.{d.partition}.{d.offset}",
+                    self.topics.dlq,
+                    d.key.encode() if d.key is not None else None,
+                    encode(d),
+                    headers(d),
+                    "dead_letter",
+                )
+                for d in dead
+            ]
+        )
+        counts, self._counts = self._counts, Counter()
+        if counts:
+            await self.store.count(dict(counts))
 
 
 def _merge(first: Transition, second: Transition) -> Transition:
@@ -325,16 +542,3 @@ def _validation_reason(exc: ValidationError) -> str:
         where = ".".join(str(part) for part in error["loc"]) or "value"
         problems.append(f"{where}: {error['msg']}")
     return "; ".join(problems)
-
-
-def _dead_letter(record: Record, reason: str) -> DeadLetter:
-    return DeadLetter(
-        reason=reason,
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key.decode(errors="replace") if record.key is not None else None,
-        value=(record.value or b"").decode(errors="replace"),
-        headers={k: v.decode(errors="replace") for k, v in (record.headers or ())},
-        rejected_ms=now_ms(),
-    )

@@ -19,7 +19,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
-__all__ = ["KafkaSettings", "OutboxSettings", "RedisSettings", "Settings", "load_settings"]
+__all__ = [
+    "BackoffSettings",
+    "KafkaSettings",
+    "LimitsSettings",
+    "OutboxSettings",
+    "RedisSettings",
+    "Settings",
+    "load_settings",
+]
 
 
 class KafkaSettings(BaseModel):
@@ -80,6 +88,14 @@ class RedisSettings(BaseModel):
     # Without a timeout a stalled Redis would hang a handler forever; with one, the batch
     # is rewound and redelivered once Redis answers again.
     socket_timeout_s: float = Field(default=5.0, gt=0)
+    # With Redis replicas: after each batch's commits, WAIT until this many replicas have
+    # them before Kafka offsets move, so a failover cannot lose a transition whose input
+    # was already acknowledged. 0 (the default) does not wait.
+    wait_replicas: int = Field(default=0, ge=0)
+    wait_timeout_ms: int = Field(default=1_000, ge=1)
+    # A finished run's request fingerprint and status are kept this long after its state
+    # expired, so a late duplicate is still recognised (and not run again).
+    tombstone_s: float = Field(default=30 * 24 * 3600, ge=0)
 
 
 class OutboxSettings(BaseModel):
@@ -92,6 +108,34 @@ class OutboxSettings(BaseModel):
     sweep_batch: int = Field(default=500, ge=1)
 
 
+class LimitsSettings(BaseModel):
+    """Sizes the mediator enforces where messages enter and leave it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Apache Kafka's default `message.max.bytes` is 1 MiB plus a little. Applied to the
+    # producer (max_request_size) and checked before anything enters the outbox: a command
+    # or result that would not fit fails its step or run with `payload_too_large` instead
+    # of jamming the outbox. Inbound records over it are refused the same way.
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    # A dead letter carries at most this much of the record it rejects (and the size of
+    # the whole), so a dead letter never becomes a poison message itself.
+    dead_letter_excerpt_bytes: int = Field(default=16_384, ge=256)
+
+
+class BackoffSettings(BaseModel):
+    """Capped exponential backoff for transient failures (Redis or Kafka unreachable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    initial_ms: int = Field(default=500, ge=1)
+    max_ms: int = Field(default=30_000, ge=1)
+
+    def delay_ms(self, failures: int) -> int:
+        """The pause after `failures` consecutive failures (1 = the first)."""
+        return min(self.max_ms, self.initial_ms << min(max(failures - 1, 0), 30))
+
+
 class Settings(BaseSettings):
     """Everything a mediator replica needs to know."""
 
@@ -102,6 +146,8 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     outbox: OutboxSettings = OutboxSettings()
+    limits: LimitsSettings = LimitsSettings()
+    backoff: BackoffSettings = BackoffSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

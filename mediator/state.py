@@ -70,6 +70,12 @@ class WorkflowState:
     output: Any = None
     error: dict[str, Any] | None = None
     rev: int = 0
+    #: What the request asked for (a hash of workflow name and payload): a request id
+    #: reused for something else is told so, not given this run's result.
+    fingerprint: str | None = None
+    #: ``topic/partition/offset`` of the request record that started the run: the same
+    #: record redelivered by Kafka is not a new publish and gets no second result.
+    origin: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -106,7 +112,16 @@ _COPIERS = {cls: _copier(cls) for cls in (StepState, WorkflowState)}
 
 
 _STEP_OPTIONAL = ("command_id", "output", "error", "started_ms", "finished_ms", "instance")
-_WF_OPTIONAL = ("reply_to", "trace_id", "deadline_ms", "finished_ms", "output", "error")
+_WF_OPTIONAL = (
+    "reply_to",
+    "trace_id",
+    "deadline_ms",
+    "finished_ms",
+    "output",
+    "error",
+    "fingerprint",
+    "origin",
+)
 
 
 def _step_to_dict(step: StepState) -> dict[str, Any]:

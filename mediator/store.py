@@ -17,11 +17,11 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from mediator.errors import ConfigurationError, StateUnavailable
+from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
 from mediator.keys import KEY_SCHEMA_VERSION, Keys
 from mediator.state import WorkflowState, dumps, loads
 
-__all__ = ["Commit", "CommitOutcome", "CommitResult", "Store"]
+__all__ = ["Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
 
 
 class CommitOutcome(Enum):
@@ -29,7 +29,18 @@ class CommitOutcome(Enum):
 
     COMMITTED = "committed"
     EXISTS = "exists"  # a create found the workflow already there (duplicate request)
+    FINISHED = "finished"  # a create found the tombstone of a run whose state expired
     CONFLICT = "conflict"  # another writer committed first; reload and recompute
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What is kept of a finished run after its state expired."""
+
+    fingerprint: str
+    origin: str
+    status: str
+    finished_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +55,16 @@ class Commit:
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    """The outcome of a `Commit`, with the stored state when it did not commit."""
+    """The outcome of a `Commit`, with the stored state when it did not commit.
+
+    `lease` is the deadline (Redis clock, ms) of the outbox entries the commit wrote: the
+    publisher's fencing token (see `Store.renew`).
+    """
 
     outcome: CommitOutcome
     current: WorkflowState | None = None
+    tombstone: Tombstone | None = None
+    lease: int = 0
 
 
 def _script(name: str) -> str:
@@ -65,14 +82,21 @@ class Store:
         retention_ms: int,
         recent_limit: int = 1000,
         lease_ms: int = 15_000,
+        tombstone_ms: int = 0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.retention_ms = retention_ms
         self.recent_limit = recent_limit
         self.lease_ms = lease_ms
+        self.tombstone_ms = tombstone_ms
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._commit = redis.register_script(_script("commit.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
+        self._renew = redis.register_script(_script("renew.lua"))
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
@@ -104,7 +128,7 @@ class Store:
             msg = f"Redis unavailable while loading state: {exc}"
             raise StateUnavailable(msg) from exc
         return {
-            wid: loads(blob) if blob is not None else None
+            wid: _decode_state(wid, blob) if blob is not None else None
             for wid, blob in zip(workflow_ids, blobs, strict=True)
         }
 
@@ -128,7 +152,7 @@ class Store:
             for shard in shards
         ]
         try:
-            replies = await self._evalsha_many(self._commit, calls)
+            replies = await self._evalsha_many(self._commit, calls, wait=self.wait_replicas > 0)
         except RedisError as exc:
             msg = f"Redis unavailable while committing: {exc}"
             raise StateUnavailable(msg) from exc
@@ -137,12 +161,17 @@ class Store:
             if isinstance(reply, Exception):
                 msg = f"commit script failed: {reply}"
                 raise StateUnavailable(msg)
-            for index, one in zip(by_shard[shard], reply, strict=True):
-                results[index] = self._result(one)
+            outcomes, lease = reply
+            for index, one in zip(by_shard[shard], outcomes, strict=True):
+                results[index] = self._result(one, int(lease))
         return [r for r in results if r is not None]
 
     async def _evalsha_many(
-        self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+        self,
+        script: AsyncScript,
+        calls: Sequence[tuple[list[str], list[Any]]],
+        *,
+        wait: bool = False,
     ) -> list[Any]:
         """Run `script` once per call in one pipeline, by SHA.
 
@@ -150,22 +179,35 @@ class Store:
         second round trip; instead, load the script only when Redis says it lacks it (after
         a restart or `SCRIPT FLUSH`) and re-run just those calls.
         """
-        replies = await self._pipeline_evalsha(script.sha, calls)
+        replies = await self._pipeline_evalsha(script.sha, calls, wait)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await self.redis.script_load(script.script)
-            again = await self._pipeline_evalsha(script.sha, [calls[i] for i in missing])
+            again = await self._pipeline_evalsha(script.sha, [calls[i] for i in missing], wait)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
     async def _pipeline_evalsha(
-        self, sha: str, calls: Sequence[tuple[list[str], list[Any]]]
+        self, sha: str, calls: Sequence[tuple[list[str], list[Any]]], wait: bool
     ) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+            if wait:
+                # WAIT on the connection that wrote: it counts replicas that have every
+                # write this connection made so far.
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            replies = list(await pipe.execute(raise_on_error=False))
+        if wait:
+            acked = replies.pop()
+            if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+                msg = (
+                    f"only {acked} of {self.wait_replicas} Redis replicas acknowledged the "
+                    f"commit within {self.wait_timeout_ms} ms; the batch will be redelivered"
+                )
+                raise StateUnavailable(msg)
+        return replies
 
     def _commit_call(
         self, shard: int, commits: Sequence[Commit], now_ms: int
@@ -183,15 +225,18 @@ class Store:
             keys.status_index(shard, "completed"),
             keys.status_index(shard, "failed"),
             *(keys.name_index(shard, name) for name in names),
-            *(keys.workflow(c.state.workflow_id) for c in commits),
         ]
+        for commit in commits:
+            wid = commit.state.workflow_id
+            key_list += (keys.workflow(wid), keys.tombstone(wid))
         args: list[Any] = [
             now_ms,
             self.retention_ms,
             self.recent_limit,
-            now_ms + self.lease_ms,
+            self.lease_ms,
             len(names),
             len(commits),
+            self.tombstone_ms,
         ]
         for commit in commits:
             state = commit.state
@@ -202,6 +247,8 @@ class Store:
                 state.status.value,
                 names[state.workflow],
                 dumps(state),
+                state.fingerprint or "",
+                state.origin or "",
                 len(commit.outbox),
             )
             for message_id, frame in commit.outbox:
@@ -212,10 +259,14 @@ class Store:
         return key_list, args
 
     @staticmethod
-    def _result(reply: Any) -> CommitResult:
+    def _result(reply: Any, lease: int) -> CommitResult:
         code = int(reply[0])
         if code == 1:
-            return CommitResult(CommitOutcome.COMMITTED)
+            return CommitResult(CommitOutcome.COMMITTED, lease=lease)
+        if code == 2:
+            fingerprint, origin, status, finished = (_text(v) for v in reply[1:5])
+            tomb = Tombstone(fingerprint, origin, status, int(finished))
+            return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
         current = loads(reply[1]) if len(reply) > 1 and reply[1] else None
         outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
         return CommitResult(outcome, current)
@@ -239,17 +290,52 @@ class Store:
             msg = f"Redis unavailable while clearing the outbox: {exc}"
             raise StateUnavailable(msg) from exc
 
-    async def claim_expired(self, shard: int, now_ms: int, limit: int) -> list[tuple[str, bytes]]:
-        """Take over outbox entries whose lease expired: their publisher died or stalled."""
+    async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
+        """Take over outbox entries whose lease expired (their publisher died or stalled),
+        oldest first; returns the new lease deadline and the entries."""
         try:
             flat = await self._claim(
                 keys=[self.keys.outbox(shard), self.keys.outbox_due(shard)],
-                args=[now_ms, now_ms + self.lease_ms, limit],
+                args=[self.lease_ms, limit],
             )
         except RedisError as exc:
             msg = f"Redis unavailable while claiming the outbox: {exc}"
             raise StateUnavailable(msg) from exc
-        return [(_text(flat[i]), bytes(flat[i + 1])) for i in range(0, len(flat), 2)]
+        entries = [(_text(flat[i]), bytes(flat[i + 1])) for i in range(1, len(flat), 2)]
+        return int(flat[0]), entries
+
+    async def renew(
+        self, shard: int, held: Sequence[tuple[str, int]], *, delay_ms: int | None = None
+    ) -> tuple[int, list[bool]]:
+        """Fencing: for each (id, lease deadline) this replica was given, whether it still
+        holds the entry. Held entries get a new lease, or with `delay_ms` are re-scheduled
+        that far ahead (a retry). Returns the new deadline and one flag per entry."""
+        if not held:
+            return 0, []
+        args: list[Any] = [0 if delay_ms is not None else self.lease_ms, delay_ms or 0]
+        for message_id, deadline in held:
+            args += (message_id, deadline)
+        try:
+            flat = await self._renew(
+                keys=[self.keys.outbox(shard), self.keys.outbox_due(shard)], args=args
+            )
+        except RedisError as exc:
+            msg = f"Redis unavailable while renewing outbox leases: {exc}"
+            raise StateUnavailable(msg) from exc
+        return int(flat[0]), [bool(int(flag)) for flag in flat[1:]]
+
+    async def count(self, deltas: dict[str, int]) -> None:
+        """Add to the deployment-wide counters (`Keys.stats`); best effort."""
+        if not deltas:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, delta in deltas.items():
+                    pipe.hincrby(self.keys.stats, name, delta)
+                await pipe.execute()
+        except RedisError as exc:
+            msg = f"Redis unavailable while counting: {exc}"
+            raise StateUnavailable(msg) from exc
 
     async def outbox_size(self) -> int:
         """Entries waiting in the outbox across all shards."""
@@ -258,6 +344,13 @@ class Store:
                 pipe.zcard(self.keys.outbox_due(shard))
             sizes = await pipe.execute()
         return sum(int(n) for n in sizes)
+
+
+def _decode_state(workflow_id: str, blob: bytes | str) -> WorkflowState:
+    try:
+        return loads(blob)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptState(workflow_id, exc) from exc
 
 
 def _text(value: bytes | str) -> str:

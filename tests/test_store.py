@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio import Redis
 
@@ -9,7 +11,8 @@ from mediator.engine import Engine
 from mediator.keys import Keys
 from mediator.outbox import frame, unframe
 from mediator.state import StepStatus, WorkflowState, evolve
-from mediator.store import Commit, CommitOutcome, Store
+from mediator.errors import CorruptState
+from mediator.store import Commit, CommitOutcome, Store, Tombstone
 from tests.test_engine import make, step
 from topics import RequestEvent, WorkflowStatus
 
@@ -81,15 +84,21 @@ async def test_indexes_follow_the_status_and_finished_runs_expire(store: Store) 
     assert fields == [b"2", b"completed", b"orders"]
 
 
-async def test_outbox_entries_are_leased_then_claimable_until_done(store: Store) -> None:
+async def test_outbox_entries_are_leased_on_the_redis_clock_then_claimable_until_done(
+    store: Store,
+) -> None:
+    # NOW is far from this machine's clock: leases must not depend on the replica's clock.
     state = started("wf-out")
     shard = store.keys.shard_of("wf-out")
     data = frame("svc.a", b"wf-out", b'{"v":1}', [("h", b"1")])
-    await store.commit_many([Commit(state, 0, outbox=[("wf-out.a.1", data)])], NOW)
+    [result] = await store.commit_many([Commit(state, 0, outbox=[("wf-out.a.1", data)])], NOW)
+    server_ms = int((await store.redis.time())[0]) * 1000
+    assert 0 < result.lease - server_ms <= 2_000
 
-    assert await store.claim_expired(shard, NOW + 500, 10) == []  # still leased
-    [(mid, claimed)] = await store.claim_expired(shard, NOW + 1_001, 10)
-    assert mid == "wf-out.a.1"
+    assert (await store.claim_expired(shard, 10))[1] == []  # still leased
+    await asyncio.sleep(1.1)
+    lease, [(mid, claimed)] = await store.claim_expired(shard, 10)
+    assert mid == "wf-out.a.1" and lease > result.lease
     message = unframe(shard, mid, claimed)
     assert (message.topic, message.key, message.value, message.headers) == (
         "svc.a",
@@ -97,10 +106,73 @@ async def test_outbox_entries_are_leased_then_claimable_until_done(store: Store)
         b'{"v":1}',
         [("h", b"1")],
     )
-    assert await store.claim_expired(shard, NOW + 1_500, 10) == []  # re-leased by the claim
+    assert (await store.claim_expired(shard, 10))[1] == []  # re-leased by the claim
     assert await store.outbox_size() == 1
     await store.outbox_done([(shard, mid)])
     assert await store.outbox_size() == 0
+
+
+async def test_a_lease_taken_over_is_no_longer_held_by_its_first_owner(store: Store) -> None:
+    shard = store.keys.shard_of("wf-fence")
+    data = frame("svc.a", None, b"{}", [])
+    [first] = await store.commit_many(
+        [Commit(started("wf-fence"), 0, outbox=[("wf-fence.a.1", data)])], NOW
+    )
+    _, still = await store.renew(shard, [("wf-fence.a.1", first.lease)])
+    assert still == [True]  # renewing moves the deadline: read it back
+    renewed = int(await store.redis.zscore(store.keys.outbox_due(shard), "wf-fence.a.1") or 0)
+    await asyncio.sleep(1.1)
+    claimed, _ = await store.claim_expired(shard, 10)  # another replica takes it over
+
+    _, stale = await store.renew(shard, [("wf-fence.a.1", renewed)])
+    _, fresh = await store.renew(shard, [("wf-fence.a.1", claimed)])
+    assert (stale, fresh) == ([False], [True])
+    await store.outbox_done([(shard, "wf-fence.a.1")])
+    assert (await store.renew(shard, [("wf-fence.a.1", claimed)]))[1] == [False]
+
+
+async def test_the_name_index_never_trims_a_run_that_is_still_running(store: Store) -> None:
+    keys = store.keys
+    old_running = started("wf-old-run", name="orders")
+    old_done = started("wf-old-done", name="orders")
+    shard = keys.shard_of("wf-old-run")
+    long_ago = NOW - 3 * store.retention_ms
+    await store.commit_many([Commit(old_running, 0), Commit(old_done, 0)], long_ago)
+    await store.commit_many([Commit(finished(old_done, 2), 1)], long_ago + 1)
+    # Something finishes now: the index is trimmed to the retention window.
+    fresh = started("wf-new", name="orders")
+    await store.commit_many([Commit(fresh, 0)], NOW)
+    await store.commit_many([Commit(finished(fresh, 2), 1)], NOW)
+
+    index = {k.decode() for k in await store.redis.zrange(keys.name_index(shard, "orders"), 0, -1)}
+    assert "wf-old-run" in index
+    if keys.shard_of("wf-old-done") == keys.shard_of("wf-new"):
+        done_index = keys.name_index(keys.shard_of("wf-old-done"), "orders")
+        assert await store.redis.zscore(done_index, "wf-old-done") is None
+
+
+async def test_a_finished_run_leaves_a_tombstone_that_outlives_its_state(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    store = Store(redis_client, Keys(key_prefix, 4), retention_ms=60_000, tombstone_ms=60_000)
+    state = evolve(started("wf-tomb"), fingerprint="fp1", origin="req/0/7")
+    await store.commit_many([Commit(state, 0)], NOW)
+    await store.commit_many([Commit(finished(state, 2), 1)], NOW + 5)
+    ttl = await redis_client.pttl(store.keys.tombstone("wf-tomb"))
+    assert 60_000 < ttl <= 120_000
+    await redis_client.delete(store.keys.workflow("wf-tomb"))  # the state expired
+
+    [again] = await store.commit_many([Commit(evolve(state, origin="req/1/3"), 0)], NOW + 10)
+
+    assert again.outcome is CommitOutcome.FINISHED
+    assert again.tombstone == Tombstone("fp1", "req/0/7", "completed", NOW + 5)
+    assert await store.load("wf-tomb") is None  # not run again
+
+
+async def test_a_state_that_no_longer_decodes_is_a_permanent_error(store: Store) -> None:
+    await store.redis.hset(store.keys.workflow("wf-bad"), mapping={"rev": 1, "state": "{oops"})
+    with pytest.raises(CorruptState, match="wf-bad"):
+        await store.load("wf-bad")
 
 
 async def test_commits_survive_a_script_cache_flush(store: Store) -> None:

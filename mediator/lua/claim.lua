@@ -1,12 +1,16 @@
--- Claim outbox entries whose lease has expired (their publisher died or stalled).
--- KEYS: 1 outbox hash, 2 outbox due. ARGV: 1 now ms, 2 new lease deadline ms, 3 limit.
--- Returns a flat list of id, frame pairs; ids without a frame are dropped.
-local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
+-- Claim outbox entries whose lease has expired (their publisher died or stalled), oldest
+-- lease first. Leases are on Redis's clock, never a replica's.
+-- KEYS: 1 outbox hash, 2 outbox due. ARGV: 1 lease ms, 2 limit.
+-- Returns {lease deadline, id, frame, id, frame, ...}; ids without a frame are dropped.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = now + tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {lease}
 for _, id in ipairs(ids) do
   local frame = redis.call('HGET', KEYS[1], id)
   if frame then
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    redis.call('ZADD', KEYS[2], lease, id)
     out[#out + 1] = id
     out[#out + 1] = frame
   else

@@ -4,42 +4,56 @@
 -- batch keeps round trips and per-call overhead independent of the batch size.
 --
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
---       7 st:failed, then M name-index keys, then one workflow hash per transition.
--- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease deadline ms,
---       5 M, 6 N (transitions), then per transition:
+--       7 st:failed, then M name-index keys, then per transition its workflow hash and
+--       its tombstone.
+-- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
+--       (transitions), 7 tombstone ms (kept past the retention), then per transition:
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
---       (1..M), state blob, outbox count, (id, frame) pairs, counter count,
---       (field, delta) pairs.
--- Returns one entry per transition: {1} committed, {0, state} the workflow already
--- exists (a create), {-1, state or false} the revision moved on (recompute and retry).
+--       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
+--       (id, frame) pairs, counter count, (field, delta) pairs.
+-- Returns {results, lease deadline}: one result per transition, {1} committed,
+-- {0, state} the workflow already exists (a create), {2, fingerprint, origin, status,
+-- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
+-- the revision moved on (recompute and retry). The outbox lease deadline is on Redis's
+-- clock, so replicas with skewed clocks agree on when a lease runs out.
 local now = tonumber(ARGV[1])
 local retention = tonumber(ARGV[2])
 local recent_limit = tonumber(ARGV[3])
-local lease = ARGV[4]
+local t = redis.call('TIME')
+local lease = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
 local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+local tomb_ms = tonumber(ARGV[7])
 local index_of = {running = KEYS[5], completed = KEYS[6], failed = KEYS[7]}
 local horizon = now - retention
 local finished = false
 local results = {}
-local a = 7
-for t = 1, n do
-  local wf = KEYS[7 + m + t]
+local a = 8
+for i = 1, n do
+  local wf = KEYS[7 + m + 2 * i - 1]
+  local tomb = KEYS[7 + m + 2 * i]
   local expected = tonumber(ARGV[a])
   local wid, name, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local name_key = KEYS[7 + tonumber(ARGV[a + 4])]
   local state = ARGV[a + 5]
-  local n_out = tonumber(ARGV[a + 6])
-  local out_at = a + 7
+  local fingerprint, origin = ARGV[a + 6], ARGV[a + 7]
+  local n_out = tonumber(ARGV[a + 8])
+  local out_at = a + 9
   local cnt_at = out_at + 2 * n_out + 1
   local n_cnt = tonumber(ARGV[cnt_at - 1])
   a = cnt_at + 2 * n_cnt
 
   local current = redis.call('HGET', wf, 'rev')
+  local gone = nil
+  if expected == 0 and not current then
+    gone = redis.call('HMGET', tomb, 'fingerprint', 'origin', 'status', 'finished_ms')
+  end
   if expected == 0 and current then
-    results[t] = {0, redis.call('HGET', wf, 'state')}
+    results[i] = {0, redis.call('HGET', wf, 'state')}
+  elseif gone and gone[3] then
+    results[i] = {2, gone[1] or '', gone[2] or '', gone[3], gone[4] or '0'}
   elseif expected ~= 0 and ((not current) or tonumber(current) ~= expected) then
-    results[t] = {-1, current and redis.call('HGET', wf, 'state') or false}
+    results[i] = {-1, current and redis.call('HGET', wf, 'state') or false}
   else
     redis.call('HSET', wf, 'rev', expected + 1, 'status', status, 'workflow', name,
       'updated_ms', now, 'state', state)
@@ -49,22 +63,34 @@ for t = 1, n do
     if status == 'running' then
       redis.call('ZADD', KEYS[5], now, wid)
     else
-      -- Finished: leave the running index, join its status index, expire later.
+      -- Finished: leave the running index, join its status index, expire later, and
+      -- leave a tombstone that outlives the state so a late duplicate is recognised.
       redis.call('ZREM', KEYS[5], wid)
       redis.call('ZADD', index_of[status], now, wid)
       redis.call('ZADD', KEYS[4], now, wid)
       redis.call('PEXPIRE', wf, retention)
-      redis.call('ZREMRANGEBYSCORE', name_key, '-inf', horizon)
+      if tomb_ms > 0 then
+        redis.call('HSET', tomb, 'fingerprint', fingerprint, 'origin', origin,
+          'status', status, 'finished_ms', now)
+        redis.call('PEXPIRE', tomb, retention + tomb_ms)
+      end
+      -- Trim the name index to the retention window, but never a run still running.
+      local old = redis.call('ZRANGEBYSCORE', name_key, '-inf', horizon, 'LIMIT', 0, 64)
+      for _, id in ipairs(old) do
+        if not redis.call('ZSCORE', KEYS[5], id) then
+          redis.call('ZREM', name_key, id)
+        end
+      end
       finished = true
     end
-    for i = out_at, out_at + 2 * n_out - 1, 2 do
-      redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-      redis.call('ZADD', KEYS[3], lease, ARGV[i])
+    for j = out_at, out_at + 2 * n_out - 1, 2 do
+      redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1])
+      redis.call('ZADD', KEYS[3], lease, ARGV[j])
     end
-    for i = cnt_at, cnt_at + 2 * n_cnt - 1, 2 do
-      redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+    for j = cnt_at, cnt_at + 2 * n_cnt - 1, 2 do
+      redis.call('HINCRBY', KEYS[1], ARGV[j], ARGV[j + 1])
     end
-    results[t] = {1}
+    results[i] = {1}
   end
 end
 if finished then
@@ -73,4 +99,4 @@ if finished then
   redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', horizon)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(recent_limit + 1))
 end
-return results
+return {results, lease}

@@ -1,0 +1,244 @@
+"""The outbox sorts failures per message: fast tests with a fake producer and store.
+
+The real broker here (Tansu) accepts anything and creates any topic, so refusals such as
+an unknown topic on a broker that does not auto-create topics are driven by fakes; the
+size refusal is also covered end to end in test_boundary.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import orjson
+import pytest
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    UnknownTopicOrPartitionError,
+)
+
+from mediator.errors import StateUnavailable
+from mediator.keys import Keys
+from mediator.outbox import Dispatcher, Message
+from mediator.settings import BackoffSettings
+from topics import DeadLetter, ReplyEvent
+from topics.names import Topics
+
+TOPICS = Topics(prefix="t.", service_prefix="t.svc.")
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self._last_successful_refresh_ms = time.time() * 1000
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.cluster = FakeCluster()
+
+
+class FakeProducer:
+    """Acknowledges everything but what a rule refuses, now or when the future settles."""
+
+    def __init__(self) -> None:
+        self.client = FakeClient()
+        self.published: list[tuple[str, bytes]] = []
+        self.refuse_now: dict[bytes, BaseException] = {}
+        self.fail_later: dict[bytes, BaseException] = {}
+        self.missing_topics: set[str] = set()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[object]:
+        assert value is not None
+        if topic in self.missing_topics:
+            raise UnknownTopicOrPartitionError
+        if value in self.refuse_now:
+            raise self.refuse_now[value]
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if value in self.fail_later:
+            future.set_exception(self.fail_later[value])
+        else:
+            self.published.append((topic, value))
+            future.set_result(None)
+        return future
+
+
+class FakeStore:
+    def __init__(self, shards: int = 2) -> None:
+        self.keys = Keys("t", shards)
+        self.lease_ms = 1000
+        self.done: list[tuple[int, str]] = []
+        self.renewed: list[tuple[int, list[tuple[str, int]], int | None]] = []
+        self.lost: set[str] = set()
+        self.claimable: dict[int, list[tuple[str, bytes]]] = {}
+        self.broken_shards: set[int] = set()
+
+    async def outbox_done(self, entries: Sequence[tuple[int, str]]) -> None:
+        self.done += entries
+
+    async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
+        if shard in self.broken_shards:
+            msg = "shard unreachable"
+            raise StateUnavailable(msg)
+        return 99, self.claimable.pop(shard, [])
+
+    async def renew(
+        self, shard: int, held: Sequence[tuple[str, int]], *, delay_ms: int | None = None
+    ) -> tuple[int, list[bool]]:
+        self.renewed.append((shard, list(held), delay_ms))
+        return 1234, [mid not in self.lost for mid, _ in held]
+
+
+def command(n: int, size: int = 10) -> Message:
+    value = orjson.dumps(
+        {
+            "command_id": f"wf-{n}.a.1",
+            "workflow_id": f"wf-{n}",
+            "step": "a",
+            "attempt": 1,
+            "service": "svc",
+            "pad": "x" * size,
+        }
+    )
+    return Message(0, f"wf-{n}.a.1", TOPICS.service("svc"), f"wf-{n}".encode(), value, [],
+                   "command", 7)  # fmt: skip
+
+
+def dispatcher(store: FakeStore, producer: FakeProducer) -> Dispatcher:
+    return Dispatcher(
+        store,
+        producer,
+        topics=TOPICS,
+        backoff=BackoffSettings(initial_ms=250, max_ms=1000),
+        excerpt_bytes=256,
+    )
+
+
+async def settle(d: Dispatcher) -> None:
+    if d._pending:
+        await asyncio.wait(d._pending)
+
+
+async def test_a_refused_command_is_dead_lettered_and_fails_its_step_the_rest_go() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    ok1, big, ok2 = command(1), command(2, size=5000), command(3)
+    producer.refuse_now[big.value] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([ok1, big, ok2])
+    await settle(d)
+
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, value in producer.published:
+        by_topic.setdefault(topic, []).append(value)
+    assert by_topic[TOPICS.service("svc")] == [ok1.value, ok2.value]
+    [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
+    assert dead.code == "too_large"
+    assert dead.truncated and dead.size == len(big.value) and len(dead.value) <= 256
+    [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
+    assert (reply.command_id, reply.status, reply.error and reply.error.code) == (
+        "wf-2.a.1",
+        "error",
+        "too_large",
+    )
+    assert reply.error is not None and not reply.error.retryable
+    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
+    assert d.stats["dead"] == 1
+
+
+async def test_a_transient_failure_reschedules_that_entry_alone_with_backoff() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    ok, slow = command(1), command(2)
+    producer.fail_later[slow.value] = KafkaTimeoutError()
+    d = dispatcher(store, producer)
+
+    await d.send([ok, slow])
+    await settle(d)
+    await d.send([slow])  # the retry fails again: the pause doubles
+    await settle(d)
+
+    assert store.done == [(0, "wf-1.a.1")]
+    assert [(held, delay) for _, held, delay in store.renewed] == [
+        ([("wf-2.a.1", 7)], 250),
+        ([("wf-2.a.1", 7)], 500),
+    ]
+    assert d.stats["retried"] == 2 and d.stats["dead"] == 0
+
+
+async def test_a_result_for_a_topic_the_broker_does_not_have_is_dead_lettered() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    producer.missing_topics.add("nowhere")
+    result = Message(-1, "rejected.r1", "nowhere", b"r1", b'{"x":1}', [], "result")
+    d = dispatcher(store, producer)
+
+    await d.send_now([result])
+
+    [(topic, value)] = producer.published
+    assert topic == TOPICS.dlq
+    dead = DeadLetter.model_validate_json(value)
+    assert dead.code == "unknown_topic" and dead.source_topic == "nowhere"
+
+
+async def test_an_unknown_topic_while_the_broker_is_silent_is_transient() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    producer.missing_topics.add("nowhere")
+    producer.client.cluster._last_successful_refresh_ms = 0  # never heard from it
+    d = dispatcher(store, producer)
+
+    with pytest.raises(UnknownTopicOrPartitionError):
+        await d.send_now([Message(-1, "r", "nowhere", None, b"{}", [], "result")])
+    assert producer.published == []
+
+
+async def test_a_replica_that_stalled_past_its_lease_publishes_only_what_it_still_holds() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    store.lost.add("wf-1.a.1")  # another replica claimed it meanwhile
+    d = dispatcher(store, producer)
+    stalled_since = time.monotonic() - 10  # far more than half the 1 s lease ago
+
+    await d.send([command(1), command(2)], stalled_since)
+    await settle(d)
+
+    assert [v for _, v in producer.published] == [command(2).value]
+    assert d.stats["fenced"] == 1
+
+
+async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
+    store, producer = FakeStore(shards=3), FakeProducer()
+    store.broken_shards.add(0)
+    store.claimable[1] = [("wf-5.a.1", command(5).frame)]
+    store.claimable[2] = [("wf-6.a.1", command(6).frame)]
+    d = dispatcher(store, producer)
+
+    assert await d.sweep_once() == 2
+    await settle(d)
+
+    assert sorted(v for _, v in producer.published) == sorted([command(5).value, command(6).value])
+    assert d.stats["sweep_failures"] == 1
+
+
+def test_a_message_round_trips_through_its_outbox_frame() -> None:
+    from mediator.outbox import unframe
+
+    message = command(4)
+    back = unframe(0, message.id, message.frame)
+    assert (back.topic, back.key, back.value, back.kind) == (
+        message.topic,
+        message.key,
+        message.value,
+        "command",
+    )
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    backoff = BackoffSettings(initial_ms=100, max_ms=1000)
+    assert [backoff.delay_ms(n) for n in (1, 2, 3, 4, 5, 50)] == [100, 200, 400, 800, 1000, 1000]
