@@ -501,10 +501,20 @@ class Runtime:
         )
 
     async def reject(self, record: Record, reason: str, code: str = "unprocessable") -> None:
-        """Dead-letter one record now (the batch boundary found it cannot be processed)."""
+        """Dead-letter one record now (the batch boundary found it cannot be processed);
+        a request's requester gets a failed result that says why."""
         self._dead = []
         self._dead_letter(record, reason, code)
-        await self._flush([])
+        direct = []
+        if record.topic == self.topics.requests:
+            try:
+                request = RequestEvent.model_validate_json(record.value or b"")
+            except ValidationError:
+                pass
+            else:
+                origin = f"{record.topic}/{record.partition}/{record.offset}"
+                direct.append(self._rejection(request, code, reason, origin))
+        await self._flush(direct)
 
     async def _flush(self, direct: list[Message]) -> None:
         """Publish direct messages and dead letters, then count what was counted."""

@@ -163,7 +163,7 @@ class Store:
                 raise StateUnavailable(msg)
             outcomes, lease = reply
             for index, one in zip(by_shard[shard], outcomes, strict=True):
-                results[index] = self._result(one, int(lease))
+                results[index] = self._result(commits[index].state.workflow_id, one, int(lease))
         return [r for r in results if r is not None]
 
     async def _evalsha_many(
@@ -259,7 +259,7 @@ class Store:
         return key_list, args
 
     @staticmethod
-    def _result(reply: Any, lease: int) -> CommitResult:
+    def _result(workflow_id: str, reply: Any, lease: int) -> CommitResult:
         code = int(reply[0])
         if code == 1:
             return CommitResult(CommitOutcome.COMMITTED, lease=lease)
@@ -267,7 +267,7 @@ class Store:
             fingerprint, origin, status, finished = (_text(v) for v in reply[1:5])
             tomb = Tombstone(fingerprint, origin, status, int(finished))
             return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
-        current = loads(reply[1]) if len(reply) > 1 and reply[1] else None
+        current = _decode_state(workflow_id, reply[1]) if len(reply) > 1 and reply[1] else None
         outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
         return CommitResult(outcome, current)
 
