@@ -224,6 +224,8 @@ def status(
     config: ConfigOption = None,
 ) -> None:
     """Workflow counts, per-workflow and per-service counters, and recent runs, from Redis."""
+    from mediator.status import format_stats
+
     settings = _settings(config)
     summary = _run(_status(settings, limit))
     if json_output:
@@ -234,6 +236,8 @@ def status(
         f"running {counts['running']}  completed {counts['completed']}  failed {counts['failed']}"
         f"  outbox pending {summary['outbox_pending']}"
     )
+    if summary["stats"]:
+        typer.echo(format_stats(summary["stats"]))
     for name, values in summary["workflows"].items():
         typer.echo(f"workflow {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
     for name, values in summary["services"].items():
@@ -243,15 +247,14 @@ def status(
 
 
 async def _status(settings: Any, limit: int) -> dict[str, Any]:
-    from mediator.keys import Keys
     from mediator.redis_client import connect
-    from mediator.status import collect_status
+    from mediator.status import collect_status, stored_keys
 
     redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
     try:
-        return await collect_status(
-            redis, Keys(settings.redis.key_prefix, settings.redis.shards), limit=limit
-        )
+        # The layout the prefix was written with, which `mediator dev` may have chosen.
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        return await collect_status(redis, keys, limit=limit)
     finally:
         await redis.aclose()
 

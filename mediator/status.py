@@ -1,4 +1,9 @@
-"""What ops want to know, read from Redis across shards: counts and recent workflows."""
+"""What ops want to know, read from Redis across shards: counts and recent workflows.
+
+Readers must use the shard count the key prefix was laid out with, which `med:meta`
+records (a `mediator dev` deployment may use another count than the settings say):
+`stored_keys` gives the right `Keys`.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,41 @@ from redis.exceptions import RedisError
 from mediator.errors import StateUnavailable
 from mediator.keys import Keys
 
-__all__ = ["collect_status"]
+__all__ = ["collect_status", "format_stats", "stored_keys"]
 
 STATUSES = ("running", "completed", "failed")
+
+
+async def stored_keys(redis: Redis, prefix: str, default_shards: int) -> Keys:
+    """Keys for `prefix` with the shard count recorded in its meta hash, else `default_shards`.
+
+    The meta hash is written when the first replica starts; before that nothing is stored
+    under the prefix, so the configured count is as good as any.
+    """
+    keys = Keys(prefix, default_shards)
+    try:
+        stored = await redis.hget(keys.meta, "shards")
+    except RedisError as exc:
+        msg = f"cannot read the key layout from Redis: {exc}"
+        raise StateUnavailable(msg) from exc
+    if stored is None:
+        return keys
+    try:
+        shards = int(stored)
+    except ValueError:
+        shards = 0
+    if shards < 1:
+        msg = f"{keys.meta} holds shards={_text(stored)!r}, not a shard count; fix or delete it"
+        raise StateUnavailable(msg)
+    return Keys(prefix, shards)
 
 
 async def collect_status(redis: Redis, keys: Keys, *, limit: int = 10) -> dict[str, Any]:
     """Workflow counts by status, counters by workflow and service, the latest finished runs.
 
     Counts by status cover the retention window (finished runs expire); counters are
-    cumulative since the key prefix was first used.
+    cumulative since the key prefix was first used. ``stats`` holds the deployment-wide
+    counters (dead letters, unknown-workflow replies, outbox retries) as stored.
     """
     try:
         return await _collect(redis, keys, limit)
@@ -37,7 +67,9 @@ async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:
             pipe.hgetall(keys.counters(shard))
             pipe.zrevrange(keys.recent(shard), 0, limit - 1, withscores=True)
             pipe.zcard(keys.outbox_due(shard))
+        pipe.hgetall(keys.stats)
         replies = await pipe.execute()
+    stats = {_text(name): _number(value) for name, value in replies.pop().items()}
     counts = dict.fromkeys(STATUSES, 0)
     counters: dict[str, int] = {}
     recent: list[tuple[float, str]] = []
@@ -58,6 +90,8 @@ async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:
         "workflows": _by_prefix(counters, "wf:"),
         "services": _by_prefix(counters, "svc:"),
         "outbox_pending": outbox,
+        "shards": keys.shards,
+        "stats": dict(sorted(stats.items())),
         "recent": await _describe(redis, keys, [wid for _, wid in recent[:limit]]),
     }
 
@@ -90,6 +124,44 @@ def _by_prefix(counters: dict[str, int], prefix: str) -> dict[str, dict[str, int
         subject, _, measure = name[len(prefix) :].rpartition(":")
         grouped.setdefault(subject, {})[measure] = value
     return dict(sorted(grouped.items()))
+
+
+def format_stats(stats: dict[str, int | float]) -> str:
+    """One line for the deployment-wide counters, whatever fields exist.
+
+    A field ``name:detail`` is listed in parentheses after ``name``:
+    ``dead letters 3 (invalid 2, too_large 1)  replies (unknown_workflow 5)``.
+    """
+    groups: dict[str, tuple[list[int | float], list[str]]] = {}
+    for field, value in sorted(stats.items()):
+        name, _, detail = field.partition(":")
+        total, details = groups.setdefault(name, ([], []))
+        if detail:
+            details.append(f"{detail} {value}")
+        else:
+            total.append(value)
+    parts = []
+    for name, (total, details) in groups.items():
+        text = name.replace("_", " ")
+        if total:
+            text += f" {total[0]}"
+        if details:
+            text += f" ({', '.join(details)})"
+        parts.append(text)
+    return "  ".join(parts)
+
+
+def _number(value: bytes | str) -> int | float:
+    # Counters are HINCRBY integers (HINCRBYFLOAT for a float); a field someone wrote by
+    # hand that is no number reads as 0 rather than failing the whole report.
+    text = _text(value)
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return 0
 
 
 def _text(value: bytes | str) -> str:

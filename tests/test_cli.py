@@ -8,15 +8,19 @@ import sys
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
 
+from mediator.keys import Keys
 from mediator.settings import Settings
 from mediator.worker import ActionError
 from tests.system import echo
 
 
-async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """Run `python -m mediator ARGS` with `settings` in its environment."""
-    env = {
+async def cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `python -m mediator ARGS` with `settings` (then `env`) in its environment."""
+    environment = {
         **os.environ,
         "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
@@ -26,13 +30,14 @@ async def cli(settings: Settings, *args: str) -> tuple[int, str, str]:
         "MEDIATOR_REDIS__URL": settings.redis.url,
         "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
+        **(env or {}),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "mediator",
         *args,
-        env=env,
+        env=environment,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -126,3 +131,67 @@ async def test_schemas_prints_every_event() -> None:
         "DeadLetter",
     }
     assert "request_id" in schemas["RequestEvent"]["required"]
+
+
+async def test_status_reads_the_layout_from_meta_and_shows_stats(
+    settings: Settings, redis_client: Redis
+) -> None:
+    # Laid out with 8 shards (as `mediator dev` may do) while the settings say 4: runs in
+    # shards 4-7 are invisible to a reader that trusts the settings.
+    keys = Keys(settings.redis.key_prefix, 8)
+    await redis_client.hset(keys.meta, mapping={"shards": 8, "schema": 1})
+    runs = [f"wf-run-{i}" for i in range(12)]
+    assert {keys.shard_of(wid) for wid in runs} & {4, 5, 6, 7}
+    for n, wid in enumerate(runs, start=1):
+        shard = keys.shard_of(wid)
+        await redis_client.hset(
+            keys.workflow(wid), mapping={"workflow": "w", "status": "completed", "updated_ms": n}
+        )
+        await redis_client.zadd(keys.status_index(shard, "completed"), {wid: n})
+        await redis_client.zadd(keys.recent(shard), {wid: n})
+        await redis_client.hincrby(keys.counters(shard), "wf:w:completed", 1)
+    await redis_client.hset(
+        keys.stats,
+        mapping={
+            "dead_letters": 3,
+            "dead_letters:invalid": 2,
+            "dead_letters:too_large": 1,
+            "replies:unknown_workflow": 5,
+            "outbox:retried": 0,
+        },
+    )
+
+    code, out, err = await cli(settings, "status", "--json", "--limit", "20")
+
+    assert code == 0, err
+    status = orjson.loads(out)
+    assert status["shards"] == 8
+    assert status["counts"] == {"running": 0, "completed": 12, "failed": 0}
+    assert status["workflows"] == {"w": {"completed": 12}}
+    assert [r["workflow_id"] for r in status["recent"]] == runs[::-1]
+    assert status["stats"] == {
+        "dead_letters": 3,
+        "dead_letters:invalid": 2,
+        "dead_letters:too_large": 1,
+        "outbox:retried": 0,
+        "replies:unknown_workflow": 5,
+    }
+
+    code, out, err = await cli(settings, "status")
+
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "running 0  completed 12  failed 0  outbox pending 0"
+    assert lines[1] == (
+        "dead letters 3 (invalid 2, too_large 1)  outbox (retried 0)  replies (unknown_workflow 5)"
+    )
+
+
+async def test_status_of_an_unused_prefix(settings: Settings) -> None:
+    code, out, err = await cli(settings, "status")
+    assert code == 0, err
+    assert out.splitlines() == ["running 0  completed 0  failed 0  outbox pending 0"]
+    code, out, err = await cli(settings, "status", "--json")
+    assert code == 0, err
+    status = orjson.loads(out)
+    assert (status["stats"], status["recent"], status["shards"]) == ({}, [], 4)
