@@ -35,6 +35,13 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
 ]
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: log_level)."
+    ),
+]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -53,6 +60,19 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise _fail(msg) from None
     except OSError as exc:
         raise _fail(str(exc)) from None
+
+
+def _log_to_stderr(level: str, fmt: str) -> None:
+    """Log at `level` (a name in any case, or a number), or exit 2 naming the valid levels."""
+    names = logging.getLevelNamesMapping()
+    value = int(level) if level.strip().isdigit() else names.get(level.strip().upper())
+    if value is None:
+        msg = (
+            f"unknown log level {level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL "
+            "(--log-level, MEDIATOR_LOG_LEVEL or log_level in the config file)"
+        )
+        raise _fail(msg)
+    logging.basicConfig(level=value, format=fmt)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -99,12 +119,11 @@ def run(
     create_topics: Annotated[
         bool, typer.Option(help="Create the mediator's and services' topics first.")
     ] = False,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Run one mediator replica against the configured Kafka and Redis until stopped."""
     settings = _settings(config, **({"workflows": workflows} if workflows else {}))
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
     _run(_serve(settings, create_topics))
 
 
@@ -135,12 +154,10 @@ async def _serve(settings: Any, create: bool) -> None:
 
 
 @app.command()
-def services(config: ConfigOption = None) -> None:
+def services(config: ConfigOption = None, log_level: LogLevelOption = None) -> None:
     """Run the demo order saga's services against the configured Kafka until stopped."""
     settings = _settings(config)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
     _run(_services(settings))
 
 

@@ -195,3 +195,14 @@ async def test_status_of_an_unused_prefix(settings: Settings) -> None:
     assert code == 0, err
     status = orjson.loads(out)
     assert (status["stats"], status["recent"], status["shards"]) == ({}, [], 4)
+
+
+async def test_unknown_log_level_is_one_line_and_exit_code_2(settings: Settings) -> None:
+    for args, env in [
+        (("run", "--log-level", "LOUD"), {}),
+        (("services",), {"MEDIATOR_LOG_LEVEL": "loud"}),
+    ]:
+        code, out, err = await cli(settings, *args, env=env)
+        assert code == 2, (args, out, err)
+        assert "unknown log level" in err and "DEBUG, INFO, WARNING, ERROR, CRITICAL" in err
+        assert len(err.strip().splitlines()) == 1, err
