@@ -8,7 +8,12 @@
 The client reads the results topic without a consumer group: on start it is assigned
 every partition and positioned at the end *before* any request can be sent, so no result
 of its own requests can be missed, and thousands of submits can wait at once on a single
-consumer. Results for request ids it is not waiting for are ignored.
+consumer. Results for request ids it is not waiting for are ignored, unless an
+``on_result`` callback observes every result read.
+
+Results are delivered at least once, so the same result can arrive twice. The client keeps
+a bounded memory of the results it has seen (by ``result_id``) and hands each distinct one
+to ``on_result`` once; ``duplicates_dropped`` counts the repeats.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -72,7 +78,20 @@ class MediatorClient:
         client_id: str = "mediator-client",
         linger_ms: int = 1,
         fetch_max_wait_ms: int = 500,
+        on_result: Callable[[ResultEvent], object] | None = None,
+        dedup_size: int = 100_000,
     ) -> None:
+        """A client of the broker at ``bootstrap_servers`` (options: see the README).
+
+        ``on_result`` is called once for every distinct result read from the results topic
+        while the client runs, on the reader task, before any submit waiting for it
+        resumes: keep it quick (hand slow work to a queue); what it raises is logged. On a
+        results topic shared with other clients it sees their results too.
+        ``dedup_size`` is how many result ids are remembered to drop repeats.
+        """
+        if dedup_size < 1:
+            msg = f"dedup_size must be at least 1, got {dedup_size}"
+            raise ValueError(msg)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.topics = topics or Topics()
         self.results_topic = results_topic or self.topics.results
@@ -85,6 +104,11 @@ class MediatorClient:
         self._pending: dict[str, list[asyncio.Future[ResultEvent]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self.on_result = on_result
+        self.dedup_size = dedup_size
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+        #: Results dropped because an identical one was read before.
+        self.duplicates_dropped = 0
 
     async def start(self) -> None:
         """Connect, and position the results reader at the end of every partition."""
@@ -260,17 +284,49 @@ class MediatorClient:
             raise
 
     def _deliver(self, key: bytes | None, value: bytes | None) -> None:
-        # Most results belong to other clients: skip them by key without decoding.
-        if key is not None and key.decode(errors="replace") not in self._pending:
+        # Most results belong to other clients: unless observing them all, skip them by key
+        # without decoding.
+        if (
+            self.on_result is None
+            and key is not None
+            and key.decode(errors="replace") not in self._pending
+        ):
             return
         try:
             result = ResultEvent.model_validate_json(value or b"")
         except ValidationError as exc:
             log.warning("ignoring invalid result (key %r): %s", key, exc.errors()[:1])
             return
+        # A repeat still resolves a submit waiting for it: a submit made after the first
+        # copy (same request_id, asking for a finished run's result again) would otherwise
+        # wait for a result that never comes again.
         for future in self._pending.get(result.request_id, ()):
             if not future.done():  # the first result wins
                 future.set_result(result)
+        if self._remember(result) and self.on_result is not None:
+            try:
+                self.on_result(result)
+            except Exception:
+                log.exception("on_result failed for the result of %r", result.request_id)
+
+    def _remember(self, result: ResultEvent) -> bool:
+        """Whether `result` is new; a repeat is counted in `duplicates_dropped`."""
+        identity: Hashable = result.result_id or (
+            # Results from mediators that predate result_id: these fields tell copies of
+            # one result apart from a later result of the same request.
+            result.request_id,
+            result.workflow_id,
+            result.status.value,
+            result.finished_ms,
+        )
+        if identity in self._seen:
+            self._seen.move_to_end(identity)
+            self.duplicates_dropped += 1
+            return False
+        self._seen[identity] = None
+        if len(self._seen) > self.dedup_size:
+            self._seen.popitem(last=False)
+        return True
 
     def _fail_pending(self, error: MediatorError) -> None:
         for waiters in self._pending.values():
