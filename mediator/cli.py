@@ -51,11 +51,16 @@ def _fail(message: str) -> typer.Exit:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
+    from mediator.client import IdempotenceUnsupported, idempotence_refused
+
     try:
         return asyncio.run(coro)
     except MediatorError as exc:
         raise _fail(str(exc)) from None
     except KafkaError as exc:
+        if idempotence_refused(exc):
+            # Raised by a producer this module does not build (a replica's, a worker's).
+            raise _fail(str(IdempotenceUnsupported(None, exc))) from None
         msg = f"Kafka: {exc}"
         raise _fail(msg) from None
     except OSError as exc:
@@ -73,6 +78,16 @@ def _log_to_stderr(level: str, fmt: str) -> None:
         )
         raise _fail(msg)
     logging.basicConfig(level=value, format=fmt)
+
+
+def _quiet_libraries() -> None:
+    """Keep the libraries' logs off stderr in a command that runs once.
+
+    Such a command reports a failure as its one error line; without a handler, Python's
+    last-resort one would print the libraries' error logs (aiokafka's about a refused
+    request, say) above it.
+    """
+    logging.getLogger().addHandler(logging.NullHandler())
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -208,6 +223,7 @@ def submit(
         msg = "payload must be a JSON object"
         raise _fail(msg)
     settings = _settings(config)
+    _quiet_libraries()
     rid = request_id or uuid.uuid4().hex
     output, failed = _run(_submit(settings, workflow, data, rid, wait, timeout))
     typer.echo(output)
@@ -244,6 +260,7 @@ def status(
     from mediator.status import format_stats
 
     settings = _settings(config)
+    _quiet_libraries()
     summary = _run(_status(settings, limit))
     if json_output:
         typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())

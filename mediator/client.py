@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import BrokerResponseError, KafkaError
 from pydantic import ValidationError
 
 from mediator import codec
@@ -34,7 +36,15 @@ from mediator.errors import MediatorError
 from topics.events import RequestEvent, ResultEvent
 from topics.names import Topics
 
-__all__ = ["ClientClosed", "MediatorClient", "ResultsTopicMissing", "SubmitTimeout"]
+__all__ = [
+    "ClientClosed",
+    "IdempotenceUnsupported",
+    "MediatorClient",
+    "ResultsTopicMissing",
+    "SubmitTimeout",
+    "idempotence_refused",
+    "start_producer",
+]
 
 log = logging.getLogger("mediator.client")
 
@@ -63,6 +73,60 @@ class ResultsTopicMissing(MediatorError):
 
 class ClientClosed(MediatorError):
     """The client is not running (not started, stopped, or its results reader failed)."""
+
+
+class IdempotenceUnsupported(MediatorError):
+    """The broker refused the idempotent producer (its InitProducerId request failed).
+
+    The embedded Tansu broker always does; Apache Kafka does when the client lacks the
+    IdempotentWrite permission.
+    """
+
+    def __init__(self, bootstrap_servers: str | None, cause: BaseException) -> None:
+        self.bootstrap_servers, self.cause = bootstrap_servers, cause
+        where = f" at {bootstrap_servers}" if bootstrap_servers else ""
+        super().__init__(
+            f"the broker{where} refused the idempotent producer "
+            f"(InitProducerId: {type(cause).__name__}); the embedded Tansu broker never "
+            "supports it: set MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false "
+            "(or enable_idempotence=False in the SDK)"
+        )
+
+
+# aiokafka.producer.sender: Sender._maybe_wait_for_pid -> _do_init_pid -> InitPIDHandler.
+_INIT_PID_FRAMES = frozenset({"_maybe_wait_for_pid", "_do_init_pid"})
+
+
+def idempotence_refused(exc: BaseException) -> bool:
+    """Whether `exc` is a broker's answer to aiokafka's InitProducerId request.
+
+    aiokafka raises the broker's error code as is (Tansu answers UnknownError), so the only
+    sign of where it came from is the traceback: the producer-id handshake that an
+    idempotent producer does on start.
+    """
+    current: BaseException | None = exc
+    for _ in range(10):  # the error itself, or what a wrapper raised it from
+        if current is None:
+            break
+        if isinstance(current, BrokerResponseError) and any(
+            frame.f_code.co_name in _INIT_PID_FRAMES
+            for frame, _ in traceback.walk_tb(current.__traceback__)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def start_producer(
+    producer: AIOKafkaProducer, bootstrap_servers: str, enable_idempotence: bool
+) -> None:
+    """Start `producer`; a broker refusing its idempotence raises `IdempotenceUnsupported`."""
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        if enable_idempotence and idempotence_refused(exc):
+            raise IdempotenceUnsupported(bootstrap_servers, exc) from exc
+        raise
 
 
 class MediatorClient:
@@ -131,7 +195,7 @@ class MediatorClient:
             fetch_max_wait_ms=self.fetch_max_wait_ms,
         )
         try:
-            await self._producer.start()
+            await start_producer(self._producer, self.bootstrap_servers, self.enable_idempotence)
             await self._consumer.start()
             await self._assign_results(self._producer, self._consumer)
         except BaseException:

@@ -206,3 +206,18 @@ async def test_unknown_log_level_is_one_line_and_exit_code_2(settings: Settings)
         assert code == 2, (args, out, err)
         assert "unknown log level" in err and "DEBUG, INFO, WARNING, ERROR, CRITICAL" in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_refused_idempotent_producer_says_what_to_set(settings: Settings) -> None:
+    # The embedded broker (Tansu) rejects InitProducerId.
+    idempotent = {"MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "true"}
+    for args in (("submit", "w", "{}"),):
+        code, out, err = await cli(settings, *args, env=idempotent)
+        assert code == 2, (args, out, err)
+        assert "refused the idempotent producer" in err, err
+        assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in err
+        assert len(err.strip().splitlines()) == 1, err
+    # A long-running command logs what the libraries say first; its last line is the same.
+    code, out, err = await cli(settings, "services", "--log-level", "CRITICAL", env=idempotent)
+    assert code == 2, (out, err)
+    assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in err.strip().splitlines()[-1]

@@ -24,7 +24,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from mediator import codec
-from mediator.client import MediatorClient, ResultsTopicMissing, SubmitTimeout
+from mediator.client import (
+    ClientClosed,
+    IdempotenceUnsupported,
+    MediatorClient,
+    ResultsTopicMissing,
+    SubmitTimeout,
+)
 from mediator.worker import ActionError, Worker
 from topics.events import (
     CommandEvent,
@@ -422,3 +428,17 @@ async def test_client_needs_the_results_topic(broker: str) -> None:
     client = MediatorClient(broker, topics=Topics(prefix="absent."), enable_idempotence=False)
     with pytest.raises(ResultsTopicMissing, match=r"absent\.results"):
         await client.start()
+
+
+async def test_client_explains_a_refused_idempotent_producer(broker: str, names: Topics) -> None:
+    # Tansu rejects InitProducerId; aiokafka reports it as a bare UnknownError.
+    client = MediatorClient(broker, topics=names, enable_idempotence=True)
+    with pytest.raises(IdempotenceUnsupported, match=r"enable_idempotence=False") as info:
+        await client.start()
+    message = str(info.value)
+    assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in message and "\n" not in message
+    assert broker in message
+    with pytest.raises(ClientClosed):
+        await client.publish("order", {})
+    async with MediatorClient(broker, topics=names, enable_idempotence=False) as client:
+        assert await client.publish("order", {})
