@@ -211,7 +211,7 @@ async def test_unknown_log_level_is_one_line_and_exit_code_2(settings: Settings)
 async def test_refused_idempotent_producer_says_what_to_set(settings: Settings) -> None:
     # The embedded broker (Tansu) rejects InitProducerId.
     idempotent = {"MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "true"}
-    for args in (("submit", "w", "{}"),):
+    for args in (("submit", "w", "{}"), ("recover", "--since", "1m")):
         code, out, err = await cli(settings, *args, env=idempotent)
         assert code == 2, (args, out, err)
         assert "refused the idempotent producer" in err, err

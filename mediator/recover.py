@@ -1,0 +1,336 @@
+"""Start again the runs Redis lost: re-publish their requests (``mediator recover``).
+
+When Redis comes back empty after a restart, or a failover loses its latest writes, the
+workflows that were in flight are gone, while their requests are still on the requests
+topic. `recover` reads that topic from a point in time to a fixed end (the end of every
+partition when it starts, or ``until``), and for each request whose run Redis has no trace
+of (neither the workflow hash nor its tombstone) publishes the original record again
+(same key, value and headers), so a mediator starts the run afresh.
+
+Runs Redis still has are left alone, so running it twice is harmless, with one window:
+a request re-published but not consumed by a mediator yet has no hash, so a second run in
+that window publishes it once more. Requests are idempotent by ``request_id``, so the
+mediator starts the run once all the same; wait until the mediators have caught up on
+the requests topic before a second run to avoid the extra copies.
+
+Reach back no further than Redis keeps tombstones: a run that finished and whose
+tombstone expired looks the same as one that was lost, and would be run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mediator import codec
+from mediator.client import start_producer
+from mediator.errors import MediatorError, StateUnavailable
+from mediator.keys import Keys, workflow_id_for
+from mediator.redis_client import connect
+from mediator.settings import Settings
+from mediator.status import stored_keys
+from topics.events import RequestEvent
+
+__all__ = ["BadTime", "RecoverError", "RecoverReport", "parse_time", "recover"]
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_POLL_MS = 200
+_MAX_RECORDS = 500
+
+
+class RecoverError(MediatorError):
+    """Recovery cannot run as asked (missing topic, empty window, a stalled broker)."""
+
+
+class BadTime(RecoverError, ValueError):
+    """A point in time that is neither ISO-8601 nor a duration ago."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"invalid time {text!r}; use ISO-8601 such as 2026-11-22T14:00:00Z (UTC unless "
+            "it carries an offset) or a duration ago such as 90s, 15m, 2h, 1d"
+        )
+
+
+def parse_time(text: str, *, now_ms: int) -> int:
+    """Milliseconds since the epoch of ``text``: ISO-8601, or a duration before ``now_ms``."""
+    match = _RELATIVE.match(text)
+    if match is not None:
+        return now_ms - round(float(match[1]) * _UNIT_MS[match[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadTime(text) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+@dataclass(slots=True)
+class RecoverReport:
+    """What one recovery found and did.
+
+    ``missing`` counts the requests whose run Redis did not have: all were re-published,
+    unless ``dry_run``. ``repeated`` counts further records of a request already found
+    missing (one copy is enough). ``unknown_workflow`` counts requests for workflows that
+    are not loaded, when the caller named the loaded ones: a mediator would only reject
+    them again.
+    """
+
+    topic: str
+    since_ms: int
+    until_ms: int | None
+    partitions: int
+    dry_run: bool
+    scanned: int = 0
+    present: int = 0
+    missing: int = 0
+    republished: int = 0
+    repeated: int = 0
+    unknown_workflow: int = 0
+    undecodable: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values."""
+        return asdict(self)
+
+
+async def recover(
+    settings: Settings,
+    *,
+    since_ms: int,
+    until_ms: int | None = None,
+    dry_run: bool = False,
+    workflows: Collection[str] | None = None,
+    timeout_s: float = 30.0,
+) -> RecoverReport:
+    """Re-publish every request in ``[since_ms, until_ms)`` whose run Redis does not have.
+
+    The window ends at ``until_ms``, or at the end of each partition when the call starts,
+    so records published meanwhile (the re-published ones included) are not read. With
+    ``workflows``, requests naming another workflow are counted, not re-published. Every
+    wait on Kafka or Redis gives up after ``timeout_s`` (Redis: its socket timeout).
+    """
+    if since_ms > codec.now_ms():
+        msg = "the start of the window is in the future; nothing was published after it"
+        raise RecoverError(msg)
+    if until_ms is not None and until_ms <= since_ms:
+        msg = "the end of the window is not after its start; give an --until after --since"
+        raise RecoverError(msg)
+    kafka = settings.kafka
+    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.client_id}-recover",
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+    )
+    producer = None
+    if not dry_run:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-recover",
+            acks="all",
+            enable_idempotence=kafka.enable_idempotence,
+            partitioner=codec.partition_for,
+            linger_ms=kafka.linger_ms,
+        )
+    try:
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        async with asyncio.timeout(timeout_s):
+            await consumer.start()
+            if producer is not None:
+                await start_producer(producer, kafka.bootstrap_servers, kafka.enable_idempotence)
+            window = await _window(consumer, kafka.topics.requests, since_ms, until_ms)
+        report = RecoverReport(
+            topic=kafka.topics.requests,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            partitions=len(window),
+            dry_run=dry_run,
+        )
+        scan = _Scan(report, redis, keys, producer, workflows, timeout_s)
+        await scan.read(consumer, window)
+        return report
+    except TimeoutError as exc:
+        msg = f"Kafka did not answer within {timeout_s:g}s; check kafka.bootstrap_servers"
+        raise RecoverError(msg) from exc
+    finally:
+        try:
+            await consumer.stop()
+        finally:
+            try:
+                if producer is not None:
+                    await producer.stop()
+            finally:
+                await redis.aclose()
+
+
+async def _window(
+    consumer: AIOKafkaConsumer, topic: str, since_ms: int, until_ms: int | None
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``[start, stop)`` offsets of every partition of ``topic`` (empty ranges left out)."""
+    # `topics()` asks for full metadata, which never creates a topic as a side effect.
+    if topic not in await consumer.topics():
+        msg = f"requests topic {topic!r} does not exist; check kafka.topic_prefix"
+        raise RecoverError(msg)
+    partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    ends = await _end_offsets(consumer, tps)
+    starts = await _offsets_at(consumer, tps, since_ms, ends)
+    stops = ends if until_ms is None else await _offsets_at(consumer, tps, until_ms, ends)
+    return {tp: (starts[tp], stops[tp]) for tp in tps if starts[tp] < stops[tp]}
+
+
+async def _end_offsets(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition, now."""
+    listed: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+    # Tansu lists the base offset of the last batch + 1, short of the end when that batch
+    # holds several records; the high watermark of a fetch is right on every broker. A
+    # fetch from the listed end costs at most one fetch_max_wait_ms.
+    consumer.assign(list(tps))
+    for tp in tps:
+        consumer.seek(tp, listed[tp])
+    while any(consumer.highwater(tp) is None for tp in tps):
+        await consumer.getmany(*tps, timeout_ms=_POLL_MS)
+    return {tp: max(listed[tp], consumer.highwater(tp)) for tp in tps}
+
+
+async def _offsets_at(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], ms: int, ends: dict[Any, int]
+) -> dict[TopicPartition, int]:
+    found = await consumer.offsets_for_times(dict.fromkeys(tps, ms))
+    # No record at or after `ms`: Apache Kafka answers None, Tansu offset 0 and timestamp -1.
+    return {
+        tp: ends[tp] if hit is None or hit.timestamp < 0 else min(hit.offset, ends[tp])
+        for tp, hit in found.items()
+    }
+
+
+class _Scan:
+    """One pass over the window: decode, look up in Redis per batch, re-publish the missing."""
+
+    def __init__(
+        self,
+        report: RecoverReport,
+        redis: Redis,
+        keys: Keys,
+        producer: AIOKafkaProducer | None,
+        workflows: Collection[str] | None,
+        timeout_s: float,
+    ) -> None:
+        self.report = report
+        self.redis = redis
+        self.keys = keys
+        self.producer = producer
+        self.workflows = workflows
+        self.timeout_s = timeout_s
+        # Workflow ids found missing in this pass; a later copy of the request is skipped.
+        self.missing: set[str] = set()
+
+    async def read(
+        self, consumer: AIOKafkaConsumer, window: dict[TopicPartition, tuple[int, int]]
+    ) -> None:
+        """Read every partition of ``window`` up to its stop offset."""
+        stops = {tp: stop for tp, (_, stop) in window.items()}
+        consumer.assign(list(stops))
+        for tp, (start, _) in window.items():
+            consumer.seek(tp, start)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while stops:
+            batches = await consumer.getmany(*stops, timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
+            records = [
+                record
+                for tp, batch in batches.items()
+                for record in batch
+                if record.offset < stops.get(tp, -1)
+            ]
+            if records:
+                await self.handle(records)
+                deadline = loop.time() + self.timeout_s
+            for tp in list(stops):
+                if await consumer.position(tp) >= stops[tp]:
+                    consumer.pause(tp)
+                    del stops[tp]
+            if stops and loop.time() > deadline:
+                behind = ", ".join(f"{tp.partition}" for tp in stops)
+                msg = (
+                    f"no records from {self.report.topic} partitions {behind} within "
+                    f"{self.timeout_s:g}s; the broker may be unavailable"
+                )
+                raise RecoverError(msg)
+
+    async def handle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Count one batch and re-publish its requests that Redis does not know."""
+        report = self.report
+        candidates: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        for record in records:
+            report.scanned += 1
+            try:
+                request = RequestEvent.model_validate_json(record.value or b"")
+            except ValidationError:
+                report.undecodable += 1
+                continue
+            if self.workflows is not None and request.workflow not in self.workflows:
+                report.unknown_workflow += 1
+                continue
+            candidates.append((record, workflow_id_for(request.request_id)))
+        known = await self._known([wid for _, wid in candidates])
+        lost: list[ConsumerRecord[bytes, bytes]] = []
+        for (record, wid), present in zip(candidates, known, strict=True):
+            if present:
+                report.present += 1
+            elif wid in self.missing:
+                report.repeated += 1
+            else:
+                self.missing.add(wid)
+                report.missing += 1
+                lost.append(record)
+        if lost and self.producer is not None:
+            await self._publish(self.producer, lost)
+            report.republished += len(lost)
+
+    async def _known(self, workflow_ids: Sequence[str]) -> list[bool]:
+        if not workflow_ids:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wid in workflow_ids:
+                    # Both keys carry the workflow's shard tag: one slot, fine on a cluster.
+                    pipe.exists(self.keys.workflow(wid), self.keys.tombstone(wid))
+                counts = await pipe.execute()
+        except RedisError as exc:
+            msg = f"Redis unavailable while checking which runs it has: {exc}"
+            raise StateUnavailable(msg) from exc
+        return [int(n) > 0 for n in counts]
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, records: Sequence[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            sent = [
+                await producer.send(
+                    self.report.topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=list(record.headers),
+                )
+                for record in records
+            ]
+            await asyncio.gather(*sent)
