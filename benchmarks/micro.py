@@ -34,6 +34,7 @@ from topics.events import ReplyEvent, ReplyStatus, RequestEvent
 __all__ = [
     "balancer_decision",
     "commit_per_transition",
+    "commit_with_wait",
     "dag_document",
     "plan_dag",
     "redis_bytes_per_workflow",
@@ -192,6 +193,43 @@ async def commit_per_transition(stage: Stage, profile: Profile) -> list[Measure]
     finally:
         await redis.aclose()
     return [single, batched]
+
+
+async def commit_with_wait(profile: Profile) -> list[Measure]:
+    """What `redis.wait_replicas: 1` costs: pipelined commits on a primary with one replica,
+    without and with WAIT, side by side on the same pair of fresh servers."""
+    from mediator.infra import HOST, EmbeddedRedis, wait_for_replica
+
+    workflow = parse_workflows(WORKFLOWS["chain3"])[0]
+    engine = Engine(replies_topic="bench.replies")
+    plain = Measure("micro.commit.pipelined100.replica", "us/transition", note="no WAIT")
+    waited = Measure(
+        "micro.commit.pipelined100.wait1", "us/transition", note="WAIT for 1 replica per batch"
+    )
+    runs = 2 * COMMIT_BATCH if profile.name == "quick" else 10 * COMMIT_BATCH
+    async with EmbeddedRedis() as primary:
+        async with EmbeddedRedis(args=["--replicaof", HOST, str(primary.port)]) as replica:
+            redis = Redis.from_url(primary.url)
+            try:
+                await wait_for_replica(replica.url)
+                for _ in range(profile.repeat):
+                    for measure, replicas in ((plain, 0), (waited, 1)):
+                        keys = Keys(tag("wait"), 16)
+                        store = Store(redis, keys, retention_ms=3_600_000, wait_replicas=replicas)
+                        now = codec.now_ms()
+                        lives = [_lifecycle(engine, workflow, keys, n, now) for n in range(runs)]
+                        began, count = time.perf_counter(), 0
+                        for start in range(0, runs, COMMIT_BATCH):
+                            group = lives[start : start + COMMIT_BATCH]
+                            for k in range(len(group[0])):
+                                results = await store.commit_many([life[k] for life in group], now)
+                                count += len(results)
+                        elapsed = time.perf_counter() - began
+                        measure.values.append(round(elapsed / count * 1e6, 1))
+                        await _delete_prefix(redis, keys.prefix)
+            finally:
+                await redis.aclose()
+    return [plain, waited]
 
 
 async def _prefix_keys(redis: Redis, prefix: str) -> list[bytes]:

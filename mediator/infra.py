@@ -40,6 +40,7 @@ __all__ = [
     "create_topics",
     "embedded",
     "find_free_port",
+    "wait_for_replica",
 ]
 
 log = logging.getLogger("mediator.infra")
@@ -352,6 +353,21 @@ class EmbeddedRedis(_Server):
         if self.process is None or info.get("process_id") != self.process.pid:
             msg = f"{self.url} is served by process {info.get('process_id')}, not ours"
             raise InfrastructureError(msg)
+
+
+async def wait_for_replica(url: str, timeout_s: float = 20.0) -> None:
+    """Return once the replica at `url` is in sync with its primary."""
+    redis = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(int(timeout_s / 0.05)):
+            info = await redis.info("replication")
+            if info.get("master_link_status") == "up":
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
+    msg = f"replica {url} did not sync within {timeout_s} s"
+    raise InfrastructureError(msg)
 
 
 async def create_topics(
