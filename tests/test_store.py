@@ -8,10 +8,10 @@ import pytest
 from redis.asyncio import Redis
 
 from mediator.engine import Engine
+from mediator.errors import CorruptState
 from mediator.keys import Keys
 from mediator.outbox import frame, unframe
 from mediator.state import StepStatus, WorkflowState, evolve
-from mediator.errors import CorruptState
 from mediator.store import Commit, CommitOutcome, Store, Tombstone
 from tests.test_engine import make, step
 from topics import RequestEvent, WorkflowStatus

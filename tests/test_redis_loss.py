@@ -1,0 +1,69 @@
+"""Redis restarted empty mid-run: nothing is lost silently, and `recover` finishes it all."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from mediator import codec
+from mediator.infra import EmbeddedRedis
+from mediator.recover import recover
+from mediator.settings import RedisSettings
+from tests.helpers import wait_for
+from tests.system import CHAIN3, slow_echo
+from topics import WorkflowStatus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of this test's own, so restarting it hurts no other test."""
+    async with EmbeddedRedis() as server:
+        yield server
+
+
+async def test_redis_restarted_empty_then_recover_every_request_gets_a_result(
+    make_system: Any, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mediator")
+    redis = RedisSettings(url=own_redis.url, key_prefix="loss", shards=4, socket_timeout_s=0.5)
+    system = await make_system(CHAIN3, redis=redis)
+    await system.worker("svc", {"work": slow_echo}, concurrency=16)
+    mediator = await system.mediator()
+    client = await system.client()
+    began = codec.now_ms() - 1000
+    done: list[Any] = []
+
+    async def submit(n: int) -> None:
+        done.append(await client.submit("chain3", {"n": n}, request_id=f"l-{n}", timeout=120))
+
+    tasks = [asyncio.create_task(submit(n)) for n in range(300)]
+    try:
+        await wait_for(lambda: len(done) >= 20, timeout=60, what="first results")
+        own_redis.kill()
+        await own_redis.restart()  # empty: every run in flight is gone
+        lost_at = len(done)
+        await wait_for(
+            lambda: mediator.runtime.stats["unknown_workflow_replies"] > 0,
+            timeout=30,
+            what="replies for runs Redis lost",
+        )
+        stats = await mediator.redis.hgetall(mediator.store.keys.stats)
+        assert int(stats[b"replies:unknown_workflow"]) > 0  # counted where ops look
+
+        report = await recover(system.settings, since_ms=began)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+    assert lost_at < 300
+    assert report.republished > 0
+    assert len({r.request_id for r in done}) == 300
+    assert {r.status for r in done} == {WorkflowStatus.COMPLETED}
+    assert any("Redis does not have" in r.getMessage() for r in caplog.records)
