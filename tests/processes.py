@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -29,15 +30,26 @@ class MediatorProcess:
         self.config.write_text(yaml.safe_dump(doc))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        """Launch the replica."""
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        """Launch the replica, with `env` on top of this process's environment."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mediator", "run", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
+
+    def pause(self) -> None:
+        """SIGSTOP: the replica freezes mid-flight, as in a long GC pause or a VM stall;
+        its sockets stay open but nothing is read, sent or heartbeated."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the frozen replica carries on where it stopped."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no flush, no offset commit."""
@@ -50,6 +62,8 @@ class MediatorProcess:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
+        # A paused replica acts on SIGTERM only once it runs again.
+        self.process.send_signal(signal.SIGCONT)
         for _ in range(200):
             if self.process.poll() is not None:
                 return self.process.returncode
