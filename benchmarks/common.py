@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mediator.metrics import percentile
+from mediator.runtime.metrics import percentile
 
 __all__ = [
     "Budget",

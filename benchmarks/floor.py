@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
 from benchmarks.stage import ECHO, Rigs, Stage
-from mediator import codec
+from mediator import clock, codec
 from topics.events import CommandEvent, ReplyEvent, ReplyStatus
 from topics.names import Topics
 
@@ -99,7 +99,7 @@ class FloorClient:
                 attempt=1,
                 input=payload,
                 reply_to=self.replies_topic,
-                sent_ms=codec.now_ms(),
+                sent_ms=clock.now_ms(),
             )
             future: asyncio.Future[ReplyEvent] = loop.create_future()
             self._waiting[command.command_id] = future

@@ -22,10 +22,10 @@ from typing import Any
 import orjson
 
 from benchmarks.stage import ECHO
-from mediator.app import Mediator
+from mediator.definitions import load_paths
+from mediator.runtime.app import Mediator
+from mediator.sdk.worker import Worker
 from mediator.settings import Settings, load_settings
-from mediator.worker import Worker
-from mediator.workflow import load_paths
 
 
 async def echo(data: Any) -> Any:

@@ -14,7 +14,7 @@ import orjson
 
 from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
 from benchmarks.stage import Rig, Rigs, Stage, steps_of
-from mediator.client import MediatorClient
+from mediator.sdk.client import MediatorClient
 from mediator.settings import Settings
 from topics.events import WorkflowStatus
 

@@ -22,13 +22,14 @@ from redis.asyncio import Redis
 from benchmarks.common import Measure, Profile, run_count, tag
 from benchmarks.mediator_bench import make_client, submitter
 from benchmarks.stage import ECHO, WORKFLOWS, Stage
-from mediator import codec
-from mediator.app import Mediator
-from mediator.engine import Engine, PublishResult, SendCommand, Transition
-from mediator.keys import Keys, workflow_id_for
-from mediator.outbox import frame
-from mediator.store import Commit, CommitOutcome, Store
-from mediator.workflow import Definitions, Workflow, load_file, parse_workflows
+from mediator import clock, codec
+from mediator.core.engine import Engine, PublishResult, SendCommand, Transition
+from mediator.core.workflow import Workflow, parse_workflows
+from mediator.definitions import Definitions, load_file
+from mediator.runtime.app import Mediator
+from mediator.runtime.outbox import frame
+from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.store import Commit, CommitOutcome, Store
 from topics.events import ReplyEvent, ReplyStatus, RequestEvent
 
 __all__ = [
@@ -56,7 +57,7 @@ def balancer_decision(profile: Profile) -> list[Measure]:
     """Microseconds per `Balancer.choose` for each strategy (n/a without a balancer)."""
     if importlib.util.find_spec("mediator.balancer") is None:
         return [Measure("micro.balancer.decision", "us", note="n/a (no balancer yet)")]
-    from mediator.balancer import Balancer, Instance, Strategy
+    from mediator.core.balancer import Balancer, Instance, Strategy
 
     instances = [
         Instance(id=f"i{i}", inbox=f"svc.echo.i{i}", up=i != 0, draining=i == 1,
@@ -170,7 +171,7 @@ async def commit_per_transition(stage: Stage, profile: Profile) -> list[Measure]
             keys = Keys(tag("commit"), 16)
             store = Store(redis, keys, retention_ms=3_600_000)
             await store.check_layout()
-            now = codec.now_ms()
+            now = clock.now_ms()
             lives = [_lifecycle(engine, workflow, keys, n, now) for n in range(runs)]
             half = runs // 2
             began = time.perf_counter()
@@ -198,7 +199,7 @@ async def commit_per_transition(stage: Stage, profile: Profile) -> list[Measure]
 async def commit_with_wait(profile: Profile) -> list[Measure]:
     """What `redis.wait_replicas: 1` costs: pipelined commits on a primary with one replica,
     without and with WAIT, side by side on the same pair of fresh servers."""
-    from mediator.infra import HOST, EmbeddedRedis, wait_for_replica
+    from mediator.cli.infra import HOST, EmbeddedRedis, wait_for_replica
 
     workflow = parse_workflows(WORKFLOWS["chain3"])[0]
     engine = Engine(replies_topic="bench.replies")
@@ -216,7 +217,7 @@ async def commit_with_wait(profile: Profile) -> list[Measure]:
                     for measure, replicas in ((plain, 0), (waited, 1)):
                         keys = Keys(tag("wait"), 16)
                         store = Store(redis, keys, retention_ms=3_600_000, wait_replicas=replicas)
-                        now = codec.now_ms()
+                        now = clock.now_ms()
                         lives = [_lifecycle(engine, workflow, keys, n, now) for n in range(runs)]
                         began, count = time.perf_counter(), 0
                         for start in range(0, runs, COMMIT_BATCH):

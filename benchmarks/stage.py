@@ -16,7 +16,7 @@ import yaml
 
 from benchmarks.common import tag
 from benchmarks.procs import Child
-from mediator.infra import EmbeddedKafka, EmbeddedRedis, create_topics
+from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
 from topics.names import Topics
 

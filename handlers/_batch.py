@@ -13,7 +13,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from faststream.kafka.message import KafkaMessage
 from faststream.middlewares import AckPolicy
 
-from mediator.boundary import Boundary
+from mediator.runtime.boundary import Boundary
 from mediator.settings import KafkaSettings
 
 __all__ = ["Offsets", "batch_subscription", "handle_batch", "undecoded"]

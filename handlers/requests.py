@@ -6,8 +6,8 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
 from handlers._batch import Offsets, batch_subscription, handle_batch
-from mediator.boundary import Boundary
-from mediator.runtime import Runtime
+from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
 from mediator.settings import Settings
 
 __all__ = ["register"]

@@ -1,5 +1,5 @@
 """`python -m mediator` runs the command line."""
 
-from mediator.cli import main
+from mediator.cli.commands import main
 
 main()

@@ -1,4 +1,4 @@
-"""Encoding of events for Kafka: JSON values, contract headers and the wall clock.
+"""Encoding of events for Kafka: JSON values and contract headers.
 
 One place decides how an event becomes bytes, so every producer in the project (mediator,
 service SDK, client SDK) writes the same shape. ``None`` fields are left out: the models
@@ -8,16 +8,11 @@ while staying small on the wire.
 
 from __future__ import annotations
 
-import random
-import time
-import zlib
-from collections.abc import Sequence
-
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from topics.headers import headers_for
 
-__all__ = ["encode", "headers", "now_ms", "partition_for"]
+__all__ = ["encode", "headers", "validation_reason"]
 
 
 def encode(event: BaseModel) -> bytes:
@@ -37,20 +32,10 @@ def headers(event: BaseModel) -> list[tuple[str, bytes]]:
     return headers_for(str(event_type), int(schema_version), getattr(event, "trace_id", None))
 
 
-def now_ms() -> int:
-    """Milliseconds since the Unix epoch, as every ``*_ms`` field of the contract counts."""
-    return time.time_ns() // 1_000_000
-
-
-def partition_for(
-    key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]
-) -> int:
-    """Partitioner for every producer of the project: CRC32 of the key.
-
-    aiokafka's default hashes keys with a pure-Python murmur2, a measurable share of a
-    busy mediator's CPU. Any stable hash keeps a key's messages in order; which partition
-    a key maps to is not part of the contract.
-    """
-    if key is None:
-        return random.choice(list(available or all_partitions))
-    return all_partitions[zlib.crc32(key) % len(all_partitions)]
+def validation_reason(exc: ValidationError, most: int = 3) -> str:
+    """The first `most` problems of a validation error on one line: ``where: what; ...``."""
+    problems = []
+    for error in exc.errors()[:most]:
+        where = ".".join(str(part) for part in error["loc"]) or "value"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)

@@ -12,6 +12,9 @@ Every error derives from one root, so callers can catch the family at once::
     ├── UnknownWorkflow          a request names a workflow that is not loaded
     ├── StateUnavailable         Redis could not be reached or answered wrongly
     ├── CorruptState             a stored workflow state no longer decodes
+    ├── IdempotenceUnsupported   the broker refused the idempotent producer
+    ├── RecoverError             `mediator recover` cannot run as asked
+    │   └── BadTime              a time that is neither ISO-8601 nor a duration ago
     ├── InfrastructureError      an embedded server could not be started
     └── ConfigurationError       settings are inconsistent
         └── DefinitionConflict   a loaded definition differs from the stored one of its version
@@ -24,14 +27,17 @@ from collections.abc import Sequence
 __all__ = [
     "BadDuration",
     "BadExpression",
+    "BadTime",
     "ConfigurationError",
     "CorruptState",
     "CyclicDependency",
     "DefinitionConflict",
     "DefinitionError",
     "DuplicateStep",
+    "IdempotenceUnsupported",
     "InfrastructureError",
     "MediatorError",
+    "RecoverError",
     "StateUnavailable",
     "UnknownDependency",
     "UnknownWorkflow",
@@ -173,4 +179,37 @@ class DefinitionConflict(ConfigurationError):
             f"under that version (loaded content hash {loaded_hash}, stored {stored_hash}); "
             "runs of that version may still follow the stored one, so the file is refused: "
             "bump `version` in the file to change a workflow"
+        )
+
+
+class IdempotenceUnsupported(MediatorError):
+    """The broker refused the idempotent producer (its InitProducerId request failed).
+
+    The embedded Tansu broker always does; Apache Kafka does when the client lacks the
+    IdempotentWrite permission.
+    """
+
+    def __init__(self, bootstrap_servers: str | None, cause: BaseException) -> None:
+        self.bootstrap_servers, self.cause = bootstrap_servers, cause
+        where = f" at {bootstrap_servers}" if bootstrap_servers else ""
+        super().__init__(
+            f"the broker{where} refused the idempotent producer "
+            f"(InitProducerId: {type(cause).__name__}); the embedded Tansu broker never "
+            "supports it: set MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false "
+            "(or enable_idempotence=False in the SDK)"
+        )
+
+
+class RecoverError(MediatorError):
+    """Recovery cannot run as asked (missing topic, empty window, a stalled broker)."""
+
+
+class BadTime(RecoverError, ValueError):
+    """A point in time that is neither ISO-8601 nor a duration ago."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"invalid time {text!r}; use ISO-8601 such as 2026-11-22T14:00:00Z (UTC unless "
+            "it carries an offset) or a duration ago such as 90s, 15m, 2h, 1d"
         )

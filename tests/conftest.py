@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from mediator.infra import EmbeddedKafka, EmbeddedRedis, create_topics
+from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
 from tests.system import System
 from topics.names import Topics

@@ -14,13 +14,14 @@ from typing import Any
 
 import yaml
 
-from mediator.app import Mediator
-from mediator.client import MediatorClient
-from mediator.dev import service_names
-from mediator.infra import create_topics
+from mediator.cli.dev import service_names
+from mediator.cli.infra import create_topics
+from mediator.core.workflow import parse_workflows
+from mediator.definitions import Definitions
+from mediator.runtime.app import Mediator
+from mediator.sdk.client import MediatorClient
+from mediator.sdk.worker import Worker
 from mediator.settings import Settings
-from mediator.worker import Worker
-from mediator.workflow import Definitions, parse_workflows
 
 __all__ = ["CHAIN3", "System", "echo", "slow_echo"]
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mediator.balancer import Balancer, Instance, NoInstance, Strategy
+from mediator.core.balancer import Balancer, Instance, NoInstance, Strategy
 
 
 def fleet(n: int, **overrides: object) -> list[Instance]:

@@ -13,7 +13,7 @@ import pytest
 from benchmarks import celery_bench, floor, mediator_bench, micro, report, scaling
 from benchmarks.common import Measure, Profile
 from benchmarks.stage import open_stage
-from mediator.infra import EmbeddedKafka, EmbeddedRedis
+from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis
 
 TINY = Profile(
     "smoke", repeat=1, warmup_s=0.2, measure_s=0.5, half_load_s=0.5, floor_in_flight=20,

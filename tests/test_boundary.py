@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from mediator.keys import workflow_id_for
+from mediator.storage.keys import workflow_id_for
 from tests.helpers import consume_all, produce, wait_for
 from tests.system import echo
 from tests.test_workflows_e2e import committed, step

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from mediator.keys import Keys
+from mediator.sdk.worker import ActionError
 from mediator.settings import Settings
-from mediator.worker import ActionError
+from mediator.storage.keys import Keys
 from tests.system import echo
 
 

@@ -9,8 +9,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from mediator import codec
-from mediator.client import MediatorClient
-from mediator.infra import EmbeddedKafka
+from mediator.cli.infra import EmbeddedKafka
+from mediator.sdk.client import MediatorClient
 from tests.helpers import wait_for
 from topics.events import RequestEvent, ResultEvent, WorkflowStatus
 from topics.names import Topics

@@ -11,15 +11,16 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from mediator.definition_store import DefinitionStore
+from mediator.core.workflow import Workflow, parse_workflows
+from mediator.definitions import Definitions
 from mediator.errors import (
     ConfigurationError,
     DefinitionConflict,
     StateUnavailable,
     UnknownWorkflow,
 )
-from mediator.keys import Keys
-from mediator.workflow import Definitions, Workflow, parse_workflows
+from mediator.storage.catalog import DefinitionStore
+from mediator.storage.keys import Keys
 
 
 def step(step_id: str, *deps: str, **fields: Any) -> dict[str, Any]:

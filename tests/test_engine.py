@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from mediator.engine import Engine, PublishResult, SendCommand, Transition, command_id
-from mediator.state import StepState, StepStatus, WorkflowState, dumps, loads
-from mediator.workflow import Workflow, parse_workflows
+from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, command_id
+from mediator.core.state import StepState, StepStatus, WorkflowState, dumps, loads
+from mediator.core.workflow import Workflow, parse_workflows
 from topics.events import (
     CommandEvent,
     ErrorInfo,

@@ -10,9 +10,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mediator.engine import Engine, PublishResult, SendCommand, Transition
-from mediator.state import SATISFIED, StepStatus
-from mediator.workflow import Workflow, parse_workflows
+from mediator.core.engine import Engine, PublishResult, SendCommand, Transition
+from mediator.core.state import SATISFIED, StepStatus
+from mediator.core.workflow import Workflow, parse_workflows
 from topics.events import CommandEvent, ErrorInfo, ReplyEvent, ReplyStatus, RequestEvent
 from topics.events import WorkflowStatus as WS
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mediator.infra import EmbeddedRedis
+from mediator.cli.infra import EmbeddedRedis
 from mediator.settings import RedisSettings
 from tests.helpers import wait_for
 from tests.system import CHAIN3, slow_echo

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from mediator.app import Mediator
+from mediator.core.workflow import parse_workflows
+from mediator.definitions import Definitions
 from mediator.errors import DefinitionConflict
-from mediator.keys import workflow_id_for
-from mediator.workflow import Definitions, parse_workflows
+from mediator.runtime.app import Mediator
+from mediator.storage.keys import workflow_id_for
 from tests.helpers import consume_all, wait_for
 from tests.system import echo
 from tests.test_workflows_e2e import step

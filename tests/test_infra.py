@@ -11,9 +11,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mediator import infra
+from mediator.cli import infra
+from mediator.cli.infra import Embedded, EmbeddedKafka, EmbeddedRedis, create_topics, embedded
 from mediator.errors import InfrastructureError
-from mediator.infra import Embedded, EmbeddedKafka, EmbeddedRedis, create_topics, embedded
 from tests.helpers import consume_all, produce, wait_for
 from topics.names import Topics
 

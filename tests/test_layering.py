@@ -1,19 +1,37 @@
-"""Layering rules: the engine and the contract stay free of I/O libraries."""
+"""Layering rules: the core and the contract stay free of I/O libraries, and each layer of
+`mediator/` imports only the layers below it."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 IO_LIBRARIES = ("faststream", "aiokafka", "redis")
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["mediator.engine", "mediator.workflow", "mediator.state", "mediator.balancer", "topics"],
+CORE = sorted(
+    f"mediator.core.{path.stem}"
+    for path in (Path(__file__).parent.parent / "mediator" / "core").glob("*.py")
+    if path.stem != "__init__"
 )
+
+#: What each layer may import from `mediator` (besides the top-level modules: errors,
+#: settings, codec, clock, producers, definitions).
+ALLOWED = {
+    "core": {"core"},
+    "storage": {"core", "storage"},
+    "runtime": {"core", "storage", "runtime"},
+    "sdk": {"core", "sdk"},
+    "ops": {"core", "storage", "sdk", "ops"},
+    "cli": {"core", "storage", "runtime", "sdk", "ops", "cli"},
+}
+
+
+@pytest.mark.parametrize("module", [*CORE, "mediator.core", "topics"])
 def test_pure_modules_import_no_io_library(module: str) -> None:
     # A fresh interpreter, so modules imported by other tests do not hide the answer.
     code = (
@@ -40,3 +58,22 @@ def test_topics_imports_only_pydantic_and_the_standard_library() -> None:
         "typing_inspection",
         "annotated_types",
     }
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
+    folder = Path(__file__).parent.parent / "mediator" / layer
+    wrong = []
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "mediator" and len(parts) > 2 and parts[1] not in ALLOWED[layer]:
+                    wrong.append(f"{path.name}: {name}")
+    assert wrong == [], f"mediator.{layer} reaches up into {wrong}"

@@ -20,9 +20,9 @@ from aiokafka.errors import (
 )
 
 from mediator.errors import StateUnavailable
-from mediator.keys import Keys
-from mediator.outbox import Dispatcher, Message
+from mediator.runtime.outbox import Dispatcher, Message
 from mediator.settings import BackoffSettings
+from mediator.storage.keys import Keys
 from topics import DeadLetter, ReplyEvent
 from topics.names import Topics
 
@@ -227,7 +227,7 @@ async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
 
 
 def test_a_message_round_trips_through_its_outbox_frame() -> None:
-    from mediator.outbox import unframe
+    from mediator.runtime.outbox import unframe
 
     message = command(4)
     back = unframe(0, message.id, message.frame)
@@ -242,3 +242,30 @@ def test_a_message_round_trips_through_its_outbox_frame() -> None:
 def test_backoff_doubles_and_is_capped() -> None:
     backoff = BackoffSettings(initial_ms=100, max_ms=1000)
     assert [backoff.delay_ms(n) for n in (1, 2, 3, 4, 5, 50)] == [100, 200, 400, 800, 1000, 1000]
+
+
+async def test_leases_of_slow_publishes_are_renewed_by_elapsed_time_not_wall_clock() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    d = dispatcher(store, producer)
+    pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def never_acked(*args: object, **kwargs: object) -> asyncio.Future[object]:
+        return pending
+
+    producer.send = never_acked  # type: ignore[method-assign]
+    slow, lost = command(1), command(2)
+    store.lost.add(lost.id)
+    await d.send([slow, lost])
+    await d.renew_inflight()  # just sent: nothing to renew yet
+    assert store.renewed == []
+
+    for slot, (message, _) in list(d._inflight.items()):
+        d._inflight[slot] = (message, time.monotonic() - 1)  # a second ago: past 1/3 lease
+    await d.renew_inflight()
+
+    assert [held for _, held, delay in store.renewed if delay is None] == [
+        [(slow.id, 7), (lost.id, 7)]
+    ]
+    assert set(d._inflight) == {(0, slow.id)}  # the lost one is no longer renewed
+    assert d.stats["lost_in_flight"] == 1 and d.stats["fenced"] == 0
+    pending.cancel()

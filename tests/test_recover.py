@@ -17,10 +17,11 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
-from mediator import codec
-from mediator.keys import Keys, workflow_id_for
-from mediator.recover import BadTime, RecoverError, parse_time, recover
+from mediator import clock, codec, producers
+from mediator.errors import BadTime, RecoverError
+from mediator.ops.recover import parse_time, recover
 from mediator.settings import Settings
+from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
 # The layout recover must read from med:meta, unlike the settings' 4 shards.
@@ -35,14 +36,14 @@ async def publish_requests(settings: Settings, request_ids: list[str]) -> list[R
             workflow="order",
             payload={"n": i},
             trace_id=f"trace-{rid}",
-            created_ms=codec.now_ms(),
+            created_ms=clock.now_ms(),
         )
         for i, rid in enumerate(request_ids)
     ]
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         enable_idempotence=False,
-        partitioner=codec.partition_for,
+        partitioner=producers.partition_for,
     )
     await producer.start()
     try:
@@ -147,7 +148,7 @@ def test_time_forms() -> None:
 async def test_republishes_exactly_the_runs_redis_lost(
     settings: Settings, redis_client: Redis, layout: Keys
 ) -> None:
-    since = codec.now_ms() - 1000
+    since = clock.now_ms() - 1000
     ids = [f"r-{i}" for i in range(12)]
     await publish_requests(settings, ids)
     await publish_junk(settings, b"not json", b'{"type": "request"}')
@@ -182,10 +183,10 @@ async def test_republishes_exactly_the_runs_redis_lost(
 async def test_window_bounds_and_duplicates(
     settings: Settings, redis_client: Redis, layout: Keys
 ) -> None:
-    start = codec.now_ms() - 1000
+    start = clock.now_ms() - 1000
     await publish_requests(settings, ["early-1", "early-2"])
     await asyncio.sleep(0.3)
-    middle = codec.now_ms()
+    middle = clock.now_ms()
     await asyncio.sleep(0.3)
     # A client that re-sent its request: two records, one run to start.
     await publish_requests(settings, ["late-1", "late-1", "late-2"])
@@ -201,7 +202,7 @@ async def test_window_bounds_and_duplicates(
     assert copies == Counter({"early-1": 1, "early-2": 1, "late-1": 3, "late-2": 2})
     assert distinct == 5
     with pytest.raises(RecoverError, match="in the future"):
-        await recover(settings, since_ms=codec.now_ms() + 60_000)
+        await recover(settings, since_ms=clock.now_ms() + 60_000)
     with pytest.raises(RecoverError, match="not after its start"):
         await recover(settings, since_ms=middle, until_ms=middle)
 
@@ -209,7 +210,7 @@ async def test_window_bounds_and_duplicates(
 async def test_only_loaded_workflows_are_republished(
     settings: Settings, redis_client: Redis, layout: Keys
 ) -> None:
-    since = codec.now_ms() - 1000
+    since = clock.now_ms() - 1000
     await publish_requests(settings, ["a", "b"])
 
     report = await recover(settings, since_ms=since, dry_run=True, workflows={"other"})
@@ -222,7 +223,7 @@ async def test_missing_topic_is_an_error(settings: Settings) -> None:
         update={"kafka": settings.kafka.model_copy(update={"topic_prefix": "absent."})}
     )
     with pytest.raises(RecoverError, match=r"'absent\.requests' does not exist"):
-        await recover(absent, since_ms=codec.now_ms() - 1000, timeout_s=10)
+        await recover(absent, since_ms=clock.now_ms() - 1000, timeout_s=10)
 
 
 async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:

@@ -23,15 +23,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from mediator import codec
-from mediator.client import (
-    ClientClosed,
-    IdempotenceUnsupported,
-    MediatorClient,
-    ResultsTopicMissing,
-    SubmitTimeout,
-)
-from mediator.worker import ActionError, Worker
+from mediator import clock, codec
+from mediator.errors import IdempotenceUnsupported
+from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
+from mediator.sdk.worker import ActionError, Worker
 from topics.events import (
     CommandEvent,
     ReplyEvent,
@@ -178,7 +173,7 @@ def command(names: Topics, action: str, input: Any = None, **fields: Any) -> Com
         "input": input,
         "reply_to": names.replies,
         "trace_id": "trace-1",
-        "sent_ms": codec.now_ms(),
+        "sent_ms": clock.now_ms(),
     }
     return CommandEvent(**(values | fields))
 
@@ -379,7 +374,7 @@ async def fake_mediator(broker: str, names: Topics, output: Any) -> None:
                         workflow=request.workflow,
                         status=WorkflowStatus.COMPLETED,
                         output={"echo": request.payload, "extra": output},
-                        finished_ms=codec.now_ms(),
+                        finished_ms=clock.now_ms(),
                     )
                     await prod.send_and_wait(
                         names.results, codec.encode(result), key=request_id.encode()

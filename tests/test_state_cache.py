@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from mediator.cache import StateCache
-from mediator.engine import Engine
-from mediator.state import StepStatus, evolve
+from mediator.core.engine import Engine
+from mediator.core.state import StepStatus, evolve
+from mediator.storage.cache import StateCache
 from tests.helpers import consume_all, produce, wait_for
 from tests.test_engine import make, step
 from topics import RequestEvent, WorkflowStatus

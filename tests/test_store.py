@@ -7,12 +7,12 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from mediator.engine import Engine
+from mediator.core.engine import Engine
+from mediator.core.state import StepStatus, WorkflowState, evolve
 from mediator.errors import CorruptState
-from mediator.keys import Keys
-from mediator.outbox import frame, unframe
-from mediator.state import StepStatus, WorkflowState, evolve
-from mediator.store import Commit, CommitOutcome, Store, Tombstone
+from mediator.runtime.outbox import frame, unframe
+from mediator.storage.keys import Keys
+from mediator.storage.store import Commit, CommitOutcome, Store, Tombstone
 from tests.test_engine import make, step
 from topics import RequestEvent, WorkflowStatus
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from mediator.cli.infra import HOST, EmbeddedRedis, wait_for_replica
 from mediator.errors import StateUnavailable
-from mediator.infra import HOST, EmbeddedRedis, wait_for_replica
-from mediator.keys import Keys
-from mediator.store import Commit, CommitOutcome, Store
+from mediator.storage.keys import Keys
+from mediator.storage.store import Commit, CommitOutcome, Store
 from tests.test_store import NOW, started
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mediator.cli import app
-from mediator.durations import parse_duration_ms
+from mediator.cli.commands import app
+from mediator.core.durations import parse_duration_ms
+from mediator.core.workflow import (
+    StepSpec,
+    WorkflowSpec,
+    compile_workflow,
+    parse_workflows,
+    workflow_from_json,
+)
+from mediator.definitions import Definitions, load_file, load_paths
 from mediator.errors import (
     BadDuration,
     BadExpression,
@@ -21,16 +29,6 @@ from mediator.errors import (
     MediatorError,
     UnknownDependency,
     UnknownWorkflow,
-)
-from mediator.workflow import (
-    Definitions,
-    StepSpec,
-    WorkflowSpec,
-    compile_workflow,
-    load_file,
-    load_paths,
-    parse_workflows,
-    workflow_from_json,
 )
 
 ORDER_YAML = Path(__file__).resolve().parent.parent / "mediator" / "workflows" / "order.yaml"

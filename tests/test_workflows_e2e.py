@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from mediator.worker import ActionError
+from mediator.sdk.worker import ActionError
 from tests.helpers import consume_all, produce, wait_for
 from tests.system import echo
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus

@@ -51,7 +51,8 @@ def _fail(message: str) -> typer.Exit:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
-    from mediator.client import IdempotenceUnsupported, idempotence_refused
+    from mediator.errors import IdempotenceUnsupported
+    from mediator.producers import idempotence_refused
 
     try:
         return asyncio.run(coro)
@@ -113,7 +114,7 @@ def dev(
     ] = None,
 ) -> None:
     """Run everything on an embedded broker and Redis: mediator, demo services, sample orders."""
-    from mediator.dev import run_dev
+    from mediator.cli.dev import run_dev
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Group joins on start-up are routine here; aiokafka reports them as warnings.
@@ -143,10 +144,10 @@ def run(
 
 
 async def _serve(settings: Any, create: bool) -> None:
-    from mediator.app import Mediator
-    from mediator.dev import service_names
-    from mediator.infra import create_topics
-    from mediator.workflow import load_paths
+    from mediator.cli.dev import service_names
+    from mediator.cli.infra import create_topics
+    from mediator.definitions import load_paths
+    from mediator.runtime.app import Mediator
 
     if not settings.workflows:
         msg = "no workflows configured: pass --workflows PATH or set MEDIATOR_WORKFLOWS"
@@ -177,7 +178,7 @@ def services(config: ConfigOption = None, log_level: LogLevelOption = None) -> N
 
 
 async def _services(settings: Any) -> None:
-    from mediator.demo import demo_services
+    from mediator.cli.demo import demo_services
 
     kafka = settings.kafka
     workers = demo_services(
@@ -234,7 +235,7 @@ def submit(
 async def _submit(
     settings: Any, workflow: str, data: dict[str, Any], rid: str, wait: bool, wait_s: float
 ) -> tuple[str, bool]:
-    from mediator.client import MediatorClient
+    from mediator.sdk.client import MediatorClient
 
     kafka = settings.kafka
     async with MediatorClient(
@@ -257,7 +258,7 @@ def status(
     config: ConfigOption = None,
 ) -> None:
     """Workflow counts, per-workflow and per-service counters, and recent runs, from Redis."""
-    from mediator.status import format_stats
+    from mediator.ops.status import format_stats
 
     settings = _settings(config)
     _quiet_libraries()
@@ -281,8 +282,8 @@ def status(
 
 
 async def _status(settings: Any, limit: int) -> dict[str, Any]:
-    from mediator.redis_client import connect
-    from mediator.status import collect_status, stored_keys
+    from mediator.ops.status import collect_status, stored_keys
+    from mediator.storage.connection import connect
 
     redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
     try:
@@ -325,12 +326,13 @@ def recover(
     config: ConfigOption = None,
 ) -> None:
     """Re-publish the requests since a time whose runs Redis lost; leave the runs it has."""
-    from mediator import codec
-    from mediator.recover import BadTime, parse_time
+    from mediator import clock
+    from mediator.errors import BadTime
+    from mediator.ops.recover import parse_time
 
     settings = _settings(config, **({"workflows": workflows} if workflows else {}))
     _quiet_libraries()
-    now = codec.now_ms()
+    now = clock.now_ms()
     window: list[int | None] = []
     for option, text in (("--since", since), ("--until", until)):
         try:
@@ -361,8 +363,8 @@ def recover(
 async def _recover(
     settings: Any, since_ms: int, until_ms: int | None, dry_run: bool, timeout_s: float
 ) -> Any:
-    from mediator.recover import recover
-    from mediator.workflow import load_paths
+    from mediator.definitions import load_paths
+    from mediator.ops.recover import recover
 
     names = load_paths(settings.workflows).names() if settings.workflows else None
     return await recover(
@@ -380,7 +382,7 @@ def validate(
     paths: Annotated[list[Path], typer.Argument(help="Workflow YAML files or folders.")],
 ) -> None:
     """Check workflow definitions; exit 2 with the first error, naming file, workflow, step."""
-    from mediator.workflow import Definitions, load_file, workflow_files
+    from mediator.definitions import Definitions, load_file, workflow_files
 
     definitions = Definitions()  # also catches one name and version defined twice
     for file in (f for path in paths for f in workflow_files(path)):

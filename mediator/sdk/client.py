@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
@@ -28,22 +27,19 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import BrokerResponseError, KafkaError
 from pydantic import ValidationError
 
-from mediator import codec
+from mediator import clock, codec
 from mediator.errors import MediatorError
+from mediator.producers import new_producer, start_producer
 from topics.events import RequestEvent, ResultEvent
 from topics.names import Topics
 
 __all__ = [
     "ClientClosed",
-    "IdempotenceUnsupported",
     "MediatorClient",
     "ResultsTopicMissing",
     "SubmitTimeout",
-    "idempotence_refused",
-    "start_producer",
 ]
 
 log = logging.getLogger("mediator.client")
@@ -73,60 +69,6 @@ class ResultsTopicMissing(MediatorError):
 
 class ClientClosed(MediatorError):
     """The client is not running (not started, stopped, or its results reader failed)."""
-
-
-class IdempotenceUnsupported(MediatorError):
-    """The broker refused the idempotent producer (its InitProducerId request failed).
-
-    The embedded Tansu broker always does; Apache Kafka does when the client lacks the
-    IdempotentWrite permission.
-    """
-
-    def __init__(self, bootstrap_servers: str | None, cause: BaseException) -> None:
-        self.bootstrap_servers, self.cause = bootstrap_servers, cause
-        where = f" at {bootstrap_servers}" if bootstrap_servers else ""
-        super().__init__(
-            f"the broker{where} refused the idempotent producer "
-            f"(InitProducerId: {type(cause).__name__}); the embedded Tansu broker never "
-            "supports it: set MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false "
-            "(or enable_idempotence=False in the SDK)"
-        )
-
-
-# aiokafka.producer.sender: Sender._maybe_wait_for_pid -> _do_init_pid -> InitPIDHandler.
-_INIT_PID_FRAMES = frozenset({"_maybe_wait_for_pid", "_do_init_pid"})
-
-
-def idempotence_refused(exc: BaseException) -> bool:
-    """Whether `exc` is a broker's answer to aiokafka's InitProducerId request.
-
-    aiokafka raises the broker's error code as is (Tansu answers UnknownError), so the only
-    sign of where it came from is the traceback: the producer-id handshake that an
-    idempotent producer does on start.
-    """
-    current: BaseException | None = exc
-    for _ in range(10):  # the error itself, or what a wrapper raised it from
-        if current is None:
-            break
-        if isinstance(current, BrokerResponseError) and any(
-            frame.f_code.co_name in _INIT_PID_FRAMES
-            for frame, _ in traceback.walk_tb(current.__traceback__)
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-async def start_producer(
-    producer: AIOKafkaProducer, bootstrap_servers: str, enable_idempotence: bool
-) -> None:
-    """Start `producer`; a broker refusing its idempotence raises `IdempotenceUnsupported`."""
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        if enable_idempotence and idempotence_refused(exc):
-            raise IdempotenceUnsupported(bootstrap_servers, exc) from exc
-        raise
 
 
 class MediatorClient:
@@ -179,12 +121,10 @@ class MediatorClient:
         if self._reader is not None:
             return
         # aiokafka clients bind to the running loop and cannot be restarted: build them here.
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
+        self._producer = new_producer(
+            self.bootstrap_servers,
             client_id=self.client_id,
-            acks="all",
             enable_idempotence=self.enable_idempotence,
-            partitioner=codec.partition_for,
             linger_ms=self.linger_ms,
         )
         self._consumer = AIOKafkaConsumer(
@@ -242,7 +182,7 @@ class MediatorClient:
             payload=payload or {},
             reply_to=None if self.results_topic == self.topics.results else self.results_topic,
             trace_id=trace_id,
-            created_ms=codec.now_ms(),
+            created_ms=clock.now_ms(),
         )
         if self._producer is None:
             msg = "start the client (`await client.start()` or `async with client`) first"

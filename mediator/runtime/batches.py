@@ -20,20 +20,21 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
-from mediator.boundary import Boundary
-from mediator.cache import StateCache
-from mediator.codec import encode, headers, now_ms
-from mediator.definition_store import DefinitionStore
-from mediator.engine import Engine, PublishResult, SendCommand, Transition, result_of
+from mediator.clock import now_ms
+from mediator.codec import encode, headers, validation_reason
+from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
+from mediator.core.state import WorkflowState
+from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable, UnknownWorkflow
-from mediator.failures import dead_letter
-from mediator.keys import Keys, workflow_id_for
-from mediator.metrics import Samples
-from mediator.outbox import Dispatcher, Message
+from mediator.runtime.boundary import Boundary
+from mediator.runtime.failures import dead_letter
+from mediator.runtime.metrics import Samples
+from mediator.runtime.outbox import Dispatcher, Message
 from mediator.settings import LimitsSettings
-from mediator.state import WorkflowState
-from mediator.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
-from mediator.workflow import Workflow
+from mediator.storage.cache import StateCache
+from mediator.storage.catalog import DefinitionStore
+from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
 from topics.events import (
     DeadLetter,
     ErrorInfo,
@@ -475,7 +476,7 @@ class Runtime:
         try:
             return model.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            reason = _validation_reason(exc)
+            reason = validation_reason(exc)
         self._dead_letter(record, reason, "invalid")
         return None
 
@@ -544,11 +545,3 @@ def _merge(first: Transition, second: Transition) -> Transition:
     for name, delta in second.counters.items():
         merged.count(name, delta)
     return merged
-
-
-def _validation_reason(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors()[:3]:
-        where = ".".join(str(part) for part in error["loc"]) or "value"
-        problems.append(f"{where}: {error['msg']}")
-    return "; ".join(problems)

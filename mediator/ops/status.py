@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediator.errors import StateUnavailable
-from mediator.keys import Keys
+from mediator.storage.keys import Keys
 
 __all__ = ["collect_status", "format_stats", "stored_keys"]
 

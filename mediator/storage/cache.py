@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from mediator.state import WorkflowState
+from mediator.core.state import WorkflowState
 
 __all__ = ["StateCache"]
 

@@ -7,20 +7,19 @@ import contextlib
 import logging
 from types import TracebackType
 
-from aiokafka import AIOKafkaProducer
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
 import handlers
-from mediator.codec import partition_for
-from mediator.definition_store import DefinitionStore
-from mediator.keys import Keys
-from mediator.outbox import Dispatcher
-from mediator.redis_client import connect
-from mediator.runtime import Runtime
+from mediator.definitions import Definitions
+from mediator.producers import new_producer
+from mediator.runtime.batches import Runtime
+from mediator.runtime.outbox import Dispatcher
 from mediator.settings import Settings
-from mediator.store import Store
-from mediator.workflow import Definitions
+from mediator.storage.catalog import DefinitionStore
+from mediator.storage.connection import connect
+from mediator.storage.keys import Keys
+from mediator.storage.store import Store
 
 __all__ = ["Mediator", "create_app"]
 
@@ -48,12 +47,10 @@ class Mediator:
             wait_timeout_ms=redis.wait_timeout_ms,
         )
         self.catalog = DefinitionStore(self.redis, keys, definitions)
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap_servers,
+        self.producer = new_producer(
+            kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-outbox",
             enable_idempotence=kafka.enable_idempotence,
-            partitioner=partition_for,
-            acks="all",
             linger_ms=kafka.linger_ms,
             max_request_size=settings.limits.max_message_bytes,
         )

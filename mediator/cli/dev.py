@@ -14,14 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mediator.app import Mediator
-from mediator.client import MediatorClient
-from mediator.demo import DEMO_WORKFLOWS, demo_services, sample_order
-from mediator.infra import create_topics, embedded
-from mediator.keys import Keys
+from mediator.cli.demo import DEMO_WORKFLOWS, demo_services, sample_order
+from mediator.cli.infra import create_topics, embedded
+from mediator.definitions import Definitions, load_paths
+from mediator.ops.status import collect_status
+from mediator.runtime.app import Mediator
+from mediator.sdk.client import MediatorClient
 from mediator.settings import Settings, load_settings
-from mediator.status import collect_status
-from mediator.workflow import Definitions, load_paths
+from mediator.storage.keys import Keys
 from topics.events import ResultEvent, WorkflowStatus
 
 __all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names"]

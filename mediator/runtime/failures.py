@@ -24,7 +24,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from mediator.codec import now_ms
+from mediator.clock import now_ms
 from mediator.errors import StateUnavailable
 from topics.events import DeadLetter
 

@@ -35,9 +35,17 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from mediator import codec
+from mediator import clock, codec
 from mediator.errors import MediatorError
-from topics.events import SCHEMA_VERSION, CommandEvent, ErrorInfo, ReplyEvent, ReplyStatus
+from mediator.producers import new_producer
+from topics.events import (
+    SCHEMA_VERSION,
+    TOPIC_NAME,
+    CommandEvent,
+    ErrorInfo,
+    ReplyEvent,
+    ReplyStatus,
+)
 from topics.headers import headers_for
 from topics.names import Topics
 
@@ -49,7 +57,7 @@ Handler = Callable[..., Any]
 """An action: ``(input)`` or ``(input, command)``, returning the step's output (any JSON)."""
 H = TypeVar("H", bound=Handler)
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_TOPIC_NAME = re.compile(TOPIC_NAME)
 STAT_NAMES = ("received", "executed", "duplicates", "errors", "invalid")
 
 
@@ -124,12 +132,10 @@ class Worker:
         if self._task is not None:
             return
         client_id = f"{self.service}.{self.instance}"
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
+        producer = new_producer(
+            self.bootstrap_servers,
             client_id=client_id,
-            acks="all",
             enable_idempotence=self.enable_idempotence,
-            partitioner=codec.partition_for,
             **({"linger_ms": 1} | self._producer_options),
         )
         consumer = AIOKafkaConsumer(
@@ -267,10 +273,10 @@ class Worker:
         try:
             command = CommandEvent.model_validate_json(record.value or b"")
         except ValidationError as exc:
-            reason = _one_line(exc)
+            reason = codec.validation_reason(exc)
         else:
             # aiokafka keeps an invalid topic in its metadata set for good, so never send to one.
-            if _TOPIC_NAME.fullmatch(command.reply_to):
+            if _TOPIC_NAME.match(command.reply_to):
                 return await self._answer(command)
             reason = f"reply_to: {command.reply_to!r} is not a valid topic name"
         self.stats["invalid"] += 1
@@ -367,7 +373,7 @@ class Worker:
         return ReplyEvent(
             command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
             attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
-            error=error, service=self.service, instance=self.instance, replied_ms=codec.now_ms(),
+            error=error, service=self.service, instance=self.instance, replied_ms=clock.now_ms(),
         )  # fmt: skip
 
 
@@ -385,7 +391,3 @@ def _wants_command(fn: Handler, name: str) -> bool:
         msg = f"handler of action {name!r} must take (input) or (input, command)"
         raise TypeError(msg)
     return len(positional) >= 2
-
-
-def _one_line(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors())

@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
+from mediator.core.state import WorkflowState, dumps, loads
 from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
-from mediator.keys import KEY_SCHEMA_VERSION, Keys
-from mediator.state import WorkflowState, dumps, loads
+from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
 __all__ = ["Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
 
@@ -68,7 +68,7 @@ class CommitResult:
 
 
 def _script(name: str) -> str:
-    return importlib.resources.files("mediator").joinpath(f"lua/{name}").read_text()
+    return importlib.resources.files("mediator.storage").joinpath(f"lua/{name}").read_text()
 
 
 class Store:

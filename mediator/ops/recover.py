@@ -31,37 +31,22 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mediator import codec
-from mediator.client import start_producer
-from mediator.errors import MediatorError, StateUnavailable
-from mediator.keys import Keys, workflow_id_for
-from mediator.redis_client import connect
+from mediator import clock
+from mediator.errors import BadTime, RecoverError, StateUnavailable
+from mediator.ops.status import stored_keys
+from mediator.producers import new_producer, start_producer
 from mediator.settings import Settings
-from mediator.status import stored_keys
+from mediator.storage.connection import connect
+from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
-__all__ = ["BadTime", "RecoverError", "RecoverReport", "parse_time", "recover"]
+__all__ = ["RecoverReport", "parse_time", "recover"]
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _POLL_MS = 200
 _MAX_RECORDS = 500
-
-
-class RecoverError(MediatorError):
-    """Recovery cannot run as asked (missing topic, empty window, a stalled broker)."""
-
-
-class BadTime(RecoverError, ValueError):
-    """A point in time that is neither ISO-8601 nor a duration ago."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        super().__init__(
-            f"invalid time {text!r}; use ISO-8601 such as 2026-11-22T14:00:00Z (UTC unless "
-            "it carries an offset) or a duration ago such as 90s, 15m, 2h, 1d"
-        )
 
 
 def parse_time(text: str, *, now_ms: int) -> int:
@@ -123,7 +108,7 @@ async def recover(
     ``workflows``, requests naming another workflow are counted, not re-published. Every
     wait on Kafka or Redis gives up after ``timeout_s`` (Redis: its socket timeout).
     """
-    if since_ms > codec.now_ms():
+    if since_ms > clock.now_ms():
         msg = "the start of the window is in the future; nothing was published after it"
         raise RecoverError(msg)
     if until_ms is not None and until_ms <= since_ms:
@@ -140,13 +125,12 @@ async def recover(
     )
     producer = None
     if not dry_run:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap_servers,
+        producer = new_producer(
+            kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-recover",
-            acks="all",
             enable_idempotence=kafka.enable_idempotence,
-            partitioner=codec.partition_for,
             linger_ms=kafka.linger_ms,
+            max_request_size=settings.limits.max_message_bytes,
         )
     try:
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)

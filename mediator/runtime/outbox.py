@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import orjson
 from aiokafka.errors import KafkaError
 
-from mediator.codec import encode, headers, now_ms
+from mediator.clock import now_ms
+from mediator.codec import encode, headers
 from mediator.errors import StateUnavailable
-from mediator.failures import dead_letter, failure_code, is_transient, metadata_age_s
-from mediator.ports import OutboxStore, Producer
+from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
+from mediator.runtime.ports import OutboxStore, Producer
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
 from topics.names import Topics
@@ -133,10 +134,14 @@ class Dispatcher:
             "retried": 0,
             "dead": 0,
             "fenced": 0,
+            "lost_in_flight": 0,
             "sweep_failures": 0,
         }
         self._tries: dict[tuple[int, str], int] = {}
-        self._inflight: dict[tuple[int, str], Message] = {}
+        #: Publishes waiting for the broker, with the monotonic time their lease was last
+        #: granted (or a moment before): leases are renewed by elapsed local time, never by
+        #: comparing this replica's wall clock with Redis's.
+        self._inflight: dict[tuple[int, str], tuple[Message, float]] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._next_shard = 0
@@ -165,7 +170,10 @@ class Dispatcher:
         """
         if not messages:
             return
-        if since is not None and time.monotonic() - since > self.lease_ms / 2000:
+        if since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since > self.lease_ms / 2000:
+            since = time.monotonic()
             messages = await self._still_held(messages)
         sent: list[tuple[Message, asyncio.Future[object]]] = []
         for message in messages:
@@ -174,7 +182,7 @@ class Dispatcher:
             except Exception as exc:  # sorted per message, never the whole batch
                 await self._failed(message, exc)
                 continue
-            self._inflight[(message.shard, message.id)] = message
+            self._inflight[(message.shard, message.id)] = (message, since)
             sent.append((message, future))
         if not sent:
             return
@@ -276,7 +284,9 @@ class Dispatcher:
                                    encode(reply), headers(reply), "reply"))  # fmt: skip
         await self.send_now(out)
 
-    async def _still_held(self, messages: Sequence[Message]) -> list[Message]:
+    async def _still_held(
+        self, messages: Sequence[Message], *, in_flight: bool = False
+    ) -> list[Message]:
         """The messages whose outbox lease this replica still holds (fencing); their leases
         are renewed."""
         by_shard: dict[int, list[Message]] = {}
@@ -290,6 +300,11 @@ class Dispatcher:
                 if ok:
                     message.lease = lease
                     kept.append(message)
+                elif in_flight:
+                    # Already with the producer: it may reach Kafka twice (see the README's
+                    # at-least-once window); consumers deduplicate on its id.
+                    self.stats["lost_in_flight"] += 1
+                    log.warning("lease of %s, still in flight, was taken over", message.id)
                 else:
                     self.stats["fenced"] += 1
                     log.warning("not publishing %s: another replica took it over", message.id)
@@ -308,6 +323,10 @@ class Dispatcher:
         done = []
         for (message, _), result in zip(sent, results, strict=True):
             slot = (message.shard, message.id)
+            if isinstance(result, asyncio.CancelledError):
+                # The producer is stopping: the entry stays, and its lease runs out.
+                self._inflight.pop(slot, None)
+                continue
             if isinstance(result, BaseException):
                 await self._failed(message, result)
                 continue
@@ -326,14 +345,23 @@ class Dispatcher:
     async def renew_inflight(self) -> None:
         """Keep the leases of publishes still waiting for the broker, so other replicas do
         not take them over while the broker is merely slow."""
+        checked = time.monotonic()
         stale = [
-            m
-            for m in self._inflight.values()
-            if m.shard >= 0 and m.lease - now_ms() < self.lease_ms / 2
+            message
+            for message, leased in self._inflight.values()
+            if message.shard >= 0 and checked - leased > self.lease_ms / 3000
         ]
-        if stale:
-            for message in await self._still_held(stale):
-                self._inflight[(message.shard, message.id)] = message
+        if not stale:
+            return
+        held = {(m.shard, m.id) for m in await self._still_held(stale, in_flight=True)}
+        for message in stale:
+            slot = (message.shard, message.id)
+            if slot not in self._inflight:
+                continue  # settled meanwhile
+            if slot in held:
+                self._inflight[slot] = (message, checked)
+            else:
+                del self._inflight[slot]
 
     # -- sweeping --------------------------------------------------------------------------
 
@@ -348,13 +376,14 @@ class Dispatcher:
         start, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
         for shard in [*range(start, shards), *range(start)]:
             try:
+                since = time.monotonic()
                 lease, claimed = await self.store.claim_expired(shard, self.sweep_batch)
                 if claimed:
                     messages = [unframe(shard, mid, data) for mid, data in claimed]
                     for message in messages:
                         message.lease = lease
                     log.info("re-sending %d outbox messages of shard %d", len(messages), shard)
-                    await self.send(messages)
+                    await self.send(messages, since)
                     total += len(messages)
             except (StateUnavailable, KafkaError) as exc:
                 self.stats["sweep_failures"] += 1

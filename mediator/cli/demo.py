@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mediator.worker import ActionError, Worker
+from mediator.sdk.worker import ActionError, Worker
 from topics.names import Topics
 
 __all__ = ["DEMO_WORKFLOWS", "demo_services", "sample_order"]
 
-DEMO_WORKFLOWS = Path(__file__).with_name("workflows")
+DEMO_WORKFLOWS = Path(__file__).parent.parent / "workflows"
 
 #: Orders above this amount are declined by the payment service (a non-retryable error).
 CARD_LIMIT = 900

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from mediator.keys import Keys
+from mediator.storage.keys import Keys
 
 __all__ = ["OutboxStore", "Producer"]
 

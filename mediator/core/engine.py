@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mediator.expressions import ExpressionError
-from mediator.state import SATISFIED, StepState, StepStatus, WorkflowState, fork
-from mediator.workflow import Step, Workflow
+from mediator.core.expressions import ExpressionError
+from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, fork
+from mediator.core.workflow import Step, Workflow
 from topics.events import (
     CommandEvent,
     ErrorInfo,

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from mediator.failures import is_transient
+from mediator.runtime.failures import is_transient
 from mediator.settings import BackoffSettings
 
 __all__ = ["Boundary"]

@@ -26,14 +26,15 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mediator.core.workflow import Workflow, workflow_from_json
+from mediator.definitions import Definitions
 from mediator.errors import (
     DefinitionConflict,
     DefinitionError,
     StateUnavailable,
     UnknownWorkflow,
 )
-from mediator.keys import Keys
-from mediator.workflow import Definitions, Workflow, workflow_from_json
+from mediator.storage.keys import Keys
 
 __all__ = ["DOCUMENT_FORMAT", "DefinitionStore"]
 

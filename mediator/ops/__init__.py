@@ -1,0 +1,1 @@
+"""Operating a deployment: the status reader and recovery after Redis lost data."""

@@ -1,0 +1,1 @@
+"""What services and clients use: the service SDK (`worker`) and the client SDK (`client`)."""

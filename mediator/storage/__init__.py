@@ -1,0 +1,2 @@
+"""The Redis side: key builders, the store and its Lua scripts, the state cache, the stored
+definitions and the connection factory."""
