@@ -8,6 +8,7 @@ environment wins over the file.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from mediator.codec import validation_reason
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
@@ -158,6 +160,15 @@ class Settings(BaseSettings):
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level.isdigit() or level in logging.getLevelNamesMapping():
+            return level
+        msg = f"unknown log level {value!r}; use DEBUG, INFO, WARNING, ERROR, CRITICAL or a number"
+        raise ValueError(msg)
+
     @field_validator("workflows", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
@@ -185,7 +196,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         file_values = loaded
     try:
         env = Settings()
-    except (SettingsError, ValidationError) as exc:
+    except ValidationError as exc:
+        msg = f"invalid MEDIATOR_* environment: {validation_reason(exc)}"
+        raise ConfigurationError(msg) from exc
+    except SettingsError as exc:
         msg = f"invalid MEDIATOR_* environment: {exc}".replace("\n", " ")
         raise ConfigurationError(msg) from exc
     merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
