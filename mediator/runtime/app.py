@@ -123,10 +123,13 @@ class Mediator:
         await self.disconnect()
         if self._started:
             log.info(
-                "mediator stopped: %s; published %d, swept %d",
+                "mediator stopped: %s; rewinds %d, isolated %d; published %d, swept %d, %s",
                 " ".join(f"{k}={v}" for k, v in self.runtime.stats.items()),
+                sum(b.rewinds for b in self.runtime.boundaries),
+                sum(b.isolated for b in self.runtime.boundaries),
                 self.dispatcher.published,
                 self.dispatcher.swept,
+                " ".join(f"outbox_{k}={v}" for k, v in self.dispatcher.stats.items()),
             )
         self._started = False
 

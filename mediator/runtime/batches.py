@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -74,6 +74,17 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Out:
+    """What one call produces besides its commits: messages published directly (not
+    through the outbox), dead letters, and deployment-wide counts. One per call, never
+    shared: the requests and replies subscribers run concurrently on one runtime."""
+
+    direct: list[Message] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
 class _Start:
     """A request about to start a run."""
 
@@ -113,8 +124,6 @@ class Runtime:
         self.limits = limits or LimitsSettings()
         self.engine = Engine(replies_topic=topics.replies)
         self.overhead = Samples()
-        self._dead: list[DeadLetter] = []
-        self._counts: Counter[str] = Counter()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
         self.stats: dict[str, int] = {
@@ -128,7 +137,6 @@ class Runtime:
             "conflicts": 0,
             "dead_letters": 0,
             "rejected_requests": 0,
-            "rewinds": 0,
         }
 
     # -- requests --------------------------------------------------------------------------
@@ -137,11 +145,10 @@ class Runtime:
         """Start a workflow for each request; re-send the result of finished duplicates."""
         received = time.perf_counter()
         now = now_ms()
-        self._dead = []
+        out = _Out()
         starts: list[_Start] = []
-        direct: list[Message] = []
         for record in records:
-            start = self._start(record, now, direct)
+            start = self._start(record, now, out)
             if start is not None:
                 starts.append(start)
         since = time.monotonic()
@@ -154,14 +161,14 @@ class Runtime:
                 outgoing += start.messages
                 self.cache.put(start.commit.state)
             elif (answer := self._duplicate(start, result)) is not None:
-                direct.append(answer)
+                out.direct.append(answer)
         await self.dispatcher.send(outgoing, since)
-        await self._flush(direct)
+        await self._flush(out)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
 
-    def _start(self, record: Record, now: int, direct: list[Message]) -> _Start | None:
+    def _start(self, record: Record, now: int, out: _Out) -> _Start | None:
         """Decode and check one request and compute its first transition."""
-        request: RequestEvent | None = self._decode(record, RequestEvent)
+        request: RequestEvent | None = self._decode(record, RequestEvent, out)
         if request is None:
             return None
         self.stats["requests"] += 1
@@ -170,7 +177,7 @@ class Runtime:
             canonical = orjson.dumps(request.payload, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError as exc:
             reason = f"payload cannot be stored: {exc}"
-            self._refuse(record, request, "invalid_payload", reason, origin, direct)
+            self._refuse(record, request, "invalid_payload", reason, origin, out)
             return None
         size = len(record.value or b"")
         if size > self.limits.max_message_bytes:
@@ -178,14 +185,14 @@ class Runtime:
                 f"request is {size} bytes, over the {self.limits.max_message_bytes}-byte limit "
                 "(limits.max_message_bytes); send large data by reference"
             )
-            self._refuse(record, request, "payload_too_large", reason, origin, direct)
+            self._refuse(record, request, "payload_too_large", reason, origin, out)
             return None
         try:
             workflow = self.definitions.definitions.get(request.workflow)
         except UnknownWorkflow as exc:
             self.stats["rejected_requests"] += 1
             log.warning("request %s rejected: %s", request.request_id, exc)
-            direct.append(self._rejection(request, "unknown_workflow", str(exc), origin))
+            out.direct.append(self._rejection(request, "unknown_workflow", str(exc), origin))
             return None
         digest = hashlib.blake2b(request.workflow.encode() + b"\0" + canonical, digest_size=12)
         wid = workflow_id_for(request.request_id)
@@ -202,12 +209,12 @@ class Runtime:
         code: str,
         reason: str,
         origin: str,
-        direct: list[Message],
+        out: _Out,
     ) -> None:
         self.stats["rejected_requests"] += 1
         log.warning("request %s refused: %s", request.request_id, reason)
-        self._dead_letter(record, reason, code)
-        direct.append(self._rejection(request, code, reason, origin))
+        self._dead_letter(record, reason, code, out)
+        out.direct.append(self._rejection(request, code, reason, origin))
 
     def _duplicate(self, start: _Start, result: CommitResult) -> Message | None:
         """What to answer a request whose run already exists (or existed)."""
@@ -249,10 +256,10 @@ class Runtime:
     async def handle_replies(self, records: Sequence[Record]) -> None:
         """Apply each reply to its workflow; dispatch whatever becomes ready."""
         received = time.perf_counter()
-        self._dead = []
+        out = _Out()
         groups: dict[str, list[ReplyEvent]] = {}
         for record in records:
-            reply = self._reply(record)
+            reply = self._reply(record, out)
             if reply is not None:
                 self.stats["replies"] += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
@@ -264,7 +271,7 @@ class Runtime:
         since = time.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
-            pending, recheck = await self._apply_all(groups, states, fresh, now)
+            pending, recheck = await self._apply_all(groups, states, fresh, now, out)
             prepared = [self._commit_of(p.workflow, p.transition, p.base.rev, now) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[ReplyEvent]] = {}
@@ -290,17 +297,17 @@ class Runtime:
             if not groups:
                 break
         await self.dispatcher.send(outgoing, since)
-        await self._flush([])
+        await self._flush(out)
         if outgoing:
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         if groups:
             msg = f"{len(groups)} workflows kept conflicting; their replies will be redelivered"
             raise StateUnavailable(msg)
 
-    def _reply(self, record: Record) -> ReplyEvent | None:
+    def _reply(self, record: Record, out: _Out) -> ReplyEvent | None:
         """Decode one reply. A reply too large or holding values the store cannot encode
         is dead-lettered, and its step fails with that error instead of waiting."""
-        reply: ReplyEvent | None = self._decode(record, ReplyEvent)
+        reply: ReplyEvent | None = self._decode(record, ReplyEvent, out)
         if reply is None:
             return None
         size = len(record.value or b"")
@@ -318,7 +325,7 @@ class Runtime:
         if problem is None:
             return reply
         code, reason = problem
-        self._dead_letter(record, reason, code)
+        self._dead_letter(record, reason, code, out)
         error = ErrorInfo(message=reason, code=code, retryable=False, step=reply.step)
         return reply.model_copy(
             update={"status": ReplyStatus.ERROR, "output": None, "error": error}
@@ -330,6 +337,7 @@ class Runtime:
         states: dict[str, WorkflowState | None],
         fresh: set[str],
         now: int,
+        out: _Out,
     ) -> tuple[list[_Pending], list[str]]:
         """Transitions to commit, and workflows whose cached state must be re-read."""
         pending = []
@@ -369,7 +377,7 @@ class Runtime:
             # Redis lost these runs (restarted empty, failed over) or they expired:
             # counted where ops look, and `mediator recover` restarts lost runs.
             self.stats["unknown_workflow_replies"] += unknown
-            self._counts["replies:unknown_workflow"] += unknown
+            out.counts["replies:unknown_workflow"] += unknown
             log.warning("%d replies for workflows Redis does not have", unknown)
         return pending, recheck
 
@@ -472,22 +480,22 @@ class Runtime:
         )
         return self._result_message(result, request.reply_to, "rejected")
 
-    def _decode(self, record: Record, model: type[Any]) -> Any:
+    def _decode(self, record: Record, model: type[Any], out: _Out) -> Any:
         try:
             return model.model_validate_json(record.value or b"")
         except ValidationError as exc:
             reason = validation_reason(exc)
-        self._dead_letter(record, reason, "invalid")
+        self._dead_letter(record, reason, "invalid", out)
         return None
 
-    def _dead_letter(self, record: Record, reason: str, code: str) -> None:
+    def _dead_letter(self, record: Record, reason: str, code: str, out: _Out) -> None:
         self.stats["dead_letters"] += 1
-        self._counts["dead_letters"] += 1
-        self._counts[f"dead_letters:{code}"] += 1
+        out.counts["dead_letters"] += 1
+        out.counts[f"dead_letters:{code}"] += 1
         log.warning(
             "dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
         )
-        self._dead.append(
+        out.dead.append(
             dead_letter(
                 reason=reason,
                 code=code,
@@ -504,9 +512,8 @@ class Runtime:
     async def reject(self, record: Record, reason: str, code: str = "unprocessable") -> None:
         """Dead-letter one record now (the batch boundary found it cannot be processed);
         a request's requester gets a failed result that says why."""
-        self._dead = []
-        self._dead_letter(record, reason, code)
-        direct = []
+        out = _Out()
+        self._dead_letter(record, reason, code, out)
         if record.topic == self.topics.requests:
             try:
                 request = RequestEvent.model_validate_json(record.value or b"")
@@ -514,14 +521,13 @@ class Runtime:
                 pass
             else:
                 origin = f"{record.topic}/{record.partition}/{record.offset}"
-                direct.append(self._rejection(request, code, reason, origin))
-        await self._flush(direct)
+                out.direct.append(self._rejection(request, code, reason, origin))
+        await self._flush(out)
 
-    async def _flush(self, direct: list[Message]) -> None:
+    async def _flush(self, out: _Out) -> None:
         """Publish direct messages and dead letters, then count what was counted."""
-        dead, self._dead = self._dead, []
         await self.dispatcher.send_now(
-            direct
+            out.direct
             + [
                 Message(
                     -1,
@@ -532,12 +538,11 @@ class Runtime:
                     headers(d),
                     "dead_letter",
                 )
-                for d in dead
+                for d in out.dead
             ]
         )
-        counts, self._counts = self._counts, Counter()
-        if counts:
-            await self.store.count(dict(counts))
+        if out.counts:
+            await self.store.count(dict(out.counts))
 
 
 def _merge(first: Transition, second: Transition) -> Transition:
