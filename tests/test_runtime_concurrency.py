@@ -59,7 +59,7 @@ async def test_concurrent_batches_keep_their_own_dead_letters(
     runtime = Runtime(
         definitions=DefinitionStore(redis_client, keys, definitions),
         store=Store(redis_client, keys, retention_ms=60_000),
-        dispatcher=dispatcher,  # type: ignore[arg-type]
+        dispatcher=dispatcher,
         topics=TOPICS,
     )
     good = RequestEvent(request_id="r-1", workflow="one").model_dump_json().encode()

@@ -29,12 +29,13 @@ from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.failures import dead_letter
 from mediator.runtime.metrics import Samples
-from mediator.runtime.outbox import Dispatcher, Message
+from mediator.runtime.outbox import Message
+from mediator.runtime.ports import Publisher, StateStore
 from mediator.settings import LimitsSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys, workflow_id_for
-from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
+from mediator.storage.store import Commit, CommitOutcome, CommitResult, Tombstone
 from topics.events import (
     DeadLetter,
     ErrorInfo,
@@ -109,8 +110,8 @@ class Runtime:
         self,
         *,
         definitions: DefinitionStore,
-        store: Store,
-        dispatcher: Dispatcher,
+        store: StateStore,
+        dispatcher: Publisher,
         topics: Topics,
         limits: LimitsSettings | None = None,
         state_cache_size: int = 100_000,

@@ -1,20 +1,25 @@
 """The ports the runtime layer talks through: what it needs of Kafka and of Redis.
 
-`Runtime`, `Dispatcher` and the batch boundary depend on these Protocols, not on aiokafka
-or redis-py, so their failure paths can be driven by small fakes in fast tests as well as
-by the real broker and Redis in the integration tests. `AIOKafkaProducer` and `Store`
-satisfy them as they are.
+`Runtime` and `Dispatcher` depend on these Protocols, not on aiokafka or redis-py (the
+batch boundary takes plain callables), so their failure paths can be driven by small fakes
+in fast tests as well as by the real broker and Redis in the integration tests.
+`AIOKafkaProducer`, `Store` and `Dispatcher` satisfy them as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mediator.storage.keys import Keys
 
-__all__ = ["OutboxStore", "Producer"]
+if TYPE_CHECKING:
+    from mediator.core.state import WorkflowState
+    from mediator.runtime.outbox import Message
+    from mediator.storage.store import Commit, CommitResult
+
+__all__ = ["OutboxStore", "Producer", "Publisher", "StateStore"]
 
 
 class Producer(Protocol):
@@ -51,4 +56,34 @@ class OutboxStore(Protocol):
         self, shard: int, held: Sequence[tuple[str, int]], *, delay_ms: int | None = None
     ) -> tuple[int, list[bool]]:
         """Which entries this replica still holds; renew or re-schedule those."""
+        ...
+
+
+class StateStore(Protocol):
+    """The part of the Redis store the runtime uses (`mediator.storage.store.Store`)."""
+
+    keys: Keys
+
+    async def load_many(self, workflow_ids: Sequence[str]) -> dict[str, WorkflowState | None]:
+        """The stored state of each workflow, None where there is none."""
+        ...
+
+    async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
+        """Commit transitions atomically, each under its revision check."""
+        ...
+
+    async def count(self, deltas: dict[str, int]) -> None:
+        """Add to the deployment-wide counters."""
+        ...
+
+
+class Publisher(Protocol):
+    """What the runtime hands messages to (`mediator.runtime.outbox.Dispatcher`)."""
+
+    async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
+        """Publish outbox messages; failures are sorted per message, never raised."""
+        ...
+
+    async def send_now(self, messages: Sequence[Message]) -> None:
+        """Publish direct messages and wait; raises on a transient failure."""
         ...
