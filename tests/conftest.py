@@ -38,6 +38,14 @@ async def redis_server() -> AsyncIterator[EmbeddedRedis]:
 
 
 @pytest.fixture
+async def own_redis() -> AsyncIterator[EmbeddedRedis]:
+    """A Redis of the test's own, for tests that pause, kill or restart it: the tests
+    after them keep the session's."""
+    async with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
 async def topics(kafka: EmbeddedKafka) -> Topics:
     """Topic names no other test uses, with the mediator's topics already created."""
     tag = _tag()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,13 +15,6 @@ from tests.system import CHAIN3, slow_echo
 from topics import WorkflowStatus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[EmbeddedRedis]:
-    """A Redis of this test's own, so pausing it hurts no other test."""
-    async with EmbeddedRedis() as server:
-        yield server
 
 
 async def test_redis_paused_mid_run_every_workflow_still_completes(

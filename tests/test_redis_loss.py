@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,13 +18,6 @@ from tests.system import CHAIN3, slow_echo
 from topics import WorkflowStatus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[EmbeddedRedis]:
-    """A Redis of this test's own, so restarting it hurts no other test."""
-    async with EmbeddedRedis() as server:
-        yield server
 
 
 async def test_redis_restarted_empty_then_recover_every_request_gets_a_result(
