@@ -28,6 +28,7 @@ __all__ = [
     "OutboxSettings",
     "RedisSettings",
     "Settings",
+    "TimerSettings",
     "load_settings",
 ]
 
@@ -100,6 +101,20 @@ class RedisSettings(BaseModel):
     tombstone_s: float = Field(default=30 * 24 * 3600, ge=0)
 
 
+class TimerSettings(BaseModel):
+    """Durable timers (step timeouts, retries, workflow deadlines), kept in Redis."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Every replica polls for due timers this often: a timer fires at most this late
+    # (plus the time to commit what it causes) when the replica is not busy.
+    poll_interval_ms: int = Field(default=50, ge=5)
+    # A claimed timer is the claimer's for this long; if it dies first, another replica
+    # claims it again. Keep it well above the time one batch of timers takes.
+    lease_ms: int = Field(default=10_000, ge=100)
+    batch: int = Field(default=500, ge=1)
+
+
 class OutboxSettings(BaseModel):
     """The at-least-once outbox that carries commands and results to Kafka."""
 
@@ -148,6 +163,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     outbox: OutboxSettings = OutboxSettings()
+    timers: TimerSettings = TimerSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(

@@ -637,15 +637,18 @@ def _states() -> dict[str, WorkflowState]:
     failed_run.fail("b", ErrorInfo(message="nope", code="bad", retryable=True))
     done = Run(make(step("a"), timeout="1m"))
     done.complete("a", False)
+    retrying = Run(make(step("a", timeout="1s", retry={"max_attempts": 3})))
+    retrying.fail("a", ErrorInfo(message="busy", retryable=True))
     return {
         "fresh": start(workflow, {"nested": {"k": [None, 1.5]}}).state,
         "running": replace(running.state, rev=7),
         "completed": done.state,
         "failed": failed_run.state,
+        "retrying": retrying.state,
     }
 
 
-@pytest.mark.parametrize("name", ["fresh", "running", "completed", "failed"])
+@pytest.mark.parametrize("name", ["fresh", "running", "completed", "failed", "retrying"])
 def test_state_round_trip(name: str) -> None:
     state = _states()[name]
     blob = dumps(state)

@@ -19,6 +19,7 @@ from topics.events import (
     ReplyStatus,
     RequestEvent,
     ResultEvent,
+    AttemptSummary,
     StepSummary,
     WorkflowStatus,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ReplyStatus",
     "RequestEvent",
     "ResultEvent",
+    "AttemptSummary",
     "StepSummary",
     "Topics",
     "WorkflowStatus",

@@ -17,6 +17,7 @@ __all__ = [
     "EVENT_MODELS",
     "SCHEMA_VERSION",
     "TERMINAL",
+    "AttemptSummary",
     "CommandEvent",
     "DeadLetter",
     "ErrorInfo",
@@ -147,6 +148,17 @@ class ReplyEvent(Event):
     replied_ms: int | None = None
 
 
+class AttemptSummary(BaseModel):
+    """One earlier attempt of a step: when it ran and why it failed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempt: int
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    error: ErrorInfo | None = None
+
+
 class StepSummary(BaseModel):
     """One step's outcome as reported in a result."""
 
@@ -155,6 +167,10 @@ class StepSummary(BaseModel):
     status: str
     attempts: int = 0
     duration_ms: int | None = None
+    error: ErrorInfo | None = Field(default=None, description="Why the last attempt failed.")
+    history: list[AttemptSummary] = Field(
+        default_factory=list, description="The attempts before the last, oldest first."
+    )
 
 
 class ResultEvent(Event):

@@ -16,8 +16,10 @@ from typing import Any
 
 from mediator.core.expressions import ExpressionError
 from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, fork
+from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.workflow import Step, Workflow
 from topics.events import (
+    AttemptSummary,
     CommandEvent,
     ErrorInfo,
     ReplyEvent,
@@ -28,7 +30,18 @@ from topics.events import (
     WorkflowStatus,
 )
 
-__all__ = ["Effect", "Engine", "PublishResult", "SendCommand", "Transition", "command_id"]
+#: Steps that hold one of a workflow's `max_parallel` slots.
+_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
+
+__all__ = [
+    "Effect",
+    "Engine",
+    "PublishResult",
+    "SendCommand",
+    "SetTimer",
+    "Transition",
+    "command_id",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +69,10 @@ class Transition:
     state: WorkflowState
     effects: list[Effect] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    #: Timers to set, committed with the state.
+    timers: list[SetTimer] = field(default_factory=list)
+    #: Timers this transition consumed (their members), removed with the commit.
+    fired: list[str] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to counter `name`."""
@@ -93,6 +110,8 @@ class Engine:
         )
         transition = Transition(state)
         transition.count(f"wf:{workflow.name}:started")
+        if workflow.timeout_ms:
+            transition.timers.append(SetTimer("deadline", workflow_id, workflow.timeout_ms))
         return self._advance(workflow, transition, now_ms)
 
     def apply_reply(
@@ -122,24 +141,108 @@ class Engine:
                 step_state.started_ms,
                 now_ms,
                 reply.instance,
+                step_state.history,
             )
             transition.count(f"svc:{step.service}:ok")
             return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
         error = reply.error or ErrorInfo(message="service replied error without details")
         failure = error.model_dump(exclude_none=True)
         failure["step"] = reply.step
-        state.steps[reply.step] = StepState(
-            StepStatus.FAILED,
-            step_state.attempt,
-            step_state.command_id,
-            None,
-            failure,
-            step_state.started_ms,
-            now_ms,
-            reply.instance,
-        )
         transition.count(f"svc:{step.service}:error")
-        return self._finish(workflow, transition, now_ms, failure)
+        return self._fail_attempt(workflow, transition, step, failure, now_ms, reply.instance)
+
+    def apply_timer(
+        self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
+    ) -> Transition | None:
+        """A timer fell due; None when the run or step has moved on since (stale)."""
+        if state.terminal:
+            return None
+        step_state = state.steps.get(timer.step) if timer.step else None
+        if timer.kind == "deadline":
+            transition = Transition(fork(state))
+            transition.state.updated_ms = now_ms
+            transition.fired.append(timer.member)
+            limit = workflow.timeout_ms or 0
+            error = {
+                "message": f"workflow {workflow.name!r} did not finish within {limit} ms",
+                "code": "deadline_exceeded",
+            }
+            transition.count(f"wf:{workflow.name}:deadline_exceeded")
+            return self._withdraw(self._finish(workflow, transition, now_ms, error))
+        if step_state is None or step_state.attempt != timer.attempt:
+            return None
+        step = workflow.steps[timer.step]
+        if timer.kind == "timeout" and step_state.status is StepStatus.RUNNING:
+            state = fork(state)
+            state.updated_ms = now_ms
+            transition = Transition(state)
+            transition.fired.append(timer.member)
+            transition.count(f"svc:{step.service}:timeout")
+            failure = {
+                "message": f"step {step.id!r} attempt {timer.attempt} got no reply within "
+                f"{step.timeout_ms} ms",
+                "code": "timeout",
+                "retryable": True,
+                "step": step.id,
+            }
+            return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
+        if timer.kind == "retry" and step_state.status is StepStatus.RETRYING:
+            state = fork(state)
+            state.updated_ms = now_ms
+            transition = Transition(state)
+            transition.fired.append(timer.member)
+            try:
+                command_input = step.input.render(_context(state, state.steps))
+            except ExpressionError as exc:
+                failure = _expression_failure(step, str(exc))
+                state.steps[step.id] = StepState(
+                    StepStatus.FAILED, step_state.attempt, step_state.command_id, None, failure,
+                    step_state.started_ms, now_ms, None, step_state.history,
+                )  # fmt: skip
+                return self._finish(workflow, transition, now_ms, failure)
+            previous = step_state
+            state.steps[step.id] = self._dispatch(
+                transition, step, command_input, now_ms, previous.attempt + 1, _history(previous)
+            )
+            transition.count(f"svc:{step.service}:retried")
+            return transition
+        return None
+
+    def _fail_attempt(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        step: Step,
+        failure: dict[str, Any],
+        now_ms: int,
+        instance: str | None,
+    ) -> Transition:
+        """An attempt failed: schedule the next after its backoff if the error is retryable
+        and attempts are left (replay), else the step fails and so does the run."""
+        state = transition.state
+        current = state.steps[step.id]
+        policy = step.retry
+        if failure.get("retryable") and current.attempt < policy.max_attempts:
+            state.steps[step.id] = StepState(
+                StepStatus.RETRYING, current.attempt, current.command_id, None, failure,
+                current.started_ms, now_ms, instance, current.history,
+            )  # fmt: skip
+            delay = retry_delay_ms(policy, current.attempt, current.command_id or "")
+            transition.timers.append(
+                SetTimer("retry", state.workflow_id, delay, step.id, current.attempt)
+            )
+            return transition
+        state.steps[step.id] = StepState(
+            StepStatus.FAILED, current.attempt, current.command_id, None, failure,
+            current.started_ms, now_ms, instance, current.history,
+        )  # fmt: skip
+        return self._withdraw(self._finish(workflow, transition, now_ms, failure))
+
+    @staticmethod
+    def _withdraw(transition: Transition) -> Transition:
+        """A run that just ended sets no more timers (its stale ones are ignored)."""
+        transition.timers.clear()
+        return transition
 
     def refuse_command(
         self,
@@ -180,7 +283,7 @@ class Engine:
             else:
                 kept.append(effect)
         transition.effects = kept
-        return self._finish(workflow, transition, now_ms, failure)
+        return self._withdraw(self._finish(workflow, transition, now_ms, failure))
 
     @staticmethod
     def refuse_result(transition: Transition, error: dict[str, Any], now_ms: int) -> Transition:
@@ -190,7 +293,9 @@ class Engine:
         transition.count(f"wf:{state.workflow}:{state.status.value}", -1)
         transition.effects = [e for e in transition.effects if not isinstance(e, PublishResult)]
         if state.error is not None:
-            error = {**error, "cause": state.error}
+            cause = state.error.get("message", "")
+            error = {**error, "message": f"{error['message']} (the run had failed: {cause})"}
+        transition.timers.clear()
         return _end(transition, None, error, now_ms)
 
     @staticmethod
@@ -218,9 +323,7 @@ class Engine:
         if candidates is None or workflow.max_parallel:
             candidates = workflow.order
         running = (
-            sum(1 for s in steps.values() if s.status is StepStatus.RUNNING)
-            if workflow.max_parallel
-            else 0
+            sum(1 for s in steps.values() if s.status in _BUSY) if workflow.max_parallel else 0
         )
         context: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
@@ -265,10 +368,15 @@ class Engine:
         return transition
 
     def _dispatch(
-        self, transition: Transition, step: Step, command_input: Any, now_ms: int
+        self,
+        transition: Transition,
+        step: Step,
+        command_input: Any,
+        now_ms: int,
+        attempt: int = 1,
+        history: list[dict[str, Any]] | None = None,
     ) -> StepState:
         state = transition.state
-        attempt = 1
         cid = command_id(state.workflow_id, step.id, attempt)
         command = CommandEvent(
             command_id=cid,
@@ -287,7 +395,11 @@ class Engine:
         )
         transition.effects.append(SendCommand(command))
         transition.count(f"svc:{step.service}:sent")
-        return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms)
+        if step.timeout_ms:
+            transition.timers.append(
+                SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
+            )
+        return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history)
 
     def _finish(
         self,
@@ -349,6 +461,8 @@ def result_of(state: WorkflowState) -> ResultEvent:
                 duration_ms=step.finished_ms - step.started_ms
                 if step.finished_ms is not None and step.started_ms is not None
                 else None,
+                error=_error_info(step.error),
+                history=[_attempt(h) for h in step.history or ()],
             )
             for sid, step in state.steps.items()
         },
@@ -356,6 +470,29 @@ def result_of(state: WorkflowState) -> ResultEvent:
         finished_ms=finished_ms,
         trace_id=state.trace_id,
     )
+
+
+def _history(step: StepState) -> list[dict[str, Any]]:
+    """`step`'s earlier attempts, and the one that just failed."""
+    entry: dict[str, Any] = {"attempt": step.attempt}
+    for name in ("started_ms", "finished_ms", "error"):
+        value = getattr(step, name)
+        if value is not None:
+            entry[name] = value
+    return [*(step.history or ()), entry]
+
+
+def _attempt(entry: dict[str, Any]) -> AttemptSummary:
+    return AttemptSummary.model_validate({**entry, "error": _error_info(entry.get("error"))})
+
+
+def _error_info(error: dict[str, Any] | None) -> ErrorInfo | None:
+    if not error:
+        return None
+    return ErrorInfo.model_validate({k: error[k] for k in _ERROR_FIELDS if k in error})
+
+
+_ERROR_FIELDS = ("message", "code", "retryable", "step")
 
 
 def _context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]:

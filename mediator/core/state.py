@@ -30,6 +30,8 @@ class StepStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"
+    #: An attempt failed retryably; the next one is due when its retry timer fires.
+    RETRYING = "retrying"
 
 
 #: A dependant may start once each of its dependencies is in one of these.
@@ -48,6 +50,8 @@ class StepState:
     started_ms: int | None = None
     finished_ms: int | None = None
     instance: str | None = None
+    #: The attempts before the current one: ``{attempt, started_ms, finished_ms, error}``.
+    history: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -111,7 +115,15 @@ _NO_CHANGES: dict[str, Any] = {}
 _COPIERS = {cls: _copier(cls) for cls in (StepState, WorkflowState)}
 
 
-_STEP_OPTIONAL = ("command_id", "output", "error", "started_ms", "finished_ms", "instance")
+_STEP_OPTIONAL = (
+    "command_id",
+    "output",
+    "error",
+    "started_ms",
+    "finished_ms",
+    "instance",
+    "history",
+)
 _WF_OPTIONAL = (
     "reply_to",
     "trace_id",

@@ -15,6 +15,7 @@ from mediator.definitions import Definitions
 from mediator.producers import new_producer
 from mediator.runtime.batches import Runtime
 from mediator.runtime.outbox import Dispatcher
+from mediator.runtime.timers import TimerPoller
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import connect
@@ -71,6 +72,7 @@ class Mediator:
             limits=settings.limits,
             state_cache_size=settings.state_cache_size,
         )
+        self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()
         handlers.register_requests(self.broker, self.runtime, settings, self.offsets)
@@ -86,14 +88,17 @@ class Mediator:
             raise
 
     async def connect(self) -> None:
-        """Check the Redis layout, store the loaded definitions, start the outbox."""
+        """Check the Redis layout, store the loaded definitions, start the outbox and the
+        timer poller."""
         await self.store.check_layout()
         await self.catalog.publish()
         await self.producer.start()
         self.dispatcher.start()
+        self.timers.start()
 
     async def disconnect(self) -> None:
-        """Stop the outbox (flushing publishes in flight) and close the clients."""
+        """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
+        await self.timers.stop()
         await self.dispatcher.stop()
         with contextlib.suppress(Exception):
             await self.producer.stop()

@@ -24,6 +24,7 @@ from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.core.state import WorkflowState
+from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.runtime.boundary import Boundary
@@ -52,6 +53,10 @@ __all__ = ["Record", "Runtime"]
 log = logging.getLogger("mediator.runtime")
 
 MAX_CONFLICT_RETRIES = 8
+
+
+#: What advances a running workflow: a service's reply, or one of its timers falling due.
+Event = ReplyEvent | Fired
 
 
 class Record(Protocol):
@@ -83,6 +88,8 @@ class _Out:
     direct: list[Message] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    #: Timers (shard, name) that fired and changed nothing: removed after the batch.
+    stale_timers: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -138,7 +145,11 @@ class Runtime:
             "conflicts": 0,
             "dead_letters": 0,
             "rejected_requests": 0,
+            "timers": 0,
+            "stale_timers": 0,
         }
+        #: How late timers fired (ms after their due time, Redis clock).
+        self.timer_lag = Samples()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -258,12 +269,38 @@ class Runtime:
         """Apply each reply to its workflow; dispatch whatever becomes ready."""
         received = time.perf_counter()
         out = _Out()
-        groups: dict[str, list[ReplyEvent]] = {}
+        groups: dict[str, list[Event]] = {}
         for record in records:
             reply = self._reply(record, out)
             if reply is not None:
                 self.stats["replies"] += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
+        await self._advance_groups(groups, out, received)
+
+    async def handle_timers(self, claimed: dict[int, list[tuple[str, int]]]) -> None:
+        """Apply timers that fell due (per shard: name, ms late) through the same path as
+        replies: a timer whose step moved on is stale, and is removed."""
+        received = time.perf_counter()
+        out = _Out()
+        groups: dict[str, list[Event]] = {}
+        for shard, timers in claimed.items():
+            for name, late_ms in timers:
+                fired = Fired.parse(name)
+                if fired is None or self.keys.shard_of(fired.workflow_id) != shard:
+                    log.error(
+                        "timer %r of shard %d is not one the engine sets; removed", name, shard
+                    )
+                    out.stale_timers.append((shard, name))
+                    continue
+                self.stats["timers"] += 1
+                self.timer_lag.add(late_ms)
+                groups.setdefault(fired.workflow_id, []).append(fired)
+        await self._advance_groups(groups, out, received)
+
+    async def _advance_groups(
+        self, groups: dict[str, list[Event]], out: _Out, received: float
+    ) -> None:
+        """Apply each workflow's events, commit (recomputing on conflicts), dispatch."""
         states: dict[str, WorkflowState | None] = {wid: self.cache.get(wid) for wid in groups}
         missing = [wid for wid, state in states.items() if state is None]
         states.update(await self.store.load_many(missing))
@@ -275,7 +312,7 @@ class Runtime:
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
             prepared = [self._commit_of(p.workflow, p.transition, p.base.rev, now) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
-            retry: dict[str, list[ReplyEvent]] = {}
+            retry: dict[str, list[Event]] = {}
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
                 wid = item.base.workflow_id
                 if result.outcome is CommitOutcome.COMMITTED:
@@ -299,10 +336,13 @@ class Runtime:
                 break
         await self.dispatcher.send(outgoing, since)
         await self._flush(out)
+        if out.stale_timers:
+            self.stats["stale_timers"] += len(out.stale_timers)
+            await self.store.timers_done(out.stale_timers)
         if outgoing:
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         if groups:
-            msg = f"{len(groups)} workflows kept conflicting; their replies will be redelivered"
+            msg = f"{len(groups)} workflows kept conflicting; their events will be redelivered"
             raise StateUnavailable(msg)
 
     def _reply(self, record: Record, out: _Out) -> ReplyEvent | None:
@@ -334,7 +374,7 @@ class Runtime:
 
     async def _apply_all(
         self,
-        groups: dict[str, list[ReplyEvent]],
+        groups: dict[str, list[Event]],
         states: dict[str, WorkflowState | None],
         fresh: set[str],
         now: int,
@@ -347,31 +387,39 @@ class Runtime:
             {(s.workflow, s.version) for s in states.values() if s is not None}
         )
         unknown = 0
-        for wid, replies in groups.items():
+        for wid, events in groups.items():
             base = states.get(wid)
+            timers = [e for e in events if isinstance(e, Fired)]
             if base is None:
-                unknown += len(replies)
+                unknown += len(events) - len(timers)
+                out.stale_timers += [(self.keys.shard_of(wid), t.member) for t in timers]
                 continue
             workflow = plans.get((base.workflow, base.version))
             if workflow is None:
                 if base.terminal:
+                    out.stale_timers += [(self.keys.shard_of(wid), t.member) for t in timers]
                     continue
                 pending.append(self._abandon(base, now))
                 continue
             merged: Transition | None = None
             state = base
-            ignored = 0
-            for reply in replies:
-                step = self.engine.apply_reply(workflow, state, reply, now)
+            ignored: list[Event] = []
+            for event in events:
+                if isinstance(event, Fired):
+                    step = self.engine.apply_timer(workflow, state, event, now)
+                else:
+                    step = self.engine.apply_reply(workflow, state, event, now)
                 if step is None:
-                    ignored += 1
+                    ignored.append(event)
                     continue
                 state = step.state
                 merged = step if merged is None else _merge(merged, step)
             if ignored and wid not in fresh:
                 recheck.append(wid)
                 continue
-            self.stats["ignored_replies"] += ignored
+            stale = [(self.keys.shard_of(wid), e.member) for e in ignored if isinstance(e, Fired)]
+            out.stale_timers += stale
+            self.stats["ignored_replies"] += len(ignored) - len(stale)
             if merged is not None:
                 pending.append(_Pending(base, merged, workflow))
         if unknown:
@@ -423,6 +471,8 @@ class Runtime:
             expected_rev=expected_rev,
             outbox=[(m.id, m.frame) for m in messages],
             counters=transition.counters,
+            timers=[(t.member, t.delay_ms) for t in transition.timers],
+            fired=transition.fired,
         )
         return commit, messages
 
@@ -547,7 +597,13 @@ class Runtime:
 
 
 def _merge(first: Transition, second: Transition) -> Transition:
-    merged = Transition(second.state, [*first.effects, *second.effects], dict(first.counters))
+    merged = Transition(
+        second.state,
+        [*first.effects, *second.effects],
+        dict(first.counters),
+        [*first.timers, *second.timers],
+        [*first.fired, *second.fired],
+    )
     for name, delta in second.counters.items():
         merged.count(name, delta)
     return merged

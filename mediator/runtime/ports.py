@@ -76,6 +76,14 @@ class StateStore(Protocol):
         """Add to the deployment-wide counters."""
         ...
 
+    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
+        """Claim the timers that fell due, per shard, with how late each is (ms)."""
+        ...
+
+    async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
+        """Remove timers that fired and changed nothing."""
+        ...
+
 
 class Publisher(Protocol):
     """What the runtime hands messages to (`mediator.runtime.outbox.Dispatcher`)."""

@@ -18,6 +18,7 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              svc:<service>:<sent|ok|error>, ...
     med:{s3}:outbox                   hash   message id -> framed Kafka message
     med:{s3}:outbox:due               zset   message id -> lease deadline (ms)
+    med:{s3}:timers                   zset   timer name -> due time (ms, Redis clock)
     med:{s3}:done:<workflow_id>       hash   tombstone of a finished run: request fingerprint
                                              and status, kept past the run's retention
 """
@@ -94,6 +95,11 @@ class Keys:
     def outbox(self, shard: int) -> str:
         """Pending outbound messages by id."""
         return f"{self.tag(shard)}:outbox"
+
+    def timers(self, shard: int) -> str:
+        """Timers of the shard's runs (`kind|workflow_id|step|attempt`) by due time (ms,
+        Redis clock); a claimed timer's score is its claim's lease deadline."""
+        return f"{self.tag(shard)}:timers"
 
     def outbox_due(self, shard: int) -> str:
         """Pending outbound message ids by lease deadline."""

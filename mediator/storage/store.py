@@ -51,6 +51,10 @@ class Commit:
     expected_rev: int
     outbox: Sequence[tuple[str, bytes]] = ()
     counters: dict[str, int] = field(default_factory=dict)
+    #: Timers to set: (name, delay ms from the commit, on Redis's clock).
+    timers: Sequence[tuple[str, int]] = ()
+    #: Timers this transition consumed, removed with it.
+    fired: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,7 @@ class Store:
         self._commit = redis.register_script(_script("commit.lua"))
         self._claim = redis.register_script(_script("claim.lua"))
         self._renew = redis.register_script(_script("renew.lua"))
+        self._claim_timers = redis.register_script(_script("claim_timers.lua"))
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
@@ -229,6 +234,7 @@ class Store:
         for commit in commits:
             wid = commit.state.workflow_id
             key_list += (keys.workflow(wid), keys.tombstone(wid))
+        key_list.append(keys.timers(shard))
         args: list[Any] = [
             now_ms,
             self.retention_ms,
@@ -256,6 +262,11 @@ class Store:
             args.append(len(commit.counters))
             for name, delta in commit.counters.items():
                 args += (name, delta)
+            args.append(len(commit.timers))
+            for name, delay in commit.timers:
+                args += (name, delay)
+            args.append(len(commit.fired))
+            args += commit.fired
         return key_list, args
 
     @staticmethod
@@ -323,6 +334,49 @@ class Store:
             msg = f"Redis unavailable while renewing outbox leases: {exc}"
             raise StateUnavailable(msg) from exc
         return int(flat[0]), [bool(int(flag)) for flag in flat[1:]]
+
+    # -- timers ----------------------------------------------------------------------------
+
+    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
+        """Claim the timers that fell due, per shard (one round trip for all shards): each
+        claimed timer is leased for `lease_ms` and returned with its lateness in ms."""
+        calls = [
+            ([self.keys.timers(shard)], [lease_ms, limit]) for shard in range(self.keys.shards)
+        ]
+        try:
+            replies = await self._evalsha_many(self._claim_timers, calls)
+        except RedisError as exc:
+            msg = f"Redis unavailable while claiming timers: {exc}"
+            raise StateUnavailable(msg) from exc
+        claimed: dict[int, list[tuple[str, int]]] = {}
+        for shard, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                msg = f"timer claim script failed: {reply}"
+                raise StateUnavailable(msg)
+            now = int(reply[0])
+            due = [
+                (_text(reply[i]), now - int(float(reply[i + 1]))) for i in range(1, len(reply), 2)
+            ]
+            if due:
+                claimed[shard] = due
+        return claimed
+
+    async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
+        """Remove timers (shard, name) that fired and changed nothing: their step had moved
+        on, their run is gone, or the name is not one the engine sets."""
+        if not done:
+            return
+        by_shard: dict[int, list[str]] = {}
+        for shard, name in done:
+            by_shard.setdefault(shard, []).append(name)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, members in by_shard.items():
+                    pipe.zrem(self.keys.timers(shard), *members)
+                await pipe.execute()
+        except RedisError as exc:
+            msg = f"Redis unavailable while removing timers: {exc}"
+            raise StateUnavailable(msg) from exc
 
     async def count(self, deltas: dict[str, int]) -> None:
         """Add to the deployment-wide counters (`Keys.stats`); best effort."""

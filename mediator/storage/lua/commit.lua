@@ -5,12 +5,14 @@
 --
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
 --       7 st:failed, then M name-index keys, then per transition its workflow hash and
---       its tombstone.
+--       its tombstone, and last the shard's timer set.
 -- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
 --       (transitions), 7 tombstone ms (kept past the retention), then per transition:
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
---       (id, frame) pairs, counter count, (field, delta) pairs.
+--       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
+--       delay ms) pairs, fired count, fired timer names. Timers fall due `delay` after
+--       Redis's clock at commit; fired timers are removed with the transition.
 -- Returns {results, lease deadline}: one result per transition, {1} committed,
 -- {0, state} the workflow already exists (a create), {2, fingerprint, origin, status,
 -- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
@@ -20,7 +22,9 @@ local now = tonumber(ARGV[1])
 local retention = tonumber(ARGV[2])
 local recent_limit = tonumber(ARGV[3])
 local t = redis.call('TIME')
-local lease = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = server_now + tonumber(ARGV[4])
+local timers = KEYS[#KEYS]
 local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local tomb_ms = tonumber(ARGV[7])
@@ -41,7 +45,11 @@ for i = 1, n do
   local out_at = a + 9
   local cnt_at = out_at + 2 * n_out + 1
   local n_cnt = tonumber(ARGV[cnt_at - 1])
-  a = cnt_at + 2 * n_cnt
+  local tim_at = cnt_at + 2 * n_cnt + 1
+  local n_tim = tonumber(ARGV[tim_at - 1])
+  local fired_at = tim_at + 2 * n_tim + 1
+  local n_fired = tonumber(ARGV[fired_at - 1])
+  a = fired_at + n_fired
 
   local current = redis.call('HGET', wf, 'rev')
   local gone = nil
@@ -89,6 +97,12 @@ for i = 1, n do
     end
     for j = cnt_at, cnt_at + 2 * n_cnt - 1, 2 do
       redis.call('HINCRBY', KEYS[1], ARGV[j], ARGV[j + 1])
+    end
+    for j = fired_at, fired_at + n_fired - 1 do
+      redis.call('ZREM', timers, ARGV[j])
+    end
+    for j = tim_at, tim_at + 2 * n_tim - 1, 2 do
+      redis.call('ZADD', timers, server_now + tonumber(ARGV[j + 1]), ARGV[j])
     end
     results[i] = {1}
   end

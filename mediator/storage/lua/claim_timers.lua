@@ -1,0 +1,16 @@
+-- Claim the timers of ONE shard that fell due, earliest first, on Redis's clock. A claimed
+-- timer is not removed: its score moves to the claim's lease deadline, so if the replica
+-- that claimed it dies before committing what it causes, any replica claims it again.
+-- It is removed by the commit of the transition it causes (or as stale).
+-- KEYS: 1 timer set. ARGV: 1 lease ms, 2 limit. Returns {now ms, name, due ms, ...}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
+  tonumber(ARGV[2]))
+local out = {now}
+for i = 1, #due, 2 do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), due[i])
+  out[#out + 1] = due[i]
+  out[#out + 1] = due[i + 1]
+end
+return out
