@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Awaitable
 from types import TracebackType
 
 from faststream import FastStream
@@ -100,8 +100,7 @@ class Mediator:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
         await self.timers.stop()
         await self.dispatcher.stop()
-        with contextlib.suppress(Exception):
-            await self.producer.stop()
+        await _bounded("flush the outbox producer", self.producer.stop())
         await self.redis.aclose()
 
     async def _start(self) -> None:
@@ -120,11 +119,16 @@ class Mediator:
         )
 
     async def stop(self) -> None:
-        """Stop consuming, flush the outbox publishes in flight, disconnect."""
+        """Stop consuming, flush the outbox publishes in flight, disconnect.
+
+        Each step is bounded (`STOP_STEP_S`): a broker that no longer answers cannot hold a
+        replica's shutdown for ever. What a step leaves undone is safe to leave: offsets not
+        committed are redelivered (and recognised), outbox entries not published are re-sent
+        by any replica's sweeper.
+        """
         # Processed offsets first, while the consumers can still commit them.
-        await self.offsets.flush()
-        with contextlib.suppress(Exception):
-            await self.broker.stop()
+        await _bounded("commit processed offsets", self.offsets.flush())
+        await _bounded("stop the subscribers", self.broker.stop())
         await self.disconnect()
         if self._started:
             log.info(
@@ -154,6 +158,21 @@ class Mediator:
         """Run until cancelled."""
         async with self:
             await asyncio.Event().wait()
+
+
+#: The longest any one step of `Mediator.stop` may take.
+STOP_STEP_S = 15.0
+
+
+async def _bounded(what: str, step: Awaitable[object]) -> None:
+    """Run one shutdown step; give up on it after `STOP_STEP_S`, logging why."""
+    try:
+        async with asyncio.timeout(STOP_STEP_S):
+            await step
+    except TimeoutError:
+        log.warning("shutdown: could not %s within %.0f s; moving on", what, STOP_STEP_S)
+    except Exception as exc:
+        log.warning("shutdown: could not %s: %s", what, exc)
 
 
 def create_app(settings: Settings, definitions: Definitions) -> FastStream:
