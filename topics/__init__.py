@@ -9,6 +9,7 @@ from __future__ import annotations
 from topics.events import (
     EVENT_MODELS,
     SCHEMA_VERSION,
+    AttemptSummary,
     CommandEvent,
     DeadLetter,
     ErrorInfo,
@@ -19,7 +20,6 @@ from topics.events import (
     ReplyStatus,
     RequestEvent,
     ResultEvent,
-    AttemptSummary,
     StepSummary,
     WorkflowStatus,
 )
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SERVICE_PREFIX",
     "EVENT_MODELS",
     "SCHEMA_VERSION",
+    "AttemptSummary",
     "CommandEvent",
     "DeadLetter",
     "ErrorInfo",
@@ -41,7 +42,6 @@ __all__ = [
     "ReplyStatus",
     "RequestEvent",
     "ResultEvent",
-    "AttemptSummary",
     "StepSummary",
     "Topics",
     "WorkflowStatus",
