@@ -46,7 +46,7 @@ def test_a_timeout_with_no_retries_left_fails_the_run_with_a_timeout_error() -> 
 
     transition = fire(run, timer, T0 + 2000)
 
-    assert transition is not None and transition.fired == [timer.member]
+    assert transition is not None and transition.cleared == [timer.member]
     assert run.state.status is WorkflowStatus.FAILED
     outcome = result(transition)
     assert outcome.error is not None and outcome.error.code == "timeout"
@@ -152,3 +152,27 @@ def test_timer_names_round_trip_and_junk_is_refused() -> None:
 
 def _ok(command: Any) -> Any:
     return ok(command, {"late": True})
+
+
+def test_a_reply_clears_its_attempts_timeout_and_an_ended_run_clears_its_timers() -> None:
+    run = Run(make(step("a", timeout="2s"), step("b", "a", timeout="2s"), timeout="1m"))
+    wid = run.state.workflow_id
+    after_a = run.complete("a")
+    assert after_a.cleared == [f"timeout|{wid}|a|1"]
+    assert the_timer(after_a, "timeout").step == "b"
+
+    done = run.complete("b")
+
+    assert run.state.status is WorkflowStatus.COMPLETED
+    assert sorted(done.cleared) == sorted([f"timeout|{wid}|b|1", f"deadline|{wid}||0"])
+    assert done.timers == []
+
+
+def test_a_run_failing_while_another_step_waits_to_retry_clears_that_retry() -> None:
+    run = Run(make(step("a", retry=RETRY3), step("b", timeout="2s")))
+    wid = run.state.workflow_id
+    run.fail("a", ErrorInfo(message="busy", retryable=True))
+    failed = run.fail("b", ErrorInfo(message="broken", retryable=False))
+
+    assert run.state.status is WorkflowStatus.FAILED
+    assert f"retry|{wid}|a|1" in failed.cleared and failed.timers == []

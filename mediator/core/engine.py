@@ -71,8 +71,9 @@ class Transition:
     counters: dict[str, int] = field(default_factory=dict)
     #: Timers to set, committed with the state.
     timers: list[SetTimer] = field(default_factory=list)
-    #: Timers this transition consumed (their members), removed with the commit.
-    fired: list[str] = field(default_factory=list)
+    #: Timers (their names) removed with the commit: the one that fired, and those no
+    #: longer needed (the timeout of a step that replied, the timers of a run that ended).
+    cleared: list[str] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to counter `name`."""
@@ -131,6 +132,9 @@ class Engine:
         state = fork(state)
         state.updated_ms = now_ms
         transition = Transition(state)
+        if step.timeout_ms:  # answered: its timeout timer is not needed any more
+            timeout = SetTimer("timeout", state.workflow_id, 0, step.id, step_state.attempt)
+            transition.cleared.append(timeout.member)
         if reply.status is ReplyStatus.OK:
             state.steps[reply.step] = StepState(
                 StepStatus.COMPLETED,
@@ -161,7 +165,7 @@ class Engine:
         if timer.kind == "deadline":
             transition = Transition(fork(state))
             transition.state.updated_ms = now_ms
-            transition.fired.append(timer.member)
+            transition.cleared.append(timer.member)
             limit = workflow.timeout_ms or 0
             error = {
                 "message": f"workflow {workflow.name!r} did not finish within {limit} ms",
@@ -176,7 +180,7 @@ class Engine:
             state = fork(state)
             state.updated_ms = now_ms
             transition = Transition(state)
-            transition.fired.append(timer.member)
+            transition.cleared.append(timer.member)
             transition.count(f"svc:{step.service}:timeout")
             failure = {
                 "message": f"step {step.id!r} attempt {timer.attempt} got no reply within "
@@ -190,7 +194,7 @@ class Engine:
             state = fork(state)
             state.updated_ms = now_ms
             transition = Transition(state)
-            transition.fired.append(timer.member)
+            transition.cleared.append(timer.member)
             try:
                 command_input = step.input.render(_context(state, state.steps))
             except ExpressionError as exc:
@@ -430,7 +434,23 @@ def _end(
     state.updated_ms = now_ms
     transition.count(f"wf:{state.workflow}:{status.value}")
     transition.effects.append(PublishResult(result_of(state), state.reply_to))
+    _clear_timers(transition)
     return transition
+
+
+def _clear_timers(transition: Transition) -> None:
+    """A run that ended needs none of its timers: remove them with the commit, rather
+    than let each fire once as stale. (Removing a timer that was never set is harmless.)"""
+    state = transition.state
+    wid = state.workflow_id
+    names = [SetTimer("deadline", wid, 0).member] if state.deadline_ms is not None else []
+    for sid, step in state.steps.items():
+        if step.status is StepStatus.RUNNING:
+            names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
+        elif step.status is StepStatus.RETRYING:
+            names.append(SetTimer("retry", wid, 0, sid, step.attempt).member)
+    transition.timers.clear()
+    transition.cleared += [name for name in names if name not in transition.cleared]
 
 
 def _release(

@@ -472,7 +472,7 @@ class Runtime:
             outbox=[(m.id, m.frame) for m in messages],
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],
-            fired=transition.fired,
+            cleared=transition.cleared,
         )
         return commit, messages
 
@@ -602,7 +602,7 @@ def _merge(first: Transition, second: Transition) -> Transition:
         [*first.effects, *second.effects],
         dict(first.counters),
         [*first.timers, *second.timers],
-        [*first.fired, *second.fired],
+        [*first.cleared, *second.cleared],
     )
     for name, delta in second.counters.items():
         merged.count(name, delta)

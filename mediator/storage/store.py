@@ -53,8 +53,8 @@ class Commit:
     counters: dict[str, int] = field(default_factory=dict)
     #: Timers to set: (name, delay ms from the commit, on Redis's clock).
     timers: Sequence[tuple[str, int]] = ()
-    #: Timers this transition consumed, removed with it.
-    fired: Sequence[str] = ()
+    #: Timers removed with it: the one that fired, and those no longer needed.
+    cleared: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +265,8 @@ class Store:
             args.append(len(commit.timers))
             for name, delay in commit.timers:
                 args += (name, delay)
-            args.append(len(commit.fired))
-            args += commit.fired
+            args.append(len(commit.cleared))
+            args += commit.cleared
         return key_list, args
 
     @staticmethod

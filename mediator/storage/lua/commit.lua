@@ -11,8 +11,9 @@
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
---       delay ms) pairs, fired count, fired timer names. Timers fall due `delay` after
---       Redis's clock at commit; fired timers are removed with the transition.
+--       delay ms) pairs, cleared count, cleared timer names. Timers fall due `delay` after
+--       Redis's clock at commit; cleared ones (the timer that fired, timers no longer
+--       needed) are removed with the transition.
 -- Returns {results, lease deadline}: one result per transition, {1} committed,
 -- {0, state} the workflow already exists (a create), {2, fingerprint, origin, status,
 -- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
@@ -47,9 +48,9 @@ for i = 1, n do
   local n_cnt = tonumber(ARGV[cnt_at - 1])
   local tim_at = cnt_at + 2 * n_cnt + 1
   local n_tim = tonumber(ARGV[tim_at - 1])
-  local fired_at = tim_at + 2 * n_tim + 1
-  local n_fired = tonumber(ARGV[fired_at - 1])
-  a = fired_at + n_fired
+  local cleared_at = tim_at + 2 * n_tim + 1
+  local n_cleared = tonumber(ARGV[cleared_at - 1])
+  a = cleared_at + n_cleared
 
   local current = redis.call('HGET', wf, 'rev')
   local gone = nil
@@ -98,7 +99,7 @@ for i = 1, n do
     for j = cnt_at, cnt_at + 2 * n_cnt - 1, 2 do
       redis.call('HINCRBY', KEYS[1], ARGV[j], ARGV[j + 1])
     end
-    for j = fired_at, fired_at + n_fired - 1 do
+    for j = cleared_at, cleared_at + n_cleared - 1 do
       redis.call('ZREM', timers, ARGV[j])
     end
     for j = tim_at, tim_at + 2 * n_tim - 1, 2 do
