@@ -89,11 +89,13 @@ async def mediator(settings: Settings) -> None:
         runtime = replica.runtime
         if command == "clear":
             runtime.overhead.clear()
+            runtime.timer_lag.clear()
             return "ok"
         if command == "stats":
             return orjson.dumps(
                 {
                     "overhead_ms": runtime.overhead.summary(),
+                    "timer_lag_ms": runtime.timer_lag.summary(),
                     "stats": runtime.stats,
                     "published": replica.dispatcher.published,
                     "cpu_s": time.process_time(),

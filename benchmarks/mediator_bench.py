@@ -7,6 +7,7 @@ same SDK workers the floor uses; requests go through the client SDK from this pr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,10 @@ from topics.events import WorkflowStatus
 
 __all__ = ["SATURATION_WORKFLOWS", "run_mediator", "submitter", "warm_up"]
 
-SATURATION_WORKFLOWS = ("chain1", "chain3", "chain10", "dag10")
+SATURATION_WORKFLOWS = ("chain1", "chain3", "chain3_timers", "chain10", "dag10")
+
+#: Share of the half-load rate also offered as runs that time out (their timers fire).
+TIMEOUT_SHARE = 0.1
 SUBMIT_TIMEOUT_S = 60.0
 WARM_UP_TIMEOUT_S = 90.0
 
@@ -31,6 +35,17 @@ def submitter(client: MediatorClient, workflow: str) -> Callable[[int], Awaitabl
     async def submit(n: int) -> bool:
         result = await client.submit(workflow, {"n": n}, timeout=SUBMIT_TIMEOUT_S)
         return result.status is WorkflowStatus.COMPLETED
+
+    return submit
+
+
+def timed_out(client: MediatorClient) -> Callable[[int], Awaitable[bool]]:
+    """An operation: one run whose only step never gets a reply; True if it failed by
+    its timeout, as it must."""
+
+    async def submit(n: int) -> bool:
+        result = await client.submit("timeout1", {"n": n}, timeout=SUBMIT_TIMEOUT_S)
+        return result.error is not None and result.error.code == "timeout"
 
     return submit
 
@@ -100,20 +115,36 @@ async def half_load(rigs: Rigs, profile: Profile, rate: float, out: list[Measure
         name: Measure(f"mediator.chain3.half_load.{name}", "ms", note=note)
         for name in ("latency_p50", "latency_p99", "overhead_p50", "overhead_p99")
     }
+    lag_note = f"step timeouts firing at {rate * TIMEOUT_SHARE:.0f}/s beside the chains"
+    for name in ("timer_lag_p50", "timer_lag_p99"):
+        measures[name] = Measure(f"mediator.chain3.half_load.{name}", "ms", note=lag_note)
     out += measures.values()
     for _ in range(profile.repeat):
         async with rigs.use() as rig, make_client(rig.settings) as client:
             assert rig.replica is not None
             await warm_up(client, "chain3")
             await rig.replica.ask("clear")
-            result = await open_loop(
-                submitter(client, "chain3"),
-                rate=rate,
-                duration_s=profile.half_load_s,
-                drain_s=profile.drain_s,
+            result, timeouts = await asyncio.gather(
+                open_loop(
+                    submitter(client, "chain3"),
+                    rate=rate,
+                    duration_s=profile.half_load_s,
+                    drain_s=profile.drain_s,
+                ),
+                open_loop(
+                    timed_out(client),
+                    rate=max(1.0, rate * TIMEOUT_SHARE),
+                    duration_s=profile.half_load_s,
+                    drain_s=profile.drain_s,
+                ),
             )
             result.check("mediator chain3 half load")
-            overhead = (await _replica_stats(rig))["overhead_ms"]
+            timeouts.check("timed-out runs at half load")
+            stats = await _replica_stats(rig)
+            overhead = stats["overhead_ms"]
+            lag = stats["timer_lag_ms"]
+            measures["timer_lag_p50"].values.append(round(lag["p50"] or 0.0, 2))
+            measures["timer_lag_p99"].values.append(round(lag["p99"] or 0.0, 2))
             measures["latency_p50"].values.append(round(result.latency(50), 2))
             measures["latency_p99"].values.append(round(result.latency(99), 2))
             measures["overhead_p50"].values.append(round(overhead["p50"] or 0.0, 3))

@@ -44,6 +44,10 @@ TARGETS = [
            5.0, operator.ge, ">="),
     Target("overhead per step p99 at half load < 5 ms", "mediator.chain3.half_load.overhead_p99",
            5.0, operator.lt, "<"),
+    Target("timers on cost <= 15 % of 3-step throughput", "ratio.timers_over_plain.chain3",
+           0.85, operator.ge, ">="),
+    Target("timer firing lag p99 at half load < 100 ms", "mediator.chain3.half_load.timer_lag_p99",
+           100.0, operator.lt, "<"),
     Target("load-balancing decision < 20 us (slowest strategy)", "micro.balancer.slowest",
            20.0, operator.lt, "<"),
     Target("1,000-step DAG plan < 5 ms (from a dict)", "micro.dag1000.plan_from_dict",
@@ -53,6 +57,8 @@ TARGETS = [
 RATIOS = {
     "ratio.mediator_over_floor.chain3_steps": (
         "mediator.chain3.steps_per_s", "floor.chain3.steps_per_s"),
+    "ratio.timers_over_plain.chain3": (
+        "mediator.chain3_timers.steps_per_s", "mediator.chain3.steps_per_s"),
     "ratio.mediator_over_floor.chain1_steps": (
         "mediator.chain1.steps_per_s", "floor.chain1.steps_per_s"),
     "ratio.mediator_over_celery.chain1": (

@@ -59,8 +59,23 @@ def dag(branches: int = 4, depth: int = 2) -> dict[str, Any]:
     return {"name": f"dag{len(steps)}", "steps": steps}
 
 
+#: A service nobody runs: its commands time out.
+VOID = "void"
+
+
+def with_timers(workflow: dict[str, Any]) -> dict[str, Any]:
+    """`workflow` with a step timeout and retries on every step (timers on, none firing)."""
+    steps = [{**s, "timeout": "5s", "retry": {"max_attempts": 3}} for s in workflow["steps"]]
+    return {**workflow, "name": f"{workflow['name']}_timers", "steps": steps}
+
+
+#: One step that never gets a reply: its timeout timer fires (timer lag is measured on it).
+TIMEOUT1 = {"name": "timeout1", "steps": [{"id": "s0", "service": VOID, "action": ECHO,
+                                           "timeout": "200ms"}]}  # fmt: skip
+
 WORKFLOWS: dict[str, dict[str, Any]] = {
-    wf["name"]: wf for wf in (chain(1), chain(3), chain(10), dag(4, 2))
+    wf["name"]: wf
+    for wf in (chain(1), chain(3), with_timers(chain(3)), chain(10), dag(4, 2), TIMEOUT1)
 }
 
 
@@ -153,7 +168,9 @@ class Stage:
             settings = self.settings(name, bootstrap)
             topics = settings.kafka.topics
             await create_topics(
-                bootstrap, [*topics.mediator_topics(), topics.service(ECHO)], partitions=PARTITIONS
+                bootstrap,
+                [*topics.mediator_topics(), topics.service(ECHO), topics.service(VOID)],
+                partitions=PARTITIONS,
             )
             config = self.write_config(settings)
             children = [self._host("services", config)]

@@ -37,7 +37,9 @@ async def test_every_section_reports_positive_numbers(
     measures: list[Measure] = []
     async with open_stage(kafka.bootstrap_servers, redis_server.url) as stage:
         measures += await floor.run_floor(stage, TINY, chains=(3,))
-        measures += await mediator_bench.run_mediator(stage, TINY, workflows=("chain3",))
+        measures += await mediator_bench.run_mediator(
+            stage, TINY, workflows=("chain3", "chain3_timers")
+        )
         measures += await floor.run_floor_latency(stage, TINY, rate=50.0)
         measures += await celery_bench.run_celery(stage, TINY, chains=(3,))
         measures += micro.balancer_decision(TINY) + micro.plan_dag(TINY)
@@ -53,6 +55,8 @@ async def test_every_section_reports_positive_numbers(
         "mediator.chain3.steps_per_s",
         "mediator.chain3.half_load.latency_p50",
         "mediator.chain3.half_load.overhead_p99",
+        "mediator.chain3_timers.steps_per_s",
+        "mediator.chain3.half_load.timer_lag_p99",
         "celery.chain3.chains_per_s",
         "micro.dag1000.plan_from_dict",
         "micro.dag1000.plan_from_yaml",
