@@ -148,7 +148,8 @@ class Runtime:
             "timers": 0,
             "stale_timers": 0,
         }
-        #: How late timers fired (ms after their due time, Redis clock).
+        #: How late timers fired (ms after their due time, Redis clock). A timer claimed
+        #: again after a lease ran out counts from that lease's end, not its first due time.
         self.timer_lag = Samples()
 
     # -- requests --------------------------------------------------------------------------
