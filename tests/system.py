@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+import io
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,20 @@ from mediator.sdk.worker import Worker
 from mediator.settings import Settings
 
 __all__ = ["CHAIN3", "System", "echo", "slow_echo"]
+
+log = logging.getLogger("tests.system")
+
+#: The longest one component of a system may take to stop.
+CLOSE_TIMEOUT_S = 60.0
+
+
+def _task_stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(file=out)
+    return out.getvalue()
+
 
 #: A 3-step sequential workflow on one service, `svc`, action `work`.
 CHAIN3: dict[str, Any] = {
@@ -60,6 +76,7 @@ class System:
         self.mediators: list[Mediator] = []
         self.workers: dict[str, Worker] = {}
         self._client: MediatorClient | None = None
+        self._closers: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
     @property
     def bootstrap(self) -> str:
@@ -91,14 +108,16 @@ class System:
         )
         for name, handler in actions.items():
             worker.add_action(name, handler)
-        await self.stack.enter_async_context(worker)
+        await worker.start()
+        self._closers.append((f"worker {service}", worker.stop))
         self.workers[service] = worker
         return worker
 
     async def mediator(self) -> Mediator:
         """Start one more in-process mediator replica."""
         mediator = Mediator(self.settings, self.definitions)
-        await self.stack.enter_async_context(mediator)
+        await mediator.start()
+        self._closers.append(("mediator", mediator.stop))
         self.mediators.append(mediator)
         return mediator
 
@@ -111,10 +130,24 @@ class System:
                 enable_idempotence=False,
                 fetch_max_wait_ms=self.settings.kafka.fetch_max_wait_ms,
             )
-            await self.stack.enter_async_context(client)
+            await client.start()
+            self._closers.append(("client", client.stop))
             self._client = client
         return self._client
 
     async def close(self) -> None:
-        """Stop everything started."""
+        """Stop everything started, newest first.
+
+        Each stop is bounded: a stop that hangs is reported with the stack of every task
+        still waiting (the evidence to find what it waits on) and the rest still stop, so
+        one hung shutdown cannot stall the whole session.
+        """
+        while self._closers:
+            what, stop = self._closers.pop()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await stop()
+            except TimeoutError:
+                log.error("%s did not stop within %.0f s; tasks still waiting:\n%s",
+                          what, CLOSE_TIMEOUT_S, _task_stacks())  # fmt: skip
         await self.stack.aclose()
