@@ -89,7 +89,7 @@ class _Out:
     dead: list[DeadLetter] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     #: Timers (shard, name) that fired and changed nothing: removed after the batch.
-    stale_timers: list[tuple[int, str]] = field(default_factory=list)
+    stale_timers: set[tuple[int, str]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -97,9 +97,7 @@ class _Start:
     """A request about to start a run."""
 
     request: RequestEvent
-    origin: str
-    fingerprint: str
-    commit: Commit
+    commit: Commit  # its state carries the request's fingerprint and origin
     messages: list[Message]
 
 
@@ -192,13 +190,8 @@ class Runtime:
             reason = f"payload cannot be stored: {exc}"
             self._refuse(record, request, "invalid_payload", reason, origin, out)
             return None
-        size = len(record.value or b"")
-        if size > self.limits.max_message_bytes:
-            reason = (
-                f"request is {size} bytes, over the {self.limits.max_message_bytes}-byte limit "
-                "(limits.max_message_bytes); send large data by reference"
-            )
-            self._refuse(record, request, "payload_too_large", reason, origin, out)
+        if (too_large := self._oversized(record, "request")) is not None:
+            self._refuse(record, request, "payload_too_large", too_large, origin, out)
             return None
         try:
             workflow = self.definitions.definitions.get(request.workflow)
@@ -213,7 +206,18 @@ class Runtime:
         transition.state.fingerprint = digest.hexdigest()
         transition.state.origin = origin
         commit, messages = self._commit_of(workflow, transition, 0, now)
-        return _Start(request, origin, digest.hexdigest(), commit, messages)
+        return _Start(request, commit, messages)
+
+    def _oversized(self, record: Record, what: str) -> str | None:
+        """Why `record` is over the size limit, or None when it is within it."""
+        size = len(record.value or b"")
+        limit = self.limits.max_message_bytes
+        if size <= limit:
+            return None
+        return (
+            f"{what} is {size} bytes, over the {limit}-byte limit "
+            "(limits.max_message_bytes); send large data by reference"
+        )
 
     def _refuse(
         self,
@@ -233,16 +237,17 @@ class Runtime:
         """What to answer a request whose run already exists (or existed)."""
         self.stats["duplicates"] += 1
         request = start.request
+        asked = start.commit.state  # what this request would have started
         current = result.current
         tomb: Tombstone | None = result.tombstone
         fingerprint = current.fingerprint if current is not None else tomb and tomb.fingerprint
         origin = current.origin if current is not None else tomb and tomb.origin
-        if origin == start.origin:
+        if origin == asked.origin:
             # Kafka redelivered the record that started the run (a rebalance, a rewind):
             # not a new publish, so no second result.
             self.stats["redelivered"] += 1
             return None
-        if fingerprint and fingerprint != start.fingerprint:
+        if fingerprint and fingerprint != asked.fingerprint:
             self.stats["conflicting_requests"] += 1
             reason = (
                 f"request id {request.request_id!r} was already used for a different "
@@ -250,7 +255,7 @@ class Runtime:
                 "use a new request id for a new request"
             )
             log.warning("%s", reason)
-            return self._rejection(request, "request_id_conflict", reason, start.origin)
+            return self._rejection(request, "request_id_conflict", reason, asked.origin or "")
         if current is not None and current.terminal:
             # A duplicate of a finished request: the client may have missed the result.
             return self._result_message(result_of(current), current.reply_to, "resend")
@@ -260,7 +265,7 @@ class Runtime:
                 "its result is past the retention (redis.retention_s) and was not kept"
             )
             return self._rejection(
-                request, "result_expired", reason, start.origin, WorkflowStatus(tomb.status)
+                request, "result_expired", reason, asked.origin or "", WorkflowStatus(tomb.status)
             )
         return None
 
@@ -291,7 +296,7 @@ class Runtime:
                     log.error(
                         "timer %r of shard %d is not one the engine sets; removed", name, shard
                     )
-                    out.stale_timers.append((shard, name))
+                    out.stale_timers.add((shard, name))
                     continue
                 self.stats["timers"] += 1
                 self.timer_lag.add(late_ms)
@@ -339,7 +344,7 @@ class Runtime:
         await self._flush(out)
         if out.stale_timers:
             self.stats["stale_timers"] += len(out.stale_timers)
-            await self.store.timers_done(out.stale_timers)
+            await self.store.timers_done(sorted(out.stale_timers))
         if outgoing:
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         if groups:
@@ -352,13 +357,9 @@ class Runtime:
         reply: ReplyEvent | None = self._decode(record, ReplyEvent, out)
         if reply is None:
             return None
-        size = len(record.value or b"")
         problem: tuple[str, str] | None = None
-        if size > self.limits.max_message_bytes:
-            problem = (
-                "payload_too_large",
-                f"reply is {size} bytes, over the {self.limits.max_message_bytes}-byte limit",
-            )
+        if (too_large := self._oversized(record, "reply")) is not None:
+            problem = ("payload_too_large", too_large)
         elif reply.output is not None:
             try:
                 orjson.dumps(reply.output)
@@ -393,12 +394,12 @@ class Runtime:
             timers = [e for e in events if isinstance(e, Fired)]
             if base is None:
                 unknown += len(events) - len(timers)
-                out.stale_timers += [(self.keys.shard_of(wid), t.member) for t in timers]
+                out.stale_timers.update((self.keys.shard_of(wid), t.member) for t in timers)
                 continue
             workflow = plans.get((base.workflow, base.version))
             if workflow is None:
                 if base.terminal:
-                    out.stale_timers += [(self.keys.shard_of(wid), t.member) for t in timers]
+                    out.stale_timers.update((self.keys.shard_of(wid), t.member) for t in timers)
                     continue
                 pending.append(self._abandon(base, now))
                 continue
@@ -419,7 +420,7 @@ class Runtime:
                 recheck.append(wid)
                 continue
             stale = [(self.keys.shard_of(wid), e.member) for e in ignored if isinstance(e, Fired)]
-            out.stale_timers += stale
+            out.stale_timers.update(stale)
             self.stats["ignored_replies"] += len(ignored) - len(stale)
             if merged is not None:
                 pending.append(_Pending(base, merged, workflow))
