@@ -172,7 +172,7 @@ class Engine:
                 "code": "deadline_exceeded",
             }
             transition.count(f"wf:{workflow.name}:deadline_exceeded")
-            return self._withdraw(self._finish(workflow, transition, now_ms, error))
+            return self._finish(workflow, transition, now_ms, error)
         if step_state is None or step_state.attempt != timer.attempt:
             return None
         step = workflow.steps[timer.step]
@@ -240,13 +240,7 @@ class Engine:
             StepStatus.FAILED, current.attempt, current.command_id, None, failure,
             current.started_ms, now_ms, instance, current.history,
         )  # fmt: skip
-        return self._withdraw(self._finish(workflow, transition, now_ms, failure))
-
-    @staticmethod
-    def _withdraw(transition: Transition) -> Transition:
-        """A run that just ended sets no more timers (its stale ones are ignored)."""
-        transition.timers.clear()
-        return transition
+        return self._finish(workflow, transition, now_ms, failure)
 
     def refuse_command(
         self,
@@ -287,7 +281,7 @@ class Engine:
             else:
                 kept.append(effect)
         transition.effects = kept
-        return self._withdraw(self._finish(workflow, transition, now_ms, failure))
+        return self._finish(workflow, transition, now_ms, failure)
 
     @staticmethod
     def refuse_result(transition: Transition, error: dict[str, Any], now_ms: int) -> Transition:
@@ -299,7 +293,6 @@ class Engine:
         if state.error is not None:
             cause = state.error.get("message", "")
             error = {**error, "message": f"{error['message']} (the run had failed: {cause})"}
-        transition.timers.clear()
         return _end(transition, None, error, now_ms)
 
     @staticmethod
