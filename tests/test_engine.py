@@ -13,6 +13,8 @@ from mediator.core.state import StepState, StepStatus, WorkflowState, dumps, loa
 from mediator.core.workflow import Workflow, parse_workflows
 from topics.events import (
     CommandEvent,
+    ControlAction,
+    ControlEvent,
     ErrorInfo,
     ReplyEvent,
     ReplyStatus,
@@ -639,7 +641,33 @@ def _states() -> dict[str, WorkflowState]:
     done.complete("a", False)
     retrying = Run(make(step("a", timeout="1s", retry={"max_attempts": 3})))
     retrying.fail("a", ErrorInfo(message="busy", retryable=True))
+    undo = {"action": "undo", "retry": {"max_attempts": 2}}
+    saga = make(step("a", compensate=undo), step("p", timeout="1s"), step("b", "a"))
+    compensating = Run(saga)
+    parked = compensating.outstanding["p"]
+    assert ENGINE.park(compensating.last, parked.command_id)
+    compensating.complete("a", {"id": 1})
+    compensating.fail("b", ErrorInfo(message="no"))
+    cancelled = Run(make(step("a")))
+    stop = ControlEvent(control_id="c", action=ControlAction.CANCEL, workflow_id=WID, issued_ms=1)
+    cancelled_state = ENGINE.apply_control(cancelled.workflow, cancelled.state, stop, T0 + 5)
+    assert cancelled_state is not None
+    broken = Run(make(step("a", compensate={"action": "undo"}), step("b", "a")))
+    broken.complete("a")
+    [undo_cmd] = commands(broken.fail("b", ErrorInfo(message="no")))
+    broken.reply(
+        failed(undo_cmd, ErrorInfo(message="undo refused")).model_copy(
+            update={"command_id": undo_cmd.command_id}
+        ),
+        T0 + 20,
+    )
+    waiting = Run(make(step("a", timeout="1s"), step("b")))
+    assert ENGINE.park(waiting.last, waiting.outstanding["a"].command_id)
     return {
+        "parked": waiting.state,
+        "compensating": compensating.state,
+        "cancelled": cancelled_state.state,
+        "compensation_failed": broken.state,
         "fresh": start(workflow, {"nested": {"k": [None, 1.5]}}).state,
         "running": replace(running.state, rev=7),
         "completed": done.state,
@@ -648,7 +676,20 @@ def _states() -> dict[str, WorkflowState]:
     }
 
 
-@pytest.mark.parametrize("name", ["fresh", "running", "completed", "failed", "retrying"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fresh",
+        "running",
+        "completed",
+        "failed",
+        "retrying",
+        "parked",
+        "compensating",
+        "cancelled",
+        "compensation_failed",
+    ],
+)
 def test_state_round_trip(name: str) -> None:
     state = _states()[name]
     blob = dumps(state)

@@ -19,6 +19,8 @@ __all__ = [
     "TERMINAL",
     "AttemptSummary",
     "CommandEvent",
+    "ControlAction",
+    "ControlEvent",
     "DeadLetter",
     "ErrorInfo",
     "Event",
@@ -45,8 +47,15 @@ class WorkflowStatus(StrEnum):
     """Lifecycle of one workflow run."""
 
     RUNNING = "running"
+    #: A step failed for good, the deadline passed or an operator cancelled: completed
+    #: steps are being compensated; the result follows when that is done.
+    COMPENSATING = "compensating"
     COMPLETED = "completed"
     FAILED = "failed"
+    #: An operator cancelled the run (and its compensations, if any, succeeded).
+    CANCELLED = "cancelled"
+    #: A compensation failed for good: something may not have been undone. Ops look here.
+    COMPENSATION_FAILED = "compensation_failed"
 
     @classmethod
     def terminal(cls) -> frozenset[WorkflowStatus]:
@@ -55,7 +64,14 @@ class WorkflowStatus(StrEnum):
 
 
 #: Statuses a workflow never leaves.
-TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED})
+TERMINAL = frozenset(
+    {
+        WorkflowStatus.COMPLETED,
+        WorkflowStatus.FAILED,
+        WorkflowStatus.CANCELLED,
+        WorkflowStatus.COMPENSATION_FAILED,
+    }
+)
 
 
 class ReplyStatus(StrEnum):
@@ -171,6 +187,9 @@ class StepSummary(BaseModel):
     history: list[AttemptSummary] = Field(
         default_factory=list, description="The attempts before the last, oldest first."
     )
+    service: str | None = Field(
+        default=None, description="Set when the last attempt went to a fallback service."
+    )
 
 
 class ResultEvent(Event):
@@ -191,6 +210,10 @@ class ResultEvent(Event):
     output: Any = None
     error: ErrorInfo | None = None
     steps: dict[str, StepSummary] = Field(default_factory=dict)
+    compensations: dict[str, StepSummary] = Field(
+        default_factory=dict,
+        description="The compensations that ran (step id -> how its undo ended), if any.",
+    )
     started_ms: int | None = None
     finished_ms: int
     trace_id: str | None = None
@@ -208,6 +231,31 @@ class HealthEvent(Event):
     inbox: str | None = Field(default=None, description="Topic addressed to this instance.")
     version: str | None = None
     ts_ms: int
+
+
+class ControlAction(StrEnum):
+    """What an operator asks of the mediator."""
+
+    #: Stop a running run: compensate its completed steps, then end it `cancelled`.
+    CANCEL = "cancel"
+    #: Run a failed or cancelled run again from its unfinished steps, keeping completed
+    #: outputs (steps whose work was compensated run again).
+    RETRY = "retry"
+    #: Close a service's circuit breaker now; its parked commands drain.
+    RESET_BREAKER = "reset_breaker"
+
+
+class ControlEvent(Event):
+    """An operator's command to the mediator. Key: the workflow id or the service."""
+
+    type: Literal["control"] = "control"
+    control_id: Identifier = Field(min_length=1, max_length=200)
+    action: ControlAction
+    workflow_id: Identifier | None = None
+    service: str | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+    operator: str | None = None
+    issued_ms: int
 
 
 class DeadLetter(Event):
@@ -234,6 +282,7 @@ class DeadLetter(Event):
 EVENT_MODELS: dict[str, type[Event]] = {
     "RequestEvent": RequestEvent,
     "CommandEvent": CommandEvent,
+    "ControlEvent": ControlEvent,
     "ReplyEvent": ReplyEvent,
     "ResultEvent": ResultEvent,
     "HealthEvent": HealthEvent,

@@ -50,10 +50,22 @@ class Topics:
         """Messages that could not be parsed or validated land here as `DeadLetter`s."""
         return f"{self.prefix}dlq"
 
+    @property
+    def control(self) -> str:
+        """Operators publish `ControlEvent`s here (cancel, retry, reset a breaker)."""
+        return f"{self.prefix}control"
+
     def service(self, service: str) -> str:
         """The inbox of a service: `CommandEvent`s for it are published here."""
         return f"{self.service_prefix}{service}"
 
     def mediator_topics(self) -> tuple[str, ...]:
         """The topics the mediator owns (created by `mediator dev` and the test fixtures)."""
-        return (self.requests, self.replies, self.results, self.health, self.dlq)
+        return (
+            self.requests,
+            self.replies,
+            self.results,
+            self.health,
+            self.dlq,
+            self.control,
+        )

@@ -1,37 +1,54 @@
 """The engine: a pure state machine ``(state, event, now) -> (state', effects)``.
 
 It performs no I/O and reads no clock: the runtime loads state, calls the engine, and
-commits the returned `Transition` (new state, effects to publish, counters) atomically.
-Because command ids are derived from ``(workflow id, step, attempt)``, replaying the same
-event against the same state yields byte-identical effects, so a transition lost to a
-compare-and-set conflict can simply be recomputed.
+commits the returned `Transition` (new state, effects to publish, timers, counters)
+atomically. Because command ids are derived from ``(workflow id, step, attempt)``,
+replaying the same event against the same state yields byte-identical effects, so a
+transition lost to a compare-and-set conflict can simply be recomputed.
+
+Events: a request starts a run; a service's reply, a timer falling due and an operator's
+control advance it. When a step fails for good, the deadline passes or an operator
+cancels, completed steps are compensated (`mediator.core.saga`) before the run ends.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from mediator.core import saga
 from mediator.core.expressions import ExpressionError
-from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, fork
+from mediator.core.results import history_of, result_of
+from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve, fork
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
+from mediator.core.transition import (
+    Effect,
+    PublishResult,
+    SendCommand,
+    Transition,
+    context,
+    end,
+    forked,
+    timer_name,
+)
 from mediator.core.workflow import Step, Workflow
 from topics.events import (
-    AttemptSummary,
     CommandEvent,
+    ControlAction,
+    ControlEvent,
     ErrorInfo,
     ReplyEvent,
     ReplyStatus,
     RequestEvent,
-    ResultEvent,
-    StepSummary,
     WorkflowStatus,
 )
 
 #: Steps that hold one of a workflow's `max_parallel` slots.
-_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
+_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
+
+#: Statuses an operator's retry starts again from.
+_RETRYABLE_RUNS = frozenset({WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 
 __all__ = [
     "Effect",
@@ -41,43 +58,9 @@ __all__ = [
     "SetTimer",
     "Transition",
     "command_id",
+    "end",
+    "result_of",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class SendCommand:
-    """Publish a command to the step's service."""
-
-    command: CommandEvent
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """Publish the workflow's result to the requester."""
-
-    result: ResultEvent
-    reply_to: str | None
-
-
-Effect = SendCommand | PublishResult
-
-
-@dataclass(slots=True)
-class Transition:
-    """The outcome of one event: the new state, what to publish and what to count."""
-
-    state: WorkflowState
-    effects: list[Effect] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-    #: Timers to set, committed with the state.
-    timers: list[SetTimer] = field(default_factory=list)
-    #: Timers (their names) removed with the commit: the one that fired, and those no
-    #: longer needed (the timeout of a step that replied, the timers of a run that ended).
-    cleared: list[str] = field(default_factory=list)
-
-    def count(self, name: str, n: int = 1) -> None:
-        """Add `n` to counter `name`."""
-        self.counters[name] = self.counters.get(name, 0) + n
 
 
 def command_id(workflow_id: str, step: str, attempt: int) -> str:
@@ -120,21 +103,27 @@ class Engine:
     ) -> Transition | None:
         """Apply a service's reply; None when it is a duplicate, stale or unknown."""
         step_state = state.steps.get(reply.step)
-        if (
-            step_state is None
-            or step_state.status is not StepStatus.RUNNING
-            or step_state.command_id != reply.command_id
-            or step_state.attempt != reply.attempt
-            or state.terminal
-        ):
+        if step_state is None or state.terminal:
+            return None
+        if step_state.command_id != reply.command_id:
+            undo = state.compensations.get(reply.step) if state.compensations else None
+            if (
+                undo is None
+                or undo.command_id != reply.command_id
+                or undo.status is not StepStatus.RUNNING
+                or undo.attempt != reply.attempt
+            ):
+                return None
+            return saga.undo_replied(self, workflow, state, reply, now_ms)
+        if step_state.status is not StepStatus.RUNNING or step_state.attempt != reply.attempt:
             return None
         step = workflow.steps[reply.step]
         state = fork(state)
         state.updated_ms = now_ms
         transition = Transition(state)
+        service = step_state.via or step.service
         if step.timeout_ms:  # answered: its timeout timer is not needed any more
-            timeout = SetTimer("timeout", state.workflow_id, 0, step.id, step_state.attempt)
-            transition.cleared.append(timeout.member)
+            transition.cleared.append(timer_name("timeout", state, step.id, step_state.attempt))
         if reply.status is ReplyStatus.OK:
             state.steps[reply.step] = StepState(
                 StepStatus.COMPLETED,
@@ -146,13 +135,20 @@ class Engine:
                 now_ms,
                 reply.instance,
                 step_state.history,
+                step_state.base,
+                step_state.via,
             )
-            transition.count(f"svc:{step.service}:ok")
+            transition.count(f"svc:{service}:ok")
+            transition.outcomes.append((service, True))
+            if state.status is WorkflowStatus.COMPENSATING:
+                return self._compensate(workflow, transition, now_ms)
             return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
         error = reply.error or ErrorInfo(message="service replied error without details")
         failure = error.model_dump(exclude_none=True)
         failure["step"] = reply.step
-        transition.count(f"svc:{step.service}:error")
+        transition.count(f"svc:{service}:error")
+        if error.retryable:
+            transition.outcomes.append((service, False))
         return self._fail_attempt(workflow, transition, step, failure, now_ms, reply.instance)
 
     def apply_timer(
@@ -161,86 +157,113 @@ class Engine:
         """A timer fell due; None when the run or step has moved on since (stale)."""
         if state.terminal:
             return None
-        step_state = state.steps.get(timer.step) if timer.step else None
         if timer.kind == "deadline":
-            transition = Transition(fork(state))
-            transition.state.updated_ms = now_ms
-            transition.cleared.append(timer.member)
-            limit = workflow.timeout_ms or 0
-            error = {
-                "message": f"workflow {workflow.name!r} did not finish within {limit} ms",
-                "code": "deadline_exceeded",
-            }
-            transition.count(f"wf:{workflow.name}:deadline_exceeded")
-            return self._finish(workflow, transition, now_ms, error)
+            return self._deadline(workflow, state, timer, now_ms)
+        if timer.kind in ("undo_timeout", "undo_retry"):
+            return saga.undo_timer(self, workflow, state, timer, now_ms)
+        step_state = state.steps.get(timer.step)
         if step_state is None or step_state.attempt != timer.attempt:
             return None
         step = workflow.steps[timer.step]
-        if timer.kind == "timeout" and step_state.status is StepStatus.RUNNING:
-            state = fork(state)
-            state.updated_ms = now_ms
-            transition = Transition(state)
-            transition.cleared.append(timer.member)
-            transition.count(f"svc:{step.service}:timeout")
-            failure = {
-                "message": f"step {step.id!r} attempt {timer.attempt} got no reply within "
-                f"{step.timeout_ms} ms",
-                "code": "timeout",
-                "retryable": True,
-                "step": step.id,
-            }
+        status = step_state.status
+        if timer.kind == "timeout" and status in (StepStatus.RUNNING, StepStatus.PARKED):
+            transition = forked(state, now_ms, timer)
+            if status is StepStatus.PARKED:
+                transition.count(f"svc:{step.service}:parked_timeout")
+                message = (
+                    f"step {step.id!r} attempt {timer.attempt} stayed parked for "
+                    f"{step.timeout_ms} ms: the circuit breaker of {step.service!r} is open"
+                )
+                code = "circuit_open"
+            else:
+                service = step_state.via or step.service
+                transition.count(f"svc:{service}:timeout")
+                transition.outcomes.append((service, False))
+                message = (
+                    f"step {step.id!r} attempt {timer.attempt} got no reply within "
+                    f"{step.timeout_ms} ms"
+                )
+                code = "timeout"
+            failure = {"message": message, "code": code, "retryable": True, "step": step.id}
             return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
-        if timer.kind == "retry" and step_state.status is StepStatus.RETRYING:
-            state = fork(state)
-            state.updated_ms = now_ms
-            transition = Transition(state)
-            transition.cleared.append(timer.member)
-            try:
-                command_input = step.input.render(_context(state, state.steps))
-            except ExpressionError as exc:
-                failure = _expression_failure(step, str(exc))
-                state.steps[step.id] = StepState(
-                    StepStatus.FAILED, step_state.attempt, step_state.command_id, None, failure,
-                    step_state.started_ms, now_ms, None, step_state.history,
-                )  # fmt: skip
-                return self._finish(workflow, transition, now_ms, failure)
-            previous = step_state
-            state.steps[step.id] = self._dispatch(
-                transition, step, command_input, now_ms, previous.attempt + 1, _history(previous)
-            )
+        if state.status is not WorkflowStatus.RUNNING:
+            return None
+        if timer.kind == "retry" and status is StepStatus.RETRYING:
+            transition = forked(state, now_ms, timer)
             transition.count(f"svc:{step.service}:retried")
-            return transition
+            return self._redispatch(workflow, transition, step, now_ms, step_state.attempt + 1)
+        if timer.kind == "unpark" and status is StepStatus.PARKED:
+            transition = forked(state, now_ms, timer)
+            transition.count(f"svc:{step.service}:unparked")
+            return self._redispatch(workflow, transition, step, now_ms, step_state.attempt)
         return None
 
-    def _fail_attempt(
-        self,
-        workflow: Workflow,
-        transition: Transition,
-        step: Step,
-        failure: dict[str, Any],
-        now_ms: int,
-        instance: str | None,
-    ) -> Transition:
-        """An attempt failed: schedule the next after its backoff if the error is retryable
-        and attempts are left (replay), else the step fails and so does the run."""
+    def apply_control(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        """An operator's cancel or retry; None when it does not apply to the run as it is
+        (cancel of a finished run, retry of one that did not fail)."""
+        reason = control.reason or "no reason given"
+        who = f" by {control.operator}" if control.operator else ""
+        if control.action is ControlAction.CANCEL:
+            if state.status is not WorkflowStatus.RUNNING:
+                return None
+            transition = Transition(fork(state))
+            transition.state.updated_ms = now_ms
+            transition.count(f"wf:{workflow.name}:cancel_requested")
+            error = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
+            return self._finish(workflow, transition, now_ms, error)
+        if control.action is ControlAction.RETRY:
+            if state.status not in _RETRYABLE_RUNS:
+                return None
+            return self._reopen(workflow, state, now_ms)
+        return None
+
+    def park(self, transition: Transition, command_id: str) -> bool:
+        """Hold back the command `command_id` of `transition` (not yet committed): its
+        service's breaker is open. The step waits as `parked`, its timeout still running,
+        until the parked queue releases it. False when the command is not a step's
+        current attempt (a compensation: those are never parked)."""
+        command, step_state = _forward_command(transition, command_id)
+        if step_state is None:
+            return False
         state = transition.state
-        current = state.steps[step.id]
-        policy = step.retry
-        if failure.get("retryable") and current.attempt < policy.max_attempts:
-            state.steps[step.id] = StepState(
-                StepStatus.RETRYING, current.attempt, current.command_id, None, failure,
-                current.started_ms, now_ms, instance, current.history,
-            )  # fmt: skip
-            delay = retry_delay_ms(policy, current.attempt, current.command_id or "")
-            transition.timers.append(
-                SetTimer("retry", state.workflow_id, delay, step.id, current.attempt)
-            )
-            return transition
-        state.steps[step.id] = StepState(
-            StepStatus.FAILED, current.attempt, current.command_id, None, failure,
-            current.started_ms, now_ms, instance, current.history,
-        )  # fmt: skip
-        return self._finish(workflow, transition, now_ms, failure)
+        _withdraw(transition, command)
+        state.steps[command.step] = evolve(step_state, status=StepStatus.PARKED, via=None)
+        primary = command.service if step_state.via is None else step_state.via
+        transition.count(f"svc:{primary}:parked")
+        unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
+        transition.parked.append((primary, unpark.member))
+        return True
+
+    def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:
+        """Send the command `command_id` of `transition` (not yet committed) to its step's
+        fallback instead: its service's breaker is open. False when the step declares no
+        fallback (or its input cannot be rendered): park it then."""
+        command, step_state = _forward_command(transition, command_id)
+        if step_state is None:
+            return False
+        step = workflow.steps[command.step]
+        fallback = step.fallback
+        if fallback is None or step_state.via is not None:
+            return False
+        state = transition.state
+        try:
+            alt_input = fallback.input.render(context(state, state.steps))
+        except ExpressionError:
+            return False
+        rerouted = command.model_copy(
+            update={"service": fallback.service, "action": fallback.action, "input": alt_input}
+        )
+        transition.effects = [
+            SendCommand(rerouted) if isinstance(e, SendCommand) and e.command is command else e
+            for e in transition.effects
+        ]
+        transition.count(f"svc:{command.service}:sent", -1)
+        transition.count(f"svc:{command.service}:rerouted")
+        transition.count(f"svc:{fallback.service}:sent")
+        state.steps[command.step] = evolve(step_state, via=fallback.service)
+        return True
 
     def refuse_command(
         self,
@@ -259,28 +282,24 @@ class Engine:
             for e in transition.effects
             if isinstance(e, SendCommand) and e.command.command_id == command_id
         )
-        step_state = state.steps[command.step]
-        failure = {**error, "step": command.step}
-        state.steps[command.step] = StepState(
-            StepStatus.FAILED,
-            step_state.attempt,
-            step_state.command_id,
-            None,
-            failure,
-            step_state.started_ms,
-            now_ms,
-        )
         transition.count(f"svc:{command.service}:refused")
-        kept: list[Effect] = []
-        for effect in transition.effects:
+        failure = {**error, "step": command.step}
+        step_state = state.steps[command.step]
+        if step_state.command_id != command_id:  # a compensation's command
+            return saga.refuse_undo(self, workflow, transition, command, failure, now_ms)
+        state.steps[command.step] = evolve(
+            step_state, status=StepStatus.FAILED, output=None, error=failure, finished_ms=now_ms
+        )
+        for effect in list(transition.effects):
             if isinstance(effect, SendCommand):
-                transition.count(f"svc:{effect.command.service}:sent", -1)
+                _withdraw(transition, effect.command)
                 withdrawn = effect.command.step
                 if withdrawn != command.step:
-                    state.steps[withdrawn] = StepState()
-            else:
-                kept.append(effect)
-        transition.effects = kept
+                    # Never sent: the attempt number is free again (ids stay unique).
+                    was = state.steps[withdrawn]
+                    state.steps[withdrawn] = StepState(
+                        attempt=was.attempt - 1, history=was.history, base=was.base
+                    )
         return self._finish(workflow, transition, now_ms, failure)
 
     @staticmethod
@@ -293,14 +312,128 @@ class Engine:
         if state.error is not None:
             cause = state.error.get("message", "")
             error = {**error, "message": f"{error['message']} (the run had failed: {cause})"}
-        return _end(transition, None, error, now_ms)
+        status = state.status if state.status is WorkflowStatus.COMPENSATION_FAILED else None
+        return end(transition, None, error, now_ms, status)
 
     @staticmethod
     def abandon(state: WorkflowState, error: dict[str, Any], now_ms: int) -> Transition:
         """Fail a running run that cannot advance (its definition is gone) with `error`."""
-        return _end(Transition(fork(state)), None, error, now_ms)
+        return end(Transition(fork(state)), None, error, now_ms)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _deadline(
+        self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
+    ) -> Transition:
+        transition = forked(state, now_ms, timer)
+        limit = workflow.timeout_ms or 0
+        transition.count(f"wf:{workflow.name}:deadline_exceeded")
+        if state.status is WorkflowStatus.COMPENSATING:
+            # Undoing already: stop waiting for steps still in flight, compensate the rest.
+            saga.abandon_in_flight(workflow, transition, now_ms, everything=True)
+            return self._compensate(workflow, transition, now_ms)
+        error = {
+            "message": f"workflow {workflow.name!r} did not finish within {limit} ms",
+            "code": "deadline_exceeded",
+        }
+        return self._finish(workflow, transition, now_ms, error)
+
+    def _fail_attempt(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        step: Step,
+        failure: dict[str, Any],
+        now_ms: int,
+        instance: str | None,
+    ) -> Transition:
+        """An attempt failed: schedule the next after its backoff if the error is retryable
+        and attempts are left (replay), else the step fails and so does the run."""
+        state = transition.state
+        current = state.steps[step.id]
+        policy = step.retry
+        if (
+            failure.get("retryable")
+            and state.status is WorkflowStatus.RUNNING
+            and current.attempt - current.base < policy.max_attempts
+        ):
+            state.steps[step.id] = evolve(
+                current,
+                status=StepStatus.RETRYING,
+                output=None,
+                error=failure,
+                finished_ms=now_ms,
+                instance=instance,
+            )
+            delay = retry_delay_ms(policy, current.attempt - current.base, current.command_id or "")
+            transition.timers.append(
+                SetTimer("retry", state.workflow_id, delay, step.id, current.attempt)
+            )
+            return transition
+        state.steps[step.id] = evolve(
+            current,
+            status=StepStatus.FAILED,
+            output=None,
+            error=failure,
+            finished_ms=now_ms,
+            instance=instance,
+        )
+        if state.status is WorkflowStatus.COMPENSATING:
+            return self._compensate(workflow, transition, now_ms)
+        return self._finish(workflow, transition, now_ms, failure)
+
+    def _reopen(self, workflow: Workflow, state: WorkflowState, now_ms: int) -> Transition:
+        """An operator's retry: the run runs again from the steps that did not complete
+        (or whose work was compensated), keeping the outputs of the others."""
+        state = fork(state)
+        transition = Transition(state)
+        undone = state.compensations or {}
+        for sid, step_state in state.steps.items():
+            kept = step_state.status is StepStatus.COMPLETED and (
+                sid not in undone or undone[sid].status is not StepStatus.COMPLETED
+            )
+            if kept or step_state.status is StepStatus.PENDING:
+                continue
+            history = history_of(step_state) if step_state.attempt else step_state.history
+            state.steps[sid] = StepState(
+                attempt=step_state.attempt, history=history, base=step_state.attempt
+            )
+        state.status = WorkflowStatus.RUNNING
+        state.error = None
+        state.output = None
+        state.finished_ms = None
+        state.compensations = None
+        state.updated_ms = now_ms
+        state.deadline_ms = now_ms + workflow.timeout_ms if workflow.timeout_ms else None
+        if workflow.timeout_ms:
+            deadline = SetTimer("deadline", state.workflow_id, workflow.timeout_ms)
+            transition.cleared.append(deadline.member)  # a fired one may linger unclaimed
+            transition.timers.append(deadline)
+        transition.count(f"wf:{workflow.name}:retried")
+        return self._advance(workflow, transition, now_ms)
+
+    def _redispatch(
+        self, workflow: Workflow, transition: Transition, step: Step, now_ms: int, attempt: int
+    ) -> Transition:
+        """Send `attempt` of `step` (the next after a retry's backoff, or a parked one)."""
+        state = transition.state
+        previous = state.steps[step.id]
+        try:
+            command_input = step.input.render(context(state, state.steps))
+        except ExpressionError as exc:
+            failure = _expression_failure(step, str(exc))
+            state.steps[step.id] = evolve(
+                previous, status=StepStatus.FAILED, error=failure, finished_ms=now_ms
+            )
+            return self._finish(workflow, transition, now_ms, failure)
+        if attempt == previous.attempt:  # a parked attempt: its timeout is running
+            history, started = previous.history, previous.started_ms
+        else:
+            history, started = history_of(previous), None
+        state.steps[step.id] = self._dispatch(
+            transition, step, command_input, now_ms, attempt, history, previous.base, started
+        )
+        return transition
 
     def _advance(
         self,
@@ -322,7 +455,7 @@ class Engine:
         running = (
             sum(1 for s in steps.values() if s.status in _BUSY) if workflow.max_parallel else 0
         )
-        context: dict[str, Any] | None = None
+        values: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
         # Commands go out only once the whole pass evaluated: a later step's failing
         # expression fails the run, and no service should be asked to work for it.
@@ -340,26 +473,37 @@ class Engine:
                 steps[dep].status in SATISFIED for dep in step.depends_on
             ):
                 continue
-            if context is None or step.when is not None:
-                context = _context(state, steps)
+            if values is None or step.when is not None:
+                values = context(state, steps)
             try:
-                if step.when is not None and not step.when.holds(context):
-                    steps[step_id] = StepState(status=StepStatus.SKIPPED, finished_ms=now_ms)
+                if step.when is not None and not step.when.holds(values):
+                    steps[step_id] = evolve(
+                        steps[step_id], status=StepStatus.SKIPPED, finished_ms=now_ms
+                    )
                     transition.count("steps:skipped")
                     _release(workflow, step_id, heap, queued)
                 elif not workflow.max_parallel or running < workflow.max_parallel:
-                    ready.append((step, step.input.render(context)))
+                    ready.append((step, step.input.render(values)))
                     running += 1
             except ExpressionError as exc:
                 failure = _expression_failure(step, str(exc))
-                steps[step_id] = StepState(
-                    status=StepStatus.FAILED, error=failure, finished_ms=now_ms
+                steps[step_id] = evolve(
+                    steps[step_id], status=StepStatus.FAILED, error=failure, finished_ms=now_ms
                 )
                 break
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
         for step, command_input in ready:
-            steps[step.id] = self._dispatch(transition, step, command_input, now_ms)
+            previous = steps[step.id]
+            steps[step.id] = self._dispatch(
+                transition,
+                step,
+                command_input,
+                now_ms,
+                previous.attempt + 1,
+                previous.history,
+                previous.base,
+            )
         if not ready and all(s.status in SATISFIED for s in steps.values()):
             return self._finish(workflow, transition, now_ms, None)
         return transition
@@ -372,9 +516,14 @@ class Engine:
         now_ms: int,
         attempt: int = 1,
         history: list[dict[str, Any]] | None = None,
+        base: int = 0,
+        started_ms: int | None = None,
     ) -> StepState:
+        """Send `attempt` of `step`; its state. `started_ms` is given for an attempt that
+        was parked: its timeout timer was set then, and its deadline counts from then."""
         state = transition.state
         cid = command_id(state.workflow_id, step.id, attempt)
+        started = now_ms if started_ms is None else started_ms
         command = CommandEvent(
             command_id=cid,
             workflow_id=state.workflow_id,
@@ -386,17 +535,19 @@ class Engine:
             attempt=attempt,
             input=command_input,
             reply_to=self.replies_topic,
-            deadline_ms=now_ms + step.timeout_ms if step.timeout_ms else None,
+            deadline_ms=started + step.timeout_ms if step.timeout_ms else None,
             trace_id=state.trace_id,
             sent_ms=now_ms,
         )
         transition.effects.append(SendCommand(command))
         transition.count(f"svc:{step.service}:sent")
-        if step.timeout_ms:
+        if step.timeout_ms and started_ms is None:
             transition.timers.append(
                 SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
             )
-        return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history)
+        return StepState(
+            StepStatus.RUNNING, attempt, cid, None, None, started, None, None, history, base
+        )
 
     def _finish(
         self,
@@ -405,45 +556,49 @@ class Engine:
         now_ms: int,
         error: dict[str, Any] | None,
     ) -> Transition:
+        """End the run: completed with its output, or failed with `error`, after
+        compensating its completed steps if any declares a compensation."""
         output: Any = None
         if error is None:
             try:
                 output = _output(workflow, transition.state)
             except ExpressionError as exc:
                 error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
-        return _end(transition, output, error, now_ms)
+        if error is not None:
+            if saga.needed(workflow, transition.state):
+                transition.state.error = error
+                saga.begin(workflow, transition, now_ms)
+                return self._compensate(workflow, transition, now_ms)
+            status = WorkflowStatus.CANCELLED if error.get("code") == "cancelled" else None
+            return end(transition, None, error, now_ms, status)
+        return end(transition, output, error, now_ms)
+
+    def _compensate(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
+        return saga.progress(self, workflow, transition, now_ms)
 
 
-def _end(
-    transition: Transition, output: Any, error: dict[str, Any] | None, now_ms: int
-) -> Transition:
-    """Finish the run: completed with `output`, or failed with `error`; publish its result."""
-    state = transition.state
-    status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
-    state.status = status
-    state.output = output
-    state.error = error
-    state.finished_ms = now_ms
-    state.updated_ms = now_ms
-    transition.count(f"wf:{state.workflow}:{status.value}")
-    transition.effects.append(PublishResult(result_of(state), state.reply_to))
-    _clear_timers(transition)
-    return transition
+def _forward_command(
+    transition: Transition, command_id: str
+) -> tuple[CommandEvent, StepState | None]:
+    """The command `command_id` among the transition's effects, and the state of the step
+    whose current attempt it is (None for a compensation's command)."""
+    command = next(
+        e.command
+        for e in transition.effects
+        if isinstance(e, SendCommand) and e.command.command_id == command_id
+    )
+    step_state = transition.state.steps.get(command.step)
+    if step_state is None or step_state.command_id != command_id:
+        return command, None
+    return command, step_state
 
 
-def _clear_timers(transition: Transition) -> None:
-    """A run that ended needs none of its timers: remove them with the commit, rather
-    than let each fire once as stale. (Removing a timer that was never set is harmless.)"""
-    state = transition.state
-    wid = state.workflow_id
-    names = [SetTimer("deadline", wid, 0).member] if state.deadline_ms is not None else []
-    for sid, step in state.steps.items():
-        if step.status is StepStatus.RUNNING:
-            names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
-        elif step.status is StepStatus.RETRYING:
-            names.append(SetTimer("retry", wid, 0, sid, step.attempt).member)
-    transition.timers.clear()
-    transition.cleared += [name for name in names if name not in transition.cleared]
+def _withdraw(transition: Transition, command: CommandEvent) -> None:
+    """Take `command` out of the effects: it is not sent (now)."""
+    transition.effects = [
+        e for e in transition.effects if not (isinstance(e, SendCommand) and e.command is command)
+    ]
+    transition.count(f"svc:{command.service}:sent", -1)
 
 
 def _release(
@@ -456,75 +611,11 @@ def _release(
             heapq.heappush(heap, (workflow.position[dependant], dependant))
 
 
-def result_of(state: WorkflowState) -> ResultEvent:
-    """The result event of a finished run (also used to re-send it for a duplicate request)."""
-    finished_ms = state.finished_ms or state.updated_ms
-    return ResultEvent(
-        result_id=f"{state.workflow_id}@{finished_ms}",
-        request_id=state.request_id,
-        workflow_id=state.workflow_id,
-        workflow=state.workflow,
-        status=state.status,
-        output=state.output,
-        error=ErrorInfo.model_validate(state.error) if state.error else None,
-        steps={
-            sid: StepSummary(
-                status=step.status.value,
-                attempts=step.attempt,
-                duration_ms=step.finished_ms - step.started_ms
-                if step.finished_ms is not None and step.started_ms is not None
-                else None,
-                error=_error_info(step.error),
-                history=[_attempt(h) for h in step.history or ()],
-            )
-            for sid, step in state.steps.items()
-        },
-        started_ms=state.created_ms,
-        finished_ms=finished_ms,
-        trace_id=state.trace_id,
-    )
-
-
-def _history(step: StepState) -> list[dict[str, Any]]:
-    """`step`'s earlier attempts, and the one that just failed."""
-    entry: dict[str, Any] = {"attempt": step.attempt}
-    for name in ("started_ms", "finished_ms", "error"):
-        value = getattr(step, name)
-        if value is not None:
-            entry[name] = value
-    return [*(step.history or ()), entry]
-
-
-def _attempt(entry: dict[str, Any]) -> AttemptSummary:
-    return AttemptSummary.model_validate({**entry, "error": _error_info(entry.get("error"))})
-
-
-def _error_info(error: dict[str, Any] | None) -> ErrorInfo | None:
-    if not error:
-        return None
-    return ErrorInfo.model_validate({k: error[k] for k in _ERROR_FIELDS if k in error})
-
-
-_ERROR_FIELDS = ("message", "code", "retryable", "step")
-
-
-def _context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]:
-    return {
-        "payload": state.payload,
-        "steps": {sid: s.output for sid, s in steps.items() if s.status is StepStatus.COMPLETED},
-        "workflow": {
-            "id": state.workflow_id,
-            "request_id": state.request_id,
-            "name": state.workflow,
-        },
-    }
-
-
 def _output(workflow: Workflow, state: WorkflowState) -> Any:
-    context = _context(state, state.steps)
+    values = context(state, state.steps)
     if workflow.output is not None:
-        return workflow.output.render(context)
-    return context["steps"]
+        return workflow.output.render(values)
+    return values["steps"]
 
 
 def _expression_failure(step: Step, reason: str) -> dict[str, Any]:

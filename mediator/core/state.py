@@ -32,6 +32,9 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
     #: An attempt failed retryably; the next one is due when its retry timer fires.
     RETRYING = "retrying"
+    #: The step's service has its circuit breaker open: the command waits in the
+    #: service's parked queue and goes out when the breaker closes (or the step times out).
+    PARKED = "parked"
 
 
 #: A dependant may start once each of its dependencies is in one of these.
@@ -52,6 +55,11 @@ class StepState:
     instance: str | None = None
     #: The attempts before the current one: ``{attempt, started_ms, finished_ms, error}``.
     history: list[dict[str, Any]] | None = None
+    #: Attempts made before the current round (an operator's retry starts a new round;
+    #: attempt numbers go on, so every command id stays unique).
+    base: int = 0
+    #: The fallback service the current attempt was rerouted to, if it was.
+    via: str | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +88,9 @@ class WorkflowState:
     #: ``topic/partition/offset`` of the request record that started the run: the same
     #: record redelivered by Kafka is not a new publish and gets no second result.
     origin: str | None = None
+    #: Compensations started (step id -> the compensation's own attempt state), once the
+    #: run failed or was cancelled and completed steps are being undone.
+    compensations: dict[str, StepState] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -123,6 +134,7 @@ _STEP_OPTIONAL = (
     "finished_ms",
     "instance",
     "history",
+    "via",
 )
 _WF_OPTIONAL = (
     "reply_to",
@@ -140,6 +152,8 @@ def _step_to_dict(step: StepState) -> dict[str, Any]:
     out: dict[str, Any] = {} if step.status is StepStatus.PENDING else {"status": step.status}
     if step.attempt:
         out["attempt"] = step.attempt
+    if step.base:
+        out["base"] = step.base
     for name in _STEP_OPTIONAL:
         value = getattr(step, name)
         if value is not None:
@@ -165,15 +179,25 @@ def dumps(state: WorkflowState) -> bytes:
         value = getattr(state, name)
         if value is not None:
             doc[name] = value
+    if state.compensations is not None:
+        doc["compensations"] = {
+            sid: _step_to_dict(step) for sid, step in state.compensations.items()
+        }
     return orjson.dumps(doc)
 
 
 def loads(blob: bytes | str) -> WorkflowState:
     """Rebuild a `WorkflowState` from `dumps` output."""
     doc = orjson.loads(blob)
-    steps = {
-        sid: StepState(**{**raw, "status": StepStatus(raw.get("status", "pending"))})
-        for sid, raw in doc.pop("steps").items()
-    }
+    steps = _steps(doc.pop("steps"))
+    if "compensations" in doc:
+        doc["compensations"] = _steps(doc["compensations"])
     doc["status"] = WorkflowStatus(doc["status"])
     return WorkflowState(steps=steps, **doc)
+
+
+def _steps(raw_steps: dict[str, Any]) -> dict[str, StepState]:
+    return {
+        sid: StepState(**{**raw, "status": StepStatus(raw.get("status", "pending"))})
+        for sid, raw in raw_steps.items()
+    }

@@ -4,7 +4,11 @@ A timer belongs to one run and says what to look at when it falls due:
 
 - ``timeout``: attempt ``attempt`` of ``step`` got no reply in time;
 - ``retry``: attempt ``attempt`` of ``step`` failed retryably, so the next one is due;
-- ``deadline``: the run's own timeout.
+- ``deadline``: the run's own timeout;
+- ``undo_timeout`` / ``undo_retry``: the same as ``timeout`` / ``retry``, for the
+  compensation of ``step``;
+- ``unpark``: the parked attempt ``attempt`` of ``step`` may go out (its service's breaker
+  closed; the parked queue drains by setting these, a bounded number at a time).
 
 A timer is named by its *member* string, ``kind|workflow_id|step|attempt``, which is also
 its entry in the shard's timer set in Redis. The name is deterministic, so a recomputed
@@ -22,8 +26,10 @@ from mediator.core.workflow import RetryPolicy
 
 __all__ = ["TIMER_KINDS", "Fired", "SetTimer", "retry_delay_ms"]
 
-TimerKind = Literal["timeout", "retry", "deadline"]
-TIMER_KINDS: frozenset[str] = frozenset({"timeout", "retry", "deadline"})
+TimerKind = Literal["timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark"]
+TIMER_KINDS: frozenset[str] = frozenset(
+    {"timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark"}
+)
 
 
 @dataclass(frozen=True, slots=True)

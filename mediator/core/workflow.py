@@ -36,6 +36,8 @@ from mediator.errors import (
 __all__ = [
     "CompensateSpec",
     "Compensation",
+    "Fallback",
+    "FallbackSpec",
     "RetryPolicy",
     "RetrySpec",
     "Step",
@@ -73,12 +75,29 @@ class RetrySpec(_Spec):
 _DEFAULT_RETRY_SPEC = RetrySpec()
 
 
+#: A compensation is retried unless told otherwise: an undo that gives up leaves the run
+#: in `compensation_failed` for an operator, so it should try harder than a forward step.
+_DEFAULT_COMPENSATE_RETRY = RetrySpec(max_attempts=3, backoff="1s")
+
+
 class CompensateSpec(_Spec):
-    """The action that undoes a completed step when a later step fails."""
+    """The action that undoes a completed step when the run fails or is cancelled."""
 
     action: str = Field(min_length=1)
-    service: str | None = None
+    service: str | None = Field(default=None, pattern=_NAME)
     input: Any = None
+    timeout: Duration | None = Field(
+        default=None, description="No reply within this fails the attempt; default: the step's."
+    )
+    retry: RetrySpec = _DEFAULT_COMPENSATE_RETRY
+
+
+class FallbackSpec(_Spec):
+    """Where a step's command goes while its service's circuit breaker is open."""
+
+    service: str = Field(pattern=_NAME)
+    action: str | None = Field(default=None, min_length=1, description="Default: the step's.")
+    input: Any = Field(default=None, description="Default: the step's input.")
 
 
 class StepSpec(_Spec):
@@ -93,6 +112,7 @@ class StepSpec(_Spec):
     timeout: Duration | None = None
     retry: RetrySpec = _DEFAULT_RETRY_SPEC
     compensate: CompensateSpec | None = None
+    fallback: FallbackSpec | None = None
 
 
 class WorkflowSpec(_Spec):
@@ -125,6 +145,17 @@ class Compensation:
     service: str
     action: str
     input: Template
+    timeout_ms: int | None = None
+    retry: RetryPolicy = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """Compiled `FallbackSpec`: the service, action and input used instead."""
+
+    service: str
+    action: str
+    input: Template
 
 
 @dataclass(slots=True)
@@ -140,6 +171,7 @@ class Step:
     timeout_ms: int | None
     retry: RetryPolicy
     compensate: Compensation | None
+    fallback: Fallback | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,14 +300,31 @@ def _topological_order(
 
 
 def _compile_step(name: str, spec: StepSpec) -> Step:
+    timeout_ms = None if spec.timeout is None else _duration(name, spec.id, "timeout", spec.timeout)
+    step_input = (
+        _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input)
+    )
     compensate = None
-    if spec.compensate is not None:
+    if (undo := spec.compensate) is not None:
         compensate = Compensation(
-            service=spec.compensate.service or spec.service,
-            action=spec.compensate.action,
-            input=_template(name, spec.id, "compensate.input", spec.compensate.input)
-            if spec.compensate.input is not None
+            service=undo.service or spec.service,
+            action=undo.action,
+            input=_template(name, spec.id, "compensate.input", undo.input)
+            if undo.input is not None
             else _DEFAULT_INPUT,
+            timeout_ms=timeout_ms
+            if undo.timeout is None
+            else _duration(name, spec.id, "compensate.timeout", undo.timeout),
+            retry=_retry_policy(name, spec.id, undo.retry),
+        )
+    fallback = None
+    if (alt := spec.fallback) is not None:
+        fallback = Fallback(
+            service=alt.service,
+            action=alt.action or spec.action,
+            input=step_input
+            if alt.input is None
+            else _template(name, spec.id, "fallback.input", alt.input),
         )
     when = None
     if spec.when is not None:
@@ -290,11 +339,12 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         spec.service,
         spec.action,
         tuple(spec.depends_on),
-        _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input),
+        step_input,
         when,
-        None if spec.timeout is None else _duration(name, spec.id, "timeout", spec.timeout),
+        timeout_ms,
         _retry_policy(name, spec.id, spec.retry),
         compensate,
+        fallback,
     )
 
 

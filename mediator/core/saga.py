@@ -1,0 +1,302 @@
+"""Saga compensation (pure): undoing the completed steps of a run that failed for good,
+passed its deadline or was cancelled.
+
+When compensation begins the run is ``compensating``: steps waiting to retry or parked
+give up, and steps still in flight that have a timeout are awaited (their reply or timeout
+decides whether they completed, and so need undoing); in-flight steps without a timeout
+are not awaited. Then every completed step that declares ``compensate`` is undone, in
+reverse dependency order: a step's compensation starts only once every step that
+depended on it, directly or not, has settled and been compensated. Each compensation is
+retried by its own policy. When nothing is left in flight the run ends: ``failed`` (or
+``cancelled``) with the original error, or ``compensation_failed`` when an undo gave up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mediator.core.expressions import ExpressionError
+from mediator.core.results import history_of
+from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
+from mediator.core.timers import Fired, SetTimer, retry_delay_ms
+from mediator.core.transition import (
+    SendCommand,
+    Transition,
+    context,
+    end,
+    forked,
+    timer_name,
+)
+from mediator.core.workflow import Step, Workflow
+from topics.events import CommandEvent, ErrorInfo, ReplyEvent, ReplyStatus, WorkflowStatus
+
+__all__ = [
+    "abandon_in_flight",
+    "begin",
+    "needed",
+    "progress",
+    "refuse_undo",
+    "undo_command_id",
+    "undo_replied",
+    "undo_timer",
+]
+
+_IN_FLIGHT = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
+
+
+def undo_command_id(workflow_id: str, step: str, attempt: int) -> str:
+    """The id of one attempt of a step's compensation (never equal to a forward one:
+    step ids hold no dots)."""
+    return f"{workflow_id}.{step}.undo.{attempt}"
+
+
+def needed(workflow: Workflow, state: WorkflowState) -> bool:
+    """Whether ending `state` now would leave work to undo: a step that declares
+    `compensate` completed, or is in flight and may still complete."""
+    return any(
+        workflow.steps[sid].compensate is not None
+        and s.status in (StepStatus.COMPLETED, StepStatus.RUNNING)
+        for sid, s in state.steps.items()
+    )
+
+
+def begin(workflow: Workflow, transition: Transition, now_ms: int) -> None:
+    """Enter ``compensating`` (the cause is already in ``state.error``)."""
+    state = transition.state
+    state.status = WorkflowStatus.COMPENSATING
+    state.compensations = {}
+    transition.count(f"wf:{workflow.name}:compensating")
+    abandon_in_flight(workflow, transition, now_ms, everything=False)
+
+
+def abandon_in_flight(
+    workflow: Workflow, transition: Transition, now_ms: int, *, everything: bool
+) -> None:
+    """Stop forward work: steps waiting to retry or parked fail with their last error;
+    steps in flight are given up too when they have no timeout (or `everything`)."""
+    state = transition.state
+    for sid, s in list(state.steps.items()):
+        if s.status is StepStatus.RETRYING:
+            transition.cleared.append(timer_name("retry", state, sid, s.attempt))
+        elif s.status is StepStatus.PARKED or (
+            s.status is StepStatus.RUNNING and (everything or not workflow.steps[sid].timeout_ms)
+        ):
+            transition.cleared.append(timer_name("timeout", state, sid, s.attempt))
+        else:
+            continue
+        error = s.error if s.status is StepStatus.RETRYING else None
+        if error is None:
+            error = {
+                "message": f"step {sid!r} was given up: the run is being compensated",
+                "code": "abandoned",
+                "step": sid,
+            }
+        state.steps[sid] = evolve(s, status=StepStatus.FAILED, error=error, finished_ms=now_ms)
+
+
+def progress(engine: Any, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
+    """Start every compensation whose turn has come; end the run when none is left."""
+    state = transition.state
+    steps = state.steps
+    undos = dict(state.compensations or {})
+    state.compensations = undos
+    busy: dict[str, bool] = {}
+    for sid in reversed(workflow.order):
+        step = workflow.steps[sid]
+        forward = steps[sid]
+        below = any(busy[d] for d in workflow.dependants[sid])
+        undo = undos.get(sid)
+        owes = forward.status is StepStatus.COMPLETED and step.compensate is not None
+        if owes and undo is None and not below:
+            undo = undos[sid] = _dispatch(engine, transition, step, now_ms, 1, None)
+        busy[sid] = (
+            below
+            or forward.status in _IN_FLIGHT
+            or (owes and (undo is None or undo.status in _IN_FLIGHT))
+        )
+    if any(busy.values()):
+        return transition
+    failed = any(u.status is StepStatus.FAILED for u in undos.values())
+    cancelled = (state.error or {}).get("code") == "cancelled"
+    status = (
+        WorkflowStatus.COMPENSATION_FAILED
+        if failed
+        else WorkflowStatus.CANCELLED
+        if cancelled
+        else WorkflowStatus.FAILED
+    )
+    if undos and not failed:
+        transition.count(f"wf:{workflow.name}:compensated")
+    return end(transition, None, state.error, now_ms, status)
+
+
+def undo_replied(
+    engine: Any, workflow: Workflow, state: WorkflowState, reply: ReplyEvent, now_ms: int
+) -> Transition:
+    """A reply to the current attempt of a step's compensation."""
+    state = fork(state)
+    state.updated_ms = now_ms
+    transition = Transition(state)
+    undos = state.compensations = dict(state.compensations or {})
+    undo = undos[reply.step]
+    step = workflow.steps[reply.step]
+    compensate = step.compensate
+    assert compensate is not None  # an undo was only started for a step that declares one
+    if compensate.timeout_ms:
+        transition.cleared.append(timer_name("undo_timeout", state, step.id, undo.attempt))
+    if reply.status is ReplyStatus.OK:
+        undos[step.id] = evolve(
+            undo,
+            status=StepStatus.COMPLETED,
+            output=reply.output,
+            finished_ms=now_ms,
+            instance=reply.instance,
+        )
+        transition.count(f"svc:{compensate.service}:ok")
+        transition.outcomes.append((compensate.service, True))
+        return progress(engine, workflow, transition, now_ms)
+    error = reply.error or ErrorInfo(message="service replied error without details")
+    failure = error.model_dump(exclude_none=True)
+    failure["step"] = step.id
+    transition.count(f"svc:{compensate.service}:error")
+    if error.retryable:
+        transition.outcomes.append((compensate.service, False))
+    return _fail(engine, workflow, transition, step, failure, now_ms, reply.instance)
+
+
+def undo_timer(
+    engine: Any, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
+) -> Transition | None:
+    """A compensation's timeout or retry timer fell due; None when it is stale."""
+    undo = (state.compensations or {}).get(timer.step)
+    if undo is None or undo.attempt != timer.attempt:
+        return None
+    step = workflow.steps[timer.step]
+    compensate = step.compensate
+    if compensate is None:
+        return None
+    if timer.kind == "undo_timeout" and undo.status is StepStatus.RUNNING:
+        transition = forked(state, now_ms, timer)
+        transition.count(f"svc:{compensate.service}:timeout")
+        transition.outcomes.append((compensate.service, False))
+        failure = {
+            "message": f"compensation of step {step.id!r} attempt {timer.attempt} got no "
+            f"reply within {compensate.timeout_ms} ms",
+            "code": "timeout",
+            "retryable": True,
+            "step": step.id,
+        }
+        return _fail(engine, workflow, transition, step, failure, now_ms, None)
+    if timer.kind == "undo_retry" and undo.status is StepStatus.RETRYING:
+        transition = forked(state, now_ms, timer)
+        undos = transition.state.compensations = dict(state.compensations or {})
+        transition.count(f"svc:{compensate.service}:retried")
+        undos[step.id] = _dispatch(
+            engine, transition, step, now_ms, undo.attempt + 1, history_of(undo)
+        )
+        return progress(engine, workflow, transition, now_ms)
+    return None
+
+
+def refuse_undo(
+    engine: Any,
+    workflow: Workflow,
+    transition: Transition,
+    command: CommandEvent,
+    failure: dict[str, Any],
+    now_ms: int,
+) -> Transition:
+    """A compensation's command cannot be delivered (too large): that undo fails."""
+    state = transition.state
+    transition.effects = [
+        e
+        for e in transition.effects
+        if not (isinstance(e, SendCommand) and e.command.command_id == command.command_id)
+    ]
+    transition.count(f"svc:{command.service}:sent", -1)
+    undos = state.compensations = dict(state.compensations or {})
+    undos[command.step] = evolve(
+        undos[command.step], status=StepStatus.FAILED, error=failure, finished_ms=now_ms
+    )
+    return progress(engine, workflow, transition, now_ms)
+
+
+def _fail(
+    engine: Any,
+    workflow: Workflow,
+    transition: Transition,
+    step: Step,
+    failure: dict[str, Any],
+    now_ms: int,
+    instance: str | None,
+) -> Transition:
+    """An attempt of a compensation failed: retry it by its policy, or give it up."""
+    state = transition.state
+    undos = state.compensations = dict(state.compensations or {})
+    undo = undos[step.id]
+    compensate = step.compensate
+    assert compensate is not None
+    policy = compensate.retry
+    if failure.get("retryable") and undo.attempt < policy.max_attempts:
+        undos[step.id] = evolve(
+            undo, status=StepStatus.RETRYING, error=failure, finished_ms=now_ms, instance=instance
+        )
+        delay = retry_delay_ms(policy, undo.attempt, undo.command_id or "")
+        transition.timers.append(
+            SetTimer("undo_retry", state.workflow_id, delay, step.id, undo.attempt)
+        )
+        return transition
+    undos[step.id] = evolve(
+        undo, status=StepStatus.FAILED, error=failure, finished_ms=now_ms, instance=instance
+    )
+    transition.count(f"wf:{workflow.name}:compensation_failed_steps")
+    return progress(engine, workflow, transition, now_ms)
+
+
+def _dispatch(
+    engine: Any,
+    transition: Transition,
+    step: Step,
+    now_ms: int,
+    attempt: int,
+    history: list[dict[str, Any]] | None,
+) -> StepState:
+    """Send `attempt` of `step`'s compensation; its state."""
+    state = transition.state
+    compensate = step.compensate
+    assert compensate is not None
+    try:
+        undo_input = compensate.input.render(context(state, state.steps))
+    except ExpressionError as exc:
+        error = {
+            "message": f"compensation of step {step.id!r} could not evaluate its input: {exc}",
+            "code": "expression_error",
+            "step": step.id,
+        }
+        return StepState(
+            StepStatus.FAILED, attempt, None, None, error, now_ms, now_ms, None, history
+        )
+    cid = undo_command_id(state.workflow_id, step.id, attempt)
+    command = CommandEvent(
+        command_id=cid,
+        workflow_id=state.workflow_id,
+        request_id=state.request_id,
+        workflow=state.workflow,
+        step=step.id,
+        service=compensate.service,
+        action=compensate.action,
+        attempt=attempt,
+        input=undo_input,
+        reply_to=engine.replies_topic,
+        deadline_ms=now_ms + compensate.timeout_ms if compensate.timeout_ms else None,
+        trace_id=state.trace_id,
+        sent_ms=now_ms,
+    )
+    transition.effects.append(SendCommand(command))
+    transition.count(f"svc:{compensate.service}:sent")
+    transition.count(f"svc:{compensate.service}:compensations")
+    if compensate.timeout_ms:
+        transition.timers.append(
+            SetTimer("undo_timeout", state.workflow_id, compensate.timeout_ms, step.id, attempt)
+        )
+    return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history)

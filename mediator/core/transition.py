@@ -1,0 +1,133 @@
+"""What one event does to a run: the `Transition` the engine returns, its effects, and
+how a run ends. Shared by the forward path (`engine`) and compensation (`saga`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mediator.core.results import result_of
+from mediator.core.state import StepState, StepStatus, WorkflowState, fork
+from mediator.core.timers import Fired, SetTimer, TimerKind
+from topics.events import CommandEvent, ResultEvent, WorkflowStatus
+
+__all__ = [
+    "Effect",
+    "PublishResult",
+    "SendCommand",
+    "Transition",
+    "context",
+    "end",
+    "forked",
+    "timer_name",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """Publish a command to the step's service."""
+
+    command: CommandEvent
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """Publish the workflow's result to the requester."""
+
+    result: ResultEvent
+    reply_to: str | None
+
+
+Effect = SendCommand | PublishResult
+
+
+@dataclass(slots=True)
+class Transition:
+    """The outcome of one event: the new state, what to publish and what to count."""
+
+    state: WorkflowState
+    effects: list[Effect] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Timers to set, committed with the state.
+    timers: list[SetTimer] = field(default_factory=list)
+    #: Timers (their names) removed with the commit: the one that fired, and those no
+    #: longer needed (the timeout of a step that replied, the timers of a run that ended).
+    cleared: list[str] = field(default_factory=list)
+    #: What the services' circuit breakers learn: (service, succeeded) per answered or
+    #: timed-out command. Non-retryable (business) errors are not failures of the service.
+    outcomes: list[tuple[str, bool]] = field(default_factory=list)
+    #: Commands held back because their service's breaker is open: (service, the name of
+    #: the ``unpark`` timer that releases the step), queued in the service's parked queue.
+    parked: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to counter `name`."""
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+def end(
+    transition: Transition,
+    output: Any,
+    error: dict[str, Any] | None,
+    now_ms: int,
+    status: WorkflowStatus | None = None,
+) -> Transition:
+    """Finish the run: completed with `output`, or failed with `error` (or ended in
+    `status`); publish its result."""
+    state = transition.state
+    if status is None:
+        status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
+    state.status = status
+    state.output = output
+    state.error = error
+    state.finished_ms = now_ms
+    state.updated_ms = now_ms
+    transition.count(f"wf:{state.workflow}:{status.value}")
+    transition.effects.append(PublishResult(result_of(state), state.reply_to))
+    clear_timers(transition)
+    return transition
+
+
+def clear_timers(transition: Transition) -> None:
+    """A run that ended needs none of its timers: remove them with the commit, rather
+    than let each fire once as stale. (Removing a timer that was never set is harmless.)"""
+    state = transition.state
+    wid = state.workflow_id
+    names = [SetTimer("deadline", wid, 0).member] if state.deadline_ms is not None else []
+    for sid, step in state.steps.items():
+        if step.status in (StepStatus.RUNNING, StepStatus.PARKED):
+            names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
+        elif step.status is StepStatus.RETRYING:
+            names.append(SetTimer("retry", wid, 0, sid, step.attempt).member)
+    for sid, undo in (state.compensations or {}).items():
+        if undo.status is StepStatus.RUNNING:
+            names.append(SetTimer("undo_timeout", wid, 0, sid, undo.attempt).member)
+        elif undo.status is StepStatus.RETRYING:
+            names.append(SetTimer("undo_retry", wid, 0, sid, undo.attempt).member)
+    transition.timers.clear()
+    transition.cleared += [name for name in names if name not in transition.cleared]
+
+
+def forked(state: WorkflowState, now_ms: int, timer: Fired) -> Transition:
+    """A transition on a private copy of `state`, removing the timer that fired."""
+    state = fork(state)
+    state.updated_ms = now_ms
+    transition = Transition(state)
+    transition.cleared.append(timer.member)
+    return transition
+
+
+def timer_name(kind: TimerKind, state: WorkflowState, step: str, attempt: int) -> str:
+    return SetTimer(kind, state.workflow_id, 0, step, attempt).member
+
+
+def context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]:
+    return {
+        "payload": state.payload,
+        "steps": {sid: s.output for sid, s in steps.items() if s.status is StepStatus.COMPLETED},
+        "workflow": {
+            "id": state.workflow_id,
+            "request_id": state.request_id,
+            "name": state.workflow,
+        },
+    }
