@@ -14,15 +14,25 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mediator.codec import validation_reason
+from mediator.core.durations import parse_duration_ms
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
 __all__ = [
     "BackoffSettings",
+    "BreakerPolicy",
+    "BreakerSettings",
     "KafkaSettings",
     "LimitsSettings",
     "OutboxSettings",
@@ -155,6 +165,66 @@ class BackoffSettings(BaseModel):
         return min(self.max_ms, self.initial_ms << min(max(failures - 1, 0), 30))
 
 
+def _millis(value: Any) -> Any:
+    """A duration as written (``"60s"``, ``1.5``: seconds) in milliseconds."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        millis = parse_duration_ms(value)
+        if millis is not None:
+            return millis
+    msg = f"{value!r} is not a duration (e.g. 60s, 500ms, 2m, or seconds as a number)"
+    raise ValueError(msg)
+
+
+class BreakerPolicy(BaseModel):
+    """When a service's circuit breaker opens and how long it stays open."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Consecutive failures (timeouts and retryable errors, counted across every replica)
+    # that open the breaker. Non-retryable business errors are not failures.
+    failure_threshold: int = Field(default=5, ge=1)
+    # How long it stays open before one probe command is let through (cluster-wide).
+    recovery_timeout: Annotated[int, BeforeValidator(_millis)] = Field(
+        default=60_000, description="Milliseconds (a duration string is accepted)."
+    )
+    # Successful probes needed to close it again.
+    success_threshold: int = Field(default=1, ge=1)
+
+
+class BreakerOverride(BaseModel):
+    """One service's changes to the breaker policy (fields left out keep the default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    failure_threshold: int | None = Field(default=None, ge=1)
+    recovery_timeout: Annotated[int | None, BeforeValidator(_millis)] = None
+    success_threshold: int | None = Field(default=None, ge=1)
+
+
+class BreakerSettings(BreakerPolicy):
+    """Circuit breakers, one per service, shared by every replica through Redis."""
+
+    enabled: bool = True
+    # Per-service overrides of the policy fields, e.g. ``payments: {failure_threshold: 3}``.
+    services: dict[str, BreakerOverride] = Field(default_factory=dict)
+    # How often a replica re-reads breaker states another replica may have changed.
+    refresh_ms: int = Field(default=200, ge=10)
+    # Parked commands released per second per service once its breaker closes.
+    drain_rate: float = Field(default=50.0, gt=0)
+    # A probe that got no answer within this long (or its step's timeout) lets another go.
+    probe_timeout: Annotated[int, BeforeValidator(_millis)] = Field(default=30_000)
+
+    def policy(self, service: str) -> BreakerPolicy:
+        """The policy of `service`: the defaults with its overrides."""
+        override = self.services.get(service)
+        changes = override.model_dump(exclude_none=True) if override is not None else {}
+        return BreakerPolicy.model_construct(
+            failure_threshold=changes.get("failure_threshold", self.failure_threshold),
+            recovery_timeout=changes.get("recovery_timeout", self.recovery_timeout),
+            success_threshold=changes.get("success_threshold", self.success_threshold),
+        )
+
+
 class Settings(BaseSettings):
     """Everything a mediator replica needs to know."""
 
@@ -168,6 +238,7 @@ class Settings(BaseSettings):
     timers: TimerSettings = TimerSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
+    circuit_breaker: BreakerSettings = BreakerSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

@@ -104,3 +104,12 @@ class Keys:
     def outbox_due(self, shard: int) -> str:
         """Pending outbound message ids by lease deadline."""
         return f"{self.tag(shard)}:outbox:due"
+
+    def parked(self, shard: int, service: str) -> str:
+        """Sorted set: the parked steps of one service in one shard (``unpark`` timer
+        names), scored by when they were parked, so the queue drains oldest first."""
+        return f"{self.tag(shard)}:parked:{service}"
+
+    def breaker(self, service: str) -> str:
+        """Hash: the circuit breaker of one service, shared by every replica."""
+        return f"{self.prefix}:breaker:{{{service}}}"

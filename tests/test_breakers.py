@@ -1,0 +1,106 @@
+"""Circuit breakers shared through a real Redis: pybreaker's state machine on each
+replica's mirror, written back with compare-and-set."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pybreaker
+from redis.asyncio import Redis
+
+from mediator.runtime.breakers import Breakers
+from mediator.settings import BreakerSettings
+from mediator.storage.keys import Keys
+
+NOW = 1_700_000_000_000
+
+
+def two_replicas(redis_client: Redis, key_prefix: str, **policy: object) -> list[Breakers]:
+    settings = BreakerSettings.model_validate({"failure_threshold": 3, **policy})
+    keys = Keys(key_prefix, 4)
+    return [Breakers(redis_client, keys, settings, replica=name) for name in ("r1", "r2")]
+
+
+async def test_failures_are_counted_across_replicas(redis_client: Redis, key_prefix: str) -> None:
+    first, second = two_replicas(redis_client, key_prefix)
+    await first.record([("pay", False)])
+    await second.record([("pay", False)])
+    assert first.state("pay") == second.state("pay") == "closed"
+    await first.record([("pay", False)])  # the third failure, seen across both
+    assert first.state("pay") == "open"
+    await second.refresh(["pay"])
+    assert second.state("pay") == "open"
+    assert second.gate("pay", NOW) == "park"
+    raw = await redis_client.hgetall(Keys(key_prefix, 4).breaker("pay"))
+    assert raw[b"state"] == b"open"
+    assert first.stats["opened"] == 1
+    assert second.stats["conflicts"] == 1  # its second write found the first's count
+
+
+async def test_a_success_resets_the_count(redis_client: Redis, key_prefix: str) -> None:
+    first, second = two_replicas(redis_client, key_prefix)
+    await first.record([("pay", False), ("pay", False)])
+    await second.refresh(["pay"])  # replicas refresh every `refresh_ms`
+    await second.record([("pay", True)])
+    await first.record([("pay", False)])
+    assert first.state("pay") == "closed"
+    assert first.breaker("pay")[1].counter == 1
+
+
+async def test_exactly_one_replica_wins_the_probe(redis_client: Redis, key_prefix: str) -> None:
+    first, second = two_replicas(redis_client, key_prefix, recovery_timeout="1s")
+    await first.record([("pay", False)] * 3)
+    await second.refresh(["pay"])
+    opened = first.breaker("pay")[1].opened_ms
+    later = opened + 1_001
+    assert first.gate("pay", later) == second.gate("pay", later) == "probe"
+    won = await asyncio.gather(
+        first.take_probe("pay", later, 5_000), second.take_probe("pay", later, 5_000)
+    )
+    assert sorted(won) == [False, True]
+    assert first.state("pay") == second.state("pay") == pybreaker.STATE_HALF_OPEN
+    assert first.gate("pay", later + 10) == second.gate("pay", later + 10) == "park"
+    # The probe succeeds: closed everywhere.
+    winner, loser = (first, second) if won[0] else (second, first)
+    await winner.record([("pay", True)])
+    await loser.refresh(["pay"])
+    assert loser.state("pay") == "closed"
+    assert loser.gate("pay", later) == "send"
+
+
+async def test_a_failed_probe_opens_again_and_an_unanswered_one_expires(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    first, second = two_replicas(redis_client, key_prefix, recovery_timeout="1s")
+    await first.record([("pay", False)] * 3)
+    later = first.breaker("pay")[1].opened_ms + 1_001
+    assert await first.take_probe("pay", later, 2_000)
+    await second.refresh(["pay"])
+    assert second.gate("pay", later + 1_999) == "park"
+    assert second.gate("pay", later + 2_000) == "probe"  # no answer in time: another may go
+    await first.record([("pay", False)])
+    assert first.state("pay") == "open"
+
+
+async def test_reset_closes_for_everyone(redis_client: Redis, key_prefix: str) -> None:
+    first, second = two_replicas(redis_client, key_prefix)
+    await first.record([("pay", False)] * 3)
+    await second.reset("pay")
+    await first.refresh(["pay"])
+    assert first.state("pay") == "closed"
+    assert first.breaker("pay")[1].counter == 0
+
+
+async def test_per_service_overrides(redis_client: Redis, key_prefix: str) -> None:
+    [first, _] = two_replicas(
+        redis_client, key_prefix, services={"fragile": {"failure_threshold": 1}}
+    )
+    await first.record([("fragile", False), ("sturdy", False)])
+    assert first.state("fragile") == "open"
+    assert first.state("sturdy") == "closed"
+
+
+async def test_disabled_breakers_always_send(redis_client: Redis, key_prefix: str) -> None:
+    [first, _] = two_replicas(redis_client, key_prefix, enabled=False)
+    await first.record([("pay", False)] * 10)
+    assert first.gate("pay", NOW) == "send"
