@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from handlers._batch import Offsets, handle_batch
+from handlers.control import register as register_control
 from handlers.replies import register as register_replies
 from handlers.requests import register as register_requests
 
-__all__ = ["Offsets", "handle_batch", "register_replies", "register_requests"]
+__all__ = [
+    "Offsets",
+    "handle_batch",
+    "register_control",
+    "register_replies",
+    "register_requests",
+]

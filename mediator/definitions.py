@@ -75,6 +75,18 @@ class Definitions:
         if latest is None or latest.version < workflow.version:
             self._latest[workflow.name] = workflow
 
+    def services(self) -> set[str]:
+        """Every service these workflows talk to: steps, compensations and fallbacks."""
+        names = set()
+        for workflow in self:
+            for step in workflow.steps.values():
+                names.add(step.service)
+                if step.compensate is not None:
+                    names.add(step.compensate.service)
+                if step.fallback is not None:
+                    names.add(step.fallback.service)
+        return names
+
     def find(self, name: str, version: int) -> Workflow | None:
         """The loaded workflow `name` at `version`, or None."""
         return self._by_key.get((name, version))

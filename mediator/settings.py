@@ -151,6 +151,13 @@ class LimitsSettings(BaseModel):
     # the whole), so a dead letter never becomes a poison message itself.
     dead_letter_excerpt_bytes: int = Field(default=16_384, ge=256)
 
+    @property
+    def excerpt_bytes(self) -> int:
+        """The excerpt a dead letter may carry: `dead_letter_excerpt_bytes`, but never so
+        much that the dead letter (JSON-escaped, up to six bytes per byte, plus its other
+        fields) would itself exceed `max_message_bytes` and be refused by the broker."""
+        return min(self.dead_letter_excerpt_bytes, max(64, (self.max_message_bytes - 1024) // 6))
+
 
 class BackoffSettings(BaseModel):
     """Capped exponential backoff for transient failures (Redis or Kafka unreachable)."""

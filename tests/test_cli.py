@@ -126,6 +126,7 @@ async def test_schemas_prints_every_event() -> None:
         "RequestEvent",
         "CommandEvent",
         "ReplyEvent",
+        "ControlEvent",
         "ResultEvent",
         "HealthEvent",
         "DeadLetter",

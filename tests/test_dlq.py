@@ -245,44 +245,6 @@ async def test_a_rejected_request_is_listed_with_its_reason_and_code(make_system
 # -- replaying ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="A dead letter holding all of a request over limits.max_message_bytes is itself "
-    "over that limit, which the mediator's producer enforces (max_request_size): it is logged "
-    "as unpublishable and never reaches the DLQ. Drop this mark once the runtime can publish it.",
-)
-async def test_replay_after_raising_the_size_limit_completes_the_workflow(
-    make_system: Any,
-) -> None:
-    small = LimitsSettings(max_message_bytes=2048, dead_letter_excerpt_bytes=16_384)
-    system = await make_system(ONE, limits=small)
-    await system.worker("svc", {"work": echo})
-    strict = await system.mediator()
-    seen: list[ResultEvent] = []
-    client = await results_client(system, seen)
-    payload = {"blob": "x" * 5000}
-
-    refused = await client.submit("one", payload, request_id="big", timeout=30)
-
-    assert refused.status is WorkflowStatus.FAILED
-    assert refused.error is not None and refused.error.code == "payload_too_large"
-    [(partition, offset, found)] = await wait_for_letters(
-        system.settings, 1, code="payload_too_large", timeout=5
-    )
-    assert not found.truncated and found.size is not None and found.size > 5000
-
-    # The fix: a mediator with the default limit takes over.
-    await strict.stop()
-    system.settings = system.settings.model_copy(update={"limits": LimitsSettings()})
-    await system.mediator()
-    report = await replay(system.bootstrap, [(partition, offset, found)], enable_idempotence=False)
-
-    assert [o.status for o in report.outcomes] == ["replayed"]
-    result = await completed(seen, "big")
-    assert result.output == {"a": {"step": "a", "input": payload}}
-
-
 async def test_replay_after_fixing_a_corrupt_state_completes_the_workflow(
     make_system: Any,
 ) -> None:
@@ -332,8 +294,9 @@ async def test_replay_after_fixing_a_corrupt_state_completes_the_workflow(
 
 
 async def test_a_truncated_letter_is_refused_and_nothing_is_published(make_system: Any) -> None:
-    # The dead letter keeps 256 bytes of the oversized request: it fits, but is an excerpt.
-    small = LimitsSettings(max_message_bytes=2048, dead_letter_excerpt_bytes=256)
+    # The dead letter of an oversized request can never hold all of it (it would be over
+    # the limit itself): it keeps an excerpt that fits, and is published, not lost.
+    small = LimitsSettings(max_message_bytes=2048, dead_letter_excerpt_bytes=16_384)
     system = await make_system(ONE, limits=small)
     await system.worker("svc", {"work": echo})
     await system.mediator()
@@ -345,14 +308,14 @@ async def test_a_truncated_letter_is_refused_and_nothing_is_published(make_syste
     [chosen] = await wait_for_letters(system.settings, 1, code="payload_too_large")
     found = chosen[2]
     assert found.truncated and found.size is not None and found.size > 5000
-    assert len(found.value) == 256
+    assert len(found.value) == small.excerpt_bytes < 2048
 
     report = await replay(system.bootstrap, [chosen], enable_idempotence=False)
 
     [outcome] = report.outcomes
     assert outcome.status == "refused" and not report.ok
     assert outcome.reason is not None and outcome.reason.startswith("truncated")
-    assert f"only 256 of {found.size} bytes" in outcome.reason
+    assert f"only {small.excerpt_bytes} of {found.size} bytes" in outcome.reason
     assert len(await records_on(system.bootstrap, system.topics.requests)) == 1
 
 

@@ -198,6 +198,105 @@ async def _services(settings: Any) -> None:
         await stop.wait()
 
 
+def _control(
+    action: str, config: Path | None, workflow_id: str | None, service: str | None, reason: str
+) -> None:
+    from mediator.ops.control import send_control
+    from topics.events import ControlAction
+
+    settings = _settings(config)
+    _quiet_libraries()
+    kafka = settings.kafka
+    sent = _run(
+        send_control(
+            kafka.bootstrap_servers,
+            kafka.topics,
+            ControlAction(action),
+            workflow_id=workflow_id,
+            service=service,
+            reason=reason or None,
+            enable_idempotence=kafka.enable_idempotence,
+        )
+    )
+    target = workflow_id or service
+    typer.echo(f"{action} {target}: sent to {kafka.topics.control} as {sent.control_id}")
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why (kept in the run's error).")]
+
+
+@app.command()
+def cancel(
+    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id.")],
+    reason: ReasonOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a running run: its completed steps are compensated, then it ends cancelled."""
+    _control("cancel", config, workflow_id, None, reason)
+
+
+@app.command()
+def retry(
+    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id.")],
+    reason: ReasonOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Run a failed or cancelled run again from its unfinished steps, keeping outputs."""
+    _control("retry", config, workflow_id, None, reason)
+
+
+breaker_app = typer.Typer(help="Circuit breakers: list them, reset one.", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
+
+
+@breaker_app.command("reset")
+def breaker_reset(
+    service: Annotated[str, typer.Argument(help="The service whose breaker to close.")],
+    reason: ReasonOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Close a service's breaker now; its parked steps drain at the configured rate."""
+    _control("reset_breaker", config, None, service, reason)
+
+
+@breaker_app.command("list")
+def breaker_list(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Every service's breaker state and parked backlog, from Redis."""
+    settings = _settings(config)
+    _quiet_libraries()
+    states = _run(_breakers(settings))
+    if json_output:
+        typer.echo(orjson.dumps(states, option=orjson.OPT_INDENT_2).decode())
+        return
+    if not states:
+        typer.echo("no breaker has recorded anything yet")
+    for name, row in states.items():
+        typer.echo(
+            f"{name:<20} {row['state']:<10} failures {row['failures']:<4} "
+            f"parked {row.get('parked', 0)}"
+        )
+
+
+async def _breakers(settings: Any) -> dict[str, Any]:
+    from mediator.ops.control import breaker_states
+    from mediator.ops.status import stored_keys
+    from mediator.runtime.parking import parked_counts
+    from mediator.storage.connection import connect
+
+    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    try:
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        states = await breaker_states(redis, keys)
+        for service, count in (await parked_counts(redis, keys, states)).items():
+            states[service]["parked"] = count
+        return states
+    finally:
+        await redis.aclose()
+
+
 @app.command()
 def submit(
     workflow: Annotated[str, typer.Argument(help="Workflow name.")],
@@ -400,6 +499,15 @@ def schemas() -> None:
     from topics import json_schemas
 
     typer.echo(orjson.dumps(json_schemas(), option=orjson.OPT_INDENT_2).decode())
+
+
+def _add_dlq() -> None:
+    from mediator.cli.dlq import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
+
+_add_dlq()
 
 
 def main() -> None:

@@ -34,13 +34,7 @@ Echo = Callable[[str], None]
 
 def service_names(definitions: Definitions) -> set[str]:
     """Every service a set of workflows talks to (their topics must exist)."""
-    names = set()
-    for workflow in definitions:
-        for step in workflow.steps.values():
-            names.add(step.service)
-            if step.compensate is not None:
-                names.add(step.compensate.service)
-    return names
+    return definitions.services()
 
 
 async def run_dev(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable
 from types import TracebackType
 
@@ -14,7 +16,9 @@ import handlers
 from mediator.definitions import Definitions
 from mediator.producers import new_producer
 from mediator.runtime.batches import Runtime
+from mediator.runtime.breakers import Breakers
 from mediator.runtime.outbox import Dispatcher
+from mediator.runtime.parking import BreakerUpkeep
 from mediator.runtime.timers import TimerPoller
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
@@ -60,9 +64,20 @@ class Mediator:
             self.producer,
             topics=kafka.topics,
             backoff=settings.backoff,
-            excerpt_bytes=settings.limits.dead_letter_excerpt_bytes,
+            excerpt_bytes=settings.limits.excerpt_bytes,
             sweep_interval_ms=settings.outbox.sweep_interval_ms,
             sweep_batch=settings.outbox.sweep_batch,
+        )
+        #: This replica's name, in logs and in the breakers and drain leases it holds.
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.breakers = Breakers(self.redis, keys, settings.circuit_breaker, self.replica)
+        self.upkeep = BreakerUpkeep(
+            self.redis,
+            keys,
+            self.breakers,
+            definitions.services,
+            self.replica,
+            settings.backoff,
         )
         self.runtime = Runtime(
             definitions=self.catalog,
@@ -71,12 +86,14 @@ class Mediator:
             topics=kafka.topics,
             limits=settings.limits,
             state_cache_size=settings.state_cache_size,
+            breakers=self.breakers if settings.circuit_breaker.enabled else None,
         )
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()
         handlers.register_requests(self.broker, self.runtime, settings, self.offsets)
         handlers.register_replies(self.broker, self.runtime, settings, self.offsets)
+        handlers.register_control(self.broker, self.runtime, settings, self.offsets)
         self._started = False
 
     async def start(self) -> None:
@@ -95,9 +112,13 @@ class Mediator:
         await self.producer.start()
         self.dispatcher.start()
         self.timers.start()
+        if self.settings.circuit_breaker.enabled:
+            await self.breakers.refresh(self.definitions.services())
+            self.upkeep.start()
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
+        await self.upkeep.stop()
         await self.timers.stop()
         await self.dispatcher.stop()
         await _bounded("flush the outbox producer", self.producer.stop())

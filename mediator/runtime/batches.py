@@ -28,6 +28,7 @@ from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.runtime.boundary import Boundary
+from mediator.runtime.breakers import Breakers
 from mediator.runtime.failures import dead_letter
 from mediator.runtime.metrics import Samples
 from mediator.runtime.outbox import Message
@@ -38,6 +39,8 @@ from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.store import Commit, CommitOutcome, CommitResult, Tombstone
 from topics.events import (
+    ControlAction,
+    ControlEvent,
     DeadLetter,
     ErrorInfo,
     ReplyEvent,
@@ -55,8 +58,9 @@ log = logging.getLogger("mediator.runtime")
 MAX_CONFLICT_RETRIES = 8
 
 
-#: What advances a running workflow: a service's reply, or one of its timers falling due.
-Event = ReplyEvent | Fired
+#: What advances a workflow: a service's reply, one of its timers falling due, or an
+#: operator's control (cancel, retry).
+Event = ReplyEvent | Fired | ControlEvent
 
 
 class Record(Protocol):
@@ -97,8 +101,10 @@ class _Start:
     """A request about to start a run."""
 
     request: RequestEvent
-    commit: Commit  # its state carries the request's fingerprint and origin
-    messages: list[Message]
+    workflow: Workflow
+    transition: Transition  # its state carries the request's fingerprint and origin
+    commit: Commit | None = None
+    messages: list[Message] = field(default_factory=list)
 
 
 class Runtime:
@@ -120,6 +126,7 @@ class Runtime:
         topics: Topics,
         limits: LimitsSettings | None = None,
         state_cache_size: int = 100_000,
+        breakers: Breakers | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         self.definitions = definitions
@@ -129,6 +136,9 @@ class Runtime:
         self.topics = topics
         self.limits = limits or LimitsSettings()
         self.engine = Engine(replies_topic=topics.replies)
+        #: Circuit breakers: commands to a service whose breaker is open are parked or
+        #: rerouted before their transition commits. None: every command goes.
+        self.breakers = breakers
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
@@ -145,6 +155,10 @@ class Runtime:
             "rejected_requests": 0,
             "timers": 0,
             "stale_timers": 0,
+            "controls": 0,
+            "ignored_controls": 0,
+            "parked": 0,
+            "rerouted": 0,
         }
         #: How late timers fired (ms after their due time, Redis clock). A timer claimed
         #: again after a lease ran out counts from that lease's end, not its first due time.
@@ -161,16 +175,22 @@ class Runtime:
         for record in records:
             start = self._start(record, now, out)
             if start is not None:
+                await self._gate(start.workflow, start.transition, now)
+                start.commit, start.messages = self._commit_of(
+                    start.workflow, start.transition, 0, now
+                )
                 starts.append(start)
         since = time.monotonic()
-        results = await self.store.commit_many([s.commit for s in starts], now)
+        results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
         for start, result in zip(starts, results, strict=True):
+            assert start.commit is not None
             if result.outcome is CommitOutcome.COMMITTED:
                 for message in start.messages:
                     message.lease = result.lease
                 outgoing += start.messages
                 self.cache.put(start.commit.state)
+                self._parked_count(start.transition)
             elif (answer := self._duplicate(start, result)) is not None:
                 out.direct.append(answer)
         await self.dispatcher.send(outgoing, since)
@@ -205,8 +225,7 @@ class Runtime:
         transition = self.engine.start(workflow, request, wid, now)
         transition.state.fingerprint = digest.hexdigest()
         transition.state.origin = origin
-        commit, messages = self._commit_of(workflow, transition, 0, now)
-        return _Start(request, commit, messages)
+        return _Start(request, workflow, transition)
 
     def _oversized(self, record: Record, what: str) -> str | None:
         """Why `record` is over the size limit, or None when it is within it."""
@@ -237,7 +256,7 @@ class Runtime:
         """What to answer a request whose run already exists (or existed)."""
         self.stats["duplicates"] += 1
         request = start.request
-        asked = start.commit.state  # what this request would have started
+        asked = start.transition.state  # what this request would have started
         current = result.current
         tomb: Tombstone | None = result.tombstone
         fingerprint = current.fingerprint if current is not None else tomb and tomb.fingerprint
@@ -303,6 +322,83 @@ class Runtime:
                 groups.setdefault(fired.workflow_id, []).append(fired)
         await self._advance_groups(groups, out, received)
 
+    async def handle_controls(self, records: Sequence[Record]) -> None:
+        """Apply operators' controls: a cancel or retry goes to its run like a reply; a
+        breaker reset is applied to the shared breaker."""
+        received = time.perf_counter()
+        out = _Out()
+        groups: dict[str, list[Event]] = {}
+        for record in records:
+            control: ControlEvent | None = self._decode(record, ControlEvent, out)
+            if control is None:
+                continue
+            self.stats["controls"] += 1
+            log.info(
+                "control %s: %s %s%s",
+                control.control_id,
+                control.action.value,
+                control.workflow_id or control.service,
+                f" by {control.operator}" if control.operator else "",
+            )
+            if control.action is ControlAction.RESET_BREAKER:
+                if control.service and self.breakers is not None:
+                    await self.breakers.reset(control.service)
+                    out.counts[f"breaker:{control.service}:reset"] += 1
+                    continue
+                reason = "reset_breaker needs `service`, and circuit breakers enabled"
+            elif control.workflow_id:
+                groups.setdefault(control.workflow_id, []).append(control)
+                continue
+            else:
+                reason = f"{control.action.value} needs `workflow_id`"
+            self._dead_letter(record, reason, "invalid", out)
+        await self._advance_groups(groups, out, received)
+
+    async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
+        """Before `transition` commits: hold back (park) or reroute each command to a
+        service whose breaker is open; let one probe through a breaker ready for it."""
+        breakers = self.breakers
+        if breakers is None or workflow is None or not breakers.enabled:
+            return
+        for effect in [e for e in transition.effects if isinstance(e, SendCommand)]:
+            command = effect.command
+            service = command.service
+            decision = breakers.gate(service, now)
+            if decision == "send":
+                continue
+            step = workflow.steps.get(command.step)
+            if step is None or step.service != service:
+                continue  # a compensation: undo goes out whatever the breaker says
+            if decision == "probe":
+                hold = step.timeout_ms or breakers.settings.probe_timeout
+                if await breakers.take_probe(service, now, hold):
+                    continue
+            if (
+                step.fallback is not None
+                and breakers.gate(step.fallback.service, now) == "send"
+                and self.engine.reroute(workflow, transition, command.command_id)
+            ):
+                continue
+            self.engine.park(transition, command.command_id)
+
+    def _parked_count(self, transition: Transition) -> None:
+        self.stats["parked"] += len(transition.parked)
+        self.stats["rerouted"] += sum(
+            n for name, n in transition.counters.items() if name.endswith(":rerouted")
+        )
+
+    async def _record(self, outcomes: list[tuple[str, bool]]) -> None:
+        """Tell the breakers what the committed transitions learnt about the services.
+        The transitions are committed already: a Redis failure here is logged, not raised
+        (the breakers miss these outcomes; their state is advisory)."""
+        if not outcomes or self.breakers is None:
+            return
+        try:
+            await self.breakers.record(outcomes)
+        except Exception as exc:
+            self.breakers.stats["errors"] += 1
+            log.warning("breakers: %d outcomes not recorded: %s", len(outcomes), exc)
+
     async def _advance_groups(
         self, groups: dict[str, list[Event]], out: _Out, received: float
     ) -> None:
@@ -312,10 +408,13 @@ class Runtime:
         states.update(await self.store.load_many(missing))
         fresh = set(missing)
         outgoing: list[Message] = []
+        outcomes: list[tuple[str, bool]] = []
         since = time.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
+            for item in pending:
+                await self._gate(item.workflow, item.transition, now)
             prepared = [self._commit_of(p.workflow, p.transition, p.base.rev, now) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[Event]] = {}
@@ -326,6 +425,8 @@ class Runtime:
                         message.lease = result.lease
                     outgoing += messages
                     self.cache.put(commit.state)
+                    outcomes += item.transition.outcomes
+                    self._parked_count(item.transition)
                 else:
                     self.stats["conflicts"] += 1
                     retry[wid] = groups[wid]
@@ -341,6 +442,7 @@ class Runtime:
             if not groups:
                 break
         await self.dispatcher.send(outgoing, since)
+        await self._record(outcomes)
         await self._flush(out)
         if out.stale_timers:
             self.stats["stale_timers"] += len(out.stale_timers)
@@ -393,7 +495,7 @@ class Runtime:
             base = states.get(wid)
             timers = [e for e in events if isinstance(e, Fired)]
             if base is None:
-                unknown += len(events) - len(timers)
+                unknown += len(events) - len(timers) - self._no_run(wid, events)
                 out.stale_timers.update((self.keys.shard_of(wid), t.member) for t in timers)
                 continue
             workflow = plans.get((base.workflow, base.version))
@@ -407,10 +509,7 @@ class Runtime:
             state = base
             ignored: list[Event] = []
             for event in events:
-                if isinstance(event, Fired):
-                    step = self.engine.apply_timer(workflow, state, event, now)
-                else:
-                    step = self.engine.apply_reply(workflow, state, event, now)
+                step = self._apply(workflow, state, event, now)
                 if step is None:
                     ignored.append(event)
                     continue
@@ -419,9 +518,7 @@ class Runtime:
             if ignored and wid not in fresh:
                 recheck.append(wid)
                 continue
-            stale = [(self.keys.shard_of(wid), e.member) for e in ignored if isinstance(e, Fired)]
-            out.stale_timers.update(stale)
-            self.stats["ignored_replies"] += len(ignored) - len(stale)
+            self._ignored(wid, state, ignored, out)
             if merged is not None:
                 pending.append(_Pending(base, merged, workflow))
         if unknown:
@@ -431,6 +528,39 @@ class Runtime:
             out.counts["replies:unknown_workflow"] += unknown
             log.warning("%d replies for workflows Redis does not have", unknown)
         return pending, recheck
+
+    def _apply(
+        self, workflow: Workflow, state: WorkflowState, event: Event, now: int
+    ) -> Transition | None:
+        if isinstance(event, Fired):
+            return self.engine.apply_timer(workflow, state, event, now)
+        if isinstance(event, ControlEvent):
+            return self.engine.apply_control(workflow, state, event, now)
+        return self.engine.apply_reply(workflow, state, event, now)
+
+    def _no_run(self, wid: str, events: list[Event]) -> int:
+        """Log and count the controls among `events` for a run Redis does not have."""
+        controls = [e for e in events if isinstance(e, ControlEvent)]
+        for control in controls:
+            log.warning("control %s: there is no run %s", control.control_id, wid)
+        self.stats["ignored_controls"] += len(controls)
+        return len(controls)
+
+    def _ignored(self, wid: str, state: WorkflowState, ignored: list[Event], out: _Out) -> None:
+        """Count events that changed nothing; a stale timer is removed after the batch."""
+        stale = [(self.keys.shard_of(wid), e.member) for e in ignored if isinstance(e, Fired)]
+        out.stale_timers.update(stale)
+        controls = [e for e in ignored if isinstance(e, ControlEvent)]
+        for control in controls:
+            log.warning(
+                "control %s (%s) does not apply to run %s, which is %s",
+                control.control_id,
+                control.action.value,
+                wid,
+                state.status.value,
+            )
+        self.stats["ignored_controls"] += len(controls)
+        self.stats["ignored_replies"] += len(ignored) - len(stale) - len(controls)
 
     def _abandon(self, base: WorkflowState, now: int) -> _Pending:
         """A run whose definition is neither loaded nor stored cannot advance: fail it,
@@ -475,6 +605,7 @@ class Runtime:
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],
             cleared=transition.cleared,
+            parked=transition.parked,
         )
         return commit, messages
 
@@ -558,7 +689,7 @@ class Runtime:
                 headers=record.headers or (),
                 partition=record.partition,
                 offset=record.offset,
-                excerpt_bytes=self.limits.dead_letter_excerpt_bytes,
+                excerpt_bytes=self.limits.excerpt_bytes,
             )
         )
 
@@ -605,6 +736,8 @@ def _merge(first: Transition, second: Transition) -> Transition:
         dict(first.counters),
         [*first.timers, *second.timers],
         [*first.cleared, *second.cleared],
+        [*first.outcomes, *second.outcomes],
+        [*first.parked, *second.parked],
     )
     for name, delta in second.counters.items():
         merged.count(name, delta)

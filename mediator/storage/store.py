@@ -55,6 +55,8 @@ class Commit:
     timers: Sequence[tuple[str, int]] = ()
     #: Timers removed with it: the one that fired, and those no longer needed.
     cleared: Sequence[str] = ()
+    #: Steps parked (service, unpark timer name): queued in the service's parked queue.
+    parked: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,10 +233,14 @@ class Store:
             keys.status_index(shard, "failed"),
             *(keys.name_index(shard, name) for name in names),
         ]
+        parked: dict[str, int] = {}
         for commit in commits:
             wid = commit.state.workflow_id
             key_list += (keys.workflow(wid), keys.tombstone(wid))
+            for service, _ in commit.parked:
+                parked.setdefault(service, len(parked) + 1)
         key_list.append(keys.timers(shard))
+        key_list += (keys.parked(shard, service) for service in parked)
         args: list[Any] = [
             now_ms,
             self.retention_ms,
@@ -243,6 +249,7 @@ class Store:
             len(names),
             len(commits),
             self.tombstone_ms,
+            len(parked),
         ]
         for commit in commits:
             state = commit.state
@@ -267,6 +274,9 @@ class Store:
                 args += (name, delay)
             args.append(len(commit.cleared))
             args += commit.cleared
+            args.append(len(commit.parked))
+            for service, name in commit.parked:
+                args += (parked[service], name)
         return key_list, args
 
     @staticmethod

@@ -5,15 +5,23 @@
 --
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
 --       7 st:failed, then M name-index keys, then per transition its workflow hash and
---       its tombstone, and last the shard's timer set.
+--       its tombstone, then the shard's timer set, then P parked-queue keys (one per
+--       service with steps parked in this call).
 -- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
 --       (transitions), 7 tombstone ms (kept past the retention), then per transition:
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
---       delay ms) pairs, cleared count, cleared timer names. Timers fall due `delay` after
---       Redis's clock at commit; cleared ones (the timer that fired, timers no longer
---       needed) are removed with the transition.
+--       delay ms) pairs, cleared count, cleared timer names, parked count, (parked-key
+--       number 1..P, unpark timer name) pairs. Timers fall due `delay` after Redis's clock
+--       at commit; cleared ones (the timer that fired, timers no longer needed) are
+--       removed with the transition; parked steps join their service's queue, oldest
+--       first. ARGV 8 is P.
+--
+-- Statuses `running` and `compensating` are live (in the running index); any other is
+-- finished: `completed` joins the completed index, every other end (failed, cancelled,
+-- compensation_failed) the failed one. A finished run made live again (an operator's
+-- retry) leaves its finished index and no longer expires.
 -- Returns {results, lease deadline}: one result per transition, {1} committed,
 -- {0, state} the workflow already exists (a create), {2, fingerprint, origin, status,
 -- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
@@ -25,15 +33,17 @@ local recent_limit = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = server_now + tonumber(ARGV[4])
-local timers = KEYS[#KEYS]
 local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local tomb_ms = tonumber(ARGV[7])
-local index_of = {running = KEYS[5], completed = KEYS[6], failed = KEYS[7]}
+local p = tonumber(ARGV[8])
+local timers = KEYS[#KEYS - p]
+local parked_at = #KEYS - p
+local live = {running = true, compensating = true}
 local horizon = now - retention
 local finished = false
 local results = {}
-local a = 8
+local a = 9
 for i = 1, n do
   local wf = KEYS[7 + m + 2 * i - 1]
   local tomb = KEYS[7 + m + 2 * i]
@@ -50,9 +60,12 @@ for i = 1, n do
   local n_tim = tonumber(ARGV[tim_at - 1])
   local cleared_at = tim_at + 2 * n_tim + 1
   local n_cleared = tonumber(ARGV[cleared_at - 1])
-  a = cleared_at + n_cleared
+  local park_at = cleared_at + n_cleared + 1
+  local n_park = tonumber(ARGV[park_at - 1])
+  a = park_at + 2 * n_park
 
-  local current = redis.call('HGET', wf, 'rev')
+  local was = redis.call('HMGET', wf, 'rev', 'status')
+  local current = was[1]
   local gone = nil
   if expected == 0 and not current then
     gone = redis.call('HMGET', tomb, 'fingerprint', 'origin', 'status', 'finished_ms')
@@ -69,13 +82,18 @@ for i = 1, n do
     if expected == 0 then
       redis.call('ZADD', name_key, now, wid)
     end
-    if status == 'running' then
+    if live[status] then
       redis.call('ZADD', KEYS[5], now, wid)
+      if was[2] and not live[was[2]] then
+        redis.call('PERSIST', wf)
+        redis.call('ZREM', KEYS[6], wid)
+        redis.call('ZREM', KEYS[7], wid)
+      end
     else
       -- Finished: leave the running index, join its status index, expire later, and
       -- leave a tombstone that outlives the state so a late duplicate is recognised.
       redis.call('ZREM', KEYS[5], wid)
-      redis.call('ZADD', index_of[status], now, wid)
+      redis.call('ZADD', status == 'completed' and KEYS[6] or KEYS[7], now, wid)
       redis.call('ZADD', KEYS[4], now, wid)
       redis.call('PEXPIRE', wf, retention)
       if tomb_ms > 0 then
@@ -104,6 +122,9 @@ for i = 1, n do
     end
     for j = tim_at, tim_at + 2 * n_tim - 1, 2 do
       redis.call('ZADD', timers, server_now + tonumber(ARGV[j + 1]), ARGV[j])
+    end
+    for j = park_at, park_at + 2 * n_park - 1, 2 do
+      redis.call('ZADD', KEYS[parked_at + tonumber(ARGV[j])], 'NX', server_now, ARGV[j + 1])
     end
     results[i] = {1}
   end

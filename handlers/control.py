@@ -1,0 +1,27 @@
+"""Subscriber of the control topic: operators' cancel, retry and breaker reset."""
+
+from __future__ import annotations
+
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from handlers._batch import Offsets, batch_subscription, handle_batch
+from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
+from mediator.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
+    """Subscribe `runtime` to the control topic; offsets are committed after Redis."""
+
+    boundary = Boundary("control", runtime.reject, settings.backoff)
+    runtime.boundaries.append(boundary)
+
+    async def on_controls(message: KafkaMessage) -> None:
+        await handle_batch(message, runtime.handle_controls, offsets, boundary)
+
+    broker.subscriber(
+        settings.kafka.topics.control, **batch_subscription(settings.kafka, "control")
+    )(on_controls)

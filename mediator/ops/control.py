@@ -1,0 +1,79 @@
+"""Operators' controls: publish a `ControlEvent` (cancel, retry, breaker reset) to the
+control topic, where one replica applies it through the ordinary commit path; and read
+the breakers' shared state from Redis."""
+
+from __future__ import annotations
+
+import getpass
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+
+from mediator.clock import now_ms
+from mediator.codec import encode, headers
+from mediator.producers import new_producer, start_producer
+from mediator.storage.keys import Keys
+from topics.events import ControlAction, ControlEvent
+from topics.names import Topics
+
+__all__ = ["breaker_states", "send_control"]
+
+
+async def send_control(
+    bootstrap: str,
+    topics: Topics,
+    action: ControlAction,
+    *,
+    workflow_id: str | None = None,
+    service: str | None = None,
+    reason: str | None = None,
+    enable_idempotence: bool = True,
+) -> ControlEvent:
+    """Publish one control and wait for the broker's acknowledgement; the event sent."""
+    try:
+        operator: str | None = getpass.getuser()
+    except (KeyError, OSError):
+        operator = None
+    control = ControlEvent(
+        control_id=uuid.uuid4().hex,
+        action=action,
+        workflow_id=workflow_id,
+        service=service,
+        reason=reason,
+        operator=operator,
+        issued_ms=now_ms(),
+    )
+    producer = new_producer(
+        bootstrap, client_id="mediator-control", enable_idempotence=enable_idempotence
+    )
+    await start_producer(producer, bootstrap, enable_idempotence)
+    try:
+        key = (workflow_id or service or control.control_id).encode()
+        await producer.send_and_wait(
+            topics.control, encode(control), key=key, headers=headers(control)
+        )
+    finally:
+        await producer.stop()
+    return control
+
+
+async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """Every service's breaker as Redis holds it."""
+    found: dict[str, dict[str, Any]] = {}
+    pattern = f"{keys.prefix}:breaker:*"
+    async for raw_key in redis.scan_iter(match=pattern, count=500):
+        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        service = key.rsplit(":", 1)[-1].strip("{}")
+        doc = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in (await redis.hgetall(key)).items()
+        }
+        found[service] = {
+            "state": doc.get("state", "closed"),
+            "failures": int(doc.get("counter", 0)),
+            "opened_ms": int(doc.get("opened_ms", 0)) or None,
+            "changed_ms": int(doc.get("changed_ms", 0)) or None,
+            "by": doc.get("by") or None,
+        }
+    return dict(sorted(found.items()))

@@ -1,0 +1,174 @@
+"""Breaker upkeep on every replica: refresh the shared breaker states, and drain the
+parked queues of services whose breaker closed, oldest first, at a bounded rate.
+
+A step parked while its service's breaker was open waits, as the name of its ``unpark``
+timer, in the service's parked queue (one sorted set per shard, scored by when it was
+parked). Once the breaker is closed, one replica at a time (a short lease per service)
+moves at most ``circuit_breaker.drain_rate`` of them per second, oldest first across
+shards, into the timer sets, due at once: the timer poller of any replica then sends
+their commands through the ordinary commit path. So a backlog drains as a steady stream,
+not a stampede, and a step that timed out while parked is simply a stale timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable, Iterable
+from importlib import resources
+
+from redis.asyncio import Redis
+
+from mediator.clock import now_ms
+from mediator.runtime.breakers import Breakers
+from mediator.runtime.failures import is_transient
+from mediator.settings import BackoffSettings
+from mediator.storage.keys import Keys
+
+__all__ = ["BreakerUpkeep", "parked_counts"]
+
+log = logging.getLogger("mediator.parking")
+
+_UNPARK = resources.files("mediator.storage").joinpath("lua/unpark.lua").read_text()
+
+
+async def parked_counts(redis: Redis, keys: Keys, services: Iterable[str]) -> dict[str, int]:
+    """How many steps wait in each service's parked queue (every shard)."""
+    names = sorted(services)
+    async with redis.pipeline(transaction=False) as pipe:
+        for service in names:
+            for shard in range(keys.shards):
+                pipe.zcard(keys.parked(shard, service))
+        sizes = await pipe.execute()
+    counts = {}
+    for index, service in enumerate(names):
+        counts[service] = sum(sizes[index * keys.shards : (index + 1) * keys.shards])
+    return counts
+
+
+class BreakerUpkeep:
+    """Refreshes breaker mirrors and drains parked queues, every ``refresh_ms``."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        breakers: Breakers,
+        services: Callable[[], Iterable[str]],
+        replica: str,
+        backoff: BackoffSettings | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.breakers = breakers
+        self.services = services
+        self.replica = replica
+        self.backoff = backoff or BackoffSettings()
+        self._unpark = redis.register_script(_UNPARK)
+        self._credit: dict[str, float] = {}
+        self.released = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def interval_s(self) -> float:
+        return self.breakers.settings.refresh_ms / 1000
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="breaker-upkeep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def tick(self) -> int:
+        """Refresh every breaker, then release what closed breakers allow; how many."""
+        services = sorted(self.services())
+        await self.breakers.refresh(services)
+        released = 0
+        now = now_ms()
+        rate = self.breakers.settings.drain_rate
+        for service in services:
+            if self.breakers.gate(service, now) != "send":
+                self._credit.pop(service, None)
+                continue
+            # Credit accrues at `drain_rate` per second, and is capped at one second's.
+            credit = min(rate, self._credit.get(service, 0.0) + rate * self.interval_s)
+            budget = int(credit)
+            self._credit[service] = credit
+            if budget < 1 or not await self._lead(service):
+                continue
+            moved = await self._release(service, budget)
+            self._credit[service] = credit - moved
+            released += moved
+        self.released += released
+        return released
+
+    async def _lead(self, service: str) -> bool:
+        """Hold the drain lease of `service` (one replica drains it at a time)."""
+        key = f"{self.keys.prefix}:drain:{{{service}}}"
+        ttl = max(100, int(self.breakers.settings.refresh_ms * 3))
+        if await self.redis.set(key, self.replica, nx=True, px=ttl):
+            return True
+        holder = await self.redis.get(key)
+        if holder is not None and _text(holder) == self.replica:
+            await self.redis.pexpire(key, ttl)
+            return True
+        return False
+
+    async def _release(self, service: str, budget: int) -> int:
+        """Move the `budget` oldest parked steps of `service` (across shards) to the
+        timer sets; how many moved."""
+        shards = range(self.keys.shards)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrange(self.keys.parked(shard, service), 0, budget - 1, withscores=True)
+            heads = await pipe.execute()
+        oldest = heapq.nsmallest(
+            budget,
+            (
+                (score, shard, member)
+                for shard, head in zip(shards, heads, strict=True)
+                for member, score in head
+            ),
+        )
+        if not oldest:
+            return 0
+        by_shard: dict[int, list[bytes]] = {}
+        for _, shard, member in oldest:
+            by_shard.setdefault(shard, []).append(member)
+        moved = 0
+        for shard, members in by_shard.items():
+            keys = [self.keys.parked(shard, service), self.keys.timers(shard)]
+            moved += int(await self._unpark(keys=keys, args=members))
+        if moved:
+            log.info("parked steps of %s: %d released", service, moved)
+        return moved
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+                self.failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Breaker states stay as last read and nothing parked is lost: it waits.
+                self.failures += 1
+                delay = self.backoff.delay_ms(self.failures)
+                if is_transient(exc):
+                    log.warning("breaker upkeep: %s; retrying in %d ms", exc, delay)
+                else:
+                    log.exception("breaker upkeep failed; retrying in %d ms", delay)
+                await asyncio.sleep(delay / 1000)
+                continue
+            await asyncio.sleep(self.interval_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
