@@ -7,7 +7,9 @@ parked). Once the breaker is closed, one replica at a time (a short lease per se
 moves at most ``circuit_breaker.drain_rate`` of them per second, oldest first across
 shards, into the timer sets, due at once: the timer poller of any replica then sends
 their commands through the ordinary commit path. So a backlog drains as a steady stream,
-not a stampede, and a step that timed out while parked is simply a stale timer.
+not a stampede, and a step that timed out while parked is simply a stale timer. While a
+breaker is open past its recovery timeout, the oldest parked step is released alone: it
+becomes the probe, so a backlog with no new traffic still finds out the service is back.
 """
 
 from __future__ import annotations
@@ -94,7 +96,14 @@ class BreakerUpkeep:
         now = now_ms()
         rate = self.breakers.settings.drain_rate
         for service in services:
-            if self.breakers.gate(service, now) != "send":
+            gate = self.breakers.gate(service, now)
+            if gate == "probe":
+                # Open past its recovery timeout: release the oldest parked step alone; its
+                # command, sent by whichever replica fires it, is the one probe.
+                if await self._lead(service):
+                    released += await self._release(service, 1)
+                continue
+            if gate != "send":
                 self._credit.pop(service, None)
                 continue
             # Credit accrues at `drain_rate` per second, and is capped at one second's.
