@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
 )
@@ -182,6 +183,13 @@ def _millis(value: Any) -> Any:
     raise ValueError(msg)
 
 
+#: A duration setting, held in milliseconds; written back (`model_dump`) as ``"<n>ms"``, so
+#: a dumped configuration loads to the same values.
+Millis = Annotated[
+    int, BeforeValidator(_millis), PlainSerializer(lambda v: f"{v}ms", when_used="json")
+]
+
+
 class BreakerPolicy(BaseModel):
     """When a service's circuit breaker opens and how long it stays open."""
 
@@ -191,7 +199,7 @@ class BreakerPolicy(BaseModel):
     # that open the breaker. Non-retryable business errors are not failures.
     failure_threshold: int = Field(default=5, ge=1)
     # How long it stays open before one probe command is let through (cluster-wide).
-    recovery_timeout: Annotated[int, BeforeValidator(_millis)] = Field(
+    recovery_timeout: Millis = Field(
         default=60_000, description="Milliseconds (a duration string is accepted)."
     )
     # Successful probes needed to close it again.
@@ -204,7 +212,7 @@ class BreakerOverride(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     failure_threshold: int | None = Field(default=None, ge=1)
-    recovery_timeout: Annotated[int | None, BeforeValidator(_millis)] = None
+    recovery_timeout: Millis | None = None
     success_threshold: int | None = Field(default=None, ge=1)
 
 
@@ -219,7 +227,7 @@ class BreakerSettings(BreakerPolicy):
     # Parked commands released per second per service once its breaker closes.
     drain_rate: float = Field(default=50.0, gt=0)
     # A probe that got no answer within this long (or its step's timeout) lets another go.
-    probe_timeout: Annotated[int, BeforeValidator(_millis)] = Field(default=30_000)
+    probe_timeout: Millis = Field(default=30_000)
 
     def policy(self, service: str) -> BreakerPolicy:
         """The policy of `service`: the defaults with its overrides."""

@@ -104,3 +104,15 @@ async def test_disabled_breakers_always_send(redis_client: Redis, key_prefix: st
     [first, _] = two_replicas(redis_client, key_prefix, enabled=False)
     await first.record([("pay", False)] * 10)
     assert first.gate("pay", NOW) == "send"
+
+
+def test_breaker_settings_survive_a_dump_and_reload() -> None:
+    # Replicas started as processes get their settings as a dumped file: durations must
+    # come back as the same milliseconds, not be read again as seconds.
+    settings = BreakerSettings.model_validate(
+        {"recovery_timeout": "10s", "services": {"pay": {"recovery_timeout": 3}}}
+    )
+    again = BreakerSettings.model_validate(settings.model_dump(mode="json"))
+    assert again == settings
+    assert again.policy("pay").recovery_timeout == 3_000
+    assert again.recovery_timeout == 10_000
