@@ -152,4 +152,8 @@ def _describe(n: int, result: ResultEvent, elapsed_ms: float) -> str:
     if result.status is WorkflowStatus.COMPLETED and isinstance(result.output, dict):
         return f"{head}  tracking={result.output.get('tracking')}"
     error = result.error
-    return f"{head}  {error.step}: {error.code}: {error.message}" if error else head
+    text = f"{head}  {error.step}: {error.code}: {error.message}" if error else head
+    if result.compensations:
+        undone = ", ".join(f"{sid} {c.status}" for sid, c in result.compensations.items())
+        text += f"  (compensated: {undone})"
+    return text
