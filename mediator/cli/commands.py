@@ -8,15 +8,14 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
-from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
+from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
+from mediator.cli.common import run as run_coroutine
 from mediator.errors import MediatorError
 
 __all__ = ["app", "main"]
@@ -31,10 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
-]
 LogLevelOption = Annotated[
     str | None,
     typer.Option(
@@ -42,30 +37,6 @@ LogLevelOption = Annotated[
     ),
 ]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
-    from mediator.errors import IdempotenceUnsupported
-    from mediator.producers import idempotence_refused
-
-    try:
-        return asyncio.run(coro)
-    except MediatorError as exc:
-        raise _fail(str(exc)) from None
-    except KafkaError as exc:
-        if idempotence_refused(exc):
-            # Raised by a producer this module does not build (a replica's, a worker's).
-            raise _fail(str(IdempotenceUnsupported(None, exc))) from None
-        msg = f"Kafka: {exc}"
-        raise _fail(msg) from None
-    except OSError as exc:
-        raise _fail(str(exc)) from None
 
 
 def _log_to_stderr(level: str, fmt: str) -> None:
@@ -77,30 +48,8 @@ def _log_to_stderr(level: str, fmt: str) -> None:
             f"unknown log level {level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL "
             "(--log-level, MEDIATOR_LOG_LEVEL or log_level in the config file)"
         )
-        raise _fail(msg)
+        raise fail(msg)
     logging.basicConfig(level=value, format=fmt)
-
-
-def _quiet_libraries() -> None:
-    """Keep the libraries' logs off stderr in a command that runs once.
-
-    Such a command reports a failure as its one error line; without a handler, Python's
-    last-resort one would print the libraries' error logs (aiokafka's about a refused
-    request, say) above it.
-    """
-    logging.getLogger().addHandler(logging.NullHandler())
-
-
-def _settings(config: Path | None, **overrides: Any) -> Any:
-    from mediator.settings import load_settings
-
-    try:
-        return load_settings(config, **overrides)
-    except ValidationError as exc:
-        msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
-        raise _fail(msg) from None
-    except MediatorError as exc:
-        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -121,9 +70,11 @@ def dev(
     logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.ERROR)
     if rate <= 0:
         msg = "--rate must be positive"
-        raise _fail(msg)
+        raise fail(msg)
     with contextlib.suppress(KeyboardInterrupt):
-        _run(run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo))
+        run_coroutine(
+            run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo)
+        )
 
 
 @app.command()
@@ -138,9 +89,9 @@ def run(
     log_level: LogLevelOption = None,
 ) -> None:
     """Run one mediator replica against the configured Kafka and Redis until stopped."""
-    settings = _settings(config, **({"workflows": workflows} if workflows else {}))
+    settings = load(config, **({"workflows": workflows} if workflows else {}))
     _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
-    _run(_serve(settings, create_topics))
+    run_coroutine(_serve(settings, create_topics))
 
 
 async def _serve(settings: Any, create: bool) -> None:
@@ -172,9 +123,9 @@ async def _serve(settings: Any, create: bool) -> None:
 @app.command()
 def services(config: ConfigOption = None, log_level: LogLevelOption = None) -> None:
     """Run the demo order saga's services against the configured Kafka until stopped."""
-    settings = _settings(config)
+    settings = load(config)
     _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
-    _run(_services(settings))
+    run_coroutine(_services(settings))
 
 
 async def _services(settings: Any) -> None:
@@ -204,10 +155,10 @@ def _control(
     from mediator.ops.control import send_control
     from topics.events import ControlAction
 
-    settings = _settings(config)
-    _quiet_libraries()
+    settings = load(config)
+    quiet_libraries()
     kafka = settings.kafka
-    sent = _run(
+    sent = run_coroutine(
         send_control(
             kafka.bootstrap_servers,
             kafka.topics,
@@ -261,13 +212,13 @@ def breaker_reset(
 
 @breaker_app.command("list")
 def breaker_list(
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Every service's breaker state and parked backlog, from Redis."""
-    settings = _settings(config)
-    _quiet_libraries()
-    states = _run(_breakers(settings))
+    settings = load(config)
+    quiet_libraries()
+    states = run_coroutine(_breakers(settings))
     if json_output:
         typer.echo(orjson.dumps(states, option=orjson.OPT_INDENT_2).decode())
         return
@@ -313,19 +264,19 @@ def submit(
             text = Path(payload[1:]).read_text()
         except OSError as exc:
             msg = f"cannot read payload file {payload[1:]!r}: {exc.strerror}"
-            raise _fail(msg) from None
+            raise fail(msg) from None
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         msg = f"payload is not valid JSON: {exc}"
-        raise _fail(msg) from None
+        raise fail(msg) from None
     if not isinstance(data, dict):
         msg = "payload must be a JSON object"
-        raise _fail(msg)
-    settings = _settings(config)
-    _quiet_libraries()
+        raise fail(msg)
+    settings = load(config)
+    quiet_libraries()
     rid = request_id or uuid.uuid4().hex
-    output, failed = _run(_submit(settings, workflow, data, rid, wait, timeout))
+    output, failed = run_coroutine(_submit(settings, workflow, data, rid, wait, timeout))
     typer.echo(output)
     if failed:
         raise typer.Exit(code=1)
@@ -352,16 +303,16 @@ async def _submit(
 
 @app.command()
 def status(
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_output: JsonOption = False,
     limit: Annotated[int, typer.Option(help="How many recent workflows to list.")] = 10,
     config: ConfigOption = None,
 ) -> None:
     """Workflow counts, per-workflow and per-service counters, and recent runs, from Redis."""
     from mediator.ops.status import format_stats
 
-    settings = _settings(config)
-    _quiet_libraries()
-    summary = _run(_status(settings, limit))
+    settings = load(config)
+    quiet_libraries()
+    summary = run_coroutine(_status(settings, limit))
     if json_output:
         typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
         return
@@ -409,7 +360,7 @@ def recover(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only count what is missing; publish nothing.")
     ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_output: JsonOption = False,
     timeout: Annotated[
         float, typer.Option(help="Seconds any one wait on Kafka may take.", min=0.1)
     ] = 30.0,
@@ -429,8 +380,8 @@ def recover(
     from mediator.errors import BadTime
     from mediator.ops.recover import parse_time
 
-    settings = _settings(config, **({"workflows": workflows} if workflows else {}))
-    _quiet_libraries()
+    settings = load(config, **({"workflows": workflows} if workflows else {}))
+    quiet_libraries()
     now = clock.now_ms()
     window: list[int | None] = []
     for option, text in (("--since", since), ("--until", until)):
@@ -438,10 +389,10 @@ def recover(
             window.append(None if text is None else parse_time(text, now_ms=now))
         except BadTime as exc:
             msg = f"{option}: {exc}"
-            raise _fail(msg) from None
+            raise fail(msg) from None
     since_ms, until_ms = window
     assert since_ms is not None
-    report = _run(_recover(settings, since_ms, until_ms, dry_run, timeout))
+    report = run_coroutine(_recover(settings, since_ms, until_ms, dry_run, timeout))
     if json_output:
         typer.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
         return
@@ -490,7 +441,7 @@ def validate(
                 definitions.add(wf, source=str(file))
                 typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
         except MediatorError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
 
 
 @app.command()

@@ -1,25 +1,16 @@
-"""`mediator dlq`: list the dead letters, and replay them once their cause is fixed.
-
-The helpers at the top mirror those of `mediator.cli.commands` (settings, one-line errors,
-running a coroutine): that module registers this sub-app, so importing from it here would
-be an import cycle.
-"""
+"""`mediator dlq`: list the dead letters, and replay them once their cause is fixed."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import orjson
 import typer
-from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
-from mediator.errors import MediatorError
+from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
 
 if TYPE_CHECKING:
     from mediator.ops.dlq import Letter, ReplayReport
@@ -38,11 +29,6 @@ dlq_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 CodeOption = Annotated[
     str | None, typer.Option("--code", help="Only letters with this code (e.g. invalid).")
 ]
@@ -55,40 +41,6 @@ TimeoutOption = Annotated[
 
 _REASON_WIDTH = 60
 _KEY_WIDTH = 24
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
-    try:
-        return asyncio.run(coro)
-    except MediatorError as exc:
-        raise _fail(str(exc)) from None
-    except KafkaError as exc:
-        msg = f"Kafka: {exc}"
-        raise _fail(msg) from None
-    except OSError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _settings(config: Path | None) -> Settings:
-    from mediator.settings import load_settings
-
-    try:
-        settings = load_settings(config)
-    except ValidationError as exc:
-        msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
-        raise _fail(msg) from None
-    except MediatorError as exc:
-        raise _fail(str(exc)) from None
-    # A command that runs once reports a failure as its one error line; without a handler,
-    # Python's last-resort one would print the libraries' error logs above it.
-    logging.getLogger().addHandler(logging.NullHandler())
-    return settings
 
 
 def _shorten(text: str | None, width: int) -> str:
@@ -180,9 +132,9 @@ def list_letters(
             since_ms = parse_time(since, now_ms=clock.now_ms())
         except BadTime as exc:
             msg = f"--since: {exc}"
-            raise _fail(msg) from None
+            raise fail(msg) from None
     settings = _settings(config)
-    letters, unreadable = _run(
+    letters, unreadable = run(
         _read(settings, limit=limit, code=code, source=source, since_ms=since_ms, timeout_s=timeout)
     )
     topic = settings.kafka.topics.dlq
@@ -256,16 +208,16 @@ def replay_letters(
             "--all replays every letter: give it alone, "
             "or choose by PARTITION:OFFSET, --code, --source"
         )
-        raise _fail(msg)
+        raise fail(msg)
     if not (replay_all or letters or code or source):
         msg = "choose what to replay: PARTITION:OFFSET arguments, --code, --source, or --all"
-        raise _fail(msg)
+        raise fail(msg)
     try:
         coordinates = [parse_coordinates(text) for text in letters or ()]
     except DlqError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     settings = _settings(config)
-    report, unreadable = _run(_replay(settings, coordinates, code, source, dry_run, timeout))
+    report, unreadable = run(_replay(settings, coordinates, code, source, dry_run, timeout))
     if json_output:
         typer.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -333,3 +285,9 @@ def _print_report(report: ReplayReport) -> None:
         typer.echo(
             f"replayed {counts['replayed']}, refused {counts['refused']}, failed {counts['failed']}"
         )
+
+
+def _settings(config: Path | None) -> Settings:
+    settings: Settings = load(config)
+    quiet_libraries()
+    return settings

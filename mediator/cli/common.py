@@ -1,0 +1,74 @@
+"""What every `mediator` command shares: loading settings, one-line errors (exit code 2,
+never a traceback), running a coroutine, quieting libraries in one-shot commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from mediator.errors import MediatorError
+
+__all__ = ["ConfigOption", "JsonOption", "fail", "load", "quiet_libraries", "run"]
+
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `message` as the one error line; the exit (code 2) to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
+    from mediator.errors import IdempotenceUnsupported
+    from mediator.producers import idempotence_refused
+
+    try:
+        return asyncio.run(coro)
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
+    except KafkaError as exc:
+        if idempotence_refused(exc):
+            # Raised by a producer this module does not build (a replica's, a worker's).
+            raise fail(str(IdempotenceUnsupported(None, exc))) from None
+        msg = f"Kafka: {exc}"
+        raise fail(msg) from None
+    except OSError as exc:
+        raise fail(str(exc)) from None
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' logs off stderr in a command that runs once.
+
+    Such a command reports a failure as its one error line; without a handler, Python's
+    last-resort one would print the libraries' error logs (aiokafka's about a refused
+    request, say) above it.
+    """
+    logging.getLogger().addHandler(logging.NullHandler())
+
+
+def load(config: Path | None, **overrides: Any) -> Any:
+    """The settings (`config` file, environment, `overrides`), or exit 2 saying why not."""
+    from mediator.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ValidationError as exc:
+        msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        raise fail(msg) from None
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
