@@ -30,7 +30,9 @@ from mediator.core.transition import (
     context,
     end,
     forked,
+    send,
     timer_name,
+    withdraw,
 )
 from mediator.core.workflow import Step, Workflow
 from topics.events import (
@@ -114,7 +116,7 @@ class Engine:
                 or undo.attempt != reply.attempt
             ):
                 return None
-            return saga.undo_replied(self, workflow, state, reply, now_ms)
+            return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)
         if step_state.status is not StepStatus.RUNNING or step_state.attempt != reply.attempt:
             return None
         step = workflow.steps[reply.step]
@@ -160,7 +162,7 @@ class Engine:
         if timer.kind == "deadline":
             return self._deadline(workflow, state, timer, now_ms)
         if timer.kind in ("undo_timeout", "undo_retry"):
-            return saga.undo_timer(self, workflow, state, timer, now_ms)
+            return saga.undo_timer(self.replies_topic, workflow, state, timer, now_ms)
         step_state = state.steps.get(timer.step)
         if step_state is None or step_state.attempt != timer.attempt:
             return None
@@ -228,7 +230,7 @@ class Engine:
         if step_state is None:
             return False
         state = transition.state
-        _withdraw(transition, command)
+        withdraw(transition, command)
         state.steps[command.step] = evolve(step_state, status=StepStatus.PARKED, via=None)
         primary = command.service if step_state.via is None else step_state.via
         transition.count(f"svc:{primary}:parked")
@@ -277,22 +279,19 @@ class Engine:
         it is larger than the broker accepts: the command is withdrawn, its step fails with
         `error` and the run ends (its other new commands are withdrawn too)."""
         state = transition.state
-        command = next(
-            e.command
-            for e in transition.effects
-            if isinstance(e, SendCommand) and e.command.command_id == command_id
-        )
+        command, step_state = _forward_command(transition, command_id)
         transition.count(f"svc:{command.service}:refused")
         failure = {**error, "step": command.step}
-        step_state = state.steps[command.step]
-        if step_state.command_id != command_id:  # a compensation's command
-            return saga.refuse_undo(self, workflow, transition, command, failure, now_ms)
+        if step_state is None:  # a compensation's command
+            return saga.refuse_undo(
+                self.replies_topic, workflow, transition, command, failure, now_ms
+            )
         state.steps[command.step] = evolve(
             step_state, status=StepStatus.FAILED, output=None, error=failure, finished_ms=now_ms
         )
         for effect in list(transition.effects):
             if isinstance(effect, SendCommand):
-                _withdraw(transition, effect.command)
+                withdraw(transition, effect.command)
                 withdrawn = effect.command.step
                 if withdrawn != command.step:
                     # Never sent: the attempt number is free again (ids stay unique).
@@ -524,23 +523,19 @@ class Engine:
         state = transition.state
         cid = command_id(state.workflow_id, step.id, attempt)
         started = now_ms if started_ms is None else started_ms
-        command = CommandEvent(
-            command_id=cid,
-            workflow_id=state.workflow_id,
-            request_id=state.request_id,
-            workflow=state.workflow,
-            step=step.id,
-            service=step.service,
-            action=step.action,
-            attempt=attempt,
-            input=command_input,
-            reply_to=self.replies_topic,
-            deadline_ms=started + step.timeout_ms if step.timeout_ms else None,
-            trace_id=state.trace_id,
-            sent_ms=now_ms,
+        deadline = started + step.timeout_ms if step.timeout_ms else None
+        send(
+            transition,
+            step.id,
+            step.service,
+            step.action,
+            attempt,
+            cid,
+            command_input,
+            self.replies_topic,
+            now_ms,
+            deadline,
         )
-        transition.effects.append(SendCommand(command))
-        transition.count(f"svc:{step.service}:sent")
         if step.timeout_ms and started_ms is None:
             transition.timers.append(
                 SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
@@ -574,7 +569,7 @@ class Engine:
         return end(transition, output, error, now_ms)
 
     def _compensate(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
-        return saga.progress(self, workflow, transition, now_ms)
+        return saga.progress(self.replies_topic, workflow, transition, now_ms)
 
 
 def _forward_command(
@@ -591,14 +586,6 @@ def _forward_command(
     if step_state is None or step_state.command_id != command_id:
         return command, None
     return command, step_state
-
-
-def _withdraw(transition: Transition, command: CommandEvent) -> None:
-    """Take `command` out of the effects: it is not sent (now)."""
-    transition.effects = [
-        e for e in transition.effects if not (isinstance(e, SendCommand) and e.command is command)
-    ]
-    transition.count(f"svc:{command.service}:sent", -1)
 
 
 def _release(

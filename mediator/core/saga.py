@@ -20,12 +20,13 @@ from mediator.core.results import history_of
 from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.transition import (
-    SendCommand,
     Transition,
     context,
     end,
     forked,
+    send,
     timer_name,
+    withdraw,
 )
 from mediator.core.workflow import Step, Workflow
 from topics.events import CommandEvent, ErrorInfo, ReplyEvent, ReplyStatus, WorkflowStatus
@@ -94,7 +95,7 @@ def abandon_in_flight(
         state.steps[sid] = evolve(s, status=StepStatus.FAILED, error=error, finished_ms=now_ms)
 
 
-def progress(engine: Any, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
+def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
     """Start every compensation whose turn has come; end the run when none is left."""
     state = transition.state
     steps = state.steps
@@ -108,7 +109,7 @@ def progress(engine: Any, workflow: Workflow, transition: Transition, now_ms: in
         undo = undos.get(sid)
         owes = forward.status is StepStatus.COMPLETED and step.compensate is not None
         if owes and undo is None and not below:
-            undo = undos[sid] = _dispatch(engine, transition, step, now_ms, 1, None)
+            undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, 1, None)
         busy[sid] = (
             below
             or forward.status in _IN_FLIGHT
@@ -131,7 +132,7 @@ def progress(engine: Any, workflow: Workflow, transition: Transition, now_ms: in
 
 
 def undo_replied(
-    engine: Any, workflow: Workflow, state: WorkflowState, reply: ReplyEvent, now_ms: int
+    reply_to: str, workflow: Workflow, state: WorkflowState, reply: ReplyEvent, now_ms: int
 ) -> Transition:
     """A reply to the current attempt of a step's compensation."""
     state = fork(state)
@@ -154,18 +155,18 @@ def undo_replied(
         )
         transition.count(f"svc:{compensate.service}:ok")
         transition.outcomes.append((compensate.service, True))
-        return progress(engine, workflow, transition, now_ms)
+        return progress(reply_to, workflow, transition, now_ms)
     error = reply.error or ErrorInfo(message="service replied error without details")
     failure = error.model_dump(exclude_none=True)
     failure["step"] = step.id
     transition.count(f"svc:{compensate.service}:error")
     if error.retryable:
         transition.outcomes.append((compensate.service, False))
-    return _fail(engine, workflow, transition, step, failure, now_ms, reply.instance)
+    return _fail(reply_to, workflow, transition, step, failure, now_ms, reply.instance)
 
 
 def undo_timer(
-    engine: Any, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
+    reply_to: str, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
 ) -> Transition | None:
     """A compensation's timeout or retry timer fell due; None when it is stale."""
     undo = (state.compensations or {}).get(timer.step)
@@ -186,20 +187,20 @@ def undo_timer(
             "retryable": True,
             "step": step.id,
         }
-        return _fail(engine, workflow, transition, step, failure, now_ms, None)
+        return _fail(reply_to, workflow, transition, step, failure, now_ms, None)
     if timer.kind == "undo_retry" and undo.status is StepStatus.RETRYING:
         transition = forked(state, now_ms, timer)
         undos = transition.state.compensations = dict(state.compensations or {})
         transition.count(f"svc:{compensate.service}:retried")
         undos[step.id] = _dispatch(
-            engine, transition, step, now_ms, undo.attempt + 1, history_of(undo)
+            reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo)
         )
-        return progress(engine, workflow, transition, now_ms)
+        return progress(reply_to, workflow, transition, now_ms)
     return None
 
 
 def refuse_undo(
-    engine: Any,
+    reply_to: str,
     workflow: Workflow,
     transition: Transition,
     command: CommandEvent,
@@ -208,21 +209,16 @@ def refuse_undo(
 ) -> Transition:
     """A compensation's command cannot be delivered (too large): that undo fails."""
     state = transition.state
-    transition.effects = [
-        e
-        for e in transition.effects
-        if not (isinstance(e, SendCommand) and e.command.command_id == command.command_id)
-    ]
-    transition.count(f"svc:{command.service}:sent", -1)
+    withdraw(transition, command)
     undos = state.compensations = dict(state.compensations or {})
     undos[command.step] = evolve(
         undos[command.step], status=StepStatus.FAILED, error=failure, finished_ms=now_ms
     )
-    return progress(engine, workflow, transition, now_ms)
+    return progress(reply_to, workflow, transition, now_ms)
 
 
 def _fail(
-    engine: Any,
+    reply_to: str,
     workflow: Workflow,
     transition: Transition,
     step: Step,
@@ -250,11 +246,11 @@ def _fail(
         undo, status=StepStatus.FAILED, error=failure, finished_ms=now_ms, instance=instance
     )
     transition.count(f"wf:{workflow.name}:compensation_failed_steps")
-    return progress(engine, workflow, transition, now_ms)
+    return progress(reply_to, workflow, transition, now_ms)
 
 
 def _dispatch(
-    engine: Any,
+    reply_to: str,
     transition: Transition,
     step: Step,
     now_ms: int,
@@ -277,23 +273,20 @@ def _dispatch(
             StepStatus.FAILED, attempt, None, None, error, now_ms, now_ms, None, history
         )
     cid = undo_command_id(state.workflow_id, step.id, attempt)
-    command = CommandEvent(
-        command_id=cid,
-        workflow_id=state.workflow_id,
-        request_id=state.request_id,
-        workflow=state.workflow,
-        step=step.id,
-        service=compensate.service,
-        action=compensate.action,
-        attempt=attempt,
-        input=undo_input,
-        reply_to=engine.replies_topic,
-        deadline_ms=now_ms + compensate.timeout_ms if compensate.timeout_ms else None,
-        trace_id=state.trace_id,
-        sent_ms=now_ms,
+    timeout = compensate.timeout_ms
+    deadline = now_ms + timeout if timeout else None
+    send(
+        transition,
+        step.id,
+        compensate.service,
+        compensate.action,
+        attempt,
+        cid,
+        undo_input,
+        reply_to,
+        now_ms,
+        deadline,
     )
-    transition.effects.append(SendCommand(command))
-    transition.count(f"svc:{compensate.service}:sent")
     transition.count(f"svc:{compensate.service}:compensations")
     if compensate.timeout_ms:
         transition.timers.append(

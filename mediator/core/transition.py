@@ -19,7 +19,9 @@ __all__ = [
     "context",
     "end",
     "forked",
+    "send",
     "timer_name",
+    "withdraw",
 ]
 
 
@@ -131,3 +133,44 @@ def context(state: WorkflowState, steps: dict[str, StepState]) -> dict[str, Any]
             "name": state.workflow,
         },
     }
+
+
+def send(
+    transition: Transition,
+    step: str,
+    service: str,
+    action: str,
+    attempt: int,
+    command_id: str,
+    command_input: Any,
+    reply_to: str,
+    now_ms: int,
+    deadline_ms: int | None,
+) -> None:
+    """Add a command for `step` to the transition's effects (and count it sent)."""
+    state = transition.state
+    command = CommandEvent(
+        command_id=command_id,
+        workflow_id=state.workflow_id,
+        request_id=state.request_id,
+        workflow=state.workflow,
+        step=step,
+        service=service,
+        action=action,
+        attempt=attempt,
+        input=command_input,
+        reply_to=reply_to,
+        deadline_ms=deadline_ms,
+        trace_id=state.trace_id,
+        sent_ms=now_ms,
+    )
+    transition.effects.append(SendCommand(command))
+    transition.count(f"svc:{service}:sent")
+
+
+def withdraw(transition: Transition, command: CommandEvent) -> None:
+    """Take `command` out of the effects: it is not sent (now)."""
+    transition.effects = [
+        e for e in transition.effects if not (isinstance(e, SendCommand) and e.command is command)
+    ]
+    transition.count(f"svc:{command.service}:sent", -1)
