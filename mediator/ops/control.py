@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
 from mediator.producers import new_producer, start_producer
+from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 from topics.events import ControlAction, ControlEvent
 from topics.names import Topics
@@ -63,12 +64,9 @@ async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     pattern = f"{keys.prefix}:breaker:*"
     async for raw_key in redis.scan_iter(match=pattern, count=500):
-        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        key = text(raw_key)
         service = key.rsplit(":", 1)[-1].strip("{}")
-        doc = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in (await redis.hgetall(key)).items()
-        }
+        doc = {text(k): text(v) for k, v in (await redis.hgetall(key)).items()}
         found[service] = {
             "state": doc.get("state", "closed"),
             "failures": int(doc.get("counter", 0)),

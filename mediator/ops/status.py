@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediator.errors import StateUnavailable
+from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 
 __all__ = ["collect_status", "format_stats", "stored_keys"]
@@ -39,7 +40,7 @@ async def stored_keys(redis: Redis, prefix: str, default_shards: int) -> Keys:
     except ValueError:
         shards = 0
     if shards < 1:
-        msg = f"{keys.meta} holds shards={_text(stored)!r}, not a shard count; fix or delete it"
+        msg = f"{keys.meta} holds shards={text(stored)!r}, not a shard count; fix or delete it"
         raise StateUnavailable(msg)
     return Keys(prefix, shards)
 
@@ -69,7 +70,7 @@ async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:
             pipe.zcard(keys.outbox_due(shard))
         pipe.hgetall(keys.stats)
         replies = await pipe.execute()
-    stats = {_text(name): _number(value) for name, value in replies.pop().items()}
+    stats = {text(name): _number(value) for name, value in replies.pop().items()}
     counts = dict.fromkeys(STATUSES, 0)
     counters: dict[str, int] = {}
     recent: list[tuple[float, str]] = []
@@ -82,7 +83,7 @@ async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:
         for name, value in chunk[len(STATUSES)].items():
             key = name.decode() if isinstance(name, bytes) else name
             counters[key] = counters.get(key, 0) + int(value)
-        recent += [(score, _text(wid)) for wid, score in chunk[len(STATUSES) + 1]]
+        recent += [(score, text(wid)) for wid, score in chunk[len(STATUSES) + 1]]
         outbox += int(chunk[len(STATUSES) + 2])
     recent.sort(reverse=True)
     return {
@@ -108,8 +109,8 @@ async def _describe(redis: Redis, keys: Keys, workflow_ids: list[str]) -> list[d
         out.append(
             {
                 "workflow_id": wid,
-                "workflow": _text(name),
-                "status": _text(status),
+                "workflow": text(name),
+                "status": text(status),
                 "finished_ms": int(updated),
             }
         )
@@ -142,27 +143,23 @@ def format_stats(stats: dict[str, int | float]) -> str:
             total.append(value)
     parts = []
     for name, (total, details) in groups.items():
-        text = name.replace("_", " ")
+        label = name.replace("_", " ")
         if total:
-            text += f" {total[0]}"
+            label += f" {total[0]}"
         if details:
-            text += f" ({', '.join(details)})"
-        parts.append(text)
+            label += f" ({', '.join(details)})"
+        parts.append(label)
     return "  ".join(parts)
 
 
 def _number(value: bytes | str) -> int | float:
     # Counters are HINCRBY integers (HINCRBYFLOAT for a float); a field someone wrote by
     # hand that is no number reads as 0 rather than failing the whole report.
-    text = _text(value)
+    written = text(value)
     try:
-        return int(text)
+        return int(written)
     except ValueError:
         try:
-            return float(text)
+            return float(written)
         except ValueError:
             return 0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

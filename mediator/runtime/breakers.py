@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, Literal
 
 import pybreaker
@@ -30,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediator.settings import BreakerSettings
+from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import Keys
 
 __all__ = ["Breakers", "Gate", "MirrorStorage"]
@@ -38,7 +38,7 @@ log = logging.getLogger("mediator.breakers")
 
 Gate = Literal["send", "park", "probe"]
 
-_SCRIPT = resources.files("mediator.storage").joinpath("lua/breaker.lua").read_text()
+_SCRIPT = lua_source("breaker.lua")
 _CAS_ROUNDS = 8
 
 
@@ -102,7 +102,7 @@ class MirrorStorage(pybreaker.CircuitBreakerStorage):
 
     def load(self, raw: dict[Any, Any]) -> None:
         """Take the values of the breaker's hash (HGETALL) as they are in Redis."""
-        doc = {_text(k): _text(v) for k, v in raw.items()}
+        doc = {text(k): text(v) for k, v in raw.items()}
         self.version = int(doc.get("version", 0))
         self._state = doc.get("state", pybreaker.STATE_CLOSED)
         self._counter = int(doc.get("counter", 0))
@@ -327,7 +327,3 @@ def _feed(cb: pybreaker.CircuitBreaker, ok: bool) -> None:
         cb.call(_succeed if ok else _fail)
     except (_Failure, pybreaker.CircuitBreakerError):
         pass
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -19,7 +19,6 @@ import contextlib
 import heapq
 import logging
 from collections.abc import Callable, Iterable
-from importlib import resources
 
 from redis.asyncio import Redis
 
@@ -27,13 +26,14 @@ from mediator.clock import now_ms
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.failures import is_transient
 from mediator.settings import BackoffSettings
+from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import Keys
 
 __all__ = ["BreakerUpkeep", "parked_counts"]
 
 log = logging.getLogger("mediator.parking")
 
-_UNPARK = resources.files("mediator.storage").joinpath("lua/unpark.lua").read_text()
+_UNPARK = lua_source("unpark.lua")
 
 
 async def parked_counts(redis: Redis, keys: Keys, services: Iterable[str]) -> dict[str, int]:
@@ -125,7 +125,7 @@ class BreakerUpkeep:
         if await self.redis.set(key, self.replica, nx=True, px=ttl):
             return True
         holder = await self.redis.get(key)
-        if holder is not None and _text(holder) == self.replica:
+        if holder is not None and text(holder) == self.replica:
             await self.redis.pexpire(key, ttl)
             return True
         return False
@@ -177,7 +177,3 @@ class BreakerUpkeep:
                 await asyncio.sleep(delay / 1000)
                 continue
             await asyncio.sleep(self.interval_s)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -7,13 +7,14 @@ the transition itself. hiredis packs the same bytes in C, an order of magnitude 
 
 from __future__ import annotations
 
+import importlib.resources
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-__all__ = ["PackedConnection", "connect"]
+__all__ = ["PackedConnection", "connect", "lua_source", "text"]
 
 
 class PackedConnection(Connection):
@@ -36,3 +37,13 @@ def connect(url: str, *, timeout_s: float | None = None) -> Redis:
     if url.startswith("redis://"):
         options["connection_class"] = PackedConnection
     return Redis.from_url(url, **options)
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply value as text (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def lua_source(name: str) -> str:
+    """The source of one of the package's Lua scripts (``mediator/storage/lua/<name>``)."""
+    return importlib.resources.files("mediator.storage").joinpath(f"lua/{name}").read_text()

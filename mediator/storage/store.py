@@ -7,7 +7,6 @@ go out in one pipeline: one round trip for many workflows.
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from mediator.core.state import WorkflowState, dumps, loads
 from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
+from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
 __all__ = ["Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
@@ -73,10 +73,6 @@ class CommitResult:
     lease: int = 0
 
 
-def _script(name: str) -> str:
-    return importlib.resources.files("mediator.storage").joinpath(f"lua/{name}").read_text()
-
-
 class Store:
     """Orchestration state in Redis, for one key prefix and shard count."""
 
@@ -100,10 +96,10 @@ class Store:
         self.tombstone_ms = tombstone_ms
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self._commit = redis.register_script(_script("commit.lua"))
-        self._claim = redis.register_script(_script("claim.lua"))
-        self._renew = redis.register_script(_script("renew.lua"))
-        self._claim_timers = redis.register_script(_script("claim_timers.lua"))
+        self._commit = redis.register_script(lua_source("commit.lua"))
+        self._claim = redis.register_script(lua_source("claim.lua"))
+        self._renew = redis.register_script(lua_source("renew.lua"))
+        self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
@@ -285,7 +281,7 @@ class Store:
         if code == 1:
             return CommitResult(CommitOutcome.COMMITTED, lease=lease)
         if code == 2:
-            fingerprint, origin, status, finished = (_text(v) for v in reply[1:5])
+            fingerprint, origin, status, finished = (text(v) for v in reply[1:5])
             tomb = Tombstone(fingerprint, origin, status, int(finished))
             return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
         current = _decode_state(workflow_id, reply[1]) if len(reply) > 1 and reply[1] else None
@@ -322,7 +318,7 @@ class Store:
         except RedisError as exc:
             msg = f"Redis unavailable while claiming the outbox: {exc}"
             raise StateUnavailable(msg) from exc
-        entries = [(_text(flat[i]), bytes(flat[i + 1])) for i in range(1, len(flat), 2)]
+        entries = [(text(flat[i]), bytes(flat[i + 1])) for i in range(1, len(flat), 2)]
         return int(flat[0]), entries
 
     async def renew(
@@ -365,7 +361,7 @@ class Store:
                 raise StateUnavailable(msg)
             now = int(reply[0])
             due = [
-                (_text(reply[i]), now - int(float(reply[i + 1]))) for i in range(1, len(reply), 2)
+                (text(reply[i]), now - int(float(reply[i + 1]))) for i in range(1, len(reply), 2)
             ]
             if due:
                 claimed[shard] = due
@@ -415,7 +411,3 @@ def _decode_state(workflow_id: str, blob: bytes | str) -> WorkflowState:
         return loads(blob)
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptState(workflow_id, exc) from exc
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
