@@ -14,8 +14,6 @@ becomes the probe, so a backlog with no new traffic still finds out the service 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import heapq
 import logging
 from collections.abc import Callable, Iterable
@@ -24,7 +22,7 @@ from redis.asyncio import Redis
 
 from mediator.clock import now_ms
 from mediator.runtime.breakers import Breakers
-from mediator.runtime.failures import is_transient
+from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
 from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import Keys
@@ -50,8 +48,10 @@ async def parked_counts(redis: Redis, keys: Keys, services: Iterable[str]) -> di
     return counts
 
 
-class BreakerUpkeep:
+class BreakerUpkeep(Periodic):
     """Refreshes breaker mirrors and drains parked queues, every ``refresh_ms``."""
+
+    name = "breaker-upkeep"
 
     def __init__(
         self,
@@ -62,31 +62,19 @@ class BreakerUpkeep:
         replica: str,
         backoff: BackoffSettings | None = None,
     ) -> None:
+        super().__init__(backoff, log)
         self.redis = redis
         self.keys = keys
         self.breakers = breakers
         self.services = services
         self.replica = replica
-        self.backoff = backoff or BackoffSettings()
         self._unpark = redis.register_script(_UNPARK)
         self._credit: dict[str, float] = {}
         self.released = 0
-        self.failures = 0
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def interval_s(self) -> float:
         return self.breakers.settings.refresh_ms / 1000
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="breaker-upkeep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def tick(self) -> int:
         """Refresh every breaker, then release what closed breakers allow; how many."""
@@ -159,21 +147,8 @@ class BreakerUpkeep:
             log.info("parked steps of %s: %d released", service, moved)
         return moved
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-                self.failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Breaker states stay as last read and nothing parked is lost: it waits.
-                self.failures += 1
-                delay = self.backoff.delay_ms(self.failures)
-                if is_transient(exc):
-                    log.warning("breaker upkeep: %s; retrying in %d ms", exc, delay)
-                else:
-                    log.exception("breaker upkeep failed; retrying in %d ms", delay)
-                await asyncio.sleep(delay / 1000)
-                continue
-            await asyncio.sleep(self.interval_s)
+    async def round(self) -> float:
+        """One tick. A tick that fails leaves breaker states as last read; nothing parked
+        is lost: it waits for the next."""
+        await self.tick()
+        return self.interval_s
