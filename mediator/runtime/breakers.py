@@ -225,6 +225,8 @@ class Breakers:
                 cb, storage = self.breaker(service)
                 before = storage.fields()
                 for ok in results:
+                    if ok and storage.state == pybreaker.STATE_CLOSED and not storage.counter:
+                        continue  # changes nothing: skip pybreaker's call on the hot path
                     _feed(cb, ok)
                 if storage.fields() == before or await self._write(service):
                     break
