@@ -378,14 +378,15 @@ class Runtime:
                 and breakers.gate(step.fallback.service, now) == "send"
                 and self.engine.reroute(workflow, transition, command.command_id)
             ):
+                transition.count("rerouted")
                 continue
             self.engine.park(transition, command.command_id)
 
     def _parked_count(self, transition: Transition) -> None:
-        self.stats["parked"] += len(transition.parked)
-        self.stats["rerouted"] += sum(
-            n for name, n in transition.counters.items() if name.endswith(":rerouted")
-        )
+        if transition.parked:
+            self.stats["parked"] += len(transition.parked)
+        if (rerouted := transition.counters.get("rerouted")) is not None:
+            self.stats["rerouted"] += rerouted
 
     async def _record(self, outcomes: list[tuple[str, bool]]) -> None:
         """Tell the breakers what the committed transitions learnt about the services.
