@@ -52,6 +52,8 @@ class BreakerUpkeep(Periodic):
     """Refreshes breaker mirrors and drains parked queues, every ``refresh_ms``."""
 
     name = "breaker-upkeep"
+    label = "breaker upkeep"
+    failed = "breaker upkeep failed"
 
     def __init__(
         self,

@@ -17,8 +17,12 @@ __all__ = ["Periodic"]
 class Periodic:
     """Subclasses implement `round`, which returns how long to pause before the next."""
 
-    #: The task's name, in logs.
+    #: The task's name.
     name = "periodic"
+    #: How its log lines start: ``"<label>: <error>; retrying in <n> ms"``.
+    label = "periodic"
+    #: What is logged, with the traceback, when a round fails unexpectedly.
+    failed = "a periodic task failed"
 
     def __init__(self, backoff: BackoffSettings | None, log: logging.Logger) -> None:
         self.backoff = backoff or BackoffSettings()
@@ -54,9 +58,9 @@ class Periodic:
                 self.failures += 1
                 delay = self.backoff.delay_ms(self.failures)
                 if is_transient(exc):
-                    self.log.warning("%s: %s; retrying in %d ms", self.name, exc, delay)
+                    self.log.warning("%s: %s; retrying in %d ms", self.label, exc, delay)
                 else:
-                    self.log.exception("%s failed; retrying in %d ms", self.name, delay)
+                    self.log.exception("%s; retrying in %d ms", self.failed, delay)
                 await asyncio.sleep(delay / 1000)
                 continue
             if pause > 0:

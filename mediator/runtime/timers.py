@@ -28,6 +28,8 @@ class TimerPoller(Periodic):
     leaves its claimed timers in Redis: their lease runs out and they fire again."""
 
     name = "timer-poller"
+    label = "timers"
+    failed = "timers could not be applied"
 
     def __init__(
         self,
