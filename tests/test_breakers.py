@@ -4,12 +4,16 @@ replica's mirror, written back with compare-and-set."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pybreaker
+import pytest
+import redis.exceptions
 from redis.asyncio import Redis
 
 from mediator.runtime.breakers import Breakers
-from mediator.settings import BreakerSettings
+from mediator.runtime.parking import BreakerUpkeep
+from mediator.settings import BackoffSettings, BreakerSettings
 from mediator.storage.keys import Keys
 
 NOW = 1_700_000_000_000
@@ -116,3 +120,26 @@ def test_breaker_settings_survive_a_dump_and_reload() -> None:
     assert again == settings
     assert again.policy("pay").recovery_timeout == 3_000
     assert again.recovery_timeout == 10_000
+
+
+async def test_upkeep_sorts_a_redis_stall_as_transient(
+    redis_client: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The upkeep talks to Redis directly (not through the store, which wraps errors): a
+    # Redis timeout there is transient, a warning and a backoff, not a traceback.
+    [first, _] = two_replicas(redis_client, key_prefix)
+
+    def stalled() -> list[str]:
+        msg = "Timeout reading from 127.0.0.1:6379"
+        raise redis.exceptions.TimeoutError(msg)
+
+    upkeep = BreakerUpkeep(redis_client, Keys(key_prefix, 4), first, stalled, "r1")
+    upkeep.backoff = BackoffSettings(initial_ms=5, max_ms=10)
+    caplog.set_level(logging.WARNING, logger="mediator")
+    upkeep.start()
+    await asyncio.sleep(0.1)
+    await upkeep.stop()
+
+    assert upkeep.failures >= 2
+    assert all(r.levelno == logging.WARNING for r in caplog.records), caplog.text
+    assert caplog.records[0].getMessage().startswith("breaker upkeep: Timeout reading")

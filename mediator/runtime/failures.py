@@ -23,6 +23,8 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mediator.clock import now_ms
 from mediator.errors import StateUnavailable
@@ -48,6 +50,10 @@ def is_transient(exc: BaseException, *, metadata_age_s: float | None = None) -> 
     answer the broker is more likely unreachable, which is transient.
     """
     if isinstance(exc, StateUnavailable | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        # Raised by Redis calls made outside the store (which wraps them as
+        # StateUnavailable): the breakers' and the parked queues' upkeep.
         return True
     if isinstance(exc, UnknownTopicOrPartitionError):
         return metadata_age_s is None or metadata_age_s > 30
