@@ -8,15 +8,16 @@ import contextlib
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from mediator.clock import now_ms
 from mediator.ops.control import send_control
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
+from tests.test_dlq import wait_for_letters
 from tests.test_workflows_e2e import step
 from topics import WorkflowStatus
-from topics.events import CommandEvent, ControlAction, ResultEvent
+from topics.events import CommandEvent, ControlAction, ControlEvent, ResultEvent
 
 
 def order(ship_service: str = "svc", **charge: Any) -> dict[str, Any]:
@@ -291,3 +292,26 @@ async def test_retry_reruns_a_failed_run_from_its_failed_step(make_system: Any) 
     await asyncio.sleep(1)
     assert mediator.runtime.stats["ignored_controls"] == 1
     assert len(await wait_for(seen, "r-retry", 3, within=0.1)) == 2
+
+
+async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
+    make_system: Any,
+) -> None:
+    system = await make_system(order())
+    mediator = await system.mediator()
+    producer = AIOKafkaProducer(bootstrap_servers=system.bootstrap)
+    await producer.start()
+    try:
+        nameless = ControlEvent(control_id="c-x", action=ControlAction.CANCEL, issued_ms=1)
+        await producer.send_and_wait(system.topics.control, nameless.model_dump_json().encode())
+        await producer.send_and_wait(system.topics.control, b'{"action": "explode"}')
+    finally:
+        await producer.stop()
+
+    letters = await wait_for_letters(system.settings, 2, source=system.topics.control)
+
+    reasons = sorted((found.code or "", found.reason) for _, _, found in letters)
+    assert reasons[0][0] == reasons[1][0] == "invalid"
+    assert any("cancel needs `workflow_id`" in reason for _, reason in reasons)
+    assert any("action: Input should be 'cancel'" in reason for _, reason in reasons), reasons
+    assert mediator.runtime.stats["controls"] == 1
