@@ -124,7 +124,15 @@ def calls() -> list[str]:
 
 
 @pytest.fixture
-async def worker(broker: str, names: Topics, calls: list[str]) -> AsyncIterator[Worker]:
+def gate() -> asyncio.Event:
+    """Holds the worker's ``hold`` action until the test sets it."""
+    return asyncio.Event()
+
+
+@pytest.fixture
+async def worker(
+    broker: str, names: Topics, calls: list[str], gate: asyncio.Event
+) -> AsyncIterator[Worker]:
     """A started worker for SERVICE with a few actions, stopped after the test."""
     w = Worker(
         SERVICE, broker, topics=names, instance="inv-1", enable_idempotence=False,
@@ -140,6 +148,12 @@ async def worker(broker: str, names: Topics, calls: list[str]) -> AsyncIterator[
 
     @w.action("echo")
     def echo(input: Any) -> Any:
+        return input
+
+    @w.action("hold")
+    async def hold(input: Any, command: CommandEvent) -> Any:
+        calls.append(command.command_id)
+        await gate.wait()
         return input
 
     @w.action("boom")
@@ -260,9 +274,8 @@ async def test_unknown_action_names_the_known_ones(
     [reply] = await replies(broker, names, 1)
     assert reply.error is not None
     assert (reply.error.code, reply.error.retryable) == ("unknown_action", False)
-    assert (
-        "teleport" in reply.error.message and "boom, echo, refuse, reserve" in reply.error.message
-    )
+    assert "teleport" in reply.error.message
+    assert "boom, echo, hold, refuse, reserve" in reply.error.message
 
 
 async def test_duplicate_command_runs_once_and_reply_is_resent(
@@ -343,6 +356,55 @@ async def test_stop_finishes_in_flight_commands_then_commits(
     [reply] = await replies(broker, names, 1)
     assert reply.command_id == slow.command_id and reply.status is ReplyStatus.OK
     assert await committed(broker, worker.group_id, names.service(SERVICE)) == 1
+
+
+async def test_a_stalled_command_holds_up_neither_later_commands_nor_their_replies(
+    broker: str,
+    names: Topics,
+    worker: Worker,
+    producer: AIOKafkaProducer,
+    calls: list[str],
+    gate: asyncio.Event,
+) -> None:
+    stalled = command(names, "hold", "stalled")
+    await send(producer, names, stalled)
+    for _ in range(1000):
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    # Same key, so same partition, fetched after the stalled one started.
+    later = [command(names, "echo", n) for n in range(3)]
+    await send(producer, names, *later)
+    got = await replies(broker, names, 3)
+    assert [r.command_id for r in got] == [c.command_id for c in later]
+    # Their offsets come after the stalled command's, so none may be committed yet.
+    assert await committed(broker, worker.group_id, names.service(SERVICE)) == 0
+    gate.set()
+    got = await replies(broker, names, 4)
+    assert got[3].command_id == stalled.command_id
+    for _ in range(100):
+        if await committed(broker, worker.group_id, names.service(SERVICE)) == 4:
+            break
+        await asyncio.sleep(0.1)
+    assert await committed(broker, worker.group_id, names.service(SERVICE)) == 4
+
+
+async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(
+    broker: str, names: Topics, producer: AIOKafkaProducer
+) -> None:
+    w = Worker(
+        SERVICE, broker, topics=names, instance="inv-big", enable_idempotence=False,
+        consumer_options=FAST_GROUP, producer_options={"max_request_size": 4000},
+    )  # fmt: skip
+    w.add_action("huge", lambda input: "x" * 10_000)
+    async with w:
+        big = command(names, "huge")
+        await send(producer, names, big)
+        [reply] = await replies(broker, names, 1)
+    assert reply.command_id == big.command_id and reply.status is ReplyStatus.ERROR
+    assert reply.error is not None and reply.error.code == "undeliverable"
+    assert "MessageSizeTooLarge" in reply.error.message
+    assert w.stats["undeliverable"] == 1 and w.stats["send_retries"] == 0
 
 
 def test_handler_signature_is_checked() -> None:

@@ -223,12 +223,26 @@ class HealthEvent(Event):
     """A heartbeat from one service instance. Key: ``instance``."""
 
     type: Literal["health"] = "health"
-    service: str
-    instance: str
+    service: str = Field(min_length=1, max_length=200)
+    instance: str = Field(min_length=1, max_length=200)
     status: HealthStatus = HealthStatus.UP
     load: float = Field(default=0.0, ge=0.0, description="In-flight commands.")
     capacity: int = Field(default=1, ge=1, description="Commands it can run at once.")
     inbox: str | None = Field(default=None, description="Topic addressed to this instance.")
+    partitions: list[int] = Field(
+        default_factory=list,
+        description="The partitions of its service topic this instance owns now (its "
+        "consumer group's assignment); commands routed to it go to one of them.",
+    )
+    weight: float = Field(default=1.0, gt=0.0, description="Its share under `weighted`.")
+    interval_ms: int = Field(
+        default=1000, ge=10, description="How often it heartbeats; the registry's TTL follows."
+    )
+    answered: int = Field(default=0, ge=0, description="Commands answered since the last one.")
+    errors: int = Field(default=0, ge=0, description="Of those, error replies.")
+    latency_ms: float | None = Field(
+        default=None, ge=0.0, description="Their mean time in the handler."
+    )
     version: str | None = None
     ts_ms: int
 

@@ -12,25 +12,36 @@ topic, runs each `CommandEvent`'s action and publishes a `ReplyEvent` to the com
 
     await worker.run()  # until cancelled
 
-Delivery is at-least-once: a batch's offsets are committed only after all its replies
-were acknowledged. Execution is deduplicated on ``command_id`` (an LRU of recent replies),
+Commands run concurrently, and fetching goes on while they do, so one slow command holds
+up nothing else. Delivery is at-least-once: an offset is committed only once its reply and
+those of every earlier command on its partition were acknowledged.
+
+Execution is deduplicated on ``command_id`` (an LRU of recent replies),
 so a redelivered command gets its reply again without the handler running twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
 import re
 import socket
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
@@ -38,11 +49,15 @@ from pydantic_core import PydanticSerializationError
 from mediator import clock, codec
 from mediator.errors import MediatorError
 from mediator.producers import new_producer
+from mediator.sdk.heartbeat import Tally
+from mediator.sdk.offsets import OffsetTracker
 from topics.events import (
     SCHEMA_VERSION,
     TOPIC_NAME,
     CommandEvent,
     ErrorInfo,
+    HealthEvent,
+    HealthStatus,
     ReplyEvent,
     ReplyStatus,
 )
@@ -58,7 +73,12 @@ Handler = Callable[..., Any]
 H = TypeVar("H", bound=Handler)
 
 _TOPIC_NAME = re.compile(TOPIC_NAME)
-STAT_NAMES = ("received", "executed", "duplicates", "errors", "invalid")
+#: How often, at most, a worker commits the offsets of the commands it has answered.
+_COMMIT_INTERVAL_S = 0.05
+STAT_NAMES = (
+    "received", "executed", "duplicates", "errors", "invalid", "send_retries", "undeliverable",
+    "heartbeats", "heartbeats_failed",
+)  # fmt: skip
 
 
 class ActionError(MediatorError):
@@ -84,8 +104,12 @@ class Worker:
         concurrency: int = 64,
         dedup_size: int = 100_000,
         max_records: int = 500,
+        max_in_flight: int | None = None,
         poll_timeout_ms: int = 200,
         stop_timeout: float = 10.0,
+        heartbeat_interval: float | None = 1.0,
+        weight: float = 1.0,
+        version: str | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -103,13 +127,26 @@ class Worker:
         self._limit = asyncio.Semaphore(concurrency)
         self._dedup_size = dedup_size
         self._max_records = max_records
+        # Records fetched but not yet answered; fetching pauses at this many.
+        self._max_in_flight = max_in_flight or max(4 * concurrency, max_records)
+        self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        #: Seconds between heartbeats on the health topic; None sends none (the mediator
+        #: then reaches this service through its consumer group alone).
+        self.heartbeat_interval = heartbeat_interval
+        self.weight = weight
+        self.version = version
+        self.status = HealthStatus.UP
+        self._capacity = concurrency
+        self._tally = Tally()
+        self._beats: asyncio.Task[None] | None = None
         self._poll_timeout_ms = poll_timeout_ms
         self._replies: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Future[bytes]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._batch: tuple[list[ConsumerRecord], list[asyncio.Task[None]]] | None = None
 
     def action(self, name: str) -> Callable[[H], H]:
         """Decorator registering ``fn`` as the handler of action ``name``."""
@@ -139,22 +176,24 @@ class Worker:
             **({"linger_ms": 1} | self._producer_options),
         )
         consumer = AIOKafkaConsumer(
-            self.topics.service(self.service),
             bootstrap_servers=self.bootstrap_servers,
             client_id=client_id,
             group_id=self.group_id,
             **({"enable_auto_commit": False, "auto_offset_reset": "earliest"}
                | self._consumer_options),
         )  # fmt: skip
+        consumer.subscribe([self.topics.service(self.service)], listener=_Listener(self))
         try:
             await producer.start()
-            await consumer.start()  # returns once the group has assigned partitions
+            await consumer.start()
         except BaseException:
             await consumer.stop()
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer
         self._task = asyncio.create_task(self._loop(), name=f"worker:{self.service}")
+        if self.heartbeat_interval:
+            self._beats = asyncio.create_task(self._heartbeats(), name=f"heartbeat:{self.service}")
         log.info("worker started", extra={"service": self.service, "instance": self.instance})
 
     async def stop(self) -> None:
@@ -166,17 +205,27 @@ class Worker:
         await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # the loop logged it; run() re-raises it
+        beats = self._beats
+        if beats is not None:
+            # Still heartbeating while in-flight commands finish, as draining: nothing new
+            # is routed here, and nothing takes this instance for dead meanwhile.
+            self.status = HealthStatus.DRAINING
+            await self._beat()
         try:
-            if self._batch is not None:
-                records, tasks = self._batch
-                _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=self.stop_timeout)
                 for t in pending:
                     t.cancel()
                 if pending:
                     log.warning("worker stop: %d commands did not finish in time", len(pending))
                     await asyncio.wait(pending)
-                await self._settle(records, tasks, seek=False)
-                self._batch = None
+            if self._consumer is not None:
+                await self._commit(self._consumer.assignment())
+            if beats is not None:
+                self._beats = None
+                beats.cancel()
+                await asyncio.wait([beats])
+                await self._beat(HealthStatus.DOWN)  # left cleanly: not a death to detect
         finally:
             assert self._consumer is not None and self._producer is not None
             try:
@@ -207,65 +256,113 @@ class Worker:
         await self.stop()
 
     async def _loop(self) -> None:
+        """Fetch while commands run: a slow command holds up neither the others nor the
+        fetching of more, up to ``max_in_flight`` records outstanding."""
         assert self._consumer is not None
-        backoff = 0.0
+        consumer = self._consumer
+        last_commit = 0.0
         try:
             while True:
-                batch = await self._consumer.getmany(
-                    timeout_ms=self._poll_timeout_ms, max_records=self._max_records
-                )
-                records = [record for part in batch.values() for record in part]
-                if not records:
+                room = self._max_in_flight - len(self._offsets)
+                if room <= 0:
+                    self._room.clear()
+                    await self._room.wait()
                     continue
-                tasks = [asyncio.create_task(self._process(r)) for r in records]
-                # asyncio.wait (unlike gather) leaves the tasks running if we are cancelled,
-                # so stop() can let them finish and commit what they completed.
-                self._batch = (records, tasks)
-                await asyncio.wait(tasks)
-                complete = await self._settle(records, tasks, seek=True)
-                self._batch = None
-                backoff = 0.0 if complete else min(max(backoff * 2, 0.1), 5.0)
-                await asyncio.sleep(backoff)
+                batch = await consumer.getmany(
+                    timeout_ms=self._poll_timeout_ms, max_records=min(self._max_records, room)
+                )
+                for tp, records in batch.items():
+                    for record in records:
+                        self._offsets.add(tp, record.offset)
+                        task = asyncio.create_task(self._process(record))
+                        self._tasks.add(task)
+                        task.add_done_callback(functools.partial(self._finished, tp, record))
+                # Each commit is a round trip to the broker: at most one per interval.
+                now = time.monotonic()
+                if now - last_commit >= _COMMIT_INTERVAL_S:
+                    last_commit = now
+                    await self._commit(consumer.assignment())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("worker loop failed", extra={"service": self.service})
             raise
 
-    async def _settle(
-        self, records: Sequence[ConsumerRecord], tasks: Sequence[asyncio.Task[None]], *, seek: bool
-    ) -> bool:
-        """Commit, per partition, the records whose replies were delivered without a gap.
+    @property
+    def in_flight(self) -> int:
+        """Commands whose actions are running now."""
+        return len(self._running)
 
-        A partition whose reply failed is rewound to the failed record (``seek``), so it is
-        consumed again; its completed commands then re-send their cached replies.
-        """
-        assert self._consumer is not None
-        commit: dict[TopicPartition, int] = {}
-        blocked: set[TopicPartition] = set()
-        for record, task in zip(records, tasks, strict=True):
-            tp = TopicPartition(record.topic, record.partition)
-            if tp in blocked:
-                continue
-            if task.done() and not task.cancelled() and task.exception() is None:
-                commit[tp] = record.offset + 1
-                continue
-            blocked.add(tp)
-            error = None if not task.done() or task.cancelled() else task.exception()
+    def health(self, status: HealthStatus | None = None) -> HealthEvent:
+        """This instance's heartbeat now (taking the figures since the previous one)."""
+        answered, errors, latency = self._tally.take()
+        inbox = self.topics.service(self.service)
+        owned = self._consumer.assignment() if self._consumer is not None else set()
+        return HealthEvent(
+            service=self.service, instance=self.instance, status=status or self.status,
+            load=self.in_flight, capacity=self._capacity,
+            partitions=sorted(tp.partition for tp in owned if tp.topic == inbox),
+            weight=self.weight, interval_ms=round((self.heartbeat_interval or 1.0) * 1000),
+            answered=answered, errors=errors, latency_ms=latency, version=self.version,
+            ts_ms=clock.now_ms(),
+        )  # fmt: skip
+
+    async def _heartbeats(self) -> None:
+        assert self.heartbeat_interval
+        while True:
+            await self._beat()
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _beat(self, status: HealthStatus | None = None) -> None:
+        """Publish one heartbeat; a failure is logged and the next one tries again."""
+        if self._producer is None:
+            return
+        beat = self.health(status)
+        try:
+            await self._producer.send_and_wait(
+                self.topics.health,
+                codec.encode(beat),
+                key=self.instance.encode(),
+                headers=codec.headers(beat),
+            )
+        except KafkaError as exc:
+            self.stats["heartbeats_failed"] += 1
+            log.warning("heartbeat of %s not delivered: %r", self.instance, exc)
+        else:
+            self.stats["heartbeats"] += 1
+
+    def _finished(
+        self, tp: TopicPartition, record: ConsumerRecord, task: asyncio.Task[None]
+    ) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return  # stopped before its reply went out: not committed, consumed again later
+        if task.exception() is not None:
             log.error(
-                "reply not delivered; %s[%d] offset %d will be consumed again: %r",
-                record.topic, record.partition, record.offset, error,
+                "command at %s[%d] offset %d failed: %r",
+                record.topic, record.partition, record.offset, task.exception(),
             )  # fmt: skip
-            if seek and tp in self._consumer.assignment():
-                self._consumer.seek(tp, record.offset)
-        if commit:
-            try:
-                await self._consumer.commit(commit)
-            except KafkaError as exc:
-                # After a rebalance the new owner re-reads these; the dedup cache or the
-                # mediator's own dedup absorbs the duplicates.
-                log.warning("offset commit failed: %r", exc)
-        return not blocked
+        self._offsets.done(tp, record.offset)
+        self._room.set()
+
+    async def _commit(self, partitions: Iterable[TopicPartition]) -> None:
+        """Commit, per partition, the offsets whose commands all got their replies sent."""
+        ready = self._offsets.committable(partitions)
+        if not ready or self._consumer is None:
+            return
+        try:
+            await self._consumer.commit(ready)
+        except KafkaError as exc:
+            # After a rebalance the new owner re-reads these; the dedup cache or the
+            # mediator's own dedup absorbs the duplicates.
+            log.warning("offset commit failed: %r", exc)
+
+    async def _revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Before giving partitions up, commit what is done on them and stop tracking them."""
+        lost = list(revoked)
+        await self._commit(lost)
+        self._offsets.drop(lost)
+        self._room.set()
 
     async def _process(self, record: ConsumerRecord) -> None:
         """Decode one record, get its reply (running the action at most once) and send it."""
@@ -286,15 +383,44 @@ class Worker:
         )  # fmt: skip
 
     async def _answer(self, command: CommandEvent) -> None:
+        """Send the command's reply: a transient failure is retried with capped backoff; a
+        reply the broker refuses for good (too large, say) is replaced, once, by a small
+        error reply, so the step fails now rather than at its timeout."""
         reply = await self._reply_for(command)
         assert self._producer is not None
-        await self._producer.send_and_wait(
-            command.reply_to,
-            value=reply,
-            key=command.workflow_id.encode(),
-            # The reply may come from the cache as bytes; its headers follow from the command.
-            headers=headers_for("reply", SCHEMA_VERSION, command.trace_id),
-        )
+        # The reply may come from the cache as bytes; its headers follow from the command.
+        reply_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id)
+        key = command.workflow_id.encode()
+        backoff = 0.1
+        replaced = False
+        while True:
+            try:
+                await self._producer.send_and_wait(
+                    command.reply_to, value=reply, key=key, headers=reply_headers
+                )
+                return
+            except KafkaError as exc:
+                if not exc.retriable:
+                    if replaced:
+                        log.error("error reply to %s refused too: %r", command.reply_to, exc)
+                        return
+                    replaced = True
+                    reply = self._undeliverable(command, exc)
+                    continue
+                self.stats["send_retries"] += 1
+                log.warning(
+                    "reply to %s not delivered, retrying in %.1fs: %r",
+                    command.reply_to, backoff, exc,
+                )  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _undeliverable(self, command: CommandEvent, exc: KafkaError) -> bytes:
+        """The error reply that stands in for a reply the broker refused for good."""
+        self.stats["undeliverable"] += 1
+        log.error("reply to %s refused by the broker: %r", command.reply_to, exc)
+        message = f"the broker refused the reply of {self.service}.{command.action}: {exc!r}"
+        return self._error(command, ErrorInfo(message=message[:1000], code="undeliverable"))
 
     async def _reply_for(self, command: CommandEvent) -> bytes:
         cid = command.command_id
@@ -333,6 +459,7 @@ class Worker:
         fn, wants_command = entry
         async with self._limit:
             self.stats["executed"] += 1
+            started = time.perf_counter()
             try:
                 result = fn(command.input, command) if wants_command else fn(command.input)
                 if inspect.isawaitable(result):
@@ -355,10 +482,14 @@ class Worker:
                 )
             else:
                 try:
-                    return codec.encode(self._reply(command, ReplyStatus.OK, output=result))
+                    reply = codec.encode(self._reply(command, ReplyStatus.OK, output=result))
                 except PydanticSerializationError as exc:
                     msg = f"action {command.action!r} returned output that is not JSON: {exc}"
                     info = ErrorInfo(message=msg, code="bad_output")
+                else:
+                    self._tally.record((time.perf_counter() - started) * 1000, error=False)
+                    return reply
+            self._tally.record((time.perf_counter() - started) * 1000, error=True)
         return self._error(command, info)
 
     def _error(self, command: CommandEvent, info: ErrorInfo) -> bytes:
@@ -391,3 +522,16 @@ def _wants_command(fn: Handler, name: str) -> bool:
         msg = f"handler of action {name!r} must take (input) or (input, command)"
         raise TypeError(msg)
     return len(positional) >= 2
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commits a worker's finished offsets on partitions it is about to lose."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._worker._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        return None
