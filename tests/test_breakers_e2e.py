@@ -7,11 +7,21 @@ commands reroute instead."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from pathlib import Path
 from typing import Any
+
+import pytest
+from aiokafka.partitioner import murmur2
+from redis.asyncio import Redis
 
 from mediator.sdk.worker import ActionError
 from mediator.settings import BreakerSettings
+from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.parked import parked_counts
+from tests.helpers import wait_for
+from tests.processes import MediatorProcess, group_members
 from tests.test_workflows_e2e import step
 from topics import WorkflowStatus
 
@@ -110,3 +120,93 @@ async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
     assert len(payments.calls) == 3
     assert len(backup.calls) == 4
     assert mediator.runtime.stats["rerouted"] == 4
+
+
+def _request_ids_one_per_partition(prefix: str, partitions: int) -> list[str]:
+    """Request ids whose runs' replies land on partitions 0..n-1 of the replies topic
+    (replies are keyed by workflow id), so every replica applies some of them."""
+    found: dict[int, str] = {}
+    for n in itertools.count():
+        rid = f"{prefix}-{n}"
+        partition = (murmur2(workflow_id_for(rid).encode()) & 0x7FFFFFFF) % partitions
+        found.setdefault(partition, rid)
+        if len(found) == partitions:
+            return [found[p] for p in range(partitions)]
+    raise AssertionError  # unreachable
+
+
+@pytest.mark.slow
+async def test_two_replica_processes_share_one_breaker(
+    make_system: Any, redis_client: Redis, tmp_path: Path
+) -> None:
+    system = await make_system(checkout(timeout="30s"), circuit_breaker=BREAKER)
+    settings = system.settings
+    keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+    payments = Payments()
+    await system.worker("payments", {"pay": payments.pay})
+    workflows = system.write_workflows(tmp_path)
+    replicas = [MediatorProcess(settings, workflows, tmp_path, name) for name in ("r1", "r2")]
+    for replica in replicas:
+        replica.start()
+    client = await system.client()
+    try:
+        group = f"{settings.kafka.group_id}.replies"
+
+        async def both_joined() -> bool:
+            return await group_members(system.bootstrap, group) == 2
+
+        await wait_for(both_joined, timeout=60, what="both replicas in the replies group")
+
+        # Four failures, two applied by each replica (4 partitions, 2 each): neither alone
+        # reaches the threshold of 3, so the breaker opens only on the shared count.
+        bad = _request_ids_one_per_partition("bad", 4)
+        failed = await asyncio.gather(
+            *(client.submit("checkout", {}, request_id=rid, timeout=20) for rid in bad)
+        )
+        assert all(r.status is WorkflowStatus.FAILED for r in failed)
+        await wait_for(
+            lambda: _state_is(redis_client, keys, "open"), timeout=5, what="the breaker to open"
+        )
+        opened = time.monotonic()
+        assert len(payments.calls) == 4
+        await asyncio.sleep(0.3)  # both replicas have refreshed their view
+
+        # New runs park; the service receives none.
+        waiting = [
+            asyncio.create_task(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=60))
+            for n in range(8)
+        ]
+
+        async def all_parked() -> bool:
+            counts = await parked_counts(redis_client, keys, ["payments"])
+            return counts["payments"] == 8
+
+        await wait_for(all_parked, timeout=10, what="8 parked steps")
+        assert len(payments.calls) == 4
+
+        # After the recovery timeout, exactly one probe goes out, cluster-wide; it fails
+        # (the service is still broken), so the breaker opens again and nothing else goes.
+        await wait_for(lambda: len(payments.calls) == 5, timeout=10, what="the probe")
+        assert payments.calls[4] - opened >= 1.5 - 0.3
+        await asyncio.sleep(1.0)  # less than the recovery timeout
+        assert len(payments.calls) == 5
+        assert await _state_is(redis_client, keys, "open")
+
+        # The service recovers: the next probe succeeds, the rest drain, every run finishes.
+        payments.broken = False
+        results = await asyncio.gather(*waiting)
+        probed = [r for r in results if r.status is WorkflowStatus.FAILED]
+        assert len(probed) == 1, results
+        assert probed[0].error is not None and probed[0].error.code == "unavailable"
+        assert sum(r.status is WorkflowStatus.COMPLETED for r in results) == 7
+        assert len(payments.calls) == 4 + 1 + 7  # each parked command went out once
+        assert await _state_is(redis_client, keys, "closed")
+        assert (await parked_counts(redis_client, keys, ["payments"]))["payments"] == 0
+    finally:
+        codes = [await replica.stop() for replica in replicas]
+    assert codes == [0, 0], [r.output()[-2000:] for r in replicas]
+
+
+async def _state_is(redis: Redis, keys: Keys, state: str) -> bool:
+    raw = await redis.hget(keys.breaker("payments"), "state")
+    return (raw.decode() if raw else "closed") == state

@@ -2,7 +2,8 @@
 
 They are real services built on the service SDK: each consumes its own topic and replies
 through Kafka. `mediator dev` runs them beside the mediator; they also serve as a worked
-example of `Worker`.
+example of `Worker`. Shipping can be made flaky (`Flakiness`), as `mediator dev` does, so
+that retries, its circuit breaker and compensations can be watched at work.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mediator.cli.flaky import Flakiness, Flaky
 from mediator.sdk.worker import ActionError, Worker
 from topics.names import Topics
 
-__all__ = ["DEMO_WORKFLOWS", "demo_services", "sample_order"]
+__all__ = ["DEMO_WORKFLOWS", "FLAKY_SERVICE", "demo_services", "sample_order"]
 
 DEMO_WORKFLOWS = Path(__file__).parent.parent / "workflows"
+
+#: The service made flaky when `demo_services` is given a `Flakiness`.
+FLAKY_SERVICE = "shipping"
 
 #: Orders above this amount are declined by the payment service (a non-retryable error).
 CARD_LIMIT = 900
@@ -32,8 +37,11 @@ def demo_services(
     enable_idempotence: bool,
     latency: bool = True,
     consumer_options: Mapping[str, Any] | None = None,
+    flakiness: Flakiness | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> list[Worker]:
-    """The four demo services, ready to `start()`."""
+    """The four demo services, ready to `start()`; with ``flakiness``, shipping misbehaves
+    (``on_phase`` hears when its outages start and end)."""
     workers = []
     for service, actions in _ACTIONS.items():
         worker = Worker(
@@ -45,7 +53,10 @@ def demo_services(
             consumer_options=consumer_options,
         )
         for name, (handler, low_ms, high_ms) in actions.items():
-            worker.add_action(name, _with_latency(handler, low_ms, high_ms) if latency else handler)
+            action = _with_latency(handler, low_ms, high_ms) if latency else handler
+            if flakiness is not None and service == FLAKY_SERVICE:
+                action = Flaky(service, action, flakiness, on_phase=on_phase)
+            worker.add_action(name, action)
         workers.append(worker)
     return workers
 

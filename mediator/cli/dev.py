@@ -1,7 +1,8 @@
 """`mediator dev`: the whole system on one laptop, with nothing to install but this package.
 
-Starts an embedded Kafka-protocol broker and Redis, the mediator, the demo services, then
-submits sample orders and prints each result as it arrives.
+Starts an embedded Kafka-protocol broker and Redis, the mediator, the demo services (with
+a flaky shipping service), then submits sample orders and prints each result as it arrives,
+with what the breakers and parked queues do meanwhile.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mediator.cli.demo import DEMO_WORKFLOWS, demo_services, sample_order
+from mediator.cli.demo import DEMO_WORKFLOWS, FLAKY_SERVICE, demo_services, sample_order
+from mediator.cli.flaky import Flakiness
 from mediator.cli.infra import create_topics, embedded
+from mediator.cli.watch import FaultWatch
 from mediator.definitions import Definitions, load_paths
 from mediator.ops.status import collect_status
 from mediator.runtime.app import Mediator
@@ -55,6 +58,11 @@ async def run_dev(
                 "heartbeat_interval_ms": 300,
             },
             redis={"url": infra.redis.url, "shards": 4},
+            # Quick to open and to probe, so a short demo shows a whole breaker cycle.
+            circuit_breaker={
+                "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout": "1s"}},
+                "drain_rate": 20,
+            },
         )
         topics = settings.kafka.topics
         await create_topics(
@@ -80,6 +88,8 @@ async def _drive(
         kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         consumer_options=kafka.consumer_options(),
+        flakiness=Flakiness(),
+        on_phase=lambda said: echo(f"  ! {said}"),
     )
     mediator = Mediator(settings, definitions)
     client = MediatorClient(
@@ -97,10 +107,18 @@ async def _drive(
             f"mediator up: workflows {', '.join(sorted(definitions.names()))}; "
             f"services {', '.join(w.service for w in workers)}"
         )
-        outcomes = await _submit_orders(client, requests=requests, rate=rate, echo=echo)
-        summary = await collect_status(
-            mediator.redis, Keys(settings.redis.key_prefix, settings.redis.shards)
-        )
+        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+        watch = FaultWatch(mediator.redis, keys, definitions.services(), echo)
+        watching = asyncio.create_task(watch.run(), name="fault-watch")
+        try:
+            outcomes = await _submit_orders(client, requests=requests, rate=rate, echo=echo)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        # The last results can land between two looks: say where things ended.
+        await watch.look()
+        summary = await collect_status(mediator.redis, keys)
     counts = summary["counts"]
     echo(
         f"done: {sum(outcomes.values())} results "
@@ -149,6 +167,9 @@ def _describe(n: int, result: ResultEvent, elapsed_ms: float) -> str:
         f"{result.status.value:<9} {elapsed_ms:6.1f} ms"
     )
     head += f"  steps {ran} ok" + (f", {skipped} skipped" if skipped else "")
+    retried = [f"{sid} x{s.attempts}" for sid, s in result.steps.items() if s.attempts > 1]
+    if retried:
+        head += f"  attempts: {', '.join(retried)}"
     if result.status is WorkflowStatus.COMPLETED and isinstance(result.output, dict):
         return f"{head}  tracking={result.output.get('tracking')}"
     error = result.error

@@ -351,32 +351,25 @@ class Engine:
         state = transition.state
         current = state.steps[step.id]
         policy = step.retry
-        if (
+        replay = bool(
             failure.get("retryable")
             and state.status is WorkflowStatus.RUNNING
             and current.attempt - current.base < policy.max_attempts
-        ):
-            state.steps[step.id] = evolve(
-                current,
-                status=StepStatus.RETRYING,
-                output=None,
-                error=failure,
-                finished_ms=now_ms,
-                instance=instance,
-            )
-            delay = retry_delay_ms(policy, current.attempt - current.base, current.command_id or "")
-            transition.timers.append(
-                SetTimer("retry", state.workflow_id, delay, step.id, current.attempt)
-            )
-            return transition
+        )
         state.steps[step.id] = evolve(
             current,
-            status=StepStatus.FAILED,
+            status=StepStatus.RETRYING if replay else StepStatus.FAILED,
             output=None,
             error=failure,
             finished_ms=now_ms,
             instance=instance,
         )
+        if replay:
+            delay = retry_delay_ms(policy, current.attempt - current.base, current.command_id or "")
+            transition.timers.append(
+                SetTimer("retry", state.workflow_id, delay, step.id, current.attempt)
+            )
+            return transition
         if state.status is WorkflowStatus.COMPENSATING:
             return self._compensate(workflow, transition, now_ms)
         return self._finish(workflow, transition, now_ms, failure)

@@ -26,26 +26,13 @@ from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
 from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import Keys
+from mediator.storage.parked import parked_counts
 
 __all__ = ["BreakerUpkeep", "parked_counts"]
 
 log = logging.getLogger("mediator.parking")
 
 _UNPARK = lua_source("unpark.lua")
-
-
-async def parked_counts(redis: Redis, keys: Keys, services: Iterable[str]) -> dict[str, int]:
-    """How many steps wait in each service's parked queue (every shard)."""
-    names = sorted(services)
-    async with redis.pipeline(transaction=False) as pipe:
-        for service in names:
-            for shard in range(keys.shards):
-                pipe.zcard(keys.parked(shard, service))
-        sizes = await pipe.execute()
-    counts = {}
-    for index, service in enumerate(names):
-        counts[service] = sum(sizes[index * keys.shards : (index + 1) * keys.shards])
-    return counts
 
 
 class BreakerUpkeep(Periodic):

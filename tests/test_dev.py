@@ -1,0 +1,35 @@
+"""`mediator dev`, the README's first command, run as a user runs it: a real process with
+its embedded broker and Redis, a flaky shipping service, and its live output read back."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "mediator", "dev", "--requests", "40"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    # Every order gets exactly one result.
+    numbers = [int(n) for n in re.findall(r"^\[\s*(\d+)\] order order-\d+ ", out, re.M)]
+    assert sorted(numbers) == list(range(1, 41)), out
+    assert re.search(r"^done: 40 results .*redis says running 0,", out, re.M), out
+    # The shipping outage: the breaker opens, steps park, it closes and the backlog drains.
+    lines = out.splitlines()
+    opened = next(i for i, line in enumerate(lines) if "breaker shipping OPEN" in line)
+    closed = next(i for i, line in enumerate(lines) if "breaker shipping closed" in line)
+    assert opened < closed, out
+    assert any(re.search(r"parked shipping: \d+ steps? waiting", line) for line in lines), out
+    assert any("parked shipping: drained" in line for line in lines[opened:]), out
+    # Retries are visible per result, and a failed order is compensated.
+    assert re.search(r"attempts: (.*, )?ship x\d", out), out
+    assert re.search(r"failed .*\(compensated: .*\)", out), out

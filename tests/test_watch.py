@@ -1,0 +1,61 @@
+"""`mediator dev`'s narration of breakers and parked queues, read from a real Redis."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from mediator.cli.watch import FaultWatch
+from mediator.storage.keys import Keys
+
+
+async def test_breaker_changes_and_backlogs_are_said_once_each(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 2)
+    said: list[str] = []
+    watch = FaultWatch(redis_client, keys, ["shipping"], said.append, backlog_every=0)
+
+    async def breaker(state: str, counter: int) -> None:
+        await redis_client.hset(
+            keys.breaker("shipping"), mapping={"state": state, "counter": counter}
+        )
+
+    await breaker("closed", 1)
+    await watch.look()
+    assert said == []
+    await breaker("open", 3)
+    await redis_client.zadd(keys.parked(0, "shipping"), {"a": 1, "b": 2})
+    await redis_client.zadd(keys.parked(1, "shipping"), {"c": 3})
+    await watch.look()
+    await watch.look()  # nothing changed: nothing said
+    await breaker("half-open", 3)
+    await watch.look()
+    await breaker("open", 4)
+    await watch.look()
+    await breaker("closed", 0)
+    await watch.look()
+    await redis_client.delete(keys.parked(0, "shipping"), keys.parked(1, "shipping"))
+    await watch.look()
+    assert said == [
+        "  ! breaker shipping OPEN (3 failures): its commands park instead of being sent",
+        "  ! parked shipping: 3 steps waiting",
+        "  ! breaker shipping half-open: one probe goes out",
+        "  ! breaker shipping OPEN again: the probe failed (4 failures): "
+        "its commands park instead of being sent",
+        "  ! breaker shipping closed; parked steps drain (3 now)",
+        "  ! parked shipping: drained",
+    ]
+
+
+async def test_a_growing_backlog_is_said_at_most_once_per_interval(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 1)
+    said: list[str] = []
+    watch = FaultWatch(redis_client, keys, ["shipping"], said.append, backlog_every=3600)
+    for n in range(5):
+        await redis_client.zadd(keys.parked(0, "shipping"), {f"m{n}": n})
+        await watch.look()
+    await redis_client.delete(keys.parked(0, "shipping"))
+    await watch.look()
+    assert said == ["  ! parked shipping: 1 step waiting", "  ! parked shipping: drained"]
