@@ -6,9 +6,9 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-__all__ = ["consume_all", "produce", "wait_for"]
+__all__ = ["consume_all", "produce", "records_on", "wait_for"]
 
 
 async def wait_for(
@@ -93,3 +93,29 @@ async def produce(
             await producer.send_and_wait(topic, value, key=keys[i] if keys else None)
     finally:
         await producer.stop()
+
+
+async def records_on(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record on ``topic`` (none if it does not exist), read up to each partition's
+    high watermark: Tansu lists end offsets short of the end when the last batch holds
+    several records, as re-published ones do."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not tps:
+            return records
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        async with asyncio.timeout(10):
+            while True:
+                batches = await consumer.getmany(timeout_ms=100)
+                records += [r for batch in batches.values() for r in batch]
+                marks = [consumer.highwater(tp) for tp in tps]
+                positions = [await consumer.position(tp) for tp in tps]
+                if None not in marks and all(p >= m for p, m in zip(positions, marks, strict=True)):
+                    return records
+    finally:
+        await consumer.stop()

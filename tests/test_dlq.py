@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner, Result
 
 from mediator import codec
@@ -27,7 +27,7 @@ from mediator.runtime.failures import dead_letter
 from mediator.sdk.client import MediatorClient
 from mediator.settings import LimitsSettings, Settings
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import produce, wait_for
+from tests.helpers import produce, records_on, wait_for
 from tests.system import System, echo
 from tests.test_workflows_e2e import step
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
@@ -106,30 +106,6 @@ def letter(
         excerpt_bytes=excerpt_bytes,
     )
     return built if rejected_ms is None else built.model_copy(update={"rejected_ms": rejected_ms})
-
-
-async def records_on(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record on ``topic``, read up to each partition's high watermark."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        await consumer.topics()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not tps:
-            return records
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        async with asyncio.timeout(10):
-            while True:
-                batches = await consumer.getmany(timeout_ms=100)
-                records += [r for batch in batches.values() for r in batch]
-                marks = [consumer.highwater(tp) for tp in tps]
-                positions = [await consumer.position(tp) for tp in tps]
-                if None not in marks and all(p >= m for p, m in zip(positions, marks, strict=True)):
-                    return records
-    finally:
-        await consumer.stop()
 
 
 async def results_client(system: System, seen: list[ResultEvent]) -> MediatorClient:

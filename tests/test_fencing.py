@@ -49,25 +49,26 @@ async def read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
     )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer.topics()  # a metadata refresh
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    # Every step has a deadline: a broker that stops answering fails the test, not hangs it.
+    async with asyncio.timeout(60):
+        await consumer.start()
+        try:
             partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        assert tps, f"topic {topic!r} has no partitions"
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        async with asyncio.timeout(30):
+            if not partitions:
+                await consumer.topics()  # a metadata refresh
+                partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            assert tps, f"topic {topic!r} has no partitions"
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 batches = await consumer.getmany(timeout_ms=200)
                 for batch in batches.values():
                     records.extend(batch)
-    finally:
-        await consumer.stop()
+        finally:
+            await consumer.stop()
     return records
 
 

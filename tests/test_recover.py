@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from redis.asyncio import Redis
 
 from mediator import clock, codec, producers
@@ -22,6 +22,7 @@ from mediator.errors import BadTime, RecoverError
 from mediator.ops.recover import parse_time, recover
 from mediator.settings import Settings
 from mediator.storage.keys import Keys, workflow_id_for
+from tests.helpers import records_on
 from topics.events import RequestEvent
 
 # The layout recover must read from med:meta, unlike the settings' 4 shards.
@@ -72,31 +73,8 @@ async def publish_junk(settings: Settings, *values: bytes) -> None:
 
 
 async def read_requests(settings: Settings) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record on the requests topic.
-
-    Read up to each partition's high watermark: Tansu lists end offsets short of the end
-    when the last batch holds several records, as the re-published ones do.
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        topic = settings.kafka.topics.requests
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        async with asyncio.timeout(10):
-            while True:
-                batches = await consumer.getmany(timeout_ms=100)
-                records += [r for batch in batches.values() for r in batch]
-                marks = [consumer.highwater(tp) for tp in tps]
-                positions = [await consumer.position(tp) for tp in tps]
-                if None not in marks and all(p >= m for p, m in zip(positions, marks, strict=True)):
-                    return records
-    finally:
-        await consumer.stop()
+    """Every record on the requests topic."""
+    return await records_on(settings.kafka.bootstrap_servers, settings.kafka.topics.requests)
 
 
 async def record_count(settings: Settings) -> int:

@@ -153,8 +153,7 @@ async def test_timers_a_killed_replica_held_are_fired_once_by_the_other(
         after = await _scores(redis_client, keys, held)
         results = await asyncio.gather(*tasks)
         service.release.set()
-        # The worker takes its next batch of commands only once the handlers of the last
-        # one returned: every second attempt reaches a handler only after the release.
+        # Every attempt reaches the service's handler, which holds it until the release.
         await wait_for(
             lambda: len(set(service.ran)) >= 2 * RUNS,
             timeout=60,
