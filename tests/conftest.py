@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -13,6 +15,34 @@ from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
 from tests.system import System
 from topics.names import Topics
+
+
+#: How long before pytest-timeout's limit a stuck test dumps its asyncio tasks.
+DUMP_AHEAD_S = 15.0
+
+
+def _dump_tasks(test: str) -> None:
+    """Print every asyncio task's stack: pytest-timeout shows only the threads, and a hung
+    test's threads all sit in the event loop's select."""
+    print(f"\n=== {test} looks stuck; its asyncio tasks ===", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker else float(request.config.getini("timeout") or 0)
+    if limit <= DUMP_AHEAD_S:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    handle = loop.call_later(limit - DUMP_AHEAD_S, _dump_tasks, request.node.nodeid)
+    try:
+        yield
+    finally:
+        handle.cancel()
 
 
 def _tag() -> str:

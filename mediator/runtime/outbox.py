@@ -23,6 +23,7 @@ from mediator.codec import encode, headers
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.ports import OutboxStore, Producer
+from mediator.runtime.tasks import cancel_and_wait
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
 from topics.names import Topics
@@ -153,9 +154,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop sweeping and wait for publishes in flight (bounded)."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
         if self._pending:
             await asyncio.wait(self._pending, timeout=10)
 

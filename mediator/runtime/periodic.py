@@ -5,10 +5,10 @@ traceback otherwise) and retried after a capped exponential backoff, never hot-l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from mediator.runtime.failures import is_transient
+from mediator.runtime.tasks import cancel_and_wait
 from mediator.settings import BackoffSettings
 
 __all__ = ["Periodic"]
@@ -42,9 +42,7 @@ class Periodic:
     async def stop(self) -> None:
         """Stop, cancelling a round in progress."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _run(self) -> None:
