@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from handlers._batch import Offsets, handle_batch
 from handlers.control import register as register_control
+from handlers.health import register as register_health
 from handlers.replies import register as register_replies
 from handlers.requests import register as register_requests
 
@@ -11,6 +12,7 @@ __all__ = [
     "Offsets",
     "handle_batch",
     "register_control",
+    "register_health",
     "register_replies",
     "register_requests",
 ]

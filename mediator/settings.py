@@ -240,6 +240,22 @@ class BreakerSettings(BreakerPolicy):
         )
 
 
+class DiscoverySettings(BaseModel):
+    """The registry of service instances, fed by their heartbeats on the health topic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # An instance is down once this many of its heartbeat intervals pass without one (its
+    # own interval, from its heartbeats). Two keeps a killed instance's work moving again
+    # within about three seconds at the SDK's default interval of one second.
+    missed_heartbeats: int = Field(default=2, ge=1)
+    # Every replica sweeps for instances whose heartbeats stopped this often.
+    sweep_ms: int = Field(default=200, ge=10)
+    # A down instance not heard from for this long is dropped from the registry.
+    forget_after: Millis = Field(default=600_000)
+
+
 class Settings(BaseSettings):
     """Everything a mediator replica needs to know."""
 
@@ -254,6 +270,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

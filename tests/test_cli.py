@@ -201,7 +201,7 @@ async def test_status_of_an_unused_prefix(settings: Settings) -> None:
 async def test_unknown_log_level_is_one_line_and_exit_code_2(settings: Settings) -> None:
     for args, env in [
         (("run", "--log-level", "LOUD"), {}),
-        (("services",), {"MEDIATOR_LOG_LEVEL": "loud"}),
+        (("demo-services",), {"MEDIATOR_LOG_LEVEL": "loud"}),
     ]:
         code, out, err = await cli(settings, *args, env=env)
         assert code == 2, (args, out, err)
@@ -219,6 +219,6 @@ async def test_refused_idempotent_producer_says_what_to_set(settings: Settings) 
         assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in err
         assert len(err.strip().splitlines()) == 1, err
     # A long-running command logs what the libraries say first; its last line is the same.
-    code, out, err = await cli(settings, "services", "--log-level", "CRITICAL", env=idempotent)
+    code, out, err = await cli(settings, "demo-services", "--log-level", "CRITICAL", env=idempotent)
     assert code == 2, (out, err)
     assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in err.strip().splitlines()[-1]

@@ -57,7 +57,7 @@ def dev(
     requests: Annotated[
         int | None, typer.Option("--requests", "-n", help="Exit after this many orders.")
     ] = None,
-    rate: Annotated[float, typer.Option(help="Orders submitted per second.")] = 20.0,
+    rate: Annotated[float, typer.Option(help="Orders submitted per second.")] = 10.0,
     workflows: Annotated[
         list[Path] | None, typer.Option("--workflows", "-w", help="Extra workflow files.")
     ] = None,
@@ -68,6 +68,8 @@ def dev(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Group joins on start-up are routine here; aiokafka reports them as warnings.
     logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.ERROR)
+    # The demo narrates breaker changes itself (`FaultWatch`), so their warnings would repeat it.
+    logging.getLogger("mediator.breakers").setLevel(logging.ERROR)
     if rate <= 0:
         msg = "--rate must be positive"
         raise fail(msg)
@@ -120,8 +122,8 @@ async def _serve(settings: Any, create: bool) -> None:
         await stop.wait()
 
 
-@app.command()
-def services(config: ConfigOption = None, log_level: LogLevelOption = None) -> None:
+@app.command("demo-services")
+def demo_services_command(config: ConfigOption = None, log_level: LogLevelOption = None) -> None:
     """Run the demo order saga's services against the configured Kafka until stopped."""
     settings = load(config)
     _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
@@ -234,8 +236,8 @@ def breaker_list(
 async def _breakers(settings: Any) -> dict[str, Any]:
     from mediator.ops.control import breaker_states
     from mediator.ops.status import stored_keys
-    from mediator.runtime.parking import parked_counts
     from mediator.storage.connection import connect
+    from mediator.storage.parked import parked_counts
 
     redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
     try:
@@ -340,6 +342,33 @@ async def _status(settings: Any, limit: int) -> dict[str, Any]:
         # The layout the prefix was written with, which `mediator dev` may have chosen.
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
         return await collect_status(redis, keys, limit=limit)
+    finally:
+        await redis.aclose()
+
+
+@app.command()
+def services(json_output: JsonOption = False, config: ConfigOption = None) -> None:
+    """Service instances from the registry: health, last heartbeat, load, breaker, parked."""
+    from mediator.ops.services import format_services
+
+    settings = load(config)
+    quiet_libraries()
+    found = run_coroutine(_services_view(settings))
+    if json_output:
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(format_services(found))
+
+
+async def _services_view(settings: Any) -> dict[str, Any]:
+    from mediator.ops.services import collect_services
+    from mediator.ops.status import stored_keys
+    from mediator.storage.connection import connect
+
+    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    try:
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        return await collect_services(redis, keys)
     finally:
         await redis.aclose()
 

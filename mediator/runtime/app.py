@@ -19,6 +19,7 @@ from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
+from mediator.runtime.registry import Registry, RegistryUpkeep
 from mediator.runtime.timers import TimerPoller
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
@@ -79,6 +80,7 @@ class Mediator:
             self.replica,
             settings.backoff,
         )
+        self.registry = Registry(self.redis, keys, settings.discovery)
         self.runtime = Runtime(
             definitions=self.catalog,
             store=self.store,
@@ -87,13 +89,17 @@ class Mediator:
             limits=settings.limits,
             state_cache_size=settings.state_cache_size,
             breakers=self.breakers if settings.circuit_breaker.enabled else None,
+            registry=self.registry if settings.discovery.enabled else None,
         )
+        self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, settings.backoff)
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()
         handlers.register_requests(self.broker, self.runtime, settings, self.offsets)
         handlers.register_replies(self.broker, self.runtime, settings, self.offsets)
         handlers.register_control(self.broker, self.runtime, settings, self.offsets)
+        if settings.discovery.enabled:
+            handlers.register_health(self.broker, self.runtime, settings, self.offsets)
         self._started = False
 
     async def start(self) -> None:
@@ -115,14 +121,17 @@ class Mediator:
         if self.settings.circuit_breaker.enabled:
             await self.breakers.refresh(self.definitions.services())
             self.upkeep.start()
+        if self.settings.discovery.enabled:
+            self.registry_upkeep.start()
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
-        await self.upkeep.stop()
-        await self.timers.stop()
-        await self.dispatcher.stop()
+        await _bounded("stop the registry upkeep", self.registry_upkeep.stop())
+        await _bounded("stop the breaker upkeep", self.upkeep.stop())
+        await _bounded("stop the timer poller", self.timers.stop())
+        await _bounded("stop the outbox", self.dispatcher.stop())
         await _bounded("flush the outbox producer", self.producer.stop())
-        await self.redis.aclose()
+        await _bounded("close the Redis client", self.redis.aclose())
 
     async def _start(self) -> None:
         await self.connect()

@@ -33,6 +33,7 @@ from mediator.runtime.failures import dead_letter
 from mediator.runtime.metrics import Samples
 from mediator.runtime.outbox import Message
 from mediator.runtime.ports import Publisher, StateStore
+from mediator.runtime.registry import Registry
 from mediator.settings import LimitsSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
@@ -43,6 +44,7 @@ from topics.events import (
     ControlEvent,
     DeadLetter,
     ErrorInfo,
+    HealthEvent,
     ReplyEvent,
     ReplyStatus,
     RequestEvent,
@@ -127,6 +129,7 @@ class Runtime:
         limits: LimitsSettings | None = None,
         state_cache_size: int = 100_000,
         breakers: Breakers | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         self.definitions = definitions
@@ -139,6 +142,8 @@ class Runtime:
         #: Circuit breakers: commands to a service whose breaker is open are parked or
         #: rerouted before their transition commits. None: every command goes.
         self.breakers = breakers
+        #: The registry of service instances, fed by heartbeats. None: discovery is off.
+        self.registry = registry
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
@@ -159,6 +164,8 @@ class Runtime:
             "ignored_controls": 0,
             "parked": 0,
             "rerouted": 0,
+            "heartbeats": 0,
+            "instances_down": 0,
         }
         #: How late timers fired (ms after their due time, Redis clock). A timer claimed
         #: again after a lease ran out counts from that lease's end, not its first due time.
@@ -353,6 +360,23 @@ class Runtime:
                 reason = f"{control.action.value} needs `workflow_id`"
             self._dead_letter(record, reason, "invalid", out)
         await self._advance_groups(groups, out, received)
+
+    async def handle_health(self, records: Sequence[Record]) -> None:
+        """Record services' heartbeats in the registry; one that does not validate is
+        dead-lettered with its reason."""
+        out = _Out()
+        beats: list[HealthEvent] = []
+        for record in records:
+            beat: HealthEvent | None = self._decode(record, HealthEvent, out)
+            if beat is not None:
+                beats.append(beat)
+        if beats and self.registry is not None:
+            changes = await self.registry.apply(beats)
+            self.stats["heartbeats"] += len(beats)
+            out.counts["heartbeats"] += len(beats)
+            for change in changes:
+                out.counts[f"instance:{change.service}:{change.what.replace(' ', '_')}"] += 1
+        await self._flush(out)
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
         """Before `transition` commits: hold back (park) or reroute each command to a

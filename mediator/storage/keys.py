@@ -113,3 +113,15 @@ class Keys:
     def breaker(self, service: str) -> str:
         """Hash: the circuit breaker of one service, shared by every replica."""
         return f"{self.prefix}:breaker:{{{service}}}"
+
+    @property
+    def services(self) -> str:
+        """Set: every service that has heartbeated, for listing the registry."""
+        return f"{self.prefix}:reg:services"
+
+    def registry(self, service: str) -> tuple[str, str, str, str]:
+        """The registry of one service, one hash slot: its instances' last heartbeats
+        (hash), their status (hash), when each is down unless heard from again (sorted
+        set) and when each was last heard from (sorted set)."""
+        base = f"{self.prefix}:reg:{{{service}}}"
+        return (f"{base}:docs", f"{base}:status", f"{base}:due", f"{base}:seen")

@@ -1,0 +1,26 @@
+"""Subscriber of the health topic: services' heartbeats, recorded in the registry."""
+
+from __future__ import annotations
+
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from handlers._batch import Offsets, batch_subscription, handle_batch
+from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
+from mediator.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
+    """Subscribe `runtime` to the health topic; offsets are committed after Redis."""
+
+    boundary = Boundary("health", runtime.reject, settings.backoff)
+    runtime.boundaries.append(boundary)
+
+    async def on_health(message: KafkaMessage) -> None:
+        await handle_batch(message, runtime.handle_health, offsets, boundary)
+
+    subscription = batch_subscription(settings.kafka, "health")
+    broker.subscriber(settings.kafka.topics.health, **subscription)(on_health)

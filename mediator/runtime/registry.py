@@ -1,0 +1,147 @@
+"""The registry of service instances in Redis, fed by heartbeats.
+
+Each service's registry lives under one hash tag (`Keys.registry`): the last heartbeat of
+every instance, its status, when it will be down unless heard from again, and when it was
+last heard from, all on Redis's clock. Any replica applies heartbeats (they arrive through
+one consumer group) and every replica sweeps for instances whose heartbeats stopped; the
+sweep is one script, so each death is reported by exactly one replica. Every replica keeps
+a local view, refreshed on the same period, for routing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from mediator.runtime.periodic import Periodic
+from mediator.settings import BackoffSettings, DiscoverySettings
+from mediator.storage.connection import lua_source, text
+from mediator.storage.keys import Keys
+from mediator.storage.registry import InstanceView, read_registry
+from topics.events import HealthEvent, HealthStatus
+
+__all__ = ["Change", "Registry", "RegistryUpkeep"]
+
+log = logging.getLogger("mediator.registry")
+
+_BEAT = lua_source("heartbeat.lua")
+_SWEEP = lua_source("sweep.lua")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An instance's status changed: joined, back up, draining, left, or down."""
+
+    service: str
+    instance: str
+    what: str
+    at_ms: int
+
+
+class Registry:
+    """Applies heartbeats, sweeps for dead instances and keeps a local view."""
+
+    def __init__(self, redis: Redis, keys: Keys, settings: DiscoverySettings) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self._beat = redis.register_script(_BEAT)
+        self._sweep = redis.register_script(_SWEEP)
+        self.view: dict[str, list[InstanceView]] = {}
+
+    async def apply(self, beats: Sequence[HealthEvent]) -> list[Change]:
+        """Record heartbeats (in order); the status changes they bring."""
+        if not beats:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for beat in beats:
+                ttl = self.settings.missed_heartbeats * beat.interval_ms
+                await self._beat(
+                    keys=self.keys.registry(beat.service),
+                    args=[beat.instance, beat.model_dump_json(), beat.status.value, ttl],
+                    client=pipe,
+                )
+            pipe.sadd(self.keys.services, *{b.service for b in beats})
+            replies = await pipe.execute()
+        changes = []
+        for beat, (before, now) in zip(beats, replies[: len(beats)], strict=True):
+            was, status = text(before), beat.status.value
+            if was == status:
+                continue
+            if status == HealthStatus.DOWN.value:
+                what = "left"
+            elif was in ("", HealthStatus.DOWN.value):
+                what = "joined" if was == "" else "back up"
+            else:
+                what = status
+            changes.append(Change(beat.service, beat.instance, what, int(now)))
+        for change in changes:
+            log.info("instance %s of %s %s", change.instance, change.service, change.what)
+        return changes
+
+    async def sweep(self, services: Iterable[str] | None = None) -> list[Change]:
+        """Mark down every instance (of every service, or of ``services``) whose heartbeats
+        stopped; the deaths this call found."""
+        services = sorted(await self.known() if services is None else services)
+        if not services:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for service in services:
+                await self._sweep(
+                    keys=self.keys.registry(service),
+                    args=[1000, self.settings.forget_after],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        deaths = []
+        for service, (now, *dead) in zip(services, replies, strict=True):
+            for instance in dead:
+                deaths.append(Change(service, text(instance), "down", int(now)))
+        for death in deaths:
+            log.warning(
+                "instance %s of %s is down: no heartbeat for %d intervals",
+                death.instance, death.service, self.settings.missed_heartbeats,
+            )  # fmt: skip
+        return deaths
+
+    async def refresh(self, services: Iterable[str] | None = None) -> None:
+        """Re-read the instances of every service (or of ``services``) into `view`."""
+        self.view = await read_registry(self.redis, self.keys, services)
+
+    async def known(self) -> set[str]:
+        """Every service that has heartbeated."""
+        return {text(s) for s in await self.redis.smembers(self.keys.services)}
+
+    def instances(self, service: str) -> list[InstanceView]:
+        return self.view.get(service, [])
+
+
+class RegistryUpkeep(Periodic):
+    """Sweeps for dead instances and refreshes the local view, every ``sweep_ms``."""
+
+    name = "registry-upkeep"
+    label = "registry upkeep"
+    failed = "registry upkeep failed"
+
+    def __init__(
+        self, registry: Registry, stats: Any, backoff: BackoffSettings | None = None
+    ) -> None:
+        super().__init__(backoff, log)
+        self.registry = registry
+        self.stats = stats
+        #: Called with each sweep's deaths (the runtime reroutes their commands).
+        self.on_deaths: list[Any] = []
+
+    async def round(self) -> float:
+        services = await self.registry.known()
+        deaths = await self.registry.sweep(services)
+        if deaths:
+            self.stats["instances_down"] += len(deaths)
+            for listener in self.on_deaths:
+                await listener(deaths)
+        await self.registry.refresh(services)
+        return self.registry.settings.sweep_ms / 1000

@@ -1,0 +1,19 @@
+-- Record one heartbeat in a service's registry (every key shares the service's hash tag).
+--
+-- KEYS: 1 docs hash (instance -> heartbeat JSON), 2 status hash (instance -> up, draining,
+--       down), 3 deadlines zset (instance -> when it is down unless heard from again, ms),
+--       4 last-seen zset (instance -> ms).
+-- ARGV: 1 instance, 2 heartbeat JSON, 3 status it announces, 4 ttl (ms).
+-- Returns {previous status or '', now ms}: '' is a new instance, 'down' one that is back.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local before = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+if ARGV[3] == 'down' then
+  redis.call('ZREM', KEYS[3], ARGV[1])  -- left cleanly: nothing to detect
+else
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
+end
+return {before, now}
