@@ -16,7 +16,6 @@ from mediator.settings import Settings, load_settings
 from tests.system import System
 from topics.names import Topics
 
-
 #: How long before pytest-timeout's limit a stuck test dumps its asyncio tasks.
 DUMP_AHEAD_S = 15.0
 

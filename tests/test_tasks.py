@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from mediator.core.tasks import cancel_and_wait
 from mediator.runtime.periodic import Periodic
-from mediator.runtime.tasks import cancel_and_wait
 
 
 class _Swallower:

@@ -20,10 +20,10 @@ from aiokafka.errors import KafkaError
 
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
+from mediator.core.tasks import cancel_and_wait
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.ports import OutboxStore, Producer
-from mediator.runtime.tasks import cancel_and_wait
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
 from topics.names import Topics

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from mediator.core.tasks import cancel_and_wait
 from mediator.runtime.failures import is_transient
-from mediator.runtime.tasks import cancel_and_wait
 from mediator.settings import BackoffSettings
 
 __all__ = ["Periodic"]

@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from mediator import clock, codec
+from mediator.core.tasks import cancel_and_wait
 from mediator.errors import MediatorError
 from mediator.producers import new_producer
 from mediator.sdk.heartbeat import Tally
@@ -201,9 +202,8 @@ class Worker:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
+        await cancel_and_wait(task)
+        if task.done() and not task.cancelled():
             task.exception()  # the loop logged it; run() re-raises it
         beats = self._beats
         if beats is not None:
@@ -214,17 +214,14 @@ class Worker:
         try:
             if self._tasks:
                 _, pending = await asyncio.wait(set(self._tasks), timeout=self.stop_timeout)
-                for t in pending:
-                    t.cancel()
                 if pending:
                     log.warning("worker stop: %d commands did not finish in time", len(pending))
-                    await asyncio.wait(pending)
+                    await asyncio.gather(*(cancel_and_wait(t) for t in pending))
             if self._consumer is not None:
                 await self._commit(self._consumer.assignment())
             if beats is not None:
                 self._beats = None
-                beats.cancel()
-                await asyncio.wait([beats])
+                await cancel_and_wait(beats)
                 await self._beat(HealthStatus.DOWN)  # left cleanly: not a death to detect
         finally:
             assert self._consumer is not None and self._producer is not None
