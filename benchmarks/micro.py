@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import itertools
 import random
 import statistics
@@ -41,7 +40,7 @@ __all__ = [
     "redis_bytes_per_workflow",
 ]
 
-BALANCER_INSTANCES = 8
+BALANCER_INSTANCES = 1000
 DAG_STEPS = 1000
 COMMIT_BATCH = 100
 
@@ -55,12 +54,10 @@ def _per_call_us(fn: Callable[[], object], calls: int) -> float:
 
 def balancer_decision(profile: Profile) -> list[Measure]:
     """Microseconds per `Balancer.choose` for each strategy (n/a without a balancer)."""
-    if importlib.util.find_spec("mediator.balancer") is None:
-        return [Measure("micro.balancer.decision", "us", note="n/a (no balancer yet)")]
     from mediator.core.balancer import Balancer, Instance, Strategy
 
     instances = [
-        Instance(id=f"i{i}", inbox=f"svc.echo.i{i}", up=i != 0, draining=i == 1,
+        Instance(id=f"i{i}", partitions=(i % 64,), up=i != 0, draining=i == 1,
                  load=float(i % 3), capacity=4, weight=1 + i % 3)
         for i in range(BALANCER_INSTANCES)
     ]  # fmt: skip

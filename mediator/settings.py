@@ -22,11 +22,14 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mediator.codec import validation_reason
+from mediator.core.balancer import Strategy
 from mediator.core.durations import parse_duration_ms
+from mediator.core.expressions import ExpressionError, compile_expression
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
@@ -252,8 +255,67 @@ class DiscoverySettings(BaseModel):
     missed_heartbeats: int = Field(default=2, ge=1)
     # Every replica sweeps for instances whose heartbeats stopped this often.
     sweep_ms: int = Field(default=200, ge=10)
+    # Added to every instance's TTL (missed heartbeats x its interval): room for a
+    # heartbeat delayed in the broker or the network, so a live instance is not taken
+    # for dead.
+    grace_ms: int = Field(default=300, ge=0)
     # A down instance not heard from for this long is dropped from the registry.
     forget_after: Millis = Field(default=600_000)
+
+
+class BalancePolicy(BaseModel):
+    """How one service's commands are spread over its registered instances."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # round_robin, weighted (by the weight each instance announces), least_loaded (in
+    # flight / capacity) or consistent_hash (session affinity on `key`).
+    strategy: Strategy | None = None
+    # For consistent_hash: a JMESPath expression over ``{payload, input, workflow}`` (the
+    # request's payload, the command's input, the run's id/request_id/name), e.g.
+    # ``payload.customer_id``. Commands with the same key go to the same instance while
+    # it is eligible.
+    key: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_expression(value)
+            except ExpressionError as exc:
+                msg = f"load_balancing key {value!r} is not a JMESPath expression: {exc}"
+                raise ValueError(msg) from None
+        return value
+
+
+class LoadBalancingSettings(BalancePolicy):
+    """Routing commands to chosen instances of services that heartbeat (with
+    ``discovery`` on); services that never heartbeat are served through their shared
+    topic and consumer group whatever this says."""
+
+    enabled: bool = True
+    strategy: Strategy | None = Strategy.LEAST_LOADED
+    # Per-service overrides, e.g. ``payments: {strategy: consistent_hash, key: ...}``.
+    services: dict[str, BalancePolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys_given(self) -> LoadBalancingSettings:
+        for service in ["", *self.services]:
+            strategy, key = self.policy(service)
+            if strategy is Strategy.CONSISTENT_HASH and key is None:
+                where = f"service {service!r}" if service else "the default"
+                msg = f"load_balancing ({where}): consistent_hash needs a `key`"
+                raise ValueError(msg)
+        return self
+
+    def policy(self, service: str) -> tuple[Strategy, str | None]:
+        """The strategy of `service` and its affinity key: its overrides, else the
+        defaults."""
+        override = self.services.get(service)
+        strategy = (override.strategy if override else None) or self.strategy
+        key = (override.key if override else None) or self.key
+        return strategy or Strategy.LEAST_LOADED, key
 
 
 class Settings(BaseSettings):
@@ -271,6 +333,7 @@ class Settings(BaseSettings):
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()
     discovery: DiscoverySettings = DiscoverySettings()
+    load_balancing: LoadBalancingSettings = LoadBalancingSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

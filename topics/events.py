@@ -145,6 +145,11 @@ class CommandEvent(Event):
     )
     trace_id: str | None = None
     sent_ms: int
+    instance: str | None = Field(
+        default=None,
+        description="The registered instance it was routed to (published to a partition that "
+        "instance owns); None when the service's consumer group alone decides.",
+    )
 
 
 class ReplyEvent(Event):
@@ -173,6 +178,7 @@ class AttemptSummary(BaseModel):
     started_ms: int | None = None
     finished_ms: int | None = None
     error: ErrorInfo | None = None
+    instance: str | None = Field(default=None, description="The instance it was routed to.")
 
 
 class StepSummary(BaseModel):

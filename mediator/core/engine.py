@@ -49,6 +49,10 @@ from topics.events import (
 #: Steps that hold one of a workflow's `max_parallel` slots.
 _BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
 
+#: How many times one step's attempts are sent again because their instance was marked
+#: down, without spending its retry budget.
+MAX_DEATH_REROUTES = 3
+
 #: Statuses an operator's retry starts again from.
 _RETRYABLE_RUNS = frozenset({WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 
@@ -194,6 +198,8 @@ class Engine:
             transition = forked(state, now_ms, timer)
             transition.count(f"svc:{step.service}:retried")
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt + 1)
+        if timer.kind == "reroute" and status is StepStatus.RUNNING:
+            return self._moved_off_dead(workflow, forked(state, now_ms, timer), step, now_ms)
         if timer.kind == "unpark" and status is StepStatus.PARKED:
             transition = forked(state, now_ms, timer)
             transition.count(f"svc:{step.service}:unparked")
@@ -266,6 +272,19 @@ class Engine:
         transition.count(f"svc:{fallback.service}:sent")
         state.steps[command.step] = evolve(step_state, via=fallback.service)
         return True
+
+    def route(self, transition: Transition, command_id: str, instance: str) -> None:
+        """Address the command `command_id` of `transition` (not yet committed) to one
+        registered `instance` of its service; a step's current attempt records it, so the
+        attempt counts as in flight there until it moves on."""
+        command, step_state = _forward_command(transition, command_id)
+        routed = command.model_copy(update={"instance": instance})
+        transition.effects = [
+            SendCommand(routed) if isinstance(e, SendCommand) and e.command is command else e
+            for e in transition.effects
+        ]
+        if step_state is not None:
+            transition.state.steps[command.step] = evolve(step_state, instance=instance)
 
     def refuse_command(
         self,
@@ -362,7 +381,7 @@ class Engine:
             output=None,
             error=failure,
             finished_ms=now_ms,
-            instance=instance,
+            instance=instance or current.instance,
         )
         if replay:
             delay = retry_delay_ms(policy, current.attempt - current.base, current.command_id or "")
@@ -373,6 +392,40 @@ class Engine:
         if state.status is WorkflowStatus.COMPENSATING:
             return self._compensate(workflow, transition, now_ms)
         return self._finish(workflow, transition, now_ms, failure)
+
+    def _moved_off_dead(
+        self, workflow: Workflow, transition: Transition, step: Step, now_ms: int
+    ) -> Transition:
+        """The instance running the step's current attempt was marked down: the attempt
+        failed, and the next one goes out now (to be routed elsewhere) without spending the
+        retry budget, up to `MAX_DEATH_REROUTES` times per step. Past that the attempt
+        fails like a timeout would: a command that kills every instance it reaches is not
+        passed around for ever."""
+        state = transition.state
+        current = state.steps[step.id]
+        service = current.via or step.service
+        transition.count(f"svc:{service}:instance_down")
+        failure = {
+            "message": f"instance {current.instance!r} of {service!r} was marked down with "
+            f"attempt {current.attempt} of step {step.id!r} in flight",
+            "code": "instance_down",
+            "retryable": True,
+            "step": step.id,
+        }
+        if step.timeout_ms:
+            transition.cleared.append(timer_name("timeout", state, step.id, current.attempt))
+        moved = sum(
+            1
+            for h in current.history or ()
+            if (h.get("error") or {}).get("code") == "instance_down"
+        )
+        if moved >= MAX_DEATH_REROUTES:
+            return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
+        transition.count(f"svc:{service}:rerouted_on_death")
+        state.steps[step.id] = evolve(
+            current, error=failure, finished_ms=now_ms, base=current.base + 1
+        )
+        return self._redispatch(workflow, transition, step, now_ms, current.attempt + 1)
 
     def _reopen(self, workflow: Workflow, state: WorkflowState, now_ms: int) -> Transition:
         """An operator's retry: the run runs again from the steps that did not complete

@@ -34,7 +34,7 @@ def result_of(state: WorkflowState) -> ResultEvent:
 def history_of(step: StepState) -> list[dict[str, Any]]:
     """`step`'s earlier attempts, and the one that just ended."""
     entry: dict[str, Any] = {"attempt": step.attempt}
-    for name in ("started_ms", "finished_ms", "error"):
+    for name in ("started_ms", "finished_ms", "error", "instance"):
         value = getattr(step, name)
         if value is not None:
             entry[name] = value

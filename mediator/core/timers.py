@@ -8,7 +8,9 @@ A timer belongs to one run and says what to look at when it falls due:
 - ``undo_timeout`` / ``undo_retry``: the same as ``timeout`` / ``retry``, for the
   compensation of ``step``;
 - ``unpark``: the parked attempt ``attempt`` of ``step`` may go out (its service's breaker
-  closed; the parked queue drains by setting these, a bounded number at a time).
+  closed; the parked queue drains by setting these, a bounded number at a time);
+- ``reroute``: the instance running attempt ``attempt`` of ``step`` was marked down, so
+  the next attempt goes out now, to another instance (`mediator.core.routing`).
 
 A timer is named by its *member* string, ``kind|workflow_id|step|attempt``, which is also
 its entry in the shard's timer set in Redis. The name is deterministic, so a recomputed
@@ -26,9 +28,11 @@ from mediator.core.workflow import RetryPolicy
 
 __all__ = ["TIMER_KINDS", "Fired", "SetTimer", "retry_delay_ms"]
 
-TimerKind = Literal["timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark"]
+TimerKind = Literal[
+    "timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute"
+]
 TIMER_KINDS: frozenset[str] = frozenset(
-    {"timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark"}
+    {"timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute"}
 )
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -39,7 +40,8 @@ class Message:
 
     `lease` is the outbox lease deadline this replica was given when it committed or
     claimed the message (Redis clock, ms): its fencing token. `kind` is "command",
-    "result" or "dead_letter".
+    "result" or "dead_letter". `partition`, when set, is the partition of `topic` it goes
+    to (a command routed to the instance that owns it); otherwise the key chooses.
     """
 
     shard: int
@@ -50,11 +52,12 @@ class Message:
     headers: list[tuple[str, bytes]]
     kind: str = "result"
     lease: int = 0
+    partition: int | None = None
 
     @property
     def frame(self) -> bytes:
         """How it is stored in Redis."""
-        return frame(self.topic, self.key, self.value, self.headers, self.kind)
+        return frame(self.topic, self.key, self.value, self.headers, self.kind, self.partition)
 
     @property
     def size(self) -> int:
@@ -70,17 +73,14 @@ def frame(
     value: bytes,
     headers: Sequence[tuple[str, bytes]],
     kind: str = "result",
+    partition: int | None = None,
 ) -> bytes:
-    """One line of JSON (topic, key, headers, kind) followed by the raw value."""
-    head = orjson.dumps(
-        [
-            topic,
-            key.decode() if key is not None else None,
-            [[k, v.decode()] for k, v in headers],
-            kind,
-        ]
-    )
-    return head + b"\n" + value
+    """One line of JSON (topic, key, headers, kind[, partition]) followed by the raw value."""
+    plain_key = key.decode() if key is not None else None
+    head: list[Any] = [topic, plain_key, [[k, v.decode()] for k, v in headers], kind]
+    if partition is not None:
+        head.append(partition)
+    return orjson.dumps(head) + b"\n" + value
 
 
 def unframe(shard: int, message_id: str, data: bytes) -> Message:
@@ -95,6 +95,7 @@ def unframe(shard: int, message_id: str, data: bytes) -> Message:
         value=value,
         headers=[(k, v.encode()) for k, v in headers],
         kind=rest[0] if rest else "result",
+        partition=rest[1] if len(rest) > 1 else None,
     )
 
 
@@ -312,6 +313,17 @@ class Dispatcher:
     # -- publishing ------------------------------------------------------------------------
 
     async def _produce(self, message: Message) -> asyncio.Future[object]:
+        partition = message.partition
+        if partition is not None:
+            try:
+                return await self.producer.send(
+                    message.topic, message.value, message.key, partition, headers=message.headers
+                )
+            except AssertionError:
+                # aiokafka's check of a partition the topic does not have (an instance
+                # announced one it cannot own): the key chooses instead.
+                self.stats["unknown_partition"] += 1
+                log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
         future: asyncio.Future[object] = await self.producer.send(
             message.topic, message.value, key=message.key, headers=message.headers
         )

@@ -59,7 +59,7 @@ class Registry:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for beat in beats:
-                ttl = self.settings.missed_heartbeats * beat.interval_ms
+                ttl = self.settings.missed_heartbeats * beat.interval_ms + self.settings.grace_ms
                 await self._beat(
                     keys=self.keys.registry(beat.service),
                     args=[beat.instance, beat.model_dump_json(), beat.status.value, ttl],

@@ -110,6 +110,11 @@ class Keys:
         names), scored by when they were parked, so the queue drains oldest first."""
         return f"{self.tag(shard)}:parked:{service}"
 
+    def routed(self, shard: int) -> str:
+        """Sorted set, every score 0: the shard's step attempts in flight on a registered
+        instance (`mediator.core.routing` members), so one instance's are one lex range."""
+        return f"{self.tag(shard)}:routed"
+
     def breaker(self, service: str) -> str:
         """Hash: the circuit breaker of one service, shared by every replica."""
         return f"{self.prefix}:breaker:{{{service}}}"

@@ -57,6 +57,8 @@ class Commit:
     cleared: Sequence[str] = ()
     #: Steps parked (service, unpark timer name): queued in the service's parked queue.
     parked: Sequence[tuple[str, str]] = ()
+    #: Changes to the shard's routed index: ("+" or "-", `mediator.core.routing` member).
+    routed: Sequence[tuple[str, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ class Store:
         self._claim = redis.register_script(lua_source("claim.lua"))
         self._renew = redis.register_script(lua_source("renew.lua"))
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
+        self._reroute = redis.register_script(lua_source("reroute.lua"))
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
@@ -235,7 +238,7 @@ class Store:
             key_list += (keys.workflow(wid), keys.tombstone(wid))
             for service, _ in commit.parked:
                 parked.setdefault(service, len(parked) + 1)
-        key_list.append(keys.timers(shard))
+        key_list += (keys.timers(shard), keys.routed(shard))
         key_list += (keys.parked(shard, service) for service in parked)
         args: list[Any] = [
             now_ms,
@@ -273,6 +276,9 @@ class Store:
             args.append(len(commit.parked))
             for service, name in commit.parked:
                 args += (parked[service], name)
+            args.append(len(commit.routed))
+            for op, member in commit.routed:
+                args += (op, member)
         return key_list, args
 
     @staticmethod
@@ -366,6 +372,30 @@ class Store:
             if due:
                 claimed[shard] = due
         return claimed
+
+    async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:
+        """Hand on every step attempt in flight on the instance whose routed-index members
+        start with `prefix` (`mediator.core.routing.instance_prefix`): each becomes a
+        ``reroute`` timer due now, in every shard. How many were handed on."""
+        total = 0
+        shards = list(range(self.keys.shards))
+        while shards:
+            calls = [([self.keys.routed(s), self.keys.timers(s)], [prefix, batch]) for s in shards]
+            try:
+                replies = await self._evalsha_many(self._reroute, calls)
+            except RedisError as exc:
+                msg = f"Redis unavailable while rerouting: {exc}"
+                raise StateUnavailable(msg) from exc
+            more = []
+            for shard, reply in zip(shards, replies, strict=True):
+                if isinstance(reply, Exception):
+                    msg = f"reroute script failed: {reply}"
+                    raise StateUnavailable(msg)
+                total += int(reply)
+                if int(reply) >= batch:
+                    more.append(shard)
+            shards = more
+        return total
 
     async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
         """Remove timers (shard, name) that fired and changed nothing: their step had moved

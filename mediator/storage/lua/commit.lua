@@ -5,18 +5,19 @@
 --
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
 --       7 st:failed, then M name-index keys, then per transition its workflow hash and
---       its tombstone, then the shard's timer set, then P parked-queue keys (one per
---       service with steps parked in this call).
+--       its tombstone, then the shard's timer set, its routed index, then P
+--       parked-queue keys (one per service with steps parked in this call).
 -- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
 --       (transitions), 7 tombstone ms (kept past the retention), then per transition:
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
 --       delay ms) pairs, cleared count, cleared timer names, parked count, (parked-key
---       number 1..P, unpark timer name) pairs. Timers fall due `delay` after Redis's clock
---       at commit; cleared ones (the timer that fired, timers no longer needed) are
---       removed with the transition; parked steps join their service's queue, oldest
---       first. ARGV 8 is P.
+--       number 1..P, unpark timer name) pairs, routed count, ("+" or "-", member)
+--       pairs (attempts now in flight on an instance, or no longer). Timers fall due
+--       `delay` after Redis's clock at commit; cleared ones (the timer that fired,
+--       timers no longer needed) are removed with the transition; parked steps join
+--       their service's queue, oldest first. ARGV 8 is P.
 --
 -- Statuses `running` and `compensating` are live (in the running index); any other is
 -- finished: `completed` joins the completed index, every other end (failed, cancelled,
@@ -37,7 +38,8 @@ local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local tomb_ms = tonumber(ARGV[7])
 local p = tonumber(ARGV[8])
-local timers = KEYS[#KEYS - p]
+local timers = KEYS[#KEYS - p - 1]
+local routed = KEYS[#KEYS - p]
 local parked_at = #KEYS - p
 local live = {running = true, compensating = true}
 local horizon = now - retention
@@ -62,7 +64,9 @@ for i = 1, n do
   local n_cleared = tonumber(ARGV[cleared_at - 1])
   local park_at = cleared_at + n_cleared + 1
   local n_park = tonumber(ARGV[park_at - 1])
-  a = park_at + 2 * n_park
+  local route_at = park_at + 2 * n_park + 1
+  local n_route = tonumber(ARGV[route_at - 1])
+  a = route_at + 2 * n_route
 
   local was = redis.call('HMGET', wf, 'rev', 'status')
   local current = was[1]
@@ -125,6 +129,13 @@ for i = 1, n do
     end
     for j = park_at, park_at + 2 * n_park - 1, 2 do
       redis.call('ZADD', KEYS[parked_at + tonumber(ARGV[j])], 'NX', server_now, ARGV[j + 1])
+    end
+    for j = route_at, route_at + 2 * n_route - 1, 2 do
+      if ARGV[j] == '+' then
+        redis.call('ZADD', routed, 0, ARGV[j + 1])
+      else
+        redis.call('ZREM', routed, ARGV[j + 1])
+      end
     end
     results[i] = {1}
   end
