@@ -196,6 +196,9 @@ class StepSummary(BaseModel):
     service: str | None = Field(
         default=None, description="Set when the last attempt went to a fallback service."
     )
+    instance: str | None = Field(
+        default=None, description="The instance that ran (or was sent) the last attempt."
+    )
 
 
 class ResultEvent(Event):
@@ -263,6 +266,11 @@ class ControlAction(StrEnum):
     RETRY = "retry"
     #: Close a service's circuit breaker now; its parked commands drain.
     RESET_BREAKER = "reset_breaker"
+    #: Route no new command to one instance of a service (`service`, `instance`) while
+    #: those in flight finish; it stays drained until it leaves or is marked down.
+    DRAIN = "drain"
+    #: Route commands to a drained instance again.
+    UNDRAIN = "undrain"
 
 
 class ControlEvent(Event):
@@ -273,6 +281,7 @@ class ControlEvent(Event):
     action: ControlAction
     workflow_id: Identifier | None = None
     service: str | None = None
+    instance: str | None = Field(default=None, max_length=200)
     reason: str | None = Field(default=None, max_length=2000)
     operator: str | None = None
     issued_ms: int

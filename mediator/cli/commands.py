@@ -152,7 +152,12 @@ async def _services(settings: Any) -> None:
 
 
 def _control(
-    action: str, config: Path | None, workflow_id: str | None, service: str | None, reason: str
+    action: str,
+    config: Path | None,
+    workflow_id: str | None,
+    service: str | None,
+    reason: str,
+    instance: str | None = None,
 ) -> None:
     from mediator.ops.control import send_control
     from topics.events import ControlAction
@@ -167,11 +172,12 @@ def _control(
             ControlAction(action),
             workflow_id=workflow_id,
             service=service,
+            instance=instance,
             reason=reason or None,
             enable_idempotence=kafka.enable_idempotence,
         )
     )
-    target = workflow_id or service
+    target = workflow_id or (f"{service} {instance}" if instance else service)
     typer.echo(f"{action} {target}: sent to {kafka.topics.control} as {sent.control_id}")
 
 
@@ -196,6 +202,21 @@ def retry(
 ) -> None:
     """Run a failed or cancelled run again from its unfinished steps, keeping outputs."""
     _control("retry", config, workflow_id, None, reason)
+
+
+@app.command()
+def drain(
+    service: Annotated[str, typer.Argument(help="The instance's service.")],
+    instance: Annotated[str, typer.Argument(help="The instance id (see `mediator services`).")],
+    undo: Annotated[
+        bool, typer.Option("--undo", help="Route commands to it again instead.")
+    ] = False,
+    reason: ReasonOption = "",
+    config: ConfigOption = None,
+) -> None:
+    """Route no new command to one instance while those in flight finish (or, with
+    --undo, route to it again). It stays drained until it leaves or is marked down."""
+    _control("undrain" if undo else "drain", config, None, service, reason, instance)
 
 
 breaker_app = typer.Typer(help="Circuit breakers: list them, reset one.", no_args_is_help=True)

@@ -273,14 +273,15 @@ class Engine:
         state.steps[command.step] = evolve(step_state, via=fallback.service)
         return True
 
-    def route(self, transition: Transition, command_id: str, instance: str) -> None:
+    def route(self, transition: Transition, command_id: str, instance: str, partition: int) -> None:
         """Address the command `command_id` of `transition` (not yet committed) to one
-        registered `instance` of its service; a step's current attempt records it, so the
-        attempt counts as in flight there until it moves on."""
+        registered `instance` of its service, through `partition`, which it owns; a step's
+        current attempt records it, so the attempt counts as in flight there until it
+        moves on."""
         command, step_state = _forward_command(transition, command_id)
-        routed = command.model_copy(update={"instance": instance})
+        routed = SendCommand(command.model_copy(update={"instance": instance}), partition)
         transition.effects = [
-            SendCommand(routed) if isinstance(e, SendCommand) and e.command is command else e
+            routed if isinstance(e, SendCommand) and e.command is command else e
             for e in transition.effects
         ]
         if step_state is not None:

@@ -51,6 +51,7 @@ def _summary(step: StepState) -> StepSummary:
         error=_error_info(step.error),
         history=[_attempt(h) for h in step.history or ()],
         service=step.via,
+        instance=step.instance,
     )
 
 

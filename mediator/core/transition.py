@@ -27,9 +27,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class SendCommand:
-    """Publish a command to the step's service."""
+    """Publish a command to the step's service: to `partition` of its topic when routed
+    to an instance that owns it, else where the key falls."""
 
     command: CommandEvent
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Operators' controls: publish a `ControlEvent` (cancel, retry, breaker reset) to the
+"""Operators' controls: publish a `ControlEvent` (cancel, retry, breaker reset, drain) to the
 control topic, where one replica applies it through the ordinary commit path; and read
 the breakers' shared state from Redis."""
 
@@ -28,6 +28,7 @@ async def send_control(
     *,
     workflow_id: str | None = None,
     service: str | None = None,
+    instance: str | None = None,
     reason: str | None = None,
     enable_idempotence: bool = True,
 ) -> ControlEvent:
@@ -41,6 +42,7 @@ async def send_control(
         action=action,
         workflow_id=workflow_id,
         service=service,
+        instance=instance,
         reason=reason,
         operator=operator,
         issued_ms=now_ms(),

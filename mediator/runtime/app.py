@@ -90,8 +90,12 @@ class Mediator:
             state_cache_size=settings.state_cache_size,
             breakers=self.breakers if settings.circuit_breaker.enabled else None,
             registry=self.registry if settings.discovery.enabled else None,
+            balancing=settings.load_balancing,
         )
         self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, settings.backoff)
+        if self.runtime.router is not None:
+            self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
+            self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
+from mediator.core.routing import routing_delta
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
@@ -34,7 +35,8 @@ from mediator.runtime.metrics import Samples
 from mediator.runtime.outbox import Message
 from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.registry import Registry
-from mediator.settings import LimitsSettings
+from mediator.runtime.routing import Router
+from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys, workflow_id_for
@@ -130,6 +132,7 @@ class Runtime:
         state_cache_size: int = 100_000,
         breakers: Breakers | None = None,
         registry: Registry | None = None,
+        balancing: LoadBalancingSettings | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         self.definitions = definitions
@@ -166,7 +169,15 @@ class Runtime:
             "rerouted": 0,
             "heartbeats": 0,
             "instances_down": 0,
+            "rerouted_on_death": 0,
         }
+        #: Routes commands of services that heartbeat to chosen instances. None: every
+        #: command goes where its key falls (discovery or load balancing off).
+        self.router = (
+            Router(registry, balancing, self.engine, store, self.stats)
+            if registry is not None and balancing is not None and balancing.enabled
+            else None
+        )
         #: How late timers fired (ms after their due time, Redis clock). A timer claimed
         #: again after a lease ran out counts from that lease's end, not its first due time.
         self.timer_lag = Samples()
@@ -182,9 +193,9 @@ class Runtime:
         for record in records:
             start = self._start(record, now, out)
             if start is not None:
-                await self._gate(start.workflow, start.transition, now)
+                await self._prepare_sends(start.workflow, start.transition, now)
                 start.commit, start.messages = self._commit_of(
-                    start.workflow, start.transition, 0, now
+                    start.workflow, start.transition, None, now
                 )
                 starts.append(start)
         since = time.monotonic()
@@ -307,6 +318,8 @@ class Runtime:
             if reply is not None:
                 self.stats["replies"] += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
+                if self.router is not None:
+                    self.router.answered(reply)
         await self._advance_groups(groups, out, received)
 
     async def handle_timers(self, claimed: dict[int, list[tuple[str, int]]]) -> None:
@@ -347,7 +360,11 @@ class Runtime:
                 control.workflow_id or control.service,
                 f" by {control.operator}" if control.operator else "",
             )
-            if control.action is ControlAction.RESET_BREAKER:
+            if control.action in (ControlAction.DRAIN, ControlAction.UNDRAIN):
+                reason = await self._drain(control, out)
+                if reason is None:
+                    continue
+            elif control.action is ControlAction.RESET_BREAKER:
                 if control.service and self.breakers is not None:
                     await self.breakers.reset(control.service)
                     out.counts[f"breaker:{control.service}:reset"] += 1
@@ -360,6 +377,20 @@ class Runtime:
                 reason = f"{control.action.value} needs `workflow_id`"
             self._dead_letter(record, reason, "invalid", out)
         await self._advance_groups(groups, out, received)
+
+    async def _drain(self, control: ControlEvent, out: _Out) -> str | None:
+        """Apply a drain or undrain; why it cannot be, if it cannot."""
+        if not (control.service and control.instance):
+            return f"{control.action.value} needs `service` and `instance`"
+        if self.registry is None:
+            return f"{control.action.value} needs discovery enabled"
+        on = control.action is ControlAction.DRAIN
+        status = await self.registry.drain(control.service, control.instance, on)
+        if status is None:
+            return f"no instance {control.instance!r} of {control.service!r} is registered"
+        out.counts[f"instance:{control.service}:{control.action.value}ed"] += 1
+        await self.registry.refresh([control.service])
+        return None
 
     async def handle_health(self, records: Sequence[Record]) -> None:
         """Record services' heartbeats in the registry; one that does not validate is
@@ -377,6 +408,15 @@ class Runtime:
             for change in changes:
                 out.counts[f"instance:{change.service}:{change.what.replace(' ', '_')}"] += 1
         await self._flush(out)
+
+    async def _prepare_sends(
+        self, workflow: Workflow | None, transition: Transition, now: int
+    ) -> None:
+        """Before `transition` commits: the breakers hold back or reroute its commands,
+        then the router addresses the rest to chosen instances."""
+        await self._gate(workflow, transition, now)
+        if self.router is not None:
+            self.router.route(transition)
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
         """Before `transition` commits: hold back (park) or reroute each command to a
@@ -439,8 +479,8 @@ class Runtime:
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
             for item in pending:
-                await self._gate(item.workflow, item.transition, now)
-            prepared = [self._commit_of(p.workflow, p.transition, p.base.rev, now) for p in pending]
+                await self._prepare_sends(item.workflow, item.transition, now)
+            prepared = [self._commit_of(p.workflow, p.transition, p.base, now) for p in pending]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[Event]] = {}
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
@@ -601,10 +641,16 @@ class Runtime:
     # -- encoding --------------------------------------------------------------------------
 
     def _commit_of(
-        self, workflow: Workflow | None, transition: Transition, expected_rev: int, now: int
+        self,
+        workflow: Workflow | None,
+        transition: Transition,
+        base: WorkflowState | None,
+        now: int,
     ) -> tuple[Commit, list[Message]]:
-        """The commit of `transition`, and its messages, each within the size limit: a
-        command or result that would be too large fails its step or run instead."""
+        """The commit of `transition` from `base` (None: a new run), and its messages,
+        each within the size limit: a command or result that would be too large fails its
+        step or run instead."""
+        expected_rev = base.rev if base is not None else 0
         messages = self._messages(transition)
         limit = self.limits.max_message_bytes - 1024  # room for the record framing
         while (big := next((m for m in messages if m.size > limit), None)) is not None:
@@ -631,6 +677,7 @@ class Runtime:
             timers=[(t.member, t.delay_ms) for t in transition.timers],
             cleared=transition.cleared,
             parked=transition.parked,
+            routed=routing_delta(workflow, base, state) if self.router is not None else (),
         )
         return commit, messages
 
@@ -649,6 +696,7 @@ class Runtime:
                         encode(command),
                         headers(command),
                         "command",
+                        partition=effect.partition,
                     )
                 )
             elif isinstance(effect, PublishResult):

@@ -84,6 +84,10 @@ class StateStore(Protocol):
         """Remove timers that fired and changed nothing."""
         ...
 
+    async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:
+        """Turn the attempts in flight on one instance into reroute timers due now."""
+        ...
+
 
 class Publisher(Protocol):
     """What the runtime hands messages to (`mediator.runtime.outbox.Dispatcher`)."""

@@ -11,7 +11,8 @@ a local view, refreshed on the same period, for routing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ log = logging.getLogger("mediator.registry")
 
 _BEAT = lua_source("heartbeat.lua")
 _SWEEP = lua_source("sweep.lua")
+_DRAIN = lua_source("drain.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,10 @@ class Registry:
         self.settings = settings
         self._beat = redis.register_script(_BEAT)
         self._sweep = redis.register_script(_SWEEP)
+        self._drain = redis.register_script(_DRAIN)
         self.view: dict[str, list[InstanceView]] = {}
+        #: Bumped by every `refresh`: routing re-derives what it keeps per view.
+        self.generation = 0
 
     async def apply(self, beats: Sequence[HealthEvent]) -> list[Change]:
         """Record heartbeats (in order); the status changes they bring."""
@@ -68,8 +73,8 @@ class Registry:
             pipe.sadd(self.keys.services, *{b.service for b in beats})
             replies = await pipe.execute()
         changes = []
-        for beat, (before, now) in zip(beats, replies[: len(beats)], strict=True):
-            was, status = text(before), beat.status.value
+        for beat, (before, now, stored) in zip(beats, replies[: len(beats)], strict=True):
+            was, status = text(before), text(stored)
             if was == status:
                 continue
             if status == HealthStatus.DOWN.value:
@@ -110,7 +115,19 @@ class Registry:
 
     async def refresh(self, services: Iterable[str] | None = None) -> None:
         """Re-read the instances of every service (or of ``services``) into `view`."""
-        self.view = await read_registry(self.redis, self.keys, services)
+        found = await read_registry(self.redis, self.keys, services)
+        self.view = found if services is None else {**self.view, **found}
+        self.generation += 1
+
+    async def drain(self, service: str, instance: str, on: bool = True) -> str | None:
+        """Stop routing new commands to `instance` (an operator's drain; `on` False undoes
+        it). Its status now, or None if the registry does not know it."""
+        status = text(await self._drain(keys=self.keys.registry(service), args=[instance, int(on)]))
+        if not status:
+            return None
+        log.info("instance %s of %s %s by an operator", instance, service,
+                 "drained" if on else "undrained")  # fmt: skip
+        return status
 
     async def known(self) -> set[str]:
         """Every service that has heartbeated."""
@@ -118,6 +135,10 @@ class Registry:
 
     def instances(self, service: str) -> list[InstanceView]:
         return self.view.get(service, [])
+
+
+#: How often the upkeep looks for commands still recorded on instances marked down.
+CATCH_UP_S = 5.0
 
 
 class RegistryUpkeep(Periodic):
@@ -133,15 +154,24 @@ class RegistryUpkeep(Periodic):
         super().__init__(backoff, log)
         self.registry = registry
         self.stats = stats
-        #: Called with each sweep's deaths (the runtime reroutes their commands).
-        self.on_deaths: list[Any] = []
+        #: Called with each sweep's deaths (the router hands on their commands).
+        self.on_deaths: list[Callable[[Sequence[Change]], Awaitable[object]]] = []
+        #: Called every `CATCH_UP_S`: hands on what a failed call of `on_deaths` left.
+        self.catch_up: Callable[[], Awaitable[object]] | None = None
+        self._deaths: list[Change] = []
+        self._caught_up = 0.0
 
     async def round(self) -> float:
         services = await self.registry.known()
-        deaths = await self.registry.sweep(services)
-        if deaths:
-            self.stats["instances_down"] += len(deaths)
+        self._deaths += await self.registry.sweep(services)
+        await self.registry.refresh(services)  # before handing on: route around the dead
+        if self._deaths:
+            self.stats["instances_down"] += len(self._deaths)
+            deaths, self._deaths = self._deaths, []
             for listener in self.on_deaths:
                 await listener(deaths)
-        await self.registry.refresh(services)
+        now = time.monotonic()
+        if self.catch_up is not None and now - self._caught_up >= CATCH_UP_S:
+            self._caught_up = now
+            await self.catch_up()
         return self.registry.settings.sweep_ms / 1000

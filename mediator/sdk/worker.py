@@ -28,6 +28,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -132,6 +133,7 @@ class Worker:
         self._max_in_flight = max_in_flight or max(4 * concurrency, max_records)
         self._offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         #: Seconds between heartbeats on the health topic; None sends none (the mediator
         #: then reaches this service through its consumer group alone).
@@ -231,13 +233,30 @@ class Worker:
                 await self._producer.stop()
             log.info("worker stopped", extra={"service": self.service, "instance": self.instance})
 
-    async def run(self) -> None:
-        """Start, serve until cancelled (or until the loop fails), then stop cleanly."""
+    async def run(self, *, drain_on_sigterm: bool = True) -> None:
+        """Start, serve until cancelled, SIGTERM (with `drain_on_sigterm`) or the loop
+        failing, then stop cleanly: announce ``draining``, finish the commands in flight,
+        commit, leave the group, announce ``down``."""
         await self.start()
-        assert self._task is not None
+        task = self._task
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        handled = False
+        if drain_on_sigterm:
+            try:
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+                handled = True
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or no signals on this platform
         try:
-            await asyncio.shield(self._task)
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            log.info("worker %s draining on SIGTERM", self.instance)
         finally:
+            if handled:
+                loop.remove_signal_handler(signal.SIGTERM)
             await self.stop()
 
     async def __aenter__(self) -> Worker:
@@ -309,6 +328,13 @@ class Worker:
         while True:
             await self._beat()
             await asyncio.sleep(self.heartbeat_interval)
+
+    def _beat_soon(self) -> None:
+        """Heartbeat now, out of turn (the partitions it owns changed)."""
+        if self._beats is not None and self._producer is not None:
+            task = asyncio.create_task(self._beat(), name=f"heartbeat-now:{self.service}")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
     async def _beat(self, status: HealthStatus | None = None) -> None:
         """Publish one heartbeat; a failure is logged and the next one tries again."""
@@ -531,4 +557,5 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._worker._revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        return None
+        # Announce the new partitions now: the mediator routes by them.
+        self._worker._beat_soon()

@@ -124,9 +124,16 @@ class Keys:
         """Set: every service that has heartbeated, for listing the registry."""
         return f"{self.prefix}:reg:services"
 
-    def registry(self, service: str) -> tuple[str, str, str, str]:
+    def registry(self, service: str) -> tuple[str, str, str, str, str]:
         """The registry of one service, one hash slot: its instances' last heartbeats
         (hash), their status (hash), when each is down unless heard from again (sorted
-        set) and when each was last heard from (sorted set)."""
+        set), when each was last heard from (sorted set), and those an operator drained
+        (set)."""
         base = f"{self.prefix}:reg:{{{service}}}"
-        return (f"{base}:docs", f"{base}:status", f"{base}:due", f"{base}:seen")
+        return (
+            f"{base}:docs",
+            f"{base}:status",
+            f"{base}:due",
+            f"{base}:seen",
+            f"{base}:drained",
+        )

@@ -48,7 +48,7 @@ async def read_registry(
     names = sorted(services)
     async with redis.pipeline(transaction=False) as pipe:
         for service in names:
-            docs, status, _, seen = keys.registry(service)
+            docs, status, _, seen, _ = keys.registry(service)
             pipe.hgetall(docs)
             pipe.hgetall(status)
             pipe.zrange(seen, 0, -1, withscores=True)

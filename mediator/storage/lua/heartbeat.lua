@@ -2,18 +2,26 @@
 --
 -- KEYS: 1 docs hash (instance -> heartbeat JSON), 2 status hash (instance -> up, draining,
 --       down), 3 deadlines zset (instance -> when it is down unless heard from again, ms),
---       4 last-seen zset (instance -> ms).
+--       4 last-seen zset (instance -> ms), 5 set of instances an operator drained.
 -- ARGV: 1 instance, 2 heartbeat JSON, 3 status it announces, 4 ttl (ms).
+-- An instance an operator drained stays `draining` whatever it announces, until it leaves
+-- or is marked down (a restart under the same id then gets work again).
 -- Returns {previous status or '', now ms}: '' is a new instance, 'down' one that is back.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local before = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+local status = ARGV[3]
+if status == 'down' then
+  redis.call('SREM', KEYS[5], ARGV[1])
+elseif status == 'up' and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 then
+  status = 'draining'
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], status)
 redis.call('ZADD', KEYS[4], now, ARGV[1])
-if ARGV[3] == 'down' then
+if status == 'down' then
   redis.call('ZREM', KEYS[3], ARGV[1])  -- left cleanly: nothing to detect
 else
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
 end
-return {before, now}
+return {before, now, status}

@@ -12,6 +12,7 @@ local out = {now}
 for _, instance in ipairs(expired) do
   redis.call('ZREM', KEYS[3], instance)
   redis.call('HSET', KEYS[2], instance, 'down')
+  redis.call('SREM', KEYS[5], instance)
   out[#out + 1] = instance
 end
 local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 100)

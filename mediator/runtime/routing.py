@@ -1,0 +1,171 @@
+"""Routing commands to chosen instances of services that heartbeat, and handing on the
+commands of an instance marked down.
+
+A command to a service with registered instances goes to the partition of its topic
+that the balancer's choice owns now (from its heartbeats): no topic per instance, so
+thousands of instances cost nothing more. A service with no registered instance (it never
+heartbeats) is untouched: its commands go where their key falls and its consumer group
+decides, as always.
+
+Least-loaded balancing reads each instance's last reported load plus what this replica
+sent it since that report (less what it answered since): heartbeats come once a second,
+commands thousands of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from mediator.core.balancer import Balancer, Instance, NoInstance, Strategy
+from mediator.core.engine import Engine, SendCommand, Transition
+from mediator.core.expressions import compile_expression
+from mediator.core.routing import instance_prefix
+from mediator.runtime.ports import StateStore
+from mediator.runtime.registry import Change, Registry
+from mediator.settings import LoadBalancingSettings
+from mediator.storage.registry import InstanceView
+from topics.events import HealthStatus, ReplyEvent
+
+__all__ = ["Router"]
+
+log = logging.getLogger("mediator.routing")
+
+
+class Router:
+    """Chooses an instance (and a partition it owns) for each command of a registered
+    service, before its transition commits."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        settings: LoadBalancingSettings,
+        engine: Engine,
+        store: StateStore,
+        stats: Counter[str] | dict[str, int],
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.stats = stats
+        self._balancers: dict[str, Balancer] = {}
+        self._fleets: dict[str, tuple[int, list[Instance]]] = {}
+        #: Per service: commands sent to each instance since its last heartbeat, less
+        #: those answered since.
+        self._extra: dict[str, Counter[str]] = {}
+        self._reported: dict[tuple[str, str], int] = {}
+
+    def route(self, transition: Transition) -> None:
+        """Address each new command of `transition` to a chosen instance."""
+        for effect in [e for e in transition.effects if isinstance(e, SendCommand)]:
+            if effect.partition is not None:
+                continue
+            command = effect.command
+            service = command.service
+            fleet = self._fleet(service)
+            if fleet is None:
+                continue
+            strategy, key_expression = self.settings.policy(service)
+            balancer = self._balancers.get(service)
+            if balancer is None or balancer.strategy is not strategy:
+                balancer = self._balancers[service] = Balancer(service, strategy)
+            key = None
+            if strategy is Strategy.CONSISTENT_HASH and key_expression is not None:
+                key = _key(key_expression, transition, command.input)
+            extra = self._extra.setdefault(service, Counter())
+            try:
+                chosen = balancer.choose(fleet, key=key, extra=extra)
+            except NoInstance:
+                # Every registered instance is down or draining: the key decides, and
+                # whoever consumes that partition (or takes it over) gets the command.
+                transition.count(f"svc:{service}:unrouted")
+                continue
+            partitions = chosen.partitions
+            partition = partitions[zlib.crc32(command.workflow_id.encode()) % len(partitions)]
+            self.engine.route(transition, command.command_id, chosen.id, partition)
+            extra[chosen.id] += 1
+
+    def answered(self, reply: ReplyEvent) -> None:
+        """A reply arrived: its instance has one command less in flight."""
+        if reply.service and reply.instance:
+            extra = self._extra.get(reply.service)
+            if extra is not None and extra.get(reply.instance, 0) > 0:
+                extra[reply.instance] -= 1
+
+    async def on_deaths(self, deaths: Sequence[Change]) -> None:
+        """Instances were marked down: hand on the commands in flight on each."""
+        for death in deaths:
+            await self.hand_on(death.service, death.instance)
+
+    async def hand_on(self, service: str, instance: str) -> int:
+        """Turn the attempts in flight on `instance` into ``reroute`` timers due now."""
+        moved = await self.store.reroute_instance(instance_prefix(service, instance))
+        self._extra.get(service, Counter()).pop(instance, None)
+        if moved:
+            self.stats["rerouted_on_death"] += moved
+            log.warning(
+                "instance %s of %s is down: %d commands in flight on it go elsewhere",
+                instance, service, moved,
+            )  # fmt: skip
+        return moved
+
+    async def sweep_down(self) -> int:
+        """Hand on what is still recorded in flight on any instance marked down: the work
+        of a death whose hand-on failed (Redis unreachable then, the replica that saw it
+        killed). Nothing to do is a few cheap range queries."""
+        moved = 0
+        for service, views in self.registry.view.items():
+            for view in views:
+                if view.status == HealthStatus.DOWN.value:
+                    moved += await self.hand_on(service, view.instance)
+        return moved
+
+    def _fleet(self, service: str) -> list[Instance] | None:
+        """The service's instances as the balancer sees them (None: none registered);
+        the same list object until the registry view is refreshed."""
+        generation = self.registry.generation
+        cached = self._fleets.get(service)
+        if cached is not None and cached[0] == generation:
+            return cached[1] or None
+        views = self.registry.instances(service)
+        extra = self._extra.setdefault(service, Counter())
+        fleet = [self._instance(service, view, extra) for view in views]
+        self._fleets[service] = (generation, fleet)
+        return fleet or None
+
+    def _instance(self, service: str, view: InstanceView, extra: Counter[str]) -> Instance:
+        beat = view.beat
+        seen = (service, view.instance)
+        if self._reported.get(seen) != view.last_seen_ms:
+            # A new report: its load counts what was in flight then.
+            self._reported[seen] = view.last_seen_ms
+            extra.pop(view.instance, None)
+        return Instance(
+            id=view.instance,
+            partitions=tuple(beat.get("partitions") or ()),
+            up=view.status != HealthStatus.DOWN.value,
+            draining=view.status == HealthStatus.DRAINING.value,
+            load=float(beat.get("load") or 0.0),
+            capacity=max(int(beat.get("capacity") or 1), 1),
+            weight=float(beat.get("weight") or 1.0),
+        )
+
+
+def _key(expression: str, transition: Transition, command_input: Any) -> str | None:
+    """The affinity key of a command: `expression` over the run's payload, the command's
+    input and the run's identity. None (round robin) when it finds nothing."""
+    state = transition.state
+    document = {
+        "payload": state.payload,
+        "input": command_input,
+        "workflow": {"id": state.workflow_id, "request_id": state.request_id,
+                     "name": state.workflow},
+    }  # fmt: skip
+    value = compile_expression(expression).search(document)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else repr(value)
