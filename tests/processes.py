@@ -9,32 +9,33 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import orjson
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mediator.settings import Settings
 
-__all__ = ["MediatorProcess", "group_members"]
+__all__ = ["MediatorProcess", "ServiceProcess", "group_members"]
 
 
-class MediatorProcess:
-    """`python -m mediator run` with the given settings, logging to a file."""
+class _Process:
+    """A child process logging to a file, which a test can pause, kill or stop."""
 
-    def __init__(self, settings: Settings, workflows: Path, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str) -> None:
         self.name = name
-        self.config = directory / f"{name}.yaml"
         self.log = directory / f"{name}.log"
-        doc = settings.model_dump(mode="json")
-        doc["workflows"] = [str(workflows)]
-        self.config.write_text(yaml.safe_dump(doc))
         self.process: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self, env: Mapping[str, str] | None = None) -> None:
-        """Launch the replica, with `env` on top of this process's environment."""
+        """Launch it, with `env` on top of this process's environment."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mediator", "run", "--config", str(self.config)],
+                self.command(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -74,6 +75,54 @@ class MediatorProcess:
     def output(self) -> str:
         """Everything the replica logged."""
         return self.log.read_text(errors="replace")
+
+
+class MediatorProcess(_Process):
+    """`python -m mediator run` with the given settings, logging to a file."""
+
+    def __init__(self, settings: Settings, workflows: Path, directory: Path, name: str) -> None:
+        super().__init__(directory, name)
+        self.config = directory / f"{name}.yaml"
+        doc = settings.model_dump(mode="json")
+        doc["workflows"] = [str(workflows)]
+        self.config.write_text(yaml.safe_dump(doc))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mediator", "run", "--config", str(self.config)]
+
+
+class ServiceProcess(_Process):
+    """One service instance (`tests.service_main`): a `work` action taking `delay` s."""
+
+    def __init__(
+        self, settings: Settings, service: str, instance: str, directory: Path, **options: Any
+    ) -> None:
+        super().__init__(directory, instance)
+        self.instance = instance
+        self.config = directory / f"{instance}.json"
+        topics = settings.kafka.topics
+        doc = {
+            "service": service,
+            "instance": instance,
+            "bootstrap": settings.kafka.bootstrap_servers,
+            "prefix": topics.prefix,
+            "service_prefix": topics.service_prefix,
+            "consumer_options": settings.kafka.consumer_options(),
+            **options,
+        }
+        self.config.write_bytes(orjson.dumps(doc))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tests.service_main", str(self.config)]
+
+    def received(self) -> list[tuple[str, int, int]]:
+        """(command id, attempt, unix ms) of every command it received."""
+        found = []
+        for line in self.output().splitlines():
+            if line.startswith("received "):
+                _, command_id, attempt, at = line.split()
+                found.append((command_id, int(attempt), int(at)))
+        return found
 
 
 async def group_members(bootstrap: str, group: str) -> int:

@@ -85,7 +85,7 @@ async def test_a_silent_instance_is_marked_down_once_across_replicas(
     redis_client: Redis, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix, 4)
-    settings = DiscoverySettings(missed_heartbeats=2)
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
     one, two = Registry(redis_client, keys, settings), Registry(redis_client, keys, settings)
     joined = await one.apply([beat("i-1"), beat("i-2")])
     assert [(c.instance, c.what) for c in joined] == [("i-1", "joined"), ("i-2", "joined")]
@@ -111,6 +111,27 @@ async def test_a_silent_instance_is_marked_down_once_across_replicas(
     await asyncio.sleep(0.3)
     deaths = [c.instance for c in await one.sweep()]
     assert deaths == ["i-1"]  # the one that left is not reported as dead
+
+
+async def test_an_operator_drain_outlasts_the_instance_heartbeats_until_it_leaves(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    registry = Registry(redis_client, Keys(key_prefix, 4), DiscoverySettings())
+    await registry.apply([beat("i-1")])
+    assert await registry.drain("inventory", "nobody") is None
+    assert await registry.drain("inventory", "i-1") == "draining"
+    # It goes on saying `up`; it stays drained, and that is no change to report.
+    assert await registry.apply([beat("i-1")]) == []
+    await registry.refresh()
+    assert [v.status for v in registry.instances("inventory")] == ["draining"]
+    assert await registry.drain("inventory", "i-1", on=False) == "up"
+    await registry.drain("inventory", "i-1")
+    # Once it leaves, the drain is over: a restart under the same id gets work again.
+    await registry.apply([beat("i-1", HealthStatus.DOWN)])
+    changes = await registry.apply([beat("i-1")])
+    assert [(c.instance, c.what) for c in changes] == [("i-1", "back up")]
+    await registry.refresh(["inventory"])
+    assert [v.status for v in registry.instances("inventory")] == ["up"]
 
 
 async def test_a_heartbeat_that_does_not_validate_is_dead_lettered(make_system: Any) -> None:
