@@ -259,6 +259,10 @@ class DiscoverySettings(BaseModel):
     # heartbeat delayed in the broker or the network, so a live instance is not taken
     # for dead.
     grace_ms: int = Field(default=300, ge=0)
+    # A replica starting sweeps only after this long: if no replica applied heartbeats
+    # for a while (every replica restarted), the registry is stale, not the instances
+    # dead; their heartbeats refresh it first.
+    startup_grace: Millis = Field(default=5_000)
     # A down instance not heard from for this long is dropped from the registry.
     forget_after: Millis = Field(default=600_000)
 

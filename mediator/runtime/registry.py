@@ -160,10 +160,17 @@ class RegistryUpkeep(Periodic):
         self.catch_up: Callable[[], Awaitable[object]] | None = None
         self._deaths: list[Change] = []
         self._caught_up = 0.0
+        self._started = 0.0
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        super().start()
 
     async def round(self) -> float:
         services = await self.registry.known()
-        self._deaths += await self.registry.sweep(services)
+        warming = time.monotonic() - self._started < self.registry.settings.startup_grace / 1000
+        if not warming:
+            self._deaths += await self.registry.sweep(services)
         await self.registry.refresh(services)  # before handing on: route around the dead
         if self._deaths:
             self.stats["instances_down"] += len(self._deaths)
@@ -171,7 +178,7 @@ class RegistryUpkeep(Periodic):
             for listener in self.on_deaths:
                 await listener(deaths)
         now = time.monotonic()
-        if self.catch_up is not None and now - self._caught_up >= CATCH_UP_S:
+        if self.catch_up is not None and not warming and now - self._caught_up >= CATCH_UP_S:
             self._caught_up = now
             await self.catch_up()
         return self.registry.settings.sweep_ms / 1000
