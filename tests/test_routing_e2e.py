@@ -119,9 +119,14 @@ async def test_each_strategy_splits_the_work_as_it_promises(make_system: Any, fl
     # Least loaded: the slow instance holds its commands longer, so it gets clearly fewer.
     mediator = await run_mediator(system, "least_loaded")
     await wait_for(lambda: all_routable(mediator, names), timeout=30, what="the registry")
-    results: list[ResultEvent] = []
-    for wave in range(6):  # waves of 20, so loads build up and are reported
-        results += await submit(system, f"ll{wave}", 20)
+    client = await system.client()
+    pending = []
+    for n in range(120):  # a steady 50/s: the slow one's commands pile up, the others' not
+        pending.append(asyncio.create_task(
+            client.submit("work", {}, request_id=f"ll-{n}", timeout=60)))  # fmt: skip
+        await asyncio.sleep(0.02)
+    results = list(await asyncio.gather(*pending))
+    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
     split = by_instance(results)
     await mediator.stop()
     assert sum(split.values()) == 120
