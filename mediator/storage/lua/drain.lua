@@ -17,7 +17,8 @@ else
   redis.call('SREM', KEYS[5], ARGV[1])
   -- Its next heartbeat says what it is; until then it is up again if it was draining.
   local beat = redis.call('HGET', KEYS[1], ARGV[1])
-  if status == 'draining' and beat and not string.find(beat, '"status":"draining"', 1, true) then
+  local announced = beat and cjson.decode(beat).status
+  if status == 'draining' and announced ~= 'draining' then
     status = 'up'
     redis.call('HSET', KEYS[2], ARGV[1], status)
   end
