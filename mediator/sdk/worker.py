@@ -223,7 +223,9 @@ class Worker:
                 await self._commit(self._consumer.assignment())
             if beats is not None:
                 self._beats = None
-                await cancel_and_wait(beats)
+                # An out-of-turn heartbeat still in flight must not land after `down`.
+                stopping = [beats, *self._side_tasks]
+                await asyncio.gather(*(cancel_and_wait(t) for t in stopping))
                 await self._beat(HealthStatus.DOWN)  # left cleanly: not a death to detect
         finally:
             assert self._consumer is not None and self._producer is not None
