@@ -305,13 +305,21 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
         nameless = ControlEvent(control_id="c-x", action=ControlAction.CANCEL, issued_ms=1)
         await producer.send_and_wait(system.topics.control, nameless.model_dump_json().encode())
         await producer.send_and_wait(system.topics.control, b'{"action": "explode"}')
+        # A drain names a service and an instance the registry knows.
+        half = ControlEvent(control_id="c-d", action=ControlAction.DRAIN, service="svc",
+                            issued_ms=1)  # fmt: skip
+        stranger = half.model_copy(update={"control_id": "c-s", "instance": "nobody"})
+        for control in (half, stranger):
+            await producer.send_and_wait(system.topics.control, control.model_dump_json().encode())
     finally:
         await producer.stop()
 
-    letters = await wait_for_letters(system.settings, 2, source=system.topics.control)
+    letters = await wait_for_letters(system.settings, 4, source=system.topics.control)
 
     reasons = sorted((found.code or "", found.reason) for _, _, found in letters)
-    assert reasons[0][0] == reasons[1][0] == "invalid"
+    assert {code for code, _ in reasons} == {"invalid"}
     assert any("cancel needs `workflow_id`" in reason for _, reason in reasons)
     assert any("action: Input should be 'cancel'" in reason for _, reason in reasons), reasons
-    assert mediator.runtime.stats["controls"] == 1
+    assert any("drain needs `service` and `instance`" in reason for _, reason in reasons)
+    assert any("no instance 'nobody' of 'svc' is registered" in reason for _, reason in reasons)
+    assert mediator.runtime.stats["controls"] == 3
