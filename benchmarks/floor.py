@@ -18,8 +18,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
-from benchmarks.stage import ECHO, Rigs, Stage
+from benchmarks.stage import ECHO, Rig, Rigs, Stage
 from mediator import clock, codec
+from mediator.core.signing import Keyring
 from topics.events import CommandEvent, ReplyEvent, ReplyStatus
 from topics.names import Topics
 
@@ -31,8 +32,16 @@ STEP_TIMEOUT_S = 30.0
 class FloorClient:
     """Runs sequential chains of echo commands by hand over Kafka."""
 
-    def __init__(self, bootstrap: str, topics: Topics, fetch_max_wait_ms: int = 5) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        fetch_max_wait_ms: int = 5,
+        keys: Keyring | None = None,
+    ) -> None:
         self.bootstrap = bootstrap
+        #: Signs the commands as the mediator would (the echo service checks them).
+        self.keys = keys
         self.topics = topics
         self.replies_topic = topics.replies
         self.fetch_max_wait_ms = fetch_max_wait_ms
@@ -104,11 +113,12 @@ class FloorClient:
             future: asyncio.Future[ReplyEvent] = loop.create_future()
             self._waiting[command.command_id] = future
             try:
+                value = codec.encode(command)
+                headers = codec.headers(command)
+                if self.keys is not None:
+                    headers += self.keys.headers(value)
                 await self._producer.send(
-                    self.topics.service(ECHO),
-                    codec.encode(command),
-                    key=workflow_id.encode(),
-                    headers=codec.headers(command),
+                    self.topics.service(ECHO), value, key=workflow_id.encode(), headers=headers
                 )
                 async with asyncio.timeout(STEP_TIMEOUT_S):
                     reply = await future
@@ -161,7 +171,7 @@ async def run_floor(
             cpu = Measure(f"{name}.cpu_per_step", "ms CPU", note="the floor's client process")
             measures += [runs, step_rate, cpu]
             for _ in range(profile.repeat):
-                async with rigs.use() as rig, FloorClient(rig.bootstrap, rig.topics) as client:
+                async with rigs.use() as rig, _floor_client(rig) as client:
                     await run_count(_chain(client, steps), 100, in_flight=50, timeout_s=60)
                     began, replies = time.process_time(), client.replies
                     result = await closed_loop(
@@ -190,7 +200,7 @@ async def run_floor_latency(
         out += [p50, p99]
     async with Rigs(stage, "floorlat", fresh=profile.fresh_rigs) as rigs:
         for _ in range(profile.repeat):
-            async with rigs.use() as rig, FloorClient(rig.bootstrap, rig.topics) as client:
+            async with rigs.use() as rig, _floor_client(rig) as client:
                 await run_count(_chain(client, 3), 100, in_flight=50, timeout_s=60)
                 result = await open_loop(
                     _chain(client, 3),
@@ -202,3 +212,7 @@ async def run_floor_latency(
                 p50.values.append(round(result.latency(50), 2))
                 p99.values.append(round(result.latency(99), 2))
     return [p50, p99]
+
+
+def _floor_client(rig: Rig) -> FloorClient:
+    return FloorClient(rig.bootstrap, rig.topics, keys=rig.settings.signing.for_service(ECHO))

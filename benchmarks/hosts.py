@@ -69,6 +69,8 @@ async def services(settings: Settings, concurrency: int) -> None:
         enable_idempotence=kafka.enable_idempotence,
         concurrency=concurrency,
         consumer_options=kafka.consumer_options(),
+        keys=settings.signing.for_service(ECHO),
+        signing=settings.signing.enabled,
     )
     worker.add_action(ECHO, echo)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import yaml
 from benchmarks.common import tag
 from benchmarks.procs import Child
 from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
-from mediator.settings import Settings, load_settings
+from mediator.settings import Settings, load_settings, settings_document
 from topics.names import Topics
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
 ECHO = "echo"
 #: Partitions of every topic the suite creates (the embedded default's count).
 PARTITIONS = 4
+#: Signing is on in the benchmarks, as in a default deployment: it is on the hot path.
+BENCH_KEY = secrets.token_urlsafe(32)
 
 
 def chain(n: int) -> dict[str, Any]:
@@ -144,6 +147,7 @@ class Stage:
             circuit_breaker={"services": {VOID: {"failure_threshold": 1_000_000_000}}},
             workflows=[str(self.workflows_file)],
             log_level="WARNING",
+            signing={"keys": {"bench": BENCH_KEY}},
         )
 
     @property
@@ -157,7 +161,7 @@ class Stage:
     def write_config(self, settings: Settings) -> Path:
         """``settings`` as a YAML file for a child process."""
         path = self.workdir / f"{settings.redis.key_prefix}.yaml"
-        path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+        path.write_text(yaml.safe_dump(settings_document(settings)))
         return path
 
     @contextlib.asynccontextmanager

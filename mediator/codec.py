@@ -8,11 +8,15 @@ while staying small on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import BaseModel, ValidationError
 
+from mediator.clock import now_ms
+from topics.events import DeadLetter
 from topics.headers import headers_for
 
-__all__ = ["encode", "headers", "validation_reason"]
+__all__ = ["dead_letter", "encode", "headers", "validation_reason"]
 
 
 def encode(event: BaseModel) -> bytes:
@@ -39,3 +43,35 @@ def validation_reason(exc: ValidationError, most: int = 3) -> str:
         where = ".".join(str(part) for part in error["loc"]) or "value"
         problems.append(f"{where}: {error['msg']}")
     return "; ".join(problems)
+
+
+def dead_letter(
+    *,
+    reason: str,
+    code: str,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    partition: int | None = None,
+    offset: int | None = None,
+    excerpt_bytes: int = 16_384,
+) -> DeadLetter:
+    """A `DeadLetter` for a rejected record or message, never larger than `excerpt_bytes`
+    of its value (plus bounded key, headers and reason): a dead letter must not become a
+    poison message itself."""
+    raw = value or b""
+    truncated = len(raw) > excerpt_bytes
+    return DeadLetter(
+        reason=reason[:2000],
+        code=code,
+        source_topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key[:1024].decode(errors="replace") if key is not None else None,
+        value=raw[:excerpt_bytes].decode(errors="replace"),
+        headers={k[:256]: v[:1024].decode(errors="replace") for k, v in list(headers)[:32]},
+        rejected_ms=now_ms(),
+        size=len(raw),
+        truncated=truncated,
+    )

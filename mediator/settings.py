@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,6 +31,7 @@ from mediator.codec import validation_reason
 from mediator.core.balancer import Strategy
 from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
+from mediator.core.signing import Keyring, Signatures, parse_keys
 from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
@@ -42,8 +44,10 @@ __all__ = [
     "OutboxSettings",
     "RedisSettings",
     "Settings",
+    "SigningSettings",
     "TimerSettings",
     "load_settings",
+    "settings_document",
 ]
 
 
@@ -322,6 +326,77 @@ class LoadBalancingSettings(BalancePolicy):
         return strategy or Strategy.LEAST_LOADED, key
 
 
+class KeySet(BaseModel):
+    """Signing keys: id to secret (at least 16 characters); `current` signs (default: the
+    first), all are accepted. Two at once let a key rotate without downtime."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    current: str | None = None
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> Any:
+        # From the environment: ``id=secret,id=secret`` or a JSON object.
+        if isinstance(value, str):
+            return {key.id: key.secret.decode() for key in parse_keys(value)}
+        return value
+
+    def revealed(self) -> dict[str, Any]:
+        """As a JSON-ready dict with the secrets in it (a JSON dump shows them as stars)."""
+        doc = self.model_dump(mode="json")
+        doc["keys"] = {key_id: s.get_secret_value() for key_id, s in self.keys.items()}
+        return doc
+
+    def keyring(self, service: str | None = None) -> Keyring | None:
+        """These keys as a keyring owned by `service` (None: shared); None when empty."""
+        if not self.keys:
+            return None
+        plain = {key_id: secret.get_secret_value() for key_id, secret in self.keys.items()}
+        return Keyring(parse_keys(plain, service), self.current)
+
+
+class SigningSettings(KeySet):
+    """HMAC-SHA256 signatures on commands, replies and heartbeats (see
+    `mediator.core.signing`). On by default: the mediator refuses to start without keys
+    unless ``enabled`` is false."""
+
+    enabled: bool = True
+    #: Per-service keys, e.g. ``payments: {keys: {pay-2: ..., pay-1: ...}, current: pay-2}``;
+    #: a service without its own signs with the shared `keys`.
+    services: dict[str, KeySet] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_keys(self) -> SigningSettings:
+        self.signatures()
+        return self
+
+    def signatures(self) -> Signatures | None:
+        """Every key, for the mediator; None when no key is set."""
+        try:
+            services = {}
+            for service, keys in self.services.items():
+                ring = keys.keyring(service)
+                if ring is not None:
+                    services[service] = ring
+            shared = self.keyring()
+            return Signatures(shared, services) if shared or services else None
+        except ValueError as exc:
+            msg = f"signing: {exc}"
+            raise ValueError(msg) from exc
+
+    def revealed(self) -> dict[str, Any]:
+        doc = super().revealed()
+        doc["services"] = {name: keys.revealed() for name, keys in self.services.items()}
+        return doc
+
+    def for_service(self, service: str) -> Keyring | None:
+        """The keys a process serving `service` signs and verifies with."""
+        signatures = self.signatures()
+        return signatures.keyring(service) if signatures is not None else None
+
+
 class Settings(BaseSettings):
     """Everything a mediator replica needs to know."""
 
@@ -338,6 +413,7 @@ class Settings(BaseSettings):
     circuit_breaker: BreakerSettings = BreakerSettings()
     discovery: DiscoverySettings = DiscoverySettings()
     load_balancing: LoadBalancingSettings = LoadBalancingSettings()
+    signing: SigningSettings = SigningSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "
@@ -364,6 +440,14 @@ class Settings(BaseSettings):
             parts = value.replace(os.pathsep, ",").split(",")
             return [part.strip() for part in parts if part.strip()]
         return value
+
+
+def settings_document(settings: Settings) -> dict[str, Any]:
+    """`settings` as a document `load_settings` reads back the same (secrets included):
+    for a config file handed to another process."""
+    doc = settings.model_dump(mode="json")
+    doc["signing"] = settings.signing.revealed()
+    return doc
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -8,7 +8,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-__all__ = ["consume_all", "produce", "records_on", "wait_for"]
+from mediator.core.signing import Keyring
+
+__all__ = ["TEST_KEYRING", "TEST_KEYS", "consume_all", "produce", "records_on", "wait_for"]
+
+#: The shared signing key of test deployments (`signing.keys`), as ``id=secret``.
+TEST_KEYS = "test-1=test-secret-0123456789abcdef"
+TEST_KEYRING = Keyring.parse(TEST_KEYS)
 
 
 async def wait_for(
@@ -80,8 +86,11 @@ async def produce(
     topic: str,
     values: Sequence[bytes],
     keys: Sequence[bytes | None] | None = None,
+    *,
+    signed: bool = True,
 ) -> None:
-    """Publish ``values`` (with ``keys``, if given) to ``topic`` and wait for every ack."""
+    """Publish ``values`` (with ``keys``, if given) to ``topic`` and wait for every ack;
+    `signed` with the test key, as a service would sign a reply or heartbeat."""
     if keys is not None and len(keys) != len(values):
         msg = f"got {len(keys)} keys for {len(values)} values"
         raise ValueError(msg)
@@ -90,7 +99,10 @@ async def produce(
     await producer.start()
     try:
         for i, value in enumerate(values):
-            await producer.send_and_wait(topic, value, key=keys[i] if keys else None)
+            headers = TEST_KEYRING.headers(value) if signed else []
+            await producer.send_and_wait(
+                topic, value, key=keys[i] if keys else None, headers=headers
+            )
     finally:
         await producer.stop()
 

@@ -15,7 +15,7 @@ import orjson
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
-from mediator.settings import Settings
+from mediator.settings import Settings, settings_document
 
 __all__ = ["MediatorProcess", "ServiceProcess", "group_members"]
 
@@ -83,7 +83,7 @@ class MediatorProcess(_Process):
     def __init__(self, settings: Settings, workflows: Path, directory: Path, name: str) -> None:
         super().__init__(directory, name)
         self.config = directory / f"{name}.yaml"
-        doc = settings.model_dump(mode="json")
+        doc = settings_document(settings)
         doc["workflows"] = [str(workflows)]
         self.config.write_text(yaml.safe_dump(doc))
 
@@ -108,6 +108,7 @@ class ServiceProcess(_Process):
             "prefix": topics.prefix,
             "service_prefix": topics.service_prefix,
             "consumer_options": settings.kafka.consumer_options(),
+            "keys": keys_spec(settings, service),
             **options,
         }
         self.config.write_bytes(orjson.dumps(doc))
@@ -123,6 +124,15 @@ class ServiceProcess(_Process):
                 _, command_id, attempt, at = line.split()
                 found.append((command_id, int(attempt), int(at)))
         return found
+
+
+def keys_spec(settings: Settings, service: str) -> str | None:
+    """`service`'s keys as ``id=secret,...`` (current first); None with signing off."""
+    ring = settings.signing.for_service(service) if settings.signing.enabled else None
+    if ring is None:
+        return None
+    keys = [ring.current] + [k for i in ring.ids if (k := ring.get(i)) and k != ring.current]
+    return ",".join(f"{k.id}={k.secret.decode()}" for k in keys)
 
 
 async def group_members(bootstrap: str, group: str) -> int:

@@ -31,6 +31,8 @@ async def main(config: dict[str, Any]) -> None:
         heartbeat_interval=float(config.get("heartbeat_interval", 1.0)),
         weight=float(config.get("weight", 1.0)),
         consumer_options=config.get("consumer_options"),
+        keys=config.get("keys"),
+        signing=config.get("keys") is not None,
     )
 
     async def work(data: Any, command: CommandEvent) -> dict[str, Any]:

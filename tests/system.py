@@ -98,6 +98,11 @@ class System:
         self, service: str, actions: Mapping[str, Callable[..., Any]], **options: Any
     ) -> Worker:
         """Start a service worker with `actions`."""
+        signing = self.settings.signing
+        if signing.enabled:
+            options.setdefault("keys", signing.for_service(service))
+        else:
+            options.setdefault("signing", False)
         worker = Worker(
             service,
             self.bootstrap,

@@ -24,11 +24,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from mediator import clock, codec
+from mediator.core.signing import Keyring
 from mediator.errors import IdempotenceUnsupported
 from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
 from mediator.sdk.worker import ActionError, Worker
+from tests.helpers import TEST_KEYRING, TEST_KEYS, records_on
 from topics.events import (
     CommandEvent,
+    DeadLetter,
     ReplyEvent,
     ReplyStatus,
     RequestEvent,
@@ -136,7 +139,7 @@ async def worker(
     """A started worker for SERVICE with a few actions, stopped after the test."""
     w = Worker(
         SERVICE, broker, topics=names, instance="inv-1", enable_idempotence=False,
-        consumer_options=FAST_GROUP,
+        consumer_options=FAST_GROUP, keys=TEST_KEYRING,
     )  # fmt: skip
 
     @w.action("reserve")
@@ -198,7 +201,7 @@ async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEven
             names.service(SERVICE),
             codec.encode(cmd),
             key=cmd.workflow_id.encode(),
-            headers=codec.headers(cmd),
+            headers=codec.headers(cmd) + TEST_KEYRING.headers(codec.encode(cmd)),
         )
 
 
@@ -303,13 +306,45 @@ async def test_invalid_message_is_skipped(
         {**orjson.loads(codec.encode(command(names, "echo"))), "reply_to": "not a topic!"}
     )
     for junk in (b"not json", b'{"type": "command"}', b"[]", None, unanswerable):
-        await producer.send_and_wait(inbox, junk, key=b"wf-1")
+        signed = TEST_KEYRING.headers(junk or b"")
+        await producer.send_and_wait(inbox, junk, key=b"wf-1", headers=signed)
     good = command(names, "echo", {"ok": True})
     await send(producer, names, good)
     [reply] = await replies(broker, names, 1)
     assert reply.command_id == good.command_id and reply.output == {"ok": True}
     assert worker.stats["invalid"] == 5 and worker.stats["received"] == 6
     assert worker.stats["executed"] == 1
+
+
+async def test_a_command_not_signed_with_its_key_is_never_run(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    """Unsigned, signed with an unknown key, or altered after signing: dead-lettered with
+    the reason and counted, never executed, never answered. A reply the worker does send
+    is signed with its key."""
+    inbox = names.service(SERVICE)
+    unsigned, unknown, altered, good = (command(names, "echo", {"n": i}) for i in range(4))
+    stranger = Keyring.parse("other=another-secret-0123456789")
+    await producer.send_and_wait(inbox, codec.encode(unsigned), key=b"wf-1")
+    value = codec.encode(unknown)
+    await producer.send_and_wait(inbox, value, key=b"wf-1", headers=stranger.headers(value))
+    value = codec.encode(altered)
+    tampered = value.replace(b'"n":2', b'"n":9')
+    assert tampered != value
+    await producer.send_and_wait(inbox, tampered, key=b"wf-1", headers=TEST_KEYRING.headers(value))
+    await send(producer, names, good)
+    [reply] = await replies(broker, names, 1)
+    assert reply.command_id == good.command_id
+    assert worker.stats["bad_signatures"] == 3 and worker.stats["executed"] == 1
+    letters = [DeadLetter.model_validate_json(v) for v in await read(broker, names.dlq, 3)]
+    letters.sort(key=lambda d: d.offset or 0)
+    assert [d.code for d in letters] == ["unsigned", "bad_signature", "bad_signature"]
+    assert "not signed" in letters[0].reason
+    assert "'other'" in letters[1].reason and "not one of ours" in letters[1].reason
+    assert "does not match" in letters[2].reason
+    records = await records_on(broker, names.replies)
+    assert len(records) == 1
+    TEST_KEYRING.check(records[0].value, records[0].headers)  # raises if not signed by it
 
 
 async def test_offsets_are_committed_so_a_restart_does_not_rerun(
@@ -323,7 +358,7 @@ async def test_offsets_are_committed_so_a_restart_does_not_rerun(
     await send(producer, names, second)
     fresh = Worker(
         SERVICE, broker, topics=names, instance="inv-2", enable_idempotence=False,
-        consumer_options=FAST_GROUP,
+        consumer_options=FAST_GROUP, keys=TEST_KEYRING,
     )  # fmt: skip
     fresh.add_action("echo", lambda input: input)
     async with fresh:
@@ -394,7 +429,8 @@ async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(
 ) -> None:
     w = Worker(
         SERVICE, broker, topics=names, instance="inv-big", enable_idempotence=False,
-        consumer_options=FAST_GROUP, producer_options={"max_request_size": 4000},
+        consumer_options=FAST_GROUP, keys=TEST_KEYRING,
+        producer_options={"max_request_size": 4000},
     )  # fmt: skip
     w.add_action("huge", lambda input: "x" * 10_000)
     async with w:
@@ -408,7 +444,7 @@ async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(
 
 
 def test_handler_signature_is_checked() -> None:
-    w = Worker(SERVICE, "127.0.0.1:1")
+    w = Worker(SERVICE, "127.0.0.1:1", keys=TEST_KEYS)
     with pytest.raises(TypeError, match="must take"):
         w.add_action("nothing", lambda: None)
     w.add_action("one", lambda input: input)

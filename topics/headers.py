@@ -1,7 +1,8 @@
 """Kafka header names and message keys of the wire contract.
 
 Headers are informative: the value alone is authoritative, so a consumer that ignores
-headers loses nothing. Keys matter for ordering:
+headers loses nothing, except that signed records must carry their signature headers.
+Keys matter for ordering:
 
 =================  ==============  ===================================================
 event              key             why
@@ -22,7 +23,9 @@ __all__ = [
     "CONTENT_TYPE",
     "EVENT_TYPE",
     "JSON",
+    "KEY_ID",
     "SCHEMA_VERSION",
+    "SIGNATURE",
     "TRACE_ID",
     "headers_for",
 ]
@@ -32,6 +35,10 @@ SCHEMA_VERSION = "mediator-schema"
 TRACE_ID = "trace-id"
 CONTENT_TYPE = "content-type"
 JSON = b"application/json"
+#: Signed records (commands, replies, heartbeats): the id of the key that signed the value,
+#: and the lowercase hex HMAC-SHA256 of the value under that key.
+KEY_ID = "mediator-key"
+SIGNATURE = "mediator-signature"
 
 
 def headers_for(

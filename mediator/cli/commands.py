@@ -139,6 +139,7 @@ async def _services(settings: Any) -> None:
         kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         consumer_options=kafka.consumer_options(),
+        signing=settings.signing,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ from typing import Any
 
 from mediator.cli.flaky import Flakiness, Flaky
 from mediator.sdk.worker import ActionError, Worker
+from mediator.settings import SigningSettings
 from topics.names import Topics
 
 __all__ = ["DEMO_WORKFLOWS", "FLAKY_SERVICE", "demo_services", "sample_order"]
@@ -37,11 +38,13 @@ def demo_services(
     enable_idempotence: bool,
     latency: bool = True,
     consumer_options: Mapping[str, Any] | None = None,
+    signing: SigningSettings,
     flakiness: Flakiness | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> list[Worker]:
-    """The four demo services, ready to `start()`; with ``flakiness``, shipping misbehaves
-    (``on_phase`` hears when its outages start and end)."""
+    """The four demo services, ready to `start()`, signing with their keys from
+    `signing`; with ``flakiness``, shipping misbehaves (``on_phase`` hears when its outages
+    start and end)."""
     workers = []
     for service, actions in _ACTIONS.items():
         worker = Worker(
@@ -51,6 +54,8 @@ def demo_services(
             instance=f"{service}-1",
             enable_idempotence=enable_idempotence,
             consumer_options=consumer_options,
+            keys=signing.for_service(service) if signing.enabled else None,
+            signing=signing.enabled,
         )
         for name, (handler, low_ms, high_ms) in actions.items():
             action = _with_latency(handler, low_ms, high_ms) if latency else handler

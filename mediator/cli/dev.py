@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -63,6 +64,8 @@ async def run_dev(
                 "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout": "1s"}},
                 "drain_rate": 20,
             },
+            # A fresh key per run, handed to the demo services below.
+            signing={"keys": {"dev": secrets.token_urlsafe(32)}, "enabled": True},
         )
         topics = settings.kafka.topics
         await create_topics(
@@ -88,6 +91,7 @@ async def _drive(
         kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         consumer_options=kafka.consumer_options(),
+        signing=settings.signing,
         flakiness=Flakiness(),
         on_phase=lambda said: echo(f"  ! {said}"),
     )

@@ -34,7 +34,7 @@ from mediator.core.transition import (
     timer_name,
     withdraw,
 )
-from mediator.core.workflow import Step, Workflow
+from mediator.core.workflow import Compensation, Step, Workflow
 from topics.events import (
     CommandEvent,
     ControlAction,
@@ -118,12 +118,15 @@ class Engine:
                 or undo.command_id != reply.command_id
                 or undo.status is not StepStatus.RUNNING
                 or undo.attempt != reply.attempt
+                or not _from(reply, workflow.steps[reply.step].compensate)
             ):
                 return None
             return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)
         if step_state.status is not StepStatus.RUNNING or step_state.attempt != reply.attempt:
             return None
         step = workflow.steps[reply.step]
+        if reply.service is not None and reply.service != (step_state.via or step.service):
+            return None  # another service cannot answer this step's command
         state = fork(state)
         state.updated_ms = now_ms
         transition = Transition(state)
@@ -658,3 +661,9 @@ def _expression_failure(step: Step, reason: str) -> dict[str, Any]:
         "code": "expression_error",
         "step": step.id,
     }
+
+
+def _from(reply: ReplyEvent, compensation: Compensation | None) -> bool:
+    """Whether `reply` may answer `compensation`'s command: it names no service, or that
+    one."""
+    return compensation is not None and reply.service in (None, compensation.service)

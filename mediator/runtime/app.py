@@ -13,7 +13,9 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker
 
 import handlers
+from mediator.core.signing import Signatures
 from mediator.definitions import Definitions
+from mediator.errors import ConfigurationError
 from mediator.producers import new_producer
 from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
@@ -60,6 +62,7 @@ class Mediator:
             linger_ms=kafka.linger_ms,
             max_request_size=settings.limits.max_message_bytes,
         )
+        self.signatures = _signatures(settings, definitions)
         self.dispatcher = Dispatcher(
             self.store,
             self.producer,
@@ -68,6 +71,7 @@ class Mediator:
             excerpt_bytes=settings.limits.excerpt_bytes,
             sweep_interval_ms=settings.outbox.sweep_interval_ms,
             sweep_batch=settings.outbox.sweep_batch,
+            signatures=self.signatures,
         )
         #: This replica's name, in logs and in the breakers and drain leases it holds.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -91,6 +95,7 @@ class Mediator:
             breakers=self.breakers if settings.circuit_breaker.enabled else None,
             registry=self.registry if settings.discovery.enabled else None,
             balancing=settings.load_balancing,
+            signatures=self.signatures,
         )
         self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, settings.backoff)
         if self.runtime.router is not None:
@@ -196,6 +201,30 @@ class Mediator:
 
 #: The longest any one step of `Mediator.stop` may take.
 STOP_STEP_S = 15.0
+
+
+def _signatures(settings: Settings, definitions: Definitions) -> Signatures | None:
+    """The keys commands are signed with; refuses to start with signing on but keys
+    missing."""
+    if not settings.signing.enabled:
+        log.warning("signing is off: replies and heartbeats are accepted from anyone")
+        return None
+    signatures = settings.signing.signatures()
+    if signatures is None:
+        msg = (
+            "signing is on but no keys are set: give shared keys (signing.keys, e.g. "
+            "MEDIATOR_SIGNING__KEYS=k1=<secret of 16+ characters>) or per-service ones "
+            "(signing.services), or turn signing off (signing.enabled: false)"
+        )
+        raise ConfigurationError(msg)
+    missing = signatures.unsigned(definitions.services())
+    if missing:
+        msg = (
+            f"no signing key for services {', '.join(missing)}: give them keys "
+            "(signing.services.<name>.keys) or set shared ones (signing.keys)"
+        )
+        raise ConfigurationError(msg)
+    return signatures
 
 
 async def _bounded(what: str, step: Awaitable[object]) -> None:

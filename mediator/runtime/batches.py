@@ -24,6 +24,7 @@ from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.core.routing import routing_delta
+from mediator.core.signing import SignatureError, Signatures
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
@@ -133,6 +134,7 @@ class Runtime:
         breakers: Breakers | None = None,
         registry: Registry | None = None,
         balancing: LoadBalancingSettings | None = None,
+        signatures: Signatures | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         self.definitions = definitions
@@ -147,6 +149,9 @@ class Runtime:
         self.breakers = breakers
         #: The registry of service instances, fed by heartbeats. None: discovery is off.
         self.registry = registry
+        #: Keys commands are signed with and replies and heartbeats checked against. None:
+        #: signing is off (nothing is signed, nothing is checked).
+        self.signatures = signatures
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
@@ -170,6 +175,7 @@ class Runtime:
             "heartbeats": 0,
             "instances_down": 0,
             "rerouted_on_death": 0,
+            "bad_signatures": 0,
         }
         #: Routes commands of services that heartbeat to chosen instances. None: every
         #: command goes where its key falls (discovery or load balancing off).
@@ -398,9 +404,17 @@ class Runtime:
         out = _Out()
         beats: list[HealthEvent] = []
         for record in records:
+            signed, signer = self._signer(record, out)
+            if not signed:
+                continue
             beat: HealthEvent | None = self._decode(record, HealthEvent, out)
-            if beat is not None:
-                beats.append(beat)
+            if beat is None:
+                continue
+            if signer is not None and signer != beat.service:
+                reason = f"heartbeat of {beat.service!r} signed with a key of {signer!r}"
+                self._forged(record, reason, out)
+                continue
+            beats.append(beat)
         if beats and self.registry is not None:
             changes = await self.registry.apply(beats)
             self.stats["heartbeats"] += len(beats)
@@ -521,9 +535,20 @@ class Runtime:
     def _reply(self, record: Record, out: _Out) -> ReplyEvent | None:
         """Decode one reply. A reply too large or holding values the store cannot encode
         is dead-lettered, and its step fails with that error instead of waiting."""
+        signed, signer = self._signer(record, out)
+        if not signed:
+            return None
         reply: ReplyEvent | None = self._decode(record, ReplyEvent, out)
         if reply is None:
             return None
+        if signer is not None:
+            if reply.service is None:
+                # Signed with a service's own key: it can only answer that service's steps.
+                reply = reply.model_copy(update={"service": signer})
+            elif reply.service != signer:
+                reason = f"reply from {reply.service!r} signed with a key of {signer!r}"
+                self._forged(record, reason, out)
+                return None
         problem: tuple[str, str] | None = None
         if (too_large := self._oversized(record, "reply")) is not None:
             problem = ("payload_too_large", too_large)
@@ -687,14 +712,18 @@ class Runtime:
         for effect in transition.effects:
             if isinstance(effect, SendCommand):
                 command = effect.command
+                value = encode(command)
+                signed = headers(command)
+                if self.signatures is not None:
+                    signed += self.signatures.sign(command.service, value)
                 messages.append(
                     Message(
                         shard,
                         command.command_id,
                         self.topics.service(command.service),
                         command.workflow_id.encode(),
-                        encode(command),
-                        headers(command),
+                        value,
+                        signed,
                         "command",
                         partition=effect.partition,
                     )
@@ -736,6 +765,24 @@ class Runtime:
             trace_id=request.trace_id,
         )
         return self._result_message(result, request.reply_to, "rejected")
+
+    def _signer(self, record: Record, out: _Out) -> tuple[bool, str | None]:
+        """Whether `record` may be applied, and whose key signed it: a service's name, or
+        None for a shared key (or signing off). One no key of ours signed is
+        dead-lettered."""
+        if self.signatures is None:
+            return True, None
+        try:
+            return True, self.signatures.check(record.value, record.headers).service
+        except SignatureError as exc:
+            self._forged(record, exc.reason, out, exc.code)
+            return False, None
+
+    def _forged(self, record: Record, reason: str, out: _Out, code: str = "bad_signature") -> None:
+        """Dead-letter a record whose signature does not hold: it is never applied."""
+        self.stats["bad_signatures"] += 1
+        out.counts["bad_signatures"] += 1
+        self._dead_letter(record, f"rejected: {reason}", code, out)
 
     def _decode(self, record: Record, model: type[Any], out: _Out) -> Any:
         try:

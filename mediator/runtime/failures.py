@@ -13,7 +13,6 @@ Every place where a record, an outbox entry or a result can fail asks `is_transi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from aiokafka.errors import (
     InvalidTopicError,
@@ -26,9 +25,8 @@ from aiokafka.errors import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mediator.clock import now_ms
+from mediator.codec import dead_letter
 from mediator.errors import StateUnavailable
-from topics.events import DeadLetter
 
 __all__ = ["dead_letter", "failure_code", "is_transient"]
 
@@ -80,35 +78,3 @@ def metadata_age_s(producer: object) -> float | None:
     cluster = getattr(getattr(producer, "client", None), "cluster", None)
     last = getattr(cluster, "_last_successful_refresh_ms", 0) if cluster is not None else 0
     return time.time() - last / 1000 if last else None
-
-
-def dead_letter(
-    *,
-    reason: str,
-    code: str,
-    topic: str,
-    value: bytes | None,
-    key: bytes | None,
-    headers: Sequence[tuple[str, bytes]] = (),
-    partition: int | None = None,
-    offset: int | None = None,
-    excerpt_bytes: int = 16_384,
-) -> DeadLetter:
-    """A `DeadLetter` for a rejected record or message, never larger than `excerpt_bytes`
-    of its value (plus bounded key, headers and reason): a dead letter must not become a
-    poison message itself."""
-    raw = value or b""
-    truncated = len(raw) > excerpt_bytes
-    return DeadLetter(
-        reason=reason[:2000],
-        code=code,
-        source_topic=topic,
-        partition=partition,
-        offset=offset,
-        key=key[:1024].decode(errors="replace") if key is not None else None,
-        value=raw[:excerpt_bytes].decode(errors="replace"),
-        headers={k[:256]: v[:1024].decode(errors="replace") for k, v in list(headers)[:32]},
-        rejected_ms=now_ms(),
-        size=len(raw),
-        truncated=truncated,
-    )

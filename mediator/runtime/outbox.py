@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
+from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
@@ -121,8 +122,11 @@ class Dispatcher:
         excerpt_bytes: int = 16_384,
         sweep_interval_ms: int = 1000,
         sweep_batch: int = 500,
+        signatures: Signatures | None = None,
     ) -> None:
         self.store = store
+        #: Signs the error replies written in a service's stead (None: signing is off).
+        self.signatures = signatures
         self.producer = producer
         self.topics = topics
         self.backoff = backoff or BackoffSettings()
@@ -279,9 +283,13 @@ class Dispatcher:
         if message.kind == "command":
             reply = _undeliverable(message, reason, code)
             if reply is not None:
+                value = encode(reply)
+                signed = headers(reply)
+                if self.signatures is not None and reply.service is not None:
+                    signed += self.signatures.sign(reply.service, value)
                 undeliverable = f"undeliverable.{message.id}"
                 out.append(Message(-1, undeliverable, self.topics.replies, message.key,
-                                   encode(reply), headers(reply), "reply"))  # fmt: skip
+                                   value, signed, "reply"))  # fmt: skip
         await self.send_now(out)
 
     async def _still_held(

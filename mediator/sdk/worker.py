@@ -18,6 +18,12 @@ those of every earlier command on its partition were acknowledged.
 
 Execution is deduplicated on ``command_id`` (an LRU of recent replies),
 so a redelivered command gets its reply again without the handler running twice.
+
+Commands are signed by the mediator and replies and heartbeats by the worker (see
+`mediator.core.signing`), with the service's keys: ``keys=`` (a `Keyring` or
+``"id=secret,id=secret"``, the first signing), else the environment variable
+``MEDIATOR_SIGNING__KEYS`` (and ``MEDIATOR_SIGNING__CURRENT``). A command no key of the
+service signed is never run: it is dead-lettered with the reason and counted.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from mediator import clock, codec
+from mediator.core.signing import Keyring, SignatureError, parse_keys
 from mediator.core.tasks import cancel_and_wait
-from mediator.errors import MediatorError
+from mediator.errors import ConfigurationError, MediatorError
 from mediator.producers import new_producer
 from mediator.sdk.heartbeat import Tally
 from mediator.sdk.offsets import OffsetTracker
@@ -79,8 +86,10 @@ _TOPIC_NAME = re.compile(TOPIC_NAME)
 _COMMIT_INTERVAL_S = 0.05
 STAT_NAMES = (
     "received", "executed", "duplicates", "errors", "invalid", "send_retries", "undeliverable",
-    "heartbeats", "heartbeats_failed",
+    "heartbeats", "heartbeats_failed", "bad_signatures",
 )  # fmt: skip
+#: Where a worker not given ``keys=`` finds them (the mediator's shared-keys setting).
+KEYS_ENV, CURRENT_ENV = "MEDIATOR_SIGNING__KEYS", "MEDIATOR_SIGNING__CURRENT"
 
 
 class ActionError(MediatorError):
@@ -112,6 +121,8 @@ class Worker:
         heartbeat_interval: float | None = 1.0,
         weight: float = 1.0,
         version: str | None = None,
+        keys: Keyring | str | None = None,
+        signing: bool = True,
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -119,6 +130,8 @@ class Worker:
         self.topics = topics or Topics()
         self.instance = instance or f"{service}-{socket.gethostname()}-{os.getpid()}"
         self.group_id = group_id or f"{self.topics.service_prefix}{service}"
+        #: Signs replies and heartbeats, checks commands; None: signing is off.
+        self.keys = _keyring(service, keys) if signing else None
         self.bootstrap_servers = bootstrap_servers
         self.enable_idempotence = enable_idempotence
         self.stop_timeout = stop_timeout
@@ -343,12 +356,13 @@ class Worker:
         if self._producer is None:
             return
         beat = self.health(status)
+        value = codec.encode(beat)
         try:
             await self._producer.send_and_wait(
                 self.topics.health,
-                codec.encode(beat),
+                value,
                 key=self.instance.encode(),
-                headers=codec.headers(beat),
+                headers=self._signed(codec.headers(beat), value),
             )
         except KafkaError as exc:
             self.stats["heartbeats_failed"] += 1
@@ -389,9 +403,17 @@ class Worker:
         self._offsets.drop(lost)
         self._room.set()
 
+    def _signed(self, headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
+        return headers + self.keys.headers(value) if self.keys is not None else headers
+
     async def _process(self, record: ConsumerRecord) -> None:
         """Decode one record, get its reply (running the action at most once) and send it."""
         self.stats["received"] += 1
+        if self.keys is not None:
+            try:
+                self.keys.check(record.value, record.headers)
+            except SignatureError as exc:
+                return await self._reject(record, exc)
         try:
             command = CommandEvent.model_validate_json(record.value or b"")
         except ValidationError as exc:
@@ -407,6 +429,29 @@ class Worker:
             record.topic, record.partition, record.offset, reason,
         )  # fmt: skip
 
+    async def _reject(self, record: ConsumerRecord, exc: SignatureError) -> None:
+        """A command no key of ours signed is never run: dead-letter it (best effort: the
+        step it claims to be for times out in any case) and count it."""
+        self.stats["bad_signatures"] += 1
+        reason = f"command rejected by {self.instance}: {exc.reason}"
+        log.warning(
+            "rejecting command at %s[%d] offset %d: %s",
+            record.topic, record.partition, record.offset, reason,
+        )  # fmt: skip
+        letter = codec.dead_letter(
+            reason=reason, code=exc.code, topic=record.topic, value=record.value,
+            key=record.key, headers=record.headers, partition=record.partition,
+            offset=record.offset,
+        )  # fmt: skip
+        assert self._producer is not None
+        try:
+            await self._producer.send_and_wait(
+                self.topics.dlq, codec.encode(letter), key=record.key,
+                headers=codec.headers(letter),
+            )  # fmt: skip
+        except KafkaError as error:
+            log.error("dead letter of a rejected command not delivered: %r", error)
+
     async def _answer(self, command: CommandEvent) -> None:
         """Send the command's reply: a transient failure is retried with capped backoff; a
         reply the broker refuses for good (too large, say) is replaced, once, by a small
@@ -414,14 +459,17 @@ class Worker:
         reply = await self._reply_for(command)
         assert self._producer is not None
         # The reply may come from the cache as bytes; its headers follow from the command.
-        reply_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id)
+        plain_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id)
         key = command.workflow_id.encode()
         backoff = 0.1
         replaced = False
         while True:
             try:
                 await self._producer.send_and_wait(
-                    command.reply_to, value=reply, key=key, headers=reply_headers
+                    command.reply_to,
+                    value=reply,
+                    key=key,
+                    headers=self._signed(plain_headers, reply),
                 )
                 return
             except KafkaError as exc:
@@ -531,6 +579,27 @@ class Worker:
             attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
             error=error, service=self.service, instance=self.instance, replied_ms=clock.now_ms(),
         )  # fmt: skip
+
+
+def _keyring(service: str, keys: Keyring | str | None) -> Keyring:
+    """The service's keys: given, else from the environment; none is a configuration
+    error that says what to do."""
+    if isinstance(keys, Keyring):
+        return keys
+    spec = keys if keys is not None else os.environ.get(KEYS_ENV, "")
+    if not spec.strip():
+        msg = (
+            f"service {service!r} has no signing keys: pass keys='id=secret' (the mediator's "
+            f"key for it) or set {KEYS_ENV}; signing=False turns signing off, which the "
+            "mediator must also do (signing.enabled: false)"
+        )
+        raise ConfigurationError(msg)
+    try:
+        current = os.environ.get(CURRENT_ENV) if keys is None else None
+        return Keyring(parse_keys(spec, service), current or None)
+    except ValueError as exc:
+        msg = f"service {service!r}: bad signing keys: {exc}"
+        raise ConfigurationError(msg) from None
 
 
 def _wants_command(fn: Handler, name: str) -> bool:

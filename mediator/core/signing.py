@@ -1,0 +1,200 @@
+"""Message signatures: HMAC-SHA256 over a record's value, named by a key id header.
+
+A signed record carries two headers: ``mediator-key`` (the key id) and
+``mediator-signature`` (lowercase hex of ``HMAC-SHA256(secret, value)``, where `secret` is
+the key's UTF-8 bytes and `value` the record's value exactly as published). The value is
+the whole event, type tag included, so a signed command cannot pass for a reply.
+
+Keys belong to one service (`Key.service`) or are shared by every service without keys of
+its own (`service` None). A `Keyring` is one party's keys: it signs with its current key
+and accepts any of them, so a key can rotate without downtime: add the new key everywhere,
+switch the current one, then retire the old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from topics.headers import KEY_ID, SIGNATURE
+
+__all__ = ["Key", "Keyring", "SignatureError", "Signatures", "parse_keys"]
+
+MIN_SECRET_CHARS = 16
+#: `SignatureError.code`s: no signature headers; a signature no key of ours made; no key
+#: to sign with.
+UNSIGNED, BAD_SIGNATURE, NO_KEY = "unsigned", "bad_signature", "no_key"
+
+
+class SignatureError(ValueError):
+    """A record that must be signed is not, or not with a key this party accepts.
+
+    `code` is ``unsigned`` (no signature headers) or ``bad_signature``.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code, self.reason = code, reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One signing key: its id (sent in the header), its secret and its owner."""
+
+    id: str
+    secret: bytes = field(repr=False)
+    service: str | None = None  # None: shared by every service without keys of its own
+
+    def sign(self, value: bytes) -> bytes:
+        return hmac.digest(self.secret, value, hashlib.sha256).hex().encode()
+
+
+class Keyring:
+    """Keys one party signs with (`current`) and accepts (all of them)."""
+
+    __slots__ = ("_by_id", "current")
+
+    def __init__(self, keys: Iterable[Key], current: str | None = None) -> None:
+        self._by_id: dict[str, Key] = {}
+        for key in keys:
+            if key.id in self._by_id:
+                msg = f"signing key id {key.id!r} is given twice; key ids must be unique"
+                raise ValueError(msg)
+            self._by_id[key.id] = key
+        if not self._by_id:
+            msg = "a keyring needs at least one key"
+            raise ValueError(msg)
+        chosen = current if current is not None else next(iter(self._by_id))
+        if chosen not in self._by_id:
+            known = ", ".join(self._by_id)
+            msg = f"current signing key {chosen!r} is not one of the keys ({known})"
+            raise ValueError(msg)
+        self.current = self._by_id[chosen]
+
+    @classmethod
+    def parse(cls, text: str, service: str | None = None) -> Keyring:
+        """Keys from ``id=secret,id=secret`` (the first signs), e.g. an environment
+        variable's value."""
+        return cls(parse_keys(text, service))
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._by_id)
+
+    def get(self, key_id: str) -> Key | None:
+        return self._by_id.get(key_id)
+
+    def headers(self, value: bytes, key: Key | None = None) -> list[tuple[str, bytes]]:
+        """The signature headers of `value`, signed with `key` (default: the current)."""
+        key = key or self.current
+        return [(KEY_ID, key.id.encode()), (SIGNATURE, key.sign(value))]
+
+    def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
+        """The key that signed `value`; `SignatureError` when none of ours did."""
+        key_id = signature = None
+        for name, header in headers or ():
+            if name == KEY_ID:
+                key_id = header
+            elif name == SIGNATURE:
+                signature = header
+        if key_id is None or signature is None:
+            msg = f"not signed (no {KEY_ID!r} and {SIGNATURE!r} headers)"
+            raise SignatureError(UNSIGNED, msg)
+        name = key_id.decode(errors="replace")
+        key = self._by_id.get(name)
+        if key is None:
+            known = ", ".join(self._by_id)
+            msg = f"signed with key {name[:100]!r}, which is not one of ours ({known})"
+            raise SignatureError(BAD_SIGNATURE, msg)
+        if not hmac.compare_digest(key.sign(value or b""), signature):
+            msg = f"signature does not match the value under key {name!r}: forged or altered"
+            raise SignatureError(BAD_SIGNATURE, msg)
+        return key
+
+    def merged(self, other: Keyring) -> Keyring:
+        """Both rings' keys (ids unique across them), signing with this one's current."""
+        return Keyring([*self._by_id.values(), *other._by_id.values()], self.current.id)
+
+
+def parse_keys(spec: str | Mapping[str, str], service: str | None = None) -> list[Key]:
+    """Keys from ``id=secret,id=secret``, a JSON object or a mapping of id to secret, in
+    order."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except ValueError as exc:
+            msg = f"signing keys are not valid JSON: {exc}"
+            raise ValueError(msg) from None
+        if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+            msg = "signing keys in JSON must be an object of key id to secret string"
+            raise ValueError(msg)
+    if isinstance(spec, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key_id, sep, secret = part.partition("=")
+            if not sep:
+                msg = f"signing key {key_id[:20]!r}... must be written id=secret"
+                raise ValueError(msg)
+            pairs.append((key_id.strip(), secret.strip()))
+    else:
+        pairs = list(spec.items())
+    keys = []
+    for key_id, secret in pairs:
+        if not key_id:
+            msg = "a signing key needs an id"
+            raise ValueError(msg)
+        if len(secret) < MIN_SECRET_CHARS:
+            msg = f"signing key {key_id!r} is too short: use at least {MIN_SECRET_CHARS} characters"
+            raise ValueError(msg)
+        keys.append(Key(key_id, secret.encode(), service))
+    return keys
+
+
+class Signatures:
+    """The mediator's keys: every service's own keyring and the shared one.
+
+    Commands to a service (and error replies the mediator writes in a service's stead) are
+    signed with that service's current key, else the shared one; a reply or heartbeat is
+    accepted under any key, and `check` says whose it is, so the caller can hold a record
+    to the service it claims to come from.
+    """
+
+    __slots__ = ("_all", "_services", "shared")
+
+    def __init__(self, shared: Keyring | None, services: Mapping[str, Keyring]) -> None:
+        self.shared = shared
+        self._services = dict(services)
+        rings = [*([shared] if shared else []), *self._services.values()]
+        if not rings:
+            msg = "signing needs at least one key"
+            raise ValueError(msg)
+        everything = rings[0]
+        for ring in rings[1:]:
+            everything = everything.merged(ring)
+        self._all = everything
+
+    def keyring(self, service: str) -> Keyring | None:
+        """The keys `service` signs and verifies with: its own, else the shared ones."""
+        return self._services.get(service, self.shared)
+
+    def sign(self, service: str, value: bytes) -> list[tuple[str, bytes]]:
+        """Signature headers of `value`, a record to or for `service`."""
+        ring = self.keyring(service)
+        if ring is None:
+            msg = (
+                f"no signing key for service {service!r}: give it keys "
+                f"(signing.services.{service}.keys) or set shared ones (signing.keys)"
+            )
+            raise SignatureError(NO_KEY, msg)
+        return ring.headers(value)
+
+    def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
+        """The key that signed `value`; `SignatureError` when no key of ours did."""
+        return self._all.check(value, headers)
+
+    def unsigned(self, services: Iterable[str]) -> list[str]:
+        """Those of `services` that have no key to be signed with."""
+        return sorted(s for s in services if self.keyring(s) is None)

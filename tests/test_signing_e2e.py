@@ -1,0 +1,219 @@
+"""Signed messages over the real broker and Redis: a reply or heartbeat not signed with a
+service's key is never applied (dead-lettered with the reason, counted); per-service keys
+hold each service to its own records; two keys at once let a key rotate; a deployment
+without keys does not start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from aiokafka import AIOKafkaProducer
+
+from mediator.core.signing import Keyring
+from mediator.core.workflow import parse_workflows
+from mediator.definitions import Definitions
+from mediator.errors import ConfigurationError
+from mediator.runtime.app import Mediator
+from mediator.sdk.worker import Worker
+from mediator.settings import Settings, SigningSettings, settings_document
+from mediator.storage.keys import workflow_id_for
+from mediator.storage.registry import read_registry
+from tests.helpers import TEST_KEYRING, records_on, wait_for
+from tests.test_cli import cli
+from tests.test_dlq import wait_for_letters
+from tests.test_workflows_e2e import step
+from topics.events import CommandEvent, HealthEvent, ReplyEvent, ReplyStatus, WorkflowStatus
+
+ONE = {"name": "one", "steps": [step("a", "inventory", action="work", timeout="60s")]}
+TWO = {
+    "name": "two",
+    "steps": [step("a", "inventory", action="work"), step("b", "payment", action="work")],
+}
+FORGER = Keyring.parse("forger=not-the-real-secret-0123456789")
+INVENTORY = "inv-1=inventory-secret-0123456789"
+PAYMENT = "pay-1=payment-secret-0123456789"
+
+
+async def _command(system: Any, service: str) -> CommandEvent:
+    """The first command published to `service`'s topic."""
+
+    async def published() -> list[Any]:
+        return await records_on(system.bootstrap, system.topics.service(service))
+
+    [record] = await wait_for(published, timeout=10, what=f"a command to {service}")
+    return CommandEvent.model_validate_json(record.value)
+
+
+def _reply(command: CommandEvent, **fields: Any) -> bytes:
+    values: dict[str, Any] = {"output": {"forged": True}} | fields
+    reply = ReplyEvent(
+        command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
+        attempt=command.attempt, status=ReplyStatus.OK, **values,
+    )  # fmt: skip
+    return reply.model_dump_json(exclude_none=True).encode()
+
+
+async def _send(system: Any, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=system.bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, headers=headers)
+    finally:
+        await producer.stop()
+
+
+async def test_a_forged_reply_or_heartbeat_is_never_applied(make_system: Any) -> None:
+    system = await make_system(ONE)
+    mediator = await system.mediator()
+    client = await system.client()
+    await client.publish("one", {}, request_id="r-1")
+    command = await _command(system, "inventory")
+    forged = _reply(command)
+
+    # Unsigned, signed with a key the mediator does not know, and signed then altered.
+    await _send(system, system.topics.replies, forged, [])
+    await _send(system, system.topics.replies, forged, FORGER.headers(forged))
+    honest = _reply(command, output={"n": 1})
+    await _send(system, system.topics.replies, forged, TEST_KEYRING.headers(honest))
+    beat = HealthEvent(service="inventory", instance="ghost", ts_ms=0, partitions=[0])
+    value = beat.model_dump_json().encode()
+    await _send(system, system.topics.health, value, [])
+    await _send(system, system.topics.health, value, FORGER.headers(value))
+
+    letters = [d for _, _, d in await wait_for_letters(system.settings, 5)]
+    by_topic = sorted((d.source_topic, d.code) for d in letters)
+    assert by_topic == sorted(
+        [(system.topics.replies, "unsigned"), (system.topics.replies, "bad_signature"),
+         (system.topics.replies, "bad_signature"), (system.topics.health, "unsigned"),
+         (system.topics.health, "bad_signature")]
+    )  # fmt: skip
+    reasons = " | ".join(d.reason for d in letters)
+    assert "not signed" in reasons and "'forger'" in reasons and "does not match" in reasons
+    assert mediator.runtime.stats["bad_signatures"] == 5
+    assert mediator.runtime.stats["replies"] == 0 and mediator.runtime.stats["heartbeats"] == 0
+    state = await mediator.store.load(workflow_id_for("r-1"))
+    assert state is not None and state.status is WorkflowStatus.RUNNING
+    assert state.steps["a"].status.value == "running"
+    registry = await read_registry(mediator.redis, mediator.store.keys)
+    assert "ghost" not in {v.instance for v in registry.get("inventory", [])}
+    code, out, _ = await cli(system.settings, "status", "--json")
+    assert code == 0 and orjson.loads(out)["stats"]["bad_signatures"] == 5
+
+    # The same reply signed with the service's key is applied.
+    await _send(system, system.topics.replies, honest, TEST_KEYRING.headers(honest))
+
+    async def completed() -> bool:
+        state = await mediator.store.load(workflow_id_for("r-1"))
+        return state is not None and state.status is WorkflowStatus.COMPLETED
+
+    await wait_for(completed, timeout=10, what="the honest reply to complete the run")
+
+
+async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
+    """With per-service keys, a reply or heartbeat signed with another service's key is
+    refused; each service's worker signs with its own, and both steps complete."""
+    services = {"inventory": {"keys": INVENTORY}, "payment": {"keys": PAYMENT}}
+    system = await make_system(TWO, signing=_signing(services=services))
+    mediator = await system.mediator()
+    client = await system.client()
+    await client.publish("two", {}, request_id="r-1")
+    command = await _command(system, "inventory")
+    payment = Keyring.parse(PAYMENT)
+    claimed = _reply(command, service="inventory")
+    await _send(system, system.topics.replies, claimed, payment.headers(claimed))
+    beat = HealthEvent(service="inventory", instance="inv-x", ts_ms=0)
+    value = beat.model_dump_json().encode()
+    await _send(system, system.topics.health, value, payment.headers(value))
+    letters = [d for _, _, d in await wait_for_letters(system.settings, 2)]
+    assert sorted(d.reason.split(" signed with ")[0] for d in letters) == [
+        "rejected: heartbeat of 'inventory'",
+        "rejected: reply from 'inventory'",
+    ]
+    assert all("a key of 'payment'" in d.reason for d in letters)
+    # Not naming a service, it counts as payment's: no answer to an inventory step.
+    anonymous = _reply(command)
+    await _send(system, system.topics.replies, anonymous, payment.headers(anonymous))
+    await wait_for(lambda: mediator.runtime.stats["ignored_replies"] >= 1, what="ignored")
+    state = await mediator.store.load(workflow_id_for("r-1"))
+    assert state is not None and state.steps["a"].status.value == "running"
+
+    await system.worker("inventory", {"work": lambda data: {"by": "inventory"}})
+    await system.worker("payment", {"work": lambda data: {"by": "payment"}})
+    result = await client.submit("two", {}, request_id="r-2", timeout=20)
+    assert result.status is WorkflowStatus.COMPLETED
+    replies = await records_on(system.bootstrap, system.topics.replies)
+    used = {dict(r.headers).get("mediator-key") for r in replies}
+    assert {b"inv-1", b"pay-1"} <= used
+
+
+async def test_a_key_rotates_with_both_keys_active(make_system: Any) -> None:
+    """Mid-rotation: the mediator signs with the new key and accepts both; one instance
+    still signs with the old key, another already with the new; all work completes."""
+    old, new = "old=the-old-secret-0123456789", "new=the-new-secret-0123456789"
+    system = await make_system(ONE, signing=_signing(keys=f"{new},{old}", current="new"))
+    await system.mediator()
+    lagging = await system.worker(
+        "inventory", {"work": lambda data: {}}, keys=Keyring.parse(f"{old},{new}"),
+        instance="lagging",
+    )  # fmt: skip
+    rotated = await system.worker(
+        "inventory", {"work": lambda data: {}}, keys=Keyring.parse(f"{new},{old}"),
+        instance="rotated",
+    )  # fmt: skip
+    assert lagging.keys is not None and lagging.keys.current.id == "old"
+    client = await system.client()
+    for n in range(12):
+        result = await client.submit("one", {}, request_id=f"r{n}", timeout=20)
+        assert result.status is WorkflowStatus.COMPLETED
+    commands = await records_on(system.bootstrap, system.topics.service("inventory"))
+    assert {dict(r.headers)["mediator-key"] for r in commands} == {b"new"}
+    replies = await records_on(system.bootstrap, system.topics.replies)
+    signers = {(r.value and ReplyEvent.model_validate_json(r.value).instance,
+                dict(r.headers)["mediator-key"]) for r in replies}  # fmt: skip
+    assert ("lagging", b"old") in signers and ("rotated", b"new") in signers
+    assert lagging.stats["bad_signatures"] == rotated.stats["bad_signatures"] == 0
+
+
+def _signing(**signing: Any) -> SigningSettings:
+    return SigningSettings.model_validate(signing)
+
+
+async def test_without_keys_neither_the_mediator_nor_a_worker_starts(
+    settings: Settings, tmp_path: Path
+) -> None:
+    definitions = Definitions(parse_workflows([ONE]))
+    keyless = settings.model_copy(update={"signing": SigningSettings()})
+    with pytest.raises(ConfigurationError, match=r"signing is on but no keys are set"):
+        Mediator(keyless, definitions)
+    partial = settings.model_copy(
+        update={"signing": _signing(services={"payment": {"keys": PAYMENT}})}
+    )
+    with pytest.raises(ConfigurationError, match=r"no signing key for services inventory"):
+        Mediator(partial, definitions)
+    with pytest.raises(ConfigurationError, match=r"has no signing keys.*MEDIATOR_SIGNING__KEYS"):
+        Worker("inventory", settings.kafka.bootstrap_servers)
+    # From the command line: one line, exit code 2, no traceback.
+    workflows = tmp_path / "one.yaml"
+    workflows.write_text(yaml.safe_dump({"workflows": [ONE]}))
+    config = tmp_path / "mediator.yaml"
+    doc = settings_document(keyless)
+    doc["workflows"] = [str(workflows)]
+    config.write_text(yaml.safe_dump(doc))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mediator", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MEDIATOR_")},
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    stderr = err.decode()
+    assert process.returncode == 2, stderr
+    assert stderr.startswith("error: signing is on but no keys are set"), stderr
+    assert "Traceback" not in stderr
