@@ -265,7 +265,9 @@ class DiscoverySettings(BaseModel):
     grace_ms: int = Field(default=300, ge=0)
     # A replica starting sweeps only after this long: if no replica applied heartbeats
     # for a while (every replica restarted), the registry is stale, not the instances
-    # dead; their heartbeats refresh it first.
+    # dead; their heartbeats refresh it first. Likewise, when every instance of a service
+    # goes quiet at once (Redis or the health consumer stalled, or the whole service
+    # died), they are marked down only this long after their deadlines.
     startup_grace: Millis = Field(default=5_000)
     # A down instance not heard from for this long is dropped from the registry.
     forget_after: Millis = Field(default=600_000)

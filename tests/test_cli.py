@@ -30,6 +30,10 @@ async def cli(
         "MEDIATOR_REDIS__URL": settings.redis.url,
         "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
+        "MEDIATOR_SIGNING__KEYS": ",".join(
+            f"{key_id}={secret.get_secret_value()}"
+            for key_id, secret in settings.signing.keys.items()
+        ),
         **(env or {}),
     }
     process = await asyncio.create_subprocess_exec(

@@ -25,7 +25,7 @@ from mediator.cli.infra import create_topics
 from mediator.ops.dlq import DlqError, Letter, read_dead_letters, refusal, replay, select
 from mediator.runtime.failures import dead_letter
 from mediator.sdk.client import MediatorClient
-from mediator.settings import LimitsSettings, Settings
+from mediator.settings import LimitsSettings, Settings, settings_document
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import produce, records_on, wait_for
 from tests.system import System, echo
@@ -361,7 +361,7 @@ async def test_dry_run_publishes_nothing_and_each_letter_is_sorted_on_its_own(
 @pytest.fixture
 def config_file(settings: Settings, tmp_path: Path) -> Path:
     path = tmp_path / "mediator.yaml"
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    path.write_text(yaml.safe_dump(settings_document(settings)))
     return path
 
 

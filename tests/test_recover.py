@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from mediator import clock, codec, producers
 from mediator.errors import BadTime, RecoverError
 from mediator.ops.recover import parse_time, recover
-from mediator.settings import Settings
+from mediator.settings import Settings, settings_document
 from mediator.storage.keys import Keys, workflow_id_for
 from tests.helpers import records_on
 from topics.events import RequestEvent
@@ -224,7 +224,7 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
 @pytest.fixture
 def config_file(settings: Settings, tmp_path: Path) -> Path:
     path = tmp_path / "mediator.yaml"
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    path.write_text(yaml.safe_dump(settings_document(settings)))
     return path
 
 

@@ -85,7 +85,7 @@ async def test_a_silent_instance_is_marked_down_once_across_replicas(
     redis_client: Redis, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix, 4)
-    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0, startup_grace="300ms")
     one, two = Registry(redis_client, keys, settings), Registry(redis_client, keys, settings)
     joined = await one.apply([beat("i-1"), beat("i-2")])
     assert [(c.instance, c.what) for c in joined] == [("i-1", "joined"), ("i-2", "joined")]
@@ -108,9 +108,29 @@ async def test_a_silent_instance_is_marked_down_once_across_replicas(
     assert [(c.instance, c.what) for c in back] == [("i-1", "back up"), ("i-2", "draining")]
     left = await one.apply([beat("i-2", HealthStatus.DOWN)])
     assert [(c.instance, c.what) for c in left] == [("i-2", "left")]
-    await asyncio.sleep(0.3)
+    # Nobody is heard from after that: i-1 is down once the hold after its deadline is over.
+    await asyncio.sleep(0.7)
     deaths = [c.instance for c in await one.sweep()]
     assert deaths == ["i-1"]  # the one that left is not reported as dead
+
+
+async def test_instances_silent_all_at_once_are_held_before_they_are_marked_down(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Every instance of a service going quiet together looks like a stall of Redis or of
+    the health consumer: no death is reported until the hold after their deadlines is
+    over, so a stall's backlog of heartbeats arrives first. A real collective death is
+    still found, after the hold."""
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0, startup_grace="1s")
+    registry = Registry(redis_client, Keys(key_prefix, 4), settings)
+    await registry.apply([beat("i-1"), beat("i-2")])  # 100 ms intervals: 200 ms deadlines
+    await asyncio.sleep(0.5)
+    assert await registry.sweep() == []
+    assert await registry.apply([beat("i-1"), beat("i-2")]) == []  # the backlog: all fine
+    await asyncio.sleep(0.5)
+    assert await registry.sweep() == []
+    await asyncio.sleep(0.9)
+    assert sorted(c.instance for c in await registry.sweep()) == ["i-1", "i-2"]
 
 
 async def test_an_operator_drain_outlasts_the_instance_heartbeats_until_it_leaves(

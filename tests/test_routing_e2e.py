@@ -198,6 +198,14 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     # Restarted under the same id, it is back up and gets work again.
     victim.start()
     await wait_for(lambda: all_routable(mediator, names), timeout=60, what="the restart")
+
+    async def idle() -> bool:
+        # A restart first re-runs the commands it had not committed (at least once), and
+        # least-loaded rightly avoids it while it does.
+        views = (await read_registry(mediator.redis, mediator.store.keys))["inventory"]
+        return all(v.beat.get("load") == 0 for v in views)
+
+    await wait_for(idle, timeout=30, what="every instance idle")
     again = await asyncio.gather(
         *(client.submit("work", {}, request_id=f"r-{n}", timeout=60) for n in range(12))
     )

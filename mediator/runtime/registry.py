@@ -98,7 +98,13 @@ class Registry:
             for service in services:
                 await self._sweep(
                     keys=self.keys.registry(service),
-                    args=[1000, self.settings.forget_after],
+                    args=[
+                        1000,
+                        self.settings.forget_after,
+                        self.settings.startup_grace,
+                        self.settings.missed_heartbeats,
+                        self.settings.grace_ms,
+                    ],
                     client=pipe,
                 )
             replies = await pipe.execute()
