@@ -2,6 +2,7 @@
 ``python -m tests.service_main CONFIG.json``. It runs one action, ``work``, which waits
 ``delay`` seconds and answers with its instance id; every command it receives is
 printed (``received <command id> <attempt> <unix ms>``) so a test can see where each went.
+With ``fail``, every call fails with a retryable error (a broken instance).
 SIGTERM drains it (the SDK's own handling)."""
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any
 
 import orjson
 
-from mediator.sdk.worker import Worker
+from mediator.sdk.worker import ActionError, Worker
 from topics.events import CommandEvent
 from topics.names import Topics
 
 
 async def main(config: dict[str, Any]) -> None:
     delay = float(config.get("delay", 0.0))
+    fail = bool(config.get("fail", False))
     worker = Worker(
         config["service"],
         config["bootstrap"],
@@ -38,6 +40,9 @@ async def main(config: dict[str, Any]) -> None:
     async def work(data: Any, command: CommandEvent) -> dict[str, Any]:
         print(f"received {command.command_id} {command.attempt} {time.time_ns() // 1_000_000}")
         await asyncio.sleep(delay)
+        if fail:
+            broken = f"{worker.instance} is broken"
+            raise ActionError(broken, code="broken", retryable=True)
         return {"by": worker.instance}
 
     worker.add_action("work", work)

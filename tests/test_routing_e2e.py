@@ -212,6 +212,54 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     assert victim.instance in by_instance(list(again))
 
 
+async def test_a_failing_instance_is_routed_around_by_its_own_breaker(
+    make_system: Any, fleet: Any
+) -> None:
+    """One instance of three fails every call (retryably) while the others are fine: its
+    breaker opens after `failure_threshold` failures and the balancer skips it; the
+    service's breaker stays closed, every run completes (the failed attempts retried on
+    the healthy instances)."""
+    retry = {"max_attempts": 4, "backoff": "50ms"}
+    flaky = {"name": "work", "steps": [{**step("a", "inventory", action="work"),
+                                        "timeout": "30s", "retry": retry}]}  # fmt: skip
+    system = await make_system(flaky)
+    processes = await fleet(
+        system, {"instance": "ok-1"}, {"instance": "broken", "fail": True}, {"instance": "ok-2"}
+    )
+    broken = processes[1]
+    breakers = system.settings.circuit_breaker.model_copy(
+        update={"failure_threshold": 2, "recovery_timeout": 60_000}
+    )
+    settings = system.settings.model_copy(
+        update={"load_balancing": LoadBalancingSettings(strategy="round_robin"),  # type: ignore[arg-type]
+                "circuit_breaker": breakers}
+    )  # fmt: skip
+    mediator = Mediator(settings, system.definitions)
+    await mediator.start()
+    try:
+        names = [p.instance for p in processes]
+        await wait_for(lambda: all_routable(mediator, names), timeout=60, what="three instances")
+        client = await system.client()
+        for n in range(9):  # one at a time: the broken one gets every third command
+            result = await client.submit("work", {}, request_id=f"warm-{n}", timeout=30)
+            assert result.status is WorkflowStatus.COMPLETED
+        assert mediator.runtime.router is not None
+        breaker = mediator.runtime.router.breakers
+        assert breaker is not None and "broken" in breaker.open(
+            "inventory", int(time.time() * 1000)
+        )
+        received = len(broken.received())
+        assert 2 <= received <= 3, received  # it opened at the second failure
+        results = await submit(system, "after", 30)
+        assert len(broken.received()) == received  # skipped since
+        assert set(by_instance(results)) == {"ok-1", "ok-2"}
+        assert mediator.breakers.state("inventory") == "closed"
+    finally:
+        await mediator.stop()
+    code, out, _ = await cli(system.settings, "status", "--json")
+    assert code == 0 and "instance:inventory:breaker_opened" in out
+
+
 async def test_a_drained_instance_gets_no_new_command_and_finishes_its_own(
     make_system: Any, fleet: Any
 ) -> None:

@@ -149,6 +149,8 @@ class Engine:
             )
             transition.count(f"svc:{service}:ok")
             transition.outcomes.append((service, True))
+            if reply.instance:
+                transition.instance_outcomes.append((service, reply.instance, True))
             if state.status is WorkflowStatus.COMPENSATING:
                 return self._compensate(workflow, transition, now_ms)
             return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
@@ -158,6 +160,8 @@ class Engine:
         transition.count(f"svc:{service}:error")
         if error.retryable:
             transition.outcomes.append((service, False))
+            if reply.instance:
+                transition.instance_outcomes.append((service, reply.instance, False))
         return self._fail_attempt(workflow, transition, step, failure, now_ms, reply.instance)
 
     def apply_timer(
@@ -188,6 +192,8 @@ class Engine:
                 service = step_state.via or step.service
                 transition.count(f"svc:{service}:timeout")
                 transition.outcomes.append((service, False))
+                if step_state.instance:
+                    transition.instance_outcomes.append((service, step_state.instance, False))
                 message = (
                     f"step {step.id!r} attempt {timer.attempt} got no reply within "
                     f"{step.timeout_ms} ms"

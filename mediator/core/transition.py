@@ -63,6 +63,9 @@ class Transition:
     #: Commands held back because their service's breaker is open: (service, the name of
     #: the ``unpark`` timer that releases the step), queued in the service's parked queue.
     parked: list[tuple[str, str]] = field(default_factory=list)
+    #: What the per-instance breakers learn: (service, instance, succeeded) per answered
+    #: or timed-out command that was routed to a registered instance.
+    instance_outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to counter `name`."""

@@ -180,7 +180,14 @@ class Runtime:
         #: Routes commands of services that heartbeat to chosen instances. None: every
         #: command goes where its key falls (discovery or load balancing off).
         self.router = (
-            Router(registry, balancing, self.engine, store, self.stats)
+            Router(
+                registry,
+                balancing,
+                self.engine,
+                store,
+                self.stats,
+                breakers.settings if breakers is not None else None,
+            )
             if registry is not None and balancing is not None and balancing.enabled
             else None
         )
@@ -466,10 +473,18 @@ class Runtime:
         if (rerouted := transition.counters.get("rerouted")) is not None:
             self.stats["rerouted"] += rerouted
 
-    async def _record(self, outcomes: list[tuple[str, bool]]) -> None:
-        """Tell the breakers what the committed transitions learnt about the services.
-        The transitions are committed already: a Redis failure here is logged, not raised
-        (the breakers miss these outcomes; their state is advisory)."""
+    async def _record(
+        self,
+        outcomes: list[tuple[str, bool]],
+        by_instance: list[tuple[str, str, bool]],
+        out: _Out,
+    ) -> None:
+        """Tell the breakers (of services, and of instances) what the committed
+        transitions learnt. The transitions are committed already: a Redis failure here is
+        logged, not raised (the breakers miss these outcomes; their state is advisory)."""
+        if self.router is not None and by_instance:
+            for change in self.router.record(by_instance):
+                out.counts[change] += 1
         if not outcomes or self.breakers is None:
             return
         try:
@@ -488,6 +503,7 @@ class Runtime:
         fresh = set(missing)
         outgoing: list[Message] = []
         outcomes: list[tuple[str, bool]] = []
+        by_instance: list[tuple[str, str, bool]] = []
         since = time.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
@@ -505,6 +521,7 @@ class Runtime:
                     outgoing += messages
                     self.cache.put(commit.state)
                     outcomes += item.transition.outcomes
+                    by_instance += item.transition.instance_outcomes
                     self._parked_count(item.transition)
                 else:
                     self.stats["conflicts"] += 1
@@ -521,7 +538,7 @@ class Runtime:
             if not groups:
                 break
         await self.dispatcher.send(outgoing, since)
-        await self._record(outcomes)
+        await self._record(outcomes, by_instance, out)
         await self._flush(out)
         if out.stale_timers:
             self.stats["stale_timers"] += len(out.stale_timers)
@@ -858,6 +875,7 @@ def _merge(first: Transition, second: Transition) -> Transition:
         [*first.cleared, *second.cleared],
         [*first.outcomes, *second.outcomes],
         [*first.parked, *second.parked],
+        [*first.instance_outcomes, *second.instance_outcomes],
     )
     for name, delta in second.counters.items():
         merged.count(name, delta)

@@ -20,13 +20,15 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from mediator.clock import now_ms
 from mediator.core.balancer import Balancer, Instance, NoInstance, Strategy
 from mediator.core.engine import Engine, SendCommand, Transition
 from mediator.core.expressions import compile_expression
+from mediator.core.instance_breakers import InstanceBreakers
 from mediator.core.routing import instance_prefix
 from mediator.runtime.ports import StateStore
 from mediator.runtime.registry import Change, Registry
-from mediator.settings import LoadBalancingSettings
+from mediator.settings import BreakerSettings, LoadBalancingSettings
 from mediator.storage.registry import InstanceView
 from topics.events import HealthStatus, ReplyEvent
 
@@ -46,6 +48,7 @@ class Router:
         engine: Engine,
         store: StateStore,
         stats: Counter[str] | dict[str, int],
+        breakers: BreakerSettings | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
@@ -58,6 +61,12 @@ class Router:
         #: those answered since.
         self._extra: dict[str, Counter[str]] = {}
         self._reported: dict[tuple[str, str], int] = {}
+        #: Breakers per instance, from the outcomes this replica applies; None: off.
+        self.breakers = (
+            InstanceBreakers(lambda service: _policy(breakers, service))
+            if breakers is not None and breakers.enabled
+            else None
+        )
 
     def route(self, transition: Transition) -> None:
         """Address each new command of `transition` to a chosen instance."""
@@ -77,8 +86,9 @@ class Router:
             if strategy is Strategy.CONSISTENT_HASH and key_expression is not None:
                 key = _key(key_expression, transition, command.input)
             extra = self._extra.setdefault(service, Counter())
+            blocked = self.breakers.blocked(service, now_ms()) if self.breakers else None
             try:
-                chosen = balancer.choose(fleet, key=key, extra=extra)
+                chosen = balancer.choose(fleet, key=key, blocked=blocked, extra=extra)
             except NoInstance:
                 # Every registered instance is down or draining: the key decides, and
                 # whoever consumes that partition (or takes it over) gets the command.
@@ -96,6 +106,19 @@ class Router:
             if extra is not None and extra.get(reply.instance, 0) > 0:
                 extra[reply.instance] -= 1
 
+    def record(self, outcomes: Sequence[tuple[str, str, bool]]) -> list[str]:
+        """Feed the per-instance breakers; the counters of what opened or closed."""
+        if self.breakers is None:
+            return []
+        now = now_ms()
+        changes = []
+        for service, instance, ok in outcomes:
+            change = self.breakers.record(service, instance, ok, now)
+            if change is not None:
+                log.warning("breaker of instance %s of %s %s", instance, service, change)
+                changes.append(f"instance:{service}:breaker_{change}")
+        return changes
+
     async def on_deaths(self, deaths: Sequence[Change]) -> None:
         """Instances were marked down: hand on the commands in flight on each."""
         for death in deaths:
@@ -104,6 +127,8 @@ class Router:
     async def hand_on(self, service: str, instance: str) -> int:
         """Turn the attempts in flight on `instance` into ``reroute`` timers due now."""
         moved = await self.store.reroute_instance(instance_prefix(service, instance))
+        if self.breakers is not None:
+            self.breakers.forget(service, instance)
         self._extra.get(service, Counter()).pop(instance, None)
         if moved:
             self.stats["rerouted_on_death"] += moved
@@ -153,6 +178,11 @@ class Router:
             capacity=max(int(beat.get("capacity") or 1), 1),
             weight=float(beat.get("weight") or 1.0),
         )
+
+
+def _policy(settings: BreakerSettings, service: str) -> tuple[int, int]:
+    policy = settings.policy(service)
+    return policy.failure_threshold, int(policy.recovery_timeout)
 
 
 def _key(expression: str, transition: Transition, command_input: Any) -> str | None:
