@@ -58,21 +58,28 @@ async def _serve(handle: Callable[[str], str]) -> None:
         stopping.cancel()
 
 
-async def services(settings: Settings, concurrency: int) -> None:
-    """The echo service, one SDK worker."""
+async def services(
+    settings: Settings, concurrency: int, instance: str | None = None, delay_s: float = 0.0
+) -> None:
+    """The echo service, one SDK worker (answering after `delay_s`)."""
     kafka = settings.kafka
     worker = Worker(
         ECHO,
         kafka.bootstrap_servers,
         topics=kafka.topics,
-        instance=f"{ECHO}-bench",
+        instance=instance or f"{ECHO}-bench",
         enable_idempotence=kafka.enable_idempotence,
         concurrency=concurrency,
         consumer_options=kafka.consumer_options(),
         keys=settings.signing.for_service(ECHO),
         signing=settings.signing.enabled,
     )
-    worker.add_action(ECHO, echo)
+
+    async def slow_echo(data: Any) -> Any:
+        await asyncio.sleep(delay_s)
+        return data
+
+    worker.add_action(ECHO, slow_echo if delay_s else echo)
 
     def handle(command: str) -> str:
         if command == "stats":
@@ -115,12 +122,18 @@ def main() -> None:
     parser.add_argument("role", choices=["services", "mediator"])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=1000)
+    parser.add_argument("--instance", help="services: the instance id (default echo-bench)")
+    parser.add_argument("--delay", type=float, default=0.0, help="services: seconds per call")
     args = parser.parse_args()
     settings = load_settings(args.config)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    coro = services(settings, args.concurrency) if args.role == "services" else mediator(settings)
+    coro = (
+        services(settings, args.concurrency, args.instance, args.delay)
+        if args.role == "services"
+        else mediator(settings)
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
 

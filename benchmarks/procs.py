@@ -127,6 +127,12 @@ class Child:
                 process.stdin.close()
         return process.returncode
 
+    async def kill(self) -> None:
+        """SIGKILL the process group, as a crash would, and reap it."""
+        self._signal_group(signal.SIGKILL)
+        if self.process is not None:
+            await self.process.wait()
+
     def _signal_group(self, signum: signal.Signals) -> None:
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

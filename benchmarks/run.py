@@ -21,7 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from benchmarks import celery_bench, floor, mediator_bench, micro, report, scaling
+from benchmarks import celery_bench, floor, mediator_bench, micro, report, routing_bench, scaling
 from benchmarks.common import Budget, Measure, Profile
 from benchmarks.stage import Stage, machine, open_stage
 
@@ -29,10 +29,10 @@ HERE = Path(__file__).resolve().parent
 # Micro-benchmarks first: they time single operations, and after the load sections the
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
-SECTIONS = ("micro", "floor", "mediator", "celery", "scaling")
+SECTIONS = ("micro", "floor", "mediator", "celery", "scaling", "routing")
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.15, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
-         "scaling": 0.3}  # fmt: skip
+         "scaling": 0.3, "routing": 0.25}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -68,6 +68,10 @@ async def _scaling(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await scaling.run_scaling(stage, profile, profile.mediator_in_flight, out=out)
 
 
+async def _routing(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await routing_bench.run_routing(stage, profile, out)
+
+
 RUNNERS: dict[str, Section] = {
     "floor": _floor,
     "mediator": _mediator,
@@ -75,6 +79,7 @@ RUNNERS: dict[str, Section] = {
     "celery": _celery,
     "micro": _micro,
     "scaling": _scaling,
+    "routing": _routing,
 }
 
 

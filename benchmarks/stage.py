@@ -165,8 +165,11 @@ class Stage:
         return path
 
     @contextlib.asynccontextmanager
-    async def rig(self, name: str, *, mediator: bool = False) -> AsyncIterator[Rig]:
-        """A fresh broker (or fresh topics), the echo service, and a replica if asked for."""
+    async def rig(
+        self, name: str, *, mediator: bool = False, **overrides: Any
+    ) -> AsyncIterator[Rig]:
+        """A fresh broker (or fresh topics), the echo service, and a replica if asked for;
+        `overrides` replace sections of the settings (``load_balancing={...}``)."""
         async with contextlib.AsyncExitStack() as stack:
             if self.bootstrap is None:
                 broker = await stack.enter_async_context(EmbeddedKafka())
@@ -174,6 +177,8 @@ class Stage:
             else:
                 bootstrap = self.bootstrap
             settings = self.settings(name, bootstrap)
+            if overrides:
+                settings = load_settings(**{**settings_document(settings), **overrides})
             topics = settings.kafka.topics
             await create_topics(
                 bootstrap,
@@ -190,9 +195,15 @@ class Stage:
             await asyncio.gather(*(child.start(ready_timeout_s=60) for child in children))
             yield Rig(settings, children[1] if mediator else None)
 
-    def _host(self, role: str, config: Path) -> Child:
-        args = ["-m", "benchmarks.hosts", role, "--config", str(config)]
-        return Child(f"{config.stem}-{role}", args, self.workdir)
+    def _host(self, role: str, config: Path, *extra: str, name: str | None = None) -> Child:
+        args = ["-m", "benchmarks.hosts", role, "--config", str(config), *extra]
+        return Child(f"{config.stem}-{name or role}", args, self.workdir)
+
+    def echo_instance(self, settings: Settings, instance: str, delay_s: float) -> Child:
+        """One more echo service instance, its own process (not started)."""
+        config = self.write_config(settings)
+        extra = ("--instance", instance, "--delay", str(delay_s))
+        return self._host("services", config, *extra, name=instance)
 
 
 class Rigs:
