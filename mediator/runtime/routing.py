@@ -35,6 +35,8 @@ from topics.events import HealthStatus, ReplyEvent
 __all__ = ["Router"]
 
 log = logging.getLogger("mediator.routing")
+#: Under the service breakers' logger, so whatever quiets those quiets these too.
+breaker_log = logging.getLogger("mediator.breakers.instances")
 
 
 class Router:
@@ -115,7 +117,7 @@ class Router:
         for service, instance, ok in outcomes:
             change = self.breakers.record(service, instance, ok, now)
             if change is not None:
-                log.warning("breaker of instance %s of %s %s", instance, service, change)
+                breaker_log.warning("breaker of instance %s of %s %s", instance, service, change)
                 changes.append(f"instance:{service}:breaker_{change}")
         return changes
 
