@@ -10,11 +10,28 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from mediator.core.signing import Keyring
 
-__all__ = ["TEST_KEYRING", "TEST_KEYS", "consume_all", "produce", "records_on", "wait_for"]
+__all__ = [
+    "TEST_KEYRING",
+    "TEST_KEYS",
+    "consume_all",
+    "produce",
+    "records_on",
+    "signing_spec",
+    "wait_for",
+]
 
 #: The shared signing key of test deployments (`signing.keys`), as ``id=secret``.
 TEST_KEYS = "test-1=test-secret-0123456789abcdef"
 TEST_KEYRING = Keyring.parse(TEST_KEYS)
+
+
+def signing_spec(ring: Keyring | None) -> str:
+    """`ring` as ``id=secret,...`` with its current key first (a worker's ``keys=``, or
+    ``MEDIATOR_SIGNING__KEYS``); empty for no ring."""
+    if ring is None:
+        return ""
+    keys = [ring.current, *(k for k in ring.keys if k is not ring.current)]
+    return ",".join(f"{k.id}={k.secret.decode()}" for k in keys)
 
 
 async def wait_for(
@@ -87,10 +104,11 @@ async def produce(
     values: Sequence[bytes],
     keys: Sequence[bytes | None] | None = None,
     *,
-    signed: bool = True,
+    headers: Sequence[tuple[str, bytes]] | None = None,
 ) -> None:
     """Publish ``values`` (with ``keys``, if given) to ``topic`` and wait for every ack;
-    `signed` with the test key, as a service would sign a reply or heartbeat."""
+    signed with the test key, as a service would sign a reply or heartbeat, unless
+    `headers` are given (then each is published with exactly those)."""
     if keys is not None and len(keys) != len(values):
         msg = f"got {len(keys)} keys for {len(values)} values"
         raise ValueError(msg)
@@ -99,9 +117,11 @@ async def produce(
     await producer.start()
     try:
         for i, value in enumerate(values):
-            headers = TEST_KEYRING.headers(value) if signed else []
             await producer.send_and_wait(
-                topic, value, key=keys[i] if keys else None, headers=headers
+                topic,
+                value,
+                key=keys[i] if keys else None,
+                headers=list(headers) if headers is not None else TEST_KEYRING.headers(value),
             )
     finally:
         await producer.stop()

@@ -16,6 +16,7 @@ import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mediator.settings import Settings, settings_document
+from tests.helpers import signing_spec
 
 __all__ = ["MediatorProcess", "ServiceProcess", "group_members"]
 
@@ -129,10 +130,7 @@ class ServiceProcess(_Process):
 def keys_spec(settings: Settings, service: str) -> str | None:
     """`service`'s keys as ``id=secret,...`` (current first); None with signing off."""
     ring = settings.signing.for_service(service) if settings.signing.enabled else None
-    if ring is None:
-        return None
-    keys = [ring.current] + [k for i in ring.ids if (k := ring.get(i)) and k != ring.current]
-    return ",".join(f"{k.id}={k.secret.decode()}" for k in keys)
+    return signing_spec(ring) if ring is not None else None
 
 
 async def group_members(bootstrap: str, group: str) -> int:

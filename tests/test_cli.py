@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from mediator.sdk.worker import ActionError
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
+from tests.helpers import signing_spec
 from tests.system import echo
 
 
@@ -30,10 +31,7 @@ async def cli(
         "MEDIATOR_REDIS__URL": settings.redis.url,
         "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
-        "MEDIATOR_SIGNING__KEYS": ",".join(
-            f"{key_id}={secret.get_secret_value()}"
-            for key_id, secret in settings.signing.keys.items()
-        ),
+        "MEDIATOR_SIGNING__KEYS": signing_spec(settings.signing.keyring()),
         **(env or {}),
     }
     process = await asyncio.create_subprocess_exec(

@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaProducer
 
 from mediator.core.signing import Keyring
 from mediator.core.workflow import parse_workflows
@@ -25,7 +24,7 @@ from mediator.sdk.worker import Worker
 from mediator.settings import Settings, SigningSettings, settings_document
 from mediator.storage.keys import workflow_id_for
 from mediator.storage.registry import read_registry
-from tests.helpers import TEST_KEYRING, records_on, wait_for
+from tests.helpers import TEST_KEYRING, produce, records_on, wait_for
 from tests.test_cli import cli
 from tests.test_dlq import wait_for_letters
 from tests.test_workflows_e2e import step
@@ -61,12 +60,7 @@ def _reply(command: CommandEvent, **fields: Any) -> bytes:
 
 
 async def _send(system: Any, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=system.bootstrap, enable_idempotence=False)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, value, headers=headers)
-    finally:
-        await producer.stop()
+    await produce(system.bootstrap, topic, [value], headers=headers)
 
 
 async def test_a_forged_reply_or_heartbeat_is_never_applied(make_system: Any) -> None:

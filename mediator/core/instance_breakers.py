@@ -54,9 +54,7 @@ class InstanceBreakers:
             breaker = breakers[instance] = _Breaker()
         if ok:
             was_open = breaker.open_until > 0
-            breakers.pop(instance, None)
-            if not any(b.open_until for b in breakers.values()):
-                self._tripped.discard(service)
+            self.forget(service, instance)
             return "closed" if was_open else None
         threshold, recovery_ms = self.policy(service)
         breaker.failures += 1
@@ -93,5 +91,9 @@ class InstanceBreakers:
         return sorted(i for i, b in breakers.items() if b.open_until and now_ms < b.open_until)
 
     def forget(self, service: str, instance: str) -> None:
-        """The instance left or died: a restart starts with a closed breaker."""
-        self._breakers.get(service, {}).pop(instance, None)
+        """Close `instance`'s breaker (it answered, left or died: a restart starts with a
+        closed breaker)."""
+        breakers = self._breakers.get(service, {})
+        breakers.pop(instance, None)
+        if not any(b.open_until for b in breakers.values()):
+            self._tripped.discard(service)

@@ -81,16 +81,16 @@ class Keyring:
         return cls(parse_keys(text, service))
 
     @property
+    def keys(self) -> list[Key]:
+        return list(self._by_id.values())
+
+    @property
     def ids(self) -> list[str]:
         return list(self._by_id)
 
-    def get(self, key_id: str) -> Key | None:
-        return self._by_id.get(key_id)
-
-    def headers(self, value: bytes, key: Key | None = None) -> list[tuple[str, bytes]]:
-        """The signature headers of `value`, signed with `key` (default: the current)."""
-        key = key or self.current
-        return [(KEY_ID, key.id.encode()), (SIGNATURE, key.sign(value))]
+    def headers(self, value: bytes) -> list[tuple[str, bytes]]:
+        """The signature headers of `value`, signed with the current key."""
+        return [(KEY_ID, self.current.id.encode()), (SIGNATURE, self.current.sign(value))]
 
     def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
         """The key that signed `value`; `SignatureError` when none of ours did."""
@@ -113,10 +113,6 @@ class Keyring:
             msg = f"signature does not match the value under key {name!r}: forged or altered"
             raise SignatureError(BAD_SIGNATURE, msg)
         return key
-
-    def merged(self, other: Keyring) -> Keyring:
-        """Both rings' keys (ids unique across them), signing with this one's current."""
-        return Keyring([*self._by_id.values(), *other._by_id.values()], self.current.id)
 
 
 def parse_keys(spec: str | Mapping[str, str], service: str | None = None) -> list[Key]:
@@ -171,10 +167,8 @@ class Signatures:
         if not rings:
             msg = "signing needs at least one key"
             raise ValueError(msg)
-        everything = rings[0]
-        for ring in rings[1:]:
-            everything = everything.merged(ring)
-        self._all = everything
+        # One ring of every key (ids unique across them all), to check with.
+        self._all = Keyring(key for ring in rings for key in ring.keys)
 
     def keyring(self, service: str) -> Keyring | None:
         """The keys `service` signs and verifies with: its own, else the shared ones."""
