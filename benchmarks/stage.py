@@ -141,6 +141,7 @@ class Stage:
                 "heartbeat_interval_ms": 300,
             },
             redis={"url": self.redis_url, "key_prefix": run, "shards": 16},
+            http={"port": 0},
             # `void` exists to make step timeouts fire (timer lag is measured on them): its
             # breaker would open and park its commands, turning each timeout into a
             # `circuit_open`. The echo service keeps the default breaker.

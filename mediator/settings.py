@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mediator.codec import validation_reason
+from mediator.core.alerts import Rule
 from mediator.core.balancer import Strategy
 from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
@@ -36,11 +37,15 @@ from mediator.errors import ConfigurationError
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
 __all__ = [
+    "AlertThreshold",
+    "AuditSettings",
     "BackoffSettings",
     "BreakerPolicy",
     "BreakerSettings",
+    "HttpSettings",
     "KafkaSettings",
     "LimitsSettings",
+    "MonitoringSettings",
     "OutboxSettings",
     "RedisSettings",
     "Settings",
@@ -273,6 +278,112 @@ class DiscoverySettings(BaseModel):
     forget_after: Millis = Field(default=600_000)
 
 
+def _fraction(value: Any) -> Any:
+    """A share as written (``"5%"``, ``0.05``) as a fraction of one."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    msg = f"{value!r} is not a share (e.g. 5% or 0.05)"
+    raise ValueError(msg)
+
+
+class AlertThreshold(BaseModel):
+    """One alert rule, evaluated per service over the alert window.
+
+    ``response_time`` fires when the window's `percentile` (p95 by default) is above the
+    threshold (a duration); ``error_rate`` and ``timeout_rate`` when that share of the
+    commands answered or timed out is above it (``"5%"``); ``availability`` when the
+    share of samples with an instance up is below it (``"99%"``; services that heartbeat).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: Literal["response_time", "error_rate", "timeout_rate", "availability"]
+    threshold: str | float
+    severity: Literal["info", "warning", "critical"] = "warning"
+    percentile: float = Field(default=95, gt=0, le=100)
+    # The services it applies to; empty: every service.
+    services: list[str] = Field(default_factory=list)
+    # Fewer answers than this in the window are too few to judge a rate or a percentile.
+    min_samples: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _threshold_parses(self) -> AlertThreshold:
+        self.limit  # noqa: B018 - raises on a threshold that does not parse
+        return self
+
+    @property
+    def limit(self) -> float:
+        """The threshold as a number: milliseconds, or a fraction of one."""
+        if self.metric == "response_time":
+            return float(_millis(self.threshold))
+        return float(_fraction(self.threshold))
+
+    def rule(self) -> Rule:
+        """The rule the alert evaluator applies."""
+        return Rule(
+            self.metric,
+            self.limit,
+            self.severity,
+            self.percentile,
+            tuple(self.services),
+            self.min_samples,
+        )
+
+
+def _default_thresholds() -> list[AlertThreshold]:
+    return [
+        AlertThreshold(metric="response_time", threshold="5s", severity="warning"),
+        AlertThreshold(metric="error_rate", threshold="5%", severity="critical"),
+        AlertThreshold(metric="availability", threshold="99%", severity="critical"),
+    ]
+
+
+class MonitoringSettings(BaseModel):
+    """Service and workflow metrics kept in Redis, and the alerts evaluated over them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # Width of one time bucket, and how long buckets are kept.
+    bucket_s: int = Field(default=10, ge=1, le=3600)
+    window: Millis = Field(default=24 * 3600 * 1000)
+    # How often a replica writes what it tallied (one pipeline).
+    flush_ms: int = Field(default=1_000, ge=10)
+    # Alerts: evaluated by one replica at a time (a lease), this often, over this window.
+    alerts: bool = True
+    alert_interval: Millis = Field(default=5_000)
+    alert_window: Millis = Field(default=60_000)
+    alert_thresholds: list[AlertThreshold] = Field(default_factory=_default_thresholds)
+    # Alert history kept in Redis (newest first).
+    alert_history: int = Field(default=1_000, ge=1)
+
+
+class AuditSettings(BaseModel):
+    """The audit log of every run: each transition, in a capped Redis stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # Entries kept per run (the oldest go first).
+    max_entries: int = Field(default=200, ge=1)
+
+
+class HttpSettings(BaseModel):
+    """The replica's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 0: any free port (logged at start).
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
 class BalancePolicy(BaseModel):
     """How one service's commands are spread over its registered instances."""
 
@@ -416,6 +527,9 @@ class Settings(BaseSettings):
     discovery: DiscoverySettings = DiscoverySettings()
     load_balancing: LoadBalancingSettings = LoadBalancingSettings()
     signing: SigningSettings = SigningSettings()
+    service_monitoring: MonitoringSettings = MonitoringSettings()
+    audit: AuditSettings = AuditSettings()
+    http: HttpSettings = HttpSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

@@ -120,6 +120,7 @@ def settings(
         },
         redis={"url": redis_server.url, "key_prefix": key_prefix, "shards": 4},
         signing={"keys": TEST_KEYS},
+        http={"port": 0},
     )
 
 

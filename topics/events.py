@@ -17,6 +17,8 @@ __all__ = [
     "EVENT_MODELS",
     "SCHEMA_VERSION",
     "TERMINAL",
+    "AlertEvent",
+    "AlertState",
     "AttemptSummary",
     "CommandEvent",
     "ControlAction",
@@ -308,7 +310,34 @@ class DeadLetter(Event):
     )
 
 
+class AlertState(StrEnum):
+    """Whether an alert started or stopped."""
+
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class AlertEvent(Event):
+    """An alert rule crossed its threshold for a service (``firing``), or no longer does
+    (``resolved``). Published once per change, never repeated while it holds. Key:
+    ``alert_id``: the rule and the service, the same for its firing and its resolve."""
+
+    type: Literal["alert"] = "alert"
+    alert_id: str
+    state: AlertState
+    severity: Literal["info", "warning", "critical"]
+    metric: str
+    service: str
+    value: float | None = Field(description="The measure when evaluated (ms or a share).")
+    threshold: float = Field(description="The rule's limit (ms or a share).")
+    message: str
+    window_ms: int
+    since_ms: int = Field(description="When it started firing.")
+    ts_ms: int
+
+
 EVENT_MODELS: dict[str, type[Event]] = {
+    "AlertEvent": AlertEvent,
     "RequestEvent": RequestEvent,
     "CommandEvent": CommandEvent,
     "ControlEvent": ControlEvent,

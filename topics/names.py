@@ -19,7 +19,8 @@ class Topics:
     """The names of every topic, derived from a mediator prefix and a service prefix.
 
     ``Topics()`` gives the defaults: ``mediator.requests``, ``mediator.replies``,
-    ``mediator.results``, ``mediator.health``, ``mediator.dlq`` and ``svc.<service>``.
+    ``mediator.results``, ``mediator.health``, ``mediator.dlq``, ``mediator.control``,
+    ``mediator.alerts`` and ``svc.<service>``.
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -51,6 +52,11 @@ class Topics:
         return f"{self.prefix}dlq"
 
     @property
+    def alerts(self) -> str:
+        """The mediator publishes `AlertEvent`s here when an alert fires or resolves."""
+        return f"{self.prefix}alerts"
+
+    @property
     def control(self) -> str:
         """Operators publish `ControlEvent`s here (cancel, retry, reset a breaker)."""
         return f"{self.prefix}control"
@@ -68,4 +74,5 @@ class Topics:
             self.health,
             self.dlq,
             self.control,
+            self.alerts,
         )

@@ -66,6 +66,7 @@ async def run_dev(
             },
             # A fresh key per run, handed to the demo services below.
             signing={"keys": {"dev": secrets.token_urlsafe(32)}, "enabled": True},
+            http={"port": 0},
         )
         topics = settings.kafka.topics
         await create_topics(

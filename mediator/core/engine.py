@@ -30,6 +30,7 @@ from mediator.core.transition import (
     context,
     end,
     forked,
+    observe,
     send,
     timer_name,
     withdraw,
@@ -149,6 +150,7 @@ class Engine:
             )
             transition.count(f"svc:{service}:ok")
             transition.outcomes.append((service, True))
+            observe(transition, service, "ok", step_state.started_ms, now_ms, reply.instance)
             if reply.instance:
                 transition.instance_outcomes.append((service, reply.instance, True))
             if state.status is WorkflowStatus.COMPENSATING:
@@ -158,6 +160,7 @@ class Engine:
         failure = error.model_dump(exclude_none=True)
         failure["step"] = reply.step
         transition.count(f"svc:{service}:error")
+        observe(transition, service, "error", step_state.started_ms, now_ms, reply.instance)
         if error.retryable:
             transition.outcomes.append((service, False))
             if reply.instance:
@@ -192,6 +195,14 @@ class Engine:
                 service = step_state.via or step.service
                 transition.count(f"svc:{service}:timeout")
                 transition.outcomes.append((service, False))
+                observe(
+                    transition,
+                    service,
+                    "timeout",
+                    step_state.started_ms,
+                    now_ms,
+                    step_state.instance,
+                )
                 if step_state.instance:
                     transition.instance_outcomes.append((service, step_state.instance, False))
                 message = (

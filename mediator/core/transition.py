@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mediator.core.metrics import Observation
 from mediator.core.results import result_of
 from mediator.core.state import StepState, StepStatus, WorkflowState, fork
 from mediator.core.timers import Fired, SetTimer, TimerKind
@@ -13,12 +14,14 @@ from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
 __all__ = [
     "Effect",
+    "Observation",
     "PublishResult",
     "SendCommand",
     "Transition",
     "context",
     "end",
     "forked",
+    "observe",
     "send",
     "timer_name",
     "withdraw",
@@ -66,6 +69,8 @@ class Transition:
     #: What the per-instance breakers learn: (service, instance, succeeded) per answered
     #: or timed-out command that was routed to a registered instance.
     instance_outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
+    #: Timed outcomes for the metrics: commands answered or timed out, runs that ended.
+    observed: list[Observation] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add `n` to counter `name`."""
@@ -90,6 +95,9 @@ def end(
     state.finished_ms = now_ms
     state.updated_ms = now_ms
     transition.count(f"wf:{state.workflow}:{status.value}")
+    transition.observed.append(
+        Observation("wf", state.workflow, status.value, now_ms - state.created_ms)
+    )
     transition.effects.append(PublishResult(result_of(state), state.reply_to))
     clear_timers(transition)
     return transition
@@ -179,3 +187,19 @@ def withdraw(transition: Transition, command: CommandEvent) -> None:
         e for e in transition.effects if not (isinstance(e, SendCommand) and e.command is command)
     ]
     transition.count(f"svc:{command.service}:sent", -1)
+
+
+def observe(
+    transition: Transition,
+    service: str,
+    outcome: str,
+    started_ms: int | None,
+    now_ms: int,
+    instance: str | None,
+) -> None:
+    """Note for the metrics that a command to `service` was answered (``ok``, ``error``)
+    or timed out, `now_ms - started_ms` after it was sent."""
+    if started_ms is not None:
+        transition.observed.append(
+            Observation("svc", service, outcome, now_ms - started_ms, instance)
+        )

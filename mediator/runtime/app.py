@@ -6,27 +6,33 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from types import TracebackType
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
+from prometheus_client import CollectorRegistry
 
 import handlers
+from mediator.clock import now_ms
 from mediator.core.signing import Signatures
 from mediator.definitions import Definitions
 from mediator.errors import ConfigurationError
 from mediator.producers import new_producer
+from mediator.runtime.alerting import AlertEvaluator
 from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
+from mediator.runtime.endpoints import Endpoints
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
+from mediator.runtime.recording import MetricsFlusher, Recorder, StatsCollector
 from mediator.runtime.registry import Registry, RegistryUpkeep
 from mediator.runtime.timers import TimerPoller
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import connect
 from mediator.storage.keys import Keys
+from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
 
 __all__ = ["Mediator", "create_app"]
@@ -53,6 +59,7 @@ class Mediator:
             tombstone_ms=round(redis.tombstone_s * 1000),
             wait_replicas=redis.wait_replicas,
             wait_timeout_ms=redis.wait_timeout_ms,
+            audit_limit=settings.audit.max_entries if settings.audit.enabled else 0,
         )
         self.catalog = DefinitionStore(self.redis, keys, definitions)
         self.producer = new_producer(
@@ -85,6 +92,11 @@ class Mediator:
             settings.backoff,
         )
         self.registry = Registry(self.redis, keys, settings.discovery)
+        monitoring = settings.service_monitoring
+        #: This replica's Prometheus metrics (served on ``/metrics``).
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        self.recorder = Recorder(self.prometheus, monitoring.bucket_s)
+        self.metrics = MetricsStore(self.redis, keys, monitoring.bucket_s, monitoring.window)
         self.runtime = Runtime(
             definitions=self.catalog,
             store=self.store,
@@ -96,6 +108,42 @@ class Mediator:
             registry=self.registry if settings.discovery.enabled else None,
             balancing=settings.load_balancing,
             signatures=self.signatures,
+            recorder=self.recorder if monitoring.enabled else None,
+            replica=self.replica,
+        )
+        self.flusher = MetricsFlusher(
+            self.recorder, self.metrics, monitoring.flush_ms, settings.backoff
+        )
+        self.alerts = AlertEvaluator(
+            self.redis,
+            keys,
+            monitoring,
+            self.metrics,
+            self.recorder.tally,
+            self.dispatcher,
+            kafka.topics.alerts,
+            self.replica,
+            definitions.services,
+            self.registry if settings.discovery.enabled else None,
+            settings.backoff,
+        )
+        self.breakers.on_change.append(self.recorder.breaker_changed(now_ms))
+        self.prometheus.register(
+            StatsCollector(
+                {
+                    "runtime": lambda: self.runtime.stats,
+                    "outbox": lambda: {"published": self.dispatcher.published,
+                                       "swept": self.dispatcher.swept, **self.dispatcher.stats},
+                    "breakers": lambda: self.breakers.stats,
+                },
+                self._gauges,
+            )
+        )  # fmt: skip
+        http = settings.http
+        self.endpoints = (
+            Endpoints(self.prometheus, self._readiness, http.host, http.port)
+            if http.enabled
+            else None
         )
         self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, settings.backoff)
         if self.runtime.router is not None:
@@ -125,8 +173,23 @@ class Mediator:
         await self.store.check_layout()
         await self.catalog.publish()
         await self.producer.start()
+        if self.endpoints is not None:
+            try:
+                await self.endpoints.start()
+            except OSError as exc:
+                http = self.settings.http
+                msg = (
+                    f"cannot serve metrics and health on {http.host}:{http.port}: {exc}; set "
+                    "http.port (MEDIATOR_HTTP__PORT; 0 for any free port) or http.enabled false"
+                )
+                raise ConfigurationError(msg) from exc
         self.dispatcher.start()
         self.timers.start()
+        monitoring = self.settings.service_monitoring
+        if monitoring.enabled:
+            self.flusher.start()
+            if monitoring.alerts and self.alerts.rules:
+                self.alerts.start()
         if self.settings.circuit_breaker.enabled:
             await self.breakers.refresh(self.definitions.services())
             self.upkeep.start()
@@ -135,6 +198,10 @@ class Mediator:
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
+        await _bounded("stop the alert evaluation", self.alerts.stop())
+        await _bounded("write the last metrics", self.flusher.stop())
+        if self.endpoints is not None:
+            await _bounded("stop the HTTP endpoints", self.endpoints.stop())
         await _bounded("stop the registry upkeep", self.registry_upkeep.stop())
         await _bounded("stop the breaker upkeep", self.upkeep.stop())
         await _bounded("stop the timer poller", self.timers.stop())
@@ -180,6 +247,42 @@ class Mediator:
                 " ".join(f"outbox_{k}={v}" for k, v in self.dispatcher.stats.items()),
             )
         self._started = False
+
+    async def _readiness(self) -> str | None:
+        """None when this replica consumes and Redis answers; else what is wrong."""
+        if not self._started:
+            return "starting or stopping"
+        try:
+            await self.redis.ping()
+        except Exception as exc:
+            return f"Redis does not answer: {exc}"
+        return None
+
+    def _gauges(self) -> Iterable[tuple[str, str, dict[str, str], float]]:
+        """Read when scraped: breaker states, timer lag, outbox backlog in memory."""
+        states = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
+        for service in self.definitions.services():
+            yield (
+                "mediator_breaker_state",
+                "Circuit breaker of a service as this replica sees it: 0 closed, "
+                "1 half-open, 2 open.",
+                {"service": service},
+                states.get(self.breakers.state(service), 0.0),
+            )
+        for name, samples in (
+            ("overhead", self.runtime.overhead),
+            ("timer_lag", self.runtime.timer_lag),
+        ):
+            summary = samples.summary()
+            for q in ("p50", "p99"):
+                value = summary[q]
+                if value is not None:
+                    yield (
+                        f"mediator_{name}_ms",
+                        f"This replica's {name.replace('_', ' ')} (ms), recent samples.",
+                        {"quantile": q},
+                        float(value),
+                    )
 
     async def __aenter__(self) -> Mediator:
         await self.start()

@@ -22,6 +22,8 @@ from pydantic import ValidationError
 
 from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
+from mediator.core import audit
+from mediator.core.audit import AuditEvent
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.core.routing import routing_delta
 from mediator.core.signing import SignatureError, Signatures
@@ -35,6 +37,7 @@ from mediator.runtime.failures import dead_letter
 from mediator.runtime.metrics import Samples
 from mediator.runtime.outbox import Message
 from mediator.runtime.ports import Publisher, StateStore
+from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
 from mediator.settings import LimitsSettings, LoadBalancingSettings
@@ -86,6 +89,8 @@ class _Pending:
     base: WorkflowState
     transition: Transition
     workflow: Workflow | None
+    #: The events it applied, for the audit log (none: the run was abandoned).
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -135,8 +140,14 @@ class Runtime:
         registry: Registry | None = None,
         balancing: LoadBalancingSettings | None = None,
         signatures: Signatures | None = None,
+        recorder: Recorder | None = None,
+        replica: str = "",
     ) -> None:
         self.cache = StateCache(state_cache_size)
+        #: Tallies committed transitions for the metrics. None: metrics are off.
+        self.recorder = recorder
+        #: This replica's name, in the audit log entries it writes.
+        self.replica = replica
         self.definitions = definitions
         self.store = store
         self.keys: Keys = store.keys
@@ -208,12 +219,13 @@ class Runtime:
             if start is not None:
                 await self._prepare_sends(start.workflow, start.transition, now)
                 start.commit, start.messages = self._commit_of(
-                    start.workflow, start.transition, None, now
+                    start.workflow, start.transition, None, now, [start.request]
                 )
                 starts.append(start)
         since = time.monotonic()
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
+        committed: list[Transition] = []
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
             if result.outcome is CommitOutcome.COMMITTED:
@@ -222,8 +234,11 @@ class Runtime:
                 outgoing += start.messages
                 self.cache.put(start.commit.state)
                 self._parked_count(start.transition)
+                committed.append(start.transition)
             elif (answer := self._duplicate(start, result)) is not None:
                 out.direct.append(answer)
+        if self.recorder is not None:
+            self.recorder.record(committed, now)
         await self.dispatcher.send(outgoing, since)
         await self._flush(out)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
@@ -504,13 +519,16 @@ class Runtime:
         outgoing: list[Message] = []
         outcomes: list[tuple[str, bool]] = []
         by_instance: list[tuple[str, str, bool]] = []
+        committed: list[Transition] = []
         since = time.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
             for item in pending:
                 await self._prepare_sends(item.workflow, item.transition, now)
-            prepared = [self._commit_of(p.workflow, p.transition, p.base, now) for p in pending]
+            prepared = [
+                self._commit_of(p.workflow, p.transition, p.base, now, p.events) for p in pending
+            ]
             results = await self.store.commit_many([c for c, _ in prepared], now)
             retry: dict[str, list[Event]] = {}
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
@@ -523,6 +541,7 @@ class Runtime:
                     outcomes += item.transition.outcomes
                     by_instance += item.transition.instance_outcomes
                     self._parked_count(item.transition)
+                    committed.append(item.transition)
                 else:
                     self.stats["conflicts"] += 1
                     retry[wid] = groups[wid]
@@ -537,6 +556,8 @@ class Runtime:
             groups = retry
             if not groups:
                 break
+        if self.recorder is not None:
+            self.recorder.record(committed, now_ms())
         await self.dispatcher.send(outgoing, since)
         await self._record(outcomes, by_instance, out)
         await self._flush(out)
@@ -615,11 +636,13 @@ class Runtime:
             merged: Transition | None = None
             state = base
             ignored: list[Event] = []
+            applied: list[Event] = []
             for event in events:
                 step = self._apply(workflow, state, event, now)
                 if step is None:
                     ignored.append(event)
                     continue
+                applied.append(event)
                 state = step.state
                 merged = step if merged is None else _merge(merged, step)
             if ignored and wid not in fresh:
@@ -627,7 +650,7 @@ class Runtime:
                 continue
             self._ignored(wid, state, ignored, out)
             if merged is not None:
-                pending.append(_Pending(base, merged, workflow))
+                pending.append(_Pending(base, merged, workflow, applied))
         if unknown:
             # Redis lost these runs (restarted empty, failed over) or they expired:
             # counted where ops look, and `mediator recover` restarts lost runs.
@@ -688,6 +711,7 @@ class Runtime:
         transition: Transition,
         base: WorkflowState | None,
         now: int,
+        events: Sequence[AuditEvent] = (),
     ) -> tuple[Commit, list[Message]]:
         """The commit of `transition` from `base` (None: a new run), and its messages,
         each within the size limit: a command or result that would be too large fails its
@@ -720,6 +744,9 @@ class Runtime:
             cleared=transition.cleared,
             parked=transition.parked,
             routed=routing_delta(workflow, base, state) if self.router is not None else (),
+            audit=audit.entries(events, transition, now, self.replica)
+            if self.store.audit_limit
+            else (),
         )
         return commit, messages
 
@@ -876,6 +903,7 @@ def _merge(first: Transition, second: Transition) -> Transition:
         [*first.outcomes, *second.outcomes],
         [*first.parked, *second.parked],
         [*first.instance_outcomes, *second.instance_outcomes],
+        [*first.observed, *second.observed],
     )
     for name, delta in second.counters.items():
         merged.count(name, delta)

@@ -20,7 +20,7 @@ ever touches the mirror, so it never blocks the event loop; the runtime does the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -157,6 +157,9 @@ class Breakers:
             "conflicts": 0,
             "errors": 0,
         }
+        #: Called with (service, old state, new state) for each transition this replica
+        #: made (so each is reported once, by the replica that made it).
+        self.on_change: list[Callable[[str, str, str], None]] = []
 
     @property
     def enabled(self) -> bool:
@@ -321,6 +324,8 @@ class Breakers:
                 self.stats[key] += 1
             level = logging.WARNING if new == pybreaker.STATE_OPEN else logging.INFO
             log.log(level, "breaker of %s: %s -> %s", service, old, new)
+            for callback in self.on_change:
+                callback(service, old, new)
         self._listener.changes.clear()
 
 

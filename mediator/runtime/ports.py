@@ -63,6 +63,8 @@ class StateStore(Protocol):
     """The part of the Redis store the runtime uses (`mediator.storage.store.Store`)."""
 
     keys: Keys
+    #: Entries kept in each run's audit log; 0: commits carry no audit entries.
+    audit_limit: int
 
     async def load_many(self, workflow_ids: Sequence[str]) -> dict[str, WorkflowState | None]:
         """The stored state of each workflow, None where there is none."""

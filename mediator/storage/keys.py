@@ -21,6 +21,15 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:{s3}:timers                   zset   timer name -> due time (ms, Redis clock)
     med:{s3}:done:<workflow_id>       hash   tombstone of a finished run: request fingerprint
                                              and status, kept past the run's retention
+    med:{s3}:audit:<workflow_id>      stream the run's audit log: one entry per transition
+                                             (field ``e``: JSON), capped, expires with the run
+    med:m:<kind>:<name>:<bucket>      hash   metrics of a service (svc), an instance
+                                             (inst, ``service/instance``) or a workflow (wf)
+                                             in the time bucket starting at <bucket> (epoch s)
+    med:m:names:<kind>                set    the series names of one kind
+    med:alerts:active                 hash   alert key -> JSON of each alert now firing
+    med:alerts:history                list   JSON of alerts fired and resolved, newest first
+    med:alerts:lease                  string the replica evaluating alerts, with a TTL
 """
 
 from __future__ import annotations
@@ -114,6 +123,22 @@ class Keys:
         """Sorted set, every score 0: the shard's step attempts in flight on a registered
         instance (`mediator.core.routing` members), so one instance's are one lex range."""
         return f"{self.tag(shard)}:routed"
+
+    def audit(self, workflow_id: str) -> str:
+        """Stream: the audit log of one run (same hash slot as its state)."""
+        return f"{self.tag(self.shard_of(workflow_id))}:audit:{workflow_id}"
+
+    def metric(self, kind: str, name: str, bucket: int) -> str:
+        """Hash: one time bucket of one metrics series (`mediator.core.metrics`)."""
+        return f"{self.prefix}:m:{kind}:{name}:{bucket}"
+
+    def metric_names(self, kind: str) -> str:
+        """Set: the names of the metrics series of one kind."""
+        return f"{self.prefix}:m:names:{kind}"
+
+    def alerts(self, what: str) -> str:
+        """The alerts' ``active`` hash, ``history`` list or evaluation ``lease``."""
+        return f"{self.prefix}:alerts:{what}"
 
     def breaker(self, service: str) -> str:
         """Hash: the circuit breaker of one service, shared by every replica."""

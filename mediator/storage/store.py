@@ -59,6 +59,8 @@ class Commit:
     parked: Sequence[tuple[str, str]] = ()
     #: Changes to the shard's routed index: ("+" or "-", `mediator.core.routing` member).
     routed: Sequence[tuple[str, str]] = ()
+    #: Entries appended to the run's audit log (`mediator.core.audit`).
+    audit: Sequence[bytes] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +91,11 @@ class Store:
         tombstone_ms: int = 0,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        audit_limit: int = 0,
     ) -> None:
         self.redis = redis
+        #: Entries kept in each run's audit log; 0: no audit log.
+        self.audit_limit = audit_limit
         self.keys = keys
         self.retention_ms = retention_ms
         self.recent_limit = recent_limit
@@ -235,7 +240,7 @@ class Store:
         parked: dict[str, int] = {}
         for commit in commits:
             wid = commit.state.workflow_id
-            key_list += (keys.workflow(wid), keys.tombstone(wid))
+            key_list += (keys.workflow(wid), keys.tombstone(wid), keys.audit(wid))
             for service, _ in commit.parked:
                 parked.setdefault(service, len(parked) + 1)
         key_list += (keys.timers(shard), keys.routed(shard))
@@ -249,6 +254,7 @@ class Store:
             len(commits),
             self.tombstone_ms,
             len(parked),
+            self.audit_limit,
         ]
         for commit in commits:
             state = commit.state
@@ -279,6 +285,9 @@ class Store:
             args.append(len(commit.routed))
             for op, member in commit.routed:
                 args += (op, member)
+            audit = commit.audit if self.audit_limit else ()
+            args.append(len(audit))
+            args += audit
         return key_list, args
 
     @staticmethod

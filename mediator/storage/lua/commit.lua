@@ -4,8 +4,8 @@
 -- batch keeps round trips and per-call overhead independent of the batch size.
 --
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
---       7 st:failed, then M name-index keys, then per transition its workflow hash and
---       its tombstone, then the shard's timer set, its routed index, then P
+--       7 st:failed, then M name-index keys, then per transition its workflow hash, its
+--       tombstone and its audit stream, then the shard's timer set, its routed index, then P
 --       parked-queue keys (one per service with steps parked in this call).
 -- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
 --       (transitions), 7 tombstone ms (kept past the retention), then per transition:
@@ -14,10 +14,12 @@
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
 --       delay ms) pairs, cleared count, cleared timer names, parked count, (parked-key
 --       number 1..P, unpark timer name) pairs, routed count, ("+" or "-", member)
---       pairs (attempts now in flight on an instance, or no longer). Timers fall due
+--       pairs (attempts now in flight on an instance, or no longer), audit count, audit
+--       entries (JSON, appended to the run's stream). Timers fall due
 --       `delay` after Redis's clock at commit; cleared ones (the timer that fired,
 --       timers no longer needed) are removed with the transition; parked steps join
---       their service's queue, oldest first. ARGV 8 is P.
+--       their service's queue, oldest first. ARGV 8 is P, ARGV 9 the entries kept in a
+--       run's audit stream (0: none written).
 --
 -- Statuses `running` and `compensating` are live (in the running index); any other is
 -- finished: `completed` joins the completed index, every other end (failed, cancelled,
@@ -38,6 +40,7 @@ local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
 local tomb_ms = tonumber(ARGV[7])
 local p = tonumber(ARGV[8])
+local audit_cap = tonumber(ARGV[9])
 local timers = KEYS[#KEYS - p - 1]
 local routed = KEYS[#KEYS - p]
 local parked_at = #KEYS - p
@@ -45,10 +48,11 @@ local live = {running = true, compensating = true}
 local horizon = now - retention
 local finished = false
 local results = {}
-local a = 9
+local a = 10
 for i = 1, n do
-  local wf = KEYS[7 + m + 2 * i - 1]
-  local tomb = KEYS[7 + m + 2 * i]
+  local wf = KEYS[7 + m + 3 * i - 2]
+  local tomb = KEYS[7 + m + 3 * i - 1]
+  local audit = KEYS[7 + m + 3 * i]
   local expected = tonumber(ARGV[a])
   local wid, name, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local name_key = KEYS[7 + tonumber(ARGV[a + 4])]
@@ -66,8 +70,11 @@ for i = 1, n do
   local n_park = tonumber(ARGV[park_at - 1])
   local route_at = park_at + 2 * n_park + 1
   local n_route = tonumber(ARGV[route_at - 1])
-  a = route_at + 2 * n_route
+  local audit_at = route_at + 2 * n_route + 1
+  local n_audit = tonumber(ARGV[audit_at - 1])
+  a = audit_at + n_audit
 
+  local finished_audit = false
   local was = redis.call('HMGET', wf, 'rev', 'status')
   local current = was[1]
   local gone = nil
@@ -90,6 +97,7 @@ for i = 1, n do
       redis.call('ZADD', KEYS[5], now, wid)
       if was[2] and not live[was[2]] then
         redis.call('PERSIST', wf)
+        redis.call('PERSIST', audit)
         redis.call('ZREM', KEYS[6], wid)
         redis.call('ZREM', KEYS[7], wid)
       end
@@ -100,6 +108,7 @@ for i = 1, n do
       redis.call('ZADD', status == 'completed' and KEYS[6] or KEYS[7], now, wid)
       redis.call('ZADD', KEYS[4], now, wid)
       redis.call('PEXPIRE', wf, retention)
+      finished_audit = true
       if tomb_ms > 0 then
         redis.call('HSET', tomb, 'fingerprint', fingerprint, 'origin', origin,
           'status', status, 'finished_ms', now)
@@ -135,6 +144,14 @@ for i = 1, n do
         redis.call('ZADD', routed, 0, ARGV[j + 1])
       else
         redis.call('ZREM', routed, ARGV[j + 1])
+      end
+    end
+    if audit_cap > 0 then
+      for j = audit_at, audit_at + n_audit - 1 do
+        redis.call('XADD', audit, 'MAXLEN', audit_cap, '*', 'e', ARGV[j])
+      end
+      if finished_audit and n_audit > 0 then
+        redis.call('PEXPIRE', audit, retention)
       end
     end
     results[i] = {1}

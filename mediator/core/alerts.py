@@ -1,0 +1,140 @@
+"""Alert rules over service metrics: what each measures, when it fires and resolves.
+
+Pure: the evaluator hands in the window's summaries and the alerts now firing and gets
+back the changes to publish. An alert fires once when its rule is breached and resolves
+once when it no longer is (or the service went quiet: nothing left to judge), so nothing
+repeats while it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mediator.core.metrics import Summary
+from topics.events import AlertEvent, AlertState
+
+__all__ = ["Rule", "evaluate", "measure"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One alert threshold (`mediator.settings.AlertThreshold`, resolved)."""
+
+    metric: str
+    limit: float
+    severity: str
+    percentile: float = 95
+    services: tuple[str, ...] = ()
+    min_samples: int = 5
+
+    @property
+    def name(self) -> str:
+        if self.metric == "response_time":
+            return f"response_time_p{self.percentile:g}>{self.limit:g}ms"
+        op = "<" if self.metric == "availability" else ">"
+        return f"{self.metric}{op}{self.limit:g}"
+
+    def alert_id(self, service: str) -> str:
+        return f"{service}:{self.name}"
+
+    def applies(self, service: str) -> bool:
+        return not self.services or service in self.services
+
+
+def measure(rule: Rule, summary: Summary) -> float | None:
+    """The rule's measure over the window, or None when there is too little to judge."""
+    if rule.metric == "availability":
+        return summary.availability
+    if summary.answered < rule.min_samples:
+        return None
+    if rule.metric == "response_time":
+        return summary.percentile(rule.percentile)
+    if rule.metric == "error_rate":
+        return summary.error_rate
+    return summary.rate("timeout")
+
+
+def _breached(rule: Rule, value: float) -> bool:
+    return value < rule.limit if rule.metric == "availability" else value > rule.limit
+
+
+def _message(rule: Rule, service: str, value: float | None, firing: bool) -> str:
+    shown = (
+        "no data"
+        if value is None
+        else (f"{value:g} ms" if rule.metric == "response_time" else f"{value:.2%}")
+    )
+    limit = f"{rule.limit:g} ms" if rule.metric == "response_time" else f"{rule.limit:.2%}"
+    what = rule.metric.replace("_", " ")
+    if rule.metric == "response_time":
+        what = f"p{rule.percentile:g} response time"
+    if firing:
+        side = "below" if rule.metric == "availability" else "above"
+        return f"{service}: {what} {shown} is {side} {limit}"
+    return f"{service}: {what} back to {shown} (limit {limit})"
+
+
+def evaluate(
+    rules: Sequence[Rule],
+    summaries: Mapping[str, Summary],
+    active: Mapping[str, AlertEvent],
+    now_ms: int,
+    window_ms: int,
+) -> list[AlertEvent]:
+    """The alerts that start firing and those that resolve, given the window's summary
+    of each service and the alerts firing now (by alert id)."""
+    changes: list[AlertEvent] = []
+    judged: set[str] = set()
+    for service, summary in sorted(summaries.items()):
+        for rule in rules:
+            if not rule.applies(service):
+                continue
+            alert_id = rule.alert_id(service)
+            judged.add(alert_id)
+            value = measure(rule, summary)
+            firing = active.get(alert_id)
+            if value is not None and _breached(rule, value):
+                if firing is None:
+                    changes.append(_event(rule, service, value, True, now_ms, now_ms, window_ms))
+            elif firing is not None:
+                changes.append(
+                    _event(rule, service, value, False, firing.since_ms, now_ms, window_ms)
+                )
+    for alert_id, firing in sorted(active.items()):
+        if alert_id not in judged:  # the service or the rule is gone: nothing holds it
+            changes.append(
+                firing.model_copy(
+                    update={
+                        "state": AlertState.RESOLVED,
+                        "value": None,
+                        "message": f"{firing.service}: {firing.metric} no longer measured",
+                        "ts_ms": now_ms,
+                    }
+                )
+            )
+    return changes
+
+
+def _event(
+    rule: Rule,
+    service: str,
+    value: float | None,
+    firing: bool,
+    since_ms: int,
+    now_ms: int,
+    window_ms: int,
+) -> AlertEvent:
+    return AlertEvent(
+        alert_id=rule.alert_id(service),
+        state=AlertState.FIRING if firing else AlertState.RESOLVED,
+        severity=rule.severity,
+        metric=rule.metric,
+        service=service,
+        value=value,
+        threshold=rule.limit,
+        message=_message(rule, service, value, firing),
+        window_ms=window_ms,
+        since_ms=since_ms,
+        ts_ms=now_ms,
+    )

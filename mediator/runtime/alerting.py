@@ -1,0 +1,178 @@
+"""Alert evaluation: one replica at a time (a lease in Redis) samples each service's
+availability and parked backlog into the metrics, evaluates the alert rules over the
+window and publishes each change as an `AlertEvent` on the alerts topic, keeping the
+alerts now firing and a history in Redis.
+
+A change is published before Redis records it: if the record fails, the next round
+publishes it again (at least once; `alert_id` and `since_ms` identify a repeat), and a
+publish that fails leaves Redis as it was, so the round is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from mediator.clock import now_ms
+from mediator.codec import encode, headers
+from mediator.core.alerts import Rule, evaluate
+from mediator.core.metrics import Tally
+from mediator.runtime.outbox import Dispatcher, Message
+from mediator.runtime.periodic import Periodic
+from mediator.runtime.registry import Registry
+from mediator.settings import BackoffSettings, MonitoringSettings
+from mediator.storage.connection import text
+from mediator.storage.keys import Keys
+from mediator.storage.metrics import MetricsStore
+from mediator.storage.parked import parked_counts
+from topics.events import AlertEvent, AlertState, HealthStatus
+
+__all__ = ["AlertEvaluator", "active_alerts", "alert_history"]
+
+log = logging.getLogger("mediator.alerts")
+
+# Take the lease if free, or keep it if held by us: returns 1 when this replica holds it.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+async def active_alerts(redis: Redis, keys: Keys) -> dict[str, AlertEvent]:
+    """The alerts firing now, by alert id (entries that no longer decode are skipped)."""
+    raw = await redis.hgetall(keys.alerts("active"))
+    out = {}
+    for alert_id, doc in raw.items():
+        try:
+            out[text(alert_id)] = AlertEvent.model_validate_json(doc)
+        except ValidationError as exc:
+            log.warning("stored alert %s does not decode: %s", text(alert_id), exc)
+    return out
+
+
+async def alert_history(redis: Redis, keys: Keys, limit: int = 100) -> list[AlertEvent]:
+    """Alerts fired and resolved, newest first."""
+    raw = await redis.lrange(keys.alerts("history"), 0, max(0, limit - 1))
+    out = []
+    for doc in raw:
+        try:
+            out.append(AlertEvent.model_validate_json(doc))
+        except ValidationError:
+            continue
+    return out
+
+
+class AlertEvaluator(Periodic):
+    """Evaluates the alert rules every `alert_interval` while holding the lease."""
+
+    name = "alerts"
+    label = "alert evaluation"
+    failed = "alert evaluation failed"
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        settings: MonitoringSettings,
+        metrics: MetricsStore,
+        tally: Tally,
+        dispatcher: Dispatcher,
+        topic: str,
+        replica: str,
+        services: Callable[[], Iterable[str]],
+        registry: Registry | None = None,
+        backoff: BackoffSettings | None = None,
+    ) -> None:
+        super().__init__(backoff, log)
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.metrics = metrics
+        self.tally = tally
+        self.dispatcher = dispatcher
+        self.topic = topic
+        self.replica = replica
+        self.services = services
+        self.registry = registry
+        self.rules: Sequence[Rule] = [t.rule() for t in settings.alert_thresholds]
+        self._lease = redis.register_script(_LEASE)
+        self.leading = False
+        self.published = 0
+
+    async def round(self) -> float:
+        interval = self.settings.alert_interval
+        held = await self._lease(
+            keys=[self.keys.alerts("lease")], args=[self.replica, interval * 3]
+        )
+        if int(held) != 1:
+            if self.leading:
+                log.info("alert evaluation moved to another replica")
+            self.leading = False
+            return interval / 1000
+        if not self.leading:
+            log.info("this replica evaluates alerts")
+        self.leading = True
+        await self.evaluate()
+        return interval / 1000
+
+    async def evaluate(self) -> list[AlertEvent]:
+        """Sample, evaluate, publish and record the changes; the changes."""
+        now = now_ms()
+        await self._sample(now)
+        window = self.settings.alert_window
+        until = now // 1000
+        names = sorted({*await self.metrics.names("svc"), *self.services()})
+        summaries = await self.metrics.summaries("svc", names, until - window // 1000, until)
+        active = await active_alerts(self.redis, self.keys)
+        changes = evaluate(self.rules, summaries, active, now, window)
+        if not changes:
+            return changes
+        await self.dispatcher.send_now([self._message(change) for change in changes])
+        self.published += len(changes)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for change in changes:
+                doc = change.model_dump_json()
+                if change.state is AlertState.FIRING:
+                    pipe.hset(self.keys.alerts("active"), change.alert_id, doc)
+                else:
+                    pipe.hdel(self.keys.alerts("active"), change.alert_id)
+                pipe.lpush(self.keys.alerts("history"), doc)
+            pipe.ltrim(self.keys.alerts("history"), 0, self.settings.alert_history - 1)
+            await pipe.execute()
+        for change in changes:
+            level = logging.WARNING if change.state is AlertState.FIRING else logging.INFO
+            log.log(level, "alert %s %s: %s", change.alert_id, change.state.value, change.message)
+        return changes
+
+    async def _sample(self, now: int) -> None:
+        """Add one availability sample and the parked backlog of each service."""
+        services = set(self.services())
+        if self.registry is not None:  # its view is refreshed by the registry upkeep
+            for service, views in self.registry.view.items():
+                up = sum(1 for v in views if v.status != HealthStatus.DOWN.value)
+                self.tally.add("svc", service, "avail_n", now)
+                self.tally.add("svc", service, "avail_up", now, 1 if up else 0)
+                self.tally.add("svc", service, "inst_up", now, up)
+        for service, parked in (await parked_counts(self.redis, self.keys, services)).items():
+            # A gauge: set even when zero, so a drained backlog reads as zero.
+            self.tally.series.setdefault(("svc", service, self.tally.bucket(now)), {})["parked"] = (
+                parked
+            )
+
+    def _message(self, alert: AlertEvent) -> Message:
+        return Message(
+            shard=-1,
+            id=f"alert:{alert.alert_id}:{alert.state.value}:{alert.ts_ms}",
+            topic=self.topic,
+            key=alert.alert_id.encode(),
+            value=encode(alert),
+            headers=headers(alert),
+            kind="alert",
+        )

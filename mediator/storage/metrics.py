@@ -1,0 +1,106 @@
+"""Metrics series in Redis: each replica adds its tallies to shared time buckets (one
+pipeline per flush), and any reader sums a window of buckets (`mediator.core.metrics`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mediator.core.metrics import GAUGES, Summary, summarize
+from mediator.errors import StateUnavailable
+from mediator.storage.connection import text
+from mediator.storage.keys import Keys
+
+__all__ = ["MetricsStore"]
+
+#: At most this many buckets are read for one series (a window over it is cut short).
+MAX_BUCKETS = 2_000
+
+
+class MetricsStore:
+    """Reads and writes the metrics series of one key prefix."""
+
+    def __init__(self, redis: Redis, keys: Keys, bucket_s: int, window_ms: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.bucket_s = bucket_s
+        #: Buckets expire this long after their start (plus one bucket).
+        self.ttl_s = max(1, window_ms // 1000) + bucket_s
+
+    async def write(self, series: Mapping[tuple[str, str, int], Mapping[str, int]]) -> None:
+        """Add tallied fields to their buckets (``HINCRBY``, so replicas add up)."""
+        if not series:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                names: dict[str, set[str]] = {}
+                for (kind, name, bucket), fields in series.items():
+                    key = self.keys.metric(kind, name, bucket)
+                    for field, n in fields.items():
+                        if field in GAUGES:
+                            pipe.hset(key, field, n)
+                        else:
+                            pipe.hincrby(key, field, n)
+                    pipe.expire(key, self.ttl_s)
+                    names.setdefault(kind, set()).add(name)
+                for kind, members in names.items():
+                    pipe.sadd(self.keys.metric_names(kind), *sorted(members))
+                await pipe.execute()
+        except RedisError as exc:
+            msg = f"Redis unavailable while writing metrics: {exc}"
+            raise StateUnavailable(msg) from exc
+
+    async def names(self, kind: str) -> list[str]:
+        """Every series name of `kind` (``svc``, ``inst``, ``wf``)."""
+        members = await self.redis.smembers(self.keys.metric_names(kind))
+        return sorted(text(m) for m in members)
+
+    def _starts(self, since_s: int, until_s: int) -> list[int]:
+        first = since_s - since_s % self.bucket_s
+        starts = list(range(first, until_s + 1, self.bucket_s))
+        return starts[-MAX_BUCKETS:]
+
+    async def buckets(
+        self, kind: str, names: list[str], since_s: int, until_s: int
+    ) -> dict[str, list[tuple[int, dict[str, int]]]]:
+        """Per series name, its buckets (start, fields) from `since_s` to `until_s`
+        (epoch seconds), oldest first; buckets without data are left out."""
+        starts = self._starts(since_s, until_s)
+        if not names or not starts:
+            return {name: [] for name in names}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    for start in starts:
+                        pipe.hgetall(self.keys.metric(kind, name, start))
+                raw: list[Any] = await pipe.execute()
+        except RedisError as exc:
+            msg = f"Redis unavailable while reading metrics: {exc}"
+            raise StateUnavailable(msg) from exc
+        out: dict[str, list[tuple[int, dict[str, int]]]] = {}
+        at = 0
+        for name in names:
+            rows = []
+            for start in starts:
+                fields = raw[at]
+                at += 1
+                if fields:
+                    rows.append((start, {text(k): int(v) for k, v in fields.items()}))
+            out[name] = rows
+        return out
+
+    async def summaries(
+        self, kind: str, names: list[str] | None, since_s: int, until_s: int
+    ) -> dict[str, Summary]:
+        """Each series of `kind` (all of them if `names` is None) summarised over the
+        window from `since_s` to `until_s`."""
+        chosen = await self.names(kind) if names is None else names
+        rows = await self.buckets(kind, chosen, since_s, until_s)
+        seconds = float(max(1, until_s - since_s))
+        return {
+            name: summarize((fields for _, fields in buckets), seconds)
+            for name, buckets in rows.items()
+        }
