@@ -66,7 +66,10 @@ async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_syste
     for n in range(3):
         failed = await client.submit("checkout", {}, request_id=f"bad-{n}", timeout=10)
         assert failed.status is WorkflowStatus.FAILED
-    assert await breaker_state(first, "payments") == "open"
+    # The breaker learns of a reply just after its result leaves: give it a moment.
+    await wait_for(
+        lambda: _is(breaker_state(first, "payments"), "open"), what="the breaker to open"
+    )
     assert len(payments.calls) == 3
     opened = time.monotonic()
     await asyncio.sleep(0.2)  # both replicas have refreshed their view
@@ -210,3 +213,7 @@ async def test_two_replica_processes_share_one_breaker(
 async def _state_is(redis: Redis, keys: Keys, state: str) -> bool:
     raw = await redis.hget(keys.breaker("payments"), "state")
     return (raw.decode() if raw else "closed") == state
+
+
+async def _is(value: Any, expected: str) -> bool:
+    return await value == expected

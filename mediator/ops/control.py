@@ -18,7 +18,60 @@ from mediator.storage.keys import Keys
 from topics.events import ControlAction, ControlEvent
 from topics.names import Topics
 
-__all__ = ["breaker_states", "send_control"]
+__all__ = ["ControlSender", "breaker_states", "control_event", "send_control"]
+
+
+def control_event(
+    action: ControlAction,
+    *,
+    workflow_id: str | None = None,
+    service: str | None = None,
+    instance: str | None = None,
+    reason: str | None = None,
+    operator: str | None = None,
+) -> ControlEvent:
+    """A control from the operator running this process (or `operator`)."""
+    if operator is None:
+        try:
+            operator = getpass.getuser()
+        except (KeyError, OSError):
+            operator = None
+    return ControlEvent(
+        control_id=uuid.uuid4().hex,
+        action=action,
+        workflow_id=workflow_id,
+        service=service,
+        instance=instance,
+        reason=reason,
+        operator=operator,
+        issued_ms=now_ms(),
+    )
+
+
+class ControlSender:
+    """Publishes controls through one producer, kept open (the dashboard's)."""
+
+    def __init__(self, bootstrap: str, topics: Topics, *, enable_idempotence: bool = True) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.enable_idempotence = enable_idempotence
+        self.producer = new_producer(
+            bootstrap, client_id="mediator-control", enable_idempotence=enable_idempotence
+        )
+
+    async def start(self) -> None:
+        await start_producer(self.producer, self.bootstrap, self.enable_idempotence)
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def send(self, control: ControlEvent) -> ControlEvent:
+        """Publish one control and wait for the broker's acknowledgement."""
+        key = (control.workflow_id or control.service or control.control_id).encode()
+        await self.producer.send_and_wait(
+            self.topics.control, encode(control), key=key, headers=headers(control)
+        )
+        return control
 
 
 async def send_control(
@@ -33,32 +86,15 @@ async def send_control(
     enable_idempotence: bool = True,
 ) -> ControlEvent:
     """Publish one control and wait for the broker's acknowledgement; the event sent."""
-    try:
-        operator: str | None = getpass.getuser()
-    except (KeyError, OSError):
-        operator = None
-    control = ControlEvent(
-        control_id=uuid.uuid4().hex,
-        action=action,
-        workflow_id=workflow_id,
-        service=service,
-        instance=instance,
-        reason=reason,
-        operator=operator,
-        issued_ms=now_ms(),
+    control = control_event(
+        action, workflow_id=workflow_id, service=service, instance=instance, reason=reason
     )
-    producer = new_producer(
-        bootstrap, client_id="mediator-control", enable_idempotence=enable_idempotence
-    )
-    await start_producer(producer, bootstrap, enable_idempotence)
+    sender = ControlSender(bootstrap, topics, enable_idempotence=enable_idempotence)
+    await sender.start()
     try:
-        key = (workflow_id or service or control.control_id).encode()
-        await producer.send_and_wait(
-            topics.control, encode(control), key=key, headers=headers(control)
-        )
+        return await sender.send(control)
     finally:
-        await producer.stop()
-    return control
+        await sender.stop()
 
 
 async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:

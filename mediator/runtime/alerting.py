@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
-from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from mediator.clock import now_ms
@@ -24,13 +23,13 @@ from mediator.runtime.outbox import Dispatcher, Message
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.registry import Registry
 from mediator.settings import BackoffSettings, MonitoringSettings
-from mediator.storage.connection import text
+from mediator.storage.alerts import active_alerts
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.parked import parked_counts
 from topics.events import AlertEvent, AlertState, HealthStatus
 
-__all__ = ["AlertEvaluator", "active_alerts", "alert_history"]
+__all__ = ["AlertEvaluator"]
 
 log = logging.getLogger("mediator.alerts")
 
@@ -43,30 +42,6 @@ if holder == false or holder == ARGV[1] then
 end
 return 0
 """
-
-
-async def active_alerts(redis: Redis, keys: Keys) -> dict[str, AlertEvent]:
-    """The alerts firing now, by alert id (entries that no longer decode are skipped)."""
-    raw = await redis.hgetall(keys.alerts("active"))
-    out = {}
-    for alert_id, doc in raw.items():
-        try:
-            out[text(alert_id)] = AlertEvent.model_validate_json(doc)
-        except ValidationError as exc:
-            log.warning("stored alert %s does not decode: %s", text(alert_id), exc)
-    return out
-
-
-async def alert_history(redis: Redis, keys: Keys, limit: int = 100) -> list[AlertEvent]:
-    """Alerts fired and resolved, newest first."""
-    raw = await redis.lrange(keys.alerts("history"), 0, max(0, limit - 1))
-    out = []
-    for doc in raw:
-        try:
-            out.append(AlertEvent.model_validate_json(doc))
-        except ValidationError:
-            continue
-    return out
 
 
 class AlertEvaluator(Periodic):

@@ -1,0 +1,303 @@
+"""The web dashboard: a JSON API over the Redis state (runs, services, metrics, alerts)
+and the dead-letter topic, actions sent as controls through the control topic, and the
+page that shows them (served from the package: no CDN, no internet needed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from mediator.core.metrics import summarize
+from mediator.errors import MediatorError
+from mediator.ops.control import ControlSender, control_event
+from mediator.ops.dlq import parse_coordinates, read_dead_letters, replay, select
+from mediator.ops.runs import list_runs, show_run
+from mediator.ops.services import collect_services
+from mediator.ops.status import collect_status
+from mediator.settings import Settings
+from mediator.storage.alerts import active_alerts, alert_history
+from mediator.storage.keys import Keys
+from mediator.storage.metrics import MetricsStore
+from topics.events import ControlAction
+
+__all__ = ["Dashboard"]
+
+log = logging.getLogger("mediator.dashboard")
+
+#: What the page reads its live figures over (seconds).
+RECENT_S = 300
+#: Files the page is made of, served from ``mediator/ops/static``.
+ASSETS = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+
+
+class Dashboard:
+    """The dashboard's web application for one deployment (its settings)."""
+
+    def __init__(self, settings: Settings, redis: Redis, keys: Keys) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
+        monitoring = settings.service_monitoring
+        self.metrics = MetricsStore(redis, keys, monitoring.bucket_s, monitoring.window)
+        kafka = settings.kafka
+        self.controls = ControlSender(
+            kafka.bootstrap_servers, kafka.topics, enable_idempotence=kafka.enable_idempotence
+        )
+        app = web.Application(middlewares=[_errors])
+        app.router.add_get("/", self._index)
+        app.router.add_get("/static/{name}", self._asset)
+        app.router.add_get("/api/overview", self._overview)
+        app.router.add_get("/api/runs", self._runs)
+        app.router.add_get("/api/runs/{wid}", self._run)
+        app.router.add_post("/api/runs/{wid}/{action}", self._run_action)
+        app.router.add_post("/api/retry", self._bulk_retry)
+        app.router.add_get("/api/services", self._services)
+        app.router.add_get("/api/services/{service}/series", self._series)
+        app.router.add_post("/api/services/{service}/reset", self._reset)
+        app.router.add_post("/api/services/{service}/{instance}/{action}", self._drain)
+        app.router.add_get("/api/alerts", self._alerts)
+        app.router.add_get("/api/dlq", self._dlq)
+        app.router.add_post("/api/dlq/replay", self._replay)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        self.app = app
+
+    async def _start(self, app: web.Application) -> None:
+        await self.controls.start()
+
+    async def _stop(self, app: web.Application) -> None:
+        await self.controls.stop()
+
+    # -- pages ---------------------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text=_asset("dashboard.html"), content_type="text/html")
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ASSETS:
+            raise web.HTTPNotFound(text=f"no asset {name!r}")
+        return web.Response(text=_asset(name), content_type=ASSETS[name])
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _overview(self, request: web.Request) -> web.Response:
+        status = await collect_status(self.redis, self.keys, limit=10)
+        until = int(time.time())
+        services = await self.metrics.summaries("svc", None, until - RECENT_S, until)
+        workflows = await self.metrics.summaries("wf", None, until - RECENT_S, until)
+        answered = sum(s.answered for s in services.values())
+        failed = sum(s.count("error") + s.count("timeout") for s in services.values())
+        return web.json_response(
+            {
+                "counts": status["counts"],
+                "outbox_pending": status["outbox_pending"],
+                "stats": status["stats"],
+                "recent": status["recent"],
+                "window_s": RECENT_S,
+                "commands_per_s": round(answered / RECENT_S, 3),
+                "runs_per_s": round(sum(w.answered for w in workflows.values()) / RECENT_S, 3),
+                "error_rate": failed / answered if answered else None,
+                "alerts": len(await active_alerts(self.redis, self.keys)),
+            }
+        )
+
+    async def _runs(self, request: web.Request) -> web.Response:
+        query = request.query
+        runs = await list_runs(
+            self.redis,
+            self.keys,
+            status=query.get("status") or None,
+            workflow=query.get("workflow") or None,
+            since_ms=_int(query, "since"),
+            until_ms=_int(query, "until"),
+            request_id=query.get("request_id") or None,
+            limit=min(_int(query, "limit") or 50, 500),
+        )
+        return web.json_response({"runs": runs})
+
+    async def _run(self, request: web.Request) -> web.Response:
+        run = await show_run(self.redis, self.keys, request.match_info["wid"])
+        if run is None:
+            raise web.HTTPNotFound(text="no such run (unknown, or expired)")
+        return web.json_response(run)
+
+    async def _services(self, request: web.Request) -> web.Response:
+        services = await collect_services(self.redis, self.keys)
+        until = int(time.time())
+        names = sorted({*services, *await self.metrics.names("svc")})
+        summaries = await self.metrics.summaries("svc", names, until - RECENT_S, until)
+        out = {}
+        for name in names:
+            doc = services.get(name, {"breaker": {"state": "closed"}, "parked": 0, "instances": []})
+            out[name] = {**doc, "metrics": summaries[name].doc()}
+        return web.json_response({"window_s": RECENT_S, "services": out})
+
+    async def _series(self, request: web.Request) -> web.Response:
+        service = request.match_info["service"]
+        minutes = min(_int(request.query, "minutes") or 15, 24 * 60)
+        until = int(time.time())
+        rows = (await self.metrics.buckets("svc", [service], until - minutes * 60, until))[service]
+        bucket_s = self.metrics.bucket_s
+        points = []
+        for start, fields in rows:
+            summary = summarize([fields], bucket_s)
+            points.append(
+                {
+                    "t": start * 1000,
+                    "throughput": summary.throughput,
+                    "p95_ms": summary.percentile(95),
+                    "error_rate": summary.error_rate,
+                    "parked": fields.get("parked"),
+                }
+            )
+        return web.json_response({"service": service, "bucket_s": bucket_s, "points": points})
+
+    async def _alerts(self, request: web.Request) -> web.Response:
+        active = await active_alerts(self.redis, self.keys)
+        history = await alert_history(self.redis, self.keys, 200)
+        return web.json_response(
+            {
+                "active": [a.model_dump(mode="json") for a in active.values()],
+                "history": [a.model_dump(mode="json") for a in history],
+            }
+        )
+
+    async def _dlq(self, request: web.Request) -> web.Response:
+        kafka = self.settings.kafka
+        letters = await read_dead_letters(
+            kafka.bootstrap_servers,
+            kafka.topics,
+            limit=min(_int(request.query, "limit") or 100, 1000),
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            timeout_s=10,
+        )
+        return web.json_response(
+            {
+                "letters": [
+                    {
+                        "coordinates": f"{partition}:{offset}",
+                        **letter.model_dump(mode="json", exclude={"value"}),
+                        "value": letter.value[:2000],
+                    }
+                    for partition, offset, letter in reversed(letters)
+                ]
+            }
+        )
+
+    # -- actions -------------------------------------------------------------------------
+
+    async def _control(self, action: ControlAction, **target: Any) -> dict[str, Any]:
+        control = control_event(action, operator="dashboard", **target)
+        await self.controls.send(control)
+        return {"control_id": control.control_id, "action": action.value, **target}
+
+    async def _run_action(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in ("cancel", "retry"):
+            raise web.HTTPNotFound(text=f"no run action {action!r}")
+        sent = await self._control(ControlAction(action), workflow_id=request.match_info["wid"])
+        return web.json_response(sent, status=202)
+
+    async def _bulk_retry(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        ids = body.get("workflow_ids")
+        if not ids:
+            runs = await list_runs(
+                self.redis,
+                self.keys,
+                status=body.get("status") or "failed",
+                workflow=body.get("workflow") or None,
+                limit=min(int(body.get("limit") or 100), 1000),
+            )
+            ids = [run["workflow_id"] for run in runs]
+        sent = [await self._control(ControlAction.RETRY, workflow_id=str(wid)) for wid in ids]
+        return web.json_response({"sent": sent}, status=202)
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        sent = await self._control(
+            ControlAction.RESET_BREAKER, service=request.match_info["service"]
+        )
+        return web.json_response(sent, status=202)
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action not in ("drain", "undrain"):
+            raise web.HTTPNotFound(text=f"no instance action {action!r}")
+        sent = await self._control(
+            ControlAction(action),
+            service=request.match_info["service"],
+            instance=request.match_info["instance"],
+        )
+        return web.json_response(sent, status=202)
+
+    async def _replay(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        try:
+            wanted = [parse_coordinates(str(c)) for c in body.get("coordinates") or []]
+        except MediatorError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        if not wanted:
+            raise web.HTTPBadRequest(text="name the letters to replay (coordinates)")
+        kafka = self.settings.kafka
+        letters = await read_dead_letters(
+            kafka.bootstrap_servers, kafka.topics, limit=None, timeout_s=10
+        )
+        report = await replay(
+            kafka.bootstrap_servers,
+            select(letters, wanted),
+            enable_idempotence=kafka.enable_idempotence,
+        )
+        return web.json_response(report.as_dict())
+
+
+def _asset(name: str) -> str:
+    return resources.files("mediator.ops").joinpath("static", name).read_text()
+
+
+def _int(query: Any, name: str) -> int | None:
+    value = query.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer, not {value!r}") from None
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="the body must be a JSON object")
+    return body
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Failures as clear JSON errors: Redis or Kafka unreachable is a 503."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+    except MediatorError as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return web.json_response({"error": str(exc)}, status=503)
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)

@@ -1,0 +1,169 @@
+"""Runs as ops see them, read from Redis: a filtered list (status, workflow name, time,
+request id) and one run in full (its steps and attempts, the definition's DAG, its
+audit log). Shared by ``mediator workflows`` and the dashboard."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from mediator.core.results import result_of
+from mediator.core.state import WorkflowState, loads
+from mediator.errors import StateUnavailable
+from mediator.storage.connection import text
+from mediator.storage.keys import Keys, workflow_id_for
+
+__all__ = ["STATUS_INDEX", "list_runs", "show_run"]
+
+#: The index each status is kept in: live runs in ``running``; every finished end but
+#: ``completed`` in ``failed``.
+STATUS_INDEX = {
+    "running": "running",
+    "compensating": "running",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "failed",
+    "compensation_failed": "failed",
+}
+
+
+async def list_runs(
+    redis: Redis,
+    keys: Keys,
+    *,
+    status: str | None = None,
+    workflow: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    request_id: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Runs matching every filter given, newest first (by last update, or by start when
+    filtered by workflow name), at most `limit`. Raises `StateUnavailable`."""
+    try:
+        if request_id is not None:
+            ids = [workflow_id_for(request_id)]
+        else:
+            ids = await _candidates(redis, keys, status, workflow, since_ms, until_ms, limit)
+        runs = []
+        for state in await _states(redis, keys, ids):
+            if state is None:
+                continue
+            if status is not None and state.status.value != status:
+                continue
+            if workflow is not None and state.workflow != workflow:
+                continue
+            runs.append(_row(state))
+            if len(runs) >= limit:
+                break
+        return runs
+    except RedisError as exc:
+        msg = f"cannot read runs from Redis: {exc}"
+        raise StateUnavailable(msg) from exc
+
+
+async def _candidates(
+    redis: Redis,
+    keys: Keys,
+    status: str | None,
+    workflow: str | None,
+    since_ms: int | None,
+    until_ms: int | None,
+    limit: int,
+) -> list[str]:
+    """Workflow ids from the indexes, newest first; over-fetched when a status within a
+    shared index (``cancelled`` among ``failed``) is filtered after loading."""
+    low = since_ms if since_ms is not None else "-inf"
+    high = until_ms if until_ms is not None else "+inf"
+    if workflow is not None:
+        indexes = [keys.name_index(s, workflow) for s in range(keys.shards)]
+    else:
+        chosen = (
+            [STATUS_INDEX.get(status, status)] if status else ["running", "completed", "failed"]
+        )
+        indexes = [keys.status_index(s, i) for s in range(keys.shards) for i in chosen]
+    fetch = limit * 4 if status or workflow else limit
+    async with redis.pipeline(transaction=False) as pipe:
+        for index in indexes:
+            pipe.zrevrangebyscore(index, high, low, start=0, num=fetch, withscores=True)
+        rows = await pipe.execute()
+    merged = heapq.merge(*([(-score, text(wid)) for wid, score in row] for row in rows))
+    seen: dict[str, None] = {}
+    for _, wid in merged:
+        seen.setdefault(wid, None)
+        if len(seen) >= fetch:
+            break
+    return list(seen)
+
+
+async def _states(redis: Redis, keys: Keys, ids: list[str]) -> list[WorkflowState | None]:
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for wid in ids:
+            pipe.hget(keys.workflow(wid), "state")
+        blobs = await pipe.execute()
+    return [loads(blob) if blob is not None else None for blob in blobs]
+
+
+def _row(state: WorkflowState) -> dict[str, Any]:
+    error = state.error or {}
+    return {
+        "workflow_id": state.workflow_id,
+        "request_id": state.request_id,
+        "workflow": state.workflow,
+        "version": state.version,
+        "status": state.status.value,
+        "created_ms": state.created_ms,
+        "updated_ms": state.updated_ms,
+        "finished_ms": state.finished_ms,
+        "steps": {sid: step.status.value for sid, step in state.steps.items()},
+        "error": error.get("message"),
+    }
+
+
+async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any] | None:
+    """One run in full, or None when Redis has no such run: its summary, every step with
+    its attempts, compensations, the definition's steps (for its DAG) and the audit log."""
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.workflow(workflow_id), "state")
+            pipe.xrange(keys.audit(workflow_id))
+            blob, audit = await pipe.execute()
+        if blob is None:
+            return None
+        state = loads(blob)
+        definition = await redis.get(keys.definition(state.workflow, state.version))
+    except RedisError as exc:
+        msg = f"cannot read run {workflow_id} from Redis: {exc}"
+        raise StateUnavailable(msg) from exc
+    result = result_of(state).model_dump(mode="json", exclude_none=True)
+    spec = orjson.loads(definition).get("spec", {}) if definition else {}
+    return {
+        **_row(state),
+        "payload": state.payload,
+        "output": state.output,
+        "error": state.error,
+        "trace_id": state.trace_id,
+        "deadline_ms": state.deadline_ms,
+        "result": result,
+        "definition": {
+            "steps": [
+                {
+                    "id": step.get("id"),
+                    "service": step.get("service"),
+                    "action": step.get("action"),
+                    "depends_on": list(step.get("depends_on") or []),
+                    "compensate": bool(step.get("compensate")),
+                }
+                for step in spec.get("steps", [])
+            ]
+        },
+        "audit": [
+            {"id": text(entry_id), **orjson.loads(fields[b"e"])} for entry_id, fields in audit
+        ],
+    }

@@ -1,0 +1,259 @@
+// The mediator dashboard: hash-routed pages over the JSON API, refreshed every 2 s.
+"use strict";
+
+const REFRESH_MS = 2000;
+const COLORS = { completed: "#3fb950", failed: "#f85149", running: "#58a6ff", retrying: "#d29922",
+  parked: "#d29922", skipped: "#6e7681", pending: "#2a3441" };
+let timer = null;
+
+function esc(value) {
+  return String(value ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+function badge(status) { return `<span class="status s-${esc(status)}">${esc(status)}</span>`; }
+function when(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
+function pct(x) { return x == null ? "–" : (100 * x).toFixed(2) + "%"; }
+function num(x, digits = 1) { return x == null ? "–" : Number(x).toFixed(digits); }
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+async function post(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+}
+function toast(text) {
+  const el = document.getElementById("toast");
+  el.textContent = text; el.hidden = false;
+  setTimeout(() => { el.hidden = true; }, 3000);
+}
+async function act(path, body, what) {
+  try { await post(path, body); toast(`${what}: sent`); refresh(); } catch (e) { toast(`${what} failed: ${e.message}`); }
+}
+
+// -- pages ---------------------------------------------------------------------------------
+
+async function overview() {
+  const o = await api("/api/overview");
+  const c = o.counts;
+  return `<h2>Overview</h2><div class="cards">
+    ${card("Running", c.running, "running")}${card("Completed", c.completed, "completed")}
+    ${card("Failed", c.failed, "failed")}${card("Runs / s", num(o.runs_per_s, 2), "runs-per-s")}
+    ${card("Commands / s", num(o.commands_per_s, 2), "commands-per-s")}
+    ${card("Error rate", pct(o.error_rate), "error-rate")}${card("Alerts firing", o.alerts, "alerts")}
+    ${card("Outbox pending", o.outbox_pending, "outbox")}</div>
+    <p class="muted">Rates over the last ${o.window_s / 60} minutes.</p>
+    <h2>Recently finished</h2>${runTable(o.recent.map((r) => ({ ...r, updated_ms: r.finished_ms })))}`;
+}
+function card(label, value, id) {
+  return `<div class="card" data-testid="card-${id}"><div class="n">${esc(value)}</div><div class="l">${esc(label)}</div></div>`;
+}
+
+function runTable(runs, selectable) {
+  if (!runs.length) return `<p class="muted" data-testid="no-runs">No runs.</p>`;
+  return `<table data-testid="runs"><tr>${selectable ? "<th></th>" : ""}<th>Run</th><th>Workflow</th><th>Status</th><th>Updated</th><th>Error</th></tr>
+    ${runs.map((r) => `<tr data-wid="${esc(r.workflow_id)}">${selectable ? `<td><input type="checkbox" value="${esc(r.workflow_id)}"></td>` : ""}
+      <td class="mono"><a href="#/run/${esc(r.workflow_id)}">${esc(r.workflow_id)}</a></td><td>${esc(r.workflow)}</td>
+      <td>${badge(r.status)}</td><td>${when(r.updated_ms)}</td><td>${esc(r.error || "")}</td></tr>`).join("")}</table>`;
+}
+
+async function runs(params) {
+  const q = new URLSearchParams(params);
+  const data = await api("/api/runs?" + q.toString());
+  const f = (name) => esc(params.get(name) || "");
+  const statuses = ["", "running", "compensating", "completed", "failed", "cancelled", "compensation_failed"];
+  return `<h2>Workflows</h2><form class="filters" id="filters">
+    <select name="status" data-testid="filter-status">${statuses.map((s) => `<option ${s === params.get("status") ? "selected" : ""} value="${s}">${s || "any status"}</option>`).join("")}</select>
+    <input name="workflow" placeholder="workflow name" value="${f("workflow")}">
+    <input name="request_id" placeholder="request id" value="${f("request_id")}">
+    <input name="since" placeholder="since (epoch ms)" value="${f("since")}">
+    <input name="until" placeholder="until (epoch ms)" value="${f("until")}">
+    <button type="submit">Filter</button>
+    <button type="button" id="retry-selected" data-testid="retry-selected">Retry selected</button>
+    <button type="button" id="retry-all-failed" class="danger" data-testid="retry-all-failed">Retry all failed</button>
+  </form>${runTable(data.runs, true)}`;
+}
+function bindRuns() {
+  const form = document.getElementById("filters");
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const q = new URLSearchParams();
+    for (const [k, v] of new FormData(form)) if (v) q.set(k, v);
+    location.hash = "#/runs?" + q.toString();
+  });
+  document.getElementById("retry-selected").onclick = () => {
+    const ids = [...document.querySelectorAll("table input:checked")].map((i) => i.value);
+    if (ids.length) act("/api/retry", { workflow_ids: ids }, `retry ${ids.length} runs`);
+  };
+  document.getElementById("retry-all-failed").onclick = () => {
+    const workflow = new FormData(form).get("workflow");
+    act("/api/retry", { status: "failed", workflow }, "retry failed runs");
+  };
+}
+
+async function run(wid) {
+  const r = await api("/api/runs/" + encodeURIComponent(wid));
+  const steps = r.result.steps || {};
+  const actions = r.status === "running" || r.status === "compensating"
+    ? `<button class="danger" data-action="cancel" data-testid="cancel">Cancel</button>`
+    : ["failed", "cancelled"].includes(r.status) ? `<button data-action="retry" data-testid="retry">Retry</button>` : "";
+  const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}</td>
+    <td>${esc(s.attempts)}</td><td>${esc(s.service || "")}</td><td class="mono">${esc(s.instance || "")}</td>
+    <td>${s.duration_ms ?? ""}</td><td>${esc(s.error ? s.error.message : "")}</td></tr>`).join("");
+  const comp = Object.entries(r.result.compensations || {});
+  return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)} ${actions}</h2>
+    <p class="muted">${esc(r.workflow)} v${esc(r.version)} · request ${esc(r.request_id)} · started ${when(r.created_ms)}
+      ${r.finished_ms ? "· finished " + when(r.finished_ms) : ""} ${r.trace_id ? "· trace " + esc(r.trace_id) : ""}</p>
+    ${dag(r.definition.steps, steps)}
+    <h2>Steps</h2><table data-testid="steps"><tr><th>Step</th><th>Status</th><th>Attempts</th><th>Service</th><th>Instance</th><th>ms</th><th>Error</th></tr>${rows}</table>
+    ${timeline(steps, r.created_ms)}
+    ${comp.length ? `<h2>Compensations</h2><table>${comp.map(([sid, s]) => `<tr><td>${esc(sid)}</td><td>${badge(s.status)}</td><td>${esc(s.attempts)}</td></tr>`).join("")}</table>` : ""}
+    <h2>Input</h2><pre>${esc(JSON.stringify(r.payload, null, 2))}</pre>
+    ${r.output != null ? `<h2>Output</h2><pre>${esc(JSON.stringify(r.output, null, 2))}</pre>` : ""}
+    ${r.error ? `<h2>Error</h2><pre>${esc(JSON.stringify(r.error, null, 2))}</pre>` : ""}
+    <h2>Audit log</h2><table data-testid="audit"><tr><th>Time</th><th>Event</th><th>Step</th><th>Attempt</th><th>Instance</th><th>Status after</th><th>Sent</th><th>Replica</th></tr>
+    ${r.audit.map((e) => `<tr><td>${when(e.t)}</td><td>${esc(e.event)}</td><td>${esc(e.step || "")}</td><td>${esc(e.attempt || "")}</td>
+      <td class="mono">${esc(e.instance || "")}</td><td>${e.status ? badge(e.status) : ""}</td>
+      <td>${esc((e.sent || []).map((s) => s.step + "#" + s.attempt).join(", "))}</td><td class="mono">${esc(e.replica)}</td></tr>`).join("")}</table>`;
+}
+function bindRun(wid) {
+  for (const b of document.querySelectorAll("button[data-action]")) {
+    b.onclick = () => act(`/api/runs/${encodeURIComponent(wid)}/${b.dataset.action}`, {}, `${b.dataset.action} ${wid}`);
+  }
+}
+
+function dag(defs, steps) {
+  if (!defs.length) return "";
+  const depth = {};
+  const byId = Object.fromEntries(defs.map((d) => [d.id, d]));
+  const level = (id) => depth[id] ?? (depth[id] = Math.max(-1, ...byId[id].depends_on.map(level)) + 1);
+  defs.forEach((d) => level(d.id));
+  const columns = {};
+  defs.forEach((d) => (columns[depth[d.id]] = columns[depth[d.id]] || []).push(d.id));
+  const W = 150, H = 44, GX = 60, GY = 18, pos = {};
+  Object.entries(columns).forEach(([c, ids]) => ids.forEach((id, i) => (pos[id] = { x: 10 + c * (W + GX), y: 10 + i * (H + GY) })));
+  const width = 20 + Object.keys(columns).length * (W + GX), height = 20 + Math.max(...Object.values(columns).map((c) => c.length)) * (H + GY);
+  const lines = defs.flatMap((d) => d.depends_on.map((p) => `<line x1="${pos[p].x + W}" y1="${pos[p].y + H / 2}" x2="${pos[d.id].x}" y2="${pos[d.id].y + H / 2}" stroke="#8a96a3"/>`));
+  const boxes = defs.map((d) => {
+    const s = (steps[d.id] || {}).status || "pending";
+    return `<g data-testid="dag-${esc(d.id)}" data-status="${esc(s)}"><rect x="${pos[d.id].x}" y="${pos[d.id].y}" width="${W}" height="${H}" rx="6" fill="#171e26" stroke="${COLORS[s] || "#8a96a3"}"/>
+      <text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 18}">${esc(d.id)}</text><text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 35}" style="fill:${COLORS[s] || "#8a96a3"}">${esc(s)} · ${esc(d.service)}</text></g>`;
+  });
+  return `<svg class="dag" data-testid="dag" width="${width}" height="${height}">${lines.join("")}${boxes.join("")}</svg>`;
+}
+
+function timeline(steps, start) {
+  const bars = [];
+  for (const [sid, s] of Object.entries(steps)) {
+    for (const h of s.history || []) if (h.started_ms) bars.push({ sid, a: h.attempt, from: h.started_ms, to: h.finished_ms || Date.now(), ok: !h.error });
+  }
+  if (!bars.length) return "";
+  const end = Math.max(...bars.map((b) => b.to)), span = Math.max(1, end - start), W = 700;
+  const rows = bars.map((b, i) => `<g><text x="0" y="${i * 22 + 15}">${esc(b.sid)} #${b.a}</text>
+    <rect x="${120 + ((b.from - start) / span) * W}" y="${i * 22 + 4}" width="${Math.max(2, ((b.to - b.from) / span) * W)}" height="14" fill="${b.ok ? "#3fb950" : "#f85149"}"/></g>`);
+  return `<h2>Timeline</h2><svg data-testid="timeline" width="${W + 140}" height="${bars.length * 22 + 8}">${rows.join("")}</svg>`;
+}
+
+async function services() {
+  const data = await api("/api/services");
+  const rows = Object.entries(data.services).map(([name, s]) => {
+    const m = s.metrics;
+    const inst = s.instances.map((i) => `<div class="mono">${esc(i.instance)} ${badge(i.status)} load ${esc(i.load)}/${esc(i.capacity)}
+      <button data-drain="${esc(name)}/${esc(i.instance)}/${i.status === "draining" ? "undrain" : "drain"}">${i.status === "draining" ? "Undrain" : "Drain"}</button></div>`).join("");
+    return `<tr data-service="${esc(name)}"><td><a href="#/service/${esc(name)}">${esc(name)}</a></td>
+      <td data-testid="breaker-${esc(name)}">${badge(s.breaker.state)} ${s.breaker.state !== "closed" ? `<button data-reset="${esc(name)}">Reset</button>` : ""}</td>
+      <td>${esc(s.parked)}</td><td>${num(m.throughput, 2)}</td><td>${num(m.p50_ms, 0)} / ${num(m.p95_ms, 0)} / ${num(m.p99_ms, 0)}</td>
+      <td>${pct(m.error_rate)}</td><td>${pct(m.availability)}</td><td>${inst || '<span class="muted">no heartbeats</span>'}</td></tr>`;
+  }).join("");
+  return `<h2>Services</h2><table data-testid="services"><tr><th>Service</th><th>Breaker</th><th>Parked</th><th>Answers/s</th>
+    <th>p50 / p95 / p99 ms</th><th>Errors</th><th>Availability</th><th>Instances</th></tr>${rows}</table>
+    <p class="muted">Over the last ${data.window_s / 60} minutes.</p>`;
+}
+function bindServices() {
+  for (const b of document.querySelectorAll("button[data-reset]")) b.onclick = () => act(`/api/services/${encodeURIComponent(b.dataset.reset)}/reset`, {}, `reset breaker of ${b.dataset.reset}`);
+  for (const b of document.querySelectorAll("button[data-drain]")) b.onclick = () => act(`/api/services/${b.dataset.drain.split("/").map(encodeURIComponent).join("/")}`, {}, b.dataset.drain);
+}
+
+async function service(name) {
+  const data = await api(`/api/services/${encodeURIComponent(name)}/series?minutes=30`);
+  const p = data.points;
+  return `<h2>Service ${esc(name)}</h2>
+    ${chart("Answers per second", p, "throughput")}${chart("p95 response time (ms)", p, "p95_ms")}
+    ${chart("Error rate", p, "error_rate")}${chart("Parked backlog", p, "parked")}`;
+}
+function chart(title, points, key) {
+  const values = points.filter((p) => p[key] != null);
+  if (!values.length) return `<h2>${esc(title)}</h2><p class="muted">No data in the last 30 minutes.</p>`;
+  const W = 720, H = 120, t0 = values[0].t, t1 = values[values.length - 1].t || t0 + 1;
+  const top = Math.max(...values.map((p) => p[key])) || 1;
+  const xy = values.map((p) => `${10 + ((p.t - t0) / Math.max(1, t1 - t0)) * (W - 20)},${H - 10 - (p[key] / top) * (H - 30)}`);
+  return `<h2>${esc(title)}</h2><svg class="chart" width="${W}" height="${H}"><text x="10" y="14">max ${num(top, 2)}</text>
+    <polyline fill="none" stroke="#58a6ff" stroke-width="1.5" points="${xy.join(" ")}"/></svg>`;
+}
+
+async function alerts() {
+  const data = await api("/api/alerts");
+  const row = (a) => `<tr><td>${badge(a.state)}</td><td>${esc(a.severity)}</td><td>${esc(a.service)}</td><td>${esc(a.metric)}</td>
+    <td>${esc(a.message)}</td><td>${when(a.ts_ms)}</td></tr>`;
+  return `<h2>Firing</h2>${data.active.length ? `<table data-testid="alerts-active">${data.active.map(row).join("")}</table>` : '<p class="muted">Nothing firing.</p>'}
+    <h2>History</h2><table data-testid="alerts-history"><tr><th>State</th><th>Severity</th><th>Service</th><th>Metric</th><th>Message</th><th>When</th></tr>${data.history.map(row).join("")}</table>`;
+}
+
+async function dlq() {
+  const data = await api("/api/dlq?limit=100");
+  return `<h2>Dead letters</h2><table data-testid="dlq"><tr><th></th><th>Where</th><th>Code</th><th>From</th><th>Reason</th><th>When</th></tr>
+    ${data.letters.map((l) => `<tr><td><button data-replay="${esc(l.coordinates)}">Replay</button></td><td class="mono">${esc(l.coordinates)}</td>
+      <td>${esc(l.code || "")}</td><td>${esc(l.source_topic)}</td><td>${esc(l.reason)}</td><td>${when(l.rejected_ms)}</td></tr>`).join("")}</table>`;
+}
+function bindDlq() {
+  for (const b of document.querySelectorAll("button[data-replay]")) b.onclick = () => act("/api/dlq/replay", { coordinates: [b.dataset.replay] }, `replay ${b.dataset.replay}`);
+}
+
+// -- routing -------------------------------------------------------------------------------
+
+function route() {
+  const [path, query] = (location.hash.slice(1) || "/overview").split("?");
+  const parts = path.split("/").filter(Boolean);
+  const params = new URLSearchParams(query || "");
+  const pages = {
+    overview: [overview, null], runs: [() => runs(params), bindRuns], run: [() => run(parts[1]), () => bindRun(parts[1])],
+    services: [services, bindServices], service: [() => service(parts[1]), null], alerts: [alerts, null], dlq: [dlq, bindDlq],
+  };
+  const page = pages[parts[0]] || pages.overview;
+  const nav = { run: "runs", service: "services" }[parts[0]] || parts[0];
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === nav);
+  return { page, live: parts[0] !== "dlq" && parts[0] !== "runs" };
+}
+
+let rendering = false;
+async function refresh() {
+  if (rendering) return;
+  rendering = true;
+  const { page } = route();
+  const main = document.getElementById("main");
+  const live = document.getElementById("live");
+  try {
+    const html = await page[0]();
+    const focused = document.activeElement && main.contains(document.activeElement) && document.activeElement.tagName === "INPUT";
+    const checked = new Set([...main.querySelectorAll("input[type=checkbox]:checked")].map((i) => i.value));
+    if (!focused) {
+      main.innerHTML = html;
+      for (const i of main.querySelectorAll("input[type=checkbox]")) i.checked = checked.has(i.value);
+      if (page[1]) page[1]();
+    }
+    live.classList.remove("stale"); live.textContent = "live · " + new Date().toLocaleTimeString();
+  } catch (e) {
+    live.classList.add("stale"); live.textContent = "stale: " + e.message;
+  } finally {
+    rendering = false;
+  }
+}
+
+function start() {
+  clearInterval(timer);
+  refresh();
+  timer = setInterval(() => { if (route().live || true) refresh(); }, REFRESH_MS);
+}
+window.addEventListener("hashchange", start);
+start();
