@@ -132,6 +132,7 @@ async def test_schemas_prints_every_event() -> None:
         "ResultEvent",
         "HealthEvent",
         "DeadLetter",
+        "AlertEvent",
     }
     assert "request_id" in schemas["RequestEvent"]["required"]
 

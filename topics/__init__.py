@@ -9,6 +9,8 @@ from __future__ import annotations
 from topics.events import (
     EVENT_MODELS,
     SCHEMA_VERSION,
+    AlertEvent,
+    AlertState,
     AttemptSummary,
     CommandEvent,
     DeadLetter,
@@ -31,6 +33,8 @@ __all__ = [
     "DEFAULT_SERVICE_PREFIX",
     "EVENT_MODELS",
     "SCHEMA_VERSION",
+    "AlertEvent",
+    "AlertState",
     "AttemptSummary",
     "CommandEvent",
     "DeadLetter",

@@ -503,13 +503,37 @@ def schemas() -> None:
     typer.echo(orjson.dumps(json_schemas(), option=orjson.OPT_INDENT_2).decode())
 
 
-def _add_dlq() -> None:
+def _add_groups() -> None:
     from mediator.cli.dlq import dlq_app
+    from mediator.cli.workflows import dashboard_command, workflows_app
 
     app.add_typer(dlq_app, name="dlq")
+    app.add_typer(workflows_app, name="workflows")
+    app.command("dashboard")(dashboard_command)
 
 
-_add_dlq()
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"mediator {version('kafka-mediator')}")
+        except PackageNotFoundError:
+            typer.echo("mediator (not installed)")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Event-driven service orchestrator over Kafka, with its state in Redis."""
+
+
+_add_groups()
 
 
 def main() -> None:

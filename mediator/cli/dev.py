@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from mediator.cli.demo import DEMO_WORKFLOWS, FLAKY_SERVICE, demo_services, samp
 from mediator.cli.flaky import Flakiness
 from mediator.cli.infra import create_topics, embedded
 from mediator.cli.watch import FaultWatch
+from mediator.cli.workflows import dashboard_site
 from mediator.definitions import Definitions, load_paths
 from mediator.ops.status import collect_status
 from mediator.runtime.app import Mediator
@@ -32,6 +34,8 @@ __all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names"]
 
 #: Tansu holds an empty fetch for its full max wait, so the embedded default keeps it short.
 EMBEDDED_FETCH_WAIT_MS = 5
+#: The dashboard's port under `mediator dev` when it is free (else any free port).
+DASHBOARD_PORT = 8080
 
 Echo = Callable[[str], None]
 
@@ -113,6 +117,12 @@ async def _drive(
             f"services {', '.join(w.service for w in workers)}"
         )
         keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+        url = await stack.enter_async_context(
+            dashboard_site(
+                settings, mediator.redis, keys, "127.0.0.1", _free_or_any(DASHBOARD_PORT)
+            )
+        )
+        echo(f"dashboard {url}   metrics {_metrics_url(mediator)}")
         watch = FaultWatch(mediator.redis, keys, definitions.services(), echo)
         watching = asyncio.create_task(watch.run(), name="fault-watch")
         try:
@@ -132,6 +142,21 @@ async def _drive(
         f"failed {counts['failed']}"
     )
     return summary
+
+
+def _free_or_any(port: int) -> int:
+    """`port` if nothing listens on it, else 0 (any free port)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
+def _metrics_url(mediator: Mediator) -> str:
+    endpoints = mediator.endpoints
+    return f"http://127.0.0.1:{endpoints.port}/metrics" if endpoints is not None else "off"
 
 
 async def _submit_orders(

@@ -11,7 +11,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from mediator.core.results import result_of
+from mediator.core.results import history_of, result_of
 from mediator.core.state import WorkflowState, loads
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
@@ -151,6 +151,8 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
         "trace_id": state.trace_id,
         "deadline_ms": state.deadline_ms,
         "result": result,
+        # Every attempt of each step that started one: the timeline.
+        "attempts": {sid: history_of(step) for sid, step in state.steps.items() if step.attempt},
         "definition": {
             "steps": [
                 {

@@ -95,11 +95,12 @@ function bindRuns() {
 async function run(wid) {
   const r = await api("/api/runs/" + encodeURIComponent(wid));
   const steps = r.result.steps || {};
+  const services = Object.fromEntries(r.definition.steps.map((d) => [d.id, d.service]));
   const actions = r.status === "running" || r.status === "compensating"
     ? `<button class="danger" data-action="cancel" data-testid="cancel">Cancel</button>`
     : ["failed", "cancelled"].includes(r.status) ? `<button data-action="retry" data-testid="retry">Retry</button>` : "";
   const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}</td>
-    <td>${esc(s.attempts)}</td><td>${esc(s.service || "")}</td><td class="mono">${esc(s.instance || "")}</td>
+    <td>${esc(s.attempts)}</td><td>${esc(s.service || services[sid] || "")}</td><td class="mono">${esc(s.instance || "")}</td>
     <td>${s.duration_ms ?? ""}</td><td>${esc(s.error ? s.error.message : "")}</td></tr>`).join("");
   const comp = Object.entries(r.result.compensations || {});
   return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)} ${actions}</h2>
@@ -107,7 +108,7 @@ async function run(wid) {
       ${r.finished_ms ? "· finished " + when(r.finished_ms) : ""} ${r.trace_id ? "· trace " + esc(r.trace_id) : ""}</p>
     ${dag(r.definition.steps, steps)}
     <h2>Steps</h2><table data-testid="steps"><tr><th>Step</th><th>Status</th><th>Attempts</th><th>Service</th><th>Instance</th><th>ms</th><th>Error</th></tr>${rows}</table>
-    ${timeline(steps, r.created_ms)}
+    ${timeline(r.attempts, r.created_ms)}
     ${comp.length ? `<h2>Compensations</h2><table>${comp.map(([sid, s]) => `<tr><td>${esc(sid)}</td><td>${badge(s.status)}</td><td>${esc(s.attempts)}</td></tr>`).join("")}</table>` : ""}
     <h2>Input</h2><pre>${esc(JSON.stringify(r.payload, null, 2))}</pre>
     ${r.output != null ? `<h2>Output</h2><pre>${esc(JSON.stringify(r.output, null, 2))}</pre>` : ""}
@@ -143,11 +144,12 @@ function dag(defs, steps) {
   return `<svg class="dag" data-testid="dag" width="${width}" height="${height}">${lines.join("")}${boxes.join("")}</svg>`;
 }
 
-function timeline(steps, start) {
+function timeline(attempts, start) {
   const bars = [];
-  for (const [sid, s] of Object.entries(steps)) {
-    for (const h of s.history || []) if (h.started_ms) bars.push({ sid, a: h.attempt, from: h.started_ms, to: h.finished_ms || Date.now(), ok: !h.error });
+  for (const [sid, list] of Object.entries(attempts)) {
+    for (const h of list) if (h.started_ms) bars.push({ sid, a: h.attempt, from: h.started_ms, to: h.finished_ms || Date.now(), ok: !h.error });
   }
+  bars.sort((x, y) => x.from - y.from);
   if (!bars.length) return "";
   const end = Math.max(...bars.map((b) => b.to)), span = Math.max(1, end - start), W = 700;
   const rows = bars.map((b, i) => `<g><text x="0" y="${i * 22 + 15}">${esc(b.sid)} #${b.a}</text>

@@ -1,0 +1,220 @@
+"""``mediator workflows``: list runs with filters, show one run in full; and
+``mediator dashboard``, the web dashboard."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+import typer
+
+from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
+from mediator.errors import MediatorError
+from mediator.ops.recover import parse_time
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from mediator.settings import Settings
+    from mediator.storage.keys import Keys
+
+__all__ = ["dashboard_command", "dashboard_site", "serve_dashboard", "workflows_app"]
+
+workflows_app = typer.Typer(
+    help="Workflow runs in Redis: list them with filters, show one.", no_args_is_help=True
+)
+
+
+@asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
+    from mediator.ops.status import stored_keys
+    from mediator.storage.connection import connect
+
+    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    try:
+        yield redis, await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+    finally:
+        await redis.aclose()
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _moment(text: str | None, now: int) -> int | None:
+    """Epoch milliseconds, an ISO time or an age before now; None if not given."""
+    if not text:
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        return parse_time(text, now_ms=now)
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
+
+
+@workflows_app.command("list")
+def list_command(
+    status: Annotated[
+        str | None,
+        typer.Option(help="running, compensating, completed, failed, cancelled, ..."),
+    ] = None,
+    workflow: Annotated[str | None, typer.Option("--workflow", "-w", help="Workflow name.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Updated since: epoch ms, ISO time or an age (10m).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Updated until (same forms).")] = None,
+    request_id: Annotated[str | None, typer.Option(help="The run of one request.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    json_output: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Runs matching the filters, newest first."""
+    from mediator.clock import now_ms
+
+    settings = load(config)
+    quiet_libraries()
+    now = now_ms()
+    since_ms = _moment(since, now)
+    until_ms = _moment(until, now)
+
+    async def query() -> list[dict[str, Any]]:
+        from mediator.ops.runs import list_runs
+
+        async with _redis(settings) as (redis, keys):
+            return await list_runs(
+                redis, keys, status=status, workflow=workflow, since_ms=since_ms,
+                until_ms=until_ms, request_id=request_id, limit=limit,
+            )  # fmt: skip
+
+    runs = run(query())
+    if json_output:
+        typer.echo(orjson.dumps(runs, option=orjson.OPT_INDENT_2).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("workflow id", "workflow", "status", "updated (UTC)", "steps", "error")
+    for row in runs:
+        done = sum(1 for s in row["steps"].values() if s == "completed")
+        table.add_row(
+            row["workflow_id"], row["workflow"], row["status"], _time(row["updated_ms"]),
+            f"{done}/{len(row['steps'])}", row["error"] or "",
+        )  # fmt: skip
+    Console(width=160).print(table)
+    typer.echo(f"{len(runs)} runs")
+
+
+@workflows_app.command("show")
+def show_command(
+    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id.")],
+    json_output: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """One run: its status, steps with their attempts, and its audit log (timeline)."""
+    settings = load(config)
+    quiet_libraries()
+
+    async def query() -> dict[str, Any] | None:
+        from mediator.ops.runs import show_run
+
+        async with _redis(settings) as (redis, keys):
+            return await show_run(redis, keys, workflow_id)
+
+    found = run(query())
+    if found is None:
+        msg = f"no run {workflow_id!r} in Redis (unknown, or expired)"
+        raise fail(msg)
+    if json_output:
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    console.print(
+        f"run {found['workflow_id']}  {found['workflow']} v{found['version']}  "
+        f"[bold]{found['status']}[/bold]  request {found['request_id']}"
+    )
+    console.print(f"started {_time(found['created_ms'])}  finished {_time(found['finished_ms'])}")
+    if found["error"]:
+        console.print(f"error: {found['error'].get('message')}")
+    steps = Table("step", "status", "attempt", "service", "instance", "started", "ms", "error")
+    for sid, step in found["result"].get("steps", {}).items():
+        for attempt in step.get("history") or [{"attempt": step.get("attempts")}]:
+            started, finished = attempt.get("started_ms"), attempt.get("finished_ms")
+            error = attempt.get("error") or {}
+            steps.add_row(
+                sid, step["status"], str(attempt.get("attempt", "")), step.get("service") or "",
+                attempt.get("instance") or "", _time(started),
+                str(finished - started) if started and finished else "",
+                error.get("message", "") if isinstance(error, dict) else str(error),
+            )  # fmt: skip
+    console.print(steps)
+    timeline = Table("time (UTC)", "event", "step", "attempt", "instance", "status after", "sent")
+    for entry in found["audit"]:
+        timeline.add_row(
+            _time(entry.get("t")), entry.get("event", ""), entry.get("step") or "",
+            str(entry.get("attempt") or ""), entry.get("instance") or "", entry.get("status") or "",
+            ", ".join(f"{s['step']}#{s['attempt']}" for s in entry.get("sent", [])),
+        )  # fmt: skip
+    console.print(timeline)
+
+
+def dashboard_command(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    config: ConfigOption = None,
+) -> None:
+    """The web dashboard: runs, services, metrics, alerts, dead letters and controls."""
+    settings = load(config)
+    quiet_libraries()
+    run(serve_dashboard(settings, host, port, announce=typer.echo))
+
+
+async def serve_dashboard(
+    settings: Settings, host: str, port: int, announce: Any = None, ready: Any = None
+) -> None:
+    """Serve the dashboard until cancelled; `ready(url)` is called once it listens."""
+    import asyncio
+
+    async with (
+        _redis(settings) as (redis, keys),
+        dashboard_site(settings, redis, keys, host, port) as url,
+    ):
+        if announce is not None:
+            announce(f"dashboard on {url}")
+        if ready is not None:
+            ready(url)
+        await asyncio.Event().wait()
+
+
+@asynccontextmanager
+async def dashboard_site(
+    settings: Settings, redis: Redis, keys: Keys, host: str, port: int
+) -> AsyncIterator[str]:
+    """The dashboard listening on `host`:`port` (0: a free port) while in the block; its URL."""
+    from aiohttp import web
+
+    from mediator.ops.dashboard import Dashboard
+
+    runner = web.AppRunner(Dashboard(settings, redis, keys).app, access_log=None,
+                           handle_signals=False)  # fmt: skip
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            msg = f"cannot listen on {host}:{port}: {exc}"
+            raise fail(msg) from None
+        sockets = getattr(site._server, "sockets", None)
+        bound = sockets[0].getsockname()[1] if sockets else port
+        yield f"http://{host}:{bound}/"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,222 @@
+"""The dashboard in a real browser (headless Chromium from the distribution) against a
+running system: each page shows what Redis holds, and its actions take effect.
+
+Set ``MEDIATOR_SCREENSHOTS=<dir>`` to keep a screenshot of each page (the README's)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mediator.cli.workflows import serve_dashboard
+from mediator.core.tasks import cancel_and_wait
+from mediator.ops.status import collect_status
+from mediator.sdk.worker import ActionError
+from tests.helpers import wait_for
+from tests.system import CHAIN3, echo
+from topics.events import WorkflowStatus
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)",
+)
+
+
+class Browser:
+    """A headless Chromium, driven from a thread (the dashboard serves on this loop)."""
+
+    def __init__(self) -> None:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1400,1000", "--disable-gpu"):  # fmt: skip
+            options.add_argument(flag)
+        self.driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        self.shots = os.environ.get("MEDIATOR_SCREENSHOTS")
+        if self.shots:
+            Path(self.shots).mkdir(parents=True, exist_ok=True)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def open(self, url: str) -> None:
+        await self.call(self.driver.get, url)
+
+    async def text(self, css: str) -> str:
+        """The text of the first element matching `css` ("" while there is none)."""
+        from selenium.webdriver.common.by import By
+
+        def read() -> str:
+            found = self.driver.find_elements(By.CSS_SELECTOR, css)
+            try:
+                return found[0].text if found else ""
+            except Exception:  # replaced by a refresh while read
+                return ""
+
+        return str(await self.call(read))
+
+    async def count(self, css: str) -> int:
+        from selenium.webdriver.common.by import By
+
+        return len(await self.call(self.driver.find_elements, By.CSS_SELECTOR, css))
+
+    async def attribute(self, css: str, name: str) -> str | None:
+        from selenium.webdriver.common.by import By
+
+        def read() -> str | None:
+            found = self.driver.find_elements(By.CSS_SELECTOR, css)
+            try:
+                return found[0].get_attribute(name) if found else None
+            except Exception:
+                return None
+
+        return await self.call(read)
+
+    async def click(self, css: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        await self.call(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+
+    async def shot(self, name: str) -> None:
+        if self.shots:
+            await self.call(self.driver.save_screenshot, str(Path(self.shots) / f"{name}.png"))
+
+    async def close(self) -> None:
+        await self.call(self.driver.quit)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = await asyncio.to_thread(Browser)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+class Flaky:
+    """Step ``b`` fails for good while `broken`."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    async def work(self, data: Any, command: Any) -> dict[str, Any]:
+        if self.broken and command.step == "b":
+            msg = "card declined"
+            raise ActionError(msg, code="declined", retryable=False)
+        await asyncio.sleep(0.02)
+        return await echo(data, command)
+
+
+async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
+    make_system: Any, browser: Browser
+) -> None:
+    system = await make_system(CHAIN3)
+    flaky = Flaky()
+    await system.worker("svc", {"work": flaky.work})
+    mediator = await system.mediator()
+    client = await system.client()
+    failed = [await client.submit("chain3", {"n": i}, request_id=f"bad-{i}", timeout=30)
+              for i in range(3)]  # fmt: skip
+    assert all(r.status is WorkflowStatus.FAILED for r in failed)
+    flaky.broken = False
+    ok = await client.submit("chain3", {"n": 9}, request_id="good", timeout=30)
+    assert ok.status is WorkflowStatus.COMPLETED
+    await mediator.flusher.flush()
+
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        base = urls[0]
+        keys = mediator.store.keys
+        status = await collect_status(mediator.redis, keys)
+        assert status["counts"]["failed"] == 3
+
+        # Overview: counts as Redis has them.
+        await browser.open(base + "#/overview")
+        await wait_for(lambda: browser.text("[data-testid=card-failed] .n"), what="overview")
+        assert await browser.text("[data-testid=card-failed] .n") == "3"
+        assert await browser.text("[data-testid=card-completed] .n") == "1"
+        await browser.shot("overview")
+
+        # Workflows, filtered to the failed ones.
+        await browser.open(base + "#/runs?status=failed")
+        await wait_for(lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 3),
+                       what="three failed runs listed")  # fmt: skip
+        await browser.shot("workflows")
+
+        # One run: its steps and its DAG drawn with their states, its audit log.
+        wid = failed[0].workflow_id
+        assert wid is not None
+        await browser.open(base + f"#/run/{wid}")
+        await wait_for(lambda: browser.text("[data-testid=run-id]"), what="the run page")
+        assert await browser.attribute("[data-testid=dag-a]", "data-status") == "completed"
+        assert await browser.attribute("[data-testid=dag-b]", "data-status") == "failed"
+        assert await browser.attribute("[data-testid=dag-c]", "data-status") == "pending"
+        assert "card declined" in await browser.text("table[data-testid=steps]")
+        audit = await browser.text("table[data-testid=audit]")
+        assert "request" in audit and "reply" in audit
+        await browser.shot("run-failed")
+
+        # Retry it: the control goes through Kafka, the run completes, the page follows.
+        await browser.click("[data-testid=retry]")
+        await wait_for(lambda: _run_status(mediator, wid, "completed"), timeout=30,
+                       what="the retried run to complete")  # fmt: skip
+        await wait_for(lambda: _contains(browser.text("h2"), "completed"), timeout=10,
+                       what="the page to show it completed")  # fmt: skip
+        assert await browser.attribute("[data-testid=dag-c]", "data-status") == "completed"
+        await browser.shot("run")
+
+        # Bulk retry of every failed run left.
+        await browser.open(base + "#/runs?status=failed")
+        await wait_for(lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 2),
+                       what="two failed runs left")  # fmt: skip
+        await browser.click("[data-testid=retry-all-failed]")
+        for other in failed[1:]:
+            await wait_for(lambda o=other: _run_status(mediator, o.workflow_id, "completed"),
+                           timeout=30, what="bulk-retried runs to complete")  # fmt: skip
+        await wait_for(lambda: browser.count("[data-testid=no-runs]"), timeout=10,
+                       what="the failed list to empty")  # fmt: skip
+
+        # Services: the breaker as Redis holds it, the service's figures.
+        await browser.open(base + "#/services")
+        await wait_for(lambda: browser.text("[data-testid=breaker-svc]"), what="services")
+        assert await browser.text("[data-testid=breaker-svc]") == "closed"
+        assert "svc" in await browser.text("table[data-testid=services]")
+        await browser.shot("services")
+
+        await browser.open(base + "#/alerts")
+        await wait_for(lambda: browser.count("table[data-testid=alerts-history]"), what="alerts")
+        await browser.open(base + "#/dlq")
+        await wait_for(lambda: browser.count("table[data-testid=dlq]"), what="dead letters")
+    finally:
+        await cancel_and_wait(serving)
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return await value == expected
+
+
+async def _contains(value: Any, expected: str) -> bool:
+    return expected in await value
+
+
+async def _run_status(mediator: Any, wid: str | None, expected: str) -> bool:
+    assert wid is not None
+    raw = await mediator.redis.hget(mediator.store.keys.workflow(wid), "status")
+    return raw is not None and raw.decode() == expected
