@@ -21,8 +21,9 @@ import statistics
 import time
 from typing import Any
 
-from benchmarks.common import Measure, Profile, closed_loop, open_loop
-from benchmarks.mediator_bench import make_client, submitter, warm_up
+from benchmarks.common import Measure, Profile, open_loop
+from benchmarks.compare import chain3_side_by_side
+from benchmarks.mediator_bench import make_client
 from benchmarks.procs import Child
 from benchmarks.stage import ECHO, PARTITIONS, WORKFLOWS, Stage
 from mediator.core.workflow import parse_workflows
@@ -42,30 +43,11 @@ SUBMIT_TIMEOUT_S = 60.0
 
 async def throughput(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     """chain3 workflows/s with routing on and off, one rig each, alternating."""
-    note = f"chain3, closed loop, {profile.mediator_in_flight} in flight, one echo instance"
-    on = Measure("routing.chain3.routed.workflows_per_s", "workflows/s", note=note)
-    off = Measure("routing.chain3.shared_topic.workflows_per_s", "workflows/s", note=note)
-    ratio = Measure("routing.chain3.routed_over_shared", "ratio", note="per repetition")
-    out += [on, off, ratio]
-    for _ in range(profile.repeat):
-        rates = []
-        for enabled, measure in ((True, on), (False, off)):
-            async with (
-                stage.rig("route", mediator=True, load_balancing={"enabled": enabled}) as rig,
-                make_client(rig.settings) as client,
-            ):
-                await warm_up(client, "chain3")
-                result = await closed_loop(
-                    submitter(client, "chain3"),
-                    in_flight=profile.mediator_in_flight,
-                    warmup_s=profile.warmup_s,
-                    measure_s=profile.measure_s,
-                    drain_s=profile.drain_s,
-                )
-                result.check(f"chain3 with routing {'on' if enabled else 'off'}")
-                measure.values.append(round(result.rate, 1))
-                rates.append(result.rate)
-        ratio.values.append(round(rates[0] / rates[1], 3))
+    await chain3_side_by_side(
+        stage, profile, out, "routing.chain3",
+        ("routed", {"load_balancing": {"enabled": True}}),
+        ("shared_topic", {"load_balancing": {"enabled": False}}),
+    )  # fmt: skip
 
 
 async def kill_to_reroute(stage: Stage, profile: Profile, out: list[Measure]) -> None:

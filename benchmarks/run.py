@@ -21,7 +21,16 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from benchmarks import celery_bench, floor, mediator_bench, micro, report, routing_bench, scaling
+from benchmarks import (
+    celery_bench,
+    floor,
+    mediator_bench,
+    micro,
+    monitoring_bench,
+    report,
+    routing_bench,
+    scaling,
+)
 from benchmarks.common import Budget, Measure, Profile
 from benchmarks.stage import Stage, machine, open_stage
 
@@ -29,10 +38,10 @@ HERE = Path(__file__).resolve().parent
 # Micro-benchmarks first: they time single operations, and after the load sections the
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
-SECTIONS = ("micro", "floor", "mediator", "celery", "scaling", "routing")
+SECTIONS = ("micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring")
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.15, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
-         "scaling": 0.3, "routing": 0.35}  # fmt: skip
+         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -72,7 +81,12 @@ async def _routing(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await routing_bench.run_routing(stage, profile, out)
 
 
+async def _monitoring(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await monitoring_bench.run_monitoring(stage, profile, out)
+
+
 RUNNERS: dict[str, Section] = {
+    "monitoring": _monitoring,
     "floor": _floor,
     "mediator": _mediator,
     "floor_latency": _floor_latency,

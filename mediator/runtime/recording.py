@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mediator.core.metrics import BOUNDS_MS, Tally
+from mediator.core.metrics import BOUNDS_MS, Observation, Tally
 from mediator.core.transition import Transition
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
@@ -69,30 +70,54 @@ class Recorder:
             ["service", "state"],
             registry=registry,
         )
+        #: Label children already looked up, by engine counter name or observation key.
+        self._children: dict[object, Any] = {}
 
     def record(self, transitions: Iterable[Transition], now_ms: int) -> None:
         """Tally committed transitions."""
         tally = self.tally
+        children = self._children
         for transition in transitions:
             tally.counters(transition.counters, now_ms)
             for name, delta in transition.counters.items():
                 if delta <= 0:
                     continue
-                kind, _, rest = name.partition(":")
-                series, _, event = rest.rpartition(":")
-                if kind == "svc" and series:
-                    self.service_events.labels(series, event).inc(delta)
-                elif kind == "wf" and series:
-                    self.workflow_events.labels(series, event).inc(delta)
+                child = children.get(name)
+                if child is None:
+                    child = children[name] = self._counter_child(name)
+                if child is not False:
+                    child.inc(delta)
             for seen in transition.observed:
                 tally.observe(seen, now_ms)
+                key = (seen.kind, seen.name, seen.outcome, seen.instance)
+                timers = children.get(key)
+                if timers is None:
+                    timers = children[key] = self._observation_children(seen)
                 seconds = max(0, seen.ms) / 1000
-                if seen.kind == "wf":
-                    self.duration.labels(seen.name, seen.outcome).observe(seconds)
-                    continue
-                self.response.labels(seen.name, seen.outcome).observe(seconds)
-                if seen.instance is not None:
-                    self.instance_replies.labels(seen.name, seen.instance, seen.outcome).inc()
+                timers[0].observe(seconds)
+                if timers[1] is not None:
+                    timers[1].inc()
+
+    def _counter_child(self, name: object) -> Any:
+        """The Prometheus counter an engine counter feeds (False: none)."""
+        kind, _, rest = str(name).partition(":")
+        series, _, event = rest.rpartition(":")
+        if kind == "svc" and series:
+            return self.service_events.labels(series, event)
+        if kind == "wf" and series:
+            return self.workflow_events.labels(series, event)
+        return False
+
+    def _observation_children(self, seen: Observation) -> tuple[Any, Any]:
+        """The histogram (and the instance counter) an observation feeds."""
+        if seen.kind == "wf":
+            return self.duration.labels(seen.name, seen.outcome), None
+        instance = (
+            self.instance_replies.labels(seen.name, seen.instance, seen.outcome)
+            if seen.instance is not None
+            else None
+        )
+        return self.response.labels(seen.name, seen.outcome), instance
 
     def breaker_changed(self, now_ms: Callable[[], int]) -> Callable[[str, str, str], None]:
         """A `Breakers.on_change` callback that tallies each transition."""
