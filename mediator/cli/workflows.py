@@ -199,22 +199,15 @@ async def dashboard_site(
     settings: Settings, redis: Redis, keys: Keys, host: str, port: int
 ) -> AsyncIterator[str]:
     """The dashboard listening on `host`:`port` (0: a free port) while in the block; its URL."""
-    from aiohttp import web
-
     from mediator.ops.dashboard import Dashboard
+    from mediator.runtime.endpoints import listen
 
-    runner = web.AppRunner(Dashboard(settings, redis, keys).app, access_log=None,
-                           handle_signals=False)  # fmt: skip
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            msg = f"cannot listen on {host}:{port}: {exc}"
-            raise fail(msg) from None
-        sockets = getattr(site._server, "sockets", None)
-        bound = sockets[0].getsockname()[1] if sockets else port
+        runner, bound = await listen(Dashboard(settings, redis, keys).app, host, port)
+    except OSError as exc:
+        msg = f"cannot listen on {host}:{port}: {exc}"
+        raise fail(msg) from None
+    try:
         yield f"http://{host}:{bound}/"
     finally:
         await runner.cleanup()

@@ -26,6 +26,7 @@ __all__ = [
     "Summary",
     "Tally",
     "bucket_field",
+    "counter_series",
     "percentile_ms",
     "summarize",
 ]
@@ -36,8 +37,15 @@ BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 
 #: Fields that hold the latest value (written with HSET), not a sum.
 GAUGES = frozenset({"parked"})
 
-#: Series kinds: a service, one instance of a service (``service/instance``), a workflow.
-KINDS = ("svc", "inst", "wf")
+
+def counter_series(name: str) -> tuple[str, str, str] | None:
+    """(kind, series, field) of an engine counter that feeds a series:
+    ``svc:<service>:<what>`` or ``wf:<name>:<what>``; None for any other counter."""
+    kind, _, rest = name.partition(":")
+    if kind not in ("svc", "wf"):
+        return None
+    series, _, field = rest.rpartition(":")
+    return (kind, series, field) if series else None
 
 
 def bucket_field(ms: float) -> str:
@@ -102,14 +110,8 @@ class Tally:
         Negative deltas (a count taken back, e.g. a failed run an operator retries) are
         not events of this bucket and are left out."""
         for name, delta in counters.items():
-            if delta <= 0:
-                continue
-            kind, _, rest = name.partition(":")
-            if kind not in ("svc", "wf"):
-                continue
-            series, _, field = rest.rpartition(":")
-            if series:
-                self.add(kind, series, field, now_ms, delta)
+            if delta > 0 and (found := counter_series(name)) is not None:
+                self.add(*found, now_ms, delta)
 
     def drain(self) -> dict[Key, dict[str, int]]:
         """Everything tallied since the last drain; the tally starts empty again."""

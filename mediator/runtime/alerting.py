@@ -25,6 +25,7 @@ from mediator.runtime.registry import Registry
 from mediator.settings import BackoffSettings, MonitoringSettings
 from mediator.storage.alerts import active_alerts
 from mediator.storage.keys import Keys
+from mediator.storage.leases import Leases
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.parked import parked_counts
 from topics.events import AlertEvent, AlertState, HealthStatus
@@ -32,16 +33,6 @@ from topics.events import AlertEvent, AlertState, HealthStatus
 __all__ = ["AlertEvaluator"]
 
 log = logging.getLogger("mediator.alerts")
-
-# Take the lease if free, or keep it if held by us: returns 1 when this replica holds it.
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
 
 
 class AlertEvaluator(Periodic):
@@ -77,16 +68,13 @@ class AlertEvaluator(Periodic):
         self.services = services
         self.registry = registry
         self.rules: Sequence[Rule] = [t.rule() for t in settings.alert_thresholds]
-        self._lease = redis.register_script(_LEASE)
+        self.leases = Leases(redis)
         self.leading = False
         self.published = 0
 
     async def round(self) -> float:
         interval = self.settings.alert_interval
-        held = await self._lease(
-            keys=[self.keys.alerts("lease")], args=[self.replica, interval * 3]
-        )
-        if int(held) != 1:
+        if not await self.leases.hold(self.keys.alerts("lease"), self.replica, interval * 3):
             if self.leading:
                 log.info("alert evaluation moved to another replica")
             self.leading = False
@@ -137,9 +125,7 @@ class AlertEvaluator(Periodic):
                 self.tally.add("svc", service, "inst_up", now, up)
         for service, parked in (await parked_counts(self.redis, self.keys, services)).items():
             # A gauge: set even when zero, so a drained backlog reads as zero.
-            self.tally.series.setdefault(("svc", service, self.tally.bucket(now)), {})["parked"] = (
-                parked
-            )
+            self.tally.set("svc", service, "parked", now, parked)
 
     def _message(self, alert: AlertEvent) -> Message:
         return Message(

@@ -127,7 +127,8 @@ class Mediator:
             self.registry if settings.discovery.enabled else None,
             settings.backoff,
         )
-        self.breakers.on_change.append(self.recorder.breaker_changed(now_ms))
+        if monitoring.enabled:  # else nothing would drain what it tallies
+            self.breakers.on_change.append(self.recorder.breaker_changed(now_ms))
         self.prometheus.register(
             StatsCollector(
                 {

@@ -11,12 +11,27 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["Endpoints"]
+__all__ = ["Endpoints", "listen"]
 
 log = logging.getLogger("mediator.http")
 
 #: Readiness checks: each returns None when fine, else what is wrong.
 Check = Callable[[], Awaitable[str | None]]
+
+
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on `host`:`port` (0: a free port); its runner (`cleanup` stops it) and
+    the port bound. Raises OSError (the port is taken) with nothing left running."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    sockets = getattr(site._server, "sockets", None)
+    return runner, sockets[0].getsockname()[1] if sockets else port
 
 
 class Endpoints:
@@ -36,18 +51,7 @@ class Endpoints:
 
     async def start(self) -> None:
         """Listen; a port in use is a `ConfigurationError`-worthy OSError to the caller."""
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        sockets = getattr(site._server, "sockets", None)
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self._runner, self.port = await listen(self.app, self.host, self.port)
         log.info("metrics and health on http://%s:%d/metrics", self.host, self.port)
 
     async def stop(self) -> None:

@@ -24,8 +24,9 @@ from mediator.clock import now_ms
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
-from mediator.storage.connection import lua_source, text
+from mediator.storage.connection import lua_source
 from mediator.storage.keys import Keys
+from mediator.storage.leases import Leases
 from mediator.storage.parked import parked_counts
 
 __all__ = ["BreakerUpkeep", "parked_counts"]
@@ -58,6 +59,7 @@ class BreakerUpkeep(Periodic):
         self.services = services
         self.replica = replica
         self._unpark = redis.register_script(_UNPARK)
+        self.leases = Leases(redis)
         self._credit: dict[str, float] = {}
         self.released = 0
 
@@ -99,13 +101,7 @@ class BreakerUpkeep(Periodic):
         """Hold the drain lease of `service` (one replica drains it at a time)."""
         key = f"{self.keys.prefix}:drain:{{{service}}}"
         ttl = max(100, int(self.breakers.settings.refresh_ms * 3))
-        if await self.redis.set(key, self.replica, nx=True, px=ttl):
-            return True
-        holder = await self.redis.get(key)
-        if holder is not None and text(holder) == self.replica:
-            await self.redis.pexpire(key, ttl)
-            return True
-        return False
+        return await self.leases.hold(key, self.replica, ttl)
 
     async def _release(self, service: str, budget: int) -> int:
         """Move the `budget` oldest parked steps of `service` (across shards) to the

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mediator.core.metrics import BOUNDS_MS, Observation, Tally
+from mediator.core.metrics import BOUNDS_MS, Observation, Tally, counter_series
 from mediator.core.transition import Transition
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
@@ -98,15 +98,14 @@ class Recorder:
                 if timers[1] is not None:
                     timers[1].inc()
 
-    def _counter_child(self, name: object) -> Any:
+    def _counter_child(self, name: str) -> Any:
         """The Prometheus counter an engine counter feeds (False: none)."""
-        kind, _, rest = str(name).partition(":")
-        series, _, event = rest.rpartition(":")
-        if kind == "svc" and series:
-            return self.service_events.labels(series, event)
-        if kind == "wf" and series:
-            return self.workflow_events.labels(series, event)
-        return False
+        found = counter_series(name)
+        if found is None:
+            return False
+        kind, series, event = found
+        family = self.service_events if kind == "svc" else self.workflow_events
+        return family.labels(series, event)
 
     def _observation_children(self, seen: Observation) -> tuple[Any, Any]:
         """The histogram (and the instance counter) an observation feeds."""
