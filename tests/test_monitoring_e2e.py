@@ -200,3 +200,44 @@ async def test_a_slow_service_fires_one_alert_and_one_resolve(
 
 async def _not(value: Any) -> bool:
     return not await value
+
+
+async def test_a_metrics_write_that_fails_keeps_the_tally_for_the_next(settings: Any) -> None:
+    import pytest
+    from prometheus_client import CollectorRegistry
+
+    from mediator.errors import StateUnavailable
+    from mediator.runtime.recording import MetricsFlusher, Recorder
+    from mediator.storage.connection import connect
+    from mediator.storage.keys import Keys
+    from mediator.storage.metrics import MetricsStore
+
+    recorder = Recorder(CollectorRegistry(), bucket_s=10)
+    recorder.tally.add("svc", "pay", "ok", 1_700_000_000_000, 3)
+    gone = connect("redis://127.0.0.1:1/0", timeout_s=0.5)  # nothing listens there
+    flusher = MetricsFlusher(recorder, MetricsStore(gone, Keys("x", 4), 10, 60_000), 100)
+    try:
+        with pytest.raises(StateUnavailable, match="writing metrics"):
+            await flusher.flush()
+    finally:
+        await gone.aclose()
+    assert recorder.tally.drain() == {("svc", "pay", 1_700_000_000): {"ok": 3}}
+
+
+async def test_a_taken_metrics_port_stops_the_replica_with_a_clear_error(
+    make_system: Any, settings: Any
+) -> None:
+    import socket
+
+    import pytest
+
+    from mediator.errors import ConfigurationError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        system = await make_system(CHAIN3, http=settings.http.model_copy(update={"port": port}))
+        with pytest.raises(ConfigurationError, match=f"cannot serve metrics and health on "
+                           f"127.0.0.1:{port}.*http.port"):  # fmt: skip
+            await system.mediator()
