@@ -7,15 +7,28 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+#: Below the suite's per-test timeout, so a run that hangs fails with what it printed.
+DEV_TIMEOUT_S = 150
+
 
 def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "mediator", "dev", "--requests", "40"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "mediator", "dev", "--requests", "40"],
+            capture_output=True,
+            text=True,
+            timeout=DEV_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        printed = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        logged = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(
+            f"mediator dev did not finish within {DEV_TIMEOUT_S} s; it printed:\n"
+            f"{printed[-4000:]}\nstderr:\n{logged[-4000:]}"
+        )
     out = run.stdout
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
