@@ -41,11 +41,15 @@ STALL_RUNS = 20
 STALL_TIMEOUT_MS = 1000
 STALL_S = 5.0
 
-#: Loaded into one replica through PYTHONPATH: its first claim of due timers is real (the
-#: claim script, the lease) but it never applies them, and says which it holds, so the
-#: test can kill it at a moment when it certainly holds claimed timers.
+#: Loaded into both replicas through PYTHONPATH. The holder's (``HELD_TIMERS_FILE`` set)
+#: first claim of due timers is real (the claim script, the lease) but it never applies
+#: them, and says which it holds, so the test can kill it at a moment when it certainly
+#: holds claimed timers. The survivor (``AFTER_HELD_FILE`` set) claims no timer until the
+#: holder has: timers fall due in bursts, and the replica that polls first after a burst
+#: claims all of it, so without this the survivor could take every burst.
 HOLD_TIMERS = '''\
-"""Test fault: this replica claims due timers once, then holds them without applying."""
+"""Test fault: the holder claims due timers once, then holds them without applying;
+the survivor claims none before it."""
 
 import asyncio
 import json
@@ -53,6 +57,17 @@ import os
 from pathlib import Path
 
 from mediator.runtime.batches import Runtime
+from mediator.runtime.timers import TimerPoller
+
+if "AFTER_HELD_FILE" in os.environ:
+    _poll_once = TimerPoller.poll_once
+
+    async def _after_held(self):
+        if not Path(os.environ["AFTER_HELD_FILE"]).exists():
+            return 0
+        return await _poll_once(self)
+
+    TimerPoller.poll_once = _after_held
 
 
 async def _hold(self, claimed):
@@ -64,7 +79,8 @@ async def _hold(self, claimed):
     await asyncio.Event().wait()
 
 
-Runtime.handle_timers = _hold
+if "HELD_TIMERS_FILE" in os.environ:
+    Runtime.handle_timers = _hold
 '''
 
 
@@ -120,7 +136,7 @@ async def test_timers_a_killed_replica_held_are_fired_once_by_the_other(
     marker = tmp_path / "held.json"
     python_path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
     holder.start(env={"PYTHONPATH": python_path, "HELD_TIMERS_FILE": str(marker)})
-    survivor.start()
+    survivor.start(env={"PYTHONPATH": python_path, "AFTER_HELD_FILE": str(marker)})
     client = await system.client()
     distinct: list[ResultEvent] = []
     client.on_result = distinct.append
