@@ -136,3 +136,16 @@ def test_a_threshold_that_does_not_parse_is_refused_clearly() -> None:
         AlertThreshold(metric="error_rate", threshold="lots")
     with pytest.raises(ValidationError, match="is not a duration"):
         AlertThreshold(metric="response_time", threshold="soon")
+
+
+def test_a_firing_alert_holds_through_a_window_with_too_few_samples() -> None:
+    # A slow service answers few commands per window: a thin window is no evidence that
+    # it recovered (resolving there made the alert flap: fire, resolve, fire again).
+    rule = slow_rule()
+    [fired] = evaluate([rule], {"pay": summarize([{"n": 5, "h:500": 5}], 5)}, {}, T0, 5_000)
+    active = {fired.alert_id: fired}
+    thin = summarize([{"n": 2, "h:500": 2}], 5)
+    assert evaluate([rule], {"pay": thin}, active, T0 + 1_000, 5_000) == []
+    # A window with nothing answered at all: the service went quiet, nothing holds it.
+    [quiet] = evaluate([rule], {"pay": summarize([{"sent": 0}], 5)}, active, T0 + 2_000, 5_000)
+    assert quiet.state is AlertState.RESOLVED

@@ -3,7 +3,8 @@
 Pure: the evaluator hands in the window's summaries and the alerts now firing and gets
 back the changes to publish. An alert fires once when its rule is breached and resolves
 once when it no longer is (or the service went quiet: nothing left to judge), so nothing
-repeats while it holds.
+repeats while it holds. A window with some samples but fewer than the rule's
+``min_samples`` changes nothing: too little to fire on, and too little to resolve on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def measure(rule: Rule, summary: Summary) -> float | None:
     return summary.rate("timeout")
 
 
+def _quiet(rule: Rule, summary: Summary) -> bool:
+    """Whether the window holds nothing at all the rule could be measured on."""
+    if rule.metric == "availability":
+        return summary.availability is None
+    return summary.answered == 0
+
+
 def _breached(rule: Rule, value: float) -> bool:
     return value < rule.limit if rule.metric == "availability" else value > rule.limit
 
@@ -69,6 +77,8 @@ def _message(rule: Rule, service: str, value: float | None, firing: bool) -> str
     what = rule.metric.replace("_", " ")
     if rule.metric == "response_time":
         what = f"p{rule.percentile:g} response time"
+    if value is None and not firing:
+        return f"{service}: {what} no longer measured (nothing in the window)"
     if firing:
         side = "below" if rule.metric == "availability" else "above"
         return f"{service}: {what} {shown} is {side} {limit}"
@@ -94,7 +104,14 @@ def evaluate(
             judged.add(alert_id)
             value = measure(rule, summary)
             firing = active.get(alert_id)
-            if value is not None and _breached(rule, value):
+            if value is None:
+                # Too little to judge: a firing alert holds, unless nothing was measured
+                # at all (the service went quiet).
+                if firing is not None and _quiet(rule, summary):
+                    changes.append(
+                        _event(rule, service, None, False, firing.since_ms, now_ms, window_ms)
+                    )
+            elif _breached(rule, value):
                 if firing is None:
                     changes.append(_event(rule, service, value, True, now_ms, now_ms, window_ms))
             elif firing is not None:
