@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ValidationError
 
 from mediator.clock import now_ms
-from topics.events import DeadLetter
+from topics.events import CommandEvent, DeadLetter, ReplyEvent, ResultEvent
 from topics.headers import headers_for
 
 __all__ = ["dead_letter", "encode", "headers", "validation_reason"]
@@ -30,10 +30,18 @@ def encode(event: BaseModel) -> bytes:
 
 
 def headers(event: BaseModel) -> list[tuple[str, bytes]]:
-    """The contract headers of ``event`` (type, schema version, content type, trace id)."""
+    """The contract headers of ``event`` (type, schema version, content type, trace id
+    and, for commands, replies and results, the W3C ``traceparent``)."""
     event_type = getattr(event, "type", type(event).__name__)
     schema_version = getattr(event, "schema_version", 1)
-    return headers_for(str(event_type), int(schema_version), getattr(event, "trace_id", None))
+    trace_id = getattr(event, "trace_id", None)
+    span = None
+    if trace_id:
+        if isinstance(event, CommandEvent | ReplyEvent):
+            span = event.command_id
+        elif isinstance(event, ResultEvent):
+            span = event.workflow_id or event.request_id
+    return headers_for(str(event_type), int(schema_version), trace_id, span)
 
 
 def validation_reason(exc: ValidationError, most: int = 3) -> str:

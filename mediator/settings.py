@@ -51,6 +51,7 @@ __all__ = [
     "Settings",
     "SigningSettings",
     "TimerSettings",
+    "TracingSettings",
     "load_settings",
     "settings_document",
 ]
@@ -373,6 +374,21 @@ class AuditSettings(BaseModel):
     max_entries: int = Field(default=200, ge=1)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans of runs and step attempts, exported by the replica (needs the
+    ``otel`` extra). Trace context travels on the wire (W3C ``traceparent``) whether or
+    not spans are exported."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    # "otlp": OTLP over HTTP to `endpoint` (else the standard OTEL_EXPORTER_OTLP_*
+    # variables, default http://localhost:4318); "console": one JSON span per line on stdout.
+    exporter: Literal["otlp", "console"] = "otlp"
+    endpoint: str | None = None
+    service_name: str = "mediator"
+
+
 class HttpSettings(BaseModel):
     """The replica's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``."""
 
@@ -530,6 +546,7 @@ class Settings(BaseSettings):
     service_monitoring: MonitoringSettings = MonitoringSettings()
     audit: AuditSettings = AuditSettings()
     http: HttpSettings = HttpSettings()
+    tracing: TracingSettings = TracingSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="YAML files or directories of workflow definitions "

@@ -25,7 +25,7 @@ from topics.events import (
     StepSummary,
     WorkflowStatus,
 )
-from topics.headers import headers_for
+from topics.headers import headers_for, parse_traceparent, span_id, traceparent, w3c_trace_id
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
 __all__ = [
@@ -51,6 +51,10 @@ __all__ = [
     "WorkflowStatus",
     "headers_for",
     "json_schemas",
+    "parse_traceparent",
+    "span_id",
+    "traceparent",
+    "w3c_trace_id",
 ]
 
 

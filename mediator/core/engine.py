@@ -46,6 +46,7 @@ from topics.events import (
     RequestEvent,
     WorkflowStatus,
 )
+from topics.headers import w3c_trace_id
 
 #: Steps that hold one of a workflow's `max_parallel` slots.
 _BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
@@ -82,9 +83,19 @@ class Engine:
         self.replies_topic = replies_topic
 
     def start(
-        self, workflow: Workflow, request: RequestEvent, workflow_id: str, now_ms: int
+        self,
+        workflow: Workflow,
+        request: RequestEvent,
+        workflow_id: str,
+        now_ms: int,
+        trace_id: str | None = None,
+        trace_parent: str | None = None,
     ) -> Transition:
-        """A new run for `request`: dispatch the steps that are ready at once."""
+        """A new run for `request`: dispatch the steps that are ready at once.
+
+        Its trace id is the request's, else `trace_id` (from the request's
+        ``traceparent``), else one derived from the workflow id: every run is traced.
+        """
         state = WorkflowState(
             workflow_id=workflow_id,
             request_id=request.request_id,
@@ -96,7 +107,8 @@ class Engine:
             updated_ms=now_ms,
             steps={sid: StepState() for sid in workflow.order},
             reply_to=request.reply_to,
-            trace_id=request.trace_id,
+            trace_id=request.trace_id or trace_id or w3c_trace_id(workflow_id),
+            trace_parent=trace_parent,
             deadline_ms=now_ms + workflow.timeout_ms if workflow.timeout_ms else None,
         )
         transition = Transition(state)
@@ -150,7 +162,7 @@ class Engine:
             )
             transition.count(f"svc:{service}:ok")
             transition.outcomes.append((service, True))
-            observe(transition, service, "ok", step_state.started_ms, now_ms, reply.instance)
+            observe(transition, service, "ok", reply.step, step_state, now_ms, reply.instance)
             if reply.instance:
                 transition.instance_outcomes.append((service, reply.instance, True))
             if state.status is WorkflowStatus.COMPENSATING:
@@ -160,7 +172,7 @@ class Engine:
         failure = error.model_dump(exclude_none=True)
         failure["step"] = reply.step
         transition.count(f"svc:{service}:error")
-        observe(transition, service, "error", step_state.started_ms, now_ms, reply.instance)
+        observe(transition, service, "error", reply.step, step_state, now_ms, reply.instance)
         if error.retryable:
             transition.outcomes.append((service, False))
             if reply.instance:
@@ -199,7 +211,8 @@ class Engine:
                     transition,
                     service,
                     "timeout",
-                    step_state.started_ms,
+                    step.id,
+                    step_state,
                     now_ms,
                     step_state.instance,
                 )

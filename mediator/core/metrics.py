@@ -59,13 +59,18 @@ def bucket_field(ms: float) -> str:
 @dataclass(frozen=True, slots=True)
 class Observation:
     """One timed outcome: a command answered or timed out (kind ``svc``, with the
-    instance that answered, if known) or a run that ended (kind ``wf``)."""
+    instance that answered, if known, and which step attempt it was) or a run that ended
+    (kind ``wf``)."""
 
     kind: str
     name: str
     outcome: str
     ms: int
     instance: str | None = None
+    step: str | None = None
+    attempt: int = 0
+    command_id: str | None = None
+    undo: bool = False
 
 
 Key = tuple[str, str, int]

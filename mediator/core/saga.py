@@ -156,13 +156,17 @@ def undo_replied(
         )
         transition.count(f"svc:{compensate.service}:ok")
         transition.outcomes.append((compensate.service, True))
-        observe(transition, compensate.service, "ok", undo.started_ms, now_ms, reply.instance)
+        observe(
+            transition, compensate.service, "ok", step.id, undo, now_ms, reply.instance, undo=True
+        )
         return progress(reply_to, workflow, transition, now_ms)
     error = reply.error or ErrorInfo(message="service replied error without details")
     failure = error.model_dump(exclude_none=True)
     failure["step"] = step.id
     transition.count(f"svc:{compensate.service}:error")
-    observe(transition, compensate.service, "error", undo.started_ms, now_ms, reply.instance)
+    observe(
+        transition, compensate.service, "error", step.id, undo, now_ms, reply.instance, undo=True
+    )
     if error.retryable:
         transition.outcomes.append((compensate.service, False))
     return _fail(reply_to, workflow, transition, step, failure, now_ms, reply.instance)
@@ -183,7 +187,10 @@ def undo_timer(
         transition = forked(state, now_ms, timer)
         transition.count(f"svc:{compensate.service}:timeout")
         transition.outcomes.append((compensate.service, False))
-        observe(transition, compensate.service, "timeout", undo.started_ms, now_ms, undo.instance)
+        observe(
+            transition, compensate.service, "timeout", step.id, undo, now_ms, undo.instance,
+            undo=True,
+        )  # fmt: skip
         failure = {
             "message": f"compensation of step {step.id!r} attempt {timer.attempt} got no "
             f"reply within {compensate.timeout_ms} ms",

@@ -88,6 +88,9 @@ class WorkflowState:
     #: ``topic/partition/offset`` of the request record that started the run: the same
     #: record redelivered by Kafka is not a new publish and gets no second result.
     origin: str | None = None
+    #: The span id of the client's span the request came from (its ``traceparent``): the
+    #: parent of the run's span.
+    trace_parent: str | None = None
     #: Compensations started (step id -> the compensation's own attempt state), once the
     #: run failed or was cancelled and completed steps are being undone.
     compensations: dict[str, StepState] | None = None
@@ -145,6 +148,7 @@ _WF_OPTIONAL = (
     "error",
     "fingerprint",
     "origin",
+    "trace_parent",
 )
 
 

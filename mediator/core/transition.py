@@ -193,13 +193,25 @@ def observe(
     transition: Transition,
     service: str,
     outcome: str,
-    started_ms: int | None,
+    step: str,
+    attempt: StepState,
     now_ms: int,
     instance: str | None,
+    undo: bool = False,
 ) -> None:
-    """Note for the metrics that a command to `service` was answered (``ok``, ``error``)
-    or timed out, `now_ms - started_ms` after it was sent."""
-    if started_ms is not None:
+    """Note for the metrics and traces that the command of `step`'s `attempt` (or of its
+    compensation: `undo`) to `service` was answered (``ok``, ``error``) or timed out."""
+    if attempt.started_ms is not None:
         transition.observed.append(
-            Observation("svc", service, outcome, now_ms - started_ms, instance)
+            Observation(
+                "svc",
+                service,
+                outcome,
+                now_ms - attempt.started_ms,
+                instance,
+                step,
+                attempt.attempt,
+                attempt.command_id,
+                undo,
+            )
         )

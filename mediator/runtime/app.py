@@ -28,6 +28,7 @@ from mediator.runtime.parking import BreakerUpkeep
 from mediator.runtime.recording import MetricsFlusher, Recorder, StatsCollector
 from mediator.runtime.registry import Registry, RegistryUpkeep
 from mediator.runtime.timers import TimerPoller
+from mediator.runtime.tracing import Tracing
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import connect
@@ -97,6 +98,8 @@ class Mediator:
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.recorder = Recorder(self.prometheus, monitoring.bucket_s)
         self.metrics = MetricsStore(self.redis, keys, monitoring.bucket_s, monitoring.window)
+        #: OpenTelemetry spans of runs and steps, when `tracing.enabled`.
+        self.tracing = Tracing.configure(settings.tracing) if settings.tracing.enabled else None
         self.runtime = Runtime(
             definitions=self.catalog,
             store=self.store,
@@ -109,6 +112,7 @@ class Mediator:
             balancing=settings.load_balancing,
             signatures=self.signatures,
             recorder=self.recorder if monitoring.enabled else None,
+            tracing=self.tracing,
             replica=self.replica,
         )
         self.flusher = MetricsFlusher(
@@ -201,6 +205,8 @@ class Mediator:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
         await _bounded("stop the alert evaluation", self.alerts.stop())
         await _bounded("write the last metrics", self.flusher.stop())
+        if self.tracing is not None:
+            await _bounded("export the last spans", asyncio.to_thread(self.tracing.shutdown))
         if self.endpoints is not None:
             await _bounded("stop the HTTP endpoints", self.endpoints.stop())
         await _bounded("stop the registry upkeep", self.registry_upkeep.stop())

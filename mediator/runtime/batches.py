@@ -40,6 +40,7 @@ from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
+from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
@@ -57,6 +58,7 @@ from topics.events import (
     ResultEvent,
     WorkflowStatus,
 )
+from topics.headers import TRACEPARENT, parse_traceparent, w3c_trace_id
 from topics.names import Topics
 
 __all__ = ["Record", "Runtime"]
@@ -141,11 +143,13 @@ class Runtime:
         balancing: LoadBalancingSettings | None = None,
         signatures: Signatures | None = None,
         recorder: Recorder | None = None,
+        tracing: Tracing | None = None,
         replica: str = "",
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Tallies committed transitions for the metrics. None: metrics are off.
         self.recorder = recorder
+        self.tracing = tracing
         #: This replica's name, in the audit log entries it writes.
         self.replica = replica
         self.definitions = definitions
@@ -237,11 +241,17 @@ class Runtime:
                 committed.append(start.transition)
             elif (answer := self._duplicate(start, result)) is not None:
                 out.direct.append(answer)
-        if self.recorder is not None:
-            self.recorder.record(committed, now)
+        self._observe(committed, now)
         await self.dispatcher.send(outgoing, since)
         await self._flush(out)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
+
+    def _observe(self, committed: list[Transition], now: int) -> None:
+        """Tally the committed transitions' metrics and write their spans."""
+        if self.recorder is not None:
+            self.recorder.record(committed, now)
+        if self.tracing is not None:
+            self.tracing.record(committed)
 
     def _start(self, record: Record, now: int, out: _Out) -> _Start | None:
         """Decode and check one request and compute its first transition."""
@@ -268,7 +278,8 @@ class Runtime:
             return None
         digest = hashlib.blake2b(request.workflow.encode() + b"\0" + canonical, digest_size=12)
         wid = workflow_id_for(request.request_id)
-        transition = self.engine.start(workflow, request, wid, now)
+        trace_id, parent = _trace_context(request, record.headers)
+        transition = self.engine.start(workflow, request, wid, now, trace_id, parent)
         transition.state.fingerprint = digest.hexdigest()
         transition.state.origin = origin
         return _Start(request, workflow, transition)
@@ -556,8 +567,7 @@ class Runtime:
             groups = retry
             if not groups:
                 break
-        if self.recorder is not None:
-            self.recorder.record(committed, now_ms())
+        self._observe(committed, now_ms())
         await self.dispatcher.send(outgoing, since)
         await self._record(outcomes, by_instance, out)
         await self._flush(out)
@@ -908,3 +918,20 @@ def _merge(first: Transition, second: Transition) -> Transition:
     for name, delta in second.counters.items():
         merged.count(name, delta)
     return merged
+
+
+def _trace_context(
+    request: RequestEvent, headers: Sequence[tuple[str, bytes]]
+) -> tuple[str | None, str | None]:
+    """(trace id, parent span id) from the request's W3C ``traceparent`` header, if it has
+    a valid one that agrees with the request's own ``trace_id`` (the value wins)."""
+    for name, value in headers:
+        if name == TRACEPARENT:
+            parsed = parse_traceparent(value)
+            if parsed is None:
+                return None, None
+            trace, parent, _ = parsed
+            if request.trace_id and w3c_trace_id(request.trace_id) != trace:
+                return None, None
+            return trace, parent
+    return None, None

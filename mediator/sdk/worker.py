@@ -459,7 +459,7 @@ class Worker:
         reply = await self._reply_for(command)
         assert self._producer is not None
         # The reply may come from the cache as bytes; its headers follow from the command.
-        plain_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id)
+        plain_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id, command.command_id)
         key = command.workflow_id.encode()
         backoff = 0.1
         replaced = False

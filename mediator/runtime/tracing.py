@@ -1,0 +1,201 @@
+"""OpenTelemetry spans of what the replica commits: one span per run (from its request to
+its end) and one per step attempt or compensation (from the command's send to its reply or
+timeout), exported from the replica that saw each end.
+
+A span is written when what it stands for has ended, so a run that moves between replicas
+is still one span. Span ids are those the wire carries (`topics.headers.span_id` of the
+workflow id or command id), so a service's own spans, made children of its command's
+``traceparent``, hang under the mediator's step span, and the run's span under the
+client's span.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from mediator.core.metrics import Observation
+from mediator.core.state import WorkflowState
+from mediator.core.transition import Transition
+from mediator.errors import ConfigurationError
+from mediator.settings import TracingSettings
+from topics.headers import span_id, w3c_trace_id
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+__all__ = ["Tracing"]
+
+log = logging.getLogger("mediator.tracing")
+
+_NS = 1_000_000  # per millisecond
+_FAILED = frozenset({"error", "timeout", "failed", "cancelled", "compensated"})
+
+
+def _otel() -> Any:
+    try:
+        from opentelemetry.sdk import trace as sdk_trace
+    except ImportError as exc:
+        msg = (
+            "tracing.enabled needs the OpenTelemetry SDK: "
+            "pip install 'kafka-mediator[otel]' (or turn tracing off)"
+        )
+        raise ConfigurationError(msg) from exc
+    return sdk_trace
+
+
+class Tracing:
+    """Writes the spans of committed transitions through its own tracer provider."""
+
+    def __init__(self, provider: TracerProvider, ids: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+        from opentelemetry.trace.status import Status, StatusCode
+
+        self.provider = provider
+        self._ids = ids
+        self._tracer = provider.get_tracer("mediator")
+        self._trace = trace
+        self._remote = (NonRecordingSpan, SpanContext, TraceFlags)
+        self._kinds = (SpanKind.CONSUMER, SpanKind.PRODUCER)
+        self._status = (Status, StatusCode)
+
+    @classmethod
+    def configure(cls, settings: TracingSettings) -> Tracing:
+        """A tracer provider exporting as `settings` say; a missing SDK or exporter is a
+        configuration error that says what to install."""
+        sdk_trace = _otel()
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+        class ChosenIds(IdGenerator):
+            """The ids the next span is given (then random ones, as the SDK's own)."""
+
+            span: int | None = None
+            trace: int | None = None
+
+            def generate_span_id(self) -> int:
+                chosen, self.span = self.span, None
+                return chosen or random.getrandbits(64) or 1
+
+            def generate_trace_id(self) -> int:
+                chosen, self.trace = self.trace, None
+                return chosen or random.getrandbits(128) or 1
+
+        ids = ChosenIds()
+        provider = sdk_trace.TracerProvider(
+            resource=Resource.create({"service.name": settings.service_name}), id_generator=ids
+        )
+        if settings.exporter == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporter: Any = ConsoleSpanExporter(
+                formatter=lambda span: span.to_json(indent=None) + "\n"
+            )
+        else:
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter,
+                )
+            except ImportError as exc:
+                msg = (
+                    "tracing.exporter 'otlp' needs the OTLP exporter: "
+                    "pip install 'kafka-mediator[otel]'"
+                )
+                raise ConfigurationError(msg) from exc
+            endpoint = settings.endpoint
+            if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+                endpoint = endpoint.rstrip("/") + "/v1/traces"
+            exporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        return cls(provider, ids)
+
+    def record(self, transitions: Iterable[Transition]) -> None:
+        """Write the spans that ended with these committed transitions."""
+        for transition in transitions:
+            if not transition.observed:
+                continue
+            state = transition.state
+            if not state.trace_id:  # a run started before traces were kept
+                continue
+            for observation in transition.observed:
+                try:
+                    if observation.kind == "wf":
+                        self._run_span(state, observation)
+                    elif observation.command_id:
+                        self._step_span(state, observation)
+                except Exception:  # a tracing bug must not stop the orchestration
+                    log.exception("span of %s not written", state.workflow_id)
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop."""
+        self.provider.shutdown()
+
+    def _run_span(self, state: WorkflowState, observation: Observation) -> None:
+        assert state.trace_id is not None
+        trace = int(w3c_trace_id(state.trace_id), 16)
+        end = state.finished_ms or state.updated_ms
+        parent = self._parent(trace, state.trace_parent) if state.trace_parent else None
+        self._ids.trace = trace
+        self._ids.span = int(span_id(state.workflow_id), 16)
+        attributes = {
+            "workflow.name": state.workflow,
+            "workflow.version": state.version,
+            "workflow.id": state.workflow_id,
+            "workflow.request_id": state.request_id,
+            "workflow.status": observation.outcome,
+        }
+        error = (state.error or {}).get("message") if observation.outcome in _FAILED else None
+        self._span(state.workflow, self._kinds[0], parent, end - observation.ms, end,
+                   attributes, error)  # fmt: skip
+
+    def _step_span(self, state: WorkflowState, observation: Observation) -> None:
+        assert state.trace_id is not None and observation.command_id is not None
+        trace = int(w3c_trace_id(state.trace_id), 16)
+        self._ids.span = int(span_id(observation.command_id), 16)
+        end = state.updated_ms
+        attributes: dict[str, Any] = {
+            "workflow.name": state.workflow,
+            "workflow.id": state.workflow_id,
+            "step": observation.step or "",
+            "step.attempt": observation.attempt,
+            "step.compensation": observation.undo,
+            "service": observation.name,
+            "outcome": observation.outcome,
+            "messaging.system": "kafka",
+            "messaging.message.id": observation.command_id,
+        }
+        if observation.instance:
+            attributes["service.instance"] = observation.instance
+        name = f"{'compensate' if observation.undo else 'step'} {observation.step}"
+        error = None
+        if observation.outcome in _FAILED:
+            error = f"{observation.name}: {observation.outcome}"
+        parent = self._parent(trace, span_id(state.workflow_id))
+        self._span(name, self._kinds[1], parent, end - observation.ms, end, attributes, error)
+
+    def _parent(self, trace: int, parent_span: str) -> Any:
+        non_recording, span_context, flags = self._remote
+        remote = span_context(trace, int(parent_span, 16), True, flags(flags.SAMPLED))
+        return self._trace.set_span_in_context(non_recording(remote))
+
+    def _span(
+        self,
+        name: str,
+        kind: Any,
+        parent: Any,
+        start_ms: int,
+        end_ms: int,
+        attributes: dict[str, Any],
+        error: str | None,
+    ) -> None:
+        span = self._tracer.start_span(
+            name, context=parent, kind=kind, attributes=attributes, start_time=start_ms * _NS
+        )
+        if error is not None:
+            status, code = self._status
+            span.set_status(status(code.ERROR, error))
+        span.end(end_time=end_ms * _NS)
