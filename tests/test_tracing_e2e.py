@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from opentelemetry.sdk.trace import ReadableSpan
+import pytest
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -132,12 +134,17 @@ async def test_trace_id_in_the_request_value_wins_and_any_string_maps_to_one_tra
     assert all(e.trace_id == own for e, _ in untraced["command"] + untraced["reply"])
 
 
-async def test_spans_of_the_run_and_its_step_attempts_nest_under_the_clients_span(
-    make_system: Any, settings: Any
+async def test_spans_of_the_run_its_step_attempts_and_the_service_nest_in_one_trace(
+    make_system: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     traced = settings.model_copy(update={"tracing": settings.tracing.model_copy(
         update={"enabled": True, "exporter": "console"})})  # fmt: skip
     system = await make_system(RETRIED, tracing=traced.tracing)
+    # The service configured OpenTelemetry (its own provider, as a service process would).
+    service_spans = InMemorySpanExporter()
+    service_provider = TracerProvider()
+    service_provider.add_span_processor(SimpleSpanProcessor(service_spans))
+    monkeypatch.setattr(otel_trace, "get_tracer_provider", lambda: service_provider)
     await system.worker("svc", {"work": _flaky})
     mediator = await system.mediator()
     assert mediator.tracing is not None
@@ -174,6 +181,13 @@ async def test_spans_of_the_run_and_its_step_attempts_nest_under_the_clients_spa
         assert step.parent is not None and step.parent.span_id == run.context.span_id
         assert step.attributes is not None and step.attributes["service"] == "svc"
         assert step.attributes["messaging.message.id"] == command.command_id
+    # The service's span of each command hangs under the mediator's span of that attempt.
+    actions = sorted(service_spans.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert [a.name for a in actions] == ["svc.work"] * 3
+    for action, step in zip(actions, steps, strict=True):
+        assert action.context.trace_id == step.context.trace_id
+        assert action.parent is not None and action.parent.span_id == step.context.span_id
+    assert actions[0].status.status_code is StatusCode.ERROR
     assert steps[0].status.status_code is StatusCode.ERROR
     assert steps[1].status.status_code is StatusCode.UNSET
     assert run.start_time is not None and run.end_time is not None

@@ -60,6 +60,7 @@ from mediator.errors import ConfigurationError, MediatorError
 from mediator.producers import new_producer
 from mediator.sdk.heartbeat import Tally
 from mediator.sdk.offsets import OffsetTracker
+from mediator.sdk.tracing import action_span
 from topics.events import (
     SCHEMA_VERSION,
     TOPIC_NAME,
@@ -534,9 +535,11 @@ class Worker:
             self.stats["executed"] += 1
             started = time.perf_counter()
             try:
-                result = fn(command.input, command) if wants_command else fn(command.input)
-                if inspect.isawaitable(result):
-                    result = await result
+                # A failure is recorded on the span (when tracing) as it leaves it.
+                with action_span(self.service, command):
+                    result = fn(command.input, command) if wants_command else fn(command.input)
+                    if inspect.isawaitable(result):
+                        result = await result
             except ActionError as exc:
                 info = ErrorInfo(message=exc.message, code=exc.code, retryable=exc.retryable)
             except (Exception, asyncio.CancelledError) as exc:
