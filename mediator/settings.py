@@ -553,6 +553,8 @@ class Settings(BaseSettings):
         "(in the environment: separated by commas or the path separator).",
     )
     log_level: str = "INFO"
+    # "text" for people, "json" (one object per line, with the run's fields) for pipelines.
+    log_format: Literal["text", "json"] = "text"
     state_cache_size: int = Field(
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 
+from mediator import logs
 from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
 from mediator.cli.common import run as run_coroutine
 from mediator.errors import MediatorError
@@ -36,11 +37,19 @@ LogLevelOption = Annotated[
         "--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: log_level)."
     ),
 ]
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="text, or json: one object per line with workflow_id, step, attempt and "
+        "trace_id as fields (default: log_format).",
+    ),
+]
 
 
-def _log_to_stderr(level: str, fmt: str) -> None:
-    """Log at `level` (a name in any case, or a number), or exit 2 naming the valid levels."""
+def _log_to_stderr(level: str, log_format: str = "text") -> None:
+    """Log at `level` (a name in any case, or a number) as `log_format`, or exit 2 naming
+    the valid choices."""
     names = logging.getLevelNamesMapping()
     value = int(level) if level.strip().isdigit() else names.get(level.strip().upper())
     if value is None:
@@ -49,7 +58,13 @@ def _log_to_stderr(level: str, fmt: str) -> None:
             "(--log-level, MEDIATOR_LOG_LEVEL or log_level in the config file)"
         )
         raise fail(msg)
-    logging.basicConfig(level=value, format=fmt)
+    if log_format.strip().lower() not in ("text", "json"):
+        msg = (
+            f"unknown log format {log_format!r}; use text or json "
+            "(--log-format, MEDIATOR_LOG_FORMAT or log_format in the config file)"
+        )
+        raise fail(msg)
+    logs.configure(value, log_format.strip().lower())
 
 
 @app.command()
@@ -89,10 +104,11 @@ def run(
         bool, typer.Option(help="Create the mediator's and services' topics first.")
     ] = False,
     log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run one mediator replica against the configured Kafka and Redis until stopped."""
     settings = load(config, **({"workflows": workflows} if workflows else {}))
-    _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
+    _log_to_stderr(log_level or settings.log_level, log_format or settings.log_format)
     run_coroutine(_serve(settings, create_topics))
 
 
@@ -123,10 +139,14 @@ async def _serve(settings: Any, create: bool) -> None:
 
 
 @app.command("demo-services")
-def demo_services_command(config: ConfigOption = None, log_level: LogLevelOption = None) -> None:
+def demo_services_command(
+    config: ConfigOption = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
+) -> None:
     """Run the demo order saga's services against the configured Kafka until stopped."""
     settings = load(config)
-    _log_to_stderr(log_level or settings.log_level, LOG_FORMAT)
+    _log_to_stderr(log_level or settings.log_level, log_format or settings.log_format)
     run_coroutine(_services(settings))
 
 

@@ -31,6 +31,7 @@ from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable, UnknownWorkflow
+from mediator.logs import run_fields
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.failures import dead_letter
@@ -40,6 +41,7 @@ from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
+from mediator.runtime.runlog import log_runs
 from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
@@ -247,7 +249,8 @@ class Runtime:
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
 
     def _observe(self, committed: list[Transition], now: int) -> None:
-        """Tally the committed transitions' metrics and write their spans."""
+        """Tally the committed transitions' metrics, write their spans, log their news."""
+        log_runs(committed)
         if self.recorder is not None:
             self.recorder.record(committed, now)
         if self.tracing is not None:
@@ -273,7 +276,11 @@ class Runtime:
             workflow = self.definitions.definitions.get(request.workflow)
         except UnknownWorkflow as exc:
             self.stats["rejected_requests"] += 1
-            log.warning("request %s rejected: %s", request.request_id, exc)
+            log.warning(
+                "request %s rejected: %s", request.request_id, exc,
+                extra={"request_id": request.request_id, "workflow": request.workflow,
+                       "trace_id": request.trace_id, "code": "unknown_workflow"},
+            )  # fmt: skip
             out.direct.append(self._rejection(request, "unknown_workflow", str(exc), origin))
             return None
         digest = hashlib.blake2b(request.workflow.encode() + b"\0" + canonical, digest_size=12)
@@ -305,7 +312,11 @@ class Runtime:
         out: _Out,
     ) -> None:
         self.stats["rejected_requests"] += 1
-        log.warning("request %s refused: %s", request.request_id, reason)
+        log.warning(
+            "request %s refused: %s", request.request_id, reason,
+            extra={"request_id": request.request_id, "workflow": request.workflow,
+                   "trace_id": request.trace_id, "code": code},
+        )  # fmt: skip
         self._dead_letter(record, reason, code, out)
         out.direct.append(self._rejection(request, code, reason, origin))
 
@@ -709,7 +720,10 @@ class Runtime:
             f"definition {base.workflow}@{base.version} is neither loaded nor stored in "
             "Redis, so this run cannot advance; deploy that version again and retry"
         )
-        log.error("workflow %s failed: %s", base.workflow_id, reason)
+        log.error(
+            "workflow %s failed: %s", base.workflow_id, reason,
+            extra=run_fields(base, code="unknown_definition"),
+        )  # fmt: skip
         error = {"message": reason, "code": "unknown_definition"}
         return _Pending(base, self.engine.abandon(base, error, now), None)
 
@@ -736,7 +750,10 @@ class Runtime:
                 "pass large data by reference",
                 "code": "payload_too_large",
             }
-            log.warning("workflow %s: %s", transition.state.workflow_id, error["message"])
+            log.warning(
+                "workflow %s: %s", transition.state.workflow_id, error["message"],
+                extra=run_fields(transition.state, code="payload_too_large"),
+            )  # fmt: skip
             if big.kind == "command" and workflow is not None:
                 transition = self.engine.refuse_command(workflow, transition, big.id, error, now)
             else:
