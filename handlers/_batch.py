@@ -18,6 +18,7 @@ from mediator.settings import KafkaSettings
 
 __all__ = ["Offsets", "batch_subscription", "handle_batch", "undecoded"]
 
+
 log = logging.getLogger("mediator.handlers")
 
 

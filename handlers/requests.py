@@ -9,6 +9,7 @@ from handlers._batch import Offsets, batch_subscription, handle_batch
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.settings import Settings
+from topics.events import RequestEvent
 
 __all__ = ["register"]
 
@@ -19,7 +20,9 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets:
     boundary = Boundary("requests", runtime.reject, settings.backoff)
     runtime.boundaries.append(boundary)
 
-    async def on_requests(message: KafkaMessage) -> None:
+    # `record` declares what the topic carries, for the AsyncAPI document: bodies are
+    # left undecoded, so it is always None; the runtime parses the raw records itself.
+    async def on_requests(message: KafkaMessage, record: RequestEvent | None = None) -> None:
         await handle_batch(message, runtime.handle_requests, offsets, boundary)
 
     broker.subscriber(

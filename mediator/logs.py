@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["FIELDS", "TEXT_FORMAT", "JsonFormatter", "configure", "run_fields"]
+__all__ = ["FIELDS", "TEXT_FORMAT", "JsonFormatter", "configure", "level_of", "run_fields"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -66,6 +66,12 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_text:
             doc["exception"] = record.exc_text
         return orjson.dumps(doc, default=str).decode()
+
+
+def level_of(name: str) -> int | None:
+    """The logging level `name` stands for (a level name in any case, or a number)."""
+    name = name.strip()
+    return int(name) if name.isdigit() else logging.getLevelNamesMapping().get(name.upper())
 
 
 def configure(level: int, fmt: str = "text", text_format: str = TEXT_FORMAT) -> None:

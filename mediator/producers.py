@@ -13,7 +13,13 @@ from aiokafka.errors import BrokerResponseError, KafkaError
 
 from mediator.errors import IdempotenceUnsupported
 
-__all__ = ["idempotence_refused", "new_producer", "partition_for", "start_producer"]
+__all__ = [
+    "DeferredProducer",
+    "idempotence_refused",
+    "new_producer",
+    "partition_for",
+    "start_producer",
+]
 
 
 def partition_for(
@@ -49,6 +55,49 @@ def new_producer(
         linger_ms=linger_ms,
         **options,
     )
+
+
+class DeferredProducer:
+    """A `new_producer` built when it is started, not before: aiokafka builds a producer
+    only inside a running event loop, and an application must be importable outside one
+    (``faststream run`` and ``faststream docs gen`` import it first). Everything else is
+    the started producer's."""
+
+    def __init__(self, bootstrap_servers: str, **options: Any) -> None:
+        self._bootstrap_servers = bootstrap_servers
+        self._options = options
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            msg = "the producer is not started"
+            raise RuntimeError(msg)
+        return self._producer
+
+    async def start(self) -> None:
+        if self._producer is None:
+            self._producer = new_producer(self._bootstrap_servers, **self._options)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> Any:
+        return await self.producer.send(topic, value, key, partition, timestamp_ms, headers=headers)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this class does not define (client, partitions_for, ...).
+        return getattr(self.producer, name)
 
 
 # aiokafka.producer.sender: Sender._maybe_wait_for_pid -> _do_init_pid -> InitPIDHandler.

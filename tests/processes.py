@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from mediator.settings import Settings, settings_document
 from tests.helpers import signing_spec
 
-__all__ = ["MediatorProcess", "ServiceProcess", "group_members"]
+__all__ = ["FastStreamProcess", "MediatorProcess", "ServiceProcess", "group_members"]
 
 
 class _Process:
@@ -90,6 +90,17 @@ class MediatorProcess(_Process):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mediator", "run", "--config", str(self.config)]
+
+
+class FastStreamProcess(MediatorProcess):
+    """``faststream run mediator:create_app --factory``, configured as `MediatorProcess`
+    is but through ``MEDIATOR_CONFIG`` (the factory takes no arguments)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "faststream", "run", "mediator:create_app", "--factory"]
+
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        super().start({"MEDIATOR_CONFIG": str(self.config), **(env or {})})
 
 
 class ServiceProcess(_Process):

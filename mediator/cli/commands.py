@@ -50,8 +50,7 @@ LogFormatOption = Annotated[
 def _log_to_stderr(level: str, log_format: str = "text") -> None:
     """Log at `level` (a name in any case, or a number) as `log_format`, or exit 2 naming
     the valid choices."""
-    names = logging.getLevelNamesMapping()
-    value = int(level) if level.strip().isdigit() else names.get(level.strip().upper())
+    value = logs.level_of(level)
     if value is None:
         msg = (
             f"unknown log level {level!r}; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL "

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import socket
+import sys
 from collections.abc import Awaitable, Iterable
 from types import TracebackType
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 import handlers
+from mediator import logs
 from mediator.clock import now_ms
+from mediator.codec import validation_reason
 from mediator.core.signing import Signatures
-from mediator.definitions import Definitions
-from mediator.errors import ConfigurationError
-from mediator.producers import new_producer
+from mediator.definitions import Definitions, load_paths
+from mediator.errors import ConfigurationError, MediatorError
+from mediator.producers import DeferredProducer
 from mediator.runtime.alerting import AlertEvaluator
 from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
@@ -29,7 +35,7 @@ from mediator.runtime.recording import MetricsFlusher, Recorder, StatsCollector
 from mediator.runtime.registry import Registry, RegistryUpkeep
 from mediator.runtime.timers import TimerPoller
 from mediator.runtime.tracing import Tracing
-from mediator.settings import Settings
+from mediator.settings import Settings, load_settings
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import connect
 from mediator.storage.keys import Keys
@@ -63,7 +69,7 @@ class Mediator:
             audit_limit=settings.audit.max_entries if settings.audit.enabled else 0,
         )
         self.catalog = DefinitionStore(self.redis, keys, definitions)
-        self.producer = new_producer(
+        self.producer = DeferredProducer(
             kafka.bootstrap_servers,
             client_id=f"{kafka.client_id}-outbox",
             enable_idempotence=kafka.enable_idempotence,
@@ -162,6 +168,7 @@ class Mediator:
         handlers.register_control(self.broker, self.runtime, settings, self.offsets)
         if settings.discovery.enabled:
             handlers.register_health(self.broker, self.runtime, settings, self.offsets)
+        handlers.declare_outbound(self.broker, kafka.topics, definitions.services())
         self._started = False
 
     async def start(self) -> None:
@@ -348,13 +355,60 @@ async def _bounded(what: str, step: Awaitable[object]) -> None:
         log.warning("shutdown: could not %s: %s", what, exc)
 
 
-def create_app(settings: Settings, definitions: Definitions) -> FastStream:
-    """A FastStream application running one mediator replica (`faststream run` compatible)."""
-    mediator = Mediator(settings, definitions)
-    app = FastStream(mediator.broker)
+def create_app(
+    settings: Settings | None = None, definitions: Definitions | None = None
+) -> FastStream:
+    """A FastStream application running one mediator replica.
 
+    Without arguments it reads the settings as ``mediator run`` does (``MEDIATOR_CONFIG``,
+    then ``MEDIATOR_*``), loads the workflows they name and logs as they say, so it is a
+    factory for ``faststream run mediator:create_app --factory`` and ``faststream docs gen
+    mediator:create_app --factory`` (the AsyncAPI document of every channel and payload).
+    Called so, a configuration it cannot use is one line on stderr and exit code 2.
+    """
+    if settings is not None and definitions is not None:
+        return _app(Mediator(settings, definitions))
+    try:
+        if settings is None:
+            settings = load_settings()
+            if not logging.getLogger().handlers:
+                logs.configure(
+                    logs.level_of(settings.log_level) or logging.INFO, settings.log_format
+                )
+        if definitions is None:
+            if not settings.workflows:
+                msg = (
+                    "no workflows configured: set MEDIATOR_WORKFLOWS "
+                    "(or workflows in the MEDIATOR_CONFIG file)"
+                )
+                raise ConfigurationError(msg)
+            definitions = load_paths(settings.workflows)
+        return _app(Mediator(settings, definitions))
+    except ValidationError as exc:
+        print(f"error: invalid settings: {validation_reason(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MediatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _app(mediator: Mediator) -> FastStream:
+    specification = AsyncAPI(
+        title="kafka-mediator",
+        version=_version(),
+        description="Event-driven service orchestrator: requests in, commands to services, "
+        "replies back, results out. Every payload is JSON; see the README's wire contract.",
+    )
+    app = FastStream(mediator.broker, specification=specification)
+    app.context.set_global("mediator", mediator)
     app.on_startup(mediator.connect)
     app.on_shutdown(mediator.offsets.flush)
     app.after_shutdown(mediator.disconnect)
-
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kafka-mediator")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
