@@ -36,6 +36,9 @@ def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -
     numbers = [int(n) for n in re.findall(r"^\[\s*(\d+)\] order order-\d+ ", out, re.M)]
     assert sorted(numbers) == list(range(1, 41)), out
     assert re.search(r"^done: 40 results .*redis says running 0,", out, re.M), out
+    # The parts start side by side and say so as each comes up.
+    for part in ("service shipping", "service payment", "mediator", "client"):
+        assert re.search(rf"^  {part} up \(\d+\.\d s\)$", out, re.M), out
     # The shipping outage: the breaker opens, steps park, it closes and the backlog drains.
     lines = out.splitlines()
     opened = next(i for i, line in enumerate(lines) if "breaker shipping OPEN" in line)

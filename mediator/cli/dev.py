@@ -13,7 +13,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from mediator.settings import Settings, load_settings
 from mediator.storage.keys import Keys
 from topics.events import ResultEvent, WorkflowStatus
 
-__all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names"]
+__all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names", "start_together"]
 
 #: Tansu holds an empty fetch for its full max wait, so the embedded default keeps it short.
 EMBEDDED_FETCH_WAIT_MS = 5
@@ -108,10 +108,13 @@ async def _drive(
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
     )
     async with contextlib.AsyncExitStack() as stack:
-        for worker in workers:
-            await stack.enter_async_context(worker)
-        await stack.enter_async_context(mediator)
-        await stack.enter_async_context(client)
+        # Side by side: each joins its consumer group, and a join takes seconds on Tansu.
+        parts: list[tuple[str, contextlib.AbstractAsyncContextManager[Any]]] = [
+            *((f"service {w.service}", w) for w in workers),
+            ("mediator", mediator),
+            ("client", client),
+        ]
+        await start_together(stack, parts, echo)
         echo(
             f"mediator up: workflows {', '.join(sorted(definitions.names()))}; "
             f"services {', '.join(w.service for w in workers)}"
@@ -142,6 +145,43 @@ async def _drive(
         f"failed {counts['failed']}"
     )
     return summary
+
+
+async def start_together(
+    stack: contextlib.AsyncExitStack,
+    parts: Sequence[tuple[str, contextlib.AbstractAsyncContextManager[Any]]],
+    echo: Echo,
+    tick_s: float = 1.0,
+) -> None:
+    """Enter every context of `parts` at once, saying which is up as each comes up (and,
+    every `tick_s`, what is still starting); each one entered is exited with `stack`. If
+    any fails to start, the error is raised once all have settled."""
+    began = time.perf_counter()
+    waiting = {name for name, _ in parts}
+
+    async def up(name: str, part: contextlib.AbstractAsyncContextManager[Any]) -> None:
+        await part.__aenter__()
+        stack.push_async_exit(part)
+        waiting.discard(name)
+        echo(f"  {name} up ({time.perf_counter() - began:.1f} s)")
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(tick_s)
+            echo(f"  ... still starting: {', '.join(sorted(waiting))}")
+
+    ticker = asyncio.create_task(progress(), name="start-progress")
+    try:
+        results = await asyncio.gather(
+            *(up(name, part) for name, part in parts), return_exceptions=True
+        )
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _free_or_any(port: int) -> int:
