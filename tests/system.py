@@ -25,7 +25,7 @@ from mediator.sdk.client import MediatorClient
 from mediator.sdk.worker import Worker
 from mediator.settings import Settings
 
-__all__ = ["CHAIN3", "System", "echo", "slow_echo"]
+__all__ = ["CHAIN3", "RETRIED", "System", "echo", "slow_echo"]
 
 log = logging.getLogger("tests.system")
 
@@ -50,6 +50,17 @@ CHAIN3: dict[str, Any] = {
         {"id": "c", "service": "svc", "action": "work", "depends_on": ["b"]},
     ],
 }
+
+
+#: Step `a` may be retried once (20 ms later); `b` follows it. On `svc`, action `work`.
+RETRIED: dict[str, Any] = {
+    "name": "retried",
+    "steps": [
+        {"id": "a", "service": "svc", "action": "work",
+         "retry": {"max_attempts": 2, "backoff": "20ms"}},
+        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
+    ],
+}  # fmt: skip
 
 
 async def echo(data: Any, command: Any) -> dict[str, Any]:

@@ -17,19 +17,9 @@ import yaml
 from mediator.logs import JsonFormatter
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
-from tests.system import echo
+from tests.system import RETRIED, echo
 from tests.test_cli import cli
 from topics.events import WorkflowStatus
-
-#: Step `a` fails its first attempt and is retried; `b` fails for good when asked to.
-FLAKY: dict[str, Any] = {
-    "name": "flaky",
-    "steps": [
-        {"id": "a", "service": "svc", "action": "work",
-         "retry": {"max_attempts": 2, "backoff": "20ms"}},
-        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
-    ],
-}  # fmt: skip
 
 
 async def _work(data: Any, command: Any) -> dict[str, Any]:
@@ -70,12 +60,12 @@ async def test_the_runtime_logs_failed_attempts_and_runs_with_their_fields(
     level = runs.level
     runs.setLevel(logging.INFO)
     try:
-        system = await make_system(FLAKY)
+        system = await make_system(RETRIED)
         await system.worker("svc", {"work": _work})
         await system.mediator()
         client = await system.client()
-        ok = await client.submit("flaky", {}, request_id="logged-ok", trace_id="trace-ok")
-        bad = await client.submit("flaky", {"refuse": True}, request_id="logged-bad")
+        ok = await client.submit("retried", {}, request_id="logged-ok", trace_id="trace-ok")
+        bad = await client.submit("retried", {"refuse": True}, request_id="logged-bad")
     finally:
         runs.removeHandler(handler)
         runs.setLevel(level)
@@ -105,8 +95,8 @@ async def test_run_with_log_format_json_writes_only_json_lines(
     assert "unknown log format 'xml'; use text or json" in err
     assert len(err.strip().splitlines()) == 1, err
 
-    workflows = tmp_path / "flaky.yaml"
-    workflows.write_text(yaml.safe_dump(FLAKY))
+    workflows = tmp_path / "retried.yaml"
+    workflows.write_text(yaml.safe_dump(RETRIED))
     environment = {
         **os.environ,
         "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,

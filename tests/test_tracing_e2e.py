@@ -16,22 +16,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import produce, records_on, wait_for
-from tests.system import echo
+from tests.system import RETRIED, echo
 from topics.events import CommandEvent, ReplyEvent, RequestEvent, ResultEvent, WorkflowStatus
 from topics.headers import TRACEPARENT, span_id, w3c_trace_id
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-#: Step `a` fails its first attempt and is retried; `b` follows it.
-RETRIED: dict[str, Any] = {
-    "name": "retried",
-    "steps": [
-        {"id": "a", "service": "svc", "action": "work",
-         "retry": {"max_attempts": 2, "backoff": "20ms"}},
-        {"id": "b", "service": "svc", "action": "work", "depends_on": ["a"]},
-    ],
-}  # fmt: skip
 
 
 async def _flaky(data: Any, command: Any) -> dict[str, Any]:
