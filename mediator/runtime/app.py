@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 import handlers
-from mediator import logs
+from mediator import __version__, logs
 from mediator.clock import now_ms
 from mediator.codec import validation_reason
 from mediator.core.signing import Signatures
@@ -395,7 +394,7 @@ def create_app(
 def _app(mediator: Mediator) -> FastStream:
     specification = AsyncAPI(
         title="kafka-mediator",
-        version=_version(),
+        version=__version__,
         description="Event-driven service orchestrator: requests in, commands to services, "
         "replies back, results out. Every payload is JSON; see the README's wire contract.",
     )
@@ -405,10 +404,3 @@ def _app(mediator: Mediator) -> FastStream:
     app.on_shutdown(mediator.offsets.flush)
     app.after_shutdown(mediator.disconnect)
     return app
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("kafka-mediator")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"

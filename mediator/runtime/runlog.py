@@ -7,14 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from mediator.core.metrics import FAILED
 from mediator.core.transition import Transition
 from mediator.logs import run_fields
 
 __all__ = ["log_runs"]
 
 log = logging.getLogger("mediator.runs")
-
-_FAILED_RUN = frozenset({"failed", "cancelled", "compensation_failed"})
 
 
 def log_runs(transitions: Iterable[Transition]) -> None:
@@ -26,7 +25,7 @@ def log_runs(transitions: Iterable[Transition]) -> None:
         state = transition.state
         for seen in transition.observed:
             if seen.kind == "wf":
-                if seen.outcome in _FAILED_RUN:
+                if seen.outcome in FAILED:
                     error = state.error or {}
                     log.warning(
                         "workflow %s (%s) %s after %d ms: %s", state.workflow_id,

@@ -14,84 +14,71 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mediator.core.metrics import Observation
+from mediator.core.metrics import FAILED, Observation
 from mediator.core.state import WorkflowState
 from mediator.core.transition import Transition
 from mediator.errors import ConfigurationError
 from mediator.settings import TracingSettings
 from topics.headers import span_id, w3c_trace_id
 
-if TYPE_CHECKING:
+try:
+    from opentelemetry import trace as otel
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.trace.status import Status, StatusCode
+except ImportError:  # the otel extra is not installed: `Tracing.configure` says so
+    otel = None  # type: ignore[assignment]
+    IdGenerator = object  # type: ignore[assignment,misc]
 
 __all__ = ["Tracing"]
 
 log = logging.getLogger("mediator.tracing")
 
 _NS = 1_000_000  # per millisecond
-_FAILED = frozenset({"error", "timeout", "failed", "cancelled", "compensated"})
 
 
-def _otel() -> Any:
-    try:
-        from opentelemetry.sdk import trace as sdk_trace
-    except ImportError as exc:
-        msg = (
-            "tracing.enabled needs the OpenTelemetry SDK: "
-            "pip install 'kafka-mediator[otel]' (or turn tracing off)"
-        )
-        raise ConfigurationError(msg) from exc
-    return sdk_trace
+class _ChosenIds(IdGenerator):
+    """The ids the next span is given (then random ones, as the SDK's own)."""
+
+    span: int | None = None
+    trace: int | None = None
+
+    def generate_span_id(self) -> int:
+        chosen, self.span = self.span, None
+        return chosen or random.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        chosen, self.trace = self.trace, None
+        return chosen or random.getrandbits(128) or 1
 
 
 class Tracing:
     """Writes the spans of committed transitions through its own tracer provider."""
 
-    def __init__(self, provider: TracerProvider, ids: Any) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
-        from opentelemetry.trace.status import Status, StatusCode
-
+    def __init__(self, provider: TracerProvider, ids: _ChosenIds) -> None:
         self.provider = provider
         self._ids = ids
         self._tracer = provider.get_tracer("mediator")
-        self._trace = trace
-        self._remote = (NonRecordingSpan, SpanContext, TraceFlags)
-        self._kinds = (SpanKind.CONSUMER, SpanKind.PRODUCER)
-        self._status = (Status, StatusCode)
 
     @classmethod
     def configure(cls, settings: TracingSettings) -> Tracing:
         """A tracer provider exporting as `settings` say; a missing SDK or exporter is a
         configuration error that says what to install."""
-        sdk_trace = _otel()
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.id_generator import IdGenerator
-
-        class ChosenIds(IdGenerator):
-            """The ids the next span is given (then random ones, as the SDK's own)."""
-
-            span: int | None = None
-            trace: int | None = None
-
-            def generate_span_id(self) -> int:
-                chosen, self.span = self.span, None
-                return chosen or random.getrandbits(64) or 1
-
-            def generate_trace_id(self) -> int:
-                chosen, self.trace = self.trace, None
-                return chosen or random.getrandbits(128) or 1
-
-        ids = ChosenIds()
-        provider = sdk_trace.TracerProvider(
+        if otel is None:
+            msg = (
+                "tracing.enabled needs the OpenTelemetry SDK: "
+                "pip install 'kafka-mediator[otel]' (or turn tracing off)"
+            )
+            raise ConfigurationError(msg)
+        ids = _ChosenIds()
+        provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name}), id_generator=ids
         )
         if settings.exporter == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
             exporter: Any = ConsoleSpanExporter(
                 formatter=lambda span: span.to_json(indent=None) + "\n"
             )
@@ -116,17 +103,17 @@ class Tracing:
     def record(self, transitions: Iterable[Transition]) -> None:
         """Write the spans that ended with these committed transitions."""
         for transition in transitions:
-            if not transition.observed:
-                continue
             state = transition.state
-            if not state.trace_id:  # a run started before traces were kept
+            if not transition.observed or not state.trace_id:  # (no trace: an older run)
                 continue
+            trace = int(w3c_trace_id(state.trace_id), 16)
+            run_span = span_id(state.workflow_id)
             for observation in transition.observed:
                 try:
                     if observation.kind == "wf":
-                        self._run_span(state, observation)
+                        self._run_span(state, observation, trace, run_span)
                     elif observation.command_id:
-                        self._step_span(state, observation)
+                        self._step_span(state, observation, trace, run_span)
                 except Exception:  # a tracing bug must not stop the orchestration
                     log.exception("span of %s not written", state.workflow_id)
 
@@ -134,13 +121,13 @@ class Tracing:
         """Export what is buffered and stop."""
         self.provider.shutdown()
 
-    def _run_span(self, state: WorkflowState, observation: Observation) -> None:
-        assert state.trace_id is not None
-        trace = int(w3c_trace_id(state.trace_id), 16)
+    def _run_span(
+        self, state: WorkflowState, observation: Observation, trace: int, run_span: str
+    ) -> None:
         end = state.finished_ms or state.updated_ms
         parent = self._parent(trace, state.trace_parent) if state.trace_parent else None
         self._ids.trace = trace
-        self._ids.span = int(span_id(state.workflow_id), 16)
+        self._ids.span = int(run_span, 16)
         attributes = {
             "workflow.name": state.workflow,
             "workflow.version": state.version,
@@ -148,13 +135,14 @@ class Tracing:
             "workflow.request_id": state.request_id,
             "workflow.status": observation.outcome,
         }
-        error = (state.error or {}).get("message") if observation.outcome in _FAILED else None
-        self._span(state.workflow, self._kinds[0], parent, end - observation.ms, end,
+        error = (state.error or {}).get("message") if observation.outcome in FAILED else None
+        self._span(state.workflow, otel.SpanKind.CONSUMER, parent, end - observation.ms, end,
                    attributes, error)  # fmt: skip
 
-    def _step_span(self, state: WorkflowState, observation: Observation) -> None:
-        assert state.trace_id is not None and observation.command_id is not None
-        trace = int(w3c_trace_id(state.trace_id), 16)
+    def _step_span(
+        self, state: WorkflowState, observation: Observation, trace: int, run_span: str
+    ) -> None:
+        assert observation.command_id is not None
         self._ids.span = int(span_id(observation.command_id), 16)
         end = state.updated_ms
         attributes: dict[str, Any] = {
@@ -172,15 +160,16 @@ class Tracing:
             attributes["service.instance"] = observation.instance
         name = f"{'compensate' if observation.undo else 'step'} {observation.step}"
         error = None
-        if observation.outcome in _FAILED:
+        if observation.outcome in FAILED:
             error = f"{observation.name}: {observation.outcome}"
-        parent = self._parent(trace, span_id(state.workflow_id))
-        self._span(name, self._kinds[1], parent, end - observation.ms, end, attributes, error)
+        parent = self._parent(trace, run_span)
+        self._span(name, otel.SpanKind.PRODUCER, parent, end - observation.ms, end, attributes,
+                   error)  # fmt: skip
 
     def _parent(self, trace: int, parent_span: str) -> Any:
-        non_recording, span_context, flags = self._remote
-        remote = span_context(trace, int(parent_span, 16), True, flags(flags.SAMPLED))
-        return self._trace.set_span_in_context(non_recording(remote))
+        flags = otel.TraceFlags(otel.TraceFlags.SAMPLED)
+        remote = otel.SpanContext(trace, int(parent_span, 16), True, flags)
+        return otel.set_span_in_context(otel.NonRecordingSpan(remote))
 
     def _span(
         self,
@@ -196,6 +185,5 @@ class Tracing:
             name, context=parent, kind=kind, attributes=attributes, start_time=start_ms * _NS
         )
         if error is not None:
-            status, code = self._status
-            span.set_status(status(code.ERROR, error))
+            span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=end_ms * _NS)
