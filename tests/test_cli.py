@@ -17,11 +17,9 @@ from tests.helpers import signing_spec
 from tests.system import echo
 
 
-async def cli(
-    settings: Settings, *args: str, env: dict[str, str] | None = None
-) -> tuple[int, str, str]:
-    """Run `python -m mediator ARGS` with `settings` (then `env`) in its environment."""
-    environment = {
+def cli_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, plus `settings` as ``MEDIATOR_*`` (then `env`)."""
+    return {
         **os.environ,
         "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
@@ -34,12 +32,18 @@ async def cli(
         "MEDIATOR_SIGNING__KEYS": signing_spec(settings.signing.keyring()),
         **(env or {}),
     }
+
+
+async def cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `python -m mediator ARGS` with `settings` (then `env`) in its environment."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "mediator",
         *args,
-        env=environment,
+        env=cli_env(settings, env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from mediator.logs import JsonFormatter
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
 from tests.system import RETRIED, echo
-from tests.test_cli import cli
+from tests.test_cli import cli, cli_env
 from topics.events import WorkflowStatus
 
 
@@ -97,18 +96,7 @@ async def test_run_with_log_format_json_writes_only_json_lines(
 
     workflows = tmp_path / "retried.yaml"
     workflows.write_text(yaml.safe_dump(RETRIED))
-    environment = {
-        **os.environ,
-        "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
-        "MEDIATOR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-        "MEDIATOR_KAFKA__SERVICE_TOPIC_PREFIX": settings.kafka.service_topic_prefix,
-        "MEDIATOR_REDIS__URL": settings.redis.url,
-        "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
-        "MEDIATOR_SIGNING__ENABLED": "false",
-        "MEDIATOR_HTTP__PORT": "0",
-        "MEDIATOR_LOG_FORMAT": "json",
-    }
+    environment = cli_env(settings, {"MEDIATOR_HTTP__PORT": "0", "MEDIATOR_LOG_FORMAT": "json"})
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mediator", "run", "--workflows", str(workflows),
         "--create-topics", env=environment, stderr=asyncio.subprocess.PIPE,
