@@ -69,3 +69,15 @@ def test_commands_and_results_carry_their_span_in_traceparent() -> None:
     assert (TRACEPARENT, expected) in codec.headers(result)
     untraced = command.model_copy(update={"trace_id": None})
     assert all(name != TRACEPARENT for name, _ in codec.headers(untraced))
+
+
+def test_tracing_without_the_sdk_installed_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mediator.errors import ConfigurationError
+    from mediator.runtime import tracing
+    from mediator.settings import TracingSettings
+
+    monkeypatch.setattr(tracing, "otel", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'kafka-mediator\[otel\]'"):
+        tracing.Tracing.configure(TracingSettings(enabled=True))
