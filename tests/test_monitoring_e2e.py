@@ -135,10 +135,12 @@ async def test_a_slow_service_fires_one_alert_and_one_resolve(
             "bucket_s": 1,
             "flush_ms": 100,
             "alert_interval": 300,
-            "alert_window": 2_000,
+            "alert_window": 3_000,
+            # Far above what a loaded two-core CI machine makes of a fast echo (p95 spikes
+            # of 100-250 ms were seen there), so only the slowdown below can breach it.
             "alert_thresholds": [
                 settings.service_monitoring.alert_thresholds[0].model_copy(
-                    update={"threshold": "150ms", "min_samples": 3}
+                    update={"threshold": "500ms", "min_samples": 3}
                 )
             ],
         }
@@ -155,20 +157,21 @@ async def test_a_slow_service_fires_one_alert_and_one_resolve(
     client = await system.client()
     stop = asyncio.Event()
 
-    async def traffic() -> None:
+    async def traffic(lane: int) -> None:
         i = 0
         while not stop.is_set():
-            await client.submit("chain3", {"i": i}, timeout=30)
+            await client.submit("chain3", {"lane": lane, "i": i}, timeout=30)
             i += 1
 
     async def phase(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    runner = asyncio.create_task(traffic())
+    # Four requests in flight, so a slow window still holds enough samples to judge.
+    runner = asyncio.gather(*(traffic(lane) for lane in range(4)))
     try:
         await phase(2.0)  # fast: nothing fires
         assert await mediator.redis.hlen(mediator.store.keys.alerts("active")) == 0
-        delay["s"] = 0.3
+        delay["s"] = 1.0
         await wait_for(
             lambda: mediator.redis.hlen(mediator.store.keys.alerts("active")),
             timeout=20,
@@ -193,7 +196,7 @@ async def test_a_slow_service_fires_one_alert_and_one_resolve(
     ]
     fired, resolved = seen
     assert fired.alert_id == resolved.alert_id and fired.since_ms == resolved.since_ms
-    assert fired.value is not None and fired.value > 150
+    assert fired.value is not None and fired.value > 500
     history = await mediator.redis.lrange(mediator.store.keys.alerts("history"), 0, -1)
     assert len(history) == 2
 
