@@ -199,11 +199,15 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     victim.start()
     await wait_for(lambda: all_routable(mediator, names), timeout=60, what="the restart")
 
-    async def idle() -> bool:
+    def idle() -> bool:
         # A restart first re-runs the commands it had not committed (at least once), and
-        # least-loaded rightly avoids it while it does.
-        views = (await read_registry(mediator.redis, mediator.store.keys))["inventory"]
-        return all(v.beat.get("load") == 0 for v in views)
+        # least-loaded rightly avoids it while it does. The mediator routes by its own view
+        # of the registry, refreshed every sweep: wait for that view, not Redis's, to show
+        # every instance up, owning partitions and idle.
+        views = mediator.registry.view.get("inventory", [])
+        return len(views) == len(names) and all(
+            v.status == "up" and v.beat.get("partitions") and v.beat.get("load") == 0 for v in views
+        )
 
     await wait_for(idle, timeout=30, what="every instance idle")
     again = await asyncio.gather(
