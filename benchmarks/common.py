@@ -18,8 +18,11 @@ __all__ = [
     "Measure",
     "Profile",
     "closed_loop",
+    "latency_measures",
+    "one_at_a_time",
     "open_loop",
     "percentile",
+    "record_latency",
     "run_count",
     "tag",
 ]
@@ -121,6 +124,8 @@ class LoadResult:
     latencies_ms: list[float]
     failures: int = 0
     late_starts: int = 0
+    #: What ``probe`` returned as the measured window opened and as it closed.
+    probes: tuple[Any, Any] | None = None
 
     @property
     def rate(self) -> float:
@@ -149,6 +154,7 @@ async def closed_loop(
     measure_s: float,
     drain_s: float,
     max_warmup_s: float = 30.0,
+    probe: Callable[[], Any] | None = None,
 ) -> LoadResult:
     """Keep ``in_flight`` operations running; count completions in the measured window.
 
@@ -160,6 +166,7 @@ async def closed_loop(
     ``max_warmup_s``; it stays open ``measure_s``. Then lanes stop starting new work and the
     ones in flight get ``drain_s`` to finish (the rest are cancelled). The window lasts
     ``measure_s``, or two median latencies if that is longer (at most ``3 * measure_s``).
+    ``probe()`` (CPU counters, say) is called as the window opens and as it closes.
     """
     loop = asyncio.get_running_loop()
     counter = iter(range(10**12))
@@ -190,16 +197,40 @@ async def closed_loop(
                 break
             await asyncio.sleep(0.01)
         opened = loop.time()
+        at_open = probe() if probe else None
         # Batching keeps long workflows moving in waves about one latency apart: a window
         # of at least two latencies sees whole waves rather than the gap between two.
         cycle = statistics.median(lat for _, lat in done) if done else 0.0
         await asyncio.sleep(min(max(measure_s, 2 * cycle), 3 * measure_s))
         closed = loop.time()
+        at_close = probe() if probe else None
     finally:
         stop = True
         await _finish(lanes, drain_s)
     inside = [lat * 1000 for at, lat in done if opened <= at < closed]
-    return LoadResult(len(inside), closed - opened, inside, failures)
+    probes = (at_open, at_close) if probe else None
+    return LoadResult(len(inside), closed - opened, inside, failures, probes=probes)
+
+
+def latency_measures(prefix: str, note: str) -> list[Measure]:
+    """``<prefix>.latency_p50`` and ``<prefix>.latency_p99``, in ms."""
+    return [Measure(f"{prefix}.latency_p{q}", "ms", note=note) for q in (50, 99)]
+
+
+def record_latency(measures: list[Measure], result: LoadResult) -> None:
+    """Append `result`'s p50 and p99 latency to `latency_measures`' two measures."""
+    for measure, q in zip(measures, (50, 99), strict=True):
+        measure.values.append(round(result.latency(q), 2))
+
+
+async def one_at_a_time(op: Operation, profile: Profile, measures: list[Measure]) -> None:
+    """Run `op` with one operation in flight for the profile's window; record its latency
+    p50/p99 in `latency_measures`' two measures."""
+    result = await closed_loop(
+        op, in_flight=1, warmup_s=0.2, measure_s=profile.measure_s, drain_s=profile.drain_s
+    )
+    result.check(measures[0].name.rsplit(".", 1)[0])
+    record_latency(measures, result)
 
 
 async def open_loop(op: Operation, *, rate: float, duration_s: float, drain_s: float) -> LoadResult:

@@ -1,150 +1,55 @@
-"""The floor: the same echo services driven over raw Kafka request/reply, no mediator.
+"""The floors: chains of echo steps driven over raw Kafka request/reply, no mediator.
 
-The client itself sends each step's `CommandEvent` to the service's topic and waits for
-its `ReplyEvent` on a replies topic of its own before sending the next step: exactly the
-messages the mediator would exchange, minus the mediator. This is the most this broker and
-these services can do for the same work on this machine.
+The client (`benchmarks.raw.RawClient`) sends each step's command to the echo service's
+topic and waits for its reply before sending the next step: exactly the messages the
+mediator would exchange, minus the mediator. Two floors, each repetition side by side on
+fresh rigs:
+
+- ``floor.raw``: the raw echo service (plain aiokafka and orjson): what this broker and
+  Python's Kafka client can do on this machine. Every ratio's true floor.
+- ``floor.sdk``: the same client against the echo service built with the service SDK
+  (`Worker`, signing on): what the SDK costs a service, and the bound every mediator row
+  shares, since the mediator's steps run on that same echo service.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
+import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from pydantic import ValidationError
+from benchmarks.common import (
+    Measure,
+    Profile,
+    closed_loop,
+    latency_measures,
+    one_at_a_time,
+    open_loop,
+    record_latency,
+    run_count,
+)
+from benchmarks.cpu import cpu_measures, cpu_probe, record_cpu
+from benchmarks.raw import RawClient
+from benchmarks.stage import BENCH_KEY, BENCH_KEY_ID, ECHO, Rig, Rigs, Stage
 
-from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
-from benchmarks.stage import ECHO, Rig, Rigs, Stage
-from mediator import clock, codec
-from mediator.core.signing import Keyring
-from topics.events import CommandEvent, ReplyEvent, ReplyStatus
-from topics.names import Topics
+__all__ = ["FLOORS", "floor_client", "run_floor", "run_floor_latency"]
 
-__all__ = ["FloorClient", "run_floor", "run_floor_latency"]
-
-STEP_TIMEOUT_S = 30.0
-
-
-class FloorClient:
-    """Runs sequential chains of echo commands by hand over Kafka."""
-
-    def __init__(
-        self,
-        bootstrap: str,
-        topics: Topics,
-        fetch_max_wait_ms: int = 5,
-        keys: Keyring | None = None,
-    ) -> None:
-        self.bootstrap = bootstrap
-        #: Signs the commands as the mediator would (the echo service checks them).
-        self.keys = keys
-        self.topics = topics
-        self.replies_topic = topics.replies
-        self.fetch_max_wait_ms = fetch_max_wait_ms
-        self._waiting: dict[str, asyncio.Future[ReplyEvent]] = {}
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self.replies = 0
-
-    async def start(self) -> None:
-        """Connect, and read the replies topic from its current end."""
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, enable_idempotence=False, acks="all", linger_ms=1
-        )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
-        )
-        await self._producer.start()
-        await self._consumer.start()
-        partitions = await self._producer.partitions_for(self.replies_topic)
-        tps = [TopicPartition(self.replies_topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._reader = asyncio.create_task(self._read())
-
-    async def stop(self) -> None:
-        """Stop reading and close the connections."""
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        for future in self._waiting.values():
-            future.cancel()
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-
-    async def __aenter__(self) -> FloorClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    async def run_chain(self, steps: int, payload: dict[str, Any]) -> bool:
-        """Send step after step, each once the previous one's reply is in; True if all ok."""
-        assert self._producer is not None
-        workflow_id = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        for i in range(steps):
-            command = CommandEvent(
-                command_id=f"{workflow_id}.s{i}.1",
-                workflow_id=workflow_id,
-                request_id=workflow_id,
-                workflow=f"chain{steps}",
-                step=f"s{i}",
-                service=ECHO,
-                action=ECHO,
-                attempt=1,
-                input=payload,
-                reply_to=self.replies_topic,
-                sent_ms=clock.now_ms(),
-            )
-            future: asyncio.Future[ReplyEvent] = loop.create_future()
-            self._waiting[command.command_id] = future
-            try:
-                value = codec.encode(command)
-                headers = codec.headers(command)
-                if self.keys is not None:
-                    headers += self.keys.headers(value)
-                await self._producer.send(
-                    self.topics.service(ECHO), value, key=workflow_id.encode(), headers=headers
-                )
-                async with asyncio.timeout(STEP_TIMEOUT_S):
-                    reply = await future
-            finally:
-                self._waiting.pop(command.command_id, None)
-            if reply.status is not ReplyStatus.OK:
-                return False
-        return True
-
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=100, max_records=1000)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        reply = ReplyEvent.model_validate_json(record.value or b"")
-                    except ValidationError:
-                        continue
-                    self.replies += 1
-                    future = self._waiting.get(reply.command_id)
-                    if future is not None and not future.done():
-                        future.set_result(reply)
+#: Floor label -> the echo service it runs (`benchmarks.hosts` role).
+FLOORS = {"raw": "raw", "sdk": "services"}
+_LABELS = {"raw": "raw client, raw echo service", "sdk": "raw client, SDK echo service"}
 
 
-def _chain(client: FloorClient, steps: int) -> Callable[[int], Awaitable[bool]]:
+def floor_client(rig: Rig) -> RawClient:
+    """The raw client for ``rig``, signing its commands (the SDK worker checks them)."""
+    topics = rig.topics
+    return RawClient(
+        rig.bootstrap,
+        topics.service(ECHO),
+        topics.replies,
+        signing_key=(BENCH_KEY_ID, BENCH_KEY.encode()),
+    )
+
+
+def _chain(client: RawClient, steps: int) -> Callable[[int], Awaitable[bool]]:
     async def run(n: int) -> bool:
         return await client.run_chain(steps, {"n": n})
 
@@ -156,51 +61,73 @@ async def run_floor(
     profile: Profile,
     chains: tuple[int, ...] = (1, 3),
     out: list[Measure] | None = None,
+    floors: tuple[str, ...] = ("raw", "sdk"),
 ) -> list[Measure]:
-    """Chains/s, steps/s and client CPU per step at saturation for each chain length.
+    """Chains/s, steps/s and CPU per step of every process at saturation, for each chain
+    length and floor; the floors alternate within each repetition.
 
     Measures are appended to ``out`` as they start (a section cut short keeps them).
     """
     measures: list[Measure] = [] if out is None else out
-    note = f"closed loop, {profile.floor_in_flight} in flight"
-    async with Rigs(stage, "floor", fresh=profile.fresh_rigs) as rigs:
-        for steps in chains:
-            name = f"floor.chain{steps}"
+    rows = {}
+    for steps in chains:
+        for label in floors:
+            name = f"floor.{label}.chain{steps}"
+            note = f"{_LABELS[label]}, closed loop, {profile.floor_in_flight} in flight"
             runs = Measure(f"{name}.chains_per_s", "chains/s", note=note)
             step_rate = Measure(f"{name}.steps_per_s", "steps/s", note=note)
-            cpu = Measure(f"{name}.cpu_per_step", "ms CPU", note="the floor's client process")
-            measures += [runs, step_rate, cpu]
-            for _ in range(profile.repeat):
-                async with rigs.use() as rig, _floor_client(rig) as client:
-                    await run_count(_chain(client, steps), 100, in_flight=50, timeout_s=60)
-                    began, replies = time.process_time(), client.replies
-                    result = await closed_loop(
-                        _chain(client, steps),
-                        in_flight=profile.floor_in_flight,
-                        warmup_s=profile.warmup_s,
-                        measure_s=profile.measure_s,
-                        drain_s=profile.drain_s,
-                    )
-                    result.check(name)
-                    runs.values.append(round(result.rate, 1))
-                    step_rate.values.append(round(result.rate * steps, 1))
-                    cpu_ms = (time.process_time() - began) * 1000
-                    cpu.values.append(round(cpu_ms / max(1, client.replies - replies), 3))
+            cpu = cpu_measures(name, ("echo", "broker", "client"))
+            measures += [runs, step_rate, *cpu.values()]
+            rows[steps, label] = (runs, step_rate, cpu)
+    async with contextlib.AsyncExitStack() as stack:
+        rigs = {
+            label: await stack.enter_async_context(
+                Rigs(stage, f"floor{label}", fresh=profile.fresh_rigs, echo=FLOORS[label])
+            )
+            for label in floors
+        }
+        for _ in range(profile.repeat):
+            for steps in chains:
+                for label in floors:
+                    await _saturate(rigs[label], profile, steps, *rows[steps, label])
     return measures
+
+
+async def _saturate(
+    rigs: Rigs, profile: Profile, steps: int, runs: Measure, step_rate: Measure,
+    cpu: dict[str, Measure],
+) -> None:  # fmt: skip
+    """One repetition of one floor row."""
+    async with rigs.use() as rig, floor_client(rig) as client:
+        await run_count(_chain(client, steps), 100, in_flight=50, timeout_s=60)
+        result = await closed_loop(
+            _chain(client, steps),
+            in_flight=profile.floor_in_flight,
+            warmup_s=profile.warmup_s,
+            measure_s=profile.measure_s,
+            drain_s=profile.drain_s,
+            probe=cpu_probe(rig),
+        )
+        result.check(runs.name)
+        runs.values.append(round(result.rate, 1))
+        step_rate.values.append(round(result.rate * steps, 1))
+        record_cpu(cpu, result, steps)
 
 
 async def run_floor_latency(
     stage: Stage, profile: Profile, rate: float, out: list[Measure] | None = None
 ) -> list[Measure]:
-    """3-step chain latency p50/p99 at a constant arrival ``rate`` (the mediator's half load)."""
-    note = f"open loop at {rate:.0f} chains/s for {profile.half_load_s:g}s"
-    p50 = Measure("floor.chain3.half_load.latency_p50", "ms", note=note)
-    p99 = Measure("floor.chain3.half_load.latency_p99", "ms", note=note)
+    """The raw floor's 3-step latency p50/p99 at a constant arrival ``rate`` (the
+    mediator's half load) and at low load (one chain at a time)."""
+    note = f"raw floor, open loop at {rate:.0f} chains/s for {profile.half_load_s:g}s"
+    low_note = f"raw floor, one chain at a time for {profile.measure_s:g}s"
+    half = latency_measures("floor.raw.chain3.half_load", note)
+    low = latency_measures("floor.raw.chain3.low_load", low_note)
     if out is not None:
-        out += [p50, p99]
-    async with Rigs(stage, "floorlat", fresh=profile.fresh_rigs) as rigs:
+        out += [*half, *low]
+    async with Rigs(stage, "floorlat", fresh=profile.fresh_rigs, echo="raw") as rigs:
         for _ in range(profile.repeat):
-            async with rigs.use() as rig, _floor_client(rig) as client:
+            async with rigs.use() as rig, floor_client(rig) as client:
                 await run_count(_chain(client, 3), 100, in_flight=50, timeout_s=60)
                 result = await open_loop(
                     _chain(client, 3),
@@ -208,11 +135,7 @@ async def run_floor_latency(
                     duration_s=profile.half_load_s,
                     drain_s=profile.drain_s,
                 )
-                result.check("floor chain3 half load")
-                p50.values.append(round(result.latency(50), 2))
-                p99.values.append(round(result.latency(99), 2))
-    return [p50, p99]
-
-
-def _floor_client(rig: Rig) -> FloorClient:
-    return FloorClient(rig.bootstrap, rig.topics, keys=rig.settings.signing.for_service(ECHO))
+                result.check("raw floor chain3 half load")
+                record_latency(half, result)
+                await one_at_a_time(_chain(client, 3), profile, low)
+    return [*half, *low]

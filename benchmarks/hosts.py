@@ -1,9 +1,10 @@
 """Child side of `benchmarks.procs`: echo services or one mediator replica, on a line protocol.
 
 ``python -m benchmarks.hosts services --config FILE`` runs the echo service with the service
-SDK; ``python -m benchmarks.hosts mediator --config FILE`` runs one in-process `Mediator` so
-its own overhead samples can be read. Each prints ``ready`` once started, then answers one
-line per command read from stdin (``stats``, ``clear``) and stops on EOF or SIGTERM.
+SDK, ``... raw ...`` the raw echo service of `benchmarks.raw`, and ``... mediator ...`` one
+in-process `Mediator` so its own overhead samples can be read. Each prints ``ready`` once
+started, then answers one line per command read from stdin (``stats``, ``clear``) and stops
+on EOF or SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from benchmarks.raw import serve_raw_echo
 from benchmarks.stage import ECHO
 from mediator.definitions import load_paths
 from mediator.runtime.app import Mediator
@@ -90,6 +91,25 @@ async def services(
         await _serve(handle)
 
 
+async def raw_echo(settings: Settings) -> None:
+    """The raw echo service (`benchmarks.raw`): plain aiokafka and orjson, no project code."""
+    kafka = settings.kafka
+    stop = asyncio.Event()
+    group = f"{kafka.topics.service_prefix}{ECHO}"
+    echoing = asyncio.create_task(
+        serve_raw_echo(
+            kafka.bootstrap_servers, kafka.topics.service(ECHO), group, stop,
+            kafka.session_timeout_ms,
+        )
+    )  # fmt: skip
+    serving = asyncio.create_task(_serve(lambda command: "unknown command"))
+    await asyncio.wait([echoing, serving], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    await echoing  # its failure, if any, ends the process with the traceback
+
+
 async def mediator(settings: Settings) -> None:
     """One mediator replica whose overhead samples the parent can clear and read."""
     replica = Mediator(settings, load_paths(settings.workflows))
@@ -107,7 +127,6 @@ async def mediator(settings: Settings) -> None:
                     "timer_lag_ms": runtime.timer_lag.summary(),
                     "stats": runtime.stats,
                     "published": replica.dispatcher.published,
-                    "cpu_s": time.process_time(),
                 }
             ).decode()
         return "unknown command"
@@ -119,7 +138,7 @@ async def mediator(settings: Settings) -> None:
 def main() -> None:
     """Parse the command line and run the chosen host until stopped."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hosts")
-    parser.add_argument("role", choices=["services", "mediator"])
+    parser.add_argument("role", choices=["services", "raw", "mediator"])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--instance", help="services: the instance id (default echo-bench)")
@@ -129,11 +148,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    coro = (
-        services(settings, args.concurrency, args.instance, args.delay)
-        if args.role == "services"
-        else mediator(settings)
-    )
+    if args.role == "services":
+        coro = services(settings, args.concurrency, args.instance, args.delay)
+    else:
+        coro = raw_echo(settings) if args.role == "raw" else mediator(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)
 

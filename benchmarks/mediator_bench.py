@@ -13,7 +13,16 @@ from typing import Any
 
 import orjson
 
-from benchmarks.common import Measure, Profile, closed_loop, open_loop, run_count
+from benchmarks.common import (
+    Measure,
+    Profile,
+    closed_loop,
+    latency_measures,
+    one_at_a_time,
+    open_loop,
+    run_count,
+)
+from benchmarks.cpu import ROLES, cpu_measures, cpu_probe, record_cpu
 from benchmarks.stage import Rig, Rigs, Stage, steps_of
 from mediator.sdk.client import MediatorClient
 from mediator.settings import Settings
@@ -80,32 +89,29 @@ async def _replica_stats(rig: Rig) -> dict[str, Any]:
 async def saturate(
     rigs: Rigs, profile: Profile, workflow: str, out: list[Measure]
 ) -> list[Measure]:
-    """Workflows/s, steps/s and the replica's CPU per step, one value per repetition."""
+    """Workflows/s, steps/s and every process's CPU per step, one value per repetition."""
     note = f"closed loop, {profile.mediator_in_flight} in flight"
     name = f"mediator.{workflow}"
     runs = Measure(f"{name}.workflows_per_s", "workflows/s", note=note)
     steps = Measure(f"{name}.steps_per_s", "steps/s", note=note)
-    cpu = Measure(f"{name}.cpu_per_step", "ms CPU", note="the replica's process, per reply")
-    out += [runs, steps, cpu]
+    cpu = cpu_measures(name, ROLES)
+    out += [runs, steps, *cpu.values()]
     for _ in range(profile.repeat):
         async with rigs.use() as rig, make_client(rig.settings) as client:
             await warm_up(client, workflow)
-            before = await _replica_stats(rig)
             result = await closed_loop(
                 submitter(client, workflow),
                 in_flight=profile.mediator_in_flight,
                 warmup_s=profile.warmup_s,
                 measure_s=profile.measure_s,
                 drain_s=profile.drain_s,
+                probe=cpu_probe(rig),
             )
             result.check(name)
-            after = await _replica_stats(rig)
             runs.values.append(round(result.rate, 1))
             steps.values.append(round(result.rate * steps_of(workflow), 1))
-            replies = after["stats"]["replies"] - before["stats"]["replies"]
-            cpu_ms = (after["cpu_s"] - before["cpu_s"]) * 1000
-            cpu.values.append(round(cpu_ms / max(1, replies), 3))
-    return [runs, steps, cpu]
+            record_cpu(cpu, result, steps_of(workflow))
+    return [runs, steps]
 
 
 async def half_load(rigs: Rigs, profile: Profile, rate: float, out: list[Measure]) -> list[Measure]:
@@ -175,4 +181,18 @@ async def run_mediator(
                               values=[round(peak / 2, 1)], note="half the 3-step peak")  # fmt: skip
             measures.append(offered)
             await half_load(rigs, profile, peak / 2, measures)
+        await low_load(rigs, profile, measures)
     return measures
+
+
+async def low_load(rigs: Rigs, profile: Profile, out: list[Measure]) -> list[Measure]:
+    """3-step latency p50/p99 with one run at a time: what a quiet deployment answers in."""
+    low = latency_measures(
+        "mediator.chain3.low_load", f"one run at a time for {profile.measure_s:g}s"
+    )
+    out += low
+    for _ in range(profile.repeat):
+        async with rigs.use() as rig, make_client(rig.settings) as client:
+            await warm_up(client, "chain3")
+            await one_at_a_time(submitter(client, "chain3"), profile, low)
+    return low

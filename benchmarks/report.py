@@ -36,14 +36,20 @@ class Target:
 
 
 TARGETS = [
-    Target("mediator steps/s >= 0.25 x floor (3-step)", "ratio.mediator_over_floor.chain3_steps",
-           0.25, operator.ge, ">="),
+    Target("mediator steps/s >= 0.35 x raw floor (3-step)",
+           "ratio.mediator_over_raw_floor.chain3_steps", 0.35, operator.ge, ">="),
+    Target("aim: mediator steps/s >= 0.5 x raw floor (3-step)",
+           "ratio.mediator_over_raw_floor.chain3_steps", 0.5, operator.ge, ">="),
+    Target("SDK echo service >= 0.7 x raw echo service (3-step floor)",
+           "ratio.sdk_over_raw_floor.chain3_steps", 0.7, operator.ge, ">="),
+    Target("overhead per step p99 at half load < 5 ms", "mediator.chain3.half_load.overhead_p99",
+           5.0, operator.lt, "<"),
+    Target("3-step latency at low load <= 2 x raw floor's (p50)",
+           "ratio.low_load_latency_over_raw_floor.chain3_p50", 2.0, operator.le, "<="),
     Target("mediator chains/s >= 5 x Celery (1-step)", "ratio.mediator_over_celery.chain1",
            5.0, operator.ge, ">="),
     Target("mediator chains/s >= 5 x Celery (3-step)", "ratio.mediator_over_celery.chain3",
            5.0, operator.ge, ">="),
-    Target("overhead per step p99 at half load < 5 ms", "mediator.chain3.half_load.overhead_p99",
-           5.0, operator.lt, "<"),
     Target("timers on cost <= 15 % of 3-step throughput", "ratio.timers_over_plain.chain3",
            0.85, operator.ge, ">="),
     Target("timer firing lag p99 at half load < 100 ms", "mediator.chain3.half_load.timer_lag_p99",
@@ -55,12 +61,24 @@ TARGETS = [
 ]  # fmt: skip
 
 RATIOS = {
-    "ratio.mediator_over_floor.chain3_steps": (
-        "mediator.chain3.steps_per_s", "floor.chain3.steps_per_s"),
+    "ratio.mediator_over_raw_floor.chain3_steps": (
+        "mediator.chain3.steps_per_s", "floor.raw.chain3.steps_per_s"),
+    "ratio.mediator_over_sdk_floor.chain3_steps": (
+        "mediator.chain3.steps_per_s", "floor.sdk.chain3.steps_per_s"),
+    "ratio.mediator_over_raw_floor.chain1_steps": (
+        "mediator.chain1.steps_per_s", "floor.raw.chain1.steps_per_s"),
+    "ratio.mediator_over_sdk_floor.chain1_steps": (
+        "mediator.chain1.steps_per_s", "floor.sdk.chain1.steps_per_s"),
+    "ratio.sdk_over_raw_floor.chain3_steps": (
+        "floor.sdk.chain3.steps_per_s", "floor.raw.chain3.steps_per_s"),
+    "ratio.sdk_over_raw_floor.chain1_steps": (
+        "floor.sdk.chain1.steps_per_s", "floor.raw.chain1.steps_per_s"),
+    "ratio.low_load_latency_over_raw_floor.chain3_p50": (
+        "mediator.chain3.low_load.latency_p50", "floor.raw.chain3.low_load.latency_p50"),
+    "ratio.half_load_latency_over_raw_floor.chain3_p50": (
+        "mediator.chain3.half_load.latency_p50", "floor.raw.chain3.half_load.latency_p50"),
     "ratio.timers_over_plain.chain3": (
         "mediator.chain3_timers.steps_per_s", "mediator.chain3.steps_per_s"),
-    "ratio.mediator_over_floor.chain1_steps": (
-        "mediator.chain1.steps_per_s", "floor.chain1.steps_per_s"),
     "ratio.mediator_over_celery.chain1": (
         "mediator.chain1.workflows_per_s", "celery.chain1.chains_per_s"),
     "ratio.mediator_over_celery.chain3": (

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 # seen to double their figures.
 SECTIONS = ("micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring")
 #: The share of the overall budget one section may use at most.
-SHARE = {"floor": 0.15, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
+SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
          "scaling": 0.3, "routing": 0.35, "monitoring": 0.2}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by

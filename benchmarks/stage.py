@@ -38,7 +38,7 @@ ECHO = "echo"
 #: Partitions of every topic the suite creates (the embedded default's count).
 PARTITIONS = 4
 #: Signing is on in the benchmarks, as in a default deployment: it is on the hot path.
-BENCH_KEY = secrets.token_urlsafe(32)
+BENCH_KEY_ID, BENCH_KEY = "bench", secrets.token_urlsafe(32)
 
 
 def chain(n: int) -> dict[str, Any]:
@@ -93,6 +93,15 @@ class Rig:
 
     settings: Settings
     replica: Child | None = None
+    #: The echo service's process (the SDK worker, or the raw echo service).
+    echo: Child | None = None
+    #: The rig's own broker's process id (None against a given broker).
+    broker_pid: int | None = None
+
+    def pids(self) -> dict[str, int]:
+        """The processes of this rig the suite started, by role (for CPU accounting)."""
+        found = {"broker": self.broker_pid, "echo": _pid(self.echo), "replica": _pid(self.replica)}
+        return {role: pid for role, pid in found.items() if pid is not None}
 
     @property
     def bootstrap(self) -> str:
@@ -148,7 +157,7 @@ class Stage:
             circuit_breaker={"services": {VOID: {"failure_threshold": 1_000_000_000}}},
             workflows=[str(self.workflows_file)],
             log_level="WARNING",
-            signing={"keys": {"bench": BENCH_KEY}},
+            signing={"keys": {BENCH_KEY_ID: BENCH_KEY}},
         )
 
     @property
@@ -167,14 +176,17 @@ class Stage:
 
     @contextlib.asynccontextmanager
     async def rig(
-        self, name: str, *, mediator: bool = False, **overrides: Any
+        self, name: str, *, mediator: bool = False, echo: str = "services", **overrides: Any
     ) -> AsyncIterator[Rig]:
-        """A fresh broker (or fresh topics), the echo service, and a replica if asked for;
-        `overrides` replace sections of the settings (``load_balancing={...}``)."""
+        """A fresh broker (or fresh topics), the echo service (``echo``: ``services`` for
+        the SDK worker, ``raw`` for the raw one), and a replica if asked for; `overrides`
+        replace sections of the settings (``load_balancing={...}``)."""
         async with contextlib.AsyncExitStack() as stack:
+            broker_pid = None
             if self.bootstrap is None:
                 broker = await stack.enter_async_context(EmbeddedKafka())
                 bootstrap = broker.bootstrap_servers
+                broker_pid = broker.process.pid if broker.process else None
             else:
                 bootstrap = self.bootstrap
             settings = self.settings(name, bootstrap)
@@ -187,14 +199,14 @@ class Stage:
                 partitions=PARTITIONS,
             )
             config = self.write_config(settings)
-            children = [self._host("services", config)]
+            children = [self._host(echo, config)]
             if mediator:
                 children.append(self._host("mediator", config))
             for child in children:
                 stack.push_async_callback(child.stop)
             # Side by side: each start is mostly waiting for a consumer group join.
             await asyncio.gather(*(child.start(ready_timeout_s=60) for child in children))
-            yield Rig(settings, children[1] if mediator else None)
+            yield Rig(settings, children[1] if mediator else None, children[0], broker_pid)
 
     def _host(self, role: str, config: Path, *extra: str, name: str | None = None) -> Child:
         args = ["-m", "benchmarks.hosts", role, "--config", str(config), *extra]
@@ -210,8 +222,12 @@ class Stage:
 class Rigs:
     """Rigs for one section: a fresh one for every use, or (``fresh=False``) one shared."""
 
-    def __init__(self, stage: Stage, name: str, *, fresh: bool, mediator: bool = False) -> None:
+    def __init__(
+        self, stage: Stage, name: str, *, fresh: bool, mediator: bool = False,
+        echo: str = "services",
+    ) -> None:  # fmt: skip
         self.stage, self.name, self.fresh, self.mediator = stage, name, fresh, mediator
+        self.echo = echo
         self._stack = contextlib.AsyncExitStack()
         self._shared: Rig | None = None
 
@@ -219,11 +235,11 @@ class Rigs:
     async def use(self) -> AsyncIterator[Rig]:
         """A rig for one measurement."""
         if self.fresh:
-            async with self.stage.rig(self.name, mediator=self.mediator) as rig:
+            async with self.stage.rig(self.name, mediator=self.mediator, echo=self.echo) as rig:
                 yield rig
             return
         if self._shared is None:
-            opening = self.stage.rig(self.name, mediator=self.mediator)
+            opening = self.stage.rig(self.name, mediator=self.mediator, echo=self.echo)
             self._shared = await self._stack.enter_async_context(opening)
         yield self._shared
 
@@ -251,6 +267,11 @@ async def open_stage(bootstrap: str | None, redis_url: str | None) -> AsyncItera
                 stores = (state.url, celery.url)
             broker = bootstrap or "Tansu (embedded, in-memory, a fresh one per measurement)"
             yield Stage(bootstrap, *stores, broker, Path(scratch))
+
+
+def _pid(child: Child | None) -> int | None:
+    process = child.process if child is not None else None
+    return process.pid if process is not None else None
 
 
 def machine() -> dict[str, Any]:

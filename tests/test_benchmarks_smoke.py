@@ -49,8 +49,14 @@ async def test_every_section_reports_positive_numbers(
 
     _positive(
         measures,
-        "floor.chain3.chains_per_s",
-        "floor.chain3.half_load.latency_p99",
+        "floor.raw.chain3.chains_per_s",
+        "floor.sdk.chain3.chains_per_s",
+        "floor.raw.chain3.cpu_per_step.echo",
+        "floor.raw.chain3.half_load.latency_p99",
+        "floor.raw.chain3.low_load.latency_p50",
+        "mediator.chain3.cpu_per_step.replica",
+        "mediator.chain3.cpu_per_step.echo",
+        "mediator.chain3.low_load.latency_p50",
         "mediator.chain3.workflows_per_s",
         "mediator.chain3.steps_per_s",
         "mediator.chain3.half_load.latency_p50",
@@ -69,7 +75,7 @@ async def test_every_section_reports_positive_numbers(
     assert balancer and all(m.values or "n/a" in m.note for m in balancer)
 
     table = report.render_table(measures, {})
-    assert "ratio.mediator_over_floor.chain3_steps" in table
+    assert "ratio.mediator_over_raw_floor.chain3_steps" in table
     doc = report.to_json(measures, {}, {"date": "now"})
     assert json.loads(json.dumps(doc))["measures"]["mediator.chain3.steps_per_s"]["median"] > 0
     readme = tmp_path / "README.md"
