@@ -443,6 +443,21 @@ async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(
     assert w.stats["undeliverable"] == 1 and w.stats["send_retries"] == 0
 
 
+async def test_a_delivery_failing_outside_kafka_releases_its_offset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Not reachable through a real broker (aiokafka fails deliveries with KafkaErrors);
+    # whatever else fails one must be logged and must not hold the partition's commits.
+    w = Worker(SERVICE, "127.0.0.1:1", signing=False)
+    tp = TopicPartition("inbox", 0)
+    w._offsets.add(tp, 7)
+    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    failed.set_exception(RuntimeError("serialiser crashed"))
+    w._delivered(command(Topics(), "echo"), b"{}", tp, 7, failed)
+    assert w._offsets.committable([tp]) == {tp: 8}
+    assert "serialiser crashed" in caplog.text
+
+
 def test_handler_signature_is_checked() -> None:
     w = Worker(SERVICE, "127.0.0.1:1", keys=TEST_KEYS)
     with pytest.raises(TypeError, match="must take"):

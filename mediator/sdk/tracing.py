@@ -15,7 +15,7 @@ from typing import Any
 from topics.events import CommandEvent
 from topics.headers import span_id, traceparent
 
-__all__ = ["action_span", "traceparent_of"]
+__all__ = ["action_span", "traceparent_of", "tracing_active"]
 
 try:
     from opentelemetry import trace as _trace
@@ -30,6 +30,15 @@ def traceparent_of(command: CommandEvent) -> str | None:
     if not command.trace_id:
         return None
     return traceparent(command.trace_id, span_id(command.command_id)).decode()
+
+
+def tracing_active() -> bool:
+    """Whether this process has set a tracer provider (checked once per fetched batch:
+    the lookup reads the environment)."""
+    if _trace is None:
+        return False
+    provider = _trace.get_tracer_provider()
+    return not isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider)
 
 
 @contextlib.contextmanager

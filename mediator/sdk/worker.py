@@ -29,6 +29,7 @@ service signed is never run: it is dead-lettered with the reason and counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -38,7 +39,7 @@ import signal
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ from mediator.errors import ConfigurationError, MediatorError
 from mediator.producers import new_producer
 from mediator.sdk.heartbeat import Tally
 from mediator.sdk.offsets import OffsetTracker
-from mediator.sdk.tracing import action_span
+from mediator.sdk.tracing import action_span, tracing_active
 from topics.events import (
     SCHEMA_VERSION,
     TOPIC_NAME,
@@ -83,6 +84,7 @@ Handler = Callable[..., Any]
 H = TypeVar("H", bound=Handler)
 
 _TOPIC_NAME = re.compile(TOPIC_NAME)
+_UNTRACED = contextlib.nullcontext()
 #: How often, at most, a worker commits the offsets of the commands it has answered.
 _COMMIT_INTERVAL_S = 0.05
 STAT_NAMES = (
@@ -160,7 +162,9 @@ class Worker:
         self._beats: asyncio.Task[None] | None = None
         self._poll_timeout_ms = poll_timeout_ms
         self._replies: OrderedDict[str, bytes] = OrderedDict()
-        self._running: dict[str, asyncio.Future[bytes]] = {}
+        #: Commands whose action runs now, and a future for their reply once a duplicate
+        #: waits for it.
+        self._running: dict[str, asyncio.Future[bytes] | None] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -233,6 +237,10 @@ class Worker:
                 if pending:
                     log.warning("worker stop: %d commands did not finish in time", len(pending))
                     await asyncio.gather(*(cancel_and_wait(t) for t in pending))
+            if self._producer is not None:
+                # Replies handed to the producer are delivered before the last commit.
+                with contextlib.suppress(TimeoutError, KafkaError):
+                    await asyncio.wait_for(self._producer.flush(), self.stop_timeout)
             if self._consumer is not None:
                 await self._commit(self._consumer.assignment())
             if beats is not None:
@@ -303,12 +311,11 @@ class Worker:
                 batch = await consumer.getmany(
                     timeout_ms=self._poll_timeout_ms, max_records=min(self._max_records, room)
                 )
+                tracing = tracing_active()
                 for tp, records in batch.items():
                     for record in records:
                         self._offsets.add(tp, record.offset)
-                        task = asyncio.create_task(self._process(record))
-                        self._tasks.add(task)
-                        task.add_done_callback(functools.partial(self._finished, tp, record))
+                        self._take(tp, record, tracing)
                 # Each commit is a round trip to the broker: at most one per interval.
                 now = time.monotonic()
                 if now - last_commit >= _COMMIT_INTERVAL_S:
@@ -371,19 +378,25 @@ class Worker:
         else:
             self.stats["heartbeats"] += 1
 
-    def _finished(
-        self, tp: TopicPartition, record: ConsumerRecord, task: asyncio.Task[None]
-    ) -> None:
+    def _done(self, tp: TopicPartition, offset: int) -> None:
+        """The record at ``offset`` is dealt with: its offset may be committed."""
+        self._offsets.done(tp, offset)
+        self._room.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None], tp: TopicPartition, offset: int) -> None:
+        """Run ``work`` (about the record at ``offset``) as a task the worker waits for
+        when stopping."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._ended, tp, offset))
+
+    def _ended(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if task.cancelled():
-            return  # stopped before its reply went out: not committed, consumed again later
-        if task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None:
             log.error(
                 "command at %s[%d] offset %d failed: %r",
-                record.topic, record.partition, record.offset, task.exception(),
+                tp.topic, tp.partition, offset, task.exception(),
             )  # fmt: skip
-        self._offsets.done(tp, record.offset)
-        self._room.set()
 
     async def _commit(self, partitions: Iterable[TopicPartition]) -> None:
         """Commit, per partition, the offsets whose commands all got their replies sent."""
@@ -407,14 +420,33 @@ class Worker:
     def _signed(self, headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
         return headers + self.keys.headers(value) if self.keys is not None else headers
 
-    async def _process(self, record: ConsumerRecord) -> None:
-        """Decode one record, get its reply (running the action at most once) and send it."""
+    def _take(self, tp: TopicPartition, record: ConsumerRecord, tracing: bool) -> None:
+        """Check and decode one record where it was fetched, then start its action; a
+        redelivered command gets its earlier reply without running again."""
         self.stats["received"] += 1
         if self.keys is not None:
             try:
                 self.keys.check(record.value, record.headers)
             except SignatureError as exc:
-                return await self._reject(record, exc)
+                return self._spawn(self._reject(tp, record, exc), tp, record.offset)
+        command = self._decode(record)
+        if command is None:
+            return self._done(tp, record.offset)
+        cid = command.command_id
+        cached = self._replies.get(cid)
+        if cached is not None:
+            self._replies.move_to_end(cid)
+            self.stats["duplicates"] += 1
+            return self._spawn(self._send(command, cached, tp, record.offset), tp, record.offset)
+        if cid in self._running:
+            self.stats["duplicates"] += 1
+            waiting = self._after_running(command, tp, record.offset)
+            return self._spawn(waiting, tp, record.offset)
+        self._running[cid] = None
+        self._spawn(self._run(command, tp, record.offset, tracing), tp, record.offset)
+
+    def _decode(self, record: ConsumerRecord) -> CommandEvent | None:
+        """The record's command; None (counted and logged) when it is not a valid one."""
         try:
             command = CommandEvent.model_validate_json(record.value or b"")
         except ValidationError as exc:
@@ -422,15 +454,49 @@ class Worker:
         else:
             # aiokafka keeps an invalid topic in its metadata set for good, so never send to one.
             if _TOPIC_NAME.match(command.reply_to):
-                return await self._answer(command)
+                return command
             reason = f"reply_to: {command.reply_to!r} is not a valid topic name"
         self.stats["invalid"] += 1
         log.warning(
             "skipping invalid command at %s[%d] offset %d: %s",
             record.topic, record.partition, record.offset, reason,
         )  # fmt: skip
+        return None
 
-    async def _reject(self, record: ConsumerRecord, exc: SignatureError) -> None:
+    async def _run(
+        self, command: CommandEvent, tp: TopicPartition, offset: int, tracing: bool
+    ) -> None:
+        """Run the command's action (once), remember its reply and send it."""
+        cid = command.command_id
+        try:
+            reply = await self._execute(command, tracing)
+        except BaseException:
+            waiting = self._running.pop(cid)
+            if waiting is not None:
+                waiting.cancel()  # its duplicate sends nothing; a cancelled future never warns
+            raise
+        waiting = self._running.pop(cid)
+        if waiting is not None:
+            waiting.set_result(reply)
+        if self._dedup_size > 0:
+            self._replies[cid] = reply
+            if len(self._replies) > self._dedup_size:
+                self._replies.popitem(last=False)
+        await self._send(command, reply, tp, offset)
+
+    async def _after_running(self, command: CommandEvent, tp: TopicPartition, offset: int) -> None:
+        """A duplicate of a command whose action is running: send the same reply once it
+        is there (nothing is sent if that run was cancelled)."""
+        cid = command.command_id
+        waiting = self._running.get(cid)
+        if waiting is None:
+            waiting = self._running[cid] = asyncio.get_running_loop().create_future()
+        reply = await asyncio.shield(waiting)
+        await self._send(command, reply, tp, offset)
+
+    async def _reject(
+        self, tp: TopicPartition, record: ConsumerRecord, exc: SignatureError
+    ) -> None:
         """A command no key of ours signed is never run: dead-letter it (best effort: the
         step it claims to be for times out in any case) and count it."""
         self.stats["bad_signatures"] += 1
@@ -452,35 +518,65 @@ class Worker:
             )  # fmt: skip
         except KafkaError as error:
             log.error("dead letter of a rejected command not delivered: %r", error)
+        self._done(tp, record.offset)
 
-    async def _answer(self, command: CommandEvent) -> None:
-        """Send the command's reply: a transient failure is retried with capped backoff; a
-        reply the broker refuses for good (too large, say) is replaced, once, by a small
-        error reply, so the step fails now rather than at its timeout."""
-        reply = await self._reply_for(command)
+    async def _send(
+        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int
+    ) -> None:
+        """Hand the reply to the producer; its offset is done once the broker has it.
+
+        Sends are not awaited one by one: the producer batches them, and a failed
+        delivery goes to `_resend`."""
         assert self._producer is not None
+        try:
+            delivery = await self._producer.send(
+                command.reply_to, reply, key=command.workflow_id.encode(),
+                headers=self._reply_headers(command, reply),
+            )  # fmt: skip
+        except KafkaError as exc:
+            return await self._resend(command, reply, tp, offset, exc)
+        delivery.add_done_callback(functools.partial(self._delivered, command, reply, tp, offset))
+
+    def _delivered(
+        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
+        delivery: asyncio.Future[Any],
+    ) -> None:  # fmt: skip
+        if delivery.cancelled():
+            return  # the producer stopped first: not committed, consumed again later
+        exc = delivery.exception()
+        if isinstance(exc, KafkaError):
+            return self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
+        if exc is not None:
+            # Not a broker's answer, so not one to retry: logged, and the partition's
+            # commits are not held by it (as a command whose handling raised).
+            log.error("reply to %s failed: %r", command.reply_to, exc)
+        self._done(tp, offset)
+
+    def _reply_headers(self, command: CommandEvent, reply: bytes) -> list[tuple[str, bytes]]:
         # The reply may come from the cache as bytes; its headers follow from the command.
-        plain_headers = headers_for("reply", SCHEMA_VERSION, command.trace_id, command.command_id)
+        plain = headers_for("reply", SCHEMA_VERSION, command.trace_id, command.command_id)
+        return self._signed(plain, reply)
+
+    async def _resend(
+        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
+        failure: KafkaError,
+    ) -> None:  # fmt: skip
+        """Deliver a reply whose send failed: a transient failure is retried with capped
+        backoff; a reply the broker refuses for good (too large, say) is replaced, once, by
+        a small error reply, so the step fails now rather than at its timeout."""
+        assert self._producer is not None
         key = command.workflow_id.encode()
         backoff = 0.1
         replaced = False
-        while True:
-            try:
-                await self._producer.send_and_wait(
-                    command.reply_to,
-                    value=reply,
-                    key=key,
-                    headers=self._signed(plain_headers, reply),
-                )
-                return
-            except KafkaError as exc:
-                if not exc.retriable:
-                    if replaced:
-                        log.error("error reply to %s refused too: %r", command.reply_to, exc)
-                        return
-                    replaced = True
-                    reply = self._undeliverable(command, exc)
-                    continue
+        exc: KafkaError | None = failure
+        while exc is not None:
+            if not exc.retriable:
+                if replaced:
+                    log.error("error reply to %s refused too: %r", command.reply_to, exc)
+                    break
+                replaced = True
+                reply = self._undeliverable(command, exc)
+            else:
                 self.stats["send_retries"] += 1
                 log.warning(
                     "reply to %s not delivered, retrying in %.1fs: %r",
@@ -488,6 +584,15 @@ class Worker:
                 )  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            try:
+                await self._producer.send_and_wait(
+                    command.reply_to, value=reply, key=key,
+                    headers=self._reply_headers(command, reply),
+                )  # fmt: skip
+                exc = None
+            except KafkaError as error:
+                exc = error
+        self._done(tp, offset)
 
     def _undeliverable(self, command: CommandEvent, exc: KafkaError) -> bytes:
         """The error reply that stands in for a reply the broker refused for good."""
@@ -496,34 +601,7 @@ class Worker:
         message = f"the broker refused the reply of {self.service}.{command.action}: {exc!r}"
         return self._error(command, ErrorInfo(message=message[:1000], code="undeliverable"))
 
-    async def _reply_for(self, command: CommandEvent) -> bytes:
-        cid = command.command_id
-        cached = self._replies.get(cid)
-        if cached is not None:
-            self._replies.move_to_end(cid)
-            self.stats["duplicates"] += 1
-            return cached
-        running = self._running.get(cid)
-        if running is not None:
-            self.stats["duplicates"] += 1
-            return await asyncio.shield(running)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._running[cid] = future
-        try:
-            reply = await self._execute(command)
-        except BaseException:
-            future.cancel()  # waiters see CancelledError; a cancelled future never warns
-            raise
-        finally:
-            del self._running[cid]
-        future.set_result(reply)
-        if self._dedup_size > 0:
-            self._replies[cid] = reply
-            if len(self._replies) > self._dedup_size:
-                self._replies.popitem(last=False)
-        return reply
-
-    async def _execute(self, command: CommandEvent) -> bytes:
+    async def _execute(self, command: CommandEvent, tracing: bool) -> bytes:
         """Run the command's action and encode its reply; every failure becomes an error reply."""
         entry = self._actions.get(command.action)
         if entry is None:
@@ -536,7 +614,7 @@ class Worker:
             started = time.perf_counter()
             try:
                 # A failure is recorded on the span (when tracing) as it leaves it.
-                with action_span(self.service, command):
+                with action_span(self.service, command) if tracing else _UNTRACED:
                     result = fn(command.input, command) if wants_command else fn(command.input)
                     if inspect.isawaitable(result):
                         result = await result
@@ -558,7 +636,7 @@ class Worker:
                 )
             else:
                 try:
-                    reply = codec.encode(self._reply(command, ReplyStatus.OK, output=result))
+                    reply = self._ok(command, result)
                 except PydanticSerializationError as exc:
                     msg = f"action {command.action!r} returned output that is not JSON: {exc}"
                     info = ErrorInfo(message=msg, code="bad_output")
@@ -567,6 +645,25 @@ class Worker:
                     return reply
             self._tally.record((time.perf_counter() - started) * 1000, error=True)
         return self._error(command, info)
+
+    def _ok(self, command: CommandEvent, output: Any) -> bytes:
+        """The encoded ``ok`` reply: written directly when the output is plain JSON, else
+        through the model (which raises `PydanticSerializationError` if it is not JSON)."""
+        fields = {
+            "schema_version": SCHEMA_VERSION, "type": "reply",
+            "command_id": command.command_id, "workflow_id": command.workflow_id,
+            "step": command.step, "attempt": command.attempt, "status": "ok",
+            "output": output, "service": self.service, "instance": self.instance,
+            "trace_id": command.trace_id, "replied_ms": clock.now_ms(),
+        }  # fmt: skip
+        if output is None:
+            del fields["output"]
+        if command.trace_id is None:
+            del fields["trace_id"]
+        plain = codec.encode_plain(fields)
+        if plain is not None:
+            return plain
+        return codec.encode(self._reply(command, ReplyStatus.OK, output=output))
 
     def _error(self, command: CommandEvent, info: ErrorInfo) -> bytes:
         self.stats["errors"] += 1
