@@ -27,6 +27,7 @@ from mediator.producers import DeferredProducer
 from mediator.runtime.alerting import AlertEvaluator
 from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
+from mediator.runtime.collector import tune_gc
 from mediator.runtime.endpoints import Endpoints
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
@@ -224,6 +225,7 @@ class Mediator:
 
     async def _start(self) -> None:
         await self.connect()
+        tune_gc(self.settings.gc)
         # Start the subscribers side by side: each joins its consumer group, and a join can
         # take seconds (Tansu holds the reply for half the session timeout).
         await self.broker.connect()
