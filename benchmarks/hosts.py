@@ -23,6 +23,7 @@ import orjson
 
 from benchmarks.raw import serve_raw_echo
 from benchmarks.stage import ECHO
+from mediator import loops
 from mediator.definitions import load_paths
 from mediator.runtime.app import Mediator
 from mediator.sdk.worker import Worker
@@ -153,7 +154,7 @@ def main() -> None:
     else:
         coro = raw_echo(settings) if args.role == "raw" else mediator(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(coro)
+        loops.run(coro, settings.event_loop)  # every role on the same kind of loop
 
 
 if __name__ == "__main__":

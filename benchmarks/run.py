@@ -33,6 +33,7 @@ from benchmarks import (
 )
 from benchmarks.common import Budget, Measure, Profile
 from benchmarks.stage import Stage, machine, open_stage
+from mediator import loops
 
 HERE = Path(__file__).resolve().parent
 # Micro-benchmarks first: they time single operations, and after the load sections the
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; exit code 1 if any section failed."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    measures, errors, meta = asyncio.run(suite(args))
+    measures, errors, meta = loops.run(suite(args))  # the loop the hosts run on too
     table = report.render_table(measures, errors)
     print(table)
     path = args.json or HERE / "results" / ("quick.json" if args.quick else "latest.json")

@@ -17,6 +17,7 @@ import yaml
 
 from benchmarks.common import tag
 from benchmarks.procs import Child
+from mediator import loops
 from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings, settings_document
 from topics.names import Topics
@@ -293,4 +294,5 @@ def machine() -> dict[str, Any]:
         "ram_gb": round(mem_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
+        "event_loop": "uvloop" if loops.loop_factory() is not None else "asyncio",
     }

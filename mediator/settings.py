@@ -571,6 +571,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "text" for people, "json" (one object per line, with the run's fields) for pipelines.
     log_format: Literal["text", "json"] = "text"
+    # The event loop of `mediator run`, `dev` and `demo-services` (mediator.loops): auto is
+    # uvloop where it is installed, else asyncio's.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     state_cache_size: int = Field(
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )

@@ -115,5 +115,6 @@ async def test_run_with_log_format_json_writes_only_json_lines(
     lines += (rest or b"").splitlines()
     docs = [orjson.loads(line) for line in lines if line.strip()]
     assert process.returncode == 0, docs
-    assert any("mediator started" in d["message"] for d in docs)
+    started = [d["message"] for d in docs if "mediator started" in d["message"]]
+    assert started and started[0].endswith("uvloop event loop"), started  # `auto`, installed
     assert all({"ts", "level", "logger", "message"} <= d.keys() for d in docs)

@@ -89,7 +89,8 @@ def dev(
         raise fail(msg)
     with contextlib.suppress(KeyboardInterrupt):
         run_coroutine(
-            run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo)
+            run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo),
+            "auto",
         )
 
 
@@ -108,7 +109,7 @@ def run(
     """Run one mediator replica against the configured Kafka and Redis until stopped."""
     settings = load(config, **({"workflows": workflows} if workflows else {}))
     _log_to_stderr(log_level or settings.log_level, log_format or settings.log_format)
-    run_coroutine(_serve(settings, create_topics))
+    run_coroutine(_serve(settings, create_topics), settings.event_loop)
 
 
 async def _serve(settings: Any, create: bool) -> None:
@@ -146,7 +147,7 @@ def demo_services_command(
     """Run the demo order saga's services against the configured Kafka until stopped."""
     settings = load(config)
     _log_to_stderr(log_level or settings.log_level, log_format or settings.log_format)
-    run_coroutine(_services(settings))
+    run_coroutine(_services(settings), settings.event_loop)
 
 
 async def _services(settings: Any) -> None:

@@ -3,7 +3,6 @@ never a traceback), running a coroutine, quieting libraries in one-shot commands
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -13,7 +12,9 @@ import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from mediator import loops
 from mediator.errors import MediatorError
+from mediator.loops import EventLoop
 
 __all__ = ["ConfigOption", "JsonOption", "fail", "load", "quiet_libraries", "run"]
 
@@ -32,13 +33,14 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro`; turn expected failures into one line on stderr and exit code 2."""
+def run(coro: Coroutine[Any, Any, T], event_loop: EventLoop = "asyncio") -> T:
+    """Run `coro` on the loop `event_loop` names (a command that runs once: asyncio's); turn
+    expected failures into one line on stderr and exit code 2."""
     from mediator.errors import IdempotenceUnsupported
     from mediator.producers import idempotence_refused
 
     try:
-        return asyncio.run(coro)
+        return loops.run(coro, event_loop)
     except MediatorError as exc:
         raise fail(str(exc)) from None
     except KafkaError as exc:

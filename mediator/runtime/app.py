@@ -23,6 +23,7 @@ from mediator.codec import validation_reason
 from mediator.core.signing import Signatures
 from mediator.definitions import Definitions, load_paths
 from mediator.errors import ConfigurationError, MediatorError
+from mediator.loops import loop_name
 from mediator.producers import DeferredProducer
 from mediator.runtime.alerting import AlertEvaluator
 from mediator.runtime.batches import Runtime
@@ -233,10 +234,11 @@ class Mediator:
         self.broker.running = True
         self._started = True
         log.info(
-            "mediator started: %d workflows, kafka %s, redis %s",
+            "mediator started: %d workflows, kafka %s, redis %s, %s event loop",
             len(self.definitions),
             self.settings.kafka.bootstrap_servers,
             self.settings.redis.url,
+            loop_name(),
         )
 
     async def stop(self) -> None:
