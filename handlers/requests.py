@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 
-from handlers._batch import Offsets, batch_subscription, handle_batch
+from handlers._batch import Offsets, handle_batch, subscribe
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.settings import Settings
@@ -22,9 +21,8 @@ def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets:
 
     # `record` declares what the topic carries, for the AsyncAPI document: bodies are
     # left undecoded, so it is always None; the runtime parses the raw records itself.
-    async def on_requests(message: KafkaMessage, record: RequestEvent | None = None) -> None:
-        await handle_batch(message, runtime.handle_requests, offsets, boundary)
+    # The batch is taken from FastStream's context (see `handle_batch`).
+    async def on_requests(record: RequestEvent | None = None) -> None:
+        await handle_batch(broker.context, runtime.handle_requests, offsets, boundary)
 
-    broker.subscriber(
-        settings.kafka.topics.requests, **batch_subscription(settings.kafka, "requests")
-    )(on_requests)
+    subscribe(broker, settings.kafka.topics.requests, settings.kafka, "requests", on_requests)

@@ -79,10 +79,9 @@ class KafkaSettings(BaseModel):
     # as soon as data arrives, so a long wait costs nothing; Tansu waits it out, so the
     # embedded default uses a few milliseconds (each hop would otherwise cost ~the wait).
     fetch_max_wait_ms: int = Field(default=500, ge=0)
-    # A FastStream batch subscriber sleeps this long again after an empty poll, so a
-    # message arriving then waits for it: each quiet hop costs up to this much. At 10 ms,
-    # a 3-step workflow measured 60-90 ms end to end at low load; at 2 ms, 50-60 ms.
-    poll_timeout_ms: int = Field(default=2, ge=1)
+    # How long a subscriber's poll waits when nothing was fetched before it polls again.
+    # Records fetched meanwhile end the wait at once, so this costs no latency.
+    poll_timeout_ms: int = Field(default=500, ge=1)
     # Consumer-group liveness. A dead replica's partitions move after the session timeout;
     # Tansu also holds a JoinGroup reply for about half of it, which slows every start.
     session_timeout_ms: int = Field(default=10_000, ge=100)
