@@ -159,7 +159,8 @@ def update_readme(path: Path, table: str, meta: dict[str, Any]) -> None:
     header = (
         f"Run on {meta['date']} ({meta['profile']} profile, {meta['repeat']} repetitions, "
         f"{meta['duration_s']:.0f} s): {machine['cores']} cores ({machine['cpu']}), "
-        f"{machine['ram_gb']} GB RAM, Python {machine['python']}, {machine['os']}; "
+        f"{machine['ram_gb']} GB RAM, Python {machine['python']}, {machine['os']}, "
+        f"{machine.get('event_loop', 'asyncio')} event loop in every process; "
         f"broker {meta['broker']}, Redis {meta['redis']}."
     )
     section = f"{README_START}\n{header}\n\n{table}\n{README_END}"
