@@ -458,6 +458,24 @@ async def test_a_delivery_failing_outside_kafka_releases_its_offset(
     assert "serialiser crashed" in caplog.text
 
 
+async def test_handling_that_raises_releases_its_offset(caplog: pytest.LogCaptureFixture) -> None:
+    # Actions' failures become error replies; this is whatever else could raise in the
+    # handling of a record (a bug): logged, and the partition's commits go on past it.
+    w = Worker(SERVICE, "127.0.0.1:1", signing=False)
+    tp = TopicPartition("inbox", 0)
+    w._offsets.add(tp, 7)
+
+    async def broken() -> None:
+        msg = "handling crashed"
+        raise RuntimeError(msg)
+
+    w._spawn(broken(), tp, 7)
+    await asyncio.gather(*w._tasks, return_exceptions=True)
+    await asyncio.sleep(0)  # the done callback
+    assert w._offsets.committable([tp]) == {tp: 8}
+    assert "handling crashed" in caplog.text
+
+
 def test_handler_signature_is_checked() -> None:
     w = Worker(SERVICE, "127.0.0.1:1", keys=TEST_KEYS)
     with pytest.raises(TypeError, match="must take"):

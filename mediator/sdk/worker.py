@@ -392,11 +392,16 @@ class Worker:
 
     def _ended(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return  # stopped before its reply went out: not committed, consumed again later
+        if task.exception() is not None:
+            # A bug in handling, not an action's failure (those are error replies): logged,
+            # and the partition's commits are not held by it.
             log.error(
                 "command at %s[%d] offset %d failed: %r",
                 tp.topic, tp.partition, offset, task.exception(),
             )  # fmt: skip
+            self._done(tp, offset)
 
     async def _commit(self, partitions: Iterable[TopicPartition]) -> None:
         """Commit, per partition, the offsets whose commands all got their replies sent."""
