@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import LoadResult, Measure
+from benchmarks.common import LoadResult, Measure, Operation, Profile, closed_loop
 from benchmarks.stage import Rig
 
-__all__ = ["ROLES", "cpu_measures", "cpu_probe", "cpu_seconds", "record_cpu"]
+__all__ = ["ROLES", "cpu_measures", "cpu_probe", "cpu_seconds", "measure_saturated", "record_cpu"]
 
 #: Who the processes are, in the order the table lists them.
 ROLES = ("replica", "echo", "broker", "client")
@@ -61,3 +61,24 @@ def record_cpu(measures: dict[str, Measure], result: LoadResult, steps: int) -> 
         if role in opened:
             used_ms = (closed[role] - opened[role]) * 1000
             measure.values.append(round(used_ms / done, 4))
+
+
+async def measure_saturated(
+    op: Operation, rig: Rig, profile: Profile, in_flight: int, steps: int,
+    runs: Measure, step_rate: Measure, cpu: dict[str, Measure],
+) -> None:  # fmt: skip
+    """One repetition at saturation: `op` in a closed loop of `in_flight` over the
+    profile's window on `rig`; its rate (runs and `steps` per run) and every process's
+    CPU per step appended to the measures. Raises if any run failed."""
+    result = await closed_loop(
+        op,
+        in_flight=in_flight,
+        warmup_s=profile.warmup_s,
+        measure_s=profile.measure_s,
+        drain_s=profile.drain_s,
+        probe=cpu_probe(rig),
+    )
+    result.check(runs.name)
+    runs.values.append(round(result.rate, 1))
+    step_rate.values.append(round(result.rate * steps, 1))
+    record_cpu(cpu, result, steps)

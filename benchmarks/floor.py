@@ -20,14 +20,13 @@ from collections.abc import Awaitable, Callable
 from benchmarks.common import (
     Measure,
     Profile,
-    closed_loop,
     latency_measures,
     one_at_a_time,
     open_loop,
     record_latency,
     run_count,
 )
-from benchmarks.cpu import cpu_measures, cpu_probe, record_cpu
+from benchmarks.cpu import cpu_measures, measure_saturated
 from benchmarks.raw import RawClient
 from benchmarks.stage import BENCH_KEY, BENCH_KEY_ID, ECHO, Rig, Rigs, Stage
 
@@ -100,18 +99,10 @@ async def _saturate(
     """One repetition of one floor row."""
     async with rigs.use() as rig, floor_client(rig) as client:
         await run_count(_chain(client, steps), 100, in_flight=50, timeout_s=60)
-        result = await closed_loop(
-            _chain(client, steps),
-            in_flight=profile.floor_in_flight,
-            warmup_s=profile.warmup_s,
-            measure_s=profile.measure_s,
-            drain_s=profile.drain_s,
-            probe=cpu_probe(rig),
-        )
-        result.check(runs.name)
-        runs.values.append(round(result.rate, 1))
-        step_rate.values.append(round(result.rate * steps, 1))
-        record_cpu(cpu, result, steps)
+        await measure_saturated(
+            _chain(client, steps), rig, profile, profile.floor_in_flight, steps,
+            runs, step_rate, cpu,
+        )  # fmt: skip
 
 
 async def run_floor_latency(

@@ -16,13 +16,12 @@ import orjson
 from benchmarks.common import (
     Measure,
     Profile,
-    closed_loop,
     latency_measures,
     one_at_a_time,
     open_loop,
     run_count,
 )
-from benchmarks.cpu import ROLES, cpu_measures, cpu_probe, record_cpu
+from benchmarks.cpu import ROLES, cpu_measures, measure_saturated
 from benchmarks.stage import Rig, Rigs, Stage, steps_of
 from mediator.sdk.client import MediatorClient
 from mediator.settings import Settings
@@ -99,18 +98,10 @@ async def saturate(
     for _ in range(profile.repeat):
         async with rigs.use() as rig, make_client(rig.settings) as client:
             await warm_up(client, workflow)
-            result = await closed_loop(
-                submitter(client, workflow),
-                in_flight=profile.mediator_in_flight,
-                warmup_s=profile.warmup_s,
-                measure_s=profile.measure_s,
-                drain_s=profile.drain_s,
-                probe=cpu_probe(rig),
-            )
-            result.check(name)
-            runs.values.append(round(result.rate, 1))
-            steps.values.append(round(result.rate * steps_of(workflow), 1))
-            record_cpu(cpu, result, steps_of(workflow))
+            await measure_saturated(
+                submitter(client, workflow), rig, profile, profile.mediator_in_flight,
+                steps_of(workflow), runs, steps, cpu,
+            )  # fmt: skip
     return [runs, steps]
 
 
