@@ -16,6 +16,7 @@ from benchmarks.common import Measure, Profile, closed_loop
 from benchmarks.mediator_bench import make_client, submitter, warm_up
 from benchmarks.procs import Child
 from benchmarks.stage import Rig, Stage, steps_of
+from handlers.groups import inbound_group
 
 __all__ = ["run_scaling"]
 
@@ -98,8 +99,7 @@ async def _session(
     by_count: dict[int, tuple[Measure, Measure]],
 ) -> None:
     config = stage.write_config(rig.settings)
-    group = rig.settings.kafka.group_id
-    groups = [f"{group}.requests", f"{group}.replies"]
+    groups = [inbound_group(rig.settings.kafka)]
     children: list[Child] = []
     try:
         async with make_client(rig.settings) as client:

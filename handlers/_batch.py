@@ -43,7 +43,7 @@ def batch_subscription(
     settings: KafkaSettings, name: str, *, quiet: bool = False
 ) -> dict[str, Any]:
     """Options of every mediator subscriber: a batch consumer in its own group
-    (`<group_id>.<name>`), offsets left to `Offsets`, bodies left undecoded; `quiet`: off
+    (``<group_id>.<name>``), offsets left to `Offsets`, bodies left undecoded; `quiet`: off
     the workflows' path (see `QUIET_FETCH_WAIT_MS`)."""
     wait_ms = settings.fetch_max_wait_ms
     return {
@@ -62,16 +62,18 @@ def batch_subscription(
 
 def subscribe(
     broker: KafkaBroker,
-    topic: str,
+    topics: str | Sequence[str],
     settings: KafkaSettings,
     name: str,
     handler: Callable[..., Awaitable[None]],
     *,
     quiet: bool = False,
 ) -> None:
-    """Subscribe `handler` to `topic` with `batch_subscription`'s options, its polls
-    waiting for records instead of sleeping between them (`_waiting_poll`)."""
-    subscriber = broker.subscriber(topic, **batch_subscription(settings, name, quiet=quiet))
+    """Subscribe `handler` to `topics` (one consumer) with `batch_subscription`'s
+    options, its polls waiting for records instead of sleeping between them
+    (`_waiting_poll`)."""
+    names = (topics,) if isinstance(topics, str) else tuple(topics)
+    subscriber = broker.subscriber(*names, **batch_subscription(settings, name, quiet=quiet))
     subscriber(handler)
     subscriber.get_msg = _waiting_poll(settings)
 

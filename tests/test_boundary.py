@@ -9,6 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from handlers.groups import inbound_group
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import consume_all, produce, wait_for
 from tests.system import echo
@@ -101,7 +102,7 @@ async def test_one_poison_record_among_ten_is_dead_lettered_alone(make_system: A
     [dead] = await dead_letters(system, 1)
     assert dead.code == "unprocessable" and "CorruptState" in dead.reason
     await mediator.stop()
-    group = f"{system.settings.kafka.group_id}.requests"
+    group = inbound_group(system.settings.kafka)
     # The request records of this test are ten submits: all of them are past.
     assert await committed(system.bootstrap, group, system.topics.requests) == 10
 

@@ -16,6 +16,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
 
+from handlers.groups import inbound_group
 from mediator.sdk.worker import ActionError
 from mediator.settings import BreakerSettings
 from mediator.storage.keys import Keys, workflow_id_for
@@ -153,12 +154,12 @@ async def test_two_replica_processes_share_one_breaker(
         replica.start()
     client = await system.client()
     try:
-        group = f"{settings.kafka.group_id}.replies"
+        group = inbound_group(settings.kafka)
 
         async def both_joined() -> bool:
             return await group_members(system.bootstrap, group) == 2
 
-        await wait_for(both_joined, timeout=60, what="both replicas in the replies group")
+        await wait_for(both_joined, timeout=60, what="both replicas in the inbound group")
 
         # Four failures, two applied by each replica (4 partitions, 2 each): neither alone
         # reaches the threshold of 3, so the breaker opens only on the shared count.

@@ -21,6 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
+from handlers.groups import inbound_group
 from mediator.runtime.outbox import frame
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
@@ -113,7 +114,7 @@ async def test_replica_frozen_past_session_and_lease_gives_each_request_one_resu
     )
     frozen.start()
     survivor.start()
-    group = f"{system.settings.kafka.group_id}.requests"
+    group = inbound_group(system.settings.kafka)
     keys = Keys(system.settings.redis.key_prefix, system.settings.redis.shards)
     client = await system.client()
     distinct: list[ResultEvent] = []

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from handlers.groups import inbound_group
 from tests.helpers import wait_for
 from tests.processes import MediatorProcess, group_members
 from tests.system import CHAIN3, echo, slow_echo
@@ -33,7 +34,7 @@ async def test_two_replicas_share_500_workflows_and_lose_none(
     for replica in replicas:
         replica.start()
     try:
-        group = f"{system.settings.kafka.group_id}.requests"
+        group = inbound_group(system.settings.kafka)
         await wait_for(
             lambda: _members_are(system.bootstrap, group, 2), timeout=60, what="both replicas"
         )

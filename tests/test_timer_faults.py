@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from handlers.groups import inbound_group
 from mediator.cli.infra import EmbeddedRedis
 from mediator.settings import RedisSettings
 from mediator.storage.keys import Keys, workflow_id_for
@@ -144,7 +145,7 @@ async def test_timers_a_killed_replica_held_are_fired_once_by_the_other(
     wids = {rid: workflow_id_for(rid) for rid in request_ids}
     tasks: list[asyncio.Task[ResultEvent]] = []
     try:
-        group = f"{settings.kafka.group_id}.requests"
+        group = inbound_group(settings.kafka)
         await wait_for(
             lambda: _members_are(system.bootstrap, group, 2), timeout=60, what="both replicas"
         )

@@ -164,8 +164,7 @@ class Mediator:
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()
-        handlers.register_requests(self.broker, self.runtime, settings, self.offsets)
-        handlers.register_replies(self.broker, self.runtime, settings, self.offsets)
+        handlers.register_inbound(self.broker, self.runtime, settings, self.offsets)
         handlers.register_control(self.broker, self.runtime, settings, self.offsets)
         if settings.discovery.enabled:
             handlers.register_health(self.broker, self.runtime, settings, self.offsets)
@@ -230,6 +229,11 @@ class Mediator:
         # Start the subscribers side by side: each joins its consumer group, and a join can
         # take seconds (Tansu holds the reply for half the session timeout).
         await self.broker.connect()
+        kafka = self.settings.kafka
+        await handlers.adopt_offsets(
+            kafka, handlers.inbound_group(kafka), handlers.previous_groups(kafka),
+            self.settings.backoff,
+        )  # fmt: skip
         await asyncio.gather(*(sub.start() for sub in self.broker.subscribers))
         self.broker.running = True
         self._started = True

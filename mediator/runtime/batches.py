@@ -9,6 +9,7 @@ returns, i.e. after Redis has the transitions.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -34,7 +35,7 @@ from mediator.errors import StateUnavailable, UnknownWorkflow
 from mediator.logs import run_fields
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
-from mediator.runtime.failures import dead_letter
+from mediator.runtime.failures import dead_letter, is_transient
 from mediator.runtime.metrics import Samples
 from mediator.runtime.outbox import Message
 from mediator.runtime.ports import Publisher, StateStore
@@ -211,6 +212,32 @@ class Runtime:
         #: How late timers fired (ms after their due time, Redis clock). A timer claimed
         #: again after a lease ran out counts from that lease's end, not its first due time.
         self.timer_lag = Samples()
+
+    # -- inbound ---------------------------------------------------------------------------
+
+    async def handle_inbound(self, records: Sequence[Record]) -> None:
+        """A batch of the requests and replies topics (one consumer reads both): the
+        requests start runs while the replies advance theirs, side by side, so one part's
+        Redis round trip overlaps the other's work.
+
+        If either part raises, the other still finishes first (nothing is left running
+        behind the caller's rewind); a transient failure is raised before any other, so
+        the whole batch is redelivered rather than split."""
+        requests_topic = self.topics.requests
+        requests = [r for r in records if r.topic == requests_topic]
+        if len(requests) == len(records):
+            await self.handle_requests(requests)
+            return
+        if not requests:
+            await self.handle_replies(records)
+            return
+        replies = [r for r in records if r.topic != requests_topic]
+        outcomes = await asyncio.gather(
+            self.handle_requests(requests), self.handle_replies(replies), return_exceptions=True
+        )
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        if errors:
+            raise next((e for e in errors if is_transient(e)), errors[0])
 
     # -- requests --------------------------------------------------------------------------
 
