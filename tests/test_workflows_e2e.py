@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from handlers.groups import inbound_group
 from mediator.sdk.worker import ActionError
 from tests.helpers import consume_all, produce, wait_for
 from tests.system import echo
@@ -265,9 +266,9 @@ async def test_processed_offsets_are_committed(make_system: Any) -> None:
     await asyncio.gather(*(client.submit("off", {"n": n}, timeout=30) for n in range(20)))
 
     await mediator.stop()  # flushes what the background committer still holds
-    group = system.settings.kafka.group_id
-    assert await committed(system.bootstrap, f"{group}.requests", system.topics.requests) == 20
-    assert await committed(system.bootstrap, f"{group}.replies", system.topics.replies) == 40
+    group = inbound_group(system.settings.kafka)
+    assert await committed(system.bootstrap, group, system.topics.requests) == 20
+    assert await committed(system.bootstrap, group, system.topics.replies) == 40
 
 
 async def committed(bootstrap: str, group: str, topic: str) -> int:
