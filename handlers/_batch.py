@@ -16,6 +16,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 from faststream.middlewares import AckPolicy
 
+from handlers.groups import group_name
 from mediator.runtime.boundary import Boundary
 from mediator.settings import KafkaSettings
 
@@ -47,7 +48,7 @@ def batch_subscription(
     the workflows' path (see `QUIET_FETCH_WAIT_MS`)."""
     wait_ms = settings.fetch_max_wait_ms
     return {
-        "group_id": f"{settings.group_id}.{name}",
+        "group_id": group_name(settings, name),
         "batch": True,
         "max_records": settings.max_batch_records,
         "batch_timeout_ms": settings.poll_timeout_ms,

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from mediator.settings import BackoffSettings, KafkaSettings
 
-__all__ = ["INBOUND", "adopt_offsets", "inbound_group", "previous_groups"]
+__all__ = ["INBOUND", "adopt_offsets", "group_name", "inbound_group", "previous_groups"]
 
 log = logging.getLogger("mediator.handlers")
 
@@ -32,17 +32,22 @@ INBOUND = "inbound"
 ATTEMPTS = 5
 
 
+def group_name(settings: KafkaSettings, name: str) -> str:
+    """The consumer group of the mediator's subscriber `name`: ``<group_id>.<name>``."""
+    return f"{settings.group_id}.{name}"
+
+
 def inbound_group(settings: KafkaSettings) -> str:
     """The group that reads the requests and replies topics."""
-    return f"{settings.group_id}.{INBOUND}"
+    return group_name(settings, INBOUND)
 
 
 def previous_groups(settings: KafkaSettings) -> dict[str, str]:
     """Topic -> the group that read it before `inbound_group` did."""
     topics = settings.topics
     return {
-        topics.requests: f"{settings.group_id}.requests",
-        topics.replies: f"{settings.group_id}.replies",
+        topics.requests: group_name(settings, "requests"),
+        topics.replies: group_name(settings, "replies"),
     }
 
 

@@ -226,14 +226,14 @@ class Mediator:
     async def _start(self) -> None:
         await self.connect()
         tune_gc(self.settings.gc)
-        # Start the subscribers side by side: each joins its consumer group, and a join can
-        # take seconds (Tansu holds the reply for half the session timeout).
         await self.broker.connect()
         kafka = self.settings.kafka
         await handlers.adopt_offsets(
             kafka, handlers.inbound_group(kafka), handlers.previous_groups(kafka),
             self.settings.backoff,
         )  # fmt: skip
+        # Start the subscribers side by side: each joins its consumer group, and a join can
+        # take seconds (Tansu holds the reply for half the session timeout).
         await asyncio.gather(*(sub.start() for sub in self.broker.subscribers))
         self.broker.running = True
         self._started = True
