@@ -3,11 +3,16 @@ starts where the old groups stopped: what the old replicas did is not done again
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
-from handlers.groups import adopt_offsets, inbound_group, previous_groups
+from handlers.groups import ATTEMPTS, adopt_offsets, inbound_group, previous_groups
+from mediator.settings import BackoffSettings, load_settings
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import produce
 from tests.system import echo
@@ -72,3 +77,17 @@ async def test_a_new_deployment_has_nothing_to_carry_over(make_system: Any) -> N
     system = await make_system(ONE)
     kafka = system.settings.kafka
     assert await adopt_offsets(kafka, inbound_group(kafka), previous_groups(kafka)) == {}
+
+
+async def test_an_unreachable_broker_is_retried_with_backoff_then_the_start_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kafka = load_settings(kafka={"bootstrap_servers": f"127.0.0.1:{port}"}).kafka
+    backoff = BackoffSettings(initial_ms=1, max_ms=4)
+    with caplog.at_level(logging.WARNING, logger="mediator.handlers"), pytest.raises(KafkaError):
+        await adopt_offsets(kafka, inbound_group(kafka), previous_groups(kafka), backoff)
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == ATTEMPTS - 1
