@@ -239,15 +239,11 @@ def _canonical_json(name: str, document: Any) -> bytes:
 def _compile(spec: WorkflowSpec, spec_json: bytes) -> Workflow:
     name = spec.name
     by_id: dict[str, StepSpec] = {}
+    graph: dict[str, list[str]] = {}
     for step in spec.steps:
         if step.id in by_id:
             raise DuplicateStep(name, step.id)
         by_id[step.id] = step
-    graph: dict[str, list[str]] = {}
-    for step in spec.steps:
-        for dep in step.depends_on:
-            if dep not in by_id:
-                raise UnknownDependency(name, step.id, dep, list(by_id))
         graph[step.id] = step.depends_on
     order, dependants = _topological_order(name, graph)
     steps = {step_id: _compile_step(name, by_id[step_id]) for step_id in order}
@@ -281,13 +277,18 @@ def _topological_order(
     dependants: dict[str, list[str]] = {step: [] for step in graph}
     for step, deps in graph.items():
         for dep in deps:
-            dependants[dep].append(step)
-    order = [step for step, count in waiting.items() if count == 0]
+            after = dependants.get(dep)
+            if after is None:
+                raise UnknownDependency(name, step, dep, list(graph))
+            after.append(step)
+    order = [step for step, count in waiting.items() if not count]
+    append = order.append
     for step in order:  # grows as steps become free
         for dependant in dependants[step]:
-            waiting[dependant] -= 1
-            if waiting[dependant] == 0:
-                order.append(dependant)
+            count = waiting[dependant] - 1
+            waiting[dependant] = count
+            if not count:
+                append(dependant)
     if len(order) == len(graph):
         return order, dependants
     try:
@@ -300,6 +301,18 @@ def _topological_order(
 
 
 def _compile_step(name: str, spec: StepSpec) -> Step:
+    if (
+        spec.input is None
+        and spec.timeout is None
+        and spec.retry is _DEFAULT_RETRY_SPEC
+        and spec.compensate is None
+        and spec.fallback is None
+        and spec.when is None
+        and _DEFAULT_RETRY is not None
+    ):  # the common step: nothing to compile but the graph
+        deps = tuple(spec.depends_on)
+        return Step(spec.id, spec.service, spec.action, deps, _DEFAULT_INPUT, None, None,
+                    _DEFAULT_RETRY, None)  # fmt: skip
     timeout_ms = None if spec.timeout is None else _duration(name, spec.id, "timeout", spec.timeout)
     step_input = (
         _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input)
