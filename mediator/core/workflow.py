@@ -301,18 +301,6 @@ def _topological_order(
 
 
 def _compile_step(name: str, spec: StepSpec) -> Step:
-    if (
-        spec.input is None
-        and spec.timeout is None
-        and spec.retry is _DEFAULT_RETRY_SPEC
-        and spec.compensate is None
-        and spec.fallback is None
-        and spec.when is None
-        and _DEFAULT_RETRY is not None
-    ):  # the common step: nothing to compile but the graph
-        deps = tuple(spec.depends_on)
-        return Step(spec.id, spec.service, spec.action, deps, _DEFAULT_INPUT, None, None,
-                    _DEFAULT_RETRY, None)  # fmt: skip
     timeout_ms = None if spec.timeout is None else _duration(name, spec.id, "timeout", spec.timeout)
     step_input = (
         _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input)
