@@ -34,6 +34,7 @@ from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
 from mediator.core.signing import Keyring, Signatures, parse_keys
 from mediator.errors import ConfigurationError
+from mediator.loops import EventLoop
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
 __all__ = [
@@ -572,7 +573,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # The event loop of `mediator run`, `dev` and `demo-services` (mediator.loops): auto is
     # uvloop where it is installed, else asyncio's.
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    event_loop: EventLoop = "auto"
     state_cache_size: int = Field(
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )
