@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
+from mediator import clock
 from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
 from mediator.core import audit
@@ -255,7 +256,7 @@ class Runtime:
                     start.workflow, start.transition, None, now, [start.request]
                 )
                 starts.append(start)
-        since = time.monotonic()
+        since = clock.monotonic()
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
         committed: list[Transition] = []
@@ -569,7 +570,7 @@ class Runtime:
         outcomes: list[tuple[str, bool]] = []
         by_instance: list[tuple[str, str, bool]] = []
         committed: list[Transition] = []
-        since = time.monotonic()
+        since = clock.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 from aiokafka.errors import KafkaError
 
+from mediator import clock
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
 from mediator.core.signing import Signatures
@@ -175,9 +175,9 @@ class Dispatcher:
         if not messages:
             return
         if since is None:
-            since = time.monotonic()
-        elif time.monotonic() - since > self.lease_ms / 2000:
-            since = time.monotonic()
+            since = clock.monotonic()
+        elif clock.monotonic() - since > self.lease_ms / 2000:
+            since = clock.monotonic()
             messages = await self._still_held(messages)
         sent: list[tuple[Message, asyncio.Future[object]]] = []
         for message in messages:
@@ -364,7 +364,7 @@ class Dispatcher:
     async def renew_inflight(self) -> None:
         """Keep the leases of publishes still waiting for the broker, so other replicas do
         not take them over while the broker is merely slow."""
-        checked = time.monotonic()
+        checked = clock.monotonic()
         stale = [
             message
             for message, leased in self._inflight.values()
@@ -395,7 +395,7 @@ class Dispatcher:
         start, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
         for shard in [*range(start, shards), *range(start)]:
             try:
-                since = time.monotonic()
+                since = clock.monotonic()
                 lease, claimed = await self.store.claim_expired(shard, self.sweep_batch)
                 if claimed:
                     messages = [unframe(shard, mid, data) for mid, data in claimed]

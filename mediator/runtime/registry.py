@@ -11,13 +11,13 @@ a local view, refreshed on the same period, for routing.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
+from mediator import clock
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings, DiscoverySettings
 from mediator.storage.connection import lua_source, text
@@ -169,12 +169,12 @@ class RegistryUpkeep(Periodic):
         self._started = 0.0
 
     def start(self) -> None:
-        self._started = time.monotonic()
+        self._started = clock.monotonic()
         super().start()
 
     async def round(self) -> float:
         services = await self.registry.known()
-        warming = time.monotonic() - self._started < self.registry.settings.startup_grace / 1000
+        warming = clock.monotonic() - self._started < self.registry.settings.startup_grace / 1000
         if not warming:
             self._deaths += await self.registry.sweep(services)
         await self.registry.refresh(services)  # before handing on: route around the dead
@@ -183,7 +183,7 @@ class RegistryUpkeep(Periodic):
             deaths, self._deaths = self._deaths, []
             for listener in self.on_deaths:
                 await listener(deaths)
-        now = time.monotonic()
+        now = clock.monotonic()
         if self.catch_up is not None and not warming and now - self._caught_up >= CATCH_UP_S:
             self._caught_up = now
             await self.catch_up()

@@ -1,0 +1,264 @@
+"""What must hold after every seeded history, judged from what the world saw (the
+services' ledger of effects, the topics, the stored state), not from the mediator's own
+accounting.
+
+- ``results``: every request gets a result; each run publishes one result per round
+  (distinct ``result_id``s at most one more than the retries operators asked for), and
+  the last one says how the run ended.
+- ``false death``: only an instance that really died is marked down or has its work
+  handed on: not one whose heartbeats sat unread, not one that left cleanly.
+- ``effects``: a step's work is done at most once per round of its run (a service that
+  deduplicates as the product asks never sees new work for the same step round).
+- ``compensation``: every refund the results report was really done, once per round, by
+  the service that did the work it undoes.
+- ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, routed
+  entry or outbox entry.
+- ``revisions``: each run's revisions go up by one, commit after commit.
+- ``waits``: a live run has a timer (or a parked entry) for everything it waits on, so it
+  cannot be stuck for ever; ``stuck``: every run ends.
+- ``deadline``: a run fails for its deadline only once the deadline has passed.
+- ``rounds``: no round of a replica raised an error (a poison entry must be isolated).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from mediator.core.routing import SEP
+from mediator.core.state import StepStatus, WorkflowState
+from mediator.core.timers import SetTimer
+from mediator.core.workflow import Workflow
+from mediator.storage.connection import text
+from mediator.storage.keys import workflow_id_for
+from tests.simulation.services import Life
+from topics.events import WorkflowStatus
+
+if TYPE_CHECKING:
+    from tests.simulation.world import World
+
+__all__ = ["check_end", "check_waits"]
+
+
+async def check_end(world: World, healed: bool) -> list[str]:
+    """Every invariant, once the world has gone quiet (or failed to)."""
+    states = await world.states()
+    problems = [f"rounds: {error}" for error in world.errors]
+    if not healed:
+        live = {wid: s.status.value if s else "missing" for wid, s in states.items()
+                if s is None or not s.terminal}  # fmt: skip
+        problems.append(f"stuck: runs never ended: {live}")
+    results = _results(world)
+    problems += _check_results(world, states, results)
+    problems += _check_deaths(world)
+    problems += _check_effects(world, results)
+    problems += _check_revisions(world)
+    problems += _check_deadlines(states)
+    problems += await _check_leftovers(world, states)
+    return problems
+
+
+def _results(world: World) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per workflow id, each distinct result (by ``result_id``), as published."""
+    found: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for record in world.log.records(world.topics.results):
+        result = orjson.loads(record.value or b"{}")
+        wid = result.get("workflow_id") or workflow_id_for(result["request_id"])
+        found[wid].setdefault(result["result_id"], result)
+    return found
+
+
+def _check_results(
+    world: World,
+    states: dict[str, WorkflowState | None],
+    results: dict[str, dict[str, dict[str, Any]]],
+) -> list[str]:
+    problems = []
+    for request_id in sorted(world.issued.requests):
+        wid = workflow_id_for(request_id)
+        published = results.get(wid, {})
+        state = states.get(wid)
+        if not published:
+            problems.append(f"results: {request_id} ({wid}) got no result")
+            continue
+        allowed = 1 + world.issued.retries[wid]
+        if len(published) > allowed:
+            problems.append(
+                f"results: {wid} published {len(published)} distinct results "
+                f"({sorted(published)}) with {allowed - 1} retries asked for"
+            )
+        last = list(published.values())[-1]
+        if state is not None and last["status"] != state.status.value:
+            problems.append(
+                f"results: {wid} ended {state.status.value} but its last result says "
+                f"{last['status']}"
+            )
+    return problems
+
+
+def _check_deaths(world: World) -> list[str]:
+    life = {i.id: i.life for i in world.instances}
+    problems = []
+    for service, instance, at_ms in world.deaths:
+        if life.get(instance) is not Life.CRASHED:
+            problems.append(
+                f"false death: {instance} of {service} marked down at "
+                f"{at_ms - 1_800_000_000_000} while {life.get(instance, 'unknown')}"
+            )
+    for replica, service, instance, moved in world.hand_ons:
+        if moved and life.get(instance) is not Life.CRASHED:
+            problems.append(
+                f"false death: {replica} handed on {moved} commands of {instance} of "
+                f"{service}, which is {life[instance].value}"
+            )
+    return problems
+
+
+def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    problems = []
+    work: Counter[tuple[str, str]] = Counter()
+    undone: Counter[tuple[str, str]] = Counter()
+    last_service: dict[tuple[str, str], str] = {}
+    for effect in world.effects:
+        slot = (effect.workflow_id, effect.step)
+        if effect.undo:
+            undone[slot] += 1
+            did = last_service.get(slot)
+            if effect.service != did:
+                problems.append(
+                    f"compensation: {effect.command_id} undone by {effect.service}, but the "
+                    f"work was done by {did}"
+                )
+        else:
+            work[slot] += 1
+            last_service[slot] = effect.service
+    for (wid, step), count in sorted(work.items()):
+        rounds = len(results.get(wid, {})) or 1
+        if count > rounds:
+            commands = [e.command_id for e in world.effects
+                        if (e.workflow_id, e.step) == (wid, step) and not e.undo]  # fmt: skip
+            problems.append(
+                f"effects: step {step} of {wid} did its work {count} times in {rounds} "
+                f"round(s): {commands}"
+            )
+    reported: Counter[tuple[str, str]] = Counter()
+    for wid, published in results.items():
+        for result in published.values():
+            for step, undo in (result.get("compensations") or {}).items():
+                if undo.get("status") == StepStatus.COMPLETED.value:
+                    reported[(wid, step)] += 1
+    for slot in sorted(set(reported) | set(undone)):
+        if reported[slot] != undone[slot]:
+            wid, step = slot
+            problems.append(
+                f"compensation: step {step} of {wid}: results report {reported[slot]} "
+                f"compensations done, the services did {undone[slot]}"
+            )
+    return problems
+
+
+def _check_revisions(world: World) -> list[str]:
+    last: dict[str, int] = {}
+    problems = []
+    for wid, rev in world.revisions:
+        if rev != last.get(wid, 0) + 1:
+            problems.append(f"revisions: {wid} committed rev {rev} after {last.get(wid, 0)}")
+        last[wid] = rev
+    return problems
+
+
+def _check_deadlines(states: dict[str, WorkflowState | None]) -> list[str]:
+    problems = []
+    for wid, state in states.items():
+        if state is None or (state.error or {}).get("code") != "deadline_exceeded":
+            continue
+        if state.deadline_ms is not None and (state.finished_ms or 0) < state.deadline_ms:
+            problems.append(
+                f"deadline: {wid} failed for its deadline at {state.finished_ms}, before it "
+                f"(deadline {state.deadline_ms})"
+            )
+    return problems
+
+
+async def _check_leftovers(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
+    finished = {wid for wid, s in states.items() if s is not None and s.terminal}
+    redis = next(iter(world.replicas.values())).redis
+    keys = world.keys
+    problems = []
+    for shard in range(keys.shards):
+        for member in await redis.zrange(keys.timers(shard), 0, -1):
+            name = text(member)
+            if name.split("|")[1] in finished:
+                problems.append(f"leftovers: timer {name} outlived its run")
+        for member in await redis.zrange(keys.routed(shard), 0, -1):
+            name = text(member)
+            if name.split(SEP)[2] in finished:
+                problems.append(f"leftovers: routed entry {name} outlived its run")
+        for service in world.services:
+            for member in await redis.zrange(keys.parked(shard, service), 0, -1):
+                name = text(member)
+                if name.split("|")[1] in finished:
+                    problems.append(f"leftovers: parked entry {name} outlived its run")
+        if await redis.hlen(keys.outbox(shard)):
+            problems.append(f"leftovers: outbox of shard {shard} not empty")
+    return problems
+
+
+async def check_waits(world: World) -> list[str]:
+    """Every live run has a timer for each thing it waits on (or, for a parked step, a
+    parked entry or its release timer): otherwise nothing would ever move it on."""
+    states = await world.states()
+    redis = next(iter(world.replicas.values())).redis
+    keys = world.keys
+    timers: set[str] = set()
+    parked: set[str] = set()
+    for shard in range(keys.shards):
+        timers |= {text(m) for m in await redis.zrange(keys.timers(shard), 0, -1)}
+        for service in world.services:
+            parked |= {text(m) for m in await redis.zrange(keys.parked(shard, service), 0, -1)}
+    problems = []
+    for wid, state in states.items():
+        if state is None or state.terminal:
+            continue
+        workflow = world.definitions.find(state.workflow, state.version)
+        assert workflow is not None
+        for what, names in _waits(workflow, state, world.clock.ms):
+            if not any(name in timers or name in parked for name in names):
+                problems.append(f"waits: {wid} waits on {what} with no timer {names[0]!r}")
+    return problems
+
+
+def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[str, list[str]]]:
+    """What a live run waits on, and the timer names (any one will do) that move it on."""
+    wid = state.workflow_id
+    waits: list[tuple[str, list[str]]] = []
+    if state.deadline_ms is not None and (
+        state.status is WorkflowStatus.RUNNING or now_ms < state.deadline_ms
+    ):
+        # Compensating past its deadline, a run has had its deadline (its undos' own
+        # timeouts bound it now).
+        waits.append(("its deadline", [SetTimer("deadline", wid, 0).member]))
+    for sid, step in state.steps.items():
+        spec = workflow.steps[sid]
+
+        def name(kind: Any, attempt: int, sid: str = sid) -> str:
+            return SetTimer(kind, wid, 0, sid, attempt).member
+
+        if step.status is StepStatus.RUNNING and spec.timeout_ms:
+            waits.append((f"step {sid}", [name("timeout", step.attempt),
+                                          name("reroute", step.attempt)]))  # fmt: skip
+        elif step.status is StepStatus.RETRYING:
+            waits.append((f"retry of {sid}", [name("retry", step.attempt)]))
+        elif step.status is StepStatus.PARKED:
+            waits.append((f"parked {sid}", [name("unpark", step.attempt)]))
+    for sid, undo in (state.compensations or {}).items():
+        compensate = workflow.steps[sid].compensate
+        if undo.status is StepStatus.RUNNING and compensate and compensate.timeout_ms:
+            waits.append((f"undo of {sid}", [SetTimer("undo_timeout", wid, 0, sid,
+                                                      undo.attempt).member]))  # fmt: skip
+        elif undo.status is StepStatus.RETRYING:
+            waits.append((f"undo retry of {sid}", [SetTimer("undo_retry", wid, 0, sid,
+                                                            undo.attempt).member]))  # fmt: skip
+    return waits

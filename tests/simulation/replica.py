@@ -1,0 +1,157 @@
+"""One mediator replica in a simulation: the real store, runtime, outbox, breakers,
+registry, router and upkeeps, on the simulation's Redis and Kafka.
+
+Nothing of the mediator is replaced: its Lua scripts run in fakeredis's Lua 5.1 (Redis's
+version), its outbox publishes through a producer that appends to the simulated log, and
+its consumers are the simulation's. Two points wait at a gate for the scheduler, so
+replicas interleave where a real one can stall: before a commit (between reading state
+and writing it: compare-and-set races) and before a publish (between committing and
+publishing: leases running out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fakeredis import FakeAsyncRedis, FakeServer
+
+from mediator import clock
+from mediator.definitions import Definitions
+from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
+from mediator.runtime.breakers import Breakers
+from mediator.runtime.outbox import Dispatcher
+from mediator.runtime.parking import BreakerUpkeep
+from mediator.runtime.registry import Registry, RegistryUpkeep
+from mediator.runtime.timers import TimerPoller
+from mediator.settings import Settings
+from mediator.storage.catalog import DefinitionStore
+from mediator.storage.keys import Keys
+from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store
+from tests.simulation.kafka import Log, SimProducer
+
+__all__ = ["SimReplica"]
+
+Gate = Callable[[str, str], Awaitable[None]]
+
+
+class GatedStore(Store):
+    """The real store, waiting at the scheduler's gate before each commit, and noting
+    every revision it committed."""
+
+    def __init__(self, *args: Any, gate: Callable[[str], Awaitable[None]],
+                 revisions: list[tuple[str, int]], **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self._gate = gate
+        self._revisions = revisions
+
+    async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
+        if commits:
+            await self._gate("commit")
+        results = await super().commit_many(commits, now_ms)
+        for commit, result in zip(commits, results, strict=True):
+            if result.outcome is CommitOutcome.COMMITTED:
+                self._revisions.append((commit.state.workflow_id, commit.state.rev))
+        return results
+
+    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
+        claimed = await super().claim_timers(limit, lease_ms)
+        if claimed:
+            await self._gate("timers")  # claimed, not yet applied
+        return claimed
+
+    async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
+        if done:
+            await self._gate("stale")  # applied (as stale), not yet removed
+        await super().timers_done(done)
+
+
+class SimReplica:
+    """A replica's real parts, and the rounds the scheduler can run on it."""
+
+    def __init__(
+        self,
+        name: str,
+        server: FakeServer,
+        log: Log,
+        settings: Settings,
+        definitions: Definitions,
+        gate: Gate,
+        revisions: list[tuple[str, int]],
+        hand_ons: list[tuple[str, str, str, int]],
+    ) -> None:
+        self.name = name
+        self.redis = FakeAsyncRedis(server=server)
+        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+        redis_settings = settings.redis
+        self.store = GatedStore(
+            self.redis, keys, retention_ms=round(redis_settings.retention_s * 1000),
+            lease_ms=settings.outbox.lease_ms,
+            tombstone_ms=round(redis_settings.tombstone_s * 1000),
+            gate=lambda point: gate(name, point), revisions=revisions,
+        )  # fmt: skip
+        self.catalog = DefinitionStore(self.redis, keys, definitions)
+        topics = settings.kafka.topics
+        self.producer = SimProducer(log, lambda point: gate(name, point))
+        self.dispatcher = Dispatcher(
+            self.store, self.producer, topics=topics, backoff=settings.backoff,
+            sweep_interval_ms=settings.outbox.sweep_interval_ms,
+            sweep_batch=settings.outbox.sweep_batch,
+        )  # fmt: skip
+        self.breakers = Breakers(self.redis, keys, settings.circuit_breaker, name)
+        self.registry = Registry(self.redis, keys, settings.discovery)
+        self.runtime = Runtime(
+            definitions=self.catalog, store=self.store, dispatcher=self.dispatcher,
+            topics=topics, limits=settings.limits, breakers=self.breakers,
+            registry=self.registry, balancing=settings.load_balancing, replica=name,
+        )  # fmt: skip
+        self.upkeep = BreakerUpkeep(
+            self.redis, keys, self.breakers, definitions.services, name, settings.backoff
+        )
+        self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats)
+        router = self.runtime.router
+        assert router is not None
+        hand_on = router.hand_on
+
+        async def recorded_hand_on(service: str, instance: str) -> int:
+            moved = await hand_on(service, instance)
+            hand_ons.append((name, service, instance, moved))
+            return moved
+
+        router.hand_on = recorded_hand_on  # type: ignore[method-assign]
+        self.registry_upkeep.on_deaths.append(router.on_deaths)
+        self.registry_upkeep.catch_up = router.sweep_down
+        self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
+        self.boundaries = {
+            kind: Boundary(kind, self.runtime.reject, settings.backoff)
+            for kind in ("inbound", "control", "health")
+        }
+        self.handlers: dict[str, Callable[[Sequence[Any]], Awaitable[None]]] = {
+            "inbound": self.runtime.handle_inbound,
+            "control": self.runtime.handle_controls,
+            "health": self.runtime.handle_health,
+        }
+
+    async def start(self) -> None:
+        await self.store.check_layout()
+        await self.catalog.publish()
+        self.registry_upkeep._started = clock.monotonic()  # its rounds are driven here
+
+    async def consume(self, kind: str, records: Sequence[Any]) -> bool:
+        """One batch through the subscriber's error boundary: True when its offsets may
+        move on."""
+        return await self.boundaries[kind].run(records, self.handlers[kind])
+
+    async def poll_timers(self) -> None:
+        await self.timers.poll_once()
+
+    async def sweep_outbox(self) -> None:
+        await self.dispatcher.renew_inflight()
+        await self.dispatcher.sweep_once()
+
+    async def breaker_upkeep(self) -> None:
+        await self.upkeep.tick()
+
+    async def registry_round(self) -> None:
+        await self.registry_upkeep.round()
