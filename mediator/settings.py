@@ -269,11 +269,14 @@ class DiscoverySettings(BaseModel):
     # heartbeat delayed in the broker or the network, so a live instance is not taken
     # for dead.
     grace_ms: int = Field(default=300, ge=0)
-    # A replica starting sweeps only after this long: if no replica applied heartbeats
-    # for a while (every replica restarted), the registry is stale, not the instances
-    # dead; their heartbeats refresh it first. Likewise, when every instance of a service
-    # goes quiet at once (Redis or the health consumer stalled, or the whole service
-    # died), they are marked down only this long after their deadlines.
+    # How often the replica holding the marking lease writes a marker into every
+    # partition of the health topic: silence is evidence of death only once the topic has
+    # been read past the instance's deadline (see `mediator.runtime.liveness`). A death is
+    # found about this much later than its deadline, at most.
+    mark_ms: int = Field(default=500, ge=10)
+    # Kept so configurations that set it still load; it has no effect. (It held sweeps
+    # back after a start and when every instance went quiet at once; the markers tell
+    # those stalls from deaths.)
     startup_grace: Millis = Field(default=5_000)
     # A down instance not heard from for this long is dropped from the registry.
     forget_after: Millis = Field(default=600_000)

@@ -135,9 +135,12 @@ async def test_schemas_prints_every_event() -> None:
         "ControlEvent",
         "ResultEvent",
         "HealthEvent",
+        "MarkEvent",
         "DeadLetter",
         "AlertEvent",
     }
+    command = schemas["CommandEvent"]["properties"]
+    assert "idempotency_key" in command and "round" in command["idempotency_key"]["description"]
     assert "request_id" in schemas["RequestEvent"]["required"]
 
 

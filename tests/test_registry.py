@@ -81,56 +81,77 @@ async def _is(read: Any, expected: Any) -> bool:
     return bool(await read() == expected)
 
 
+async def _read_to_now(registry: Registry, redis: Redis) -> None:
+    """The health topic (one partition) has been read up to Redis's clock now: a marker
+    written now, applied after every heartbeat before it."""
+    seconds, micros = await redis.time()
+    await redis.hset(registry.keys.health_watermark, "partitions", 1)
+    await registry.apply([], {0: seconds * 1000 + micros // 1000})
+
+
 async def test_a_silent_instance_is_marked_down_once_across_replicas(
     redis_client: Redis, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix, 4)
-    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0, startup_grace="300ms")
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
     one, two = Registry(redis_client, keys, settings), Registry(redis_client, keys, settings)
     joined = await one.apply([beat("i-1"), beat("i-2")])
     assert [(c.instance, c.what) for c in joined] == [("i-1", "joined"), ("i-2", "joined")]
     assert await one.apply([beat("i-1")]) == []  # nothing changed
 
-    # i-2 goes on heartbeating; i-1 stops. After two of its intervals it is down.
+    # i-2 goes on heartbeating; i-1 stops. Two of its intervals later, with the health
+    # topic read that far, it is down: found by one replica.
     assert await one.sweep() == [] and await two.sweep() == []
     for _ in range(4):
         await asyncio.sleep(0.06)
         await two.apply([beat("i-2")])
+    await _read_to_now(two, redis_client)
     found = await asyncio.gather(one.sweep(), two.sweep())
     deaths = [(c.service, c.instance, c.what) for c in found[0] + found[1]]
     assert deaths == [("inventory", "i-1", "down")]
     assert await one.sweep() == [] and await two.sweep() == []
-    views = {v.instance: v.status for v in (await read_registry(redis_client, keys))["inventory"]}
-    assert views == {"i-1": "down", "i-2": "up"}
+    views = {v.instance: v for v in (await read_registry(redis_client, keys))["inventory"]}
+    assert {name: v.status for name, v in views.items()} == {"i-1": "down", "i-2": "up"}
+    assert views["i-1"].dead and not views["i-2"].dead
 
-    # It heartbeats again: back up. A draining one, then one that leaves cleanly.
+    # It heartbeats again: back up, and no longer dead. A draining one, then one that
+    # leaves cleanly: down, but not dead (its work is not handed on).
     back = await one.apply([beat("i-1"), beat("i-2", HealthStatus.DRAINING)])
     assert [(c.instance, c.what) for c in back] == [("i-1", "back up"), ("i-2", "draining")]
     left = await one.apply([beat("i-2", HealthStatus.DOWN)])
     assert [(c.instance, c.what) for c in left] == [("i-2", "left")]
-    # Nobody is heard from after that: i-1 is down once the hold after its deadline is over.
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(0.3)
+    await _read_to_now(one, redis_client)
     deaths = [c.instance for c in await one.sweep()]
     assert deaths == ["i-1"]  # the one that left is not reported as dead
+    views = {v.instance: v for v in (await read_registry(redis_client, keys))["inventory"]}
+    assert views["i-1"].dead and views["i-2"].status == "down" and not views["i-2"].dead
 
 
-async def test_instances_silent_all_at_once_are_held_before_they_are_marked_down(
+async def test_silence_is_evidence_only_once_the_health_topic_was_read_past_it(
     redis_client: Redis, key_prefix: str
 ) -> None:
-    """Every instance of a service going quiet together looks like a stall of Redis or of
-    the health consumer: no death is reported until the hold after their deadlines is
-    over, so a stall's backlog of heartbeats arrives first. A real collective death is
-    still found, after the hold."""
-    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0, startup_grace="1s")
+    """The mediator stalled (its health consumer behind, Redis or the broker paused): the
+    instances' deadlines pass with their heartbeats unread. None is marked down until the
+    topic has been read past its deadline; then the backlog shows they are alive. One that
+    really stopped is marked down once the topic is read past its deadline."""
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
     registry = Registry(redis_client, Keys(key_prefix, 4), settings)
+    await _read_to_now(registry, redis_client)
     await registry.apply([beat("i-1"), beat("i-2")])  # 100 ms intervals: 200 ms deadlines
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)  # the stall: both deadlines long past, nothing read
     assert await registry.sweep() == []
-    assert await registry.apply([beat("i-1"), beat("i-2")]) == []  # the backlog: all fine
-    await asyncio.sleep(0.5)
+    # The backlog arrives: heartbeats of both, then the marker written after them.
+    assert await registry.apply([beat("i-1"), beat("i-2")]) == []
+    await _read_to_now(registry, redis_client)
     assert await registry.sweep() == []
-    await asyncio.sleep(0.9)
-    assert sorted(c.instance for c in await registry.sweep()) == ["i-1", "i-2"]
+    # Now i-2 really stops; i-1 goes on.
+    for _ in range(4):
+        await asyncio.sleep(0.06)
+        await registry.apply([beat("i-1")])
+    assert await registry.sweep() == []  # past its deadline, but not read that far
+    await _read_to_now(registry, redis_client)
+    assert [c.instance for c in await registry.sweep()] == ["i-2"]
 
 
 async def test_an_operator_drain_outlasts_the_instance_heartbeats_until_it_leaves(

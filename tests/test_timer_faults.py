@@ -74,7 +74,7 @@ if "AFTER_HELD_FILE" in os.environ:
 async def _hold(self, claimed):
     marker = Path(os.environ["HELD_TIMERS_FILE"])
     partial = marker.with_suffix(".partial")
-    held = [[shard, name] for shard, timers in claimed.items() for name, _ in timers]
+    held = [[shard, timer.name] for shard, timers in claimed.items() for timer in timers]
     partial.write_text(json.dumps(held))
     partial.replace(marker)
     await asyncio.Event().wait()

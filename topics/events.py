@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "HealthEvent",
     "HealthStatus",
+    "MarkEvent",
     "ReplyEvent",
     "ReplyStatus",
     "RequestEvent",
@@ -130,7 +131,9 @@ class CommandEvent(Event):
     """The mediator asks a service to perform one step. Key: ``workflow_id``."""
 
     type: Literal["command"] = "command"
-    command_id: Identifier = Field(description="Unique per step attempt; deduplicate on it.")
+    command_id: Identifier = Field(
+        description="Unique per step attempt (and per round and compensation); deduplicate on it."
+    )
     workflow_id: Identifier
     request_id: Identifier
     workflow: str
@@ -151,6 +154,12 @@ class CommandEvent(Event):
         default=None,
         description="The registered instance it was routed to (published to a partition that "
         "instance owns); None when the service's consumer group alone decides.",
+    )
+    idempotency_key: Identifier | None = Field(
+        default=None,
+        description="The same for every attempt, reroute and hand-on of this step in one round "
+        "of its run (a new one after an operator's retry, and for its compensation): a service "
+        "that does the work once per key is effect-once across retries.",
     )
 
 
@@ -258,6 +267,18 @@ class HealthEvent(Event):
     ts_ms: int
 
 
+class MarkEvent(Event):
+    """A marker the mediator writes into every partition of the health topic (no service
+    sends one): Redis's time `t_ms`, read before it was sent. Whoever has read it has read
+    every heartbeat that partition got before then, so silence up to `t_ms` is evidence
+    that an instance stopped, not that the mediator fell behind. Consumers of the health
+    topic other than the mediator skip these. Key: ``mediator-mark``."""
+
+    type: Literal["mark"] = "mark"
+    t_ms: int
+    replica: str | None = None
+
+
 class ControlAction(StrEnum):
     """What an operator asks of the mediator."""
 
@@ -344,5 +365,6 @@ EVENT_MODELS: dict[str, type[Event]] = {
     "ReplyEvent": ReplyEvent,
     "ResultEvent": ResultEvent,
     "HealthEvent": HealthEvent,
+    "MarkEvent": MarkEvent,
     "DeadLetter": DeadLetter,
 }

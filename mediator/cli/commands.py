@@ -446,10 +446,11 @@ def recover(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Re-publish the requests since a time whose runs Redis lost; leave the runs it has."""
+    """Re-publish the requests since a time whose runs Redis lost, and the replies since
+    then that runs Redis rolled back still wait for; leave everything else."""
     from mediator import clock
     from mediator.errors import BadTime
-    from mediator.ops.recover import parse_time
+    from mediator.ops.window import parse_time
 
     settings = load(config, **({"workflows": workflows} if workflows else {}))
     quiet_libraries()
@@ -478,6 +479,15 @@ def recover(
         f"{report.topic} ({report.partitions} partitions with records in the window): "
         f"scanned {report.scanned}  already present {report.present}  {outcome}  "
         f"undecodable {report.undecodable}{extra}"
+    )
+    replies = (
+        f"awaited {report.replies_awaited} (dry run: nothing published)"
+        if dry_run
+        else f"re-published {report.replies_republished}"
+    )
+    typer.echo(
+        f"{settings.kafka.topics.replies}: scanned {report.replies_scanned}  waited for by a "
+        f"live run and {replies}"
     )
 
 

@@ -124,7 +124,7 @@ def list_letters(
     """
     from mediator import clock
     from mediator.errors import BadTime
-    from mediator.ops.recover import parse_time
+    from mediator.ops.window import parse_time
 
     since_ms = None
     if since is not None:

@@ -13,7 +13,7 @@ import typer
 
 from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
 from mediator.errors import MediatorError
-from mediator.ops.recover import parse_time
+from mediator.ops.window import parse_time
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

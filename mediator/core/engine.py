@@ -28,6 +28,7 @@ from mediator.core.transition import (
     SendCommand,
     Transition,
     context,
+    deadline_timer,
     end,
     forked,
     observe,
@@ -67,13 +68,24 @@ __all__ = [
     "Transition",
     "command_id",
     "end",
+    "idempotency_key",
     "result_of",
 ]
+
+
+#: Controls remembered per run (`WorkflowState.controls`), newest last.
+MAX_CONTROLS_KEPT = 32
 
 
 def command_id(workflow_id: str, step: str, attempt: int) -> str:
     """The id of one attempt of one step: deterministic, so recomputation is idempotent."""
     return f"{workflow_id}.{step}.{attempt}"
+
+
+def idempotency_key(workflow_id: str, step: str, round_: int) -> str:
+    """The key of a step's work in one round of its run: the same for every attempt,
+    reroute and hand-on of the step in that round, another after an operator's retry."""
+    return f"{workflow_id}.{step}.r{round_}"
 
 
 class Engine:
@@ -114,7 +126,7 @@ class Engine:
         transition = Transition(state)
         transition.count(f"wf:{workflow.name}:started")
         if workflow.timeout_ms:
-            transition.timers.append(SetTimer("deadline", workflow_id, workflow.timeout_ms))
+            transition.timers.append(deadline_timer(state, workflow.timeout_ms))
         return self._advance(workflow, transition, now_ms)
 
     def apply_reply(
@@ -131,7 +143,7 @@ class Engine:
                 or undo.command_id != reply.command_id
                 or undo.status is not StepStatus.RUNNING
                 or undo.attempt != reply.attempt
-                or not _from(reply, workflow.steps[reply.step].compensate)
+                or not _from(reply, saga.compensation(workflow.steps[reply.step], step_state))
             ):
                 return None
             return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)
@@ -243,7 +255,10 @@ class Engine:
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
     ) -> Transition | None:
         """An operator's cancel or retry; None when it does not apply to the run as it is
-        (cancel of a finished run, retry of one that did not fail)."""
+        (cancel of a finished run, retry of one that did not fail) or was applied already
+        (the same control delivered again: its id is remembered with the run)."""
+        if control.control_id in (state.controls or ()):
+            return None
         reason = control.reason or "no reason given"
         who = f" by {control.operator}" if control.operator else ""
         if control.action is ControlAction.CANCEL:
@@ -253,12 +268,17 @@ class Engine:
             transition.state.updated_ms = now_ms
             transition.count(f"wf:{workflow.name}:cancel_requested")
             error = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
-            return self._finish(workflow, transition, now_ms, error)
-        if control.action is ControlAction.RETRY:
+            transition = self._finish(workflow, transition, now_ms, error)
+        elif control.action is ControlAction.RETRY:
             if state.status not in _RETRYABLE_RUNS:
                 return None
-            return self._reopen(workflow, state, now_ms)
-        return None
+            transition = self._reopen(workflow, state, now_ms)
+        else:
+            return None
+        applied = transition.state
+        applied.controls = [*(applied.controls or ())[-(MAX_CONTROLS_KEPT - 1) :],
+                            control.control_id]  # fmt: skip
+        return transition
 
     def park(self, transition: Transition, command_id: str) -> bool:
         """Hold back the command `command_id` of `transition` (not yet committed): its
@@ -376,7 +396,9 @@ class Engine:
 
     def _deadline(
         self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
-    ) -> Transition:
+    ) -> Transition | None:
+        if timer.attempt != state.round:
+            return None  # an earlier round's deadline, fired late
         transition = forked(state, now_ms, timer)
         limit = workflow.timeout_ms or 0
         transition.count(f"wf:{workflow.name}:deadline_exceeded")
@@ -467,6 +489,10 @@ class Engine:
         state = fork(state)
         transition = Transition(state)
         undone = state.compensations or {}
+        if undone:
+            # The next round's compensations go on from these attempt numbers.
+            state.undo_base = {**(state.undo_base or {}),
+                               **{sid: undo.attempt for sid, undo in undone.items()}}  # fmt: skip
         for sid, step_state in state.steps.items():
             kept = step_state.status is StepStatus.COMPLETED and (
                 sid not in undone or undone[sid].status is not StepStatus.COMPLETED
@@ -483,11 +509,12 @@ class Engine:
         state.finished_ms = None
         state.compensations = None
         state.updated_ms = now_ms
+        if state.deadline_ms is not None:  # a fired one may linger unclaimed
+            transition.cleared.append(deadline_timer(state, 0).member)
+        state.round += 1
         state.deadline_ms = now_ms + workflow.timeout_ms if workflow.timeout_ms else None
         if workflow.timeout_ms:
-            deadline = SetTimer("deadline", state.workflow_id, workflow.timeout_ms)
-            transition.cleared.append(deadline.member)  # a fired one may linger unclaimed
-            transition.timers.append(deadline)
+            transition.timers.append(deadline_timer(state, workflow.timeout_ms))
         transition.count(f"wf:{workflow.name}:retried")
         return self._advance(workflow, transition, now_ms)
 
@@ -615,6 +642,7 @@ class Engine:
             self.replies_topic,
             now_ms,
             deadline,
+            idempotency_key(state.workflow_id, step.id, state.round),
         )
         if step.timeout_ms and started_ms is None:
             transition.timers.append(

@@ -13,6 +13,7 @@ retried by its own policy. When nothing is left in flight the run ends: ``failed
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from mediator.core.expressions import ExpressionError
@@ -29,16 +30,18 @@ from mediator.core.transition import (
     timer_name,
     withdraw,
 )
-from mediator.core.workflow import Step, Workflow
+from mediator.core.workflow import Compensation, Step, Workflow
 from topics.events import CommandEvent, ErrorInfo, ReplyEvent, ReplyStatus, WorkflowStatus
 
 __all__ = [
     "abandon_in_flight",
     "begin",
+    "compensation",
     "needed",
     "progress",
     "refuse_undo",
     "undo_command_id",
+    "undo_key",
     "undo_replied",
     "undo_timer",
 ]
@@ -52,12 +55,31 @@ def undo_command_id(workflow_id: str, step: str, attempt: int) -> str:
     return f"{workflow_id}.{step}.undo.{attempt}"
 
 
+def undo_key(workflow_id: str, step: str, round_: int) -> str:
+    """The idempotency key of a step's compensation in one round of its run."""
+    return f"{workflow_id}.{step}.undo.r{round_}"
+
+
+def compensation(step: Step, forward: StepState) -> Compensation | None:
+    """How `step` is undone, given how it ran: whoever did the work undoes it. A step that
+    ran on its fallback is undone by the fallback's own ``compensate``, else by the step's
+    compensation sent to the fallback's service."""
+    fallback = step.fallback
+    if forward.via is None or fallback is None or forward.via != fallback.service:
+        return step.compensate
+    if fallback.compensate is not None:
+        return fallback.compensate
+    if step.compensate is None:
+        return None
+    return dataclasses.replace(step.compensate, service=fallback.service)
+
+
 def needed(workflow: Workflow, state: WorkflowState) -> bool:
-    """Whether ending `state` now would leave work to undo: a step that declares
-    `compensate` completed, or is in flight and may still complete."""
+    """Whether ending `state` now would leave work to undo: a step with a compensation
+    completed, or is in flight and may still complete."""
     return any(
-        workflow.steps[sid].compensate is not None
-        and s.status in (StepStatus.COMPLETED, StepStatus.RUNNING)
+        s.status in (StepStatus.COMPLETED, StepStatus.RUNNING)
+        and compensation(workflow.steps[sid], s) is not None
         for sid, s in state.steps.items()
     )
 
@@ -108,9 +130,10 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         forward = steps[sid]
         below = any(busy[d] for d in workflow.dependants[sid])
         undo = undos.get(sid)
-        owes = forward.status is StepStatus.COMPLETED and step.compensate is not None
+        owes = forward.status is StepStatus.COMPLETED and compensation(step, forward) is not None
         if owes and undo is None and not below:
-            undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, 1, None)
+            base = (state.undo_base or {}).get(sid, 0)
+            undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, base + 1, None, base)
         busy[sid] = (
             below
             or forward.status in _IN_FLIGHT
@@ -142,8 +165,8 @@ def undo_replied(
     undos = state.compensations = dict(state.compensations or {})
     undo = undos[reply.step]
     step = workflow.steps[reply.step]
-    compensate = step.compensate
-    assert compensate is not None  # an undo was only started for a step that declares one
+    compensate = compensation(step, state.steps[step.id])
+    assert compensate is not None  # an undo was only started for a step that has one
     if compensate.timeout_ms:
         transition.cleared.append(timer_name("undo_timeout", state, step.id, undo.attempt))
     if reply.status is ReplyStatus.OK:
@@ -180,7 +203,7 @@ def undo_timer(
     if undo is None or undo.attempt != timer.attempt:
         return None
     step = workflow.steps[timer.step]
-    compensate = step.compensate
+    compensate = compensation(step, state.steps[step.id])
     if compensate is None:
         return None
     if timer.kind == "undo_timeout" and undo.status is StepStatus.RUNNING:
@@ -204,7 +227,7 @@ def undo_timer(
         undos = transition.state.compensations = dict(state.compensations or {})
         transition.count(f"svc:{compensate.service}:retried")
         undos[step.id] = _dispatch(
-            reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo)
+            reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo), undo.base
         )
         return progress(reply_to, workflow, transition, now_ms)
     return None
@@ -241,14 +264,14 @@ def _fail(
     state = transition.state
     undos = state.compensations = dict(state.compensations or {})
     undo = undos[step.id]
-    compensate = step.compensate
+    compensate = compensation(step, state.steps[step.id])
     assert compensate is not None
     policy = compensate.retry
-    if failure.get("retryable") and undo.attempt < policy.max_attempts:
+    if failure.get("retryable") and undo.attempt - undo.base < policy.max_attempts:
         undos[step.id] = evolve(
             undo, status=StepStatus.RETRYING, error=failure, finished_ms=now_ms, instance=instance
         )
-        delay = retry_delay_ms(policy, undo.attempt, undo.command_id or "")
+        delay = retry_delay_ms(policy, undo.attempt - undo.base, undo.command_id or "")
         transition.timers.append(
             SetTimer("undo_retry", state.workflow_id, delay, step.id, undo.attempt)
         )
@@ -267,10 +290,12 @@ def _dispatch(
     now_ms: int,
     attempt: int,
     history: list[dict[str, Any]] | None,
+    base: int = 0,
 ) -> StepState:
-    """Send `attempt` of `step`'s compensation; its state."""
+    """Send `attempt` of `step`'s compensation (`base` of them were made in earlier
+    rounds); its state."""
     state = transition.state
-    compensate = step.compensate
+    compensate = compensation(step, state.steps[step.id])
     assert compensate is not None
     try:
         undo_input = compensate.input.render(context(state, state.steps))
@@ -281,7 +306,7 @@ def _dispatch(
             "step": step.id,
         }
         return StepState(
-            StepStatus.FAILED, attempt, None, None, error, now_ms, now_ms, None, history
+            StepStatus.FAILED, attempt, None, None, error, now_ms, now_ms, None, history, base
         )
     cid = undo_command_id(state.workflow_id, step.id, attempt)
     timeout = compensate.timeout_ms
@@ -297,10 +322,13 @@ def _dispatch(
         reply_to,
         now_ms,
         deadline,
+        undo_key(state.workflow_id, step.id, state.round),
     )
     transition.count(f"svc:{compensate.service}:compensations")
     if compensate.timeout_ms:
         transition.timers.append(
             SetTimer("undo_timeout", state.workflow_id, compensate.timeout_ms, step.id, attempt)
         )
-    return StepState(StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history)
+    return StepState(
+        StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history, base
+    )

@@ -192,6 +192,17 @@ class Signatures:
             raise SignatureError(NO_KEY, msg)
         return ring.headers(value)
 
+    def has_own_keys(self, service: str | None = None) -> bool:
+        """Whether `service` has keys of its own (shared keys then do not sign for it);
+        without `service`, whether any service has."""
+        return service in self._services if service is not None else bool(self._services)
+
+    def sign_any(self, value: bytes) -> list[tuple[str, bytes]]:
+        """Signature headers of a record of the mediator's own that is for no one service
+        (a health-topic marker): the shared current key, else the first service's."""
+        ring = self.shared or self._services[min(self._services)]
+        return ring.headers(value)
+
     def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
         """The key that signed `value`; `SignatureError` when no key of ours did."""
         return self._all.check(value, headers)

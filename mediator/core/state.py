@@ -94,6 +94,16 @@ class WorkflowState:
     #: Compensations started (step id -> the compensation's own attempt state), once the
     #: run failed or was cancelled and completed steps are being undone.
     compensations: dict[str, StepState] | None = None
+    #: How many times an operator's retry re-opened the run: every id a service can
+    #: deduplicate on (idempotency keys, the deadline's timer) is unique per round.
+    round: int = 0
+    #: The ids of the operators' controls applied to the run (the latest few): a control
+    #: delivered again (a rebalance, a rewind) finds its id here and changes nothing.
+    controls: list[str] | None = None
+    #: Attempts of each step's compensation made in earlier rounds: a compensation's
+    #: attempt numbers go on across rounds, as a step's do, so its command ids and timer
+    #: names are never reused.
+    undo_base: dict[str, int] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -149,6 +159,8 @@ _WF_OPTIONAL = (
     "fingerprint",
     "origin",
     "trace_parent",
+    "controls",
+    "undo_base",
 )
 
 
@@ -183,6 +195,8 @@ def dumps(state: WorkflowState) -> bytes:
         value = getattr(state, name)
         if value is not None:
             doc[name] = value
+    if state.round:
+        doc["round"] = state.round
     if state.compensations is not None:
         doc["compensations"] = {
             sid: _step_to_dict(step) for sid, step in state.compensations.items()

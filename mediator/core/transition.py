@@ -19,6 +19,7 @@ __all__ = [
     "SendCommand",
     "Transition",
     "context",
+    "deadline_timer",
     "end",
     "forked",
     "observe",
@@ -76,6 +77,26 @@ class Transition:
         """Add `n` to counter `name`."""
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def then(self, later: Transition) -> Transition:
+        """This transition followed by `later` (computed from this one's state), as one to
+        commit. A timer this one sets and `later` removes is not set at all: the commit
+        removes timers before it sets them, so it would outlive its use."""
+        removed = set(later.cleared)
+        merged = Transition(
+            later.state,
+            [*self.effects, *later.effects],
+            dict(self.counters),
+            [*(t for t in self.timers if t.member not in removed), *later.timers],
+            [*self.cleared, *later.cleared],
+            [*self.outcomes, *later.outcomes],
+            [*self.parked, *later.parked],
+            [*self.instance_outcomes, *later.instance_outcomes],
+            [*self.observed, *later.observed],
+        )
+        for name, delta in later.counters.items():
+            merged.count(name, delta)
+        return merged
+
 
 def end(
     transition: Transition,
@@ -108,10 +129,12 @@ def clear_timers(transition: Transition) -> None:
     than let each fire once as stale. (Removing a timer that was never set is harmless.)"""
     state = transition.state
     wid = state.workflow_id
-    names = [SetTimer("deadline", wid, 0).member] if state.deadline_ms is not None else []
+    names = [deadline_timer(state, 0).member] if state.deadline_ms is not None else []
     for sid, step in state.steps.items():
         if step.status in (StepStatus.RUNNING, StepStatus.PARKED):
             names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
+            if step.status is StepStatus.PARKED:  # released from its queue, not yet fired
+                names.append(SetTimer("unpark", wid, 0, sid, step.attempt).member)
         elif step.status is StepStatus.RETRYING:
             names.append(SetTimer("retry", wid, 0, sid, step.attempt).member)
     for sid, undo in (state.compensations or {}).items():
@@ -121,6 +144,12 @@ def clear_timers(transition: Transition) -> None:
             names.append(SetTimer("undo_retry", wid, 0, sid, undo.attempt).member)
     transition.timers.clear()
     transition.cleared += [name for name in names if name not in transition.cleared]
+
+
+def deadline_timer(state: WorkflowState, delay_ms: int) -> SetTimer:
+    """The timer of the run's deadline in its current round (named by the round, so an
+    earlier round's, fired late, is known as stale)."""
+    return SetTimer("deadline", state.workflow_id, delay_ms, "", state.round)
 
 
 def forked(state: WorkflowState, now_ms: int, timer: Fired) -> Transition:
@@ -159,6 +188,7 @@ def send(
     reply_to: str,
     now_ms: int,
     deadline_ms: int | None,
+    idempotency_key: str | None = None,
 ) -> None:
     """Add a command for `step` to the transition's effects (and count it sent)."""
     state = transition.state
@@ -176,6 +206,7 @@ def send(
         deadline_ms=deadline_ms,
         trace_id=state.trace_id,
         sent_ms=now_ms,
+        idempotency_key=idempotency_key,
     )
     transition.effects.append(SendCommand(command))
     transition.count(f"svc:{service}:sent")

@@ -98,6 +98,11 @@ class FallbackSpec(_Spec):
     service: str = Field(pattern=_NAME)
     action: str | None = Field(default=None, min_length=1, description="Default: the step's.")
     input: Any = Field(default=None, description="Default: the step's input.")
+    compensate: CompensateSpec | None = Field(
+        default=None,
+        description="How work the fallback did is undone. Default: the step's compensation, "
+        "sent to the fallback's service.",
+    )
 
 
 class StepSpec(_Spec):
@@ -151,11 +156,13 @@ class Compensation:
 
 @dataclass(frozen=True, slots=True)
 class Fallback:
-    """Compiled `FallbackSpec`: the service, action and input used instead."""
+    """Compiled `FallbackSpec`: the service, action and input used instead, and how the
+    fallback's work is undone (None: as the step's, by the fallback's service)."""
 
     service: str
     action: str
     input: Template
+    compensate: Compensation | None = None
 
 
 @dataclass(slots=True)
@@ -306,18 +313,9 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input)
     )
     compensate = None
-    if (undo := spec.compensate) is not None:
-        compensate = Compensation(
-            service=undo.service or spec.service,
-            action=undo.action,
-            input=_template(name, spec.id, "compensate.input", undo.input)
-            if undo.input is not None
-            else _DEFAULT_INPUT,
-            timeout_ms=timeout_ms
-            if undo.timeout is None
-            else _duration(name, spec.id, "compensate.timeout", undo.timeout),
-            retry=_retry_policy(name, spec.id, undo.retry),
-        )
+    if spec.compensate is not None:
+        compensate = _compensation(name, spec.id, "compensate", spec.compensate,
+                                   spec.service, timeout_ms)  # fmt: skip
     fallback = None
     if (alt := spec.fallback) is not None:
         fallback = Fallback(
@@ -326,6 +324,11 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
             input=step_input
             if alt.input is None
             else _template(name, spec.id, "fallback.input", alt.input),
+            compensate=None
+            if alt.compensate is None
+            else _compensation(
+                name, spec.id, "fallback.compensate", alt.compensate, alt.service, timeout_ms
+            ),
         )
     when = None
     if spec.when is not None:
@@ -346,6 +349,29 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         _retry_policy(name, spec.id, spec.retry),
         compensate,
         fallback,
+    )
+
+
+def _compensation(
+    name: str,
+    step: str,
+    where: str,
+    undo: CompensateSpec,
+    service: str,
+    timeout_ms: int | None,
+) -> Compensation:
+    """A compiled `CompensateSpec`: its service defaults to `service`, its timeout to the
+    step's."""
+    return Compensation(
+        service=undo.service or service,
+        action=undo.action,
+        input=_template(name, step, f"{where}.input", undo.input)
+        if undo.input is not None
+        else _DEFAULT_INPUT,
+        timeout_ms=timeout_ms
+        if undo.timeout is None
+        else _duration(name, step, f"{where}.timeout", undo.timeout),
+        retry=_retry_policy(name, step, undo.retry),
     )
 
 

@@ -1,4 +1,5 @@
-"""Start again the runs Redis lost: re-publish their requests (``mediator recover``).
+"""Bring back what Redis lost: runs it forgot, and runs it rolled back (``mediator
+recover``).
 
 When Redis comes back empty after a restart, or a failover loses its latest writes, the
 workflows that were in flight are gone, while their requests are still on the requests
@@ -6,6 +7,12 @@ topic. `recover` reads that topic from a point in time to a fixed end (the end o
 partition when it starts, or ``until``), and for each request whose run Redis has no trace
 of (neither the workflow hash nor its tombstone) publishes the original record again
 (same key, value and headers), so a mediator starts the run afresh.
+
+A failover that loses only the latest writes leaves runs at an older revision instead:
+waiting for a reply that already came, was applied and was committed to the Kafka offsets,
+and will not come again. Then it reads the replies topic over the same window and
+publishes again each reply a live run is still waiting for (`mediator.ops.redrive`), so
+the run moves on from where Redis left it.
 
 Runs Redis still has are left alone, so running it twice is harmless, with one window:
 a request re-published but not consumed by a mediator yet has no hash, so a second run in
@@ -20,20 +27,20 @@ tombstone expired looks the same as one that was lost, and would be run again.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediator import clock
-from mediator.errors import BadTime, RecoverError, StateUnavailable
+from mediator.errors import RecoverError, StateUnavailable
+from mediator.ops.redrive import Redrive, publish
 from mediator.ops.status import stored_keys
+from mediator.ops.window import parse_time, read_window, window
 from mediator.producers import new_producer, start_producer
 from mediator.settings import Settings
 from mediator.storage.connection import connect
@@ -41,26 +48,6 @@ from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
 __all__ = ["RecoverReport", "parse_time", "recover"]
-
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_POLL_MS = 200
-_MAX_RECORDS = 500
-
-
-def parse_time(text: str, *, now_ms: int) -> int:
-    """Milliseconds since the epoch of ``text``: ISO-8601, or a duration before ``now_ms``."""
-    match = _RELATIVE.match(text)
-    if match is not None:
-        return now_ms - round(float(match[1]) * _UNIT_MS[match[2]])
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadTime(text) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(slots=True)
@@ -71,7 +58,8 @@ class RecoverReport:
     unless ``dry_run``. ``repeated`` counts further records of a request already found
     missing (one copy is enough). ``unknown_workflow`` counts requests for workflows that
     are not loaded, when the caller named the loaded ones: a mediator would only reject
-    them again.
+    them again. ``replies_awaited`` counts the replies a live run was still waiting for
+    (re-published as ``replies_republished`` unless ``dry_run``), of ``replies_scanned``.
     """
 
     topic: str
@@ -86,6 +74,9 @@ class RecoverReport:
     repeated: int = 0
     unknown_workflow: int = 0
     undecodable: int = 0
+    replies_scanned: int = 0
+    replies_awaited: int = 0
+    replies_republished: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values."""
@@ -101,7 +92,8 @@ async def recover(
     workflows: Collection[str] | None = None,
     timeout_s: float = 30.0,
 ) -> RecoverReport:
-    """Re-publish every request in ``[since_ms, until_ms)`` whose run Redis does not have.
+    """Re-publish every request in ``[since_ms, until_ms)`` whose run Redis does not have,
+    then every reply in that window that a live run still waits for.
 
     The window ends at ``until_ms``, or at the end of each partition when the call starts,
     so records published meanwhile (the re-published ones included) are not read. With
@@ -138,16 +130,23 @@ async def recover(
             await consumer.start()
             if producer is not None:
                 await start_producer(producer, kafka.bootstrap_servers, kafka.enable_idempotence)
-            window = await _window(consumer, kafka.topics.requests, since_ms, until_ms)
+            span = await window(consumer, kafka.topics.requests, since_ms, until_ms)
         report = RecoverReport(
             topic=kafka.topics.requests,
             since_ms=since_ms,
             until_ms=until_ms,
-            partitions=len(window),
+            partitions=len(span),
             dry_run=dry_run,
         )
         scan = _Scan(report, redis, keys, producer, workflows, timeout_s)
-        await scan.read(consumer, window)
+        await read_window(consumer, span, scan.handle, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            span = await window(consumer, kafka.topics.replies, since_ms, until_ms)
+        redrive = Redrive(redis, keys, producer, kafka.topics.replies, timeout_s)
+        await read_window(consumer, span, redrive.handle, timeout_s)
+        report.replies_scanned = redrive.scanned
+        report.replies_awaited = redrive.awaited
+        report.replies_republished = redrive.republished
         return report
     except TimeoutError as exc:
         msg = f"Kafka did not answer within {timeout_s:g}s; check kafka.bootstrap_servers"
@@ -161,49 +160,6 @@ async def recover(
                     await producer.stop()
             finally:
                 await redis.aclose()
-
-
-async def _window(
-    consumer: AIOKafkaConsumer, topic: str, since_ms: int, until_ms: int | None
-) -> dict[TopicPartition, tuple[int, int]]:
-    """``[start, stop)`` offsets of every partition of ``topic`` (empty ranges left out)."""
-    # `topics()` asks for full metadata, which never creates a topic as a side effect.
-    if topic not in await consumer.topics():
-        msg = f"requests topic {topic!r} does not exist; check kafka.topic_prefix"
-        raise RecoverError(msg)
-    partitions = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    ends = await _end_offsets(consumer, tps)
-    starts = await _offsets_at(consumer, tps, since_ms, ends)
-    stops = ends if until_ms is None else await _offsets_at(consumer, tps, until_ms, ends)
-    return {tp: (starts[tp], stops[tp]) for tp in tps if starts[tp] < stops[tp]}
-
-
-async def _end_offsets(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
-) -> dict[TopicPartition, int]:
-    """The offset after the last record of each partition, now."""
-    listed: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-    # Tansu lists the base offset of the last batch + 1, short of the end when that batch
-    # holds several records; the high watermark of a fetch is right on every broker. A
-    # fetch from the listed end costs at most one fetch_max_wait_ms.
-    consumer.assign(list(tps))
-    for tp in tps:
-        consumer.seek(tp, listed[tp])
-    while any(consumer.highwater(tp) is None for tp in tps):
-        await consumer.getmany(*tps, timeout_ms=_POLL_MS)
-    return {tp: max(listed[tp], consumer.highwater(tp)) for tp in tps}
-
-
-async def _offsets_at(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], ms: int, ends: dict[Any, int]
-) -> dict[TopicPartition, int]:
-    found = await consumer.offsets_for_times(dict.fromkeys(tps, ms))
-    # No record at or after `ms`: Apache Kafka answers None, Tansu offset 0 and timestamp -1.
-    return {
-        tp: ends[tp] if hit is None or hit.timestamp < 0 else min(hit.offset, ends[tp])
-        for tp, hit in found.items()
-    }
 
 
 class _Scan:
@@ -226,39 +182,6 @@ class _Scan:
         self.timeout_s = timeout_s
         # Workflow ids found missing in this pass; a later copy of the request is skipped.
         self.missing: set[str] = set()
-
-    async def read(
-        self, consumer: AIOKafkaConsumer, window: dict[TopicPartition, tuple[int, int]]
-    ) -> None:
-        """Read every partition of ``window`` up to its stop offset."""
-        stops = {tp: stop for tp, (_, stop) in window.items()}
-        consumer.assign(list(stops))
-        for tp, (start, _) in window.items():
-            consumer.seek(tp, start)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        while stops:
-            batches = await consumer.getmany(*stops, timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
-            records = [
-                record
-                for tp, batch in batches.items()
-                for record in batch
-                if record.offset < stops.get(tp, -1)
-            ]
-            if records:
-                await self.handle(records)
-                deadline = loop.time() + self.timeout_s
-            for tp in list(stops):
-                if await consumer.position(tp) >= stops[tp]:
-                    consumer.pause(tp)
-                    del stops[tp]
-            if stops and loop.time() > deadline:
-                behind = ", ".join(f"{tp.partition}" for tp in stops)
-                msg = (
-                    f"no records from {self.report.topic} partitions {behind} within "
-                    f"{self.timeout_s:g}s; the broker may be unavailable"
-                )
-                raise RecoverError(msg)
 
     async def handle(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         """Count one batch and re-publish its requests that Redis does not know."""
@@ -287,7 +210,7 @@ class _Scan:
                 report.missing += 1
                 lost.append(record)
         if lost and self.producer is not None:
-            await self._publish(self.producer, lost)
+            await publish(self.producer, report.topic, lost, self.timeout_s)
             report.republished += len(lost)
 
     async def _known(self, workflow_ids: Sequence[str]) -> list[bool]:
@@ -303,18 +226,3 @@ class _Scan:
             msg = f"Redis unavailable while checking which runs it has: {exc}"
             raise StateUnavailable(msg) from exc
         return [int(n) > 0 for n in counts]
-
-    async def _publish(
-        self, producer: AIOKafkaProducer, records: Sequence[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        async with asyncio.timeout(self.timeout_s):
-            sent = [
-                await producer.send(
-                    self.report.topic,
-                    value=record.value,
-                    key=record.key,
-                    headers=list(record.headers),
-                )
-                for record in records
-            ]
-            await asyncio.gather(*sent)

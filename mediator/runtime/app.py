@@ -30,6 +30,7 @@ from mediator.runtime.batches import Runtime
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.collector import tune_gc
 from mediator.runtime.endpoints import Endpoints
+from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
 from mediator.runtime.recording import MetricsFlusher, Recorder, StatsCollector
@@ -157,7 +158,19 @@ class Mediator:
             if http.enabled
             else None
         )
-        self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, settings.backoff)
+        #: Writes the health topic's markers, so that silence is evidence of death.
+        self.marker = Marker(
+            self.redis,
+            keys,
+            self.producer,
+            kafka.topics.health,
+            settings.discovery,
+            self.replica,
+            self.signatures,
+        )
+        self.registry_upkeep = RegistryUpkeep(
+            self.registry, self.runtime.stats, settings.backoff, self.marker
+        )
         if self.runtime.router is not None:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down

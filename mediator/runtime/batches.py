@@ -16,17 +16,18 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import orjson
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from mediator import clock
 from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
-from mediator.core import audit
+from mediator.core import audit, saga
 from mediator.core.audit import AuditEvent
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
+from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
 from mediator.core.signing import SignatureError, Signatures
 from mediator.core.state import WorkflowState
@@ -49,13 +50,14 @@ from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys, workflow_id_for
-from mediator.storage.store import Commit, CommitOutcome, CommitResult, Tombstone
+from mediator.storage.store import Claimed, Commit, CommitOutcome, CommitResult, Tombstone
 from topics.events import (
     ControlAction,
     ControlEvent,
     DeadLetter,
     ErrorInfo,
     HealthEvent,
+    MarkEvent,
     ReplyEvent,
     ReplyStatus,
     RequestEvent,
@@ -70,6 +72,11 @@ __all__ = ["Record", "Runtime"]
 log = logging.getLogger("mediator.runtime")
 
 MAX_CONFLICT_RETRIES = 8
+
+#: What the health topic carries: services' heartbeats and the mediator's markers.
+_HEALTH_TOPIC: TypeAdapter[HealthEvent | MarkEvent] = TypeAdapter(
+    Annotated[HealthEvent | MarkEvent, Field(discriminator="type")]
+)
 
 
 #: What advances a workflow: a service's reply, one of its timers falling due, or an
@@ -110,6 +117,11 @@ class _Out:
     counts: Counter[str] = field(default_factory=Counter)
     #: Timers (shard, name) that fired and changed nothing: removed after the batch.
     stale_timers: set[tuple[int, str]] = field(default_factory=set)
+    #: The timers this call applies, as claimed (their leases: see `Claimed`).
+    claimed: dict[tuple[int, str], Claimed] = field(default_factory=dict)
+    #: Replies signed with a shared key that name no service (by `id`), with their
+    #: records: a shared key must not answer for a service with keys of its own.
+    shared: dict[int, Record] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -400,14 +412,16 @@ class Runtime:
                     self.router.answered(reply)
         await self._advance_groups(groups, out, received)
 
-    async def handle_timers(self, claimed: dict[int, list[tuple[str, int]]]) -> None:
-        """Apply timers that fell due (per shard: name, ms late) through the same path as
-        replies: a timer whose step moved on is stale, and is removed."""
+    async def handle_timers(self, claimed: dict[int, list[Claimed]]) -> None:
+        """Apply timers that fell due (per shard) through the same path as replies: a
+        timer whose step moved on is stale, and is removed."""
         received = time.perf_counter()
         out = _Out()
         groups: dict[str, list[Event]] = {}
         for shard, timers in claimed.items():
-            for name, late_ms in timers:
+            for timer in timers:
+                name = timer.name
+                out.claimed[(shard, name)] = timer
                 fired = Fired.parse(name)
                 if fired is None or self.keys.shard_of(fired.workflow_id) != shard:
                     log.error(
@@ -416,7 +430,7 @@ class Runtime:
                     out.stale_timers.add((shard, name))
                     continue
                 self.stats["timers"] += 1
-                self.timer_lag.add(late_ms)
+                self.timer_lag.add(timer.late_ms)
                 groups.setdefault(fired.workflow_id, []).append(fired)
         await self._advance_groups(groups, out, received)
 
@@ -471,24 +485,28 @@ class Runtime:
         return None
 
     async def handle_health(self, records: Sequence[Record]) -> None:
-        """Record services' heartbeats in the registry; one that does not validate is
-        dead-lettered with its reason."""
+        """Record services' heartbeats in the registry, and how far each partition of the
+        health topic has been read (its markers: `mediator.runtime.liveness`); a record
+        that does not validate is dead-lettered with its reason."""
         out = _Out()
         beats: list[HealthEvent] = []
+        marks: dict[int, int] = {}
         for record in records:
             signed, signer = self._signer(record, out)
             if not signed:
                 continue
-            beat: HealthEvent | None = self._decode(record, HealthEvent, out)
-            if beat is None:
+            event: HealthEvent | MarkEvent | None = self._decode(record, _HEALTH_TOPIC, out)
+            if event is None:
                 continue
-            if signer is not None and signer != beat.service:
-                reason = f"heartbeat of {beat.service!r} signed with a key of {signer!r}"
-                self._forged(record, reason, out)
+            if isinstance(event, MarkEvent):
+                marks[record.partition] = max(marks.get(record.partition, 0), event.t_ms)
                 continue
-            beats.append(beat)
-        if beats and self.registry is not None:
-            changes = await self.registry.apply(beats)
+            if (reason := self._not_from(event.service, signer)) is not None:
+                self._forged(record, f"heartbeat of {reason}", out)
+                continue
+            beats.append(event)
+        if (beats or marks) and self.registry is not None:
+            changes = await self.registry.apply(beats, marks)
             self.stats["heartbeats"] += len(beats)
             out.counts["heartbeats"] += len(beats)
             for change in changes:
@@ -530,6 +548,7 @@ class Runtime:
             ):
                 transition.count("rerouted")
                 continue
+            await breakers.note_parking(service)
             self.engine.park(transition, command.command_id)
 
     def _parked_count(self, transition: Transition) -> None:
@@ -614,7 +633,9 @@ class Runtime:
         await self._flush(out)
         if out.stale_timers:
             self.stats["stale_timers"] += len(out.stale_timers)
-            await self.store.timers_done(sorted(out.stale_timers))
+            await self.store.timers_done(
+                [(shard, out.claimed[(shard, name)]) for shard, name in sorted(out.stale_timers)]
+            )
         if groups:
             msg = f"{len(groups)} workflows kept conflicting; their events will be redelivered"
             raise StateUnavailable(msg)
@@ -628,14 +649,18 @@ class Runtime:
         reply: ReplyEvent | None = self._decode(record, ReplyEvent, out)
         if reply is None:
             return None
-        if signer is not None:
-            if reply.service is None:
-                # Signed with a service's own key: it can only answer that service's steps.
-                reply = reply.model_copy(update={"service": signer})
-            elif reply.service != signer:
-                reason = f"reply from {reply.service!r} signed with a key of {signer!r}"
-                self._forged(record, reason, out)
+        # A shared key, and no service named: whose step it answers is known once its run
+        # is loaded (`_unattributed`).
+        shared = False
+        if signer is not None and reply.service is None:
+            # Signed with a service's own key: it can only answer that service's steps.
+            reply = reply.model_copy(update={"service": signer})
+        elif reply.service is not None:
+            if (reason := self._not_from(reply.service, signer)) is not None:
+                self._forged(record, f"reply from {reason}", out)
                 return None
+        else:
+            shared = self.signatures is not None and self.signatures.has_own_keys()
         problem: tuple[str, str] | None = None
         if (too_large := self._oversized(record, "reply")) is not None:
             problem = ("payload_too_large", too_large)
@@ -644,14 +669,16 @@ class Runtime:
                 orjson.dumps(reply.output)
             except orjson.JSONEncodeError as exc:
                 problem = ("invalid_output", f"reply output cannot be stored: {exc}")
-        if problem is None:
-            return reply
-        code, reason = problem
-        self._dead_letter(record, reason, code, out)
-        error = ErrorInfo(message=reason, code=code, retryable=False, step=reply.step)
-        return reply.model_copy(
-            update={"status": ReplyStatus.ERROR, "output": None, "error": error}
-        )
+        if problem is not None:
+            code, reason = problem
+            self._dead_letter(record, reason, code, out)
+            error = ErrorInfo(message=reason, code=code, retryable=False, step=reply.step)
+            reply = reply.model_copy(
+                update={"status": ReplyStatus.ERROR, "output": None, "error": error}
+            )
+        if shared:
+            out.shared[id(reply)] = record
+        return reply
 
     async def _apply_all(
         self,
@@ -687,13 +714,15 @@ class Runtime:
             ignored: list[Event] = []
             applied: list[Event] = []
             for event in events:
+                if out.shared and self._unattributed(workflow, state, event, out):
+                    continue
                 step = self._apply(workflow, state, event, now)
                 if step is None:
                     ignored.append(event)
                     continue
                 applied.append(event)
                 state = step.state
-                merged = step if merged is None else _merge(merged, step)
+                merged = step if merged is None else merged.then(step)
             if ignored and wid not in fresh:
                 recheck.append(wid)
                 continue
@@ -707,6 +736,29 @@ class Runtime:
             out.counts["replies:unknown_workflow"] += unknown
             log.warning("%d replies for workflows Redis does not have", unknown)
         return pending, recheck
+
+    def _unattributed(
+        self, workflow: Workflow, state: WorkflowState, event: Event, out: _Out
+    ) -> bool:
+        """Whether `event` is a reply signed with a shared key, naming no service, for a
+        step whose service has keys of its own: then it is forged, and dead-lettered."""
+        record = out.shared.get(id(event))
+        if record is None or not isinstance(event, ReplyEvent) or self.signatures is None:
+            return False
+        step, step_state = workflow.steps.get(event.step), state.steps.get(event.step)
+        if step is None or step_state is None:
+            return False
+        if step_state.command_id == event.command_id:
+            service: str | None = step_state.via or step.service
+        else:
+            undo = saga.compensation(step, step_state)
+            service = undo.service if undo is not None else None
+        if service is None or not self.signatures.has_own_keys(service):
+            return False
+        del out.shared[id(event)]
+        self._forged(record, f"reply for {service!r} signed with a shared key, but it has "
+                             "keys of its own", out)  # fmt: skip
+        return True
 
     def _apply(
         self, workflow: Workflow, state: WorkflowState, event: Event, now: int
@@ -797,7 +849,7 @@ class Runtime:
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],
             cleared=transition.cleared,
-            parked=transition.parked,
+            parked=parking_delta(workflow, base, state),
             routed=routing_delta(workflow, base, state) if self.router is not None else (),
             audit=audit.entries(events, transition, now, self.replica)
             if self.store.audit_limit
@@ -883,8 +935,20 @@ class Runtime:
         out.counts["bad_signatures"] += 1
         self._dead_letter(record, f"rejected: {reason}", code, out)
 
-    def _decode(self, record: Record, model: type[Any], out: _Out) -> Any:
+    def _not_from(self, service: str, signer: str | None) -> str | None:
+        """Why a record of `service` signed by `signer`'s key (None: a shared key) cannot
+        be its own, or None when it can: a service's own key signs only for it, and shared
+        keys only for services without keys of their own."""
+        if signer is not None:
+            return None if signer == service else f"{service!r} signed with a key of {signer!r}"
+        if self.signatures is not None and self.signatures.has_own_keys(service):
+            return f"{service!r} signed with a shared key, but it has keys of its own"
+        return None
+
+    def _decode(self, record: Record, model: Any, out: _Out) -> Any:
         try:
+            if isinstance(model, TypeAdapter):
+                return model.validate_json(record.value or b"")
             return model.model_validate_json(record.value or b"")
         except ValidationError as exc:
             reason = validation_reason(exc)
@@ -946,23 +1010,6 @@ class Runtime:
         )
         if out.counts:
             await self.store.count(dict(out.counts))
-
-
-def _merge(first: Transition, second: Transition) -> Transition:
-    merged = Transition(
-        second.state,
-        [*first.effects, *second.effects],
-        dict(first.counters),
-        [*first.timers, *second.timers],
-        [*first.cleared, *second.cleared],
-        [*first.outcomes, *second.outcomes],
-        [*first.parked, *second.parked],
-        [*first.instance_outcomes, *second.instance_outcomes],
-        [*first.observed, *second.observed],
-    )
-    for name, delta in second.counters.items():
-        merged.count(name, delta)
-    return merged
 
 
 def _trace_context(

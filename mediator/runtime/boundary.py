@@ -23,12 +23,35 @@ from typing import Any
 from mediator.runtime.failures import is_transient
 from mediator.settings import BackoffSettings
 
-__all__ = ["Boundary"]
+__all__ = ["Boundary", "isolate"]
 
 log = logging.getLogger("mediator.boundary")
 
 Process = Callable[[Sequence[Any]], Awaitable[None]]
 Reject = Callable[[Any, str, str], Awaitable[None]]
+
+
+async def isolate(
+    items: Sequence[Any],
+    process: Process,
+    poisoned: Callable[[Any, Exception], Awaitable[None]],
+) -> None:
+    """Process `items`; when that fails for a reason that is not transient, split them in
+    halves until the one that fails is alone, hand it to `poisoned` and process the rest.
+    A transient failure is raised as it is (the caller retries the whole lot later)."""
+    try:
+        await process(items)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        if len(items) > 1:
+            middle = len(items) // 2
+            await isolate(items[:middle], process, poisoned)
+            await isolate(items[middle:], process, poisoned)
+            return
+        await poisoned(items[0], exc)
 
 
 class Boundary:
@@ -63,24 +86,14 @@ class Boundary:
         return True
 
     async def _isolate(self, records: Sequence[Any], process: Process) -> None:
-        try:
-            await process(records)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            if len(records) > 1:
-                middle = len(records) // 2
-                await self._isolate(records[:middle], process)
-                await self._isolate(records[middle:], process)
-                return
-            record = records[0]
-            self.isolated += 1
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error(
-                "%s: record %s[%d]@%d cannot be processed and is dead-lettered: %s",
-                self.name, record.topic, record.partition, record.offset, reason,
-                exc_info=exc,
-            )  # fmt: skip
-            await self.reject(record, reason, "unprocessable")
+        await isolate(records, process, self._poisoned)
+
+    async def _poisoned(self, record: Any, exc: Exception) -> None:
+        self.isolated += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "%s: record %s[%d]@%d cannot be processed and is dead-lettered: %s",
+            self.name, record.topic, record.partition, record.offset, reason,
+            exc_info=exc,
+        )  # fmt: skip
+        await self.reject(record, reason, "unprocessable")

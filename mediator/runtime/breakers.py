@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import pybreaker
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from mediator.errors import StateUnavailable
 from mediator.settings import BreakerSettings
 from mediator.storage.connection import lua_source, text
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 
 __all__ = ["Breakers", "Gate", "MirrorStorage"]
@@ -160,6 +161,8 @@ class Breakers:
         #: Called with (service, old state, new state) for each transition this replica
         #: made (so each is reported once, by the replica that made it).
         self.on_change: list[Callable[[str, str, str], None]] = []
+        #: Services this replica knows are in `Keys.parked_services`.
+        self._parking: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -216,6 +219,23 @@ class Breakers:
                 return True
         return False
 
+    async def note_parking(self, service: str) -> None:
+        """`service` is about to have a step parked: list it among the services whose
+        parked queues are drained (before the step is committed as parked, so none is
+        ever parked where no upkeep looks)."""
+        if service in self._parking:
+            return
+        with redis_errors("listing a service with parked steps"):
+            await self.redis.sadd(self.keys.parked_services, service)
+        self._parking.add(service)
+
+    async def parking_services(self) -> set[str]:
+        """Every service that ever had a step parked."""
+        with redis_errors("listing services with parked steps"):
+            found = {text(s) for s in await self.redis.smembers(self.keys.parked_services)}
+        self._parking |= found
+        return found
+
     async def record(self, outcomes: Iterable[tuple[str, bool]]) -> None:
         """Feed command outcomes (service, succeeded) to the breakers and share them."""
         if not self.settings.enabled:
@@ -246,17 +266,18 @@ class Breakers:
                 log.warning("breaker of %s: reset to closed by an operator", service)
                 return
         msg = f"breaker of {service} kept changing; reset not applied"
-        raise RedisError(msg)
+        raise StateUnavailable(msg)
 
     async def refresh(self, services: Iterable[str] = ()) -> None:
         """Reload the mirrors of `services` and of every breaker seen so far."""
         names = sorted({*self._breakers, *services})
         if not names:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(self.keys.breaker(name))
-            raws = await pipe.execute()
+        with redis_errors("reading the breakers"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self.keys.breaker(name))
+                raws = await pipe.execute()
         for name, raw in zip(names, raws, strict=True):
             if raw:
                 self._load(name, raw)
@@ -279,11 +300,12 @@ class Breakers:
         _, storage = self.breaker(service)
         state, counter, success, opened, probe = storage.fields()
         try:
-            reply = await self._cas(
-                keys=[self.keys.breaker(service)],
-                args=[storage.version, state, counter, success, opened, probe, self.replica],
-            )
-        except RedisError:
+            with redis_errors(f"writing the breaker of {service}"):
+                reply = await self._cas(
+                    keys=[self.keys.breaker(service)],
+                    args=[storage.version, state, counter, success, opened, probe, self.replica],
+                )
+        except StateUnavailable:
             self.stats["errors"] += 1
             self._listener.changes.clear()
             raise

@@ -22,8 +22,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from mediator.codec import dead_letter
 from mediator.errors import StateUnavailable
@@ -49,9 +48,9 @@ def is_transient(exc: BaseException, *, metadata_age_s: float | None = None) -> 
     """
     if isinstance(exc, StateUnavailable | ConnectionError | TimeoutError):
         return True
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        # Raised by Redis calls made outside the store (which wraps them as
-        # StateUnavailable): the breakers' and the parked queues' upkeep.
+    if isinstance(exc, RedisError):
+        # Sorted as `mediator.storage.errors.redis_errors` sorts them (READONLY, OOM and
+        # MISCONF included): a Redis call that escaped the mapping is still transient.
         return True
     if isinstance(exc, UnknownTopicOrPartitionError):
         return metadata_age_s is None or metadata_age_s > 30

@@ -142,6 +142,7 @@ class Dispatcher:
             "fenced": 0,
             "lost_in_flight": 0,
             "sweep_failures": 0,
+            "unknown_partition": 0,
         }
         self._tries: dict[tuple[int, str], int] = {}
         #: Publishes waiting for the broker, with the monotonic time their lease was last
@@ -323,15 +324,14 @@ class Dispatcher:
     async def _produce(self, message: Message) -> asyncio.Future[object]:
         partition = message.partition
         if partition is not None:
-            try:
+            if partition in await self.producer.partitions_for(message.topic):
                 return await self.producer.send(
                     message.topic, message.value, message.key, partition, headers=message.headers
                 )
-            except AssertionError:
-                # aiokafka's check of a partition the topic does not have (an instance
-                # announced one it cannot own): the key chooses instead.
-                self.stats["unknown_partition"] += 1
-                log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
+            # A partition the topic does not have (an instance announced one it cannot
+            # own, or the topic shrank): the key chooses instead.
+            self.stats["unknown_partition"] += 1
+            log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
         future: asyncio.Future[object] = await self.producer.send(
             message.topic, message.value, key=message.key, headers=message.headers
         )

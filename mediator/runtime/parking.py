@@ -25,6 +25,7 @@ from mediator.runtime.breakers import Breakers
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
 from mediator.storage.connection import lua_source
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from mediator.storage.leases import Leases
 from mediator.storage.parked import parked_counts
@@ -68,8 +69,10 @@ class BreakerUpkeep(Periodic):
         return self.breakers.settings.refresh_ms / 1000
 
     async def tick(self) -> int:
-        """Refresh every breaker, then release what closed breakers allow; how many."""
-        services = sorted(self.services())
+        """Refresh every breaker, then release what closed breakers allow; how many.
+        Services no loaded definition names are drained too, if steps were ever parked
+        for them (runs still on an older stored plan)."""
+        services = sorted({*self.services(), *await self.breakers.parking_services()})
         await self.breakers.refresh(services)
         released = 0
         now = now_ms()
@@ -101,16 +104,18 @@ class BreakerUpkeep(Periodic):
         """Hold the drain lease of `service` (one replica drains it at a time)."""
         key = f"{self.keys.prefix}:drain:{{{service}}}"
         ttl = max(100, int(self.breakers.settings.refresh_ms * 3))
-        return await self.leases.hold(key, self.replica, ttl)
+        with redis_errors(f"taking the drain lease of {service}"):
+            return await self.leases.hold(key, self.replica, ttl)
 
     async def _release(self, service: str, budget: int) -> int:
         """Move the `budget` oldest parked steps of `service` (across shards) to the
         timer sets; how many moved."""
         shards = range(self.keys.shards)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.zrange(self.keys.parked(shard, service), 0, budget - 1, withscores=True)
-            heads = await pipe.execute()
+        with redis_errors(f"reading the parked queues of {service}"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.zrange(self.keys.parked(shard, service), 0, budget - 1, withscores=True)
+                heads = await pipe.execute()
         oldest = heapq.nsmallest(
             budget,
             (
@@ -127,7 +132,8 @@ class BreakerUpkeep(Periodic):
         moved = 0
         for shard, members in by_shard.items():
             keys = [self.keys.parked(shard, service), self.keys.timers(shard)]
-            moved += int(await self._unpark(keys=keys, args=members))
+            with redis_errors(f"releasing parked steps of {service}"):
+                moved += int(await self._unpark(keys=keys, args=members))
         if moved:
             log.info("parked steps of %s: %d released", service, moved)
         return moved

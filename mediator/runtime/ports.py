@@ -17,7 +17,7 @@ from mediator.storage.keys import Keys
 if TYPE_CHECKING:
     from mediator.core.state import WorkflowState
     from mediator.runtime.outbox import Message
-    from mediator.storage.store import Commit, CommitResult
+    from mediator.storage.store import Claimed, Commit, CommitResult
 
 __all__ = ["OutboxStore", "Producer", "Publisher", "StateStore"]
 
@@ -35,6 +35,10 @@ class Producer(Protocol):
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[object]:
         """Queue one record; the future resolves when the broker acknowledged it."""
+        ...
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        """The partitions `topic` has (from the cluster's metadata)."""
         ...
 
 
@@ -78,12 +82,16 @@ class StateStore(Protocol):
         """Add to the deployment-wide counters."""
         ...
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
+    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
         """Claim the timers that fell due, per shard, with how late each is (ms)."""
         ...
 
-    async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
-        """Remove timers that fired and changed nothing."""
+    async def timers_done(self, done: Sequence[tuple[int, Claimed]]) -> None:
+        """Remove timers that fired and changed nothing (unless re-armed since)."""
+        ...
+
+    async def park_timer(self, shard: int, timer: Claimed, reason: str, now_ms: int) -> bool:
+        """Set aside a timer that cannot be applied, with the reason."""
         ...
 
     async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:

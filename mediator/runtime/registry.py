@@ -4,23 +4,27 @@ Each service's registry lives under one hash tag (`Keys.registry`): the last hea
 every instance, its status, when it will be down unless heard from again, and when it was
 last heard from, all on Redis's clock. Any replica applies heartbeats (they arrive through
 one consumer group) and every replica sweeps for instances whose heartbeats stopped; the
-sweep is one script, so each death is reported by exactly one replica. Every replica keeps
-a local view, refreshed on the same period, for routing.
+sweep is one script, so each death is reported by exactly one replica. An instance is
+marked down only on evidence: its deadline is before the health topic's watermark (see
+`mediator.runtime.liveness`), never merely because time passed while the mediator stalled.
+Every replica keeps a local view, refreshed on the same period, for routing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 
 from mediator import clock
+from mediator.runtime.liveness import Marker
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings, DiscoverySettings
 from mediator.storage.connection import lua_source, text
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from mediator.storage.registry import InstanceView, read_registry
 from topics.events import HealthEvent, HealthStatus
@@ -32,6 +36,7 @@ log = logging.getLogger("mediator.registry")
 _BEAT = lua_source("heartbeat.lua")
 _SWEEP = lua_source("sweep.lua")
 _DRAIN = lua_source("drain.lua")
+_MARK = lua_source("mark.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,24 +59,37 @@ class Registry:
         self._beat = redis.register_script(_BEAT)
         self._sweep = redis.register_script(_SWEEP)
         self._drain = redis.register_script(_DRAIN)
+        self._mark = redis.register_script(_MARK)
         self.view: dict[str, list[InstanceView]] = {}
         #: Bumped by every `refresh`: routing re-derives what it keeps per view.
         self.generation = 0
 
-    async def apply(self, beats: Sequence[HealthEvent]) -> list[Change]:
-        """Record heartbeats (in order); the status changes they bring."""
-        if not beats:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for beat in beats:
-                ttl = self.settings.missed_heartbeats * beat.interval_ms + self.settings.grace_ms
-                await self._beat(
-                    keys=self.keys.registry(beat.service),
-                    args=[beat.instance, beat.model_dump_json(), beat.status.value, ttl],
-                    client=pipe,
-                )
-            pipe.sadd(self.keys.services, *{b.service for b in beats})
-            replies = await pipe.execute()
+    async def apply(
+        self, beats: Sequence[HealthEvent], marks: Mapping[int, int] | None = None
+    ) -> list[Change]:
+        """Record heartbeats (in order), then how far the health topic has been read
+        (`marks`: partition -> time of the latest marker read from it, which came after
+        `beats`); the status changes the heartbeats bring."""
+        changes = await self._beats(beats) if beats else []
+        if marks:
+            args = [v for partition, t in sorted(marks.items()) for v in (partition, t)]
+            with redis_errors("recording the health topic's watermark"):
+                await self._mark(keys=[self.keys.health_watermark], args=args)
+        return changes
+
+    async def _beats(self, beats: Sequence[HealthEvent]) -> list[Change]:
+        settings = self.settings
+        with redis_errors("applying heartbeats"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for beat in beats:
+                    ttl = settings.missed_heartbeats * beat.interval_ms + settings.grace_ms
+                    await self._beat(
+                        keys=self.keys.registry(beat.service),
+                        args=[beat.instance, beat.model_dump_json(), beat.status.value, ttl],
+                        client=pipe,
+                    )
+                pipe.sadd(self.keys.services, *sorted({b.service for b in beats}))
+                replies = await pipe.execute()
         changes = []
         for beat, (before, now, stored) in zip(beats, replies[: len(beats)], strict=True):
             was, status = text(before), text(stored)
@@ -88,26 +106,32 @@ class Registry:
             log.info("instance %s of %s %s", change.instance, change.service, change.what)
         return changes
 
+    async def watermark(self) -> int:
+        """How far (ms, Redis clock) every partition of the health topic has been read:
+        the least time of the markers read from them; 0 until each has had one."""
+        with redis_errors("reading the health topic's watermark"):
+            marks = {text(k): int(v) for k, v in
+                     (await self.redis.hgetall(self.keys.health_watermark)).items()}  # fmt: skip
+        partitions = marks.pop("partitions", 0)
+        if not partitions:
+            return 0
+        return min(marks.get(str(p), 0) for p in range(partitions))
+
     async def sweep(self, services: Iterable[str] | None = None) -> list[Change]:
-        """Mark down every instance (of every service, or of ``services``) whose heartbeats
-        stopped; the deaths this call found."""
+        """Mark down every instance (of every service, or of ``services``) whose deadline
+        is before the health topic's watermark; the deaths this call found."""
         services = sorted(await self.known() if services is None else services)
         if not services:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for service in services:
-                await self._sweep(
-                    keys=self.keys.registry(service),
-                    args=[
-                        1000,
-                        self.settings.forget_after,
-                        self.settings.startup_grace,
-                        self.settings.missed_heartbeats,
-                        self.settings.grace_ms,
-                    ],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        watermark = await self.watermark()
+        if not watermark:
+            return []
+        args = [1000, self.settings.forget_after, watermark]
+        with redis_errors("sweeping the registry"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for service in services:
+                    await self._sweep(keys=self.keys.registry(service), args=args, client=pipe)
+                replies = await pipe.execute()
         deaths = []
         for service, (now, *dead) in zip(services, replies, strict=True):
             for instance in dead:
@@ -121,14 +145,18 @@ class Registry:
 
     async def refresh(self, services: Iterable[str] | None = None) -> None:
         """Re-read the instances of every service (or of ``services``) into `view`."""
-        found = await read_registry(self.redis, self.keys, services)
+        with redis_errors("reading the registry"):
+            found = await read_registry(self.redis, self.keys, services)
         self.view = found if services is None else {**self.view, **found}
         self.generation += 1
 
     async def drain(self, service: str, instance: str, on: bool = True) -> str | None:
         """Stop routing new commands to `instance` (an operator's drain; `on` False undoes
         it). Its status now, or None if the registry does not know it."""
-        status = text(await self._drain(keys=self.keys.registry(service), args=[instance, int(on)]))
+        with redis_errors("draining an instance"):
+            status = text(
+                await self._drain(keys=self.keys.registry(service), args=[instance, int(on)])
+            )
         if not status:
             return None
         log.info("instance %s of %s %s by an operator", instance, service,
@@ -137,7 +165,8 @@ class Registry:
 
     async def known(self) -> set[str]:
         """Every service that has heartbeated."""
-        return {text(s) for s in await self.redis.smembers(self.keys.services)}
+        with redis_errors("listing services"):
+            return {text(s) for s in await self.redis.smembers(self.keys.services)}
 
     def instances(self, service: str) -> list[InstanceView]:
         return self.view.get(service, [])
@@ -148,35 +177,37 @@ CATCH_UP_S = 5.0
 
 
 class RegistryUpkeep(Periodic):
-    """Sweeps for dead instances and refreshes the local view, every ``sweep_ms``."""
+    """Writes the health topic's markers (when it holds their lease), sweeps for dead
+    instances and refreshes the local view, every ``sweep_ms``."""
 
     name = "registry-upkeep"
     label = "registry upkeep"
     failed = "registry upkeep failed"
 
     def __init__(
-        self, registry: Registry, stats: Any, backoff: BackoffSettings | None = None
+        self,
+        registry: Registry,
+        stats: Any,
+        backoff: BackoffSettings | None = None,
+        marker: Marker | None = None,
     ) -> None:
         super().__init__(backoff, log)
         self.registry = registry
         self.stats = stats
+        #: Writes the markers that make silence evidence; None: another process does.
+        self.marker = marker
         #: Called with each sweep's deaths (the router hands on their commands).
         self.on_deaths: list[Callable[[Sequence[Change]], Awaitable[object]]] = []
         #: Called every `CATCH_UP_S`: hands on what a failed call of `on_deaths` left.
         self.catch_up: Callable[[], Awaitable[object]] | None = None
         self._deaths: list[Change] = []
-        self._caught_up = 0.0
-        self._started = 0.0
-
-    def start(self) -> None:
-        self._started = clock.monotonic()
-        super().start()
+        self._caught_up = float("-inf")
 
     async def round(self) -> float:
+        if self.marker is not None:
+            await self.marker.tick()
         services = await self.registry.known()
-        warming = clock.monotonic() - self._started < self.registry.settings.startup_grace / 1000
-        if not warming:
-            self._deaths += await self.registry.sweep(services)
+        self._deaths += await self.registry.sweep(services)
         await self.registry.refresh(services)  # before handing on: route around the dead
         if self._deaths:
             self.stats["instances_down"] += len(self._deaths)
@@ -184,7 +215,7 @@ class RegistryUpkeep(Periodic):
             for listener in self.on_deaths:
                 await listener(deaths)
         now = clock.monotonic()
-        if self.catch_up is not None and not warming and now - self._caught_up >= CATCH_UP_S:
+        if self.catch_up is not None and now - self._caught_up >= CATCH_UP_S:
             self._caught_up = now
             await self.catch_up()
         return self.registry.settings.sweep_ms / 1000

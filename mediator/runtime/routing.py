@@ -62,7 +62,8 @@ class Router:
         #: Per service: commands sent to each instance since its last heartbeat, less
         #: those answered since.
         self._extra: dict[str, Counter[str]] = {}
-        self._reported: dict[tuple[str, str], int] = {}
+        #: Per service: when each instance's last report (heartbeat) was, as last seen.
+        self._reported: dict[str, dict[str, int]] = {}
         #: Breakers per instance, from the outcomes this replica applies; None: off.
         self.breakers = (
             InstanceBreakers(lambda service: _policy(breakers, service))
@@ -141,13 +142,16 @@ class Router:
         return moved
 
     async def sweep_down(self) -> int:
-        """Hand on what is still recorded in flight on any instance marked down: the work
+        """Hand on what is still recorded in flight on any instance marked dead: the work
         of a death whose hand-on failed (Redis unreachable then, the replica that saw it
-        killed). Nothing to do is a few cheap range queries."""
+        killed). An instance that left cleanly is not dead: it answered what it took
+        before it said so, and what reaches its partitions after goes to their next owner;
+        its replies may still be on their way, and sending its work again would do it
+        twice. Nothing to do is a few cheap range queries."""
         moved = 0
         for service, views in self.registry.view.items():
             for view in views:
-                if view.status == HealthStatus.DOWN.value:
+                if view.dead:
                     moved += await self.hand_on(service, view.instance)
         return moved
 
@@ -160,17 +164,21 @@ class Router:
             return cached[1] or None
         views = self.registry.instances(service)
         extra = self._extra.setdefault(service, Counter())
-        fleet = [self._instance(service, view, extra) for view in views]
+        reported = self._reported.get(service, {})
+        # Rebuilt from the view: instances the registry forgot are forgotten here too.
+        self._reported[service] = {}
+        fleet = [self._instance(service, view, extra, reported) for view in views]
         self._fleets[service] = (generation, fleet)
         return fleet or None
 
-    def _instance(self, service: str, view: InstanceView, extra: Counter[str]) -> Instance:
+    def _instance(
+        self, service: str, view: InstanceView, extra: Counter[str], reported: dict[str, int]
+    ) -> Instance:
         beat = view.beat
-        seen = (service, view.instance)
-        if self._reported.get(seen) != view.last_seen_ms:
+        if reported.get(view.instance) != view.last_seen_ms:
             # A new report: its load counts what was in flight then.
-            self._reported[seen] = view.last_seen_ms
             extra.pop(view.instance, None)
+        self._reported[service][view.instance] = view.last_seen_ms
         return Instance(
             id=view.instance,
             partitions=tuple(beat.get("partitions") or ()),

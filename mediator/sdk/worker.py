@@ -17,7 +17,16 @@ up nothing else. Delivery is at-least-once: an offset is committed only once its
 those of every earlier command on its partition were acknowledged.
 
 Execution is deduplicated on ``command_id`` (an LRU of recent replies),
-so a redelivered command gets its reply again without the handler running twice.
+so a redelivered command gets its reply again without the handler running twice. An action
+registered with ``idempotent=True`` is also deduplicated on the command's
+``idempotency_key``, which stays the same for every attempt, reroute and hand-on of one
+step in one round of its run: a retry after a timeout, or the same step sent again after an
+instance was taken for dead, gets the first attempt's reply (re-addressed to the new
+attempt) instead of doing the work twice. Its ``ok`` replies and non-retryable errors are
+remembered; a retryable error is not, so the next attempt runs again. The memory is this
+instance's (an LRU of ``dedup_size``): for effect-once across instances and restarts, key
+the work itself on ``command.idempotency_key`` in the service's own store, as payment APIs
+take an idempotency key.
 
 Commands are signed by the mediator and replies and heartbeats by the worker (see
 `mediator.core.signing`), with the service's keys: ``keys=`` (a `Keyring` or
@@ -43,6 +52,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+import orjson
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -142,6 +152,7 @@ class Worker:
         self._producer_options = dict(producer_options or {})
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_NAMES, 0))
         self._actions: dict[str, tuple[Handler, bool]] = {}
+        self._idempotent: set[str] = set()
         self._limit = asyncio.Semaphore(concurrency)
         self._dedup_size = dedup_size
         self._max_records = max_records
@@ -162,6 +173,10 @@ class Worker:
         self._beats: asyncio.Task[None] | None = None
         self._poll_timeout_ms = poll_timeout_ms
         self._replies: OrderedDict[str, bytes] = OrderedDict()
+        #: Replies of idempotent actions by idempotency key (ok and non-retryable errors).
+        self._by_key: OrderedDict[str, bytes] = OrderedDict()
+        #: Idempotent work running now, by idempotency key: the command id doing it.
+        self._keys_running: dict[str, str] = {}
         #: Commands whose action runs now, and a future for their reply once a duplicate
         #: waits for it.
         self._running: dict[str, asyncio.Future[bytes] | None] = {}
@@ -169,21 +184,25 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def action(self, name: str) -> Callable[[H], H]:
-        """Decorator registering ``fn`` as the handler of action ``name``."""
+    def action(self, name: str, *, idempotent: bool = False) -> Callable[[H], H]:
+        """Decorator registering ``fn`` as the handler of action ``name``; with
+        `idempotent`, its work is done once per idempotency key (see the module)."""
 
         def register(fn: H) -> H:
-            self.add_action(name, fn)
+            self.add_action(name, fn, idempotent=idempotent)
             return fn
 
         return register
 
-    def add_action(self, name: str, fn: Handler) -> None:
-        """Register ``fn`` as the handler of ``name``: ``(input)`` or ``(input, command)``."""
+    def add_action(self, name: str, fn: Handler, *, idempotent: bool = False) -> None:
+        """Register ``fn`` as the handler of ``name``: ``(input)`` or ``(input, command)``;
+        with `idempotent`, deduplicated on the command's idempotency key too."""
         if name in self._actions:
             msg = f"action {name!r} of service {self.service!r} is already registered"
             raise ValueError(msg)
         self._actions[name] = (fn, _wants_command(fn, name))
+        if idempotent:
+            self._idempotent.add(name)
 
     async def start(self) -> None:
         """Connect to Kafka and start consuming the service's inbox."""
@@ -447,6 +466,21 @@ class Worker:
             self.stats["duplicates"] += 1
             waiting = self._after_running(command, tp, record.offset)
             return self._spawn(waiting, tp, record.offset)
+        key = command.idempotency_key if command.action in self._idempotent else None
+        if key is not None:
+            done = self._by_key.get(key)
+            if done is not None:
+                # Another attempt of work already done: its reply, for this attempt.
+                self._by_key.move_to_end(key)
+                self.stats["duplicates"] += 1
+                reply = _readdressed(done, command)
+                return self._spawn(self._send(command, reply, tp, record.offset), tp, record.offset)
+            doing = self._keys_running.get(key)
+            if doing is not None:
+                self.stats["duplicates"] += 1
+                waiting = self._after_key(command, doing, tp, record.offset)
+                return self._spawn(waiting, tp, record.offset)
+            self._keys_running[key] = cid
         self._running[cid] = None
         self._spawn(self._run(command, tp, record.offset, tracing), tp, record.offset)
 
@@ -473,20 +507,29 @@ class Worker:
     ) -> None:
         """Run the command's action (once), remember its reply and send it."""
         cid = command.command_id
+        key = command.idempotency_key if command.action in self._idempotent else None
         try:
             reply = await self._execute(command, tracing)
         except BaseException:
+            if key is not None:
+                self._keys_running.pop(key, None)
             waiting = self._running.pop(cid)
             if waiting is not None:
                 waiting.cancel()  # its duplicate sends nothing; a cancelled future never warns
             raise
-        waiting = self._running.pop(cid)
-        if waiting is not None:
-            waiting.set_result(reply)
         if self._dedup_size > 0:
             self._replies[cid] = reply
             if len(self._replies) > self._dedup_size:
                 self._replies.popitem(last=False)
+            if key is not None and _final(reply):
+                self._by_key[key] = reply
+                if len(self._by_key) > self._dedup_size:
+                    self._by_key.popitem(last=False)
+        if key is not None:
+            self._keys_running.pop(key, None)
+        waiting = self._running.pop(cid)
+        if waiting is not None:
+            waiting.set_result(reply)
         await self._send(command, reply, tp, offset)
 
     async def _after_running(self, command: CommandEvent, tp: TopicPartition, offset: int) -> None:
@@ -498,6 +541,17 @@ class Worker:
             waiting = self._running[cid] = asyncio.get_running_loop().create_future()
         reply = await asyncio.shield(waiting)
         await self._send(command, reply, tp, offset)
+
+    async def _after_key(
+        self, command: CommandEvent, doing: str, tp: TopicPartition, offset: int
+    ) -> None:
+        """Another attempt of idempotent work that is running now (under command id
+        `doing`): its reply, for this attempt, once it is there."""
+        waiting = self._running.get(doing)
+        if waiting is None:
+            waiting = self._running[doing] = asyncio.get_running_loop().create_future()
+        reply = await asyncio.shield(waiting)
+        await self._send(command, _readdressed(reply, command), tp, offset)
 
     async def _reject(
         self, tp: TopicPartition, record: ConsumerRecord, exc: SignatureError
@@ -684,6 +738,21 @@ class Worker:
             attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
             error=error, service=self.service, instance=self.instance, replied_ms=clock.now_ms(),
         )  # fmt: skip
+
+
+def _final(reply: bytes) -> bool:
+    """Whether a reply settles its step's work (ok, or an error that is not retryable):
+    then another attempt of the same work gets it rather than running again."""
+    doc = orjson.loads(reply)
+    return doc.get("status") == "ok" or not (doc.get("error") or {}).get("retryable")
+
+
+def _readdressed(reply: bytes, command: CommandEvent) -> bytes:
+    """`reply`, given for another attempt of the same work, as the reply to `command`."""
+    doc = orjson.loads(reply)
+    doc["command_id"], doc["attempt"] = command.command_id, command.attempt
+    doc["replied_ms"] = clock.now_ms()
+    return orjson.dumps(doc)
 
 
 def _keyring(service: str, keys: Keyring | str | None) -> Keyring:

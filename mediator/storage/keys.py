@@ -19,6 +19,8 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:{s3}:outbox                   hash   message id -> framed Kafka message
     med:{s3}:outbox:due               zset   message id -> lease deadline (ms)
     med:{s3}:timers                   zset   timer name -> due time (ms, Redis clock)
+    med:{s3}:timers:dead              hash   timer name -> JSON {reason, parked_ms}: timers
+                                             that could not be applied (a poison timer)
     med:{s3}:done:<workflow_id>       hash   tombstone of a finished run: request fingerprint
                                              and status, kept past the run's retention
     med:{s3}:audit:<workflow_id>      stream the run's audit log: one entry per transition
@@ -26,7 +28,14 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:m:<kind>:<name>:<bucket>      hash   metrics of a service (svc), an instance
                                              (inst, ``service/instance``) or a workflow (wf)
                                              in the time bucket starting at <bucket> (epoch s)
-    med:m:names:<kind>                set    the series names of one kind
+    med:m:series:<kind>               zset   the series names of one kind, by when last
+                                             written (kept while their buckets live)
+    med:parked:services               set    every service that ever had a step parked
+    med:reg:{<service>}:...           the registry of one service's instances (see `registry`)
+    med:reg:services                  set    every service that has heartbeated
+    med:reg:watermark                 hash   health-topic partition -> time (ms, Redis clock) of
+                                             the last marker read from it; ``partitions``
+    med:reg:marker                    string the replica writing markers, with a TTL
     med:alerts:active                 hash   alert key -> JSON of each alert now firing
     med:alerts:history                list   JSON of alerts fired and resolved, newest first
     med:alerts:lease                  string the replica evaluating alerts, with a TTL
@@ -110,6 +119,10 @@ class Keys:
         Redis clock); a claimed timer's score is its claim's lease deadline."""
         return f"{self.tag(shard)}:timers"
 
+    def dead_timers(self, shard: int) -> str:
+        """Hash: the shard's timers that could not be applied, with the reason."""
+        return f"{self.tag(shard)}:timers:dead"
+
     def outbox_due(self, shard: int) -> str:
         """Pending outbound message ids by lease deadline."""
         return f"{self.tag(shard)}:outbox:due"
@@ -118,6 +131,12 @@ class Keys:
         """Sorted set: the parked steps of one service in one shard (``unpark`` timer
         names), scored by when they were parked, so the queue drains oldest first."""
         return f"{self.tag(shard)}:parked:{service}"
+
+    @property
+    def parked_services(self) -> str:
+        """Set: every service that ever had a step parked, so its parked queues are
+        drained even when no loaded definition names it (runs on an older plan)."""
+        return f"{self.prefix}:parked:services"
 
     def routed(self, shard: int) -> str:
         """Sorted set, every score 0: the shard's step attempts in flight on a registered
@@ -133,8 +152,9 @@ class Keys:
         return f"{self.prefix}:m:{kind}:{name}:{bucket}"
 
     def metric_names(self, kind: str) -> str:
-        """Set: the names of the metrics series of one kind."""
-        return f"{self.prefix}:m:names:{kind}"
+        """Sorted set: the names of the metrics series of one kind, scored by when each was
+        last written (epoch s); names whose buckets all expired are trimmed."""
+        return f"{self.prefix}:m:series:{kind}"
 
     def alerts(self, what: str) -> str:
         """The alerts' ``active`` hash, ``history`` list or evaluation ``lease``."""
@@ -149,11 +169,22 @@ class Keys:
         """Set: every service that has heartbeated, for listing the registry."""
         return f"{self.prefix}:reg:services"
 
-    def registry(self, service: str) -> tuple[str, str, str, str, str]:
+    @property
+    def health_watermark(self) -> str:
+        """Hash: per partition of the health topic, the time of the last marker read from
+        it (`mediator.runtime.liveness`), and ``partitions``: how many it has."""
+        return f"{self.prefix}:reg:watermark"
+
+    @property
+    def marker_lease(self) -> str:
+        """String: the replica writing the health topic's markers, with a TTL."""
+        return f"{self.prefix}:reg:marker"
+
+    def registry(self, service: str) -> tuple[str, str, str, str, str, str]:
         """The registry of one service, one hash slot: its instances' last heartbeats
         (hash), their status (hash), when each is down unless heard from again (sorted
-        set), when each was last heard from (sorted set), and those an operator drained
-        (set)."""
+        set), when each was last heard from (sorted set), those an operator drained (set)
+        and those marked down because their heartbeats stopped (set: dead, not left)."""
         base = f"{self.prefix}:reg:{{{service}}}"
         return (
             f"{base}:docs",
@@ -161,4 +192,5 @@ class Keys:
             f"{base}:due",
             f"{base}:seen",
             f"{base}:drained",
+            f"{base}:dead",
         )

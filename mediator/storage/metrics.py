@@ -9,6 +9,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mediator import clock
 from mediator.core.metrics import GAUGES, Summary, summarize
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
@@ -34,6 +35,7 @@ class MetricsStore:
         """Add tallied fields to their buckets (``HINCRBY``, so replicas add up)."""
         if not series:
             return
+        now_s = clock.now_ms() // 1000
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 names: dict[str, set[str]] = {}
@@ -47,7 +49,11 @@ class MetricsStore:
                     pipe.expire(key, self.ttl_s)
                     names.setdefault(kind, set()).add(name)
                 for kind, members in names.items():
-                    pipe.sadd(self.keys.metric_names(kind), *sorted(members))
+                    # Scored by when last written: a name no longer written (an instance
+                    # long gone) leaves the list once its buckets have expired.
+                    listed = self.keys.metric_names(kind)
+                    pipe.zadd(listed, dict.fromkeys(sorted(members), now_s))
+                    pipe.zremrangebyscore(listed, "-inf", now_s - self.ttl_s)
                 await pipe.execute()
         except RedisError as exc:
             msg = f"Redis unavailable while writing metrics: {exc}"
@@ -55,7 +61,7 @@ class MetricsStore:
 
     async def names(self, kind: str) -> list[str]:
         """Every series name of `kind` (``svc``, ``inst``, ``wf``)."""
-        members = await self.redis.smembers(self.keys.metric_names(kind))
+        members: list[Any] = await self.redis.zrange(self.keys.metric_names(kind), 0, -1)
         return sorted(text(m) for m in members)
 
     def _starts(self, since_s: int, until_s: int) -> list[int]:

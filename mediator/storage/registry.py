@@ -25,6 +25,8 @@ class InstanceView:
     status: str
     last_seen_ms: int
     beat: dict[str, Any]
+    #: Marked down because its heartbeats stopped (not because it left cleanly).
+    dead: bool = False
 
     @property
     def up(self) -> bool:
@@ -48,16 +50,18 @@ async def read_registry(
     names = sorted(services)
     async with redis.pipeline(transaction=False) as pipe:
         for service in names:
-            docs, status, _, seen, _ = keys.registry(service)
+            docs, status, _, seen, _, dead = keys.registry(service)
             pipe.hgetall(docs)
             pipe.hgetall(status)
             pipe.zrange(seen, 0, -1, withscores=True)
+            pipe.smembers(dead)
         replies = await pipe.execute()
     found: dict[str, list[InstanceView]] = {}
     for index, service in enumerate(names):
-        docs, status, seen = replies[3 * index : 3 * index + 3]
+        docs, status, seen, dead = replies[4 * index : 4 * index + 4]
         statuses = {text(k): text(v) for k, v in status.items()}
         last = {text(k): int(v) for k, v in seen}
+        gone = {text(m) for m in dead}
         views = []
         for raw_instance, raw_doc in docs.items():
             instance = text(raw_instance)
@@ -67,7 +71,12 @@ async def read_registry(
                 continue  # written by the script from a validated event: never expected
             views.append(
                 InstanceView(
-                    service, instance, statuses.get(instance, "down"), last.get(instance, 0), beat
+                    service,
+                    instance,
+                    statuses.get(instance, "down"),
+                    last.get(instance, 0),
+                    beat,
+                    instance in gone,
                 )
             )
         found[service] = sorted(views, key=lambda v: v.instance)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
@@ -21,7 +22,7 @@ from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
 from mediator.storage.connection import lua_source, text
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
-__all__ = ["Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
+__all__ = ["Claimed", "Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
 
 
 class CommitOutcome(Enum):
@@ -55,12 +56,24 @@ class Commit:
     timers: Sequence[tuple[str, int]] = ()
     #: Timers removed with it: the one that fired, and those no longer needed.
     cleared: Sequence[str] = ()
-    #: Steps parked (service, unpark timer name): queued in the service's parked queue.
-    parked: Sequence[tuple[str, str]] = ()
+    #: Changes to the parked queues (`mediator.core.parking`): ("+", service, unpark timer
+    #: name) queues a step newly parked, ("-", ...) takes out one no longer parked.
+    parked: Sequence[tuple[str, str, str]] = ()
     #: Changes to the shard's routed index: ("+" or "-", `mediator.core.routing` member).
     routed: Sequence[tuple[str, str]] = ()
     #: Entries appended to the run's audit log (`mediator.core.audit`).
     audit: Sequence[bytes] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A timer claimed because it fell due: its name, how late it is (ms) and the lease
+    deadline its claim gave it (its score now: removing it as stale checks that it still
+    is, so a timer re-armed under the same name meanwhile stays)."""
+
+    name: str
+    late_ms: int
+    lease: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +121,8 @@ class Store:
         self._renew = redis.register_script(lua_source("renew.lua"))
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
         self._reroute = redis.register_script(lua_source("reroute.lua"))
+        self._timers_done = redis.register_script(lua_source("timers_done.lua"))
+        self._park_timer = redis.register_script(lua_source("park_timer.lua"))
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
@@ -241,7 +256,7 @@ class Store:
         for commit in commits:
             wid = commit.state.workflow_id
             key_list += (keys.workflow(wid), keys.tombstone(wid), keys.audit(wid))
-            for service, _ in commit.parked:
+            for _, service, _ in commit.parked:
                 parked.setdefault(service, len(parked) + 1)
         key_list += (keys.timers(shard), keys.routed(shard))
         key_list += (keys.parked(shard, service) for service in parked)
@@ -280,8 +295,8 @@ class Store:
             args.append(len(commit.cleared))
             args += commit.cleared
             args.append(len(commit.parked))
-            for service, name in commit.parked:
-                args += (parked[service], name)
+            for op, service, name in commit.parked:
+                args += (op, parked[service], name)
             args.append(len(commit.routed))
             for op, member in commit.routed:
                 args += (op, member)
@@ -358,7 +373,7 @@ class Store:
 
     # -- timers ----------------------------------------------------------------------------
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
+    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
         """Claim the timers that fell due, per shard (one round trip for all shards): each
         claimed timer is leased for `lease_ms` and returned with its lateness in ms."""
         calls = [
@@ -369,14 +384,15 @@ class Store:
         except RedisError as exc:
             msg = f"Redis unavailable while claiming timers: {exc}"
             raise StateUnavailable(msg) from exc
-        claimed: dict[int, list[tuple[str, int]]] = {}
+        claimed: dict[int, list[Claimed]] = {}
         for shard, reply in enumerate(replies):
             if isinstance(reply, Exception):
                 msg = f"timer claim script failed: {reply}"
                 raise StateUnavailable(msg)
             now = int(reply[0])
             due = [
-                (text(reply[i]), now - int(float(reply[i + 1]))) for i in range(1, len(reply), 2)
+                Claimed(text(reply[i]), now - int(float(reply[i + 1])), now + lease_ms)
+                for i in range(1, len(reply), 2)
             ]
             if due:
                 claimed[shard] = due
@@ -406,22 +422,38 @@ class Store:
             shards = more
         return total
 
-    async def timers_done(self, done: Sequence[tuple[int, str]]) -> None:
-        """Remove timers (shard, name) that fired and changed nothing: their step had moved
-        on, their run is gone, or the name is not one the engine sets."""
+    async def timers_done(self, done: Sequence[tuple[int, Claimed]]) -> None:
+        """Remove timers (shard, claimed timer) that fired and changed nothing (their step
+        had moved on, their run is gone, or the name is not one the engine sets), each only
+        while it is still as claimed: never one re-armed under the same name since."""
         if not done:
             return
-        by_shard: dict[int, list[str]] = {}
-        for shard, name in done:
-            by_shard.setdefault(shard, []).append(name)
+        by_shard: dict[int, list[Any]] = {}
+        for shard, timer in done:
+            by_shard.setdefault(shard, []).extend((timer.name, timer.lease))
+        calls = [([self.keys.timers(shard)], args) for shard, args in by_shard.items()]
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard, members in by_shard.items():
-                    pipe.zrem(self.keys.timers(shard), *members)
-                await pipe.execute()
+            replies = await self._evalsha_many(self._timers_done, calls)
         except RedisError as exc:
             msg = f"Redis unavailable while removing timers: {exc}"
             raise StateUnavailable(msg) from exc
+        for reply in replies:
+            if isinstance(reply, Exception):
+                msg = f"removing timers failed: {reply}"
+                raise StateUnavailable(msg)
+
+    async def park_timer(self, shard: int, timer: Claimed, reason: str, now_ms: int) -> bool:
+        """Take a timer that cannot be applied out of the timer set, into the shard's
+        dead-timer hash with `reason` (`Keys.dead_timers`); False if it was re-armed or
+        removed meanwhile (nothing to park)."""
+        record = orjson.dumps({"reason": reason, "parked_ms": now_ms})
+        keys = [self.keys.timers(shard), self.keys.dead_timers(shard)]
+        try:
+            parked = await self._park_timer(keys=keys, args=[timer.name, timer.lease, record])
+        except RedisError as exc:
+            msg = f"Redis unavailable while parking a timer: {exc}"
+            raise StateUnavailable(msg) from exc
+        return bool(int(parked))
 
     async def count(self, deltas: dict[str, int]) -> None:
         """Add to the deployment-wide counters (`Keys.stats`); best effort."""

@@ -7,10 +7,10 @@ accounting.
   the last one says how the run ended.
 - ``false death``: only an instance that really died is marked down or has its work
   handed on: not one whose heartbeats sat unread, not one that left cleanly.
-- ``effects``: a step's work is done at most once per round of its run (a service that
-  deduplicates as the product asks never sees new work for the same step round).
-- ``compensation``: every refund the results report was really done, once per round, by
-  the service that did the work it undoes.
+- ``effects``: a service that deduplicates on idempotency keys does a step's work at most
+  once per round of its run, whatever retries, reroutes and hand-ons happened.
+- ``compensation``: every undo the results report was really done, once per round, by a
+  service that did the work it undoes.
 - ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, routed
   entry or outbox entry.
 - ``revisions``: each run's revisions go up by one, commit after commit.
@@ -118,31 +118,40 @@ def _check_deaths(world: World) -> list[str]:
 
 def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     problems = []
-    work: Counter[tuple[str, str]] = Counter()
+    keyed = {name for name, service in world.services.items() if service.keyed}
+    work: Counter[tuple[str, str, str]] = Counter()
     undone: Counter[tuple[str, str]] = Counter()
-    last_service: dict[tuple[str, str], str] = {}
+    did: dict[tuple[str, str], set[str]] = defaultdict(set)
     for effect in world.effects:
         slot = (effect.workflow_id, effect.step)
         if effect.undo:
             undone[slot] += 1
-            did = last_service.get(slot)
-            if effect.service != did:
+            if effect.service not in did[slot]:
                 problems.append(
                     f"compensation: {effect.command_id} undone by {effect.service}, but the "
-                    f"work was done by {did}"
+                    f"work was done by {sorted(did[slot])}"
                 )
         else:
-            work[slot] += 1
-            last_service[slot] = effect.service
-    for (wid, step), count in sorted(work.items()):
+            did[slot].add(effect.service)
+            if effect.service in keyed:
+                work[(*slot, effect.service)] += 1
+    for (wid, step, service), count in sorted(work.items()):
         rounds = len(results.get(wid, {})) or 1
         if count > rounds:
             commands = [e.command_id for e in world.effects
-                        if (e.workflow_id, e.step) == (wid, step) and not e.undo]  # fmt: skip
+                        if (e.workflow_id, e.step, e.service) == (wid, step, service)
+                        and not e.undo]  # fmt: skip
             problems.append(
-                f"effects: step {step} of {wid} did its work {count} times in {rounds} "
-                f"round(s): {commands}"
+                f"effects: {service} did the work of step {step} of {wid} {count} times in "
+                f"{rounds} round(s): {commands}"
             )
+    return problems + _check_undone(results, undone)
+
+
+def _check_undone(
+    results: dict[str, dict[str, dict[str, Any]]], undone: Counter[tuple[str, str]]
+) -> list[str]:
+    problems = []
     reported: Counter[tuple[str, str]] = Counter()
     for wid, published in results.items():
         for result in published.values():
@@ -239,7 +248,7 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
     ):
         # Compensating past its deadline, a run has had its deadline (its undos' own
         # timeouts bound it now).
-        waits.append(("its deadline", [SetTimer("deadline", wid, 0).member]))
+        waits.append(("its deadline", [SetTimer("deadline", wid, 0, "", state.round).member]))
     for sid, step in state.steps.items():
         spec = workflow.steps[sid]
 

@@ -139,6 +139,9 @@ class SimProducer:
         self.log = log
         self._gate = gate
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.log.partitions(topic)))
+
     async def send(
         self,
         topic: str,

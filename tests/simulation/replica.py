@@ -16,11 +16,11 @@ from typing import Any
 
 from fakeredis import FakeAsyncRedis, FakeServer
 
-from mediator import clock
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
+from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
 from mediator.runtime.registry import Registry, RegistryUpkeep
@@ -109,7 +109,8 @@ class SimReplica:
         self.upkeep = BreakerUpkeep(
             self.redis, keys, self.breakers, definitions.services, name, settings.backoff
         )
-        self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats)
+        marker = Marker(self.redis, keys, self.producer, topics.health, settings.discovery, name)
+        self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, marker=marker)
         router = self.runtime.router
         assert router is not None
         hand_on = router.hand_on
@@ -136,7 +137,6 @@ class SimReplica:
     async def start(self) -> None:
         await self.store.check_layout()
         await self.catalog.publish()
-        self.registry_upkeep._started = clock.monotonic()  # its rounds are driven here
 
     async def consume(self, kind: str, records: Sequence[Any]) -> bool:
         """One batch through the subscriber's error boundary: True when its offsets may

@@ -10,6 +10,7 @@ with faults often enough that a few hundred steps see several of each.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,7 @@ class Outcome:
     seed: int
     problems: list[str]
     history: list[str]
+    coverage: Counter[str]
 
     def report(self) -> str:
         lines = [f"seed {self.seed}: {len(self.problems)} invariant(s) broken"]
@@ -162,4 +164,4 @@ async def run_seed(seed: int, steps: int = 150) -> Outcome:
             world.violations += await check_end(world, healed)
         finally:
             await world.close()
-    return Outcome(seed, world.violations, world.history)
+    return Outcome(seed, world.violations, world.history, world.coverage())

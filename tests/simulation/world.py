@@ -161,6 +161,8 @@ class World:
         }
         self.instances: list[Instance] = []
         self.replicas: dict[str, SimReplica] = {}
+        #: Every replica that ran, killed ones too (for `coverage`).
+        self.every_replica: list[SimReplica] = []
         self.incarnations = 0
         self.history: list[str] = []
         self.pending_replies: list[tuple[bytes, bytes]] = []
@@ -254,6 +256,7 @@ class World:
         await replica.start()
         self.free = was
         self.replicas[name] = replica
+        self.every_replica.append(replica)
         for group in self.groups.values():
             group.assign(sorted(self.replicas))
         return replica
@@ -541,6 +544,24 @@ class World:
         replica = next(iter(self.replicas.values()))
         wids = [workflow_id_for(r) for r in sorted(self.issued.requests)]
         return await replica.store.load_many(wids)
+
+    def coverage(self) -> Counter[str]:
+        """How often the paths the invariants guard were taken in this history."""
+        seen: Counter[str] = Counter()
+        for replica in self.every_replica:
+            runtime, outbox = replica.runtime.stats, replica.dispatcher.stats
+            for name in ("conflicts", "redelivered", "duplicates", "ignored_replies",
+                         "ignored_controls", "stale_timers", "parked", "rerouted",
+                         "instances_down", "rerouted_on_death"):  # fmt: skip
+                seen[name] += runtime[name]
+            seen["fenced"] += outbox["fenced"]
+            seen["breaker_probes"] += replica.breakers.stats["probes"]
+            seen["breakers_opened"] += replica.breakers.stats["opened"]
+            seen["resent_by_sweeper"] += replica.dispatcher.swept
+        seen["real_deaths_handed_on"] = sum(1 for *_, moved in self.hand_ons if moved)
+        seen["undone"] = sum(1 for e in self.effects if e.undo)
+        seen["retries_asked"] = sum(self.issued.retries.values())
+        return seen
 
     async def close(self) -> None:
         for task in [*self.abandoned, *self.ops.values()]:

@@ -12,13 +12,13 @@
 --       expected rev (0 = create), workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
---       delay ms) pairs, cleared count, cleared timer names, parked count, (parked-key
---       number 1..P, unpark timer name) pairs, routed count, ("+" or "-", member)
+--       delay ms) pairs, cleared count, cleared timer names, parked count, ("+" or "-",
+--       parked-key number 1..P, unpark timer name) triples, routed count, ("+" or "-", member)
 --       pairs (attempts now in flight on an instance, or no longer), audit count, audit
 --       entries (JSON, appended to the run's stream). Timers fall due
 --       `delay` after Redis's clock at commit; cleared ones (the timer that fired,
 --       timers no longer needed) are removed with the transition; parked steps join
---       their service's queue, oldest first. ARGV 8 is P, ARGV 9 the entries kept in a
+--       their service's queue, oldest first, and leave it when no longer parked. ARGV 8 is P, ARGV 9 the entries kept in a
 --       run's audit stream (0: none written).
 --
 -- Statuses `running` and `compensating` are live (in the running index); any other is
@@ -68,7 +68,7 @@ for i = 1, n do
   local n_cleared = tonumber(ARGV[cleared_at - 1])
   local park_at = cleared_at + n_cleared + 1
   local n_park = tonumber(ARGV[park_at - 1])
-  local route_at = park_at + 2 * n_park + 1
+  local route_at = park_at + 3 * n_park + 1
   local n_route = tonumber(ARGV[route_at - 1])
   local audit_at = route_at + 2 * n_route + 1
   local n_audit = tonumber(ARGV[audit_at - 1])
@@ -136,8 +136,13 @@ for i = 1, n do
     for j = tim_at, tim_at + 2 * n_tim - 1, 2 do
       redis.call('ZADD', timers, server_now + tonumber(ARGV[j + 1]), ARGV[j])
     end
-    for j = park_at, park_at + 2 * n_park - 1, 2 do
-      redis.call('ZADD', KEYS[parked_at + tonumber(ARGV[j])], 'NX', server_now, ARGV[j + 1])
+    for j = park_at, park_at + 3 * n_park - 1, 3 do
+      local queue = KEYS[parked_at + tonumber(ARGV[j + 1])]
+      if ARGV[j] == '+' then
+        redis.call('ZADD', queue, 'NX', server_now, ARGV[j + 2])
+      else
+        redis.call('ZREM', queue, ARGV[j + 2])
+      end
     end
     for j = route_at, route_at + 2 * n_route - 1, 2 do
       if ARGV[j] == '+' then

@@ -1,6 +1,6 @@
 -- An operator drains an instance (ARGV[2] = 1) or lets it take work again (0).
 --
--- KEYS: as heartbeat.lua (docs, status, deadlines, last seen, drained).
+-- KEYS: as heartbeat.lua (docs, status, deadlines, last seen, drained, dead).
 -- ARGV: 1 instance, 2 1 to drain, 0 to undo.
 -- Returns the instance's status now, or '' if the registry does not know it.
 local status = redis.call('HGET', KEYS[2], ARGV[1])

@@ -2,7 +2,8 @@
 --
 -- KEYS: 1 docs hash (instance -> heartbeat JSON), 2 status hash (instance -> up, draining,
 --       down), 3 deadlines zset (instance -> when it is down unless heard from again, ms),
---       4 last-seen zset (instance -> ms), 5 set of instances an operator drained.
+--       4 last-seen zset (instance -> ms), 5 set of instances an operator drained, 6 set
+--       of instances marked down because their heartbeats stopped (dead, not left).
 -- ARGV: 1 instance, 2 heartbeat JSON, 3 status it announces, 4 ttl (ms).
 -- An instance an operator drained stays `draining` whatever it announces, until it leaves
 -- or is marked down (a restart under the same id then gets work again).
@@ -16,6 +17,7 @@ if status == 'down' then
 elseif status == 'up' and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 then
   status = 'draining'
 end
+redis.call('SREM', KEYS[6], ARGV[1])  -- heard from: whatever it says, it is not dead
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], status)
 redis.call('ZADD', KEYS[4], now, ARGV[1])

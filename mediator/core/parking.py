@@ -1,0 +1,39 @@
+"""Which steps wait in their service's parked queue: pure, no I/O.
+
+A step whose service's breaker is open waits as ``parked``, named in its service's parked
+queue by the ``unpark`` timer that will release it (`mediator.core.timers`). The queue
+holds exactly the steps parked now: a commit adds the steps that became parked and removes
+the ones that stopped being parked by any other way (their timeout, the run ending), so a
+step parks once per attempt at most and a finished run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from mediator.core.state import StepStatus, WorkflowState
+from mediator.core.timers import SetTimer
+from mediator.core.workflow import Workflow
+
+__all__ = ["parked", "parking_delta"]
+
+
+def parked(workflow: Workflow | None, state: WorkflowState | None) -> set[tuple[str, str]]:
+    """(service, unpark timer name) of every step of `state` parked now."""
+    if state is None or workflow is None or state.terminal:
+        return set()
+    found = set()
+    wid = state.workflow_id
+    for sid, step in state.steps.items():
+        if step.status is StepStatus.PARKED and sid in workflow.steps:
+            name = SetTimer("unpark", wid, 0, sid, step.attempt).member
+            found.add((workflow.steps[sid].service, name))
+    return found
+
+
+def parking_delta(
+    workflow: Workflow | None, before: WorkflowState | None, after: WorkflowState
+) -> list[tuple[str, str, str]]:
+    """What a commit from `before` to `after` changes in the parked queues: ``("+",
+    service, name)`` for steps newly parked, ``("-", service, name)`` for those no longer
+    parked (released by their timer, which removed them already, or moved on otherwise)."""
+    old, new = parked(workflow, before), parked(workflow, after)
+    return [("-", *m) for m in sorted(old - new)] + [("+", *m) for m in sorted(new - old)]
