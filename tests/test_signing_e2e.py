@@ -24,11 +24,18 @@ from mediator.sdk.worker import Worker
 from mediator.settings import Settings, SigningSettings, settings_document
 from mediator.storage.keys import workflow_id_for
 from mediator.storage.registry import read_registry
-from tests.helpers import TEST_KEYRING, produce, records_on, wait_for
+from tests.helpers import TEST_KEYRING, TEST_KEYS, produce, records_on, wait_for
 from tests.test_cli import cli
 from tests.test_dlq import wait_for_letters
 from tests.test_workflows_e2e import step
-from topics.events import CommandEvent, HealthEvent, ReplyEvent, ReplyStatus, WorkflowStatus
+from topics.events import (
+    CommandEvent,
+    HealthEvent,
+    HealthStatus,
+    ReplyEvent,
+    ReplyStatus,
+    WorkflowStatus,
+)
 
 ONE = {"name": "one", "steps": [step("a", "inventory", action="work", timeout="60s")]}
 TWO = {
@@ -211,3 +218,54 @@ async def test_without_keys_neither_the_mediator_nor_a_worker_starts(
     assert process.returncode == 2, stderr
     assert stderr.startswith("error: signing is on but no keys are set"), stderr
     assert "Traceback" not in stderr
+
+
+async def test_a_shared_key_does_not_sign_for_a_service_with_keys_of_its_own(
+    make_system: Any,
+) -> None:
+    """Shared keys sign only for services without keys of their own: a reply or a `down`
+    heartbeat for inventory (which has its own keys) signed with the shared key is forged,
+    whether it names the service or not; payment's, signed with the shared key, goes."""
+    signing = _signing(keys=TEST_KEYS, services={"inventory": {"keys": INVENTORY}})
+    system = await make_system(TWO, signing=signing)
+    mediator = await system.mediator()
+    inventory = Keyring.parse(INVENTORY)
+    await _send_beat(system, "inv-1", HealthStatus.UP, inventory)
+    await wait_for(lambda: mediator.runtime.stats["heartbeats"] >= 1, what="the heartbeat")
+    client = await system.client()
+    await client.publish("two", {}, request_id="r-1")
+    command = await _command(system, "inventory")
+    named, anonymous = _reply(command, service="inventory"), _reply(command)
+    await _send(system, system.topics.replies, named, TEST_KEYRING.headers(named))
+    await _send(system, system.topics.replies, anonymous, TEST_KEYRING.headers(anonymous))
+    await _send_beat(system, "inv-1", HealthStatus.DOWN, TEST_KEYRING)
+    letters = [d for _, _, d in await wait_for_letters(system.settings, 3)]
+    assert sorted(d.source_topic for d in letters) == sorted(
+        [system.topics.replies, system.topics.replies, system.topics.health]
+    )
+    assert all("shared key" in d.reason and "keys of its own" in d.reason for d in letters)
+    state = await mediator.store.load(workflow_id_for("r-1"))
+    assert state is not None and state.steps["a"].status.value == "running"
+    registry = await read_registry(mediator.redis, mediator.store.keys)
+    assert [v.status for v in registry["inventory"]] == ["up"]
+
+    # Signed with its own key, the reply goes; payment (no keys of its own) signs with
+    # the shared key.
+    honest = _reply(command, service="inventory")
+    await _send(system, system.topics.replies, honest, inventory.headers(honest))
+    payment = await _command(system, "payment")
+    paid = _reply(payment)
+    await _send(system, system.topics.replies, paid, TEST_KEYRING.headers(paid))
+
+    async def completed() -> bool:
+        state = await mediator.store.load(workflow_id_for("r-1"))
+        return state is not None and state.status is WorkflowStatus.COMPLETED
+
+    await wait_for(completed, timeout=10, what="the run to complete")
+
+
+async def _send_beat(system: Any, instance: str, status: HealthStatus, ring: Keyring) -> None:
+    beat = HealthEvent(service="inventory", instance=instance, status=status, ts_ms=0,
+                       partitions=[0], interval_ms=60_000)  # fmt: skip
+    value = beat.model_dump_json().encode()
+    await _send(system, system.topics.health, value, ring.headers(value))

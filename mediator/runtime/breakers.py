@@ -101,6 +101,12 @@ class MirrorStorage(pybreaker.CircuitBreakerStorage):
         """What is written to Redis (and compared to see whether feeding changed it)."""
         return (self._state, self._counter, self._success, self.opened_ms, self.probe_until_ms)
 
+    def as_fields(self) -> dict[str, Any]:
+        """`fields` by name, as the breaker's hash in Redis holds them."""
+        state, counter, success, opened, probe = self.fields()
+        return {"state": state, "counter": counter, "success": success, "opened_ms": opened,
+                "probe_until_ms": probe}  # fmt: skip
+
     def load(self, raw: dict[Any, Any]) -> None:
         """Take the values of the breaker's hash (HGETALL) as they are in Redis."""
         doc = {text(k): text(v) for k, v in raw.items()}
@@ -206,14 +212,21 @@ class Breakers:
 
     async def take_probe(self, service: str, now_ms: int, hold_ms: int) -> bool:
         """Try to move `service`'s breaker to half-open and hold its one probe for
-        `hold_ms`; True for the one replica that wins (it then sends one command)."""
+        `hold_ms`; True for the one replica that wins (it then sends one command). When
+        Redis cannot take the write, the mirror is as it was and the failure is raised."""
         for _ in range(_CAS_ROUNDS):
             if self.gate(service, now_ms) != "probe":
                 return False
             cb, storage = self.breaker(service)
+            before = {"version": storage.version, **storage.as_fields()}
             cb.half_open()
             storage.probe_until_ms = now_ms + hold_ms
-            if await self._write(service):
+            try:
+                won = await self._write(service)
+            except StateUnavailable:
+                self._load(service, before)
+                raise
+            if won:
                 self.stats["probes"] += 1
                 log.info("breaker of %s: half-open, probe sent", service)
                 return True
@@ -322,22 +335,12 @@ class Breakers:
     def _load(self, service: str, raw: dict[Any, Any]) -> None:
         cb, storage = self.breaker(service)
         storage.load(raw)
-        fields = storage.fields()
-        version = storage.version
+        held = {"version": storage.version, **storage.as_fields()}
         # pybreaker notices the state changed elsewhere on its next look (and, entering
         # closed, resets the counter): let it, then put back what Redis holds.
         _ = cb.state
         self._listener.changes.clear()
-        storage.load(
-            {
-                "version": version,
-                "state": fields[0],
-                "counter": fields[1],
-                "success": fields[2],
-                "opened_ms": fields[3],
-                "probe_until_ms": fields[4],
-            }
-        )
+        storage.load(held)
 
     def _announce(self) -> None:
         for service, old, new in self._listener.changes:

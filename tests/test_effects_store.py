@@ -1,0 +1,313 @@
+"""Every effect runs as the workflow intends, through the runtime and the real Redis:
+timers (a poison one set aside alone; a stale one never taking a re-armed one with it),
+parked queues that hold exactly the parked steps, drained even for services no loaded
+definition names."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from mediator.cli.infra import EmbeddedRedis
+from mediator.core.workflow import parse_workflows
+from mediator.definitions import Definitions
+from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
+from mediator.runtime.breakers import Breakers
+from mediator.runtime.parking import BreakerUpkeep
+from mediator.runtime.registry import Registry
+from mediator.runtime.timers import TimerPoller
+from mediator.settings import (
+    BackoffSettings,
+    BreakerSettings,
+    DiscoverySettings,
+    LoadBalancingSettings,
+    TimerSettings,
+)
+from mediator.storage.catalog import DefinitionStore
+from mediator.storage.connection import text
+from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.store import Store
+from tests.test_runtime_concurrency import TOPICS, Record, RecordingDispatcher
+from topics.events import (
+    CommandEvent,
+    ControlAction,
+    ControlEvent,
+    ErrorInfo,
+    HealthEvent,
+    HealthStatus,
+    ReplyEvent,
+    ReplyStatus,
+    RequestEvent,
+)
+
+
+def _workflows(*specs: dict[str, Any]) -> Definitions:
+    return Definitions(wf for spec in specs for wf in parse_workflows(spec))
+
+
+class _Harness:
+    """One runtime on the real Redis, its records numbered as a consumer would see them."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        definitions: Definitions,
+        store: Store | None = None,
+        breakers: Breakers | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.store = store or Store(redis, keys, retention_ms=60_000)
+        self.dispatcher = RecordingDispatcher()
+        self.breakers = breakers
+        self.runtime = Runtime(
+            definitions=DefinitionStore(redis, keys, definitions),
+            store=self.store,
+            dispatcher=self.dispatcher,
+            topics=TOPICS,
+            breakers=breakers,
+            registry=registry,
+            balancing=LoadBalancingSettings() if registry is not None else None,
+        )
+        self.offset = 0
+
+    def record(self, topic: str, event: Any) -> Record:
+        self.offset += 1
+        return Record(topic, 0, self.offset, event.model_dump_json().encode())
+
+    async def request(self, request_id: str, workflow: str) -> str:
+        request = RequestEvent(request_id=request_id, workflow=workflow)
+        await self.runtime.handle_requests([self.record(TOPICS.requests, request)])
+        return workflow_id_for(request_id)
+
+    def commands(self) -> list[CommandEvent]:
+        return [CommandEvent.model_validate_json(m.value) for m in self.dispatcher.sent
+                if m.kind == "command"]  # fmt: skip
+
+    async def fail(self, command: CommandEvent) -> None:
+        reply = ReplyEvent(
+            command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
+            attempt=command.attempt, status=ReplyStatus.ERROR,
+            error=ErrorInfo(message="declined", code="declined"),
+        )  # fmt: skip
+        await self.runtime.handle_replies([self.record(TOPICS.replies, reply)])
+
+    async def control(self, action: ControlAction, wid: str, control_id: str) -> None:
+        event = ControlEvent(control_id=control_id, action=action, workflow_id=wid, issued_ms=0)
+        await self.runtime.handle_controls([self.record(TOPICS.control, event)])
+
+    async def timers(self, shard: int) -> list[str]:
+        return [text(m) for m in await self.redis.zrange(self.keys.timers(shard), 0, -1)]
+
+
+class _ClaimHook(Store):
+    """The real store; `hooks` run at the claim of timers and before stale ones are
+    removed, where another replica's work can land in a real deployment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_claim: list[Any] = []
+        self.before_removal: list[Any] = []
+
+    async def claim_timers(self, limit: int, lease_ms: int) -> Any:
+        claimed = await super().claim_timers(limit, lease_ms)
+        while claimed and self.after_claim:
+            await self.after_claim.pop(0)()
+        return claimed
+
+    async def timers_done(self, done: Sequence[Any]) -> None:
+        while self.before_removal:
+            await self.before_removal.pop(0)()
+        await super().timers_done(done)
+
+
+async def test_a_stale_timer_never_removes_the_one_a_retry_set_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The deadline of a run is claimed; before it is applied the run fails (so it is
+    stale); before it is removed an operator retries the run, which sets its deadline
+    again. The re-armed deadline must survive the removal of the stale one."""
+    keys = Keys(key_prefix, 1)
+    store = _ClaimHook(redis_client, keys, retention_ms=60_000)
+    spec = {"name": "w", "timeout": "150ms", "steps": [{"id": "a", "service": "s", "action": "x"}]}
+    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
+    wid = await harness.request("r-1", "w")
+    [command] = harness.commands()
+
+    async def fail_the_run() -> None:
+        await harness.fail(command)
+
+    async def retry_the_run() -> None:
+        await harness.control(ControlAction.RETRY, wid, "c-1")
+
+    store.after_claim.append(fail_the_run)
+    store.before_removal.append(retry_the_run)
+    poller = TimerPoller(store, harness.runtime, TimerSettings(lease_ms=5_000))
+    await _when_due(poller)
+
+    state = await store.load(wid)
+    assert state is not None and state.status.value == "running"
+    deadlines = [t for t in await harness.timers(0) if t.startswith(f"deadline|{wid}|")]
+    assert deadlines, "the retried run has no deadline timer left"
+
+
+async def _when_due(poller: TimerPoller) -> None:
+    """Poll until a timer was claimed (the deadline falls due within 150 ms)."""
+    for _ in range(100):
+        if await poller.poll_once():
+            return
+        await asyncio.sleep(0.02)
+    msg = "no timer fell due"
+    raise AssertionError(msg)
+
+
+async def test_a_timer_that_cannot_be_applied_is_set_aside_alone(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "s", "action": "x", "timeout": "50ms"}]}
+    harness = _Harness(redis_client, keys, _workflows(spec))
+    good = await harness.request("good", "w")
+    bad = await harness.request("bad", "w")
+    # One run's state no longer decodes (a bad write, a tool gone wrong); another
+    # replica (nothing cached) fires the timers.
+    await redis_client.hset(keys.workflow(bad), "state", b"{not json")
+    other = _Harness(redis_client, keys, _workflows(spec), store=harness.store)
+    poller = TimerPoller(harness.store, other.runtime, TimerSettings(lease_ms=5_000))
+    await _when_due(poller)
+
+    state = await harness.store.load(good)
+    assert state is not None and state.steps["a"].status.value == "failed"  # it timed out
+    dead = await redis_client.hgetall(keys.dead_timers(0))
+    assert [text(k) for k in dead] == [f"timeout|{bad}|a|1"]
+    assert "CorruptState" in orjson.loads(next(iter(dead.values())))["reason"]
+    assert (await redis_client.hgetall(keys.stats))[b"timers:poisoned"] == b"1"
+    assert not [t for t in await harness.timers(0) if bad in t]  # not claimed again
+
+
+_OPEN = {"version": 1, "state": "open", "counter": 3, "success": 0, "opened_ms": 10**13}
+
+
+def _open_breaker(redis: Redis, keys: Keys, service: str) -> Any:
+    """Open `service`'s breaker until long after the test (its recovery far ahead)."""
+    return redis.hset(keys.breaker(service), mapping={**_OPEN, "probe_until_ms": 0})
+
+
+async def test_a_finished_run_leaves_nothing_parked(redis_client: Redis, key_prefix: str) -> None:
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "pay", "action": "x", "timeout": "5s"}]}
+    breakers = Breakers(redis_client, keys, BreakerSettings(), "r1")
+    await _open_breaker(redis_client, keys, "pay")
+    await breakers.refresh(["pay"])
+    harness = _Harness(redis_client, keys, _workflows(spec), breakers=breakers)
+    wid = await harness.request("r-1", "w")
+    assert harness.commands() == []  # parked
+    assert await redis_client.zcard(keys.parked(0, "pay")) == 1
+    await harness.control(ControlAction.CANCEL, wid, "k-1")
+    state = await harness.store.load(wid)
+    assert state is not None and state.terminal
+    assert await redis_client.zcard(keys.parked(0, "pay")) == 0
+    assert not [t for t in await harness.timers(0) if wid in t]
+
+
+async def test_parked_steps_of_a_service_no_loaded_definition_names_are_drained(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A run on an older plan parks its step for `legacy`; the replicas now load a
+    definition that no longer names it. Once the breaker closes, the step goes."""
+    keys = Keys(key_prefix, 1)
+    old = {"name": "w", "steps": [{"id": "a", "service": "legacy", "action": "x"}]}
+    breakers = Breakers(redis_client, keys, BreakerSettings(drain_rate=100), "r1")
+    await _open_breaker(redis_client, keys, "legacy")
+    await breakers.refresh(["legacy"])
+    harness = _Harness(redis_client, keys, _workflows(old), breakers=breakers)
+    wid = await harness.request("r-1", "w")
+    assert await redis_client.zcard(keys.parked(0, "legacy")) == 1
+
+    # A replica of the new deployment: its definitions name other services only.
+    upkeep = BreakerUpkeep(
+        redis_client, keys, Breakers(redis_client, keys, BreakerSettings(drain_rate=100), "r2"),
+        lambda: {"payments"}, "r2",
+    )  # fmt: skip
+    await upkeep.breakers.reset("legacy")
+    await upkeep.tick()
+    await upkeep.tick()
+    assert await redis_client.zcard(keys.parked(0, "legacy")) == 0
+    assert f"unpark|{wid}|a|1" in await harness.timers(0)
+
+
+async def test_an_instance_that_left_cleanly_has_nothing_handed_on(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Work routed to an instance that then leaves cleanly (it answered what it took and
+    said `down`; its replies may still be on their way) is not sent again; the work of
+    one that died is."""
+    keys = Keys(key_prefix, 1)
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
+    registry = Registry(redis_client, keys, settings)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "inventory", "action": "x"}]}
+    harness = _Harness(redis_client, keys, _workflows(spec), registry=registry)
+    router = harness.runtime.router
+    assert router is not None
+
+    async def routed_to(instance: str) -> str:
+        beat = HealthEvent(service="inventory", instance=instance, ts_ms=0, partitions=[0],
+                           interval_ms=100)  # fmt: skip
+        await registry.apply([beat])
+        await registry.refresh()
+        wid = await harness.request(f"r-{instance}", "w")
+        assert harness.commands()[-1].instance == instance
+        return wid
+
+    await routed_to("left-1")
+    left = HealthEvent(service="inventory", instance="left-1", ts_ms=0, status=HealthStatus.DOWN)
+    await registry.apply([left])
+    await registry.refresh()
+    assert await router.sweep_down() == 0
+    await routed_to("dead-1")
+    await asyncio.sleep(0.3)  # dead-1's deadline passes; the topic is read past it
+    seconds, micros = await redis_client.time()
+    await redis_client.hset(keys.health_watermark, "partitions", 1)
+    await registry.apply([], {0: seconds * 1000 + micros // 1000})
+    assert [c.instance for c in await registry.sweep()] == ["dead-1"]
+    await registry.refresh()
+    assert await router.sweep_down() == 1
+    reroutes = [t for t in await harness.timers(0) if t.startswith("reroute|")]
+    assert reroutes == [f"reroute|{workflow_id_for('r-dead-1')}|a|1"]
+
+
+async def test_redis_refusing_writes_during_a_probe_is_transient(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """Redis out of memory (or read-only after a failover, or refusing writes after a
+    failed save) while a breaker probe is taken: the batch is redelivered later, not
+    dead-lettered, and goes through once Redis takes writes again."""
+    redis = Redis.from_url(own_redis.url)
+    keys = Keys("oom", 1)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "pay", "action": "x"}]}
+    breakers = Breakers(redis, keys, BreakerSettings(recovery_timeout="1s"), "r1")
+    await redis.hset(keys.breaker("pay"), mapping={**_OPEN, "opened_ms": 1})  # probe due
+    await breakers.refresh(["pay"])
+    harness = _Harness(redis, keys, _workflows(spec), breakers=breakers)
+    boundary = Boundary("inbound", harness.runtime.reject, BackoffSettings(initial_ms=1))
+    request = RequestEvent(request_id="r-1", workflow="w")
+    record = harness.record(TOPICS.requests, request)
+    try:
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        assert await boundary.run([record], harness.runtime.handle_inbound) is False
+        assert harness.dispatcher.direct == [] and boundary.isolated == 0
+        await redis.config_set("maxmemory", "0")
+        assert await boundary.run([record], harness.runtime.handle_inbound) is True
+        [probe] = harness.commands()
+        assert probe.service == "pay" and breakers.stats["probes"] == 1
+    finally:
+        await redis.config_set("maxmemory", "0")
+        await redis.aclose()
