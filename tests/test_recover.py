@@ -10,6 +10,7 @@ import asyncio
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -22,7 +23,8 @@ from mediator.errors import BadTime, RecoverError
 from mediator.ops.recover import parse_time, recover
 from mediator.settings import Settings, settings_document
 from mediator.storage.keys import Keys, workflow_id_for
-from tests.helpers import records_on
+from tests.helpers import records_on, wait_for
+from tests.test_workflows_e2e import step
 from topics.events import RequestEvent
 
 # The layout recover must read from med:meta, unlike the settings' 4 shards.
@@ -263,3 +265,53 @@ async def test_cli_bad_input_is_one_line(config_file: Path) -> None:
         assert expected in err, err
         assert "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_a_run_a_lossy_failover_rolled_back_is_brought_forward(
+    make_system: Any, redis_client: Redis
+) -> None:
+    """Redis loses its latest writes (an asynchronous replica promoted before it had them):
+    a run is back at the revision where step `a` was running, though `a` answered, the
+    reply was applied and its offset committed. Nothing would move it on: `recover`
+    publishes again the reply it waits for, and the run finishes, each step run once."""
+    system = await make_system(
+        {"name": "two", "steps": [step("a", action="a"), step("b", action="b", depends_on=["a"])]}
+    )
+    ran: Counter[str] = Counter()
+    release_a, release_b = asyncio.Event(), asyncio.Event()
+
+    async def held(gate: asyncio.Event, name: str) -> dict[str, Any]:
+        ran[name] += 1
+        await gate.wait()
+        return {name: True}
+
+    await system.worker(
+        "svc", {"a": lambda data: held(release_a, "a"), "b": lambda data: held(release_b, "b")}
+    )
+    first = await system.mediator()
+    client = await system.client()
+    began = clock.now_ms()
+    keys = first.store.keys
+    wid = workflow_id_for("r-1")
+    await client.publish("two", {}, request_id="r-1")
+    await wait_for(lambda: ran["a"] == 1, what="step a to run")
+    lost = await redis_client.dump(keys.workflow(wid))  # the revision the failover keeps
+    release_a.set()
+    await wait_for(lambda: ran["b"] == 1, what="step b to run")
+    await first.stop()
+    await redis_client.restore(keys.workflow(wid), 0, lost, replace=True)
+    second = await system.mediator()
+
+    report = await recover(system.settings, since_ms=began - 1_000)
+    release_b.set()
+
+    async def completed() -> bool:
+        state = await second.store.load(wid)
+        return state is not None and state.status.value == "completed"
+
+    await wait_for(completed, timeout=20, what="the rolled-back run to finish")
+    assert ran == {"a": 1, "b": 1}
+    assert report.missing == 0  # the run was there, only behind
+    assert (report.replies_awaited, report.replies_republished) == (1, 1), report
+    again = await recover(system.settings, since_ms=began - 1_000)
+    assert again.replies_awaited == 0  # nothing a finished run waits for

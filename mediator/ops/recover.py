@@ -27,7 +27,8 @@ tombstone expired looks the same as one that was lost, and would be run again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -108,13 +109,6 @@ async def recover(
         raise RecoverError(msg)
     kafka = settings.kafka
     redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=f"{kafka.client_id}-recover",
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-    )
     producer = None
     if not dry_run:
         producer = new_producer(
@@ -126,24 +120,28 @@ async def recover(
         )
     try:
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
-        async with asyncio.timeout(timeout_s):
-            await consumer.start()
-            if producer is not None:
+        if producer is not None:
+            async with asyncio.timeout(timeout_s):
                 await start_producer(producer, kafka.bootstrap_servers, kafka.enable_idempotence)
-            span = await window(consumer, kafka.topics.requests, since_ms, until_ms)
-        report = RecoverReport(
-            topic=kafka.topics.requests,
-            since_ms=since_ms,
-            until_ms=until_ms,
-            partitions=len(span),
-            dry_run=dry_run,
-        )
-        scan = _Scan(report, redis, keys, producer, workflows, timeout_s)
-        await read_window(consumer, span, scan.handle, timeout_s)
-        async with asyncio.timeout(timeout_s):
-            span = await window(consumer, kafka.topics.replies, since_ms, until_ms)
+        async with _reader(settings, timeout_s) as consumer:
+            async with asyncio.timeout(timeout_s):
+                span = await window(consumer, kafka.topics.requests, since_ms, until_ms)
+            report = RecoverReport(
+                topic=kafka.topics.requests,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                partitions=len(span),
+                dry_run=dry_run,
+            )
+            scan = _Scan(report, redis, keys, producer, workflows, timeout_s)
+            await read_window(consumer, span, scan.handle, timeout_s)
+        # A consumer of its own: one assigned to a topic's partitions keeps no metadata of
+        # the other topic's.
         redrive = Redrive(redis, keys, producer, kafka.topics.replies, timeout_s)
-        await read_window(consumer, span, redrive.handle, timeout_s)
+        async with _reader(settings, timeout_s) as consumer:
+            async with asyncio.timeout(timeout_s):
+                span = await window(consumer, kafka.topics.replies, since_ms, until_ms)
+            await read_window(consumer, span, redrive.handle, timeout_s)
         report.replies_scanned = redrive.scanned
         report.replies_awaited = redrive.awaited
         report.replies_republished = redrive.republished
@@ -153,13 +151,29 @@ async def recover(
         raise RecoverError(msg) from exc
     finally:
         try:
-            await consumer.stop()
+            if producer is not None:
+                await producer.stop()
         finally:
-            try:
-                if producer is not None:
-                    await producer.stop()
-            finally:
-                await redis.aclose()
+            await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _reader(settings: Settings, timeout_s: float) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer outside any group, started (within `timeout_s`) and stopped."""
+    kafka = settings.kafka
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.client_id}-recover",
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await consumer.start()
+        yield consumer
+    finally:
+        await consumer.stop()
 
 
 class _Scan:

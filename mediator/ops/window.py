@@ -95,6 +95,8 @@ async def read_window(
 ) -> None:
     """Hand every record of `span` to `handle`, batch by batch, up to each partition's
     stop offset; `RecoverError` when the broker gives nothing for `timeout_s`."""
+    if not span:
+        return  # (aiokafka's consumer assigned no partition at all never stops)
     stops = {tp: stop for tp, (_, stop) in span.items()}
     consumer.assign(list(stops))
     for tp, (start, _) in span.items():
