@@ -12,7 +12,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from mediator import clock
 from mediator.cli.infra import EmbeddedRedis
+from mediator.core.signing import Keyring, Signatures
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
@@ -31,12 +33,15 @@ from mediator.settings import (
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
+from tests.helpers import TEST_KEYS
 from tests.test_runtime_concurrency import TOPICS, Record, RecordingDispatcher
 from topics.events import (
     CommandEvent,
     ControlAction,
     ControlEvent,
+    DeadLetter,
     ErrorInfo,
     HealthEvent,
     HealthStatus,
@@ -61,6 +66,7 @@ class _Harness:
         store: Store | None = None,
         breakers: Breakers | None = None,
         registry: Registry | None = None,
+        signatures: Signatures | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -75,6 +81,7 @@ class _Harness:
             breakers=breakers,
             registry=registry,
             balancing=LoadBalancingSettings() if registry is not None else None,
+            signatures=signatures,
         )
         self.offset = 0
 
@@ -311,3 +318,102 @@ async def test_redis_refusing_writes_during_a_probe_is_transient(
     finally:
         await redis.config_set("maxmemory", "0")
         await redis.aclose()
+
+
+async def test_series_names_and_instance_reports_do_not_grow_for_ever(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Metrics series names of instances long gone leave the list once their buckets
+    expired; the router forgets the reports of instances the registry forgot."""
+    keys = Keys(key_prefix, 1)
+    store = MetricsStore(redis_client, keys, bucket_s=1, window_ms=1_000)  # kept 2 s
+    old = clock.now_ms() // 1000
+    await store.write({("inst", "inventory/gone-1", old): {"ok": 1}})
+    await redis_client.zadd(keys.metric_names("inst"), {"inventory/gone-1": old - 60})
+    await store.write({("inst", "inventory/live-1", old): {"ok": 1}})
+    assert await store.names("inst") == ["inventory/live-1"]
+
+    registry = Registry(redis_client, keys, DiscoverySettings(forget_after="1ms"))
+    spec = {"name": "w", "steps": [{"id": "a", "service": "inventory", "action": "x"}]}
+    harness = _Harness(redis_client, keys, _workflows(spec), registry=registry)
+    router = harness.runtime.router
+    assert router is not None
+    beat = HealthEvent(service="inventory", instance="gone-1", ts_ms=0, partitions=[0])
+    await registry.apply([beat])
+    await registry.refresh()
+    await harness.request("r-1", "w")  # routes: the instance's report is noted
+    assert set(router._reported["inventory"]) == {"gone-1"}
+    # It leaves and is forgotten by the registry; the router's next look forgets it too.
+    await registry.apply([beat.model_copy(update={"status": HealthStatus.DOWN})])
+    await asyncio.sleep(0.01)
+    await registry.sweep()  # forgets instances down for longer than forget_after
+    await registry.refresh()
+    await harness.request("r-2", "w")
+    assert router._reported["inventory"] == {}
+
+
+async def test_a_step_released_and_parked_again_is_queued_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The breaker closed and the parked step was released; the replica that fires its
+    release still sees the breaker open (its mirror not refreshed yet, or it opened again)
+    and parks it again under the same name: it must be back in the queue, or nothing would
+    ever release it."""
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "pay", "action": "x"}]}
+    stale = Breakers(redis_client, keys, BreakerSettings(drain_rate=100), "r1")
+    await _open_breaker(redis_client, keys, "pay")
+    await stale.refresh(["pay"])
+    harness = _Harness(redis_client, keys, _workflows(spec), breakers=stale)
+    wid = await harness.request("r-1", "w")
+    member = f"unpark|{wid}|a|1"
+    assert [text(m) for m in await redis_client.zrange(keys.parked(0, "pay"), 0, -1)] == [member]
+    upkeep = BreakerUpkeep(
+        redis_client, keys, Breakers(redis_client, keys, BreakerSettings(drain_rate=100), "r2"),
+        lambda: {"pay"}, "r2",
+    )  # fmt: skip
+    await upkeep.breakers.reset("pay")
+    await upkeep.tick()
+    await upkeep.tick()
+    assert member in await harness.timers(0)  # released
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 1
+    assert harness.commands() == []  # parked again
+    assert [text(m) for m in await redis_client.zrange(keys.parked(0, "pay"), 0, -1)] == [member]
+    assert member not in await harness.timers(0)
+
+
+async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A reply signed with the shared key, naming no service, for a step of a service with
+    keys of its own is forged. When the same batch must be applied again to its run (another
+    of its events was stale against the cached state), it must stay refused."""
+    keys = Keys(key_prefix, 1)
+    shared = Keyring.parse(TEST_KEYS)
+    own = Keyring.parse("inv-1=inventory-secret-0123456789", "inventory")
+    spec = {"name": "w", "steps": [{"id": "a", "service": "inventory", "action": "x"},
+                                   {"id": "b", "service": "inventory", "action": "y",
+                                    "depends_on": ["a"]}]}  # fmt: skip
+    harness = _Harness(redis_client, keys, _workflows(spec),
+                       signatures=Signatures(shared, {"inventory": own}))  # fmt: skip
+    wid = await harness.request("r-1", "w")
+    [a] = harness.commands()
+
+    def signed(reply: ReplyEvent, ring: Keyring) -> Record:
+        record = harness.record(TOPICS.replies, reply)
+        return Record(record.topic, 0, record.offset, record.value, None,
+                      ring.headers(record.value or b""))  # fmt: skip
+
+    done_a = ReplyEvent(command_id=a.command_id, workflow_id=wid, step="a", attempt=1,
+                        status=ReplyStatus.OK, service="inventory")  # fmt: skip
+    await harness.runtime.handle_replies([signed(done_a, own)])
+    [_, b] = harness.commands()
+    forged = ReplyEvent(command_id=b.command_id, workflow_id=wid, step="b", attempt=1,
+                        status=ReplyStatus.OK, output={"forged": True})  # fmt: skip
+    # The forged reply, and `a`'s reply delivered again (stale: the run is looked at anew).
+    await harness.runtime.handle_replies([signed(forged, shared), signed(done_a, own)])
+    state = await harness.store.load(wid)
+    assert state is not None and state.steps["b"].status.value == "running"
+    letters = [DeadLetter.model_validate_json(m.value) for m in harness.dispatcher.direct]
+    assert [d.code for d in letters] == ["bad_signature"]

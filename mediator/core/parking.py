@@ -2,12 +2,16 @@
 
 A step whose service's breaker is open waits as ``parked``, named in its service's parked
 queue by the ``unpark`` timer that will release it (`mediator.core.timers`). The queue
-holds exactly the steps parked now: a commit adds the steps that became parked and removes
-the ones that stopped being parked by any other way (their timeout, the run ending), so a
-step parks once per attempt at most and a finished run leaves nothing behind.
+holds exactly the steps parked now: a commit adds the steps the transition parked (a step
+released by its timer and parked again at once, the breaker still open, goes back in under
+the same name) and removes the ones that stopped being parked by any other way (their
+timeout, the run ending), so a step parks once per attempt at most and a finished run
+leaves nothing behind.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.timers import SetTimer
@@ -30,10 +34,16 @@ def parked(workflow: Workflow | None, state: WorkflowState | None) -> set[tuple[
 
 
 def parking_delta(
-    workflow: Workflow | None, before: WorkflowState | None, after: WorkflowState
+    workflow: Workflow | None,
+    before: WorkflowState | None,
+    after: WorkflowState,
+    queued: Iterable[tuple[str, str]] = (),
 ) -> list[tuple[str, str, str]]:
-    """What a commit from `before` to `after` changes in the parked queues: ``("+",
-    service, name)`` for steps newly parked, ``("-", service, name)`` for those no longer
-    parked (released by their timer, which removed them already, or moved on otherwise)."""
+    """What a commit from `before` to `after` changes in the parked queues: ``("-",
+    service, name)`` for steps no longer parked (released by their timer, which took them
+    out already, or moved on otherwise), ``("+", service, name)`` for the steps the
+    transition parked (`queued`: the engine's `Transition.parked`) that are still parked
+    when it ends (adding one already queued changes nothing)."""
     old, new = parked(workflow, before), parked(workflow, after)
-    return [("-", *m) for m in sorted(old - new)] + [("+", *m) for m in sorted(new - old)]
+    added = sorted(set(queued) & new)
+    return [("-", *m) for m in sorted(old - new)] + [("+", *m) for m in added]

@@ -122,6 +122,8 @@ class _Out:
     #: Replies signed with a shared key that name no service (by `id`), with their
     #: records: a shared key must not answer for a service with keys of its own.
     shared: dict[int, Record] = field(default_factory=dict)
+    #: Those of `shared` found forged: skipped on every pass (a conflict recomputes).
+    forged: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -742,6 +744,8 @@ class Runtime:
     ) -> bool:
         """Whether `event` is a reply signed with a shared key, naming no service, for a
         step whose service has keys of its own: then it is forged, and dead-lettered."""
+        if id(event) in out.forged:
+            return True
         record = out.shared.get(id(event))
         if record is None or not isinstance(event, ReplyEvent) or self.signatures is None:
             return False
@@ -755,7 +759,7 @@ class Runtime:
             service = undo.service if undo is not None else None
         if service is None or not self.signatures.has_own_keys(service):
             return False
-        del out.shared[id(event)]
+        out.forged.add(id(event))
         self._forged(record, f"reply for {service!r} signed with a shared key, but it has "
                              "keys of its own", out)  # fmt: skip
         return True
@@ -849,7 +853,7 @@ class Runtime:
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],
             cleared=transition.cleared,
-            parked=parking_delta(workflow, base, state),
+            parked=parking_delta(workflow, base, state, transition.parked),
             routed=routing_delta(workflow, base, state) if self.router is not None else (),
             audit=audit.entries(events, transition, now, self.replica)
             if self.store.audit_limit

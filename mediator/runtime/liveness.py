@@ -24,42 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
 from mediator import clock
 from mediator.codec import encode, headers
 from mediator.core.signing import Signatures
+from mediator.runtime.ports import Producer
 from mediator.settings import DiscoverySettings
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from mediator.storage.leases import Leases
 from topics.events import MarkEvent
 
-__all__ = ["MARK_KEY", "MarkProducer", "Marker"]
+__all__ = ["MARK_KEY", "Marker"]
 
 log = logging.getLogger("mediator.registry")
 
 #: The key of every marker record.
 MARK_KEY = b"mediator-mark"
-
-
-class MarkProducer(Protocol):
-    """What the marker needs of a Kafka producer (aiokafka's `AIOKafkaProducer`)."""
-
-    async def partitions_for(self, topic: str) -> set[int]: ...
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[Any]: ...
 
 
 class Marker:
@@ -69,7 +52,7 @@ class Marker:
         self,
         redis: Redis,
         keys: Keys,
-        producer: MarkProducer,
+        producer: Producer,
         topic: str,
         settings: DiscoverySettings,
         replica: str,

@@ -12,6 +12,7 @@ Every replica keeps a local view, refreshed on the same period, for routing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,10 +124,9 @@ class Registry:
         services = sorted(await self.known() if services is None else services)
         if not services:
             return []
-        watermark = await self.watermark()
-        if not watermark:
-            return []
-        args = [1000, self.settings.forget_after, watermark]
+        # Without a watermark (no marker read yet) nobody is marked down; the sweep still
+        # forgets instances down for long.
+        args = [1000, self.settings.forget_after, await self.watermark()]
         with redis_errors("sweeping the registry"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for service in services:
@@ -202,10 +202,31 @@ class RegistryUpkeep(Periodic):
         self.catch_up: Callable[[], Awaitable[object]] | None = None
         self._deaths: list[Change] = []
         self._caught_up = float("-inf")
+        #: Rounds in a row whose markers could not be written.
+        self.mark_failures = 0
+
+    async def _mark(self) -> None:
+        """Write the markers. A failure (the broker or Redis away, no right to write the
+        health topic) is logged and the round goes on: without new markers no one is
+        marked down, and routing still follows the registry."""
+        assert self.marker is not None
+        try:
+            await self.marker.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.mark_failures += 1
+            if self.mark_failures in (1, 10) or self.mark_failures % 100 == 0:
+                log.warning(
+                    "health-topic markers not written (%d rounds in a row): %s; no instance "
+                    "is marked down meanwhile", self.mark_failures, exc,
+                )  # fmt: skip
+        else:
+            self.mark_failures = 0
 
     async def round(self) -> float:
         if self.marker is not None:
-            await self.marker.tick()
+            await self._mark()
         services = await self.registry.known()
         self._deaths += await self.registry.sweep(services)
         await self.registry.refresh(services)  # before handing on: route around the dead

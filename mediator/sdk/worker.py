@@ -464,8 +464,8 @@ class Worker:
             return self._spawn(self._send(command, cached, tp, record.offset), tp, record.offset)
         if cid in self._running:
             self.stats["duplicates"] += 1
-            waiting = self._after_running(command, tp, record.offset)
-            return self._spawn(waiting, tp, record.offset)
+            after = self._after(command, self._waiter(cid), tp, record.offset)
+            return self._spawn(after, tp, record.offset)
         key = command.idempotency_key if command.action in self._idempotent else None
         if key is not None:
             done = self._by_key.get(key)
@@ -478,8 +478,8 @@ class Worker:
             doing = self._keys_running.get(key)
             if doing is not None:
                 self.stats["duplicates"] += 1
-                waiting = self._after_key(command, doing, tp, record.offset)
-                return self._spawn(waiting, tp, record.offset)
+                after = self._after(command, self._waiter(doing), tp, record.offset, True)
+                return self._spawn(after, tp, record.offset)
             self._keys_running[key] = cid
         self._running[cid] = None
         self._spawn(self._run(command, tp, record.offset, tracing), tp, record.offset)
@@ -532,26 +532,27 @@ class Worker:
             waiting.set_result(reply)
         await self._send(command, reply, tp, offset)
 
-    async def _after_running(self, command: CommandEvent, tp: TopicPartition, offset: int) -> None:
-        """A duplicate of a command whose action is running: send the same reply once it
-        is there (nothing is sent if that run was cancelled)."""
-        cid = command.command_id
+    def _waiter(self, cid: str) -> asyncio.Future[bytes]:
+        """A future for the reply of the command `cid` whose action runs now. Made here,
+        where the record is taken, so the run that resolves it cannot have ended first."""
         waiting = self._running.get(cid)
         if waiting is None:
             waiting = self._running[cid] = asyncio.get_running_loop().create_future()
-        reply = await asyncio.shield(waiting)
-        await self._send(command, reply, tp, offset)
+        return waiting
 
-    async def _after_key(
-        self, command: CommandEvent, doing: str, tp: TopicPartition, offset: int
+    async def _after(
+        self,
+        command: CommandEvent,
+        waiting: asyncio.Future[bytes],
+        tp: TopicPartition,
+        offset: int,
+        readdress: bool = False,
     ) -> None:
-        """Another attempt of idempotent work that is running now (under command id
-        `doing`): its reply, for this attempt, once it is there."""
-        waiting = self._running.get(doing)
-        if waiting is None:
-            waiting = self._running[doing] = asyncio.get_running_loop().create_future()
+        """A duplicate of a command whose action is running (or, `readdress`, another
+        attempt of idempotent work that is): send the same reply once it is there, to this
+        attempt (nothing is sent if that run was cancelled)."""
         reply = await asyncio.shield(waiting)
-        await self._send(command, _readdressed(reply, command), tp, offset)
+        await self._send(command, _readdressed(reply, command) if readdress else reply, tp, offset)
 
     async def _reject(
         self, tp: TopicPartition, record: ConsumerRecord, exc: SignatureError
