@@ -274,6 +274,10 @@ class DiscoverySettings(BaseModel):
     # been read past the instance's deadline (see `mediator.runtime.liveness`). A death is
     # found about this much later than its deadline, at most.
     mark_ms: int = Field(default=500, ge=10)
+    # When Redis is found to have lost heartbeats it had taken (a failover promoted a
+    # replica that was behind: the health topic was read further than Redis remembers),
+    # no instance is marked down for this long, so every live one is heard from again.
+    after_loss: Millis = Field(default=10_000)
     # Kept so configurations that set it still load; it has no effect. (It held sweeps
     # back after a start and when every instance went quiet at once; the markers tell
     # those stalls from deaths.)

@@ -188,3 +188,23 @@ async def test_a_heartbeat_that_does_not_validate_is_dead_lettered(make_system: 
     assert {d.code for d in letters} == {"invalid"}
     assert any("instance" in d.reason for d in letters)
     assert mediator.runtime.stats["heartbeats"] == 0
+
+
+async def test_after_redis_lost_heartbeats_no_one_is_marked_down_until_heard_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A failover lost writes: Redis remembers the health topic read up to offset 10, but
+    the next batch starts at 20 (the heartbeats in between were applied, then lost). An
+    instance whose last remembered heartbeat is old is not marked down until everyone had
+    the time to be heard from again; one that stays silent is, after that."""
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0, after_loss="400ms")
+    registry = Registry(redis_client, Keys(key_prefix, 4), settings)
+    await registry.apply([beat("i-1"), beat("i-2")], read={0: (0, 10)})
+    await asyncio.sleep(0.3)  # both deadlines pass
+    await registry.apply([beat("i-2")], read={0: (20, 21)})  # a gap: writes were lost
+    await _read_to_now(registry, redis_client)
+    assert await registry.sweep() == []  # i-1's last heartbeat may be among the lost
+    await asyncio.sleep(0.45)
+    await registry.apply([beat("i-2")], read={0: (22, 22)})
+    await _read_to_now(registry, redis_client)
+    assert [c.instance for c in await registry.sweep()] == ["i-1"]

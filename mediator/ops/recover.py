@@ -48,7 +48,7 @@ from mediator.storage.connection import connect
 from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
-__all__ = ["RecoverReport", "parse_time", "recover"]
+__all__ = ["RecoverReport", "RequestScan", "parse_time", "recover"]
 
 
 @dataclass(slots=True)
@@ -133,7 +133,7 @@ async def recover(
                 partitions=len(span),
                 dry_run=dry_run,
             )
-            scan = _Scan(report, redis, keys, producer, workflows, timeout_s)
+            scan = RequestScan(report, redis, keys, producer, workflows, timeout_s)
             await read_window(consumer, span, scan.handle, timeout_s)
         # A consumer of its own: one assigned to a topic's partitions keeps no metadata of
         # the other topic's.
@@ -176,7 +176,7 @@ async def _reader(settings: Settings, timeout_s: float) -> AsyncIterator[AIOKafk
         await consumer.stop()
 
 
-class _Scan:
+class RequestScan:
     """One pass over the window: decode, look up in Redis per batch, re-publish the missing."""
 
     def __init__(

@@ -493,7 +493,10 @@ class Runtime:
         out = _Out()
         beats: list[HealthEvent] = []
         marks: dict[int, int] = {}
+        read: dict[int, tuple[int, int]] = {}
         for record in records:
+            first, last = read.get(record.partition, (record.offset, record.offset))
+            read[record.partition] = (min(first, record.offset), max(last, record.offset))
             signed, signer = self._signer(record, out)
             if not signed:
                 continue
@@ -507,8 +510,8 @@ class Runtime:
                 self._forged(record, f"heartbeat of {reason}", out)
                 continue
             beats.append(event)
-        if (beats or marks) and self.registry is not None:
-            changes = await self.registry.apply(beats, marks)
+        if records and self.registry is not None:
+            changes = await self.registry.apply(beats, marks, read)
             self.stats["heartbeats"] += len(beats)
             out.counts["heartbeats"] += len(beats)
             for change in changes:

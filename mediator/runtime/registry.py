@@ -66,16 +66,32 @@ class Registry:
         self.generation = 0
 
     async def apply(
-        self, beats: Sequence[HealthEvent], marks: Mapping[int, int] | None = None
+        self,
+        beats: Sequence[HealthEvent],
+        marks: Mapping[int, int] | None = None,
+        read: Mapping[int, tuple[int, int]] | None = None,
     ) -> list[Change]:
-        """Record heartbeats (in order), then how far the health topic has been read
-        (`marks`: partition -> time of the latest marker read from it, which came after
-        `beats`); the status changes the heartbeats bring."""
+        """Record heartbeats (in order), then how far the health topic has been read:
+        `read` (partition -> first and last offset of the batch) and `marks` (partition ->
+        time of the latest marker in it, which came after `beats`); the status changes the
+        heartbeats bring."""
         changes = await self._beats(beats) if beats else []
-        if marks:
-            args = [v for partition, t in sorted(marks.items()) for v in (partition, t)]
+        marks = marks or {}
+        read = dict(read or {})
+        for partition in marks:
+            read.setdefault(partition, (0, 0))
+        if read:
+            args: list[int] = [self.settings.after_loss]
+            for partition, (first, last) in sorted(read.items()):
+                args += (partition, first, last, marks.get(partition, 0))
             with redis_errors("recording the health topic's watermark"):
-                await self._mark(keys=[self.keys.health_watermark], args=args)
+                lost = await self._mark(keys=[self.keys.health_watermark], args=args)
+            if int(lost):
+                log.warning(
+                    "Redis lost heartbeats it had taken (a failover?): no instance is marked "
+                    "down for %d ms, until each has been heard from again",
+                    self.settings.after_loss,
+                )  # fmt: skip
         return changes
 
     async def _beats(self, beats: Sequence[HealthEvent]) -> list[Change]:
@@ -107,16 +123,18 @@ class Registry:
             log.info("instance %s of %s %s", change.instance, change.service, change.what)
         return changes
 
-    async def watermark(self) -> int:
+    async def watermark(self) -> tuple[int, int]:
         """How far (ms, Redis clock) every partition of the health topic has been read:
-        the least time of the markers read from them; 0 until each has had one."""
+        the least time of the markers read from them (0 until each has had one); and
+        until when no one is marked down (after a loss of Redis writes; 0: no hold)."""
         with redis_errors("reading the health topic's watermark"):
             marks = {text(k): int(v) for k, v in
                      (await self.redis.hgetall(self.keys.health_watermark)).items()}  # fmt: skip
-        partitions = marks.pop("partitions", 0)
+        partitions = marks.get("partitions", 0)
+        hold = marks.get("hold_until", 0)
         if not partitions:
-            return 0
-        return min(marks.get(str(p), 0) for p in range(partitions))
+            return 0, hold
+        return min(marks.get(str(p), 0) for p in range(partitions)), hold
 
     async def sweep(self, services: Iterable[str] | None = None) -> list[Change]:
         """Mark down every instance (of every service, or of ``services``) whose deadline
@@ -126,7 +144,7 @@ class Registry:
             return []
         # Without a watermark (no marker read yet) nobody is marked down; the sweep still
         # forgets instances down for long.
-        args = [1000, self.settings.forget_after, await self.watermark()]
+        args = [1000, self.settings.forget_after, *await self.watermark()]
         with redis_errors("sweeping the registry"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for service in services:

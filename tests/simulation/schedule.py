@@ -53,6 +53,11 @@ def choices(world: World) -> list[Action]:
     add((4, "tick", lambda: world.tick(1, 400)))
     add((0.5, "leap", lambda: world.tick(1_000, 6_000)))
     add((0.3, "instance", world.instance_event))
+    if world.lossy and not world.failovers:
+        if world.lagging is None:
+            add((0.4, "replica-lags", world.replica_lags))
+        else:
+            add((0.4, "failover", world.failover))
     return options
 
 
@@ -112,6 +117,10 @@ async def heal(world: World, rounds: int = 400) -> bool:
     """The second phase: faults stop; every part works in turn while time passes, until
     every run has ended and nothing is left to send. False if that never happens."""
     await world.stop_faults()
+    if world.failovers:
+        for name in sorted(world.replicas):
+            await world.drain_consumers(name)
+        await world.recover()
     for n in range(rounds):
         for name, replica in sorted(world.replicas.items()):
             await world.drain_consumers(name)

@@ -36,6 +36,8 @@ FAULT_PATHS = (
     "real_deaths_handed_on",  # a killed instance's work sent elsewhere
     "undone",  # compensations
     "retries_asked",  # operators' retries: new rounds
+    "failovers",  # Redis losing its latest writes
+    "redriven",  # replies `recover` published again for runs rolled back
 )
 
 

@@ -19,6 +19,7 @@ has ended and nothing is left to send; then the invariants are checked
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,6 +33,8 @@ from mediator.codec import encode
 from mediator.core.state import WorkflowState
 from mediator.core.workflow import WorkflowSpec, compile_workflow
 from mediator.definitions import Definitions
+from mediator.ops.recover import RecoverReport, RequestScan
+from mediator.ops.redrive import Redrive
 from mediator.settings import (
     AuditSettings,
     BackoffSettings,
@@ -46,7 +49,7 @@ from mediator.settings import (
     TimerSettings,
 )
 from mediator.storage.keys import Keys, workflow_id_for
-from tests.simulation.kafka import Group, Log
+from tests.simulation.kafka import Group, Log, SimProducer
 from tests.simulation.replica import SimReplica
 from tests.simulation.services import Effect, Instance, Life, Service, decode_command
 from tests.simulation.timebase import SimClock
@@ -179,6 +182,15 @@ class World:
         self.ops: dict[tuple[str, str], asyncio.Task[Any]] = {}
         #: In the second phase gates open at once: every round runs to its end.
         self.free = False
+        #: What an asynchronous Redis replica holds (taken when it starts lagging), and how
+        #: many failovers promoted it, losing every write since.
+        self.lagging: list[tuple[dict[bytes, Any], list[Any]]] | None = None
+        #: One seed in four runs with a Redis whose failover loses writes; the others
+        #: keep every commit (as with `redis.wait_replicas`), and are held to more.
+        self.lossy = random.Random(seed * 7919 + 1).random() < 0.25
+        self.failovers = 0
+        #: Replies `recover` published again after a failover.
+        self.redriven = 0
 
     # -- gates and ops ---------------------------------------------------------------------
 
@@ -431,6 +443,37 @@ class World:
                 self.abandoned.append(task)
         self.note(f"{name} killed")
 
+    def replica_lags(self) -> None:
+        """Redis's replica stops receiving writes from now on (asynchronous replication
+        falling behind): what it holds is what Redis holds now."""
+        self.lagging = [
+            (copy.deepcopy(db._dict), list(db._expiry_heap)) for db in self.server.dbs.values()
+        ]
+        self.note("redis replica falls behind")
+
+    def failover(self) -> None:
+        """The lagging replica is promoted: every write since it fell behind is lost."""
+        assert self.lagging is not None
+        for db, (keys, expiries) in zip(self.server.dbs.values(), self.lagging, strict=True):
+            db._dict, db._expiry_heap = copy.deepcopy(keys), list(expiries)
+        self.lagging = None
+        self.failovers += 1
+        self.revisions.append(("-- failover --", 0))
+        self.note("redis failover: writes since the replica fell behind are lost")
+
+    async def recover(self) -> None:
+        """`mediator recover` over everything: requests of runs Redis lost, replies that
+        runs it rolled back still wait for."""
+        replica = next(iter(self.replicas.values()))
+        producer = SimProducer(self.log, lambda point: self.gate("recover", point))
+        report = RecoverReport(self.topics.requests, 0, None, 0, False)
+        scan = RequestScan(report, replica.redis, self.keys, producer, None, 10)  # type: ignore[arg-type]
+        await scan.handle(self.log.records(self.topics.requests))  # type: ignore[arg-type]
+        redrive = Redrive(replica.redis, self.keys, producer, self.topics.replies, 10)  # type: ignore[arg-type]
+        await redrive.handle(self.log.records(self.topics.replies))  # type: ignore[arg-type]
+        self.redriven += redrive.republished
+        self.note(f"recover: {report.republished} requests, {redrive.republished} replies again")
+
     def instance_event(self) -> None:
         candidates = self.alive()
         roll = self.rng.random()
@@ -561,6 +604,8 @@ class World:
         seen["real_deaths_handed_on"] = sum(1 for *_, moved in self.hand_ons if moved)
         seen["undone"] = sum(1 for e in self.effects if e.undo)
         seen["retries_asked"] = sum(self.issued.retries.values())
+        seen["failovers"] = self.failovers
+        seen["redriven"] = self.redriven
         return seen
 
     async def close(self) -> None:

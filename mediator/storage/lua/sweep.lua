@@ -10,11 +10,15 @@
 --
 -- KEYS: as heartbeat.lua (docs, status, deadlines, last seen, drained, dead).
 -- ARGV: 1 most instances to mark down in one call, 2 forget down instances not heard
---       from for this long (ms), 3 the watermark (ms, Redis clock; 0: none yet).
+--       from for this long (ms), 3 the watermark (ms, Redis clock; 0: none yet), 4 no one
+--       is marked down before this (ms, Redis clock: after a loss of Redis writes).
 -- Returns {now ms, instance marked down, ...}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local evidence = math.min(now, tonumber(ARGV[3]))
+if now < tonumber(ARGV[4]) then
+  evidence = 0
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. evidence, 'LIMIT', 0,
   tonumber(ARGV[1]))
 local out = {now}
