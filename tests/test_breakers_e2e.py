@@ -113,7 +113,11 @@ async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
     client = await system.client()
     for n in range(3):
         await client.submit("checkout", {}, request_id=f"bad-{n}", timeout=10)
-    assert await breaker_state(mediator, "payments") == "open"
+    # The breaker learns of a reply just after its result leaves: give it a moment.
+    await wait_for(
+        lambda: _is(breaker_state(mediator, "payments"), "open"), what="the breaker to open"
+    )
+    await asyncio.sleep(0.2)  # the replica has refreshed its view
 
     results = await asyncio.gather(
         *(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=10) for n in range(4))

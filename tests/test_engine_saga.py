@@ -264,6 +264,26 @@ def test_retry_reruns_a_failed_run_from_its_failed_step_keeping_outputs() -> Non
     assert ENGINE.apply_control(workflow, run.state, control(ControlAction.RETRY), T0) is None
 
 
+def test_a_retried_run_ending_within_the_same_millisecond_reports_a_new_result() -> None:
+    """Consumers deduplicate results on `result_id`: the result of a round the retry
+    re-opened is another result, even when both rounds end at the same millisecond."""
+    workflow = make(step("a"))
+    run = Run(workflow)
+    cancelled = ENGINE.apply_control(workflow, run.state, control(ControlAction.CANCEL), T0)
+    assert cancelled is not None
+    run.state = cancelled.state
+    first = result(cancelled)
+    again = control(ControlAction.RETRY).model_copy(update={"control_id": "c-2"})
+    retry = ENGINE.apply_control(workflow, run.state, again, T0)
+    assert retry is not None
+    run.state = retry.state
+    run.outstanding = {c.step: c for c in commands(retry)}
+    second = result(run.complete("a", now=T0))
+    assert (first.status, second.status) == (WS.CANCELLED, WS.COMPLETED)
+    assert first.finished_ms == second.finished_ms
+    assert first.result_id != second.result_id
+
+
 def test_retry_reruns_compensated_steps() -> None:
     run = Run(chain())
     run.complete("reserve")

@@ -57,6 +57,32 @@ async def test_create_is_idempotent_and_revisions_guard_updates(store: Store) ->
     assert counters == {b"x": b"1"}  # the refused create counted nothing
 
 
+async def test_a_revision_rolled_back_by_a_failover_is_not_taken_for_the_lost_one(
+    store: Store,
+) -> None:
+    """A Redis failover that loses the latest writes puts a run back at an older
+    revision; the next commit writes that revision number again, with another state. A
+    replica holding the lost state (its cache) must not commit on top of the new one as if
+    nothing had happened: the revision number matches, the stamp does not."""
+    redis, key = store.redis, store.keys.workflow("wf-fo")
+    state = evolve(started("wf-fo"), stamp="s1")
+    await store.commit_many([Commit(state, 0)], NOW)
+    before_loss = await redis.dump(key)
+    a_done = {**state.steps, "a": evolve(state.steps["a"], status=StepStatus.COMPLETED)}
+    lost = evolve(state, rev=2, steps=a_done, stamp="s2")
+    [ok] = await store.commit_many([Commit(lost, 1, expected_stamp=state.stamp)], NOW)
+    assert ok.outcome is CommitOutcome.COMMITTED
+    await redis.restore(key, 0, before_loss, replace=True)  # the failover
+    a_failed = {**state.steps, "a": evolve(state.steps["a"], status=StepStatus.FAILED)}
+    other = evolve(state, rev=2, steps=a_failed, stamp="s3")
+    [ok] = await store.commit_many([Commit(other, 1, expected_stamp=state.stamp)], NOW)
+    assert ok.outcome is CommitOutcome.COMMITTED
+    on_lost = evolve(lost, rev=3, status=WorkflowStatus.COMPLETED, finished_ms=NOW + 5, stamp="s4")
+    [stale] = await store.commit_many([Commit(on_lost, 2, expected_stamp=lost.stamp)], NOW)
+    assert stale.outcome is CommitOutcome.CONFLICT and stale.current == other
+    assert await store.load("wf-fo") == other
+
+
 async def test_a_batch_spanning_shards_commits_each_in_order(store: Store) -> None:
     states = [started(f"wf-{n}") for n in range(20)]
     assert len({store.keys.shard_of(s.workflow_id) for s in states}) > 1

@@ -15,8 +15,10 @@ _ERROR_FIELDS = ("message", "code", "retryable", "step")
 def result_of(state: WorkflowState) -> ResultEvent:
     """The result event of a finished run (also used to re-send it for a duplicate request)."""
     finished_ms = state.finished_ms or state.updated_ms
+    # Unique per round: a run re-opened by a retry may end again within the millisecond.
+    rounds = f".r{state.round}" if state.round else ""
     return ResultEvent(
-        result_id=f"{state.workflow_id}@{finished_ms}",
+        result_id=f"{state.workflow_id}{rounds}@{finished_ms}",
         request_id=state.request_id,
         workflow_id=state.workflow_id,
         workflow=state.workflow,

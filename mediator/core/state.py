@@ -104,6 +104,10 @@ class WorkflowState:
     #: attempt numbers go on across rounds, as a step's do, so its command ids and timer
     #: names are never reused.
     undo_base: dict[str, int] | None = None
+    #: Which commit wrote this revision (unique per commit, set by the store): `rev`
+    #: alone would match again after a Redis failover that lost the writes past it, so a
+    #: state cached before the loss could commit over the older state that took its place.
+    stamp: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -150,6 +154,7 @@ _STEP_OPTIONAL = (
     "via",
 )
 _WF_OPTIONAL = (
+    "stamp",
     "reply_to",
     "trace_id",
     "deadline_ms",

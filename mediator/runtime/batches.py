@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -165,6 +167,10 @@ class Runtime:
         replica: str = "",
     ) -> None:
         self.cache = StateCache(state_cache_size)
+        #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
+        #: counter, unique across replicas and restarts.
+        self._stamp_prefix = f"{secrets.token_hex(6)}."
+        self._stamps = itertools.count(1)
         #: Tallies committed transitions for the metrics. None: metrics are off.
         self.recorder = recorder
         self.tracing = tracing
@@ -849,9 +855,11 @@ class Runtime:
         # The engine hands over a state of its own (a fork or a new one): stamp it in place.
         state = transition.state
         state.rev = expected_rev + 1
+        state.stamp = f"{self._stamp_prefix}{next(self._stamps):x}"
         commit = Commit(
             state=state,
             expected_rev=expected_rev,
+            expected_stamp=(base.stamp or "") if base is not None else "",
             outbox=[(m.id, m.frame) for m in messages],
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],

@@ -51,6 +51,9 @@ class Commit:
     state: WorkflowState
     expected_rev: int
     outbox: Sequence[tuple[str, bytes]] = ()
+    #: The stamp of the revision it moves on from (`WorkflowState.stamp`, "" for a state
+    #: written before stamps or a new run); None checks the revision number alone.
+    expected_stamp: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
     #: Timers to set: (name, delay ms from the commit, on Redis's clock).
     timers: Sequence[tuple[str, int]] = ()
@@ -275,6 +278,8 @@ class Store:
             state = commit.state
             args += (
                 commit.expected_rev,
+                "*" if commit.expected_stamp is None else commit.expected_stamp,
+                state.stamp or "",
                 state.workflow_id,
                 state.workflow,
                 state.status.value,

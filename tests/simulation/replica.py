@@ -37,8 +37,8 @@ Gate = Callable[[str, str], Awaitable[None]]
 
 
 class GatedStore(Store):
-    """The real store, waiting at the scheduler's gate before each commit, and noting
-    every revision it committed."""
+    """The real store, waiting at the scheduler's gate before each commit and after one
+    that left messages to send, and noting every revision it committed."""
 
     def __init__(self, *args: Any, gate: Callable[[str], Awaitable[None]],
                  revisions: list[tuple[str, int]], **kwargs: Any) -> None:  # fmt: skip
@@ -50,9 +50,13 @@ class GatedStore(Store):
         if commits:
             await self._gate("commit")
         results = await super().commit_many(commits, now_ms)
+        committed = False
         for commit, result in zip(commits, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
                 self._revisions.append((commit.state.workflow_id, commit.state.rev))
+                committed = True
+        if committed and any(commit.outbox for commit in commits):
+            await self._gate("committed")  # in the outbox, leased, not yet sent
         return results
 
     async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:

@@ -9,7 +9,7 @@
 --       parked-queue keys (one per service with steps parked in this call).
 -- ARGV: 1 now ms, 2 retention ms, 3 recent limit, 4 outbox lease ms, 5 M, 6 N
 --       (transitions), 7 tombstone ms (kept past the retention), then per transition:
---       expected rev (0 = create), workflow id, workflow name, status, name-key number
+--       expected rev (0 = create), expected stamp ("*": any), new stamp, workflow id, workflow name, status, name-key number
 --       (1..M), state blob, tombstone fields (fingerprint, origin), outbox count,
 --       (id, frame) pairs, counter count, (field, delta) pairs, timer count, (name,
 --       delay ms) pairs, cleared count, cleared timer names, parked count, ("+" or "-",
@@ -54,6 +54,8 @@ for i = 1, n do
   local tomb = KEYS[7 + m + 3 * i - 1]
   local audit = KEYS[7 + m + 3 * i]
   local expected = tonumber(ARGV[a])
+  local expected_stamp, stamp = ARGV[a + 1], ARGV[a + 2]
+  a = a + 2
   local wid, name, status = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local name_key = KEYS[7 + tonumber(ARGV[a + 4])]
   local state = ARGV[a + 5]
@@ -75,8 +77,12 @@ for i = 1, n do
   a = audit_at + n_audit
 
   local finished_audit = false
-  local was = redis.call('HMGET', wf, 'rev', 'status')
+  local was = redis.call('HMGET', wf, 'rev', 'status', 'stamp')
   local current = was[1]
+  -- The revision and the stamp of the commit that wrote it: after a failover that lost
+  -- writes, the same revision number can stand for another state.
+  local moved = (not current) or tonumber(current) ~= expected
+    or (expected_stamp ~= '*' and (was[3] or '') ~= expected_stamp)
   local gone = nil
   if expected == 0 and not current then
     gone = redis.call('HMGET', tomb, 'fingerprint', 'origin', 'status', 'finished_ms')
@@ -85,11 +91,11 @@ for i = 1, n do
     results[i] = {0, redis.call('HGET', wf, 'state')}
   elseif gone and gone[3] then
     results[i] = {2, gone[1] or '', gone[2] or '', gone[3], gone[4] or '0'}
-  elseif expected ~= 0 and ((not current) or tonumber(current) ~= expected) then
+  elseif expected ~= 0 and moved then
     results[i] = {-1, current and redis.call('HGET', wf, 'state') or false}
   else
-    redis.call('HSET', wf, 'rev', expected + 1, 'status', status, 'workflow', name,
-      'updated_ms', now, 'state', state)
+    redis.call('HSET', wf, 'rev', expected + 1, 'stamp', stamp, 'status', status,
+      'workflow', name, 'updated_ms', now, 'state', state)
     if expected == 0 then
       redis.call('ZADD', name_key, now, wid)
     end
