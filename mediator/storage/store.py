@@ -51,9 +51,6 @@ class Commit:
     state: WorkflowState
     expected_rev: int
     outbox: Sequence[tuple[str, bytes]] = ()
-    #: The stamp of the revision it moves on from (`WorkflowState.stamp`, "" for a state
-    #: written before stamps or a new run); None checks the revision number alone.
-    expected_stamp: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
     #: Timers to set: (name, delay ms from the commit, on Redis's clock).
     timers: Sequence[tuple[str, int]] = ()
@@ -66,6 +63,9 @@ class Commit:
     routed: Sequence[tuple[str, str]] = ()
     #: Entries appended to the run's audit log (`mediator.core.audit`).
     audit: Sequence[bytes] = ()
+    #: The stamp of the revision it moves on from (`WorkflowState.stamp`, "" for a state
+    #: written before stamps or a new run); None checks the revision number alone.
+    expected_stamp: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
