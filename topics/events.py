@@ -9,7 +9,7 @@ silent data loss.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,9 @@ SCHEMA_VERSION = 1
 
 #: A Kafka topic name: what `reply_to` fields must look like.
 TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+#: Service and instance names: letters, digits and ``._:@-``, up to 200 characters. They
+#: become Redis keys, routed-index members (``|``-separated) and metric labels.
+NAME = r"^[A-Za-z0-9_][A-Za-z0-9._:@-]{0,199}$"
 
 Identifier = str
 JsonObject = dict[str, Any]
@@ -174,8 +177,8 @@ class ReplyEvent(Event):
     status: ReplyStatus
     output: Any = None
     error: ErrorInfo | None = None
-    service: str | None = None
-    instance: str | None = None
+    service: str | None = Field(default=None, pattern=NAME)
+    instance: str | None = Field(default=None, pattern=NAME)
     trace_id: str | None = None
     replied_ms: int | None = None
 
@@ -243,26 +246,41 @@ class HealthEvent(Event):
     """A heartbeat from one service instance. Key: ``instance``."""
 
     type: Literal["health"] = "health"
-    service: str = Field(min_length=1, max_length=200)
-    instance: str = Field(min_length=1, max_length=200)
+    service: str = Field(pattern=NAME)
+    instance: str = Field(pattern=NAME)
     status: HealthStatus = HealthStatus.UP
-    load: float = Field(default=0.0, ge=0.0, description="In-flight commands.")
-    capacity: int = Field(default=1, ge=1, description="Commands it can run at once.")
-    inbox: str | None = Field(default=None, description="Topic addressed to this instance.")
-    partitions: list[int] = Field(
+    load: float = Field(
+        default=0.0, ge=0.0, le=1e6, allow_inf_nan=False, description="In-flight commands."
+    )
+    capacity: int = Field(default=1, ge=1, le=1_000_000, description="Commands it can run at once.")
+    inbox: str | None = Field(
+        default=None, pattern=TOPIC_NAME, description="Topic addressed to this instance."
+    )
+    partitions: list[Annotated[int, Field(ge=0, le=100_000)]] = Field(
         default_factory=list,
+        max_length=10_000,
         description="The partitions of its service topic this instance owns now (its "
         "consumer group's assignment); commands routed to it go to one of them.",
     )
-    weight: float = Field(default=1.0, gt=0.0, description="Its share under `weighted`.")
+    weight: float = Field(
+        default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False,
+        description="Its share under `weighted`.",
+    )  # fmt: skip
     interval_ms: int = Field(
-        default=1000, ge=10, description="How often it heartbeats; the registry's TTL follows."
+        default=1000,
+        ge=10,
+        le=600_000,
+        description="How often it heartbeats (at most every 10 minutes); the registry's TTL "
+        "follows.",
     )
-    answered: int = Field(default=0, ge=0, description="Commands answered since the last one.")
-    errors: int = Field(default=0, ge=0, description="Of those, error replies.")
+    answered: int = Field(
+        default=0, ge=0, le=10**9, description="Commands answered since the last one."
+    )
+    errors: int = Field(default=0, ge=0, le=10**9, description="Of those, error replies.")
     latency_ms: float | None = Field(
-        default=None, ge=0.0, description="Their mean time in the handler."
-    )
+        default=None, ge=0.0, le=1e9, allow_inf_nan=False,
+        description="Their mean time in the handler.",
+    )  # fmt: skip
     version: str | None = None
     ts_ms: int
 
