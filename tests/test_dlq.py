@@ -22,7 +22,15 @@ from typer.testing import CliRunner, Result
 from mediator import codec
 from mediator.cli.dlq import dlq_app
 from mediator.cli.infra import create_topics
-from mediator.ops.dlq import DlqError, Letter, read_dead_letters, refusal, replay, select
+from mediator.ops.dlq import (
+    DlqError,
+    Letter,
+    read_dead_letters,
+    refusal,
+    replay,
+    replayable_topics,
+    select,
+)
 from mediator.runtime.failures import dead_letter
 from mediator.sdk.client import MediatorClient
 from mediator.settings import LimitsSettings, Settings, settings_document
@@ -241,13 +249,16 @@ async def test_replay_after_fixing_a_corrupt_state_completes_the_workflow(
     requests_before = await records_on(system.bootstrap, system.topics.requests)
 
     # A dry run publishes nothing.
-    dry = await replay(system.bootstrap, [chosen], dry_run=True, enable_idempotence=False)
+    to = replayable_topics(system.topics)
+    dry = await replay(system.bootstrap, [chosen], to=to, dry_run=True, enable_idempotence=False)
     assert [o.status for o in dry.outcomes] == ["would_replay"] and dry.ok
     assert len(await records_on(system.bootstrap, system.topics.requests)) == len(requests_before)
 
     # The fix: the corrupt key is deleted; the request is replayed and its run completes.
     await mediator.redis.delete(corrupt)
-    report = await replay(system.bootstrap, [chosen], enable_idempotence=False)
+    report = await replay(
+        system.bootstrap, [chosen], to=replayable_topics(system.topics), enable_idempotence=False
+    )
 
     [outcome] = report.outcomes
     assert outcome.status == "replayed" and report.ok
@@ -286,7 +297,9 @@ async def test_a_truncated_letter_is_refused_and_nothing_is_published(make_syste
     assert found.truncated and found.size is not None and found.size > 5000
     assert len(found.value) == small.excerpt_bytes < 2048
 
-    report = await replay(system.bootstrap, [chosen], enable_idempotence=False)
+    report = await replay(
+        system.bootstrap, [chosen], to=replayable_topics(system.topics), enable_idempotence=False
+    )
 
     [outcome] = report.outcomes
     assert outcome.status == "refused" and not report.ok
@@ -313,7 +326,7 @@ async def test_dry_run_publishes_nothing_and_each_letter_is_sorted_on_its_own(
     ]
     letters = [(0, i, d) for i, d in enumerate(made)]
 
-    dry = await replay(bootstrap, letters, dry_run=True, enable_idempotence=False)
+    dry = await replay(bootstrap, letters, to=[target], dry_run=True, enable_idempotence=False)
 
     assert [o.status for o in dry.outcomes] == [
         "would_replay",
@@ -332,7 +345,12 @@ async def test_dry_run_publishes_nothing_and_each_letter_is_sorted_on_its_own(
     assert await records_on(bootstrap, target) == []
 
     report = await replay(
-        bootstrap, letters, enable_idempotence=False, max_request_size=2048, timeout_s=10
+        bootstrap,
+        letters,
+        to=[target],
+        enable_idempotence=False,
+        max_request_size=2048,
+        timeout_s=10,
     )
 
     assert [o.offset for o in report.outcomes] == list(range(7))
@@ -456,3 +474,19 @@ def test_requests_round_trip_through_a_dead_letter() -> None:
     value = codec.encode(request)
     built = letter("t.requests", value)
     assert refusal(built) is None and built.value.encode() == value
+
+
+async def test_letters_go_back_only_to_requests_and_replies_and_never_forged_ones() -> None:
+    """A letter naming the control topic (forged, or a control dead-lettered) is not
+    published there by a replay, nor is one that was refused for its signature."""
+    topics = Topics("t.")
+    cancel = b'{"type":"control","control_id":"c","action":"cancel","workflow_id":"w","issued_ms":1}'
+    letters = [
+        (0, 0, letter(topics.control, cancel)),
+        (0, 1, letter(topics.replies, b'{"type":"reply"}', code="bad_signature")),
+        (0, 2, letter(topics.requests, b'{"type":"request"}')),
+    ]
+    report = await replay("127.0.0.1:1", letters, to=replayable_topics(topics), dry_run=True)
+    assert [o.status for o in report.outcomes] == ["refused", "refused", "would_replay"]
+    assert "'t.control' is not one letters are replayed to" in (report.outcomes[0].reason or "")
+    assert "refused for its signature" in (report.outcomes[1].reason or "")

@@ -82,7 +82,7 @@ async def _read(
     kafka = settings.kafka
     unreadable: list[tuple[int, int, str]] = []
     letters = await read_dead_letters(
-        kafka.bootstrap_servers,
+        kafka,
         kafka.topics,
         limit=limit,
         code=code,
@@ -235,7 +235,7 @@ async def _replay(
     dry_run: bool,
     timeout_s: float,
 ) -> tuple[ReplayReport, list[tuple[int, int, str]]]:
-    from mediator.ops.dlq import replay, select
+    from mediator.ops.dlq import replay, replayable_topics, select
 
     kafka = settings.kafka
     found, unreadable = await _read(
@@ -243,8 +243,9 @@ async def _replay(
     )
     chosen = select(found, coordinates)
     report = await replay(
-        kafka.bootstrap_servers,
+        kafka,
         chosen,
+        to=replayable_topics(kafka.topics),
         dry_run=dry_run,
         enable_idempotence=kafka.enable_idempotence,
         client_id=f"{kafka.client_id}-dlq",

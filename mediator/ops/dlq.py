@@ -18,7 +18,7 @@ import asyncio
 import heapq
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,11 +28,13 @@ from pydantic import ValidationError
 
 from mediator.codec import validation_reason
 from mediator.errors import MediatorError
+from mediator.kafka import KafkaConnection, as_connection, new_consumer
 from mediator.producers import new_producer, start_producer
 from topics.events import DeadLetter
 from topics.names import Topics
 
 __all__ = [
+    "SIGNATURE_CODES",
     "DlqError",
     "Letter",
     "Outcome",
@@ -41,6 +43,7 @@ __all__ = [
     "read_dead_letters",
     "refusal",
     "replay",
+    "replayable_topics",
     "select",
 ]
 
@@ -72,7 +75,7 @@ def parse_coordinates(text: str) -> tuple[int, int]:
 
 
 async def read_dead_letters(
-    bootstrap: str,
+    bootstrap: str | KafkaConnection,
     topics: Topics,
     *,
     limit: int | None,
@@ -122,8 +125,8 @@ async def read_dead_letters(
         elif entry[:3] > newest[0][:3]:
             heapq.heapreplace(newest, entry)
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+    consumer = new_consumer(
+        bootstrap,
         client_id=client_id,
         group_id=None,
         enable_auto_commit=False,
@@ -144,7 +147,8 @@ async def read_dead_letters(
         msg = f"Kafka did not answer within {timeout_s:g}s; check kafka.bootstrap_servers"
         raise DlqError(msg) from exc
     except KafkaError as exc:
-        msg = f"cannot read {topic!r} from Kafka at {bootstrap}: {exc}"
+        where = as_connection(bootstrap).bootstrap_servers
+        msg = f"cannot read {topic!r} from Kafka at {where}: {exc}"
         raise DlqError(msg) from exc
     finally:
         await consumer.stop()
@@ -216,8 +220,27 @@ def select(letters: Iterable[Letter], coordinates: Iterable[tuple[int, int]] = (
     return chosen
 
 
-def refusal(letter: DeadLetter) -> str | None:
-    """Why ``letter`` cannot be replayed, or None when its value is the whole original."""
+#: Dead-letter codes of records refused for their signature: published again, they would
+#: be refused again (and a forged one must never be sent on with the DLQ's authority).
+SIGNATURE_CODES = frozenset({"unsigned", "bad_signature", "forbidden", "stale"})
+
+
+def replayable_topics(topics: Topics) -> tuple[str, ...]:
+    """The topics dead letters may be replayed to: requests and replies, never the
+    control topic (a forged letter naming it would be an operator's control)."""
+    return (topics.requests, topics.replies)
+
+
+def refusal(letter: DeadLetter, to: Collection[str] | None = None) -> str | None:
+    """Why ``letter`` cannot be replayed (to one of the topics `to`, when given), or None
+    when its value is the whole original and it may go back where it came from."""
+    if to is not None and letter.source_topic not in to:
+        return (
+            f"its topic {letter.source_topic!r} is not one letters are replayed to "
+            f"({', '.join(to)})"
+        )
+    if letter.code in SIGNATURE_CODES:
+        return f"refused for its signature ({letter.code}): it would be refused again"
     if letter.truncated:
         kept = len(letter.value.encode())
         of = f" of {letter.size}" if letter.size is not None else ""
@@ -302,17 +325,19 @@ class ReplayReport:
 
 
 async def replay(
-    bootstrap: str,
+    bootstrap: str | KafkaConnection,
     letters: Sequence[Letter],
     *,
+    to: Collection[str],
     dry_run: bool = False,
     enable_idempotence: bool = True,
     client_id: str = "mediator-dlq",
     max_request_size: int | None = None,
     timeout_s: float = 30.0,
 ) -> ReplayReport:
-    """Publish each of ``letters`` again to its ``source_topic``: its original value, key
-    and headers, one after the other, each waiting for the broker's acknowledgement.
+    """Publish each of ``letters`` again to its ``source_topic``, which must be one of `to`
+    (`replayable_topics`): its original value, key and headers, one after the other, each
+    waiting for the broker's acknowledgement.
 
     Letters that cannot be replayed (see `refusal`) are refused with their reason. A send
     that fails is reported for its letter; after a failure that says the broker is gone
@@ -324,7 +349,7 @@ async def replay(
     outcomes: list[Outcome | None] = []
     accepted: list[tuple[int, Letter]] = []  # (index in `outcomes`, letter)
     for partition, offset, letter in letters:
-        reason = refusal(letter)
+        reason = refusal(letter, to)
         if reason is not None:
             outcomes.append(Outcome(partition, offset, letter, "refused", reason))
         elif dry_run:
@@ -347,7 +372,7 @@ async def replay(
 
 
 async def _replay_accepted(
-    bootstrap: str,
+    bootstrap: str | KafkaConnection,
     letters: Sequence[Letter],
     *,
     enable_idempotence: bool,
@@ -367,7 +392,8 @@ async def _replay_accepted(
             msg = f"Kafka did not answer within {timeout_s:g}s; check kafka.bootstrap_servers"
             raise DlqError(msg) from exc
         except KafkaError as exc:
-            msg = f"cannot reach Kafka at {bootstrap} to replay: {exc}"
+            where = as_connection(bootstrap).bootstrap_servers
+            msg = f"cannot reach Kafka at {where} to replay: {exc}"
             raise DlqError(msg) from exc
         return await _publish(producer, letters, timeout_s)
     finally:
