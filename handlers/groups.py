@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from mediator.kafka import new_consumer
 from mediator.settings import BackoffSettings, KafkaSettings
 
 __all__ = ["INBOUND", "adopt_offsets", "group_name", "inbound_group", "previous_groups"]
@@ -127,8 +128,8 @@ async def _committed(
 
 def _consumer(settings: KafkaSettings, group: str) -> AIOKafkaConsumer:
     """A consumer of `group` that never joins it: it only reads and writes offsets."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+    return new_consumer(
+        settings,
         group_id=group,
         client_id=settings.client_id,
         enable_auto_commit=False,

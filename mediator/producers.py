@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerResponseError, KafkaError
 
 from mediator.errors import IdempotenceUnsupported
+from mediator.kafka import KafkaConnection, as_connection, client_options
 
 __all__ = [
     "DeferredProducer",
@@ -44,7 +45,7 @@ MAX_BATCH_BYTES = 512 * 1024
 
 
 def new_producer(
-    bootstrap_servers: str,
+    kafka: str | KafkaConnection,
     *,
     client_id: str,
     enable_idempotence: bool,
@@ -52,10 +53,10 @@ def new_producer(
     **options: Any,
 ) -> AIOKafkaProducer:
     """A producer as every part of the project uses one: acks from all in-sync replicas,
-    CRC32 partitioning, a short linger, batches of up to `MAX_BATCH_BYTES`; `options` go to
-    aiokafka as they are."""
+    CRC32 partitioning, a short linger, batches of up to `MAX_BATCH_BYTES`, the connection's
+    transport security; `options` go to aiokafka as they are."""
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
+        **client_options(kafka),
         client_id=client_id,
         acks="all",
         enable_idempotence=enable_idempotence,
@@ -71,8 +72,8 @@ class DeferredProducer:
     (``faststream run`` and ``faststream docs gen`` import it first). Everything else is
     the started producer's."""
 
-    def __init__(self, bootstrap_servers: str, **options: Any) -> None:
-        self._bootstrap_servers = bootstrap_servers
+    def __init__(self, kafka: str | KafkaConnection, **options: Any) -> None:
+        self._kafka = kafka
         self._options = options
         self._producer: AIOKafkaProducer | None = None
 
@@ -85,7 +86,7 @@ class DeferredProducer:
 
     async def start(self) -> None:
         if self._producer is None:
-            self._producer = new_producer(self._bootstrap_servers, **self._options)
+            self._producer = new_producer(self._kafka, **self._options)
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -133,12 +134,12 @@ def idempotence_refused(exc: BaseException) -> bool:
 
 
 async def start_producer(
-    producer: AIOKafkaProducer, bootstrap_servers: str, enable_idempotence: bool
+    producer: AIOKafkaProducer, kafka: str | KafkaConnection, enable_idempotence: bool
 ) -> None:
     """Start `producer`; a broker refusing its idempotence raises `IdempotenceUnsupported`."""
     try:
         await producer.start()
     except KafkaError as exc:
         if enable_idempotence and idempotence_refused(exc):
-            raise IdempotenceUnsupported(bootstrap_servers, exc) from exc
+            raise IdempotenceUnsupported(as_connection(kafka).bootstrap_servers, exc) from exc
         raise

@@ -8,6 +8,7 @@ environment wins over the file.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from pathlib import Path
@@ -32,8 +33,9 @@ from mediator.core.alerts import Rule
 from mediator.core.balancer import Strategy
 from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
-from mediator.core.signing import Keyring, Signatures, parse_keys
+from mediator.core.signing import Keyring, Operator, Operators, Signatures, parse_keys
 from mediator.errors import ConfigurationError
+from mediator.kafka import KafkaConnection
 from mediator.loops import EventLoop
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
@@ -58,12 +60,11 @@ __all__ = [
 ]
 
 
-class KafkaSettings(BaseModel):
-    """How to reach Kafka and which topics to use."""
+class KafkaSettings(KafkaConnection):
+    """How to reach Kafka (addresses, TLS, SASL: `KafkaConnection`) and which topics to use."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "mediator"
     group_id: str = "mediator"
     topic_prefix: str = DEFAULT_PREFIX
@@ -164,6 +165,21 @@ class LimitsSettings(BaseModel):
     # A dead letter carries at most this much of the record it rejects (and the size of
     # the whole), so a dead letter never becomes a poison message itself.
     dead_letter_excerpt_bytes: int = Field(default=16_384, ge=256)
+    #: Topics a request's ``reply_to`` may name (shell-style patterns), besides the results
+    #: topic: results go nowhere else, so a request cannot make the mediator write into
+    #: another application's topics. A request naming any other is refused.
+    reply_to_topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*.results"])
+
+    @field_validator("reply_to_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: a,b
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def reply_to_allowed(self, topic: str, results: str) -> bool:
+        """Whether a request may have its result published to `topic`."""
+        return topic == results or any(fnmatch.fnmatchcase(topic, p) for p in self.reply_to_topics)
 
     @property
     def excerpt_bytes(self) -> int:
@@ -508,6 +524,24 @@ class KeySet(BaseModel):
         return Keyring(parse_keys(plain, service), self.current)
 
 
+_ACTIONS = ("cancel", "retry", "reset_breaker", "drain", "undrain")
+
+
+class OperatorKeys(KeySet):
+    """One operator's keys and what they may do (default: every control action)."""
+
+    may: Annotated[list[Literal[_ACTIONS]], NoDecode] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(_ACTIONS)
+    )
+
+    @field_validator("may", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: cancel,retry
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
 class SigningSettings(KeySet):
     """HMAC-SHA256 signatures on commands, replies and heartbeats (see
     `mediator.core.signing`). On by default: the mediator refuses to start without keys
@@ -517,11 +551,53 @@ class SigningSettings(KeySet):
     #: Per-service keys, e.g. ``payments: {keys: {pay-2: ..., pay-1: ...}, current: pay-2}``;
     #: a service without its own signs with the shared `keys`.
     services: dict[str, KeySet] = Field(default_factory=dict)
+    #: Who may send controls: operator id -> their keys and the actions they may send,
+    #: e.g. ``alice: {keys: {alice-1: ...}, may: [cancel, retry]}``. A control is applied
+    #: only signed by one of these keys (with signing on and `controls` required).
+    operators: dict[str, OperatorKeys] = Field(default_factory=dict)
+    #: The operator this process (the CLI, the dashboard) sends controls as.
+    operator: str | None = None
+    #: ``required``: unsigned controls, and those of operators who may not send them, are
+    #: dead-lettered; ``off``: controls are not checked (a closed network only).
+    controls: Literal["required", "off"] = "required"
+    #: How long after it was issued a control is accepted: a captured control published
+    #: again later is refused.
+    control_max_age_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _valid_keys(self) -> SigningSettings:
         self.signatures()
+        self.operator_keys()
+        if self.operator is not None and self.operator not in self.operators:
+            msg = f"signing.operator {self.operator!r} is not one of signing.operators"
+            raise ValueError(msg)
         return self
+
+    def operator_keys(self) -> Operators | None:
+        """The operators whose controls are accepted; None when none are configured."""
+        try:
+            found = [
+                Operator(name, ring, frozenset(keys.may))
+                for name, keys in self.operators.items()
+                if (ring := keys.keyring()) is not None
+            ]
+            if not found:
+                return None
+            return Operators(found, round(self.control_max_age_s * 1000))
+        except ValueError as exc:
+            msg = f"signing.operators: {exc}"
+            raise ValueError(msg) from exc
+
+    def control_signer(self) -> tuple[str, Keyring] | None:
+        """Who this process sends controls as, and the keys it signs them with: the
+        configured `operator`, else the only one configured; None when none can sign."""
+        name = self.operator
+        if name is None and len(self.operators) == 1:
+            name = next(iter(self.operators))
+        if name is None:
+            return None
+        ring = self.operators[name].keyring()
+        return (name, ring) if ring is not None else None
 
     def signatures(self) -> Signatures | None:
         """Every key, for the mediator; None when no key is set."""
@@ -540,6 +616,7 @@ class SigningSettings(KeySet):
     def revealed(self) -> dict[str, Any]:
         doc = super().revealed()
         doc["services"] = {name: keys.revealed() for name, keys in self.services.items()}
+        doc["operators"] = {name: keys.revealed() for name, keys in self.operators.items()}
         return doc
 
     def for_service(self, service: str) -> Keyring | None:
@@ -637,7 +714,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigurationError(msg) from exc
     merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
     merged = _deep_merge(merged, overrides)
-    return Settings.model_validate(merged)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        msg = f"invalid settings: {validation_reason(exc)}"
+        raise ConfigurationError(msg) from exc
+    settings.kafka.check()
+    return settings
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

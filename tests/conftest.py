@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
-from tests.helpers import TEST_KEYS
+from tests.helpers import TEST_KEYS, TEST_OPERATORS
 from tests.system import System
 from topics.names import Topics
 
@@ -119,7 +119,7 @@ def settings(
             "heartbeat_interval_ms": 200,
         },
         redis={"url": redis_server.url, "key_prefix": key_prefix, "shards": 4},
-        signing={"keys": TEST_KEYS},
+        signing={"keys": TEST_KEYS, "operators": TEST_OPERATORS},
         http={"port": 0},
     )
 

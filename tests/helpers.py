@@ -13,6 +13,7 @@ from mediator.core.signing import Keyring
 __all__ = [
     "TEST_KEYRING",
     "TEST_KEYS",
+    "TEST_OPERATORS",
     "consume_all",
     "produce",
     "records_on",
@@ -22,6 +23,8 @@ __all__ = [
 
 #: The shared signing key of test deployments (`signing.keys`), as ``id=secret``.
 TEST_KEYS = "test-1=test-secret-0123456789abcdef"
+#: The operator the tests send controls as (every action allowed).
+TEST_OPERATORS = {"ops": {"keys": "ops-1=operator-secret-0123456789"}}
 TEST_KEYRING = Keyring.parse(TEST_KEYS)
 
 

@@ -97,7 +97,9 @@ class System:
     async def create_topics(self) -> None:
         """The mediator's topics and every service topic the workflows use."""
         names = [self.topics.service(s) for s in service_names(self.definitions)]
-        await create_topics(self.bootstrap, [*self.topics.mediator_topics(), *names], partitions=4)
+        await create_topics(
+            self.settings.kafka, [*self.topics.mediator_topics(), *names], partitions=4
+        )
 
     def write_workflows(self, directory: Path) -> Path:
         """The workflows as a YAML file (for mediators run as separate processes)."""
@@ -116,7 +118,7 @@ class System:
             options.setdefault("signing", False)
         worker = Worker(
             service,
-            self.bootstrap,
+            self.settings.kafka,
             topics=self.topics,
             enable_idempotence=False,
             consumer_options=self.settings.kafka.consumer_options(),
@@ -141,7 +143,7 @@ class System:
         """The (started) client."""
         if self._client is None:
             client = MediatorClient(
-                self.bootstrap,
+                self.settings.kafka,
                 topics=self.topics,
                 enable_idempotence=False,
                 fetch_max_wait_ms=self.settings.kafka.fetch_max_wait_ms,

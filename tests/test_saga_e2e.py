@@ -11,7 +11,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from mediator.clock import now_ms
-from mediator.ops.control import send_control
+from mediator.core.signing import Keyring
+from mediator.ops.control import control_signer, send_control
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
 from tests.test_dlq import wait_for_letters
@@ -220,6 +221,7 @@ async def test_cancel_compensates_a_running_run(make_system: Any) -> None:
             workflow_id=workflow_id_for("r-c"),
             reason="customer called",
             enable_idempotence=False,
+            signer=control_signer(system.settings.signing),
         )
         result = await pending
 
@@ -271,6 +273,7 @@ async def test_retry_reruns_a_failed_run_from_its_failed_step(make_system: Any) 
         workflow_id=first.workflow_id,
         reason="warehouse open again",
         enable_idempotence=False,
+        signer=control_signer(system.settings.signing),
     )
     both = await wait_for(seen, "r-retry", 2, within=10)
 
@@ -288,6 +291,7 @@ async def test_retry_reruns_a_failed_run_from_its_failed_step(make_system: Any) 
         ControlAction.RETRY,
         workflow_id=first.workflow_id,
         enable_idempotence=False,
+        signer=control_signer(system.settings.signing),
     )
     await asyncio.sleep(1)
     assert mediator.runtime.stats["ignored_controls"] == 1
@@ -300,17 +304,20 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
     system = await make_system(order())
     mediator = await system.mediator()
     producer = AIOKafkaProducer(bootstrap_servers=system.bootstrap)
+    signer = control_signer(system.settings.signing)
+    assert signer is not None
+    _, keys = signer
     await producer.start()
     try:
-        nameless = ControlEvent(control_id="c-x", action=ControlAction.CANCEL, issued_ms=1)
-        await producer.send_and_wait(system.topics.control, nameless.model_dump_json().encode())
-        await producer.send_and_wait(system.topics.control, b'{"action": "explode"}')
+        nameless = ControlEvent(control_id="c-x", action=ControlAction.CANCEL, issued_ms=now_ms())
+        await _signed(producer, system.topics.control, nameless.model_dump_json().encode(), keys)
+        await _signed(producer, system.topics.control, b'{"action": "explode"}', keys)
         # A drain names a service and an instance the registry knows.
         half = ControlEvent(control_id="c-d", action=ControlAction.DRAIN, service="svc",
-                            issued_ms=1)  # fmt: skip
+                            issued_ms=now_ms())  # fmt: skip
         stranger = half.model_copy(update={"control_id": "c-s", "instance": "nobody"})
         for control in (half, stranger):
-            await producer.send_and_wait(system.topics.control, control.model_dump_json().encode())
+            await _signed(producer, system.topics.control, control.model_dump_json().encode(), keys)
     finally:
         await producer.stop()
 
@@ -323,3 +330,7 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
     assert any("drain needs `service` and `instance`" in reason for _, reason in reasons)
     assert any("no instance 'nobody' of 'svc' is registered" in reason for _, reason in reasons)
     assert mediator.runtime.stats["controls"] == 3
+
+
+async def _signed(producer: AIOKafkaProducer, topic: str, value: bytes, keys: Keyring) -> None:
+    await producer.send_and_wait(topic, value, headers=keys.headers(value))

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from handlers.groups import inbound_group
 from mediator.sdk.worker import ActionError
-from tests.helpers import consume_all, produce, wait_for
+from tests.helpers import consume_all, produce, records_on, wait_for
 from tests.system import echo
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
 
@@ -248,7 +248,7 @@ async def test_result_goes_to_the_requests_reply_to_topic(make_system: Any) -> N
     system = await make_system({"name": "rt", "steps": [step("a")]})
     await system.worker("svc", {"a": echo})
     await system.mediator()
-    own_topic = f"{system.topics.prefix}my-results"
+    own_topic = f"{system.topics.prefix}client.results"
     request = RequestEvent(request_id="rt-1", workflow="rt", reply_to=own_topic)
     await produce(system.bootstrap, system.topics.requests, [request.model_dump_json().encode()])
 
@@ -256,6 +256,28 @@ async def test_result_goes_to_the_requests_reply_to_topic(make_system: Any) -> N
     result = ResultEvent.model_validate_json(record.value)
     assert (result.request_id, result.status) == ("rt-1", WorkflowStatus.COMPLETED)
     assert record.key == b"rt-1"
+
+
+async def test_a_reply_to_naming_a_topic_results_may_not_go_to_is_refused(
+    make_system: Any,
+) -> None:
+    """A request cannot make the mediator write into another application's topic (or its
+    own control topic): it is refused, and told so on the results topic."""
+    system = await make_system({"name": "rt", "steps": [step("a")]})
+    await system.worker("svc", {"a": echo})
+    mediator = await system.mediator()
+    request = RequestEvent(request_id="rt-x", workflow="rt", reply_to=system.topics.control)
+    await produce(system.bootstrap, system.topics.requests, [request.model_dump_json().encode()])
+
+    [record] = await consume_all(system.bootstrap, system.topics.results, count=1, timeout=30)
+    result = ResultEvent.model_validate_json(record.value)
+    assert result.request_id == "rt-x"
+    assert result.status is WorkflowStatus.FAILED
+    assert result.error is not None and result.error.code == "reply_to_refused"
+    assert "limits.reply_to_topics" in result.error.message
+    assert mediator.runtime.stats["rejected_requests"] == 1
+    assert not [r for r in await records_on(system.bootstrap, system.topics.control)
+                if b"rt-x" in (r.value or b"")]  # fmt: skip
 
 
 async def test_processed_offsets_are_committed(make_system: Any) -> None:

@@ -125,7 +125,7 @@ async def _serve(settings: Any, create: bool) -> None:
     if create:
         topics = settings.kafka.topics
         await create_topics(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             [*topics.mediator_topics(), *(topics.service(s) for s in service_names(definitions))],
             partitions=settings.kafka.partitions,
             replication_factor=settings.kafka.replication_factor,
@@ -155,7 +155,7 @@ async def _services(settings: Any) -> None:
 
     kafka = settings.kafka
     workers = demo_services(
-        kafka.bootstrap_servers,
+        kafka,
         kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         consumer_options=kafka.consumer_options(),
@@ -180,15 +180,19 @@ def _control(
     reason: str,
     instance: str | None = None,
 ) -> None:
-    from mediator.ops.control import send_control
+    from mediator.ops.control import control_signer, send_control
     from topics.events import ControlAction
 
     settings = load(config)
     quiet_libraries()
     kafka = settings.kafka
+    try:
+        signer = control_signer(settings.signing)
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
     sent = run_coroutine(
         send_control(
-            kafka.bootstrap_servers,
+            kafka,
             kafka.topics,
             ControlAction(action),
             workflow_id=workflow_id,
@@ -196,6 +200,7 @@ def _control(
             instance=instance,
             reason=reason or None,
             enable_idempotence=kafka.enable_idempotence,
+            signer=signer,
         )
     )
     target = workflow_id or (f"{service} {instance}" if instance else service)
@@ -333,7 +338,7 @@ async def _submit(
 
     kafka = settings.kafka
     async with MediatorClient(
-        kafka.bootstrap_servers,
+        kafka,
         topics=kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mediator.cli.flaky import Flakiness, Flaky
+from mediator.kafka import KafkaConnection
 from mediator.sdk.worker import ActionError, Worker
 from mediator.settings import SigningSettings
 from topics.names import Topics
@@ -32,7 +33,7 @@ CARD_LIMIT = 900
 
 
 def demo_services(
-    bootstrap_servers: str,
+    bootstrap_servers: str | KafkaConnection,
     topics: Topics,
     *,
     enable_idempotence: bool,

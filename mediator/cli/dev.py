@@ -68,8 +68,13 @@ async def run_dev(
                 "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout": "1s"}},
                 "drain_rate": 20,
             },
-            # A fresh key per run, handed to the demo services below.
-            signing={"keys": {"dev": secrets.token_urlsafe(32)}, "enabled": True},
+            # A fresh key per run, handed to the demo services below; the dashboard sends
+            # controls as the `dev` operator.
+            signing={
+                "keys": {"dev": secrets.token_urlsafe(32)},
+                "enabled": True,
+                "operators": {"dev": {"keys": {"dev-operator": secrets.token_urlsafe(32)}}},
+            },
             http={"port": 0},
         )
         topics = settings.kafka.topics

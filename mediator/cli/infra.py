@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Self
 
 import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from mediator.errors import InfrastructureError
+from mediator.kafka import KafkaConnection, as_connection, new_admin
 
 __all__ = [
     "Embedded",
@@ -311,7 +312,7 @@ class EmbeddedKafka(_Server):
         ]  # fmt: skip
 
     async def _probe(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        admin = new_admin(self.bootstrap_servers)
         try:
             await admin.start()
             await admin.list_topics()
@@ -371,7 +372,7 @@ async def wait_for_replica(url: str, timeout_s: float = 20.0) -> None:
 
 
 async def create_topics(
-    bootstrap_servers: str,
+    kafka: str | KafkaConnection,
     topics: Iterable[str],
     partitions: int = 8,
     *,
@@ -382,9 +383,8 @@ async def create_topics(
     names = list(dict.fromkeys(topics))
     if not names:
         return
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
-    )
+    bootstrap_servers = as_connection(kafka).bootstrap_servers
+    admin = new_admin(kafka, request_timeout_ms=int(timeout_s * 1000))
     try:
         async with asyncio.timeout(timeout_s):
             await admin.start()

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 from topics.headers import KEY_ID, SIGNATURE
 
-__all__ = ["Key", "Keyring", "SignatureError", "Signatures", "parse_keys"]
+__all__ = ["Key", "Keyring", "Operator", "Operators", "SignatureError", "Signatures", "parse_keys"]
 
 MIN_SECRET_CHARS = 16
 #: `SignatureError.code`s: no signature headers; a signature no key of ours made; no key
 #: to sign with.
 UNSIGNED, BAD_SIGNATURE, NO_KEY = "unsigned", "bad_signature", "no_key"
+#: A control signed by an operator who may not send it; one issued too long ago.
+FORBIDDEN, STALE = "forbidden", "stale"
 
 
 class SignatureError(ValueError):
@@ -113,8 +115,7 @@ class Keyring:
         name = key_id.decode(errors="replace")
         key = self._by_id.get(name)
         if key is None:
-            known = ", ".join(self._by_id)
-            msg = f"signed with key {name[:100]!r}, which is not one of ours ({known})"
+            msg = f"signed with key {name[:100]!r}, which is not one of ours"
             raise SignatureError(BAD_SIGNATURE, msg)
         if not hmac.compare_digest(key.sign(value or b""), signature):
             msg = f"signature does not match the value under key {name!r}: forged or altered"
@@ -139,7 +140,7 @@ def parse_keys(spec: str | Mapping[str, str], service: str | None = None) -> lis
         for part in filter(None, (p.strip() for p in spec.split(","))):
             key_id, sep, secret = part.partition("=")
             if not sep:
-                msg = f"signing key {key_id[:20]!r}... must be written id=secret"
+                msg = "a signing key must be written id=secret"
                 raise ValueError(msg)
             pairs.append((key_id.strip(), secret.strip()))
     else:
@@ -210,3 +211,60 @@ class Signatures:
     def unsigned(self, services: Iterable[str]) -> list[str]:
         """Those of `services` that have no key to be signed with."""
         return sorted(s for s in services if self.keyring(s) is None)
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Someone allowed to send controls: their id (what the audit log records), their
+    keys, and the control actions they may send (`may`, by action value)."""
+
+    id: str
+    keys: Keyring
+    may: frozenset[str]
+
+
+class Operators:
+    """The operators whose signed controls the mediator accepts.
+
+    A control is accepted only signed by an operator's key, for an action that operator
+    may send, and issued recently (`max_age_ms`): the signed operator id, not the
+    control's own ``operator`` field, is who sent it. A captured control published again
+    later is refused as stale; within its age, a control for a run is applied once (its
+    id is remembered by the run).
+    """
+
+    __slots__ = ("_by_key", "max_age_ms", "ring")
+
+    def __init__(self, operators: Iterable[Operator], max_age_ms: int = 300_000) -> None:
+        self._by_key: dict[str, Operator] = {}
+        for operator in operators:
+            for key in operator.keys.keys:
+                self._by_key[key.id] = operator
+        self.ring = Keyring(k for o in {o.id: o for o in self._by_key.values()}.values()
+                            for k in o.keys.keys)  # fmt: skip
+        self.max_age_ms = max_age_ms
+
+    def authorise(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        action: str,
+        issued_ms: int,
+        now_ms: int,
+    ) -> str:
+        """The id of the operator who signed this control; `SignatureError` when no
+        operator did, the signer may not send `action`, or the control is stale."""
+        key = self.ring.check(value, headers)
+        operator = self._by_key[key.id]
+        if action not in operator.may:
+            allowed = ", ".join(sorted(operator.may)) or "nothing"
+            msg = f"operator {operator.id!r} may not {action} (may: {allowed})"
+            raise SignatureError(FORBIDDEN, msg)
+        age = now_ms - issued_ms
+        if age > self.max_age_ms or age < -60_000:
+            msg = (
+                f"issued {age // 1000} s ago, outside the {self.max_age_ms // 1000} s a "
+                "control is accepted for (a replay, or a clock far off)"
+            )
+            raise SignatureError(STALE, msg)
+        return operator.id

@@ -12,13 +12,41 @@ from redis.asyncio import Redis
 
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
+from mediator.core.signing import Keyring
+from mediator.errors import ConfigurationError
+from mediator.kafka import KafkaConnection
 from mediator.producers import new_producer, start_producer
+from mediator.settings import SigningSettings
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 from topics.events import ControlAction, ControlEvent
 from topics.names import Topics
 
-__all__ = ["ControlSender", "breaker_states", "control_event", "send_control"]
+__all__ = [
+    "ControlSender",
+    "breaker_states",
+    "control_event",
+    "control_signer",
+    "send_control",
+]
+
+
+def control_signer(signing: SigningSettings) -> tuple[str, Keyring] | None:
+    """Who a process with these `SigningSettings` sends controls as: None when controls go
+    unsigned (signing or control checks off); `ConfigurationError` when they must be
+    signed and no operator is configured to sign them."""
+    if not signing.enabled or signing.controls == "off":
+        return None
+    signer = signing.control_signer()
+    if signer is None:
+        msg = (
+            "controls must be signed by an operator: give this process an operator and "
+            "its keys (signing.operator and signing.operators.<id>.keys, e.g. "
+            "MEDIATOR_SIGNING__OPERATOR=alice and MEDIATOR_SIGNING__OPERATORS__ALICE__KEYS="
+            "alice-1=<secret>)"
+        )
+        raise ConfigurationError(msg)
+    return signer
 
 
 def control_event(
@@ -51,7 +79,16 @@ def control_event(
 class ControlSender:
     """Publishes controls through one producer, kept open (the dashboard's)."""
 
-    def __init__(self, bootstrap: str, topics: Topics, *, enable_idempotence: bool = True) -> None:
+    def __init__(
+        self,
+        bootstrap: str | KafkaConnection,
+        topics: Topics,
+        *,
+        enable_idempotence: bool = True,
+        signer: tuple[str, Keyring] | None = None,
+    ) -> None:
+        #: The operator controls are sent as, and their keys (None: unsigned controls).
+        self.signer = signer
         self.bootstrap = bootstrap
         self.topics = topics
         self.enable_idempotence = enable_idempotence
@@ -66,16 +103,24 @@ class ControlSender:
         await self.producer.stop()
 
     async def send(self, control: ControlEvent) -> ControlEvent:
-        """Publish one control and wait for the broker's acknowledgement."""
+        """Publish one control and wait for the broker's acknowledgement; signed by this
+        sender's operator, whose id it carries."""
         key = (control.workflow_id or control.service or control.control_id).encode()
+        extra: list[tuple[str, bytes]] = []
+        if self.signer is not None:
+            operator, keys = self.signer
+            control = control.model_copy(update={"operator": operator})
+        value = encode(control)
+        if self.signer is not None:
+            extra = keys.headers(value)
         await self.producer.send_and_wait(
-            self.topics.control, encode(control), key=key, headers=headers(control)
+            self.topics.control, value, key=key, headers=[*headers(control), *extra]
         )
         return control
 
 
 async def send_control(
-    bootstrap: str,
+    bootstrap: str | KafkaConnection,
     topics: Topics,
     action: ControlAction,
     *,
@@ -84,12 +129,13 @@ async def send_control(
     instance: str | None = None,
     reason: str | None = None,
     enable_idempotence: bool = True,
+    signer: tuple[str, Keyring] | None = None,
 ) -> ControlEvent:
     """Publish one control and wait for the broker's acknowledgement; the event sent."""
     control = control_event(
         action, workflow_id=workflow_id, service=service, instance=instance, reason=reason
     )
-    sender = ControlSender(bootstrap, topics, enable_idempotence=enable_idempotence)
+    sender = ControlSender(bootstrap, topics, enable_idempotence=enable_idempotence, signer=signer)
     await sender.start()
     try:
         return await sender.send(control)

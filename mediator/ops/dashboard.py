@@ -14,8 +14,14 @@ from redis.asyncio import Redis
 
 from mediator.core.metrics import summarize
 from mediator.errors import MediatorError
-from mediator.ops.control import ControlSender, control_event
-from mediator.ops.dlq import parse_coordinates, read_dead_letters, replay, select
+from mediator.ops.control import ControlSender, control_event, control_signer
+from mediator.ops.dlq import (
+    parse_coordinates,
+    read_dead_letters,
+    replay,
+    replayable_topics,
+    select,
+)
 from mediator.ops.runs import list_runs, show_run
 from mediator.ops.services import collect_services
 from mediator.ops.status import collect_status
@@ -49,7 +55,10 @@ class Dashboard:
         self.metrics = MetricsStore(redis, keys, monitoring.bucket_s, monitoring.window)
         kafka = settings.kafka
         self.controls = ControlSender(
-            kafka.bootstrap_servers, kafka.topics, enable_idempotence=kafka.enable_idempotence
+            kafka,
+            kafka.topics,
+            enable_idempotence=kafka.enable_idempotence,
+            signer=control_signer(settings.signing),
         )
         app = web.Application(middlewares=[_errors])
         app.router.add_get("/", self._index)
@@ -174,7 +183,7 @@ class Dashboard:
     async def _dlq(self, request: web.Request) -> web.Response:
         kafka = self.settings.kafka
         letters = await read_dead_letters(
-            kafka.bootstrap_servers,
+            kafka,
             kafka.topics,
             limit=min(_int(request.query, "limit") or 100, 1000),
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
@@ -248,12 +257,11 @@ class Dashboard:
         if not wanted:
             raise web.HTTPBadRequest(text="name the letters to replay (coordinates)")
         kafka = self.settings.kafka
-        letters = await read_dead_letters(
-            kafka.bootstrap_servers, kafka.topics, limit=None, timeout_s=10
-        )
+        letters = await read_dead_letters(kafka, kafka.topics, limit=None, timeout_s=10)
         report = await replay(
-            kafka.bootstrap_servers,
+            kafka,
             select(letters, wanted),
+            to=replayable_topics(kafka.topics),
             enable_idempotence=kafka.enable_idempotence,
         )
         return web.json_response(report.as_dict())

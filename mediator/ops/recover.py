@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from mediator import clock
 from mediator.errors import RecoverError, StateUnavailable
+from mediator.kafka import new_consumer
 from mediator.ops.redrive import Redrive, publish
 from mediator.ops.status import stored_keys
 from mediator.ops.window import parse_time, read_window, window
@@ -112,7 +113,7 @@ async def recover(
     producer = None
     if not dry_run:
         producer = new_producer(
-            kafka.bootstrap_servers,
+            kafka,
             client_id=f"{kafka.client_id}-recover",
             enable_idempotence=kafka.enable_idempotence,
             linger_ms=kafka.linger_ms,
@@ -122,7 +123,7 @@ async def recover(
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
         if producer is not None:
             async with asyncio.timeout(timeout_s):
-                await start_producer(producer, kafka.bootstrap_servers, kafka.enable_idempotence)
+                await start_producer(producer, kafka, kafka.enable_idempotence)
         async with _reader(settings, timeout_s) as consumer:
             async with asyncio.timeout(timeout_s):
                 span = await window(consumer, kafka.topics.requests, since_ms, until_ms)
@@ -161,8 +162,8 @@ async def recover(
 async def _reader(settings: Settings, timeout_s: float) -> AsyncIterator[AIOKafkaConsumer]:
     """A consumer outside any group, started (within `timeout_s`) and stopped."""
     kafka = settings.kafka
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers,
+    consumer = new_consumer(
+        kafka,
         client_id=f"{kafka.client_id}-recover",
         group_id=None,
         enable_auto_commit=False,

@@ -23,6 +23,7 @@ from mediator.codec import validation_reason
 from mediator.core.signing import Signatures
 from mediator.definitions import Definitions, load_paths
 from mediator.errors import ConfigurationError, MediatorError
+from mediator.kafka import broker_options, check_tls
 from mediator.loops import loop_name
 from mediator.producers import DeferredProducer
 from mediator.runtime.alerting import AlertEvaluator
@@ -39,7 +40,7 @@ from mediator.runtime.timers import TimerPoller
 from mediator.runtime.tracing import Tracing
 from mediator.settings import Settings, load_settings
 from mediator.storage.catalog import DefinitionStore
-from mediator.storage.connection import connect
+from mediator.storage.connection import connect, redacted
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
@@ -72,7 +73,7 @@ class Mediator:
         )
         self.catalog = DefinitionStore(self.redis, keys, definitions)
         self.producer = DeferredProducer(
-            kafka.bootstrap_servers,
+            kafka,
             client_id=f"{kafka.client_id}-outbox",
             enable_idempotence=kafka.enable_idempotence,
             linger_ms=kafka.linger_ms,
@@ -122,6 +123,8 @@ class Mediator:
             recorder=self.recorder if monitoring.enabled else None,
             tracing=self.tracing,
             replica=self.replica,
+            operators=settings.signing.operator_keys(),
+            controls_signed=_controls_signed(settings),
         )
         self.flusher = MetricsFlusher(
             self.recorder, self.metrics, monitoring.flush_ms, settings.backoff
@@ -175,7 +178,7 @@ class Mediator:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
-        self.broker = KafkaBroker(kafka.bootstrap_servers, client_id=kafka.client_id, logger=None)
+        self.broker = KafkaBroker(**broker_options(kafka), client_id=kafka.client_id, logger=None)
         self.offsets = handlers.Offsets()
         handlers.register_inbound(self.broker, self.runtime, settings, self.offsets)
         handlers.register_control(self.broker, self.runtime, settings, self.offsets)
@@ -237,6 +240,7 @@ class Mediator:
         await _bounded("close the Redis client", self.redis.aclose())
 
     async def _start(self) -> None:
+        await check_tls(self.settings.kafka)
         await self.connect()
         tune_gc(self.settings.gc)
         await self.broker.connect()
@@ -254,7 +258,7 @@ class Mediator:
             "mediator started: %d workflows, kafka %s, redis %s, %s event loop",
             len(self.definitions),
             self.settings.kafka.bootstrap_servers,
-            self.settings.redis.url,
+            redacted(self.settings.redis.url),
             loop_name(),
         )
 
@@ -362,6 +366,21 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
         )
         raise ConfigurationError(msg)
     return signatures
+
+
+def _controls_signed(settings: Settings) -> bool:
+    """Whether controls must be signed by an operator; says so loudly when none can be."""
+    signing = settings.signing
+    if not signing.enabled or signing.controls == "off":
+        log.warning("controls are not checked: anyone who can write the control topic can "
+                    "cancel and retry runs, reset breakers and drain instances")  # fmt: skip
+        return False
+    if not signing.operators:
+        log.warning(
+            "no operator keys (signing.operators): every control will be refused; give "
+            "operators keys to cancel, retry, reset breakers or drain instances"
+        )
+    return True
 
 
 async def _bounded(what: str, step: Awaitable[object]) -> None:

@@ -31,7 +31,7 @@ from mediator.core.audit import AuditEvent
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
-from mediator.core.signing import SignatureError, Signatures
+from mediator.core.signing import UNSIGNED, Operators, SignatureError, Signatures
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
@@ -165,6 +165,8 @@ class Runtime:
         recorder: Recorder | None = None,
         tracing: Tracing | None = None,
         replica: str = "",
+        operators: Operators | None = None,
+        controls_signed: bool = False,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -191,6 +193,9 @@ class Runtime:
         #: Keys commands are signed with and replies and heartbeats checked against. None:
         #: signing is off (nothing is signed, nothing is checked).
         self.signatures = signatures
+        #: Whether controls must be signed by an operator (`operators`) who may send them.
+        self.controls_signed = controls_signed
+        self.operators = operators
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
@@ -319,6 +324,16 @@ class Runtime:
             return None
         if (too_large := self._oversized(record, "request")) is not None:
             self._refuse(record, request, "payload_too_large", too_large, origin, out)
+            return None
+        if request.reply_to and not self.limits.reply_to_allowed(
+            request.reply_to, self.topics.results
+        ):
+            reason = (
+                f"reply_to {request.reply_to!r} is not a topic results may go to "
+                "(limits.reply_to_topics)"
+            )
+            request = request.model_copy(update={"reply_to": None})  # told on the results topic
+            self._refuse(record, request, "reply_to_refused", reason, origin, out)
             return None
         try:
             workflow = self.definitions.definitions.get(request.workflow)
@@ -452,6 +467,11 @@ class Runtime:
             control: ControlEvent | None = self._decode(record, ControlEvent, out)
             if control is None:
                 continue
+            if self.controls_signed:
+                operator = self._operator(record, control, out)
+                if operator is None:
+                    continue
+                control = control.model_copy(update={"operator": operator})
             self.stats["controls"] += 1
             log.info(
                 "control %s: %s %s%s",
@@ -943,6 +963,21 @@ class Runtime:
         except SignatureError as exc:
             self._forged(record, exc.reason, out, exc.code)
             return False, None
+
+    def _operator(self, record: Record, control: ControlEvent, out: _Out) -> str | None:
+        """The operator who signed `control`, or None when no operator may have sent it
+        (dead-lettered: unsigned, forged, not theirs to send, or stale)."""
+        if self.operators is None:
+            reason = "controls must be signed by an operator, and none is configured"
+            self._forged(record, f"{reason} (signing.operators)", out, UNSIGNED)
+            return None
+        try:
+            return self.operators.authorise(
+                record.value, record.headers, control.action.value, control.issued_ms, now_ms()
+            )
+        except SignatureError as exc:
+            self._forged(record, exc.reason, out, exc.code)
+            return None
 
     def _forged(self, record: Record, reason: str, out: _Out, code: str = "bad_signature") -> None:
         """Dead-letter a record whose signature does not hold: it is never applied."""

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from mediator import clock, codec
 from mediator.errors import MediatorError
+from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer, start_producer
 from topics.events import RequestEvent, ResultEvent
 from topics.names import Topics
@@ -76,7 +77,7 @@ class MediatorClient:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: str | KafkaConnection,
         *,
         topics: Topics | None = None,
         results_topic: str | None = None,
@@ -127,8 +128,8 @@ class MediatorClient:
             enable_idempotence=self.enable_idempotence,
             linger_ms=self.linger_ms,
         )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+        self._consumer = new_consumer(
+            self.bootstrap_servers,
             client_id=self.client_id,
             group_id=None,
             enable_auto_commit=False,

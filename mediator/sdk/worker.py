@@ -68,6 +68,7 @@ from mediator import clock, codec
 from mediator.core.signing import Keyring, SignatureError, parse_keys
 from mediator.core.tasks import cancel_and_wait
 from mediator.errors import ConfigurationError, MediatorError
+from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer
 from mediator.sdk.heartbeat import Tally
 from mediator.sdk.offsets import OffsetTracker
@@ -119,7 +120,7 @@ class Worker:
     def __init__(
         self,
         service: str,
-        bootstrap_servers: str,
+        bootstrap_servers: str | KafkaConnection,
         *,
         topics: Topics | None = None,
         instance: str | None = None,
@@ -215,8 +216,8 @@ class Worker:
             enable_idempotence=self.enable_idempotence,
             **({"linger_ms": 1} | self._producer_options),
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+        consumer = new_consumer(
+            self.bootstrap_servers,
             client_id=client_id,
             group_id=self.group_id,
             **({"enable_auto_commit": False, "auto_offset_reset": "earliest"}

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.resources
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-__all__ = ["PackedConnection", "connect", "lua_source", "text"]
+__all__ = ["PackedConnection", "connect", "lua_source", "redacted", "text"]
 
 
 class PackedConnection(Connection):
@@ -37,6 +38,19 @@ def connect(url: str, *, timeout_s: float | None = None) -> Redis:
     if url.startswith("redis://"):
         options["connection_class"] = PackedConnection
     return Redis.from_url(url, **options)
+
+
+def redacted(url: str) -> str:
+    """`url` with its password (if any) replaced by ``***``, for logs and status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def text(value: bytes | str) -> str:
