@@ -45,6 +45,7 @@ __all__ = [
     "BackoffSettings",
     "BreakerPolicy",
     "BreakerSettings",
+    "DashboardSettings",
     "HttpSettings",
     "KafkaSettings",
     "LimitsSettings",
@@ -438,6 +439,44 @@ class HttpSettings(BaseModel):
     port: int = Field(default=9464, ge=0, le=65535)
 
 
+class DashboardSettings(BaseModel):
+    """Who may use the dashboard (`mediator dashboard`, and `mediator dev`'s)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: The operator token every page and API call needs (HTTP Basic password, any user
+    #: name, or ``Authorization: Bearer``), as is or as ``sha256:<hex>`` of it. Without
+    #: one the dashboard listens on loopback only.
+    token: SecretStr | None = None
+    #: A file holding the token (a Docker or Kubernetes secret), instead of it.
+    token_file: Path | None = None
+    #: Host names the dashboard answers to (the ``Host`` header; a DNS-rebinding page
+    #: names its own): loopback names, and the address it listens on, are always allowed.
+    hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def secret(self) -> str | None:
+        """The token (or its hash), from the setting or its file; None without one."""
+        if self.token is not None and self.token_file is not None:
+            msg = "give dashboard.token or dashboard.token_file, not both"
+            raise ConfigurationError(msg)
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError as exc:
+            msg = f"dashboard.token_file: {exc}"
+            raise ConfigurationError(msg) from exc
+
+
 class BalancePolicy(BaseModel):
     """How one service's commands are spread over its registered instances."""
 
@@ -645,6 +684,7 @@ class Settings(BaseSettings):
     service_monitoring: MonitoringSettings = MonitoringSettings()
     audit: AuditSettings = AuditSettings()
     http: HttpSettings = HttpSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     tracing: TracingSettings = TracingSettings()
     gc: GcSettings = GcSettings()
     workflows: Annotated[list[Path], NoDecode] = Field(

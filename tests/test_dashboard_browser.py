@@ -220,3 +220,58 @@ async def _run_status(mediator: Any, wid: str | None, expected: str) -> bool:
     assert wid is not None
     raw = await mediator.redis.hget(mediator.store.keys.workflow(wid), "status")
     return raw is not None and raw.decode() == expected
+
+
+async def test_a_page_on_another_origin_cannot_act_on_the_dashboard(
+    make_system: Any, browser: Browser
+) -> None:
+    """A page the operator happens to open elsewhere posts to the dashboard every way a
+    page can (a form, a no-cors fetch, a fetch with the page's own header): nothing is sent."""
+    from aiohttp import web
+
+    from mediator.runtime.endpoints import listen
+
+    system = await make_system(CHAIN3)
+    flaky = Flaky()
+    await system.worker("svc", {"work": flaky.work})
+    mediator = await system.mediator()
+    client = await system.client()
+    failed = await client.submit("chain3", {"n": 1}, request_id="victim", timeout=30)
+    assert failed.status is WorkflowStatus.FAILED
+    wid = failed.workflow_id
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    await wait_for(lambda: urls, what="the dashboard to listen")
+    target = f"{urls[0]}api/runs/{wid}/retry"
+    page = f"""<!doctype html><html><body>
+<form id="f" method="POST" action="{target}" enctype="text/plain" target="sink">
+<input name='{{"a":"' value='"}}'></form><iframe name="sink"></iframe>
+<script>
+const tries = [
+  fetch("{target}", {{method: "POST", mode: "no-cors",
+    headers: {{"Content-Type": "text/plain"}}, body: "{{}}"}}),
+  fetch("{target}", {{method: "POST", headers: {{"Content-Type": "application/json",
+    "X-Mediator-Action": "1"}}, body: "{{}}"}}),
+];
+document.getElementById("f").submit();
+Promise.allSettled(tries).then(() => {{ document.title = "done"; }});
+</script></body></html>"""
+
+    async def attacker(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", attacker)
+    runner, port = await listen(app, "127.0.0.1", 0)
+    try:
+        await browser.open(f"http://localhost:{port}/")
+        await wait_for(lambda: _contains(browser.call(lambda: browser.driver.title), "done"),
+                       what="the attacking page to have tried")  # fmt: skip
+        await asyncio.sleep(1.5)  # a control that got through would be applied by now
+        assert mediator.runtime.stats["controls"] == 0
+        assert await _run_status(mediator, wid, "failed")
+    finally:
+        await runner.cleanup()
+        await cancel_and_wait(serving)

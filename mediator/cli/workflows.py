@@ -203,10 +203,12 @@ async def dashboard_site(
     from mediator.runtime.endpoints import listen
 
     try:
-        runner, bound = await listen(Dashboard(settings, redis, keys).app, host, port)
+        runner, bound = await listen(Dashboard(settings, redis, keys, host).app, host, port)
     except OSError as exc:
         msg = f"cannot listen on {host}:{port}: {exc}"
         raise fail(msg) from None
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
     try:
         yield f"http://{host}:{bound}/"
     finally:

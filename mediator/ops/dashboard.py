@@ -13,7 +13,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from mediator.core.metrics import summarize
-from mediator.errors import MediatorError
+from mediator.errors import ConfigurationError, MediatorError
 from mediator.ops.control import ControlSender, control_event, control_signer
 from mediator.ops.dlq import (
     parse_coordinates,
@@ -22,6 +22,7 @@ from mediator.ops.dlq import (
     replayable_topics,
     select,
 )
+from mediator.ops.guard import Guard, is_loopback
 from mediator.ops.runs import list_runs, show_run
 from mediator.ops.services import collect_services
 from mediator.ops.status import collect_status
@@ -47,8 +48,21 @@ ASSETS = {
 class Dashboard:
     """The dashboard's web application for one deployment (its settings)."""
 
-    def __init__(self, settings: Settings, redis: Redis, keys: Keys) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, keys: Keys, host: str = "127.0.0.1"
+    ) -> None:
+        """The application for a dashboard listening on `host`: one beyond loopback
+        needs an operator token (`dashboard.token`)."""
         self.settings = settings
+        token = settings.dashboard.secret()
+        if token is None and not is_loopback(host):
+            msg = (
+                f"the dashboard would listen on {host} without an operator token: set "
+                "dashboard.token (or dashboard.token_file), or listen on 127.0.0.1"
+            )
+            raise ConfigurationError(msg)
+        hosts = ["localhost", "127.0.0.1", "::1", host, *settings.dashboard.hosts]
+        self.guard = Guard(token, hosts)
         self.redis = redis
         self.keys = keys
         monitoring = settings.service_monitoring
@@ -60,7 +74,7 @@ class Dashboard:
             enable_idempotence=kafka.enable_idempotence,
             signer=control_signer(settings.signing),
         )
-        app = web.Application(middlewares=[_errors])
+        app = web.Application(middlewares=[self.guard.middleware, _errors])
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._asset)
         app.router.add_get("/api/overview", self._overview)
@@ -306,6 +320,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except MediatorError as exc:
         log.warning("%s %s: %s", request.method, request.path, exc)
         return web.json_response({"error": str(exc)}, status=503)
-    except Exception as exc:
+    except Exception:
+        # The detail goes to the log, not to whoever asked.
         log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+        return web.json_response({"error": "internal error (see the dashboard's log)"}, status=500)

@@ -21,7 +21,7 @@ async function api(path, options) {
   return body;
 }
 async function post(path, body) {
-  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json", "X-Mediator-Action": "1" }, body: JSON.stringify(body || {}) });
 }
 function toast(text) {
   const el = document.getElementById("toast");
