@@ -602,6 +602,9 @@ class SigningSettings(KeySet):
     #: How long after it was issued a control is accepted: a captured control published
     #: again later is refused.
     control_max_age_s: float = Field(default=300.0, gt=0)
+    #: Also sign over the value alone (``mediator-signature``) and accept records signed so:
+    #: only while services that predate signatures over topic, key and value upgrade.
+    legacy_signatures: bool = False
 
     @model_validator(mode="after")
     def _valid_keys(self) -> SigningSettings:
@@ -647,7 +650,9 @@ class SigningSettings(KeySet):
                 if ring is not None:
                     services[service] = ring
             shared = self.keyring()
-            return Signatures(shared, services) if shared or services else None
+            if not (shared or services):
+                return None
+            return Signatures(shared, services, self.legacy_signatures)
         except ValueError as exc:
             msg = f"signing: {exc}"
             raise ValueError(msg) from exc

@@ -124,7 +124,9 @@ async def produce(
                 topic,
                 value,
                 key=keys[i] if keys else None,
-                headers=list(headers) if headers is not None else TEST_KEYRING.headers(value),
+                headers=list(headers)
+                if headers is not None
+                else TEST_KEYRING.headers(value, topic, keys[i] if keys else None),
             )
     finally:
         await producer.stop()

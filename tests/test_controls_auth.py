@@ -41,8 +41,8 @@ async def _publish(system: Any, control: ControlEvent, keys: Keyring | None) -> 
     producer = AIOKafkaProducer(bootstrap_servers=system.bootstrap)
     await producer.start()
     try:
-        headers = keys.headers(value) if keys is not None else None
         key = (control.workflow_id or "").encode()
+        headers = keys.headers(value, system.topics.control, key) if keys is not None else None
         await producer.send_and_wait(system.topics.control, value, key=key, headers=headers)
     finally:
         await producer.stop()

@@ -480,7 +480,9 @@ async def test_letters_go_back_only_to_requests_and_replies_and_never_forged_one
     """A letter naming the control topic (forged, or a control dead-lettered) is not
     published there by a replay, nor is one that was refused for its signature."""
     topics = Topics("t.")
-    cancel = b'{"type":"control","control_id":"c","action":"cancel","workflow_id":"w","issued_ms":1}'
+    cancel = (
+        b'{"type":"control","control_id":"c","action":"cancel","workflow_id":"w","issued_ms":1}'
+    )
     letters = [
         (0, 0, letter(topics.control, cancel)),
         (0, 1, letter(topics.replies, b'{"type":"reply"}', code="bad_signature")),

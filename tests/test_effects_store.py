@@ -403,7 +403,7 @@ async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
     def signed(reply: ReplyEvent, ring: Keyring) -> Record:
         record = harness.record(TOPICS.replies, reply)
         return Record(record.topic, 0, record.offset, record.value, None,
-                      ring.headers(record.value or b""))  # fmt: skip
+                      ring.headers(record.value or b"", record.topic, None))  # fmt: skip
 
     done_a = ReplyEvent(command_id=a.command_id, workflow_id=wid, step="a", attempt=1,
                         status=ReplyStatus.OK, service="inventory")  # fmt: skip

@@ -208,3 +208,34 @@ async def test_after_redis_lost_heartbeats_no_one_is_marked_down_until_heard_aga
     await registry.apply([beat("i-2")], read={0: (22, 22)})
     await _read_to_now(registry, redis_client)
     assert [c.instance for c in await registry.sweep()] == ["i-1"]
+
+
+async def test_a_replayed_heartbeat_keeps_no_one_alive_and_downs_no_one(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A captured heartbeat published again: an `up` of a stopped instance does not keep
+    it alive (same boot, no newer sequence), and a clean-shutdown `down` of an earlier
+    start does not mark the restarted instance (same id, new boot) down."""
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
+    registry = Registry(redis_client, Keys(key_prefix, 4), settings)
+    await _read_to_now(registry, redis_client)
+    captured_up = beat("i-1", boot="a1", seq=7, ts_ms=1_000)
+    await registry.apply([beat("i-1", boot="a1", seq=6, ts_ms=900), captured_up])
+    # It stops; the attacker replays its last heartbeat: stale, so it is marked down.
+    for _ in range(4):
+        await asyncio.sleep(0.06)
+        assert await registry.apply([captured_up]) == []
+    assert registry.stale == 4
+    await _read_to_now(registry, redis_client)
+    assert [c.instance for c in await registry.sweep()] == ["i-1"]
+
+    # Its clean shutdown of that start, captured; it restarts under the same id.
+    captured_down = beat("i-1", HealthStatus.DOWN, boot="a1", seq=8, ts_ms=1_100)
+    await registry.apply([captured_down])
+    restarted = await registry.apply([beat("i-1", boot="b2", seq=0, ts_ms=5_000)])
+    assert [(c.instance, c.what) for c in restarted] == [("i-1", "back up")]
+    assert await registry.apply([captured_down, beat("i-1", boot="a1", seq=99, ts_ms=1)]) == []
+    await registry.refresh(["inventory"])
+    assert [v.status for v in registry.instances("inventory")] == ["up"]
+    # Heartbeats without a boot (services that predate it) are taken as before.
+    assert await registry.apply([beat("i-9")]) != []

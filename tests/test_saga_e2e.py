@@ -333,4 +333,4 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
 
 
 async def _signed(producer: AIOKafkaProducer, topic: str, value: bytes, keys: Keyring) -> None:
-    await producer.send_and_wait(topic, value, headers=keys.headers(value))
+    await producer.send_and_wait(topic, value, headers=keys.headers(value, topic, None))

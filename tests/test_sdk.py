@@ -197,11 +197,12 @@ def command(names: Topics, action: str, input: Any = None, **fields: Any) -> Com
 
 async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEvent) -> None:
     for cmd in commands:
+        value, topic, key = codec.encode(cmd), names.service(SERVICE), cmd.workflow_id.encode()
         await producer.send_and_wait(
-            names.service(SERVICE),
-            codec.encode(cmd),
-            key=cmd.workflow_id.encode(),
-            headers=codec.headers(cmd) + TEST_KEYRING.headers(codec.encode(cmd)),
+            topic,
+            value,
+            key=key,
+            headers=codec.headers(cmd) + TEST_KEYRING.headers(value, topic, key),
         )
 
 
@@ -306,7 +307,7 @@ async def test_invalid_message_is_skipped(
         {**orjson.loads(codec.encode(command(names, "echo"))), "reply_to": "not a topic!"}
     )
     for junk in (b"not json", b'{"type": "command"}', b"[]", None, unanswerable):
-        signed = TEST_KEYRING.headers(junk or b"")
+        signed = TEST_KEYRING.headers(junk or b"", inbox, b"wf-1")
         await producer.send_and_wait(inbox, junk, key=b"wf-1", headers=signed)
     good = command(names, "echo", {"ok": True})
     await send(producer, names, good)
@@ -327,11 +328,15 @@ async def test_a_command_not_signed_with_its_key_is_never_run(
     stranger = Keyring.parse("other=another-secret-0123456789")
     await producer.send_and_wait(inbox, codec.encode(unsigned), key=b"wf-1")
     value = codec.encode(unknown)
-    await producer.send_and_wait(inbox, value, key=b"wf-1", headers=stranger.headers(value))
+    await producer.send_and_wait(
+        inbox, value, key=b"wf-1", headers=stranger.headers(value, inbox, b"wf-1")
+    )
     value = codec.encode(altered)
     tampered = value.replace(b'"n":2', b'"n":9')
     assert tampered != value
-    await producer.send_and_wait(inbox, tampered, key=b"wf-1", headers=TEST_KEYRING.headers(value))
+    await producer.send_and_wait(
+        inbox, tampered, key=b"wf-1", headers=TEST_KEYRING.headers(value, inbox, b"wf-1")
+    )
     await send(producer, names, good)
     [reply] = await replies(broker, names, 1)
     assert reply.command_id == good.command_id
@@ -344,7 +349,8 @@ async def test_a_command_not_signed_with_its_key_is_never_run(
     assert "does not match" in letters[2].reason
     records = await records_on(broker, names.replies)
     assert len(records) == 1
-    TEST_KEYRING.check(records[0].value, records[0].headers)  # raises if not signed by it
+    record = records[0]
+    TEST_KEYRING.check(record.value, record.headers, record.topic, record.key)  # or raises
 
 
 async def test_offsets_are_committed_so_a_restart_does_not_rerun(
@@ -568,3 +574,25 @@ async def test_client_explains_a_refused_idempotent_producer(broker: str, names:
         await client.publish("order", {})
     async with MediatorClient(broker, topics=names, enable_idempotence=False) as client:
         assert await client.publish("order", {})
+
+
+async def test_a_command_for_another_service_or_long_past_its_deadline_is_not_run(
+    broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
+) -> None:
+    """A command replayed later (the mediator gave up on it at its deadline), or one for
+    another service put in this one's inbox, signed as it would be there: never run."""
+    inbox = names.service(SERVICE)
+    elsewhere = command(names, "echo", {"n": 1}, service="payments")
+    value = codec.encode(elsewhere)
+    await producer.send_and_wait(
+        inbox, value, key=b"wf-1", headers=TEST_KEYRING.headers(value, inbox, b"wf-1")
+    )
+    stale = command(names, "echo", {"n": 2}, deadline_ms=clock.now_ms() - 3_600_000)
+    good = command(names, "echo", {"n": 3}, deadline_ms=clock.now_ms() + 60_000)
+    await send(producer, names, stale, good)
+    [reply] = await replies(broker, names, 1)
+    assert reply.command_id == good.command_id
+    assert worker.stats["misdelivered"] == 1 and worker.stats["expired"] == 1
+    assert worker.stats["executed"] == 1
+    [letter] = [DeadLetter.model_validate_json(v) for v in await read(broker, names.dlq, 1)]
+    assert letter.code == "misdelivered" and "'payments'" in letter.reason

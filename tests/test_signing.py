@@ -13,6 +13,7 @@ import yaml
 from mediator.core.signing import (
     BAD_SIGNATURE,
     NO_KEY,
+    UNBOUND,
     UNSIGNED,
     Key,
     Keyring,
@@ -23,14 +24,40 @@ from mediator.errors import ConfigurationError
 from mediator.settings import load_settings, settings_document
 
 VALUE = b'{"type":"reply","command_id":"c-1"}'
+TOPIC, KEY = "mediator.replies", b"wf-1"
 
 
-def test_the_signature_is_hex_hmac_sha256_of_the_value_under_the_key_id() -> None:
+def test_the_signature_is_hex_hmac_sha256_of_topic_key_and_value_under_the_key_id() -> None:
     ring = Keyring.parse("k1=first-secret-0123456789")
-    headers = dict(ring.headers(VALUE))
-    expected = hmac.new(b"first-secret-0123456789", VALUE, hashlib.sha256).hexdigest()
-    assert headers == {"mediator-key": b"k1", "mediator-signature": expected.encode()}
-    assert ring.check(VALUE, list(headers.items())).id == "k1"
+    headers = dict(ring.headers(VALUE, TOPIC, KEY))
+    signed = b"mediator-2\nmediator.replies\n77662d31\n" + VALUE  # the key in hex
+    expected = hmac.new(b"first-secret-0123456789", signed, hashlib.sha256).hexdigest()
+    assert headers == {"mediator-key": b"k1", "mediator-signature-2": expected.encode()}
+    assert ring.check(VALUE, list(headers.items()), TOPIC, KEY).id == "k1"
+
+
+def test_a_signed_record_published_again_elsewhere_does_not_verify() -> None:
+    """A command for one service replayed into another's inbox, or a reply under another
+    key: the signature covers the topic and the key, so neither holds."""
+    ring = Keyring.parse("k1=first-secret-0123456789")
+    headers = ring.headers(VALUE, "svc.inventory", KEY)
+    with pytest.raises(SignatureError, match="published again elsewhere"):
+        ring.check(VALUE, headers, "svc.payment", KEY)
+    with pytest.raises(SignatureError, match="published again elsewhere"):
+        ring.check(VALUE, headers, "svc.inventory", b"wf-2")
+
+
+def test_a_signature_over_the_value_alone_holds_only_while_legacy_is_on() -> None:
+    ring = Keyring.parse("k1=first-secret-0123456789")
+    plain = hmac.new(b"first-secret-0123456789", VALUE, hashlib.sha256).hexdigest().encode()
+    old = [("mediator-key", b"k1"), ("mediator-signature", plain)]
+    with pytest.raises(SignatureError) as caught:
+        ring.check(VALUE, old, TOPIC, KEY)
+    assert caught.value.code == UNBOUND and "signing.legacy_signatures" in caught.value.reason
+    assert ring.check(VALUE, old, TOPIC, KEY, legacy=True).id == "k1"
+    # Legacy signers send both, so receivers that predate topic binding still verify.
+    both = dict(ring.headers(VALUE, TOPIC, KEY, legacy=True))
+    assert both["mediator-signature"] == plain and "mediator-signature-2" in both
 
 
 @pytest.mark.parametrize(
@@ -38,8 +65,8 @@ def test_the_signature_is_hex_hmac_sha256_of_the_value_under_the_key_id() -> Non
     [
         ([], UNSIGNED, "not signed"),
         ([("mediator-key", b"k1")], UNSIGNED, "not signed"),
-        ([("mediator-key", b"k9"), ("mediator-signature", b"00")], BAD_SIGNATURE, "'k9'"),
-        ([("mediator-key", b"k1"), ("mediator-signature", b"00")], BAD_SIGNATURE, "match"),
+        ([("mediator-key", b"k9"), ("mediator-signature-2", b"00")], BAD_SIGNATURE, "'k9'"),
+        ([("mediator-key", b"k1"), ("mediator-signature-2", b"00")], BAD_SIGNATURE, "match"),
     ],
 )
 def test_a_check_fails_with_a_code_and_a_reason(
@@ -47,26 +74,26 @@ def test_a_check_fails_with_a_code_and_a_reason(
 ) -> None:
     ring = Keyring.parse("k1=first-secret-0123456789")
     with pytest.raises(SignatureError) as caught:
-        ring.check(VALUE, headers)
+        ring.check(VALUE, headers, TOPIC, KEY)
     assert caught.value.code == code and says in caught.value.reason
 
 
 def test_an_altered_value_fails_its_signature() -> None:
     ring = Keyring.parse("k1=first-secret-0123456789")
-    headers = ring.headers(VALUE)
+    headers = ring.headers(VALUE, TOPIC, KEY)
     with pytest.raises(SignatureError, match="does not match"):
-        ring.check(VALUE.replace(b"c-1", b"c-2"), headers)
+        ring.check(VALUE.replace(b"c-1", b"c-2"), headers, TOPIC, KEY)
     with pytest.raises(SignatureError, match="does not match"):
-        ring.check(None, headers)
+        ring.check(None, headers, TOPIC, KEY)
 
 
 def test_a_keyring_signs_with_its_current_key_and_accepts_all() -> None:
     old = Keyring.parse("old=the-old-secret-0123456789")
     both = Keyring.parse("new=the-new-secret-0123456789,old=the-old-secret-0123456789")
     assert both.current.id == "new" and both.ids == ["new", "old"]
-    assert both.check(VALUE, old.headers(VALUE)).id == "old"
+    assert both.check(VALUE, old.headers(VALUE, TOPIC, KEY), TOPIC, KEY).id == "old"
     with pytest.raises(SignatureError, match="not one of ours"):
-        old.check(VALUE, both.headers(VALUE))
+        old.check(VALUE, both.headers(VALUE, TOPIC, KEY), TOPIC, KEY)
     assert Keyring(both.keys).current.id == "new"
     assert Keyring([Key("a", b"x" * 16), Key("b", b"y" * 16)], current="b").current.id == "b"
 
@@ -102,16 +129,18 @@ def test_the_mediator_signs_for_each_service_with_its_keys_and_knows_whose_a_key
     shared = Keyring.parse("shared=shared-secret-0123456789")
     payment = Keyring.parse("pay=payment-secret-0123456789", service="payment")
     signatures = Signatures(shared, {"payment": payment})
-    assert dict(signatures.sign("payment", VALUE))["mediator-key"] == b"pay"
-    assert dict(signatures.sign("inventory", VALUE))["mediator-key"] == b"shared"
-    assert signatures.check(VALUE, payment.headers(VALUE)).service == "payment"
-    assert signatures.check(VALUE, shared.headers(VALUE)).service is None
+    assert dict(signatures.sign("payment", VALUE, TOPIC, KEY))["mediator-key"] == b"pay"
+    assert dict(signatures.sign("inventory", VALUE, TOPIC, KEY))["mediator-key"] == b"shared"
+    assert (
+        signatures.check(VALUE, payment.headers(VALUE, TOPIC, KEY), TOPIC, KEY).service == "payment"
+    )
+    assert signatures.check(VALUE, shared.headers(VALUE, TOPIC, KEY), TOPIC, KEY).service is None
     assert signatures.unsigned(["payment", "inventory"]) == []
 
     own_only = Signatures(None, {"payment": payment})
     assert own_only.unsigned(["payment", "inventory"]) == ["inventory"]
     with pytest.raises(SignatureError) as caught:
-        own_only.sign("inventory", VALUE)
+        own_only.sign("inventory", VALUE, TOPIC, KEY)
     assert caught.value.code == NO_KEY and "signing.services.inventory.keys" in caught.value.reason
 
 
@@ -139,7 +168,8 @@ def test_keys_come_from_settings_and_the_environment_and_stay_secret(
     path = tmp_path / "mediator.yaml"
     path.write_text(yaml.safe_dump(settings_document(settings)))
     again = load_settings(path).signing.signatures()
-    assert again is not None and again.check(VALUE, signatures.sign("payment", VALUE))
+    signed = signatures.sign("payment", VALUE, TOPIC, KEY)
+    assert again is not None and again.check(VALUE, signed, TOPIC, KEY)
 
     monkeypatch.setenv("MEDIATOR_SIGNING__KEYS", "k1=short")
     with pytest.raises(ConfigurationError, match="too short"):

@@ -80,13 +80,22 @@ async def test_a_forged_reply_or_heartbeat_is_never_applied(make_system: Any) ->
 
     # Unsigned, signed with a key the mediator does not know, and signed then altered.
     await _send(system, system.topics.replies, forged, [])
-    await _send(system, system.topics.replies, forged, FORGER.headers(forged))
+    await _send(
+        system, system.topics.replies, forged, FORGER.headers(forged, system.topics.replies, None)
+    )
     honest = _reply(command, output={"n": 1})
-    await _send(system, system.topics.replies, forged, TEST_KEYRING.headers(honest))
+    await _send(
+        system,
+        system.topics.replies,
+        forged,
+        TEST_KEYRING.headers(honest, system.topics.replies, None),
+    )
     beat = HealthEvent(service="inventory", instance="ghost", ts_ms=0, partitions=[0])
     value = beat.model_dump_json().encode()
     await _send(system, system.topics.health, value, [])
-    await _send(system, system.topics.health, value, FORGER.headers(value))
+    await _send(
+        system, system.topics.health, value, FORGER.headers(value, system.topics.health, None)
+    )
 
     letters = [d for _, _, d in await wait_for_letters(system.settings, 5)]
     by_topic = sorted((d.source_topic, d.code) for d in letters)
@@ -108,7 +117,12 @@ async def test_a_forged_reply_or_heartbeat_is_never_applied(make_system: Any) ->
     assert code == 0 and orjson.loads(out)["stats"]["bad_signatures"] == 5
 
     # The same reply signed with the service's key is applied.
-    await _send(system, system.topics.replies, honest, TEST_KEYRING.headers(honest))
+    await _send(
+        system,
+        system.topics.replies,
+        honest,
+        TEST_KEYRING.headers(honest, system.topics.replies, None),
+    )
 
     async def completed() -> bool:
         state = await mediator.store.load(workflow_id_for("r-1"))
@@ -128,10 +142,17 @@ async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
     command = await _command(system, "inventory")
     payment = Keyring.parse(PAYMENT)
     claimed = _reply(command, service="inventory")
-    await _send(system, system.topics.replies, claimed, payment.headers(claimed))
+    await _send(
+        system,
+        system.topics.replies,
+        claimed,
+        payment.headers(claimed, system.topics.replies, None),
+    )
     beat = HealthEvent(service="inventory", instance="inv-x", ts_ms=0)
     value = beat.model_dump_json().encode()
-    await _send(system, system.topics.health, value, payment.headers(value))
+    await _send(
+        system, system.topics.health, value, payment.headers(value, system.topics.health, None)
+    )
     letters = [d for _, _, d in await wait_for_letters(system.settings, 2)]
     assert sorted(d.reason.split(" signed with ")[0] for d in letters) == [
         "rejected: heartbeat of 'inventory'",
@@ -140,7 +161,12 @@ async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
     assert all("a key of 'payment'" in d.reason for d in letters)
     # Not naming a service, it counts as payment's: no answer to an inventory step.
     anonymous = _reply(command)
-    await _send(system, system.topics.replies, anonymous, payment.headers(anonymous))
+    await _send(
+        system,
+        system.topics.replies,
+        anonymous,
+        payment.headers(anonymous, system.topics.replies, None),
+    )
     await wait_for(lambda: mediator.runtime.stats["ignored_replies"] >= 1, what="ignored")
     state = await mediator.store.load(workflow_id_for("r-1"))
     assert state is not None and state.steps["a"].status.value == "running"
@@ -170,9 +196,18 @@ async def test_a_key_rotates_with_both_keys_active(make_system: Any) -> None:
     )  # fmt: skip
     assert lagging.keys is not None and lagging.keys.current.id == "old"
     client = await system.client()
-    for n in range(12):
-        result = await client.submit("one", {}, request_id=f"r{n}", timeout=20)
-        assert result.status is WorkflowStatus.COMPLETED
+    mediator = system.mediators[0]
+
+    async def both_own_partitions() -> bool:
+        views = mediator.registry.instances("inventory")  # what the router sees
+        return len([v for v in views if v.beat.get("partitions")]) == 2
+
+    await wait_for(both_own_partitions, timeout=20, what="both instances to own partitions")
+    # Side by side, so the balancer spreads them over both instances.
+    results = await asyncio.gather(
+        *(client.submit("one", {}, request_id=f"r{n}", timeout=20) for n in range(24))
+    )
+    assert all(result.status is WorkflowStatus.COMPLETED for result in results)
     commands = await records_on(system.bootstrap, system.topics.service("inventory"))
     assert {dict(r.headers)["mediator-key"] for r in commands} == {b"new"}
     replies = await records_on(system.bootstrap, system.topics.replies)
@@ -236,8 +271,18 @@ async def test_a_shared_key_does_not_sign_for_a_service_with_keys_of_its_own(
     await client.publish("two", {}, request_id="r-1")
     command = await _command(system, "inventory")
     named, anonymous = _reply(command, service="inventory"), _reply(command)
-    await _send(system, system.topics.replies, named, TEST_KEYRING.headers(named))
-    await _send(system, system.topics.replies, anonymous, TEST_KEYRING.headers(anonymous))
+    await _send(
+        system,
+        system.topics.replies,
+        named,
+        TEST_KEYRING.headers(named, system.topics.replies, None),
+    )
+    await _send(
+        system,
+        system.topics.replies,
+        anonymous,
+        TEST_KEYRING.headers(anonymous, system.topics.replies, None),
+    )
     await _send_beat(system, "inv-1", HealthStatus.DOWN, TEST_KEYRING)
     letters = [d for _, _, d in await wait_for_letters(system.settings, 3)]
     assert sorted(d.source_topic for d in letters) == sorted(
@@ -252,10 +297,17 @@ async def test_a_shared_key_does_not_sign_for_a_service_with_keys_of_its_own(
     # Signed with its own key, the reply goes; payment (no keys of its own) signs with
     # the shared key.
     honest = _reply(command, service="inventory")
-    await _send(system, system.topics.replies, honest, inventory.headers(honest))
+    await _send(
+        system,
+        system.topics.replies,
+        honest,
+        inventory.headers(honest, system.topics.replies, None),
+    )
     payment = await _command(system, "payment")
     paid = _reply(payment)
-    await _send(system, system.topics.replies, paid, TEST_KEYRING.headers(paid))
+    await _send(
+        system, system.topics.replies, paid, TEST_KEYRING.headers(paid, system.topics.replies, None)
+    )
 
     async def completed() -> bool:
         state = await mediator.store.load(workflow_id_for("r-1"))
@@ -268,4 +320,6 @@ async def _send_beat(system: Any, instance: str, status: HealthStatus, ring: Key
     beat = HealthEvent(service="inventory", instance=instance, status=status, ts_ms=0,
                        partitions=[0], interval_ms=60_000)  # fmt: skip
     value = beat.model_dump_json().encode()
-    await _send(system, system.topics.health, value, ring.headers(value))
+    await _send(
+        system, system.topics.health, value, ring.headers(value, system.topics.health, None)
+    )

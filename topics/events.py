@@ -283,6 +283,15 @@ class HealthEvent(Event):
     )  # fmt: skip
     version: str | None = None
     ts_ms: int
+    boot: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9]{1,32}$",
+        description="Random per process start: a heartbeat of an earlier start of the same "
+        "instance id (replayed, or late) is not taken for this one's.",
+    )
+    seq: int | None = Field(
+        default=None, ge=0, description="Counts this boot's heartbeats: one not newer is stale."
+    )
 
 
 class MarkEvent(Event):

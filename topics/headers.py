@@ -38,6 +38,7 @@ __all__ = [
     "KEY_ID",
     "SCHEMA_VERSION",
     "SIGNATURE",
+    "SIGNATURE_2",
     "TRACEPARENT",
     "TRACE_ID",
     "headers_for",
@@ -57,6 +58,11 @@ JSON = b"application/json"
 #: and the lowercase hex HMAC-SHA256 of the value under that key.
 KEY_ID = "mediator-key"
 SIGNATURE = "mediator-signature"
+#: The signature over the record's topic, key and value (`mediator.core.signing.bound`):
+#: one record's signature does not hold for it published to another topic or under
+#: another key. ``mediator-signature`` (over the value alone) is sent besides only while
+#: ``signing.legacy_signatures`` is on.
+SIGNATURE_2 = "mediator-signature-2"
 
 
 def headers_for(

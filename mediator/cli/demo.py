@@ -57,6 +57,7 @@ def demo_services(
             consumer_options=consumer_options,
             keys=signing.for_service(service) if signing.enabled else None,
             signing=signing.enabled,
+            legacy_signatures=signing.legacy_signatures,
         )
         for name, (handler, low_ms, high_ms) in actions.items():
             action = _with_latency(handler, low_ms, high_ms) if latency else handler

@@ -1,9 +1,14 @@
-"""Message signatures: HMAC-SHA256 over a record's value, named by a key id header.
+"""Message signatures: HMAC-SHA256 over a record's topic, key and value, named by a key id
+header.
 
-A signed record carries two headers: ``mediator-key`` (the key id) and
-``mediator-signature`` (lowercase hex of ``HMAC-SHA256(secret, value)``, where `secret` is
-the key's UTF-8 bytes and `value` the record's value exactly as published). The value is
-the whole event, type tag included, so a signed command cannot pass for a reply.
+A signed record carries ``mediator-key`` (the key id) and ``mediator-signature-2``
+(lowercase hex of ``HMAC-SHA256(secret, bound(topic, key, value))``, where `secret` is the
+key's UTF-8 bytes and `bound` the canonical string below). The value is the whole event,
+type tag included, so a signed command cannot pass for a reply; the topic and key are in
+the signed string, so a record published again to another topic (a command for one service
+to another's inbox) or under another key does not verify. While services upgrade,
+``legacy`` signers also send ``mediator-signature`` (over the value alone) and legacy
+checkers accept it.
 
 Keys belong to one service (`Key.service`) or are shared by every service without keys of
 its own (`service` None). A `Keyring` is one party's keys: it signs with its current key
@@ -19,16 +24,32 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from topics.headers import KEY_ID, SIGNATURE
+from topics.headers import KEY_ID, SIGNATURE, SIGNATURE_2
 
-__all__ = ["Key", "Keyring", "Operator", "Operators", "SignatureError", "Signatures", "parse_keys"]
+__all__ = [
+    "Key",
+    "Keyring",
+    "Operator",
+    "Operators",
+    "SignatureError",
+    "Signatures",
+    "bound",
+    "parse_keys",
+]
 
 MIN_SECRET_CHARS = 16
 #: `SignatureError.code`s: no signature headers; a signature no key of ours made; no key
 #: to sign with.
 UNSIGNED, BAD_SIGNATURE, NO_KEY = "unsigned", "bad_signature", "no_key"
-#: A control signed by an operator who may not send it; one issued too long ago.
-FORBIDDEN, STALE = "forbidden", "stale"
+#: A control signed by an operator who may not send it; one issued too long ago; a record
+#: signed over its value alone where the topic and key must be signed too.
+FORBIDDEN, STALE, UNBOUND = "forbidden", "stale", "unbound"
+
+
+def bound(topic: str, key: bytes | None, value: bytes | None) -> bytes:
+    """The string a signature covers: ``mediator-2``, the topic, the key in lowercase hex
+    (empty for none) and the value, the first three each followed by a newline."""
+    return b"mediator-2\n%s\n%s\n%s" % (topic.encode(), (key or b"").hex().encode(), value or b"")
 
 
 class SignatureError(ValueError):
@@ -97,27 +118,65 @@ class Keyring:
     def ids(self) -> list[str]:
         return list(self._by_id)
 
-    def headers(self, value: bytes) -> list[tuple[str, bytes]]:
-        """The signature headers of `value`, signed with the current key."""
-        return [(KEY_ID, self.current.id.encode()), (SIGNATURE, self.current.sign(value))]
+    def headers(
+        self, value: bytes, topic: str, key: bytes | None, legacy: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """The signature headers of a record of `value` published to `topic` under `key`,
+        signed with the current key (`legacy`: over the value alone, too)."""
+        current = self.current
+        signed = [
+            (KEY_ID, current.id.encode()),
+            (SIGNATURE_2, current.sign(bound(topic, key, value))),
+        ]
+        if legacy:
+            signed.append((SIGNATURE, current.sign(value)))
+        return signed
 
-    def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
-        """The key that signed `value`; `SignatureError` when none of ours did."""
-        key_id = signature = None
+    def check(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        topic: str,
+        record_key: bytes | None,
+        legacy: bool = False,
+    ) -> Key:
+        """The key that signed this record (`value`, as read from `topic` under
+        `record_key`);
+        `SignatureError` when none of ours did. A signature over the value alone holds
+        only when `legacy`."""
+        key_id = signature = plain = None
         for name, header in headers or ():
             if name == KEY_ID:
                 key_id = header
-            elif name == SIGNATURE:
+            elif name == SIGNATURE_2:
                 signature = header
-        if key_id is None or signature is None:
-            msg = f"not signed (no {KEY_ID!r} and {SIGNATURE!r} headers)"
+            elif name == SIGNATURE:
+                plain = header
+        if key_id is None or (signature is None and plain is None):
+            msg = f"not signed (no {KEY_ID!r} and {SIGNATURE_2!r} headers)"
             raise SignatureError(UNSIGNED, msg)
         name = key_id.decode(errors="replace")
         key = self._by_id.get(name)
         if key is None:
             msg = f"signed with key {name[:100]!r}, which is not one of ours"
             raise SignatureError(BAD_SIGNATURE, msg)
-        if not hmac.compare_digest(key.sign(value or b""), signature):
+        if signature is not None:
+            if not hmac.compare_digest(key.sign(bound(topic, record_key, value)), signature):
+                msg = (
+                    f"signature does not match the topic, key and value under key {name!r}: "
+                    "forged, altered, or published again elsewhere"
+                )
+                raise SignatureError(BAD_SIGNATURE, msg)
+            return key
+        if not legacy:
+            msg = (
+                f"signed over its value alone ({SIGNATURE!r}), which holds on any topic: sign "
+                f"the topic, key and value ({SIGNATURE_2!r}), or accept value-only signatures "
+                "while services upgrade (signing.legacy_signatures)"
+            )
+            raise SignatureError(UNBOUND, msg)
+        assert plain is not None
+        if not hmac.compare_digest(key.sign(value or b""), plain):
             msg = f"signature does not match the value under key {name!r}: forged or altered"
             raise SignatureError(BAD_SIGNATURE, msg)
         return key
@@ -166,10 +225,15 @@ class Signatures:
     to the service it claims to come from.
     """
 
-    __slots__ = ("_all", "_services", "shared")
+    __slots__ = ("_all", "_services", "legacy", "shared")
 
-    def __init__(self, shared: Keyring | None, services: Mapping[str, Keyring]) -> None:
+    def __init__(
+        self, shared: Keyring | None, services: Mapping[str, Keyring], legacy: bool = False
+    ) -> None:
         self.shared = shared
+        #: Also sign over the value alone, and accept such signatures (while services
+        #: upgrade to signatures over topic, key and value).
+        self.legacy = legacy
         self._services = dict(services)
         rings = [*([shared] if shared else []), *self._services.values()]
         if not rings:
@@ -182,8 +246,10 @@ class Signatures:
         """The keys `service` signs and verifies with: its own, else the shared ones."""
         return self._services.get(service, self.shared)
 
-    def sign(self, service: str, value: bytes) -> list[tuple[str, bytes]]:
-        """Signature headers of `value`, a record to or for `service`."""
+    def sign(
+        self, service: str, value: bytes, topic: str, key: bytes | None
+    ) -> list[tuple[str, bytes]]:
+        """Signature headers of `value`, a record to or for `service` on `topic`."""
         ring = self.keyring(service)
         if ring is None:
             msg = (
@@ -191,22 +257,28 @@ class Signatures:
                 f"(signing.services.{service}.keys) or set shared ones (signing.keys)"
             )
             raise SignatureError(NO_KEY, msg)
-        return ring.headers(value)
+        return ring.headers(value, topic, key, self.legacy)
 
     def has_own_keys(self, service: str | None = None) -> bool:
         """Whether `service` has keys of its own (shared keys then do not sign for it);
         without `service`, whether any service has."""
         return service in self._services if service is not None else bool(self._services)
 
-    def sign_any(self, value: bytes) -> list[tuple[str, bytes]]:
+    def sign_any(self, value: bytes, topic: str, key: bytes | None) -> list[tuple[str, bytes]]:
         """Signature headers of a record of the mediator's own that is for no one service
         (a health-topic marker): the shared current key, else the first service's."""
         ring = self.shared or self._services[min(self._services)]
-        return ring.headers(value)
+        return ring.headers(value, topic, key, self.legacy)
 
-    def check(self, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Key:
-        """The key that signed `value`; `SignatureError` when no key of ours did."""
-        return self._all.check(value, headers)
+    def check(
+        self,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        topic: str,
+        key: bytes | None,
+    ) -> Key:
+        """The key that signed the record; `SignatureError` when no key of ours did."""
+        return self._all.check(value, headers, topic, key, self.legacy)
 
     def unsigned(self, services: Iterable[str]) -> list[str]:
         """Those of `services` that have no key to be signed with."""
@@ -248,13 +320,15 @@ class Operators:
         self,
         value: bytes | None,
         headers: Sequence[tuple[str, bytes]],
+        topic: str,
+        record_key: bytes | None,
         action: str,
         issued_ms: int,
         now_ms: int,
     ) -> str:
         """The id of the operator who signed this control; `SignatureError` when no
         operator did, the signer may not send `action`, or the control is stale."""
-        key = self.ring.check(value, headers)
+        key = self.ring.check(value, headers, topic, record_key)
         operator = self._by_key[key.id]
         if action not in operator.may:
             allowed = ", ".join(sorted(operator.may)) or "nothing"

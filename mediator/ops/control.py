@@ -112,7 +112,7 @@ class ControlSender:
             control = control.model_copy(update={"operator": operator})
         value = encode(control)
         if self.signer is not None:
-            extra = keys.headers(value)
+            extra = keys.headers(value, self.topics.control, key)
         await self.producer.send_and_wait(
             self.topics.control, value, key=key, headers=[*headers(control), *extra]
         )

@@ -217,6 +217,7 @@ class Runtime:
             "parked": 0,
             "rerouted": 0,
             "heartbeats": 0,
+            "stale_heartbeats": 0,
             "instances_down": 0,
             "rerouted_on_death": 0,
             "bad_signatures": 0,
@@ -537,7 +538,9 @@ class Runtime:
                 continue
             beats.append(event)
         if records and self.registry is not None:
+            stale = self.registry.stale
             changes = await self.registry.apply(beats, marks, read)
+            self.stats["stale_heartbeats"] += self.registry.stale - stale
             self.stats["heartbeats"] += len(beats)
             out.counts["heartbeats"] += len(beats)
             for change in changes:
@@ -900,14 +903,15 @@ class Runtime:
                 command = effect.command
                 value = encode(command)
                 signed = headers(command)
+                topic, key = self.topics.service(command.service), command.workflow_id.encode()
                 if self.signatures is not None:
-                    signed += self.signatures.sign(command.service, value)
+                    signed += self.signatures.sign(command.service, value, topic, key)
                 messages.append(
                     Message(
                         shard,
                         command.command_id,
-                        self.topics.service(command.service),
-                        command.workflow_id.encode(),
+                        topic,
+                        key,
                         value,
                         signed,
                         "command",
@@ -959,7 +963,8 @@ class Runtime:
         if self.signatures is None:
             return True, None
         try:
-            return True, self.signatures.check(record.value, record.headers).service
+            key = self.signatures.check(record.value, record.headers, record.topic, record.key)
+            return True, key.service
         except SignatureError as exc:
             self._forged(record, exc.reason, out, exc.code)
             return False, None
@@ -973,8 +978,9 @@ class Runtime:
             return None
         try:
             return self.operators.authorise(
-                record.value, record.headers, control.action.value, control.issued_ms, now_ms()
-            )
+                record.value, record.headers, record.topic, record.key,
+                control.action.value, control.issued_ms, now_ms(),
+            )  # fmt: skip
         except SignatureError as exc:
             self._forged(record, exc.reason, out, exc.code)
             return None

@@ -85,7 +85,7 @@ class Marker:
         value = encode(mark)
         signed = headers(mark)
         if self.signatures is not None:
-            signed += self.signatures.sign_any(value)
+            signed += self.signatures.sign_any(value, self.topic, MARK_KEY)
         partitions = sorted(await self.producer.partitions_for(self.topic))
         with redis_errors("recording the health topic's partitions"):
             await self.redis.hset(self.keys.health_watermark, "partitions", len(partitions))

@@ -287,7 +287,9 @@ class Dispatcher:
                 value = encode(reply)
                 signed = headers(reply)
                 if self.signatures is not None and reply.service is not None:
-                    signed += self.signatures.sign(reply.service, value)
+                    signed += self.signatures.sign(
+                        reply.service, value, self.topics.replies, message.key
+                    )
                 undeliverable = f"undeliverable.{message.id}"
                 out.append(Message(-1, undeliverable, self.topics.replies, message.key,
                                    value, signed, "reply"))  # fmt: skip

@@ -62,6 +62,8 @@ class Registry:
         self._drain = redis.register_script(_DRAIN)
         self._mark = redis.register_script(_MARK)
         self.view: dict[str, list[InstanceView]] = {}
+        #: Heartbeats ignored as stale: replayed, overtaken, or of an earlier boot.
+        self.stale = 0
         #: Bumped by every `refresh`: routing re-derives what it keeps per view.
         self.generation = 0
 
@@ -102,7 +104,15 @@ class Registry:
                     ttl = settings.missed_heartbeats * beat.interval_ms + settings.grace_ms
                     await self._beat(
                         keys=self.keys.registry(beat.service),
-                        args=[beat.instance, beat.model_dump_json(), beat.status.value, ttl],
+                        args=[
+                            beat.instance,
+                            beat.model_dump_json(),
+                            beat.status.value,
+                            ttl,
+                            beat.boot or "",
+                            -1 if beat.seq is None else beat.seq,
+                            beat.ts_ms,
+                        ],
                         client=pipe,
                     )
                 pipe.sadd(self.keys.services, *sorted({b.service for b in beats}))
@@ -110,6 +120,11 @@ class Registry:
         changes = []
         for beat, (before, now, stored) in zip(beats, replies[: len(beats)], strict=True):
             was, status = text(before), text(stored)
+            if status == "stale":
+                self.stale += 1
+                log.debug("stale heartbeat of %s (boot %s, seq %s) ignored",
+                          beat.instance, beat.boot, beat.seq)  # fmt: skip
+                continue
             if was == status:
                 continue
             if status == HealthStatus.DOWN.value:

@@ -41,9 +41,11 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import time
@@ -100,7 +102,7 @@ _UNTRACED = contextlib.nullcontext()
 _COMMIT_INTERVAL_S = 0.05
 STAT_NAMES = (
     "received", "executed", "duplicates", "errors", "invalid", "send_retries", "undeliverable",
-    "heartbeats", "heartbeats_failed", "bad_signatures",
+    "heartbeats", "heartbeats_failed", "bad_signatures", "misdelivered", "expired",
 )  # fmt: skip
 #: Where a worker not given ``keys=`` finds them (the mediator's shared-keys setting).
 KEYS_ENV, CURRENT_ENV = "MEDIATOR_SIGNING__KEYS", "MEDIATOR_SIGNING__CURRENT"
@@ -137,15 +139,27 @@ class Worker:
         version: str | None = None,
         keys: Keyring | str | None = None,
         signing: bool = True,
+        legacy_signatures: bool = False,
+        expiry_grace_ms: int | None = 60_000,
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.service = service
         self.topics = topics or Topics()
-        self.instance = instance or f"{service}-{socket.gethostname()}-{os.getpid()}"
+        #: Random per start: this process's heartbeats are told from an earlier start's.
+        self.boot = secrets.token_hex(4)
+        self._seq = itertools.count()
+        self.instance = instance or f"{service}-{socket.gethostname()}-{os.getpid()}-{self.boot}"
         self.group_id = group_id or f"{self.topics.service_prefix}{service}"
         #: Signs replies and heartbeats, checks commands; None: signing is off.
         self.keys = _keyring(service, keys) if signing else None
+        #: Also sign over the value alone and accept commands signed so (while the
+        #: mediator and other services upgrade to signatures over topic, key and value).
+        self.legacy_signatures = legacy_signatures
+        #: A command is not run once this long past its `deadline_ms` (the mediator no
+        #: longer waits for it: a late or replayed one). Generous, for clocks that differ;
+        #: None runs every command whatever its deadline.
+        self.expiry_grace_ms = expiry_grace_ms
         self.bootstrap_servers = bootstrap_servers
         self.enable_idempotence = enable_idempotence
         self.stop_timeout = stop_timeout
@@ -363,7 +377,7 @@ class Worker:
             partitions=sorted(tp.partition for tp in owned if tp.topic == inbox),
             weight=self.weight, interval_ms=round((self.heartbeat_interval or 1.0) * 1000),
             answered=answered, errors=errors, latency_ms=latency, version=self.version,
-            ts_ms=clock.now_ms(),
+            ts_ms=clock.now_ms(), boot=self.boot, seq=next(self._seq),
         )  # fmt: skip
 
     async def _heartbeats(self) -> None:
@@ -390,7 +404,9 @@ class Worker:
                 self.topics.health,
                 value,
                 key=self.instance.encode(),
-                headers=self._signed(codec.headers(beat), value),
+                headers=self._signed(
+                    codec.headers(beat), value, self.topics.health, self.instance.encode()
+                ),
             )
         except KafkaError as exc:
             self.stats["heartbeats_failed"] += 1
@@ -442,8 +458,12 @@ class Worker:
         self._offsets.drop(lost)
         self._room.set()
 
-    def _signed(self, headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
-        return headers + self.keys.headers(value) if self.keys is not None else headers
+    def _signed(
+        self, headers: list[tuple[str, bytes]], value: bytes, topic: str, key: bytes | None
+    ) -> list[tuple[str, bytes]]:
+        if self.keys is None:
+            return headers
+        return headers + self.keys.headers(value, topic, key, self.legacy_signatures)
 
     def _take(self, tp: TopicPartition, record: ConsumerRecord, tracing: bool) -> None:
         """Check and decode one record where it was fetched, then start its action; a
@@ -451,12 +471,19 @@ class Worker:
         self.stats["received"] += 1
         if self.keys is not None:
             try:
-                self.keys.check(record.value, record.headers)
+                self.keys.check(
+                    record.value, record.headers, record.topic, record.key, self.legacy_signatures
+                )
             except SignatureError as exc:
                 return self._spawn(self._reject(tp, record, exc), tp, record.offset)
         command = self._decode(record)
         if command is None:
             return self._done(tp, record.offset)
+        if command.service != self.service:
+            error = SignatureError(
+                "misdelivered", f"a command for {command.service!r}, not {self.service!r}"
+            )
+            return self._spawn(self._reject(tp, record, error), tp, record.offset)
         cid = command.command_id
         cached = self._replies.get(cid)
         if cached is not None:
@@ -482,8 +509,27 @@ class Worker:
                 after = self._after(command, self._waiter(doing), tp, record.offset, True)
                 return self._spawn(after, tp, record.offset)
             self._keys_running[key] = cid
+        if self._expired(command):
+            if key is not None:
+                self._keys_running.pop(key, None)
+            return self._done(tp, record.offset)
         self._running[cid] = None
         self._spawn(self._run(command, tp, record.offset, tracing), tp, record.offset)
+
+    def _expired(self, command: CommandEvent) -> bool:
+        """Whether `command` is past its deadline by more than the grace (then it is not
+        run: nothing waits for its reply any more), counted and logged."""
+        if command.deadline_ms is None or self.expiry_grace_ms is None:
+            return False
+        late = clock.now_ms() - command.deadline_ms
+        if late <= self.expiry_grace_ms:
+            return False
+        self.stats["expired"] += 1
+        log.warning(
+            "not running command %s: %d ms past its deadline (a late or replayed command)",
+            command.command_id, late, extra={"service": self.service},
+        )  # fmt: skip
+        return True
 
     def _decode(self, record: ConsumerRecord) -> CommandEvent | None:
         """The record's command; None (counted and logged) when it is not a valid one."""
@@ -558,9 +604,10 @@ class Worker:
     async def _reject(
         self, tp: TopicPartition, record: ConsumerRecord, exc: SignatureError
     ) -> None:
-        """A command no key of ours signed is never run: dead-letter it (best effort: the
-        step it claims to be for times out in any case) and count it."""
-        self.stats["bad_signatures"] += 1
+        """A command no key of ours signed (or one for another service) is never run:
+        dead-letter it (best effort: the step it claims to be for times out in any case)
+        and count it."""
+        self.stats["misdelivered" if exc.code == "misdelivered" else "bad_signatures"] += 1
         reason = f"command rejected by {self.instance}: {exc.reason}"
         log.warning(
             "rejecting command at %s[%d] offset %d: %s",
@@ -616,7 +663,7 @@ class Worker:
     def _reply_headers(self, command: CommandEvent, reply: bytes) -> list[tuple[str, bytes]]:
         # The reply may come from the cache as bytes; its headers follow from the command.
         plain = headers_for("reply", SCHEMA_VERSION, command.trace_id, command.command_id)
-        return self._signed(plain, reply)
+        return self._signed(plain, reply, command.reply_to, command.workflow_id.encode())
 
     async def _resend(
         self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,

@@ -4,13 +4,35 @@
 --       down), 3 deadlines zset (instance -> when it is down unless heard from again, ms),
 --       4 last-seen zset (instance -> ms), 5 set of instances an operator drained, 6 set
 --       of instances marked down because their heartbeats stopped (dead, not left).
--- ARGV: 1 instance, 2 heartbeat JSON, 3 status it announces, 4 ttl (ms).
+-- ARGV: 1 instance, 2 heartbeat JSON, 3 status it announces, 4 ttl (ms), 5 its boot id
+--       ('' for none), 6 its sequence number (-1 for none), 7 its ts_ms.
+-- A heartbeat is stale, and changes nothing, when the last one recorded came from the same
+-- boot with a sequence number at least as high (a replay, or one overtaken), or from
+-- another boot and is newer (a replay of an earlier start of the same instance id).
 -- An instance an operator drained stays `draining` whatever it announces, until it leaves
 -- or is marked down (a restart under the same id then gets work again).
--- Returns {previous status or '', now ms}: '' is a new instance, 'down' one that is back.
+-- Returns {previous status or '', now ms, status now or 'stale'}: '' is a new instance,
+-- 'down' one that is back.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local before = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+if ARGV[5] ~= '' then
+  local last = redis.call('HGET', KEYS[1], ARGV[1])
+  if last then
+    local ok, doc = pcall(cjson.decode, last)
+    if ok and type(doc) == 'table' and type(doc.boot) == 'string' then
+      local stale
+      if doc.boot == ARGV[5] then
+        stale = tonumber(ARGV[6]) <= (tonumber(doc.seq) or -1)
+      else
+        stale = tonumber(ARGV[7]) <= (tonumber(doc.ts_ms) or 0)
+      end
+      if stale then
+        return {before, now, 'stale'}
+      end
+    end
+  end
+end
 local status = ARGV[3]
 if status == 'down' then
   redis.call('SREM', KEYS[5], ARGV[1])
