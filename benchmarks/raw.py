@@ -28,7 +28,7 @@ FETCH_WAIT_MS = 5
 #: How often, at most, the raw echo service commits its consumed offsets.
 COMMIT_INTERVAL_S = 0.05
 STEP_TIMEOUT_S = 30.0
-KEY_ID, SIGNATURE = "mediator-key", "mediator-signature"
+KEY_ID, SIGNATURE = "mediator-key", "mediator-signature-2"
 
 
 async def serve_raw_echo(
@@ -161,7 +161,11 @@ class RawClient:
             headers = None
             if self._key is not None:
                 key_id, secret = self._key
-                signature = hmac.digest(secret, value, hashlib.sha256).hex().encode()
+                # The contract's signed string: topic, key (hex) and value.
+                signed = b"mediator-2\n%s\n%s\n%s" % (
+                    self.service_topic.encode(), key.hex().encode(), value
+                )
+                signature = hmac.digest(secret, signed, hashlib.sha256).hex().encode()
                 headers = [(KEY_ID, key_id.encode()), (SIGNATURE, signature)]
             future: asyncio.Future[dict[str, Any]] = loop.create_future()
             self._waiting[command_id] = future
