@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from typing import Any
@@ -30,6 +31,8 @@ def cli_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, 
         "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
         "MEDIATOR_SIGNING__KEYS": signing_spec(settings.signing.keyring()),
+        # The operator the CLI's controls are signed as.
+        "MEDIATOR_SIGNING__OPERATORS": json.dumps(settings.signing.revealed()["operators"]),
         **(env or {}),
     }
 

@@ -395,7 +395,7 @@ async def test_cli_lists_replays_and_exits_non_zero_on_refusal(
     settings: Settings, config_file: Path
 ) -> None:
     topics, bootstrap = settings.kafka.topics, settings.kafka.bootstrap_servers
-    target = f"{topics.prefix}target"
+    target = topics.requests  # letters go back only to the requests and replies topics
     await create_topics(bootstrap, [target], partitions=4)
     good = letter(target, b'{"n":1}', key="good-key")
     cut = letter(target, b"z" * 600, code="too_large", excerpt_bytes=256)

@@ -40,5 +40,5 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_a_clear_error(
 def test_the_setting_takes_only_known_loops() -> None:
     assert load_settings().event_loop == "auto"
     assert load_settings(event_loop="asyncio").event_loop == "asyncio"
-    with pytest.raises(ValueError, match="event_loop"):
+    with pytest.raises(ConfigurationError, match="event_loop"):
         load_settings(event_loop="trio")
