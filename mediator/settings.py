@@ -109,7 +109,20 @@ class RedisSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str = "redis://127.0.0.1:6379/0"
+    #: ``redis://`` or, for TLS, ``rediss://``. A password in it is never logged, but
+    #: prefer `password` or `password_file`.
+    url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    #: An ACL user and its password (Redis 6+), or the password of ``requirepass``.
+    username: str | None = None
+    password: SecretStr | None = None
+    #: A file holding the password (a Docker or Kubernetes secret), instead of it.
+    password_file: Path | None = None
+    #: TLS (with a ``rediss://`` URL): the CA to trust, this client's certificate and key
+    #: when the server asks for one, and whether the certificate must name the host.
+    ssl_ca_certs: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
     key_prefix: str = "med"
     shards: int = Field(default=16, ge=1, le=16384)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
@@ -125,6 +138,37 @@ class RedisSettings(BaseModel):
     # A finished run's request fingerprint and status are kept this long after its state
     # expired, so a late duplicate is still recognised (and not run again).
     tombstone_s: float = Field(default=30 * 24 * 3600, ge=0)
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's options for these settings: credentials and TLS (with the URL)."""
+        options: dict[str, Any] = {}
+        if self.password is not None and self.password_file is not None:
+            msg = "give redis.password or redis.password_file, not both"
+            raise ConfigurationError(msg)
+        if self.username is not None:
+            options["username"] = self.username
+        if self.password is not None:
+            options["password"] = self.password.get_secret_value()
+        elif self.password_file is not None:
+            try:
+                options["password"] = self.password_file.read_text().strip()
+            except OSError as exc:
+                msg = f"redis.password_file: {exc}"
+                raise ConfigurationError(msg) from exc
+        tls = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
+               "ssl_keyfile": self.ssl_keyfile}  # fmt: skip
+        given = {name: path for name, path in tls.items() if path is not None}
+        if given or not self.ssl_check_hostname:
+            if not self.url.startswith("rediss://"):
+                msg = "redis TLS settings need a rediss:// URL (redis.url)"
+                raise ConfigurationError(msg)
+            for name, path in given.items():
+                if not path.is_file():
+                    msg = f"redis.{name}: {path} is not a readable file"
+                    raise ConfigurationError(msg)
+                options[name] = str(path)
+            options["ssl_check_hostname"] = self.ssl_check_hostname
+        return options
 
 
 class TimerSettings(BaseModel):

@@ -16,7 +16,7 @@ import trustme
 from mediator.cli.infra import HOST, EmbeddedKafka, find_free_port
 from mediator.kafka import KafkaConnection, new_admin
 
-__all__ = ["Authority", "TlsKafka", "tls_kafka"]
+__all__ = ["Authority", "TlsKafka", "tls_kafka", "tls_redis"]
 
 
 @dataclass
@@ -140,3 +140,52 @@ async def tls_kafka(directory: Path) -> AsyncIterator[tuple[TlsKafka, Authority]
             yield server, authority
     finally:
         await proxy.stop()
+
+
+@contextlib.asynccontextmanager
+async def tls_redis(
+    directory: Path, user: str, password: str
+) -> AsyncIterator[tuple[int, Authority]]:
+    """Debian's ``redis-server`` (the embedded Valkey has no TLS) on a TLS-only port,
+    with one ACL user and the default user off; yields the port and the CA."""
+    import shutil
+
+    from mediator.storage.connection import connect
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        msg = "redis-server is not installed (apt-get install redis-server)"
+        raise RuntimeError(msg)
+    authority = Authority(directory)
+    key = directory / "server.pem"
+    port = find_free_port()
+    process = await asyncio.create_subprocess_exec(
+        binary, "--port", "0", "--tls-port", str(port), "--bind", HOST,
+        "--tls-cert-file", str(key), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(authority.cafile), "--tls-auth-clients", "no",
+        "--save", "", "--appendonly", "no", "--dir", str(directory),
+        "--user", "default", "off",
+        "--user", user, "on", f">{password}", "~*", "&*", "+@all",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = connect(
+            f"rediss://{HOST}:{port}/0", timeout_s=1.0, username=user, password=password,
+            ssl_ca_certs=str(authority.cafile),
+        )  # fmt: skip
+        try:
+            for _ in range(100):
+                try:
+                    await client.ping()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            else:
+                msg = "redis-server with TLS did not answer"
+                raise RuntimeError(msg)
+        finally:
+            await client.aclose()
+        yield port, authority
+    finally:
+        process.terminate()
+        await process.wait()

@@ -283,10 +283,10 @@ def breaker_list(
 async def _breakers(settings: Any) -> dict[str, Any]:
     from mediator.ops.control import breaker_states
     from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect
+    from mediator.storage.connection import connect_to
     from mediator.storage.parked import parked_counts
 
-    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    redis = connect_to(settings.redis)
     try:
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
         states = await breaker_states(redis, keys)
@@ -382,9 +382,9 @@ def status(
 
 async def _status(settings: Any, limit: int) -> dict[str, Any]:
     from mediator.ops.status import collect_status, stored_keys
-    from mediator.storage.connection import connect
+    from mediator.storage.connection import connect_to
 
-    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    redis = connect_to(settings.redis)
     try:
         # The layout the prefix was written with, which `mediator dev` may have chosen.
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
@@ -410,9 +410,9 @@ def services(json_output: JsonOption = False, config: ConfigOption = None) -> No
 async def _services_view(settings: Any) -> dict[str, Any]:
     from mediator.ops.services import collect_services
     from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect
+    from mediator.storage.connection import connect_to
 
-    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    redis = connect_to(settings.redis)
     try:
         keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
         return await collect_services(redis, keys)

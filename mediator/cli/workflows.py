@@ -31,9 +31,9 @@ workflows_app = typer.Typer(
 @asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
     from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect
+    from mediator.storage.connection import connect_to
 
-    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    redis = connect_to(settings.redis)
     try:
         yield redis, await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
     finally:

@@ -45,7 +45,7 @@ from mediator.ops.status import stored_keys
 from mediator.ops.window import parse_time, read_window, window
 from mediator.producers import new_producer, start_producer
 from mediator.settings import Settings
-from mediator.storage.connection import connect
+from mediator.storage.connection import connect_to
 from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
@@ -109,7 +109,7 @@ async def recover(
         msg = "the end of the window is not after its start; give an --until after --since"
         raise RecoverError(msg)
     kafka = settings.kafka
-    redis = connect(settings.redis.url, timeout_s=settings.redis.socket_timeout_s)
+    redis = connect_to(settings.redis)
     producer = None
     if not dry_run:
         producer = new_producer(

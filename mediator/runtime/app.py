@@ -40,7 +40,7 @@ from mediator.runtime.timers import TimerPoller
 from mediator.runtime.tracing import Tracing
 from mediator.settings import Settings, load_settings
 from mediator.storage.catalog import DefinitionStore
-from mediator.storage.connection import connect, redacted
+from mediator.storage.connection import connect_to, redacted
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
@@ -58,7 +58,7 @@ class Mediator:
         self.definitions = definitions
         kafka = settings.kafka
         redis = settings.redis
-        self.redis = connect(redis.url, timeout_s=redis.socket_timeout_s)
+        self.redis = connect_to(redis)
         keys = Keys(redis.key_prefix, redis.shards)
         self.store = Store(
             self.redis,

@@ -15,7 +15,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-__all__ = ["PackedConnection", "connect", "lua_source", "redacted", "text"]
+__all__ = ["PackedConnection", "connect", "connect_to", "lua_source", "redacted", "text"]
 
 
 class PackedConnection(Connection):
@@ -32,12 +32,18 @@ class PackedConnection(Connection):
             return super().pack_command(*args)
 
 
-def connect(url: str, *, timeout_s: float | None = None) -> Redis:
-    """A client for `url`; plain TCP URLs get the C packer."""
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+def connect(url: str, *, timeout_s: float | None = None, **options: Any) -> Redis:
+    """A client for `url` (`options`: credentials, TLS files); plain TCP URLs get the C
+    packer."""
+    options |= {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if url.startswith("redis://"):
         options["connection_class"] = PackedConnection
     return Redis.from_url(url, **options)
+
+
+def connect_to(settings: Any) -> Redis:
+    """A client for `RedisSettings`: its URL, credentials, TLS and timeout."""
+    return connect(settings.url, timeout_s=settings.socket_timeout_s, **settings.client_options())
 
 
 def redacted(url: str) -> str:
