@@ -163,7 +163,9 @@ class RawClient:
                 key_id, secret = self._key
                 # The contract's signed string: topic, key (hex) and value.
                 signed = b"mediator-2\n%s\n%s\n%s" % (
-                    self.service_topic.encode(), key.hex().encode(), value
+                    self.service_topic.encode(),
+                    key.hex().encode(),
+                    value,
                 )
                 signature = hmac.digest(secret, signed, hashlib.sha256).hex().encode()
                 headers = [(KEY_ID, key_id.encode()), (SIGNATURE, signature)]
