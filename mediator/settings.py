@@ -646,6 +646,15 @@ class SigningSettings(KeySet):
     #: How long after it was issued a control is accepted: a captured control published
     #: again later is refused.
     control_max_age_s: float = Field(default=300.0, gt=0)
+    #: Clients whose signed requests are accepted: client id -> their keys. The id of the
+    #: client whose key signed a request is kept with its run and in its audit log.
+    clients: dict[str, KeySet] = Field(default_factory=dict)
+    #: Requests: ``off`` (not checked), ``optional`` (a signed one must verify and is
+    #: recorded as its client's; unsigned ones are taken) or ``required`` (unsigned ones are
+    #: refused). Who may start workflows is otherwise up to Kafka ACLs.
+    requests: Literal["off", "optional", "required"] = "off"
+    #: The client this process (`mediator submit`) signs requests as.
+    client: str | None = None
     #: Also sign over the value alone (``mediator-signature``) and accept records signed so:
     #: only while services that predate signatures over topic, key and value upgrade.
     legacy_signatures: bool = False
@@ -654,6 +663,10 @@ class SigningSettings(KeySet):
     def _valid_keys(self) -> SigningSettings:
         self.signatures()
         self.operator_keys()
+        self.client_keys()
+        if self.client is not None and self.client not in self.clients:
+            msg = f"signing.client {self.client!r} is not one of signing.clients"
+            raise ValueError(msg)
         if self.operator is not None and self.operator not in self.operators:
             msg = f"signing.operator {self.operator!r} is not one of signing.operators"
             raise ValueError(msg)
@@ -673,6 +686,27 @@ class SigningSettings(KeySet):
         except ValueError as exc:
             msg = f"signing.operators: {exc}"
             raise ValueError(msg) from exc
+
+    def client_keys(self) -> Keyring | None:
+        """Every client's keys in one ring (each key owned by its client: `Key.service`);
+        None when no client has keys."""
+        try:
+            keys = [
+                key
+                for name, keyset in self.clients.items()
+                if (ring := keyset.keyring(name)) is not None
+                for key in ring.keys
+            ]
+            return Keyring(keys) if keys else None
+        except ValueError as exc:
+            msg = f"signing.clients: {exc}"
+            raise ValueError(msg) from exc
+
+    def request_signer(self) -> Keyring | None:
+        """The keys this process signs requests with (`client`); None: unsigned."""
+        if not self.enabled or self.client is None:
+            return None
+        return self.clients[self.client].keyring(self.client)
 
     def control_signer(self) -> tuple[str, Keyring] | None:
         """Who this process sends controls as, and the keys it signs them with: the
@@ -705,6 +739,7 @@ class SigningSettings(KeySet):
         doc = super().revealed()
         doc["services"] = {name: keys.revealed() for name, keys in self.services.items()}
         doc["operators"] = {name: keys.revealed() for name, keys in self.operators.items()}
+        doc["clients"] = {name: keys.revealed() for name, keys in self.clients.items()}
         return doc
 
     def for_service(self, service: str) -> Keyring | None:

@@ -339,6 +339,7 @@ async def _submit(
     kafka = settings.kafka
     async with MediatorClient(
         kafka,
+        keys=settings.signing.request_signer(),
         topics=kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,

@@ -59,6 +59,8 @@ def entries(
     out: list[bytes] = []
     for index, event in enumerate(events or [None]):
         doc = describe(event)
+        if isinstance(event, RequestEvent) and state.client:
+            doc["client"] = state.client  # whose key signed the request
         doc["t"] = now_ms
         doc["replica"] = replica
         if index == len(events or [None]) - 1:

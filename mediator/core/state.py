@@ -108,6 +108,8 @@ class WorkflowState:
     #: alone would match again after a Redis failover that lost the writes past it, so a
     #: state cached before the loss could commit over the older state that took its place.
     stamp: str | None = None
+    #: The client whose key signed the request that started the run (signed requests).
+    client: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -155,6 +157,7 @@ _STEP_OPTIONAL = (
 )
 _WF_OPTIONAL = (
     "stamp",
+    "client",
     "reply_to",
     "trace_id",
     "deadline_ms",

@@ -125,6 +125,8 @@ class Mediator:
             replica=self.replica,
             operators=settings.signing.operator_keys(),
             controls_signed=_controls_signed(settings),
+            clients=settings.signing.client_keys(),
+            requests_signed=settings.signing.requests if settings.signing.enabled else "off",
         )
         self.flusher = MetricsFlusher(
             self.recorder, self.metrics, monitoring.flush_ms, settings.backoff

@@ -31,7 +31,7 @@ from mediator.core.audit import AuditEvent
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, result_of
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
-from mediator.core.signing import UNSIGNED, Operators, SignatureError, Signatures
+from mediator.core.signing import UNSIGNED, Keyring, Operators, SignatureError, Signatures
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
@@ -66,7 +66,7 @@ from topics.events import (
     ResultEvent,
     WorkflowStatus,
 )
-from topics.headers import TRACEPARENT, parse_traceparent, w3c_trace_id
+from topics.headers import KEY_ID, TRACEPARENT, parse_traceparent, w3c_trace_id
 from topics.names import Topics
 
 __all__ = ["Record", "Runtime"]
@@ -167,6 +167,8 @@ class Runtime:
         replica: str = "",
         operators: Operators | None = None,
         controls_signed: bool = False,
+        clients: Keyring | None = None,
+        requests_signed: str = "off",
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -196,6 +198,9 @@ class Runtime:
         #: Whether controls must be signed by an operator (`operators`) who may send them.
         self.controls_signed = controls_signed
         self.operators = operators
+        #: Requests' signatures: ``off``, ``optional`` or ``required`` (`clients`' keys).
+        self.requests_signed = requests_signed
+        self.clients = clients
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
@@ -326,6 +331,15 @@ class Runtime:
         if (too_large := self._oversized(record, "request")) is not None:
             self._refuse(record, request, "payload_too_large", too_large, origin, out)
             return None
+        client = None
+        if self.requests_signed != "off":
+            try:
+                client = self._client(record)
+            except SignatureError as exc:
+                self.stats["bad_signatures"] += 1
+                request = request.model_copy(update={"reply_to": None})  # not its to choose
+                self._refuse(record, request, exc.code, f"rejected: {exc.reason}", origin, out)
+                return None
         if request.reply_to and not self.limits.reply_to_allowed(
             request.reply_to, self.topics.results
         ):
@@ -353,6 +367,7 @@ class Runtime:
         transition = self.engine.start(workflow, request, wid, now, trace_id, parent)
         transition.state.fingerprint = digest.hexdigest()
         transition.state.origin = origin
+        transition.state.client = client
         return _Start(request, workflow, transition)
 
     def _oversized(self, record: Record, what: str) -> str | None:
@@ -968,6 +983,18 @@ class Runtime:
         except SignatureError as exc:
             self._forged(record, exc.reason, out, exc.code)
             return False, None
+
+    def _client(self, record: Record) -> str | None:
+        """The client whose key signed a request; None for an unsigned one when signatures
+        are optional. `SignatureError` when it may not be taken."""
+        names = {name for name, _ in record.headers or ()}
+        if KEY_ID not in names and self.requests_signed == "optional":
+            return None
+        if self.clients is None:
+            msg = "requests must be signed by a client, and no client has keys (signing.clients)"
+            raise SignatureError(UNSIGNED, msg)
+        key = self.clients.check(record.value, record.headers, record.topic, record.key)
+        return key.service
 
     def _operator(self, record: Record, control: ControlEvent, out: _Out) -> str | None:
         """The operator who signed `control`, or None when no operator may have sent it

@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from mediator import clock, codec
+from mediator.core.signing import Keyring
 from mediator.errors import MediatorError
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer, start_producer
@@ -87,6 +88,7 @@ class MediatorClient:
         fetch_max_wait_ms: int = 500,
         on_result: Callable[[ResultEvent], object] | None = None,
         dedup_size: int = 100_000,
+        keys: Keyring | None = None,
     ) -> None:
         """A client of the broker at ``bootstrap_servers`` (options: see the README).
 
@@ -113,6 +115,8 @@ class MediatorClient:
         self._failure: BaseException | None = None
         self.on_result = on_result
         self.dedup_size = dedup_size
+        #: Signs requests (`signing.requests` on the mediator); None: unsigned.
+        self.keys = keys
         self._seen: OrderedDict[Hashable, None] = OrderedDict()
         #: Results dropped because an identical one was read before.
         self.duplicates_dropped = 0
@@ -188,11 +192,12 @@ class MediatorClient:
         if self._producer is None:
             msg = "start the client (`await client.start()` or `async with client`) first"
             raise ClientClosed(msg)
+        value, key = codec.encode(request), request.request_id.encode()
+        headers = codec.headers(request)
+        if self.keys is not None:
+            headers += self.keys.headers(value, self.topics.requests, key)
         await self._producer.send_and_wait(
-            self.topics.requests,
-            value=codec.encode(request),
-            key=request.request_id.encode(),
-            headers=codec.headers(request),
+            self.topics.requests, value=value, key=key, headers=headers
         )
         return request.request_id
 
