@@ -492,3 +492,32 @@ async def test_letters_go_back_only_to_requests_and_replies_and_never_forged_one
     assert [o.status for o in report.outcomes] == ["refused", "refused", "would_replay"]
     assert "'t.control' is not one letters are replayed to" in (report.outcomes[0].reason or "")
     assert "refused for its signature" in (report.outcomes[1].reason or "")
+
+
+async def test_reads_are_bounded_to_the_tail_or_the_named_letters(settings: Settings) -> None:
+    """The dashboard's page reads the newest letters, never the whole topic; a replay
+    reads only the letters it names."""
+    topics, bootstrap = settings.kafka.topics, settings.kafka.bootstrap_servers
+    made = [letter(topics.requests, b'{"n":%d}' % n) for n in range(30)]
+    # Five records that are not dead letters first: a read that reached them says so.
+    # One at a time: Tansu lists a partition's end short of a batch of several records.
+    junk = [(0, b"not a dead letter")] * 5
+    for partition, value in junk + [(0, codec.encode(d)) for d in made]:
+        await publish_to_dlq(topics, bootstrap, [(partition, value)])
+    seen: list[tuple[int, int]] = []
+    newest = await read_dead_letters(
+        bootstrap, topics, limit=5, tail=5, timeout_s=10,
+        on_unreadable=lambda p, o, reason: seen.append((p, o)),
+    )  # fmt: skip
+    assert [o for _, o, _ in newest] == [30, 31, 32, 33, 34]
+    named = await read_dead_letters(
+        bootstrap, topics, limit=None, at=[(0, 8), (0, 12)],
+        on_unreadable=lambda p, o, reason: seen.append((p, o)),
+    )  # fmt: skip
+    assert [(p, o) for p, o, _ in named] == [(0, 8), (0, 12)]
+    assert [d.value for _, _, d in named] == ['{"n":3}', '{"n":7}']
+    assert seen == []  # neither read went near the start of the topic
+    everything = await read_dead_letters(
+        bootstrap, topics, limit=None, on_unreadable=lambda p, o, reason: seen.append((p, o))
+    )
+    assert len(everything) == 30 and len(seen) == 5

@@ -199,7 +199,8 @@ class Dashboard:
         letters = await read_dead_letters(
             kafka,
             kafka.topics,
-            limit=min(_int(request.query, "limit") or 100, 1000),
+            limit=(limit := min(_int(request.query, "limit") or 100, 1000)),
+            tail=limit,  # the newest `limit` letters: never the whole topic
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
             timeout_s=10,
         )
@@ -271,7 +272,7 @@ class Dashboard:
         if not wanted:
             raise web.HTTPBadRequest(text="name the letters to replay (coordinates)")
         kafka = self.settings.kafka
-        letters = await read_dead_letters(kafka, kafka.topics, limit=None, timeout_s=10)
+        letters = await read_dead_letters(kafka, kafka.topics, limit=None, timeout_s=10, at=wanted)
         report = await replay(
             kafka,
             select(letters, wanted),

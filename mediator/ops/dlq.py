@@ -18,7 +18,7 @@ import asyncio
 import heapq
 import logging
 import re
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +86,8 @@ async def read_dead_letters(
     client_id: str = "mediator-dlq",
     fetch_max_wait_ms: int = 500,
     timeout_s: float = 30.0,
+    tail: int | None = None,
+    at: Collection[tuple[int, int]] | None = None,
 ) -> list[Letter]:
     """The dead letters on ``topics.dlq`` that match, oldest first (by ``rejected_ms``).
 
@@ -95,8 +97,11 @@ async def read_dead_letters(
     letter's ``code`` and ``source_topic``; ``since_ms`` keeps letters rejected at or after
     it. With ``limit``, only the newest ``limit`` matches are kept. A record that is not a
     `DeadLetter` is logged and passed to ``on_unreadable(partition, offset, reason)``.
-    Raises `DlqError` when the topic does not exist, or the broker cannot be reached or
-    does not answer within ``timeout_s``.
+    Bounded reads: with ``tail``, only the last ``tail`` records of each partition are read
+    (the newest ``limit`` letters are among the last ``limit`` of each); with ``at``, only
+    the records at those (partition, offset) coordinates. Raises `DlqError` when the topic
+    does not exist, or the broker cannot be reached or does not answer within
+    ``timeout_s``.
     """
     if limit is not None and limit < 1:
         msg = f"the limit must be at least 1, got {limit}"
@@ -104,7 +109,11 @@ async def read_dead_letters(
     topic = topics.dlq
     newest: list[tuple[int, int, int, DeadLetter]] = []  # a min-heap on (rejected_ms, p, o)
 
+    wanted = set(at) if at is not None else None
+
     def keep(partition: int, offset: int, value: bytes | None) -> None:
+        if wanted is not None and (partition, offset) not in wanted:
+            return
         try:
             letter = DeadLetter.model_validate_json(value or b"")
         except ValidationError as exc:
@@ -113,11 +122,7 @@ async def read_dead_letters(
             if on_unreadable is not None:
                 on_unreadable(partition, offset, reason)
             return
-        if (code is not None and letter.code != code) or (
-            source is not None and letter.source_topic != source
-        ):
-            return
-        if since_ms is not None and letter.rejected_ms < since_ms:
+        if not _matches(letter, code, source, since_ms):
             return
         entry = (letter.rejected_ms, partition, offset, letter)
         if limit is None or len(newest) < limit:
@@ -142,7 +147,8 @@ async def read_dead_letters(
             partitions = sorted(consumer.partitions_for_topic(topic) or ())
             tps = [TopicPartition(topic, p) for p in partitions]
             listed: dict[TopicPartition, int] = await consumer.end_offsets(tps) if tps else {}
-        await _read_to_end(consumer, listed, keep, timeout_s)
+            listed, starts = await _window(consumer, listed, tail, wanted)
+        await _read_to_end(consumer, listed, keep, timeout_s, starts)
     except TimeoutError as exc:
         msg = f"Kafka did not answer within {timeout_s:g}s; check kafka.bootstrap_servers"
         raise DlqError(msg) from exc
@@ -155,19 +161,57 @@ async def read_dead_letters(
     return [(p, o, letter) for _, p, o, letter in sorted(newest, key=lambda e: e[:3])]
 
 
+def _matches(
+    letter: DeadLetter, code: str | None, source: str | None, since_ms: int | None
+) -> bool:
+    return (
+        (code is None or letter.code == code)
+        and (source is None or letter.source_topic == source)
+        and (since_ms is None or letter.rejected_ms >= since_ms)
+    )
+
+
+async def _window(
+    consumer: AIOKafkaConsumer,
+    listed: dict[TopicPartition, int],
+    tail: int | None,
+    wanted: set[tuple[int, int]] | None,
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Which offsets of each partition to read: (end, start), bounded by `tail` records
+    per partition or to the `wanted` coordinates."""
+    starts: dict[TopicPartition, int] = {}
+    if tail is not None and listed:
+        first = await consumer.beginning_offsets(list(listed))
+        starts = {tp: max(first[tp], end - tail) for tp, end in listed.items()}
+    if wanted is not None:
+        listed = {
+            tp: end for tp, end in listed.items() if any(p == tp.partition for p, _ in wanted)
+        }
+        for tp in listed:
+            offsets = [o for p, o in wanted if p == tp.partition]
+            starts[tp] = min(offsets)
+            listed[tp] = min(listed[tp], max(offsets) + 1)
+    return listed, starts
+
+
 async def _read_to_end(
     consumer: AIOKafkaConsumer,
     listed: dict[TopicPartition, int],
     keep: Callable[[int, int, bytes | None], None],
     timeout_s: float,
+    starts: Mapping[TopicPartition, int] | None = None,
 ) -> None:
-    """Hand every record of the partitions to ``keep``, from their beginning to their end
-    at the start; give up when no partition makes progress for ``timeout_s``."""
+    """Hand every record of the partitions to ``keep``, from their beginning (or
+    ``starts``) to their end at the start; give up when no partition makes progress for
+    ``timeout_s``."""
     if not listed:
         return
     tps = list(listed)
     consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
+    await consumer.seek_to_beginning(*(tp for tp in tps if tp not in (starts or {})))
+    for tp, offset in (starts or {}).items():
+        if tp in listed:
+            consumer.seek(tp, offset)
     # Tansu lists the base offset of the last batch + 1 as the end offset, short of the end
     # when that batch holds several records; the high watermark of the first fetch is right
     # on every broker, so a partition ends at the larger of the two.
