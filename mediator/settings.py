@@ -584,6 +584,9 @@ class KeySet(BaseModel):
 
     keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     current: str | None = None
+    #: A file holding the keys (``id=secret,...`` or a JSON object: a Docker or Kubernetes
+    #: secret), read at start and added to `keys`.
+    keys_file: Path | None = None
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -601,9 +604,16 @@ class KeySet(BaseModel):
 
     def keyring(self, service: str | None = None) -> Keyring | None:
         """These keys as a keyring owned by `service` (None: shared); None when empty."""
-        if not self.keys:
-            return None
         plain = {key_id: secret.get_secret_value() for key_id, secret in self.keys.items()}
+        if self.keys_file is not None:
+            try:
+                text = self.keys_file.read_text().strip()
+            except OSError as exc:
+                msg = f"keys_file: {exc}"
+                raise ValueError(msg) from exc
+            plain |= {key.id: key.secret.decode() for key in parse_keys(text)}
+        if not plain:
+            return None
         return Keyring(parse_keys(plain, service), self.current)
 
 

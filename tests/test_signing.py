@@ -174,3 +174,17 @@ def test_keys_come_from_settings_and_the_environment_and_stay_secret(
     monkeypatch.setenv("MEDIATOR_SIGNING__KEYS", "k1=short")
     with pytest.raises(ConfigurationError, match="too short"):
         load_settings()
+
+
+def test_keys_come_from_a_mounted_secret_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "signing-keys"
+    secret.write_text("k1=first-secret-0123456789\n")
+    monkeypatch.setenv("MEDIATOR_SIGNING__KEYS_FILE", str(secret))
+    signing = load_settings().signing
+    assert signing.keyring() is not None and signing.keyring().ids == ["k1"]  # type: ignore[union-attr]
+    assert "first-secret" not in repr(signing)
+    monkeypatch.setenv("MEDIATOR_SIGNING__KEYS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match="keys_file"):
+        load_settings()

@@ -360,6 +360,13 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
             "(signing.services), or turn signing off (signing.enabled: false)"
         )
         raise ConfigurationError(msg)
+    shared = sorted(s for s in definitions.services() if not signatures.has_own_keys(s))
+    if signatures.shared is not None and shared:
+        log.warning(
+            "the shared signing keys (signing.keys) sign for services %s: whoever holds "
+            "them can answer for any of these; give each service keys of its own "
+            "(signing.services.<name>.keys)", ", ".join(shared),
+        )  # fmt: skip
     missing = signatures.unsigned(definitions.services())
     if missing:
         msg = (
