@@ -50,3 +50,27 @@ def test_ordinary_names_and_values_pass() -> None:
         weight=2.5, interval_ms=500, partitions=[0, 3], load=12.0,
     )  # fmt: skip
     assert beat.partitions == [0, 3]
+
+
+def test_instance_labels_of_a_service_are_bounded() -> None:
+    """Replies name their instance: past a bound, new names share one label, so no sender
+    can grow the Prometheus series without end."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from mediator.core.metrics import Observation
+    from mediator.runtime.recording import MAX_INSTANCE_LABELS, OTHER_INSTANCES, Recorder
+
+    registry = CollectorRegistry()
+    recorder = Recorder(registry, bucket_s=10)
+    seen = [Observation("svc", "pay", "ok", 5, instance=f"pay-{n}")
+            for n in range(MAX_INSTANCE_LABELS + 50)]  # fmt: skip
+    recorder.record([SimpleNamespace(counters={}, observed=seen)], 1_700_000_000_000)  # type: ignore[list-item]
+    labels = {
+        sample.labels["instance"]
+        for family in registry.collect()
+        if family.name == "mediator_instance_replies"
+        for sample in family.samples
+    }
+    assert len(labels) == MAX_INSTANCE_LABELS + 1 and OTHER_INSTANCES in labels

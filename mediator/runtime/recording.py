@@ -23,6 +23,10 @@ __all__ = ["MetricsFlusher", "Recorder", "StatsCollector"]
 log = logging.getLogger("mediator.metrics")
 
 _SECONDS = tuple(b / 1000 for b in BOUNDS_MS)
+#: Distinct instance labels per service in `mediator_instance_replies`; further instances
+#: are counted under `OTHER_INSTANCES`.
+MAX_INSTANCE_LABELS = 256
+OTHER_INSTANCES = "_other"
 
 
 class Recorder:
@@ -31,6 +35,7 @@ class Recorder:
     def __init__(self, registry: CollectorRegistry, bucket_s: int = 10) -> None:
         self.tally = Tally(bucket_s)
         self.registry = registry
+        self._instances: dict[str, set[str]] = {}
         self.response = Histogram(
             "mediator_service_response_seconds",
             "Time from a command's send to its reply (or its timeout), per service.",
@@ -111,11 +116,18 @@ class Recorder:
         """The histogram (and the instance counter) an observation feeds."""
         if seen.kind == "wf":
             return self.duration.labels(seen.name, seen.outcome), None
-        instance = (
-            self.instance_replies.labels(seen.name, seen.instance, seen.outcome)
-            if seen.instance is not None
-            else None
-        )
+        instance = None
+        if seen.instance is not None:
+            # Instance names come from services: a bounded set of labels per service,
+            # the rest counted together, so no sender can grow the series without bound.
+            known = self._instances.setdefault(seen.name, set())
+            label = seen.instance
+            if label not in known:
+                if len(known) >= MAX_INSTANCE_LABELS:
+                    label = OTHER_INSTANCES
+                else:
+                    known.add(label)
+            instance = self.instance_replies.labels(seen.name, label, seen.outcome)
         return self.response.labels(seen.name, seen.outcome), instance
 
     def breaker_changed(self, now_ms: Callable[[], int]) -> Callable[[str, str, str], None]:
