@@ -188,3 +188,15 @@ def test_keys_come_from_a_mounted_secret_file(
     monkeypatch.setenv("MEDIATOR_SIGNING__KEYS_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigurationError, match="keys_file"):
         load_settings()
+
+
+def test_errors_echo_no_secret_and_list_no_key_ids() -> None:
+    """A malformed key is refused without quoting it (it may be a secret pasted whole), and
+    a forged key id is not told which ids would do."""
+    with pytest.raises(ValueError) as caught:
+        Keyring.parse("my-very-secret-value-without-an-id")
+    assert "my-very-secret" not in str(caught.value)
+    ring = Keyring.parse("real-id=first-secret-0123456789")
+    with pytest.raises(SignatureError) as refused:
+        ring.check(VALUE, [("mediator-key", b"guess"), ("mediator-signature-2", b"00")], TOPIC, KEY)
+    assert "real-id" not in refused.value.reason
