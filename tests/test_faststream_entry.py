@@ -105,3 +105,50 @@ def test_faststream_docs_gen_documents_every_channel_and_payload(
         "error: no workflows configured: set MEDIATOR_WORKFLOWS (or workflows in the "
         "MEDIATOR_CONFIG file)"
     ]
+
+
+async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
+    make_system: Any, tmp_path: Path
+) -> None:
+    """`faststream run` and `mediator run` share one start-up: an upgrade started either
+    way carries the old groups' offsets over and replays no request."""
+    from handlers.groups import previous_groups
+    from mediator.storage.keys import workflow_id_for
+    from tests.helpers import produce
+    from tests.test_groups import commit_to_end
+    from topics import RequestEvent
+
+    system = await make_system(CHAIN3)
+    await system.worker("svc", {"work": echo})
+    done = [RequestEvent(request_id=f"old-{n}", workflow="chain3") for n in range(3)]
+    await produce(system.bootstrap, system.topics.requests,
+                  [r.model_dump_json().encode() for r in done])  # fmt: skip
+    old = previous_groups(system.settings.kafka)
+    for topic in (system.topics.requests, system.topics.replies):
+        await commit_to_end(system.bootstrap, old[topic], topic)
+    workflows = tmp_path / "chain3.yaml"
+    workflows.write_text(yaml.safe_dump(CHAIN3))
+    replica = FastStreamProcess(system.settings, workflows, tmp_path, "faststream")
+    replica.start()
+    try:
+        await wait_for(
+            lambda: "started" in replica.output() or replica.process.poll() is not None,  # type: ignore[union-attr]
+            timeout=60, what="faststream run to start",
+        )  # fmt: skip
+        client = await system.client()
+        result = await client.submit("chain3", {}, request_id="new-1", timeout=60)
+        assert result.status is WorkflowStatus.COMPLETED, replica.output()
+    finally:
+        await replica.stop()
+    from mediator.storage.connection import connect_to
+
+    redis = connect_to(system.settings.redis)
+    try:
+        from mediator.storage.keys import Keys
+
+        keys = Keys(system.settings.redis.key_prefix, system.settings.redis.shards)
+        for request in done:  # not started again
+            assert not await redis.exists(keys.workflow(workflow_id_for(request.request_id)))
+        assert await redis.exists(keys.workflow(workflow_id_for("new-1")))
+    finally:
+        await redis.aclose()

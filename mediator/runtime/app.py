@@ -241,16 +241,23 @@ class Mediator:
         await _bounded("flush the outbox producer", self.producer.stop())
         await _bounded("close the Redis client", self.redis.aclose())
 
-    async def _start(self) -> None:
+    async def prepare(self) -> None:
+        """Everything before consuming, the same whichever way the replica is started
+        (`start`, or FastStream's ``faststream run`` through `create_app`): check TLS to
+        Kafka, connect Redis and the outbox, tune the collector, and carry the consumer
+        offsets of an earlier version's groups over, so an upgrade replays nothing."""
         await check_tls(self.settings.kafka)
         await self.connect()
         tune_gc(self.settings.gc)
-        await self.broker.connect()
         kafka = self.settings.kafka
         await handlers.adopt_offsets(
             kafka, handlers.inbound_group(kafka), handlers.previous_groups(kafka),
             self.settings.backoff,
         )  # fmt: skip
+
+    async def _start(self) -> None:
+        await self.prepare()
+        await self.broker.connect()
         # Start the subscribers side by side: each joins its consumer group, and a join can
         # take seconds (Tansu holds the reply for half the session timeout).
         await asyncio.gather(*(sub.start() for sub in self.broker.subscribers))
@@ -449,7 +456,7 @@ def _app(mediator: Mediator) -> FastStream:
     )
     app = FastStream(mediator.broker, specification=specification)
     app.context.set_global("mediator", mediator)
-    app.on_startup(mediator.connect)
+    app.on_startup(mediator.prepare)  # the broker and its subscribers start after it
     app.on_shutdown(mediator.offsets.flush)
     app.after_shutdown(mediator.disconnect)
     return app
