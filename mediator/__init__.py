@@ -23,11 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "ActionError",
+    "ClientClosed",
     "Definitions",
+    "KafkaConnection",
+    "Keyring",
     "Mediator",
     "MediatorClient",
     "MediatorError",
     "Settings",
+    "SubmitTimeout",
     "Worker",
     "WorkflowSpec",
     "__version__",
@@ -42,11 +46,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ActionError": "mediator.sdk.worker",
+    "ClientClosed": "mediator.sdk.client",
     "Definitions": "mediator.definitions",
+    "KafkaConnection": "mediator.kafka",
+    "Keyring": "mediator.core.signing",
     "Mediator": "mediator.runtime.app",
     "MediatorClient": "mediator.sdk.client",
     "MediatorError": "mediator.errors",
     "Settings": "mediator.settings",
+    "SubmitTimeout": "mediator.sdk.client",
     "Worker": "mediator.sdk.worker",
     "WorkflowSpec": "mediator.core.workflow",
     "compile_workflow": "mediator.core.workflow",
@@ -57,11 +65,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from mediator.core.signing import Keyring
     from mediator.core.workflow import WorkflowSpec, compile_workflow, parse_workflows
     from mediator.definitions import Definitions, load_paths
     from mediator.errors import MediatorError
+    from mediator.kafka import KafkaConnection
     from mediator.runtime.app import Mediator, create_app
-    from mediator.sdk.client import MediatorClient
+    from mediator.sdk.client import ClientClosed, MediatorClient, SubmitTimeout
     from mediator.sdk.worker import ActionError, Worker
     from mediator.settings import Settings, load_settings
 

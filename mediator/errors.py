@@ -16,8 +16,16 @@ Every error derives from one root, so callers can catch the family at once::
     ├── RecoverError             `mediator recover` cannot run as asked
     │   └── BadTime              a time that is neither ISO-8601 nor a duration ago
     ├── InfrastructureError      an embedded server could not be started
-    └── ConfigurationError       settings are inconsistent
-        └── DefinitionConflict   a loaded definition differs from the stored one of its version
+    ├── ConfigurationError       settings are inconsistent
+    │   └── DefinitionConflict   a loaded definition differs from the stored one of its version
+    ├── SignatureError           a record is not signed by a key it must be (core.signing)
+    ├── ExpressionError          an expression does not compile or evaluate (core.expressions)
+    ├── NoInstance               no instance of a service can take a command (core.balancer)
+    ├── DlqError                 the dead-letter topic cannot be read or replayed (ops.dlq)
+    ├── ActionError              a service's handler fails its step (sdk.worker)
+    ├── SubmitTimeout            no result within a submit's timeout (sdk.client)
+    ├── ResultsTopicMissing      the client's results topic does not exist (sdk.client)
+    └── ClientClosed             the client is not started, or its reader stopped (sdk.client)
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from mediator.codec import encode, headers
 from mediator.producers import new_producer
-from mediator.runtime.outbox import Dispatcher, Message
+from mediator.runtime.messages import Message
+from mediator.runtime.outbox import Dispatcher
 from mediator.sdk.worker import ActionError, Worker
 from mediator.storage.keys import Keys
 from mediator.storage.store import Store

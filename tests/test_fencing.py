@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from handlers.groups import inbound_group
-from mediator.runtime.outbox import frame
+from mediator.runtime.messages import frame
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
 from tests.helpers import wait_for

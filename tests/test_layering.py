@@ -77,3 +77,28 @@ def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
                 if parts[0] == "mediator" and len(parts) > 2 and parts[1] not in ALLOWED[layer]:
                     wrong.append(f"{path.name}: {name}")
     assert wrong == [], f"mediator.{layer} reaches up into {wrong}"
+
+
+def test_every_public_exception_is_a_mediator_error_and_in_the_tree() -> None:
+    """Callers catch the family at once: every exception the package defines (private ones
+    aside) derives from `MediatorError`, and `mediator.errors`' docstring draws it."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mediator
+    from mediator import errors
+
+    found = {}
+    for info in pkgutil.walk_packages(mediator.__path__, "mediator."):
+        if info.name.startswith("mediator.cli") or info.name == "mediator.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            defined_here = inspect.isclass(value) and value.__module__ == info.name
+            if defined_here and issubclass(value, BaseException) and not name.startswith("_"):
+                found[name] = value
+    outside = sorted(n for n, cls in found.items() if not issubclass(cls, errors.MediatorError))
+    assert outside == []
+    undrawn = sorted(n for n in found if n not in (errors.__doc__ or ""))
+    assert undrawn == []

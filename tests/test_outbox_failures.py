@@ -20,7 +20,8 @@ from aiokafka.errors import (
 )
 
 from mediator.errors import StateUnavailable
-from mediator.runtime.outbox import Dispatcher, Message
+from mediator.runtime.messages import Message
+from mediator.runtime.outbox import Dispatcher
 from mediator.settings import BackoffSettings
 from mediator.storage.keys import Keys
 from topics import DeadLetter, ReplyEvent
@@ -227,7 +228,7 @@ async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
 
 
 def test_a_message_round_trips_through_its_outbox_frame() -> None:
-    from mediator.runtime.outbox import unframe
+    from mediator.runtime.messages import unframe
 
     message = command(4)
     back = unframe(0, message.id, message.frame)

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
-from mediator.runtime.outbox import Message
+from mediator.runtime.messages import Message
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys
 from mediator.storage.store import Store

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from mediator.core.engine import Engine
 from mediator.core.state import StepStatus, WorkflowState, evolve
 from mediator.errors import CorruptState
-from mediator.runtime.outbox import frame, unframe
+from mediator.runtime.messages import frame, unframe
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, Store, Tombstone
 from tests.test_engine import make, step

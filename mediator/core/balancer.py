@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from mediator.errors import MediatorError
+
 __all__ = ["Balancer", "Instance", "NoInstance", "Strategy"]
 
 #: Up to this many eligible instances, least-loaded compares them all.
@@ -65,7 +67,7 @@ class Instance:
         return self.up and not self.draining and bool(self.partitions)
 
 
-class NoInstance(LookupError):
+class NoInstance(MediatorError, LookupError):
     """No eligible instance: all are down, draining or behind an open breaker."""
 
     def __init__(self, service: str, considered: int):

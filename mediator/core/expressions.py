@@ -23,10 +23,12 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
+from mediator.errors import MediatorError
+
 __all__ = ["Condition", "ExpressionError", "FieldPath", "Template", "compile_expression", "truthy"]
 
 
-class ExpressionError(ValueError):
+class ExpressionError(MediatorError, ValueError):
     """An expression failed to compile or to evaluate."""
 
 

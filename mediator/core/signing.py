@@ -24,6 +24,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from mediator.errors import MediatorError
 from topics.headers import KEY_ID, SIGNATURE, SIGNATURE_2
 
 __all__ = [
@@ -52,7 +53,7 @@ def bound(topic: str, key: bytes | None, value: bytes | None) -> bytes:
     return b"mediator-2\n%s\n%s\n%s" % (topic.encode(), (key or b"").hex().encode(), value or b"")
 
 
-class SignatureError(ValueError):
+class SignatureError(MediatorError, ValueError):
     """A record that must be signed is not, or not with a key this party accepts.
 
     `code` is ``unsigned`` (no signature headers) or ``bad_signature``.

@@ -19,7 +19,8 @@ from mediator.clock import now_ms
 from mediator.codec import encode, headers
 from mediator.core.alerts import Rule, evaluate
 from mediator.core.metrics import Tally
-from mediator.runtime.outbox import Dispatcher, Message
+from mediator.runtime.messages import Message
+from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.registry import Registry
 from mediator.settings import BackoffSettings, MonitoringSettings

@@ -40,8 +40,8 @@ from mediator.logs import run_fields
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.failures import dead_letter, is_transient
+from mediator.runtime.messages import Message
 from mediator.runtime.metrics import Samples
-from mediator.runtime.outbox import Message
 from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -25,79 +23,15 @@ from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
+from mediator.runtime.messages import Message, unframe
 from mediator.runtime.ports import OutboxStore, Producer
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
 from topics.names import Topics
 
-__all__ = ["Dispatcher", "Message", "frame", "unframe"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("mediator.outbox")
-
-
-@dataclass(slots=True)
-class Message:
-    """One Kafka message; stored in the outbox of `shard` under `id` (shard -1: not stored).
-
-    `lease` is the outbox lease deadline this replica was given when it committed or
-    claimed the message (Redis clock, ms): its fencing token. `kind` is "command",
-    "result" or "dead_letter". `partition`, when set, is the partition of `topic` it goes
-    to (a command routed to the instance that owns it); otherwise the key chooses.
-    """
-
-    shard: int
-    id: str
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    kind: str = "result"
-    lease: int = 0
-    partition: int | None = None
-
-    @property
-    def frame(self) -> bytes:
-        """How it is stored in Redis."""
-        return frame(self.topic, self.key, self.value, self.headers, self.kind, self.partition)
-
-    @property
-    def size(self) -> int:
-        """Bytes of key, value and headers: what a broker's size limit is measured on
-        (less the few dozen bytes of record framing)."""
-        key = len(self.key) if self.key is not None else 0
-        return key + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
-
-
-def frame(
-    topic: str,
-    key: bytes | None,
-    value: bytes,
-    headers: Sequence[tuple[str, bytes]],
-    kind: str = "result",
-    partition: int | None = None,
-) -> bytes:
-    """One line of JSON (topic, key, headers, kind[, partition]) followed by the raw value."""
-    plain_key = key.decode() if key is not None else None
-    head: list[Any] = [topic, plain_key, [[k, v.decode()] for k, v in headers], kind]
-    if partition is not None:
-        head.append(partition)
-    return orjson.dumps(head) + b"\n" + value
-
-
-def unframe(shard: int, message_id: str, data: bytes) -> Message:
-    """The `Message` stored as `data`."""
-    head, _, value = data.partition(b"\n")
-    topic, key, headers, *rest = orjson.loads(head)
-    return Message(
-        shard=shard,
-        id=message_id,
-        topic=topic,
-        key=key.encode() if key is not None else None,
-        value=value,
-        headers=[(k, v.encode()) for k, v in headers],
-        kind=rest[0] if rest else "result",
-        partition=rest[1] if len(rest) > 1 else None,
-    )
 
 
 class Dispatcher:

@@ -16,7 +16,7 @@ from mediator.storage.keys import Keys
 
 if TYPE_CHECKING:
     from mediator.core.state import WorkflowState
-    from mediator.runtime.outbox import Message
+    from mediator.runtime.messages import Message
     from mediator.storage.store import Claimed, Commit, CommitResult
 
 __all__ = ["OutboxStore", "Producer", "Publisher", "StateStore"]
