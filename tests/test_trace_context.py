@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mediator import codec
-from mediator.runtime.batches import _trace_context
+from mediator.runtime.requests import trace_context as _trace_context
 from topics.events import CommandEvent, RequestEvent, ResultEvent, WorkflowStatus
 from topics.headers import TRACEPARENT, parse_traceparent, span_id, w3c_trace_id
 
