@@ -1,0 +1,253 @@
+"""How work moves: timers, the outbox, limits, backoff, circuit breakers, discovery and
+load balancing."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import NoDecode
+
+from mediator.core.balancer import Strategy
+from mediator.core.durations import parse_duration_ms
+from mediator.core.expressions import ExpressionError, compile_expression
+
+
+class TimerSettings(BaseModel):
+    """Durable timers (step timeouts, retries, workflow deadlines), kept in Redis."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Every replica polls for due timers this often: a timer fires at most this late
+    # (plus the time to commit what it causes) when the replica is not busy.
+    poll_interval_ms: int = Field(default=50, ge=5)
+    # A claimed timer is the claimer's for this long; if it dies first (or a claim it gave
+    # up on, say while Redis stalled, still ran), another replica fires it once this has
+    # passed. Short is safe: a timer fired twice changes the state once (the revision
+    # check), so this bounds how late a timer can be after such a failure.
+    lease_ms: int = Field(default=2_000, ge=100)
+    batch: int = Field(default=500, ge=1)
+
+
+class OutboxSettings(BaseModel):
+    """The at-least-once outbox that carries commands and results to Kafka."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lease_ms: int = Field(default=15_000, ge=100)
+    sweep_interval_ms: int = Field(default=1_000, ge=10)
+    sweep_batch: int = Field(default=500, ge=1)
+
+
+class LimitsSettings(BaseModel):
+    """Sizes the mediator enforces where messages enter and leave it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Apache Kafka's default `message.max.bytes` is 1 MiB plus a little. Applied to the
+    # producer (max_request_size) and checked before anything enters the outbox: a command
+    # or result that would not fit fails its step or run with `payload_too_large` instead
+    # of jamming the outbox. Inbound records over it are refused the same way.
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    # A dead letter carries at most this much of the record it rejects (and the size of
+    # the whole), so a dead letter never becomes a poison message itself.
+    dead_letter_excerpt_bytes: int = Field(default=16_384, ge=256)
+    #: Topics a request's ``reply_to`` may name (shell-style patterns), besides the results
+    #: topic: results go nowhere else, so a request cannot make the mediator write into
+    #: another application's topics. A request naming any other is refused.
+    reply_to_topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*.results"])
+
+    @field_validator("reply_to_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: a,b
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def reply_to_allowed(self, topic: str, results: str) -> bool:
+        """Whether a request may have its result published to `topic`."""
+        return topic == results or any(fnmatch.fnmatchcase(topic, p) for p in self.reply_to_topics)
+
+    @property
+    def excerpt_bytes(self) -> int:
+        """The excerpt a dead letter may carry: `dead_letter_excerpt_bytes`, but never so
+        much that the dead letter (JSON-escaped, up to six bytes per byte, plus its other
+        fields) would itself exceed `max_message_bytes` and be refused by the broker."""
+        return min(self.dead_letter_excerpt_bytes, max(64, (self.max_message_bytes - 1024) // 6))
+
+
+class BackoffSettings(BaseModel):
+    """Capped exponential backoff for transient failures (Redis or Kafka unreachable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    initial_ms: int = Field(default=500, ge=1)
+    max_ms: int = Field(default=30_000, ge=1)
+
+    def delay_ms(self, failures: int) -> int:
+        """The pause after `failures` consecutive failures (1 = the first)."""
+        return min(self.max_ms, self.initial_ms << min(max(failures - 1, 0), 30))
+
+
+def _millis(value: Any) -> Any:
+    """A duration as written (``"60s"``, ``1.5``: seconds) in milliseconds."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        millis = parse_duration_ms(value)
+        if millis is not None:
+            return millis
+    msg = f"{value!r} is not a duration (e.g. 60s, 500ms, 2m, or seconds as a number)"
+    raise ValueError(msg)
+
+
+#: A duration setting, held in milliseconds; written back (`model_dump`) as ``"<n>ms"``, so
+#: a dumped configuration loads to the same values.
+Millis = Annotated[
+    int, BeforeValidator(_millis), PlainSerializer(lambda v: f"{v}ms", when_used="json")
+]
+
+
+class BreakerPolicy(BaseModel):
+    """When a service's circuit breaker opens and how long it stays open."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Consecutive failures (timeouts and retryable errors, counted across every replica)
+    # that open the breaker. Non-retryable business errors are not failures.
+    failure_threshold: int = Field(default=5, ge=1)
+    # How long it stays open before one probe command is let through (cluster-wide).
+    recovery_timeout: Millis = Field(
+        default=60_000, description="Milliseconds (a duration string is accepted)."
+    )
+    # Successful probes needed to close it again.
+    success_threshold: int = Field(default=1, ge=1)
+
+
+class BreakerOverride(BaseModel):
+    """One service's changes to the breaker policy (fields left out keep the default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    failure_threshold: int | None = Field(default=None, ge=1)
+    recovery_timeout: Millis | None = None
+    success_threshold: int | None = Field(default=None, ge=1)
+
+
+class BreakerSettings(BreakerPolicy):
+    """Circuit breakers, one per service, shared by every replica through Redis."""
+
+    enabled: bool = True
+    # Per-service overrides of the policy fields, e.g. ``payments: {failure_threshold: 3}``.
+    services: dict[str, BreakerOverride] = Field(default_factory=dict)
+    # How often a replica re-reads breaker states another replica may have changed.
+    refresh_ms: int = Field(default=200, ge=10)
+    # Parked commands released per second per service once its breaker closes.
+    drain_rate: float = Field(default=50.0, gt=0)
+    # A probe that got no answer within this long (or its step's timeout) lets another go.
+    probe_timeout: Millis = Field(default=30_000)
+
+    def policy(self, service: str) -> BreakerPolicy:
+        """The policy of `service`: the defaults with its overrides."""
+        override = self.services.get(service)
+        changes = override.model_dump(exclude_none=True) if override is not None else {}
+        return BreakerPolicy.model_construct(
+            failure_threshold=changes.get("failure_threshold", self.failure_threshold),
+            recovery_timeout=changes.get("recovery_timeout", self.recovery_timeout),
+            success_threshold=changes.get("success_threshold", self.success_threshold),
+        )
+
+
+class DiscoverySettings(BaseModel):
+    """The registry of service instances, fed by their heartbeats on the health topic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # An instance is down once this many of its heartbeat intervals pass without one (its
+    # own interval, from its heartbeats). Two keeps a killed instance's work moving again
+    # within about three seconds at the SDK's default interval of one second.
+    missed_heartbeats: int = Field(default=2, ge=1)
+    # Every replica sweeps for instances whose heartbeats stopped this often.
+    sweep_ms: int = Field(default=200, ge=10)
+    # Added to every instance's TTL (missed heartbeats x its interval): room for a
+    # heartbeat delayed in the broker or the network, so a live instance is not taken
+    # for dead.
+    grace_ms: int = Field(default=300, ge=0)
+    # How often the replica holding the marking lease writes a marker into every
+    # partition of the health topic: silence is evidence of death only once the topic has
+    # been read past the instance's deadline (see `mediator.runtime.liveness`). A death is
+    # found about this much later than its deadline, at most.
+    mark_ms: int = Field(default=500, ge=10)
+    # When Redis is found to have lost heartbeats it had taken (a failover promoted a
+    # replica that was behind: the health topic was read further than Redis remembers),
+    # no instance is marked down for this long, so every live one is heard from again.
+    after_loss: Millis = Field(default=10_000)
+    # Kept so configurations that set it still load; it has no effect. (It held sweeps
+    # back after a start and when every instance went quiet at once; the markers tell
+    # those stalls from deaths.)
+    startup_grace: Millis = Field(default=5_000)
+    # A down instance not heard from for this long is dropped from the registry.
+    forget_after: Millis = Field(default=600_000)
+
+
+class BalancePolicy(BaseModel):
+    """How one service's commands are spread over its registered instances."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # round_robin, weighted (by the weight each instance announces), least_loaded (in
+    # flight / capacity) or consistent_hash (session affinity on `key`).
+    strategy: Strategy | None = None
+    # For consistent_hash: a JMESPath expression over ``{payload, input, workflow}`` (the
+    # request's payload, the command's input, the run's id/request_id/name), e.g.
+    # ``payload.customer_id``. Commands with the same key go to the same instance while
+    # it is eligible.
+    key: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compile_expression(value)
+            except ExpressionError as exc:
+                msg = f"load_balancing key {value!r} is not a JMESPath expression: {exc}"
+                raise ValueError(msg) from None
+        return value
+
+
+class LoadBalancingSettings(BalancePolicy):
+    """Routing commands to chosen instances of services that heartbeat (with
+    ``discovery`` on); services that never heartbeat are served through their shared
+    topic and consumer group whatever this says."""
+
+    enabled: bool = True
+    strategy: Strategy | None = Strategy.LEAST_LOADED
+    # Per-service overrides, e.g. ``payments: {strategy: consistent_hash, key: ...}``.
+    services: dict[str, BalancePolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys_given(self) -> LoadBalancingSettings:
+        for service in ["", *self.services]:
+            strategy, key = self.policy(service)
+            if strategy is Strategy.CONSISTENT_HASH and key is None:
+                where = f"service {service!r}" if service else "the default"
+                msg = f"load_balancing ({where}): consistent_hash needs a `key`"
+                raise ValueError(msg)
+        return self
+
+    def policy(self, service: str) -> tuple[Strategy, str | None]:
+        """The strategy of `service` and its affinity key: its overrides, else the
+        defaults."""
+        override = self.services.get(service)
+        strategy = (override.strategy if override else None) or self.strategy
+        key = (override.key if override else None) or self.key
+        return strategy or Strategy.LEAST_LOADED, key

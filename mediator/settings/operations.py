@@ -1,0 +1,195 @@
+"""What operators see and use: metrics and alerts, the audit log, tracing, the collector,
+the HTTP endpoints and the dashboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import NoDecode
+
+from mediator.core.alerts import Rule
+from mediator.errors import ConfigurationError
+from mediator.settings.delivery import Millis, _millis
+
+
+def _fraction(value: Any) -> Any:
+    """A share as written (``"5%"``, ``0.05``) as a fraction of one."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    msg = f"{value!r} is not a share (e.g. 5% or 0.05)"
+    raise ValueError(msg)
+
+
+class AlertThreshold(BaseModel):
+    """One alert rule, evaluated per service over the alert window.
+
+    ``response_time`` fires when the window's `percentile` (p95 by default) is above the
+    threshold (a duration); ``error_rate`` and ``timeout_rate`` when that share of the
+    commands answered or timed out is above it (``"5%"``); ``availability`` when the
+    share of samples with an instance up is below it (``"99%"``; services that heartbeat).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: Literal["response_time", "error_rate", "timeout_rate", "availability"]
+    threshold: str | float
+    severity: Literal["info", "warning", "critical"] = "warning"
+    percentile: float = Field(default=95, gt=0, le=100)
+    # The services it applies to; empty: every service.
+    services: list[str] = Field(default_factory=list)
+    # Fewer answers than this in the window are too few to judge a rate or a percentile.
+    min_samples: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _threshold_parses(self) -> AlertThreshold:
+        self.limit  # noqa: B018 - raises on a threshold that does not parse
+        return self
+
+    @property
+    def limit(self) -> float:
+        """The threshold as a number: milliseconds, or a fraction of one."""
+        if self.metric == "response_time":
+            return float(_millis(self.threshold))
+        return float(_fraction(self.threshold))
+
+    def rule(self) -> Rule:
+        """The rule the alert evaluator applies."""
+        return Rule(
+            self.metric,
+            self.limit,
+            self.severity,
+            self.percentile,
+            tuple(self.services),
+            self.min_samples,
+        )
+
+
+def _default_thresholds() -> list[AlertThreshold]:
+    return [
+        AlertThreshold(metric="response_time", threshold="5s", severity="warning"),
+        AlertThreshold(metric="error_rate", threshold="5%", severity="critical"),
+        AlertThreshold(metric="availability", threshold="99%", severity="critical"),
+    ]
+
+
+class MonitoringSettings(BaseModel):
+    """Service and workflow metrics kept in Redis, and the alerts evaluated over them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # Width of one time bucket, and how long buckets are kept.
+    bucket_s: int = Field(default=10, ge=1, le=3600)
+    window: Millis = Field(default=24 * 3600 * 1000)
+    # How often a replica writes what it tallied (one pipeline).
+    flush_ms: int = Field(default=1_000, ge=10)
+    # Alerts: evaluated by one replica at a time (a lease), this often, over this window.
+    alerts: bool = True
+    alert_interval: Millis = Field(default=5_000)
+    alert_window: Millis = Field(default=60_000)
+    alert_thresholds: list[AlertThreshold] = Field(default_factory=_default_thresholds)
+    # Alert history kept in Redis (newest first).
+    alert_history: int = Field(default=1_000, ge=1)
+
+
+class AuditSettings(BaseModel):
+    """The audit log of every run: each transition, in a capped Redis stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    # Entries kept per run (the oldest go first).
+    max_entries: int = Field(default=200, ge=1)
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans of runs and step attempts, exported by the replica (needs the
+    ``otel`` extra). Trace context travels on the wire (W3C ``traceparent``) whether or
+    not spans are exported."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    # "otlp": OTLP over HTTP to `endpoint` (else the standard OTEL_EXPORTER_OTLP_*
+    # variables, default http://localhost:4318); "console": one JSON span per line on stdout.
+    exporter: Literal["otlp", "console"] = "otlp"
+    endpoint: str | None = None
+    service_name: str = "mediator"
+
+
+class GcSettings(BaseModel):
+    """The replica's garbage collector. Python collects its youngest generation every 700
+    allocations by default and walks everything older now and then; a replica holding
+    thousands of runs' states spent a fifth of its CPU there at saturation. Tuned, it
+    collects far less often (the engine's objects are freed by reference counting; only
+    cycles wait for a collection)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tune: bool = True
+    # gc.set_threshold(gen0, gen1, gen2): allocations between young collections, then
+    # how many of each before the next older one.
+    threshold: tuple[int, int, int] = (50_000, 20, 100)
+
+
+class HttpSettings(BaseModel):
+    """The replica's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz``, ``/readyz``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 0: any free port (logged at start).
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+class DashboardSettings(BaseModel):
+    """Who may use the dashboard (`mediator dashboard`, and `mediator dev`'s)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: The operator token every page and API call needs (HTTP Basic password, any user
+    #: name, or ``Authorization: Bearer``), as is or as ``sha256:<hex>`` of it. Without
+    #: one the dashboard listens on loopback only.
+    token: SecretStr | None = None
+    #: A file holding the token (a Docker or Kubernetes secret), instead of it.
+    token_file: Path | None = None
+    #: Host names the dashboard answers to (the ``Host`` header; a DNS-rebinding page
+    #: names its own): loopback names, and the address it listens on, are always allowed.
+    hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def secret(self) -> str | None:
+        """The token (or its hash), from the setting or its file; None without one."""
+        if self.token is not None and self.token_file is not None:
+            msg = "give dashboard.token or dashboard.token_file, not both"
+            raise ConfigurationError(msg)
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text().strip() or None
+        except OSError as exc:
+            msg = f"dashboard.token_file: {exc}"
+            raise ConfigurationError(msg) from exc
