@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import itertools
 import logging
 import os
@@ -50,11 +48,10 @@ import signal
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-import orjson
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -64,59 +61,42 @@ from aiokafka import (
 )
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from pydantic_core import PydanticSerializationError
 
 from mediator import clock, codec
-from mediator.core.signing import Keyring, SignatureError, parse_keys
+from mediator.core.signing import Keyring, SignatureError
 from mediator.core.tasks import cancel_and_wait
-from mediator.errors import ConfigurationError, MediatorError
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer
-from mediator.sdk.heartbeat import Tally
+from mediator.sdk.actions import ActionError, Handler
+from mediator.sdk.heartbeat import Heartbeats
+from mediator.sdk.keys import service_keyring
 from mediator.sdk.offsets import OffsetTracker
-from mediator.sdk.tracing import action_span, tracing_active
+from mediator.sdk.replies import final as _final
+from mediator.sdk.replies import readdressed as _readdressed
+from mediator.sdk.tally import Tally
+from mediator.sdk.tracing import tracing_active
 from topics.events import (
-    SCHEMA_VERSION,
     TOPIC_NAME,
     CommandEvent,
-    ErrorInfo,
-    HealthEvent,
     HealthStatus,
-    ReplyEvent,
-    ReplyStatus,
 )
-from topics.headers import headers_for
 from topics.names import Topics
 
 __all__ = ["ActionError", "Handler", "Worker"]
 
 log = logging.getLogger("mediator.worker")
 
-Handler = Callable[..., Any]
-"""An action: ``(input)`` or ``(input, command)``, returning the step's output (any JSON)."""
-H = TypeVar("H", bound=Handler)
 
 _TOPIC_NAME = re.compile(TOPIC_NAME)
-_UNTRACED = contextlib.nullcontext()
 #: How often, at most, a worker commits the offsets of the commands it has answered.
 _COMMIT_INTERVAL_S = 0.05
 STAT_NAMES = (
     "received", "executed", "duplicates", "errors", "invalid", "send_retries", "undeliverable",
     "heartbeats", "heartbeats_failed", "bad_signatures", "misdelivered", "expired",
 )  # fmt: skip
-#: Where a worker not given ``keys=`` finds them (the mediator's shared-keys setting).
-KEYS_ENV, CURRENT_ENV = "MEDIATOR_SIGNING__KEYS", "MEDIATOR_SIGNING__CURRENT"
 
 
-class ActionError(MediatorError):
-    """Raised by a handler to fail its step with a chosen code and retry policy."""
-
-    def __init__(self, message: str, *, code: str = "error", retryable: bool = False) -> None:
-        self.message, self.code, self.retryable = message, code, retryable
-        super().__init__(f"{code}: {message}")
-
-
-class Worker:
+class Worker(Heartbeats):
     """Consumes a service's commands, runs its actions and publishes their replies."""
 
     def __init__(
@@ -152,7 +132,7 @@ class Worker:
         self.instance = instance or f"{service}-{socket.gethostname()}-{os.getpid()}-{self.boot}"
         self.group_id = group_id or f"{self.topics.service_prefix}{service}"
         #: Signs replies and heartbeats, checks commands; None: signing is off.
-        self.keys = _keyring(service, keys) if signing else None
+        self.keys = service_keyring(service, keys) if signing else None
         #: Also sign over the value alone and accept commands signed so (while the
         #: mediator and other services upgrade to signatures over topic, key and value).
         self.legacy_signatures = legacy_signatures
@@ -198,26 +178,6 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-
-    def action(self, name: str, *, idempotent: bool = False) -> Callable[[H], H]:
-        """Decorator registering ``fn`` as the handler of action ``name``; with
-        `idempotent`, its work is done once per idempotency key (see the module)."""
-
-        def register(fn: H) -> H:
-            self.add_action(name, fn, idempotent=idempotent)
-            return fn
-
-        return register
-
-    def add_action(self, name: str, fn: Handler, *, idempotent: bool = False) -> None:
-        """Register ``fn`` as the handler of ``name``: ``(input)`` or ``(input, command)``;
-        with `idempotent`, deduplicated on the command's idempotency key too."""
-        if name in self._actions:
-            msg = f"action {name!r} of service {self.service!r} is already registered"
-            raise ValueError(msg)
-        self._actions[name] = (fn, _wants_command(fn, name))
-        if idempotent:
-            self._idempotent.add(name)
 
     async def start(self) -> None:
         """Connect to Kafka and start consuming the service's inbox."""
@@ -360,110 +320,6 @@ class Worker:
         except Exception:
             log.exception("worker loop failed", extra={"service": self.service})
             raise
-
-    @property
-    def in_flight(self) -> int:
-        """Commands whose actions are running now."""
-        return len(self._running)
-
-    def health(self, status: HealthStatus | None = None) -> HealthEvent:
-        """This instance's heartbeat now (taking the figures since the previous one)."""
-        answered, errors, latency = self._tally.take()
-        inbox = self.topics.service(self.service)
-        owned = self._consumer.assignment() if self._consumer is not None else set()
-        return HealthEvent(
-            service=self.service, instance=self.instance, status=status or self.status,
-            load=self.in_flight, capacity=self._capacity,
-            partitions=sorted(tp.partition for tp in owned if tp.topic == inbox),
-            weight=self.weight, interval_ms=round((self.heartbeat_interval or 1.0) * 1000),
-            answered=answered, errors=errors, latency_ms=latency, version=self.version,
-            ts_ms=clock.now_ms(), boot=self.boot, seq=next(self._seq),
-        )  # fmt: skip
-
-    async def _heartbeats(self) -> None:
-        assert self.heartbeat_interval
-        while True:
-            await self._beat()
-            await asyncio.sleep(self.heartbeat_interval)
-
-    def _beat_soon(self) -> None:
-        """Heartbeat now, out of turn (the partitions it owns changed)."""
-        if self._beats is not None and self._producer is not None:
-            task = asyncio.create_task(self._beat(), name=f"heartbeat-now:{self.service}")
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
-
-    async def _beat(self, status: HealthStatus | None = None) -> None:
-        """Publish one heartbeat; a failure is logged and the next one tries again."""
-        if self._producer is None:
-            return
-        beat = self.health(status)
-        value = codec.encode(beat)
-        try:
-            await self._producer.send_and_wait(
-                self.topics.health,
-                value,
-                key=self.instance.encode(),
-                headers=self._signed(
-                    codec.headers(beat), value, self.topics.health, self.instance.encode()
-                ),
-            )
-        except KafkaError as exc:
-            self.stats["heartbeats_failed"] += 1
-            log.warning("heartbeat of %s not delivered: %r", self.instance, exc)
-        else:
-            self.stats["heartbeats"] += 1
-
-    def _done(self, tp: TopicPartition, offset: int) -> None:
-        """The record at ``offset`` is dealt with: its offset may be committed."""
-        self._offsets.done(tp, offset)
-        self._room.set()
-
-    def _spawn(self, work: Coroutine[Any, Any, None], tp: TopicPartition, offset: int) -> None:
-        """Run ``work`` (about the record at ``offset``) as a task the worker waits for
-        when stopping."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._ended, tp, offset))
-
-    def _ended(self, tp: TopicPartition, offset: int, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return  # stopped before its reply went out: not committed, consumed again later
-        if task.exception() is not None:
-            # A bug in handling, not an action's failure (those are error replies): logged,
-            # and the partition's commits are not held by it.
-            log.error(
-                "command at %s[%d] offset %d failed: %r",
-                tp.topic, tp.partition, offset, task.exception(),
-            )  # fmt: skip
-            self._done(tp, offset)
-
-    async def _commit(self, partitions: Iterable[TopicPartition]) -> None:
-        """Commit, per partition, the offsets whose commands all got their replies sent."""
-        ready = self._offsets.committable(partitions)
-        if not ready or self._consumer is None:
-            return
-        try:
-            await self._consumer.commit(ready)
-        except KafkaError as exc:
-            # After a rebalance the new owner re-reads these; the dedup cache or the
-            # mediator's own dedup absorbs the duplicates.
-            log.warning("offset commit failed: %r", exc)
-
-    async def _revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Before giving partitions up, commit what is done on them and stop tracking them."""
-        lost = list(revoked)
-        await self._commit(lost)
-        self._offsets.drop(lost)
-        self._room.set()
-
-    def _signed(
-        self, headers: list[tuple[str, bytes]], value: bytes, topic: str, key: bytes | None
-    ) -> list[tuple[str, bytes]]:
-        if self.keys is None:
-            return headers
-        return headers + self.keys.headers(value, topic, key, self.legacy_signatures)
 
     def _take(self, tp: TopicPartition, record: ConsumerRecord, tracing: bool) -> None:
         """Check and decode one record where it was fetched, then start its action; a
@@ -627,218 +483,6 @@ class Worker:
         except KafkaError as error:
             log.error("dead letter of a rejected command not delivered: %r", error)
         self._done(tp, record.offset)
-
-    async def _send(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int
-    ) -> None:
-        """Hand the reply to the producer; its offset is done once the broker has it.
-
-        Sends are not awaited one by one: the producer batches them, and a failed
-        delivery goes to `_resend`."""
-        assert self._producer is not None
-        try:
-            delivery = await self._producer.send(
-                command.reply_to, reply, key=command.workflow_id.encode(),
-                headers=self._reply_headers(command, reply),
-            )  # fmt: skip
-        except KafkaError as exc:
-            return await self._resend(command, reply, tp, offset, exc)
-        delivery.add_done_callback(functools.partial(self._delivered, command, reply, tp, offset))
-
-    def _delivered(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
-        delivery: asyncio.Future[Any],
-    ) -> None:  # fmt: skip
-        if delivery.cancelled():
-            return  # the producer stopped first: not committed, consumed again later
-        exc = delivery.exception()
-        if isinstance(exc, KafkaError):
-            return self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
-        if exc is not None:
-            # Not a broker's answer, so not one to retry: logged, and the partition's
-            # commits are not held by it (as a command whose handling raised).
-            log.error("reply to %s failed: %r", command.reply_to, exc)
-        self._done(tp, offset)
-
-    def _reply_headers(self, command: CommandEvent, reply: bytes) -> list[tuple[str, bytes]]:
-        # The reply may come from the cache as bytes; its headers follow from the command.
-        plain = headers_for("reply", SCHEMA_VERSION, command.trace_id, command.command_id)
-        return self._signed(plain, reply, command.reply_to, command.workflow_id.encode())
-
-    async def _resend(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
-        failure: KafkaError,
-    ) -> None:  # fmt: skip
-        """Deliver a reply whose send failed: a transient failure is retried with capped
-        backoff; a reply the broker refuses for good (too large, say) is replaced, once, by
-        a small error reply, so the step fails now rather than at its timeout."""
-        assert self._producer is not None
-        key = command.workflow_id.encode()
-        backoff = 0.1
-        replaced = False
-        exc: KafkaError | None = failure
-        while exc is not None:
-            if not exc.retriable:
-                if replaced:
-                    log.error("error reply to %s refused too: %r", command.reply_to, exc)
-                    break
-                replaced = True
-                reply = self._undeliverable(command, exc)
-            else:
-                self.stats["send_retries"] += 1
-                log.warning(
-                    "reply to %s not delivered, retrying in %.1fs: %r",
-                    command.reply_to, backoff, exc,
-                )  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            try:
-                await self._producer.send_and_wait(
-                    command.reply_to, value=reply, key=key,
-                    headers=self._reply_headers(command, reply),
-                )  # fmt: skip
-                exc = None
-            except KafkaError as error:
-                exc = error
-        self._done(tp, offset)
-
-    def _undeliverable(self, command: CommandEvent, exc: KafkaError) -> bytes:
-        """The error reply that stands in for a reply the broker refused for good."""
-        self.stats["undeliverable"] += 1
-        log.error("reply to %s refused by the broker: %r", command.reply_to, exc)
-        message = f"the broker refused the reply of {self.service}.{command.action}: {exc!r}"
-        return self._error(command, ErrorInfo(message=message[:1000], code="undeliverable"))
-
-    async def _execute(self, command: CommandEvent, tracing: bool) -> bytes:
-        """Run the command's action and encode its reply; every failure becomes an error reply."""
-        entry = self._actions.get(command.action)
-        if entry is None:
-            known = ", ".join(sorted(self._actions)) or "(none)"
-            msg = f"service {self.service!r} has no action {command.action!r}; known: {known}"
-            return self._error(command, ErrorInfo(message=msg, code="unknown_action"))
-        fn, wants_command = entry
-        async with self._limit:
-            self.stats["executed"] += 1
-            started = time.perf_counter()
-            try:
-                # A failure is recorded on the span (when tracing) as it leaves it.
-                with action_span(self.service, command) if tracing else _UNTRACED:
-                    result = fn(command.input, command) if wants_command else fn(command.input)
-                    if inspect.isawaitable(result):
-                        result = await result
-            except ActionError as exc:
-                info = ErrorInfo(message=exc.message, code=exc.code, retryable=exc.retryable)
-            except (Exception, asyncio.CancelledError) as exc:
-                # A CancelledError the handler raised itself (we were not cancelled) is a
-                # failure like any other; re-running it on redelivery would loop forever.
-                current = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
-                    raise
-                log.exception(
-                    "action %s.%s failed", self.service, command.action,
-                    extra={"workflow_id": command.workflow_id, "step": command.step,
-                           "attempt": command.attempt, "trace_id": command.trace_id},
-                )  # fmt: skip
-                info = ErrorInfo(
-                    message=f"{type(exc).__name__}: {exc}", code="exception", retryable=True
-                )
-            else:
-                try:
-                    reply = self._ok(command, result)
-                except PydanticSerializationError as exc:
-                    msg = f"action {command.action!r} returned output that is not JSON: {exc}"
-                    info = ErrorInfo(message=msg, code="bad_output")
-                else:
-                    self._tally.record((time.perf_counter() - started) * 1000, error=False)
-                    return reply
-            self._tally.record((time.perf_counter() - started) * 1000, error=True)
-        return self._error(command, info)
-
-    def _ok(self, command: CommandEvent, output: Any) -> bytes:
-        """The encoded ``ok`` reply: written directly when the output is plain JSON, else
-        through the model (which raises `PydanticSerializationError` if it is not JSON)."""
-        fields = {
-            "schema_version": SCHEMA_VERSION, "type": "reply",
-            "command_id": command.command_id, "workflow_id": command.workflow_id,
-            "step": command.step, "attempt": command.attempt, "status": "ok",
-            "output": output, "service": self.service, "instance": self.instance,
-            "trace_id": command.trace_id, "replied_ms": clock.now_ms(),
-        }  # fmt: skip
-        if output is None:
-            del fields["output"]
-        if command.trace_id is None:
-            del fields["trace_id"]
-        plain = codec.encode_plain(fields)
-        if plain is not None:
-            return plain
-        return codec.encode(self._reply(command, ReplyStatus.OK, output=output))
-
-    def _error(self, command: CommandEvent, info: ErrorInfo) -> bytes:
-        self.stats["errors"] += 1
-        error = info.model_copy(update={"step": command.step})
-        return codec.encode(self._reply(command, ReplyStatus.ERROR, error=error))
-
-    def _reply(
-        self, command: CommandEvent, status: ReplyStatus, *, output: Any = None,
-        error: ErrorInfo | None = None,
-    ) -> ReplyEvent:  # fmt: skip
-        return ReplyEvent(
-            command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
-            attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
-            error=error, service=self.service, instance=self.instance, replied_ms=clock.now_ms(),
-        )  # fmt: skip
-
-
-def _final(reply: bytes) -> bool:
-    """Whether a reply settles its step's work (ok, or an error that is not retryable):
-    then another attempt of the same work gets it rather than running again."""
-    doc = orjson.loads(reply)
-    return doc.get("status") == "ok" or not (doc.get("error") or {}).get("retryable")
-
-
-def _readdressed(reply: bytes, command: CommandEvent) -> bytes:
-    """`reply`, given for another attempt of the same work, as the reply to `command`."""
-    doc = orjson.loads(reply)
-    doc["command_id"], doc["attempt"] = command.command_id, command.attempt
-    doc["replied_ms"] = clock.now_ms()
-    return orjson.dumps(doc)
-
-
-def _keyring(service: str, keys: Keyring | str | None) -> Keyring:
-    """The service's keys: given, else from the environment; none is a configuration
-    error that says what to do."""
-    if isinstance(keys, Keyring):
-        return keys
-    spec = keys if keys is not None else os.environ.get(KEYS_ENV, "")
-    if not spec.strip():
-        msg = (
-            f"service {service!r} has no signing keys: pass keys='id=secret' (the mediator's "
-            f"key for it) or set {KEYS_ENV}; signing=False turns signing off, which the "
-            "mediator must also do (signing.enabled: false)"
-        )
-        raise ConfigurationError(msg)
-    try:
-        current = os.environ.get(CURRENT_ENV) if keys is None else None
-        return Keyring(parse_keys(spec, service), current or None)
-    except ValueError as exc:
-        msg = f"service {service!r}: bad signing keys: {exc}"
-        raise ConfigurationError(msg) from None
-
-
-def _wants_command(fn: Handler, name: str) -> bool:
-    """Whether ``fn`` takes ``(input, command)`` rather than ``(input)``; decided once."""
-    positional = [
-        p
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-    ]
-    if any(p.kind is p.VAR_POSITIONAL for p in positional):
-        return True
-    required = [p for p in positional if p.default is p.empty]
-    if not positional or len(required) > 2:
-        msg = f"handler of action {name!r} must take (input) or (input, command)"
-        raise TypeError(msg)
-    return len(positional) >= 2
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
