@@ -1,0 +1,104 @@
+"""Commands that read: `status`, `services`, `validate`, `schemas`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
+from mediator.cli.common import run as run_coroutine
+from mediator.errors import MediatorError
+
+
+def status(
+    json_output: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="How many recent workflows to list.")] = 10,
+    config: ConfigOption = None,
+) -> None:
+    """Workflow counts, per-workflow and per-service counters, and recent runs, from Redis."""
+    from mediator.ops.status import format_stats
+
+    settings = load(config)
+    quiet_libraries()
+    summary = run_coroutine(_status(settings, limit))
+    if json_output:
+        typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        return
+    counts = summary["counts"]
+    typer.echo(
+        f"running {counts['running']}  completed {counts['completed']}  failed {counts['failed']}"
+        f"  outbox pending {summary['outbox_pending']}"
+    )
+    if summary["stats"]:
+        typer.echo(format_stats(summary["stats"]))
+    for name, values in summary["workflows"].items():
+        typer.echo(f"workflow {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+    for name, values in summary["services"].items():
+        typer.echo(f"service  {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+    for row in summary["recent"]:
+        typer.echo(f"  {row['workflow_id']}  {row['workflow']:<16} {row['status']}")
+
+
+async def _status(settings: Any, limit: int) -> dict[str, Any]:
+    from mediator.ops.status import collect_status, stored_keys
+    from mediator.storage.connection import connect_to
+
+    redis = connect_to(settings.redis)
+    try:
+        # The layout the prefix was written with, which `mediator dev` may have chosen.
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        return await collect_status(redis, keys, limit=limit)
+    finally:
+        await redis.aclose()
+
+
+def services(json_output: JsonOption = False, config: ConfigOption = None) -> None:
+    """Service instances from the registry: health, last heartbeat, load, breaker, parked."""
+    from mediator.ops.services import format_services
+
+    settings = load(config)
+    quiet_libraries()
+    found = run_coroutine(_services_view(settings))
+    if json_output:
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(format_services(found))
+
+
+async def _services_view(settings: Any) -> dict[str, Any]:
+    from mediator.ops.services import collect_services
+    from mediator.ops.status import stored_keys
+    from mediator.storage.connection import connect_to
+
+    redis = connect_to(settings.redis)
+    try:
+        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+        return await collect_services(redis, keys)
+    finally:
+        await redis.aclose()
+
+
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="Workflow YAML files or folders.")],
+) -> None:
+    """Check workflow definitions; exit 2 with the first error, naming file, workflow, step."""
+    from mediator.definitions import Definitions, load_file, workflow_files
+
+    definitions = Definitions()  # also catches one name and version defined twice
+    for file in (f for path in paths for f in workflow_files(path)):
+        try:
+            for wf in load_file(file):
+                definitions.add(wf, source=str(file))
+                typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
+        except MediatorError as exc:
+            raise fail(str(exc)) from None
+
+
+def schemas() -> None:
+    """Print the JSON Schema of every event on the wire."""
+    from topics import json_schemas
+
+    typer.echo(orjson.dumps(json_schemas(), option=orjson.OPT_INDENT_2).decode())
