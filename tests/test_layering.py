@@ -102,3 +102,30 @@ def test_every_public_exception_is_a_mediator_error_and_in_the_tree() -> None:
     assert outside == []
     undrawn = sorted(n for n in found if n not in (errors.__doc__ or ""))
     assert undrawn == []
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_topics_and_handlers_keep_their_places() -> None:
+    """`topics` (the wire contract) imports neither `mediator` nor `handlers`; `handlers`
+    (FastStream subscribers) only reaches down into `mediator` and `topics`; and nothing in
+    `mediator` imports `handlers` but the replica's wiring, which registers them."""
+    root = Path(__file__).parent.parent
+    wrong = []
+    for path in (root / "topics").rglob("*.py"):
+        found = [m for m in _imports(path) if m.split(".")[0] in ("mediator", "handlers")]
+        wrong += [f"{path.name}: {m}" for m in found]
+    for path in root.joinpath("mediator").rglob("*.py"):
+        if path.relative_to(root).as_posix() == "mediator/runtime/app.py":
+            continue  # the wiring: registers the subscribers
+        found = [m for m in _imports(path) if m.split(".")[0] == "handlers"]
+        wrong += [f"{path.relative_to(root)}: {m}" for m in found]
+    assert wrong == []
