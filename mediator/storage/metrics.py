@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator import clock
 from mediator.core.metrics import GAUGES, Summary, summarize
-from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 
 __all__ = ["MetricsStore"]
@@ -36,7 +35,7 @@ class MetricsStore:
         if not series:
             return
         now_s = clock.now_ms() // 1000
-        try:
+        with redis_errors("writing metrics"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 names: dict[str, set[str]] = {}
                 for (kind, name, bucket), fields in series.items():
@@ -55,9 +54,6 @@ class MetricsStore:
                     pipe.zadd(listed, dict.fromkeys(sorted(members), now_s))
                     pipe.zremrangebyscore(listed, "-inf", now_s - self.ttl_s)
                 await pipe.execute()
-        except RedisError as exc:
-            msg = f"Redis unavailable while writing metrics: {exc}"
-            raise StateUnavailable(msg) from exc
 
     async def names(self, kind: str) -> list[str]:
         """Every series name of `kind` (``svc``, ``inst``, ``wf``)."""
@@ -77,15 +73,12 @@ class MetricsStore:
         starts = self._starts(since_s, until_s)
         if not names or not starts:
             return {name: [] for name in names}
-        try:
+        with redis_errors("reading metrics"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     for start in starts:
                         pipe.hgetall(self.keys.metric(kind, name, start))
                 raw: list[Any] = await pipe.execute()
-        except RedisError as exc:
-            msg = f"Redis unavailable while reading metrics: {exc}"
-            raise StateUnavailable(msg) from exc
         out: dict[str, list[tuple[int, dict[str, int]]]] = {}
         at = 0
         for name in names:

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError, RedisError
 from mediator.core.state import WorkflowState, dumps, loads
 from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
 from mediator.storage.connection import lua_source, text
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
 __all__ = ["Claimed", "Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
@@ -148,14 +149,11 @@ class Store:
         """The current state of each workflow (None if unknown or expired); one round trip."""
         if not workflow_ids:
             return {}
-        try:
+        with redis_errors("loading state"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for wid in workflow_ids:
                     pipe.hget(self.keys.workflow(wid), "state")
                 blobs = await pipe.execute()
-        except RedisError as exc:
-            msg = f"Redis unavailable while loading state: {exc}"
-            raise StateUnavailable(msg) from exc
         return {
             wid: _decode_state(wid, blob) if blob is not None else None
             for wid, blob in zip(workflow_ids, blobs, strict=True)
@@ -180,11 +178,8 @@ class Store:
             self._commit_call(shard, [commits[i] for i in by_shard[shard]], now_ms)
             for shard in shards
         ]
-        try:
+        with redis_errors("committing"):
             replies = await self._evalsha_many(self._commit, calls, wait=self.wait_replicas > 0)
-        except RedisError as exc:
-            msg = f"Redis unavailable while committing: {exc}"
-            raise StateUnavailable(msg) from exc
         results: list[CommitResult | None] = [None] * len(commits)
         for shard, reply in zip(shards, replies, strict=True):
             if isinstance(reply, Exception):
@@ -332,27 +327,21 @@ class Store:
         by_shard: dict[int, list[str]] = {}
         for shard, message_id in entries:
             by_shard.setdefault(shard, []).append(message_id)
-        try:
+        with redis_errors("clearing the outbox"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard, ids in by_shard.items():
                     pipe.hdel(self.keys.outbox(shard), *ids)
                     pipe.zrem(self.keys.outbox_due(shard), *ids)
                 await pipe.execute()
-        except RedisError as exc:
-            msg = f"Redis unavailable while clearing the outbox: {exc}"
-            raise StateUnavailable(msg) from exc
 
     async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Take over outbox entries whose lease expired (their publisher died or stalled),
         oldest first; returns the new lease deadline and the entries."""
-        try:
+        with redis_errors("claiming the outbox"):
             flat = await self._claim(
                 keys=[self.keys.outbox(shard), self.keys.outbox_due(shard)],
                 args=[self.lease_ms, limit],
             )
-        except RedisError as exc:
-            msg = f"Redis unavailable while claiming the outbox: {exc}"
-            raise StateUnavailable(msg) from exc
         entries = [(text(flat[i]), bytes(flat[i + 1])) for i in range(1, len(flat), 2)]
         return int(flat[0]), entries
 
@@ -367,13 +356,10 @@ class Store:
         args: list[Any] = [0 if delay_ms is not None else self.lease_ms, delay_ms or 0]
         for message_id, deadline in held:
             args += (message_id, deadline)
-        try:
+        with redis_errors("renewing outbox leases"):
             flat = await self._renew(
                 keys=[self.keys.outbox(shard), self.keys.outbox_due(shard)], args=args
             )
-        except RedisError as exc:
-            msg = f"Redis unavailable while renewing outbox leases: {exc}"
-            raise StateUnavailable(msg) from exc
         return int(flat[0]), [bool(int(flag)) for flag in flat[1:]]
 
     # -- timers ----------------------------------------------------------------------------
@@ -384,11 +370,8 @@ class Store:
         calls = [
             ([self.keys.timers(shard)], [lease_ms, limit]) for shard in range(self.keys.shards)
         ]
-        try:
+        with redis_errors("claiming timers"):
             replies = await self._evalsha_many(self._claim_timers, calls)
-        except RedisError as exc:
-            msg = f"Redis unavailable while claiming timers: {exc}"
-            raise StateUnavailable(msg) from exc
         claimed: dict[int, list[Claimed]] = {}
         for shard, reply in enumerate(replies):
             if isinstance(reply, Exception):
@@ -411,11 +394,8 @@ class Store:
         shards = list(range(self.keys.shards))
         while shards:
             calls = [([self.keys.routed(s), self.keys.timers(s)], [prefix, batch]) for s in shards]
-            try:
+            with redis_errors("rerouting"):
                 replies = await self._evalsha_many(self._reroute, calls)
-            except RedisError as exc:
-                msg = f"Redis unavailable while rerouting: {exc}"
-                raise StateUnavailable(msg) from exc
             more = []
             for shard, reply in zip(shards, replies, strict=True):
                 if isinstance(reply, Exception):
@@ -437,11 +417,8 @@ class Store:
         for shard, timer in done:
             by_shard.setdefault(shard, []).extend((timer.name, timer.lease))
         calls = [([self.keys.timers(shard)], args) for shard, args in by_shard.items()]
-        try:
+        with redis_errors("removing timers"):
             replies = await self._evalsha_many(self._timers_done, calls)
-        except RedisError as exc:
-            msg = f"Redis unavailable while removing timers: {exc}"
-            raise StateUnavailable(msg) from exc
         for reply in replies:
             if isinstance(reply, Exception):
                 msg = f"removing timers failed: {reply}"
@@ -453,25 +430,19 @@ class Store:
         removed meanwhile (nothing to park)."""
         record = orjson.dumps({"reason": reason, "parked_ms": now_ms})
         keys = [self.keys.timers(shard), self.keys.dead_timers(shard)]
-        try:
+        with redis_errors("parking a timer"):
             parked = await self._park_timer(keys=keys, args=[timer.name, timer.lease, record])
-        except RedisError as exc:
-            msg = f"Redis unavailable while parking a timer: {exc}"
-            raise StateUnavailable(msg) from exc
         return bool(int(parked))
 
     async def count(self, deltas: dict[str, int]) -> None:
         """Add to the deployment-wide counters (`Keys.stats`); best effort."""
         if not deltas:
             return
-        try:
+        with redis_errors("counting"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, delta in deltas.items():
                     pipe.hincrby(self.keys.stats, name, delta)
                 await pipe.execute()
-        except RedisError as exc:
-            msg = f"Redis unavailable while counting: {exc}"
-            raise StateUnavailable(msg) from exc
 
     async def outbox_size(self) -> int:
         """Entries waiting in the outbox across all shards."""
