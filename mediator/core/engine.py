@@ -13,14 +13,14 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterable
 from typing import Any
 
 from mediator.core import saga
 from mediator.core.expressions import ExpressionError
+from mediator.core.progress import _expression_failure, command_id, idempotency_key
 from mediator.core.results import history_of, result_of
-from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve, fork
+from mediator.core.sends import Sends
+from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.transition import (
     Effect,
@@ -32,13 +32,10 @@ from mediator.core.transition import (
     end,
     forked,
     observe,
-    send,
     timer_name,
-    withdraw,
 )
 from mediator.core.workflow import Compensation, Step, Workflow
 from topics.events import (
-    CommandEvent,
     ControlAction,
     ControlEvent,
     ErrorInfo,
@@ -48,9 +45,6 @@ from topics.events import (
     WorkflowStatus,
 )
 from topics.headers import w3c_trace_id
-
-#: Steps that hold one of a workflow's `max_parallel` slots.
-_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
 
 #: How many times one step's attempts are sent again because their instance was marked
 #: down, without spending its retry budget.
@@ -77,22 +71,8 @@ __all__ = [
 MAX_CONTROLS_KEPT = 32
 
 
-def command_id(workflow_id: str, step: str, attempt: int) -> str:
-    """The id of one attempt of one step: deterministic, so recomputation is idempotent."""
-    return f"{workflow_id}.{step}.{attempt}"
-
-
-def idempotency_key(workflow_id: str, step: str, round_: int) -> str:
-    """The key of a step's work in one round of its run: the same for every attempt,
-    reroute and hand-on of the step in that round, another after an operator's retry."""
-    return f"{workflow_id}.{step}.r{round_}"
-
-
-class Engine:
+class Engine(Sends):
     """Drives workflow runs. Holds only configuration; every method is pure."""
-
-    def __init__(self, replies_topic: str) -> None:
-        self.replies_topic = replies_topic
 
     def start(
         self,
@@ -280,120 +260,6 @@ class Engine:
                             control.control_id]  # fmt: skip
         return transition
 
-    def park(self, transition: Transition, command_id: str) -> bool:
-        """Hold back the command `command_id` of `transition` (not yet committed): its
-        service's breaker is open. The step waits as `parked`, its timeout still running,
-        until the parked queue releases it. False when the command is not a step's
-        current attempt (a compensation: those are never parked)."""
-        command, step_state = _forward_command(transition, command_id)
-        if step_state is None:
-            return False
-        state = transition.state
-        withdraw(transition, command)
-        state.steps[command.step] = evolve(step_state, status=StepStatus.PARKED, via=None)
-        primary = command.service if step_state.via is None else step_state.via
-        transition.count(f"svc:{primary}:parked")
-        unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
-        transition.parked.append((primary, unpark.member))
-        return True
-
-    def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:
-        """Send the command `command_id` of `transition` (not yet committed) to its step's
-        fallback instead: its service's breaker is open. False when the step declares no
-        fallback (or its input cannot be rendered): park it then."""
-        command, step_state = _forward_command(transition, command_id)
-        if step_state is None:
-            return False
-        step = workflow.steps[command.step]
-        fallback = step.fallback
-        if fallback is None or step_state.via is not None:
-            return False
-        state = transition.state
-        try:
-            alt_input = fallback.input.render(context(state, state.steps))
-        except ExpressionError:
-            return False
-        rerouted = command.model_copy(
-            update={"service": fallback.service, "action": fallback.action, "input": alt_input}
-        )
-        transition.effects = [
-            SendCommand(rerouted) if isinstance(e, SendCommand) and e.command is command else e
-            for e in transition.effects
-        ]
-        transition.count(f"svc:{command.service}:sent", -1)
-        transition.count(f"svc:{command.service}:rerouted")
-        transition.count(f"svc:{fallback.service}:sent")
-        state.steps[command.step] = evolve(step_state, via=fallback.service)
-        return True
-
-    def route(self, transition: Transition, command_id: str, instance: str, partition: int) -> None:
-        """Address the command `command_id` of `transition` (not yet committed) to one
-        registered `instance` of its service, through `partition`, which it owns; a step's
-        current attempt records it, so the attempt counts as in flight there until it
-        moves on."""
-        command, step_state = _forward_command(transition, command_id)
-        routed = SendCommand(command.model_copy(update={"instance": instance}), partition)
-        transition.effects = [
-            routed if isinstance(e, SendCommand) and e.command is command else e
-            for e in transition.effects
-        ]
-        if step_state is not None:
-            transition.state.steps[command.step] = evolve(step_state, instance=instance)
-
-    def refuse_command(
-        self,
-        workflow: Workflow,
-        transition: Transition,
-        command_id: str,
-        error: dict[str, Any],
-        now_ms: int,
-    ) -> Transition:
-        """`transition` (not yet committed) sends a command that cannot be delivered, e.g.
-        it is larger than the broker accepts: the command is withdrawn, its step fails with
-        `error` and the run ends (its other new commands are withdrawn too)."""
-        state = transition.state
-        command, step_state = _forward_command(transition, command_id)
-        transition.count(f"svc:{command.service}:refused")
-        failure = {**error, "step": command.step}
-        if step_state is None:  # a compensation's command
-            return saga.refuse_undo(
-                self.replies_topic, workflow, transition, command, failure, now_ms
-            )
-        state.steps[command.step] = evolve(
-            step_state, status=StepStatus.FAILED, output=None, error=failure, finished_ms=now_ms
-        )
-        for effect in list(transition.effects):
-            if isinstance(effect, SendCommand):
-                withdraw(transition, effect.command)
-                withdrawn = effect.command.step
-                if withdrawn != command.step:
-                    # Never sent: the attempt number is free again (ids stay unique).
-                    was = state.steps[withdrawn]
-                    state.steps[withdrawn] = StepState(
-                        attempt=was.attempt - 1, history=was.history, base=was.base
-                    )
-        return self._finish(workflow, transition, now_ms, failure)
-
-    @staticmethod
-    def refuse_result(transition: Transition, error: dict[str, Any], now_ms: int) -> Transition:
-        """The result `transition` publishes cannot be delivered (too large): the run fails
-        with `error` instead, and its result says so without the output."""
-        state = transition.state
-        transition.count(f"wf:{state.workflow}:{state.status.value}", -1)
-        transition.effects = [e for e in transition.effects if not isinstance(e, PublishResult)]
-        if state.error is not None:
-            cause = state.error.get("message", "")
-            error = {**error, "message": f"{error['message']} (the run had failed: {cause})"}
-        status = state.status if state.status is WorkflowStatus.COMPENSATION_FAILED else None
-        return end(transition, None, error, now_ms, status)
-
-    @staticmethod
-    def abandon(state: WorkflowState, error: dict[str, Any], now_ms: int) -> Transition:
-        """Fail a running run that cannot advance (its definition is gone) with `error`."""
-        return end(Transition(fork(state)), None, error, now_ms)
-
-    # -- internals -------------------------------------------------------------------------
-
     def _deadline(
         self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
     ) -> Transition | None:
@@ -540,185 +406,6 @@ class Engine:
             transition, step, command_input, now_ms, attempt, history, previous.base, started
         )
         return transition
-
-    def _advance(
-        self,
-        workflow: Workflow,
-        transition: Transition,
-        now_ms: int,
-        candidates: Iterable[str] | None = None,
-    ) -> Transition:
-        """Skip or dispatch every pending step whose dependencies are satisfied.
-
-        `candidates` are the steps that may have become ready (the dependants of the step
-        that just completed); None means every step. A step held back by `max_parallel`
-        is not among the dependants, so a limited workflow always looks at every step.
-        """
-        state = transition.state
-        steps = state.steps
-        if candidates is None or workflow.max_parallel:
-            candidates = workflow.order
-        running = (
-            sum(1 for s in steps.values() if s.status in _BUSY) if workflow.max_parallel else 0
-        )
-        values: dict[str, Any] | None = None
-        failure: dict[str, Any] | None = None
-        # Commands go out only once the whole pass evaluated: a later step's failing
-        # expression fails the run, and no service should be asked to work for it.
-        ready: list[tuple[Step, Any]] = []
-        # Examine candidates in plan order (a heap of positions): a step is looked at only
-        # after every step before it that was queued, so a skip that frees it comes first.
-        position = workflow.position
-        heap = [(position[step_id], step_id) for step_id in candidates]
-        heapq.heapify(heap)
-        queued = {step_id for _, step_id in heap}
-        while heap:
-            _, step_id = heapq.heappop(heap)
-            step = workflow.steps[step_id]
-            if steps[step_id].status is not StepStatus.PENDING or not all(
-                steps[dep].status in SATISFIED for dep in step.depends_on
-            ):
-                continue
-            if values is None or step.when is not None:
-                values = context(state, steps)
-            try:
-                if step.when is not None and not step.when.holds(values):
-                    steps[step_id] = evolve(
-                        steps[step_id], status=StepStatus.SKIPPED, finished_ms=now_ms
-                    )
-                    transition.count("steps:skipped")
-                    _release(workflow, step_id, heap, queued)
-                elif not workflow.max_parallel or running < workflow.max_parallel:
-                    ready.append((step, step.input.render(values)))
-                    running += 1
-            except ExpressionError as exc:
-                failure = _expression_failure(step, str(exc))
-                steps[step_id] = evolve(
-                    steps[step_id], status=StepStatus.FAILED, error=failure, finished_ms=now_ms
-                )
-                break
-        if failure is not None:
-            return self._finish(workflow, transition, now_ms, failure)
-        for step, command_input in ready:
-            previous = steps[step.id]
-            steps[step.id] = self._dispatch(
-                transition,
-                step,
-                command_input,
-                now_ms,
-                previous.attempt + 1,
-                previous.history,
-                previous.base,
-            )
-        if not ready and all(s.status in SATISFIED for s in steps.values()):
-            return self._finish(workflow, transition, now_ms, None)
-        return transition
-
-    def _dispatch(
-        self,
-        transition: Transition,
-        step: Step,
-        command_input: Any,
-        now_ms: int,
-        attempt: int = 1,
-        history: list[dict[str, Any]] | None = None,
-        base: int = 0,
-        started_ms: int | None = None,
-    ) -> StepState:
-        """Send `attempt` of `step`; its state. `started_ms` is given for an attempt that
-        was parked: its timeout timer was set then, and its deadline counts from then."""
-        state = transition.state
-        cid = command_id(state.workflow_id, step.id, attempt)
-        started = now_ms if started_ms is None else started_ms
-        deadline = started + step.timeout_ms if step.timeout_ms else None
-        send(
-            transition,
-            step.id,
-            step.service,
-            step.action,
-            attempt,
-            cid,
-            command_input,
-            self.replies_topic,
-            now_ms,
-            deadline,
-            idempotency_key(state.workflow_id, step.id, state.round),
-        )
-        if step.timeout_ms and started_ms is None:
-            transition.timers.append(
-                SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
-            )
-        return StepState(
-            StepStatus.RUNNING, attempt, cid, None, None, started, None, None, history, base
-        )
-
-    def _finish(
-        self,
-        workflow: Workflow,
-        transition: Transition,
-        now_ms: int,
-        error: dict[str, Any] | None,
-    ) -> Transition:
-        """End the run: completed with its output, or failed with `error`, after
-        compensating its completed steps if any declares a compensation."""
-        output: Any = None
-        if error is None:
-            try:
-                output = _output(workflow, transition.state)
-            except ExpressionError as exc:
-                error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
-        if error is not None:
-            if saga.needed(workflow, transition.state):
-                transition.state.error = error
-                saga.begin(workflow, transition, now_ms)
-                return self._compensate(workflow, transition, now_ms)
-            status = WorkflowStatus.CANCELLED if error.get("code") == "cancelled" else None
-            return end(transition, None, error, now_ms, status)
-        return end(transition, output, error, now_ms)
-
-    def _compensate(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
-        return saga.progress(self.replies_topic, workflow, transition, now_ms)
-
-
-def _forward_command(
-    transition: Transition, command_id: str
-) -> tuple[CommandEvent, StepState | None]:
-    """The command `command_id` among the transition's effects, and the state of the step
-    whose current attempt it is (None for a compensation's command)."""
-    command = next(
-        e.command
-        for e in transition.effects
-        if isinstance(e, SendCommand) and e.command.command_id == command_id
-    )
-    step_state = transition.state.steps.get(command.step)
-    if step_state is None or step_state.command_id != command_id:
-        return command, None
-    return command, step_state
-
-
-def _release(
-    workflow: Workflow, step_id: str, heap: list[tuple[int, str]], queued: set[str]
-) -> None:
-    """Queue the dependants of a skipped step: the skip may have made them ready."""
-    for dependant in workflow.dependants[step_id]:
-        if dependant not in queued:
-            queued.add(dependant)
-            heapq.heappush(heap, (workflow.position[dependant], dependant))
-
-
-def _output(workflow: Workflow, state: WorkflowState) -> Any:
-    values = context(state, state.steps)
-    if workflow.output is not None:
-        return workflow.output.render(values)
-    return values["steps"]
-
-
-def _expression_failure(step: Step, reason: str) -> dict[str, Any]:
-    return {
-        "message": f"step {step.id!r} could not evaluate its input or condition: {reason}",
-        "code": "expression_error",
-        "step": step.id,
-    }
 
 
 def _from(reply: ReplyEvent, compensation: Compensation | None) -> bool:
