@@ -30,10 +30,7 @@ async def test_faststream_run_serves_workflows_and_stops_cleanly(
     replica = FastStreamProcess(system.settings, workflows, tmp_path, "faststream")
     replica.start()
     try:
-        await wait_for(
-            lambda: "started" in replica.output() or replica.process.poll() is not None,  # type: ignore[union-attr]
-            timeout=60, what="faststream run to start",
-        )  # fmt: skip
+        await _started(replica)
         client = await system.client()
         results = await asyncio.gather(
             *(client.submit("chain3", {"i": i}, timeout=60) for i in range(5))
@@ -131,10 +128,7 @@ async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
     replica = FastStreamProcess(system.settings, workflows, tmp_path, "faststream")
     replica.start()
     try:
-        await wait_for(
-            lambda: "started" in replica.output() or replica.process.poll() is not None,  # type: ignore[union-attr]
-            timeout=60, what="faststream run to start",
-        )  # fmt: skip
+        await _started(replica)
         client = await system.client()
         result = await client.submit("chain3", {}, request_id="new-1", timeout=60)
         assert result.status is WorkflowStatus.COMPLETED, replica.output()
@@ -152,3 +146,12 @@ async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
         assert await redis.exists(keys.workflow(workflow_id_for("new-1")))
     finally:
         await redis.aclose()
+
+
+async def _started(replica: FastStreamProcess) -> None:
+    """Until `faststream run` says it started (or exited)."""
+    await wait_for(
+        lambda: "started" in replica.output() or replica.process.poll() is not None,  # type: ignore[union-attr]
+        timeout=60,
+        what="faststream run to start",
+    )

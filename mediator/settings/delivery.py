@@ -20,6 +20,7 @@ from pydantic_settings import NoDecode
 from mediator.core.balancer import Strategy
 from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
+from mediator.settings.fields import comma_separated
 
 
 class TimerSettings(BaseModel):
@@ -64,14 +65,9 @@ class LimitsSettings(BaseModel):
     #: Topics a request's ``reply_to`` may name (shell-style patterns), besides the results
     #: topic: results go nowhere else, so a request cannot make the mediator write into
     #: another application's topics. A request naming any other is refused.
-    reply_to_topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*.results"])
-
-    @field_validator("reply_to_topics", mode="before")
-    @classmethod
-    def _split_topics(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from the environment: a,b
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    reply_to_topics: Annotated[list[str], NoDecode, BeforeValidator(comma_separated)] = Field(
+        default_factory=lambda: ["*.results"]
+    )
 
     def reply_to_allowed(self, topic: str, results: str) -> bool:
         """Whether a request may have its result published to `topic`."""

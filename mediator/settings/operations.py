@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
-    field_validator,
     model_validator,
 )
 from pydantic_settings import NoDecode
@@ -19,6 +19,7 @@ from pydantic_settings import NoDecode
 from mediator.core.alerts import Rule
 from mediator.errors import ConfigurationError
 from mediator.settings.delivery import Millis, _millis
+from mediator.settings.fields import comma_separated
 
 
 def _fraction(value: Any) -> Any:
@@ -170,14 +171,9 @@ class DashboardSettings(BaseModel):
     token_file: Path | None = None
     #: Host names the dashboard answers to (the ``Host`` header; a DNS-rebinding page
     #: names its own): loopback names, and the address it listens on, are always allowed.
-    hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    hosts: Annotated[list[str], NoDecode, BeforeValidator(comma_separated)] = Field(
+        default_factory=list
+    )
 
     def secret(self) -> str | None:
         """The token (or its hash), from the setting or its file; None without one."""

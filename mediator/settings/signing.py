@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -16,6 +17,7 @@ from pydantic import (
 from pydantic_settings import NoDecode
 
 from mediator.core.signing import Keyring, Operator, Operators, Signatures, parse_keys
+from mediator.settings.fields import comma_separated
 
 
 class KeySet(BaseModel):
@@ -59,22 +61,16 @@ class KeySet(BaseModel):
         return Keyring(parse_keys(plain, service), self.current)
 
 
-_ACTIONS = ("cancel", "retry", "reset_breaker", "drain", "undrain")
+Action = Literal["cancel", "retry", "reset_breaker", "drain", "undrain"]
+_ACTIONS: tuple[Action, ...] = get_args(Action)
 
 
 class OperatorKeys(KeySet):
     """One operator's keys and what they may do (default: every control action)."""
 
-    may: Annotated[list[Literal[_ACTIONS]], NoDecode] = Field(  # type: ignore[valid-type]
+    may: Annotated[list[Action], NoDecode, BeforeValidator(comma_separated)] = Field(
         default_factory=lambda: list(_ACTIONS)
     )
-
-    @field_validator("may", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from the environment: cancel,retry
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
 
 class SigningSettings(KeySet):
