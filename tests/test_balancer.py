@@ -68,6 +68,16 @@ def test_least_loaded_prefers_spare_capacity() -> None:
     assert {balancer.choose(instances).id for _ in range(5)} == {"idle"}
 
 
+def test_least_loaded_shares_ties_evenly_whichever_instance_is_busier() -> None:
+    # A busier instance listed before two equal ones must not tilt the ties towards
+    # the one that happens to follow it.
+    for busy in range(3):
+        instances = [Instance(f"i{k}", load=5.0 if k == busy else 0.0) for k in range(3)]
+        balancer = Balancer("x", Strategy.LEAST_LOADED)
+        picks = Counter(balancer.choose(instances).id for _ in range(300))
+        assert sorted(picks.values()) == [150, 150], (busy, picks)
+
+
 def test_consistent_hash_keeps_keys_in_place_and_moves_few_when_one_leaves() -> None:
     balancer = Balancer("x", Strategy.CONSISTENT_HASH)
     five = fleet(5)

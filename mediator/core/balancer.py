@@ -175,9 +175,12 @@ class Balancer:
 
         n = len(eligible)
         if n <= FULL_SCAN:
-            # Ties go in turn, so equal instances share the work.
-            start = self._turn % n
-            return min((eligible[(start + k) % n] for k in range(n)), key=share)
+            # Ties go in turn among the tied, so equal instances share the work evenly
+            # whatever stands beside them in the list.
+            shares = [share(i) for i in eligible]
+            low = min(shares)
+            tied = [i for i, s in zip(eligible, shares, strict=True) if s == low]
+            return tied[self._turn % len(tied)]
         first = eligible[(self._turn * 7919) % n]
         second = eligible[(self._turn * 104729 + 1) % n]
         return first if share(first) <= share(second) else second
