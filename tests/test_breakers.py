@@ -123,17 +123,20 @@ def test_breaker_settings_survive_a_dump_and_reload() -> None:
 
 
 async def test_upkeep_sorts_a_redis_stall_as_transient(
-    redis_client: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+    redis_client: Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The upkeep talks to Redis directly (not through the store, which wraps errors): a
-    # Redis timeout there is transient, a warning and a backoff, not a traceback.
+    # A Redis timeout in the upkeep is transient: a warning and a backoff, not a traceback.
     [first, _] = two_replicas(redis_client, key_prefix)
 
-    def stalled() -> list[str]:
+    async def stalled(*_: object) -> set[bytes]:
         msg = "Timeout reading from 127.0.0.1:6379"
         raise redis.exceptions.TimeoutError(msg)
 
-    upkeep = BreakerUpkeep(redis_client, Keys(key_prefix, 4), first, stalled, "r1")
+    upkeep = BreakerUpkeep(redis_client, Keys(key_prefix, 4), first, list, "r1")
+    monkeypatch.setattr(first.hashes.redis, "smembers", stalled)
     upkeep.backoff = BackoffSettings(initial_ms=5, max_ms=10)
     caplog.set_level(logging.WARNING, logger="mediator")
     upkeep.start()
@@ -142,4 +145,10 @@ async def test_upkeep_sorts_a_redis_stall_as_transient(
 
     assert upkeep.failures >= 2
     assert all(r.levelno == logging.WARNING for r in caplog.records), caplog.text
-    assert caplog.records[0].getMessage().startswith("breaker upkeep: Timeout reading")
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(
+            "breaker upkeep: Redis unavailable while listing services with parked steps: Timeout"
+        )
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).parent.parent
 IO_LIBRARIES = ("faststream", "aiokafka", "redis")
 
 
@@ -129,3 +130,22 @@ def test_topics_and_handlers_keep_their_places() -> None:
         found = [m for m in _imports(path) if m.split(".")[0] == "handlers"]
         wrong += [f"{path.relative_to(root)}: {m}" for m in found]
     assert wrong == []
+
+
+def test_the_runtime_reaches_redis_only_through_storage() -> None:
+    """Every Redis call is in `mediator/storage/`, where `redis_errors` sorts its failures:
+    runtime modules name the client's type to pass it on, and import nothing else of
+    redis-py (no scripts, no exceptions, no calls of their own)."""
+    found = []
+    for path in sorted((ROOT / "mediator" / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("redis"):
+                names = {alias.name for alias in node.names}
+                if node.module != "redis.asyncio" or names - {"Redis"}:
+                    found.append(f"{path.name}: from {node.module} import {sorted(names)}")
+            elif isinstance(node, ast.Import):
+                found += [f"{path.name}: import {a.name}" for a in node.names
+                          if a.name.split(".")[0] == "redis"]  # fmt: skip
+            elif isinstance(node, ast.Attribute) and node.attr in ("pipeline", "register_script"):
+                found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert found == []

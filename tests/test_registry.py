@@ -85,7 +85,7 @@ async def _read_to_now(registry: Registry, redis: Redis) -> None:
     """The health topic (one partition) has been read up to Redis's clock now: a marker
     written now, applied after every heartbeat before it."""
     seconds, micros = await redis.time()
-    await redis.hset(registry.keys.health_watermark, "partitions", 1)
+    await redis.hset(registry.hashes.keys.health_watermark, "partitions", 1)
     await registry.apply([], {0: seconds * 1000 + micros // 1000})
 
 

@@ -24,11 +24,10 @@ from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.registry import Registry
 from mediator.settings import BackoffSettings, MonitoringSettings
-from mediator.storage.alerts import active_alerts
+from mediator.storage.alerts import AlertRecords
 from mediator.storage.keys import Keys
-from mediator.storage.leases import Leases
 from mediator.storage.metrics import MetricsStore
-from mediator.storage.parked import parked_counts
+from mediator.storage.parked import ParkedQueues
 from topics.events import AlertEvent, AlertState, HealthStatus
 
 __all__ = ["AlertEvaluator"]
@@ -58,8 +57,6 @@ class AlertEvaluator(Periodic):
         backoff: BackoffSettings | None = None,
     ) -> None:
         super().__init__(backoff, log)
-        self.redis = redis
-        self.keys = keys
         self.settings = settings
         self.metrics = metrics
         self.tally = tally
@@ -69,13 +66,14 @@ class AlertEvaluator(Periodic):
         self.services = services
         self.registry = registry
         self.rules: Sequence[Rule] = [t.rule() for t in settings.alert_thresholds]
-        self.leases = Leases(redis)
+        self.records = AlertRecords(redis, keys)
+        self.queues = ParkedQueues(redis, keys)
         self.leading = False
         self.published = 0
 
     async def round(self) -> float:
         interval = self.settings.alert_interval
-        if not await self.leases.hold(self.keys.alerts("lease"), self.replica, interval * 3):
+        if not await self.records.lead(self.replica, interval * 3):
             if self.leading:
                 log.info("alert evaluation moved to another replica")
             self.leading = False
@@ -94,22 +92,13 @@ class AlertEvaluator(Periodic):
         until = now // 1000
         names = sorted({*await self.metrics.names("svc"), *self.services()})
         summaries = await self.metrics.summaries("svc", names, until - window // 1000, until)
-        active = await active_alerts(self.redis, self.keys)
+        active = await self.records.active()
         changes = evaluate(self.rules, summaries, active, now, window)
         if not changes:
             return changes
         await self.dispatcher.send_now([self._message(change) for change in changes])
         self.published += len(changes)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for change in changes:
-                doc = change.model_dump_json()
-                if change.state is AlertState.FIRING:
-                    pipe.hset(self.keys.alerts("active"), change.alert_id, doc)
-                else:
-                    pipe.hdel(self.keys.alerts("active"), change.alert_id)
-                pipe.lpush(self.keys.alerts("history"), doc)
-            pipe.ltrim(self.keys.alerts("history"), 0, self.settings.alert_history - 1)
-            await pipe.execute()
+        await self.records.record(changes, self.settings.alert_history)
         for change in changes:
             level = logging.WARNING if change.state is AlertState.FIRING else logging.INFO
             log.log(level, "alert %s %s: %s", change.alert_id, change.state.value, change.message)
@@ -124,7 +113,7 @@ class AlertEvaluator(Periodic):
                 self.tally.add("svc", service, "avail_n", now)
                 self.tally.add("svc", service, "avail_up", now, 1 if up else 0)
                 self.tally.add("svc", service, "inst_up", now, up)
-        for service, parked in (await parked_counts(self.redis, self.keys, services)).items():
+        for service, parked in (await self.queues.counts(services)).items():
             # A gauge: set even when zero, so a drained backlog reads as zero.
             self.tally.set("svc", service, "parked", now, parked)
 

@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 
 from mediator.errors import StateUnavailable
 from mediator.settings import BreakerSettings
-from mediator.storage.connection import lua_source, text
-from mediator.storage.errors import redis_errors
+from mediator.storage.breakers import BreakerHashes
+from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 
 __all__ = ["Breakers", "Gate", "MirrorStorage"]
@@ -39,7 +39,6 @@ log = logging.getLogger("mediator.breakers")
 
 Gate = Literal["send", "park", "probe"]
 
-_SCRIPT = lua_source("breaker.lua")
 _CAS_ROUNDS = 8
 
 
@@ -148,14 +147,12 @@ class Breakers:
     def __init__(
         self, redis: Redis, keys: Keys, settings: BreakerSettings, replica: str = ""
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.hashes = BreakerHashes(redis, keys)
         self.settings = settings
         self.replica = replica
         self._breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self._storages: dict[str, MirrorStorage] = {}
         self._listener = _Transitions()
-        self._cas = redis.register_script(_SCRIPT)
         self.stats: dict[str, int] = {
             "opened": 0,
             "closed": 0,
@@ -238,14 +235,12 @@ class Breakers:
         ever parked where no upkeep looks)."""
         if service in self._parking:
             return
-        with redis_errors("listing a service with parked steps"):
-            await self.redis.sadd(self.keys.parked_services, service)
+        await self.hashes.note_parking(service)
         self._parking.add(service)
 
     async def parking_services(self) -> set[str]:
         """Every service that ever had a step parked."""
-        with redis_errors("listing services with parked steps"):
-            found = {text(s) for s in await self.redis.smembers(self.keys.parked_services)}
+        found = await self.hashes.parking_services()
         self._parking |= found
         return found
 
@@ -286,11 +281,7 @@ class Breakers:
         names = sorted({*self._breakers, *services})
         if not names:
             return
-        with redis_errors("reading the breakers"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.hgetall(self.keys.breaker(name))
-                raws = await pipe.execute()
+        raws = await self.hashes.read(names)
         for name, raw in zip(names, raws, strict=True):
             if raw:
                 self._load(name, raw)
@@ -311,25 +302,21 @@ class Breakers:
         """Compare-and-set the mirror into Redis. False after a conflict (the mirror then
         holds what Redis has)."""
         _, storage = self.breaker(service)
-        state, counter, success, opened, probe = storage.fields()
         try:
-            with redis_errors(f"writing the breaker of {service}"):
-                reply = await self._cas(
-                    keys=[self.keys.breaker(service)],
-                    args=[storage.version, state, counter, success, opened, probe, self.replica],
-                )
+            version, held = await self.hashes.compare_and_set(
+                service, storage.version, storage.fields(), self.replica
+            )
         except StateUnavailable:
             self.stats["errors"] += 1
             self._listener.changes.clear()
             raise
-        if int(reply[0]) == 1:
-            storage.version = int(reply[1])
+        if held is None:
+            storage.version = version
             self._announce()
             return True
         self.stats["conflicts"] += 1
         self._listener.changes.clear()
-        flat = reply[1]
-        self._load(service, dict(zip(flat[::2], flat[1::2], strict=True)))
+        self._load(service, held)
         return False
 
     def _load(self, service: str, raw: dict[Any, Any]) -> None:

@@ -22,7 +22,6 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
-from redis.exceptions import RedisError
 
 from mediator.codec import dead_letter
 from mediator.errors import StateUnavailable
@@ -47,10 +46,6 @@ def is_transient(exc: BaseException, *, metadata_age_s: float | None = None) -> 
     answer the broker is more likely unreachable, which is transient.
     """
     if isinstance(exc, StateUnavailable | ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, RedisError):
-        # Sorted as `mediator.storage.errors.redis_errors` sorts them (READONLY, OOM and
-        # MISCONF included): a Redis call that escaped the mapping is still transient.
         return True
     if isinstance(exc, UnknownTopicOrPartitionError):
         return metadata_age_s is None or metadata_age_s > 30

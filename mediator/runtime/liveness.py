@@ -32,9 +32,8 @@ from mediator.codec import encode, headers
 from mediator.core.signing import Signatures
 from mediator.runtime.ports import Producer
 from mediator.settings import DiscoverySettings
-from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
-from mediator.storage.leases import Leases
+from mediator.storage.registry import RegistryHashes
 from topics.events import MarkEvent
 
 __all__ = ["MARK_KEY", "Marker"]
@@ -58,14 +57,12 @@ class Marker:
         replica: str,
         signatures: Signatures | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.hashes = RegistryHashes(redis, keys)
         self.producer = producer
         self.topic = topic
         self.settings = settings
         self.replica = replica
         self.signatures = signatures
-        self.leases = Leases(redis)
         self.written = 0
         self._last = float("-inf")
 
@@ -75,20 +72,17 @@ class Marker:
         now = clock.monotonic()
         if now - self._last < self.settings.mark_ms / 1000:
             return 0
-        ttl = 3 * self.settings.mark_ms
-        with redis_errors("taking the marking lease"):
-            if not await self.leases.hold(self.keys.marker_lease, self.replica, ttl):
-                return 0
-            seconds, micros = await self.redis.time()
+        if not await self.hashes.take_marker_lease(self.replica, 3 * self.settings.mark_ms):
+            return 0
+        t_ms = await self.hashes.time_ms()
         self._last = now
-        mark = MarkEvent(t_ms=seconds * 1000 + micros // 1000, replica=self.replica)
+        mark = MarkEvent(t_ms=t_ms, replica=self.replica)
         value = encode(mark)
         signed = headers(mark)
         if self.signatures is not None:
             signed += self.signatures.sign_any(value, self.topic, MARK_KEY)
         partitions = sorted(await self.producer.partitions_for(self.topic))
-        with redis_errors("recording the health topic's partitions"):
-            await self.redis.hset(self.keys.health_watermark, "partitions", len(partitions))
+        await self.hashes.set_partitions(len(partitions))
         deliveries = [
             await self.producer.send(self.topic, value, MARK_KEY, partition, headers=signed)
             for partition in partitions

@@ -14,7 +14,6 @@ becomes the probe, so a backlog with no new traffic still finds out the service 
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Callable, Iterable
 
@@ -24,17 +23,12 @@ from mediator.clock import now_ms
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings
-from mediator.storage.connection import lua_source
-from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
-from mediator.storage.leases import Leases
-from mediator.storage.parked import parked_counts
+from mediator.storage.parked import ParkedQueues
 
-__all__ = ["BreakerUpkeep", "parked_counts"]
+__all__ = ["BreakerUpkeep"]
 
 log = logging.getLogger("mediator.parking")
-
-_UNPARK = lua_source("unpark.lua")
 
 
 class BreakerUpkeep(Periodic):
@@ -54,13 +48,10 @@ class BreakerUpkeep(Periodic):
         backoff: BackoffSettings | None = None,
     ) -> None:
         super().__init__(backoff, log)
-        self.redis = redis
-        self.keys = keys
+        self.queues = ParkedQueues(redis, keys)
         self.breakers = breakers
         self.services = services
         self.replica = replica
-        self._unpark = redis.register_script(_UNPARK)
-        self.leases = Leases(redis)
         self._credit: dict[str, float] = {}
         self.released = 0
 
@@ -102,38 +93,12 @@ class BreakerUpkeep(Periodic):
 
     async def _lead(self, service: str) -> bool:
         """Hold the drain lease of `service` (one replica drains it at a time)."""
-        key = f"{self.keys.prefix}:drain:{{{service}}}"
         ttl = max(100, int(self.breakers.settings.refresh_ms * 3))
-        with redis_errors(f"taking the drain lease of {service}"):
-            return await self.leases.hold(key, self.replica, ttl)
+        return await self.queues.lead(service, self.replica, ttl)
 
     async def _release(self, service: str, budget: int) -> int:
-        """Move the `budget` oldest parked steps of `service` (across shards) to the
-        timer sets; how many moved."""
-        shards = range(self.keys.shards)
-        with redis_errors(f"reading the parked queues of {service}"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in shards:
-                    pipe.zrange(self.keys.parked(shard, service), 0, budget - 1, withscores=True)
-                heads = await pipe.execute()
-        oldest = heapq.nsmallest(
-            budget,
-            (
-                (score, shard, member)
-                for shard, head in zip(shards, heads, strict=True)
-                for member, score in head
-            ),
-        )
-        if not oldest:
-            return 0
-        by_shard: dict[int, list[bytes]] = {}
-        for _, shard, member in oldest:
-            by_shard.setdefault(shard, []).append(member)
-        moved = 0
-        for shard, members in by_shard.items():
-            keys = [self.keys.parked(shard, service), self.keys.timers(shard)]
-            with redis_errors(f"releasing parked steps of {service}"):
-                moved += int(await self._unpark(keys=keys, args=members))
+        """Move the `budget` oldest parked steps of `service` to the timer sets."""
+        moved = await self.queues.release(service, budget)
         if moved:
             log.info("parked steps of %s: %d released", service, moved)
         return moved

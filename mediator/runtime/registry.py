@@ -24,20 +24,13 @@ from mediator import clock
 from mediator.runtime.liveness import Marker
 from mediator.runtime.periodic import Periodic
 from mediator.settings import BackoffSettings, DiscoverySettings
-from mediator.storage.connection import lua_source, text
-from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
-from mediator.storage.registry import InstanceView, read_registry
+from mediator.storage.registry import InstanceView, RegistryHashes
 from topics.events import HealthEvent, HealthStatus
 
 __all__ = ["Change", "Registry", "RegistryUpkeep"]
 
 log = logging.getLogger("mediator.registry")
-
-_BEAT = lua_source("heartbeat.lua")
-_SWEEP = lua_source("sweep.lua")
-_DRAIN = lua_source("drain.lua")
-_MARK = lua_source("mark.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +47,8 @@ class Registry:
     """Applies heartbeats, sweeps for dead instances and keeps a local view."""
 
     def __init__(self, redis: Redis, keys: Keys, settings: DiscoverySettings) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.hashes = RegistryHashes(redis, keys)
         self.settings = settings
-        self._beat = redis.register_script(_BEAT)
-        self._sweep = redis.register_script(_SWEEP)
-        self._drain = redis.register_script(_DRAIN)
-        self._mark = redis.register_script(_MARK)
         self.view: dict[str, list[InstanceView]] = {}
         #: Heartbeats ignored as stale: replayed, overtaken, or of an earlier boot.
         self.stale = 0
@@ -83,12 +71,11 @@ class Registry:
         for partition in marks:
             read.setdefault(partition, (0, 0))
         if read:
-            args: list[int] = [self.settings.after_loss]
-            for partition, (first, last) in sorted(read.items()):
-                args += (partition, first, last, marks.get(partition, 0))
-            with redis_errors("recording the health topic's watermark"):
-                lost = await self._mark(keys=[self.keys.health_watermark], args=args)
-            if int(lost):
+            entries = [
+                (partition, first, last, marks.get(partition, 0))
+                for partition, (first, last) in sorted(read.items())
+            ]
+            if await self.hashes.mark(self.settings.after_loss, entries):
                 log.warning(
                     "Redis lost heartbeats it had taken (a failover?): no instance is marked "
                     "down for %d ms, until each has been heard from again",
@@ -98,28 +85,13 @@ class Registry:
 
     async def _beats(self, beats: Sequence[HealthEvent]) -> list[Change]:
         settings = self.settings
-        with redis_errors("applying heartbeats"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for beat in beats:
-                    ttl = settings.missed_heartbeats * beat.interval_ms + settings.grace_ms
-                    await self._beat(
-                        keys=self.keys.registry(beat.service),
-                        args=[
-                            beat.instance,
-                            beat.model_dump_json(),
-                            beat.status.value,
-                            ttl,
-                            beat.boot or "",
-                            -1 if beat.seq is None else beat.seq,
-                            beat.ts_ms,
-                        ],
-                        client=pipe,
-                    )
-                pipe.sadd(self.keys.services, *sorted({b.service for b in beats}))
-                replies = await pipe.execute()
+
+        def ttl(beat: HealthEvent) -> int:
+            return settings.missed_heartbeats * beat.interval_ms + settings.grace_ms
+
+        replies = await self.hashes.beats(beats, ttl)
         changes = []
-        for beat, (before, now, stored) in zip(beats, replies[: len(beats)], strict=True):
-            was, status = text(before), text(stored)
+        for beat, (was, now, status) in zip(beats, replies, strict=True):
             if status == "stale":
                 self.stale += 1
                 log.debug("stale heartbeat of %s (boot %s, seq %s) ignored",
@@ -133,7 +105,7 @@ class Registry:
                 what = "joined" if was == "" else "back up"
             else:
                 what = status
-            changes.append(Change(beat.service, beat.instance, what, int(now)))
+            changes.append(Change(beat.service, beat.instance, what, now))
         for change in changes:
             log.info("instance %s of %s %s", change.instance, change.service, change.what)
         return changes
@@ -142,9 +114,7 @@ class Registry:
         """How far (ms, Redis clock) every partition of the health topic has been read:
         the least time of the markers read from them (0 until each has had one); and
         until when no one is marked down (after a loss of Redis writes; 0: no hold)."""
-        with redis_errors("reading the health topic's watermark"):
-            marks = {text(k): int(v) for k, v in
-                     (await self.redis.hgetall(self.keys.health_watermark)).items()}  # fmt: skip
+        marks = await self.hashes.watermark()
         partitions = marks.get("partitions", 0)
         hold = marks.get("hold_until", 0)
         if not partitions:
@@ -159,16 +129,16 @@ class Registry:
             return []
         # Without a watermark (no marker read yet) nobody is marked down; the sweep still
         # forgets instances down for long.
-        args = [1000, self.settings.forget_after, *await self.watermark()]
-        with redis_errors("sweeping the registry"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for service in services:
-                    await self._sweep(keys=self.keys.registry(service), args=args, client=pipe)
-                replies = await pipe.execute()
-        deaths = []
-        for service, (now, *dead) in zip(services, replies, strict=True):
-            for instance in dead:
-                deaths.append(Change(service, text(instance), "down", int(now)))
+        watermark, hold = await self.watermark()
+        swept = await self.hashes.sweep(
+            services, limit=1000, forget_after_ms=self.settings.forget_after,
+            watermark_ms=watermark, hold_until_ms=hold,
+        )  # fmt: skip
+        deaths = [
+            Change(service, instance, "down", now)
+            for service, now, dead in swept
+            for instance in dead
+        ]
         for death in deaths:
             log.warning(
                 "instance %s of %s is down: no heartbeat for %d intervals",
@@ -178,18 +148,14 @@ class Registry:
 
     async def refresh(self, services: Iterable[str] | None = None) -> None:
         """Re-read the instances of every service (or of ``services``) into `view`."""
-        with redis_errors("reading the registry"):
-            found = await read_registry(self.redis, self.keys, services)
+        found = await self.hashes.read(services)
         self.view = found if services is None else {**self.view, **found}
         self.generation += 1
 
     async def drain(self, service: str, instance: str, on: bool = True) -> str | None:
         """Stop routing new commands to `instance` (an operator's drain; `on` False undoes
         it). Its status now, or None if the registry does not know it."""
-        with redis_errors("draining an instance"):
-            status = text(
-                await self._drain(keys=self.keys.registry(service), args=[instance, int(on)])
-            )
+        status = await self.hashes.drain(service, instance, on)
         if not status:
             return None
         log.info("instance %s of %s %s by an operator", instance, service,
@@ -198,8 +164,7 @@ class Registry:
 
     async def known(self) -> set[str]:
         """Every service that has heartbeated."""
-        with redis_errors("listing services"):
-            return {text(s) for s in await self.redis.smembers(self.keys.services)}
+        return await self.hashes.services()
 
     def instances(self, service: str) -> list[InstanceView]:
         return self.view.get(service, [])

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from mediator.storage.connection import text
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
-from topics.events import AlertEvent
+from mediator.storage.leases import Leases
+from topics.events import AlertEvent, AlertState
 
-__all__ = ["active_alerts", "alert_history"]
+__all__ = ["AlertRecords", "active_alerts", "alert_history"]
 
 log = logging.getLogger("mediator.alerts")
 
@@ -38,3 +41,37 @@ async def alert_history(redis: Redis, keys: Keys, limit: int = 100) -> list[Aler
         except ValidationError:
             continue
     return out
+
+
+class AlertRecords:
+    """The evaluating replica's side: its lease, the alerts firing, and their changes."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.leases = Leases(redis)
+
+    async def lead(self, replica: str, ttl_ms: int) -> bool:
+        """Take or keep the evaluation lease for `replica` (one evaluates at a time)."""
+        with redis_errors("taking the alert lease"):
+            return await self.leases.hold(self.keys.alerts("lease"), replica, ttl_ms)
+
+    async def active(self) -> dict[str, AlertEvent]:
+        """The alerts firing now, by alert id."""
+        with redis_errors("reading the alerts firing"):
+            return await active_alerts(self.redis, self.keys)
+
+    async def record(self, changes: Sequence[AlertEvent], history: int) -> None:
+        """Apply fired and resolved alerts to the active set, and add them to the history
+        (kept to its `history` newest), in one transaction."""
+        with redis_errors("recording alerts"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for change in changes:
+                    doc = change.model_dump_json()
+                    if change.state is AlertState.FIRING:
+                        pipe.hset(self.keys.alerts("active"), change.alert_id, doc)
+                    else:
+                        pipe.hdel(self.keys.alerts("active"), change.alert_id)
+                    pipe.lpush(self.keys.alerts("history"), doc)
+                pipe.ltrim(self.keys.alerts("history"), 0, history - 1)
+                await pipe.execute()

@@ -24,7 +24,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator.core.workflow import Workflow, workflow_from_json
 from mediator.definitions import Definitions
@@ -34,6 +33,7 @@ from mediator.errors import (
     StateUnavailable,
     UnknownWorkflow,
 )
+from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 
 __all__ = ["DOCUMENT_FORMAT", "DefinitionStore"]
@@ -84,16 +84,13 @@ class DefinitionStore:
             log.warning("%d definitions have no spec JSON and are not published", unpublishable)
         if not workflows:
             return
-        try:
+        with redis_errors("publishing workflow definitions"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for workflow in workflows:
                     key = self.keys.definition(workflow.name, workflow.version)
                     pipe.set(key, _document(workflow), nx=True)
                     pipe.get(key)  # ours, or the one stored before
                 replies = await pipe.execute()
-        except RedisError as exc:
-            msg = f"cannot publish workflow definitions to Redis: {exc}; is Redis reachable?"
-            raise StateUnavailable(msg) from exc
         conflicts = []
         for workflow, stored in zip(workflows, replies[1::2], strict=True):
             if stored is None:
@@ -131,11 +128,8 @@ class DefinitionStore:
         if found is not None:
             return found
         key = self.keys.definition(name, version)
-        try:
+        with redis_errors(f"reading stored definition {key}"):
             stored = await self.redis.get(key)
-        except RedisError as exc:
-            msg = f"cannot read stored definition {key}: {exc}; is Redis reachable?"
-            raise StateUnavailable(msg) from exc
         if stored is None:
             raise UnknownWorkflow(name, version, sorted(self.definitions.names()))
         return self._remember((name, version), _rebuild(key, name, version, stored))
@@ -159,14 +153,11 @@ class DefinitionStore:
         if not missing:
             return found
         keys = [self.keys.definition(name, version) for name, version in missing]
-        try:
+        with redis_errors(f"reading {len(keys)} stored definitions"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.get(key)
                 replies = await pipe.execute()
-        except RedisError as exc:
-            msg = f"cannot read {len(keys)} stored definitions: {exc}; is Redis reachable?"
-            raise StateUnavailable(msg) from exc
         for (name, version), key, stored in zip(missing, keys, replies, strict=True):
             if stored is None:
                 continue

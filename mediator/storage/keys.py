@@ -25,13 +25,28 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              and status, kept past the run's retention
     med:{s3}:audit:<workflow_id>      stream the run's audit log: one entry per transition
                                              (field ``e``: JSON), capped, expires with the run
+    med:{s3}:parked:<service>         zset   the shard's steps parked for <service> while its
+                                             breaker is open (``unpark`` timer names), by
+                                             when parked
+    med:{s3}:routed                   zset   the shard's attempts in flight on a registered
+                                             instance (every score 0; one instance's are one
+                                             lex range)
     med:m:<kind>:<name>:<bucket>      hash   metrics of a service (svc), an instance
                                              (inst, ``service/instance``) or a workflow (wf)
                                              in the time bucket starting at <bucket> (epoch s)
     med:m:series:<kind>               zset   the series names of one kind, by when last
                                              written (kept while their buckets live)
     med:parked:services               set    every service that ever had a step parked
-    med:reg:{<service>}:...           the registry of one service's instances (see `registry`)
+    med:drain:{<service>}             string the replica draining <service>'s parked queues,
+                                             with a TTL
+    med:breaker:{<service>}           hash   the circuit breaker of <service>: version, state,
+                                             counter, success, opened_ms, probe_until_ms
+    med:reg:{<service>}:docs          hash   instance -> its last heartbeat (JSON)
+    med:reg:{<service>}:status        hash   instance -> up, draining or down
+    med:reg:{<service>}:due           zset   instance -> when it is down unless heard from
+    med:reg:{<service>}:seen          zset   instance -> when last heard from
+    med:reg:{<service>}:drained       set    instances an operator drained
+    med:reg:{<service>}:dead          set    instances marked down because they fell silent
     med:reg:services                  set    every service that has heartbeated
     med:reg:watermark                 hash   health-topic partition -> time (ms, Redis clock) of
                                              the last marker read from it; ``partitions``
@@ -131,6 +146,10 @@ class Keys:
         """Sorted set: the parked steps of one service in one shard (``unpark`` timer
         names), scored by when they were parked, so the queue drains oldest first."""
         return f"{self.tag(shard)}:parked:{service}"
+
+    def drain(self, service: str) -> str:
+        """String: the replica draining one service's parked queues now, with a TTL."""
+        return f"{self.prefix}:drain:{{{service}}}"
 
     @property
     def parked_services(self) -> str:

@@ -57,7 +57,8 @@ class MetricsStore:
 
     async def names(self, kind: str) -> list[str]:
         """Every series name of `kind` (``svc``, ``inst``, ``wf``)."""
-        members: list[Any] = await self.redis.zrange(self.keys.metric_names(kind), 0, -1)
+        with redis_errors("listing metrics series"):
+            members: list[Any] = await self.redis.zrange(self.keys.metric_names(kind), 0, -1)
         return sorted(text(m) for m in members)
 
     def _starts(self, since_s: int, until_s: int) -> list[int]:

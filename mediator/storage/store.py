@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from mediator.core.state import WorkflowState, dumps, loads
 from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
@@ -130,13 +130,10 @@ class Store:
 
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
-        try:
+        with redis_errors("checking the key layout"):
             await self.redis.hsetnx(self.keys.meta, "shards", self.keys.shards)
             await self.redis.hsetnx(self.keys.meta, "schema", KEY_SCHEMA_VERSION)
             stored = await self.redis.hget(self.keys.meta, "shards")
-        except RedisError as exc:
-            msg = f"Redis unavailable: {exc}"
-            raise StateUnavailable(msg) from exc
         if stored is not None and int(stored) != self.keys.shards:
             msg = (
                 f"Redis prefix {self.keys.prefix!r} was laid out with {int(stored)} shards but "
@@ -446,10 +443,11 @@ class Store:
 
     async def outbox_size(self) -> int:
         """Entries waiting in the outbox across all shards."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in range(self.keys.shards):
-                pipe.zcard(self.keys.outbox_due(shard))
-            sizes = await pipe.execute()
+        with redis_errors("measuring the outbox"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in range(self.keys.shards):
+                    pipe.zcard(self.keys.outbox_due(shard))
+                sizes = await pipe.execute()
         return sum(int(n) for n in sizes)
 
 
