@@ -126,7 +126,7 @@ async def mediator(settings: Settings) -> None:
                 {
                     "overhead_ms": runtime.overhead.summary(),
                     "timer_lag_ms": runtime.timer_lag.summary(),
-                    "stats": runtime.stats,
+                    "stats": runtime.stats.as_dict(),
                     "published": replica.dispatcher.published,
                 }
             ).decode()

@@ -44,7 +44,7 @@ async def test_a_request_the_store_cannot_hold_is_refused_and_its_batch_mates_ru
     assert "64-bit" in refused.error.message
     [dead] = await dead_letters(system, 1)
     assert dead.code == "invalid_payload" and str(HUGE_INT) in dead.value
-    assert mediator.runtime.stats["dead_letters"] == 1
+    assert mediator.runtime.stats.dead_letters == 1
     stats = await mediator.redis.hgetall(mediator.store.keys.stats)
     assert stats[b"dead_letters:invalid_payload"] == b"1"
 
@@ -125,7 +125,7 @@ async def test_a_huge_record_of_control_bytes_is_dead_lettered_as_a_bounded_exce
     limits = system.settings.limits
     assert dead.truncated and dead.size == len(poison)
     assert len(dead.value) == limits.dead_letter_excerpt_bytes
-    assert mediator.runtime.stats["dead_letters"] == 1
+    assert mediator.runtime.stats.dead_letters == 1
 
 
 async def test_a_command_too_large_for_the_broker_fails_its_run_and_jams_nothing(

@@ -37,8 +37,8 @@ async def test_failures_are_counted_across_replicas(redis_client: Redis, key_pre
     assert second.gate("pay", NOW) == "park"
     raw = await redis_client.hgetall(Keys(key_prefix, 4).breaker("pay"))
     assert raw[b"state"] == b"open"
-    assert first.stats["opened"] == 1
-    assert second.stats["conflicts"] == 1  # its second write found the first's count
+    assert first.stats.opened == 1
+    assert second.stats.conflicts == 1  # its second write found the first's count
 
 
 async def test_a_success_resets_the_count(redis_client: Redis, key_prefix: str) -> None:

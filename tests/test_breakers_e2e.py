@@ -84,7 +84,7 @@ async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_syste
     await asyncio.sleep(1.0)
     assert len(payments.calls) == 3
     assert time.monotonic() - opened < 1.5
-    parked = sum(m.runtime.stats["parked"] for m in system.mediators)
+    parked = sum(m.runtime.stats.parked for m in system.mediators)
     assert parked == 8
 
     results = await asyncio.gather(*waiting)
@@ -98,7 +98,7 @@ async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_syste
     span = drained[-1] - drained[0]
     assert span >= 0.2, span
     assert await breaker_state(first, "payments") == "closed"
-    assert sum(m.breakers.stats["probes"] for m in system.mediators) == 1
+    assert sum(m.breakers.stats.probes for m in system.mediators) == 1
 
 
 async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
@@ -127,7 +127,7 @@ async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
     assert all(r.steps["pay"].service == "backup" for r in results)
     assert len(payments.calls) == 3
     assert len(backup.calls) == 4
-    assert mediator.runtime.stats["rerouted"] == 4
+    assert mediator.runtime.stats.rerouted == 4
 
 
 def _request_ids_one_per_partition(prefix: str, partitions: int) -> list[str]:

@@ -84,7 +84,7 @@ async def test_only_a_signed_control_of_an_operator_who_may_send_it_is_applied(
     found = sorted((d.code or "", d.reason) for _, _, d in letters)
     assert [code for code, _ in found] == ["forbidden", "stale", "unsigned"], found
     assert "operator 'drainer' may not cancel" in found[0][1]
-    assert mediator.runtime.stats["bad_signatures"] == 3
+    assert mediator.runtime.stats.bad_signatures == 3
     state = await mediator.store.load(wid)
     assert state is not None and state.status is WorkflowStatus.RUNNING
 

@@ -270,7 +270,7 @@ Promise.allSettled(tries).then(() => {{ document.title = "done"; }});
         await wait_for(lambda: _contains(browser.call(lambda: browser.driver.title), "done"),
                        what="the attacking page to have tried")  # fmt: skip
         await asyncio.sleep(1.5)  # a control that got through would be applied by now
-        assert mediator.runtime.stats["controls"] == 0
+        assert mediator.runtime.stats.controls == 0
         assert await _run_status(mediator, wid, "failed")
     finally:
         await runner.cleanup()

@@ -145,4 +145,4 @@ async def test_a_command_for_a_partition_the_topic_lacks_goes_where_its_key_fall
         await kafka.stop()
     [sent] = await read(broker, names.service(SERVICE), 1)
     assert sent == value
-    assert dispatcher.stats["unknown_partition"] == 1 and dispatcher.stats["dead"] == 0
+    assert dispatcher.stats.unknown_partition == 1 and dispatcher.stats.dead == 0

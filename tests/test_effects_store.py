@@ -314,7 +314,7 @@ async def test_redis_refusing_writes_during_a_probe_is_transient(
         await redis.config_set("maxmemory", "0")
         assert await boundary.run([record], harness.runtime.handle_inbound) is True
         [probe] = harness.commands()
-        assert probe.service == "pay" and breakers.stats["probes"] == 1
+        assert probe.service == "pay" and breakers.stats.probes == 1
     finally:
         await redis.config_set("maxmemory", "0")
         await redis.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from mediator.core.counters import STEPS_SKIPPED, svc, wf
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, command_id
 from mediator.core.state import StepState, StepStatus, WorkflowState, dumps, loads
 from mediator.core.workflow import Workflow, parse_workflows
@@ -208,7 +209,7 @@ def test_false_condition_skips_and_dependants_still_run() -> None:
     last = run.complete("a")
     assert sent(last) == ["c"]
     assert run.statuses() == {"a": "completed", "b": "skipped", "c": "running"}
-    assert last.counters["steps:skipped"] == 1
+    assert last.counters[STEPS_SKIPPED] == 1
     final = result(run.complete("c", "done"))
     assert final.status is WorkflowStatus.COMPLETED
     assert final.steps["b"].status == "skipped"
@@ -237,7 +238,7 @@ def test_true_condition_runs_the_step() -> None:
     run = Run(make(step("a"), step("b", "a", when="payload.express")), {"express": "yes"})
     last = run.complete("a")
     assert sent(last) == ["b"]
-    assert "steps:skipped" not in last.counters
+    assert STEPS_SKIPPED not in last.counters
 
 
 def test_skipped_root_chain_completes_at_start() -> None:
@@ -245,7 +246,7 @@ def test_skipped_root_chain_completes_at_start() -> None:
         make(step("a", when="payload.x"), step("b", "a", when="payload.x")), {"x": []}
     )
     assert sent(transition) == []
-    assert transition.counters["steps:skipped"] == 2
+    assert transition.counters[STEPS_SKIPPED] == 2
     final = result(transition)
     assert final.status is WorkflowStatus.COMPLETED
     assert final.output == {}
@@ -357,7 +358,7 @@ def test_failing_expression_fails_the_workflow(fields: dict[str, Any]) -> None:
     assert "abs" in final.error.message
     assert final.steps["bad"].status == "failed"
     assert transition.state.status is WorkflowStatus.FAILED
-    assert transition.counters == {"wf:wf:started": 1, "wf:wf:failed": 1}
+    assert transition.counters == {wf("wf", "started"): 1, wf("wf", "failed"): 1}
 
 
 def test_failing_expression_after_a_reply() -> None:
@@ -370,7 +371,7 @@ def test_failing_expression_after_a_reply() -> None:
     assert final.error is not None
     assert (final.error.code, final.error.step) == ("expression_error", "b")
     assert run.statuses() == {"a": "completed", "b": "failed", "c": "pending"}
-    assert last.counters == {"svc:svc:ok": 1, "wf:wf:failed": 1}
+    assert last.counters == {svc("svc", "ok"): 1, wf("wf", "failed"): 1}
 
 
 # -- outputs and results ------------------------------------------------------------------
@@ -405,8 +406,8 @@ def test_failing_output_mapping_fails_the_workflow() -> None:
     assert final.error is not None
     assert final.error.code == "expression_error"
     assert final.error.message.startswith("output mapping failed: ")
-    assert last.counters["wf:wf:failed"] == 1
-    assert "wf:wf:completed" not in last.counters
+    assert last.counters[wf("wf", "failed")] == 1
+    assert wf("wf", "completed") not in last.counters
 
 
 def test_result_fields_and_step_summary() -> None:
@@ -462,7 +463,7 @@ def test_error_reply_fails_the_workflow_with_the_step_error() -> None:
         "step": "b",
     }
     assert run.state.status is WorkflowStatus.FAILED
-    assert last.counters == {"svc:svc:error": 1, "wf:wf:failed": 1}
+    assert last.counters == {svc("svc", "error"): 1, wf("wf", "failed"): 1}
 
 
 def test_error_reply_without_details() -> None:
@@ -576,9 +577,13 @@ def test_counters_over_a_run() -> None:
         name="order",
     )
     run = Run(workflow, {"c": False})
-    assert run.last.counters == {"wf:order:started": 1, "svc:pay:sent": 1, "svc:ship:sent": 1}
-    assert run.complete("a").counters == {"svc:pay:ok": 1, "steps:skipped": 1}
-    assert run.complete("b").counters == {"svc:ship:ok": 1, "wf:order:completed": 1}
+    assert run.last.counters == {
+        wf("order", "started"): 1,
+        svc("pay", "sent"): 1,
+        svc("ship", "sent"): 1,
+    }
+    assert run.complete("a").counters == {svc("pay", "ok"): 1, STEPS_SKIPPED: 1}
+    assert run.complete("b").counters == {svc("ship", "ok"): 1, wf("order", "completed"): 1}
 
 
 def test_transition_count() -> None:

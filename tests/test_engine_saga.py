@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mediator.core.counters import svc, wf
 from mediator.core.engine import Transition
 from mediator.core.state import StepStatus
 from mediator.core.timers import Fired
@@ -92,7 +93,7 @@ def test_failure_compensates_completed_steps_in_reverse_order() -> None:
         "charge": "completed",
         "reserve": "completed",
     }
-    assert last.counters["wf:wf:compensated"] == 1
+    assert last.counters[wf("wf", "compensated")] == 1
 
 
 def test_a_step_is_compensated_only_after_every_step_that_depended_on_it() -> None:
@@ -307,7 +308,7 @@ def test_park_holds_the_command_and_unpark_sends_the_same_attempt() -> None:
     assert commands(run.last) == []
     assert run.state.steps["a"].status is StepStatus.PARKED
     assert run.last.parked == [("svc", f"unpark|{WID}|a|1")]
-    assert run.last.counters["svc:svc:sent"] == 0
+    assert run.last.counters[svc("svc", "sent")] == 0
     released = fire(run, "unpark", "a", 1)
     [again] = commands(released)
     assert again.command_id == command.command_id

@@ -65,7 +65,7 @@ async def test_the_inbound_group_starts_where_the_requests_and_replies_groups_st
     assert result.status is WorkflowStatus.COMPLETED
     for request in done:  # not started again
         assert await mediator.store.load(workflow_id_for(request.request_id)) is None
-    assert mediator.runtime.stats["requests"] == 1
+    assert mediator.runtime.stats.requests == 1
     group = inbound_group(kafka)
     assert await committed(system.bootstrap, group, system.topics.requests) == 4
     # The new group has offsets of its own now: they are never replaced again.

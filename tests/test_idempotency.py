@@ -42,7 +42,7 @@ async def test_a_request_record_redelivered_by_kafka_gets_no_second_result(
     other_kafka = system.settings.kafka.model_copy(update={"group_id": "another-group"})
     zombie = Mediator(system.settings.model_copy(update={"kafka": other_kafka}), system.definitions)
     async with zombie:
-        await wait_for(lambda: zombie.runtime.stats["redelivered"] == 1, what="the redelivery")
+        await wait_for(lambda: zombie.runtime.stats.redelivered == 1, what="the redelivery")
     # A new publish of the same request is a duplicate: its result is sent again, same id.
     again = await client.submit("one", {"n": 1}, request_id="r-1", timeout=30)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mediator.core.alerts import Rule, evaluate
+from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.metrics import Observation, Tally, bucket_field, percentile_ms, summarize
 from mediator.core.transition import Transition
 from mediator.settings import AlertThreshold, Settings
@@ -20,8 +21,18 @@ def test_observations_land_in_histogram_buckets_by_upper_bound() -> None:
 
 def test_tally_splits_engine_counters_and_observations_by_bucket() -> None:
     tally = Tally(bucket_s=10)
-    tally.counters({"svc:pay:sent": 2, "svc:pay:ok": 1, "wf:order:started": 1, "steps:x": 4}, T0)
-    tally.counters({"svc:pay:sent": -1, "wf:order:failed": -1}, T0)  # taken back: not events
+    tally.counters(
+        {
+            svc("pay", "sent"): 2,
+            svc("pay", "ok"): 1,
+            wf("order", "started"): 1,
+            CounterKey("", "", "steps:x"): 4,
+        },
+        T0,
+    )
+    tally.counters(
+        {svc("pay", "sent"): -1, wf("order", "failed"): -1}, T0
+    )  # taken back: not events
     tally.observe(Observation("svc", "pay", "ok", 40, "pay-1"), T0)
     tally.observe(Observation("svc", "pay", "timeout", 2_000, "pay-2"), T0 + 10_000)
     series = tally.drain()

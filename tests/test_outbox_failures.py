@@ -153,7 +153,7 @@ async def test_a_refused_command_is_dead_lettered_and_fails_its_step_the_rest_go
     )
     assert reply.error is not None and not reply.error.retryable
     assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
-    assert d.stats["dead"] == 1
+    assert d.stats.dead == 1
 
 
 async def test_a_transient_failure_reschedules_that_entry_alone_with_backoff() -> None:
@@ -172,7 +172,7 @@ async def test_a_transient_failure_reschedules_that_entry_alone_with_backoff() -
         ([("wf-2.a.1", 7)], 250),
         ([("wf-2.a.1", 7)], 500),
     ]
-    assert d.stats["retried"] == 2 and d.stats["dead"] == 0
+    assert d.stats.retried == 2 and d.stats.dead == 0
 
 
 async def test_a_result_for_a_topic_the_broker_does_not_have_is_dead_lettered() -> None:
@@ -210,7 +210,7 @@ async def test_a_replica_that_stalled_past_its_lease_publishes_only_what_it_stil
     await settle(d)
 
     assert [v for _, v in producer.published] == [command(2).value]
-    assert d.stats["fenced"] == 1
+    assert d.stats.fenced == 1
 
 
 async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
@@ -224,7 +224,7 @@ async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
     await settle(d)
 
     assert sorted(v for _, v in producer.published) == sorted([command(5).value, command(6).value])
-    assert d.stats["sweep_failures"] == 1
+    assert d.stats.sweep_failures == 1
 
 
 def test_a_message_round_trips_through_its_outbox_frame() -> None:
@@ -268,5 +268,5 @@ async def test_leases_of_slow_publishes_are_renewed_by_elapsed_time_not_wall_clo
         [(slow.id, 7), (lost.id, 7)]
     ]
     assert set(d._inflight) == {(0, slow.id)}  # the lost one is no longer renewed
-    assert d.stats["lost_in_flight"] == 1 and d.stats["fenced"] == 0
+    assert d.stats.lost_in_flight == 1 and d.stats.fenced == 0
     pending.cancel()

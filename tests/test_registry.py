@@ -73,7 +73,7 @@ async def test_a_heartbeating_worker_is_registered_with_its_partitions(
         return [v.status for v in (await read_registry(mediator.redis, keys))["inventory"]]
 
     await wait_for(lambda: _is(statuses, ["down"]), timeout=5, what="the leave heartbeat")
-    assert mediator.runtime.stats["instances_down"] == 0
+    assert mediator.runtime.stats.instances_down == 0
     assert worker.stats["heartbeats_failed"] == 0
 
 
@@ -187,7 +187,7 @@ async def test_a_heartbeat_that_does_not_validate_is_dead_lettered(make_system: 
     assert {d.source_topic for d in letters} == {system.topics.health}
     assert {d.code for d in letters} == {"invalid"}
     assert any("instance" in d.reason for d in letters)
-    assert mediator.runtime.stats["heartbeats"] == 0
+    assert mediator.runtime.stats.heartbeats == 0
 
 
 async def test_after_redis_lost_heartbeats_no_one_is_marked_down_until_heard_again(

@@ -176,7 +176,7 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     )
     # The victim is marked down, and every command it had was handed on at once: its
     # attempt ended `instance_down` and the next went to a live instance.
-    assert mediator.runtime.stats["instances_down"] == 1
+    assert mediator.runtime.stats.instances_down == 1
     moved = {}
     for result in results:
         summary = result.steps["a"]
@@ -187,7 +187,7 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     for result in results:  # each it had either finished before the kill or moved on
         if f"{result.workflow_id}.a.1" in on_victim:
             assert result.steps["a"].instance == victim.instance or result.workflow_id in moved
-    assert mediator.runtime.stats["rerouted_on_death"] == len(moved) > 0
+    assert mediator.runtime.stats.rerouted_on_death == len(moved) > 0
     delays = sorted(ms - killed_ms for ms in moved.values() if ms is not None)
     print(
         f"\nkill -> re-sent: {len(delays)} commands, first {delays[0]} ms, "

@@ -283,7 +283,7 @@ async def test_retry_reruns_a_failed_run_from_its_failed_step(make_system: Any) 
     assert second.steps["ship"].attempts == 2
     assert second.output is not None and second.output["ship"] == {"shipped": 2}
     assert ledger.names() == ["reserve", "charge", "ship", "ship"]  # outputs kept
-    assert mediator.runtime.stats["controls"] == 1
+    assert mediator.runtime.stats.controls == 1
     # A retry of a run that completed changes nothing.
     await send_control(
         system.bootstrap,
@@ -294,7 +294,7 @@ async def test_retry_reruns_a_failed_run_from_its_failed_step(make_system: Any) 
         signer=control_signer(system.settings.signing),
     )
     await asyncio.sleep(1)
-    assert mediator.runtime.stats["ignored_controls"] == 1
+    assert mediator.runtime.stats.ignored_controls == 1
     assert len(await wait_for(seen, "r-retry", 3, within=0.1)) == 2
 
 
@@ -329,7 +329,7 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
     assert any("action: Input should be 'cancel'" in reason for _, reason in reasons), reasons
     assert any("drain needs `service` and `instance`" in reason for _, reason in reasons)
     assert any("no instance 'nobody' of 'svc' is registered" in reason for _, reason in reasons)
-    assert mediator.runtime.stats["controls"] == 3
+    assert mediator.runtime.stats.controls == 3
 
 
 async def _signed(producer: AIOKafkaProducer, topic: str, value: bytes, keys: Keyring) -> None:

@@ -106,8 +106,8 @@ async def test_a_forged_reply_or_heartbeat_is_never_applied(make_system: Any) ->
     )  # fmt: skip
     reasons = " | ".join(d.reason for d in letters)
     assert "not signed" in reasons and "'forger'" in reasons and "does not match" in reasons
-    assert mediator.runtime.stats["bad_signatures"] == 5
-    assert mediator.runtime.stats["replies"] == 0 and mediator.runtime.stats["heartbeats"] == 0
+    assert mediator.runtime.stats.bad_signatures == 5
+    assert mediator.runtime.stats.replies == 0 and mediator.runtime.stats.heartbeats == 0
     state = await mediator.store.load(workflow_id_for("r-1"))
     assert state is not None and state.status is WorkflowStatus.RUNNING
     assert state.steps["a"].status.value == "running"
@@ -167,7 +167,7 @@ async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
         anonymous,
         payment.headers(anonymous, system.topics.replies, None),
     )
-    await wait_for(lambda: mediator.runtime.stats["ignored_replies"] >= 1, what="ignored")
+    await wait_for(lambda: mediator.runtime.stats.ignored_replies >= 1, what="ignored")
     state = await mediator.store.load(workflow_id_for("r-1"))
     assert state is not None and state.steps["a"].status.value == "running"
 
@@ -266,7 +266,7 @@ async def test_a_shared_key_does_not_sign_for_a_service_with_keys_of_its_own(
     mediator = await system.mediator()
     inventory = Keyring.parse(INVENTORY)
     await _send_beat(system, "inv-1", HealthStatus.UP, inventory)
-    await wait_for(lambda: mediator.runtime.stats["heartbeats"] >= 1, what="the heartbeat")
+    await wait_for(lambda: mediator.runtime.stats.heartbeats >= 1, what="the heartbeat")
     client = await system.client()
     await client.publish("two", {}, request_id="r-1")
     command = await _command(system, "inventory")

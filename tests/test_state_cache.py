@@ -81,9 +81,9 @@ async def test_a_stale_cached_state_cannot_redispatch_a_step(make_system: Any) -
     # A duplicate of a's reply meets the stale state, which would dispatch b again;
     # the revision check in Redis refuses it and the fresh state ignores the duplicate.
     mediator.runtime.cache.put(stale)
-    conflicts = mediator.runtime.stats["conflicts"]
+    conflicts = mediator.runtime.stats.conflicts
     await reply(system, command_a, {"a": "again"})
-    await wait_for(lambda: mediator.runtime.stats["conflicts"] > conflicts, what="a conflict")
+    await wait_for(lambda: mediator.runtime.stats.conflicts > conflicts, what="a conflict")
     await asyncio.sleep(0.5)
     commands = await consume_all(system.bootstrap, system.topics.service("hand"), count=2)
     assert [orjson.loads(r.value)["step"] for r in commands] == ["a", "b"]

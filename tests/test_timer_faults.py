@@ -354,7 +354,7 @@ async def test_timers_due_while_redis_is_frozen_fire_once_after_it_resumes(
         f"{max(leased, default=None)} ms after the resume; all results {back_s:.1f}s after "
         f"the resume; timer lag (ms) "
         f"{mediator.runtime.timer_lag.summary()}; "
-        f"timers={stats['timers']} stale_timers={stats['stale_timers']}; "
+        f"timers={stats.timers} stale_timers={stats.stale_timers}; "
         f"{len(warnings)} 'timers:' warnings, {len(during)} during the freeze: "
         f"{[r.getMessage() for r in warnings]}"
     )
@@ -372,8 +372,8 @@ async def test_timers_due_while_redis_is_frozen_fire_once_after_it_resumes(
     assert sorted(r.request_id for r in distinct) == sorted(request_ids)
     assert client.duplicates_dropped == 0
     assert len(raw_results) == STALL_RUNS
-    assert stats["timers"] == STALL_RUNS
-    assert stats["stale_timers"] == 0
+    assert stats.timers == STALL_RUNS
+    assert stats.stale_timers == 0
     assert timers_left == 0 and outbox_left == 0
     # A claim the poller gave up on during the freeze still runs once Redis reads it, and
     # leases the due timers to a caller no longer listening: they fire when that lease runs

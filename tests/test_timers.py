@@ -47,7 +47,7 @@ async def test_a_step_that_never_replies_times_out_and_fails_the_run(make_system
         "b": "failed",
         "c": "pending",
     }
-    assert mediator.runtime.stats["timers"] >= 1
+    assert mediator.runtime.stats.timers >= 1
 
 
 async def test_retryable_errors_are_replayed_with_backoff_until_one_succeeds(

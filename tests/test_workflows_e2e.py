@@ -159,7 +159,7 @@ async def test_duplicate_request_runs_once_and_resends_the_result(make_system: A
     assert again.workflow_id == first.workflow_id
     assert again.output == first.output
     assert worker.stats["executed"] == 2
-    assert mediator.runtime.stats["duplicates"] == 1
+    assert mediator.runtime.stats.duplicates == 1
     keys = mediator.store.keys
     counters = await mediator.redis.hgetall(keys.counters(keys.shard_of(first.workflow_id)))
     assert int(counters[b"wf:one:started"]) == 1
@@ -200,8 +200,8 @@ async def test_duplicate_and_stale_replies_change_nothing(make_system: Any) -> N
 
     assert result.status is WorkflowStatus.COMPLETED
     assert result.output == {"a": {"v": "right"}}
-    await wait_for(lambda: mediator.runtime.stats["replies"] == 5, what="all five replies")
-    assert mediator.runtime.stats["ignored_replies"] == 4
+    await wait_for(lambda: mediator.runtime.stats.replies == 5, what="all five replies")
+    assert mediator.runtime.stats.ignored_replies == 4
     state = await mediator.store.load(command["workflow_id"])
     assert state is not None
     assert state.steps["a"].output == {"v": "right"}
@@ -229,7 +229,7 @@ async def test_bad_messages_go_to_the_dlq_and_the_next_good_one_runs(make_system
     assert by_value[b"not json at all".decode()].source_topic == system.topics.requests
     assert "request_id" in by_value['{"type":"request","workflow":"ok"}'].reason
     assert "command_id" in by_value['{"type": "reply"}'].reason
-    assert mediator.runtime.stats["dead_letters"] == 3
+    assert mediator.runtime.stats.dead_letters == 3
 
 
 async def test_unknown_workflow_gets_a_failed_result_naming_the_loaded_ones(
@@ -275,7 +275,7 @@ async def test_a_reply_to_naming_a_topic_results_may_not_go_to_is_refused(
     assert result.status is WorkflowStatus.FAILED
     assert result.error is not None and result.error.code == "reply_to_refused"
     assert "limits.reply_to_topics" in result.error.message
-    assert mediator.runtime.stats["rejected_requests"] == 1
+    assert mediator.runtime.stats.rejected_requests == 1
     assert not [r for r in await records_on(system.bootstrap, system.topics.control)
                 if b"rt-x" in (r.value or b"")]  # fmt: skip
 

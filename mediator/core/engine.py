@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from mediator.core import saga
+from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import _expression_failure, command_id, idempotency_key
 from mediator.core.results import history_of, result_of
@@ -104,7 +105,7 @@ class Engine(Sends):
             deadline_ms=now_ms + workflow.timeout_ms if workflow.timeout_ms else None,
         )
         transition = Transition(state)
-        transition.count(f"wf:{workflow.name}:started")
+        transition.count(wf(workflow.name, "started"))
         if workflow.timeout_ms:
             transition.timers.append(deadline_timer(state, workflow.timeout_ms))
         return self._advance(workflow, transition, now_ms)
@@ -152,7 +153,7 @@ class Engine(Sends):
                 step_state.base,
                 step_state.via,
             )
-            transition.count(f"svc:{service}:ok")
+            transition.count(svc(service, "ok"))
             transition.outcomes.append((service, True))
             observe(transition, service, "ok", reply.step, step_state, now_ms, reply.instance)
             if reply.instance:
@@ -163,7 +164,7 @@ class Engine(Sends):
         error = reply.error or ErrorInfo(message="service replied error without details")
         failure = error.model_dump(exclude_none=True)
         failure["step"] = reply.step
-        transition.count(f"svc:{service}:error")
+        transition.count(svc(service, "error"))
         observe(transition, service, "error", reply.step, step_state, now_ms, reply.instance)
         if error.retryable:
             transition.outcomes.append((service, False))
@@ -189,7 +190,7 @@ class Engine(Sends):
         if timer.kind == "timeout" and status in (StepStatus.RUNNING, StepStatus.PARKED):
             transition = forked(state, now_ms, timer)
             if status is StepStatus.PARKED:
-                transition.count(f"svc:{step.service}:parked_timeout")
+                transition.count(svc(step.service, "parked_timeout"))
                 message = (
                     f"step {step.id!r} attempt {timer.attempt} stayed parked for "
                     f"{step.timeout_ms} ms: the circuit breaker of {step.service!r} is open"
@@ -197,7 +198,7 @@ class Engine(Sends):
                 code = "circuit_open"
             else:
                 service = step_state.via or step.service
-                transition.count(f"svc:{service}:timeout")
+                transition.count(svc(service, "timeout"))
                 transition.outcomes.append((service, False))
                 observe(
                     transition,
@@ -221,13 +222,13 @@ class Engine(Sends):
             return None
         if timer.kind == "retry" and status is StepStatus.RETRYING:
             transition = forked(state, now_ms, timer)
-            transition.count(f"svc:{step.service}:retried")
+            transition.count(svc(step.service, "retried"))
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt + 1)
         if timer.kind == "reroute" and status is StepStatus.RUNNING:
             return self._moved_off_dead(workflow, forked(state, now_ms, timer), step, now_ms)
         if timer.kind == "unpark" and status is StepStatus.PARKED:
             transition = forked(state, now_ms, timer)
-            transition.count(f"svc:{step.service}:unparked")
+            transition.count(svc(step.service, "unparked"))
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt)
         return None
 
@@ -246,7 +247,7 @@ class Engine(Sends):
                 return None
             transition = Transition(fork(state))
             transition.state.updated_ms = now_ms
-            transition.count(f"wf:{workflow.name}:cancel_requested")
+            transition.count(wf(workflow.name, "cancel_requested"))
             error = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
             transition = self._finish(workflow, transition, now_ms, error)
         elif control.action is ControlAction.RETRY:
@@ -267,7 +268,7 @@ class Engine(Sends):
             return None  # an earlier round's deadline, fired late
         transition = forked(state, now_ms, timer)
         limit = workflow.timeout_ms or 0
-        transition.count(f"wf:{workflow.name}:deadline_exceeded")
+        transition.count(wf(workflow.name, "deadline_exceeded"))
         if state.status is WorkflowStatus.COMPENSATING:
             # Undoing already: stop waiting for steps still in flight, compensate the rest.
             saga.abandon_in_flight(workflow, transition, now_ms, everything=True)
@@ -326,7 +327,7 @@ class Engine(Sends):
         state = transition.state
         current = state.steps[step.id]
         service = current.via or step.service
-        transition.count(f"svc:{service}:instance_down")
+        transition.count(svc(service, "instance_down"))
         failure = {
             "message": f"instance {current.instance!r} of {service!r} was marked down with "
             f"attempt {current.attempt} of step {step.id!r} in flight",
@@ -343,7 +344,7 @@ class Engine(Sends):
         )
         if moved >= MAX_DEATH_REROUTES:
             return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
-        transition.count(f"svc:{service}:rerouted_on_death")
+        transition.count(svc(service, "rerouted_on_death"))
         state.steps[step.id] = evolve(
             current, error=failure, finished_ms=now_ms, base=current.base + 1
         )
@@ -381,7 +382,7 @@ class Engine(Sends):
         state.deadline_ms = now_ms + workflow.timeout_ms if workflow.timeout_ms else None
         if workflow.timeout_ms:
             transition.timers.append(deadline_timer(state, workflow.timeout_ms))
-        transition.count(f"wf:{workflow.name}:retried")
+        transition.count(wf(workflow.name, "retried"))
         return self._advance(workflow, transition, now_ms)
 
     def _redispatch(

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from mediator.core.counters import CounterKey
+
 __all__ = [
     "BOUNDS_MS",
     "FAILED",
@@ -43,14 +45,10 @@ FAILED = frozenset({"error", "timeout", "failed", "cancelled", "compensation_fai
 GAUGES = frozenset({"parked"})
 
 
-def counter_series(name: str) -> tuple[str, str, str] | None:
-    """(kind, series, field) of an engine counter that feeds a series:
-    ``svc:<service>:<what>`` or ``wf:<name>:<what>``; None for any other counter."""
-    kind, _, rest = name.partition(":")
-    if kind not in ("svc", "wf"):
-        return None
-    series, _, field = rest.rpartition(":")
-    return (kind, series, field) if series else None
+def counter_series(key: CounterKey) -> tuple[str, str, str] | None:
+    """(kind, series, field) of an engine counter that feeds a series (a service's or a
+    workflow's); None for any other counter."""
+    return key if key.kind else None
 
 
 def bucket_field(ms: float) -> str:
@@ -115,8 +113,8 @@ class Tally:
             if kind == "inst":
                 fields[observation.outcome] = fields.get(observation.outcome, 0) + 1
 
-    def counters(self, counters: Mapping[str, int], now_ms: int) -> None:
-        """Add the engine's counters (``svc:<service>:<what>``, ``wf:<name>:<what>``).
+    def counters(self, counters: Mapping[CounterKey, int], now_ms: int) -> None:
+        """Add the engine's counters of services and workflows.
         Negative deltas (a count taken back, e.g. a failed run an operator retries) are
         not events of this bucket and are left out."""
         for name, delta in counters.items():

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mediator.core import saga
+from mediator.core.counters import STEPS_SKIPPED
 from mediator.core.expressions import ExpressionError
 from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve
 from mediator.core.timers import SetTimer
@@ -88,7 +89,7 @@ class Progress:
                     steps[step_id] = evolve(
                         steps[step_id], status=StepStatus.SKIPPED, finished_ms=now_ms
                     )
-                    transition.count("steps:skipped")
+                    transition.count(STEPS_SKIPPED)
                     _release(workflow, step_id, heap, queued)
                 elif not workflow.max_parallel or running < workflow.max_parallel:
                     ready.append((step, step.input.render(values)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.results import history_of
 from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
@@ -89,7 +90,7 @@ def begin(workflow: Workflow, transition: Transition, now_ms: int) -> None:
     state = transition.state
     state.status = WorkflowStatus.COMPENSATING
     state.compensations = {}
-    transition.count(f"wf:{workflow.name}:compensating")
+    transition.count(wf(workflow.name, "compensating"))
     abandon_in_flight(workflow, transition, now_ms, everything=False)
 
 
@@ -151,7 +152,7 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         else WorkflowStatus.FAILED
     )
     if undos and not failed:
-        transition.count(f"wf:{workflow.name}:compensated")
+        transition.count(wf(workflow.name, "compensated"))
     return end(transition, None, state.error, now_ms, status)
 
 
@@ -177,7 +178,7 @@ def undo_replied(
             finished_ms=now_ms,
             instance=reply.instance,
         )
-        transition.count(f"svc:{compensate.service}:ok")
+        transition.count(svc(compensate.service, "ok"))
         transition.outcomes.append((compensate.service, True))
         observe(
             transition, compensate.service, "ok", step.id, undo, now_ms, reply.instance, undo=True
@@ -186,7 +187,7 @@ def undo_replied(
     error = reply.error or ErrorInfo(message="service replied error without details")
     failure = error.model_dump(exclude_none=True)
     failure["step"] = step.id
-    transition.count(f"svc:{compensate.service}:error")
+    transition.count(svc(compensate.service, "error"))
     observe(
         transition, compensate.service, "error", step.id, undo, now_ms, reply.instance, undo=True
     )
@@ -208,7 +209,7 @@ def undo_timer(
         return None
     if timer.kind == "undo_timeout" and undo.status is StepStatus.RUNNING:
         transition = forked(state, now_ms, timer)
-        transition.count(f"svc:{compensate.service}:timeout")
+        transition.count(svc(compensate.service, "timeout"))
         transition.outcomes.append((compensate.service, False))
         observe(
             transition, compensate.service, "timeout", step.id, undo, now_ms, undo.instance,
@@ -225,7 +226,7 @@ def undo_timer(
     if timer.kind == "undo_retry" and undo.status is StepStatus.RETRYING:
         transition = forked(state, now_ms, timer)
         undos = transition.state.compensations = dict(state.compensations or {})
-        transition.count(f"svc:{compensate.service}:retried")
+        transition.count(svc(compensate.service, "retried"))
         undos[step.id] = _dispatch(
             reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo), undo.base
         )
@@ -279,7 +280,7 @@ def _fail(
     undos[step.id] = evolve(
         undo, status=StepStatus.FAILED, error=failure, finished_ms=now_ms, instance=instance
     )
-    transition.count(f"wf:{workflow.name}:compensation_failed_steps")
+    transition.count(wf(workflow.name, "compensation_failed_steps"))
     return progress(reply_to, workflow, transition, now_ms)
 
 
@@ -324,7 +325,7 @@ def _dispatch(
         deadline,
         undo_key(state.workflow_id, step.id, state.round),
     )
-    transition.count(f"svc:{compensate.service}:compensations")
+    transition.count(svc(compensate.service, "compensations"))
     if compensate.timeout_ms:
         transition.timers.append(
             SetTimer("undo_timeout", state.workflow_id, compensate.timeout_ms, step.id, attempt)

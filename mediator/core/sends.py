@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mediator.core import saga
+from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import Progress
 from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
@@ -40,7 +41,7 @@ class Sends(Progress):
         withdraw(transition, command)
         state.steps[command.step] = evolve(step_state, status=StepStatus.PARKED, via=None)
         primary = command.service if step_state.via is None else step_state.via
-        transition.count(f"svc:{primary}:parked")
+        transition.count(svc(primary, "parked"))
         unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
         transition.parked.append((primary, unpark.member))
         return True
@@ -68,9 +69,9 @@ class Sends(Progress):
             SendCommand(rerouted) if isinstance(e, SendCommand) and e.command is command else e
             for e in transition.effects
         ]
-        transition.count(f"svc:{command.service}:sent", -1)
-        transition.count(f"svc:{command.service}:rerouted")
-        transition.count(f"svc:{fallback.service}:sent")
+        transition.count(svc(command.service, "sent"), -1)
+        transition.count(svc(command.service, "rerouted"))
+        transition.count(svc(fallback.service, "sent"))
         state.steps[command.step] = evolve(step_state, via=fallback.service)
         return True
 
@@ -101,7 +102,7 @@ class Sends(Progress):
         `error` and the run ends (its other new commands are withdrawn too)."""
         state = transition.state
         command, step_state = _forward_command(transition, command_id)
-        transition.count(f"svc:{command.service}:refused")
+        transition.count(svc(command.service, "refused"))
         failure = {**error, "step": command.step}
         if step_state is None:  # a compensation's command
             return saga.refuse_undo(
@@ -127,7 +128,7 @@ class Sends(Progress):
         """The result `transition` publishes cannot be delivered (too large): the run fails
         with `error` instead, and its result says so without the output."""
         state = transition.state
-        transition.count(f"wf:{state.workflow}:{state.status.value}", -1)
+        transition.count(wf(state.workflow, state.status.value), -1)
         transition.effects = [e for e in transition.effects if not isinstance(e, PublishResult)]
         if state.error is not None:
             cause = state.error.get("message", "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.metrics import Observation
 from mediator.core.results import result_of
 from mediator.core.state import StepState, StepStatus, WorkflowState, fork
@@ -55,7 +56,7 @@ class Transition:
 
     state: WorkflowState
     effects: list[Effect] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: dict[CounterKey, int] = field(default_factory=dict)
     #: Timers to set, committed with the state.
     timers: list[SetTimer] = field(default_factory=list)
     #: Timers (their names) removed with the commit: the one that fired, and those no
@@ -73,7 +74,7 @@ class Transition:
     #: Timed outcomes for the metrics: commands answered or timed out, runs that ended.
     observed: list[Observation] = field(default_factory=list)
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, name: CounterKey, n: int = 1) -> None:
         """Add `n` to counter `name`."""
         self.counters[name] = self.counters.get(name, 0) + n
 
@@ -115,7 +116,7 @@ def end(
     state.error = error
     state.finished_ms = now_ms
     state.updated_ms = now_ms
-    transition.count(f"wf:{state.workflow}:{status.value}")
+    transition.count(wf(state.workflow, status.value))
     transition.observed.append(
         Observation("wf", state.workflow, status.value, now_ms - state.created_ms)
     )
@@ -209,7 +210,7 @@ def send(
         idempotency_key=idempotency_key,
     )
     transition.effects.append(SendCommand(command))
-    transition.count(f"svc:{service}:sent")
+    transition.count(svc(service, "sent"))
 
 
 def withdraw(transition: Transition, command: CommandEvent) -> None:
@@ -217,7 +218,7 @@ def withdraw(transition: Transition, command: CommandEvent) -> None:
     transition.effects = [
         e for e in transition.effects if not (isinstance(e, SendCommand) and e.command is command)
     ]
-    transition.count(f"svc:{command.service}:sent", -1)
+    transition.count(svc(command.service, "sent"), -1)
 
 
 def observe(

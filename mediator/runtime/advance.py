@@ -12,6 +12,7 @@ import orjson
 from mediator import clock
 from mediator.clock import now_ms
 from mediator.core import saga
+from mediator.core.counters import REROUTED
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
@@ -52,7 +53,7 @@ class Advance(Commits):
         for record in records:
             reply = self._reply(record, out)
             if reply is not None:
-                self.stats["replies"] += 1
+                self.stats.replies += 1
                 groups.setdefault(reply.workflow_id, []).append(reply)
                 if self.router is not None:
                     self.router.answered(reply)
@@ -75,7 +76,7 @@ class Advance(Commits):
                     )
                     out.stale_timers.add((shard, name))
                     continue
-                self.stats["timers"] += 1
+                self.stats.timers += 1
                 self.timer_lag.add(timer.late_ms)
                 groups.setdefault(fired.workflow_id, []).append(fired)
         await self._advance_groups(groups, out, received)
@@ -121,16 +122,16 @@ class Advance(Commits):
                 and breakers.gate(step.fallback.service, now) == "send"
                 and self.engine.reroute(workflow, transition, command.command_id)
             ):
-                transition.count("rerouted")
+                transition.count(REROUTED)
                 continue
             await breakers.note_parking(service)
             self.engine.park(transition, command.command_id)
 
     def _parked_count(self, transition: Transition) -> None:
         if transition.parked:
-            self.stats["parked"] += len(transition.parked)
-        if (rerouted := transition.counters.get("rerouted")) is not None:
-            self.stats["rerouted"] += rerouted
+            self.stats.parked += len(transition.parked)
+        if (rerouted := transition.counters.get(REROUTED)) is not None:
+            self.stats.rerouted += rerouted
 
     async def _record(
         self,
@@ -149,7 +150,7 @@ class Advance(Commits):
         try:
             await self.breakers.record(outcomes)
         except Exception as exc:
-            self.breakers.stats["errors"] += 1
+            self.breakers.stats.errors += 1
             log.warning("breakers: %d outcomes not recorded: %s", len(outcomes), exc)
 
     async def _advance_groups(
@@ -187,7 +188,7 @@ class Advance(Commits):
                     self._parked_count(item.transition)
                     committed.append(item.transition)
                 else:
-                    self.stats["conflicts"] += 1
+                    self.stats.conflicts += 1
                     retry[wid] = groups[wid]
                     states[wid] = result.current
                     fresh.add(wid)
@@ -207,7 +208,7 @@ class Advance(Commits):
         await self._record(outcomes, by_instance, out)
         await self._flush(out)
         if out.stale_timers:
-            self.stats["stale_timers"] += len(out.stale_timers)
+            self.stats.stale_timers += len(out.stale_timers)
             await self.store.timers_done(
                 [(shard, out.claimed[(shard, name)]) for shard, name in sorted(out.stale_timers)]
             )
@@ -307,7 +308,7 @@ class Advance(Commits):
         if unknown:
             # Redis lost these runs (restarted empty, failed over) or they expired:
             # counted where ops look, and `mediator recover` restarts lost runs.
-            self.stats["unknown_workflow_replies"] += unknown
+            self.stats.unknown_workflow_replies += unknown
             out.counts["replies:unknown_workflow"] += unknown
             log.warning("%d replies for workflows Redis does not have", unknown)
         return pending, recheck
@@ -351,7 +352,7 @@ class Advance(Commits):
         controls = [e for e in events if isinstance(e, ControlEvent)]
         for control in controls:
             log.warning("control %s: there is no run %s", control.control_id, wid)
-        self.stats["ignored_controls"] += len(controls)
+        self.stats.ignored_controls += len(controls)
         return len(controls)
 
     def _ignored(
@@ -369,8 +370,8 @@ class Advance(Commits):
                 wid,
                 state.status.value,
             )
-        self.stats["ignored_controls"] += len(controls)
-        self.stats["ignored_replies"] += len(ignored) - len(stale) - len(controls)
+        self.stats.ignored_controls += len(controls)
+        self.stats.ignored_replies += len(ignored) - len(stale) - len(controls)
 
     def _abandon(self, base: WorkflowState, now: int) -> Pending:
         """A run whose definition is neither loaded nor stored cannot advance: fail it,

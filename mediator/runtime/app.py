@@ -149,10 +149,11 @@ class Mediator:
         self.prometheus.register(
             StatsCollector(
                 {
-                    "runtime": lambda: self.runtime.stats,
+                    "runtime": self.runtime.stats.as_dict,
                     "outbox": lambda: {"published": self.dispatcher.published,
-                                       "swept": self.dispatcher.swept, **self.dispatcher.stats},
-                    "breakers": lambda: self.breakers.stats,
+                                       "swept": self.dispatcher.swept,
+                                       **self.dispatcher.stats.as_dict()},
+                    "breakers": self.breakers.stats.as_dict,
                 },
                 self._gauges,
             )
@@ -286,12 +287,12 @@ class Mediator:
         if self._started:
             log.info(
                 "mediator stopped: %s; rewinds %d, isolated %d; published %d, swept %d, %s",
-                " ".join(f"{k}={v}" for k, v in self.runtime.stats.items()),
+                " ".join(f"{k}={v}" for k, v in self.runtime.stats.as_dict().items()),
                 sum(b.rewinds for b in self.runtime.boundaries),
                 sum(b.isolated for b in self.runtime.boundaries),
                 self.dispatcher.published,
                 self.dispatcher.swept,
-                " ".join(f"outbox_{k}={v}" for k, v in self.dispatcher.stats.items()),
+                " ".join(f"outbox_{k}={v}" for k, v in self.dispatcher.stats.as_dict().items()),
             )
         self._started = False
 

@@ -32,6 +32,7 @@ from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
+from mediator.runtime.stats import RuntimeStats
 from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
@@ -107,29 +108,7 @@ class Runtime(Health):
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []
-        self.stats: dict[str, int] = {
-            "requests": 0,
-            "duplicates": 0,
-            "redelivered": 0,
-            "conflicting_requests": 0,
-            "replies": 0,
-            "ignored_replies": 0,
-            "unknown_workflow_replies": 0,
-            "conflicts": 0,
-            "dead_letters": 0,
-            "rejected_requests": 0,
-            "timers": 0,
-            "stale_timers": 0,
-            "controls": 0,
-            "ignored_controls": 0,
-            "parked": 0,
-            "rerouted": 0,
-            "heartbeats": 0,
-            "stale_heartbeats": 0,
-            "instances_down": 0,
-            "rerouted_on_death": 0,
-            "bad_signatures": 0,
-        }
+        self.stats = RuntimeStats()
         #: Routes commands of services that heartbeat to chosen instances. None: every
         #: command goes where its key falls (discovery or load balancing off).
         self.router = (

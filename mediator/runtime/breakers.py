@@ -28,6 +28,7 @@ import pybreaker
 from redis.asyncio import Redis
 
 from mediator.errors import StateUnavailable
+from mediator.runtime.stats import BreakerStats
 from mediator.settings import BreakerSettings
 from mediator.storage.breakers import BreakerHashes
 from mediator.storage.connection import text
@@ -153,14 +154,7 @@ class Breakers:
         self._breakers: dict[str, pybreaker.CircuitBreaker] = {}
         self._storages: dict[str, MirrorStorage] = {}
         self._listener = _Transitions()
-        self.stats: dict[str, int] = {
-            "opened": 0,
-            "closed": 0,
-            "half_opened": 0,
-            "probes": 0,
-            "conflicts": 0,
-            "errors": 0,
-        }
+        self.stats = BreakerStats()
         #: Called with (service, old state, new state) for each transition this replica
         #: made (so each is reported once, by the replica that made it).
         self.on_change: list[Callable[[str, str, str], None]] = []
@@ -224,7 +218,7 @@ class Breakers:
                 self._load(service, before)
                 raise
             if won:
-                self.stats["probes"] += 1
+                self.stats.probes += 1
                 log.info("breaker of %s: half-open, probe sent", service)
                 return True
         return False
@@ -307,14 +301,14 @@ class Breakers:
                 service, storage.version, storage.fields(), self.replica
             )
         except StateUnavailable:
-            self.stats["errors"] += 1
+            self.stats.errors += 1
             self._listener.changes.clear()
             raise
         if held is None:
             storage.version = version
             self._announce()
             return True
-        self.stats["conflicts"] += 1
+        self.stats.conflicts += 1
         self._listener.changes.clear()
         self._load(service, held)
         return False
@@ -331,9 +325,12 @@ class Breakers:
 
     def _announce(self) -> None:
         for service, old, new in self._listener.changes:
-            key = {"open": "opened", "closed": "closed", "half-open": "half_opened"}.get(new)
-            if key:
-                self.stats[key] += 1
+            if new == pybreaker.STATE_OPEN:
+                self.stats.opened += 1
+            elif new == pybreaker.STATE_CLOSED:
+                self.stats.closed += 1
+            elif new == pybreaker.STATE_HALF_OPEN:
+                self.stats.half_opened += 1
             level = logging.WARNING if new == pybreaker.STATE_OPEN else logging.INFO
             log.log(level, "breaker of %s: %s -> %s", service, old, new)
             for callback in self.on_change:

@@ -22,6 +22,7 @@ from mediator.runtime.ports import Publisher, StateStore
 from mediator.runtime.recording import Recorder
 from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
+from mediator.runtime.stats import RuntimeStats
 from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings
 from mediator.storage.cache import StateCache
@@ -131,6 +132,6 @@ class RuntimeContext:
     clients: Keyring | None
     overhead: Samples
     boundaries: list[Boundary]
-    stats: dict[str, int]
+    stats: RuntimeStats
     router: Router | None
     timer_lag: Samples

@@ -41,7 +41,7 @@ class Controls(Requests):
                 if operator is None:
                     continue
                 control = control.model_copy(update={"operator": operator})
-            self.stats["controls"] += 1
+            self.stats.controls += 1
             log.info(
                 "control %s: %s %s%s",
                 control.control_id,

@@ -57,8 +57,8 @@ class Health(Controls):
         if records and self.registry is not None:
             stale = self.registry.stale
             changes = await self.registry.apply(beats, marks, read)
-            self.stats["stale_heartbeats"] += self.registry.stale - stale
-            self.stats["heartbeats"] += len(beats)
+            self.stats.stale_heartbeats += self.registry.stale - stale
+            self.stats.heartbeats += len(beats)
             out.counts["heartbeats"] += len(beats)
             for change in changes:
                 out.counts[f"instance:{change.service}:{change.what.replace(' ', '_')}"] += 1

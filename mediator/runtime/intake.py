@@ -87,7 +87,7 @@ class Intake(RuntimeContext):
         self, record: Record, reason: str, out: BatchOutput, code: str = "bad_signature"
     ) -> None:
         """Dead-letter a record whose signature does not hold: it is never applied."""
-        self.stats["bad_signatures"] += 1
+        self.stats.bad_signatures += 1
         out.counts["bad_signatures"] += 1
         self._dead_letter(record, f"rejected: {reason}", code, out)
 
@@ -112,7 +112,7 @@ class Intake(RuntimeContext):
         return None
 
     def _dead_letter(self, record: Record, reason: str, code: str, out: BatchOutput) -> None:
-        self.stats["dead_letters"] += 1
+        self.stats.dead_letters += 1
         out.counts["dead_letters"] += 1
         out.counts[f"dead_letters:{code}"] += 1
         log.warning(

@@ -25,6 +25,7 @@ from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.messages import Message, unframe
 from mediator.runtime.ports import OutboxStore, Producer
+from mediator.runtime.stats import OutboxStats
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
 from topics.names import Topics
@@ -70,14 +71,7 @@ class Dispatcher:
         self.sweep_batch = sweep_batch
         self.published = 0
         self.swept = 0
-        self.stats: dict[str, int] = {
-            "retried": 0,
-            "dead": 0,
-            "fenced": 0,
-            "lost_in_flight": 0,
-            "sweep_failures": 0,
-            "unknown_partition": 0,
-        }
+        self.stats = OutboxStats()
         self._tries: dict[tuple[int, str], int] = {}
         #: Publishes waiting for the broker, with the monotonic time their lease was last
         #: granted (or a moment before): leases are renewed by elapsed local time, never by
@@ -156,7 +150,7 @@ class Dispatcher:
         for message, error in failed:
             if self._transient(error):
                 raise error
-            self.stats["dead"] += 1
+            self.stats.dead += 1
             if message.kind == "dead_letter":
                 # Bounded by construction; if even that is refused, say so loudly.
                 log.error("dead letter to %s could not be published: %s", message.topic, error)
@@ -175,7 +169,7 @@ class Dispatcher:
         if self._transient(exc):
             tries = self._tries[slot] = self._tries.get(slot, 0) + 1
             delay = self.backoff.delay_ms(tries)
-            self.stats["retried"] += 1
+            self.stats.retried += 1
             log.warning(
                 "publish of %s %s to %s failed (try %d), retrying in %d ms: %s",
                 message.kind, message.id, message.topic, tries, delay, exc,
@@ -185,7 +179,7 @@ class Dispatcher:
                     await self.store.renew(message.shard, [(message.id, message.lease)],
                                            delay_ms=delay)  # fmt: skip
             return
-        self.stats["dead"] += 1
+        self.stats.dead += 1
         try:
             await self._bury(message, exc)
             if message.shard >= 0:
@@ -248,10 +242,10 @@ class Dispatcher:
                 elif in_flight:
                     # Already with the producer: it may reach Kafka twice (see the README's
                     # at-least-once window); consumers deduplicate on its id.
-                    self.stats["lost_in_flight"] += 1
+                    self.stats.lost_in_flight += 1
                     log.warning("lease of %s, still in flight, was taken over", message.id)
                 else:
-                    self.stats["fenced"] += 1
+                    self.stats.fenced += 1
                     log.warning("not publishing %s: another replica took it over", message.id)
         return kept
 
@@ -266,7 +260,7 @@ class Dispatcher:
                 )
             # A partition the topic does not have (an instance announced one it cannot
             # own, or the topic shrank): the key chooses instead.
-            self.stats["unknown_partition"] += 1
+            self.stats.unknown_partition += 1
             log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
         future: asyncio.Future[object] = await self.producer.send(
             message.topic, message.value, key=message.key, headers=message.headers
@@ -341,7 +335,7 @@ class Dispatcher:
                     await self.send(messages, since)
                     total += len(messages)
             except (StateUnavailable, KafkaError) as exc:
-                self.stats["sweep_failures"] += 1
+                self.stats.sweep_failures += 1
                 log.warning("outbox sweep of shard %d failed, retrying: %s", shard, exc)
         self.swept += total
         return total

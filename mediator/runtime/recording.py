@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mediator.core.counters import CounterKey
 from mediator.core.metrics import BOUNDS_MS, Observation, Tally, counter_series
 from mediator.core.transition import Transition
 from mediator.runtime.periodic import Periodic
@@ -103,7 +104,7 @@ class Recorder:
                 if timers[1] is not None:
                     timers[1].inc()
 
-    def _counter_child(self, name: str) -> Any:
+    def _counter_child(self, name: CounterKey) -> Any:
         """The Prometheus counter an engine counter feeds (False: none)."""
         found = counter_series(name)
         if found is None:

@@ -16,13 +16,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 
 from mediator import clock
 from mediator.runtime.liveness import Marker
 from mediator.runtime.periodic import Periodic
+from mediator.runtime.stats import RuntimeStats
 from mediator.settings import BackoffSettings, DiscoverySettings
 from mediator.storage.keys import Keys
 from mediator.storage.registry import InstanceView, RegistryHashes
@@ -185,7 +185,7 @@ class RegistryUpkeep(Periodic):
     def __init__(
         self,
         registry: Registry,
-        stats: Any,
+        stats: RuntimeStats,
         backoff: BackoffSettings | None = None,
         marker: Marker | None = None,
     ) -> None:
@@ -229,7 +229,7 @@ class RegistryUpkeep(Periodic):
         self._deaths += await self.registry.sweep(services)
         await self.registry.refresh(services)  # before handing on: route around the dead
         if self._deaths:
-            self.stats["instances_down"] += len(self._deaths)
+            self.stats.instances_down += len(self._deaths)
             deaths, self._deaths = self._deaths, []
             for listener in self.on_deaths:
                 await listener(deaths)

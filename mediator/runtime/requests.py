@@ -77,7 +77,7 @@ class Requests(Advance):
         request: RequestEvent | None = self._decode(record, RequestEvent, out)
         if request is None:
             return None
-        self.stats["requests"] += 1
+        self.stats.requests += 1
         origin = f"{record.topic}/{record.partition}/{record.offset}"
         try:
             canonical = orjson.dumps(request.payload, option=orjson.OPT_SORT_KEYS)
@@ -93,7 +93,7 @@ class Requests(Advance):
             try:
                 client = self._client(record)
             except SignatureError as exc:
-                self.stats["bad_signatures"] += 1
+                self.stats.bad_signatures += 1
                 request = request.model_copy(update={"reply_to": None})  # not its to choose
                 self._refuse(record, request, exc.code, f"rejected: {exc.reason}", origin, out)
                 return None
@@ -110,7 +110,7 @@ class Requests(Advance):
         try:
             workflow = self.definitions.definitions.get(request.workflow)
         except UnknownWorkflow as exc:
-            self.stats["rejected_requests"] += 1
+            self.stats.rejected_requests += 1
             log.warning(
                 "request %s rejected: %s", request.request_id, exc,
                 extra={"request_id": request.request_id, "workflow": request.workflow,
@@ -136,7 +136,7 @@ class Requests(Advance):
         origin: str,
         out: BatchOutput,
     ) -> None:
-        self.stats["rejected_requests"] += 1
+        self.stats.rejected_requests += 1
         log.warning(
             "request %s refused: %s", request.request_id, reason,
             extra={"request_id": request.request_id, "workflow": request.workflow,
@@ -147,7 +147,7 @@ class Requests(Advance):
 
     def _duplicate(self, start: Start, result: CommitResult) -> Message | None:
         """What to answer a request whose run already exists (or existed)."""
-        self.stats["duplicates"] += 1
+        self.stats.duplicates += 1
         request = start.request
         asked = start.transition.state  # what this request would have started
         current = result.current
@@ -157,10 +157,10 @@ class Requests(Advance):
         if origin == asked.origin:
             # Kafka redelivered the record that started the run (a rebalance, a rewind):
             # not a new publish, so no second result.
-            self.stats["redelivered"] += 1
+            self.stats.redelivered += 1
             return None
         if fingerprint and fingerprint != asked.fingerprint:
-            self.stats["conflicting_requests"] += 1
+            self.stats.conflicting_requests += 1
             reason = (
                 f"request id {request.request_id!r} was already used for a different "
                 f"workflow or payload (run {workflow_id_for(request.request_id)}); "

@@ -22,12 +22,14 @@ from typing import Any
 
 from mediator.clock import now_ms
 from mediator.core.balancer import Balancer, Instance, NoInstance, Strategy
+from mediator.core.counters import svc
 from mediator.core.engine import Engine, SendCommand, Transition
 from mediator.core.expressions import compile_expression
 from mediator.core.instance_breakers import InstanceBreakers
 from mediator.core.routing import instance_prefix
 from mediator.runtime.ports import StateStore
 from mediator.runtime.registry import Change, Registry
+from mediator.runtime.stats import RuntimeStats
 from mediator.settings import BreakerSettings, LoadBalancingSettings
 from mediator.storage.registry import InstanceView
 from topics.events import HealthStatus, ReplyEvent
@@ -49,7 +51,7 @@ class Router:
         settings: LoadBalancingSettings,
         engine: Engine,
         store: StateStore,
-        stats: Counter[str] | dict[str, int],
+        stats: RuntimeStats,
         breakers: BreakerSettings | None = None,
     ) -> None:
         self.registry = registry
@@ -95,7 +97,7 @@ class Router:
             except NoInstance:
                 # Every registered instance is down or draining: the key decides, and
                 # whoever consumes that partition (or takes it over) gets the command.
-                transition.count(f"svc:{service}:unrouted")
+                transition.count(svc(service, "unrouted"))
                 continue
             partitions = chosen.partitions
             partition = partitions[zlib.crc32(command.workflow_id.encode()) % len(partitions)]
@@ -134,7 +136,7 @@ class Router:
             self.breakers.forget(service, instance)
         self._extra.get(service, Counter()).pop(instance, None)
         if moved:
-            self.stats["rerouted_on_death"] += moved
+            self.stats.rerouted_on_death += moved
             log.warning(
                 "instance %s of %s is down: %d commands in flight on it go elsewhere",
                 instance, service, moved,

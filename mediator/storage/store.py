@@ -7,7 +7,7 @@ go out in one pipeline: one round trip for many workflows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from mediator.core.counters import CounterKey
 from mediator.core.state import WorkflowState, dumps, loads
 from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
 from mediator.storage.connection import lua_source, text
@@ -52,7 +53,7 @@ class Commit:
     state: WorkflowState
     expected_rev: int
     outbox: Sequence[tuple[str, bytes]] = ()
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: Mapping[CounterKey, int] = field(default_factory=dict)
     #: Timers to set: (name, delay ms from the commit, on Redis's clock).
     timers: Sequence[tuple[str, int]] = ()
     #: Timers removed with it: the one that fired, and those no longer needed.
@@ -284,8 +285,8 @@ class Store:
             for message_id, frame in commit.outbox:
                 args += (message_id, frame)
             args.append(len(commit.counters))
-            for name, delta in commit.counters.items():
-                args += (name, delta)
+            for counter, delta in commit.counters.items():
+                args += (str(counter), delta)
             args.append(len(commit.timers))
             for name, delay in commit.timers:
                 args += (name, delay)

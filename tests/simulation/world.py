@@ -592,14 +592,15 @@ class World:
         """How often the paths the invariants guard were taken in this history."""
         seen: Counter[str] = Counter()
         for replica in self.every_replica:
-            runtime, outbox = replica.runtime.stats, replica.dispatcher.stats
+            runtime = replica.runtime.stats.as_dict()
+            outbox = replica.dispatcher.stats.as_dict()
             for name in ("conflicts", "redelivered", "duplicates", "ignored_replies",
                          "ignored_controls", "stale_timers", "parked", "rerouted",
                          "instances_down", "rerouted_on_death"):  # fmt: skip
                 seen[name] += runtime[name]
             seen["fenced"] += outbox["fenced"]
-            seen["breaker_probes"] += replica.breakers.stats["probes"]
-            seen["breakers_opened"] += replica.breakers.stats["opened"]
+            seen["breaker_probes"] += replica.breakers.stats.probes
+            seen["breakers_opened"] += replica.breakers.stats.opened
             seen["resent_by_sweeper"] += replica.dispatcher.swept
         seen["real_deaths_handed_on"] = sum(1 for *_, moved in self.hand_ons if moved)
         seen["undone"] = sum(1 for e in self.effects if e.undo)
