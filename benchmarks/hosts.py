@@ -25,7 +25,7 @@ from benchmarks.raw import serve_raw_echo
 from benchmarks.stage import ECHO
 from mediator import loops
 from mediator.definitions import load_paths
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.sdk.worker import Worker
 from mediator.settings import Settings, load_settings
 

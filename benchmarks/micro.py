@@ -25,7 +25,7 @@ from mediator import clock, codec
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition
 from mediator.core.workflow import Workflow, parse_workflows
 from mediator.definitions import Definitions, load_file
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.runtime.messages import frame
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.store import Commit, CommitOutcome, Store

@@ -28,7 +28,7 @@ from benchmarks.procs import Child
 from benchmarks.stage import ECHO, PARTITIONS, WORKFLOWS, Stage
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.sdk.client import MediatorClient
 from mediator.storage.registry import read_registry
 from topics.events import ResultEvent

@@ -16,7 +16,7 @@ from benchmarks.common import Measure, Profile, closed_loop
 from benchmarks.mediator_bench import make_client, submitter, warm_up
 from benchmarks.procs import Child
 from benchmarks.stage import Rig, Stage, steps_of
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 
 __all__ = ["run_scaling"]
 

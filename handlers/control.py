@@ -1,30 +1,30 @@
-"""Subscriber of the control topic: operators' cancel, retry and breaker reset."""
+"""The control topic: operators' cancel, retry, breaker reset and drain."""
 
 from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
 
-from handlers._batch import Offsets, handle_batch, subscribe
 from mediator.runtime.batches import Runtime
-from mediator.runtime.boundary import Boundary
+from mediator.runtime.consumers import Subscription
+from mediator.runtime.groups import group_name
 from mediator.settings import Settings
 from topics.events import ControlEvent
 
-__all__ = ["register"]
+__all__ = ["NAME", "describe", "subscription"]
+
+NAME = "control"
 
 
-def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
-    """Subscribe `runtime` to the control topic; offsets are committed after Redis."""
+def subscription(settings: Settings, runtime: Runtime) -> Subscription:
+    """Controls, to `Runtime.handle_controls`; off the workflows' path."""
+    return Subscription(NAME, (settings.kafka.topics.control,), runtime.handle_controls, quiet=True)
 
-    boundary = Boundary("control", runtime.reject, settings.backoff)
-    runtime.boundaries.append(boundary)
 
-    # `record` declares what the topic carries, for the AsyncAPI document: bodies are
-    # left undecoded, so it is always None; the runtime parses the raw records itself.
-    # The batch is taken from FastStream's context (see `handle_batch`).
-    async def on_controls(record: ControlEvent | None = None) -> None:
-        await handle_batch(broker.context, runtime.handle_controls, offsets, boundary)
+def describe(broker: KafkaBroker, settings: Settings) -> None:
+    """Declare the subscription for the AsyncAPI document."""
+    kafka = settings.kafka
 
-    subscribe(
-        broker, settings.kafka.topics.control, settings.kafka, "control", on_controls, quiet=True
-    )
+    async def controls(event: ControlEvent) -> None:
+        """Operators' controls, signed by an operator allowed to send them."""
+
+    broker.subscriber(kafka.topics.control, group_id=group_name(kafka, NAME))(controls)

@@ -1,28 +1,31 @@
-"""Subscriber of the health topic: services' heartbeats, recorded in the registry."""
+"""The health topic: services' heartbeats, recorded in the registry."""
 
 from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
 
-from handlers._batch import Offsets, handle_batch, subscribe
 from mediator.runtime.batches import Runtime
-from mediator.runtime.boundary import Boundary
+from mediator.runtime.consumers import Subscription
+from mediator.runtime.groups import group_name
 from mediator.settings import Settings
 from topics.events import HealthEvent
 
-__all__ = ["register"]
+__all__ = ["NAME", "describe", "subscription"]
+
+NAME = "health"
 
 
-def register(broker: KafkaBroker, runtime: Runtime, settings: Settings, offsets: Offsets) -> None:
-    """Subscribe `runtime` to the health topic; offsets are committed after Redis."""
+def subscription(settings: Settings, runtime: Runtime) -> Subscription:
+    """Heartbeats (and the markers that make silence evidence), to
+    `Runtime.handle_health`; off the workflows' path."""
+    return Subscription(NAME, (settings.kafka.topics.health,), runtime.handle_health, quiet=True)
 
-    boundary = Boundary("health", runtime.reject, settings.backoff)
-    runtime.boundaries.append(boundary)
 
-    # `record` declares what the topic carries, for the AsyncAPI document: bodies are
-    # left undecoded, so it is always None; the runtime parses the raw records itself.
-    # The batch is taken from FastStream's context (see `handle_batch`).
-    async def on_health(record: HealthEvent | None = None) -> None:
-        await handle_batch(broker.context, runtime.handle_health, offsets, boundary)
+def describe(broker: KafkaBroker, settings: Settings) -> None:
+    """Declare the subscription for the AsyncAPI document."""
+    kafka = settings.kafka
 
-    subscribe(broker, settings.kafka.topics.health, settings.kafka, "health", on_health, quiet=True)
+    async def heartbeats(event: HealthEvent) -> None:
+        """Services' heartbeats: status, load, capacity, the partitions each owns."""
+
+    broker.subscriber(kafka.topics.health, group_id=group_name(kafka, NAME))(heartbeats)

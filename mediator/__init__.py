@@ -50,7 +50,7 @@ _EXPORTS = {
     "Definitions": "mediator.definitions",
     "KafkaConnection": "mediator.kafka",
     "Keyring": "mediator.core.signing",
-    "Mediator": "mediator.runtime.app",
+    "Mediator": "mediator.replica",
     "MediatorClient": "mediator.sdk.client",
     "MediatorError": "mediator.errors",
     "Settings": "mediator.settings",
@@ -58,7 +58,7 @@ _EXPORTS = {
     "Worker": "mediator.sdk.worker",
     "WorkflowSpec": "mediator.core.workflow",
     "compile_workflow": "mediator.core.workflow",
-    "create_app": "mediator.runtime.app",
+    "create_app": "mediator.replica",
     "load_paths": "mediator.definitions",
     "load_settings": "mediator.settings",
     "parse_workflows": "mediator.core.workflow",
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from mediator.definitions import Definitions, load_paths
     from mediator.errors import MediatorError
     from mediator.kafka import KafkaConnection
-    from mediator.runtime.app import Mediator, create_app
+    from mediator.replica import Mediator, create_app
     from mediator.sdk.client import ClientClosed, MediatorClient, SubmitTimeout
     from mediator.sdk.worker import ActionError, Worker
     from mediator.settings import Settings, load_settings

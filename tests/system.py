@@ -20,7 +20,7 @@ from mediator.cli.dev import service_names
 from mediator.cli.infra import create_topics
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.sdk.client import MediatorClient
 from mediator.sdk.worker import Worker
 from mediator.settings import Settings

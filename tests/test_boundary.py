@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import consume_all, produce, wait_for
 from tests.system import echo

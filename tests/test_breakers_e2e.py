@@ -16,7 +16,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 from redis.asyncio import Redis
 
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 from mediator.sdk.worker import ActionError
 from mediator.settings import BreakerSettings
 from mediator.storage.keys import Keys, workflow_id_for

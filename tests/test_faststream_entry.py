@@ -109,7 +109,7 @@ async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
 ) -> None:
     """`faststream run` and `mediator run` share one start-up: an upgrade started either
     way carries the old groups' offsets over and replays no request."""
-    from handlers.groups import previous_groups
+    from mediator.runtime.groups import previous_groups
     from mediator.storage.keys import workflow_id_for
     from tests.helpers import produce
     from tests.test_groups import commit_to_end

@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 from mediator.runtime.messages import frame
 from mediator.settings import Settings
 from mediator.storage.keys import Keys

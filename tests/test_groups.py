@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from handlers.groups import ATTEMPTS, adopt_offsets, inbound_group, previous_groups
+from mediator.runtime.groups import ATTEMPTS, adopt_offsets, inbound_group, previous_groups
 from mediator.settings import BackoffSettings, load_settings
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import produce
@@ -87,7 +87,7 @@ async def test_an_unreachable_broker_is_retried_with_backoff_then_the_start_fail
         port = sock.getsockname()[1]
     kafka = load_settings(kafka={"bootstrap_servers": f"127.0.0.1:{port}"}).kafka
     backoff = BackoffSettings(initial_ms=1, max_ms=4)
-    with caplog.at_level(logging.WARNING, logger="mediator.handlers"), pytest.raises(KafkaError):
+    with caplog.at_level(logging.WARNING, logger="mediator.consumers"), pytest.raises(KafkaError):
         await adopt_offsets(kafka, inbound_group(kafka), previous_groups(kafka), backoff)
     retries = [r for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == ATTEMPTS - 1

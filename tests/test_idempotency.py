@@ -13,7 +13,7 @@ import pytest
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.errors import DefinitionConflict
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.storage.keys import workflow_id_for
 from tests.helpers import consume_all, wait_for
 from tests.system import echo

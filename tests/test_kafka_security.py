@@ -14,7 +14,7 @@ from faststream.security import SASLOAuthBearer, SASLPlaintext, SASLScram512
 
 from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection, broker_options, check_tls, client_options
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.settings import Settings, load_settings
 from tests.system import System, echo
 from tests.test_workflows_e2e import step

@@ -21,7 +21,8 @@ CORE = sorted(
 )
 
 #: What each layer may import from `mediator` (besides the top-level modules: errors,
-#: settings, codec, clock, producers, definitions).
+#: settings, codec, clock, producers, definitions; but never `mediator.replica`, the
+#: wiring above them all, which only the command line may start).
 ALLOWED = {
     "core": {"core"},
     "storage": {"core", "storage"},
@@ -77,6 +78,8 @@ def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
                 parts = name.split(".")
                 if parts[0] == "mediator" and len(parts) > 2 and parts[1] not in ALLOWED[layer]:
                     wrong.append(f"{path.name}: {name}")
+                if name == "mediator.replica" and layer != "cli":
+                    wrong.append(f"{path.name}: {name}")
     assert wrong == [], f"mediator.{layer} reaches up into {wrong}"
 
 
@@ -117,16 +120,20 @@ def _imports(path: Path) -> set[str]:
 
 def test_topics_and_handlers_keep_their_places() -> None:
     """`topics` (the wire contract) imports neither `mediator` nor `handlers`; `handlers`
-    (FastStream subscribers) only reaches down into `mediator` and `topics`; and nothing in
-    `mediator` imports `handlers` but the replica's wiring, which registers them."""
+    (what the replica subscribes to and publishes) reaches down into `mediator` and
+    `topics` but never up into the replica's wiring; and nothing in `mediator` imports
+    `handlers` but that wiring (`mediator/replica.py`), which sits above both."""
     root = Path(__file__).parent.parent
     wrong = []
     for path in (root / "topics").rglob("*.py"):
         found = [m for m in _imports(path) if m.split(".")[0] in ("mediator", "handlers")]
         wrong += [f"{path.name}: {m}" for m in found]
+    for path in (root / "handlers").rglob("*.py"):
+        found = [m for m in _imports(path) if m in ("mediator", "mediator.replica")]
+        wrong += [f"handlers/{path.name}: {m}" for m in found]
     for path in root.joinpath("mediator").rglob("*.py"):
-        if path.relative_to(root).as_posix() == "mediator/runtime/app.py":
-            continue  # the wiring: registers the subscribers
+        if path.relative_to(root).as_posix() == "mediator/replica.py":
+            continue  # the wiring, above runtime and handlers
         found = [m for m in _imports(path) if m.split(".")[0] == "handlers"]
         wrong += [f"{path.relative_to(root)}: {m}" for m in found]
     assert wrong == []

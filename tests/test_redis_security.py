@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mediator.errors import MediatorError
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.settings import RedisSettings, Settings
 from mediator.storage.connection import redacted
 from tests.system import System, echo

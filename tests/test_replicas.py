@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 from tests.helpers import wait_for
 from tests.processes import MediatorProcess, group_members
 from tests.system import CHAIN3, echo, slow_echo

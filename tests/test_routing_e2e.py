@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.settings import LoadBalancingSettings
 from mediator.storage.registry import read_registry
 from tests.helpers import records_on, wait_for

@@ -19,7 +19,7 @@ from mediator.core.signing import Keyring
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.errors import ConfigurationError
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.sdk.worker import Worker
 from mediator.settings import Settings, SigningSettings, settings_document
 from mediator.storage.keys import workflow_id_for

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from handlers.groups import inbound_group
 from mediator.cli.infra import EmbeddedRedis
+from mediator.runtime.groups import inbound_group
 from mediator.settings import RedisSettings
 from mediator.storage.keys import Keys, workflow_id_for
 from tests.helpers import wait_for

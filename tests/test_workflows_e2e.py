@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from handlers.groups import inbound_group
+from mediator.runtime.groups import inbound_group
 from mediator.sdk.worker import ActionError
 from tests.helpers import consume_all, produce, records_on, wait_for
 from tests.system import echo

@@ -24,7 +24,7 @@ from mediator.cli.watch import FaultWatch
 from mediator.cli.workflows import dashboard_site
 from mediator.definitions import Definitions, load_paths
 from mediator.ops.status import collect_status
-from mediator.runtime.app import Mediator
+from mediator.replica import Mediator
 from mediator.sdk.client import MediatorClient
 from mediator.settings import Settings, load_settings
 from mediator.storage.keys import Keys

@@ -103,7 +103,7 @@ async def _serve(settings: Any, create: bool) -> None:
     from mediator.cli.dev import service_names
     from mediator.cli.infra import create_topics
     from mediator.definitions import load_paths
-    from mediator.runtime.app import Mediator
+    from mediator.replica import Mediator
 
     if not settings.workflows:
         msg = "no workflows configured: pass --workflows PATH or set MEDIATOR_WORKFLOWS"

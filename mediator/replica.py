@@ -1,4 +1,10 @@
-"""Wiring: Redis store, outbox dispatcher, runtime and the FastStream subscribers."""
+"""One replica, wired: the Redis store, the outbox, the runtime and its upkeeps, the
+consumers of what `handlers` subscribes to; and `create_app`, the same replica as a
+FastStream application (``faststream run``, ``faststream docs gen``).
+
+This module sits above `mediator.runtime` and `handlers`: it is the one place in the
+package that knows both.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +34,12 @@ from mediator.loops import loop_name
 from mediator.producers import DeferredProducer
 from mediator.runtime.alerting import AlertEvaluator
 from mediator.runtime.batches import Runtime
+from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.collector import tune_gc
+from mediator.runtime.consumers import BatchConsumer, Offsets
 from mediator.runtime.endpoints import Endpoints
+from mediator.runtime.groups import adopt_offsets, inbound_group, previous_groups
 from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
@@ -181,13 +190,14 @@ class Mediator:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
-        self.broker = KafkaBroker(**broker_options(kafka), client_id=kafka.client_id, logger=None)
-        self.offsets = handlers.Offsets()
-        handlers.register_inbound(self.broker, self.runtime, settings, self.offsets)
-        handlers.register_control(self.broker, self.runtime, settings, self.offsets)
-        if settings.discovery.enabled:
-            handlers.register_health(self.broker, self.runtime, settings, self.offsets)
-        handlers.declare_outbound(self.broker, kafka.topics, definitions.services())
+        self.offsets = Offsets()
+        self.consumers = []
+        for subscription in handlers.subscriptions(settings, self.runtime):
+            boundary = Boundary(subscription.name, self.runtime.reject, settings.backoff)
+            self.runtime.boundaries.append(boundary)
+            self.consumers.append(
+                BatchConsumer(kafka, subscription, boundary, self.offsets, settings.backoff)
+            )
         self._started = False
 
     async def start(self) -> None:
@@ -251,19 +261,29 @@ class Mediator:
         await self.connect()
         tune_gc(self.settings.gc)
         kafka = self.settings.kafka
-        await handlers.adopt_offsets(
-            kafka, handlers.inbound_group(kafka), handlers.previous_groups(kafka),
-            self.settings.backoff,
-        )  # fmt: skip
+        await adopt_offsets(
+            kafka, inbound_group(kafka), previous_groups(kafka), self.settings.backoff
+        )
+
+    async def consume(self) -> None:
+        """Start the consumers side by side: each joins its consumer group, and a join can
+        take seconds (Tansu holds the reply for half the session timeout)."""
+        await asyncio.gather(*(consumer.start() for consumer in self.consumers))
+        self._started = True
+
+    async def stop_consuming(self) -> None:
+        """Let each consumer finish the batch in hand, commit every processed offset, and
+        leave the groups."""
+        await _bounded(
+            "finish the batches in hand", asyncio.gather(*(c.halt() for c in self.consumers))
+        )
+        await _bounded("commit processed offsets", self.offsets.flush())
+        await _bounded("leave the consumer groups",
+                       asyncio.gather(*(c.close() for c in self.consumers)))  # fmt: skip
 
     async def _start(self) -> None:
         await self.prepare()
-        await self.broker.connect()
-        # Start the subscribers side by side: each joins its consumer group, and a join can
-        # take seconds (Tansu holds the reply for half the session timeout).
-        await asyncio.gather(*(sub.start() for sub in self.broker.subscribers))
-        self.broker.running = True
-        self._started = True
+        await self.consume()
         log.info(
             "mediator started: %d workflows, kafka %s, redis %s, %s event loop",
             len(self.definitions),
@@ -280,9 +300,7 @@ class Mediator:
         committed are redelivered (and recognised), outbox entries not published are re-sent
         by any replica's sweeper.
         """
-        # Processed offsets first, while the consumers can still commit them.
-        await _bounded("commit processed offsets", self.offsets.flush())
-        await _bounded("stop the subscribers", self.broker.stop())
+        await self.stop_consuming()
         await self.disconnect()
         if self._started:
             log.info(
@@ -449,15 +467,23 @@ def create_app(
 
 
 def _app(mediator: Mediator) -> FastStream:
+    """The replica as a FastStream application. Its consumers are the replica's own; the
+    broker FastStream runs declares nothing (so it consumes nothing), and the AsyncAPI
+    document is built from `handlers.document`, a broker that is never started."""
+    settings = mediator.settings
+    kafka = settings.kafka
     specification = AsyncAPI(
+        handlers.document(settings, mediator.definitions.services()),
         title="kafka-mediator",
         version=__version__,
         description="Event-driven service orchestrator: requests in, commands to services, "
-        "replies back, results out. Every payload is JSON; see the README's wire contract.",
+        "replies back, results out. Every payload is JSON; see the wire contract in the docs.",
     )
-    app = FastStream(mediator.broker, specification=specification)
+    broker = KafkaBroker(**broker_options(kafka), client_id=kafka.client_id, logger=None)
+    app = FastStream(broker, specification=specification)
     app.context.set_global("mediator", mediator)
-    app.on_startup(mediator.prepare)  # the broker and its subscribers start after it
-    app.on_shutdown(mediator.offsets.flush)
+    app.on_startup(mediator.prepare)
+    app.after_startup(mediator.consume)
+    app.on_shutdown(mediator.stop_consuming)
     app.after_shutdown(mediator.disconnect)
     return app

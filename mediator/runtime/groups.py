@@ -24,7 +24,7 @@ from mediator.settings import BackoffSettings, KafkaSettings
 
 __all__ = ["INBOUND", "adopt_offsets", "group_name", "inbound_group", "previous_groups"]
 
-log = logging.getLogger("mediator.handlers")
+log = logging.getLogger("mediator.consumers")
 
 #: The name of the subscriber (and its group's suffix) that reads requests and replies.
 INBOUND = "inbound"

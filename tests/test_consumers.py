@@ -1,0 +1,90 @@
+"""The replica's consumer loop against the real broker: a batch that fails transiently is
+read again from its first record, offsets are committed only for batches done, and a
+halt lets the batch in hand finish."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from mediator.errors import StateUnavailable
+from mediator.runtime.boundary import Boundary
+from mediator.runtime.consumers import BatchConsumer, Offsets, Subscription
+from mediator.runtime.groups import group_name
+from mediator.settings import BackoffSettings, Settings
+from tests.helpers import produce, wait_for
+from tests.test_workflows_e2e import committed
+
+
+async def _reject(*_: Any) -> None:
+    msg = "nothing here is permanent"
+    raise AssertionError(msg)
+
+
+def _consumer(settings: Settings, name: str, process: Any) -> BatchConsumer:
+    topic = settings.kafka.topics.control
+    subscription = Subscription(name, (topic,), process)
+    boundary = Boundary(name, _reject, BackoffSettings(initial_ms=1, max_ms=5))
+    return BatchConsumer(settings.kafka, subscription, boundary, Offsets())
+
+
+async def test_a_transient_failure_rewinds_to_the_batch_and_commits_only_what_is_done(
+    settings: Settings,
+) -> None:
+    topic = settings.kafka.topics.control
+    seen: list[bytes] = []
+    failures = 2
+
+    async def process(records: Sequence[Any]) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            msg = "Redis unavailable while committing"
+            raise StateUnavailable(msg)
+        seen.extend(r.value for r in records)
+
+    consumer = _consumer(settings, "rewind", process)
+    await consumer.start()
+    try:
+        values = [f"r{n}".encode() for n in range(20)]
+        await produce(settings.kafka.bootstrap_servers, topic, values)
+        await wait_for(lambda: len(seen) >= 20, timeout=30, what="every record")
+        assert sorted(seen) == sorted(values)  # each once: the failed batch was read again
+        assert consumer.boundary.rewinds == 2
+        await consumer.halt()
+        await consumer.offsets.flush()
+        group = group_name(settings.kafka, "rewind")
+        assert await committed(settings.kafka.bootstrap_servers, group, topic) == 20
+    finally:
+        await consumer.close()
+
+
+async def test_a_halt_lets_the_batch_in_hand_finish_and_its_offsets_commit(
+    settings: Settings,
+) -> None:
+    topic = settings.kafka.topics.control
+    started, release = asyncio.Event(), asyncio.Event()
+    done: list[bytes] = []
+
+    async def process(records: Sequence[Any]) -> None:
+        started.set()
+        await release.wait()
+        done.extend(r.value for r in records)
+
+    consumer = _consumer(settings, "halt", process)
+    await consumer.start()
+    try:
+        await produce(settings.kafka.bootstrap_servers, topic, [b"only"])
+        await asyncio.wait_for(started.wait(), 30)
+        halting = asyncio.create_task(consumer.halt())
+        await asyncio.sleep(0.2)
+        assert not halting.done()  # waits for the batch in hand
+        release.set()
+        await halting
+        assert done == [b"only"]
+        await consumer.offsets.flush()
+        group = group_name(settings.kafka, "halt")
+        assert await committed(settings.kafka.bootstrap_servers, group, topic) == 1
+    finally:
+        await consumer.close()
