@@ -72,7 +72,7 @@ async def kill_to_reroute(stage: Stage, profile: Profile, out: list[Measure]) ->
         await asyncio.gather(*(child.start(ready_timeout_s=60) for child in victims.values()))
         for n in range(kills):
             await _settled(replica, names)
-            # No sweep while a replica warms up (discovery.startup_grace).
+            # No sweep while a replica warms up (discovery.startup_grace_ms).
             await asyncio.sleep(max(0.0, started + 6.0 - time.monotonic()))
             name = names[n % VICTIMS]
             sample = await _one_kill(client, victims[name], name)

@@ -40,26 +40,59 @@ class KafkaConnection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    #: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS).
-    security_protocol: Protocol = "PLAINTEXT"
-    #: PEM file of the certificate authorities to trust (default: the system's).
-    ssl_cafile: Path | None = None
-    #: This client's certificate and key (PEM), for brokers that require client TLS.
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: SecretStr | None = None
-    #: Check that the broker's certificate names the host connected to. Only turn off
-    #: for a test set-up: it is what stops a man in the middle with any trusted certificate.
-    ssl_check_hostname: bool = True
-    sasl_mechanism: Mechanism = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    #: A file holding the SASL password (a Docker or Kubernetes secret), instead of it.
-    sasl_password_file: Path | None = None
-    #: For OAUTHBEARER: ``module:attribute`` of a callable returning an aiokafka
-    #: ``AbstractTokenProvider`` (the token source of your identity provider).
-    sasl_oauth_token_provider: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        description="Brokers to bootstrap from, host:port separated by commas.",
+    )
+    security_protocol: Protocol = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS).",
+    )
+    ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the certificate authorities to trust (default: the system's).",
+    )
+    ssl_certfile: Path | None = Field(
+        default=None,
+        description="This client's certificate and key (PEM), for brokers that require client TLS.",
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None,
+        description="This client's private key (PEM), with `ssl_certfile`.",
+    )
+    ssl_key_password: SecretStr | None = Field(
+        default=None,
+        description="The password of `ssl_keyfile`, if it has one.",
+    )
+    ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that the broker's certificate names the host connected to. Only turn "
+        "off for a test set-up: it is what stops a man in the middle with any trusted "
+        "certificate.",
+    )
+    sasl_mechanism: Mechanism = Field(
+        default="PLAIN",
+        description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER.",
+    )
+    sasl_username: str | None = Field(
+        default=None,
+        description="The SASL user (PLAIN and SCRAM).",
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        description="The SASL password (PLAIN and SCRAM); see also `sasl_password_file`.",
+    )
+    sasl_password_file: Path | None = Field(
+        default=None,
+        description="A file holding the SASL password (a Docker or Kubernetes secret), instead of "
+        "it.",
+    )
+    sasl_oauth_token_provider: str | None = Field(
+        default=None,
+        pattern=r"^[\w.]+:[\w.]+$",
+        description="For OAUTHBEARER: ``module:attribute`` of a callable returning an aiokafka "
+        "``AbstractTokenProvider`` (the token source of your identity provider).",
+    )
 
     def check(self) -> None:
         """Refuse settings that cannot make a connection, saying what is missing. (Not a

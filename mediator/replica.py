@@ -115,7 +115,7 @@ class Mediator:
         #: This replica's Prometheus metrics (served on ``/metrics``).
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.recorder = Recorder(self.prometheus, monitoring.bucket_s)
-        self.metrics = MetricsStore(self.redis, keys, monitoring.bucket_s, monitoring.window)
+        self.metrics = MetricsStore(self.redis, keys, monitoring.bucket_s, monitoring.window_ms)
         #: OpenTelemetry spans of runs and steps, when `tracing.enabled`.
         self.tracing = Tracing.configure(settings.tracing) if settings.tracing.enabled else None
         self.runtime = Runtime(

@@ -118,8 +118,8 @@ def test_breaker_settings_survive_a_dump_and_reload() -> None:
     )
     again = BreakerSettings.model_validate(settings.model_dump(mode="json"))
     assert again == settings
-    assert again.policy("pay").recovery_timeout == 3_000
-    assert again.recovery_timeout == 10_000
+    assert again.policy("pay").recovery_timeout_ms == 3_000
+    assert again.recovery_timeout_ms == 10_000
 
 
 async def test_upkeep_sorts_a_redis_stall_as_transient(

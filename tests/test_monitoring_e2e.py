@@ -134,8 +134,8 @@ async def test_a_slow_service_fires_one_alert_and_one_resolve(
         update={
             "bucket_s": 1,
             "flush_ms": 100,
-            "alert_interval": 300,
-            "alert_window": 3_000,
+            "alert_interval_ms": 300,
+            "alert_window_ms": 3_000,
             # Far above what a loaded two-core CI machine makes of a fast echo (p95 spikes
             # of 100-250 ms were seen there), so only the slowdown below can breach it.
             "alert_thresholds": [

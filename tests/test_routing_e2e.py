@@ -232,7 +232,7 @@ async def test_a_failing_instance_is_routed_around_by_its_own_breaker(
     )
     broken = processes[1]
     breakers = system.settings.circuit_breaker.model_copy(
-        update={"failure_threshold": 2, "recovery_timeout": 60_000}
+        update={"failure_threshold": 2, "recovery_timeout_ms": 60_000}
     )
     settings = system.settings.model_copy(
         update={"load_balancing": LoadBalancingSettings(strategy="round_robin"),  # type: ignore[arg-type]

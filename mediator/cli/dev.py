@@ -65,7 +65,7 @@ async def run_dev(
             redis={"url": infra.redis.url, "shards": 4},
             # Quick to open and to probe, so a short demo shows a whole breaker cycle.
             circuit_breaker={
-                "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout": "1s"}},
+                "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout_ms": "1s"}},
                 "drain_rate": 20,
             },
             # A fresh key per run, handed to the demo services below; the dashboard sends

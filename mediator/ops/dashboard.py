@@ -66,7 +66,7 @@ class Dashboard:
         self.redis = redis
         self.keys = keys
         monitoring = settings.service_monitoring
-        self.metrics = MetricsStore(redis, keys, monitoring.bucket_s, monitoring.window)
+        self.metrics = MetricsStore(redis, keys, monitoring.bucket_s, monitoring.window_ms)
         kafka = settings.kafka
         self.controls = ControlSender(
             kafka,

@@ -114,7 +114,7 @@ class Advance(Commits):
             if step is None or step.service != service:
                 continue  # a compensation: undo goes out whatever the breaker says
             if decision == "probe":
-                hold = step.timeout_ms or breakers.settings.probe_timeout
+                hold = step.timeout_ms or breakers.settings.probe_timeout_ms
                 if await breakers.take_probe(service, now, hold):
                     continue
             if (

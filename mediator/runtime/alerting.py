@@ -36,7 +36,7 @@ log = logging.getLogger("mediator.alerts")
 
 
 class AlertEvaluator(Periodic):
-    """Evaluates the alert rules every `alert_interval` while holding the lease."""
+    """Evaluates the alert rules every `alert_interval_ms` while holding the lease."""
 
     name = "alerts"
     label = "alert evaluation"
@@ -72,7 +72,7 @@ class AlertEvaluator(Periodic):
         self.published = 0
 
     async def round(self) -> float:
-        interval = self.settings.alert_interval
+        interval = self.settings.alert_interval_ms
         if not await self.records.lead(self.replica, interval * 3):
             if self.leading:
                 log.info("alert evaluation moved to another replica")
@@ -88,7 +88,7 @@ class AlertEvaluator(Periodic):
         """Sample, evaluate, publish and record the changes; the changes."""
         now = now_ms()
         await self._sample(now)
-        window = self.settings.alert_window
+        window = self.settings.alert_window_ms
         until = now // 1000
         names = sorted({*await self.metrics.names("svc"), *self.services()})
         summaries = await self.metrics.summaries("svc", names, until - window // 1000, until)

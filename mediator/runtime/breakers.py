@@ -173,7 +173,7 @@ class Breakers:
             storage = MirrorStorage(service)
             cb = pybreaker.CircuitBreaker(
                 fail_max=policy.failure_threshold,
-                reset_timeout=policy.recovery_timeout / 1000,
+                reset_timeout=policy.recovery_timeout_ms / 1000,
                 success_threshold=policy.success_threshold,
                 listeners=[self._listener],
                 state_storage=storage,
@@ -193,7 +193,7 @@ class Breakers:
             return "send"
         if state == pybreaker.STATE_OPEN:
             policy = self.settings.policy(service)
-            due = storage.opened_ms + policy.recovery_timeout
+            due = storage.opened_ms + policy.recovery_timeout_ms
             return "probe" if now_ms >= due else "park"
         return "probe" if now_ms >= storage.probe_until_ms else "park"
 

@@ -75,11 +75,11 @@ class Registry:
                 (partition, first, last, marks.get(partition, 0))
                 for partition, (first, last) in sorted(read.items())
             ]
-            if await self.hashes.mark(self.settings.after_loss, entries):
+            if await self.hashes.mark(self.settings.after_loss_ms, entries):
                 log.warning(
                     "Redis lost heartbeats it had taken (a failover?): no instance is marked "
                     "down for %d ms, until each has been heard from again",
-                    self.settings.after_loss,
+                    self.settings.after_loss_ms,
                 )  # fmt: skip
         return changes
 
@@ -131,7 +131,7 @@ class Registry:
         # forgets instances down for long.
         watermark, hold = await self.watermark()
         swept = await self.hashes.sweep(
-            services, limit=1000, forget_after_ms=self.settings.forget_after,
+            services, limit=1000, forget_after_ms=self.settings.forget_after_ms,
             watermark_ms=watermark, hold_until_ms=hold,
         )  # fmt: skip
         deaths = [

@@ -194,7 +194,7 @@ class Router:
 
 def _policy(settings: BreakerSettings, service: str) -> tuple[int, int]:
     policy = settings.policy(service)
-    return policy.failure_threshold, int(policy.recovery_timeout)
+    return policy.failure_threshold, int(policy.recovery_timeout_ms)
 
 
 def _key(expression: str, transition: Transition, command_input: Any) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,14 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 from mediator.codec import validation_reason
 from mediator.errors import ConfigurationError
@@ -78,12 +86,32 @@ __all__ = [
 ]
 
 
+#: The YAML file `load_settings` reads (None: none), for `Settings`' sources.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("mediator_config_file", default=None)
+
+
 class Settings(BaseSettings):
     """Everything a mediator replica needs to know."""
 
     model_config = SettingsConfigDict(
         env_prefix="MEDIATOR_", env_nested_delimiter="__", frozen=True, extra="forbid"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """What is given explicitly, over the environment, over the YAML file (if
+        `load_settings` reads one), field by field at every depth."""
+        path = _CONFIG_FILE.get()
+        if path is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, path))
 
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
@@ -106,12 +134,20 @@ class Settings(BaseSettings):
         description="YAML files or directories of workflow definitions "
         "(in the environment: separated by commas or the path separator).",
     )
-    log_level: str = "INFO"
-    # "text" for people, "json" (one object per line, with the run's fields) for pipelines.
-    log_format: Literal["text", "json"] = "text"
-    # The event loop of `mediator run`, `dev` and `demo-services` (mediator.loops): auto is
-    # uvloop where it is installed, else asyncio's.
-    event_loop: EventLoop = "auto"
+    log_level: str = Field(
+        default="INFO",
+        description="DEBUG, INFO, WARNING, ERROR, CRITICAL or a number.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description='"text" for people, "json" (one object per line, with the run\'s fields) for '
+        "pipelines.",
+    )
+    event_loop: EventLoop = Field(
+        default="auto",
+        description="The event loop of `mediator run`, `dev` and `demo-services` "
+        "(mediator.loops): auto is uvloop where it is installed, else asyncio's.",
+    )
     state_cache_size: int = Field(
         default=100_000, ge=0, description="Unfinished workflow states kept in memory (0: off)."
     )
@@ -143,47 +179,42 @@ def settings_document(settings: Settings) -> dict[str, Any]:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from a YAML file (optional), the environment, then explicit overrides."""
+    """Settings from explicit overrides, over the environment, over a YAML file (optional:
+    `config_file`, else ``MEDIATOR_CONFIG``). Anything wrong is a `ConfigurationError`
+    saying what and where."""
     path = config_file or (
         Path(os.environ["MEDIATOR_CONFIG"]) if "MEDIATOR_CONFIG" in os.environ else None
     )
-    file_values: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            msg = f"cannot read config file {str(path)!r}: {exc}"
-            raise ConfigurationError(msg) from exc
-        if not isinstance(loaded, dict):
-            msg = f"config file {str(path)!r} must hold a mapping of settings"
-            raise ConfigurationError(msg)
-        file_values = loaded
+        _check_file(path)
+    given: dict[str, Any] = {
+        k: v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else v
+        for k, v in overrides.items()
+    }
+    token = _CONFIG_FILE.set(path)
     try:
-        env = Settings()
+        settings = Settings(**given)
     except ValidationError as exc:
-        msg = f"invalid MEDIATOR_* environment: {validation_reason(exc)}"
+        where = f"{str(path)!r} or the MEDIATOR_* environment" if path else "MEDIATOR_* environment"
+        msg = f"invalid settings (from {where}): {validation_reason(exc)}"
         raise ConfigurationError(msg) from exc
     except SettingsError as exc:
         msg = f"invalid MEDIATOR_* environment: {exc}".replace("\n", " ")
         raise ConfigurationError(msg) from exc
-    merged = _deep_merge(file_values, env.model_dump(exclude_unset=True))
-    merged = _deep_merge(merged, overrides)
-    try:
-        settings = Settings.model_validate(merged)
-    except ValidationError as exc:
-        msg = f"invalid settings: {validation_reason(exc)}"
-        raise ConfigurationError(msg) from exc
+    finally:
+        _CONFIG_FILE.reset(token)
     settings.kafka.check()
     return settings
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, BaseModel):
-            value = value.model_dump(exclude_unset=True)
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def _check_file(path: Path) -> None:
+    """A config file that cannot be read, is not YAML or holds no mapping is refused here,
+    with the reason (the YAML source would skip a missing file silently)."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        msg = f"cannot read config file {str(path)!r}: {exc}"
+        raise ConfigurationError(msg) from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        msg = f"config file {str(path)!r} must hold a mapping of settings"
+        raise ConfigurationError(msg)

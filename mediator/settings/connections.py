@@ -14,6 +14,7 @@ from pydantic import (
 
 from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection
+from mediator.settings.fields import DurationMs, DurationS
 from topics.names import DEFAULT_PREFIX, DEFAULT_SERVICE_PREFIX, Topics
 
 
@@ -22,29 +23,71 @@ class KafkaSettings(KafkaConnection):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    client_id: str = "mediator"
-    group_id: str = "mediator"
-    topic_prefix: str = DEFAULT_PREFIX
-    service_topic_prefix: str = DEFAULT_SERVICE_PREFIX
-    # Apache Kafka supports the idempotent producer; the embedded Tansu broker does not
-    # (it rejects InitProducerId), so `mediator dev` turns it off. Correctness never
-    # depends on it: commands and results are deduplicated by id downstream.
-    enable_idempotence: bool = True
-    linger_ms: int = Field(default=1, ge=0)
-    max_batch_records: int = Field(default=500, ge=1)
+    client_id: str = Field(
+        default="mediator",
+        description="Kafka client id of the replica's clients (the outbox producer adds "
+        "`-outbox`).",
+    )
+    group_id: str = Field(
+        default="mediator",
+        description="Prefix of the replica's consumer groups: `<group_id>.inbound`, `.control`, "
+        "`.health`.",
+    )
+    topic_prefix: str = Field(
+        default=DEFAULT_PREFIX,
+        description="Prefix of the mediator's topics (`<prefix>requests`, `replies`, `results`, "
+        "...).",
+    )
+    service_topic_prefix: str = Field(
+        default=DEFAULT_SERVICE_PREFIX,
+        description="Prefix of the services' command topics (`<prefix><service>`).",
+    )
+    enable_idempotence: bool = Field(
+        default=True,
+        description="Apache Kafka supports the idempotent producer; the embedded Tansu broker "
+        "does not (it rejects InitProducerId), so `mediator dev` turns it off. "
+        "Correctness never depends on it: commands and results are deduplicated by id "
+        "downstream.",
+    )
+    linger_ms: DurationMs = Field(
+        default=1,
+        ge=0,
+        description="How long the outbox producer waits to fill a batch before sending it.",
+    )
+    max_batch_records: int = Field(
+        default=500,
+        ge=1,
+        description="Most records a consumer hands to the runtime in one batch.",
+    )
     partitions: int = Field(default=8, ge=1, description="Partitions for topics we create.")
     replication_factor: int = Field(default=1, ge=1, description="For topics we create.")
-    # How long the broker may hold a fetch open when no data is there. Apache Kafka answers
-    # as soon as data arrives, so a long wait costs nothing; Tansu waits it out, so the
-    # embedded default uses a few milliseconds (each hop would otherwise cost ~the wait).
-    fetch_max_wait_ms: int = Field(default=500, ge=0)
-    # How long a subscriber's poll waits when nothing was fetched before it polls again.
-    # Records fetched meanwhile end the wait at once, so this costs no latency.
-    poll_timeout_ms: int = Field(default=500, ge=1)
-    # Consumer-group liveness. A dead replica's partitions move after the session timeout;
-    # Tansu also holds a JoinGroup reply for about half of it, which slows every start.
-    session_timeout_ms: int = Field(default=10_000, ge=100)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=10)
+    fetch_max_wait_ms: DurationMs = Field(
+        default=500,
+        ge=0,
+        description="How long the broker may hold a fetch open when no data is there. Apache "
+        "Kafka answers as soon as data arrives, so a long wait costs nothing; Tansu "
+        "waits it out, so the embedded default uses a few milliseconds (each hop "
+        "would otherwise cost ~the wait).",
+    )
+    poll_timeout_ms: DurationMs = Field(
+        default=500,
+        ge=1,
+        description="How long a subscriber's poll waits when nothing was fetched before it polls "
+        "again. Records fetched meanwhile end the wait at once, so this costs no "
+        "latency.",
+    )
+    session_timeout_ms: DurationMs = Field(
+        default=10_000,
+        ge=100,
+        description="Consumer-group liveness. A dead replica's partitions move after the session "
+        "timeout; Tansu also holds a JoinGroup reply for about half of it, which "
+        "slows every start.",
+    )
+    heartbeat_interval_ms: DurationMs = Field(
+        default=3_000,
+        ge=10,
+        description="Consumer-group heartbeat interval (below a third of `session_timeout_ms`).",
+    )
 
     def consumer_options(self) -> dict[str, int]:
         """Options for any aiokafka consumer of this deployment (SDK workers included)."""
@@ -65,35 +108,88 @@ class RedisSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: ``redis://`` or, for TLS, ``rediss://``. A password in it is never logged, but
-    #: prefer `password` or `password_file`.
-    url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
-    #: An ACL user and its password (Redis 6+), or the password of ``requirepass``.
-    username: str | None = None
-    password: SecretStr | None = None
-    #: A file holding the password (a Docker or Kubernetes secret), instead of it.
-    password_file: Path | None = None
-    #: TLS (with a ``rediss://`` URL): the CA to trust, this client's certificate and key
-    #: when the server asks for one, and whether the certificate must name the host.
-    ssl_ca_certs: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_check_hostname: bool = True
-    key_prefix: str = "med"
-    shards: int = Field(default=16, ge=1, le=16384)
-    retention_s: float = Field(default=7 * 24 * 3600, gt=0)
-    recent_limit: int = Field(default=1000, ge=1)
-    # Without a timeout a stalled Redis would hang a handler forever; with one, the batch
-    # is rewound and redelivered once Redis answers again.
-    socket_timeout_s: float = Field(default=5.0, gt=0)
-    # With Redis replicas: after each batch's commits, WAIT until this many replicas have
-    # them before Kafka offsets move, so a failover cannot lose a transition whose input
-    # was already acknowledged. 0 (the default) does not wait.
-    wait_replicas: int = Field(default=0, ge=0)
-    wait_timeout_ms: int = Field(default=1_000, ge=1)
-    # A finished run's request fingerprint and status are kept this long after its state
-    # expired, so a late duplicate is still recognised (and not run again).
-    tombstone_s: float = Field(default=30 * 24 * 3600, ge=0)
+    url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        repr=False,
+        description="``redis://`` or, for TLS, ``rediss://``. A password in it is never logged, "
+        "but prefer `password` or `password_file`.",
+    )
+    username: str | None = Field(
+        default=None,
+        description="An ACL user and its password (Redis 6+), or the password of ``requirepass``.",
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description="The Redis password (with `username`: an ACL user); see also `password_file`.",
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description="A file holding the password (a Docker or Kubernetes secret), instead of it.",
+    )
+    ssl_ca_certs: Path | None = Field(
+        default=None,
+        description="TLS (with a ``rediss://`` URL): the CA to trust, this client's certificate "
+        "and key when the server asks for one, and whether the certificate must name "
+        "the host.",
+    )
+    ssl_certfile: Path | None = Field(
+        default=None,
+        description="This client's certificate (PEM), for a Redis that requires client TLS.",
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None,
+        description="This client's private key (PEM), with `ssl_certfile`.",
+    )
+    ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that Redis's certificate names the host connected to.",
+    )
+    key_prefix: str = Field(
+        default="med",
+        description="Prefix of every Redis key the mediator writes (see the key layout).",
+    )
+    shards: int = Field(
+        default=16,
+        ge=1,
+        le=16384,
+        description="Hash-tagged shards the runs are spread over; fixed once a deployment has "
+        "data.",
+    )
+    retention_s: DurationS = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description="How long a finished run's state is kept.",
+    )
+    recent_limit: int = Field(
+        default=1000,
+        ge=1,
+        description="Finished runs listed as recent, per shard.",
+    )
+    socket_timeout_s: DurationS = Field(
+        default=5.0,
+        gt=0,
+        description="Without a timeout a stalled Redis would hang a handler forever; with one, "
+        "the batch is rewound and redelivered once Redis answers again.",
+    )
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="With Redis replicas: after each batch's commits, WAIT until this many "
+        "replicas have them before Kafka offsets move, so a failover cannot lose a "
+        "transition whose input was already acknowledged. 0 (the default) does not "
+        "wait.",
+    )
+    wait_timeout_ms: DurationMs = Field(
+        default=1_000,
+        ge=1,
+        description="How long a commit waits for `wait_replicas` Redis replicas to acknowledge it.",
+    )
+    tombstone_s: DurationS = Field(
+        default=30 * 24 * 3600,
+        ge=0,
+        description="A finished run's request fingerprint and status are kept this long after its "
+        "state expired, so a late duplicate is still recognised (and not run again).",
+    )
 
     def client_options(self) -> dict[str, Any]:
         """redis-py's options for these settings: credentials and TLS (with the URL)."""

@@ -11,16 +11,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     field_validator,
     model_validator,
 )
 from pydantic_settings import NoDecode
 
 from mediator.core.balancer import Strategy
-from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import ExpressionError, compile_expression
-from mediator.settings.fields import comma_separated
+from mediator.settings.fields import DurationMs, comma_separated, renamed_durations
 
 
 class TimerSettings(BaseModel):
@@ -28,15 +26,26 @@ class TimerSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Every replica polls for due timers this often: a timer fires at most this late
-    # (plus the time to commit what it causes) when the replica is not busy.
-    poll_interval_ms: int = Field(default=50, ge=5)
-    # A claimed timer is the claimer's for this long; if it dies first (or a claim it gave
-    # up on, say while Redis stalled, still ran), another replica fires it once this has
-    # passed. Short is safe: a timer fired twice changes the state once (the revision
-    # check), so this bounds how late a timer can be after such a failure.
-    lease_ms: int = Field(default=2_000, ge=100)
-    batch: int = Field(default=500, ge=1)
+    poll_interval_ms: DurationMs = Field(
+        default=50,
+        ge=5,
+        description="Every replica polls for due timers this often: a timer fires at most this "
+        "late (plus the time to commit what it causes) when the replica is not busy.",
+    )
+    lease_ms: DurationMs = Field(
+        default=2_000,
+        ge=100,
+        description="A claimed timer is the claimer's for this long; if it dies first (or a claim "
+        "it gave up on, say while Redis stalled, still ran), another replica fires it "
+        "once this has passed. Short is safe: a timer fired twice changes the state "
+        "once (the revision check), so this bounds how late a timer can be after such "
+        "a failure.",
+    )
+    batch: int = Field(
+        default=500,
+        ge=1,
+        description="Most due timers one poll claims.",
+    )
 
 
 class OutboxSettings(BaseModel):
@@ -44,9 +53,22 @@ class OutboxSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    lease_ms: int = Field(default=15_000, ge=100)
-    sweep_interval_ms: int = Field(default=1_000, ge=10)
-    sweep_batch: int = Field(default=500, ge=1)
+    lease_ms: DurationMs = Field(
+        default=15_000,
+        ge=100,
+        description="An outbox entry is the publishing replica's for this long; after it, any "
+        "replica's sweeper re-sends it.",
+    )
+    sweep_interval_ms: DurationMs = Field(
+        default=1_000,
+        ge=10,
+        description="How often each replica sweeps the outbox for entries whose lease ran out.",
+    )
+    sweep_batch: int = Field(
+        default=500,
+        ge=1,
+        description="Most entries one sweep takes over per shard.",
+    )
 
 
 class LimitsSettings(BaseModel):
@@ -54,19 +76,27 @@ class LimitsSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Apache Kafka's default `message.max.bytes` is 1 MiB plus a little. Applied to the
-    # producer (max_request_size) and checked before anything enters the outbox: a command
-    # or result that would not fit fails its step or run with `payload_too_large` instead
-    # of jamming the outbox. Inbound records over it are refused the same way.
-    max_message_bytes: int = Field(default=1_000_000, ge=1024)
-    # A dead letter carries at most this much of the record it rejects (and the size of
-    # the whole), so a dead letter never becomes a poison message itself.
-    dead_letter_excerpt_bytes: int = Field(default=16_384, ge=256)
-    #: Topics a request's ``reply_to`` may name (shell-style patterns), besides the results
-    #: topic: results go nowhere else, so a request cannot make the mediator write into
-    #: another application's topics. A request naming any other is refused.
+    max_message_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        description="Apache Kafka's default `message.max.bytes` is 1 MiB plus a little. Applied "
+        "to the producer (max_request_size) and checked before anything enters the "
+        "outbox: a command or result that would not fit fails its step or run with "
+        "`payload_too_large` instead of jamming the outbox. Inbound records over it "
+        "are refused the same way.",
+    )
+    dead_letter_excerpt_bytes: int = Field(
+        default=16_384,
+        ge=256,
+        description="A dead letter carries at most this much of the record it rejects (and the "
+        "size of the whole), so a dead letter never becomes a poison message itself.",
+    )
     reply_to_topics: Annotated[list[str], NoDecode, BeforeValidator(comma_separated)] = Field(
-        default_factory=lambda: ["*.results"]
+        description="Topics a request's ``reply_to`` may name (shell-style patterns), besides the "
+        "results topic: results go nowhere else, so a request cannot make the "
+        "mediator write into another application's topics. A request naming any other "
+        "is refused.",
+        default_factory=lambda: ["*.results"],
     )
 
     def reply_to_allowed(self, topic: str, results: str) -> bool:
@@ -86,29 +116,24 @@ class BackoffSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    initial_ms: int = Field(default=500, ge=1)
-    max_ms: int = Field(default=30_000, ge=1)
+    initial_ms: DurationMs = Field(
+        default=500,
+        ge=1,
+        description="The first pause after a transient failure; each further one doubles it.",
+    )
+    max_ms: DurationMs = Field(
+        default=30_000,
+        ge=1,
+        description="The longest pause between retries.",
+    )
 
     def delay_ms(self, failures: int) -> int:
         """The pause after `failures` consecutive failures (1 = the first)."""
         return min(self.max_ms, self.initial_ms << min(max(failures - 1, 0), 30))
 
 
-def _millis(value: Any) -> Any:
-    """A duration as written (``"60s"``, ``1.5``: seconds) in milliseconds."""
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        millis = parse_duration_ms(value)
-        if millis is not None:
-            return millis
-    msg = f"{value!r} is not a duration (e.g. 60s, 500ms, 2m, or seconds as a number)"
-    raise ValueError(msg)
-
-
-#: A duration setting, held in milliseconds; written back (`model_dump`) as ``"<n>ms"``, so
-#: a dumped configuration loads to the same values.
-Millis = Annotated[
-    int, BeforeValidator(_millis), PlainSerializer(lambda v: f"{v}ms", when_used="json")
-]
+#: Duration settings' earlier names (in configurations that still use them).
+_BREAKER_NAMES = {"recovery_timeout": "recovery_timeout_ms", "probe_timeout": "probe_timeout_ms"}
 
 
 class BreakerPolicy(BaseModel):
@@ -116,15 +141,29 @@ class BreakerPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Consecutive failures (timeouts and retryable errors, counted across every replica)
-    # that open the breaker. Non-retryable business errors are not failures.
-    failure_threshold: int = Field(default=5, ge=1)
-    # How long it stays open before one probe command is let through (cluster-wide).
-    recovery_timeout: Millis = Field(
-        default=60_000, description="Milliseconds (a duration string is accepted)."
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        return renamed_durations(data, _BREAKER_NAMES)
+
+    failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive failures (timeouts and retryable errors, counted across every "
+        "replica) that open the breaker. Non-retryable business errors are not "
+        "failures.",
     )
-    # Successful probes needed to close it again.
-    success_threshold: int = Field(default=1, ge=1)
+    recovery_timeout_ms: DurationMs = Field(
+        default=60_000,
+        ge=1,
+        description="How long it stays open before one probe command is let through "
+        "(cluster-wide).",
+    )
+    success_threshold: int = Field(
+        default=1,
+        ge=1,
+        description="Successful probes needed to close it again.",
+    )
 
 
 class BreakerOverride(BaseModel):
@@ -132,23 +171,44 @@ class BreakerOverride(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        return renamed_durations(data, _BREAKER_NAMES)
+
     failure_threshold: int | None = Field(default=None, ge=1)
-    recovery_timeout: Millis | None = None
+    recovery_timeout_ms: DurationMs | None = Field(default=None, ge=1)
     success_threshold: int | None = Field(default=None, ge=1)
 
 
 class BreakerSettings(BreakerPolicy):
     """Circuit breakers, one per service, shared by every replica through Redis."""
 
-    enabled: bool = True
-    # Per-service overrides of the policy fields, e.g. ``payments: {failure_threshold: 3}``.
-    services: dict[str, BreakerOverride] = Field(default_factory=dict)
-    # How often a replica re-reads breaker states another replica may have changed.
-    refresh_ms: int = Field(default=200, ge=10)
-    # Parked commands released per second per service once its breaker closes.
-    drain_rate: float = Field(default=50.0, gt=0)
-    # A probe that got no answer within this long (or its step's timeout) lets another go.
-    probe_timeout: Millis = Field(default=30_000)
+    enabled: bool = Field(
+        default=True,
+        description="Circuit breakers on (off: commands always go).",
+    )
+    services: dict[str, BreakerOverride] = Field(
+        default_factory=dict,
+        description="Per-service overrides of the policy fields, e.g. ``payments: "
+        "{failure_threshold: 3}``.",
+    )
+    refresh_ms: DurationMs = Field(
+        default=200,
+        ge=10,
+        description="How often a replica re-reads breaker states another replica may have changed.",
+    )
+    drain_rate: float = Field(
+        default=50.0,
+        gt=0,
+        description="Parked commands released per second per service once its breaker closes.",
+    )
+    probe_timeout_ms: DurationMs = Field(
+        default=30_000,
+        ge=1,
+        description="A probe that got no answer within this long (or its step's timeout) lets "
+        "another go.",
+    )
 
     def policy(self, service: str) -> BreakerPolicy:
         """The policy of `service`: the defaults with its overrides."""
@@ -156,7 +216,7 @@ class BreakerSettings(BreakerPolicy):
         changes = override.model_dump(exclude_none=True) if override is not None else {}
         return BreakerPolicy.model_construct(
             failure_threshold=changes.get("failure_threshold", self.failure_threshold),
-            recovery_timeout=changes.get("recovery_timeout", self.recovery_timeout),
+            recovery_timeout_ms=changes.get("recovery_timeout_ms", self.recovery_timeout_ms),
             success_threshold=changes.get("success_threshold", self.success_threshold),
         )
 
@@ -166,32 +226,71 @@ class DiscoverySettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = True
-    # An instance is down once this many of its heartbeat intervals pass without one (its
-    # own interval, from its heartbeats). Two keeps a killed instance's work moving again
-    # within about three seconds at the SDK's default interval of one second.
-    missed_heartbeats: int = Field(default=2, ge=1)
-    # Every replica sweeps for instances whose heartbeats stopped this often.
-    sweep_ms: int = Field(default=200, ge=10)
-    # Added to every instance's TTL (missed heartbeats x its interval): room for a
-    # heartbeat delayed in the broker or the network, so a live instance is not taken
-    # for dead.
-    grace_ms: int = Field(default=300, ge=0)
-    # How often the replica holding the marking lease writes a marker into every
-    # partition of the health topic: silence is evidence of death only once the topic has
-    # been read past the instance's deadline (see `mediator.runtime.liveness`). A death is
-    # found about this much later than its deadline, at most.
-    mark_ms: int = Field(default=500, ge=10)
-    # When Redis is found to have lost heartbeats it had taken (a failover promoted a
-    # replica that was behind: the health topic was read further than Redis remembers),
-    # no instance is marked down for this long, so every live one is heard from again.
-    after_loss: Millis = Field(default=10_000)
-    # Kept so configurations that set it still load; it has no effect. (It held sweeps
-    # back after a start and when every instance went quiet at once; the markers tell
-    # those stalls from deaths.)
-    startup_grace: Millis = Field(default=5_000)
-    # A down instance not heard from for this long is dropped from the registry.
-    forget_after: Millis = Field(default=600_000)
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        return renamed_durations(
+            data,
+            {
+                "after_loss": "after_loss_ms",
+                "startup_grace": "startup_grace_ms",
+                "forget_after": "forget_after_ms",
+            },
+        )
+
+    enabled: bool = Field(
+        default=True,
+        description="The registry on: heartbeats applied, dead instances detected.",
+    )
+    missed_heartbeats: int = Field(
+        default=2,
+        ge=1,
+        description="An instance is down once this many of its heartbeat intervals pass without "
+        "one (its own interval, from its heartbeats). Two keeps a killed instance's "
+        "work moving again within about three seconds at the SDK's default interval "
+        "of one second.",
+    )
+    sweep_ms: DurationMs = Field(
+        default=200,
+        ge=10,
+        description="Every replica sweeps for instances whose heartbeats stopped this often.",
+    )
+    grace_ms: DurationMs = Field(
+        default=300,
+        ge=0,
+        description="Added to every instance's TTL (missed heartbeats x its interval): room for a "
+        "heartbeat delayed in the broker or the network, so a live instance is not "
+        "taken for dead.",
+    )
+    mark_ms: DurationMs = Field(
+        default=500,
+        ge=10,
+        description="How often the replica holding the marking lease writes a marker into every "
+        "partition of the health topic: silence is evidence of death only once the "
+        "topic has been read past the instance's deadline (see "
+        "`mediator.runtime.liveness`). A death is found about this much later than "
+        "its deadline, at most.",
+    )
+    after_loss_ms: DurationMs = Field(
+        default=10_000,
+        ge=1,
+        description="When Redis is found to have lost heartbeats it had taken (a failover "
+        "promoted a replica that was behind: the health topic was read further than "
+        "Redis remembers), no instance is marked down for this long, so every live "
+        "one is heard from again.",
+    )
+    startup_grace_ms: DurationMs = Field(
+        default=5_000,
+        ge=1,
+        description="Kept so configurations that set it still load; it has no effect. (It held "
+        "sweeps back after a start and when every instance went quiet at once; the "
+        "markers tell those stalls from deaths.)",
+    )
+    forget_after_ms: DurationMs = Field(
+        default=600_000,
+        ge=1,
+        description="A down instance not heard from for this long is dropped from the registry.",
+    )
 
 
 class BalancePolicy(BaseModel):
@@ -199,14 +298,18 @@ class BalancePolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # round_robin, weighted (by the weight each instance announces), least_loaded (in
-    # flight / capacity) or consistent_hash (session affinity on `key`).
-    strategy: Strategy | None = None
-    # For consistent_hash: a JMESPath expression over ``{payload, input, workflow}`` (the
-    # request's payload, the command's input, the run's id/request_id/name), e.g.
-    # ``payload.customer_id``. Commands with the same key go to the same instance while
-    # it is eligible.
-    key: str | None = None
+    strategy: Strategy | None = Field(
+        default=None,
+        description="round_robin, weighted (by the weight each instance announces), least_loaded "
+        "(in flight / capacity) or consistent_hash (session affinity on `key`).",
+    )
+    key: str | None = Field(
+        default=None,
+        description="For consistent_hash: a JMESPath expression over ``{payload, input, "
+        "workflow}`` (the request's payload, the command's input, the run's "
+        "id/request_id/name), e.g. ``payload.customer_id``. Commands with the same "
+        "key go to the same instance while it is eligible.",
+    )
 
     @field_validator("key")
     @classmethod
@@ -225,10 +328,20 @@ class LoadBalancingSettings(BalancePolicy):
     ``discovery`` on); services that never heartbeat are served through their shared
     topic and consumer group whatever this says."""
 
-    enabled: bool = True
-    strategy: Strategy | None = Strategy.LEAST_LOADED
-    # Per-service overrides, e.g. ``payments: {strategy: consistent_hash, key: ...}``.
-    services: dict[str, BalancePolicy] = Field(default_factory=dict)
+    enabled: bool = Field(
+        default=True,
+        description="Commands to services that heartbeat go to instances the balancer picks (off: "
+        "to their topic's consumer group).",
+    )
+    strategy: Strategy | None = Field(
+        default=Strategy.LEAST_LOADED,
+        description="The default strategy: least_loaded, round_robin, weighted or consistent_hash.",
+    )
+    services: dict[str, BalancePolicy] = Field(
+        default_factory=dict,
+        description="Per-service overrides, e.g. ``payments: {strategy: consistent_hash, key: "
+        "...}``.",
+    )
 
     @model_validator(mode="after")
     def _keys_given(self) -> LoadBalancingSettings:

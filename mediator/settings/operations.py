@@ -18,8 +18,12 @@ from pydantic_settings import NoDecode
 
 from mediator.core.alerts import Rule
 from mediator.errors import ConfigurationError
-from mediator.settings.delivery import Millis, _millis
-from mediator.settings.fields import comma_separated
+from mediator.settings.fields import (
+    DurationMs,
+    comma_separated,
+    renamed_durations,
+    seconds_or_duration_ms,
+)
 
 
 def _fraction(value: Any) -> Any:
@@ -50,10 +54,16 @@ class AlertThreshold(BaseModel):
     threshold: str | float
     severity: Literal["info", "warning", "critical"] = "warning"
     percentile: float = Field(default=95, gt=0, le=100)
-    # The services it applies to; empty: every service.
-    services: list[str] = Field(default_factory=list)
-    # Fewer answers than this in the window are too few to judge a rate or a percentile.
-    min_samples: int = Field(default=5, ge=1)
+    services: list[str] = Field(
+        default_factory=list,
+        description="The services it applies to; empty: every service.",
+    )
+    min_samples: int = Field(
+        default=5,
+        ge=1,
+        description="Fewer answers than this in the window are too few to judge a rate or a "
+        "percentile.",
+    )
 
     @model_validator(mode="after")
     def _threshold_parses(self) -> AlertThreshold:
@@ -64,7 +74,7 @@ class AlertThreshold(BaseModel):
     def limit(self) -> float:
         """The threshold as a number: milliseconds, or a fraction of one."""
         if self.metric == "response_time":
-            return float(_millis(self.threshold))
+            return float(seconds_or_duration_ms(self.threshold))
         return float(_fraction(self.threshold))
 
     def rule(self) -> Rule:
@@ -92,19 +102,55 @@ class MonitoringSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = True
-    # Width of one time bucket, and how long buckets are kept.
-    bucket_s: int = Field(default=10, ge=1, le=3600)
-    window: Millis = Field(default=24 * 3600 * 1000)
-    # How often a replica writes what it tallied (one pipeline).
-    flush_ms: int = Field(default=1_000, ge=10)
-    # Alerts: evaluated by one replica at a time (a lease), this often, over this window.
-    alerts: bool = True
-    alert_interval: Millis = Field(default=5_000)
-    alert_window: Millis = Field(default=60_000)
-    alert_thresholds: list[AlertThreshold] = Field(default_factory=_default_thresholds)
-    # Alert history kept in Redis (newest first).
-    alert_history: int = Field(default=1_000, ge=1)
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        return renamed_durations(
+            data,
+            {
+                "window": "window_ms",
+                "alert_interval": "alert_interval_ms",
+                "alert_window": "alert_window_ms",
+            },
+        )
+
+    enabled: bool = Field(
+        default=True,
+        description="Metrics kept in Redis (off: nothing tallied, no alerts).",
+    )
+    bucket_s: int = Field(
+        default=10, ge=1, le=3600, description="Width of one time bucket (seconds)."
+    )
+    window_ms: DurationMs = Field(
+        default=24 * 3600 * 1000,
+        ge=1000,
+        description="How long the buckets are kept (the metrics the dashboard can show).",
+    )
+    flush_ms: DurationMs = Field(
+        default=1_000,
+        ge=10,
+        description="How often a replica writes what it tallied (one pipeline).",
+    )
+    alerts: bool = Field(
+        default=True,
+        description="Alerts: evaluated by one replica at a time (a lease), this often, over this "
+        "window.",
+    )
+    alert_interval_ms: DurationMs = Field(
+        default=5_000, ge=100, description="How often the alert rules are evaluated."
+    )
+    alert_window_ms: DurationMs = Field(
+        default=60_000, ge=1000, description="The window each rule is evaluated over."
+    )
+    alert_thresholds: list[AlertThreshold] = Field(
+        default_factory=_default_thresholds,
+        description="The alert rules: a metric (per service), a threshold and a severity.",
+    )
+    alert_history: int = Field(
+        default=1_000,
+        ge=1,
+        description="Alert history kept in Redis (newest first).",
+    )
 
 
 class AuditSettings(BaseModel):
@@ -112,9 +158,15 @@ class AuditSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = True
-    # Entries kept per run (the oldest go first).
-    max_entries: int = Field(default=200, ge=1)
+    enabled: bool = Field(
+        default=True,
+        description="The audit log of every run on.",
+    )
+    max_entries: int = Field(
+        default=200,
+        ge=1,
+        description="Entries kept per run (the oldest go first).",
+    )
 
 
 class TracingSettings(BaseModel):
@@ -124,12 +176,25 @@ class TracingSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = False
-    # "otlp": OTLP over HTTP to `endpoint` (else the standard OTEL_EXPORTER_OTLP_*
-    # variables, default http://localhost:4318); "console": one JSON span per line on stdout.
-    exporter: Literal["otlp", "console"] = "otlp"
-    endpoint: str | None = None
-    service_name: str = "mediator"
+    enabled: bool = Field(
+        default=False,
+        description="OpenTelemetry spans of runs and steps (needs the `otel` extra).",
+    )
+    exporter: Literal["otlp", "console"] = Field(
+        default="otlp",
+        description='"otlp": OTLP over HTTP to `endpoint` (else the standard OTEL_EXPORTER_OTLP_* '
+        'variables, default http://localhost:4318); "console": one JSON span per line '
+        "on stdout.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint (default: the exporter's, from "
+        "OTEL_EXPORTER_OTLP_ENDPOINT).",
+    )
+    service_name: str = Field(
+        default="mediator",
+        description="The service.name of the spans.",
+    )
 
 
 class GcSettings(BaseModel):
@@ -141,10 +206,16 @@ class GcSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tune: bool = True
-    # gc.set_threshold(gen0, gen1, gen2): allocations between young collections, then
-    # how many of each before the next older one.
-    threshold: tuple[int, int, int] = (50_000, 20, 100)
+    tune: bool = Field(
+        default=True,
+        description="Tune the garbage collector for a long-lived replica (fewer, larger "
+        "collections).",
+    )
+    threshold: tuple[int, int, int] = Field(
+        default=(50_000, 20, 100),
+        description="gc.set_threshold(gen0, gen1, gen2): allocations between young collections, "
+        "then how many of each before the next older one.",
+    )
 
 
 class HttpSettings(BaseModel):
@@ -152,10 +223,20 @@ class HttpSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    # 0: any free port (logged at start).
-    port: int = Field(default=9464, ge=0, le=65535)
+    enabled: bool = Field(
+        default=True,
+        description="Serve /metrics, /healthz and /readyz over HTTP.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="The address the HTTP endpoints listen on.",
+    )
+    port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="0: any free port (logged at start).",
+    )
 
 
 class DashboardSettings(BaseModel):
@@ -163,16 +244,21 @@ class DashboardSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: The operator token every page and API call needs (HTTP Basic password, any user
-    #: name, or ``Authorization: Bearer``), as is or as ``sha256:<hex>`` of it. Without
-    #: one the dashboard listens on loopback only.
-    token: SecretStr | None = None
-    #: A file holding the token (a Docker or Kubernetes secret), instead of it.
-    token_file: Path | None = None
-    #: Host names the dashboard answers to (the ``Host`` header; a DNS-rebinding page
-    #: names its own): loopback names, and the address it listens on, are always allowed.
+    token: SecretStr | None = Field(
+        default=None,
+        description="The operator token every page and API call needs (HTTP Basic password, any "
+        "user name, or ``Authorization: Bearer``), as is or as ``sha256:<hex>`` of "
+        "it. Without one the dashboard listens on loopback only.",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="A file holding the token (a Docker or Kubernetes secret), instead of it.",
+    )
     hosts: Annotated[list[str], NoDecode, BeforeValidator(comma_separated)] = Field(
-        default_factory=list
+        description="Host names the dashboard answers to (the ``Host`` header; a DNS-rebinding "
+        "page names its own): loopback names, and the address it listens on, are "
+        "always allowed.",
+        default_factory=list,
     )
 
     def secret(self) -> str | None:

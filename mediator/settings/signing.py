@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_settings import NoDecode
 
 from mediator.core.signing import Keyring, Operator, Operators, Signatures, parse_keys
-from mediator.settings.fields import comma_separated
+from mediator.settings.fields import DurationS, comma_separated
 
 
 class KeySet(BaseModel):
@@ -26,11 +26,20 @@ class KeySet(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    keys: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
-    current: str | None = None
-    #: A file holding the keys (``id=secret,...`` or a JSON object: a Docker or Kubernetes
-    #: secret), read at start and added to `keys`.
-    keys_file: Path | None = None
+    keys: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict,
+        description="Keys by id (`id=secret`, 16+ characters): HMAC-SHA256 keys, several at once "
+        "while one rotates.",
+    )
+    current: str | None = Field(
+        default=None,
+        description="The id of the key that signs (default: the first); the others only verify.",
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="A file holding the keys (``id=secret,...`` or a JSON object: a Docker or "
+        "Kubernetes secret), read at start and added to `keys`.",
+    )
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -78,34 +87,62 @@ class SigningSettings(KeySet):
     `mediator.core.signing`). On by default: the mediator refuses to start without keys
     unless ``enabled`` is false."""
 
-    enabled: bool = True
-    #: Per-service keys, e.g. ``payments: {keys: {pay-2: ..., pay-1: ...}, current: pay-2}``;
-    #: a service without its own signs with the shared `keys`.
-    services: dict[str, KeySet] = Field(default_factory=dict)
-    #: Who may send controls: operator id -> their keys and the actions they may send,
-    #: e.g. ``alice: {keys: {alice-1: ...}, may: [cancel, retry]}``. A control is applied
-    #: only signed by one of these keys (with signing on and `controls` required).
-    operators: dict[str, OperatorKeys] = Field(default_factory=dict)
-    #: The operator this process (the CLI, the dashboard) sends controls as.
-    operator: str | None = None
-    #: ``required``: unsigned controls, and those of operators who may not send them, are
-    #: dead-lettered; ``off``: controls are not checked (a closed network only).
-    controls: Literal["required", "off"] = "required"
-    #: How long after it was issued a control is accepted: a captured control published
-    #: again later is refused.
-    control_max_age_s: float = Field(default=300.0, gt=0)
-    #: Clients whose signed requests are accepted: client id -> their keys. The id of the
-    #: client whose key signed a request is kept with its run and in its audit log.
-    clients: dict[str, KeySet] = Field(default_factory=dict)
-    #: Requests: ``off`` (not checked), ``optional`` (a signed one must verify and is
-    #: recorded as its client's; unsigned ones are taken) or ``required`` (unsigned ones are
-    #: refused). Who may start workflows is otherwise up to Kafka ACLs.
-    requests: Literal["off", "optional", "required"] = "off"
-    #: The client this process (`mediator submit`) signs requests as.
-    client: str | None = None
-    #: Also sign over the value alone (``mediator-signature``) and accept records signed so:
-    #: only while services that predate signatures over topic, key and value upgrade.
-    legacy_signatures: bool = False
+    enabled: bool = Field(
+        default=True,
+        description="Sign commands and check replies, heartbeats and controls (off: anyone may "
+        "answer).",
+    )
+    services: dict[str, KeySet] = Field(
+        default_factory=dict,
+        description="Per-service keys, e.g. ``payments: {keys: {pay-2: ..., pay-1: ...}, current: "
+        "pay-2}``; a service without its own signs with the shared `keys`.",
+    )
+    operators: dict[str, OperatorKeys] = Field(
+        default_factory=dict,
+        description="Who may send controls: operator id -> their keys and the actions they may "
+        "send, e.g. ``alice: {keys: {alice-1: ...}, may: [cancel, retry]}``. A "
+        "control is applied only signed by one of these keys (with signing on and "
+        "`controls` required).",
+    )
+    operator: str | None = Field(
+        default=None,
+        description="The operator this process (the CLI, the dashboard) sends controls as.",
+    )
+    controls: Literal["required", "off"] = Field(
+        default="required",
+        description="``required``: unsigned controls, and those of operators who may not send "
+        "them, are dead-lettered; ``off``: controls are not checked (a closed network "
+        "only).",
+    )
+    control_max_age_s: DurationS = Field(
+        default=300.0,
+        gt=0,
+        description="How long after it was issued a control is accepted: a captured control "
+        "published again later is refused.",
+    )
+    clients: dict[str, KeySet] = Field(
+        default_factory=dict,
+        description="Clients whose signed requests are accepted: client id -> their keys. The id "
+        "of the client whose key signed a request is kept with its run and in its "
+        "audit log.",
+    )
+    requests: Literal["off", "optional", "required"] = Field(
+        default="off",
+        description="Requests: ``off`` (not checked), ``optional`` (a signed one must verify and "
+        "is recorded as its client's; unsigned ones are taken) or ``required`` "
+        "(unsigned ones are refused). Who may start workflows is otherwise up to "
+        "Kafka ACLs.",
+    )
+    client: str | None = Field(
+        default=None,
+        description="The client this process (`mediator submit`) signs requests as.",
+    )
+    legacy_signatures: bool = Field(
+        default=False,
+        description="Also sign over the value alone (``mediator-signature``) and accept records "
+        "signed so: only while services that predate signatures over topic, key and "
+        "value upgrade.",
+    )
 
     @model_validator(mode="after")
     def _valid_keys(self) -> SigningSettings:
