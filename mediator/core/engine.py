@@ -13,15 +13,21 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-from typing import Any
-
 from mediator.core import saga
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import _expression_failure, command_id, idempotency_key
 from mediator.core.results import history_of, result_of
 from mediator.core.sends import Sends
-from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
+from mediator.core.state import (
+    Failure,
+    StepState,
+    StepStatus,
+    WorkflowState,
+    evolve,
+    failure_of,
+    fork,
+)
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.transition import (
     Effect,
@@ -162,7 +168,7 @@ class Engine(Sends):
                 return self._compensate(workflow, transition, now_ms)
             return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
         error = reply.error or ErrorInfo(message="service replied error without details")
-        failure = error.model_dump(exclude_none=True)
+        failure = failure_of(error)
         failure["step"] = reply.step
         transition.count(svc(service, "error"))
         observe(transition, service, "error", reply.step, step_state, now_ms, reply.instance)
@@ -216,7 +222,12 @@ class Engine(Sends):
                     f"{step.timeout_ms} ms"
                 )
                 code = "timeout"
-            failure = {"message": message, "code": code, "retryable": True, "step": step.id}
+            failure: Failure = {
+                "message": message,
+                "code": code,
+                "retryable": True,
+                "step": step.id,
+            }
             return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
         if state.status is not WorkflowStatus.RUNNING:
             return None
@@ -248,7 +259,7 @@ class Engine(Sends):
             transition = Transition(fork(state))
             transition.state.updated_ms = now_ms
             transition.count(wf(workflow.name, "cancel_requested"))
-            error = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
+            error: Failure = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
             transition = self._finish(workflow, transition, now_ms, error)
         elif control.action is ControlAction.RETRY:
             if state.status not in _RETRYABLE_RUNS:
@@ -273,7 +284,7 @@ class Engine(Sends):
             # Undoing already: stop waiting for steps still in flight, compensate the rest.
             saga.abandon_in_flight(workflow, transition, now_ms, everything=True)
             return self._compensate(workflow, transition, now_ms)
-        error = {
+        error: Failure = {
             "message": f"workflow {workflow.name!r} did not finish within {limit} ms",
             "code": "deadline_exceeded",
         }
@@ -284,7 +295,7 @@ class Engine(Sends):
         workflow: Workflow,
         transition: Transition,
         step: Step,
-        failure: dict[str, Any],
+        failure: Failure,
         now_ms: int,
         instance: str | None,
     ) -> Transition:
@@ -328,7 +339,7 @@ class Engine(Sends):
         current = state.steps[step.id]
         service = current.via or step.service
         transition.count(svc(service, "instance_down"))
-        failure = {
+        failure: Failure = {
             "message": f"instance {current.instance!r} of {service!r} was marked down with "
             f"attempt {current.attempt} of step {step.id!r} in flight",
             "code": "instance_down",

@@ -10,7 +10,7 @@ from typing import Any
 from mediator.core import saga
 from mediator.core.counters import STEPS_SKIPPED
 from mediator.core.expressions import ExpressionError
-from mediator.core.state import SATISFIED, StepState, StepStatus, WorkflowState, evolve
+from mediator.core.state import SATISFIED, Failure, StepState, StepStatus, WorkflowState, evolve
 from mediator.core.timers import SetTimer
 from mediator.core.transition import (
     Transition,
@@ -65,7 +65,7 @@ class Progress:
             sum(1 for s in steps.values() if s.status in _BUSY) if workflow.max_parallel else 0
         )
         values: dict[str, Any] | None = None
-        failure: dict[str, Any] | None = None
+        failure: Failure | None = None
         # Commands go out only once the whole pass evaluated: a later step's failing
         # expression fails the run, and no service should be asked to work for it.
         ready: list[tuple[Step, Any]] = []
@@ -160,7 +160,7 @@ class Progress:
         workflow: Workflow,
         transition: Transition,
         now_ms: int,
-        error: dict[str, Any] | None,
+        error: Failure | None,
     ) -> Transition:
         """End the run: completed with its output, or failed with `error`, after
         compensating its completed steps if any declares a compensation."""
@@ -169,7 +169,7 @@ class Progress:
             try:
                 output = _output(workflow, transition.state)
             except ExpressionError as exc:
-                error = {"message": f"output mapping failed: {exc}", "code": "expression_error"}
+                error = Failure(message=f"output mapping failed: {exc}", code="expression_error")
         if error is not None:
             if saga.needed(workflow, transition.state):
                 transition.state.error = error
@@ -190,7 +190,7 @@ def _output(workflow: Workflow, state: WorkflowState) -> Any:
     return values["steps"]
 
 
-def _expression_failure(step: Step, reason: str) -> dict[str, Any]:
+def _expression_failure(step: Step, reason: str) -> Failure:
     return {
         "message": f"step {step.id!r} could not evaluate its input or condition: {reason}",
         "code": "expression_error",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mediator.core.state import StepState, WorkflowState
+from mediator.core.state import Failure, StepState, WorkflowState
 from topics.events import AttemptSummary, ErrorInfo, ResultEvent, StepSummary
 
 __all__ = ["history_of", "result_of"]
@@ -61,7 +61,7 @@ def _attempt(entry: dict[str, Any]) -> AttemptSummary:
     return AttemptSummary.model_validate({**entry, "error": _error_info(entry.get("error"))})
 
 
-def _error_info(error: dict[str, Any] | None) -> ErrorInfo | None:
+def _error_info(error: Failure | None) -> ErrorInfo | None:
     if not error:
         return None
-    return ErrorInfo.model_validate({k: error[k] for k in _ERROR_FIELDS if k in error})
+    return ErrorInfo.model_validate({k: v for k, v in error.items() if k in _ERROR_FIELDS})

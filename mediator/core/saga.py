@@ -19,7 +19,15 @@ from typing import Any
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.results import history_of
-from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
+from mediator.core.state import (
+    Failure,
+    StepState,
+    StepStatus,
+    WorkflowState,
+    evolve,
+    failure_of,
+    fork,
+)
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.transition import (
     Transition,
@@ -143,7 +151,7 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
     if any(busy.values()):
         return transition
     failed = any(u.status is StepStatus.FAILED for u in undos.values())
-    cancelled = (state.error or {}).get("code") == "cancelled"
+    cancelled = state.error is not None and state.error.get("code") == "cancelled"
     status = (
         WorkflowStatus.COMPENSATION_FAILED
         if failed
@@ -185,7 +193,7 @@ def undo_replied(
         )
         return progress(reply_to, workflow, transition, now_ms)
     error = reply.error or ErrorInfo(message="service replied error without details")
-    failure = error.model_dump(exclude_none=True)
+    failure = failure_of(error)
     failure["step"] = step.id
     transition.count(svc(compensate.service, "error"))
     observe(
@@ -215,7 +223,7 @@ def undo_timer(
             transition, compensate.service, "timeout", step.id, undo, now_ms, undo.instance,
             undo=True,
         )  # fmt: skip
-        failure = {
+        failure: Failure = {
             "message": f"compensation of step {step.id!r} attempt {timer.attempt} got no "
             f"reply within {compensate.timeout_ms} ms",
             "code": "timeout",
@@ -239,7 +247,7 @@ def refuse_undo(
     workflow: Workflow,
     transition: Transition,
     command: CommandEvent,
-    failure: dict[str, Any],
+    failure: Failure,
     now_ms: int,
 ) -> Transition:
     """A compensation's command cannot be delivered (too large): that undo fails."""
@@ -257,7 +265,7 @@ def _fail(
     workflow: Workflow,
     transition: Transition,
     step: Step,
-    failure: dict[str, Any],
+    failure: Failure,
     now_ms: int,
     instance: str | None,
 ) -> Transition:
@@ -301,7 +309,7 @@ def _dispatch(
     try:
         undo_input = compensate.input.render(context(state, state.steps))
     except ExpressionError as exc:
-        error = {
+        error: Failure = {
             "message": f"compensation of step {step.id!r} could not evaluate its input: {exc}",
             "code": "expression_error",
             "step": step.id,

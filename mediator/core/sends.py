@@ -3,13 +3,11 @@ open breaker, rerouted to a fallback, routed to an instance, or refused (too lar
 
 from __future__ import annotations
 
-from typing import Any
-
 from mediator.core import saga
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import Progress
-from mediator.core.state import StepState, StepStatus, WorkflowState, evolve, fork
+from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, evolve, fork
 from mediator.core.timers import SetTimer
 from mediator.core.transition import (
     PublishResult,
@@ -94,7 +92,7 @@ class Sends(Progress):
         workflow: Workflow,
         transition: Transition,
         command_id: str,
-        error: dict[str, Any],
+        error: Failure,
         now_ms: int,
     ) -> Transition:
         """`transition` (not yet committed) sends a command that cannot be delivered, e.g.
@@ -103,7 +101,7 @@ class Sends(Progress):
         state = transition.state
         command, step_state = _forward_command(transition, command_id)
         transition.count(svc(command.service, "refused"))
-        failure = {**error, "step": command.step}
+        failure: Failure = {**error, "step": command.step}
         if step_state is None:  # a compensation's command
             return saga.refuse_undo(
                 self.replies_topic, workflow, transition, command, failure, now_ms
@@ -124,7 +122,7 @@ class Sends(Progress):
         return self._finish(workflow, transition, now_ms, failure)
 
     @staticmethod
-    def refuse_result(transition: Transition, error: dict[str, Any], now_ms: int) -> Transition:
+    def refuse_result(transition: Transition, error: Failure, now_ms: int) -> Transition:
         """The result `transition` publishes cannot be delivered (too large): the run fails
         with `error` instead, and its result says so without the output."""
         state = transition.state
@@ -137,7 +135,7 @@ class Sends(Progress):
         return end(transition, None, error, now_ms, status)
 
     @staticmethod
-    def abandon(state: WorkflowState, error: dict[str, Any], now_ms: int) -> Transition:
+    def abandon(state: WorkflowState, error: Failure, now_ms: int) -> Transition:
         """Fail a running run that cannot advance (its definition is gone) with `error`."""
         return end(Transition(fork(state)), None, error, now_ms)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, NotRequired, TypedDict, TypeVar
 
 import orjson
 
@@ -41,6 +41,25 @@ class StepStatus(StrEnum):
 SATISFIED = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
 
 
+class Failure(TypedDict):
+    """What went wrong with a step or a run, as the state holds it (the fields of the
+    contract's `ErrorInfo`): a message for people, a code for programs, whether a retry may
+    cure it, and the step it happened in."""
+
+    message: str
+    code: NotRequired[str]
+    retryable: NotRequired[bool]
+    step: NotRequired[str | None]
+
+
+def failure_of(error: Any) -> Failure:
+    """A `Failure` from the contract's `ErrorInfo` (a reply's error)."""
+    failure = Failure(message=error.message, code=error.code, retryable=error.retryable)
+    if error.step is not None:
+        failure["step"] = error.step
+    return failure
+
+
 @dataclass(slots=True)
 class StepState:
     """Where one step stands."""
@@ -49,7 +68,7 @@ class StepState:
     attempt: int = 0
     command_id: str | None = None
     output: Any = None
-    error: dict[str, Any] | None = None
+    error: Failure | None = None
     started_ms: int | None = None
     finished_ms: int | None = None
     instance: str | None = None
@@ -80,7 +99,7 @@ class WorkflowState:
     deadline_ms: int | None = None
     finished_ms: int | None = None
     output: Any = None
-    error: dict[str, Any] | None = None
+    error: Failure | None = None
     rev: int = 0
     #: What the request asked for (a hash of workflow name and payload): a request id
     #: reused for something else is told so, not given this run's result.

@@ -9,7 +9,7 @@ from typing import Any
 from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.metrics import Observation
 from mediator.core.results import result_of
-from mediator.core.state import StepState, StepStatus, WorkflowState, fork
+from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, fork
 from mediator.core.timers import Fired, SetTimer, TimerKind
 from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
@@ -102,7 +102,7 @@ class Transition:
 def end(
     transition: Transition,
     output: Any,
-    error: dict[str, Any] | None,
+    error: Failure | None,
     now_ms: int,
     status: WorkflowStatus | None = None,
 ) -> Transition:

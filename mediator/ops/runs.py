@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mediator.core.results import history_of, result_of
-from mediator.core.state import WorkflowState, loads
+from mediator.core.state import Failure, WorkflowState, loads
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
@@ -111,7 +111,7 @@ async def _states(redis: Redis, keys: Keys, ids: list[str]) -> list[WorkflowStat
 
 
 def _row(state: WorkflowState) -> dict[str, Any]:
-    error = state.error or {}
+    error: Failure | dict[str, str] = state.error or {}
     return {
         "workflow_id": state.workflow_id,
         "request_id": state.request_id,

@@ -14,7 +14,7 @@ from mediator.clock import now_ms
 from mediator.core import saga
 from mediator.core.counters import REROUTED
 from mediator.core.engine import SendCommand, Transition
-from mediator.core.state import WorkflowState
+from mediator.core.state import Failure, WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable
@@ -384,5 +384,5 @@ class Advance(Commits):
             "workflow %s failed: %s", base.workflow_id, reason,
             extra=run_fields(base, code="unknown_definition"),
         )  # fmt: skip
-        error = {"message": reason, "code": "unknown_definition"}
+        error: Failure = {"message": reason, "code": "unknown_definition"}
         return Pending(base, self.engine.abandon(base, error, now), None)

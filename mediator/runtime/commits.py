@@ -15,7 +15,7 @@ from mediator.core.audit import AuditEvent
 from mediator.core.engine import PublishResult, SendCommand, Transition
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
-from mediator.core.state import WorkflowState
+from mediator.core.state import Failure, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.logs import run_fields
 from mediator.runtime.context import (
@@ -55,7 +55,7 @@ class Commits(Intake):
         messages = self._messages(transition)
         limit = self.limits.max_message_bytes - 1024  # room for the record framing
         while (big := next((m for m in messages if m.size > limit), None)) is not None:
-            error = {
+            error: Failure = {
                 "message": f"{big.kind} {big.id} would be {big.size} bytes, over the "
                 f"{self.limits.max_message_bytes}-byte limit (limits.max_message_bytes); "
                 "pass large data by reference",

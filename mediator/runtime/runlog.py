@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable
 
 from mediator.core.metrics import FAILED
+from mediator.core.state import Failure
 from mediator.core.transition import Transition
 from mediator.logs import run_fields
 
@@ -26,7 +27,7 @@ def log_runs(transitions: Iterable[Transition]) -> None:
         for seen in transition.observed:
             if seen.kind == "wf":
                 if seen.outcome in FAILED:
-                    error = state.error or {}
+                    error: Failure | dict[str, str] = state.error or {}
                     log.warning(
                         "workflow %s (%s) %s after %d ms: %s", state.workflow_id,
                         state.workflow, seen.outcome, seen.ms, error.get("message", "no reason"),

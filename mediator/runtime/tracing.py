@@ -135,7 +135,8 @@ class Tracing:
             "workflow.request_id": state.request_id,
             "workflow.status": observation.outcome,
         }
-        error = (state.error or {}).get("message") if observation.outcome in FAILED else None
+        failed = observation.outcome in FAILED and state.error is not None
+        error = state.error["message"] if failed and state.error is not None else None
         self._span(state.workflow, otel.SpanKind.CONSUMER, parent, end - observation.ms, end,
                    attributes, error)  # fmt: skip
 
