@@ -159,14 +159,16 @@ class Mediator:
             StatsCollector(
                 {
                     "runtime": self.runtime.stats.as_dict,
-                    "outbox": lambda: {"published": self.dispatcher.published,
-                                       "swept": self.dispatcher.swept,
-                                       **self.dispatcher.stats.as_dict()},
+                    "outbox": lambda: {
+                        "published": self.dispatcher.published,
+                        "swept": self.dispatcher.swept,
+                        **self.dispatcher.stats.as_dict(),
+                    },
                     "breakers": self.breakers.stats.as_dict,
                 },
                 self._gauges,
             )
-        )  # fmt: skip
+        )
         http = settings.http
         self.endpoints = (
             Endpoints(self.prometheus, self._readiness, http.host, http.port)
@@ -278,8 +280,9 @@ class Mediator:
             "finish the batches in hand", asyncio.gather(*(c.halt() for c in self.consumers))
         )
         await _bounded("commit processed offsets", self.offsets.flush())
-        await _bounded("leave the consumer groups",
-                       asyncio.gather(*(c.close() for c in self.consumers)))  # fmt: skip
+        await _bounded(
+            "leave the consumer groups", asyncio.gather(*(c.close() for c in self.consumers))
+        )
 
     async def _start(self) -> None:
         await self.prepare()
@@ -391,8 +394,9 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
         log.warning(
             "the shared signing keys (signing.keys) sign for services %s: whoever holds "
             "them can answer for any of these; give each service keys of its own "
-            "(signing.services.<name>.keys)", ", ".join(shared),
-        )  # fmt: skip
+            "(signing.services.<name>.keys)",
+            ", ".join(shared),
+        )
     missing = signatures.unsigned(definitions.services())
     if missing:
         msg = (
@@ -407,8 +411,10 @@ def _controls_signed(settings: Settings) -> bool:
     """Whether controls must be signed by an operator; says so loudly when none can be."""
     signing = settings.signing
     if not signing.enabled or signing.controls == "off":
-        log.warning("controls are not checked: anyone who can write the control topic can "
-                    "cancel and retry runs, reset breakers and drain instances")  # fmt: skip
+        log.warning(
+            "controls are not checked: anyone who can write the control topic can "
+            "cancel and retry runs, reset breakers and drain instances"
+        )
         return False
     if not signing.operators:
         log.warning(

@@ -263,9 +263,12 @@ class HealthEvent(Event):
         "consumer group's assignment); commands routed to it go to one of them.",
     )
     weight: float = Field(
-        default=1.0, gt=0.0, le=1000.0, allow_inf_nan=False,
+        default=1.0,
+        gt=0.0,
+        le=1000.0,
+        allow_inf_nan=False,
         description="Its share under `weighted`.",
-    )  # fmt: skip
+    )
     interval_ms: int = Field(
         default=1000,
         ge=10,
@@ -278,9 +281,12 @@ class HealthEvent(Event):
     )
     errors: int = Field(default=0, ge=0, le=10**9, description="Of those, error replies.")
     latency_ms: float | None = Field(
-        default=None, ge=0.0, le=1e9, allow_inf_nan=False,
+        default=None,
+        ge=0.0,
+        le=1e9,
+        allow_inf_nan=False,
         description="Their mean time in the handler.",
-    )  # fmt: skip
+    )
     version: str | None = None
     ts_ms: int
     boot: str | None = Field(

@@ -305,11 +305,15 @@ class EmbeddedKafka(_Server):
     def _command(self, binary: Path, workdir: Path) -> list[str]:
         url = f"tcp://{HOST}:{self.port}"
         return [
-            str(binary), "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
 
     async def _probe(self) -> None:
         admin = new_admin(self.bootstrap_servers)
@@ -338,12 +342,17 @@ class EmbeddedRedis(_Server):
     def _command(self, binary: Path, workdir: Path) -> list[str]:
         return [
             str(binary),
-            "--port", str(self.port),
-            "--bind", HOST,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(workdir),
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
 
     async def _probe(self) -> None:
         client = aioredis.Redis.from_url(self.url, socket_timeout=2.0)

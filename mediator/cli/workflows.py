@@ -88,9 +88,15 @@ def list_command(
 
         async with _redis(settings) as (redis, keys):
             return await list_runs(
-                redis, keys, status=status, workflow=workflow, since_ms=since_ms,
-                until_ms=until_ms, request_id=request_id, limit=limit,
-            )  # fmt: skip
+                redis,
+                keys,
+                status=status,
+                workflow=workflow,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                request_id=request_id,
+                limit=limit,
+            )
 
     runs = run(query())
     if json_output:
@@ -103,9 +109,13 @@ def list_command(
     for row in runs:
         done = sum(1 for s in row["steps"].values() if s == "completed")
         table.add_row(
-            row["workflow_id"], row["workflow"], row["status"], _time(row["updated_ms"]),
-            f"{done}/{len(row['steps'])}", row["error"] or "",
-        )  # fmt: skip
+            row["workflow_id"],
+            row["workflow"],
+            row["status"],
+            _time(row["updated_ms"]),
+            f"{done}/{len(row['steps'])}",
+            row["error"] or "",
+        )
     Console(width=160).print(table)
     typer.echo(f"{len(runs)} runs")
 
@@ -150,19 +160,27 @@ def show_command(
             started, finished = attempt.get("started_ms"), attempt.get("finished_ms")
             error = attempt.get("error") or {}
             steps.add_row(
-                sid, step["status"], str(attempt.get("attempt", "")), step.get("service") or "",
-                attempt.get("instance") or "", _time(started),
+                sid,
+                step["status"],
+                str(attempt.get("attempt", "")),
+                step.get("service") or "",
+                attempt.get("instance") or "",
+                _time(started),
                 str(finished - started) if started and finished else "",
                 error.get("message", "") if isinstance(error, dict) else str(error),
-            )  # fmt: skip
+            )
     console.print(steps)
     timeline = Table("time (UTC)", "event", "step", "attempt", "instance", "status after", "sent")
     for entry in found["audit"]:
         timeline.add_row(
-            _time(entry.get("t")), entry.get("event", ""), entry.get("step") or "",
-            str(entry.get("attempt") or ""), entry.get("instance") or "", entry.get("status") or "",
+            _time(entry.get("t")),
+            entry.get("event", ""),
+            entry.get("step") or "",
+            str(entry.get("attempt") or ""),
+            entry.get("instance") or "",
+            entry.get("status") or "",
             ", ".join(f"{s['step']}#{s['attempt']}" for s in entry.get("sent", [])),
-        )  # fmt: skip
+        )
     console.print(timeline)
 
 

@@ -268,8 +268,10 @@ class Engine(Sends):
         else:
             return None
         applied = transition.state
-        applied.controls = [*(applied.controls or ())[-(MAX_CONTROLS_KEPT - 1) :],
-                            control.control_id]  # fmt: skip
+        applied.controls = [
+            *(applied.controls or ())[-(MAX_CONTROLS_KEPT - 1) :],
+            control.control_id,
+        ]
         return transition
 
     def _deadline(
@@ -369,8 +371,10 @@ class Engine(Sends):
         undone = state.compensations or {}
         if undone:
             # The next round's compensations go on from these attempt numbers.
-            state.undo_base = {**(state.undo_base or {}),
-                               **{sid: undo.attempt for sid, undo in undone.items()}}  # fmt: skip
+            state.undo_base = {
+                **(state.undo_base or {}),
+                **{sid: undo.attempt for sid, undo in undone.items()},
+            }
         for sid, step_state in state.steps.items():
             kept = step_state.status is StepStatus.COMPLETED and (
                 sid not in undone or undone[sid].status is not StepStatus.COMPLETED

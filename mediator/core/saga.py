@@ -220,9 +220,15 @@ def undo_timer(
         transition.count(svc(compensate.service, "timeout"))
         transition.outcomes.append((compensate.service, False))
         observe(
-            transition, compensate.service, "timeout", step.id, undo, now_ms, undo.instance,
+            transition,
+            compensate.service,
+            "timeout",
+            step.id,
+            undo,
+            now_ms,
+            undo.instance,
             undo=True,
-        )  # fmt: skip
+        )
         failure: Failure = {
             "message": f"compensation of step {step.id!r} attempt {timer.attempt} got no "
             f"reply within {compensate.timeout_ms} ms",

@@ -313,8 +313,9 @@ class Operators:
         for operator in operators:
             for key in operator.keys.keys:
                 self._by_key[key.id] = operator
-        self.ring = Keyring(k for o in {o.id: o for o in self._by_key.values()}.values()
-                            for k in o.keys.keys)  # fmt: skip
+        self.ring = Keyring(
+            k for o in {o.id: o for o in self._by_key.values()}.values() for k in o.keys.keys
+        )
         self.max_age_ms = max_age_ms
 
     def authorise(

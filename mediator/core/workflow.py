@@ -314,8 +314,9 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
     )
     compensate = None
     if spec.compensate is not None:
-        compensate = _compensation(name, spec.id, "compensate", spec.compensate,
-                                   spec.service, timeout_ms)  # fmt: skip
+        compensate = _compensation(
+            name, spec.id, "compensate", spec.compensate, spec.service, timeout_ms
+        )
     fallback = None
     if (alt := spec.fallback) is not None:
         fallback = Fallback(

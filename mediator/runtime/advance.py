@@ -334,8 +334,11 @@ class Advance(Commits):
         if service is None or not self.signatures.has_own_keys(service):
             return False
         out.forged.add(id(event))
-        self._forged(record, f"reply for {service!r} signed with a shared key, but it has "
-                             "keys of its own", out)  # fmt: skip
+        self._forged(
+            record,
+            f"reply for {service!r} signed with a shared key, but it has keys of its own",
+            out,
+        )
         return True
 
     def _apply(
@@ -381,8 +384,10 @@ class Advance(Commits):
             "Redis, so this run cannot advance; deploy that version again and retry"
         )
         log.error(
-            "workflow %s failed: %s", base.workflow_id, reason,
+            "workflow %s failed: %s",
+            base.workflow_id,
+            reason,
             extra=run_fields(base, code="unknown_definition"),
-        )  # fmt: skip
+        )
         error: Failure = {"message": reason, "code": "unknown_definition"}
         return Pending(base, self.engine.abandon(base, error, now), None)

@@ -78,8 +78,12 @@ class Boundary:
             delay = self.backoff.delay_ms(self.failures)
             log.warning(
                 "%s: batch of %d will be redelivered in %d ms (failure %d in a row): %s",
-                self.name, len(records), delay, self.failures, exc,
-            )  # fmt: skip
+                self.name,
+                len(records),
+                delay,
+                self.failures,
+                exc,
+            )
             await asyncio.sleep(delay / 1000)
             return False
         self.failures = 0
@@ -93,7 +97,11 @@ class Boundary:
         reason = f"{type(exc).__name__}: {exc}"
         log.error(
             "%s: record %s[%d]@%d cannot be processed and is dead-lettered: %s",
-            self.name, record.topic, record.partition, record.offset, reason,
+            self.name,
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
             exc_info=exc,
-        )  # fmt: skip
+        )
         await self.reject(record, reason, "unprocessable")

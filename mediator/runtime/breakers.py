@@ -104,8 +104,13 @@ class MirrorStorage(pybreaker.CircuitBreakerStorage):
     def as_fields(self) -> dict[str, Any]:
         """`fields` by name, as the breaker's hash in Redis holds them."""
         state, counter, success, opened, probe = self.fields()
-        return {"state": state, "counter": counter, "success": success, "opened_ms": opened,
-                "probe_until_ms": probe}  # fmt: skip
+        return {
+            "state": state,
+            "counter": counter,
+            "success": success,
+            "opened_ms": opened,
+            "probe_until_ms": probe,
+        }
 
     def load(self, raw: dict[Any, Any]) -> None:
         """Take the values of the breaker's hash (HGETALL) as they are in Redis."""

@@ -62,9 +62,11 @@ class Commits(Intake):
                 "code": "payload_too_large",
             }
             log.warning(
-                "workflow %s: %s", transition.state.workflow_id, error["message"],
+                "workflow %s: %s",
+                transition.state.workflow_id,
+                error["message"],
                 extra=run_fields(transition.state, code="payload_too_large"),
-            )  # fmt: skip
+            )
             if big.kind == "command" and workflow is not None:
                 transition = self.engine.refuse_command(workflow, transition, big.id, error, now)
             else:

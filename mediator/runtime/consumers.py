@@ -205,8 +205,11 @@ class BatchConsumer:
         try:
             await asyncio.wait_for(asyncio.shield(task), wait_s)
         except TimeoutError:
-            log.warning("%s: the batch in hand did not finish within %.0f s; it will be "
-                        "redelivered", self.subscription.name, wait_s)  # fmt: skip
+            log.warning(
+                "%s: the batch in hand did not finish within %.0f s; it will be redelivered",
+                self.subscription.name,
+                wait_s,
+            )
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -246,6 +249,12 @@ class BatchConsumer:
         delay = self.backoff.delay_ms(self.poll_failures)
         level = logging.WARNING if is_transient(exc) else logging.ERROR
         if self.poll_failures in (1, 10) or self.poll_failures % 100 == 0:
-            log.log(level, "%s: fetching failed (%d in a row), retrying in %d ms: %s",
-                    self.subscription.name, self.poll_failures, delay, exc)  # fmt: skip
+            log.log(
+                level,
+                "%s: fetching failed (%d in a row), retrying in %d ms: %s",
+                self.subscription.name,
+                self.poll_failures,
+                delay,
+                exc,
+            )
         await asyncio.sleep(delay / 1000)

@@ -73,8 +73,11 @@ async def adopt_offsets(
             delay = backoff.delay_ms(attempt)
             log.warning(
                 "carrying consumer offsets over to %s failed (try %d), retrying in %d ms: %s",
-                group, attempt, delay, exc,
-            )  # fmt: skip
+                group,
+                attempt,
+                delay,
+                exc,
+            )
             await asyncio.sleep(delay / 1000)
     raise AssertionError  # the loop above only returns or raises
 
@@ -98,8 +101,10 @@ async def _adopt(
             await new.commit(carried)
             log.info(
                 "consumer group %s starts where %s stopped: %d partitions",
-                group, ", ".join(sorted(set(previous.values()))), len(carried),
-            )  # fmt: skip
+                group,
+                ", ".join(sorted(set(previous.values()))),
+                len(carried),
+            )
         return carried
     finally:
         await new.stop()

@@ -76,9 +76,14 @@ class Intake(RuntimeContext):
             return None
         try:
             return self.operators.authorise(
-                record.value, record.headers, record.topic, record.key,
-                control.action.value, control.issued_ms, now_ms(),
-            )  # fmt: skip
+                record.value,
+                record.headers,
+                record.topic,
+                record.key,
+                control.action.value,
+                control.issued_ms,
+                now_ms(),
+            )
         except SignatureError as exc:
             self._forged(record, exc.reason, out, exc.code)
             return None

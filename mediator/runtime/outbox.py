@@ -172,12 +172,18 @@ class Dispatcher:
             self.stats.retried += 1
             log.warning(
                 "publish of %s %s to %s failed (try %d), retrying in %d ms: %s",
-                message.kind, message.id, message.topic, tries, delay, exc,
-            )  # fmt: skip
+                message.kind,
+                message.id,
+                message.topic,
+                tries,
+                delay,
+                exc,
+            )
             if message.shard >= 0:
                 with contextlib.suppress(StateUnavailable):  # the lease runs out instead
-                    await self.store.renew(message.shard, [(message.id, message.lease)],
-                                           delay_ms=delay)  # fmt: skip
+                    await self.store.renew(
+                        message.shard, [(message.id, message.lease)], delay_ms=delay
+                    )
             return
         self.stats.dead += 1
         try:
@@ -206,9 +212,16 @@ class Dispatcher:
             excerpt_bytes=self.excerpt_bytes,
         )
         out = [
-            Message(-1, f"dlq.{message.id}", self.topics.dlq, message.key, encode(dead),
-                    headers(dead), "dead_letter"),
-        ]  # fmt: skip
+            Message(
+                -1,
+                f"dlq.{message.id}",
+                self.topics.dlq,
+                message.key,
+                encode(dead),
+                headers(dead),
+                "dead_letter",
+            ),
+        ]
         if message.kind == "command":
             reply = _undeliverable(message, reason, code)
             if reply is not None:
@@ -219,8 +232,11 @@ class Dispatcher:
                         reply.service, value, self.topics.replies, message.key
                     )
                 undeliverable = f"undeliverable.{message.id}"
-                out.append(Message(-1, undeliverable, self.topics.replies, message.key,
-                                   value, signed, "reply"))  # fmt: skip
+                out.append(
+                    Message(
+                        -1, undeliverable, self.topics.replies, message.key, value, signed, "reply"
+                    )
+                )
         await self.send_now(out)
 
     async def _still_held(

@@ -80,7 +80,7 @@ class Registry:
                     "Redis lost heartbeats it had taken (a failover?): no instance is marked "
                     "down for %d ms, until each has been heard from again",
                     self.settings.after_loss_ms,
-                )  # fmt: skip
+                )
         return changes
 
     async def _beats(self, beats: Sequence[HealthEvent]) -> list[Change]:
@@ -94,8 +94,12 @@ class Registry:
         for beat, (was, now, status) in zip(beats, replies, strict=True):
             if status == "stale":
                 self.stale += 1
-                log.debug("stale heartbeat of %s (boot %s, seq %s) ignored",
-                          beat.instance, beat.boot, beat.seq)  # fmt: skip
+                log.debug(
+                    "stale heartbeat of %s (boot %s, seq %s) ignored",
+                    beat.instance,
+                    beat.boot,
+                    beat.seq,
+                )
                 continue
             if was == status:
                 continue
@@ -131,9 +135,12 @@ class Registry:
         # forgets instances down for long.
         watermark, hold = await self.watermark()
         swept = await self.hashes.sweep(
-            services, limit=1000, forget_after_ms=self.settings.forget_after_ms,
-            watermark_ms=watermark, hold_until_ms=hold,
-        )  # fmt: skip
+            services,
+            limit=1000,
+            forget_after_ms=self.settings.forget_after_ms,
+            watermark_ms=watermark,
+            hold_until_ms=hold,
+        )
         deaths = [
             Change(service, instance, "down", now)
             for service, now, dead in swept
@@ -142,8 +149,10 @@ class Registry:
         for death in deaths:
             log.warning(
                 "instance %s of %s is down: no heartbeat for %d intervals",
-                death.instance, death.service, self.settings.missed_heartbeats,
-            )  # fmt: skip
+                death.instance,
+                death.service,
+                self.settings.missed_heartbeats,
+            )
         return deaths
 
     async def refresh(self, services: Iterable[str] | None = None) -> None:
@@ -158,8 +167,12 @@ class Registry:
         status = await self.hashes.drain(service, instance, on)
         if not status:
             return None
-        log.info("instance %s of %s %s by an operator", instance, service,
-                 "drained" if on else "undrained")  # fmt: skip
+        log.info(
+            "instance %s of %s %s by an operator",
+            instance,
+            service,
+            "drained" if on else "undrained",
+        )
         return status
 
     async def known(self) -> set[str]:
@@ -217,8 +230,10 @@ class RegistryUpkeep(Periodic):
             if self.mark_failures in (1, 10) or self.mark_failures % 100 == 0:
                 log.warning(
                     "health-topic markers not written (%d rounds in a row): %s; no instance "
-                    "is marked down meanwhile", self.mark_failures, exc,
-                )  # fmt: skip
+                    "is marked down meanwhile",
+                    self.mark_failures,
+                    exc,
+                )
         else:
             self.mark_failures = 0
 

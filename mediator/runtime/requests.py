@@ -112,10 +112,16 @@ class Requests(Advance):
         except UnknownWorkflow as exc:
             self.stats.rejected_requests += 1
             log.warning(
-                "request %s rejected: %s", request.request_id, exc,
-                extra={"request_id": request.request_id, "workflow": request.workflow,
-                       "trace_id": request.trace_id, "code": "unknown_workflow"},
-            )  # fmt: skip
+                "request %s rejected: %s",
+                request.request_id,
+                exc,
+                extra={
+                    "request_id": request.request_id,
+                    "workflow": request.workflow,
+                    "trace_id": request.trace_id,
+                    "code": "unknown_workflow",
+                },
+            )
             out.direct.append(self._rejection(request, "unknown_workflow", str(exc), origin))
             return None
         digest = hashlib.blake2b(request.workflow.encode() + b"\0" + canonical, digest_size=12)
@@ -138,10 +144,16 @@ class Requests(Advance):
     ) -> None:
         self.stats.rejected_requests += 1
         log.warning(
-            "request %s refused: %s", request.request_id, reason,
-            extra={"request_id": request.request_id, "workflow": request.workflow,
-                   "trace_id": request.trace_id, "code": code},
-        )  # fmt: skip
+            "request %s refused: %s",
+            request.request_id,
+            reason,
+            extra={
+                "request_id": request.request_id,
+                "workflow": request.workflow,
+                "trace_id": request.trace_id,
+                "code": code,
+            },
+        )
         self._dead_letter(record, reason, code, out)
         out.direct.append(self._rejection(request, code, reason, origin))
 

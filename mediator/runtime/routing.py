@@ -139,8 +139,10 @@ class Router:
             self.stats.rerouted_on_death += moved
             log.warning(
                 "instance %s of %s is down: %d commands in flight on it go elsewhere",
-                instance, service, moved,
-            )  # fmt: skip
+                instance,
+                service,
+                moved,
+            )
         return moved
 
     async def sweep_down(self) -> int:
@@ -204,9 +206,12 @@ def _key(expression: str, transition: Transition, command_input: Any) -> str | N
     document = {
         "payload": state.payload,
         "input": command_input,
-        "workflow": {"id": state.workflow_id, "request_id": state.request_id,
-                     "name": state.workflow},
-    }  # fmt: skip
+        "workflow": {
+            "id": state.workflow_id,
+            "request_id": state.request_id,
+            "name": state.workflow,
+        },
+    }
     value = compile_expression(expression).search(document)
     if value is None:
         return None

@@ -29,34 +29,58 @@ def log_runs(transitions: Iterable[Transition]) -> None:
                 if seen.outcome in FAILED:
                     error: Failure | dict[str, str] = state.error or {}
                     log.warning(
-                        "workflow %s (%s) %s after %d ms: %s", state.workflow_id,
-                        state.workflow, seen.outcome, seen.ms, error.get("message", "no reason"),
+                        "workflow %s (%s) %s after %d ms: %s",
+                        state.workflow_id,
+                        state.workflow,
+                        seen.outcome,
+                        seen.ms,
+                        error.get("message", "no reason"),
                         extra=run_fields(state, code=error.get("code")),
-                    )  # fmt: skip
+                    )
                 elif debug:
                     log.debug(
-                        "workflow %s (%s) %s after %d ms", state.workflow_id, state.workflow,
-                        seen.outcome, seen.ms, extra=run_fields(state),
-                    )  # fmt: skip
+                        "workflow %s (%s) %s after %d ms",
+                        state.workflow_id,
+                        state.workflow,
+                        seen.outcome,
+                        seen.ms,
+                        extra=run_fields(state),
+                    )
                 continue
             what = "compensation of step" if seen.undo else "step"
             fields = run_fields(
-                state, step=seen.step, attempt=seen.attempt, service=seen.name,
+                state,
+                step=seen.step,
+                attempt=seen.attempt,
+                service=seen.name,
                 instance=seen.instance,
-            )  # fmt: skip
+            )
             if seen.outcome == "ok":
                 if debug:
                     log.debug(
-                        "%s %s attempt %d of %s done by %s in %d ms", what, seen.step,
-                        seen.attempt, state.workflow_id, seen.name, seen.ms, extra=fields,
-                    )  # fmt: skip
+                        "%s %s attempt %d of %s done by %s in %d ms",
+                        what,
+                        seen.step,
+                        seen.attempt,
+                        state.workflow_id,
+                        seen.name,
+                        seen.ms,
+                        extra=fields,
+                    )
                 continue
             steps = state.compensations if seen.undo else state.steps
             step = (steps or {}).get(seen.step or "")
             error = (step.error if step is not None else None) or {}
             fields["code"] = error.get("code", seen.outcome)
             log.info(
-                "%s %s attempt %d of %s: %s from %s after %d ms: %s", what, seen.step,
-                seen.attempt, state.workflow_id, seen.outcome, seen.name, seen.ms,
-                error.get("message", seen.outcome), extra=fields,
-            )  # fmt: skip
+                "%s %s attempt %d of %s: %s from %s after %d ms: %s",
+                what,
+                seen.step,
+                seen.attempt,
+                state.workflow_id,
+                seen.outcome,
+                seen.name,
+                seen.ms,
+                error.get("message", seen.outcome),
+                extra=fields,
+            )

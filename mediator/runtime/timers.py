@@ -74,8 +74,11 @@ class TimerPoller(Periodic):
         reason = f"{type(exc).__name__}: {exc}"
         log.error(
             "timer %s of shard %d cannot be applied and is set aside: %s",
-            timer.name, shard, reason, exc_info=exc,
-        )  # fmt: skip
+            timer.name,
+            shard,
+            reason,
+            exc_info=exc,
+        )
         if await self.store.park_timer(shard, timer, reason, now_ms()):
             self.poisoned += 1
             await self.store.count({"timers:poisoned": 1})

@@ -137,8 +137,15 @@ class Tracing:
         }
         failed = observation.outcome in FAILED and state.error is not None
         error = state.error["message"] if failed and state.error is not None else None
-        self._span(state.workflow, otel.SpanKind.CONSUMER, parent, end - observation.ms, end,
-                   attributes, error)  # fmt: skip
+        self._span(
+            state.workflow,
+            otel.SpanKind.CONSUMER,
+            parent,
+            end - observation.ms,
+            end,
+            attributes,
+            error,
+        )
 
     def _step_span(
         self, state: WorkflowState, observation: Observation, trace: int, run_span: str
@@ -164,8 +171,9 @@ class Tracing:
         if observation.outcome in FAILED:
             error = f"{observation.name}: {observation.outcome}"
         parent = self._parent(trace, run_span)
-        self._span(name, otel.SpanKind.PRODUCER, parent, end - observation.ms, end, attributes,
-                   error)  # fmt: skip
+        self._span(
+            name, otel.SpanKind.PRODUCER, parent, end - observation.ms, end, attributes, error
+        )
 
     def _parent(self, trace: int, parent_span: str) -> Any:
         flags = otel.TraceFlags(otel.TraceFlags.SAMPLED)

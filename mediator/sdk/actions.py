@@ -89,10 +89,16 @@ class Actions(Replies):
                 if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
                     raise
                 log.exception(
-                    "action %s.%s failed", self.service, command.action,
-                    extra={"workflow_id": command.workflow_id, "step": command.step,
-                           "attempt": command.attempt, "trace_id": command.trace_id},
-                )  # fmt: skip
+                    "action %s.%s failed",
+                    self.service,
+                    command.action,
+                    extra={
+                        "workflow_id": command.workflow_id,
+                        "step": command.step,
+                        "attempt": command.attempt,
+                        "trace_id": command.trace_id,
+                    },
+                )
                 info = ErrorInfo(
                     message=f"{type(exc).__name__}: {exc}", code="exception", retryable=True
                 )

@@ -34,13 +34,22 @@ class Heartbeats(Actions):
         inbox = self.topics.service(self.service)
         owned = self._consumer.assignment() if self._consumer is not None else set()
         return HealthEvent(
-            service=self.service, instance=self.instance, status=status or self.status,
-            load=self.in_flight, capacity=self._capacity,
+            service=self.service,
+            instance=self.instance,
+            status=status or self.status,
+            load=self.in_flight,
+            capacity=self._capacity,
             partitions=sorted(tp.partition for tp in owned if tp.topic == inbox),
-            weight=self.weight, interval_ms=round((self.heartbeat_interval or 1.0) * 1000),
-            answered=answered, errors=errors, latency_ms=latency, version=self.version,
-            ts_ms=clock.now_ms(), boot=self.boot, seq=next(self._seq),
-        )  # fmt: skip
+            weight=self.weight,
+            interval_ms=round((self.heartbeat_interval or 1.0) * 1000),
+            answered=answered,
+            errors=errors,
+            latency_ms=latency,
+            version=self.version,
+            ts_ms=clock.now_ms(),
+            boot=self.boot,
+            seq=next(self._seq),
+        )
 
     async def _heartbeats(self) -> None:
         assert self.heartbeat_interval

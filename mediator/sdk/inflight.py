@@ -97,8 +97,11 @@ class InFlight:
             # and the partition's commits are not held by it.
             log.error(
                 "command at %s[%d] offset %d failed: %r",
-                tp.topic, tp.partition, offset, task.exception(),
-            )  # fmt: skip
+                tp.topic,
+                tp.partition,
+                offset,
+                task.exception(),
+            )
             self._done(tp, offset)
 
     async def _commit(self, partitions: Iterable[TopicPartition]) -> None:

@@ -50,17 +50,23 @@ class Replies(InFlight):
         assert self._producer is not None
         try:
             delivery = await self._producer.send(
-                command.reply_to, reply, key=command.workflow_id.encode(),
+                command.reply_to,
+                reply,
+                key=command.workflow_id.encode(),
                 headers=self._reply_headers(command, reply),
-            )  # fmt: skip
+            )
         except KafkaError as exc:
             return await self._resend(command, reply, tp, offset, exc)
         delivery.add_done_callback(functools.partial(self._delivered, command, reply, tp, offset))
 
     def _delivered(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
+        self,
+        command: CommandEvent,
+        reply: bytes,
+        tp: TopicPartition,
+        offset: int,
         delivery: asyncio.Future[Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         if delivery.cancelled():
             return  # the producer stopped first: not committed, consumed again later
         exc = delivery.exception()
@@ -78,9 +84,13 @@ class Replies(InFlight):
         return self._signed(plain, reply, command.reply_to, command.workflow_id.encode())
 
     async def _resend(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int,
+        self,
+        command: CommandEvent,
+        reply: bytes,
+        tp: TopicPartition,
+        offset: int,
         failure: KafkaError,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Deliver a reply whose send failed: a transient failure is retried with capped
         backoff; a reply the broker refuses for good (too large, say) is replaced, once, by
         a small error reply, so the step fails now rather than at its timeout."""
@@ -100,15 +110,19 @@ class Replies(InFlight):
                 self.stats["send_retries"] += 1
                 log.warning(
                     "reply to %s not delivered, retrying in %.1fs: %r",
-                    command.reply_to, backoff, exc,
-                )  # fmt: skip
+                    command.reply_to,
+                    backoff,
+                    exc,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             try:
                 await self._producer.send_and_wait(
-                    command.reply_to, value=reply, key=key,
+                    command.reply_to,
+                    value=reply,
+                    key=key,
                     headers=self._reply_headers(command, reply),
-                )  # fmt: skip
+                )
                 exc = None
             except KafkaError as error:
                 exc = error
@@ -125,12 +139,19 @@ class Replies(InFlight):
         """The encoded ``ok`` reply: written directly when the output is plain JSON, else
         through the model (which raises `PydanticSerializationError` if it is not JSON)."""
         fields = {
-            "schema_version": SCHEMA_VERSION, "type": "reply",
-            "command_id": command.command_id, "workflow_id": command.workflow_id,
-            "step": command.step, "attempt": command.attempt, "status": "ok",
-            "output": output, "service": self.service, "instance": self.instance,
-            "trace_id": command.trace_id, "replied_ms": clock.now_ms(),
-        }  # fmt: skip
+            "schema_version": SCHEMA_VERSION,
+            "type": "reply",
+            "command_id": command.command_id,
+            "workflow_id": command.workflow_id,
+            "step": command.step,
+            "attempt": command.attempt,
+            "status": "ok",
+            "output": output,
+            "service": self.service,
+            "instance": self.instance,
+            "trace_id": command.trace_id,
+            "replied_ms": clock.now_ms(),
+        }
         if output is None:
             del fields["output"]
         if command.trace_id is None:
@@ -146,14 +167,26 @@ class Replies(InFlight):
         return codec.encode(self._reply(command, ReplyStatus.ERROR, error=error))
 
     def _reply(
-        self, command: CommandEvent, status: ReplyStatus, *, output: Any = None,
+        self,
+        command: CommandEvent,
+        status: ReplyStatus,
+        *,
+        output: Any = None,
         error: ErrorInfo | None = None,
-    ) -> ReplyEvent:  # fmt: skip
+    ) -> ReplyEvent:
         return ReplyEvent(
-            command_id=command.command_id, workflow_id=command.workflow_id, step=command.step,
-            attempt=command.attempt, trace_id=command.trace_id, status=status, output=output,
-            error=error, service=self.service, instance=self.instance, replied_ms=clock.now_ms(),
-        )  # fmt: skip
+            command_id=command.command_id,
+            workflow_id=command.workflow_id,
+            step=command.step,
+            attempt=command.attempt,
+            trace_id=command.trace_id,
+            status=status,
+            output=output,
+            error=error,
+            service=self.service,
+            instance=self.instance,
+            replied_ms=clock.now_ms(),
+        )
 
 
 def final(reply: bytes) -> bool:

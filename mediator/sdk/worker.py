@@ -91,9 +91,19 @@ _TOPIC_NAME = re.compile(TOPIC_NAME)
 #: How often, at most, a worker commits the offsets of the commands it has answered.
 _COMMIT_INTERVAL_S = 0.05
 STAT_NAMES = (
-    "received", "executed", "duplicates", "errors", "invalid", "send_retries", "undeliverable",
-    "heartbeats", "heartbeats_failed", "bad_signatures", "misdelivered", "expired",
-)  # fmt: skip
+    "received",
+    "executed",
+    "duplicates",
+    "errors",
+    "invalid",
+    "send_retries",
+    "undeliverable",
+    "heartbeats",
+    "heartbeats_failed",
+    "bad_signatures",
+    "misdelivered",
+    "expired",
+)
 
 
 class Worker(Heartbeats):
@@ -194,9 +204,11 @@ class Worker(Heartbeats):
             self.bootstrap_servers,
             client_id=client_id,
             group_id=self.group_id,
-            **({"enable_auto_commit": False, "auto_offset_reset": "earliest"}
-               | self._consumer_options),
-        )  # fmt: skip
+            **(
+                {"enable_auto_commit": False, "auto_offset_reset": "earliest"}
+                | self._consumer_options
+            ),
+        )
         consumer.subscribe([self.topics.service(self.service)], listener=_Listener(self))
         try:
             await producer.start()
@@ -383,8 +395,10 @@ class Worker(Heartbeats):
         self.stats["expired"] += 1
         log.warning(
             "not running command %s: %d ms past its deadline (a late or replayed command)",
-            command.command_id, late, extra={"service": self.service},
-        )  # fmt: skip
+            command.command_id,
+            late,
+            extra={"service": self.service},
+        )
         return True
 
     def _decode(self, record: ConsumerRecord) -> CommandEvent | None:
@@ -401,8 +415,11 @@ class Worker(Heartbeats):
         self.stats["invalid"] += 1
         log.warning(
             "skipping invalid command at %s[%d] offset %d: %s",
-            record.topic, record.partition, record.offset, reason,
-        )  # fmt: skip
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
         return None
 
     async def _run(
@@ -467,19 +484,29 @@ class Worker(Heartbeats):
         reason = f"command rejected by {self.instance}: {exc.reason}"
         log.warning(
             "rejecting command at %s[%d] offset %d: %s",
-            record.topic, record.partition, record.offset, reason,
-        )  # fmt: skip
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
         letter = codec.dead_letter(
-            reason=reason, code=exc.code, topic=record.topic, value=record.value,
-            key=record.key, headers=record.headers, partition=record.partition,
+            reason=reason,
+            code=exc.code,
+            topic=record.topic,
+            value=record.value,
+            key=record.key,
+            headers=record.headers,
+            partition=record.partition,
             offset=record.offset,
-        )  # fmt: skip
+        )
         assert self._producer is not None
         try:
             await self._producer.send_and_wait(
-                self.topics.dlq, codec.encode(letter), key=record.key,
+                self.topics.dlq,
+                codec.encode(letter),
+                key=record.key,
                 headers=codec.headers(letter),
-            )  # fmt: skip
+            )
         except KafkaError as error:
             log.error("dead letter of a rejected command not delivered: %r", error)
         self._done(tp, record.offset)

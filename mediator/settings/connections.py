@@ -207,8 +207,11 @@ class RedisSettings(BaseModel):
             except OSError as exc:
                 msg = f"redis.password_file: {exc}"
                 raise ConfigurationError(msg) from exc
-        tls = {"ssl_ca_certs": self.ssl_ca_certs, "ssl_certfile": self.ssl_certfile,
-               "ssl_keyfile": self.ssl_keyfile}  # fmt: skip
+        tls = {
+            "ssl_ca_certs": self.ssl_ca_certs,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
         given = {name: path for name, path in tls.items() if path is not None}
         if given or not self.ssl_check_hostname:
             if not self.url.startswith("rediss://"):
