@@ -87,7 +87,16 @@ def test_engine_observations_are_carried_by_the_transition() -> None:
     from mediator.core.transition import end
     from topics.events import WorkflowStatus
 
-    state = WorkflowState("wf-1", "r-1", "order", 1, WorkflowStatus.RUNNING, {}, T0, T0)
+    state = WorkflowState(
+        workflow_id="wf-1",
+        request_id="r-1",
+        workflow="order",
+        version=1,
+        status=WorkflowStatus.RUNNING,
+        payload={},
+        created_ms=T0,
+        updated_ms=T0,
+    )
     transition = end(Transition(state), {"ok": True}, None, T0 + 1_234)
     assert transition.observed == [Observation("wf", "order", "completed", 1_234)]
 

@@ -148,16 +148,15 @@ class Engine(Sends):
         if reply.status is ReplyStatus.OK:
             state.steps[reply.step] = StepState(
                 StepStatus.COMPLETED,
-                step_state.attempt,
-                step_state.command_id,
-                reply.output,
-                None,
-                step_state.started_ms,
-                now_ms,
-                reply.instance,
-                step_state.history,
-                step_state.base,
-                step_state.via,
+                attempt=step_state.attempt,
+                command_id=step_state.command_id,
+                output=reply.output,
+                started_ms=step_state.started_ms,
+                finished_ms=now_ms,
+                instance=reply.instance,
+                history=step_state.history,
+                base=step_state.base,
+                via=step_state.via,
             )
             transition.count(svc(service, "ok"))
             transition.outcomes.append((service, True))

@@ -152,7 +152,12 @@ class Progress:
                 SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
             )
         return StepState(
-            StepStatus.RUNNING, attempt, cid, None, None, started, None, None, history, base
+            StepStatus.RUNNING,
+            attempt=attempt,
+            command_id=cid,
+            started_ms=started,
+            history=history,
+            base=base,
         )
 
     def _finish(

@@ -321,7 +321,13 @@ def _dispatch(
             "step": step.id,
         }
         return StepState(
-            StepStatus.FAILED, attempt, None, None, error, now_ms, now_ms, None, history, base
+            StepStatus.FAILED,
+            attempt=attempt,
+            error=error,
+            started_ms=now_ms,
+            finished_ms=now_ms,
+            history=history,
+            base=base,
         )
     cid = undo_command_id(state.workflow_id, step.id, attempt)
     timeout = compensate.timeout_ms
@@ -345,5 +351,10 @@ def _dispatch(
             SetTimer("undo_timeout", state.workflow_id, compensate.timeout_ms, step.id, attempt)
         )
     return StepState(
-        StepStatus.RUNNING, attempt, cid, None, None, now_ms, None, None, history, base
+        StepStatus.RUNNING,
+        attempt=attempt,
+        command_id=cid,
+        started_ms=now_ms,
+        history=history,
+        base=base,
     )

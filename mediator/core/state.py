@@ -9,7 +9,7 @@ workflow stays well under a kilobyte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict, TypeVar
 
@@ -65,6 +65,7 @@ class StepState:
     """Where one step stands."""
 
     status: StepStatus = StepStatus.PENDING
+    _: KW_ONLY
     attempt: int = 0
     command_id: str | None = None
     output: Any = None
@@ -81,7 +82,7 @@ class StepState:
     via: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class WorkflowState:
     """Where one workflow run stands. `rev` is the compare-and-set version in Redis."""
 

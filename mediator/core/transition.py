@@ -3,7 +3,7 @@ how a run ends. Shared by the forward path (`engine`) and compensation (`saga`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from mediator.core.counters import CounterKey, svc, wf
@@ -55,6 +55,7 @@ class Transition:
     """The outcome of one event: the new state, what to publish and what to count."""
 
     state: WorkflowState
+    _: KW_ONLY
     effects: list[Effect] = field(default_factory=list)
     counters: dict[CounterKey, int] = field(default_factory=dict)
     #: Timers to set, committed with the state.
@@ -85,14 +86,14 @@ class Transition:
         removed = set(later.cleared)
         merged = Transition(
             later.state,
-            [*self.effects, *later.effects],
-            dict(self.counters),
-            [*(t for t in self.timers if t.member not in removed), *later.timers],
-            [*self.cleared, *later.cleared],
-            [*self.outcomes, *later.outcomes],
-            [*self.parked, *later.parked],
-            [*self.instance_outcomes, *later.instance_outcomes],
-            [*self.observed, *later.observed],
+            effects=[*self.effects, *later.effects],
+            counters=dict(self.counters),
+            timers=[*(t for t in self.timers if t.member not in removed), *later.timers],
+            cleared=[*self.cleared, *later.cleared],
+            outcomes=[*self.outcomes, *later.outcomes],
+            parked=[*self.parked, *later.parked],
+            instance_outcomes=[*self.instance_outcomes, *later.instance_outcomes],
+            observed=[*self.observed, *later.observed],
         )
         for name, delta in later.counters.items():
             merged.count(name, delta)
