@@ -7,7 +7,10 @@ The package is layered; each sub-package imports only those before it:
 
 - `mediator.core`: definitions and plans, expressions, the pure engine, balancer (no I/O);
 - `mediator.storage`: Redis: keys, the store and its Lua scripts, cache, stored definitions;
-- `mediator.runtime`: the error boundary, batch processing, outbox, wiring of a replica;
+- `mediator.runtime`: consumer loops, the error boundary, batch processing, the outbox,
+  timers, breakers, registry and routing;
+- `mediator.replica`: one replica wired from those parts and `handlers` (`Mediator`,
+  `create_app`);
 - `mediator.sdk`: the service SDK (`Worker`) and the client SDK (`MediatorClient`);
 - `mediator.ops`: status and recovery;
 - `mediator.cli`: the command line, `mediator dev`, demo services, embedded servers.

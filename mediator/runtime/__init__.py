@@ -1,2 +1,2 @@
 """The runtime: batches in (behind the error boundary), transitions committed, messages out
-through the outbox; and the wiring of one replica (`app`)."""
+through the outbox. One replica is wired from these parts in `mediator.replica`."""
