@@ -166,7 +166,8 @@ def submit(
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 30.0,
     config: ConfigOption = None,
 ) -> None:
-    """Publish a request; with --wait, print the result as JSON (exit 1 if it failed)."""
+    """Publish a request; with --wait, print the result as JSON (exit 1 unless it completed:
+    failed, cancelled or compensation_failed)."""
     text = payload
     if payload.startswith("@"):
         try:
@@ -208,4 +209,7 @@ async def _submit(
             await client.publish(workflow, data, request_id=rid)
             return rid, False
         result = await client.submit(workflow, data, request_id=rid, timeout=wait_s)
-        return result.model_dump_json(indent=2, exclude_none=True), result.status == "failed"
+        from topics.events import WorkflowStatus
+
+        ended = result.status is not WorkflowStatus.COMPLETED
+        return result.model_dump_json(indent=2, exclude_none=True), ended

@@ -43,7 +43,6 @@ import itertools
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -67,6 +66,7 @@ from mediator.sdk.actions import ActionError, Handler
 from mediator.sdk.intake import Intake
 from mediator.sdk.keys import service_keyring
 from mediator.sdk.offsets import OffsetTracker
+from mediator.sdk.signals import on_sigterm
 from mediator.sdk.tally import Tally
 from mediator.sdk.tracing import tracing_active
 from topics.events import (
@@ -260,14 +260,8 @@ class Worker(Intake):
         await self.start()
         task = self._task
         assert task is not None
-        loop = asyncio.get_running_loop()
-        handled = False
-        if drain_on_sigterm:
-            try:
-                loop.add_signal_handler(signal.SIGTERM, task.cancel)
-                handled = True
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread, or no signals on this platform
+        # One handler for every worker of the process: one SIGTERM drains them all.
+        forget = on_sigterm(task.cancel) if drain_on_sigterm else None
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -275,8 +269,8 @@ class Worker(Intake):
                 raise
             log.info("worker %s draining on SIGTERM", self.instance)
         finally:
-            if handled:
-                loop.remove_signal_handler(signal.SIGTERM)
+            if forget is not None:
+                forget()
             await self.stop()
 
     async def __aenter__(self) -> Worker:
