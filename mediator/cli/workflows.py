@@ -117,7 +117,7 @@ def list_command(
             row["error"] or "",
         )
     Console(width=160).print(table)
-    typer.echo(f"{len(runs)} runs")
+    typer.echo(f"{len(runs)} run" if len(runs) == 1 else f"{len(runs)} runs")
 
 
 @workflows_app.command("show")

@@ -144,8 +144,18 @@ async def send_control(
 
 
 async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
-    """Every service's breaker as Redis holds it."""
+    """Every service's breaker as Redis holds it; a service known to the registry or that
+    ever had a step parked, whose breaker never changed, is listed closed."""
     found: dict[str, dict[str, Any]] = {}
+    known = {*await redis.smembers(keys.services), *await redis.smembers(keys.parked_services)}
+    for service in sorted(text(s) for s in known):
+        found[service] = {
+            "state": "closed",
+            "failures": 0,
+            "opened_ms": None,
+            "changed_ms": None,
+            "by": None,
+        }
     pattern = f"{keys.prefix}:breaker:*"
     async for raw_key in redis.scan_iter(match=pattern, count=500):
         key = text(raw_key)

@@ -59,6 +59,6 @@ def format_services(services: dict[str, Any]) -> str:
                 f" load {i.get('load', 0):g}/{i.get('capacity', 1)}"
                 f"  partitions {','.join(map(str, i.get('partitions', []))) or '-'}"
                 f"  answered {i.get('answered', 0)} errors {i.get('errors', 0)} mean {latency}"
-                f"  v{i.get('version') or '?'}"
+                + (f"  v{i['version']}" if i.get("version") else "")
             )
     return "\n".join(lines)
