@@ -20,6 +20,9 @@ __all__ = ["ConfigOption", "JsonOption", "fail", "load", "quiet_libraries", "run
 
 T = TypeVar("T")
 
+#: The settings the running command loaded (`load`), named in its error line.
+_loaded: list[Any] = []
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML settings file (env MEDIATOR_* wins over it)."),
@@ -42,15 +45,27 @@ def run(coro: Coroutine[Any, Any, T], event_loop: EventLoop = "asyncio") -> T:
     try:
         return loops.run(coro, event_loop)
     except MediatorError as exc:
-        raise fail(str(exc)) from None
+        msg = f"{exc}{_where()}"
+        raise fail(msg) from None
     except KafkaError as exc:
         if idempotence_refused(exc):
             # Raised by a producer this module does not build (a replica's, a worker's).
             raise fail(str(IdempotenceUnsupported(None, exc))) from None
-        msg = f"Kafka: {exc}"
+        msg = f"Kafka: {exc}{_where()}"
         raise fail(msg) from None
     except OSError as exc:
-        raise fail(str(exc)) from None
+        msg = f"{exc}{_where()}"
+        raise fail(msg) from None
+
+
+def _where() -> str:
+    """Which broker and Redis the command talked to (so a wrong one is seen at once)."""
+    if not _loaded:
+        return ""
+    from mediator.storage.connection import redacted
+
+    settings = _loaded[-1]
+    return f" (kafka {settings.kafka.bootstrap_servers}, redis {redacted(settings.redis.url)})"
 
 
 def quiet_libraries() -> None:
@@ -65,10 +80,14 @@ def quiet_libraries() -> None:
 
 def load(config: Path | None, **overrides: Any) -> Any:
     """The settings (`config` file, environment, `overrides`), or exit 2 saying why not."""
-    from mediator.settings import load_settings
+    from mediator.settings import DEV_SETTINGS, config_source, load_settings
 
+    if not overrides and config_source(config) == DEV_SETTINGS:
+        typer.echo(f"using the settings of `mediator dev` ({DEV_SETTINGS})", err=True)
     try:
-        return load_settings(config, **overrides)
+        settings = load_settings(config, **overrides)
+        _loaded.append(settings)
+        return settings
     except ValidationError as exc:
         msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
         raise fail(msg) from None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
+import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mediator.cli.demo import DEMO_WORKFLOWS, FLAKY_SERVICE, demo_services, sample_order
 from mediator.cli.flaky import Flakiness
@@ -26,7 +28,7 @@ from mediator.definitions import Definitions, load_paths
 from mediator.ops.status import collect_status
 from mediator.replica import Mediator
 from mediator.sdk.client import MediatorClient
-from mediator.settings import Settings, load_settings
+from mediator.settings import DEV_SETTINGS, Settings, load_settings, settings_document
 from mediator.storage.keys import Keys
 from topics.events import ResultEvent, WorkflowStatus
 
@@ -36,6 +38,11 @@ __all__ = ["EMBEDDED_FETCH_WAIT_MS", "run_dev", "service_names", "start_together
 EMBEDDED_FETCH_WAIT_MS = 5
 #: The dashboard's port under `mediator dev` when it is free (else any free port).
 DASHBOARD_PORT = 8080
+
+#: The development system's signing key and operator key: fixed and printed, so services
+#: and tools of one's own join it. Not secrets: never use them outside `mediator dev`.
+DEV_KEY = "mediator-dev-signing-key-not-a-secret"
+DEV_OPERATOR_KEY = "mediator-dev-operator-key-not-a-secret"
 
 Echo = Callable[[str], None]
 
@@ -68,12 +75,13 @@ async def run_dev(
                 "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout_ms": "1s"}},
                 "drain_rate": 20,
             },
-            # A fresh key per run, handed to the demo services below; the dashboard sends
-            # controls as the `dev` operator.
+            # Fixed keys, handed to the demo services below and written for one's own; the
+            # dashboard and the CLI send controls as the `dev` operator.
             signing={
-                "keys": {"dev": secrets.token_urlsafe(32)},
+                "keys": {"dev": DEV_KEY},
                 "enabled": True,
-                "operators": {"dev": {"keys": {"dev-operator": secrets.token_urlsafe(32)}}},
+                "operators": {"dev": {"keys": {"dev-operator": DEV_OPERATOR_KEY}}},
+                "operator": "dev",
             },
             http={"port": 0},
         )
@@ -84,7 +92,33 @@ async def run_dev(
             partitions=settings.kafka.partitions,
         )
         echo(f"kafka  {infra.kafka.bootstrap_servers}   redis  {infra.redis.url}")
-        return await _drive(settings, definitions, requests=requests, rate=rate, echo=echo)
+        with dev_settings_file(settings, echo):
+            return await _drive(settings, definitions, requests=requests, rate=rate, echo=echo)
+
+
+@contextlib.contextmanager
+def dev_settings_file(settings: Settings, echo: Echo) -> Any:
+    """Write the development system's settings where the CLI and the SDKs
+    (`Worker.from_settings`, `MediatorClient.from_settings`) look when given none
+    (`DEV_SETTINGS`, in this directory), for as long as it runs."""
+    path = DEV_SETTINGS
+    path.parent.mkdir(exist_ok=True)
+    doc = settings_document(settings)
+    doc.pop("workflows", None)
+    doc["http"]["enabled"] = False  # a second process must not compete for the port
+    partial = path.with_suffix(".partial")
+    partial.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(partial, path)
+    echo(
+        f"settings for other terminals in {path} (read by the CLI and Worker.from_settings() "
+        f"run from here; elsewhere: export MEDIATOR_CONFIG={path.resolve()}); "
+        f"signing key dev={DEV_KEY}"
+    )
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 async def _drive(

@@ -121,6 +121,24 @@ class MediatorClient:
         #: Results dropped because an identical one was read before.
         self.duplicates_dropped = 0
 
+    @classmethod
+    def from_settings(cls, settings: Any = None, **options: Any) -> MediatorClient:
+        """A client connected as `settings` say (default: `load_settings()`:
+        ``MEDIATOR_*``, ``MEDIATOR_CONFIG``, or the settings of a ``mediator dev`` running
+        from this directory), signing its requests when they say so. `options` override
+        any constructor argument."""
+        from mediator.settings import load_settings
+
+        settings = settings or load_settings()
+        kafka = settings.kafka
+        given: dict[str, Any] = {
+            "topics": kafka.topics,
+            "keys": settings.signing.request_signer(),
+            "enable_idempotence": kafka.enable_idempotence,
+            "fetch_max_wait_ms": kafka.fetch_max_wait_ms,
+        }
+        return cls(kafka, **(given | options))
+
     async def start(self) -> None:
         """Connect, and position the results reader at the end of every partition."""
         if self._reader is not None:

@@ -179,6 +179,26 @@ class Worker(Intake):
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_settings(cls, service: str, settings: Any = None, **options: Any) -> Worker:
+        """A worker of `service` connected as `settings` say (default: `load_settings()`:
+        ``MEDIATOR_*``, ``MEDIATOR_CONFIG``, or the settings of a ``mediator dev`` running
+        from this directory): the brokers and how to reach them, the topic names, this
+        service's signing keys. `options` override any constructor argument."""
+        from mediator.settings import load_settings
+
+        settings = settings or load_settings()
+        kafka, signing = settings.kafka, settings.signing
+        given: dict[str, Any] = {
+            "topics": kafka.topics,
+            "enable_idempotence": kafka.enable_idempotence,
+            "keys": signing.for_service(service) if signing.enabled else None,
+            "signing": signing.enabled,
+            "legacy_signatures": signing.legacy_signatures,
+            "consumer_options": kafka.consumer_options(),
+        }
+        return cls(service, kafka, **(given | options))
+
     async def start(self) -> None:
         """Connect to Kafka and start consuming the service's inbox."""
         if self._task is not None:

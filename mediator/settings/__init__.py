@@ -58,6 +58,7 @@ from mediator.settings.operations import (
 from mediator.settings.signing import KeySet, OperatorKeys, SigningSettings
 
 __all__ = [
+    "DEV_SETTINGS",
     "AlertThreshold",
     "AuditSettings",
     "BackoffSettings",
@@ -81,6 +82,7 @@ __all__ = [
     "SigningSettings",
     "TimerSettings",
     "TracingSettings",
+    "config_source",
     "load_settings",
     "settings_document",
 ]
@@ -178,13 +180,32 @@ def settings_document(settings: Settings) -> dict[str, Any]:
     return doc
 
 
+#: Where a running ``mediator dev`` keeps its settings (in the directory it was started
+#: in): the CLI and the SDKs use them when given no others, so a second terminal talks to
+#: the development system.
+DEV_SETTINGS = Path(".mediator") / "dev.yaml"
+
+
+def config_source(config_file: Path | None = None, *, dev: bool = True) -> Path | None:
+    """The YAML file settings are read from: `config_file`, else ``MEDIATOR_CONFIG``, else
+    (with `dev`) the settings of a ``mediator dev`` running from this directory
+    (`DEV_SETTINGS`) when no ``MEDIATOR_*`` variable is set; None: none."""
+    if config_file is not None:
+        return config_file
+    if "MEDIATOR_CONFIG" in os.environ:
+        return Path(os.environ["MEDIATOR_CONFIG"])
+    if dev and DEV_SETTINGS.is_file() and not any(k.startswith("MEDIATOR_") for k in os.environ):
+        return DEV_SETTINGS
+    return None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from explicit overrides, over the environment, over a YAML file (optional:
-    `config_file`, else ``MEDIATOR_CONFIG``). Anything wrong is a `ConfigurationError`
-    saying what and where."""
-    path = config_file or (
-        Path(os.environ["MEDIATOR_CONFIG"]) if "MEDIATOR_CONFIG" in os.environ else None
-    )
+    see `config_source`). Anything wrong is a `ConfigurationError` saying what and
+    where."""
+    # Settings built for a purpose (explicit overrides: tests, tools) never pick up a
+    # development system's by accident.
+    path = config_source(config_file, dev=not overrides)
     if path is not None:
         _check_file(path)
     given: dict[str, Any] = {
