@@ -122,23 +122,28 @@ def list_command(
 
 @workflows_app.command("show")
 def show_command(
-    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id.")],
+    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id, or its request id.")],
     json_output: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """One run: its status, steps with their attempts, and its audit log (timeline)."""
+    """One run: its status, every attempt of every step and of every compensation, and its
+    audit log (timeline)."""
     settings = load(config)
     quiet_libraries()
 
     async def query() -> dict[str, Any] | None:
         from mediator.ops.runs import show_run
+        from mediator.storage.keys import workflow_id_for
 
         async with _redis(settings) as (redis, keys):
-            return await show_run(redis, keys, workflow_id)
+            found = await show_run(redis, keys, workflow_id)
+            if found is None:  # a request id names its run too
+                found = await show_run(redis, keys, workflow_id_for(workflow_id))
+            return found
 
     found = run(query())
     if found is None:
-        msg = f"no run {workflow_id!r} in Redis (unknown, or expired)"
+        msg = f"no run {workflow_id!r} in Redis (no such run or request id, or expired)"
         raise fail(msg)
     if json_output:
         typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
@@ -154,22 +159,7 @@ def show_command(
     console.print(f"started {_time(found['created_ms'])}  finished {_time(found['finished_ms'])}")
     if found["error"]:
         console.print(f"error: {found['error'].get('message')}")
-    steps = Table("step", "status", "attempt", "service", "instance", "started", "ms", "error")
-    for sid, step in found["result"].get("steps", {}).items():
-        for attempt in step.get("history") or [{"attempt": step.get("attempts")}]:
-            started, finished = attempt.get("started_ms"), attempt.get("finished_ms")
-            error = attempt.get("error") or {}
-            steps.add_row(
-                sid,
-                step["status"],
-                str(attempt.get("attempt", "")),
-                step.get("service") or "",
-                attempt.get("instance") or "",
-                _time(started),
-                str(finished - started) if started and finished else "",
-                error.get("message", "") if isinstance(error, dict) else str(error),
-            )
-    console.print(steps)
+    console.print(_steps_table(found))
     timeline = Table("time (UTC)", "event", "step", "attempt", "instance", "status after", "sent")
     for entry in found["audit"]:
         timeline.add_row(
@@ -182,6 +172,50 @@ def show_command(
             ", ".join(f"{s['step']}#{s['attempt']}" for s in entry.get("sent", [])),
         )
     console.print(timeline)
+
+
+def _steps_table(found: dict[str, Any]) -> Any:
+    """Every attempt of every step, then of every compensation ("undo"), one row each:
+    the service (the fallback's, if rerouted), instance, start, duration and error."""
+    from rich.table import Table
+
+    services = {s["id"]: s.get("service") for s in found["definition"]["steps"]}
+    table = Table("step", "status", "attempt", "service", "instance", "started", "ms", "error")
+    result = found["result"]
+    for sid, step in result.get("steps", {}).items():
+        service = step.get("service") or services.get(sid) or ""
+        attempts = found["attempts"].get(sid) or [{"attempt": step.get("attempts") or ""}]
+        for n, attempt in enumerate(attempts):
+            status = step["status"] if n == len(attempts) - 1 else "failed"
+            table.add_row(sid, status, *_attempt_cells(service, attempt))
+    for sid, undo in result.get("compensations", {}).items():
+        current = {
+            "attempt": undo.get("attempts"),
+            "instance": undo.get("instance"),
+            "error": undo.get("error"),
+            "ms": undo.get("duration_ms"),
+        }
+        attempts = [*undo.get("history", []), current]
+        for n, attempt in enumerate(attempts):
+            status = undo["status"] if n == len(attempts) - 1 else "failed"
+            table.add_row(f"undo {sid}", status, *_attempt_cells(services.get(sid), attempt))
+    return table
+
+
+def _attempt_cells(service: str | None, attempt: dict[str, Any]) -> list[str]:
+    started, finished = attempt.get("started_ms"), attempt.get("finished_ms")
+    ms = attempt.get("ms")
+    if ms is None and started is not None and finished is not None:
+        ms = finished - started
+    error = attempt.get("error") or {}
+    return [
+        str(attempt.get("attempt", "")),
+        service or "",
+        attempt.get("instance") or "",
+        _time(started),
+        "" if ms is None else str(ms),
+        error.get("message", "") if isinstance(error, dict) else str(error),
+    ]
 
 
 def dashboard_command(
