@@ -4,12 +4,17 @@ and takes a request id; `submit --wait` fails for every end but completed."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 
 from mediator.sdk.worker import ActionError
+from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.store import Store
+from tests.helpers import wait_for
 from tests.test_cli import cli
+from topics.events import WorkflowStatus
 
 SAGA = {
     "name": "saga",
@@ -78,3 +83,49 @@ async def test_submit_wait_fails_for_every_end_but_completed(make_system: Any) -
     code, out, err = await cli(system.settings, "submit", "saga", "{}", "--wait")
     assert orjson.loads(out)["status"] == "compensation_failed"
     assert code == 1, err
+
+
+async def test_controls_say_whether_they_were_applied(make_system: Any) -> None:
+    system = await make_system(
+        {"name": "slow", "steps": [{"id": "a", "service": "s", "action": "wait"}]}
+    )
+    release = asyncio.Event()
+
+    async def wait(data: Any, command: Any) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    await system.worker("s", {"wait": wait})
+    await system.mediator()
+    settings = system.settings
+
+    code, _, err = await cli(settings, "cancel", "wf-00000000000000000000")
+    assert code == 1 and "refused: there is no run wf-00000000000000000000" in err, err
+
+    client = await system.client()
+    running = asyncio.create_task(client.submit("slow", {}, request_id="slow-1", timeout=60))
+    wid = workflow_id_for("slow-1")
+    await wait_for(lambda: system.mediators[0].runtime.stats.requests >= 1, what="the run to start")
+    code, out, err = await cli(settings, "cancel", "slow-1", "--reason", "changed my mind")
+    assert code == 0, err
+    assert f"cancel {wid}: applied (run {wid} is cancelled)" in out, out
+    release.set()
+    assert (await running).status is WorkflowStatus.CANCELLED
+
+    code, _, err = await cli(settings, "cancel", wid)  # again: the run is over
+    assert code == 1 and f"does not apply to run {wid}, which is cancelled" in err, err
+    code, out, err = await cli(settings, "retry", wid)
+    assert code == 0 and "applied" in out, err
+
+    code, out, err = await cli(settings, "breaker", "reset", "s")
+    assert code == 0 and "applied (breaker of s closed)" in out, err
+    code, out, err = await cli(settings, "cancel", wid, "--no-wait")
+    assert code == 0 and "sent as" in out, err
+
+
+async def test_the_first_outcome_of_a_control_stays(redis_client: Any, key_prefix: str) -> None:
+    store = Store(redis_client, Keys(key_prefix, 1), retention_ms=60_000)
+    await store.control_outcomes({"c-1": (True, "run wf-1 is cancelled")}, 1)
+    await store.control_outcomes({"c-1": (False, "does not apply")}, 2)  # redelivered
+    raw = await redis_client.get(Keys(key_prefix, 1).control("c-1"))
+    assert orjson.loads(raw) == {"applied": True, "detail": "run wf-1 is cancelled", "at_ms": 1}

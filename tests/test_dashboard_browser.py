@@ -175,6 +175,10 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
 
         # Retry it: the control goes through Kafka, the run completes, the page follows.
         await browser.click("[data-testid=retry]")
+        # The page says what became of the control, as the replica recorded it.
+        applied = f"retry {wid}: applied"
+        await wait_for(lambda: _contains(browser.text("#toast"), applied), timeout=15,
+                       what="the retry's outcome on the page")  # fmt: skip
         await wait_for(lambda: _run_status(mediator, wid, "completed"), timeout=30,
                        what="the retried run to complete")  # fmt: skip
         await wait_for(lambda: _contains(browser.text("h2"), "completed"), timeout=10,

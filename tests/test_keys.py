@@ -19,6 +19,7 @@ SAMPLES = {
     "kind": "<kind>",
     "bucket": "<bucket>",
     "what": "active",
+    "control_id": "<control_id>",
 }
 
 #: Builders whose output the layout writes in a more general form.

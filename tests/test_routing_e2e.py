@@ -284,7 +284,7 @@ async def test_a_drained_instance_gets_no_new_command_and_finishes_its_own(
         await wait_for(lambda: len(drained.received()) >= 3, timeout=20, what="its first work")
         code, out, err = await cli(system.settings, "drain", "inventory", "drained")
         assert code == 0, err
-        assert "drain inventory drained: sent to" in out
+        assert "drain inventory drained: applied" in out, out
 
         def draining() -> bool:
             return any(v.instance == "drained" and v.status == "draining"

@@ -4,10 +4,12 @@ the breakers' shared state from Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import uuid
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from mediator.clock import now_ms
@@ -141,6 +143,23 @@ async def send_control(
         return await sender.send(control)
     finally:
         await sender.stop()
+
+
+async def control_outcome(
+    redis: Redis, keys: Keys, control_id: str, timeout_s: float
+) -> dict[str, Any] | None:
+    """What became of the control `control_id` (``{applied, detail, at_ms}``), as the
+    replica that handled it recorded; None if none did within `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    key = keys.control(control_id)
+    while True:
+        raw = await redis.get(key)
+        if raw is not None:
+            found: dict[str, Any] = orjson.loads(raw)
+            return found
+        if asyncio.get_running_loop().time() >= deadline:
+            return None
+        await asyncio.sleep(0.1)
 
 
 async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:

@@ -82,6 +82,7 @@ class Dashboard:
         app.router.add_get("/api/runs/{wid}", self._run)
         app.router.add_post("/api/runs/{wid}/{action}", self._run_action)
         app.router.add_post("/api/retry", self._bulk_retry)
+        app.router.add_get("/api/controls/{control_id}", self._control_outcome)
         app.router.add_get("/api/services", self._services)
         app.router.add_get("/api/services/{service}/series", self._series)
         app.router.add_post("/api/services/{service}/reset", self._reset)
@@ -223,6 +224,14 @@ class Dashboard:
         control = control_event(action, operator="dashboard", **target)
         await self.controls.send(control)
         return {"control_id": control.control_id, "action": action.value, **target}
+
+    async def _control_outcome(self, request: web.Request) -> web.Response:
+        """What became of a control: ``{applied, detail, at_ms}``, or ``{pending: true}``
+        while no replica has answered."""
+        raw = await self.redis.get(self.keys.control(request.match_info["control_id"]))
+        if raw is None:
+            return web.json_response({"pending": True})
+        return web.Response(body=raw, content_type="application/json")
 
     async def _run_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]

@@ -179,6 +179,7 @@ class Advance(Commits):
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
                 wid = item.base.workflow_id
                 if result.outcome is CommitOutcome.COMMITTED:
+                    self._controls_applied(item.events, commit.state, out)
                     for message in messages:
                         message.lease = result.lease
                     outgoing += messages
@@ -275,7 +276,7 @@ class Advance(Commits):
             base = states.get(wid)
             timers = [e for e in events if isinstance(e, Fired)]
             if base is None:
-                unknown += len(events) - len(timers) - self._no_run(wid, events)
+                unknown += len(events) - len(timers) - self._no_run(wid, events, out)
                 out.stale_timers.update((self.keys.shard_of(wid), t.member) for t in timers)
                 continue
             workflow = plans.get((base.workflow, base.version))
@@ -350,11 +351,20 @@ class Advance(Commits):
             return self.engine.apply_control(workflow, state, event, now)
         return self.engine.apply_reply(workflow, state, event, now)
 
-    def _no_run(self, wid: str, events: list[Event]) -> int:
+    @staticmethod
+    def _controls_applied(events: list[Event], state: WorkflowState, out: BatchOutput) -> None:
+        """The controls among `events`, committed: applied, and where the run is now."""
+        for event in events:
+            if isinstance(event, ControlEvent):
+                where = f"run {state.workflow_id} is {state.status.value}"
+                out.controls[event.control_id] = (True, where)
+
+    def _no_run(self, wid: str, events: list[Event], out: BatchOutput) -> int:
         """Log and count the controls among `events` for a run Redis does not have."""
         controls = [e for e in events if isinstance(e, ControlEvent)]
         for control in controls:
             log.warning("control %s: there is no run %s", control.control_id, wid)
+            out.controls[control.control_id] = (False, f"there is no run {wid}")
         self.stats.ignored_controls += len(controls)
         return len(controls)
 
@@ -372,6 +382,11 @@ class Advance(Commits):
                 control.action.value,
                 wid,
                 state.status.value,
+            )
+            out.controls[control.control_id] = (
+                False,
+                f"{control.action.value} does not apply to run {wid}, which is "
+                f"{state.status.value}",
             )
         self.stats.ignored_controls += len(controls)
         self.stats.ignored_replies += len(ignored) - len(stale) - len(controls)

@@ -94,6 +94,9 @@ class BatchOutput:
     shared: dict[int, Record] = field(default_factory=dict)
     #: Those of `shared` found forged: skipped on every pass (a conflict recomputes).
     forged: set[int] = field(default_factory=set)
+    #: What became of each control (by id): applied, or refused and why; recorded in
+    #: Redis after the batch, where the operator's command line waits for it.
+    controls: dict[str, tuple[bool, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -52,11 +52,20 @@ class Controls(Requests):
             if control.action in (ControlAction.DRAIN, ControlAction.UNDRAIN):
                 reason = await self._drain(control, out)
                 if reason is None:
+                    out.controls[control.control_id] = (
+                        True,
+                        f"instance {control.instance} of {control.service} "
+                        f"{control.action.value}ed",
+                    )
                     continue
             elif control.action is ControlAction.RESET_BREAKER:
                 if control.service and self.breakers is not None:
                     await self.breakers.reset(control.service)
                     out.counts[f"breaker:{control.service}:reset"] += 1
+                    out.controls[control.control_id] = (
+                        True,
+                        f"breaker of {control.service} closed",
+                    )
                     continue
                 reason = "reset_breaker needs `service`, and circuit breakers enabled"
             elif control.workflow_id:
@@ -64,6 +73,7 @@ class Controls(Requests):
                 continue
             else:
                 reason = f"{control.action.value} needs `workflow_id`"
+            out.controls[control.control_id] = (False, reason)
             self._dead_letter(record, reason, "invalid", out)
         await self._advance_groups(groups, out, received)
 

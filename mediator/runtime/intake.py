@@ -156,3 +156,5 @@ class Intake(RuntimeContext):
         )
         if out.counts:
             await self.store.count(dict(out.counts))
+        if out.controls:
+            await self.store.control_outcomes(out.controls, now_ms())

@@ -9,7 +9,7 @@ in fast tests as well as by the real broker and Redis in the integration tests.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from mediator.storage.keys import Keys
@@ -80,6 +80,10 @@ class StateStore(Protocol):
 
     async def count(self, deltas: dict[str, int]) -> None:
         """Add to the deployment-wide counters."""
+        ...
+
+    async def control_outcomes(self, outcomes: Mapping[str, tuple[bool, str]], now_ms: int) -> None:
+        """Record what became of operators' controls (the first outcome of each stays)."""
         ...
 
     async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:

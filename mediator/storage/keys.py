@@ -51,6 +51,8 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:reg:watermark                 hash   health-topic partition -> time (ms, Redis clock) of
                                              the last marker read from it; ``partitions``
     med:reg:marker                    string the replica writing markers, with a TTL
+    med:ctl:<control_id>              string JSON {applied, detail, at_ms}: what became of an
+                                             operator's control, kept for a day
     med:alerts:active                 hash   alert key -> JSON of each alert now firing
     med:alerts:history                list   JSON of alerts fired and resolved, newest first
     med:alerts:lease                  string the replica evaluating alerts, with a TTL
@@ -178,6 +180,10 @@ class Keys:
     def alerts(self, what: str) -> str:
         """The alerts' ``active`` hash, ``history`` list or evaluation ``lease``."""
         return f"{self.prefix}:alerts:{what}"
+
+    def control(self, control_id: str) -> str:
+        """String: what became of one operator's control (JSON), kept for a day."""
+        return f"{self.prefix}:ctl:{control_id}"
 
     def breaker(self, service: str) -> str:
         """Hash: the circuit breaker of one service, shared by every replica."""

@@ -95,6 +95,10 @@ class CommitResult:
     lease: int = 0
 
 
+#: How long the outcome of an operator's control is kept.
+CONTROL_OUTCOME_S = 24 * 3600
+
+
 class Store:
     """Orchestration state in Redis, for one key prefix and shard count."""
 
@@ -440,6 +444,17 @@ class Store:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, delta in deltas.items():
                     pipe.hincrby(self.keys.stats, name, delta)
+                await pipe.execute()
+
+    async def control_outcomes(self, outcomes: Mapping[str, tuple[bool, str]], now_ms: int) -> None:
+        """Record what became of operators' controls, by control id, for a day: the first
+        outcome of each stays (a redelivered cancel, found not to apply to the run it
+        cancelled, does not hide that it was applied)."""
+        with redis_errors("recording control outcomes"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for control_id, (applied, detail) in outcomes.items():
+                    doc = orjson.dumps({"applied": applied, "detail": detail, "at_ms": now_ms})
+                    pipe.set(self.keys.control(control_id), doc, nx=True, ex=CONTROL_OUTCOME_S)
                 await pipe.execute()
 
     async def outbox_size(self) -> int:

@@ -28,8 +28,23 @@ function toast(text) {
   el.textContent = text; el.hidden = false;
   setTimeout(() => { el.hidden = true; }, 3000);
 }
+// Send an action, then say what became of it (the replica records each control's outcome).
 async function act(path, body, what) {
-  try { await post(path, body); toast(`${what}: sent`); refresh(); } catch (e) { toast(`${what} failed: ${e.message}`); }
+  let sent;
+  try { sent = await post(path, body); } catch (e) { toast(`${what} failed: ${e.message}`); return; }
+  toast(`${what}: sent`);
+  const ids = sent.control_id ? [sent.control_id] : (sent.sent || []).map((s) => s.control_id);
+  if (ids.length === 1) {
+    for (let i = 0; i < 50; i++) {
+      const outcome = await api(`/api/controls/${encodeURIComponent(ids[0])}`).catch(() => ({ pending: true }));
+      if (!outcome.pending) {
+        toast(outcome.applied ? `${what}: applied (${outcome.detail})` : `${what}: refused: ${outcome.detail}`);
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+  refresh();
 }
 
 // -- pages ---------------------------------------------------------------------------------
