@@ -9,7 +9,7 @@ from mediator.cli.infra import HOST, EmbeddedRedis, wait_for_replica
 from mediator.errors import StateUnavailable
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, Store
-from tests.test_store import NOW, started
+from tests.engine_harness import NOW, started
 
 pytestmark = pytest.mark.slow
 
