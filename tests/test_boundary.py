@@ -11,9 +11,8 @@ from aiokafka import AIOKafkaProducer
 
 from mediator.runtime.groups import inbound_group
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import consume_all, produce, wait_for
+from tests.helpers import committed, consume_all, produce, step, wait_for
 from tests.system import echo
-from tests.test_workflows_e2e import committed, step
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
 
 HUGE_INT = 123456789012345678901234567890  # valid JSON, but beyond 64 bits

@@ -21,9 +21,8 @@ from mediator.sdk.worker import ActionError
 from mediator.settings import BreakerSettings
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.parked import parked_counts
-from tests.helpers import wait_for
+from tests.helpers import step, wait_for
 from tests.processes import MediatorProcess, group_members
-from tests.test_workflows_e2e import step
 from topics import WorkflowStatus
 
 BREAKER = BreakerSettings(

@@ -35,8 +35,7 @@ from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
-from tests.helpers import TEST_KEYS
-from tests.test_runtime_concurrency import TOPICS, Record, RecordingDispatcher
+from tests.helpers import TEST_KEYS, TOPICS, Record, RecordingDispatcher
 from topics.events import (
     CommandEvent,
     ControlAction,

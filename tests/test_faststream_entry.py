@@ -111,8 +111,7 @@ async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
     way carries the old groups' offsets over and replays no request."""
     from mediator.runtime.groups import previous_groups
     from mediator.storage.keys import workflow_id_for
-    from tests.helpers import produce
-    from tests.test_groups import commit_to_end
+    from tests.helpers import commit_to_end, produce
     from topics import RequestEvent
 
     system = await make_system(CHAIN3)

@@ -15,9 +15,8 @@ from mediator.definitions import Definitions
 from mediator.errors import DefinitionConflict
 from mediator.replica import Mediator
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import consume_all, wait_for
+from tests.helpers import consume_all, step, wait_for
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics import ResultEvent, WorkflowStatus
 
 ONE = {"name": "one", "steps": [step("a", action="work")]}

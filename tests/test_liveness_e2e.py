@@ -15,10 +15,9 @@ from redis.asyncio import Redis
 
 from mediator.storage.keys import Keys
 from mediator.storage.registry import read_registry
-from tests.helpers import wait_for
+from tests.helpers import step, wait_for
 from tests.processes import MediatorProcess
 from tests.system import System
-from tests.test_workflows_e2e import step
 from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
 CHAIN = {

@@ -16,8 +16,8 @@ import yaml
 from mediator.logs import JsonFormatter
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
+from tests.helpers import cli, cli_env
 from tests.system import RETRIED, echo
-from tests.test_cli import cli, cli_env
 from topics.events import WorkflowStatus
 
 

@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from mediator.settings import Settings
+from tests.helpers import step
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics.events import WorkflowStatus
 
 ONE = {"name": "one", "steps": [step("a")]}

@@ -17,10 +17,8 @@ import pytest
 from mediator.replica import Mediator
 from mediator.settings import LoadBalancingSettings
 from mediator.storage.registry import read_registry
-from tests.helpers import records_on, wait_for
+from tests.helpers import cli, records_on, step, wait_for
 from tests.processes import ServiceProcess
-from tests.test_cli import cli
-from tests.test_workflows_e2e import step
 from topics.events import ResultEvent, WorkflowStatus
 
 pytestmark = pytest.mark.slow

