@@ -1,4 +1,14 @@
-"""Fixtures: one real broker and one real Redis per session; fresh names for every test."""
+"""Fixtures: one real broker and one real Redis per session; fresh names for every test.
+
+Every test is marked `unit` or `integration` here, by the fixtures it uses (see
+`pytest_collection_modifyitems`); tests that take over about 5 s are marked `slow` where
+they are defined. Plain ``pytest`` runs them all; to run a part::
+
+    pytest -m unit                  # no servers (the simulation alone takes minutes)
+    pytest -m "unit and not slow"   # seconds
+    pytest -m integration           # real broker, Redis, processes
+    pytest -m "not slow"            # everything but the long end-to-end and fault tests
+"""
 
 from __future__ import annotations
 
@@ -26,6 +36,25 @@ from mediator.settings import Settings, load_settings
 from tests.helpers import SERVICE, TEST_KEYS, TEST_OPERATORS
 from tests.system import System
 from topics.names import Topics
+
+#: Fixtures that start a server, a browser or a process of the product: a test that uses one,
+#: directly or through another fixture, is an integration test.
+SERVER_FIXTURES = frozenset({"kafka", "redis_server", "own_redis", "broker", "browser", "fleet"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test `integration` (it needs a real server) or `unit` (it does not).
+
+    A test is `integration` if it uses a SERVER_FIXTURES fixture (`fixturenames` is the
+    closure: `settings`, `topics`, `make_system`... count through `kafka`), or if it is
+    marked `integration` where it is defined because it starts servers itself.
+    """
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
+            continue
+        uses = set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if uses & SERVER_FIXTURES else pytest.mark.unit)
+
 
 #: How long before pytest-timeout's limit a stuck test dumps its asyncio tasks.
 DUMP_AHEAD_S = 15.0

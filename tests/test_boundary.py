@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from mediator.runtime.groups import inbound_group
@@ -71,6 +72,7 @@ async def test_a_reply_the_store_cannot_hold_fails_its_step_and_the_others_compl
     assert dead.code == "invalid_output" and dead.source_topic == system.topics.replies
 
 
+@pytest.mark.slow
 async def test_one_poison_record_among_ten_is_dead_lettered_alone(make_system: Any) -> None:
     system = await make_system(ONE)
     await system.worker("svc", {"work": echo})

@@ -54,6 +54,7 @@ async def breaker_state(mediator: Any, service: str) -> str:
     return raw.decode() if raw else "closed"
 
 
+@pytest.mark.slow
 async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_system: Any) -> None:
     system = await make_system(checkout(timeout="30s"), circuit_breaker=BREAKER)
     payments = Payments()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
 from mediator.settings import settings_document
@@ -20,6 +21,7 @@ from tests.system import CHAIN3, echo
 from topics.events import WorkflowStatus
 
 
+@pytest.mark.slow
 async def test_faststream_run_serves_workflows_and_stops_cleanly(
     make_system: Any, tmp_path: Path
 ) -> None:
@@ -104,6 +106,7 @@ def test_faststream_docs_gen_documents_every_channel_and_payload(
     ]
 
 
+@pytest.mark.slow
 async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
     make_system: Any, tmp_path: Path
 ) -> None:

@@ -29,8 +29,6 @@ from tests.processes import MediatorProcess, group_members
 from tests.system import CHAIN3, System, slow_echo
 from topics import ResultEvent, WorkflowStatus
 
-pytestmark = pytest.mark.slow
-
 #: The frozen replica stays stopped past both its session timeout and its outbox lease.
 SESSION_TIMEOUT_MS = 2000
 LEASE_MS = 3000
@@ -61,6 +59,7 @@ def _shutdown_stats(output: str) -> str:
     return match.group(0) if match else "(no shutdown line)"
 
 
+@pytest.mark.slow
 async def test_replica_frozen_past_session_and_lease_gives_each_request_one_result(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:
@@ -256,6 +255,7 @@ def _started_at(output: str) -> datetime | None:
     return stamp.replace(microsecond=int(match.group(2)) * 1000)
 
 
+@pytest.mark.slow
 async def test_replica_with_clock_ahead_resends_nothing_it_does_not_own(
     make_system: Any, redis_client: Redis, skewed_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -109,6 +109,7 @@ V1 = {
 V2 = {"name": "deploy", "version": 2, "steps": [step("only", action="work")]}
 
 
+@pytest.mark.slow
 async def test_a_run_finishes_on_its_definition_after_a_deploy_removed_it(
     make_system: Any,
 ) -> None:

@@ -266,6 +266,7 @@ async def test_cli_bad_input_is_one_line(config_file: Path) -> None:
         assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 async def test_a_run_a_lossy_failover_rolled_back_is_brought_forward(
     make_system: Any, redis_client: Redis
 ) -> None:

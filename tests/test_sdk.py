@@ -224,6 +224,7 @@ async def test_a_command_not_signed_with_its_key_is_never_run(
     TEST_KEYRING.check(record.value, record.headers, record.topic, record.key)  # or raises
 
 
+@pytest.mark.slow
 async def test_offsets_are_committed_so_a_restart_does_not_rerun(
     broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
 ) -> None:

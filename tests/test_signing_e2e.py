@@ -186,6 +186,7 @@ async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
     assert {b"inv-1", b"pay-1"} <= used
 
 
+@pytest.mark.slow
 async def test_a_key_rotates_with_both_keys_active(make_system: Any) -> None:
     """Mid-rotation: the mediator signs with the new key and accepts both; one instance
     still signs with the old key, another already with the new; all work completes."""

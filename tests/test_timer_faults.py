@@ -26,8 +26,6 @@ from tests.processes import MediatorProcess, group_members
 from tests.system import System
 from topics import ResultEvent, WorkflowStatus
 
-pytestmark = pytest.mark.slow
-
 #: Runs in the replica-kill test, each: timeout, retry, timeout again.
 RUNS = 30
 STEP_TIMEOUT_MS = 500
@@ -102,6 +100,7 @@ class Service:
 # -- a replica killed while it holds claimed timers ----------------------------------------
 
 
+@pytest.mark.slow
 async def test_timers_a_killed_replica_held_are_fired_once_by_the_other(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:
@@ -281,6 +280,7 @@ def _shutdown_stats(output: str) -> dict[str, int]:
 # -- Redis frozen while timers fall due ------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_timers_due_while_redis_is_frozen_fire_once_after_it_resumes(
     make_system: Any, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
