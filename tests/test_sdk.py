@@ -30,6 +30,7 @@ from tests.helpers import (
     records_on,
     replies,
     send,
+    wait_for,
 )
 from topics.events import (
     CommandEvent,
@@ -159,8 +160,8 @@ async def test_duplicate_command_runs_once_and_reply_is_resent(
     # Two copies in one batch: the second arrives while the first is still running.
     slow = command(names, "reserve", {"sku": "S", "slow": True})
     await send(producer, names, slow, slow)
-    # A later redelivery is answered from the reply cache.
-    await asyncio.sleep(0.5)
+    # A later redelivery (once both are answered) is answered from the reply cache.
+    await replies(broker, names, 2)
     await send(producer, names, slow)
     got = await replies(broker, names, 3)
     assert calls == [slow.command_id]
@@ -250,10 +251,7 @@ async def test_stop_finishes_in_flight_commands_then_commits(
 ) -> None:
     slow = command(names, "reserve", {"sku": "S", "slow": True})
     await send(producer, names, slow)
-    for _ in range(1000):
-        if calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: calls, what="the command to start")
     await worker.stop()  # the handler is still sleeping
     [reply] = await replies(broker, names, 1)
     assert reply.command_id == slow.command_id and reply.status is ReplyStatus.OK
@@ -270,10 +268,7 @@ async def test_a_stalled_command_holds_up_neither_later_commands_nor_their_repli
 ) -> None:
     stalled = command(names, "hold", "stalled")
     await send(producer, names, stalled)
-    for _ in range(1000):
-        if calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: calls, what="the stalled command to start")
     # Same key, so same partition, fetched after the stalled one started.
     later = [command(names, "echo", n) for n in range(3)]
     await send(producer, names, *later)
@@ -284,11 +279,11 @@ async def test_a_stalled_command_holds_up_neither_later_commands_nor_their_repli
     gate.set()
     got = await replies(broker, names, 4)
     assert got[3].command_id == stalled.command_id
-    for _ in range(100):
-        if await committed(broker, worker.group_id, names.service(SERVICE)) == 4:
-            break
-        await asyncio.sleep(0.1)
-    assert await committed(broker, worker.group_id, names.service(SERVICE)) == 4
+
+    async def all_four() -> bool:
+        return await committed(broker, worker.group_id, names.service(SERVICE)) == 4
+
+    await wait_for(all_four, interval=0.1, what="all four offsets committed")
 
 
 async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(
