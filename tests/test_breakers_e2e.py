@@ -21,9 +21,8 @@ from mediator.sdk.worker import ActionError
 from mediator.settings import BreakerSettings
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.parked import parked_counts
-from tests.helpers import wait_for
+from tests.helpers import step, wait_for
 from tests.processes import MediatorProcess, group_members
-from tests.test_workflows_e2e import step
 from topics import WorkflowStatus
 
 BREAKER = BreakerSettings(
@@ -55,6 +54,7 @@ async def breaker_state(mediator: Any, service: str) -> str:
     return raw.decode() if raw else "closed"
 
 
+@pytest.mark.slow
 async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_system: Any) -> None:
     system = await make_system(checkout(timeout="30s"), circuit_breaker=BREAKER)
     payments = Payments()
@@ -73,7 +73,10 @@ async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_syste
     )
     assert len(payments.calls) == 3
     opened = time.monotonic()
-    await asyncio.sleep(0.2)  # both replicas have refreshed their view
+    await wait_for(
+        lambda: all(m.breakers.state("payments") == "open" for m in system.mediators),
+        what="both replicas' view of the breaker to be open",
+    )
 
     # New commands park: the service receives none while the breaker is open.
     payments.broken = False
@@ -117,7 +120,10 @@ async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
     await wait_for(
         lambda: _is(breaker_state(mediator, "payments"), "open"), what="the breaker to open"
     )
-    await asyncio.sleep(0.2)  # the replica has refreshed its view
+    await wait_for(
+        lambda: mediator.breakers.state("payments") == "open",
+        what="the replica's view of the breaker to be open",
+    )
 
     results = await asyncio.gather(
         *(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=10) for n in range(4))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 from typing import Any
 
@@ -14,45 +12,8 @@ from redis.asyncio import Redis
 from mediator.sdk.worker import ActionError
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
-from tests.helpers import signing_spec
+from tests.helpers import cli
 from tests.system import echo
-
-
-def cli_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment, plus `settings` as ``MEDIATOR_*`` (then `env`)."""
-    return {
-        **os.environ,
-        "MEDIATOR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE": "false",
-        "MEDIATOR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-        "MEDIATOR_KAFKA__SERVICE_TOPIC_PREFIX": settings.kafka.service_topic_prefix,
-        "MEDIATOR_KAFKA__FETCH_MAX_WAIT_MS": "5",
-        "MEDIATOR_REDIS__URL": settings.redis.url,
-        "MEDIATOR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
-        "MEDIATOR_REDIS__SHARDS": str(settings.redis.shards),
-        "MEDIATOR_SIGNING__KEYS": signing_spec(settings.signing.keyring()),
-        # The operator the CLI's controls are signed as.
-        "MEDIATOR_SIGNING__OPERATORS": json.dumps(settings.signing.revealed()["operators"]),
-        **(env or {}),
-    }
-
-
-async def cli(
-    settings: Settings, *args: str, env: dict[str, str] | None = None
-) -> tuple[int, str, str]:
-    """Run `python -m mediator ARGS` with `settings` (then `env`) in its environment."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mediator",
-        *args,
-        env=cli_env(settings, env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_status_json_counts_match_what_ran(make_system: Any) -> None:

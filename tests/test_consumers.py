@@ -13,8 +13,7 @@ from mediator.runtime.boundary import Boundary
 from mediator.runtime.consumers import BatchConsumer, Offsets, Subscription
 from mediator.runtime.groups import group_name
 from mediator.settings import BackoffSettings, Settings
-from tests.helpers import produce, wait_for
-from tests.test_workflows_e2e import committed
+from tests.helpers import committed, produce, wait_for
 
 
 async def _reject(*_: Any) -> None:

@@ -18,9 +18,7 @@ from mediator.errors import ConfigurationError
 from mediator.ops.control import control_signer, send_control
 from mediator.settings import SigningSettings
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import TEST_KEYS, wait_for
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import TEST_KEYS, step, wait_for, wait_for_letters
 from topics import WorkflowStatus
 from topics.events import ControlAction, ControlEvent
 

@@ -13,6 +13,8 @@ import pytest
 DEV_TIMEOUT_S = 150
 
 
+@pytest.mark.slow
+@pytest.mark.integration  # `mediator dev` starts the embedded servers
 def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -> None:
     try:
         run = subprocess.run(

@@ -9,6 +9,7 @@ from types import TracebackType
 import pytest
 
 from mediator.cli.dev import start_together
+from tests.helpers import wait_for
 
 
 class Part:
@@ -38,8 +39,8 @@ async def test_parts_start_side_by_side_with_progress() -> None:
     parts = [(n, Part(n, log, gate)) for n in ("a", "b", "c")]
     async with contextlib.AsyncExitStack() as stack:
         starting = asyncio.create_task(start_together(stack, parts, said.append, tick_s=0.05))
-        await asyncio.sleep(0.2)
         # All three are starting at once, and the wait is narrated.
+        await wait_for(lambda: len(log) == 3 and said, what="three parts starting, narrated")
         assert log == ["enter a", "enter b", "enter c"]
         assert said and said[0] == "  ... still starting: a, b, c"
         gate.set()

@@ -24,7 +24,6 @@ from mediator.cli.dlq import dlq_app
 from mediator.cli.infra import create_topics
 from mediator.ops.dlq import (
     DlqError,
-    Letter,
     read_dead_letters,
     refusal,
     replay,
@@ -35,9 +34,8 @@ from mediator.runtime.failures import dead_letter
 from mediator.sdk.client import MediatorClient
 from mediator.settings import LimitsSettings, Settings, settings_document
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import produce, records_on, wait_for
+from tests.helpers import letters_of, produce, records_on, step, wait_for, wait_for_letters
 from tests.system import System, echo
-from tests.test_workflows_e2e import step
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
 from topics.names import Topics
 
@@ -45,34 +43,6 @@ ONE = {"name": "one", "steps": [step("a", action="work")]}
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def letters_of(settings: Settings, **filters: Any) -> list[Letter]:
-    kafka = settings.kafka
-    return await read_dead_letters(
-        kafka.bootstrap_servers,
-        kafka.topics,
-        limit=None,
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-        timeout_s=10,
-        **filters,
-    )
-
-
-async def wait_for_letters(
-    settings: Settings,
-    count: int,
-    *,
-    timeout: float = 10,  # noqa: ASYNC109
-    **filters: Any,
-) -> list[Letter]:
-    async def enough() -> list[Letter] | None:
-        found = await letters_of(settings, **filters)
-        return found if len(found) >= count else None
-
-    found = await wait_for(enough, timeout=timeout, interval=0.2, what=f"{count} dead letters")
-    assert isinstance(found, list)
-    return found
 
 
 async def publish_to_dlq(

@@ -19,18 +19,7 @@ from mediator.runtime.outbox import Dispatcher
 from mediator.sdk.worker import ActionError, Worker
 from mediator.storage.keys import Keys
 from mediator.storage.store import Store
-from tests.helpers import TEST_KEYRING
-from tests.test_sdk import (  # noqa: F401  (fixtures)
-    FAST_GROUP,
-    SERVICE,
-    broker,
-    command,
-    names,
-    producer,
-    read,
-    replies,
-    send,
-)
+from tests.helpers import FAST_GROUP, SERVICE, TEST_KEYRING, command, read, replies, send
 from topics.events import CommandEvent, ReplyStatus
 from topics.names import Topics
 
@@ -42,7 +31,7 @@ async def charges() -> list[str]:
 
 
 @pytest.fixture
-async def payer(broker: str, names: Topics, charges: list[str]) -> AsyncIterator[Worker]:  # noqa: F811
+async def payer(broker: str, names: Topics, charges: list[str]) -> AsyncIterator[Worker]:
     w = Worker(
         SERVICE, broker, topics=names, instance="pay-1", enable_idempotence=False,
         consumer_options=FAST_GROUP, keys=TEST_KEYRING,
@@ -72,10 +61,10 @@ async def payer(broker: str, names: Topics, charges: list[str]) -> AsyncIterator
 
 
 async def test_an_idempotent_action_does_its_work_once_per_key(
-    broker: str,  # noqa: F811
-    names: Topics,  # noqa: F811
+    broker: str,
+    names: Topics,
     payer: Worker,
-    producer: AIOKafkaProducer,  # noqa: F811
+    producer: AIOKafkaProducer,
     charges: list[str],
 ) -> None:
     key = "wf-1.charge.r0"
@@ -85,7 +74,7 @@ async def test_an_idempotent_action_does_its_work_once_per_key(
     # addressed to its own attempt.
     second = command(names, "charge", {}, idempotency_key=key, attempt=2)
     await send(producer, names, first, second)
-    await asyncio.sleep(0.6)
+    await replies(broker, names, 2)  # attempt 1 has finished
     third = command(names, "charge", {}, idempotency_key=key, attempt=3)
     await send(producer, names, third)
     got = {r.command_id: r for r in await replies(broker, names, 3)}
@@ -97,10 +86,10 @@ async def test_an_idempotent_action_does_its_work_once_per_key(
 
 
 async def test_a_retryable_failure_is_not_remembered_and_other_keys_are_other_work(
-    broker: str,  # noqa: F811
-    names: Topics,  # noqa: F811
+    broker: str,
+    names: Topics,
     payer: Worker,
-    producer: AIOKafkaProducer,  # noqa: F811
+    producer: AIOKafkaProducer,
     charges: list[str],
 ) -> None:
     busy = command(names, "charge", {"flaky": True}, idempotency_key="k-1")
@@ -121,8 +110,8 @@ async def test_a_retryable_failure_is_not_remembered_and_other_keys_are_other_wo
 
 
 async def test_a_command_for_a_partition_the_topic_lacks_goes_where_its_key_falls(
-    broker: str,  # noqa: F811
-    names: Topics,  # noqa: F811
+    broker: str,
+    names: Topics,
     redis_client: Redis,
     key_prefix: str,
 ) -> None:

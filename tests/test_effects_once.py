@@ -6,13 +6,20 @@ from __future__ import annotations
 
 from mediator.core.state import StepStatus, dumps, loads
 from mediator.core.timers import Fired
-from tests.test_engine import ENGINE, T0, WID, Run, commands, make, results, step
-from tests.test_engine_saga import (
+from tests.engine_harness import (
     BUSY,
+    ENGINE,
     FATAL,
+    T0,
+    WID,
+    Run,
     apply_undo,
+    commands,
     control,
     fire,
+    make,
+    results,
+    step,
     undo_reply,
     undoable,
 )

@@ -35,8 +35,7 @@ from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.store import Store
-from tests.helpers import TEST_KEYS
-from tests.test_runtime_concurrency import TOPICS, Record, RecordingDispatcher
+from tests.helpers import TEST_KEYS, TOPICS, Record, RecordingDispatcher, wait_for
 from topics.events import (
     CommandEvent,
     ControlAction,
@@ -167,12 +166,7 @@ async def test_a_stale_timer_never_removes_the_one_a_retry_set_again(
 
 async def _when_due(poller: TimerPoller) -> None:
     """Poll until a timer was claimed (the deadline falls due within 150 ms)."""
-    for _ in range(100):
-        if await poller.poll_once():
-            return
-        await asyncio.sleep(0.02)
-    msg = "no timer fell due"
-    raise AssertionError(msg)
+    await wait_for(poller.poll_once, timeout=2.0, interval=0.02, what="a timer to fall due")
 
 
 async def test_a_timer_that_cannot_be_applied_is_set_aside_alone(

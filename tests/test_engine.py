@@ -9,126 +9,31 @@ import orjson
 import pytest
 
 from mediator.core.counters import STEPS_SKIPPED, svc, wf
-from mediator.core.engine import Engine, PublishResult, SendCommand, Transition, command_id
+from mediator.core.engine import Transition, command_id
 from mediator.core.state import StepState, StepStatus, WorkflowState, dumps, loads
-from mediator.core.workflow import Workflow, parse_workflows
+from tests.engine_harness import (
+    ENGINE,
+    T0,
+    WID,
+    Run,
+    apply,
+    commands,
+    failed,
+    make,
+    ok,
+    result,
+    results,
+    sent,
+    start,
+    step,
+)
 from topics.events import (
-    CommandEvent,
     ControlAction,
     ControlEvent,
     ErrorInfo,
-    ReplyEvent,
     ReplyStatus,
-    RequestEvent,
-    ResultEvent,
     WorkflowStatus,
 )
-
-ENGINE = Engine(replies_topic="r")
-WID = "wf-1"
-T0 = 1_000
-
-
-def make(*steps: dict[str, Any], name: str = "wf", **fields: Any) -> Workflow:
-    [workflow] = parse_workflows({"name": name, "steps": list(steps), **fields})
-    return workflow
-
-
-def step(step_id: str, *deps: str, service: str = "svc", **fields: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "service": service,
-        "action": f"do_{step_id}",
-        "depends_on": list(deps),
-        **fields,
-    }
-
-
-def start(workflow: Workflow, payload: dict[str, Any] | None = None, **fields: Any) -> Transition:
-    request = RequestEvent(
-        request_id="req-1", workflow=workflow.name, payload=payload or {}, **fields
-    )
-    return ENGINE.start(workflow, request, WID, T0)
-
-
-def commands(transition: Transition) -> list[CommandEvent]:
-    return [e.command for e in transition.effects if isinstance(e, SendCommand)]
-
-
-def sent(transition: Transition) -> list[str]:
-    return [c.step for c in commands(transition)]
-
-
-def results(transition: Transition) -> list[PublishResult]:
-    return [e for e in transition.effects if isinstance(e, PublishResult)]
-
-
-def result(transition: Transition) -> ResultEvent:
-    [published] = results(transition)
-    return published.result
-
-
-def ok(command: CommandEvent, output: Any = None, **fields: Any) -> ReplyEvent:
-    return ReplyEvent(
-        command_id=command.command_id,
-        workflow_id=command.workflow_id,
-        step=command.step,
-        attempt=command.attempt,
-        status=ReplyStatus.OK,
-        output=output,
-        **fields,
-    )
-
-
-def failed(command: CommandEvent, error: ErrorInfo | None = None) -> ReplyEvent:
-    return ReplyEvent(
-        command_id=command.command_id,
-        workflow_id=command.workflow_id,
-        step=command.step,
-        attempt=command.attempt,
-        status=ReplyStatus.ERROR,
-        error=error,
-    )
-
-
-def apply(
-    workflow: Workflow, state: WorkflowState, reply: ReplyEvent, now: int = T0 + 10
-) -> Transition:
-    transition = ENGINE.apply_reply(workflow, state, reply, now)
-    assert transition is not None, f"reply for {reply.step} was ignored"
-    return transition
-
-
-class Run:
-    """One run driven by hand: keeps the state and the commands still awaiting a reply."""
-
-    def __init__(self, workflow: Workflow, payload: dict[str, Any] | None = None, **fields: Any):
-        self.workflow = workflow
-        self.last = start(workflow, payload, **fields)
-        self.state = self.last.state
-        self.outstanding = {c.step: c for c in commands(self.last)}
-        self.history: list[Transition] = [self.last]
-
-    def reply(self, reply: ReplyEvent, now: int) -> Transition:
-        self.last = apply(self.workflow, self.state, reply, now)
-        self.state = self.last.state
-        self.outstanding.pop(reply.step, None)
-        self.outstanding.update({c.step: c for c in commands(self.last)})
-        self.history.append(self.last)
-        return self.last
-
-    def complete(self, step_id: str, output: Any = None, now: int = T0 + 10) -> Transition:
-        return self.reply(ok(self.outstanding[step_id], output), now)
-
-    def fail(self, step_id: str, error: ErrorInfo | None, now: int = T0 + 10) -> Transition:
-        return self.reply(failed(self.outstanding[step_id], error), now)
-
-    def running(self) -> set[str]:
-        return {s for s, st in self.state.steps.items() if st.status is StepStatus.RUNNING}
-
-    def statuses(self) -> dict[str, str]:
-        return {s: st.status.value for s, st in self.state.steps.items()}
-
 
 # -- dispatch order -----------------------------------------------------------------------
 

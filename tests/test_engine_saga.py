@@ -3,68 +3,29 @@ rerouting while a circuit breaker is open."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from mediator.core.counters import svc, wf
-from mediator.core.engine import Transition
 from mediator.core.state import StepStatus
-from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
-from tests.test_engine import ENGINE, T0, WID, Run, commands, make, result, results, step
-from topics.events import (
-    CommandEvent,
-    ControlAction,
-    ControlEvent,
-    ErrorInfo,
-    ReplyEvent,
-    ReplyStatus,
+from tests.engine_harness import (
+    BUSY,
+    ENGINE,
+    FATAL,
+    T0,
+    WID,
+    Run,
+    apply_undo,
+    commands,
+    control,
+    fire,
+    make,
+    result,
+    results,
+    step,
+    undo_reply,
+    undoable,
 )
+from topics.events import ControlAction
 from topics.events import WorkflowStatus as WS
-
-FATAL = ErrorInfo(message="card declined", code="declined")
-BUSY = ErrorInfo(message="busy", retryable=True)
-
-
-def undoable(step_id: str, *deps: str, **fields: Any) -> dict[str, Any]:
-    return step(step_id, *deps, compensate={"action": f"undo_{step_id}"}, **fields)
-
-
-def control(action: ControlAction, reason: str = "ops") -> ControlEvent:
-    return ControlEvent(
-        control_id="c-1", action=action, workflow_id=WID, reason=reason, issued_ms=T0
-    )
-
-
-def fire(run: Run, kind: str, step_id: str = "", attempt: int = 0, now: int = T0 + 50) -> Any:
-    fired = Fired.parse(f"{kind}|{WID}|{step_id}|{attempt}")
-    assert fired is not None
-    transition = ENGINE.apply_timer(run.workflow, run.state, fired, now)
-    if transition is not None:
-        run.last = transition
-        run.state = transition.state
-        run.outstanding.update({c.step: c for c in commands(transition)})
-        run.history.append(transition)
-    return transition
-
-
-def undo_reply(command: CommandEvent, ok: bool = True, retryable: bool = False) -> ReplyEvent:
-    return ReplyEvent(
-        command_id=command.command_id,
-        workflow_id=WID,
-        step=command.step,
-        attempt=command.attempt,
-        status=ReplyStatus.OK if ok else ReplyStatus.ERROR,
-        error=None if ok else ErrorInfo(message="undo failed", retryable=retryable),
-    )
-
-
-def apply_undo(run: Run, reply: ReplyEvent, now: int = T0 + 60) -> Transition:
-    transition = ENGINE.apply_reply(run.workflow, run.state, reply, now)
-    assert transition is not None
-    run.last = transition
-    run.state = transition.state
-    run.history.append(transition)
-    return transition
 
 
 def chain() -> Workflow:

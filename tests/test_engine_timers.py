@@ -10,7 +10,7 @@ from mediator.core.engine import SetTimer, Transition
 from mediator.core.state import StepStatus
 from mediator.core.timers import Fired, retry_delay_ms
 from mediator.core.workflow import RetryPolicy
-from tests.test_engine import ENGINE, T0, Run, commands, make, ok, result, step
+from tests.engine_harness import ENGINE, T0, Run, commands, make, ok, result, step
 from topics import ErrorInfo, WorkflowStatus
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
 from mediator.settings import settings_document
@@ -20,6 +21,7 @@ from tests.system import CHAIN3, echo
 from topics.events import WorkflowStatus
 
 
+@pytest.mark.slow
 async def test_faststream_run_serves_workflows_and_stops_cleanly(
     make_system: Any, tmp_path: Path
 ) -> None:
@@ -104,6 +106,7 @@ def test_faststream_docs_gen_documents_every_channel_and_payload(
     ]
 
 
+@pytest.mark.slow
 async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
     make_system: Any, tmp_path: Path
 ) -> None:
@@ -111,8 +114,7 @@ async def test_faststream_run_starts_where_an_earlier_versions_groups_stopped(
     way carries the old groups' offsets over and replays no request."""
     from mediator.runtime.groups import previous_groups
     from mediator.storage.keys import workflow_id_for
-    from tests.helpers import produce
-    from tests.test_groups import commit_to_end
+    from tests.helpers import commit_to_end, produce
     from topics import RequestEvent
 
     system = await make_system(CHAIN3)

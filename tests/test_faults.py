@@ -14,9 +14,8 @@ from tests.helpers import wait_for
 from tests.system import CHAIN3, slow_echo
 from topics import WorkflowStatus
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 async def test_redis_paused_mid_run_every_workflow_still_completes(
     make_system: Any, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,19 +18,16 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from mediator.runtime.groups import inbound_group
 from mediator.runtime.messages import frame
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
-from tests.helpers import wait_for
+from tests.helpers import read_to_end, wait_for
 from tests.processes import MediatorProcess, group_members
 from tests.system import CHAIN3, System, slow_echo
 from topics import ResultEvent, WorkflowStatus
-
-pytestmark = pytest.mark.slow
 
 #: The frozen replica stays stopped past both its session timeout and its outbox lease.
 SESSION_TIMEOUT_MS = 2000
@@ -43,34 +40,6 @@ BUSY_OUTBOX = 4
 #: How far ahead the skewed replica's clock runs, and how long the test's entries are held.
 SKEW_S = 20
 HELD_MS = 8000
-
-
-async def read_to_end(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of `topic` up to its current end, without a consumer group."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    # Every step has a deadline: a broker that stops answering fails the test, not hangs it.
-    async with asyncio.timeout(60):
-        await consumer.start()
-        try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await consumer.topics()  # a metadata refresh
-                partitions = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            assert tps, f"topic {topic!r} has no partitions"
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                batches = await consumer.getmany(timeout_ms=200)
-                for batch in batches.values():
-                    records.extend(batch)
-        finally:
-            await consumer.stop()
-    return records
 
 
 async def _members_are(bootstrap: str, group: str, n: int) -> bool:
@@ -90,6 +59,7 @@ def _shutdown_stats(output: str) -> str:
     return match.group(0) if match else "(no shutdown line)"
 
 
+@pytest.mark.slow
 async def test_replica_frozen_past_session_and_lease_gives_each_request_one_result(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:
@@ -285,6 +255,7 @@ def _started_at(output: str) -> datetime | None:
     return stamp.replace(microsecond=int(match.group(2)) * 1000)
 
 
+@pytest.mark.slow
 async def test_replica_with_clock_ahead_resends_nothing_it_does_not_own(
     make_system: Any, redis_client: Redis, skewed_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -8,34 +8,16 @@ import socket
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from mediator.runtime.groups import ATTEMPTS, adopt_offsets, inbound_group, previous_groups
 from mediator.settings import BackoffSettings, load_settings
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import produce
+from tests.helpers import commit_to_end, committed, produce, step
 from tests.system import echo
-from tests.test_workflows_e2e import committed, step
 from topics import RequestEvent, WorkflowStatus
 
 ONE = {"name": "one", "steps": [step("a", action="work")]}
-
-
-async def commit_to_end(bootstrap: str, group: str, topic: str) -> int:
-    """Commit, for `group`, the end of every partition of `topic` (as a replica that
-    handled every record would have); the sum of those offsets."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        await consumer.commit(ends)
-    finally:
-        await consumer.stop()
-    return sum(ends.values())
 
 
 async def test_the_inbound_group_starts_where_the_requests_and_replies_groups_stopped(

@@ -15,9 +15,8 @@ from mediator.definitions import Definitions
 from mediator.errors import DefinitionConflict
 from mediator.replica import Mediator
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import consume_all, wait_for
+from tests.helpers import consume_all, step, wait_for
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics import ResultEvent, WorkflowStatus
 
 ONE = {"name": "one", "steps": [step("a", action="work")]}
@@ -110,6 +109,7 @@ V1 = {
 V2 = {"name": "deploy", "version": 2, "steps": [step("only", action="work")]}
 
 
+@pytest.mark.slow
 async def test_a_run_finishes_on_its_definition_after_a_deploy_removed_it(
     make_system: Any,
 ) -> None:

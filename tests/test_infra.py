@@ -58,6 +58,7 @@ async def _partitions(bootstrap: str, names: list[str]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in described}
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_embedded_servers_answer_and_stop_on_exit() -> None:
     topic = f"t{uuid.uuid4().hex[:8]}.probe"
     async with embedded() as servers:
@@ -81,6 +82,7 @@ async def test_embedded_servers_answer_and_stop_on_exit() -> None:
     assert not any([await _port_open(port) for port in ports])
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_embedded_stops_servers_when_cancelled() -> None:
     started: asyncio.Queue[Embedded] = asyncio.Queue()
 
@@ -100,6 +102,7 @@ async def test_embedded_stops_servers_when_cancelled() -> None:
         assert server.process.returncode is not None
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_embedded_starts_only_what_is_asked_for() -> None:
     async with embedded(kafka=False) as servers:
         assert servers.kafka is None
@@ -160,6 +163,7 @@ async def test_port_in_use(redis_server: EmbeddedRedis) -> None:
     assert server.process is None
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_start_failure_quotes_the_server_log() -> None:
     server = EmbeddedRedis(args=["--no-such-directive", "1"])
     with pytest.raises(InfrastructureError, match="exited with code 1") as caught:
@@ -169,6 +173,7 @@ async def test_start_failure_quotes_the_server_log() -> None:
     assert server.process.returncode is not None
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_redis_kill_then_restart_on_the_same_port() -> None:
     async with EmbeddedRedis() as server:
         port = server.port
@@ -184,6 +189,7 @@ async def test_redis_kill_then_restart_on_the_same_port() -> None:
         assert await _ping(server.url)
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_redis_pause_and_resume() -> None:
     async with EmbeddedRedis() as server:
         server.pause()
@@ -196,6 +202,7 @@ async def test_redis_pause_and_resume() -> None:
     assert server.process.returncode is not None
 
 
+@pytest.mark.integration  # starts its own servers
 async def test_kafka_restart_loses_topics() -> None:
     topic = f"t{uuid.uuid4().hex[:8]}.lost"
     async with EmbeddedKafka() as server:

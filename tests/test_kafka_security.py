@@ -16,8 +16,8 @@ from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection, broker_options, check_tls, client_options
 from mediator.replica import Mediator
 from mediator.settings import Settings, load_settings
+from tests.helpers import step
 from tests.system import System, echo
-from tests.test_workflows_e2e import step
 from tests.tls import Authority, tls_kafka
 from topics import WorkflowStatus
 

@@ -156,3 +156,23 @@ def test_the_runtime_reaches_redis_only_through_storage() -> None:
             elif isinstance(node, ast.Attribute) and node.attr in ("pipeline", "register_script"):
                 found.append(f"{path.name}:{node.lineno}: .{node.attr}")
     assert found == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers live in `tests/helpers.py` and `tests/engine_harness.py`, fixtures in
+    `tests/conftest.py`: a test module that imports another couples the two, and a helper
+    in a test module is found by nobody looking for it."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                modules = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            ours = [m for m in modules if m.startswith((".", "tests."))]
+            if any(m.rsplit(".", 1)[-1].startswith("test_") for m in ours):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

@@ -11,14 +11,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from mediator.storage.keys import Keys
 from mediator.storage.registry import read_registry
-from tests.helpers import wait_for
+from tests.helpers import step, wait_for
 from tests.processes import MediatorProcess
 from tests.system import System
-from tests.test_workflows_e2e import step
 from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
 CHAIN = {
@@ -34,6 +34,7 @@ RUNS = 20
 FREEZE_S = 8.0
 
 
+@pytest.mark.slow
 async def test_a_frozen_replica_does_not_take_a_live_instance_for_dead(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:

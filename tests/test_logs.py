@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
 from mediator.logs import JsonFormatter
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
+from tests.helpers import cli, cli_env
 from tests.system import RETRIED, echo
-from tests.test_cli import cli, cli_env
 from topics.events import WorkflowStatus
 
 
@@ -86,6 +87,7 @@ async def test_the_runtime_logs_failed_attempts_and_runs_with_their_fields(
     assert failed[-1]["request_id"] == "logged-bad" and failed[-1]["trace_id"] == bad.trace_id
 
 
+@pytest.mark.slow
 async def test_run_with_log_format_json_writes_only_json_lines(
     settings: Any, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
@@ -127,6 +128,7 @@ async def test_audit_log_keeps_only_the_newest_entries(make_system: Any, setting
     assert [orjson.loads(f[b"e"]).get("step") for _, f in raw] == ["b", "c"]
 
 
+@pytest.mark.slow
 async def test_a_slow_service_fires_one_alert_and_one_resolve(
     make_system: Any, settings: Any
 ) -> None:

@@ -7,14 +7,17 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from mediator.settings import Settings
+from tests.helpers import step
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics.events import WorkflowStatus
 
 ONE = {"name": "one", "steps": [step("a")]}
 
 
+@pytest.mark.slow
 async def test_a_request_after_a_quiet_spell_is_not_held_by_the_poll_timeout(
     make_system: Any, settings: Settings
 ) -> None:

@@ -23,8 +23,7 @@ from mediator.errors import BadTime, RecoverError
 from mediator.ops.recover import parse_time, recover
 from mediator.settings import Settings, settings_document
 from mediator.storage.keys import Keys, workflow_id_for
-from tests.helpers import records_on, wait_for
-from tests.test_workflows_e2e import step
+from tests.helpers import records_on, step, wait_for
 from topics.events import RequestEvent
 
 # The layout recover must read from med:meta, unlike the settings' 4 shards.
@@ -267,6 +266,7 @@ async def test_cli_bad_input_is_one_line(config_file: Path) -> None:
         assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 async def test_a_run_a_lossy_failover_rolled_back_is_brought_forward(
     make_system: Any, redis_client: Redis
 ) -> None:

@@ -17,9 +17,8 @@ from tests.helpers import wait_for
 from tests.system import CHAIN3, slow_echo
 from topics import WorkflowStatus
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 async def test_redis_restarted_empty_then_recover_every_request_gets_a_result(
     make_system: Any, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,8 +15,8 @@ from mediator.errors import MediatorError
 from mediator.replica import Mediator
 from mediator.settings import RedisSettings, Settings
 from mediator.storage.connection import redacted
+from tests.helpers import step
 from tests.system import System, echo
-from tests.test_workflows_e2e import step
 from tests.tls import Authority, tls_redis
 from topics import WorkflowStatus
 

@@ -13,10 +13,7 @@ from mediator.runtime.registry import Registry
 from mediator.settings import DiscoverySettings
 from mediator.storage.keys import Keys
 from mediator.storage.registry import read_registry
-from tests.helpers import produce, wait_for
-from tests.test_cli import cli
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import cli, produce, step, wait_for, wait_for_letters
 from topics.events import HealthEvent, HealthStatus
 
 ONE = {"name": "one", "steps": [step("a", "inventory", action="work")]}

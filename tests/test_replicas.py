@@ -15,8 +15,6 @@ from tests.processes import MediatorProcess, group_members
 from tests.system import CHAIN3, echo, slow_echo
 from topics import WorkflowStatus
 
-pytestmark = pytest.mark.slow
-
 
 def _processed(output: str) -> dict[str, int]:
     match = re.search(r"mediator stopped: (.*?);", output)
@@ -24,6 +22,7 @@ def _processed(output: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
 
 
+@pytest.mark.slow
 async def test_two_replicas_share_500_workflows_and_lose_none(
     make_system: Any, tmp_path: Path
 ) -> None:
@@ -62,6 +61,7 @@ async def _members_are(bootstrap: str, group: str, n: int) -> bool:
     return await group_members(bootstrap, group) == n
 
 
+@pytest.mark.slow
 async def test_replica_killed_mid_run_its_workflows_complete_on_restart(
     make_system: Any, tmp_path: Path
 ) -> None:

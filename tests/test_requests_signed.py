@@ -13,9 +13,8 @@ from mediator.core.signing import Keyring
 from mediator.sdk.client import MediatorClient
 from mediator.settings import SigningSettings
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import TEST_KEYS, TEST_OPERATORS, consume_all, produce
+from tests.helpers import TEST_KEYS, TEST_OPERATORS, consume_all, produce, step
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics import RequestEvent, ResultEvent, WorkflowStatus
 
 SHOP = "shop-1=shop-client-secret-0123456789"

@@ -7,7 +7,7 @@ from mediator.core.engine import MAX_DEATH_REROUTES
 from mediator.core.routing import in_flight, instance_prefix, member, routing_delta
 from mediator.core.state import StepStatus
 from mediator.core.timers import Fired
-from tests.test_engine import ENGINE, T0, Run, commands, make, step
+from tests.engine_harness import ENGINE, T0, Run, commands, make, step
 from topics import WorkflowStatus
 
 

@@ -17,13 +17,9 @@ import pytest
 from mediator.replica import Mediator
 from mediator.settings import LoadBalancingSettings
 from mediator.storage.registry import read_registry
-from tests.helpers import records_on, wait_for
+from tests.helpers import cli, records_on, step, wait_for
 from tests.processes import ServiceProcess
-from tests.test_cli import cli
-from tests.test_workflows_e2e import step
 from topics.events import ResultEvent, WorkflowStatus
-
-pytestmark = pytest.mark.slow
 
 WORK = {"name": "work", "steps": [{**step("a", "inventory", action="work"), "timeout": "30s"}]}
 
@@ -92,6 +88,7 @@ def by_instance(results: list[ResultEvent]) -> Counter[str | None]:
     return Counter(r.steps["a"].instance for r in results)
 
 
+@pytest.mark.slow
 async def test_each_strategy_splits_the_work_as_it_promises(make_system: Any, fleet: Any) -> None:
     system = await make_system(WORK)
     await fleet(
@@ -146,6 +143,7 @@ async def test_each_strategy_splits_the_work_as_it_promises(make_system: Any, fl
     assert len(set().union(*homes.values())) > 1, homes  # and customers spread
 
 
+@pytest.mark.slow
 async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_again(
     make_system: Any, fleet: Any
 ) -> None:
@@ -216,6 +214,7 @@ async def test_a_killed_instance_work_moves_on_at_once_and_a_restart_gets_work_a
     assert victim.instance in by_instance(list(again))
 
 
+@pytest.mark.slow
 async def test_a_failing_instance_is_routed_around_by_its_own_breaker(
     make_system: Any, fleet: Any
 ) -> None:
@@ -264,6 +263,7 @@ async def test_a_failing_instance_is_routed_around_by_its_own_breaker(
     assert code == 0 and "instance:inventory:breaker_opened" in out
 
 
+@pytest.mark.slow
 async def test_a_drained_instance_gets_no_new_command_and_finishes_its_own(
     make_system: Any, fleet: Any
 ) -> None:

@@ -4,48 +4,17 @@ dead-letters or counts must never be lost to, or sent by, the other."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
-from mediator.runtime.messages import Message
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys
 from mediator.storage.store import Store
+from tests.helpers import TOPICS, Record, RecordingDispatcher
 from topics import DeadLetter, RequestEvent
-from topics.names import Topics
-
-TOPICS = Topics(prefix="c.", service_prefix="c.svc.")
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    headers: Sequence[tuple[str, bytes]] = field(default_factory=list)
-
-
-class RecordingDispatcher:
-    """Keeps what would be published; `send` yields, as a real producer hand-off does."""
-
-    def __init__(self) -> None:
-        self.direct: list[Message] = []
-        self.sent: list[Message] = []
-
-    async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
-        await asyncio.sleep(0)
-        self.sent += messages
-
-    async def send_now(self, messages: Sequence[Message]) -> None:
-        await asyncio.sleep(0)
-        self.direct += messages
 
 
 async def test_concurrent_batches_keep_their_own_dead_letters(

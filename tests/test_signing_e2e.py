@@ -24,10 +24,16 @@ from mediator.sdk.worker import Worker
 from mediator.settings import Settings, SigningSettings, settings_document
 from mediator.storage.keys import workflow_id_for
 from mediator.storage.registry import read_registry
-from tests.helpers import TEST_KEYRING, TEST_KEYS, produce, records_on, wait_for
-from tests.test_cli import cli
-from tests.test_dlq import wait_for_letters
-from tests.test_workflows_e2e import step
+from tests.helpers import (
+    TEST_KEYRING,
+    TEST_KEYS,
+    cli,
+    produce,
+    records_on,
+    step,
+    wait_for,
+    wait_for_letters,
+)
 from topics.events import (
     CommandEvent,
     HealthEvent,
@@ -180,6 +186,7 @@ async def test_each_service_signs_with_its_own_keys(make_system: Any) -> None:
     assert {b"inv-1", b"pay-1"} <= used
 
 
+@pytest.mark.slow
 async def test_a_key_rotates_with_both_keys_active(make_system: Any) -> None:
     """Mid-rotation: the mediator signs with the new key and accepts both; one instance
     still signs with the old key, another already with the new; all work completes."""

@@ -10,8 +10,8 @@ import orjson
 from mediator.core.engine import Engine
 from mediator.core.state import StepStatus, evolve
 from mediator.storage.cache import StateCache
+from tests.engine_harness import make, step
 from tests.helpers import consume_all, produce, wait_for
-from tests.test_engine import make, step
 from topics import RequestEvent, WorkflowStatus
 
 TWO_STEPS = {

@@ -7,27 +7,18 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from mediator.core.engine import Engine
 from mediator.core.state import StepStatus, WorkflowState, evolve
 from mediator.errors import CorruptState
 from mediator.runtime.messages import frame, unframe
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, Store, Tombstone
-from tests.test_engine import make, step
-from topics import RequestEvent, WorkflowStatus
-
-NOW = 1_800_000_000_000
+from tests.engine_harness import NOW, started
+from topics import WorkflowStatus
 
 
 @pytest.fixture
 def store(redis_client: Redis, key_prefix: str) -> Store:
     return Store(redis_client, Keys(key_prefix, 4), retention_ms=60_000, lease_ms=1_000)
-
-
-def started(wid: str, name: str = "wf") -> WorkflowState:
-    workflow = make(step("a"), step("b", "a"), name=name)
-    request = RequestEvent(request_id=f"req-{wid}", workflow=name)
-    return evolve(Engine("r").start(workflow, request, wid, NOW).state, rev=1)
 
 
 def finished(state: WorkflowState, rev: int) -> WorkflowState:

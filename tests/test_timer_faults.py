@@ -21,14 +21,10 @@ from mediator.cli.infra import EmbeddedRedis
 from mediator.runtime.groups import inbound_group
 from mediator.settings import RedisSettings
 from mediator.storage.keys import Keys, workflow_id_for
-from tests.helpers import wait_for
+from tests.helpers import read_to_end, step, wait_for
 from tests.processes import MediatorProcess, group_members
 from tests.system import System
-from tests.test_fencing import read_to_end
-from tests.test_workflows_e2e import step
 from topics import ResultEvent, WorkflowStatus
-
-pytestmark = pytest.mark.slow
 
 #: Runs in the replica-kill test, each: timeout, retry, timeout again.
 RUNS = 30
@@ -104,6 +100,7 @@ class Service:
 # -- a replica killed while it holds claimed timers ----------------------------------------
 
 
+@pytest.mark.slow
 async def test_timers_a_killed_replica_held_are_fired_once_by_the_other(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:
@@ -283,6 +280,7 @@ def _shutdown_stats(output: str) -> dict[str, int]:
 # -- Redis frozen while timers fall due ------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_timers_due_while_redis_is_frozen_fire_once_after_it_resumes(
     make_system: Any, own_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from mediator.sdk.worker import ActionError
+from tests.helpers import step
 from tests.system import echo
-from tests.test_workflows_e2e import step
 from topics import WorkflowStatus
 
 

@@ -96,6 +96,7 @@ async def test_trace_id_from_a_traceparent_header_reaches_every_command_reply_an
     assert _traceparent(record) == f"00-{TRACE}-{span_id(workflow_id_for('traced'))}-01"
 
 
+@pytest.mark.slow
 async def test_trace_id_in_the_request_value_wins_and_any_string_maps_to_one_trace(
     make_system: Any,
 ) -> None:
@@ -124,6 +125,7 @@ async def test_trace_id_in_the_request_value_wins_and_any_string_maps_to_one_tra
     assert all(e.trace_id == own for e, _ in untraced["command"] + untraced["reply"])
 
 
+@pytest.mark.slow
 async def test_spans_of_the_run_its_step_attempts_and_the_service_nest_in_one_trace(
     make_system: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

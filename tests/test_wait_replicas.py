@@ -9,11 +9,11 @@ from mediator.cli.infra import HOST, EmbeddedRedis, wait_for_replica
 from mediator.errors import StateUnavailable
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, Store
-from tests.test_store import NOW, started
-
-pytestmark = pytest.mark.slow
+from tests.engine_harness import NOW, started
 
 
+@pytest.mark.slow
+@pytest.mark.integration  # starts a primary and a replica of its own
 async def test_a_commit_waits_for_the_replica_and_fails_transiently_without_it() -> None:
     async with EmbeddedRedis() as primary:
         async with EmbeddedRedis(args=["--replicaof", HOST, str(primary.port)]) as replica:

@@ -6,17 +6,12 @@ import asyncio
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from mediator.runtime.groups import inbound_group
 from mediator.sdk.worker import ActionError
-from tests.helpers import consume_all, produce, records_on, wait_for
+from tests.helpers import committed, consume_all, produce, records_on, step, wait_for
 from tests.system import echo
 from topics import DeadLetter, RequestEvent, ResultEvent, WorkflowStatus
-
-
-def step(sid: str, service: str = "svc", action: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"id": sid, "service": service, "action": action or sid, **extra}
 
 
 async def test_sequential_chain_passes_outputs_along(make_system: Any) -> None:
@@ -291,18 +286,3 @@ async def test_processed_offsets_are_committed(make_system: Any) -> None:
     group = inbound_group(system.settings.kafka)
     assert await committed(system.bootstrap, group, system.topics.requests) == 20
     assert await committed(system.bootstrap, group, system.topics.replies) == 40
-
-
-async def committed(bootstrap: str, group: str, topic: str) -> int:
-    """The sum of `group`'s committed offsets over `topic`'s partitions."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
-    finally:
-        await consumer.stop()
-    return sum(o or 0 for o in offsets)

@@ -48,6 +48,7 @@ def _run_seeds(seeds: range) -> list[Outcome]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_seeded_histories_keep_every_invariant() -> None:
     chunks = [range(start, SEEDS, WORKERS) for start in range(WORKERS)]
