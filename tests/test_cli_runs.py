@@ -12,8 +12,7 @@ import orjson
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.store import Store
-from tests.helpers import wait_for
-from tests.test_cli import cli
+from tests.helpers import cli, wait_for
 from topics.events import WorkflowStatus
 
 SAGA = {

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.helpers import wait_for
 
@@ -35,6 +36,7 @@ def command(line: str) -> list[str]:
     return words
 
 
+@pytest.mark.slow
 async def test_the_first_workflow_page_works_as_written(tmp_path: Path) -> None:
     page = blocks()
     (tmp_path / "signup.yaml").write_text(page["signup.yaml"])

@@ -7,6 +7,8 @@ import signal
 import sys
 import textwrap
 
+import pytest
+
 from mediator.cli.infra import create_topics
 from topics.names import Topics
 
@@ -35,6 +37,7 @@ PROGRAM = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 async def test_one_sigterm_drains_every_worker_of_the_process(
     topics: Topics, kafka: object
 ) -> None:
