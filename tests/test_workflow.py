@@ -542,7 +542,38 @@ def test_cli_validate_invalid(tmp_path: Path, text: str, expected: str) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     lines = result.stderr.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith(f"error: {path}: ")
+    assert lines[1:] == ["1 problem found"]
+    assert lines[0].startswith(f"error: {path}:")
     assert expected in lines[0]
     assert "ok:" not in result.stdout
+
+
+def test_cli_validate_reports_every_problem_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "workflows:\n"
+        "  - name: one\n"
+        "    steps:\n"
+        "      - {id: a, service: s, action: x, timeout: soon}\n"
+        "      - {id: b, service: s, action: y, depends_on: [ghost]}\n"
+        "  - name: two\n"
+        "    steps:\n"
+        "      - id: c\n"
+        "        service: s\n"
+        "        action: z\n"
+        "        retry: {max_attempts: 0}\n"
+        "  - name: fine\n"
+        "    steps: [{id: d, service: s, action: d}]\n"
+    )
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {path}:4: workflow 'one': step 'a' timeout: invalid duration 'soon'; use "
+        "seconds (e.g. 1.5) or a string such as '250ms', '5s', '2m', '1h'",
+        f"error: {path}:5: workflow 'one': step 'b' depends on unknown step 'ghost'; known "
+        "steps: a, b",
+        f"error: {path}:11: workflow 'two': step 'c' retry.max_attempts: Input should be "
+        "greater than or equal to 1",
+        "3 problems found",
+    ]
+    assert result.stdout.splitlines() == [f"ok: {path}: fine@1 (1 step)"]

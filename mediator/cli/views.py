@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
+from mediator.cli.common import ConfigOption, JsonOption, load, quiet_libraries
 from mediator.cli.common import run as run_coroutine
 from mediator.errors import MediatorError
 
@@ -84,17 +84,30 @@ async def _services_view(settings: Any) -> dict[str, Any]:
 def validate(
     paths: Annotated[list[Path], typer.Argument(help="Workflow YAML files or folders.")],
 ) -> None:
-    """Check workflow definitions; exit 2 with the first error, naming file, workflow, step."""
-    from mediator.definitions import Definitions, load_file, workflow_files
+    """Check workflow definitions: every problem of every file, each with its file, line,
+    workflow and step (exit 2 if there is any)."""
+    from mediator.definitions import Definitions, workflow_files
+    from mediator.linting import check_file
 
     definitions = Definitions()  # also catches one name and version defined twice
+    problems = 0
     for file in (f for path in paths for f in workflow_files(path)):
-        try:
-            for wf in load_file(file):
+        workflows, found = check_file(file)
+        for problem in found:
+            typer.echo(f"error: {problem}", err=True)
+        problems += len(found)
+        for wf in workflows:
+            try:
                 definitions.add(wf, source=str(file))
-                typer.echo(f"ok: {file}: {wf.key} ({len(wf.steps)} steps)")
-        except MediatorError as exc:
-            raise fail(str(exc)) from None
+            except MediatorError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                problems += 1
+                continue
+            count = len(wf.steps)
+            typer.echo(f"ok: {file}: {wf.key} ({count} step{'s' if count != 1 else ''})")
+    if problems:
+        typer.echo(f"{problems} problem{'s' if problems != 1 else ''} found", err=True)
+        raise typer.Exit(code=2)
 
 
 def schemas() -> None:
