@@ -106,7 +106,8 @@ def validate(
             count = len(wf.steps)
             typer.echo(f"ok: {file}: {wf.key} ({count} step{'s' if count != 1 else ''})")
     if problems:
-        typer.echo(f"{problems} problem{'s' if problems != 1 else ''} found", err=True)
+        if problems > 1:
+            typer.echo(f"{problems} problems found", err=True)
         raise typer.Exit(code=2)
 
 
