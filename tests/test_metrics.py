@@ -62,8 +62,11 @@ def test_percentiles_read_from_the_histogram() -> None:
     fields = {"h:10": 50, "h:100": 45, "h:1000": 5}
     assert percentile_ms(fields, 50) == 10
     assert percentile_ms(fields, 95) == 100
-    assert percentile_ms(fields, 99) == 1000
+    assert percentile_ms(fields, 99) == 900  # 4/5 of the way through (500, 1000]
     assert percentile_ms({}, 50) is None
+    # Within its bucket, not the bucket's bound: four replies in (25, 50] ms.
+    assert percentile_ms({"h:50": 4}, 50) == 37.5
+    assert percentile_ms({"h:inf": 3}, 50) == 60_000  # the open bucket: the largest bound
 
 
 def test_summary_rates_and_availability() -> None:
@@ -111,8 +114,8 @@ def test_an_alert_fires_once_while_breached_and_resolves_once() -> None:
     fast = summarize([{"n": 5, "h:50": 5}], 5)
     [fired] = evaluate([rule], {"pay": slow}, {}, T0, 5_000)
     assert fired.state is AlertState.FIRING
-    assert fired.value == 500.0 and fired.threshold == 200.0
-    assert "p95 response time 500 ms is above 200 ms" in fired.message
+    assert fired.value == 487.5 and fired.threshold == 200.0
+    assert "p95 response time 487.5 ms is above 200 ms" in fired.message
     active = {fired.alert_id: fired}
     assert evaluate([rule], {"pay": slow}, active, T0 + 1_000, 5_000) == []  # no repeat
     [resolved] = evaluate([rule], {"pay": fast}, active, T0 + 2_000, 5_000)

@@ -150,17 +150,22 @@ def merge(buckets: Iterable[Mapping[str, int]]) -> dict[str, int]:
 
 
 def percentile_ms(fields: Mapping[str, int], q: float) -> float | None:
-    """The `q`-th percentile (0..100) of a histogram, read as the upper bound of the
-    bucket it falls in (the largest bound for the last bucket); None without data."""
+    """The `q`-th percentile (0..100) of a histogram, interpolated linearly within the
+    bucket it falls in (as Prometheus' ``histogram_quantile`` does), so a handful of 30 ms
+    replies read as about 30 ms rather than as the bucket's bound of 50; the largest bound
+    when it falls in the last, open bucket. None without data."""
     total = sum(fields.get(f"h:{b}", 0) for b in BOUNDS_MS) + fields.get("h:inf", 0)
     if total <= 0:
         return None
     rank = q / 100 * total
     seen = 0
+    lower = 0.0
     for bound in BOUNDS_MS:
-        seen += fields.get(f"h:{bound}", 0)
-        if seen >= rank:
-            return float(bound)
+        count = fields.get(f"h:{bound}", 0)
+        if count and seen + count >= rank:
+            return lower + (bound - lower) * max(0.0, rank - seen) / count
+        seen += count
+        lower = float(bound)
     return float(BOUNDS_MS[-1])
 
 
