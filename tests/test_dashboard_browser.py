@@ -40,8 +40,13 @@ class Browser:
 
         options = webdriver.ChromeOptions()
         options.binary_location = str(CHROMIUM)
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1400,1000", "--disable-gpu"):  # fmt: skip
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,1000",
+            "--disable-gpu",
+        ):
             options.add_argument(flag)
         self.driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
         self.shots = os.environ.get("MEDIATOR_SCREENSHOTS")
@@ -128,8 +133,9 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
     await system.worker("svc", {"work": flaky.work})
     mediator = await system.mediator()
     client = await system.client()
-    failed = [await client.submit("chain3", {"n": i}, request_id=f"bad-{i}", timeout=30)
-              for i in range(3)]  # fmt: skip
+    failed = [
+        await client.submit("chain3", {"n": i}, request_id=f"bad-{i}", timeout=30) for i in range(3)
+    ]
     assert all(r.status is WorkflowStatus.FAILED for r in failed)
     flaky.broken = False
     ok = await client.submit("chain3", {"n": 9}, request_id="good", timeout=30)
@@ -152,12 +158,20 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         await wait_for(lambda: browser.text("[data-testid=card-failed] .n"), what="overview")
         assert await browser.text("[data-testid=card-failed] .n") == "3"
         assert await browser.text("[data-testid=card-completed] .n") == "1"
+        # Failures are not hidden: the recent runs say why each failed, dead letters are
+        # counted, and rates are over the seconds that have data, not five minutes.
+        assert "card declined" in await browser.text("table[data-testid=runs]")
+        assert await browser.text("[data-testid=card-dead-letters] .n") == "0"
+        rates = await browser.text("p.muted")
+        assert rates.startswith("Rates over the last ") and rates.endswith(" s."), rates
         await browser.shot("overview")
 
         # Workflows, filtered to the failed ones.
         await browser.open(base + "#/runs?status=failed")
-        await wait_for(lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 3),
-                       what="three failed runs listed")  # fmt: skip
+        await wait_for(
+            lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 3),
+            what="three failed runs listed",
+        )
         await browser.shot("workflows")
 
         # One run: its steps and its DAG drawn with their states, its audit log.
@@ -177,25 +191,42 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         await browser.click("[data-testid=retry]")
         # The page says what became of the control, as the replica recorded it.
         applied = f"retry {wid}: applied"
-        await wait_for(lambda: _contains(browser.text("#toast"), applied), timeout=15,
-                       what="the retry's outcome on the page")  # fmt: skip
-        await wait_for(lambda: _run_status(mediator, wid, "completed"), timeout=30,
-                       what="the retried run to complete")  # fmt: skip
-        await wait_for(lambda: _contains(browser.text("h2"), "completed"), timeout=10,
-                       what="the page to show it completed")  # fmt: skip
+        await wait_for(
+            lambda: _contains(browser.text("#toast"), applied),
+            timeout=15,
+            what="the retry's outcome on the page",
+        )
+        await wait_for(
+            lambda: _run_status(mediator, wid, "completed"),
+            timeout=30,
+            what="the retried run to complete",
+        )
+        await wait_for(
+            lambda: _contains(browser.text("h2"), "completed"),
+            timeout=10,
+            what="the page to show it completed",
+        )
         assert await browser.attribute("[data-testid=dag-c]", "data-status") == "completed"
         await browser.shot("run")
 
         # Bulk retry of every failed run left.
         await browser.open(base + "#/runs?status=failed")
-        await wait_for(lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 2),
-                       what="two failed runs left")  # fmt: skip
+        await wait_for(
+            lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 2),
+            what="two failed runs left",
+        )
         await browser.click("[data-testid=retry-all-failed]")
         for other in failed[1:]:
-            await wait_for(lambda o=other: _run_status(mediator, o.workflow_id, "completed"),
-                           timeout=30, what="bulk-retried runs to complete")  # fmt: skip
-        await wait_for(lambda: browser.count("[data-testid=no-runs]"), timeout=10,
-                       what="the failed list to empty")  # fmt: skip
+            await wait_for(
+                lambda o=other: _run_status(mediator, o.workflow_id, "completed"),
+                timeout=30,
+                what="bulk-retried runs to complete",
+            )
+        await wait_for(
+            lambda: browser.count("[data-testid=no-runs]"),
+            timeout=10,
+            what="the failed list to empty",
+        )
 
         # Services: the breaker as Redis holds it, the service's figures.
         await browser.open(base + "#/services")
@@ -271,8 +302,10 @@ Promise.allSettled(tries).then(() => {{ document.title = "done"; }});
     runner, port = await listen(app, "127.0.0.1", 0)
     try:
         await browser.open(f"http://localhost:{port}/")
-        await wait_for(lambda: _contains(browser.call(lambda: browser.driver.title), "done"),
-                       what="the attacking page to have tried")  # fmt: skip
+        await wait_for(
+            lambda: _contains(browser.call(lambda: browser.driver.title), "done"),
+            what="the attacking page to have tried",
+        )
         await asyncio.sleep(1.5)  # a control that got through would be applied by now
         assert mediator.runtime.stats.controls == 0
         assert await _run_status(mediator, wid, "failed")

@@ -62,9 +62,11 @@ async def test_metrics_in_redis_and_on_the_metrics_endpoint_match_what_ran(
     # 12 runs: a and b for each (24 commands), c for the 9 that passed b.
     assert svc.count("sent") == 33
     assert svc.count("ok") == 30
-    assert svc.count("error") == 3
+    # The three refusals are answers the service chose (not retryable): counted as
+    # rejected, not as errors, so they move neither its error rate nor its alerts.
+    assert svc.count("rejected") == 3 and svc.count("error") == 0
     assert svc.answered == 33
-    assert svc.error_rate == 3 / 33
+    assert svc.error_rate == 0
     assert svc.percentile(99) is not None
     wf = (await mediator.metrics.summaries("wf", ["chain3"], until - 120, until))["chain3"]
     assert (wf.count("started"), wf.count("completed"), wf.count("failed")) == (12, 9, 3)
@@ -77,7 +79,7 @@ async def test_metrics_in_redis_and_on_the_metrics_endpoint_match_what_ran(
     assert status == 200
     count = "mediator_service_response_seconds_count"
     assert _sample(text, count, service="svc", outcome="ok") == 30
-    assert _sample(text, count, service="svc", outcome="error") == 3
+    assert _sample(text, count, service="svc", outcome="rejected") == 3
     assert _sample(text, "mediator_service_response_seconds_bucket", service="svc",
                    outcome="ok", le="+Inf") == 30  # fmt: skip
     assert _sample(text, "mediator_workflows_total", workflow="chain3", event="started") == 12

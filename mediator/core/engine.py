@@ -170,7 +170,9 @@ class Engine(Sends):
         failure = failure_of(error)
         failure["step"] = reply.step
         transition.count(svc(service, "error"))
-        observe(transition, service, "error", reply.step, step_state, now_ms, reply.instance)
+        observe(
+            transition, service, _outcome(error), reply.step, step_state, now_ms, reply.instance
+        )
         if error.retryable:
             transition.outcomes.append((service, False))
             if reply.instance:
@@ -427,3 +429,10 @@ def _from(reply: ReplyEvent, compensation: Compensation | None) -> bool:
     """Whether `reply` may answer `compensation`'s command: it names no service, or that
     one."""
     return compensation is not None and reply.service in (None, compensation.service)
+
+
+def _outcome(error: ErrorInfo) -> str:
+    """How an error reply counts in the service's metrics: ``error`` when a retry may cure
+    it (the service is in trouble), ``rejected`` when not (a business answer, such as a card
+    declined: the service did its job, and its error rate and alerts are not moved)."""
+    return "error" if error.retryable else "rejected"

@@ -39,7 +39,7 @@ BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 
 
 #: Outcomes that are failures: a command answered with an error or timed out, a run that
 #: did not complete (`WorkflowStatus` values).
-FAILED = frozenset({"error", "timeout", "failed", "cancelled", "compensation_failed"})
+FAILED = frozenset({"error", "rejected", "timeout", "failed", "cancelled", "compensation_failed"})
 
 #: Fields that hold the latest value (written with HSET), not a sum.
 GAUGES = frozenset({"parked"})

@@ -196,8 +196,9 @@ def undo_replied(
     failure = failure_of(error)
     failure["step"] = step.id
     transition.count(svc(compensate.service, "error"))
+    outcome = "error" if error.retryable else "rejected"
     observe(
-        transition, compensate.service, "error", step.id, undo, now_ms, reply.instance, undo=True
+        transition, compensate.service, outcome, step.id, undo, now_ms, reply.instance, undo=True
     )
     if error.retryable:
         transition.outcomes.append((compensate.service, False))

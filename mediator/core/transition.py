@@ -233,7 +233,8 @@ def observe(
     undo: bool = False,
 ) -> None:
     """Note for the metrics and traces that the command of `step`'s `attempt` (or of its
-    compensation: `undo`) to `service` was answered (``ok``, ``error``) or timed out."""
+    compensation: `undo`) to `service` was answered (``ok``; ``error`` when a retry may cure
+    it, ``rejected`` when not) or timed out."""
     if attempt.started_ms is not None:
         transition.observed.append(
             Observation(

@@ -120,15 +120,18 @@ class Dashboard:
         workflows = await self.metrics.summaries("wf", None, until - RECENT_S, until)
         answered = sum(s.answered for s in services.values())
         failed = sum(s.count("error") + s.count("timeout") for s in services.values())
+        # Over the part of the window that has data: 50 s after a start, over 50 s.
+        window = max((s.seconds for s in [*services.values(), *workflows.values()]), default=1)
         return web.json_response(
             {
                 "counts": status["counts"],
                 "outbox_pending": status["outbox_pending"],
                 "stats": status["stats"],
+                "dead_letters": int(status["stats"].get("dead_letters", 0)),
                 "recent": status["recent"],
-                "window_s": RECENT_S,
-                "commands_per_s": round(answered / RECENT_S, 3),
-                "runs_per_s": round(sum(w.answered for w in workflows.values()) / RECENT_S, 3),
+                "window_s": round(window),
+                "commands_per_s": round(answered / window, 3),
+                "runs_per_s": round(sum(w.answered for w in workflows.values()) / window, 3),
                 "error_rate": failed / answered if answered else None,
                 "alerts": len(await active_alerts(self.redis, self.keys)),
             }

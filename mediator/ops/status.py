@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mediator.core.state import loads
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys
@@ -100,10 +101,10 @@ async def _collect(redis: Redis, keys: Keys, limit: int) -> dict[str, Any]:
 async def _describe(redis: Redis, keys: Keys, workflow_ids: list[str]) -> list[dict[str, Any]]:
     async with redis.pipeline(transaction=False) as pipe:
         for wid in workflow_ids:
-            pipe.hmget(keys.workflow(wid), "workflow", "status", "updated_ms")
+            pipe.hmget(keys.workflow(wid), "workflow", "status", "updated_ms", "state")
         rows = await pipe.execute()
     out = []
-    for wid, (name, status, updated) in zip(workflow_ids, rows, strict=True):
+    for wid, (name, status, updated, blob) in zip(workflow_ids, rows, strict=True):
         if status is None:
             continue  # expired between the two reads
         out.append(
@@ -112,9 +113,22 @@ async def _describe(redis: Redis, keys: Keys, workflow_ids: list[str]) -> list[d
                 "workflow": text(name),
                 "status": text(status),
                 "finished_ms": int(updated),
+                "error": _error_message(blob),
             }
         )
     return out
+
+
+def _error_message(blob: bytes | None) -> str | None:
+    """The message of a finished run's error, if it failed (None if it did not, or its
+    state no longer decodes)."""
+    if blob is None:
+        return None
+    try:
+        error = loads(blob).error
+    except (ValueError, TypeError, KeyError):
+        return None
+    return error["message"] if error is not None else None
 
 
 def _by_prefix(counters: dict[str, int], prefix: str) -> dict[str, dict[str, int]]:

@@ -99,8 +99,15 @@ class MetricsStore:
         window from `since_s` to `until_s`."""
         chosen = await self.names(kind) if names is None else names
         rows = await self.buckets(kind, chosen, since_s, until_s)
-        seconds = float(max(1, until_s - since_s))
         return {
-            name: summarize((fields for _, fields in buckets), seconds)
+            name: summarize((fields for _, fields in buckets), _covered(buckets, since_s, until_s))
             for name, buckets in rows.items()
         }
+
+
+def _covered(buckets: list[tuple[int, dict[str, int]]], since_s: int, until_s: int) -> float:
+    """The seconds of the window a series has data for: from its first bucket (or the
+    window's start), so rates just after a start are over the time that exists, not
+    diluted over the whole window."""
+    first = min((start for start, _ in buckets), default=since_s)
+    return float(max(1, until_s - max(since_s, first)))

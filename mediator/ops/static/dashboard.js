@@ -57,8 +57,8 @@ async function overview() {
     ${card("Failed", c.failed, "failed")}${card("Runs / s", num(o.runs_per_s, 2), "runs-per-s")}
     ${card("Commands / s", num(o.commands_per_s, 2), "commands-per-s")}
     ${card("Error rate", pct(o.error_rate), "error-rate")}${card("Alerts firing", o.alerts, "alerts")}
-    ${card("Outbox pending", o.outbox_pending, "outbox")}</div>
-    <p class="muted">Rates over the last ${o.window_s / 60} minutes.</p>
+    ${card("Outbox pending", o.outbox_pending, "outbox")}${card("Dead letters", o.dead_letters, "dead-letters")}</div>
+    <p class="muted">Rates over the last ${o.window_s >= 120 ? Math.round(o.window_s / 60) + " minutes" : o.window_s + " s"}.</p>
     <h2>Recently finished</h2>${runTable(o.recent.map((r) => ({ ...r, updated_ms: r.finished_ms })))}`;
 }
 function card(label, value, id) {
