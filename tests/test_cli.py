@@ -48,7 +48,7 @@ async def test_status_json_counts_match_what_ran(make_system: Any) -> None:
     assert status["counts"] == {"running": 0, "completed": 5, "failed": 2}
     assert status["workflows"]["buy"] == {"started": 7, "completed": 5, "failed": 2}
     assert status["services"]["store"] == {"sent": 7, "ok": 7}
-    assert status["services"]["bank"] == {"sent": 7, "ok": 5, "error": 2}
+    assert status["services"]["bank"] == {"sent": 7, "ok": 5, "rejected": 2}
     assert len(status["recent"]) == 3
     assert {r["workflow"] for r in status["recent"]} == {"buy"}
     finished = {r.workflow_id for r in results}

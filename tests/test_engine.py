@@ -368,7 +368,7 @@ def test_error_reply_fails_the_workflow_with_the_step_error() -> None:
         "step": "b",
     }
     assert run.state.status is WorkflowStatus.FAILED
-    assert last.counters == {svc("svc", "error"): 1, wf("wf", "failed"): 1}
+    assert last.counters == {svc("svc", "rejected"): 1, wf("wf", "failed"): 1}
 
 
 def test_error_reply_without_details() -> None:

@@ -169,10 +169,9 @@ class Engine(Sends):
         error = reply.error or ErrorInfo(message="service replied error without details")
         failure = failure_of(error)
         failure["step"] = reply.step
-        transition.count(svc(service, "error"))
-        observe(
-            transition, service, _outcome(error), reply.step, step_state, now_ms, reply.instance
-        )
+        outcome = _outcome(error)
+        transition.count(svc(service, outcome))
+        observe(transition, service, outcome, reply.step, step_state, now_ms, reply.instance)
         if error.retryable:
             transition.outcomes.append((service, False))
             if reply.instance:

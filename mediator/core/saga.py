@@ -195,8 +195,8 @@ def undo_replied(
     error = reply.error or ErrorInfo(message="service replied error without details")
     failure = failure_of(error)
     failure["step"] = step.id
-    transition.count(svc(compensate.service, "error"))
     outcome = "error" if error.retryable else "rejected"
+    transition.count(svc(compensate.service, outcome))
     observe(
         transition, compensate.service, outcome, step.id, undo, now_ms, reply.instance, undo=True
     )

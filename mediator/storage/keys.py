@@ -15,7 +15,7 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:{s3}:name:<workflow name>     zset   workflow ids by start time
     med:{s3}:recent                   zset   finished workflow ids by finish time (capped)
     med:{s3}:counters                 hash   wf:<name>:<started|completed|failed>,
-                                             svc:<service>:<sent|ok|error>, ...
+                                             svc:<service>:<sent|ok|error|rejected>, ...
     med:{s3}:outbox                   hash   message id -> framed Kafka message
     med:{s3}:outbox:due               zset   message id -> lease deadline (ms)
     med:{s3}:timers                   zset   timer name -> due time (ms, Redis clock)
