@@ -89,6 +89,19 @@ class Browser:
 
         return await self.call(read)
 
+    async def confirm(self) -> str:
+        """Accept the page's confirmation dialog; its text."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def accept() -> str:
+            dialog = WebDriverWait(self.driver, 10).until(expected_conditions.alert_is_present())
+            text = str(dialog.text)
+            dialog.accept()
+            return text
+
+        return str(await self.call(accept))
+
     async def click(self, css: str) -> None:
         from selenium.webdriver.common.by import By
 
@@ -166,7 +179,15 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         assert rates.startswith("Rates over the last ") and rates.endswith(" s."), rates
         await browser.shot("overview")
 
-        # Workflows, filtered to the failed ones.
+        # Workflows, filtered to the failed ones, with a human time filter and paging.
+        await browser.open(base + "#/runs?status=failed&since=1h&limit=2")
+        await wait_for(lambda: browser.count("[data-testid=older]"), what="a page of two")
+        assert "bad-" in await browser.text("table[data-testid=runs]")  # the request ids
+        await browser.click("[data-testid=older]")
+        await wait_for(
+            lambda: _contains(browser.text("[data-testid=runs-shown]"), "1 run shown"),
+            what="the older page",
+        )
         await browser.open(base + "#/runs?status=failed")
         await wait_for(
             lambda: _equals(browser.count("table[data-testid=runs] tr[data-wid]"), 3),
@@ -216,6 +237,7 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
             what="two failed runs left",
         )
         await browser.click("[data-testid=retry-all-failed]")
+        assert await browser.confirm() == "Retry 2 failed runs?"  # the count, first
         for other in failed[1:]:
             await wait_for(
                 lambda o=other: _run_status(mediator, o.workflow_id, "completed"),

@@ -26,6 +26,7 @@ from mediator.ops.guard import Guard, is_loopback
 from mediator.ops.runs import list_runs, show_run
 from mediator.ops.services import collect_services
 from mediator.ops.status import collect_status
+from mediator.ops.window import parse_time
 from mediator.settings import Settings
 from mediator.storage.alerts import active_alerts, alert_history
 from mediator.storage.keys import Keys
@@ -144,8 +145,8 @@ class Dashboard:
             self.keys,
             status=query.get("status") or None,
             workflow=query.get("workflow") or None,
-            since_ms=_int(query, "since"),
-            until_ms=_int(query, "until"),
+            since_ms=_moment(query, "since"),
+            until_ms=_moment(query, "until"),
             request_id=query.get("request_id") or None,
             limit=min(_int(query, "limit") or 50, 500),
         )
@@ -255,6 +256,8 @@ class Dashboard:
                 limit=min(int(body.get("limit") or 100), 1000),
             )
             ids = [run["workflow_id"] for run in runs]
+        if body.get("dry_run"):  # how many it would retry, for the page to confirm
+            return web.json_response({"count": len(ids)})
         sent = [await self._control(ControlAction.RETRY, workflow_id=str(wid)) for wid in ids]
         return web.json_response({"sent": sent}, status=202)
 
@@ -296,6 +299,20 @@ class Dashboard:
 
 def _asset(name: str) -> str:
     return resources.files("mediator.ops").joinpath("static", name).read_text()
+
+
+def _moment(query: Any, name: str) -> int | None:
+    """A time filter: epoch milliseconds, an ISO-8601 time, or an age (``10m``, ``2h``)."""
+    value = (query.get(name) or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        return parse_time(value, now_ms=int(time.time() * 1000))
+    except MediatorError:
+        msg = f"{name} must be a time (2026-12-04T10:00), an age (10m, 2h) or epoch ms: {value!r}"
+        raise web.HTTPBadRequest(text=msg) from None
 
 
 def _int(query: Any, name: str) -> int | None:

@@ -67,10 +67,15 @@ function card(label, value, id) {
 
 function runTable(runs, selectable) {
   if (!runs.length) return `<p class="muted" data-testid="no-runs">No runs.</p>`;
-  return `<table data-testid="runs"><tr>${selectable ? "<th></th>" : ""}<th>Run</th><th>Workflow</th><th>Status</th><th>Updated</th><th>Error</th></tr>
+  return `<table data-testid="runs"><tr>${selectable ? "<th></th>" : ""}<th>Run</th><th>Request</th><th>Workflow</th><th>Status</th><th>Updated</th><th>Took</th><th>Error</th></tr>
     ${runs.map((r) => `<tr data-wid="${esc(r.workflow_id)}">${selectable ? `<td><input type="checkbox" value="${esc(r.workflow_id)}"></td>` : ""}
-      <td class="mono"><a href="#/run/${esc(r.workflow_id)}">${esc(r.workflow_id)}</a></td><td>${esc(r.workflow)}</td>
-      <td>${badge(r.status)}</td><td>${when(r.updated_ms)}</td><td>${esc(r.error || "")}</td></tr>`).join("")}</table>`;
+      <td class="mono"><a href="#/run/${esc(r.workflow_id)}">${esc(r.workflow_id)}</a></td><td class="mono">${esc(r.request_id || "")}</td><td>${esc(r.workflow)}</td>
+      <td>${badge(r.status)}</td><td>${when(r.updated_ms)}</td><td>${took(r)}</td><td>${esc(r.error || "")}</td></tr>`).join("")}</table>`;
+}
+function took(r) {
+  if (!r.created_ms || !r.finished_ms) return "";
+  const ms = r.finished_ms - r.created_ms;
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`;
 }
 
 async function runs(params) {
@@ -82,12 +87,20 @@ async function runs(params) {
     <select name="status" data-testid="filter-status">${statuses.map((s) => `<option ${s === params.get("status") ? "selected" : ""} value="${s}">${s || "any status"}</option>`).join("")}</select>
     <input name="workflow" placeholder="workflow name" value="${f("workflow")}">
     <input name="request_id" placeholder="request id" value="${f("request_id")}">
-    <input name="since" placeholder="since (epoch ms)" value="${f("since")}">
-    <input name="until" placeholder="until (epoch ms)" value="${f("until")}">
+    <input name="since" placeholder="since (10m, 2h, 2026-12-04T10:00)" value="${f("since")}">
+    <input name="until" placeholder="until (e.g. 5m)" value="${f("until")}">
     <button type="submit">Filter</button>
     <button type="button" id="retry-selected" data-testid="retry-selected">Retry selected</button>
     <button type="button" id="retry-all-failed" class="danger" data-testid="retry-all-failed">Retry all failed</button>
-  </form>${runTable(data.runs, true)}`;
+  </form>${runTable(data.runs, true)}${pager(params, data.runs)}`;
+}
+// Newest first, a page at a time: "older" continues just before the last row shown.
+function pager(params, shown) {
+  const limit = Number(params.get("limit") || 50);
+  const more = shown.length >= limit;
+  const older = new URLSearchParams(params);
+  if (more) older.set("until", String(shown[shown.length - 1].updated_ms - 1));
+  return `<p class="muted" data-testid="runs-shown">${shown.length} run${shown.length === 1 ? "" : "s"} shown${more ? ` · <a href="#/runs?${older.toString()}" data-testid="older">older →</a>` : ""}</p>`;
 }
 function bindRuns() {
   const form = document.getElementById("filters");
@@ -101,9 +114,13 @@ function bindRuns() {
     const ids = [...document.querySelectorAll("table input:checked")].map((i) => i.value);
     if (ids.length) act("/api/retry", { workflow_ids: ids }, `retry ${ids.length} runs`);
   };
-  document.getElementById("retry-all-failed").onclick = () => {
+  document.getElementById("retry-all-failed").onclick = async () => {
     const workflow = new FormData(form).get("workflow");
-    act("/api/retry", { status: "failed", workflow }, "retry failed runs");
+    const { count } = await post("/api/retry", { status: "failed", workflow, dry_run: true });
+    if (!count) { toast("no failed runs to retry"); return; }
+    if (confirm(`Retry ${count} failed run${count === 1 ? "" : "s"}${workflow ? ` of ${workflow}` : ""}?`)) {
+      act("/api/retry", { status: "failed", workflow }, `retry ${count} failed runs`);
+    }
   };
 }
 
