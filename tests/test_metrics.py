@@ -7,7 +7,7 @@ from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.metrics import Observation, Tally, bucket_field, percentile_ms, summarize
 from mediator.core.transition import Transition
 from mediator.settings import AlertThreshold, Settings
-from topics.events import AlertState
+from topics.events import AlertEvent, AlertState
 
 T0 = 1_700_000_000_000
 
@@ -121,6 +121,19 @@ def test_an_alert_fires_once_while_breached_and_resolves_once() -> None:
     [resolved] = evaluate([rule], {"pay": fast}, active, T0 + 2_000, 5_000)
     assert resolved.state is AlertState.RESOLVED
     assert resolved.alert_id == fired.alert_id and resolved.since_ms == T0
+
+
+def test_an_alert_still_firing_says_what_holds_now_without_firing_again() -> None:
+    rule = slow_rule()
+    slow = summarize([{"n": 5, "h:500": 5}], 5)
+    slower = summarize([{"n": 5, "h:1000": 5}], 5)
+    [fired] = evaluate([rule], {"pay": slow}, {}, T0, 5_000)
+    held: list[AlertEvent] = []
+    changes = evaluate([rule], {"pay": slower}, {fired.alert_id: fired}, T0 + 1_000, 5_000, held)
+    assert changes == []  # nothing new to announce
+    [now] = held
+    assert now.state is AlertState.FIRING and now.since_ms == T0 and now.ts_ms == T0 + 1_000
+    assert now.value == 975.0 and "p95 response time 975 ms" in now.message
 
 
 def test_too_few_samples_do_not_fire_and_availability_fires_below() -> None:

@@ -91,9 +91,12 @@ def evaluate(
     active: Mapping[str, AlertEvent],
     now_ms: int,
     window_ms: int,
+    held: list[AlertEvent] | None = None,
 ) -> list[AlertEvent]:
     """The alerts that start firing and those that resolve, given the window's summary
-    of each service and the alerts firing now (by alert id)."""
+    of each service and the alerts firing now (by alert id). With `held`, the alerts that
+    keep firing are added to it as they stand now (their value and message refreshed, their
+    start kept): not changes to announce, but what the active alert should say."""
     changes: list[AlertEvent] = []
     judged: set[str] = set()
     for service, summary in sorted(summaries.items()):
@@ -114,6 +117,9 @@ def evaluate(
             elif _breached(rule, value):
                 if firing is None:
                     changes.append(_event(rule, service, value, True, now_ms, now_ms, window_ms))
+                elif held is not None and firing.value != value:
+                    now = _event(rule, service, value, True, firing.since_ms, now_ms, window_ms)
+                    held.append(now)
             elif firing is not None:
                 changes.append(
                     _event(rule, service, value, False, firing.since_ms, now_ms, window_ms)

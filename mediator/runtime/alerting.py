@@ -93,7 +93,10 @@ class AlertEvaluator(Periodic):
         names = sorted({*await self.metrics.names("svc"), *self.services()})
         summaries = await self.metrics.summaries("svc", names, until - window // 1000, until)
         active = await self.records.active()
-        changes = evaluate(self.rules, summaries, active, now, window)
+        held: list[AlertEvent] = []
+        changes = evaluate(self.rules, summaries, active, now, window, held)
+        if held:  # still firing: what they say now, without announcing them again
+            await self.records.refresh(held)
         if not changes:
             return changes
         await self.dispatcher.send_now([self._message(change) for change in changes])

@@ -61,6 +61,14 @@ class AlertRecords:
         with redis_errors("reading the alerts firing"):
             return await active_alerts(self.redis, self.keys)
 
+    async def refresh(self, firing: Sequence[AlertEvent]) -> None:
+        """Update alerts that keep firing to what they say now (value and message)."""
+        with redis_errors("refreshing alerts"):
+            await self.redis.hset(
+                self.keys.alerts("active"),
+                mapping={alert.alert_id: alert.model_dump_json() for alert in firing},
+            )
+
     async def record(self, changes: Sequence[AlertEvent], history: int) -> None:
         """Apply fired and resolved alerts to the active set, and add them to the history
         (kept to its `history` newest), in one transaction."""
