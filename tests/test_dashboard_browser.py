@@ -206,6 +206,12 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         assert "card declined" in await browser.text("table[data-testid=steps]")
         audit = await browser.text("table[data-testid=audit]")
         assert "request" in audit and "reply" in audit
+        # The timeline: a time axis, every attempt a bar with its duration, and why the
+        # failed one failed in its tooltip.
+        assert await browser.count("[data-testid=timeline] [data-testid=bar]") == 2
+        tip = await browser.attribute("[data-testid=bar][data-label='b #1'] title", "textContent")
+        assert tip is not None and "card declined" in tip, tip
+        assert "+0 ms" in await browser.attribute("[data-testid=timeline]", "textContent") or ""
         await browser.shot("run-failed")
 
         # Retry it: the control goes through Kafka, the run completes, the page follows.
@@ -228,6 +234,7 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
             what="the page to show it completed",
         )
         assert await browser.attribute("[data-testid=dag-c]", "data-status") == "completed"
+        assert await browser.count("[data-testid=timeline] [data-testid=mark]") == 1  # retry
         await browser.shot("run")
 
         # Bulk retry of every failed run left.

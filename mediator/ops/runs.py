@@ -153,6 +153,12 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
         "result": result,
         # Every attempt of each step that started one: the timeline.
         "attempts": {sid: history_of(step) for sid, step in state.steps.items() if step.attempt},
+        # Every attempt of each compensation (undo) that started one.
+        "undo_attempts": {
+            sid: history_of(undo)
+            for sid, undo in (state.compensations or {}).items()
+            if undo.attempt
+        },
         "definition": {
             "steps": [
                 {

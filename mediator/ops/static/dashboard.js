@@ -3,7 +3,7 @@
 
 const REFRESH_MS = 2000;
 const COLORS = { completed: "#3fb950", failed: "#f85149", running: "#58a6ff", retrying: "#d29922",
-  parked: "#d29922", skipped: "#6e7681", pending: "#2a3441" };
+  parked: "#d29922", skipped: "#6e7681", pending: "#2a3441", compensated: "#a371f7", compensation_failed: "#f85149" };
 let timer = null;
 
 function esc(value) {
@@ -11,6 +11,12 @@ function esc(value) {
 }
 function badge(status) { return `<span class="status s-${esc(status)}">${esc(status)}</span>`; }
 function when(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
+function whenMs(ms) {
+  if (!ms) return "";
+  const d = new Date(ms);
+  return `${d.toLocaleDateString()} ${d.toLocaleTimeString([], { hour12: false })}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+}
+function span(ms) { return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`; }
 function pct(x) { return x == null ? "–" : (100 * x).toFixed(2) + "%"; }
 function num(x, digits = 1) { return x == null ? "–" : Number(x).toFixed(digits); }
 
@@ -138,15 +144,15 @@ async function run(wid) {
   return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)} ${actions}</h2>
     <p class="muted">${esc(r.workflow)} v${esc(r.version)} · request ${esc(r.request_id)} · started ${when(r.created_ms)}
       ${r.finished_ms ? "· finished " + when(r.finished_ms) : ""} ${r.trace_id ? "· trace " + esc(r.trace_id) : ""}</p>
-    ${dag(r.definition.steps, steps)}
+    ${dag(r.definition.steps, steps, r.result.compensations || {})}
     <h2>Steps</h2><table data-testid="steps"><tr><th>Step</th><th>Status</th><th>Attempts</th><th>Service</th><th>Instance</th><th>ms</th><th>Error</th></tr>${rows}</table>
-    ${timeline(r.attempts, r.created_ms)}
+    ${timeline(r, services)}
     ${comp.length ? `<h2>Compensations</h2><table>${comp.map(([sid, s]) => `<tr><td>${esc(sid)}</td><td>${badge(s.status)}</td><td>${esc(s.attempts)}</td></tr>`).join("")}</table>` : ""}
     <h2>Input</h2><pre>${esc(JSON.stringify(r.payload, null, 2))}</pre>
     ${r.output != null ? `<h2>Output</h2><pre>${esc(JSON.stringify(r.output, null, 2))}</pre>` : ""}
     ${r.error ? `<h2>Error</h2><pre>${esc(JSON.stringify(r.error, null, 2))}</pre>` : ""}
     <h2>Audit log</h2><table data-testid="audit"><tr><th>Time</th><th>Event</th><th>Step</th><th>Attempt</th><th>Instance</th><th>Status after</th><th>Sent</th><th>Replica</th></tr>
-    ${r.audit.map((e) => `<tr><td>${when(e.t)}</td><td>${esc(e.event)}</td><td>${esc(e.step || "")}</td><td>${esc(e.attempt || "")}</td>
+    ${r.audit.map((e) => `<tr><td>${whenMs(e.t)}</td><td>${esc(e.event)}</td><td>${esc(e.step || "")}</td><td>${esc(e.attempt || "")}</td>
       <td class="mono">${esc(e.instance || "")}</td><td>${e.status ? badge(e.status) : ""}</td>
       <td>${esc((e.sent || []).map((s) => s.step + "#" + s.attempt).join(", "))}</td><td class="mono">${esc(e.replica)}</td></tr>`).join("")}</table>`;
 }
@@ -156,7 +162,7 @@ function bindRun(wid) {
   }
 }
 
-function dag(defs, steps) {
+function dag(defs, steps, comps) {
   if (!defs.length) return "";
   const depth = {};
   const byId = Object.fromEntries(defs.map((d) => [d.id, d]));
@@ -169,24 +175,44 @@ function dag(defs, steps) {
   const width = 20 + Object.keys(columns).length * (W + GX), height = 20 + Math.max(...Object.values(columns).map((c) => c.length)) * (H + GY);
   const lines = defs.flatMap((d) => d.depends_on.map((p) => `<line x1="${pos[p].x + W}" y1="${pos[p].y + H / 2}" x2="${pos[d.id].x}" y2="${pos[d.id].y + H / 2}" stroke="#8a96a3"/>`));
   const boxes = defs.map((d) => {
-    const s = (steps[d.id] || {}).status || "pending";
+    const undo = comps[d.id];  // a compensated step is drawn as undone, not as completed
+    const s = undo ? (undo.status === "completed" ? "compensated" : "compensation_" + undo.status) : (steps[d.id] || {}).status || "pending";
+    const label = d.id.length > 17 ? d.id.slice(0, 16) + "…" : d.id, what = `${s} · ${d.service}`;
     return `<g data-testid="dag-${esc(d.id)}" data-status="${esc(s)}"><rect x="${pos[d.id].x}" y="${pos[d.id].y}" width="${W}" height="${H}" rx="6" fill="#171e26" stroke="${COLORS[s] || "#8a96a3"}"/>
-      <text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 18}">${esc(d.id)}</text><text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 35}" style="fill:${COLORS[s] || "#8a96a3"}">${esc(s)} · ${esc(d.service)}</text></g>`;
+      <title>${esc(d.id)}: ${esc(what)}</title><text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 18}">${esc(label)}</text><text x="${pos[d.id].x + 8}" y="${pos[d.id].y + 35}" style="fill:${COLORS[s] || "#8a96a3"}">${esc(what.length > 22 ? what.slice(0, 21) + "…" : what)}</text></g>`;
   });
   return `<svg class="dag" data-testid="dag" width="${width}" height="${height}">${lines.join("")}${boxes.join("")}</svg>`;
 }
 
-function timeline(attempts, start) {
-  const bars = [];
-  for (const [sid, list] of Object.entries(attempts)) {
-    for (const h of list) if (h.started_ms) bars.push({ sid, a: h.attempt, from: h.started_ms, to: h.finished_ms || Date.now(), ok: !h.error });
-  }
+// Every attempt of every step and compensation as a bar on one time axis from the run's
+// start: its duration beside it, a tooltip with its instance and error, operators'
+// controls (cancel, retry) as marks.
+function timeline(r, services) {
+  const start = r.created_ms, bars = [];
+  const add = (list, label, undo) => {
+    for (const h of list) if (h.started_ms) bars.push({ label: `${label} #${h.attempt}`, from: h.started_ms,
+      to: h.finished_ms || Date.now(), error: h.error, instance: h.instance, undo });
+  };
+  for (const [sid, list] of Object.entries(r.attempts || {})) add(list, sid, false);
+  for (const [sid, list] of Object.entries(r.undo_attempts || {})) add(list, `undo ${sid}`, true);
   bars.sort((x, y) => x.from - y.from);
   if (!bars.length) return "";
-  const end = Math.max(...bars.map((b) => b.to)), span = Math.max(1, end - start), W = 700;
-  const rows = bars.map((b, i) => `<g><text x="0" y="${i * 22 + 15}">${esc(b.sid)} #${b.a}</text>
-    <rect x="${120 + ((b.from - start) / span) * W}" y="${i * 22 + 4}" width="${Math.max(2, ((b.to - b.from) / span) * W)}" height="14" fill="${b.ok ? "#3fb950" : "#f85149"}"/></g>`);
-  return `<h2>Timeline</h2><svg data-testid="timeline" width="${W + 140}" height="${bars.length * 22 + 8}">${rows.join("")}</svg>`;
+  const marks = (r.audit || []).filter((e) => String(e.event).startsWith("control:"));
+  const end = Math.max(...bars.map((b) => b.to), ...marks.map((m) => m.t)), total = Math.max(1, end - start);
+  const W = 640, L = 150, top = 22, x = (t) => L + ((t - start) / total) * W;
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => `<line x1="${L + f * W}" y1="${top - 4}" x2="${L + f * W}" y2="${top + bars.length * 22}" stroke="#2a3441"/>
+    <text x="${L + f * W}" y="12" text-anchor="middle" class="tick">+${esc(span(f * total))}</text>`);
+  const rows = bars.map((b, i) => {
+    const y = top + i * 22, took = b.to - b.from, color = b.error ? "#f85149" : b.undo ? "#a371f7" : "#3fb950";
+    const tip = `${b.label}${b.instance ? " on " + b.instance : ""}: ${span(took)}${b.error ? " — " + (b.error.message || b.error) : ""}`;
+    return `<g data-testid="bar" data-label="${esc(b.label)}"><title>${esc(tip)}</title><text x="0" y="${y + 11}">${esc(b.label)}</text>
+      <rect x="${x(b.from)}" y="${y}" width="${Math.max(2, (took / total) * W)}" height="14" fill="${color}"/>
+      <text x="${Math.min(x(b.to) + 4, L + W + 4)}" y="${y + 11}" class="tick">${esc(span(took))}</text></g>`;
+  });
+  const controls = marks.map((m) => `<g data-testid="mark"><title>${esc(m.event.slice(8))} at ${esc(whenMs(m.t))}</title>
+    <line x1="${x(m.t)}" y1="${top - 4}" x2="${x(m.t)}" y2="${top + bars.length * 22}" stroke="#d29922" stroke-dasharray="4 3"/>
+    <text x="${x(m.t) + 3}" y="${top + bars.length * 22 + 12}" class="tick">${esc(m.event.slice(8))}</text></g>`);
+  return `<h2>Timeline</h2><svg data-testid="timeline" width="${L + W + 70}" height="${top + bars.length * 22 + 18}">${ticks.join("")}${rows.join("")}${controls.join("")}</svg>`;
 }
 
 async function services() {
