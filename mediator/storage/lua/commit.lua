@@ -30,11 +30,11 @@
 -- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
 -- the revision moved on (recompute and retry). The outbox lease deadline is on Redis's
 -- clock, so replicas with skewed clocks agree on when a lease runs out.
+--- @include "prelude"
 local now = tonumber(ARGV[1])
 local retention = tonumber(ARGV[2])
 local recent_limit = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local server_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local server_now = server_ms()
 local lease = server_now + tonumber(ARGV[4])
 local m = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
