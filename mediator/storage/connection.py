@@ -7,7 +7,9 @@ the transition itself. hiredis packs the same bytes in C, an order of magnitude 
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -64,6 +66,30 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@functools.cache
 def lua_source(name: str) -> str:
-    """The source of one of the package's Lua scripts (``mediator/storage/lua/<name>``)."""
-    return importlib.resources.files("mediator.storage").joinpath(f"lua/{name}").read_text()
+    """The source of one of the package's Lua scripts (``mediator/storage/lua/<name>``).
+
+    A line ``--- @include "<other>"`` (as in BullMQ's scripts) stands for the source of
+    ``lua/<other>.lua``, put in its place here: Redis knows a script by the SHA of the
+    text it is given, so that SHA covers what the script includes.
+    """
+    return _expanded(name, ())
+
+
+_INCLUDE = re.compile(r'^--- @include "([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def _expanded(name: str, within: tuple[str, ...]) -> str:
+    if name in within:
+        msg = f"Lua scripts include each other in a cycle: {' -> '.join((*within, name))}"
+        raise ValueError(msg)
+    script = importlib.resources.files("mediator.storage").joinpath(f"lua/{name}")
+    if not script.is_file():
+        found = f", included by {within[-1]}" if within else ""
+        msg = f"no Lua script mediator/storage/lua/{name}{found}"
+        raise FileNotFoundError(msg)
+    return _INCLUDE.sub(
+        lambda include: _expanded(f"{include[1]}.lua", (*within, name)).rstrip("\n"),
+        script.read_text(),
+    )

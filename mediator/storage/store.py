@@ -8,8 +8,7 @@ go out in one pipeline: one round trip for many workflows.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -17,57 +16,21 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from mediator.core.counters import CounterKey
-from mediator.core.state import WorkflowState, dumps, loads
-from mediator.errors import ConfigurationError, CorruptState, StateUnavailable
+from mediator.core.state import WorkflowState
+from mediator.errors import ConfigurationError, StateUnavailable
+from mediator.storage.commit import (
+    Commit,
+    CommitCodec,
+    CommitOutcome,
+    CommitResult,
+    Tombstone,
+    decode_state,
+)
 from mediator.storage.connection import lua_source, text
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
 __all__ = ["Claimed", "Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
-
-
-class CommitOutcome(Enum):
-    """What became of one commit."""
-
-    COMMITTED = "committed"
-    EXISTS = "exists"  # a create found the workflow already there (duplicate request)
-    FINISHED = "finished"  # a create found the tombstone of a run whose state expired
-    CONFLICT = "conflict"  # another writer committed first; reload and recompute
-
-
-@dataclass(frozen=True, slots=True)
-class Tombstone:
-    """What is kept of a finished run after its state expired."""
-
-    fingerprint: str
-    origin: str
-    status: str
-    finished_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """One transition to commit: the new state, frames for the outbox, counter deltas."""
-
-    state: WorkflowState
-    expected_rev: int
-    outbox: Sequence[tuple[str, bytes]] = ()
-    counters: Mapping[CounterKey, int] = field(default_factory=dict)
-    #: Timers to set: (name, delay ms from the commit, on Redis's clock).
-    timers: Sequence[tuple[str, int]] = ()
-    #: Timers removed with it: the one that fired, and those no longer needed.
-    cleared: Sequence[str] = ()
-    #: Changes to the parked queues (`mediator.core.parking`): ("+", service, unpark timer
-    #: name) queues a step newly parked, ("-", ...) takes out one no longer parked.
-    parked: Sequence[tuple[str, str, str]] = ()
-    #: Changes to the shard's routed index: ("+" or "-", `mediator.core.routing` member).
-    routed: Sequence[tuple[str, str]] = ()
-    #: Entries appended to the run's audit log (`mediator.core.audit`).
-    audit: Sequence[bytes] = ()
-    #: The stamp of the revision it moves on from (`WorkflowState.stamp`, "" for a state
-    #: written before stamps or a new run); None checks the revision number alone.
-    expected_stamp: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +42,6 @@ class Claimed:
     name: str
     late_ms: int
     lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    """The outcome of a `Commit`, with the stored state when it did not commit.
-
-    `lease` is the deadline (Redis clock, ms) of the outbox entries the commit wrote: the
-    publisher's fencing token (see `Store.renew`).
-    """
-
-    outcome: CommitOutcome
-    current: WorkflowState | None = None
-    tombstone: Tombstone | None = None
-    lease: int = 0
 
 
 #: How long the outcome of an operator's control is kept.
@@ -126,6 +75,14 @@ class Store:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._commit = redis.register_script(lua_source("commit.lua"))
+        self._codec = CommitCodec(
+            keys,
+            retention_ms=retention_ms,
+            recent_limit=recent_limit,
+            lease_ms=lease_ms,
+            tombstone_ms=tombstone_ms,
+            audit_limit=audit_limit,
+        )
         self._claim = redis.register_script(lua_source("claim.lua"))
         self._renew = redis.register_script(lua_source("renew.lua"))
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
@@ -157,7 +114,7 @@ class Store:
                     pipe.hget(self.keys.workflow(wid), "state")
                 blobs = await pipe.execute()
         return {
-            wid: _decode_state(wid, blob) if blob is not None else None
+            wid: decode_state(wid, blob) if blob is not None else None
             for wid, blob in zip(workflow_ids, blobs, strict=True)
         }
 
@@ -176,20 +133,22 @@ class Store:
         for index, commit in enumerate(commits):
             by_shard.setdefault(self.keys.shard_of(commit.state.workflow_id), []).append(index)
         shards = list(by_shard)
+        batches = [[commits[i] for i in by_shard[shard]] for shard in shards]
         calls = [
-            self._commit_call(shard, [commits[i] for i in by_shard[shard]], now_ms)
-            for shard in shards
+            self._codec.pack(shard, batch, now_ms)
+            for shard, batch in zip(shards, batches, strict=True)
         ]
         with redis_errors("committing"):
             replies = await self._evalsha_many(self._commit, calls, wait=self.wait_replicas > 0)
         results: list[CommitResult | None] = [None] * len(commits)
-        for shard, reply in zip(shards, replies, strict=True):
+        for shard, batch, reply in zip(shards, batches, replies, strict=True):
             if isinstance(reply, Exception):
                 msg = f"commit script failed: {reply}"
                 raise StateUnavailable(msg)
-            outcomes, lease = reply
-            for index, one in zip(by_shard[shard], outcomes, strict=True):
-                results[index] = self._result(commits[index].state.workflow_id, one, int(lease))
+            for index, result in zip(
+                by_shard[shard], self._codec.unpack(batch, reply), strict=True
+            ):
+                results[index] = result
         return [r for r in results if r is not None]
 
     async def _evalsha_many(
@@ -234,91 +193,6 @@ class Store:
                 )
                 raise StateUnavailable(msg)
         return replies
-
-    def _commit_call(
-        self, shard: int, commits: Sequence[Commit], now_ms: int
-    ) -> tuple[list[str], list[Any]]:
-        keys = self.keys
-        names: dict[str, int] = {}
-        for commit in commits:
-            names.setdefault(commit.state.workflow, len(names) + 1)
-        key_list = [
-            keys.counters(shard),
-            keys.outbox(shard),
-            keys.outbox_due(shard),
-            keys.recent(shard),
-            keys.status_index(shard, "running"),
-            keys.status_index(shard, "completed"),
-            keys.status_index(shard, "failed"),
-            *(keys.name_index(shard, name) for name in names),
-        ]
-        parked: dict[str, int] = {}
-        for commit in commits:
-            wid = commit.state.workflow_id
-            key_list += (keys.workflow(wid), keys.tombstone(wid), keys.audit(wid))
-            for _, service, _ in commit.parked:
-                parked.setdefault(service, len(parked) + 1)
-        key_list += (keys.timers(shard), keys.routed(shard))
-        key_list += (keys.parked(shard, service) for service in parked)
-        args: list[Any] = [
-            now_ms,
-            self.retention_ms,
-            self.recent_limit,
-            self.lease_ms,
-            len(names),
-            len(commits),
-            self.tombstone_ms,
-            len(parked),
-            self.audit_limit,
-        ]
-        for commit in commits:
-            state = commit.state
-            args += (
-                commit.expected_rev,
-                "*" if commit.expected_stamp is None else commit.expected_stamp,
-                state.stamp or "",
-                state.workflow_id,
-                state.workflow,
-                state.status.value,
-                names[state.workflow],
-                dumps(state),
-                state.fingerprint or "",
-                state.origin or "",
-                len(commit.outbox),
-            )
-            for message_id, frame in commit.outbox:
-                args += (message_id, frame)
-            args.append(len(commit.counters))
-            for counter, delta in commit.counters.items():
-                args += (str(counter), delta)
-            args.append(len(commit.timers))
-            for name, delay in commit.timers:
-                args += (name, delay)
-            args.append(len(commit.cleared))
-            args += commit.cleared
-            args.append(len(commit.parked))
-            for op, service, name in commit.parked:
-                args += (op, parked[service], name)
-            args.append(len(commit.routed))
-            for op, member in commit.routed:
-                args += (op, member)
-            audit = commit.audit if self.audit_limit else ()
-            args.append(len(audit))
-            args += audit
-        return key_list, args
-
-    @staticmethod
-    def _result(workflow_id: str, reply: Any, lease: int) -> CommitResult:
-        code = int(reply[0])
-        if code == 1:
-            return CommitResult(CommitOutcome.COMMITTED, lease=lease)
-        if code == 2:
-            fingerprint, origin, status, finished = (text(v) for v in reply[1:5])
-            tomb = Tombstone(fingerprint, origin, status, int(finished))
-            return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
-        current = _decode_state(workflow_id, reply[1]) if len(reply) > 1 and reply[1] else None
-        outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
-        return CommitResult(outcome, current)
 
     # -- outbox ----------------------------------------------------------------------------
 
@@ -465,10 +339,3 @@ class Store:
                     pipe.zcard(self.keys.outbox_due(shard))
                 sizes = await pipe.execute()
         return sum(int(n) for n in sizes)
-
-
-def _decode_state(workflow_id: str, blob: bytes | str) -> WorkflowState:
-    try:
-        return loads(blob)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptState(workflow_id, exc) from exc

@@ -7,12 +7,12 @@
 -- ARGV: 1 expected version, 2 state, 3 failure counter, 4 success counter, 5 opened at
 --       (ms, 0 = never), 6 probe held until (ms, 0 = none), 7 who changed it.
 -- Returns {1, new version} or {0, HGETALL of the hash}.
+--- @include "prelude"
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if version ~= tonumber(ARGV[1]) then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = server_ms()
 redis.call('HSET', KEYS[1], 'version', version + 1, 'state', ARGV[2], 'counter', ARGV[3],
   'success', ARGV[4], 'opened_ms', ARGV[5], 'probe_until_ms', ARGV[6], 'by', ARGV[7],
   'changed_ms', now)

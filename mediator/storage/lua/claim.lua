@@ -2,8 +2,8 @@
 -- lease first. Leases are on Redis's clock, never a replica's.
 -- KEYS: 1 outbox hash, 2 outbox due. ARGV: 1 lease ms, 2 limit.
 -- Returns {lease deadline, id, frame, id, frame, ...}; ids without a frame are dropped.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local lease = now + tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {lease}

@@ -3,8 +3,8 @@
 -- that claimed it dies before committing what it causes, any replica claims it again.
 -- It is removed by the commit of the transition it causes (or as stale).
 -- KEYS: 1 timer set. ARGV: 1 lease ms, 2 limit. Returns {now ms, name, due ms, ...}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   tonumber(ARGV[2]))
 local out = {now}

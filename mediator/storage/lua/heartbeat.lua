@@ -13,8 +13,8 @@
 -- or is marked down (a restart under the same id then gets work again).
 -- Returns {previous status or '', now ms, status now or 'stale'}: '' is a new instance,
 -- 'down' one that is back.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local before = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 if ARGV[5] ~= '' then
   local last = redis.call('HGET', KEYS[1], ARGV[1])

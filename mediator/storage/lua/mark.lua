@@ -10,8 +10,8 @@
 -- KEYS: 1 the watermark hash.
 -- ARGV: 1 hold ms, then per partition: partition, first offset, last offset of the batch,
 --       marker time ms (0: none in the batch). Returns 1 if a loss was found, else 0.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local lost = 0
 for i = 2, #ARGV, 4 do
   local p, first, last, mark = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),

@@ -4,8 +4,8 @@
 -- with ARGV[1] = 0, is re-scheduled ARGV[2] ms from now (a retry after a failure).
 -- KEYS: 1 outbox hash, 2 outbox due. ARGV: 1 lease ms, 2 delay ms, then (id, deadline)
 -- pairs. Returns {new deadline, 1 or 0 per pair}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local lease_ms = tonumber(ARGV[1])
 local deadline = now + (lease_ms > 0 and lease_ms or tonumber(ARGV[2]))
 local out = {deadline}

@@ -6,14 +6,14 @@
 -- KEYS: 1 the shard's routed index, 2 the shard's timer set.
 -- ARGV: 1 the instance's member prefix (`service|instance|`), 2 at most this many.
 -- Returns the number handed on (call again while it equals the limit).
+--- @include "prelude"
 local prefix = ARGV[1]
 local found = redis.call('ZRANGEBYLEX', KEYS[1], '[' .. prefix, '[' .. prefix .. '\255',
   'LIMIT', 0, tonumber(ARGV[2]))
 if #found == 0 then
   return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = server_ms()
 local skip = #prefix
 for _, member in ipairs(found) do
   -- member: service|instance|workflow_id|step|attempt; the timer: reroute|wid|step|attempt

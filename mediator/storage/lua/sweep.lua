@@ -13,8 +13,8 @@
 --       from for this long (ms), 3 the watermark (ms, Redis clock; 0: none yet), 4 no one
 --       is marked down before this (ms, Redis clock: after a loss of Redis writes).
 -- Returns {now ms, instance marked down, ...}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local evidence = math.min(now, tonumber(ARGV[3]))
 if now < tonumber(ARGV[4]) then
   evidence = 0

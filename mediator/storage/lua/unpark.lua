@@ -6,8 +6,8 @@
 -- KEYS: 1 the service's parked queue in this shard, 2 the shard's timer set.
 -- ARGV: the members (unpark timer names) to release.
 -- Returns how many moved.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--- @include "prelude"
+local now = server_ms()
 local moved = 0
 for i = 1, #ARGV do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
