@@ -22,7 +22,7 @@ from mediator.core.engine import Engine
 from mediator.core.state import WorkflowState, dumps, evolve
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
-from tests.test_engine import make, step
+from tests.engine_harness import make, step
 from topics import RequestEvent, WorkflowStatus
 from topics.events import TERMINAL
 
