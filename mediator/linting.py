@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from mediator.core.problems import compile_problems
-from mediator.core.workflow import Workflow, WorkflowSpec, parse_workflows
+from mediator.core.workflow import Workflow, WorkflowSpec, describe_error, parse_workflows
 from mediator.errors import DefinitionError
 
 __all__ = ["Problem", "check_file"]
@@ -98,20 +98,8 @@ def _schema_errors(item: Any) -> list[tuple[tuple[Any, ...], str]]:
     try:
         WorkflowSpec.model_validate(item)
     except ValidationError as exc:
-        return [(tuple(e["loc"]), _message(e, item)) for e in exc.errors()]
+        return [(tuple(e["loc"]), describe_error(e, item)) for e in exc.errors()]
     return []
-
-
-def _message(error: Any, item: Mapping[str, Any]) -> str:
-    loc = list(error["loc"])
-    where = ".".join(str(part) for part in loc)
-    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-        steps = item.get("steps") or []
-        step = steps[loc[1]] if loc[1] < len(steps) else None
-        step_id = step.get("id") if isinstance(step, Mapping) else None
-        rest = ".".join(str(part) for part in loc[2:]) or "step"
-        where = f"step {step_id!r} {rest}" if step_id else f"steps[{loc[1]}] {rest}"
-    return f"{where}: {error['msg']}"
 
 
 def _line(node: yaml.Node | None) -> int | None:

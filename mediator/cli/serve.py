@@ -197,14 +197,7 @@ async def _submit(
 ) -> tuple[str, bool]:
     from mediator.sdk.client import MediatorClient
 
-    kafka = settings.kafka
-    async with MediatorClient(
-        kafka,
-        keys=settings.signing.request_signer(),
-        topics=kafka.topics,
-        enable_idempotence=kafka.enable_idempotence,
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-    ) as client:
+    async with MediatorClient.from_settings(settings) as client:
         if not wait:
             await client.publish(workflow, data, request_id=rid)
             return rid, False

@@ -13,7 +13,7 @@ import typer
 
 from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
 from mediator.errors import MediatorError
-from mediator.ops.window import parse_time
+from mediator.ops.window import parse_moment
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -47,13 +47,9 @@ def _time(ms: int | None) -> str:
 
 
 def _moment(text: str | None, now: int) -> int | None:
-    """Epoch milliseconds, an ISO time or an age before now; None if not given."""
-    if not text:
-        return None
-    if text.strip().isdigit():
-        return int(text)
+    """`parse_moment`, or exit 2 saying why not."""
     try:
-        return parse_time(text, now_ms=now)
+        return parse_moment(text, now_ms=now)
     except MediatorError as exc:
         raise fail(str(exc)) from None
 

@@ -45,6 +45,7 @@ __all__ = [
     "Workflow",
     "WorkflowSpec",
     "compile_workflow",
+    "describe_error",
     "parse_workflows",
     "workflow_from_json",
 ]
@@ -472,18 +473,20 @@ def _document_json(spec: WorkflowSpec, item: Mapping[str, Any]) -> bytes:
 
 
 def _describe(exc: ValidationError, item: Mapping[str, Any]) -> str:
-    problems = []
-    for error in exc.errors()[:5]:
-        loc = list(error["loc"])
-        where = ".".join(str(part) for part in loc)
-        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
-            steps = item.get("steps") or []
-            step = steps[loc[1]] if loc[1] < len(steps) else None
-            step_id = step.get("id") if isinstance(step, Mapping) else None
-            rest = ".".join(str(part) for part in loc[2:]) or "step"
-            where = f"step {step_id!r} {rest}" if step_id else f"steps[{loc[1]}] {rest}"
-        problems.append(f"{where}: {error['msg']}")
-    return "; ".join(problems)
+    return "; ".join(describe_error(error, item) for error in exc.errors()[:5])
+
+
+def describe_error(error: Any, item: Mapping[str, Any]) -> str:
+    """One schema error of a workflow mapping, naming the step it is in by its id."""
+    loc = list(error["loc"])
+    where = ".".join(str(part) for part in loc)
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        steps = item.get("steps") or []
+        step = steps[loc[1]] if loc[1] < len(steps) else None
+        step_id = step.get("id") if isinstance(step, Mapping) else None
+        rest = ".".join(str(part) for part in loc[2:]) or "step"
+        where = f"step {step_id!r} {rest}" if step_id else f"steps[{loc[1]}] {rest}"
+    return f"{where}: {error['msg']}"
 
 
 _DEFAULT_RETRY = _retry_policy("", "", _DEFAULT_RETRY_SPEC)

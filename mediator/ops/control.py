@@ -151,15 +151,20 @@ async def control_outcome(
     """What became of the control `control_id` (``{applied, detail, at_ms}``), as the
     replica that handled it recorded; None if none did within `timeout_s`."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    key = keys.control(control_id)
     while True:
-        raw = await redis.get(key)
-        if raw is not None:
-            found: dict[str, Any] = orjson.loads(raw)
+        found = await read_control_outcome(redis, keys, control_id)
+        if found is not None or asyncio.get_running_loop().time() >= deadline:
             return found
-        if asyncio.get_running_loop().time() >= deadline:
-            return None
         await asyncio.sleep(0.1)
+
+
+async def read_control_outcome(redis: Redis, keys: Keys, control_id: str) -> dict[str, Any] | None:
+    """What became of the control `control_id`, if a replica has recorded it yet."""
+    raw = await redis.get(keys.control(control_id))
+    if raw is None:
+        return None
+    found: dict[str, Any] = orjson.loads(raw)
+    return found
 
 
 async def breaker_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,12 @@ from redis.asyncio import Redis
 
 from mediator.core.metrics import summarize
 from mediator.errors import ConfigurationError, MediatorError
-from mediator.ops.control import ControlSender, control_event, control_signer
+from mediator.ops.control import (
+    ControlSender,
+    control_event,
+    control_signer,
+    read_control_outcome,
+)
 from mediator.ops.dlq import (
     parse_coordinates,
     read_dead_letters,
@@ -26,7 +31,7 @@ from mediator.ops.guard import Guard, is_loopback
 from mediator.ops.runs import list_runs, show_run
 from mediator.ops.services import collect_services
 from mediator.ops.status import collect_status
-from mediator.ops.window import parse_time
+from mediator.ops.window import parse_moment
 from mediator.settings import Settings
 from mediator.storage.alerts import active_alerts, alert_history
 from mediator.storage.keys import Keys
@@ -232,10 +237,8 @@ class Dashboard:
     async def _control_outcome(self, request: web.Request) -> web.Response:
         """What became of a control: ``{applied, detail, at_ms}``, or ``{pending: true}``
         while no replica has answered."""
-        raw = await self.redis.get(self.keys.control(request.match_info["control_id"]))
-        if raw is None:
-            return web.json_response({"pending": True})
-        return web.Response(body=raw, content_type="application/json")
+        found = await read_control_outcome(self.redis, self.keys, request.match_info["control_id"])
+        return web.json_response(found if found is not None else {"pending": True})
 
     async def _run_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
@@ -303,13 +306,9 @@ def _asset(name: str) -> str:
 
 def _moment(query: Any, name: str) -> int | None:
     """A time filter: epoch milliseconds, an ISO-8601 time, or an age (``10m``, ``2h``)."""
-    value = (query.get(name) or "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return int(value)
+    value = query.get(name)
     try:
-        return parse_time(value, now_ms=int(time.time() * 1000))
+        return parse_moment(value, now_ms=int(time.time() * 1000))
     except MediatorError:
         msg = f"{name} must be a time (2026-12-04T10:00), an age (10m, 2h) or epoch ms: {value!r}"
         raise web.HTTPBadRequest(text=msg) from None

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from mediator.errors import BadTime, RecoverError
 
-__all__ = ["Window", "parse_time", "read_window", "window"]
+__all__ = ["Window", "parse_moment", "parse_time", "read_window", "window"]
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -42,6 +42,16 @@ def parse_time(text: str, *, now_ms: int) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def parse_moment(text: str | None, *, now_ms: int) -> int | None:
+    """A time filter as people write it: epoch milliseconds, an ISO-8601 time, or an age
+    before ``now_ms`` (``10m``, ``2h``); None if not given. Raises `BadTime`."""
+    if not text or not text.strip():
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    return parse_time(text, now_ms=now_ms)
 
 
 async def window(

@@ -103,6 +103,7 @@ class RegistryHashes:
         self._sweep = redis.register_script(_SWEEP)
         self._drain = redis.register_script(_DRAIN)
         self._mark = redis.register_script(_MARK)
+        self._leases = Leases(redis)
 
     async def beats(
         self, beats: Sequence[HealthEvent], ttl: Callable[[HealthEvent], int]
@@ -180,7 +181,7 @@ class RegistryHashes:
     async def take_marker_lease(self, replica: str, ttl_ms: int) -> bool:
         """Take or keep the lease of writing the health topic's markers for `replica`."""
         with redis_errors("taking the marking lease"):
-            return await Leases(self.redis).hold(self.keys.marker_lease, replica, ttl_ms)
+            return await self._leases.hold(self.keys.marker_lease, replica, ttl_ms)
 
     async def time_ms(self) -> int:
         """Redis's clock, in ms."""
