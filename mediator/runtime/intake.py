@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from mediator.clock import now_ms
 from mediator.codec import encode, headers, validation_reason
 from mediator.core.signing import UNSIGNED, SignatureError
+from mediator.errors import StateUnavailable
 from mediator.runtime.context import (
     BatchOutput,
     Record,
@@ -157,4 +158,10 @@ class Intake(RuntimeContext):
         if out.counts:
             await self.store.count(dict(out.counts))
         if out.controls:
-            await self.store.control_outcomes(out.controls, now_ms())
+            try:
+                await self.store.control_outcomes(out.controls, now_ms())
+            except StateUnavailable as exc:
+                # Not worth redelivering the batch for: a redelivered control would find
+                # its run already changed and be recorded as refused, which is wrong. The
+                # operator's command line says no replica answered, and the run shows it.
+                log.warning("outcomes of %d controls not recorded: %s", len(out.controls), exc)
