@@ -196,3 +196,15 @@ async def test_refused_idempotent_producer_says_what_to_set(settings: Settings) 
     code, out, err = await cli(settings, "demo-services", "--log-level", "CRITICAL", env=idempotent)
     assert code == 2, (out, err)
     assert "MEDIATOR_KAFKA__ENABLE_IDEMPOTENCE=false" in err.strip().splitlines()[-1]
+
+
+async def test_verbose_names_the_broker_and_redis_of_every_command(settings: Settings) -> None:
+    """A CLI reading the wrong Redis is seen at once: `--verbose` names what it talks to."""
+    where = f"talking to kafka {settings.kafka.bootstrap_servers}, redis "
+    for args in (("status",), ("services",), ("workflows", "list"), ("dlq", "list")):
+        code, _, err = await cli(settings, "--verbose", *args)
+        assert code == 0, (args, err)
+        assert where in err, (args, err)
+        code, _, err = await cli(settings, *args)
+        assert code == 0, (args, err)
+        assert where not in err, (args, err)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from mediator.cli import control, recover, serve, views
+from mediator.cli.common import set_verbose
 
 __all__ = ["app", "main"]
 
@@ -63,8 +64,13 @@ def _main(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Say which broker and Redis each command uses."),
+    ] = False,
 ) -> None:
     """Event-driven service orchestrator over Kafka, with its state in Redis."""
+    set_verbose(verbose)
 
 
 _add_groups()

@@ -16,12 +16,23 @@ from mediator import loops
 from mediator.errors import MediatorError
 from mediator.loops import EventLoop
 
-__all__ = ["ConfigOption", "JsonOption", "fail", "load", "quiet_libraries", "run"]
+__all__ = [
+    "ConfigOption",
+    "JsonOption",
+    "fail",
+    "load",
+    "quiet_libraries",
+    "run",
+    "set_verbose",
+]
 
 T = TypeVar("T")
 
 #: The settings the running command loaded (`load`), named in its error line.
 _loaded: list[Any] = []
+
+#: Set by `mediator --verbose`: every command says which broker and Redis it talks to.
+_verbose: list[bool] = [False]
 
 ConfigOption = Annotated[
     Path | None,
@@ -58,14 +69,20 @@ def run(coro: Coroutine[Any, Any, T], event_loop: EventLoop = "asyncio") -> T:
         raise fail(msg) from None
 
 
-def _where() -> str:
-    """Which broker and Redis the command talked to (so a wrong one is seen at once)."""
-    if not _loaded:
-        return ""
+def set_verbose(value: bool) -> None:
+    """Have `load` print which broker and Redis the command talks to (`--verbose`)."""
+    _verbose[0] = value
+
+
+def _endpoints(settings: Any) -> str:
     from mediator.storage.connection import redacted
 
-    settings = _loaded[-1]
-    return f" (kafka {settings.kafka.bootstrap_servers}, redis {redacted(settings.redis.url)})"
+    return f"kafka {settings.kafka.bootstrap_servers}, redis {redacted(settings.redis.url)}"
+
+
+def _where() -> str:
+    """Which broker and Redis the command talked to (so a wrong one is seen at once)."""
+    return f" ({_endpoints(_loaded[-1])})" if _loaded else ""
 
 
 def quiet_libraries() -> None:
@@ -86,10 +103,12 @@ def load(config: Path | None, **overrides: Any) -> Any:
         typer.echo(f"using the settings of `mediator dev` ({DEV_SETTINGS})", err=True)
     try:
         settings = load_settings(config, **overrides)
-        _loaded.append(settings)
-        return settings
     except ValidationError as exc:
         msg = f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
         raise fail(msg) from None
     except MediatorError as exc:
         raise fail(str(exc)) from None
+    _loaded.append(settings)
+    if _verbose[0]:
+        typer.echo(f"talking to {_endpoints(settings)}", err=True)
+    return settings
