@@ -164,6 +164,8 @@ class BatchConsumer:
         self.backoff = backoff or BackoffSettings()
         #: Polls that failed in a row (the broker away, a group being rebalanced).
         self.poll_failures = 0
+        #: The kind of the last poll failure of the streak (a new kind is always logged).
+        self._poll_error: type[Exception] | None = None
         #: Created by `start`, inside the running event loop.
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -232,7 +234,7 @@ class BatchConsumer:
             except Exception as exc:
                 await self._poll_failed(exc)
                 continue
-            self.poll_failures = 0
+            self.poll_failures, self._poll_error = 0, None
             records = tuple(itertools.chain.from_iterable(batches.values()))
             if not records:
                 continue
@@ -244,11 +246,13 @@ class BatchConsumer:
     async def _poll_failed(self, exc: Exception) -> None:
         """A poll that raised: logged and retried with capped backoff, whatever it was (a
         consumer cannot skip what it could not fetch); permanent causes (no right to read
-        the topic) are logged as errors, so they are seen."""
+        the topic) are logged as errors, so they are seen. A streak logs its first failure,
+        every failure of a new kind, and then every hundredth."""
         self.poll_failures += 1
         delay = self.backoff.delay_ms(self.poll_failures)
         level = logging.WARNING if is_transient(exc) else logging.ERROR
-        if self.poll_failures in (1, 10) or self.poll_failures % 100 == 0:
+        new_kind, self._poll_error = type(exc) is not self._poll_error, type(exc)
+        if new_kind or self.poll_failures in (1, 10) or self.poll_failures % 100 == 0:
             log.log(
                 level,
                 "%s: fetching failed (%d in a row), retrying in %d ms: %s",
