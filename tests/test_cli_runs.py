@@ -128,3 +128,58 @@ async def test_the_first_outcome_of_a_control_stays(redis_client: Any, key_prefi
     await store.control_outcomes({"c-1": (False, "does not apply")}, 2)  # redelivered
     raw = await redis_client.get(Keys(key_prefix, 1).control("c-1"))
     assert orjson.loads(raw) == {"applied": True, "detail": "run wf-1 is cancelled", "at_ms": 1}
+
+
+async def test_an_outcome_redis_cannot_record_does_not_redeliver_the_control(
+    make_system: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """Redis refuses the write of a cancel's outcome once: the cancel stays applied, is
+    logged as unrecorded, and its batch is not redelivered (which would record the control
+    as refused, its run being cancelled by then)."""
+    from mediator.errors import StateUnavailable
+    from mediator.ops.control import control_signer, send_control
+    from topics.events import ControlAction
+
+    system = await make_system(
+        {"name": "slow", "steps": [{"id": "a", "service": "s", "action": "wait"}]}
+    )
+    release = asyncio.Event()
+
+    async def wait(data: Any, command: Any) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    await system.worker("s", {"wait": wait})
+    mediator = await system.mediator()
+    store = mediator.store
+    record = store.control_outcomes
+    failed: list[dict[str, Any]] = []
+
+    async def fails_once(outcomes: dict[str, Any], at_ms: int) -> None:
+        if not failed:
+            failed.append(dict(outcomes))
+            msg = "Redis unavailable while recording control outcomes"
+            raise StateUnavailable(msg)
+        await record(outcomes, at_ms)
+
+    monkeypatch.setattr(store, "control_outcomes", fails_once)
+    client = await system.client()
+    running = asyncio.create_task(client.submit("slow", {}, request_id="slow-2", timeout=60))
+    wid = workflow_id_for("slow-2")
+    await wait_for(lambda: mediator.runtime.stats.requests >= 1, what="the run to start")
+    sent = await send_control(
+        system.bootstrap,
+        system.topics,
+        ControlAction.CANCEL,
+        workflow_id=wid,
+        enable_idempotence=False,
+        signer=control_signer(system.settings.signing),
+    )
+    release.set()
+    assert (await running).status is WorkflowStatus.CANCELLED
+    await wait_for(lambda: failed, what="the outcome's write to fail")
+    assert list(failed[0]) == [sent.control_id]
+    await asyncio.sleep(1.5)  # a redelivered batch would be handled by now
+    assert mediator.runtime.stats.controls == 1
+    assert await mediator.redis.get(store.keys.control(sent.control_id)) is None
+    assert "outcomes of 1 controls not recorded" in caplog.text
