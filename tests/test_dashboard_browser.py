@@ -89,6 +89,16 @@ class Browser:
 
         return await self.call(read)
 
+    async def attributes(self, css: str, name: str) -> list[str]:
+        """Attribute `name` of every element matching `css`, in document order."""
+        from selenium.webdriver.common.by import By
+
+        def read() -> list[str]:
+            found = self.driver.find_elements(By.CSS_SELECTOR, css)
+            return [str(element.get_attribute(name)) for element in found]
+
+        return list(await self.call(read))
+
     async def confirm(self) -> str:
         """Accept the page's confirmation dialog; its text."""
         from selenium.webdriver.support import expected_conditions
@@ -212,7 +222,6 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         tip = await browser.attribute("[data-testid=bar][data-label='b #1'] title", "textContent")
         assert tip is not None and "card declined" in tip, tip
         assert "+0 ms" in await browser.attribute("[data-testid=timeline]", "textContent") or ""
-        await browser.shot("run-failed")
 
         # Retry it: the control goes through Kafka, the run completes, the page follows.
         await browser.click("[data-testid=retry]")
@@ -268,6 +277,77 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         await wait_for(lambda: browser.count("table[data-testid=alerts-history]"), what="alerts")
         await browser.open(base + "#/dlq")
         await wait_for(lambda: browser.count("table[data-testid=dlq]"), what="dead letters")
+    finally:
+        await cancel_and_wait(serving)
+
+
+#: A booking: the seat is reserved (and released if the run fails), then charged, with
+#: one retry on a retryable error.
+BOOKING: dict[str, Any] = {
+    "name": "booking",
+    "steps": [
+        {"id": "reserve", "service": "svc", "action": "reserve",
+         "compensate": {"action": "release"}},
+        {"id": "charge", "service": "svc", "action": "charge", "depends_on": ["reserve"],
+         "retry": {"max_attempts": 2, "backoff": "20ms"}},
+    ],
+}  # fmt: skip
+
+
+async def test_a_failed_run_page_shows_every_attempt_why_it_failed_and_the_compensation(
+    make_system: Any, browser: Browser
+) -> None:
+    """A run whose charge fails twice (a retryable error) and whose reservation is released:
+    the page draws both attempts with their reason, the release as its own bar, and the
+    reserved step as compensated, not completed."""
+    system = await make_system(BOOKING)
+
+    async def charge(data: Any, command: Any) -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        msg = "billing backend hiccup"
+        raise ActionError(msg, code="billing_unavailable", retryable=True)
+
+    await system.worker("svc", {"reserve": echo, "charge": charge, "release": echo})
+    mediator = await system.mediator()
+    client = await system.client()
+    result = await client.submit("booking", {"seat": "12A"}, request_id="booking-1", timeout=30)
+    assert result.status is WorkflowStatus.FAILED
+    assert result.compensations["reserve"].status == "completed"
+    await mediator.flusher.flush()
+
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        # Found from the list by its request id, as a user would look for it.
+        await browser.open(urls[0] + "#/runs?status=failed")
+        await wait_for(
+            lambda: _contains(browser.text("table[data-testid=runs]"), "booking-1"),
+            what="the failed run listed",
+        )
+        await browser.click(f"tr[data-wid='{result.workflow_id}'] a")
+        await wait_for(lambda: browser.text("[data-testid=run-id]"), what="the run page")
+        assert await browser.attribute("[data-testid=dag-reserve]", "data-status") == (
+            "compensated"
+        )
+        assert await browser.attribute("[data-testid=dag-charge]", "data-status") == "failed"
+        labels = await browser.attributes("[data-testid=timeline] [data-testid=bar]", "data-label")
+        assert sorted(labels) == [
+            "charge #1",
+            "charge #2",
+            "reserve #1",
+            "undo reserve #1",
+        ], labels
+        for attempt in ("charge #1", "charge #2"):
+            tip = await browser.attribute(
+                f"[data-testid=bar][data-label='{attempt}'] title", "textContent"
+            )
+            assert tip is not None and "billing backend hiccup" in tip, tip
+        steps = await browser.text("table[data-testid=steps]")
+        assert "billing backend hiccup" in steps
+        await browser.shot("run-failed")
     finally:
         await cancel_and_wait(serving)
 
