@@ -327,6 +327,11 @@ class ControlAction(StrEnum):
     DRAIN = "drain"
     #: Route commands to a drained instance again.
     UNDRAIN = "undrain"
+    #: Hold a running (or compensating) run: no command, retry or compensation is sent
+    #: until it is resumed; replies to commands in flight are still applied.
+    PAUSE = "pause"
+    #: Let a paused run go on: what fell due or became ready meanwhile is sent.
+    RESUME = "resume"
 
 
 class ControlEvent(Event):
@@ -341,6 +346,10 @@ class ControlEvent(Event):
     reason: str | None = Field(default=None, max_length=2000)
     operator: str | None = None
     issued_ms: int
+    pause_deadline: bool = Field(
+        default=False,
+        description="With `pause`: the run's deadline stops counting until it is resumed.",
+    )
 
 
 class DeadLetter(Event):

@@ -13,7 +13,7 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-from mediator.core import saga
+from mediator.core import pausing, saga
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import _expression_failure, command_id, idempotency_key
@@ -186,6 +186,8 @@ class Engine(Sends):
             return None
         if timer.kind == "deadline":
             return self._deadline(workflow, state, timer, now_ms)
+        if state.paused_ms is not None and timer.kind in pausing.HELD_TIMERS:
+            return pausing.hold(state, timer, now_ms)
         if timer.kind in ("undo_timeout", "undo_retry"):
             return saga.undo_timer(self.replies_topic, workflow, state, timer, now_ms)
         step_state = state.steps.get(timer.step)
@@ -194,41 +196,7 @@ class Engine(Sends):
         step = workflow.steps[timer.step]
         status = step_state.status
         if timer.kind == "timeout" and status in (StepStatus.RUNNING, StepStatus.PARKED):
-            transition = forked(state, now_ms, timer)
-            if status is StepStatus.PARKED:
-                transition.count(svc(step.service, "parked_timeout"))
-                message = (
-                    f"step {step.id!r} attempt {timer.attempt} stayed parked for "
-                    f"{step.timeout_ms} ms: the circuit breaker of {step.service!r} is open"
-                )
-                code = "circuit_open"
-            else:
-                service = step_state.via or step.service
-                transition.count(svc(service, "timeout"))
-                transition.outcomes.append((service, False))
-                observe(
-                    transition,
-                    service,
-                    "timeout",
-                    step.id,
-                    step_state,
-                    now_ms,
-                    step_state.instance,
-                )
-                if step_state.instance:
-                    transition.instance_outcomes.append((service, step_state.instance, False))
-                message = (
-                    f"step {step.id!r} attempt {timer.attempt} got no reply within "
-                    f"{step.timeout_ms} ms"
-                )
-                code = "timeout"
-            failure: Failure = {
-                "message": message,
-                "code": code,
-                "retryable": True,
-                "step": step.id,
-            }
-            return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
+            return self._timed_out(workflow, state, step, timer, now_ms)
         if state.status is not WorkflowStatus.RUNNING:
             return None
         if timer.kind == "retry" and status is StepStatus.RETRYING:
@@ -243,12 +211,54 @@ class Engine(Sends):
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt)
         return None
 
+    def _timed_out(
+        self, workflow: Workflow, state: WorkflowState, step: Step, timer: Fired, now_ms: int
+    ) -> Transition:
+        """The current attempt of `step` got no reply (or stayed parked) for its timeout."""
+        step_state = state.steps[step.id]
+        status = step_state.status
+        transition = forked(state, now_ms, timer)
+        if status is StepStatus.PARKED:
+            transition.count(svc(step.service, "parked_timeout"))
+            message = (
+                f"step {step.id!r} attempt {timer.attempt} stayed parked for "
+                f"{step.timeout_ms} ms: the circuit breaker of {step.service!r} is open"
+            )
+            code = "circuit_open"
+        else:
+            service = step_state.via or step.service
+            transition.count(svc(service, "timeout"))
+            transition.outcomes.append((service, False))
+            observe(
+                transition,
+                service,
+                "timeout",
+                step.id,
+                step_state,
+                now_ms,
+                step_state.instance,
+            )
+            if step_state.instance:
+                transition.instance_outcomes.append((service, step_state.instance, False))
+            message = (
+                f"step {step.id!r} attempt {timer.attempt} got no reply within {step.timeout_ms} ms"
+            )
+            code = "timeout"
+        failure: Failure = {
+            "message": message,
+            "code": code,
+            "retryable": True,
+            "step": step.id,
+        }
+        return self._fail_attempt(workflow, transition, step, failure, now_ms, None)
+
     def apply_control(
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
     ) -> Transition | None:
-        """An operator's cancel or retry; None when it does not apply to the run as it is
-        (cancel of a finished run, retry of one that did not fail) or was applied already
-        (the same control delivered again: its id is remembered with the run)."""
+        """An operator's cancel, retry, pause or resume; None when it does not apply to the
+        run as it is (cancel of a finished run, retry of one that did not fail, pause of a
+        paused one) or was applied already (the same control delivered again: its id is
+        remembered with the run)."""
         if control.control_id in (state.controls or ()):
             return None
         reason = control.reason or "no reason given"
@@ -265,6 +275,14 @@ class Engine(Sends):
             if state.status not in _RETRYABLE_RUNS:
                 return None
             transition = self._reopen(workflow, state, now_ms)
+        elif control.action is ControlAction.PAUSE:
+            if not pausing.can_pause(state):
+                return None
+            transition = pausing.pause(workflow, state, now_ms, control.pause_deadline)
+        elif control.action is ControlAction.RESUME:
+            if state.paused_ms is None:
+                return None
+            transition = self._resume(workflow, state, now_ms)
         else:
             return None
         applied = transition.state
@@ -274,11 +292,21 @@ class Engine(Sends):
         ]
         return transition
 
+    def _resume(self, workflow: Workflow, state: WorkflowState, now_ms: int) -> Transition:
+        """An operator's resume: what was held is set going, then whatever became ready is
+        dispatched (or, compensating, the undos whose turn came)."""
+        transition = pausing.resume(workflow, state, now_ms)
+        if transition.state.status is WorkflowStatus.COMPENSATING:
+            return self._compensate(workflow, transition, now_ms)
+        return self._advance(workflow, transition, now_ms)
+
     def _deadline(
         self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
     ) -> Transition | None:
-        if timer.attempt != state.round:
-            return None  # an earlier round's deadline, fired late
+        if timer.attempt != state.round or state.deadline_ms is None:
+            # An earlier round's deadline fired late, or one a pause stopped (it is set
+            # again on resume) fired before the pause's commit removed it.
+            return None
         transition = forked(state, now_ms, timer)
         limit = workflow.timeout_ms or 0
         transition.count(wf(workflow.name, "deadline_exceeded"))

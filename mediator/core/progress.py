@@ -102,6 +102,8 @@ class Progress:
                 break
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
+        if ready and state.paused_ms is not None:
+            return transition  # they stay pending: resuming the run dispatches them
         for step, command_input in ready:
             previous = steps[step.id]
             steps[step.id] = self._dispatch(

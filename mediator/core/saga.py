@@ -140,14 +140,14 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         below = any(busy[d] for d in workflow.dependants[sid])
         undo = undos.get(sid)
         owes = forward.status is StepStatus.COMPLETED and compensation(step, forward) is not None
-        if owes and undo is None and not below:
+        if owes and undo is None and not below and state.paused_ms is None:
             base = (state.undo_base or {}).get(sid, 0)
             undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, base + 1, None, base)
         busy[sid] = (
             below
             or forward.status in _IN_FLIGHT
             or (owes and (undo is None or undo.status in _IN_FLIGHT))
-        )
+        )  # a paused run's undo not yet sent keeps it compensating until it is resumed
     if any(busy.values()):
         return transition
     failed = any(u.status is StepStatus.FAILED for u in undos.values())

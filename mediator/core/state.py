@@ -130,11 +130,24 @@ class WorkflowState:
     stamp: str | None = None
     #: The client whose key signed the request that started the run (signed requests).
     client: str | None = None
+    #: When an operator paused the run (None while it is not paused): no command, retry
+    #: or compensation goes out until it is resumed; replies are still applied.
+    paused_ms: int | None = None
+    #: The timers that fell due while the run was paused, as ``[kind, step, attempt]``
+    #: (a retry, an unpark, a reroute, a compensation's retry): set again on resume.
+    held: list[list[Any]] | None = None
+    #: What was left of the run's deadline when a pause stopped its clock.
+    deadline_left_ms: int | None = None
 
     @property
     def terminal(self) -> bool:
         """True once the run completed or failed."""
         return self.status in TERMINAL
+
+    @property
+    def condition(self) -> str:
+        """The run's status, and whether it is paused: ``running, paused``."""
+        return f"{self.status.value}, paused" if self.paused_ms is not None else self.status.value
 
 
 def evolve(obj: _T, **changes: Any) -> _T:
@@ -189,6 +202,9 @@ _WF_OPTIONAL = (
     "trace_parent",
     "controls",
     "undo_base",
+    "paused_ms",
+    "held",
+    "deadline_left_ms",
 )
 
 

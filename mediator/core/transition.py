@@ -117,6 +117,9 @@ def end(
     state.error = error
     state.finished_ms = now_ms
     state.updated_ms = now_ms
+    # A run that ends paused (its last reply came in, or it was cancelled with nothing to
+    # undo) is over: nothing is left to hold back.
+    state.paused_ms = state.held = state.deadline_left_ms = None
     transition.count(wf(state.workflow, status.value))
     transition.observed.append(
         Observation("wf", state.workflow, status.value, now_ms - state.created_ms)

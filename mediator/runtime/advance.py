@@ -356,7 +356,7 @@ class Advance(Commits):
         """The controls among `events`, committed: applied, and where the run is now."""
         for event in events:
             if isinstance(event, ControlEvent):
-                where = f"run {state.workflow_id} is {state.status.value}"
+                where = f"run {state.workflow_id} is {state.condition}"
                 out.controls[event.control_id] = (True, where)
 
     def _no_run(self, wid: str, events: list[Event], out: BatchOutput) -> int:
@@ -381,12 +381,11 @@ class Advance(Commits):
                 control.control_id,
                 control.action.value,
                 wid,
-                state.status.value,
+                state.condition,
             )
             out.controls[control.control_id] = (
                 False,
-                f"{control.action.value} does not apply to run {wid}, which is "
-                f"{state.status.value}",
+                f"{control.action.value} does not apply to run {wid}, which is {state.condition}",
             )
         self.stats.ignored_controls += len(controls)
         self.stats.ignored_replies += len(ignored) - len(stale) - len(controls)

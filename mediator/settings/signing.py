@@ -70,7 +70,7 @@ class KeySet(BaseModel):
         return Keyring(parse_keys(plain, service), self.current)
 
 
-Action = Literal["cancel", "retry", "reset_breaker", "drain", "undrain"]
+Action = Literal["cancel", "retry", "pause", "resume", "reset_breaker", "drain", "undrain"]
 _ACTIONS: tuple[Action, ...] = get_args(Action)
 
 
