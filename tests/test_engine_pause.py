@@ -22,6 +22,7 @@ from tests.engine_harness import (
     fire,
     make,
     result,
+    results,
     sent,
     step,
     undo_reply,
@@ -173,3 +174,18 @@ def test_a_pause_delivered_again_changes_nothing() -> None:
     _control(run, ControlAction.RESUME, T0 + 6, cid="r-1")
     assert _control(run, ControlAction.PAUSE, T0 + 7, cid="p-1") is None  # redelivered
     assert run.state.paused_ms is None
+
+
+def test_a_deadline_timer_claimed_before_a_pause_and_applied_after_the_resume_waits() -> None:
+    """The deadline timer fell due and was claimed, then a pause that stops the deadline
+    and a resume committed before it was applied: it stands for the old deadline, so it
+    is set again for the new one instead of failing the run early."""
+    run = Run(make(step("a"), timeout="10s"))
+    _control(run, ControlAction.PAUSE, T0 + 1_000, pause_deadline=True)
+    _control(run, ControlAction.RESUME, T0 + 5_000)
+    assert run.state.deadline_ms == T0 + 14_000
+    early = fire(run, "deadline", "", 0, now=T0 + 10_000)
+    assert early is not None and results(early) == []
+    assert _timers(early) == [SetTimer("deadline", WID, 4_000, "", 0).member]
+    due = fire(run, "deadline", "", 0, now=T0 + 14_000)
+    assert due is not None and result(due).error is not None

@@ -161,7 +161,7 @@ def test_deadline_while_compensating_gives_up_steps_in_flight() -> None:
     run = Run(workflow)
     run.fail("x", FATAL)  # `a` is in flight with a timeout: awaited
     assert run.state.status is WS.COMPENSATING
-    ended = fire(run, "deadline")
+    ended = fire(run, "deadline", now=T0 + 60_000)
     assert run.state.steps["a"].status is StepStatus.FAILED
     assert run.state.steps["a"].error is not None
     assert run.state.steps["a"].error["code"] == "abandoned"
@@ -174,7 +174,7 @@ def test_deadline_while_compensating_gives_up_steps_in_flight() -> None:
 def test_deadline_compensates_and_fails_with_deadline_exceeded() -> None:
     run = Run(make(undoable("a"), step("b", "a"), timeout="1m"))
     run.complete("a")
-    fired = fire(run, "deadline")
+    fired = fire(run, "deadline", now=T0 + 60_000)
     [undo] = commands(fired)
     outcome = result(apply_undo(run, undo_reply(undo)))
     assert outcome.status is WS.FAILED

@@ -304,9 +304,16 @@ class Engine(Sends):
         self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
     ) -> Transition | None:
         if timer.attempt != state.round or state.deadline_ms is None:
-            # An earlier round's deadline fired late, or one a pause stopped (it is set
-            # again on resume) fired before the pause's commit removed it.
+            # An earlier round's deadline fired late, or one a pause stopped fired before
+            # the pause's commit removed it (the resume sets it again).
             return None
+        if now_ms < state.deadline_ms:
+            # Due before the deadline it stands for: a timer claimed before a pause moved
+            # the deadline (the resume set one again under the same name), or a clock
+            # behind Redis's. Set again for the deadline, rather than fail the run early.
+            transition = forked(state, now_ms, timer)
+            transition.timers.append(deadline_timer(state, state.deadline_ms - now_ms))
+            return transition
         transition = forked(state, now_ms, timer)
         limit = workflow.timeout_ms or 0
         transition.count(wf(workflow.name, "deadline_exceeded"))
