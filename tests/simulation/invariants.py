@@ -18,6 +18,8 @@ accounting.
   cannot be stuck for ever; ``stuck``: every run ends.
 - ``deadline``: a run fails for its deadline only once the deadline has passed.
 - ``rounds``: no round of a replica raised an error (a poison entry must be isolated).
+- ``paused``: a paused run sends nothing (no step, retry, reroute or undo) from its pause
+  until it is resumed, commit after commit; a run that ended is not paused.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ async def check_end(world: World, healed: bool) -> list[str]:
         problems += _check_revisions(world)
     problems += _check_deadlines(states)
     problems += await _check_leftovers(world, states)
+    if not world.failovers:  # a lossy failover rolls back what the watch saw committed
+        problems += world.pauses.problems
+    problems += [f"paused: {wid} ended {s.status.value} but is still paused"
+                 for wid, s in states.items() if s and s.terminal and s.paused_ms]  # fmt: skip
     return problems
 
 
@@ -250,6 +256,7 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
     """What a live run waits on, and the timer names (any one will do) that move it on."""
     wid = state.workflow_id
     waits: list[tuple[str, list[str]]] = []
+    held = state.held or []
     if state.deadline_ms is not None and (
         state.status is WorkflowStatus.RUNNING or now_ms < state.deadline_ms
     ):
@@ -265,6 +272,8 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
         if step.status is StepStatus.RUNNING and spec.timeout_ms:
             waits.append((f"step {sid}", [name("timeout", step.attempt),
                                           name("reroute", step.attempt)]))  # fmt: skip
+        elif [kind for kind, s, a in held if (s, a) == (sid, step.attempt)]:
+            continue  # its timer fell due while paused: the resume sets it again
         elif step.status is StepStatus.RETRYING:
             waits.append((f"retry of {sid}", [name("retry", step.attempt)]))
         elif step.status is StepStatus.PARKED:
@@ -274,7 +283,7 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
         if undo.status is StepStatus.RUNNING and compensate and compensate.timeout_ms:
             waits.append((f"undo of {sid}", [SetTimer("undo_timeout", wid, 0, sid,
                                                       undo.attempt).member]))  # fmt: skip
-        elif undo.status is StepStatus.RETRYING:
+        elif undo.status is StepStatus.RETRYING and ["undo_retry", sid, undo.attempt] not in held:
             waits.append((f"undo retry of {sid}", [SetTimer("undo_retry", wid, 0, sid,
                                                             undo.attempt).member]))  # fmt: skip
     return waits

@@ -11,11 +11,13 @@ publishing: leases running out).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fakeredis import FakeAsyncRedis, FakeServer
 
+from mediator.core.state import StepState, StepStatus, WorkflowState
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
@@ -36,15 +38,62 @@ __all__ = ["SimReplica"]
 Gate = Callable[[str, str], Awaitable[None]]
 
 
+class PauseWatch:
+    """Watches every committed state for what a paused run must not do: dispatch a step
+    or a compensation (a new attempt in flight, a parked one released) while it stays
+    paused. A commit that applied a control is not judged: a resume and a pause in one
+    batch may rightly send between them."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, WorkflowState] = {}
+        self.problems: list[str] = []
+        self.seen: Counter[str] = Counter()
+
+    def saw(self, state: WorkflowState) -> None:
+        before = self.last.get(state.workflow_id)
+        self.last[state.workflow_id] = state
+        if before is None:
+            return
+        if state.paused_ms is not None and before.paused_ms is None:
+            self.seen["paused"] += 1
+        if len(state.held or ()) > len(before.held or ()):
+            self.seen["held"] += 1
+        if before.paused_ms is None or state.paused_ms is None:
+            return
+        if (state.controls or []) != (before.controls or []):
+            return
+        sent = _dispatched(before.steps, state.steps)
+        sent += [f"undo {s}" for s in _dispatched(before.compensations or {},
+                                                  state.compensations or {})]  # fmt: skip
+        if sent:
+            self.problems.append(
+                f"paused: {state.workflow_id} rev {state.rev} sent {sent} while paused"
+            )
+
+
+def _dispatched(before: dict[str, StepState], after: dict[str, StepState]) -> list[str]:
+    """The steps whose attempt went out between two states."""
+    out = []
+    for sid, step in after.items():
+        was = before.get(sid)
+        if step.status is StepStatus.RUNNING and (
+            was is None or was.status is not StepStatus.RUNNING or was.attempt != step.attempt
+        ):
+            out.append(sid)
+    return out
+
+
 class GatedStore(Store):
     """The real store, waiting at the scheduler's gate before each commit and after one
     that left messages to send, and noting every revision it committed."""
 
     def __init__(self, *args: Any, gate: Callable[[str], Awaitable[None]],
-                 revisions: list[tuple[str, int]], **kwargs: Any) -> None:  # fmt: skip
+                 revisions: list[tuple[str, int]], watch: PauseWatch,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self._gate = gate
         self._revisions = revisions
+        self._watch = watch
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
         if commits:
@@ -54,6 +103,7 @@ class GatedStore(Store):
         for commit, result in zip(commits, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
                 self._revisions.append((commit.state.workflow_id, commit.state.rev))
+                self._watch.saw(commit.state)
                 committed = True
         if committed and any(commit.outbox for commit in commits):
             await self._gate("committed")  # in the outbox, leased, not yet sent
@@ -84,6 +134,7 @@ class SimReplica:
         gate: Gate,
         revisions: list[tuple[str, int]],
         hand_ons: list[tuple[str, str, str, int]],
+        watch: PauseWatch,
     ) -> None:
         self.name = name
         self.redis = FakeAsyncRedis(server=server)
@@ -93,7 +144,7 @@ class SimReplica:
             self.redis, keys, retention_ms=round(redis_settings.retention_s * 1000),
             lease_ms=settings.outbox.lease_ms,
             tombstone_ms=round(redis_settings.tombstone_s * 1000),
-            gate=lambda point: gate(name, point), revisions=revisions,
+            gate=lambda point: gate(name, point), revisions=revisions, watch=watch,
         )  # fmt: skip
         self.catalog = DefinitionStore(self.redis, keys, definitions)
         topics = settings.kafka.topics

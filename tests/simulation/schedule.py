@@ -117,6 +117,7 @@ async def heal(world: World, rounds: int = 400) -> bool:
     """The second phase: faults stop; every part works in turn while time passes, until
     every run has ended and nothing is left to send. False if that never happens."""
     await world.stop_faults()
+    world.resume_paused_runs()
     if world.failovers:
         for name in sorted(world.replicas):
             await world.drain_consumers(name)

@@ -38,6 +38,8 @@ FAULT_PATHS = (
     "retries_asked",  # operators' retries: new rounds
     "failovers",  # Redis losing its latest writes
     "redriven",  # replies `recover` published again for runs rolled back
+    "paused",  # runs an operator paused...
+    "held",  # ...a retry, unpark, reroute or undo retry falling due meanwhile
 )
 
 

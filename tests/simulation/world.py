@@ -50,7 +50,7 @@ from mediator.settings import (
 )
 from mediator.storage.keys import Keys, workflow_id_for
 from tests.simulation.kafka import Group, Log, SimProducer
-from tests.simulation.replica import SimReplica
+from tests.simulation.replica import PauseWatch, SimReplica
 from tests.simulation.services import Effect, Instance, Life, Service, decode_command
 from tests.simulation.timebase import SimClock
 from topics.events import ControlAction, ControlEvent, HealthStatus, RequestEvent
@@ -132,6 +132,8 @@ class Issued:
     requests: dict[str, bytes] = field(default_factory=dict)
     retries: Counter[str] = field(default_factory=Counter)
     controls: int = 0
+    #: The runs an operator asked to pause (resumed, every one, when healing begins).
+    paused_runs: set[str] = field(default_factory=set)
 
 
 class World:
@@ -172,6 +174,8 @@ class World:
         self.delivered_replies: list[tuple[bytes, bytes]] = []
         self.issued = Issued()
         self.revisions: list[tuple[str, int]] = []
+        #: What paused runs did, commit by commit.
+        self.pauses = PauseWatch()
         self.hand_ons: list[tuple[str, str, str, int]] = []
         self.deaths: list[tuple[str, str, int]] = []
         self.effects: list[Effect] = []
@@ -254,7 +258,7 @@ class World:
         name = f"r{self.incarnations}"
         replica = SimReplica(
             name, self.server, self.log, self.settings, self.definitions, self.gate,
-            self.revisions, self.hand_ons,
+            self.revisions, self.hand_ons, self.pauses,
         )  # fmt: skip
         sweep = replica.registry.sweep
 
@@ -334,20 +338,29 @@ class World:
 
     def control(self) -> None:
         """An operator's control: mostly a retry of a run that has ended (the clients
-        saw its result) or a cancel of any run; at times a breaker reset or a drain."""
+        saw its result), a pause or resume, or a cancel of any run; at times a breaker
+        reset or a drain."""
         self.issued.controls += 1
         control_id = f"ctl-{self.issued.controls}"
         roll = self.rng.random()
         ended = sorted(self.ended())
         if roll < 0.75 and self.issued.requests:
-            if ended and self.rng.random() < 0.6:
+            pick, stop_deadline = self.rng.random(), False
+            if ended and pick < 0.45:
                 action, wid = ControlAction.RETRY, self.rng.choice(ended)
                 self.issued.retries[wid] += 1
+            elif self.issued.paused_runs and pick < 0.6:
+                action, wid = ControlAction.RESUME, self.rng.choice(sorted(self.issued.paused_runs))
+            elif pick < 0.75:
+                action = ControlAction.PAUSE
+                wid = workflow_id_for(self.rng.choice(sorted(self.issued.requests)))
+                self.issued.paused_runs.add(wid)
+                stop_deadline = self.rng.random() < 0.5
             else:
                 action = ControlAction.CANCEL
                 wid = workflow_id_for(self.rng.choice(sorted(self.issued.requests)))
             event = ControlEvent(control_id=control_id, action=action, workflow_id=wid,
-                                 issued_ms=self.clock.ms)  # fmt: skip
+                                 issued_ms=self.clock.ms, pause_deadline=stop_deadline)  # fmt: skip
             key = wid
         elif roll < 0.85:
             service = self.rng.choice(sorted(self.services))
@@ -364,6 +377,17 @@ class World:
         self.log.append(self.topics.control, encode(event), key.encode())
         self.note(f"control {control_id}: {event.action.value} "
                   f"{event.workflow_id or event.instance or event.service}")  # fmt: skip
+
+    def resume_paused_runs(self) -> None:
+        """The operator resumes every run they paused (a resume of a run that is not
+        paused, or has ended, is refused)."""
+        for wid in sorted(self.issued.paused_runs):
+            self.issued.controls += 1
+            event = ControlEvent(control_id=f"ctl-{self.issued.controls}",
+                                 action=ControlAction.RESUME, workflow_id=wid,
+                                 issued_ms=self.clock.ms)  # fmt: skip
+            self.log.append(self.topics.control, encode(event), wid.encode())
+        self.note(f"resume every paused run: {len(self.issued.paused_runs)}")
 
     def ended(self) -> set[str]:
         """The runs whose result the clients have seen."""
@@ -607,6 +631,7 @@ class World:
         seen["retries_asked"] = sum(self.issued.retries.values())
         seen["failovers"] = self.failovers
         seen["redriven"] = self.redriven
+        seen.update(self.pauses.seen)
         return seen
 
     async def close(self) -> None:
