@@ -175,11 +175,37 @@ async def test_an_outcome_redis_cannot_record_does_not_redeliver_the_control(
         enable_idempotence=False,
         signer=control_signer(system.settings.signing),
     )
+    await wait_for(lambda: failed, what="the outcome's write to fail")
     release.set()
     assert (await running).status is WorkflowStatus.CANCELLED
-    await wait_for(lambda: failed, what="the outcome's write to fail")
     assert list(failed[0]) == [sent.control_id]
     await asyncio.sleep(1.5)  # a redelivered batch would be handled by now
     assert mediator.runtime.stats.controls == 1
     assert await mediator.redis.get(store.keys.control(sent.control_id)) is None
     assert "outcomes of 1 controls not recorded" in caplog.text
+
+
+async def test_pause_and_resume_say_what_they_did_and_refuse_what_does_not_apply(
+    make_system: Any,
+) -> None:
+    system = await make_system(
+        {"name": "quick", "steps": [{"id": "a", "service": "s", "action": "work"}]}
+    )
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        return {}
+
+    await system.worker("s", {"work": work})
+    await system.mediator()
+    settings = system.settings
+    code, _, err = await cli(settings, "pause")
+    assert code == 2 and err.strip() == "error: pause needs run ids or --workflow NAME", err
+
+    client = await system.client()
+    assert (await client.submit("quick", {}, request_id="q-1")).status is WorkflowStatus.COMPLETED
+    wid = workflow_id_for("q-1")
+    code, _, err = await cli(settings, "pause", "q-1")
+    assert code == 1, err
+    assert f"refused: pause does not apply to run {wid}, which is completed" in err, err
+    code, out, err = await cli(settings, "resume", "--workflow", "quick", "--dry-run")
+    assert (code, out.strip()) == (0, "resume would be sent to 0 runs"), err

@@ -18,6 +18,7 @@ from mediator.cli.workflows import serve_dashboard
 from mediator.core.tasks import cancel_and_wait
 from mediator.ops.status import collect_status
 from mediator.sdk.worker import ActionError
+from mediator.storage.keys import workflow_id_for
 from tests.helpers import wait_for
 from tests.system import CHAIN3, echo
 from topics.events import WorkflowStatus
@@ -421,3 +422,61 @@ Promise.allSettled(tries).then(() => {{ document.title = "done"; }});
     finally:
         await runner.cleanup()
         await cancel_and_wait(serving)
+
+
+async def test_a_run_paused_and_resumed_from_its_page(make_system: Any, browser: Browser) -> None:
+    """Pause on the run page: the page says the run is paused and nothing goes out; Resume
+    sends what became ready, and the run completes."""
+    system = await make_system(CHAIN3)
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        seen.append(command.step)
+        if command.step == "a":
+            await release.wait()
+        return await echo(data, command)
+
+    await system.worker("svc", {"work": work})
+    mediator = await system.mediator()
+    client = await system.client()
+    running = asyncio.create_task(client.submit("chain3", {}, request_id="held", timeout=60))
+    await wait_for(lambda: seen, what="step a to be sent")
+    wid = workflow_id_for("held")
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        await browser.open(urls[0] + f"#/run/{wid}")
+        await wait_for(lambda: browser.count("[data-testid=pause]"), what="the Pause button")
+        await browser.click("[data-testid=pause]")
+        await wait_for(
+            lambda: _contains(browser.text("#toast"), f"pause {wid}: applied"),
+            timeout=15,
+            what="the pause's outcome on the page",
+        )
+        await wait_for(lambda: browser.count("[data-testid=paused]"), what="the paused mark")
+        release.set()  # a's reply is applied; b stays pending
+        await wait_for(
+            lambda: _step_status(mediator, wid, "a", "completed"), what="a's reply applied"
+        )
+        await asyncio.sleep(1.0)
+        assert seen == ["a"]
+        await wait_for(lambda: browser.count("[data-testid=resume]"), what="the Resume button")
+        await browser.click("[data-testid=resume]")
+        assert (await running).status is WorkflowStatus.COMPLETED
+        assert seen == ["a", "b", "c"]
+        await wait_for(
+            lambda: _equals(browser.count("[data-testid=timeline] [data-testid=mark]"), 2),
+            timeout=10,
+            what="the pause and the resume on the timeline",
+        )
+    finally:
+        await cancel_and_wait(serving)
+
+
+async def _step_status(mediator: Any, wid: str, step: str, expected: str) -> bool:
+    state = await mediator.store.load(wid)
+    return state is not None and state.steps[step].status.value == expected

@@ -1,7 +1,9 @@
-"""Operators' controls from the command line: `cancel`, `retry`, `drain`, `breaker`."""
+"""Operators' controls from the command line: `cancel`, `retry`, `pause`, `resume`,
+`drain`, `breaker`."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,6 +128,195 @@ def retry(
 ) -> None:
     """Run a failed or cancelled run again from its unfinished steps, keeping outputs."""
     _control("retry", config, workflow_id, None, reason, wait=timeout if wait else None)
+
+
+RunsArgument = Annotated[
+    list[str] | None, typer.Argument(help="Run ids or request ids (or use --workflow).")
+]
+WorkflowFilter = Annotated[
+    str | None,
+    typer.Option("--workflow", "-W", help="Every run of this workflow the action applies to."),
+]
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Print how many runs it would act on, and stop.")
+]
+
+
+def pause(
+    runs: RunsArgument = None,
+    workflow: WorkflowFilter = None,
+    deadline: Annotated[
+        bool, typer.Option("--deadline", help="Stop the runs' deadlines until resumed, too.")
+    ] = False,
+    dry_run: DryRunOption = False,
+    reason: ReasonOption = "",
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 15.0,
+    config: ConfigOption = None,
+) -> None:
+    """Pause runs: no command, retry or compensation goes out until they are resumed;
+    replies to commands in flight are still applied and step timeouts keep running."""
+    _runs_control(
+        "pause", config, runs, workflow, dry_run, reason, timeout if wait else None, deadline
+    )
+
+
+def resume(
+    runs: RunsArgument = None,
+    workflow: WorkflowFilter = None,
+    dry_run: DryRunOption = False,
+    reason: ReasonOption = "",
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 15.0,
+    config: ConfigOption = None,
+) -> None:
+    """Resume paused runs: what fell due or became ready while paused is sent now."""
+    _runs_control("resume", config, runs, workflow, dry_run, reason, timeout if wait else None)
+
+
+def _runs_control(
+    action: str,
+    config: Path | None,
+    runs: list[str] | None,
+    workflow: str | None,
+    dry_run: bool,
+    reason: str,
+    wait: float | None,
+    pause_deadline: bool = False,
+) -> None:
+    """Send `action` to each run named and each run of `workflow` it applies to (one
+    control per run, through one producer); unless `wait` is None, report what became of
+    each and exit 1 if any was refused or not answered."""
+    from mediator.ops.control import control_signer
+    from mediator.storage.keys import workflow_id_for
+
+    if not runs and workflow is None:
+        msg = f"{action} needs run ids or --workflow NAME"
+        raise fail(msg)
+    settings = load(config)
+    quiet_libraries()
+    try:
+        signer = control_signer(settings.signing)
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
+    named = [r if RUN_ID.fullmatch(r) else workflow_id_for(r) for r in runs or ()]
+    # Runs chosen by the filter may end before their control arrives: refused then, they
+    # are reported as skipped, not as failures.
+    chosen: list[str] = []
+    if workflow is not None:
+        chosen = run_coroutine(_runs_of(settings, workflow, paused=action == "resume"))
+    ids = list(dict.fromkeys([*named, *chosen]))
+    optional = set(chosen) - set(named)
+    if dry_run:
+        typer.echo(f"{action} would be sent to {len(ids)} run{'' if len(ids) == 1 else 's'}")
+        return
+    outcomes = run_coroutine(_send_all(settings, signer, action, ids, reason, wait, pause_deadline))
+    if not _report(action, ids, outcomes, optional, wait):
+        raise typer.Exit(code=1)
+
+
+def _report(
+    action: str,
+    ids: list[str],
+    outcomes: list[tuple[Any, dict[str, Any] | None]],
+    optional: set[str],
+    wait: float | None,
+) -> bool:
+    """One line per run, then a total; False if a named run was refused or any run was
+    not answered (a run the filter chose that ended meanwhile is skipped)."""
+    applied = skipped = 0
+    for wid, (sent, outcome) in zip(ids, outcomes, strict=True):
+        if wait is None:
+            typer.echo(f"{action} {wid}: sent as {sent.control_id}")
+        elif outcome is None:
+            typer.echo(f"{action} {wid}: sent, but no replica answered within {wait:g}s", err=True)
+        elif outcome["applied"]:
+            applied += 1
+            typer.echo(f"{action} {wid}: applied ({outcome['detail']})")
+        elif wid in optional:
+            skipped += 1
+            typer.echo(f"{action} {wid}: skipped: {outcome['detail']}")
+        else:
+            typer.echo(f"{action} {wid}: refused: {outcome['detail']}", err=True)
+    if wait is None:
+        return True
+    if len(ids) != 1:
+        typer.echo(
+            f"{action}: {applied} of {len(ids)} applied"
+            + (f", {skipped} skipped (ended or changed meanwhile)" if skipped else "")
+        )
+    return applied + skipped == len(ids)
+
+
+async def _runs_of(settings: Any, workflow: str, *, paused: bool) -> list[str]:
+    """The runs of `workflow` a pause (live, not paused) or a resume (paused) applies to."""
+    from mediator.ops.runs import list_runs
+    from mediator.storage.connection import connect_to
+    from mediator.storage.keys import Keys
+
+    redis = connect_to(settings.redis)
+    try:
+        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+        rows = await list_runs(redis, keys, workflow=workflow, paused=paused, limit=100_000)
+    finally:
+        await redis.aclose()
+    return [r["workflow_id"] for r in rows if r["status"] in ("running", "compensating")]
+
+
+async def _send_all(
+    settings: Any,
+    signer: Any,
+    action: str,
+    ids: list[str],
+    reason: str,
+    wait: float | None,
+    pause_deadline: bool,
+) -> list[tuple[Any, dict[str, Any] | None]]:
+    """One control per run, through one producer; what became of each (None: no answer
+    within `wait` seconds of the last being sent, or not waited for)."""
+    from mediator.ops.control import ControlSender, control_event, read_control_outcome
+    from mediator.storage.connection import connect_to
+    from mediator.storage.keys import Keys
+    from topics.events import ControlAction
+
+    kafka = settings.kafka
+    sender = ControlSender(
+        kafka, kafka.topics, enable_idempotence=kafka.enable_idempotence, signer=signer
+    )
+    await sender.start()
+    try:
+        sent = [
+            await sender.send(
+                control_event(
+                    ControlAction(action),
+                    workflow_id=wid,
+                    reason=reason or None,
+                    pause_deadline=pause_deadline,
+                )
+            )
+            for wid in ids
+        ]
+    finally:
+        await sender.stop()
+    if wait is None:
+        return [(s, None) for s in sent]
+    redis = connect_to(settings.redis)
+    keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+    outcomes: dict[str, dict[str, Any]] = {}
+    deadline = asyncio.get_running_loop().time() + wait
+    try:
+        while True:
+            for control in sent:
+                if control.control_id not in outcomes:
+                    found = await read_control_outcome(redis, keys, control.control_id)
+                    if found is not None:
+                        outcomes[control.control_id] = found
+            if len(outcomes) == len(sent) or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+    return [(s, outcomes.get(s.control_id)) for s in sent]
 
 
 def drain(

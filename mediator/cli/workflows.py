@@ -66,6 +66,9 @@ def list_command(
     ] = None,
     until: Annotated[str | None, typer.Option(help="Updated until (same forms).")] = None,
     request_id: Annotated[str | None, typer.Option(help="The run of one request.")] = None,
+    paused: Annotated[
+        bool | None, typer.Option("--paused/--not-paused", help="Only paused runs (or not).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     json_output: JsonOption = False,
     config: ConfigOption = None,
@@ -91,6 +94,7 @@ def list_command(
                 since_ms=since_ms,
                 until_ms=until_ms,
                 request_id=request_id,
+                paused=paused,
                 limit=limit,
             )
 
@@ -107,7 +111,7 @@ def list_command(
         table.add_row(
             row["workflow_id"],
             row["workflow"],
-            row["status"],
+            f"{row['status']}, paused" if row.get("paused_ms") else row["status"],
             _time(row["updated_ms"]),
             f"{done}/{len(row['steps'])}",
             row["error"] or "",
@@ -152,6 +156,11 @@ def show_command(
         f"run {found['workflow_id']}  {found['workflow']} v{found['version']}  "
         f"[bold]{found['status']}[/bold]  request {found['request_id']}"
     )
+    if found.get("paused_ms"):
+        console.print(
+            f"[bold]paused[/bold] since {_time(found['paused_ms'])}: nothing is sent until "
+            f"`mediator resume {found['workflow_id']}`"
+        )
     console.print(f"started {_time(found['created_ms'])}  finished {_time(found['finished_ms'])}")
     if found["error"]:
         console.print(f"error: {found['error'].get('message')}")

@@ -59,6 +59,7 @@ def control_event(
     instance: str | None = None,
     reason: str | None = None,
     operator: str | None = None,
+    pause_deadline: bool = False,
 ) -> ControlEvent:
     """A control from the operator running this process (or `operator`)."""
     if operator is None:
@@ -75,6 +76,7 @@ def control_event(
         reason=reason,
         operator=operator,
         issued_ms=now_ms(),
+        pause_deadline=pause_deadline,
     )
 
 

@@ -242,7 +242,7 @@ class Dashboard:
 
     async def _run_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
-        if action not in ("cancel", "retry"):
+        if action not in ("cancel", "retry", "pause", "resume"):
             raise web.HTTPNotFound(text=f"no run action {action!r}")
         sent = await self._control(ControlAction(action), workflow_id=request.match_info["wid"])
         return web.json_response(sent, status=202)

@@ -40,15 +40,19 @@ async def list_runs(
     since_ms: int | None = None,
     until_ms: int | None = None,
     request_id: str | None = None,
+    paused: bool | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Runs matching every filter given, newest first (by last update, or by start when
-    filtered by workflow name), at most `limit`. Raises `StateUnavailable`."""
+    """Runs matching every filter given (`paused`: only those paused, or only those not),
+    newest first (by last update, or by start when filtered by workflow name), at most
+    `limit`. Raises `StateUnavailable`."""
     try:
         if request_id is not None:
             ids = [workflow_id_for(request_id)]
         else:
-            ids = await _candidates(redis, keys, status, workflow, since_ms, until_ms, limit)
+            ids = await _candidates(
+                redis, keys, status, workflow, since_ms, until_ms, limit, paused
+            )
         runs = []
         for state in await _states(redis, keys, ids):
             if state is None:
@@ -56,6 +60,8 @@ async def list_runs(
             if status is not None and state.status.value != status:
                 continue
             if workflow is not None and state.workflow != workflow:
+                continue
+            if paused is not None and (state.paused_ms is not None) != paused:
                 continue
             runs.append(_row(state))
             if len(runs) >= limit:
@@ -74,6 +80,7 @@ async def _candidates(
     since_ms: int | None,
     until_ms: int | None,
     limit: int,
+    paused: bool | None = None,
 ) -> list[str]:
     """Workflow ids from the indexes, newest first; over-fetched when a status within a
     shared index (``cancelled`` among ``failed``) is filtered after loading."""
@@ -86,7 +93,7 @@ async def _candidates(
             [STATUS_INDEX.get(status, status)] if status else ["running", "completed", "failed"]
         )
         indexes = [keys.status_index(s, i) for s in range(keys.shards) for i in chosen]
-    fetch = limit * 4 if status or workflow else limit
+    fetch = limit * 4 if status or workflow or paused is not None else limit
     async with redis.pipeline(transaction=False) as pipe:
         for index in indexes:
             pipe.zrevrangebyscore(index, high, low, start=0, num=fetch, withscores=True)
@@ -121,6 +128,7 @@ def _row(state: WorkflowState) -> dict[str, Any]:
         "created_ms": state.created_ms,
         "updated_ms": state.updated_ms,
         "finished_ms": state.finished_ms,
+        "paused_ms": state.paused_ms,
         "steps": {sid: step.status.value for sid, step in state.steps.items()},
         "error": error.get("message"),
     }

@@ -76,7 +76,7 @@ function runTable(runs, selectable) {
   return `<table data-testid="runs"><tr>${selectable ? "<th></th>" : ""}<th>Run</th><th>Request</th><th>Workflow</th><th>Status</th><th>Updated</th><th>Took</th><th>Error</th></tr>
     ${runs.map((r) => `<tr data-wid="${esc(r.workflow_id)}">${selectable ? `<td><input type="checkbox" value="${esc(r.workflow_id)}"></td>` : ""}
       <td class="mono"><a href="#/run/${esc(r.workflow_id)}">${esc(r.workflow_id)}</a></td><td class="mono">${esc(r.request_id || "")}</td><td>${esc(r.workflow)}</td>
-      <td>${badge(r.status)}</td><td>${when(r.updated_ms)}</td><td>${took(r)}</td><td>${esc(r.error || "")}</td></tr>`).join("")}</table>`;
+      <td>${badge(r.status)}${r.paused_ms ? ' <span class="status s-paused">paused</span>' : ""}</td><td>${when(r.updated_ms)}</td><td>${took(r)}</td><td>${esc(r.error || "")}</td></tr>`).join("")}</table>`;
 }
 function took(r) {
   if (!r.created_ms || !r.finished_ms) return "";
@@ -134,14 +134,19 @@ async function run(wid) {
   const r = await api("/api/runs/" + encodeURIComponent(wid));
   const steps = r.result.steps || {};
   const services = Object.fromEntries(r.definition.steps.map((d) => [d.id, d.service]));
-  const actions = r.status === "running" || r.status === "compensating"
-    ? `<button class="danger" data-action="cancel" data-testid="cancel">Cancel</button>`
+  const live = r.status === "running" || r.status === "compensating";
+  const hold = !live ? "" : r.paused_ms
+    ? `<button data-action="resume" data-testid="resume">Resume</button>`
+    : `<button data-action="pause" data-testid="pause">Pause</button>`;
+  const actions = live
+    ? `${hold} <button class="danger" data-action="cancel" data-testid="cancel">Cancel</button>`
     : ["failed", "cancelled"].includes(r.status) ? `<button data-action="retry" data-testid="retry">Retry</button>` : "";
+  const paused = r.paused_ms ? ` <span class="status s-paused" data-testid="paused" title="nothing is sent until it is resumed">paused since ${whenMs(r.paused_ms)}</span>` : "";
   const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}</td>
     <td>${esc(s.attempts)}</td><td>${esc(s.service || services[sid] || "")}</td><td class="mono">${esc(s.instance || "")}</td>
     <td>${s.duration_ms ?? ""}</td><td>${esc(s.error ? s.error.message : "")}</td></tr>`).join("");
   const comp = Object.entries(r.result.compensations || {});
-  return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)} ${actions}</h2>
+  return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)}${paused} ${actions}</h2>
     <p class="muted">${esc(r.workflow)} v${esc(r.version)} · request ${esc(r.request_id)} · started ${when(r.created_ms)}
       ${r.finished_ms ? "· finished " + when(r.finished_ms) : ""} ${r.trace_id ? "· trace " + esc(r.trace_id) : ""}</p>
     ${dag(r.definition.steps, steps, r.result.compensations || {})}
