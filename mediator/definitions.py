@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
+from mediator.core.schedules import Schedule, parse_schedules
 from mediator.core.workflow import Workflow, parse_workflows
 from mediator.errors import DefinitionError, UnknownWorkflow
 
-__all__ = ["Definitions", "load_file", "load_paths", "workflow_files"]
+__all__ = ["Definitions", "load_file", "load_paths", "read_document", "workflow_files"]
 
 
 #: libyaml's safe loader when PyYAML was built with it (the wheels are): ~10x faster.
@@ -24,6 +25,11 @@ _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def load_file(path: Path) -> list[Workflow]:
     """Compile every workflow in one YAML file."""
+    return parse_workflows(read_document(path), source=str(path))
+
+
+def read_document(path: Path) -> Any:
+    """One YAML file, parsed."""
     try:
         document = yaml.load(path.read_text(), Loader=_YAML_LOADER)
     except OSError as exc:
@@ -35,7 +41,7 @@ def load_file(path: Path) -> list[Workflow]:
     except yaml.YAMLError as exc:
         msg = f"not valid YAML: {exc}".replace("\n", " ")
         raise DefinitionError(msg, source=str(path)) from None
-    return parse_workflows(document, source=str(path))
+    return document
 
 
 def workflow_files(path: Path) -> list[Path]:
@@ -50,8 +56,18 @@ def load_paths(paths: Iterable[Path]) -> Definitions:
     definitions = Definitions()
     for path in paths:
         for file in workflow_files(path):
-            for workflow in load_file(file):
+            document = read_document(file)
+            for workflow in parse_workflows(document, source=str(file)):
                 definitions.add(workflow, source=str(file))
+            for schedule in parse_schedules(document, source=str(file)):
+                definitions.add_schedule(schedule, source=str(file))
+    for schedule in definitions.schedules.values():
+        if schedule.workflow not in definitions.names():
+            msg = (
+                f"schedule {schedule.name!r} starts workflow {schedule.workflow!r}, which is "
+                f"not loaded; loaded: {sorted(definitions.names())}"
+            )
+            raise DefinitionError(msg)
     return definitions
 
 
@@ -61,8 +77,17 @@ class Definitions:
     def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
         self._by_key: dict[tuple[str, int], Workflow] = {}
         self._latest: dict[str, Workflow] = {}
+        #: The schedules loaded with the workflows, by name.
+        self.schedules: dict[str, Schedule] = {}
         for workflow in workflows:
             self.add(workflow)
+
+    def add_schedule(self, schedule: Schedule, source: str | None = None) -> None:
+        """Register a schedule; the same name twice is an error."""
+        if schedule.name in self.schedules:
+            msg = f"schedule {schedule.name!r} is defined twice"
+            raise DefinitionError(msg, source=source)
+        self.schedules[schedule.name] = schedule
 
     def add(self, workflow: Workflow, source: str | None = None) -> None:
         """Register a workflow; the same name and version twice is an error."""

@@ -45,6 +45,7 @@ from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
 from mediator.runtime.recording import MetricsFlusher, Recorder, StatsCollector
 from mediator.runtime.registry import Registry, RegistryUpkeep
+from mediator.runtime.scheduler import Scheduler
 from mediator.runtime.timers import TimerPoller
 from mediator.runtime.tracing import Tracing
 from mediator.settings import Settings, load_settings
@@ -52,6 +53,7 @@ from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import connect_to, redacted
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
+from mediator.storage.schedules import ScheduleStates
 from mediator.storage.store import Store
 
 __all__ = ["Mediator", "create_app"]
@@ -192,6 +194,13 @@ class Mediator:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
+        self.schedule_states = ScheduleStates(self.redis, keys)
+        #: Fires the loaded schedules' ticks (None: none loaded, or schedules disabled).
+        self.scheduler = (
+            _scheduler(settings, definitions, self.schedule_states, self.producer, self.store)
+            if definitions.schedules and settings.schedules.enabled
+            else None
+        )
         self.offsets = Offsets()
         self.consumers = []
         for subscription in handlers.subscriptions(settings, self.runtime):
@@ -228,6 +237,9 @@ class Mediator:
                 raise ConfigurationError(msg) from exc
         self.dispatcher.start()
         self.timers.start()
+        if self.scheduler is not None:
+            await self.schedule_states.publish(self.scheduler.schedules.values())
+            self.scheduler.start()
         monitoring = self.settings.service_monitoring
         if monitoring.enabled:
             self.flusher.start()
@@ -250,6 +262,8 @@ class Mediator:
         await _bounded("stop the registry upkeep", self.registry_upkeep.stop())
         await _bounded("stop the breaker upkeep", self.upkeep.stop())
         await _bounded("stop the timer poller", self.timers.stop())
+        if self.scheduler is not None:
+            await _bounded("stop the scheduler", self.scheduler.stop())
         await _bounded("stop the outbox", self.dispatcher.stop())
         await _bounded("flush the outbox producer", self.producer.stop())
         await _bounded("close the Redis client", self.redis.aclose())
@@ -405,6 +419,55 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
         )
         raise ConfigurationError(msg)
     return signatures
+
+
+def _scheduler(
+    settings: Settings,
+    definitions: Definitions,
+    states: ScheduleStates,
+    producer: DeferredProducer,
+    store: Store,
+) -> Scheduler:
+    """The scheduler of the loaded schedules, signing what it publishes as this process's
+    client (requests) and operator (cancels of `overlap: cancel_previous`)."""
+    signing = settings.signing
+    request_keys = signing.request_signer()
+    if signing.enabled and signing.requests == "required" and request_keys is None:
+        msg = (
+            "schedules publish requests, and signing.requests is required: set signing.client "
+            "to the client (of signing.clients) whose keys sign them"
+        )
+        raise ConfigurationError(msg)
+    control_signer = signing.control_signer() if signing.enabled else None
+    cancels = [s.name for s in definitions.schedules.values() if s.overlap == "cancel_previous"]
+    if cancels and _controls_signed(settings) and control_signer is None:
+        msg = (
+            f"schedules {cancels} cancel the previous run (overlap: cancel_previous), and "
+            "controls are signed: set signing.operator to the operator that cancels them"
+        )
+        raise ConfigurationError(msg)
+
+    async def publish(
+        topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        delivery = await producer.send(topic, value, key, headers=headers)
+        await delivery
+
+    async def is_live(workflow_id: str) -> bool:
+        state = await store.load(workflow_id)
+        return state is not None and not state.terminal
+
+    return Scheduler(
+        states,
+        definitions.schedules,
+        settings.kafka.topics,
+        publish,
+        is_live,
+        settings=settings.schedules,
+        backoff=settings.backoff,
+        request_keys=request_keys,
+        control_signer=control_signer,
+    )
 
 
 def _controls_signed(settings: Settings) -> bool:

@@ -42,10 +42,12 @@ app.command()(views.schemas)
 
 def _add_groups() -> None:
     from mediator.cli.dlq import dlq_app
+    from mediator.cli.schedules import schedules_app
     from mediator.cli.workflows import dashboard_command, workflows_app
 
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(workflows_app, name="workflows")
+    app.add_typer(schedules_app, name="schedules")
     app.command("dashboard")(dashboard_command)
 
 

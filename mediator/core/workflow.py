@@ -432,10 +432,11 @@ def _duration(name: str, step: str | None, where: str, value: Duration | None) -
 def parse_workflows(document: Any, source: str = "<memory>") -> list[Workflow]:
     """Compile the workflows in one parsed YAML document.
 
-    A document is one workflow mapping, a list of them, or ``{"workflows": [...]}``.
+    A document is one workflow mapping, a list of them, or ``{"workflows": [...]}``
+    (beside which ``schedules: [...]`` may stand: `mediator.core.schedules`).
     """
-    if isinstance(document, Mapping) and set(document) == {"workflows"}:
-        document = document["workflows"]
+    if isinstance(document, Mapping) and set(document) <= {"workflows", "schedules"}:
+        document = document.get("workflows") or []
     items = document if isinstance(document, list) else [document]
     return [_parse_one(item, index, source) for index, item in enumerate(items)]
 

@@ -44,6 +44,7 @@ from mediator.settings.delivery import (
     LimitsSettings,
     LoadBalancingSettings,
     OutboxSettings,
+    ScheduleSettings,
     TimerSettings,
 )
 from mediator.settings.operations import (
@@ -78,6 +79,7 @@ __all__ = [
     "OperatorKeys",
     "OutboxSettings",
     "RedisSettings",
+    "ScheduleSettings",
     "Settings",
     "SigningSettings",
     "TimerSettings",
@@ -119,6 +121,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     outbox: OutboxSettings = OutboxSettings()
     timers: TimerSettings = TimerSettings()
+    schedules: ScheduleSettings = ScheduleSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()

@@ -21,6 +21,27 @@ from mediator.core.expressions import ExpressionError, compile_expression
 from mediator.settings.fields import DurationMs, comma_separated, renamed_durations
 
 
+class ScheduleSettings(BaseModel):
+    """Schedules (``schedules:`` in workflow files): each replica looks at them this often,
+    on Redis's clock; a tick is fired by whichever replica moves the schedule on first."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=True, description="Fire the loaded schedules.")
+    poll_ms: DurationMs = Field(
+        default=500,
+        ge=50,
+        description="How often each replica looks for due ticks: a tick fires at most this "
+        "late while a replica runs.",
+    )
+    grace_ms: DurationMs = Field(
+        default=60_000,
+        ge=0,
+        description="With ``catch_up: none``, a tick this late still fires (later ones were "
+        "missed: the mediator was down).",
+    )
+
+
 class TimerSettings(BaseModel):
     """Durable timers (step timeouts, retries, workflow deadlines), kept in Redis."""
 

@@ -51,6 +51,8 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:reg:watermark                 hash   health-topic partition -> time (ms, Redis clock) of
                                              the last marker read from it; ``partitions``
     med:reg:marker                    string the replica writing markers, with a TTL
+    med:{schedules}                   hash   per schedule: <name>:last (last tick seen, ms),
+                                             <name>:fired, <name>:paused, <name>:spec (JSON)
     med:ctl:<control_id>              string JSON {applied, detail, at_ms}: what became of an
                                              operator's control, kept for a day
     med:alerts:active                 hash   alert key -> JSON of each alert now firing
@@ -180,6 +182,13 @@ class Keys:
     def alerts(self, what: str) -> str:
         """The alerts' ``active`` hash, ``history`` list or evaluation ``lease``."""
         return f"{self.prefix}:alerts:{what}"
+
+    @property
+    def schedules(self) -> str:
+        """Hash: every schedule's state, ``<name>:last`` (the last tick seen, ms),
+        ``<name>:fired`` (the last tick fired), ``<name>:paused`` and ``<name>:spec`` (as
+        loaded, JSON)."""
+        return f"{self.prefix}:{{schedules}}"
 
     def control(self, control_id: str) -> str:
         """String: what became of one operator's control (JSON), kept for a day."""

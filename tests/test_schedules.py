@@ -1,0 +1,94 @@
+"""Schedules, pure: their ticks (intervals and cron in a time zone, daylight saving
+included), what a look fires by the catch-up policy, and definitions that are refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from mediator.core.schedules import Schedule, parse_schedules, plan, request_id, ticks_between
+from mediator.errors import DefinitionError
+
+
+def _schedule(**spec: Any) -> Schedule:
+    [schedule] = parse_schedules({"schedules": [{"name": "s", "workflow": "w", **spec}]})
+    return schedule
+
+
+def _ms(*args: int, tz: Any = UTC) -> int:
+    return int(datetime(*args, tzinfo=tz).timestamp() * 1000)
+
+
+def test_interval_ticks_are_the_multiples_of_the_interval() -> None:
+    every = _schedule(every="500ms")
+    assert ticks_between(every, 1_000, 2_600) == [1_500, 2_000, 2_500]
+    assert ticks_between(every, 1_000, 1_000) == []
+    assert ticks_between(every, 1_001, 1_499) == []
+
+
+def test_cron_ticks_follow_the_time_zone_through_daylight_saving() -> None:
+    from zoneinfo import ZoneInfo
+
+    paris = ZoneInfo("Europe/Paris")
+    daily = _schedule(cron="30 2 * * *", timezone="Europe/Paris")
+    # 2026-03-29: clocks jump from 02:00 to 03:00 in Paris, so 02:30 does not exist.
+    ticks = ticks_between(daily, _ms(2026, 3, 27, tz=paris), _ms(2026, 3, 31, tz=paris))
+    hours = [datetime.fromtimestamp(t / 1000, paris).strftime("%d %H:%M %Z") for t in ticks]
+    # The day 02:30 does not exist, the tick is the first minute after the jump.
+    assert hours == ["27 02:30 CET", "28 02:30 CET", "29 03:00 CEST", "30 02:30 CEST"]
+
+
+def test_a_look_fires_by_the_catch_up_policy() -> None:
+    now = 10_000
+    one = _schedule(every="1s", catch_up="one")
+    assert plan(one, 4_000, now, grace_ms=0).fire == [10_000]
+    assert plan(one, 4_000, now, grace_ms=0).skipped == 5
+    assert plan(one, 4_000, now, grace_ms=0).last_ms == 10_000
+    every = _schedule(every="1s", catch_up="all", max_catch_up=3)
+    assert plan(every, 4_000, now, grace_ms=0).fire == [8_000, 9_000, 10_000]
+    none = _schedule(every="1s", catch_up="none")
+    assert plan(none, 4_000, now + 500, grace_ms=1_000).fire == [10_000]  # on time
+    late = plan(none, 4_000, now + 500, grace_ms=100)
+    assert (late.fire, late.last_ms, late.skipped) == ([], 10_000, 6)
+    assert plan(one, 10_000, 10_999, grace_ms=0).fire == []  # nothing new
+
+
+def test_a_tick_names_its_request_and_renders_its_payload() -> None:
+    schedule = _schedule(every="1m", payload={"at": "schedule.tick", "kind": "'nightly'"})
+    assert request_id("s", 60_000) == "schedule.s.60000"
+    assert schedule.render(60_000) == {"at": "1970-01-01T00:01:00Z", "kind": "nightly"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"every": "1s", "cron": "* * * * *"}, "exactly one of `cron` and `every`"),
+        ({}, "exactly one of `cron` and `every`"),
+        ({"cron": "61 * * * *"}, "cron '61 * * * *'"),
+        ({"every": "10ms"}, "at least 100ms"),
+        ({"every": "1s", "timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ({"every": "1s", "overlap": "queue"}, "overlap"),
+        ({"every": "1s", "payload": {"x": "a[?"}}, "payload"),
+    ],
+)
+def test_a_bad_schedule_is_refused_saying_why(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(DefinitionError, match="schedule") as caught:
+        _schedule(**spec)
+    assert message in str(caught.value)
+
+
+def test_a_schedule_of_a_workflow_not_loaded_is_refused(tmp_path: Any) -> None:
+    from mediator.definitions import load_paths
+
+    path = tmp_path / "flows.yaml"
+    path.write_text(
+        "workflows:\n  - name: report\n    steps: [{id: a, service: s, action: x}]\n"
+        "schedules:\n  - {name: nightly, workflow: reprot, cron: '0 3 * * *'}\n"
+    )
+    with pytest.raises(DefinitionError, match="starts workflow 'reprot', which is not loaded"):
+        load_paths([path])
+    path.write_text(path.read_text().replace("reprot", "report"))
+    definitions = load_paths([path])
+    assert list(definitions.schedules) == ["nightly"] and definitions.names() == ["report"]
