@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from mediator.core.problems import compile_problems
+from mediator.core.schedules import parse_schedules
 from mediator.core.workflow import Workflow, WorkflowSpec, describe_error, parse_workflows
 from mediator.errors import DefinitionError
 
@@ -75,14 +76,19 @@ def check_file(path: Path) -> tuple[list[Workflow], list[Problem]]:
             for error in every:
                 line = _line(_step_field(node, error.detail))
                 problems.append(Problem(path, line or _line(node), label, error.detail))
+    if isinstance(document, Mapping) and "schedules" in document:
+        try:
+            parse_schedules(document, source=str(path))
+        except DefinitionError as exc:
+            problems.append(Problem(path, _line(_value(root, "schedules")), None, exc.detail))
     return workflows, problems
 
 
 def _entries(document: Any, root: yaml.Node | None) -> tuple[list[Any], list[yaml.Node | None]]:
     """The workflow entries of a document (one mapping, a list, or ``{workflows: [...]}``)
     and the YAML node of each."""
-    if isinstance(document, Mapping) and set(document) == {"workflows"}:
-        document = document["workflows"]
+    if isinstance(document, Mapping) and set(document) <= {"workflows", "schedules"}:
+        document = document.get("workflows") or []
         root = _value(root, "workflows")
     if isinstance(document, list):
         children = root.value if isinstance(root, yaml.SequenceNode) else []

@@ -92,3 +92,18 @@ def test_a_schedule_of_a_workflow_not_loaded_is_refused(tmp_path: Any) -> None:
     path.write_text(path.read_text().replace("reprot", "report"))
     definitions = load_paths([path])
     assert list(definitions.schedules) == ["nightly"] and definitions.names() == ["report"]
+
+
+def test_validate_reports_a_bad_schedule_with_its_file_and_line(tmp_path: Any) -> None:
+    from mediator.linting import check_file
+
+    path = tmp_path / "flows.yaml"
+    path.write_text(
+        "workflows:\n  - name: report\n    steps: [{id: a, service: s, action: x}]\n"
+        "schedules:\n  - {name: nightly, workflow: report, cron: '0 33 * * *'}\n"
+    )
+    workflows, problems = check_file(path)
+    assert [w.name for w in workflows] == ["report"]
+    assert [str(p) for p in problems] == [
+        f"{path}:5: schedule 'nightly': cron '0 33 * * *': Bad hour"
+    ]
