@@ -105,7 +105,8 @@ class Definitions:
         names = set()
         for workflow in self:
             for step in workflow.steps.values():
-                names.add(step.service)
+                if step.wait is None:  # a wait step calls no service
+                    names.add(step.service)
                 if step.compensate is not None:
                     names.add(step.compensate.service)
                 if step.fallback is not None:

@@ -147,6 +147,7 @@ class System:
                 topics=self.topics,
                 enable_idempotence=False,
                 fetch_max_wait_ms=self.settings.kafka.fetch_max_wait_ms,
+                operator=self.settings.signing.control_signer(),
             )
             await client.start()
             self._closers.append(("client", client.stop))

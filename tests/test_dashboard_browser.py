@@ -480,3 +480,54 @@ async def test_a_run_paused_and_resumed_from_its_page(make_system: Any, browser:
 async def _step_status(mediator: Any, wid: str, step: str, expected: str) -> bool:
     state = await mediator.store.load(wid)
     return state is not None and state.steps[step].status.value == expected
+
+
+async def test_a_waiting_step_is_approved_from_the_run_page(
+    make_system: Any, browser: Browser
+) -> None:
+    system = await make_system(
+        {
+            "name": "approval",
+            "steps": [
+                {"id": "approve", "wait": {"event": "approval"}},
+                {
+                    "id": "pay",
+                    "service": "svc",
+                    "action": "work",
+                    "depends_on": ["approve"],
+                    "input": "steps.approve",
+                },
+            ],
+        }  # fmt: skip
+    )
+    got: list[Any] = []
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        got.append(data)
+        return {}
+
+    await system.worker("svc", {"work": work})
+    await system.mediator()
+    client = await system.client()
+    running = asyncio.create_task(client.submit("approval", {}, request_id="ask", timeout=60))
+    wid = workflow_id_for("ask")
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        await browser.open(urls[0] + f"#/run/{wid}")
+        await wait_for(
+            lambda: browser.count("[data-testid=approve-approve]"), what="the Approve button"
+        )
+        await browser.click("[data-testid=approve-approve]")
+        await wait_for(
+            lambda: _contains(browser.text("#toast"), f"signal approval {wid}: applied"),
+            timeout=15,
+            what="the approval's outcome on the page",
+        )
+        assert (await running).status is WorkflowStatus.COMPLETED
+        assert got == [{"approved": True, "by": "dashboard"}]
+    finally:
+        await cancel_and_wait(serving)

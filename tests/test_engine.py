@@ -573,7 +573,9 @@ def _states() -> dict[str, WorkflowState]:
     )
     waiting = Run(make(step("a", timeout="1s"), step("b")))
     assert ENGINE.park(waiting.last, waiting.outstanding["a"].command_id)
+    signalled = Run(make(step("a"), {"id": "ok", "wait": {"event": "approval"}}))
     return {
+        "waiting": signalled.state,
         "parked": waiting.state,
         "compensating": compensating.state,
         "cancelled": cancelled_state.state,
@@ -595,6 +597,7 @@ def _states() -> dict[str, WorkflowState]:
         "failed",
         "retrying",
         "parked",
+        "waiting",
         "compensating",
         "cancelled",
         "compensation_failed",

@@ -215,7 +215,10 @@ def test_parse_duration_ms_rejects(value: object) -> None:
 def test_missing_action_names_the_step() -> None:
     with pytest.raises(DefinitionError) as info:
         parse_workflows(workflow({"id": "pay", "service": "svc"}))
-    assert str(info.value) == "<memory>: workflow 'wf': step 'pay' action: Field required"
+    assert str(info.value) == (
+        "<memory>: workflow 'wf': step 'pay': `action` required: a step calls a service "
+        "(`service` and `action`) or waits for a signal (`wait`)"
+    )
 
 
 def test_missing_field_of_step_without_id_names_its_index() -> None:

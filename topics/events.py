@@ -332,6 +332,10 @@ class ControlAction(StrEnum):
     PAUSE = "pause"
     #: Let a paused run go on: what fell due or became ready meanwhile is sent.
     RESUME = "resume"
+    #: Deliver the signal `signal` (with `payload`) to a run: the step waiting on it
+    #: completes with the payload; if none waits yet, the run keeps it for the first that
+    #: will.
+    SIGNAL = "signal"
 
 
 class ControlEvent(Event):
@@ -349,6 +353,14 @@ class ControlEvent(Event):
     pause_deadline: bool = Field(
         default=False,
         description="With `pause`: the run's deadline stops counting until it is resumed.",
+    )
+    signal: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$",
+        description="With `signal`: the signal's name (what a `wait` step waits for).",
+    )
+    payload: dict[str, Any] | None = Field(
+        default=None, description="With `signal`: the output of the step it completes."
     )
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,11 +12,8 @@ import typer
 
 from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
 from mediator.cli.common import run as run_coroutine
+from mediator.core.ids import RUN_ID
 from mediator.errors import MediatorError
-
-#: What a run id looks like (`mediator.storage.keys.workflow_id_for`); anything else given
-#: where a run is expected is taken for a request id.
-RUN_ID = re.compile(r"wf-[0-9a-f]{20}")
 
 
 def _control(
@@ -174,6 +170,38 @@ def resume(
     _runs_control("resume", config, runs, workflow, dry_run, reason, timeout if wait else None)
 
 
+def signal(
+    run: Annotated[str, typer.Argument(help="The run's workflow id, or its request id.")],
+    event: Annotated[str, typer.Argument(help="The signal's name (what a `wait` waits for).")],
+    payload: Annotated[
+        str, typer.Argument(help="A JSON object: the output of the step it completes.")
+    ] = "{}",
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 15.0,
+    config: ConfigOption = None,
+) -> None:
+    """Send a signal to a run: the step waiting on it completes with the payload (if none
+    waits yet, the run keeps it for the first that will)."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        msg = f"payload is not JSON: {exc}"
+        raise fail(msg) from None
+    if not isinstance(body, dict):
+        msg = f"payload must be a JSON object, not {type(body).__name__}"
+        raise fail(msg)
+    _runs_control(
+        "signal",
+        config,
+        [run],
+        None,
+        False,
+        "",
+        timeout if wait else None,
+        signal=(event, body),
+    )
+
+
 def _runs_control(
     action: str,
     config: Path | None,
@@ -183,6 +211,7 @@ def _runs_control(
     reason: str,
     wait: float | None,
     pause_deadline: bool = False,
+    signal: tuple[str, dict[str, Any]] | None = None,
 ) -> None:
     """Send `action` to each run named and each run of `workflow` it applies to (one
     control per run, through one producer); unless `wait` is None, report what became of
@@ -210,7 +239,9 @@ def _runs_control(
     if dry_run:
         typer.echo(f"{action} would be sent to {len(ids)} run{'' if len(ids) == 1 else 's'}")
         return
-    outcomes = run_coroutine(_send_all(settings, signer, action, ids, reason, wait, pause_deadline))
+    outcomes = run_coroutine(
+        _send_all(settings, signer, action, ids, reason, wait, pause_deadline, signal)
+    )
     if not _report(action, ids, outcomes, optional, wait):
         raise typer.Exit(code=1)
 
@@ -271,6 +302,7 @@ async def _send_all(
     reason: str,
     wait: float | None,
     pause_deadline: bool,
+    signal: tuple[str, dict[str, Any]] | None = None,
 ) -> list[tuple[Any, dict[str, Any] | None]]:
     """One control per run, through one producer; what became of each (None: no answer
     within `wait` seconds of the last being sent, or not waited for)."""
@@ -292,6 +324,8 @@ async def _send_all(
                     workflow_id=wid,
                     reason=reason or None,
                     pause_deadline=pause_deadline,
+                    signal=signal[0] if signal else None,
+                    payload=signal[1] if signal else None,
                 )
             )
             for wid in ids

@@ -13,7 +13,7 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-from mediator.core import pausing, saga
+from mediator.core import pausing, saga, signals
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.progress import _expression_failure, command_id, idempotency_key
@@ -56,6 +56,9 @@ from topics.headers import w3c_trace_id
 #: How many times one step's attempts are sent again because their instance was marked
 #: down, without spending its retry budget.
 MAX_DEATH_REROUTES = 3
+
+#: Step statuses whose timeout fails the attempt.
+_TIMED = frozenset({StepStatus.RUNNING, StepStatus.PARKED, StepStatus.WAITING})
 
 #: Statuses an operator's retry starts again from.
 _RETRYABLE_RUNS = frozenset({WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
@@ -195,7 +198,7 @@ class Engine(Sends):
             return None
         step = workflow.steps[timer.step]
         status = step_state.status
-        if timer.kind == "timeout" and status in (StepStatus.RUNNING, StepStatus.PARKED):
+        if timer.kind == "timeout" and status in _TIMED:
             return self._timed_out(workflow, state, step, timer, now_ms)
         if state.status is not WorkflowStatus.RUNNING:
             return None
@@ -218,7 +221,14 @@ class Engine(Sends):
         step_state = state.steps[step.id]
         status = step_state.status
         transition = forked(state, now_ms, timer)
-        if status is StepStatus.PARKED:
+        if status is StepStatus.WAITING:
+            transition.count(wf(workflow.name, "wait_timeout"))
+            message = (
+                f"step {step.id!r} attempt {timer.attempt} got no signal {step.wait!r} within "
+                f"{step.timeout_ms} ms"
+            )
+            code = "timeout"
+        elif status is StepStatus.PARKED:
             transition.count(svc(step.service, "parked_timeout"))
             message = (
                 f"step {step.id!r} attempt {timer.attempt} stayed parked for "
@@ -283,6 +293,10 @@ class Engine(Sends):
             if state.paused_ms is None:
                 return None
             transition = self._resume(workflow, state, now_ms)
+        elif control.action is ControlAction.SIGNAL:
+            if state.terminal or not control.signal:
+                return None
+            transition = self._signal(workflow, state, control, now_ms)
         else:
             return None
         applied = transition.state
@@ -291,6 +305,26 @@ class Engine(Sends):
             control.control_id,
         ]
         return transition
+
+    def _signal(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition:
+        """A signal: the step waiting on it completes with its payload (and the run moves
+        on), or, none waiting, the run keeps it for the first step that will."""
+        state = fork(state)
+        state.updated_ms = now_ms
+        transition = Transition(state)
+        event = control.signal or ""
+        sid = signals.waiting_step(workflow, state, event)
+        if sid is None:
+            signals.keep(
+                state, control.control_id, event, control.payload, now_ms, control.operator
+            )
+            transition.count(wf(workflow.name, "signal_kept"))
+            return transition
+        signals.deliver(workflow, transition, sid, control.payload, now_ms, control.operator)
+        transition.count(wf(workflow.name, "signalled"))
+        return self._advance(workflow, transition, now_ms, workflow.dependants[sid])
 
     def _resume(self, workflow: Workflow, state: WorkflowState, now_ms: int) -> Transition:
         """An operator's resume: what was held is set going, then whatever became ready is
@@ -453,6 +487,13 @@ class Engine(Sends):
             history, started = previous.history, previous.started_ms
         else:
             history, started = history_of(previous), None
+        if step.wait is not None:  # a wait retried: it waits again
+            state.steps[step.id] = signals.start_wait(
+                transition, step, now_ms, attempt, history, previous.base
+            )
+            if state.steps[step.id].status is StepStatus.COMPLETED:
+                return self._advance(workflow, transition, now_ms, workflow.dependants[step.id])
+            return transition
         state.steps[step.id] = self._dispatch(
             transition, step, command_input, now_ms, attempt, history, previous.base, started
         )

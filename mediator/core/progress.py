@@ -7,7 +7,7 @@ import heapq
 from collections.abc import Iterable
 from typing import Any
 
-from mediator.core import saga
+from mediator.core import saga, signals
 from mediator.core.counters import STEPS_SKIPPED
 from mediator.core.expressions import ExpressionError
 from mediator.core.state import SATISFIED, Failure, StepState, StepStatus, WorkflowState, evolve
@@ -104,20 +104,34 @@ class Progress:
             return self._finish(workflow, transition, now_ms, failure)
         if ready and state.paused_ms is not None:
             return transition  # they stay pending: resuming the run dispatches them
-        for step, command_input in ready:
-            previous = steps[step.id]
-            steps[step.id] = self._dispatch(
-                transition,
-                step,
-                command_input,
-                now_ms,
-                previous.attempt + 1,
-                previous.history,
-                previous.base,
-            )
+        signalled = self._start(workflow, transition, ready, now_ms)
+        if signalled or (ready and all(s.status in SATISFIED for s in steps.values())):
+            return self._advance(workflow, transition, now_ms, signalled)
         if not ready and all(s.status in SATISFIED for s in steps.values()):
             return self._finish(workflow, transition, now_ms, None)
         return transition
+
+    def _start(
+        self, workflow: Workflow, transition: Transition, ready: list[tuple[Step, Any]], now_ms: int
+    ) -> list[str]:
+        """Send the ready steps' commands, and start the ready `wait` steps; the dependants
+        of those a kept signal completed at once (they may be ready now)."""
+        steps = transition.state.steps
+        signalled: list[str] = []
+        for step, command_input in ready:
+            previous = steps[step.id]
+            attempt = previous.attempt + 1
+            if step.wait is not None:
+                steps[step.id] = signals.start_wait(
+                    transition, step, now_ms, attempt, previous.history, previous.base
+                )
+                if steps[step.id].status is StepStatus.COMPLETED:
+                    signalled += workflow.dependants[step.id]
+                continue
+            steps[step.id] = self._dispatch(
+                transition, step, command_input, now_ms, attempt, previous.history, previous.base
+            )
+        return signalled
 
     def _dispatch(
         self,

@@ -111,7 +111,7 @@ def abandon_in_flight(
     for sid, s in list(state.steps.items()):
         if s.status is StepStatus.RETRYING:
             transition.cleared.append(timer_name("retry", state, sid, s.attempt))
-        elif s.status is StepStatus.PARKED or (
+        elif s.status in (StepStatus.PARKED, StepStatus.WAITING) or (
             s.status is StepStatus.RUNNING and (everything or not workflow.steps[sid].timeout_ms)
         ):
             transition.cleared.append(timer_name("timeout", state, sid, s.attempt))

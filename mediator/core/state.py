@@ -35,6 +35,8 @@ class StepStatus(StrEnum):
     #: The step's service has its circuit breaker open: the command waits in the
     #: service's parked queue and goes out when the breaker closes (or the step times out).
     PARKED = "parked"
+    #: A `wait` step: it waits for its signal (or its timeout).
+    WAITING = "waiting"
 
 
 #: A dependant may start once each of its dependencies is in one of these.
@@ -138,6 +140,9 @@ class WorkflowState:
     held: list[list[Any]] | None = None
     #: What was left of the run's deadline when a pause stopped its clock.
     deadline_left_ms: int | None = None
+    #: Signals that came before a step waited on them, oldest first, as ``{id, event,
+    #: payload, at_ms}``: the first step that waits on one takes it (`core.signals`).
+    inbox: list[dict[str, Any]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -205,6 +210,7 @@ _WF_OPTIONAL = (
     "paused_ms",
     "held",
     "deadline_left_ms",
+    "inbox",
 )
 
 

@@ -136,7 +136,7 @@ def clear_timers(transition: Transition) -> None:
     wid = state.workflow_id
     names = [deadline_timer(state, 0).member] if state.deadline_ms is not None else []
     for sid, step in state.steps.items():
-        if step.status in (StepStatus.RUNNING, StepStatus.PARKED):
+        if step.status in (StepStatus.RUNNING, StepStatus.PARKED, StepStatus.WAITING):
             names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
             if step.status is StepStatus.PARKED:  # released from its queue, not yet fired
                 names.append(SetTimer("unpark", wid, 0, sid, step.attempt).member)

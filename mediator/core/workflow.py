@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mediator.core.durations import parse_duration_ms
 from mediator.core.expressions import Condition, ExpressionError, Template
@@ -106,12 +106,22 @@ class FallbackSpec(_Spec):
     )
 
 
+class WaitSpec(_Spec):
+    """A step that sends nothing: it waits for a signal (`mediator signal`, the SDK's
+    `MediatorClient.signal`, the dashboard) and completes with the signal's payload."""
+
+    event: str = Field(pattern=_IDENT, description="The signal's name, e.g. ``approval``.")
+
+
 class StepSpec(_Spec):
     """One step as written in a definition."""
 
     id: str = Field(pattern=_IDENT)
-    service: str = Field(pattern=_NAME)
-    action: str = Field(min_length=1)
+    service: str | None = Field(default=None, pattern=_NAME)
+    action: str | None = Field(default=None, min_length=1)
+    wait: WaitSpec | None = Field(
+        default=None, description="Wait for a signal instead of calling a service."
+    )
     depends_on: list[str] = Field(default_factory=list)
     input: Any = None
     when: str | None = None
@@ -119,6 +129,27 @@ class StepSpec(_Spec):
     retry: RetrySpec = _DEFAULT_RETRY_SPEC
     compensate: CompensateSpec | None = None
     fallback: FallbackSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StepSpec:
+        if self.wait is None:
+            missing = [n for n in ("service", "action") if getattr(self, n) is None]
+            if missing:
+                msg = (
+                    f"`{'` and `'.join(missing)}` required: a step calls a service (`service` "
+                    "and `action`) or waits for a signal (`wait`)"
+                )
+                raise ValueError(msg)
+            return self
+        extra = [
+            name
+            for name in ("service", "action", "input", "compensate", "fallback")
+            if getattr(self, name) is not None
+        ]
+        if extra:
+            msg = f"a `wait` step calls no service: drop {', '.join(extra)}"
+            raise ValueError(msg)
+        return self
 
 
 class WorkflowSpec(_Spec):
@@ -180,6 +211,8 @@ class Step:
     retry: RetryPolicy
     compensate: Compensation | None
     fallback: Fallback | None = None
+    #: The signal a `wait` step waits for (its `service` and `action` are empty).
+    wait: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,13 +349,13 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
     compensate = None
     if spec.compensate is not None:
         compensate = _compensation(
-            name, spec.id, "compensate", spec.compensate, spec.service, timeout_ms
+            name, spec.id, "compensate", spec.compensate, spec.service or "", timeout_ms
         )
     fallback = None
     if (alt := spec.fallback) is not None:
         fallback = Fallback(
             service=alt.service,
-            action=alt.action or spec.action,
+            action=alt.action or spec.action or "",
             input=step_input
             if alt.input is None
             else _template(name, spec.id, "fallback.input", alt.input),
@@ -342,8 +375,8 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
     # built at start-up and on every `validate`.
     return Step(
         spec.id,
-        spec.service,
-        spec.action,
+        spec.service or "",
+        spec.action or "",
         tuple(spec.depends_on),
         step_input,
         when,
@@ -351,6 +384,7 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         _retry_policy(name, spec.id, spec.retry),
         compensate,
         fallback,
+        None if spec.wait is None else spec.wait.event,
     )
 
 
@@ -485,9 +519,9 @@ def describe_error(error: Any, item: Mapping[str, Any]) -> str:
         steps = item.get("steps") or []
         step = steps[loc[1]] if loc[1] < len(steps) else None
         step_id = step.get("id") if isinstance(step, Mapping) else None
-        rest = ".".join(str(part) for part in loc[2:]) or "step"
-        where = f"step {step_id!r} {rest}" if step_id else f"steps[{loc[1]}] {rest}"
-    return f"{where}: {error['msg']}"
+        rest = "".join(f" {part}" if i == 0 else f".{part}" for i, part in enumerate(loc[2:]))
+        where = f"step {step_id!r}{rest}" if step_id else f"steps[{loc[1]}]{rest}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 _DEFAULT_RETRY = _retry_policy("", "", _DEFAULT_RETRY_SPEC)

@@ -60,6 +60,8 @@ def control_event(
     reason: str | None = None,
     operator: str | None = None,
     pause_deadline: bool = False,
+    signal: str | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> ControlEvent:
     """A control from the operator running this process (or `operator`)."""
     if operator is None:
@@ -77,6 +79,8 @@ def control_event(
         operator=operator,
         issued_ms=now_ms(),
         pause_deadline=pause_deadline,
+        signal=signal,
+        payload=payload,
     )
 
 

@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from mediator.core.metrics import summarize
@@ -86,6 +87,7 @@ class Dashboard:
         app.router.add_get("/api/overview", self._overview)
         app.router.add_get("/api/runs", self._runs)
         app.router.add_get("/api/runs/{wid}", self._run)
+        app.router.add_post("/api/runs/{wid}/signal", self._signal)
         app.router.add_post("/api/runs/{wid}/{action}", self._run_action)
         app.router.add_post("/api/retry", self._bulk_retry)
         app.router.add_get("/api/controls/{control_id}", self._control_outcome)
@@ -239,6 +241,28 @@ class Dashboard:
         while no replica has answered."""
         found = await read_control_outcome(self.redis, self.keys, request.match_info["control_id"])
         return web.json_response(found if found is not None else {"pending": True})
+
+    async def _signal(self, request: web.Request) -> web.Response:
+        """Send a signal to a run: ``{event, payload}`` (an approval from the run page)."""
+        body = await _body(request)
+        event, payload = body.get("event"), body.get("payload") or {}
+        if not isinstance(event, str) or not isinstance(payload, dict):
+            raise web.HTTPBadRequest(
+                text="give the signal's `event` (a name) and a `payload` object"
+            )
+        try:
+            control = control_event(
+                ControlAction.SIGNAL,
+                operator="dashboard",
+                workflow_id=request.match_info["wid"],
+                signal=event,
+                payload=payload,
+            )
+        except ValidationError as exc:
+            raise web.HTTPBadRequest(text=f"not a signal: {exc.errors()[0]['msg']}") from None
+        await self.controls.send(control)
+        sent = {"control_id": control.control_id, "action": "signal", "event": event}
+        return web.json_response(sent, status=202)
 
     async def _run_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]

@@ -175,6 +175,7 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
                     "action": step.get("action"),
                     "depends_on": list(step.get("depends_on") or []),
                     "compensate": bool(step.get("compensate")),
+                    "wait": (step.get("wait") or {}).get("event"),
                 }
                 for step in spec.get("steps", [])
             ]

@@ -31,6 +31,7 @@ from mediator.runtime.messages import Message
 from mediator.runtime.runlog import log_runs
 from mediator.storage.store import Claimed, CommitOutcome
 from topics.events import (
+    ControlAction,
     ControlEvent,
     ErrorInfo,
     ReplyEvent,
@@ -357,6 +358,14 @@ class Advance(Commits):
         for event in events:
             if isinstance(event, ControlEvent):
                 where = f"run {state.workflow_id} is {state.condition}"
+                if event.action is ControlAction.SIGNAL:
+                    kept = any(e["id"] == event.control_id for e in state.inbox or ())
+                    where = (
+                        f"kept: no step of run {state.workflow_id} waits on {event.signal!r} "
+                        "yet, the first that does takes it"
+                        if kept
+                        else f"delivered: {where}"
+                    )
                 out.controls[event.control_id] = (True, where)
 
     def _no_run(self, wid: str, events: list[Event], out: BatchOutput) -> int:

@@ -30,11 +30,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from mediator import clock, codec
+from mediator.core.ids import run_id
 from mediator.core.signing import Keyring
 from mediator.errors import MediatorError
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer, start_producer
-from topics.events import RequestEvent, ResultEvent
+from topics.events import ControlAction, ControlEvent, RequestEvent, ResultEvent
 from topics.names import Topics
 
 __all__ = [
@@ -89,6 +90,7 @@ class MediatorClient:
         on_result: Callable[[ResultEvent], object] | None = None,
         dedup_size: int = 100_000,
         keys: Keyring | None = None,
+        operator: tuple[str, Keyring] | None = None,
     ) -> None:
         """A client of the broker at ``bootstrap_servers`` (options: see the README).
 
@@ -117,6 +119,9 @@ class MediatorClient:
         self.dedup_size = dedup_size
         #: Signs requests (`signing.requests` on the mediator); None: unsigned.
         self.keys = keys
+        #: The operator signals are sent as, and their keys (None: unsigned signals, which
+        #: a mediator with controls signed refuses).
+        self.operator = operator
         self._seen: OrderedDict[Hashable, None] = OrderedDict()
         #: Results dropped because an identical one was read before.
         self.duplicates_dropped = 0
@@ -134,6 +139,7 @@ class MediatorClient:
         given: dict[str, Any] = {
             "topics": kafka.topics,
             "keys": settings.signing.request_signer(),
+            "operator": settings.signing.control_signer() if settings.signing.enabled else None,
             "enable_idempotence": kafka.enable_idempotence,
             "fetch_max_wait_ms": kafka.fetch_max_wait_ms,
         }
@@ -218,6 +224,41 @@ class MediatorClient:
             self.topics.requests, value=value, key=key, headers=headers
         )
         return request.request_id
+
+    async def signal(
+        self,
+        run: str,
+        event: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        signal_id: str | None = None,
+    ) -> str:
+        """Send the signal `event` (with `payload`) to a run, by its workflow id or its
+        request id: the step waiting on it completes with `payload` as its output (a
+        signal no step waits on yet is kept for the first that will). Returns the
+        signal's id once the broker acked it; the same `signal_id` sent twice is applied
+        once."""
+        if self._producer is None:
+            msg = "start the client (`await client.start()` or `async with client`) first"
+            raise ClientClosed(msg)
+        workflow_id = run_id(run)
+        control = ControlEvent(
+            control_id=signal_id or uuid.uuid4().hex,
+            action=ControlAction.SIGNAL,
+            workflow_id=workflow_id,
+            signal=event,
+            payload=payload or {},
+            operator=self.operator[0] if self.operator is not None else None,
+            issued_ms=clock.now_ms(),
+        )
+        value, key = codec.encode(control), workflow_id.encode()
+        headers = codec.headers(control)
+        if self.operator is not None:
+            headers += self.operator[1].headers(value, self.topics.control, key)
+        await self._producer.send_and_wait(
+            self.topics.control, value=value, key=key, headers=headers
+        )
+        return control.control_id
 
     async def submit(
         self,

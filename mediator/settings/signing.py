@@ -70,7 +70,9 @@ class KeySet(BaseModel):
         return Keyring(parse_keys(plain, service), self.current)
 
 
-Action = Literal["cancel", "retry", "pause", "resume", "reset_breaker", "drain", "undrain"]
+Action = Literal[
+    "cancel", "retry", "pause", "resume", "signal", "reset_breaker", "drain", "undrain"
+]
 _ACTIONS: tuple[Action, ...] = get_args(Action)
 
 

@@ -62,18 +62,14 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from dataclasses import dataclass
+
+from mediator.core.ids import workflow_id_for
 
 __all__ = ["KEY_SCHEMA_VERSION", "Keys", "workflow_id_for"]
 
 KEY_SCHEMA_VERSION = 1
-
-
-def workflow_id_for(request_id: str) -> str:
-    """The workflow id of a request: derived, so a duplicate request finds its workflow."""
-    return "wf-" + hashlib.blake2b(request_id.encode(), digest_size=10).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

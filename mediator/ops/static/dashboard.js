@@ -3,7 +3,7 @@
 
 const REFRESH_MS = 2000;
 const COLORS = { completed: "#3fb950", failed: "#f85149", running: "#58a6ff", retrying: "#d29922",
-  parked: "#d29922", skipped: "#6e7681", pending: "#2a3441", compensated: "#a371f7", compensation_failed: "#f85149" };
+  parked: "#d29922", waiting: "#d29922", skipped: "#6e7681", pending: "#2a3441", compensated: "#a371f7", compensation_failed: "#f85149" };
 let timer = null;
 
 function esc(value) {
@@ -142,7 +142,11 @@ async function run(wid) {
     ? `${hold} <button class="danger" data-action="cancel" data-testid="cancel">Cancel</button>`
     : ["failed", "cancelled"].includes(r.status) ? `<button data-action="retry" data-testid="retry">Retry</button>` : "";
   const paused = r.paused_ms ? ` <span class="status s-paused" data-testid="paused" title="nothing is sent until it is resumed">paused since ${whenMs(r.paused_ms)}</span>` : "";
-  const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}</td>
+  const waits = Object.fromEntries(r.definition.steps.map((d) => [d.id, d.wait]));
+  const approve = (sid, s) => s.status === "waiting" && waits[sid]
+    ? ` <button data-signal="${esc(waits[sid])}" data-approved="true" data-testid="approve-${esc(sid)}">Approve</button>
+       <button class="danger" data-signal="${esc(waits[sid])}" data-approved="false" data-testid="reject-${esc(sid)}">Reject</button>` : "";
+  const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}${approve(sid, s)}</td>
     <td>${esc(s.attempts)}</td><td>${esc(s.service || services[sid] || "")}</td><td class="mono">${esc(s.instance || "")}</td>
     <td>${s.duration_ms ?? ""}</td><td>${esc(s.error ? s.error.message : "")}</td></tr>`).join("");
   const comp = Object.entries(r.result.compensations || {});
@@ -164,6 +168,12 @@ async function run(wid) {
 function bindRun(wid) {
   for (const b of document.querySelectorAll("button[data-action]")) {
     b.onclick = () => act(`/api/runs/${encodeURIComponent(wid)}/${b.dataset.action}`, {}, `${b.dataset.action} ${wid}`);
+  }
+  // A waiting step's Approve/Reject: its signal, with {approved: true|false, by: "dashboard"}.
+  for (const b of document.querySelectorAll("button[data-signal]")) {
+    b.onclick = () => act(`/api/runs/${encodeURIComponent(wid)}/signal`,
+      { event: b.dataset.signal, payload: { approved: b.dataset.approved === "true", by: "dashboard" } },
+      `signal ${b.dataset.signal} ${wid}`);
   }
 }
 
