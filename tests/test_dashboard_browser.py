@@ -482,24 +482,21 @@ async def _step_status(mediator: Any, wid: str, step: str, expected: str) -> boo
     return state is not None and state.steps[step].status.value == expected
 
 
+#: An approval, then a payment given what the approval said.
+APPROVAL: dict[str, Any] = {
+    "name": "approval",
+    "steps": [
+        {"id": "approve", "wait": {"event": "approval"}},
+        {"id": "pay", "service": "svc", "action": "work", "depends_on": ["approve"],
+         "input": "steps.approve"},
+    ],
+}  # fmt: skip
+
+
 async def test_a_waiting_step_is_approved_from_the_run_page(
     make_system: Any, browser: Browser
 ) -> None:
-    system = await make_system(
-        {
-            "name": "approval",
-            "steps": [
-                {"id": "approve", "wait": {"event": "approval"}},
-                {
-                    "id": "pay",
-                    "service": "svc",
-                    "action": "work",
-                    "depends_on": ["approve"],
-                    "input": "steps.approve",
-                },
-            ],
-        }  # fmt: skip
-    )
+    system = await make_system(APPROVAL)
     got: list[Any] = []
 
     async def work(data: Any, command: Any) -> dict[str, Any]:
