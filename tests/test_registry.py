@@ -236,3 +236,23 @@ async def test_a_replayed_heartbeat_keeps_no_one_alive_and_downs_no_one(
     assert [v.status for v in registry.instances("inventory")] == ["up"]
     # Heartbeats without a boot (services that predate it) are taken as before.
     assert await registry.apply([beat("i-9")]) != []
+
+
+async def test_an_instance_without_boot_ids_that_left_is_not_brought_back_by_a_replay(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A service that sends no boot id leaves cleanly; its earlier `up`, redelivered after
+    a rewind, is older than the `down` and stale: the instance stays left, and is never
+    marked down (it did not die)."""
+    settings = DiscoverySettings(missed_heartbeats=2, grace_ms=0)
+    registry = Registry(redis_client, Keys(key_prefix, 4), settings)
+    await _read_to_now(registry, redis_client)
+    earlier_up = beat("i-1", ts_ms=1_000)
+    await registry.apply([earlier_up, beat("i-1", HealthStatus.DOWN, ts_ms=1_500)])
+    assert await registry.apply([earlier_up]) == []  # redelivered: stale
+    assert registry.stale == 1
+    await asyncio.sleep(0.3)
+    await _read_to_now(registry, redis_client)
+    assert await registry.sweep() == []
+    # A newer `up` of the same id (it came back) is taken.
+    assert await registry.apply([beat("i-1", ts_ms=2_000)]) != []

@@ -8,7 +8,8 @@
 --       ('' for none), 6 its sequence number (-1 for none), 7 its ts_ms.
 -- A heartbeat is stale, and changes nothing, when the last one recorded came from the same
 -- boot with a sequence number at least as high (a replay, or one overtaken), or from
--- another boot and is newer (a replay of an earlier start of the same instance id).
+-- another boot and is newer (a replay of an earlier start of the same instance id); from
+-- an instance that sends no boot id, when the last one recorded is newer (its ts_ms).
 -- An instance an operator drained stays `draining` whatever it announces, until it leaves
 -- or is marked down (a restart under the same id then gets work again).
 -- Returns {previous status or '', now ms, status now or 'stale'}: '' is a new instance,
@@ -16,20 +17,24 @@
 --- @include "prelude"
 local now = server_ms()
 local before = redis.call('HGET', KEYS[2], ARGV[1]) or ''
-if ARGV[5] ~= '' then
-  local last = redis.call('HGET', KEYS[1], ARGV[1])
-  if last then
-    local ok, doc = pcall(cjson.decode, last)
-    if ok and type(doc) == 'table' and type(doc.boot) == 'string' then
-      local stale
+local last = redis.call('HGET', KEYS[1], ARGV[1])
+if last then
+  local ok, doc = pcall(cjson.decode, last)
+  if ok and type(doc) == 'table' then
+    local stale = false
+    if ARGV[5] ~= '' and type(doc.boot) == 'string' then
       if doc.boot == ARGV[5] then
         stale = tonumber(ARGV[6]) <= (tonumber(doc.seq) or -1)
       else
         stale = tonumber(ARGV[7]) <= (tonumber(doc.ts_ms) or 0)
       end
-      if stale then
-        return {before, now, 'stale'}
-      end
+    elseif ARGV[5] == '' and type(doc.boot) ~= 'string' then
+      -- No boot id to tell a replay by: one older than the last recorded is stale (a
+      -- redelivered "up" must not bring back an instance that left).
+      stale = tonumber(ARGV[7]) < (tonumber(doc.ts_ms) or 0)
+    end
+    if stale then
+      return {before, now, 'stale'}
     end
   end
 end
