@@ -18,6 +18,7 @@ accounting.
   cannot be stuck for ever; ``stuck``: every run ends.
 - ``deadline``: a run fails for its deadline only once the deadline has passed.
 - ``rounds``: no round of a replica raised an error (a poison entry must be isolated).
+- ``signals``: a wait completes only with a payload signalled to its own run.
 - ``paused``: a paused run sends nothing (no step, retry, reroute or undo) from its pause
   until it is resumed, commit after commit; a run that ended is not paused.
 """
@@ -68,8 +69,21 @@ async def check_end(world: World, healed: bool) -> list[str]:
     problems += await _check_leftovers(world, states)
     if not world.failovers:  # a lossy failover rolls back what the watch saw committed
         problems += world.pauses.problems
+    problems += _check_signals(world, states)
     problems += [f"paused: {wid} ended {s.status.value} but is still paused"
                  for wid, s in states.items() if s and s.terminal and s.paused_ms]  # fmt: skip
+    return problems
+
+
+def _check_signals(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
+    """A wait completes only with a payload signalled to its own run."""
+    problems = []
+    for wid, state in states.items():
+        step = state.steps.get("approve") if state is not None else None
+        if step is None or step.status is not StepStatus.COMPLETED:
+            continue
+        if step.output not in world.issued.signals.get(wid, []):
+            problems.append(f"signals: {wid} approved with {step.output}, never signalled to it")
     return problems
 
 
@@ -269,7 +283,9 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
         def name(kind: Any, attempt: int, sid: str = sid) -> str:
             return SetTimer(kind, wid, 0, sid, attempt).member
 
-        if step.status is StepStatus.RUNNING and spec.timeout_ms:
+        if step.status is StepStatus.WAITING and spec.timeout_ms:
+            waits.append((f"wait {sid}", [name("timeout", step.attempt)]))
+        elif step.status is StepStatus.RUNNING and spec.timeout_ms:
             waits.append((f"step {sid}", [name("timeout", step.attempt),
                                           name("reroute", step.attempt)]))  # fmt: skip
         elif [kind for kind, s, a in held if (s, a) == (sid, step.attempt)]:

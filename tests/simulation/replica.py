@@ -56,6 +56,14 @@ class PauseWatch:
             return
         if state.paused_ms is not None and before.paused_ms is None:
             self.seen["paused"] += 1
+        if len(state.inbox or ()) > len(before.inbox or ()):
+            self.seen["signal_kept"] += 1
+        was, now = before.steps.get("approve"), state.steps.get("approve")
+        if was is not None and now is not None and now.status is StepStatus.COMPLETED:
+            if was.status is StepStatus.WAITING:
+                self.seen["signalled"] += 1
+            elif was.status is not StepStatus.COMPLETED:
+                self.seen["kept_signal_taken"] += 1
         if len(state.held or ()) > len(before.held or ()):
             self.seen["held"] += 1
         if before.paused_ms is None or state.paused_ms is None:

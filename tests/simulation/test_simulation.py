@@ -40,6 +40,9 @@ FAULT_PATHS = (
     "redriven",  # replies `recover` published again for runs rolled back
     "paused",  # runs an operator paused...
     "held",  # ...a retry, unpark, reroute or undo retry falling due meanwhile
+    "signalled",  # a wait completed by a signal that came while it waited...
+    "signal_kept",  # ...one that came first, kept by the run...
+    "kept_signal_taken",  # ...and taken by the wait when it started
 )
 
 

@@ -58,7 +58,8 @@ from topics.events import ControlAction, ControlEvent, HealthStatus, RequestEven
 __all__ = ["WORKFLOWS", "World", "sim_settings"]
 
 #: The workflows the simulated clients ask for: a saga whose first step can fall back to
-#: another service, and a one-step run with no step timeout (only its deadline).
+#: another service and whose last waits for an approval (a signal), and a one-step run
+#: with no step timeout (only its deadline).
 WORKFLOWS: list[dict[str, Any]] = [
     {
         "name": "order",
@@ -73,8 +74,11 @@ WORKFLOWS: list[dict[str, Any]] = [
              "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"},
              "compensate": {"action": "release", "timeout": "2s",
                             "retry": {"max_attempts": 8, "backoff": "200ms"}}},
+            {"id": "approve", "depends_on": ["charge", "reserve"],
+             "wait": {"event": "approval"}, "timeout": "3s",
+             "retry": {"max_attempts": 2, "backoff": "200ms"}},
             {"id": "ship", "service": "shipping", "action": "ship",
-             "depends_on": ["charge", "reserve"],
+             "depends_on": ["approve"],
              "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"}},
         ],
     },
@@ -134,6 +138,8 @@ class Issued:
     controls: int = 0
     #: The runs an operator asked to pause (resumed, every one, when healing begins).
     paused_runs: set[str] = field(default_factory=set)
+    #: The payloads of the approvals signalled to each run.
+    signals: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class World:
@@ -351,6 +357,8 @@ class World:
                 self.issued.retries[wid] += 1
             elif self.issued.paused_runs and pick < 0.6:
                 action, wid = ControlAction.RESUME, self.rng.choice(sorted(self.issued.paused_runs))
+            elif pick < 0.68:
+                action, wid = ControlAction.SIGNAL, self._signal_target()
             elif pick < 0.75:
                 action = ControlAction.PAUSE
                 wid = workflow_id_for(self.rng.choice(sorted(self.issued.requests)))
@@ -359,8 +367,13 @@ class World:
             else:
                 action = ControlAction.CANCEL
                 wid = workflow_id_for(self.rng.choice(sorted(self.issued.requests)))
+            payload = {"approval": control_id} if action is ControlAction.SIGNAL else None
+            if payload is not None:
+                self.issued.signals.setdefault(wid, []).append(payload)
             event = ControlEvent(control_id=control_id, action=action, workflow_id=wid,
-                                 issued_ms=self.clock.ms, pause_deadline=stop_deadline)  # fmt: skip
+                                 issued_ms=self.clock.ms, pause_deadline=stop_deadline,
+                                 signal="approval" if payload else None,
+                                 payload=payload)  # fmt: skip
             key = wid
         elif roll < 0.85:
             service = self.rng.choice(sorted(self.services))
@@ -377,6 +390,12 @@ class World:
         self.log.append(self.topics.control, encode(event), key.encode())
         self.note(f"control {control_id}: {event.action.value} "
                   f"{event.workflow_id or event.instance or event.service}")  # fmt: skip
+
+    def _signal_target(self) -> str:
+        """An order's run to approve: mostly one that has not ended (it may not wait yet)."""
+        ended = self.ended()
+        live = [r for r in sorted(self.issued.requests) if workflow_id_for(r) not in ended]
+        return workflow_id_for(self.rng.choice(live or sorted(self.issued.requests)))
 
     def resume_paused_runs(self) -> None:
         """The operator resumes every run they paused (a resume of a run that is not
