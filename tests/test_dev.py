@@ -51,3 +51,9 @@ def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -
     # Retries are visible per result, and a failed order is compensated.
     assert re.search(r"attempts: (.*, )?ship x\d", out), out
     assert re.search(r"failed .*\(compensated: .*\)", out), out
+    # Large orders wait for an approval, which the demo reviewer gives: those under the
+    # card limit go on to ship.
+    waiting = re.findall(r"^  \? (order-\d+) \(([\d.]+)\) waits for approval", out, re.M)
+    assert waiting, out
+    under = [n for n, amount in waiting if float(amount) <= 900]
+    assert any(re.search(rf"{n} completed ", out) for n in under) or not under, out

@@ -21,7 +21,7 @@ from mediator.sdk.worker import ActionError, Worker
 from mediator.settings import SigningSettings
 from topics.names import Topics
 
-__all__ = ["DEMO_WORKFLOWS", "FLAKY_SERVICE", "demo_services", "sample_order"]
+__all__ = ["APPROVAL_LIMIT", "DEMO_WORKFLOWS", "FLAKY_SERVICE", "demo_services", "sample_order"]
 
 DEMO_WORKFLOWS = Path(__file__).parent.parent / "workflows"
 
@@ -30,6 +30,9 @@ FLAKY_SERVICE = "shipping"
 
 #: Orders above this amount are declined by the payment service (a non-retryable error).
 CARD_LIMIT = 900
+
+#: Orders above this amount wait for a reviewer's approval (the `approve` step).
+APPROVAL_LIMIT = 800
 
 
 def demo_services(
@@ -95,11 +98,18 @@ async def _screen(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _charge(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("approved") is False:  # a reviewer said no (none is asked for small orders)
+        msg = f"order rejected by {data.get('reviewer') or 'a reviewer'}"
+        raise ActionError(msg, code="rejected")
     amount = float(data.get("amount") or 0)
     if amount > CARD_LIMIT:
         msg = f"card declined: {amount:.2f} is over the limit of {CARD_LIMIT}"
         raise ActionError(msg, code="card_declined")
     return {"payment_id": f"pay-{uuid.uuid4().hex[:8]}", "amount": amount}
+
+
+async def _count(data: dict[str, Any]) -> dict[str, Any]:
+    return {"skus": 4, "units": random.randint(100, 200), "at": data.get("at")}
 
 
 async def _refund(data: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +126,11 @@ async def _notify(data: dict[str, Any]) -> dict[str, Any]:
 
 #: service -> action -> (handler, min latency ms, max latency ms)
 _ACTIONS: dict[str, dict[str, tuple[Action, float, float]]] = {
-    "inventory": {"reserve": (_reserve, 2, 10), "release": (_release, 1, 5)},
+    "inventory": {
+        "reserve": (_reserve, 2, 10),
+        "release": (_release, 1, 5),
+        "count": (_count, 5, 20),
+    },
     "payment": {
         "screen": (_screen, 2, 8),
         "charge": (_charge, 5, 15),

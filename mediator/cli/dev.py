@@ -19,7 +19,13 @@ from typing import Any
 
 import yaml
 
-from mediator.cli.demo import DEMO_WORKFLOWS, FLAKY_SERVICE, demo_services, sample_order
+from mediator.cli.demo import (
+    APPROVAL_LIMIT,
+    DEMO_WORKFLOWS,
+    FLAKY_SERVICE,
+    demo_services,
+    sample_order,
+)
 from mediator.cli.flaky import Flakiness
 from mediator.cli.infra import create_topics, embedded
 from mediator.cli.watch import FaultWatch
@@ -50,6 +56,10 @@ Echo = Callable[[str], None]
 def service_names(definitions: Definitions) -> set[str]:
     """Every service a set of workflows talks to (their topics must exist)."""
     return definitions.services()
+
+
+#: How long the demo reviewer takes to approve a large order.
+APPROVE_AFTER_S = 2.0
 
 
 async def run_dev(
@@ -145,6 +155,8 @@ async def _drive(
         topics=kafka.topics,
         enable_idempotence=kafka.enable_idempotence,
         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        operator=settings.signing.control_signer(),  # the demo reviewer's approvals
+        on_result=_scheduled(echo),
     )
     async with contextlib.AsyncExitStack() as stack:
         # Side by side: each joins its consumer group, and a join takes seconds on Tansu.
@@ -247,7 +259,12 @@ async def _submit_orders(
 
     async def one(n: int) -> None:
         sent = time.perf_counter()
-        result = await client.submit("order", sample_order(n), request_id=f"order-{n:05d}")
+        order, request_id = sample_order(n), f"order-{n:05d}"
+        if float(order["amount"]) > APPROVAL_LIMIT:
+            review = asyncio.create_task(_review(client, request_id, order, echo))
+            tasks.add(review)
+            review.add_done_callback(tasks.discard)
+        result = await client.submit("order", order, request_id=request_id)
         outcomes[result.status.value] += 1
         echo(_describe(n, result, (time.perf_counter() - sent) * 1000))
 
@@ -265,6 +282,27 @@ async def _submit_orders(
         for task in tasks:
             task.cancel()
     return outcomes
+
+
+async def _review(client: MediatorClient, request_id: str, order: Any, echo: Echo) -> None:
+    """The demo reviewer: approves a large order after `APPROVE_AFTER_S` (unless someone
+    did on the dashboard first: then the run has moved on and keeps or refuses this one)."""
+    echo(
+        f"  ? {request_id} ({order['amount']:.2f}) waits for approval: Approve or Reject it on "
+        f"the dashboard, or the demo reviewer approves in {APPROVE_AFTER_S:g} s"
+    )
+    await asyncio.sleep(APPROVE_AFTER_S)
+    await client.signal(request_id, "approval", {"approved": True, "by": "the demo reviewer"})
+
+
+def _scheduled(echo: Echo) -> Callable[[ResultEvent], None]:
+    """Say when a run a schedule started ends (the orders say so themselves)."""
+
+    def seen(result: ResultEvent) -> None:
+        if result.request_id.startswith("schedule."):
+            echo(f"  ~ {result.request_id} ({result.workflow}) {result.status.value}")
+
+    return seen
 
 
 def _describe(n: int, result: ResultEvent, elapsed_ms: float) -> str:
