@@ -528,3 +528,43 @@ async def test_a_waiting_step_is_approved_from_the_run_page(
         assert got == [{"approved": True, "by": "dashboard"}]
     finally:
         await cancel_and_wait(serving)
+
+
+async def test_schedules_are_listed_paused_and_run_now_from_the_dashboard(
+    make_system: Any, browser: Browser
+) -> None:
+    from mediator.core.schedules import parse_schedules
+    from mediator.settings import ScheduleSettings
+
+    system = await make_system(CHAIN3, schedules=ScheduleSettings(poll_ms=50))
+    hourly = {"name": "hourly", "workflow": "chain3", "every": "1h", "payload": {"n": "`1`"}}
+    for schedule in parse_schedules({"schedules": [hourly]}):
+        system.definitions.add_schedule(schedule)
+    ran: list[str] = []
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        ran.append(command.workflow_id)
+        return {}
+
+    await system.worker("svc", {"work": work})
+    await system.mediator()
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        await browser.open(urls[0] + "#/schedules")
+        await wait_for(lambda: browser.text("[data-testid=schedule-hourly]"), what="the list")
+        assert await browser.text("[data-testid=schedule-hourly]") == "active"
+        assert "every 1h" in await browser.text("table[data-testid=schedules]")
+        await browser.click("tr[data-schedule=hourly] button[data-schedule-action=pause]")
+        await wait_for(
+            lambda: _contains(browser.text("[data-testid=schedule-hourly]"), "paused"),
+            what="the schedule paused",
+        )
+        await browser.click("[data-testid=trigger-hourly]")
+        await wait_for(lambda: len(ran) >= 3, timeout=15, what="the run it started")
+        await browser.shot("schedules")
+    finally:
+        await cancel_and_wait(serving)

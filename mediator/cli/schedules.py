@@ -3,15 +3,22 @@ one now, and backfill the ticks of a time window."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
+from redis.asyncio import Redis
 
 from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
+from mediator.errors import MediatorError
+from mediator.storage.keys import Keys
 
 __all__ = ["schedules_app"]
+
+T = TypeVar("T")
 
 schedules_app = typer.Typer(
     help="Schedules: list them, pause or resume one, fire one now, backfill a window.",
@@ -30,67 +37,33 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-async def _states(settings: Any) -> dict[str, Any]:
+@asynccontextmanager
+async def _redis(settings: Any) -> AsyncIterator[tuple[Redis, Keys]]:
     from mediator.storage.connection import connect_to
-    from mediator.storage.keys import Keys
-    from mediator.storage.schedules import ScheduleStates
 
     redis = connect_to(settings.redis)
     try:
-        states = ScheduleStates(redis, Keys(settings.redis.key_prefix, settings.redis.shards))
-        return {"now_ms": await states.now_ms(), "states": await states.read()}
+        yield redis, Keys(settings.redis.key_prefix, settings.redis.shards)
     finally:
         await redis.aclose()
 
 
-def _compiled(state: Any) -> Any:
-    """The schedule as the replicas loaded it (from its stored spec)."""
-    from mediator.core.schedules import parse_schedules
-    from mediator.errors import DefinitionError
+def _with_redis(settings: Any, work: Callable[[Redis, Keys], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with _redis(settings) as (redis, keys):
+            return await work(redis, keys)
 
-    try:
-        return parse_schedules({"schedules": [state.spec]})[0]
-    except DefinitionError as exc:
-        msg = f"schedule {state.name!r} as stored cannot be read: {exc}"
-        raise fail(msg) from None
-
-
-def _one(settings: Any, name: str) -> tuple[Any, int]:
-    found = run(_states(settings))
-    state = found["states"].get(name)
-    if state is None or not state.spec:
-        known = sorted(n for n, s in found["states"].items() if s.spec)
-        msg = f"no schedule {name!r} (a replica that loaded it records it); known: {known}"
-        raise fail(msg)
-    return state, found["now_ms"]
+    return run(go())
 
 
 @schedules_app.command("list")
 def list_command(json_output: JsonOption = False, config: ConfigOption = None) -> None:
     """Every schedule a replica loaded: its workflow, when, its last and next tick."""
-    from mediator.core.schedules import next_tick
+    from mediator.ops.schedules import schedule_rows
 
     settings = load(config)
     quiet_libraries()
-    found = run(_states(settings))
-    rows = []
-    for name, state in found["states"].items():
-        if not state.spec:
-            continue
-        schedule = _compiled(state)
-        spec = state.spec
-        rows.append(
-            {
-                "name": name,
-                "workflow": schedule.workflow,
-                "when": f"cron {spec['cron']} {spec.get('timezone', 'UTC')}"
-                if spec.get("cron")
-                else f"every {spec['every']}",
-                "paused": state.paused,
-                "last_fired_ms": state.fired_ms,
-                "next_ms": None if state.paused else next_tick(schedule, found["now_ms"]),
-            }
-        )
+    _, rows = _with_redis(settings, schedule_rows)
     if json_output:
         typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
@@ -117,36 +90,35 @@ def resume_command(name: NameArgument, config: ConfigOption = None) -> None:
 
 
 def _set_paused(name: str, paused: bool, config: Any) -> None:
-    from mediator.storage.connection import connect_to
-    from mediator.storage.keys import Keys
+    from mediator.ops.schedules import find
     from mediator.storage.schedules import ScheduleStates
 
     settings = load(config)
     quiet_libraries()
-    _one(settings, name)
 
-    async def apply() -> None:
-        redis = connect_to(settings.redis)
-        try:
-            keys = Keys(settings.redis.key_prefix, settings.redis.shards)
-            await ScheduleStates(redis, keys).set_paused(name, paused)
-        finally:
-            await redis.aclose()
+    async def apply(redis: Redis, keys: Keys) -> None:
+        await find(redis, keys, name)
+        await ScheduleStates(redis, keys).set_paused(name, paused)
 
-    run(apply())
+    _with_redis(settings, apply)
     typer.echo(f"schedule {name} {'paused' if paused else 'resumed'}")
 
 
 @schedules_app.command("trigger")
 def trigger_command(name: NameArgument, config: ConfigOption = None) -> None:
     """Fire a schedule now, outside its ticks (a new run each time)."""
+    from mediator.ops.schedules import compiled, find, manual_request
+
     settings = load(config)
     quiet_libraries()
-    state, now = _one(settings, name)
-    schedule = _compiled(state)
-    request_id = f"schedule.{name}.now.{now}"
-    run(_publish(settings, schedule, [(request_id, now)]))
-    typer.echo(f"schedule {name}: fired now as {request_id}")
+    state, now = _with_redis(settings, lambda redis, keys: find(redis, keys, name))
+    try:
+        request = manual_request(compiled(state), now)
+    except MediatorError as exc:  # its payload does not render, say
+        msg = f"schedule {name}: {exc}"
+        raise fail(msg) from None
+    run(_publish(settings, [request]))
+    typer.echo(f"schedule {name}: fired now as {request.request_id}")
 
 
 @schedules_app.command("backfill")
@@ -159,13 +131,14 @@ def backfill_command(
 ) -> None:
     """Fire every tick of a window, each as the request its tick would have been: a tick
     that already fired is not run again."""
-    from mediator.core.schedules import request_id, ticks_between
+    from mediator.core.schedules import ticks_between
+    from mediator.ops.schedules import compiled, find, tick_request
     from mediator.ops.window import parse_moment
 
     settings = load(config)
     quiet_libraries()
-    state, now = _one(settings, name)
-    schedule = _compiled(state)
+    state, now = _with_redis(settings, lambda redis, keys: find(redis, keys, name))
+    schedule = compiled(state)
     try:
         since_ms = parse_moment(since, now_ms=now)
         until_ms = parse_moment(until, now_ms=now) if until else now
@@ -179,20 +152,18 @@ def backfill_command(
     if dry_run:
         typer.echo(f"schedule {name}: {len(ticks)} ticks in the window")
         return
-    run(_publish(settings, schedule, [(request_id(name, tick), tick) for tick in ticks]))
+    try:
+        requests = [tick_request(schedule, tick, now) for tick in ticks]
+    except MediatorError as exc:
+        msg = f"schedule {name}: {exc}"
+        raise fail(msg) from None
+    run(_publish(settings, requests))
     typer.echo(f"schedule {name}: {len(ticks)} ticks fired (those already run are not again)")
 
 
-async def _publish(settings: Any, schedule: Any, requests: list[tuple[str, int]]) -> None:
-    from mediator.core.expressions import ExpressionError
-    from mediator.errors import MediatorError
+async def _publish(settings: Any, requests: list[Any]) -> None:
     from mediator.sdk.client import MediatorClient
 
-    try:
-        payloads = [(rid, schedule.render(tick)) for rid, tick in requests]
-    except ExpressionError as exc:
-        msg = f"schedule {schedule.name}: payload: {exc}"
-        raise MediatorError(msg) from None
     async with MediatorClient.from_settings(settings) as client:
-        for rid, payload in payloads:
-            await client.publish(schedule.workflow, payload, request_id=rid)
+        for request in requests:
+            await client.publish(request.workflow, request.payload, request_id=request.request_id)

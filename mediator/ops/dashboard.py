@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from mediator.codec import encode, headers
 from mediator.core.metrics import summarize
 from mediator.errors import ConfigurationError, MediatorError
 from mediator.ops.control import (
@@ -30,6 +31,9 @@ from mediator.ops.dlq import (
 )
 from mediator.ops.guard import Guard, is_loopback
 from mediator.ops.runs import list_runs, show_run
+from mediator.ops.schedules import compiled as compiled_schedule
+from mediator.ops.schedules import find as find_schedule
+from mediator.ops.schedules import manual_request, schedule_rows
 from mediator.ops.services import collect_services
 from mediator.ops.status import collect_status
 from mediator.ops.window import parse_moment
@@ -37,7 +41,8 @@ from mediator.settings import Settings
 from mediator.storage.alerts import active_alerts, alert_history
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
-from topics.events import ControlAction
+from mediator.storage.schedules import ScheduleStates
+from topics.events import ControlAction, RequestEvent
 
 __all__ = ["Dashboard"]
 
@@ -96,6 +101,8 @@ class Dashboard:
         app.router.add_post("/api/services/{service}/reset", self._reset)
         app.router.add_post("/api/services/{service}/{instance}/{action}", self._drain)
         app.router.add_get("/api/alerts", self._alerts)
+        app.router.add_get("/api/schedules", self._schedules)
+        app.router.add_post("/api/schedules/{name}/{action}", self._schedule_action)
         app.router.add_get("/api/dlq", self._dlq)
         app.router.add_post("/api/dlq/replay", self._replay)
         app.on_startup.append(self._start)
@@ -287,6 +294,36 @@ class Dashboard:
             return web.json_response({"count": len(ids)})
         sent = [await self._control(ControlAction.RETRY, workflow_id=str(wid)) for wid in ids]
         return web.json_response({"sent": sent}, status=202)
+
+    async def _schedules(self, request: web.Request) -> web.Response:
+        now, rows = await schedule_rows(self.redis, self.keys)
+        return web.json_response({"now_ms": now, "schedules": rows})
+
+    async def _schedule_action(self, request: web.Request) -> web.Response:
+        """Pause, resume or fire now (``trigger``) one schedule."""
+        name, action = request.match_info["name"], request.match_info["action"]
+        if action not in ("pause", "resume", "trigger"):
+            raise web.HTTPNotFound(text=f"no schedule action {action!r}")
+        try:
+            state, now = await find_schedule(self.redis, self.keys, name)
+            if action == "trigger":
+                fired = manual_request(compiled_schedule(state), now)
+                await self._publish_request(fired)
+                return web.json_response({"action": action, "request_id": fired.request_id})
+        except MediatorError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        await ScheduleStates(self.redis, self.keys).set_paused(name, action == "pause")
+        return web.json_response({"action": action, "schedule": name})
+
+    async def _publish_request(self, fired: RequestEvent) -> None:
+        """Publish a request as this process's client (signed when `signing.client` is)."""
+        topic = self.settings.kafka.topics.requests
+        value, key = encode(fired), fired.request_id.encode()
+        extra = headers(fired)
+        keys = self.settings.signing.request_signer()
+        if keys is not None:
+            extra += keys.headers(value, topic, key)
+        await self.controls.producer.send_and_wait(topic, value, key=key, headers=extra)
 
     async def _reset(self, request: web.Request) -> web.Response:
         sent = await self._control(

@@ -275,6 +275,23 @@ async function alerts() {
     <h2>History</h2><table data-testid="alerts-history"><tr><th>State</th><th>Severity</th><th>Service</th><th>Metric</th><th>Message</th><th>When</th></tr>${data.history.map(row).join("")}</table>`;
 }
 
+async function schedules() {
+  const data = await api("/api/schedules");
+  const rows = data.schedules.map((s) => `<tr data-schedule="${esc(s.name)}"><td>${esc(s.name)}</td><td>${esc(s.workflow)}</td>
+    <td class="mono">${esc(s.when)}</td><td data-testid="schedule-${esc(s.name)}">${badge(s.paused ? "paused" : "active")}</td>
+    <td>${when(s.last_fired_ms)}</td><td>${when(s.next_ms)}</td><td>${esc(s.overlap)} / ${esc(s.catch_up)}</td>
+    <td><button data-schedule-action="${s.paused ? "resume" : "pause"}" data-name="${esc(s.name)}">${s.paused ? "Resume" : "Pause"}</button>
+      <button data-schedule-action="trigger" data-name="${esc(s.name)}" data-testid="trigger-${esc(s.name)}">Run now</button></td></tr>`).join("");
+  return `<h2>Schedules</h2>${rows ? `<table data-testid="schedules"><tr><th>Name</th><th>Workflow</th><th>When</th><th>State</th>
+    <th>Last fired</th><th>Next</th><th>Overlap / catch-up</th><th></th></tr>${rows}</table>` : '<p class="muted">No schedules: a replica records those it loads.</p>'}
+    <p class="muted">Backfill a window from the command line: <span class="mono">mediator schedules backfill NAME --since 2d</span>.</p>`;
+}
+function bindSchedules() {
+  for (const b of document.querySelectorAll("button[data-schedule-action]")) {
+    b.onclick = () => act(`/api/schedules/${encodeURIComponent(b.dataset.name)}/${b.dataset.scheduleAction}`, {}, `${b.dataset.scheduleAction} ${b.dataset.name}`);
+  }
+}
+
 async function dlq() {
   const data = await api("/api/dlq?limit=100");
   return `<h2>Dead letters</h2><table data-testid="dlq"><tr><th></th><th>Where</th><th>Code</th><th>From</th><th>Reason</th><th>When</th></tr>
@@ -294,6 +311,7 @@ function route() {
   const pages = {
     overview: [overview, null], runs: [() => runs(params), bindRuns], run: [() => run(parts[1]), () => bindRun(parts[1])],
     services: [services, bindServices], service: [() => service(parts[1]), null], alerts: [alerts, null], dlq: [dlq, bindDlq],
+    schedules: [schedules, bindSchedules],
   };
   const page = pages[parts[0]] || pages.overview;
   const nav = { run: "runs", service: "services" }[parts[0]] || parts[0];
