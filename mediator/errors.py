@@ -22,6 +22,7 @@ Every error derives from one root, so callers can catch the family at once::
     ├── ExpressionError          an expression does not compile or evaluate (core.expressions)
     ├── NoInstance               no instance of a service can take a command (core.balancer)
     ├── DlqError                 the dead-letter topic cannot be read or replayed (ops.dlq)
+    ├── UnknownSchedule          no replica recorded a schedule of that name (ops.schedules)
     ├── ActionError              a service's handler fails its step (sdk.worker)
     ├── SubmitTimeout            no result within a submit's timeout (sdk.client)
     ├── ResultsTopicMissing      the client's results topic does not exist (sdk.client)
