@@ -189,3 +189,17 @@ def test_a_deadline_timer_claimed_before_a_pause_and_applied_after_the_resume_wa
     assert _timers(early) == [SetTimer("deadline", WID, 4_000, "", 0).member]
     due = fire(run, "deadline", "", 0, now=T0 + 14_000)
     assert due is not None and result(due).error is not None
+
+
+def test_a_pause_does_not_stop_a_deadline_that_fired_already() -> None:
+    """The deadline fired (the run compensates, awaiting a step in flight): a pause asked
+    to stop the deadline leaves it as it is, so a resume cannot fire it a second time."""
+    run = Run(make(undoable("a"), step("b", timeout="1h"), step("c", "a", "b"), timeout="10s"))
+    run.complete("a")
+    fire(run, "deadline", "", 0, now=T0 + 10_000)
+    assert run.state.status is WorkflowStatus.COMPENSATING
+    paused = _control(run, ControlAction.PAUSE, T0 + 11_000, pause_deadline=True)
+    assert paused is not None and paused.cleared == []
+    assert (run.state.deadline_ms, run.state.deadline_left_ms) == (T0 + 10_000, None)
+    resumed = _control(run, ControlAction.RESUME, T0 + 12_000)
+    assert resumed is not None and _timers(resumed) == []

@@ -3,6 +3,7 @@ included), what a look fires by the catch-up policy, and definitions that are re
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,3 +108,37 @@ def test_validate_reports_a_bad_schedule_with_its_file_and_line(tmp_path: Any) -
     assert [str(p) for p in problems] == [
         f"{path}:5: schedule 'nightly': cron '0 33 * * *': Bad hour"
     ]
+
+
+async def test_overlap_skip_sees_a_tick_published_by_a_replica_that_lost_the_race(
+    redis_client: Any, key_prefix: str
+) -> None:
+    """Replica A skipped tick T (the run of F was going) and moved the schedule on; replica
+    B, a moment later, published T and lost the compare-and-set, so Redis records F as
+    the last fired. At T+1, T's run is still going: T+1 is skipped."""
+    from mediator.core.ids import workflow_id_for
+    from mediator.runtime.scheduler import Scheduler
+    from mediator.storage.keys import Keys
+    from mediator.storage.schedules import ScheduleStates
+    from topics.names import Topics
+
+    schedule = _schedule(every="1s", overlap="skip")
+    keys = Keys(key_prefix, 1)
+    states = ScheduleStates(redis_client, keys)
+    now = await states.now_ms()
+    fired, seen = now // 1000 * 1000 - 2_000, now // 1000 * 1000 - 1_000
+    await redis_client.hset(keys.schedules, mapping={"s:last": seen, "s:fired": fired})
+    live = {workflow_id_for(request_id("s", seen))}
+    published: list[str] = []
+
+    async def publish(topic: str, value: bytes, key: bytes, headers: Any) -> None:
+        published.append(key.decode())
+
+    async def is_live(run: str) -> bool:
+        return run in live
+
+    scheduler = Scheduler(states, {"s": schedule}, Topics(), publish, is_live)
+    assert await scheduler.look() == 0 and published == []
+    live.clear()  # it ended: the next tick fires
+    await asyncio.sleep(1.05)
+    assert await scheduler.look() == 1 and len(published) == 1

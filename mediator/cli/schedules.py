@@ -145,6 +145,9 @@ def backfill_command(
     except ValueError as exc:
         raise fail(str(exc)) from None
     assert since_ms is not None and until_ms is not None
+    if until_ms > now:
+        msg = "backfill fires ticks that are due: --until cannot be in the future"
+        raise fail(msg)
     ticks = ticks_between(schedule, since_ms - 1, until_ms)
     if len(ticks) > MAX_BACKFILL:
         msg = f"{len(ticks)} ticks in that window; backfill at most {MAX_BACKFILL} at a time"

@@ -34,7 +34,12 @@ def pause(workflow: Workflow, state: WorkflowState, now_ms: int, stop_deadline: 
     state = fork(state)
     transition = Transition(state)
     state.updated_ms = state.paused_ms = now_ms
-    if stop_deadline and state.deadline_ms is not None:
+    if (
+        stop_deadline
+        and state.deadline_ms is not None
+        and state.deadline_ms > now_ms
+        and state.status is WorkflowStatus.RUNNING
+    ):  # a deadline that fired already (the run compensates for it) is not stopped
         state.deadline_left_ms = max(0, state.deadline_ms - now_ms)
         transition.cleared.append(deadline_timer(state, 0).member)
         state.deadline_ms = None

@@ -120,6 +120,7 @@ def end(
     # A run that ends paused (its last reply came in, or it was cancelled with nothing to
     # undo) is over: nothing is left to hold back.
     state.paused_ms = state.held = state.deadline_left_ms = None
+    state.inbox = None  # signals kept for waits of this round: an operator's retry is another
     transition.count(wf(state.workflow, status.value))
     transition.observed.append(
         Observation("wf", state.workflow, status.value, now_ms - state.created_ms)

@@ -97,18 +97,18 @@ class Scheduler(Periodic):
             return 0
         fire = [] if state.paused else due.fire
         if fire and state.fired_ms is not None and schedule.overlap != "allow":
-            previous = workflow_id_for(request_id(schedule.name, state.fired_ms))
-            if await self.is_live(previous):
+            previous = await self._live_previous(schedule, state)
+            if previous is not None:
                 if schedule.overlap == "skip":
                     log.info(
-                        "schedule %s: tick %d skipped, the run of tick %d is still going",
+                        "schedule %s: tick %d skipped, run %s of an earlier tick is still going",
                         schedule.name,
                         fire[-1],
-                        state.fired_ms,
+                        previous,
                     )
                     fire = []
                 else:
-                    await self._cancel(schedule, previous, fire[0])
+                    await self._cancel(schedule, previous, fire[0], now)
         sent = [tick for tick in fire if await self._fire(schedule, tick, now)]
         last_fired = sent[-1] if sent else None
         if not await self.states.advance(schedule.name, state.last_ms, due.last_ms, last_fired):
@@ -123,6 +123,17 @@ class Scheduler(Periodic):
                 schedule.catch_up,
             )
         return len(sent)
+
+    async def _live_previous(self, schedule: Schedule, state: ScheduleState) -> str | None:
+        """The run of an earlier fire still going, if any: of the last tick recorded as
+        fired, or of the last tick seen (a replica that lost the compare-and-set may have
+        published it)."""
+        ticks = {t for t in (state.fired_ms, state.last_ms) if t is not None}
+        for tick in sorted(ticks, reverse=True):
+            run = workflow_id_for(request_id(schedule.name, tick))
+            if await self.is_live(run):
+                return run
+        return None
 
     async def _fire(self, schedule: Schedule, tick: int, now: int) -> bool:
         """Publish the request of `tick`; False when its payload cannot be rendered."""
@@ -155,14 +166,14 @@ class Scheduler(Periodic):
         log.info("schedule %s: tick %d fired as %s", schedule.name, tick, request.request_id)
         return True
 
-    async def _cancel(self, schedule: Schedule, workflow_id: str, tick: int) -> None:
+    async def _cancel(self, schedule: Schedule, workflow_id: str, tick: int, now: int) -> None:
         """`overlap: cancel_previous`: cancel the run the previous tick started."""
         control = ControlEvent(
             control_id=f"schedule.{schedule.name}.{tick}.cancel",
             action=ControlAction.CANCEL,
             workflow_id=workflow_id,
             reason=f"schedule {schedule.name}: tick {tick} replaces it (overlap: cancel_previous)",
-            issued_ms=tick,
+            issued_ms=now,
         )
         key = workflow_id.encode()
         if self.control_signer is not None:
