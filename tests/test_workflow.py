@@ -334,9 +334,11 @@ def test_load_paths_reads_directories(tmp_path: Path) -> None:
 
 def test_shipped_order_workflow_loads() -> None:
     [order] = load_file(ORDER_YAML)
-    assert order.key == "order@1"
+    assert order.key == "order@2"
     assert order.roots == ("screen", "reserve")
-    assert order.steps["charge"].depends_on == ("screen", "reserve")
+    assert order.steps["approve"].depends_on == ("screen", "reserve")
+    assert order.steps["approve"].wait == "approval"
+    assert order.steps["charge"].depends_on == ("approve",)
     assert order.dependants["ship"] == ("notify_sms", "notify_email")
     assert order.timeout_ms == 60_000
     assert order.max_parallel == 4
@@ -525,7 +527,7 @@ def test_cli_validate_ok(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(path), str(ORDER_YAML)])
     assert result.exit_code == 0, result.output
     assert f"ok: {path}: good@3 (2 steps)" in result.stdout
-    assert f"ok: {ORDER_YAML}: order@1 (6 steps)" in result.stdout
+    assert f"ok: {ORDER_YAML}: order@2 (7 steps)" in result.stdout
 
 
 @pytest.mark.parametrize(
