@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from mediator.core.engine import MAX_DEATH_REROUTES
+from mediator.core.attempts import MAX_DEATH_REROUTES
 from mediator.core.routing import in_flight, instance_prefix, member, routing_delta
 from mediator.core.state import StepStatus
 from mediator.core.timers import Fired
