@@ -238,7 +238,13 @@ class Mediator:
         self.dispatcher.start()
         self.timers.start()
         if self.scheduler is not None:
-            await self.schedule_states.publish(self.scheduler.schedules.values())
+            changed = await self.schedule_states.publish(self.scheduler.schedules.values())
+            for name in changed:
+                log.warning(
+                    "schedule %s changed: it starts again from now (ticks of its earlier "
+                    "spec are not caught up)",
+                    name,
+                )
             self.scheduler.start()
         monitoring = self.settings.service_monitoring
         if monitoring.enabled:

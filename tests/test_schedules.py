@@ -142,3 +142,20 @@ async def test_overlap_skip_sees_a_tick_published_by_a_replica_that_lost_the_rac
     live.clear()  # it ended: the next tick fires
     await asyncio.sleep(1.05)
     assert await scheduler.look() == 1 and len(published) == 1
+
+
+async def test_a_schedule_whose_spec_changed_starts_again_from_its_next_look(
+    redis_client: Any, key_prefix: str
+) -> None:
+    from mediator.storage.keys import Keys
+    from mediator.storage.schedules import ScheduleStates
+
+    states = ScheduleStates(redis_client, Keys(key_prefix, 1))
+    hourly = _schedule(every="1h")
+    assert await states.publish([hourly]) == []
+    await states.start("s", 1_000)
+    assert await states.publish([hourly]) == []  # the same spec: its last tick stays
+    assert (await states.read())["s"].last_ms == 1_000
+    assert await states.publish([_schedule(every="1m")]) == ["s"]
+    changed = (await states.read())["s"]
+    assert changed.last_ms is None and changed.spec["every"] == "1m"

@@ -20,6 +20,7 @@ from mediator.storage.keys import Keys
 __all__ = ["ScheduleState", "ScheduleStates"]
 
 _ADVANCE = lua_source("schedule_advance.lua")
+_PUBLISH = lua_source("schedule_publish.lua")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +41,24 @@ class ScheduleStates:
         self.redis = redis
         self.key = keys.schedules
         self._advance = redis.register_script(_ADVANCE)
+        self._publish = redis.register_script(_PUBLISH)
 
     async def now_ms(self) -> int:
         """Redis's clock: every replica reads ticks on it."""
         seconds, micros = await self._call(self.redis.time(), "reading the clock")
         return int(seconds) * 1000 + int(micros) // 1000
 
-    async def publish(self, schedules: Iterable[Schedule]) -> None:
-        """Record the loaded schedules' specs (for the CLI and the dashboard)."""
-        fields: dict[Any, Any] = {f"{s.name}:spec": orjson.dumps(dict(s.spec)) for s in schedules}
-        if fields:
-            await self._call(self.redis.hset(self.key, mapping=fields), "publishing specs")
+    async def publish(self, schedules: Iterable[Schedule]) -> list[str]:
+        """Record the loaded schedules' specs (for the CLI and the dashboard); the names of
+        those whose spec changed, which start again from their next look (their last tick
+        is forgotten, so ticks of the old spec are not caught up under the new)."""
+        args: list[Any] = []
+        for schedule in schedules:
+            args += [schedule.name, orjson.dumps(dict(schedule.spec), option=orjson.OPT_SORT_KEYS)]
+        if not args:
+            return []
+        changed = await self._call(self._publish(keys=[self.key], args=args), "publishing specs")
+        return [text(name) for name in changed]
 
     async def read(self) -> dict[str, ScheduleState]:
         """Every schedule Redis knows of."""
