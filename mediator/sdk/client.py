@@ -237,7 +237,7 @@ class MediatorClient:
         request id: the step waiting on it completes with `payload` as its output (a
         signal no step waits on yet is kept for the first that will). Returns the
         signal's id once the broker acked it; the same `signal_id` sent twice is applied
-        once."""
+        once (a run remembers the last 32 control and signal ids applied to it)."""
         if self._producer is None:
             msg = "start the client (`await client.start()` or `async with client`) first"
             raise ClientClosed(msg)
