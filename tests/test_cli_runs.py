@@ -113,6 +113,11 @@ async def test_controls_say_whether_they_were_applied(make_system: Any) -> None:
 
     code, _, err = await cli(settings, "cancel", wid)  # again: the run is over
     assert code == 1 and f"does not apply to run {wid}, which is cancelled" in err, err
+    # By filter: the cancelled run is one a retry applies to, none a cancel does.
+    code, out, err = await cli(settings, "retry", "--workflow", "slow", "--dry-run")
+    assert (code, out.strip()) == (0, "retry would be sent to 1 run"), err
+    code, out, err = await cli(settings, "cancel", "--workflow", "slow", "--dry-run")
+    assert (code, out.strip()) == (0, "cancel would be sent to 0 runs"), err
     code, out, err = await cli(settings, "retry", wid)
     assert code == 0 and "applied" in out, err
 

@@ -15,20 +15,25 @@ from mediator.cli.common import run as run_coroutine
 from mediator.core.ids import RUN_ID
 from mediator.errors import MediatorError
 
+#: Said when no replica recorded what became of a control in time.
+NO_ANSWER = (
+    "no replica answered within {wait:g}s (is a mediator running? a control it refused as "
+    "unsigned or not allowed is only dead-lettered: see `mediator dlq list`)"
+)
+
 
 def _control(
     action: str,
     config: Path | None,
-    workflow_id: str | None,
-    service: str | None,
+    service: str,
     reason: str,
     instance: str | None = None,
     wait: float | None = 15.0,
 ) -> None:
-    """Send one control; unless `wait` is None, wait that long for what became of it and
-    exit 1 when it was refused or no replica answered."""
+    """Send one control to a service (or one of its instances); unless `wait` is None,
+    wait that long for what became of it and exit 1 when it was refused or no replica
+    answered. (Controls of runs: `_runs_control`.)"""
     from mediator.ops.control import control_signer
-    from mediator.storage.keys import workflow_id_for
 
     settings = load(config)
     quiet_libraries()
@@ -36,22 +41,16 @@ def _control(
         signer = control_signer(settings.signing)
     except MediatorError as exc:
         raise fail(str(exc)) from None
-    if workflow_id is not None and not RUN_ID.fullmatch(workflow_id):
-        workflow_id = workflow_id_for(workflow_id)  # a request id names its run
-    target = workflow_id or (f"{service} {instance}" if instance else service)
+    target = f"{service} {instance}" if instance else service
     sent, outcome = run_coroutine(
-        _send_and_wait(settings, signer, action, workflow_id, service, instance, reason, wait)
+        _send_and_wait(settings, signer, action, service, instance, reason, wait)
     )
     if wait is None:
         typer.echo(f"{action} {target}: sent as {sent.control_id}")
         return
     if outcome is None:
-        typer.echo(
-            f"{action} {target}: sent as {sent.control_id}, but no replica answered within "
-            f"{wait:g}s (is a mediator running? a control it refused as unsigned or not "
-            "allowed is only dead-lettered: see `mediator dlq list`)",
-            err=True,
-        )
+        said = NO_ANSWER.format(wait=wait)
+        typer.echo(f"{action} {target}: sent as {sent.control_id}, but {said}", err=True)
         raise typer.Exit(code=1)
     if not outcome["applied"]:
         typer.echo(f"{action} {target}: refused: {outcome['detail']}", err=True)
@@ -63,8 +62,7 @@ async def _send_and_wait(
     settings: Any,
     signer: Any,
     action: str,
-    workflow_id: str | None,
-    service: str | None,
+    service: str,
     instance: str | None,
     reason: str,
     wait: float | None,
@@ -79,7 +77,6 @@ async def _send_and_wait(
         kafka,
         kafka.topics,
         ControlAction(action),
-        workflow_id=workflow_id,
         service=service,
         instance=instance,
         reason=reason or None,
@@ -104,28 +101,6 @@ WaitOption = Annotated[
 TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the outcome.")]
 
 
-def cancel(
-    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id, or its request id.")],
-    reason: ReasonOption = "",
-    wait: WaitOption = True,
-    timeout: TimeoutOption = 15.0,
-    config: ConfigOption = None,
-) -> None:
-    """Cancel a running run: its completed steps are compensated, then it ends cancelled."""
-    _control("cancel", config, workflow_id, None, reason, wait=timeout if wait else None)
-
-
-def retry(
-    workflow_id: Annotated[str, typer.Argument(help="The run's workflow id, or its request id.")],
-    reason: ReasonOption = "",
-    wait: WaitOption = True,
-    timeout: TimeoutOption = 15.0,
-    config: ConfigOption = None,
-) -> None:
-    """Run a failed or cancelled run again from its unfinished steps, keeping outputs."""
-    _control("retry", config, workflow_id, None, reason, wait=timeout if wait else None)
-
-
 RunsArgument = Annotated[
     list[str] | None, typer.Argument(help="Run ids or request ids (or use --workflow).")
 ]
@@ -136,6 +111,32 @@ WorkflowFilter = Annotated[
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="Print how many runs it would act on, and stop.")
 ]
+
+
+def cancel(
+    runs: RunsArgument = None,
+    workflow: WorkflowFilter = None,
+    dry_run: DryRunOption = False,
+    reason: ReasonOption = "",
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 15.0,
+    config: ConfigOption = None,
+) -> None:
+    """Cancel running runs: their completed steps are compensated, then they end cancelled."""
+    _runs_control("cancel", config, runs, workflow, dry_run, reason, timeout if wait else None)
+
+
+def retry(
+    runs: RunsArgument = None,
+    workflow: WorkflowFilter = None,
+    dry_run: DryRunOption = False,
+    reason: ReasonOption = "",
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 15.0,
+    config: ConfigOption = None,
+) -> None:
+    """Run failed or cancelled runs again from their unfinished steps, keeping outputs."""
+    _runs_control("retry", config, runs, workflow, dry_run, reason, timeout if wait else None)
 
 
 def pause(
@@ -233,7 +234,7 @@ def _runs_control(
     # are reported as skipped, not as failures.
     chosen: list[str] = []
     if workflow is not None:
-        chosen = run_coroutine(_runs_of(settings, workflow, paused=action == "resume"))
+        chosen = run_coroutine(_runs_of(settings, workflow, action))
     ids = list(dict.fromkeys([*named, *chosen]))
     optional = set(chosen) - set(named)
     if dry_run:
@@ -260,7 +261,7 @@ def _report(
         if wait is None:
             typer.echo(f"{action} {wid}: sent as {sent.control_id}")
         elif outcome is None:
-            typer.echo(f"{action} {wid}: sent, but no replica answered within {wait:g}s", err=True)
+            typer.echo(f"{action} {wid}: sent, but {NO_ANSWER.format(wait=wait)}", err=True)
         elif outcome["applied"]:
             applied += 1
             typer.echo(f"{action} {wid}: applied ({outcome['detail']})")
@@ -279,19 +280,29 @@ def _report(
     return applied + skipped == len(ids)
 
 
-async def _runs_of(settings: Any, workflow: str, *, paused: bool) -> list[str]:
-    """The runs of `workflow` a pause (live, not paused) or a resume (paused) applies to."""
+#: Which runs of a workflow each action applies to: (statuses, paused or not, or either).
+_APPLIES_TO: dict[str, tuple[tuple[str, ...], bool | None]] = {
+    "cancel": (("running",), None),
+    "retry": (("failed", "cancelled"), None),
+    "pause": (("running", "compensating"), False),
+    "resume": (("running", "compensating"), True),
+}
+
+
+async def _runs_of(settings: Any, workflow: str, action: str) -> list[str]:
+    """The runs of `workflow` that `action` applies to, as Redis has them now."""
     from mediator.ops.runs import list_runs
     from mediator.storage.connection import connect_to
     from mediator.storage.keys import Keys
 
+    statuses, paused = _APPLIES_TO[action]
     redis = connect_to(settings.redis)
     try:
         keys = Keys(settings.redis.key_prefix, settings.redis.shards)
         rows = await list_runs(redis, keys, workflow=workflow, paused=paused, limit=100_000)
     finally:
         await redis.aclose()
-    return [r["workflow_id"] for r in rows if r["status"] in ("running", "compensating")]
+    return [r["workflow_id"] for r in rows if r["status"] in statuses]
 
 
 async def _send_all(
@@ -367,7 +378,7 @@ def drain(
     """Route no new command to one instance while those in flight finish (or, with
     --undo, route to it again). It stays drained until it leaves or is marked down."""
     action = "undrain" if undo else "drain"
-    _control(action, config, None, service, reason, instance, wait=timeout if wait else None)
+    _control(action, config, service, reason, instance, wait=timeout if wait else None)
 
 
 breaker_app = typer.Typer(help="Circuit breakers: list them, reset one.", no_args_is_help=True)
@@ -382,7 +393,7 @@ def breaker_reset(
     config: ConfigOption = None,
 ) -> None:
     """Close a service's breaker now; its parked steps drain at the configured rate."""
-    _control("reset_breaker", config, None, service, reason, wait=timeout if wait else None)
+    _control("reset_breaker", config, service, reason, wait=timeout if wait else None)
 
 
 @breaker_app.command("list")
