@@ -459,9 +459,9 @@ def _scheduler(
         delivery = await producer.send(topic, value, key, headers=headers)
         await delivery
 
-    async def is_live(workflow_id: str) -> bool:
+    async def is_live(workflow_id: str) -> bool | None:
         state = await store.load(workflow_id)
-        return state is not None and not state.terminal
+        return None if state is None else not state.terminal
 
     return Scheduler(
         states,

@@ -129,19 +129,25 @@ async def test_overlap_skip_sees_a_tick_published_by_a_replica_that_lost_the_rac
     fired, seen = now // 1000 * 1000 - 2_000, now // 1000 * 1000 - 1_000
     await redis_client.hset(keys.schedules, mapping={"s:last": seen, "s:fired": fired})
     live = {workflow_id_for(request_id("s", seen))}
+    unread: set[str] = set()
     published: list[str] = []
 
     async def publish(topic: str, value: bytes, key: bytes, headers: Any) -> None:
         published.append(key.decode())
 
-    async def is_live(run: str) -> bool:
-        return run in live
+    async def is_live(run: str) -> bool | None:
+        return True if run in live else None if run in unread else False
 
     scheduler = Scheduler(states, {"s": schedule}, Topics(), publish, is_live)
     assert await scheduler.look() == 0 and published == []
     live.clear()  # it ended: the next tick fires
     await asyncio.sleep(1.05)
     assert await scheduler.look() == 1 and len(published) == 1
+    # That tick's request is published but not read yet (no run in Redis): the next tick
+    # waits for it, for up to the grace period.
+    unread.add(workflow_id_for(published[0]))
+    await asyncio.sleep(1.05)
+    assert await scheduler.look() == 0 and len(published) == 1
 
 
 async def test_a_schedule_whose_spec_changed_starts_again_from_its_next_look(

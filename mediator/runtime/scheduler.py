@@ -35,8 +35,9 @@ log = logging.getLogger("mediator.schedules")
 
 #: Publishes one record and waits for the broker's acknowledgement.
 Publish = Callable[[str, bytes, bytes, list[tuple[str, bytes]]], Awaitable[None]]
-#: Whether a run is still going (not ended): for `overlap`.
-IsLive = Callable[[str], Awaitable[bool]]
+#: Whether a run is still going (not ended), or None when Redis has no such run (its
+#: request not read yet, or refused): for `overlap`.
+IsLive = Callable[[str], Awaitable[bool | None]]
 
 
 class Scheduler(Periodic):
@@ -97,7 +98,7 @@ class Scheduler(Periodic):
             return 0
         fire = [] if state.paused else due.fire
         if fire and state.fired_ms is not None and schedule.overlap != "allow":
-            previous = await self._live_previous(schedule, state)
+            previous = await self._live_previous(schedule, state, now)
             if previous is not None:
                 if schedule.overlap == "skip":
                     log.info(
@@ -124,15 +125,22 @@ class Scheduler(Periodic):
             )
         return len(sent)
 
-    async def _live_previous(self, schedule: Schedule, state: ScheduleState) -> str | None:
+    async def _live_previous(
+        self, schedule: Schedule, state: ScheduleState, now: int
+    ) -> str | None:
         """The run of an earlier fire still going, if any: of the last tick recorded as
-        fired, or of the last tick seen (a replica that lost the compare-and-set may have
-        published it)."""
+        fired (or its request, published but not started yet, for up to
+        `schedules.grace_ms`), or of the last tick seen (a replica that lost the
+        compare-and-set may have published it)."""
         ticks = {t for t in (state.fired_ms, state.last_ms) if t is not None}
         for tick in sorted(ticks, reverse=True):
             run = workflow_id_for(request_id(schedule.name, tick))
-            if await self.is_live(run):
+            live = await self.is_live(run)
+            if live:
                 return run
+            fired_lately = tick == state.fired_ms and now - tick <= self.settings.grace_ms
+            if live is None and fired_lately:
+                return run  # published, not read yet: it is about to run
         return None
 
     async def _fire(self, schedule: Schedule, tick: int, now: int) -> bool:
