@@ -9,7 +9,7 @@ while staying small on the wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -18,7 +18,10 @@ from mediator.clock import now_ms
 from topics.events import CommandEvent, DeadLetter, ReplyEvent, ResultEvent
 from topics.headers import headers_for
 
-__all__ = ["dead_letter", "encode", "encode_plain", "headers", "validation_reason"]
+if TYPE_CHECKING:
+    from mediator.core.signing import Keyring
+
+__all__ = ["dead_letter", "encode", "encode_plain", "headers", "record", "validation_reason"]
 
 #: orjson writes only plain JSON values itself with these; a datetime, dataclass, str or
 #: int subclass, model or anything else raises instead of being written its own way.
@@ -64,6 +67,18 @@ def headers(event: BaseModel) -> list[tuple[str, bytes]]:
         elif isinstance(event, ResultEvent):
             span = event.workflow_id or event.request_id
     return headers_for(str(event_type), int(schema_version), trace_id, span)
+
+
+def record(
+    event: BaseModel, topic: str, key: bytes | None, keys: Keyring | None = None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of ``event`` published to `topic` under `key`: its contract
+    headers, and its signature headers when `keys` sign it."""
+    value = encode(event)
+    extra = headers(event)
+    if keys is not None:
+        extra += keys.headers(value, topic, key)
+    return value, extra
 
 
 def validation_reason(exc: ValidationError, most: int = 3) -> str:

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from mediator.codec import encode, headers
+from mediator.codec import record
 from mediator.core.metrics import summarize
 from mediator.errors import ConfigurationError, MediatorError
 from mediator.ops.control import (
@@ -317,12 +317,9 @@ class Dashboard:
 
     async def _publish_request(self, fired: RequestEvent) -> None:
         """Publish a request as this process's client (signed when `signing.client` is)."""
-        topic = self.settings.kafka.topics.requests
-        value, key = encode(fired), fired.request_id.encode()
-        extra = headers(fired)
+        topic, key = self.settings.kafka.topics.requests, fired.request_id.encode()
         keys = self.settings.signing.request_signer()
-        if keys is not None:
-            extra += keys.headers(value, topic, key)
+        value, extra = record(fired, topic, key, keys)
         await self.controls.producer.send_and_wait(topic, value, key=key, headers=extra)
 
     async def _reset(self, request: web.Request) -> web.Response:

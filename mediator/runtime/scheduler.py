@@ -166,10 +166,8 @@ class Scheduler(Periodic):
             payload=payload,
             created_ms=now,
         )
-        value, key = codec.encode(request), request.request_id.encode()
-        headers = codec.headers(request)
-        if self.request_keys is not None:
-            headers += self.request_keys.headers(value, self.topics.requests, key)
+        key = request.request_id.encode()
+        value, headers = codec.record(request, self.topics.requests, key, self.request_keys)
         await self.publish(self.topics.requests, value, key, headers)
         log.info("schedule %s: tick %d fired as %s", schedule.name, tick, request.request_id)
         return True
@@ -183,11 +181,9 @@ class Scheduler(Periodic):
             reason=f"schedule {schedule.name}: tick {tick} replaces it (overlap: cancel_previous)",
             issued_ms=now,
         )
-        key = workflow_id.encode()
+        key, keys = workflow_id.encode(), None
         if self.control_signer is not None:
-            control = control.model_copy(update={"operator": self.control_signer[0]})
-        value = codec.encode(control)
-        headers = codec.headers(control)
-        if self.control_signer is not None:
-            headers += self.control_signer[1].headers(value, self.topics.control, key)
+            operator, keys = self.control_signer
+            control = control.model_copy(update={"operator": operator})
+        value, headers = codec.record(control, self.topics.control, key, keys)
         await self.publish(self.topics.control, value, key, headers)

@@ -216,10 +216,8 @@ class MediatorClient:
         if self._producer is None:
             msg = "start the client (`await client.start()` or `async with client`) first"
             raise ClientClosed(msg)
-        value, key = codec.encode(request), request.request_id.encode()
-        headers = codec.headers(request)
-        if self.keys is not None:
-            headers += self.keys.headers(value, self.topics.requests, key)
+        key = request.request_id.encode()
+        value, headers = codec.record(request, self.topics.requests, key, self.keys)
         await self._producer.send_and_wait(
             self.topics.requests, value=value, key=key, headers=headers
         )
@@ -251,10 +249,9 @@ class MediatorClient:
             operator=self.operator[0] if self.operator is not None else None,
             issued_ms=clock.now_ms(),
         )
-        value, key = codec.encode(control), workflow_id.encode()
-        headers = codec.headers(control)
-        if self.operator is not None:
-            headers += self.operator[1].headers(value, self.topics.control, key)
+        key = workflow_id.encode()
+        keys = self.operator[1] if self.operator is not None else None
+        value, headers = codec.record(control, self.topics.control, key, keys)
         await self._producer.send_and_wait(
             self.topics.control, value=value, key=key, headers=headers
         )
