@@ -4,7 +4,8 @@ never a traceback), running a coroutine, quieting libraries in one-shot commands
 from __future__ import annotations
 
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,6 +23,7 @@ __all__ = [
     "fail",
     "load",
     "quiet_libraries",
+    "redis_session",
     "run",
     "set_verbose",
 ]
@@ -83,6 +85,20 @@ def _endpoints(settings: Any) -> str:
 def _where() -> str:
     """Which broker and Redis the command talked to (so a wrong one is seen at once)."""
     return f" ({_endpoints(_loaded[-1])})" if _loaded else ""
+
+
+@asynccontextmanager
+async def redis_session(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A Redis client for `settings` and the key layout Redis holds (its shard count as
+    stored), closed on exit."""
+    from mediator.ops.status import stored_keys
+    from mediator.storage.connection import connect_to
+
+    redis = connect_to(settings.redis)
+    try:
+        yield redis, await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+    finally:
+        await redis.aclose()
 
 
 def quiet_libraries() -> None:

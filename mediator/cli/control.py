@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import typer
 
-from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries
+from mediator.cli.common import (
+    ConfigOption,
+    JsonOption,
+    fail,
+    load,
+    quiet_libraries,
+    redis_session,
+)
 from mediator.cli.common import run as run_coroutine
 from mediator.core.ids import RUN_ID
 from mediator.errors import MediatorError
@@ -68,8 +74,6 @@ async def _send_and_wait(
     wait: float | None,
 ) -> tuple[Any, dict[str, Any] | None]:
     from mediator.ops.control import control_outcome, send_control
-    from mediator.storage.connection import connect_to
-    from mediator.storage.keys import Keys
     from topics.events import ControlAction
 
     kafka = settings.kafka
@@ -85,12 +89,8 @@ async def _send_and_wait(
     )
     if wait is None:
         return sent, None
-    redis = connect_to(settings.redis)
-    try:
-        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+    async with redis_session(settings) as (redis, keys):
         return sent, await control_outcome(redis, keys, sent.control_id, wait)
-    finally:
-        await redis.aclose()
 
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (kept in the run's error).")]
@@ -292,16 +292,10 @@ _APPLIES_TO: dict[str, tuple[tuple[str, ...], bool | None]] = {
 async def _runs_of(settings: Any, workflow: str, action: str) -> list[str]:
     """The runs of `workflow` that `action` applies to, as Redis has them now."""
     from mediator.ops.runs import list_runs
-    from mediator.storage.connection import connect_to
-    from mediator.storage.keys import Keys
 
     statuses, paused = _APPLIES_TO[action]
-    redis = connect_to(settings.redis)
-    try:
-        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+    async with redis_session(settings) as (redis, keys):
         rows = await list_runs(redis, keys, workflow=workflow, paused=paused, limit=100_000)
-    finally:
-        await redis.aclose()
     return [r["workflow_id"] for r in rows if r["status"] in statuses]
 
 
@@ -317,9 +311,7 @@ async def _send_all(
 ) -> list[tuple[Any, dict[str, Any] | None]]:
     """One control per run, through one producer; what became of each (None: no answer
     within `wait` seconds of the last being sent, or not waited for)."""
-    from mediator.ops.control import ControlSender, control_event, read_control_outcome
-    from mediator.storage.connection import connect_to
-    from mediator.storage.keys import Keys
+    from mediator.ops.control import ControlSender, control_event, control_outcomes
     from topics.events import ControlAction
 
     kafka = settings.kafka
@@ -345,22 +337,8 @@ async def _send_all(
         await sender.stop()
     if wait is None:
         return [(s, None) for s in sent]
-    redis = connect_to(settings.redis)
-    keys = Keys(settings.redis.key_prefix, settings.redis.shards)
-    outcomes: dict[str, dict[str, Any]] = {}
-    deadline = asyncio.get_running_loop().time() + wait
-    try:
-        while True:
-            for control in sent:
-                if control.control_id not in outcomes:
-                    found = await read_control_outcome(redis, keys, control.control_id)
-                    if found is not None:
-                        outcomes[control.control_id] = found
-            if len(outcomes) == len(sent) or asyncio.get_running_loop().time() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await redis.aclose()
+    async with redis_session(settings) as (redis, keys):
+        outcomes = await control_outcomes(redis, keys, [s.control_id for s in sent], wait)
     return [(s, outcomes.get(s.control_id)) for s in sent]
 
 
@@ -419,16 +397,10 @@ def breaker_list(
 
 async def _breakers(settings: Any) -> dict[str, Any]:
     from mediator.ops.control import breaker_states
-    from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect_to
     from mediator.storage.parked import parked_counts
 
-    redis = connect_to(settings.redis)
-    try:
-        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+    async with redis_session(settings) as (redis, keys):
         states = await breaker_states(redis, keys)
         for service, count in (await parked_counts(redis, keys, states)).items():
             states[service]["parked"] = count
         return states
-    finally:
-        await redis.aclose()

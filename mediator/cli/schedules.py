@@ -3,8 +3,7 @@ one now, and backfill the ticks of a time window."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -12,7 +11,15 @@ import orjson
 import typer
 from redis.asyncio import Redis
 
-from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
+from mediator.cli.common import (
+    ConfigOption,
+    JsonOption,
+    fail,
+    load,
+    quiet_libraries,
+    redis_session,
+    run,
+)
 from mediator.errors import MediatorError
 from mediator.storage.keys import Keys
 
@@ -37,20 +44,9 @@ def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-@asynccontextmanager
-async def _redis(settings: Any) -> AsyncIterator[tuple[Redis, Keys]]:
-    from mediator.storage.connection import connect_to
-
-    redis = connect_to(settings.redis)
-    try:
-        yield redis, Keys(settings.redis.key_prefix, settings.redis.shards)
-    finally:
-        await redis.aclose()
-
-
 def _with_redis(settings: Any, work: Callable[[Redis, Keys], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with _redis(settings) as (redis, keys):
+        async with redis_session(settings) as (redis, keys):
             return await work(redis, keys)
 
     return run(go())

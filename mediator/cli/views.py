@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from mediator.cli.common import ConfigOption, JsonOption, load, quiet_libraries
+from mediator.cli.common import ConfigOption, JsonOption, load, quiet_libraries, redis_session
 from mediator.cli.common import run as run_coroutine
 from mediator.errors import MediatorError
 
@@ -43,16 +43,11 @@ def status(
 
 
 async def _status(settings: Any, limit: int) -> dict[str, Any]:
-    from mediator.ops.status import collect_status, stored_keys
-    from mediator.storage.connection import connect_to
+    from mediator.ops.status import collect_status
 
-    redis = connect_to(settings.redis)
-    try:
-        # The layout the prefix was written with, which `mediator dev` may have chosen.
-        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+    # The layout the prefix was written with, which `mediator dev` may have chosen.
+    async with redis_session(settings) as (redis, keys):
         return await collect_status(redis, keys, limit=limit)
-    finally:
-        await redis.aclose()
 
 
 def services(json_output: JsonOption = False, config: ConfigOption = None) -> None:
@@ -70,15 +65,9 @@ def services(json_output: JsonOption = False, config: ConfigOption = None) -> No
 
 async def _services_view(settings: Any) -> dict[str, Any]:
     from mediator.ops.services import collect_services
-    from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect_to
 
-    redis = connect_to(settings.redis)
-    try:
-        keys = await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
+    async with redis_session(settings) as (redis, keys):
         return await collect_services(redis, keys)
-    finally:
-        await redis.aclose()
 
 
 def validate(

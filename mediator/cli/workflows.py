@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import orjson
 import typer
 
-from mediator.cli.common import ConfigOption, JsonOption, fail, load, quiet_libraries, run
+from mediator.cli.common import (
+    ConfigOption,
+    JsonOption,
+    fail,
+    load,
+    quiet_libraries,
+    redis_session,
+    run,
+)
 from mediator.errors import MediatorError
 from mediator.ops.window import parse_moment
 
@@ -26,18 +34,6 @@ __all__ = ["dashboard_command", "dashboard_site", "serve_dashboard", "workflows_
 workflows_app = typer.Typer(
     help="Workflow runs in Redis: list them with filters, show one.", no_args_is_help=True
 )
-
-
-@asynccontextmanager
-async def _redis(settings: Settings) -> AsyncIterator[tuple[Redis, Keys]]:
-    from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect_to
-
-    redis = connect_to(settings.redis)
-    try:
-        yield redis, await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
-    finally:
-        await redis.aclose()
 
 
 def _time(ms: int | None) -> str:
@@ -85,7 +81,7 @@ def list_command(
     async def query() -> list[dict[str, Any]]:
         from mediator.ops.runs import list_runs
 
-        async with _redis(settings) as (redis, keys):
+        async with redis_session(settings) as (redis, keys):
             return await list_runs(
                 redis,
                 keys,
@@ -135,7 +131,7 @@ def show_command(
         from mediator.ops.runs import show_run
         from mediator.storage.keys import workflow_id_for
 
-        async with _redis(settings) as (redis, keys):
+        async with redis_session(settings) as (redis, keys):
             found = await show_run(redis, keys, workflow_id)
             if found is None:  # a request id names its run too
                 found = await show_run(redis, keys, workflow_id_for(workflow_id))
@@ -241,7 +237,7 @@ async def serve_dashboard(
     import asyncio
 
     async with (
-        _redis(settings) as (redis, keys),
+        redis_session(settings) as (redis, keys),
         dashboard_site(settings, redis, keys, host, port) as url,
     ):
         if announce is not None:

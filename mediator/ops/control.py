@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import getpass
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
 from mediator.clock import now_ms
-from mediator.codec import encode, headers
+from mediator.codec import record
 from mediator.core.signing import Keyring
 from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection
@@ -114,16 +115,12 @@ class ControlSender:
         """Publish one control and wait for the broker's acknowledgement; signed by this
         sender's operator, whose id it carries."""
         key = (control.workflow_id or control.service or control.control_id).encode()
-        extra: list[tuple[str, bytes]] = []
+        keys = None
         if self.signer is not None:
             operator, keys = self.signer
             control = control.model_copy(update={"operator": operator})
-        value = encode(control)
-        if self.signer is not None:
-            extra = keys.headers(value, self.topics.control, key)
-        await self.producer.send_and_wait(
-            self.topics.control, value, key=key, headers=[*headers(control), *extra]
-        )
+        value, extra = record(control, self.topics.control, key, keys)
+        await self.producer.send_and_wait(self.topics.control, value, key=key, headers=extra)
         return control
 
 
@@ -156,10 +153,23 @@ async def control_outcome(
 ) -> dict[str, Any] | None:
     """What became of the control `control_id` (``{applied, detail, at_ms}``), as the
     replica that handled it recorded; None if none did within `timeout_s`."""
+    return (await control_outcomes(redis, keys, [control_id], timeout_s)).get(control_id)
+
+
+async def control_outcomes(
+    redis: Redis, keys: Keys, control_ids: Sequence[str], timeout_s: float
+) -> dict[str, dict[str, Any]]:
+    """What became of each of `control_ids`, by id, as the replicas recorded; those none
+    recorded within `timeout_s` are left out."""
     deadline = asyncio.get_running_loop().time() + timeout_s
+    found: dict[str, dict[str, Any]] = {}
     while True:
-        found = await read_control_outcome(redis, keys, control_id)
-        if found is not None or asyncio.get_running_loop().time() >= deadline:
+        for control_id in control_ids:
+            if control_id not in found:
+                outcome = await read_control_outcome(redis, keys, control_id)
+                if outcome is not None:
+                    found[control_id] = outcome
+        if len(found) == len(control_ids) or asyncio.get_running_loop().time() >= deadline:
             return found
         await asyncio.sleep(0.1)
 
