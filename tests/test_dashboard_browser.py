@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,20 @@ async def browser() -> AsyncIterator[Browser]:
         await b.close()
 
 
+@asynccontextmanager
+async def _dashboard(system: Any) -> AsyncIterator[str]:
+    """The dashboard of `system`, served on a free port while the block runs: its URL."""
+    urls: list[str] = []
+    serving = asyncio.create_task(
+        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
+    )
+    try:
+        await wait_for(lambda: urls, what="the dashboard to listen")
+        yield urls[0]
+    finally:
+        await cancel_and_wait(serving)
+
+
 class Flaky:
     """Step ``b`` fails for good while `broken`."""
 
@@ -166,13 +181,7 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
     assert ok.status is WorkflowStatus.COMPLETED
     await mediator.flusher.flush()
 
-    urls: list[str] = []
-    serving = asyncio.create_task(
-        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
-    )
-    try:
-        await wait_for(lambda: urls, what="the dashboard to listen")
-        base = urls[0]
+    async with _dashboard(system) as base:
         keys = mediator.store.keys
         status = await collect_status(mediator.redis, keys)
         assert status["counts"]["failed"] == 3
@@ -278,8 +287,6 @@ async def test_dashboard_pages_show_redis_and_retry_fixes_failed_runs(
         await wait_for(lambda: browser.count("table[data-testid=alerts-history]"), what="alerts")
         await browser.open(base + "#/dlq")
         await wait_for(lambda: browser.count("table[data-testid=dlq]"), what="dead letters")
-    finally:
-        await cancel_and_wait(serving)
 
 
 #: A booking: the seat is reserved (and released if the run fails), then charged, with
@@ -316,14 +323,9 @@ async def test_a_failed_run_page_shows_every_attempt_why_it_failed_and_the_compe
     assert result.compensations["reserve"].status == "completed"
     await mediator.flusher.flush()
 
-    urls: list[str] = []
-    serving = asyncio.create_task(
-        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
-    )
-    try:
-        await wait_for(lambda: urls, what="the dashboard to listen")
+    async with _dashboard(system) as base:
         # Found from the list by its request id, as a user would look for it.
-        await browser.open(urls[0] + "#/runs?status=failed")
+        await browser.open(base + "#/runs?status=failed")
         await wait_for(
             lambda: _contains(browser.text("table[data-testid=runs]"), "booking-1"),
             what="the failed run listed",
@@ -349,8 +351,6 @@ async def test_a_failed_run_page_shows_every_attempt_why_it_failed_and_the_compe
         steps = await browser.text("table[data-testid=steps]")
         assert "billing backend hiccup" in steps
         await browser.shot("run-failed")
-    finally:
-        await cancel_and_wait(serving)
 
 
 async def _equals(value: Any, expected: int) -> bool:
@@ -443,13 +443,8 @@ async def test_a_run_paused_and_resumed_from_its_page(make_system: Any, browser:
     running = asyncio.create_task(client.submit("chain3", {}, request_id="held", timeout=60))
     await wait_for(lambda: seen, what="step a to be sent")
     wid = workflow_id_for("held")
-    urls: list[str] = []
-    serving = asyncio.create_task(
-        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
-    )
-    try:
-        await wait_for(lambda: urls, what="the dashboard to listen")
-        await browser.open(urls[0] + f"#/run/{wid}")
+    async with _dashboard(system) as base:
+        await browser.open(base + f"#/run/{wid}")
         await wait_for(lambda: browser.count("[data-testid=pause]"), what="the Pause button")
         await browser.click("[data-testid=pause]")
         await wait_for(
@@ -473,8 +468,6 @@ async def test_a_run_paused_and_resumed_from_its_page(make_system: Any, browser:
             timeout=10,
             what="the pause and the resume on the timeline",
         )
-    finally:
-        await cancel_and_wait(serving)
 
 
 async def _step_status(mediator: Any, wid: str, step: str, expected: str) -> bool:
@@ -508,13 +501,8 @@ async def test_a_waiting_step_is_approved_from_the_run_page(
     client = await system.client()
     running = asyncio.create_task(client.submit("approval", {}, request_id="ask", timeout=60))
     wid = workflow_id_for("ask")
-    urls: list[str] = []
-    serving = asyncio.create_task(
-        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
-    )
-    try:
-        await wait_for(lambda: urls, what="the dashboard to listen")
-        await browser.open(urls[0] + f"#/run/{wid}")
+    async with _dashboard(system) as base:
+        await browser.open(base + f"#/run/{wid}")
         await wait_for(
             lambda: browser.count("[data-testid=approve-approve]"), what="the Approve button"
         )
@@ -526,8 +514,6 @@ async def test_a_waiting_step_is_approved_from_the_run_page(
         )
         assert (await running).status is WorkflowStatus.COMPLETED
         assert got == [{"approved": True, "by": "dashboard"}]
-    finally:
-        await cancel_and_wait(serving)
 
 
 async def test_schedules_are_listed_paused_and_run_now_from_the_dashboard(
@@ -548,13 +534,8 @@ async def test_schedules_are_listed_paused_and_run_now_from_the_dashboard(
 
     await system.worker("svc", {"work": work})
     await system.mediator()
-    urls: list[str] = []
-    serving = asyncio.create_task(
-        serve_dashboard(system.settings, "127.0.0.1", 0, ready=urls.append)
-    )
-    try:
-        await wait_for(lambda: urls, what="the dashboard to listen")
-        await browser.open(urls[0] + "#/schedules")
+    async with _dashboard(system) as base:
+        await browser.open(base + "#/schedules")
         await wait_for(lambda: browser.text("[data-testid=schedule-hourly]"), what="the list")
         assert await browser.text("[data-testid=schedule-hourly]") == "active"
         assert "every 1h" in await browser.text("table[data-testid=schedules]")
@@ -566,5 +547,3 @@ async def test_schedules_are_listed_paused_and_run_now_from_the_dashboard(
         await browser.click("[data-testid=trigger-hourly]")
         await wait_for(lambda: len(ran) >= 3, timeout=15, what="the run it started")
         await browser.shot("schedules")
-    finally:
-        await cancel_and_wait(serving)

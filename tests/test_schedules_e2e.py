@@ -29,11 +29,11 @@ SCHEDULE = {
 }
 
 
-async def test_two_replicas_fire_each_tick_once_and_catch_up_one_after_a_restart(
-    make_system: Any,
-) -> None:
+async def _ticking(make_system: Any, spec: dict[str, Any]) -> tuple[Any, Counter[int]]:
+    """A system with the schedule `spec` loaded and the service its runs call, which
+    counts the runs of each tick (no replica started yet)."""
     system = await make_system(FLOW, schedules=ScheduleSettings(poll_ms=50))
-    for schedule in parse_schedules({"schedules": [SCHEDULE]}):
+    for schedule in parse_schedules({"schedules": [spec]}):
         system.definitions.add_schedule(schedule)
     runs: Counter[int] = Counter()
 
@@ -42,6 +42,13 @@ async def test_two_replicas_fire_each_tick_once_and_catch_up_one_after_a_restart
         return {}
 
     await system.worker("svc", {"work": work})
+    return system, runs
+
+
+async def test_two_replicas_fire_each_tick_once_and_catch_up_one_after_a_restart(
+    make_system: Any,
+) -> None:
+    system, runs = await _ticking(make_system, SCHEDULE)
     first, second = await system.mediator(), await system.mediator()
     await wait_for(lambda: len(runs) >= 21, timeout=40, what="21 ticks")
     ticks = sorted(runs)
@@ -81,16 +88,7 @@ async def test_two_replicas_fire_each_tick_once_and_catch_up_one_after_a_restart
 
 async def test_the_cli_lists_pauses_triggers_and_backfills_a_schedule(make_system: Any) -> None:
     spec = {**SCHEDULE, "every": "1h", "name": "hourly"}
-    system = await make_system(FLOW, schedules=ScheduleSettings(poll_ms=50))
-    for schedule in parse_schedules({"schedules": [spec]}):
-        system.definitions.add_schedule(schedule)
-    runs: Counter[int] = Counter()
-
-    async def work(data: Any, command: Any) -> dict[str, Any]:
-        runs[data["tick"]] += 1
-        return {}
-
-    await system.worker("svc", {"work": work})
+    system, runs = await _ticking(make_system, spec)
     await system.mediator()
     settings = system.settings
     code, out, err = await cli(settings, "schedules", "list")
