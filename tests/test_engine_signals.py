@@ -119,3 +119,12 @@ def test_a_signal_to_a_finished_run_does_not_apply() -> None:
     run = Run(make(step("a")))
     run.complete("a")
     assert signal(run, "approval", {}, T0 + 50) is None
+
+
+def test_a_last_wait_completed_by_a_kept_signal_finishes_the_run() -> None:
+    run = Run(make(step("reserve"), wait("approve", "reserve")))
+    signal(run, "approval", {"ok": True}, T0 + 5)
+    ended = run.complete("reserve")
+    outcome = result(ended)
+    assert outcome.status is WorkflowStatus.COMPLETED
+    assert run.state.steps["approve"].output == {"ok": True}

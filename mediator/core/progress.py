@@ -105,8 +105,9 @@ class Progress:
         if ready and state.paused_ms is not None:
             return transition  # they stay pending: resuming the run dispatches them
         signalled = self._start(workflow, transition, ready, now_ms)
-        if signalled or (ready and all(s.status in SATISFIED for s in steps.values())):
-            return self._advance(workflow, transition, now_ms, signalled)
+        if signalled:  # waits a kept signal completed at once: their dependants may be ready
+            after = [d for sid in signalled for d in workflow.dependants[sid]]
+            return self._advance(workflow, transition, now_ms, after)
         if not ready and all(s.status in SATISFIED for s in steps.values()):
             return self._finish(workflow, transition, now_ms, None)
         return transition
@@ -114,8 +115,8 @@ class Progress:
     def _start(
         self, workflow: Workflow, transition: Transition, ready: list[tuple[Step, Any]], now_ms: int
     ) -> list[str]:
-        """Send the ready steps' commands, and start the ready `wait` steps; the dependants
-        of those a kept signal completed at once (they may be ready now)."""
+        """Send the ready steps' commands, and start the ready `wait` steps; those a kept
+        signal completed at once."""
         steps = transition.state.steps
         signalled: list[str] = []
         for step, command_input in ready:
@@ -126,7 +127,7 @@ class Progress:
                     transition, step, now_ms, attempt, previous.history, previous.base
                 )
                 if steps[step.id].status is StepStatus.COMPLETED:
-                    signalled += workflow.dependants[step.id]
+                    signalled.append(step.id)
                 continue
             steps[step.id] = self._dispatch(
                 transition, step, command_input, now_ms, attempt, previous.history, previous.base
