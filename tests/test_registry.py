@@ -256,3 +256,7 @@ async def test_an_instance_without_boot_ids_that_left_is_not_brought_back_by_a_r
     assert await registry.sweep() == []
     # A newer `up` of the same id (it came back) is taken.
     assert await registry.apply([beat("i-1", ts_ms=2_000)]) != []
+    # While it is up, a heartbeat stamped earlier (its clock stepped back) still counts:
+    # it is heard, not taken for dead.
+    await registry.apply([beat("i-1", ts_ms=1_200)])
+    assert registry.stale == 1

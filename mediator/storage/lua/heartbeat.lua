@@ -9,7 +9,8 @@
 -- A heartbeat is stale, and changes nothing, when the last one recorded came from the same
 -- boot with a sequence number at least as high (a replay, or one overtaken), or from
 -- another boot and is newer (a replay of an earlier start of the same instance id); from
--- an instance that sends no boot id, when the last one recorded is newer (its ts_ms).
+-- an instance that sends no boot id, when the last one recorded is its leaving (`down`)
+-- and is newer (its ts_ms).
 -- An instance an operator drained stays `draining` whatever it announces, until it leaves
 -- or is marked down (a restart under the same id then gets work again).
 -- Returns {previous status or '', now ms, status now or 'stale'}: '' is a new instance,
@@ -28,9 +29,10 @@ if last then
       else
         stale = tonumber(ARGV[7]) <= (tonumber(doc.ts_ms) or 0)
       end
-    elseif ARGV[5] == '' and type(doc.boot) ~= 'string' then
-      -- No boot id to tell a replay by: one older than the last recorded is stale (a
-      -- redelivered "up" must not bring back an instance that left).
+    elseif ARGV[5] == '' and type(doc.boot) ~= 'string' and doc.status == 'down' then
+      -- No boot id to tell a replay by: after it left, one older than its leaving is
+      -- stale (a redelivered "up" must not bring it back). Only then: a live instance
+      -- whose clock steps back must not have its heartbeats ignored, and be taken for dead.
       stale = tonumber(ARGV[7]) < (tonumber(doc.ts_ms) or 0)
     end
     if stale then
