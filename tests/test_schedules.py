@@ -165,3 +165,33 @@ async def test_a_schedule_whose_spec_changed_starts_again_from_its_next_look(
     assert await states.publish([_schedule(every="1m")]) == ["s"]
     changed = (await states.read())["s"]
     assert changed.last_ms is None and changed.spec["every"] == "1m"
+
+
+async def test_a_tick_whose_payload_is_not_an_object_is_skipped_and_said(
+    redis_client: Any, key_prefix: str, caplog: Any
+) -> None:
+    """A permanent failure at fire time: logged as an error and counted, nothing published,
+    and the schedule moves on (the tick is not retried for ever)."""
+    from mediator.runtime.scheduler import Scheduler
+    from mediator.storage.keys import Keys
+    from mediator.storage.schedules import ScheduleStates
+    from topics.names import Topics
+
+    schedule = _schedule(every="1s", payload="schedule.tick")  # renders a string
+    states = ScheduleStates(redis_client, Keys(key_prefix, 1))
+    now = await states.now_ms()
+    await states.start("s", now - 1_500)
+    published: list[bytes] = []
+
+    async def publish(topic: str, value: bytes, key: bytes, headers: Any) -> None:
+        published.append(value)
+
+    async def is_live(run: str) -> bool | None:
+        return None
+
+    scheduler = Scheduler(states, {"s": schedule}, Topics(), publish, is_live)
+    assert await scheduler.look() == 0
+    assert published == [] and scheduler.unrenderable == 1
+    assert "renders to str, not an object" in caplog.text
+    moved = (await states.read())["s"].last_ms
+    assert moved is not None and moved >= now // 1000 * 1000  # moved on
