@@ -61,6 +61,7 @@ def load_paths(paths: Iterable[Path]) -> Definitions:
                 definitions.add(workflow, source=str(file))
             for schedule in parse_schedules(document, source=str(file)):
                 definitions.add_schedule(schedule, source=str(file))
+    definitions.check_children()
     for schedule in definitions.schedules.values():
         if schedule.workflow not in definitions.names():
             msg = (
@@ -105,6 +106,8 @@ class Definitions:
         names = set()
         for workflow in self:
             for step in workflow.steps.values():
+                if step.child is not None:
+                    continue  # a child run's step calls no service
                 if step.wait is None:  # a wait step calls no service
                     names.add(step.service)
                 if step.compensate is not None:
@@ -112,6 +115,39 @@ class Definitions:
                 if step.fallback is not None:
                     names.add(step.fallback.service)
         return names
+
+    def child_services(self) -> set[str]:
+        """The services child runs reply as (``workflow.<name>``): signed like services."""
+        return {step.service for workflow in self for step in workflow.steps.values() if step.child}
+
+    def check_children(self) -> None:
+        """Every `workflow` step runs a loaded workflow (at a loaded version, if it names
+        one), and no workflow runs itself, directly or through others: `DefinitionError`
+        naming the step, or the cycle."""
+        calls: dict[str, set[str]] = {}
+        for workflow in self:
+            for step in workflow.steps.values():
+                child = step.child
+                if child is None:
+                    continue
+                if child.workflow not in self._latest or (
+                    child.version is not None and self.find(child.workflow, child.version) is None
+                ):
+                    at = f" version {child.version}" if child.version is not None else ""
+                    msg = (
+                        f"step {step.id!r} runs workflow {child.workflow!r}{at}, which is not "
+                        f"loaded; loaded: {sorted(self.names())}"
+                    )
+                    raise DefinitionError(msg, workflow=workflow.name)
+                calls.setdefault(workflow.name, set()).add(child.workflow)
+        cycle = _cycle(calls)
+        if cycle:
+            msg = (
+                "workflows run each other as child runs in a cycle: "
+                + " -> ".join(cycle)
+                + "; a run would start runs for ever"
+            )
+            raise DefinitionError(msg)
 
     def find(self, name: str, version: int) -> Workflow | None:
         """The loaded workflow `name` at `version`, or None."""
@@ -133,3 +169,32 @@ class Definitions:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+
+def _cycle(calls: dict[str, set[str]]) -> list[str]:
+    """A cycle in the graph `calls` (workflow -> the workflows it runs), as the path that
+    closes it (``a -> b -> a``); empty when there is none."""
+    done: set[str] = set()
+    for start in sorted(calls):
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, list[str]]] = [(start, sorted(calls.get(start, ())))]
+        path.append(start)
+        on_path.add(start)
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                path.pop()
+                on_path.discard(node)
+                done.add(node)
+                continue
+            nxt = todo.pop(0)
+            if nxt in on_path:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt in done:
+                continue
+            path.append(nxt)
+            on_path.add(nxt)
+            stack.append((nxt, sorted(calls.get(nxt, ()))))
+    return []

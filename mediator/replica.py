@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Iterable
 from types import TracebackType
+from typing import Any
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
@@ -138,6 +139,7 @@ class Mediator:
             controls_signed=_controls_signed(settings),
             clients=settings.signing.client_keys(),
             requests_signed=settings.signing.requests if settings.signing.enabled else "off",
+            **_child_signers(settings, definitions),
         )
         self.flusher = MetricsFlusher(
             self.recorder, self.metrics, monitoring.flush_ms, settings.backoff
@@ -417,7 +419,7 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
             "(signing.services.<name>.keys)",
             ", ".join(shared),
         )
-    missing = signatures.unsigned(definitions.services())
+    missing = signatures.unsigned(definitions.services() | definitions.child_services())
     if missing:
         msg = (
             f"no signing key for services {', '.join(missing)}: give them keys "
@@ -425,6 +427,34 @@ def _signatures(settings: Settings, definitions: Definitions) -> Signatures | No
         )
         raise ConfigurationError(msg)
     return signatures
+
+
+def _child_signers(settings: Settings, definitions: Definitions) -> dict[str, Any]:
+    """Who child runs' requests and the controls sent to child runs are signed as (the
+    runtime's `request_signer` and `control_signer`); refuses to start when child runs
+    need a signature nobody can give."""
+    signing = settings.signing
+    if not signing.enabled:
+        return {"request_signer": None, "control_signer": None}
+    client = signing.client
+    keys = signing.request_signer()
+    request_signer = (client, keys) if client is not None and keys is not None else None
+    control_signer = signing.control_signer()
+    children = sorted(definitions.child_services())
+    if children and signing.requests != "off" and request_signer is None:
+        msg = (
+            f"workflows run child runs ({', '.join(children)}), and requests are signed: set "
+            "signing.client to the client (of signing.clients) whose keys sign their requests"
+        )
+        raise ConfigurationError(msg)
+    if children and signing.controls != "off" and control_signer is None:
+        msg = (
+            f"workflows run child runs ({', '.join(children)}), and controls are signed: set "
+            "signing.operator to the operator (allowed cancel and compensate) that sends "
+            "them their cancels and compensations"
+        )
+        raise ConfigurationError(msg)
+    return {"request_signer": request_signer, "control_signer": control_signer}
 
 
 def _scheduler(

@@ -217,7 +217,7 @@ def test_missing_action_names_the_step() -> None:
         parse_workflows(workflow({"id": "pay", "service": "svc"}))
     assert str(info.value) == (
         "<memory>: workflow 'wf': step 'pay': `action` required: a step calls a service "
-        "(`service` and `action`) or waits for a signal (`wait`)"
+        "(`service` and `action`), runs a workflow (`workflow`) or waits for a signal (`wait`)"
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "HealthEvent",
     "HealthStatus",
     "MarkEvent",
+    "ParentRef",
     "ReplyEvent",
     "ReplyStatus",
     "RequestEvent",
@@ -114,6 +115,22 @@ class ErrorInfo(BaseModel):
     step: str | None = None
 
 
+class ParentRef(BaseModel):
+    """The step of another run that a run answers: the parent of a child run (on its
+    request), or the compensation of a child step (on a `compensate` control). The run
+    publishes its outcome to it as a `ReplyEvent` with this `command_id`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workflow_id: Identifier
+    step: str
+    attempt: int = Field(ge=1)
+    command_id: Identifier
+    depth: int = Field(
+        default=1, ge=1, le=1000, description="How many parents the run has (1: a child)."
+    )
+
+
 class RequestEvent(Event):
     """A client asks the mediator to run a workflow. Key: ``request_id``."""
 
@@ -128,6 +145,14 @@ class RequestEvent(Event):
     )
     trace_id: str | None = None
     created_ms: int | None = None
+    version: int | None = Field(
+        default=None, ge=1, description="Run this version of the workflow; default: the latest."
+    )
+    parent: ParentRef | None = Field(
+        default=None,
+        description="Set by the mediator on a child run's request: the parent's step that "
+        "waits for it. Accepted only from the mediator (signed with its client key).",
+    )
 
 
 class CommandEvent(Event):
@@ -336,6 +361,9 @@ class ControlAction(StrEnum):
     #: completes with the payload; if none waits yet, the run keeps it for the first that
     #: will.
     SIGNAL = "signal"
+    #: Undo a completed run (its completed steps' compensations, in reverse) and reply to
+    #: `reply` when done: what a parent sends the child run of a step it compensates.
+    COMPENSATE = "compensate"
 
 
 class ControlEvent(Event):
@@ -361,6 +389,10 @@ class ControlEvent(Event):
     )
     payload: dict[str, Any] | None = Field(
         default=None, description="With `signal`: the output of the step it completes."
+    )
+    reply: ParentRef | None = Field(
+        default=None,
+        description="With `compensate`: the parent's compensation that waits for the outcome.",
     )
 
 

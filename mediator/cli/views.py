@@ -94,6 +94,11 @@ def validate(
                 continue
             count = len(wf.steps)
             typer.echo(f"ok: {file}: {wf.key} ({count} step{'s' if count != 1 else ''})")
+    try:
+        definitions.check_children()  # across files: what child steps run, and no cycle
+    except MediatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        problems += 1
     if problems:
         if problems > 1:
             typer.echo(f"{problems} problems found", err=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from mediator.core import signals
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
-from mediator.core.progress import _expression_failure
+from mediator.core.lineage import give_up
+from mediator.core.progress import _expression_failure, render_input
 from mediator.core.results import history_of
 from mediator.core.sends import Sends
 from mediator.core.state import Failure, StepStatus, WorkflowState, evolve
@@ -49,6 +50,7 @@ class Attempts(Sends):
             code = "circuit_open"
         else:
             service = step_state.via or step.service
+            give_up(transition, step, step_state, f"step {step.id!r} timed out")
             transition.count(svc(service, "timeout"))
             transition.outcomes.append((service, False))
             observe(
@@ -152,7 +154,7 @@ class Attempts(Sends):
         state = transition.state
         previous = state.steps[step.id]
         try:
-            command_input = step.input.render(context(state, state.steps))
+            command_input = render_input(step, context(state, state.steps))
         except ExpressionError as exc:
             failure = _expression_failure(step, str(exc))
             state.steps[step.id] = evolve(

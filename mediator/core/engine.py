@@ -13,7 +13,7 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-from mediator.core import pausing, saga, signals
+from mediator.core import children, pausing, saga, signals
 from mediator.core.attempts import Attempts
 from mediator.core.counters import svc, wf
 from mediator.core.progress import command_id, idempotency_key
@@ -105,6 +105,7 @@ class Engine(Attempts):
             trace_id=request.trace_id or trace_id or w3c_trace_id(workflow_id),
             trace_parent=trace_parent,
             deadline_ms=now_ms + workflow.timeout_ms if workflow.timeout_ms else None,
+            parent=request.parent.model_dump() if request.parent is not None else None,
         )
         transition = Transition(state)
         transition.count(wf(workflow.name, "started"))
@@ -210,39 +211,15 @@ class Engine(Attempts):
     def apply_control(
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
     ) -> Transition | None:
-        """An operator's cancel, retry, pause or resume; None when it does not apply to the
-        run as it is (cancel of a finished run, retry of one that did not fail, pause of a
-        paused one) or was applied already (the same control delivered again: its id is
-        remembered with the run)."""
+        """An operator's cancel, retry, pause, resume or signal, or a parent's compensate;
+        None when it does not apply to the run as it is (cancel of a finished run, retry of
+        one that did not fail, pause of a paused one) or was applied already (the same
+        control delivered again: its id is remembered with the run)."""
         if control.control_id in (state.controls or ()):
             return None
-        reason = control.reason or "no reason given"
-        who = f" by {control.operator}" if control.operator else ""
-        if control.action is ControlAction.CANCEL:
-            if state.status is not WorkflowStatus.RUNNING:
-                return None
-            transition = Transition(fork(state))
-            transition.state.updated_ms = now_ms
-            transition.count(wf(workflow.name, "cancel_requested"))
-            error: Failure = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
-            transition = self._finish(workflow, transition, now_ms, error)
-        elif control.action is ControlAction.RETRY:
-            if state.status not in _RETRYABLE_RUNS:
-                return None
-            transition = self._reopen(workflow, state, now_ms)
-        elif control.action is ControlAction.PAUSE:
-            if not pausing.can_pause(state):
-                return None
-            transition = pausing.pause(workflow, state, now_ms, control.pause_deadline)
-        elif control.action is ControlAction.RESUME:
-            if state.paused_ms is None:
-                return None
-            transition = self._resume(workflow, state, now_ms)
-        elif control.action is ControlAction.SIGNAL:
-            if state.terminal or not control.signal:
-                return None
-            transition = self._signal(workflow, state, control, now_ms)
-        else:
+        apply = _CONTROLS.get(control.action)
+        transition = apply(self, workflow, state, control, now_ms) if apply else None
+        if transition is None:
             return None
         applied = transition.state
         applied.controls = [
@@ -250,6 +227,61 @@ class Engine(Attempts):
             control.control_id,
         ]
         return transition
+
+    def _cancel(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        if state.status is not WorkflowStatus.RUNNING:
+            return None
+        transition = Transition(fork(state))
+        transition.state.updated_ms = now_ms
+        transition.count(wf(workflow.name, "cancel_requested"))
+        who = f" by {control.operator}" if control.operator else ""
+        reason = control.reason or "no reason given"
+        error: Failure = {"message": f"cancelled{who}: {reason}", "code": "cancelled"}
+        return self._finish(workflow, transition, now_ms, error)
+
+    def _retry(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        if state.status not in _RETRYABLE_RUNS:
+            return None
+        return self._reopen(workflow, state, now_ms)
+
+    def _pause(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        if not pausing.can_pause(state):
+            return None
+        return pausing.pause(workflow, state, now_ms, control.pause_deadline)
+
+    def _resume_control(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        if state.paused_ms is None:
+            return None
+        return self._resume(workflow, state, now_ms)
+
+    def _signal_control(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        if state.terminal or not control.signal:
+            return None
+        return self._signal(workflow, state, control, now_ms)
+
+    def _compensate_control(
+        self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
+    ) -> Transition | None:
+        """A parent compensating the step this (child) run answered: see
+        `mediator.core.children`."""
+        if control.reply is None:
+            return None
+        transition, drive = children.compensate(workflow, state, control, now_ms)
+        if not drive:
+            return transition
+        error = transition.state.error
+        assert error is not None
+        return self._finish(workflow, transition, now_ms, error)
 
     def _signal(
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
@@ -342,6 +374,16 @@ class Engine(Attempts):
             transition.timers.append(deadline_timer(state, workflow.timeout_ms))
         transition.count(wf(workflow.name, "retried"))
         return self._advance(workflow, transition, now_ms)
+
+
+_CONTROLS = {
+    ControlAction.CANCEL: Engine._cancel,
+    ControlAction.RETRY: Engine._retry,
+    ControlAction.PAUSE: Engine._pause,
+    ControlAction.RESUME: Engine._resume_control,
+    ControlAction.SIGNAL: Engine._signal_control,
+    ControlAction.COMPENSATE: Engine._compensate_control,
+}
 
 
 def _from(reply: ReplyEvent, compensation: Compensation | None) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 from mediator.core import saga, signals
 from mediator.core.counters import STEPS_SKIPPED
 from mediator.core.expressions import ExpressionError
+from mediator.core.lineage import COMPENSATED
 from mediator.core.state import SATISFIED, Failure, StepState, StepStatus, WorkflowState, evolve
 from mediator.core.timers import SetTimer
 from mediator.core.transition import (
@@ -22,6 +23,9 @@ from mediator.core.workflow import Step, Workflow
 from topics.events import (
     WorkflowStatus,
 )
+
+#: Error codes a run ends `cancelled` with: an operator's cancel, a parent's compensate.
+_CANCELS = frozenset({"cancelled", COMPENSATED})
 
 #: Steps that hold one of a workflow's `max_parallel` slots.
 _BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
@@ -92,7 +96,7 @@ class Progress:
                     transition.count(STEPS_SKIPPED)
                     _release(workflow, step_id, heap, queued)
                 elif not workflow.max_parallel or running < workflow.max_parallel:
-                    ready.append((step, step.input.render(values)))
+                    ready.append((step, render_input(step, values)))
                     running += 1
             except ExpressionError as exc:
                 failure = _expression_failure(step, str(exc))
@@ -197,12 +201,22 @@ class Progress:
                 transition.state.error = error
                 saga.begin(workflow, transition, now_ms)
                 return self._compensate(workflow, transition, now_ms)
-            status = WorkflowStatus.CANCELLED if error.get("code") == "cancelled" else None
-            return end(transition, None, error, now_ms, status)
-        return end(transition, output, error, now_ms)
+            status = WorkflowStatus.CANCELLED if error.get("code") in _CANCELS else None
+            return end(transition, None, error, now_ms, status, workflow)
+        return end(transition, output, error, now_ms, None, workflow)
 
     def _compensate(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
         return saga.progress(self.replies_topic, workflow, transition, now_ms)
+
+
+def render_input(step: Step, values: dict[str, Any]) -> Any:
+    """The input of `step`'s command from the run's `values`; a child run's payload must
+    be an object (`ExpressionError` when it is not)."""
+    rendered = step.input.render(values)
+    if step.child is not None and not isinstance(rendered, dict):
+        msg = f"the input of a `workflow` step is the child's payload: an object, not {rendered!r}"
+        raise ExpressionError(msg)
+    return rendered
 
 
 def _output(workflow: Workflow, state: WorkflowState) -> Any:

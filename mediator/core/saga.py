@@ -18,6 +18,7 @@ from typing import Any
 
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
+from mediator.core.lineage import COMPENSATED, child_run_id, give_up
 from mediator.core.results import history_of
 from mediator.core.state import (
     Failure,
@@ -117,6 +118,8 @@ def abandon_in_flight(
             transition.cleared.append(timer_name("timeout", state, sid, s.attempt))
         else:
             continue
+        if s.status is StepStatus.RUNNING:
+            give_up(transition, workflow.steps[sid], s, "the run is being compensated")
         error = s.error if s.status is StepStatus.RETRYING else None
         if error is None:
             error = {
@@ -151,7 +154,7 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
     if any(busy.values()):
         return transition
     failed = any(u.status is StepStatus.FAILED for u in undos.values())
-    cancelled = state.error is not None and state.error.get("code") == "cancelled"
+    cancelled = state.error is not None and state.error.get("code") in ("cancelled", COMPENSATED)
     status = (
         WorkflowStatus.COMPENSATION_FAILED
         if failed
@@ -161,7 +164,7 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
     )
     if undos and not failed:
         transition.count(wf(workflow.name, "compensated"))
-    return end(transition, None, state.error, now_ms, status)
+    return end(transition, None, state.error, now_ms, status, workflow)
 
 
 def undo_replied(
@@ -314,7 +317,10 @@ def _dispatch(
     compensate = compensation(step, state.steps[step.id])
     assert compensate is not None
     try:
-        undo_input = compensate.input.render(context(state, state.steps))
+        if step.child is not None:  # the child run the step's completed attempt started
+            undo_input: Any = {"run": child_run_id(state.steps[step.id].command_id or "")}
+        else:
+            undo_input = compensate.input.render(context(state, state.steps))
     except ExpressionError as exc:
         error: Failure = {
             "message": f"compensation of step {step.id!r} could not evaluate its input: {exc}",

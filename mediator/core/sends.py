@@ -6,6 +6,7 @@ from __future__ import annotations
 from mediator.core import saga
 from mediator.core.counters import svc, wf
 from mediator.core.expressions import ExpressionError
+from mediator.core.lineage import ReplyToParent
 from mediator.core.progress import Progress
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, evolve, fork
 from mediator.core.timers import SetTimer
@@ -127,7 +128,9 @@ class Sends(Progress):
         with `error` instead, and its result says so without the output."""
         state = transition.state
         transition.count(wf(state.workflow, state.status.value), -1)
-        transition.effects = [e for e in transition.effects if not isinstance(e, PublishResult)]
+        transition.effects = [
+            e for e in transition.effects if not isinstance(e, PublishResult | ReplyToParent)
+        ]
         if state.error is not None:
             cause = state.error.get("message", "")
             error = {**error, "message": f"{error['message']} (the run had failed: {cause})"}

@@ -143,6 +143,12 @@ class WorkflowState:
     #: Signals that came before a step waited on them, oldest first, as ``{id, event,
     #: payload, at_ms}``: the first step that waits on one takes it (`core.signals`).
     inbox: list[dict[str, Any]] | None = None
+    #: The step of the parent run this child run answers (`topics.events.ParentRef`'s
+    #: fields): its outcome is published to it as a reply when the run ends.
+    parent: dict[str, Any] | None = None
+    #: The parent's compensation a `compensate` control asked this (completed) run to
+    #: answer: told the outcome when the undoing ends, in place of `parent`.
+    undo_reply: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -211,6 +217,8 @@ _WF_OPTIONAL = (
     "held",
     "deadline_left_ms",
     "inbox",
+    "parent",
+    "undo_reply",
 )
 
 

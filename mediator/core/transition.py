@@ -7,10 +7,12 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from mediator.core.counters import CounterKey, svc, wf
+from mediator.core.lineage import CancelChild, ReplyToParent, give_up, owed_reply
 from mediator.core.metrics import Observation
 from mediator.core.results import result_of
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, fork
 from mediator.core.timers import Fired, SetTimer, TimerKind
+from mediator.core.workflow import Workflow
 from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
 __all__ = [
@@ -47,7 +49,10 @@ class PublishResult:
     reply_to: str | None
 
 
-Effect = SendCommand | PublishResult
+#: What a transition publishes when it commits (through the outbox): commands (a child
+#: step's are its child's request and ``compensate`` control), the run's result, its
+#: outcome to the parent step waiting for it, and cancels of child runs it gave up.
+Effect = SendCommand | PublishResult | ReplyToParent | CancelChild
 
 
 @dataclass(slots=True)
@@ -106,12 +111,19 @@ def end(
     error: Failure | None,
     now_ms: int,
     status: WorkflowStatus | None = None,
+    workflow: Workflow | None = None,
 ) -> Transition:
     """Finish the run: completed with `output`, or failed with `error` (or ended in
-    `status`); publish its result."""
+    `status`); publish its result (and its outcome to its parent, for a child run). Child
+    runs still in flight are cancelled by their steps' policy (given `workflow`)."""
     state = transition.state
     if status is None:
         status = WorkflowStatus.FAILED if error is not None else WorkflowStatus.COMPLETED
+    if workflow is not None:
+        for sid, step_state in state.steps.items():
+            if step_state.status is StepStatus.RUNNING:
+                why = f"the run ended {status.value}"
+                give_up(transition, workflow.steps[sid], step_state, why)
     state.status = status
     state.output = output
     state.error = error
@@ -126,6 +138,10 @@ def end(
         Observation("wf", state.workflow, status.value, now_ms - state.created_ms)
     )
     transition.effects.append(PublishResult(result_of(state), state.reply_to))
+    if (state.parent or state.undo_reply) is not None:
+        reply = owed_reply(state, now_ms)
+        if reply is not None:
+            transition.effects.append(ReplyToParent(reply))
     clear_timers(transition)
     return transition
 

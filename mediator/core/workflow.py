@@ -17,7 +17,7 @@ import graphlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,6 +34,8 @@ from mediator.errors import (
 )
 
 __all__ = [
+    "CHILD_PREFIX",
+    "Child",
     "CompensateSpec",
     "Compensation",
     "Fallback",
@@ -113,6 +115,11 @@ class WaitSpec(_Spec):
     event: str = Field(pattern=_IDENT, description="The signal's name, e.g. ``approval``.")
 
 
+#: The service name a child step's commands and replies go by (``workflow.<name>``): no
+#: service of the user's may take a name with this prefix.
+CHILD_PREFIX = "workflow."
+
+
 class StepSpec(_Spec):
     """One step as written in a definition."""
 
@@ -121,6 +128,19 @@ class StepSpec(_Spec):
     action: str | None = Field(default=None, min_length=1)
     wait: WaitSpec | None = Field(
         default=None, description="Wait for a signal instead of calling a service."
+    )
+    workflow: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Run this workflow as a child run; the step completes with its output.",
+    )
+    version: int | None = Field(
+        default=None, ge=1, description="With `workflow`: the version to run (default: latest)."
+    )
+    on_cancel: Literal["cancel", "abandon"] = Field(
+        default="cancel",
+        description="With `workflow`: whether a child run the parent stops waiting for (the "
+        "parent cancelled, failed or timed the step out) is cancelled or left to finish.",
     )
     depends_on: list[str] = Field(default_factory=list)
     input: Any = None
@@ -132,12 +152,31 @@ class StepSpec(_Spec):
 
     @model_validator(mode="after")
     def _one_kind(self) -> StepSpec:
+        if self.service is not None and self.service.startswith(CHILD_PREFIX):
+            msg = f"service names starting {CHILD_PREFIX!r} are the mediator's (child runs)"
+            raise ValueError(msg)
+        if self.workflow is not None:
+            extra = [
+                name
+                for name in ("service", "action", "wait", "compensate", "fallback")
+                if getattr(self, name) is not None
+            ]
+            if extra:
+                msg = (
+                    f"a `workflow` step runs a child run, and is compensated by compensating "
+                    f"it: drop {', '.join(extra)}"
+                )
+                raise ValueError(msg)
+            return self
+        if self.version is not None or "on_cancel" in self.model_fields_set:
+            msg = "`version` and `on_cancel` go with `workflow` (a child run)"
+            raise ValueError(msg)
         if self.wait is None:
             missing = [n for n in ("service", "action") if getattr(self, n) is None]
             if missing:
                 msg = (
                     f"`{'` and `'.join(missing)}` required: a step calls a service (`service` "
-                    "and `action`) or waits for a signal (`wait`)"
+                    "and `action`), runs a workflow (`workflow`) or waits for a signal (`wait`)"
                 )
                 raise ValueError(msg)
             return self
@@ -197,6 +236,16 @@ class Fallback:
     compensate: Compensation | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Child:
+    """What a `workflow` step runs: the workflow (its latest version unless `version`),
+    and what becomes of the child run when the parent stops waiting for it."""
+
+    workflow: str
+    version: int | None = None
+    on_cancel: str = "cancel"
+
+
 @dataclass(slots=True)
 class Step:
     """One compiled step (part of a plan: never changed once built)."""
@@ -213,6 +262,9 @@ class Step:
     fallback: Fallback | None = None
     #: The signal a `wait` step waits for (its `service` and `action` are empty).
     wait: str | None = None
+    #: The workflow a `workflow` step runs as a child run (its `service` is
+    #: ``workflow.<name>``, its action ``run``, its compensation that of the child).
+    child: Child | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +399,15 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         _DEFAULT_INPUT if spec.input is None else _template(name, spec.id, "input", spec.input)
     )
     compensate = None
+    child = None
+    service, action = spec.service or "", spec.action or ""
+    if spec.workflow is not None:
+        child = Child(spec.workflow, spec.version, spec.on_cancel)
+        service, action = CHILD_PREFIX + spec.workflow, "run"
+        # The child run is undone by a `compensate` control, retried as compensations are.
+        compensate = Compensation(
+            service, "compensate", _DEFAULT_INPUT, timeout_ms, _DEFAULT_COMPENSATE_POLICY
+        )
     if spec.compensate is not None:
         compensate = _compensation(
             name, spec.id, "compensate", spec.compensate, spec.service or "", timeout_ms
@@ -375,8 +436,8 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
     # built at start-up and on every `validate`.
     return Step(
         spec.id,
-        spec.service or "",
-        spec.action or "",
+        service,
+        action,
         tuple(spec.depends_on),
         step_input,
         when,
@@ -385,6 +446,7 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         compensate,
         fallback,
         None if spec.wait is None else spec.wait.event,
+        child,
     )
 
 
@@ -525,3 +587,4 @@ def describe_error(error: Any, item: Mapping[str, Any]) -> str:
 
 
 _DEFAULT_RETRY = _retry_policy("", "", _DEFAULT_RETRY_SPEC)
+_DEFAULT_COMPENSATE_POLICY = _retry_policy("", "", _DEFAULT_COMPENSATE_RETRY)

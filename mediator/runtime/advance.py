@@ -14,6 +14,7 @@ from mediator.clock import now_ms
 from mediator.core import saga
 from mediator.core.counters import REROUTED
 from mediator.core.engine import SendCommand, Transition
+from mediator.core.lineage import is_child_service
 from mediator.core.state import Failure, WorkflowState
 from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
@@ -108,6 +109,8 @@ class Advance(Commits):
         for effect in [e for e in transition.effects if isinstance(e, SendCommand)]:
             command = effect.command
             service = command.service
+            if is_child_service(service):
+                continue  # a child run's request or control: no breaker holds it back
             decision = breakers.gate(service, now)
             if decision == "send":
                 continue
@@ -148,6 +151,8 @@ class Advance(Commits):
                 out.counts[change] += 1
         if not outcomes or self.breakers is None:
             return
+        # A child run is not a service: its outcomes trip no breaker.
+        outcomes = [o for o in outcomes if not is_child_service(o[0])]
         try:
             await self.breakers.record(outcomes)
         except Exception as exc:
@@ -374,6 +379,25 @@ class Advance(Commits):
         for control in controls:
             log.warning("control %s: there is no run %s", control.control_id, wid)
             out.controls[control.control_id] = (False, f"there is no run {wid}")
+            if control.action is ControlAction.COMPENSATE and (ref := control.reply) is not None:
+                # The parent's compensation waits for a child run that is gone (past its
+                # retention, or lost with Redis): it cannot be undone from here.
+                gone = ReplyEvent(
+                    command_id=ref.command_id,
+                    workflow_id=ref.workflow_id,
+                    step=ref.step,
+                    attempt=ref.attempt,
+                    status=ReplyStatus.ERROR,
+                    error=ErrorInfo(
+                        message=f"child run {wid} is not in Redis (past redis.retention_s, "
+                        "or lost): it cannot be compensated",
+                        code="child_gone",
+                        step=ref.step,
+                    ),
+                    service=control.service,
+                    replied_ms=now_ms(),
+                )
+                out.direct.append(self._parent_reply(gone, control.control_id))
         self.stats.ignored_controls += len(controls)
         return len(controls)
 

@@ -73,6 +73,8 @@ class Runtime(Health):
         controls_signed: bool = False,
         clients: Keyring | None = None,
         requests_signed: str = "off",
+        request_signer: tuple[str, Keyring] | None = None,
+        control_signer: tuple[str, Keyring] | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -105,6 +107,11 @@ class Runtime(Health):
         #: Requests' signatures: ``off``, ``optional`` or ``required`` (`clients`' keys).
         self.requests_signed = requests_signed
         self.clients = clients
+        #: The client (name, keys) child runs' requests are signed as, and the operator
+        #: the cancel and compensate controls sent to child runs are signed as. None:
+        #: unsigned (signing off, or no `signing.client` / `signing.operator`).
+        self.request_signer = request_signer
+        self.control_signer = control_signer
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []

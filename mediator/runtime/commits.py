@@ -9,14 +9,15 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from mediator.clock import now_ms
-from mediator.codec import encode, headers
+from mediator.codec import encode, headers, record
 from mediator.core import audit
 from mediator.core.audit import AuditEvent
 from mediator.core.engine import PublishResult, SendCommand, Transition
+from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, parent_ref
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
 from mediator.core.state import Failure, WorkflowState
-from mediator.core.workflow import Workflow
+from mediator.core.workflow import CHILD_PREFIX, Workflow
 from mediator.logs import run_fields
 from mediator.runtime.context import (
     BatchOutput,
@@ -26,7 +27,12 @@ from mediator.runtime.intake import Intake
 from mediator.runtime.messages import Message
 from mediator.storage.store import Commit
 from topics.events import (
+    CommandEvent,
+    ControlAction,
+    ControlEvent,
     ErrorInfo,
+    ReplyEvent,
+    ReplyStatus,
     RequestEvent,
     ResultEvent,
     WorkflowStatus,
@@ -52,7 +58,7 @@ class Commits(Intake):
         each within the size limit: a command or result that would be too large fails its
         step or run instead."""
         expected_rev = base.rev if base is not None else 0
-        messages = self._messages(transition)
+        messages = self._messages(transition, workflow)
         limit = self.limits.max_message_bytes - 1024  # room for the record framing
         while (big := next((m for m in messages if m.size > limit), None)) is not None:
             error: Failure = {
@@ -71,7 +77,7 @@ class Commits(Intake):
                 transition = self.engine.refuse_command(workflow, transition, big.id, error, now)
             else:
                 transition = self.engine.refuse_result(transition, error, now)
-            messages = self._messages(transition)
+            messages = self._messages(transition, workflow)
         # The engine hands over a state of its own (a fork or a new one): stamp it in place.
         state = transition.state
         state.rev = expected_rev + 1
@@ -92,12 +98,15 @@ class Commits(Intake):
         )
         return commit, messages
 
-    def _messages(self, transition: Transition) -> list[Message]:
+    def _messages(self, transition: Transition, workflow: Workflow | None) -> list[Message]:
         shard = self.keys.shard_of(transition.state.workflow_id)
         messages = []
         for effect in transition.effects:
             if isinstance(effect, SendCommand):
                 command = effect.command
+                if is_child_service(command.service):
+                    messages.append(self._to_child(transition.state, workflow, command, shard))
+                    continue
                 value = encode(command)
                 signed = headers(command)
                 topic, key = self.topics.service(command.service), command.workflow_id.encode()
@@ -119,7 +128,75 @@ class Commits(Intake):
                 messages.append(
                     self._result_message(effect.result, effect.reply_to, "result", shard)
                 )
+            elif isinstance(effect, ReplyToParent):
+                round_ = transition.state.round
+                messages.append(self._parent_reply(effect.reply, f"r{round_}", shard))
+            elif isinstance(effect, CancelChild):
+                cancel = ControlEvent(
+                    control_id=effect.control_id,
+                    action=ControlAction.CANCEL,
+                    workflow_id=effect.run,
+                    reason=effect.reason,
+                    issued_ms=now_ms(),
+                )
+                messages.append(self._control_message(cancel, effect.control_id, "result", shard))
         return messages
+
+    def _to_child(
+        self, state: WorkflowState, workflow: Workflow | None, command: CommandEvent, shard: int
+    ) -> Message:
+        """A `workflow` step's command as what it stands for: the child run's request
+        (``run``) or the parent's ``compensate`` control to it. Kind ``command``: one
+        too large fails its step, one that cannot be published fails it by error reply."""
+        ref = parent_ref(state, command.step, command.attempt, command.command_id)
+        if command.action == "compensate":
+            control = ControlEvent(
+                control_id=command.command_id,
+                action=ControlAction.COMPENSATE,
+                workflow_id=str(command.input["run"]),
+                service=command.service,
+                reason=f"parent run {state.workflow_id} is compensating step {command.step!r}",
+                issued_ms=command.sent_ms,
+                reply=ref,
+            )
+            return self._control_message(control, command.command_id, "command", shard)
+        step = workflow.steps.get(command.step) if workflow is not None else None
+        child = step.child if step is not None else None
+        request = RequestEvent(
+            request_id=command.command_id,
+            workflow=command.service.removeprefix(CHILD_PREFIX),
+            version=child.version if child is not None else None,
+            payload=command.input,
+            trace_id=command.trace_id,
+            created_ms=command.sent_ms,
+            parent=ref,
+        )
+        topic, key = self.topics.requests, request.request_id.encode()
+        value, signed = record(
+            request, topic, key, self.request_signer[1] if self.request_signer else None
+        )
+        return Message(shard, command.command_id, topic, key, value, signed, "command")
+
+    def _control_message(self, control: ControlEvent, id_: str, kind: str, shard: int) -> Message:
+        """A control the mediator sends a run of its own accord, signed as its operator."""
+        signer = self.control_signer
+        if signer is not None:
+            control = control.model_copy(update={"operator": signer[0]})
+        topic, key = self.topics.control, (control.workflow_id or "").encode()
+        value, signed = record(control, topic, key, signer[1] if signer else None)
+        return Message(shard, id_, topic, key, value, signed, kind)
+
+    def _parent_reply(self, reply: ReplyEvent, suffix: str, shard: int = -1) -> Message:
+        """A child run's outcome, as the reply to the parent's command that started (or
+        compensated) it, signed as the service ``workflow.<name>`` (`signing.services`, else
+        the shared keys)."""
+        value = encode(reply)
+        signed = headers(reply)
+        topic, key = self.topics.replies, reply.workflow_id.encode()
+        if self.signatures is not None and reply.service is not None:
+            signed += self.signatures.sign(reply.service, value, topic, key)
+        id_ = f"reply.{reply.command_id}.{suffix}"
+        return Message(shard, id_, topic, key, value, signed, "reply")
 
     def _result_message(
         self, result: ResultEvent, reply_to: str | None, kind: str, shard: int = -1
@@ -141,6 +218,24 @@ class Commits(Intake):
         origin: str,
         status: WorkflowStatus = WorkflowStatus.FAILED,
     ) -> Message:
+        if (parent := request.parent) is not None:
+            # A child run that cannot start fails the parent's step that waits for it.
+            refused = ReplyEvent(
+                command_id=parent.command_id,
+                workflow_id=parent.workflow_id,
+                step=parent.step,
+                attempt=parent.attempt,
+                status=ReplyStatus.ERROR,
+                error=ErrorInfo(
+                    message=f"child run of {request.workflow!r} refused: {reason}",
+                    code=code,
+                    step=parent.step,
+                ),
+                service=CHILD_PREFIX + request.workflow,
+                trace_id=request.trace_id,
+                replied_ms=now_ms(),
+            )
+            return self._parent_reply(refused, f"{code}@{origin}")
         result = ResultEvent(
             result_id=f"{code}@{origin}",
             request_id=request.request_id,

@@ -133,6 +133,8 @@ class RuntimeContext:
     operators: Operators | None
     requests_signed: str
     clients: Keyring | None
+    request_signer: tuple[str, Keyring] | None
+    control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]
     stats: RuntimeStats

@@ -21,6 +21,7 @@ from mediator.clock import now_ms
 from mediator.codec import encode, headers
 from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
+from mediator.core.workflow import CHILD_PREFIX
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.messages import Message, unframe
@@ -369,9 +370,24 @@ class Dispatcher:
 
 
 def _undeliverable(message: Message, reason: str, code: str) -> ReplyEvent | None:
-    """The error reply that fails the step whose command could not be delivered."""
+    """The error reply that fails the step whose command could not be delivered (a child
+    step's request or ``compensate`` control: the step or compensation waiting for it)."""
     try:
         command = orjson.loads(message.value)
+        ref = command.get("parent") or command.get("reply")
+        if command.get("type") in ("request", "control") and ref:
+            return ReplyEvent(
+                command_id=ref["command_id"],
+                workflow_id=ref["workflow_id"],
+                step=ref["step"],
+                attempt=ref["attempt"],
+                status=ReplyStatus.ERROR,
+                error=ErrorInfo(message=reason, code=code, retryable=False),
+                service=CHILD_PREFIX + str(command.get("workflow"))
+                if command["type"] == "request"
+                else command.get("service"),
+                replied_ms=now_ms(),
+            )
         return ReplyEvent(
             command_id=command["command_id"],
             workflow_id=command["workflow_id"],

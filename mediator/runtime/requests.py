@@ -94,9 +94,18 @@ class Requests(Advance):
                 client = self._client(record)
             except SignatureError as exc:
                 self.stats.bad_signatures += 1
-                request = request.model_copy(update={"reply_to": None})  # not its to choose
+                # Neither where the result goes nor a parent to answer is its to choose.
+                request = request.model_copy(update={"reply_to": None, "parent": None})
                 self._refuse(record, request, exc.code, f"rejected: {exc.reason}", origin, out)
                 return None
+        if request.parent is not None and not self._from_mediator(client):
+            request = request.model_copy(update={"parent": None})
+            reason = (
+                "a request naming a parent run must come from the mediator (signed with its "
+                "client key, signing.client)"
+            )
+            self._refuse(record, request, "forbidden", reason, origin, out)
+            return None
         if request.reply_to and not self.limits.reply_to_allowed(
             request.reply_to, self.topics.results
         ):
@@ -107,8 +116,18 @@ class Requests(Advance):
             request = request.model_copy(update={"reply_to": None})  # told on the results topic
             self._refuse(record, request, "reply_to_refused", reason, origin, out)
             return None
+        depth = request.parent.depth if request.parent is not None else 0
+        if depth > self.limits.max_child_depth:
+            reason = (
+                f"child run of {request.workflow!r} would be {depth} deep, past "
+                f"limits.max_child_depth ({self.limits.max_child_depth})"
+            )
+            log.warning("request %s refused: %s", request.request_id, reason)
+            self.stats.rejected_requests += 1
+            out.direct.append(self._rejection(request, "child_depth_exceeded", reason, origin))
+            return None
         try:
-            workflow = self.definitions.definitions.get(request.workflow)
+            workflow = self.definitions.definitions.get(request.workflow, request.version)
         except UnknownWorkflow as exc:
             self.stats.rejected_requests += 1
             log.warning(
@@ -132,6 +151,14 @@ class Requests(Advance):
         transition.state.origin = origin
         transition.state.client = client
         return Start(request, workflow, transition)
+
+    def _from_mediator(self, client: str | None) -> bool:
+        """Whether a request signed by `client` (None: unsigned) may name a parent run:
+        only the mediator's own child requests may, signed as its client when requests
+        are checked (with signing off nothing is, and any may)."""
+        if self.requests_signed == "off":
+            return True
+        return self.request_signer is not None and client == self.request_signer[0]
 
     def _refuse(
         self,

@@ -120,6 +120,15 @@ class LimitsSettings(BaseModel):
         default_factory=lambda: ["*.results"],
     )
 
+    max_child_depth: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="How deep child runs may nest (a child of a child... of a run). A `workflow` "
+        "step whose child would be deeper fails with `child_depth_exceeded`; a cycle of "
+        "workflows running each other is refused when the definitions load.",
+    )
+
     def reply_to_allowed(self, topic: str, results: str) -> bool:
         """Whether a request may have its result published to `topic`."""
         return topic == results or any(fnmatch.fnmatchcase(topic, p) for p in self.reply_to_topics)

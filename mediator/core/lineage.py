@@ -1,0 +1,129 @@
+"""Who a run answers to (pure): the parent step a child run reports to, the effects
+that pass between a parent and its child runs, and the ids that tie them together
+(`mediator.core.children` has the whole story)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mediator.core.counters import wf
+from mediator.core.ids import workflow_id_for
+from mediator.core.state import Failure, StepState, WorkflowState
+from mediator.core.workflow import CHILD_PREFIX, Step
+from topics.events import ErrorInfo, ParentRef, ReplyEvent, ReplyStatus, WorkflowStatus
+
+if TYPE_CHECKING:
+    from mediator.core.transition import Transition
+
+__all__ = [
+    "COMPENSATED",
+    "CancelChild",
+    "ReplyToParent",
+    "child_run_id",
+    "depth",
+    "give_up",
+    "is_child_service",
+    "owed_reply",
+    "parent_ref",
+]
+
+#: The error code of a run undone because its parent compensated it: it ends
+#: ``cancelled``, as a cancelled run does.
+COMPENSATED = "compensated"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelChild:
+    """Cancel the child run `run` (published as a ``cancel`` control): its parent stopped
+    waiting for it. `control_id` is derived from the attempt, so it is applied once."""
+
+    run: str
+    control_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyToParent:
+    """Publish a child run's outcome to the parent step (or compensation) waiting for it."""
+
+    reply: ReplyEvent
+
+
+def child_run_id(command_id: str) -> str:
+    """The run id of the child started by the command `command_id` of a `workflow` step."""
+    return workflow_id_for(command_id)
+
+
+def is_child_service(service: str) -> bool:
+    """Whether `service` stands for child runs (``workflow.<name>``)."""
+    return service.startswith(CHILD_PREFIX)
+
+
+def depth(state: WorkflowState) -> int:
+    """How many parents `state`'s run has (0: none)."""
+    return int(state.parent["depth"]) if state.parent else 0
+
+
+def give_up(transition: Transition, step: Step, step_state: StepState, why: str) -> None:
+    """The run stops waiting for the child run of `step`'s current attempt: cancel it,
+    unless the step leaves it to finish (``on_cancel: abandon``)."""
+    child = step.child
+    if child is None or child.on_cancel != "cancel" or step_state.command_id is None:
+        return
+    state = transition.state
+    transition.effects.append(
+        CancelChild(
+            child_run_id(step_state.command_id),
+            f"{step_state.command_id}.cancel",
+            f"parent run {state.workflow_id} (step {step.id!r}): {why}",
+        )
+    )
+    transition.count(wf(state.workflow, "children_cancelled"))
+
+
+def owed_reply(state: WorkflowState, now_ms: int) -> ReplyEvent | None:
+    """What a child run that just ended tells the step waiting for it: its parent's step
+    (its output, or its error), or the parent's compensation that asked it to undo itself
+    (whether the undoing succeeded). None for a run without a parent."""
+    target = state.undo_reply or state.parent
+    if target is None:
+        return None
+    status = state.status
+    if state.undo_reply is not None:
+        ok = status is not WorkflowStatus.COMPENSATION_FAILED
+    else:
+        ok = status is WorkflowStatus.COMPLETED
+    error = None
+    if not ok:
+        failure: Failure = state.error or {"message": "no error recorded"}
+        error = ErrorInfo(
+            message=f"child run {state.workflow_id} ({state.workflow}) ended {status.value}: "
+            f"{failure.get('message', '')}",
+            code=failure.get("code") or status.value,
+            retryable=bool(failure.get("retryable")),
+            step=target["step"],
+        )
+    return ReplyEvent(
+        command_id=target["command_id"],
+        workflow_id=target["workflow_id"],
+        step=target["step"],
+        attempt=target["attempt"],
+        status=ReplyStatus.OK if ok else ReplyStatus.ERROR,
+        output=state.output if ok and state.undo_reply is None else None,
+        error=error,
+        service=CHILD_PREFIX + state.workflow,
+        trace_id=state.trace_id,
+        replied_ms=now_ms,
+    )
+
+
+def parent_ref(state: WorkflowState, step: str, attempt: int, command_id: str) -> ParentRef:
+    """Where the child run of `step`'s `attempt` (command `command_id`) answers."""
+    return ParentRef(
+        workflow_id=state.workflow_id,
+        step=step,
+        attempt=attempt,
+        command_id=command_id,
+        depth=depth(state) + 1,
+    )
