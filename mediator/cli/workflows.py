@@ -160,6 +160,13 @@ def show_command(
     console.print(f"started {_time(found['created_ms'])}  finished {_time(found['finished_ms'])}")
     if found["error"]:
         console.print(f"error: {found['error'].get('message')}")
+    if parent := found.get("parent"):
+        console.print(
+            f"parent: {parent['workflow_id']} (step {parent['step']}, attempt {parent['attempt']})"
+        )
+    for sid, runs in (found.get("children") or {}).items():
+        for n, child in enumerate(runs, start=1):
+            console.print(f"step {sid} attempt {n}: child run {child}")
     console.print(_steps_table(found))
     timeline = Table("time (UTC)", "event", "step", "attempt", "instance", "status after", "sent")
     for entry in found["audit"]:

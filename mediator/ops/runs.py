@@ -11,6 +11,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mediator.core.lineage import child_run_id
+from mediator.core.progress import command_id
 from mediator.core.results import history_of, result_of
 from mediator.core.state import Failure, WorkflowState, loads
 from mediator.errors import StateUnavailable
@@ -159,6 +161,9 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
         "trace_id": state.trace_id,
         "deadline_ms": state.deadline_ms,
         "result": result,
+        # The step of the run this one is a child of, and the child runs of its steps.
+        "parent": state.parent,
+        "children": _children(state, spec),
         # Every attempt of each step that started one: the timeline.
         "attempts": {sid: history_of(step) for sid, step in state.steps.items() if step.attempt},
         # Every attempt of each compensation (undo) that started one.
@@ -176,6 +181,7 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
                     "depends_on": list(step.get("depends_on") or []),
                     "compensate": bool(step.get("compensate")),
                     "wait": (step.get("wait") or {}).get("event"),
+                    "workflow": step.get("workflow"),
                 }
                 for step in spec.get("steps", [])
             ]
@@ -184,3 +190,18 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
             {"id": text(entry_id), **orjson.loads(fields[b"e"])} for entry_id, fields in audit
         ],
     }
+
+
+def _children(state: WorkflowState, spec: dict[str, Any]) -> dict[str, list[str]]:
+    """The child runs each `workflow` step of `state` started, one per attempt, oldest
+    first (their ids derive from the attempts' command ids)."""
+    found: dict[str, list[str]] = {}
+    for step in spec.get("steps", []):
+        sid = step.get("id")
+        step_state = state.steps.get(sid) if step.get("workflow") else None
+        if step_state is not None and step_state.attempt:
+            found[sid] = [
+                child_run_id(command_id(state.workflow_id, sid, n))
+                for n in range(1, step_state.attempt + 1)
+            ]
+    return found

@@ -71,7 +71,15 @@ class KeySet(BaseModel):
 
 
 Action = Literal[
-    "cancel", "retry", "pause", "resume", "signal", "reset_breaker", "drain", "undrain"
+    "cancel",
+    "retry",
+    "pause",
+    "resume",
+    "signal",
+    "compensate",
+    "reset_breaker",
+    "drain",
+    "undrain",
 ]
 _ACTIONS: tuple[Action, ...] = get_args(Action)
 
