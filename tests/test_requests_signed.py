@@ -59,3 +59,46 @@ async def test_with_requests_required_only_a_clients_signed_request_runs(
     raw = await mediator.redis.xrange(mediator.store.keys.audit(workflow_id_for("r-signed")))
     first = orjson.loads(raw[0][1][b"e"])
     assert (first["event"], first["client"]) == ("request", "shop")
+
+
+async def test_child_runs_are_signed_as_the_mediator_and_a_forged_parent_is_refused(
+    make_system: Any,
+) -> None:
+    own = "med-1=mediator-client-secret-0123456"
+    signing = SigningSettings.model_validate(
+        {"keys": TEST_KEYS, "operators": TEST_OPERATORS,
+         "clients": {"shop": {"keys": SHOP}, "mediator": {"keys": own}},
+         "client": "mediator", "requests": "required"}
+    )  # fmt: skip
+    child = {"name": "child", "steps": [step("a")]}
+    parent = {"name": "parent", "steps": [{"id": "sub", "workflow": "child", "timeout": "20s"}]}
+    system = await make_system(child, parent, signing=signing)
+    await system.worker("svc", {"a": echo})
+    mediator = await system.mediator()
+    client = MediatorClient(
+        system.settings.kafka, topics=system.topics, enable_idempotence=False,
+        fetch_max_wait_ms=5, keys=Keyring.parse(SHOP, service="shop"),
+    )  # fmt: skip
+    # A client's request claiming to be the child of a step is refused: it would answer
+    # that step with whatever it says.
+    wid = workflow_id_for("p-1")
+    forged = RequestEvent.model_validate(
+        {"request_id": f"{wid}.sub.1", "workflow": "child",
+         "parent": {"workflow_id": wid, "step": "sub", "attempt": 1,
+                    "command_id": f"{wid}.sub.1"}}
+    )  # fmt: skip
+    value, key = forged.model_dump_json().encode(), forged.request_id.encode()
+    shop = Keyring.parse(SHOP, service="shop")
+    await produce(system.bootstrap, system.topics.requests, [value], [key],
+                  headers=shop.headers(value, system.topics.requests, key))  # fmt: skip
+    [refused] = await consume_all(system.bootstrap, system.topics.results, count=1, timeout=30)
+    result = ResultEvent.model_validate_json(refused.value)
+    assert result.request_id == forged.request_id
+    assert result.error is not None and result.error.code == "forbidden", result
+    assert await mediator.store.load(workflow_id_for(forged.request_id)) is None
+    async with client:
+        done = await client.submit("parent", {}, request_id="p-1", timeout=30)
+    assert done.status is WorkflowStatus.COMPLETED, done
+    started = await mediator.store.load(workflow_id_for(forged.request_id))
+    assert started is not None and started.client == "mediator"
+    assert started.parent is not None and started.parent["workflow_id"] == wid
