@@ -204,20 +204,51 @@ def test_a_retryable_child_failure_starts_a_new_child_for_the_next_attempt() -> 
     assert child_run_id(second.command_id) != child.wid  # a new child run
 
 
-def test_a_cancelled_parent_cancels_its_running_child_unless_it_abandons_it() -> None:
-    for policy, expected in (("cancel", 1), ("abandon", 0)):
-        run = Run(make(child_step("fulfil", on_cancel=policy)))
-        [command] = commands(run.last)
-        cancelled = ENGINE.apply_control(
-            run.workflow, run.state, control(ControlAction.CANCEL), T0 + 5
-        )
-        assert cancelled is not None
-        assert result(cancelled).status is WorkflowStatus.CANCELLED
-        found = cancels(cancelled)
-        assert len(found) == expected
-        if found:
-            assert found[0].run == child_run_id(command.command_id)
-            assert found[0].control_id == f"{command.command_id}.cancel"
+def test_a_cancelled_parent_cancels_its_running_child_and_awaits_its_end() -> None:
+    run = Run(make(child_step("fulfil")))
+    PARENT_STATE[0] = run.state
+    [command] = commands(run.last)
+    child = Child(run, command)
+    cancelled = run.history[-1] = ENGINE.apply_control(
+        run.workflow, run.state, control(ControlAction.CANCEL), T0 + 5
+    )
+    assert cancelled is not None
+    [cancel] = cancels(cancelled)
+    assert cancel.run == child.wid and cancel.control_id == f"{command.command_id}.cancel"
+    run.state = cancelled.state
+    assert run.state.status is WorkflowStatus.COMPENSATING  # it waits for the child to end
+    # The child completed its work before the cancel reached it: the parent undoes it.
+    child.complete("debit")
+    ended = child.complete("ship")
+    assert child.state.status is WorkflowStatus.COMPLETED
+    undoing = run.reply(told(ended), T0 + 40)
+    [undo] = commands(undoing)
+    assert (undo.action, undo.input) == ("compensate", {"run": child.wid})
+    # Cancelled in time, the child answers with its cancellation and nothing is undone.
+    run = Run(make(child_step("fulfil")))
+    [command] = commands(run.last)
+    child = Child(run, command)
+    run.state = ENGINE.apply_control(
+        run.workflow, run.state, control(ControlAction.CANCEL), T0 + 5
+    ).state  # type: ignore[union-attr]
+    stopped = ENGINE.apply_control(
+        child.workflow,
+        child.state,
+        ControlEvent(control_id=cancel.control_id, action=ControlAction.CANCEL,
+                     workflow_id=child.wid, reason=cancel.reason, issued_ms=T0 + 6),
+        T0 + 6,
+    )  # fmt: skip
+    assert stopped is not None and stopped.state.status is WorkflowStatus.CANCELLED
+    finished = run.reply(told(stopped), T0 + 7)
+    assert result(finished).status is WorkflowStatus.CANCELLED
+    assert sent(finished) == []
+
+
+def test_a_parent_abandons_a_child_its_step_leaves_to_finish() -> None:
+    run = Run(make(child_step("fulfil", on_cancel="abandon")))
+    cancelled = ENGINE.apply_control(run.workflow, run.state, control(ControlAction.CANCEL), T0 + 5)
+    assert cancelled is not None and cancels(cancelled) == []
+    assert result(cancelled).status is WorkflowStatus.CANCELLED
 
 
 def test_a_child_step_that_times_out_cancels_its_child_and_retries() -> None:

@@ -4,7 +4,8 @@ passed its deadline or was cancelled.
 When compensation begins the run is ``compensating``: steps waiting to retry or parked
 give up, and steps still in flight that have a timeout are awaited (their reply or timeout
 decides whether they completed, and so need undoing); in-flight steps without a timeout
-are not awaited. Then every completed step that declares ``compensate`` is undone, in
+are not awaited (child runs are cancelled and awaited: `mediator.core.children`). Then
+every completed step that declares ``compensate`` is undone, in
 reverse dependency order: a step's compensation starts only once every step that
 depended on it, directly or not, has settled and been compensated. Each compensation is
 retried by its own policy. When nothing is left in flight the run ends: ``failed`` (or
@@ -110,6 +111,13 @@ def abandon_in_flight(
     steps in flight are given up too when they have no timeout (or `everything`)."""
     state = transition.state
     for sid, s in list(state.steps.items()):
+        child = workflow.steps[sid].child
+        if s.status is StepStatus.RUNNING and child and child.on_cancel == "cancel":
+            # Cancelled, the child run ends and answers: awaited, as a step with a timeout
+            # is, so that work it completed meanwhile is undone rather than left standing.
+            give_up(transition, workflow.steps[sid], s, "the run is being compensated")
+            if not everything:
+                continue
         if s.status is StepStatus.RETRYING:
             transition.cleared.append(timer_name("retry", state, sid, s.attempt))
         elif s.status in (StepStatus.PARKED, StepStatus.WAITING) or (
@@ -118,8 +126,6 @@ def abandon_in_flight(
             transition.cleared.append(timer_name("timeout", state, sid, s.attempt))
         else:
             continue
-        if s.status is StepStatus.RUNNING:
-            give_up(transition, workflow.steps[sid], s, "the run is being compensated")
         error = s.error if s.status is StepStatus.RETRYING else None
         if error is None:
             error = {
