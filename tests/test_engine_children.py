@@ -361,3 +361,38 @@ def test_definitions_refuse_unknown_children_and_cycles() -> None:
 def test_a_workflow_step_is_checked_at_load(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(DefinitionError, match=message):
         make({"id": "s1", **fields})
+
+
+def test_a_child_that_completes_after_its_step_timed_out_is_undone() -> None:
+    run = Run(make(child_step("fulfil", timeout="5s", retry={"max_attempts": 2})))
+    [first] = commands(run.last)
+    child = Child(run, first)
+    fire(run, "timeout", "fulfil", 1, now=T0 + 5000)  # cancels the child: too late
+    child.complete("debit")
+    late = told(child.complete("ship"))
+    undone = ENGINE.apply_reply(run.workflow, run.state, late, T0 + 5001)
+    assert undone is not None
+    [order] = [e for e in undone.effects if isinstance(e, CancelChild)]
+    assert (order.run, order.undo) == (child.wid, True)
+    run.state = undone.state
+    # Delivered again, the late reply is not acted on twice.
+    assert ENGINE.apply_reply(run.workflow, run.state, late, T0 + 5002) is None
+    # The child undoes itself on that order, answering no one.
+    control = ControlEvent(
+        control_id=order.control_id, action=ControlAction.COMPENSATE,
+        workflow_id=child.wid, issued_ms=T0 + 5003,
+    )  # fmt: skip
+    started = child.take(ENGINE.apply_control(child.workflow, child.state, control, T0 + 5003))
+    assert sent(started) == ["ship"] and child.state.undo_reply is None
+    # The reply of the attempt that completed the step is no orphan.
+    assert run.state.steps["fulfil"].status is StepStatus.RETRYING
+
+
+def test_a_late_child_of_an_abandoning_step_is_left_alone() -> None:
+    run = Run(make(child_step("fulfil", timeout="5s", on_cancel="abandon")))
+    [first] = commands(run.last)
+    child = Child(run, first)
+    fire(run, "timeout", "fulfil", 1, now=T0 + 5000)
+    child.complete("debit")
+    late = told(child.complete("ship"))
+    assert ENGINE.apply_reply(run.workflow, run.state, late, T0 + 5001) is None

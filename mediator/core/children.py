@@ -11,7 +11,9 @@ the step's timeout, retries and the parent's compensation treat it as any step.
 Compensating a completed child step sends the child a ``compensate`` control (a command
 ``compensate`` to ``workflow.<name>``, published as that control), which undoes the
 child's completed steps in reverse and answers the parent's compensation when done
-(`compensate`). A parent that stops waiting for a child (cancelled, failed, past its
+(`compensate`). A child that completes after its parent stopped waiting for it (the step
+timed out, or the parent moved on) is undone the same way, answering no one. A parent that
+stops waiting for a child (cancelled, failed, past its
 deadline or the step's timeout) cancels it when the step says ``on_cancel: cancel``
 (`give_up`).
 """
@@ -37,14 +39,14 @@ def compensate(
     """A parent's ``compensate`` control: undo this run's completed steps and answer
     `control.reply` when done. Returns the transition and whether compensation must be
     driven on from it (the run was completed, or running, and has work to undo)."""
-    assert control.reply is not None
-    target: dict[str, Any] = control.reply.model_dump()
+    target: dict[str, Any] | None = control.reply.model_dump() if control.reply else None
     state = fork(state)
     state.updated_ms = now_ms
     transition = Transition(state)
     status = state.status
     if status is WorkflowStatus.COMPENSATING:
-        state.undo_reply = target  # undoing already: the newest attempt hears the outcome
+        if target is not None:  # undoing already: the newest attempt hears the outcome
+            state.undo_reply = target
         return transition, False
     if state.terminal:
         if status is WorkflowStatus.COMPLETED and saga.needed(workflow, state):
@@ -53,6 +55,8 @@ def compensate(
         else:
             # Nothing done is left standing (no step to undo, or the run failed or was
             # cancelled and compensated itself already): say so at once.
+            if target is None:
+                return transition, False
             previous = state.undo_reply
             state.undo_reply = target
             reply = owed_reply(state, now_ms)
@@ -60,7 +64,8 @@ def compensate(
             assert reply is not None
             transition.effects.append(ReplyToParent(reply))
             return transition, False
-    state.undo_reply = target
+    if target is not None:
+        state.undo_reply = target
     who = f" by {control.operator}" if control.operator else ""
     state.error = {
         "message": f"compensated{who}: {control.reason or 'its parent is compensating'}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from mediator.core import children, pausing, saga, signals
 from mediator.core.attempts import Attempts
 from mediator.core.counters import svc, wf
+from mediator.core.lineage import CancelChild, child_run_id, orphaned
 from mediator.core.progress import command_id, idempotency_key
 from mediator.core.results import history_of, result_of
 from mediator.core.state import (
@@ -118,19 +119,14 @@ class Engine(Attempts):
     ) -> Transition | None:
         """Apply a service's reply; None when it is a duplicate, stale or unknown."""
         step_state = state.steps.get(reply.step)
-        if step_state is None or state.terminal:
+        if step_state is None:
+            return None
+        if orphaned(state.workflow_id, workflow.steps[reply.step], step_state, reply):
+            return _undo_orphan(state, reply, now_ms)
+        if state.terminal:
             return None
         if step_state.command_id != reply.command_id:
-            undo = state.compensations.get(reply.step) if state.compensations else None
-            if (
-                undo is None
-                or undo.command_id != reply.command_id
-                or undo.status is not StepStatus.RUNNING
-                or undo.attempt != reply.attempt
-                or not _from(reply, saga.compensation(workflow.steps[reply.step], step_state))
-            ):
-                return None
-            return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)
+            return self._undo_replied(workflow, state, step_state, reply, now_ms)
         if step_state.status is not StepStatus.RUNNING or step_state.attempt != reply.attempt:
             return None
         step = workflow.steps[reply.step]
@@ -143,26 +139,7 @@ class Engine(Attempts):
         if step.timeout_ms:  # answered: its timeout timer is not needed any more
             transition.cleared.append(timer_name("timeout", state, step.id, step_state.attempt))
         if reply.status is ReplyStatus.OK:
-            state.steps[reply.step] = StepState(
-                StepStatus.COMPLETED,
-                attempt=step_state.attempt,
-                command_id=step_state.command_id,
-                output=reply.output,
-                started_ms=step_state.started_ms,
-                finished_ms=now_ms,
-                instance=reply.instance,
-                history=step_state.history,
-                base=step_state.base,
-                via=step_state.via,
-            )
-            transition.count(svc(service, "ok"))
-            transition.outcomes.append((service, True))
-            observe(transition, service, "ok", reply.step, step_state, now_ms, reply.instance)
-            if reply.instance:
-                transition.instance_outcomes.append((service, reply.instance, True))
-            if state.status is WorkflowStatus.COMPENSATING:
-                return self._compensate(workflow, transition, now_ms)
-            return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
+            return self._completed(workflow, transition, step_state, reply, now_ms)
         error = reply.error or ErrorInfo(message="service replied error without details")
         failure = failure_of(error)
         failure["step"] = reply.step
@@ -174,6 +151,59 @@ class Engine(Attempts):
             if reply.instance:
                 transition.instance_outcomes.append((service, reply.instance, False))
         return self._fail_attempt(workflow, transition, step, failure, now_ms, reply.instance)
+
+    def _completed(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        step_state: StepState,
+        reply: ReplyEvent,
+        now_ms: int,
+    ) -> Transition:
+        """The step's current attempt replied ``ok``: it completes, and the run moves on
+        (or, compensating, the undo of what it did is due)."""
+        state = transition.state
+        service = step_state.via or workflow.steps[reply.step].service
+        state.steps[reply.step] = StepState(
+            StepStatus.COMPLETED,
+            attempt=step_state.attempt,
+            command_id=step_state.command_id,
+            output=reply.output,
+            started_ms=step_state.started_ms,
+            finished_ms=now_ms,
+            instance=reply.instance,
+            history=step_state.history,
+            base=step_state.base,
+            via=step_state.via,
+        )
+        transition.count(svc(service, "ok"))
+        transition.outcomes.append((service, True))
+        observe(transition, service, "ok", reply.step, step_state, now_ms, reply.instance)
+        if reply.instance:
+            transition.instance_outcomes.append((service, reply.instance, True))
+        if state.status is WorkflowStatus.COMPENSATING:
+            return self._compensate(workflow, transition, now_ms)
+        return self._advance(workflow, transition, now_ms, workflow.dependants[reply.step])
+
+    def _undo_replied(
+        self,
+        workflow: Workflow,
+        state: WorkflowState,
+        step_state: StepState,
+        reply: ReplyEvent,
+        now_ms: int,
+    ) -> Transition | None:
+        """A reply to the current attempt of a step's compensation; None for any other."""
+        undo = state.compensations.get(reply.step) if state.compensations else None
+        if (
+            undo is None
+            or undo.command_id != reply.command_id
+            or undo.status is not StepStatus.RUNNING
+            or undo.attempt != reply.attempt
+            or not _from(reply, saga.compensation(workflow.steps[reply.step], step_state))
+        ):
+            return None
+        return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)
 
     def apply_timer(
         self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
@@ -272,10 +302,8 @@ class Engine(Attempts):
     def _compensate_control(
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
     ) -> Transition | None:
-        """A parent compensating the step this (child) run answered: see
-        `mediator.core.children`."""
-        if control.reply is None:
-            return None
+        """A parent compensating the step this (child) run answered, or undoing a child
+        it stopped waiting for: see `mediator.core.children`."""
         transition, drive = children.compensate(workflow, state, control, now_ms)
         if not drive:
             return transition
@@ -384,6 +412,28 @@ _CONTROLS = {
     ControlAction.SIGNAL: Engine._signal_control,
     ControlAction.COMPENSATE: Engine._compensate_control,
 }
+
+
+def _undo_orphan(state: WorkflowState, reply: ReplyEvent, now_ms: int) -> Transition | None:
+    """A child run completed that the run stopped waiting for (see `lineage.orphaned`):
+    have it undo its work (once: the control's id is derived from its attempt). A run
+    that ended long ago has no say any more: None when the reply is stale by then."""
+    control_id = f"{reply.command_id}.orphan"
+    if control_id in (state.controls or ()):
+        return None
+    transition = Transition(fork(state))
+    transition.state.updated_ms = now_ms
+    transition.state.controls = [*(state.controls or ())[-(MAX_CONTROLS_KEPT - 1) :], control_id]
+    transition.effects.append(
+        CancelChild(
+            child_run_id(reply.command_id),
+            control_id,
+            f"parent run {state.workflow_id} no longer waits for it (step {reply.step!r})",
+            undo=True,
+        )
+    )
+    transition.count(wf(state.workflow, "children_undone"))
+    return transition
 
 
 def _from(reply: ReplyEvent, compensation: Compensation | None) -> bool:

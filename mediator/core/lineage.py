@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mediator.core.counters import wf
 from mediator.core.ids import workflow_id_for
-from mediator.core.state import Failure, StepState, WorkflowState
+from mediator.core.state import Failure, StepState, StepStatus, WorkflowState
 from mediator.core.workflow import CHILD_PREFIX, Step
 from topics.events import ErrorInfo, ParentRef, ReplyEvent, ReplyStatus, WorkflowStatus
 
@@ -24,6 +24,7 @@ __all__ = [
     "depth",
     "give_up",
     "is_child_service",
+    "orphaned",
     "owed_reply",
     "parent_ref",
 ]
@@ -41,6 +42,9 @@ class CancelChild:
     run: str
     control_id: str
     reason: str
+    #: Undo the child instead (a ``compensate`` control, answering no one): it completed
+    #: after its parent stopped waiting for it, and its work is not wanted.
+    undo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +131,19 @@ def parent_ref(state: WorkflowState, step: str, attempt: int, command_id: str) -
         command_id=command_id,
         depth=depth(state) + 1,
     )
+
+
+def orphaned(workflow_id: str, step: Step, step_state: StepState, reply: ReplyEvent) -> bool:
+    """Whether `reply` says a child run of `step` completed that the run no longer waits
+    for: one of the step's attempts (not its compensation's) that is not the one running,
+    or that completed the step: it timed out, was given up or belongs to an earlier round.
+    Its work is then undone (unless the step abandons its children)."""
+    if reply.status is not ReplyStatus.OK or step.child is None:
+        return False
+    if step.child.on_cancel != "cancel":
+        return False
+    attempt = reply.command_id.removeprefix(f"{workflow_id}.{step.id}.")
+    if not attempt.isdigit():
+        return False  # not a forward attempt of this step (a compensation's reply)
+    current = step_state.command_id == reply.command_id
+    return not (current and step_state.status in (StepStatus.RUNNING, StepStatus.COMPLETED))

@@ -134,7 +134,7 @@ class Commits(Intake):
             elif isinstance(effect, CancelChild):
                 cancel = ControlEvent(
                     control_id=effect.control_id,
-                    action=ControlAction.CANCEL,
+                    action=ControlAction.COMPENSATE if effect.undo else ControlAction.CANCEL,
                     workflow_id=effect.run,
                     reason=effect.reason,
                     issued_ms=now_ms(),
