@@ -396,3 +396,22 @@ def test_a_late_child_of_an_abandoning_step_is_left_alone() -> None:
     child.complete("debit")
     late = told(child.complete("ship"))
     assert ENGINE.apply_reply(run.workflow, run.state, late, T0 + 5001) is None
+
+
+def test_a_child_cancelled_by_an_operator_fails_the_step_not_the_parents_status() -> None:
+    run = Run(make(child_step("fulfil")))
+    [command] = commands(run.last)
+    child = Child(run, command)
+    stopped = child.take(
+        ENGINE.apply_control(
+            child.workflow,
+            child.state,
+            ControlEvent(control_id="op-1", action=ControlAction.CANCEL,
+                         workflow_id=child.wid, issued_ms=T0 + 6),
+            T0 + 6,
+        )
+    )  # fmt: skip
+    reply = told(stopped)
+    assert reply.error is not None and reply.error.code == "child_cancelled"
+    ended = run.reply(reply, T0 + 7)
+    assert result(ended).status is WorkflowStatus.FAILED  # the parent was not cancelled

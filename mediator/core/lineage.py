@@ -33,6 +33,15 @@ __all__ = [
 #: ``cancelled``, as a cancelled run does.
 COMPENSATED = "compensated"
 
+#: Error codes that say how a run ended rather than what went wrong in a step: passed to
+#: the parent prefixed (``child_cancelled``), so that the parent's step failing is not
+#: taken for the parent itself being cancelled or past its own deadline.
+_RUN_CODES = frozenset({"cancelled", COMPENSATED, "deadline_exceeded"})
+
+
+def _child_code(code: str) -> str:
+    return f"child_{code}" if code in _RUN_CODES else code
+
 
 @dataclass(frozen=True, slots=True)
 class CancelChild:
@@ -104,7 +113,7 @@ def owed_reply(state: WorkflowState, now_ms: int) -> ReplyEvent | None:
         error = ErrorInfo(
             message=f"child run {state.workflow_id} ({state.workflow}) ended {status.value}: "
             f"{failure.get('message', '')}",
-            code=failure.get("code") or status.value,
+            code=_child_code(failure.get("code") or status.value),
             retryable=bool(failure.get("retryable")),
             step=target["step"],
         )

@@ -19,6 +19,8 @@ accounting.
 - ``deadline``: a run fails for its deadline only once the deadline has passed.
 - ``rounds``: no round of a replica raised an error (a poison entry must be isolated).
 - ``signals``: a wait completes only with a payload signalled to its own run.
+- ``children``: a child run's work stands only as the output of the parent step it
+  answered; a child whose step the parent compensated was undone.
 - ``paused``: a paused run sends nothing (no step, retry, reroute or undo) from its pause
   until it is resumed, commit after commit; a run that ended is not paused.
 """
@@ -70,8 +72,45 @@ async def check_end(world: World, healed: bool) -> list[str]:
     if not world.failovers:  # a lossy failover rolls back what the watch saw committed
         problems += world.pauses.problems
     problems += _check_signals(world, states)
+    if not world.failovers:  # a lossy failover rolls a parent back past its child's reply
+        problems += _check_children(world, states)
     problems += [f"paused: {wid} ended {s.status.value} but is still paused"
                  for wid, s in states.items() if s and s.terminal and s.paused_ms]  # fmt: skip
+    return problems
+
+
+def _check_children(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
+    """A child run's work stands only as the output of the parent step it answered: a
+    completed child completed that step (with its output) and was not reported undone; a
+    step that completed with a child whose parent later compensated it left the child
+    undone (``cancelled``, code ``compensated``)."""
+    problems = []
+    for wid, ref in sorted(world.children().items()):
+        child, parent = states.get(wid), states.get(ref["workflow_id"])
+        if child is None or parent is None or not parent.terminal:
+            continue
+        step = parent.steps.get(ref["step"])
+        took = step is not None and step.command_id == ref["command_id"]
+        took = took and step is not None and step.status is StepStatus.COMPLETED
+        undo = (parent.compensations or {}).get(ref["step"]) if took else None
+        if child.status is WorkflowStatus.COMPLETED:
+            if not took:
+                problems.append(
+                    f"children: {wid} completed, but {ref['workflow_id']} did not take its "
+                    f"output (step {ref['step']} is {step.status.value if step else None}): "
+                    "its work stands for nothing"
+                )
+            elif undo is not None and undo.status is StepStatus.COMPLETED:
+                problems.append(f"children: {wid} reported undone, but it completed")
+            elif step is not None and step.output != child.output:
+                problems.append(f"children: {wid} output {child.output} != {step.output}")
+        elif took and undo is not None and undo.status is StepStatus.COMPLETED:
+            code = (child.error or {}).get("code")
+            if child.status is not WorkflowStatus.CANCELLED or code != "compensated":
+                problems.append(
+                    f"children: {wid} reported undone by {ref['workflow_id']}, but it ended "
+                    f"{child.status.value} ({code})"
+                )
     return problems
 
 
@@ -172,17 +211,20 @@ def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) 
                 f"effects: {service} did the work of step {step} of {wid} {count} times in "
                 f"{rounds} round(s): {commands}"
             )
-    return problems + _check_undone(results, undone)
+    return problems + _check_undone(world, results, undone)
 
 
 def _check_undone(
-    results: dict[str, dict[str, dict[str, Any]]], undone: Counter[tuple[str, str]]
+    world: World, results: dict[str, dict[str, dict[str, Any]]], undone: Counter[tuple[str, str]]
 ) -> list[str]:
     problems = []
     reported: Counter[tuple[str, str]] = Counter()
     for wid, published in results.items():
         for result in published.values():
+            steps = world.definitions.get(result["workflow"]).steps
             for step, undo in (result.get("compensations") or {}).items():
+                if steps[step].child is not None:
+                    continue  # undone by the child run's own steps (`children`)
                 if undo.get("status") == StepStatus.COMPLETED.value:
                     reported[(wid, step)] += 1
     for slot in sorted(set(reported) | set(undone)):

@@ -37,6 +37,10 @@ __all__ = ["SimReplica"]
 
 Gate = Callable[[str, str], Awaitable[None]]
 
+#: What became of child runs, counted for `coverage`: cancelled by a parent that stopped
+#: waiting for them, undone after completing too late, compensated by their parent.
+CHILD_EVENTS = frozenset({"children_cancelled", "children_undone", "compensate_requested"})
+
 
 class PauseWatch:
     """Watches every committed state for what a paused run must not do: dispatch a step
@@ -112,6 +116,9 @@ class GatedStore(Store):
             if result.outcome is CommitOutcome.COMMITTED:
                 self._revisions.append((commit.state.workflow_id, commit.state.rev))
                 self._watch.saw(commit.state)
+                for key, n in commit.counters.items():
+                    if key.what in CHILD_EVENTS:
+                        self._watch.seen[key.what] += n
                 committed = True
         if committed and any(commit.outbox for commit in commits):
             await self._gate("committed")  # in the outbox, leased, not yet sent

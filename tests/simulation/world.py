@@ -58,8 +58,9 @@ from topics.events import ControlAction, ControlEvent, HealthStatus, RequestEven
 __all__ = ["WORKFLOWS", "World", "sim_settings"]
 
 #: The workflows the simulated clients ask for: a saga whose first step can fall back to
-#: another service and whose last waits for an approval (a signal), and a one-step run
-#: with no step timeout (only its deadline).
+#: another service and whose last waits for an approval (a signal), a one-step run with
+#: no step timeout (only its deadline), and a run whose first step is a child run (of
+#: `parcel`, compensated when the delivery after it fails).
 WORKFLOWS: list[dict[str, Any]] = [
     {
         "name": "order",
@@ -86,6 +87,27 @@ WORKFLOWS: list[dict[str, Any]] = [
         "name": "audit",
         "timeout": "4s",
         "steps": [{"id": "record", "service": "inventory", "action": "record"}],
+    },
+    {
+        "name": "parcel",
+        "timeout": "6s",
+        "steps": [
+            {"id": "pack", "service": "inventory", "action": "reserve",
+             "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"},
+             "compensate": {"action": "release", "timeout": "2s",
+                            "retry": {"max_attempts": 8, "backoff": "200ms"}}},
+        ],
+    },
+    {
+        "name": "gift",
+        "timeout": "16s",
+        "steps": [
+            {"id": "wrap", "workflow": "parcel", "timeout": "8s",
+             "retry": {"max_attempts": 2, "backoff": "200ms"}},
+            {"id": "deliver", "service": "shipping", "action": "ship",
+             "depends_on": ["wrap"],
+             "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"}},
+        ],
     },
 ]  # fmt: skip
 
@@ -329,7 +351,8 @@ class World:
 
     def request(self) -> None:
         n = len(self.issued.requests) + 1
-        workflow = "order" if self.rng.random() < 0.75 else "audit"
+        roll = self.rng.random()
+        workflow = "order" if roll < 0.6 else "audit" if roll < 0.8 else "gift"
         request = RequestEvent(request_id=f"req-{n}", workflow=workflow,
                                payload={"amount": n}, created_ms=self.clock.ms)  # fmt: skip
         value = encode(request)
@@ -627,9 +650,20 @@ class World:
         )
 
     async def states(self) -> dict[str, WorkflowState | None]:
+        """Every run the clients asked for, and every child run their runs started."""
         replica = next(iter(self.replicas.values()))
         wids = [workflow_id_for(r) for r in sorted(self.issued.requests)]
+        wids += sorted(self.children())
         return await replica.store.load_many(wids)
+
+    def children(self) -> dict[str, dict[str, Any]]:
+        """The child runs requested so far (by run id), with the parent each names."""
+        found = {}
+        for record in self.log.records(self.topics.requests):
+            request = orjson.loads(record.value or b"{}")
+            if request.get("parent"):
+                found[workflow_id_for(request["request_id"])] = request["parent"]
+        return found
 
     def coverage(self) -> Counter[str]:
         """How often the paths the invariants guard were taken in this history."""
@@ -651,6 +685,7 @@ class World:
         seen["failovers"] = self.failovers
         seen["redriven"] = self.redriven
         seen.update(self.pauses.seen)
+        seen["child_runs"] = len(self.children())
         return seen
 
     async def close(self) -> None:
