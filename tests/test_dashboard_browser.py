@@ -547,3 +547,31 @@ async def test_schedules_are_listed_paused_and_run_now_from_the_dashboard(
         await browser.click("[data-testid=trigger-hourly]")
         await wait_for(lambda: len(ran) >= 3, timeout=15, what="the run it started")
         await browser.shot("schedules")
+
+
+async def test_a_parent_and_its_child_run_link_to_each_other(
+    make_system: Any, browser: Browser
+) -> None:
+    child = {"name": "child", "steps": [{"id": "a", "service": "svc", "action": "work"}]}
+    parent = {"name": "parent", "steps": [{"id": "sub", "workflow": "child"}]}
+    system = await make_system(child, parent)
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        return {"done": True}
+
+    await system.worker("svc", {"work": work})
+    await system.mediator()
+    client = await system.client()
+    assert (await client.submit("parent", {}, request_id="p", timeout=30)).status is (
+        WorkflowStatus.COMPLETED
+    )
+    wid = workflow_id_for("p")
+    async with _dashboard(system) as base:
+        await browser.open(base + f"#/run/{wid}")
+        await wait_for(lambda: browser.count("[data-testid=child-sub]"), what="the child link")
+        await browser.click("[data-testid=child-sub]")
+        await wait_for(
+            lambda: _contains(browser.text("[data-testid=parent]"), f"child run of {wid}"),
+            what="the child's page naming its parent",
+        )
+        assert "step sub, attempt 1" in await browser.text("[data-testid=parent]")

@@ -146,13 +146,19 @@ async function run(wid) {
   const approve = (sid, s) => s.status === "waiting" && waits[sid]
     ? ` <button data-signal="${esc(waits[sid])}" data-approved="true" data-testid="approve-${esc(sid)}">Approve</button>
        <button class="danger" data-signal="${esc(waits[sid])}" data-approved="false" data-testid="reject-${esc(sid)}">Reject</button>` : "";
-  const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}</td><td>${badge(s.status)}${approve(sid, s)}</td>
+  // A `workflow` step's child runs (one per attempt, newest last), linked.
+  const children = (sid) => (r.children || {})[sid]
+    ? " " + r.children[sid].map((c) => `<a class="mono" href="#/run/${esc(c)}" data-testid="child-${esc(sid)}">${esc(c)}</a>`).join(", ") : "";
+  const parent = r.parent
+    ? `<p data-testid="parent">child run of <a class="mono" href="#/run/${esc(r.parent.workflow_id)}">${esc(r.parent.workflow_id)}</a> (step ${esc(r.parent.step)}, attempt ${esc(r.parent.attempt)})</p>` : "";
+  const rows = Object.entries(steps).map(([sid, s]) => `<tr data-step="${esc(sid)}"><td>${esc(sid)}${children(sid)}</td><td>${badge(s.status)}${approve(sid, s)}</td>
     <td>${esc(s.attempts)}</td><td>${esc(s.service || services[sid] || "")}</td><td class="mono">${esc(s.instance || "")}</td>
     <td>${s.duration_ms ?? ""}</td><td>${esc(s.error ? s.error.message : "")}</td></tr>`).join("");
   const comp = Object.entries(r.result.compensations || {});
   return `<h2>Run <span class="mono" data-testid="run-id">${esc(r.workflow_id)}</span> ${badge(r.status)}${paused} ${actions}</h2>
     <p class="muted">${esc(r.workflow)} v${esc(r.version)} · request ${esc(r.request_id)} · started ${when(r.created_ms)}
       ${r.finished_ms ? "· finished " + when(r.finished_ms) : ""} ${r.trace_id ? "· trace " + esc(r.trace_id) : ""}</p>
+    ${parent}
     ${dag(r.definition.steps, steps, r.result.compensations || {})}
     <h2>Steps</h2><table data-testid="steps"><tr><th>Step</th><th>Status</th><th>Attempts</th><th>Service</th><th>Instance</th><th>ms</th><th>Error</th></tr>${rows}</table>
     ${timeline(r, services)}
