@@ -9,6 +9,7 @@ from typing import Any
 from mediator.core.engine import Transition
 from mediator.core.state import StepStatus, dumps, loads
 from mediator.core.timers import SetTimer
+from mediator.core.transition import Subscribe
 from tests.engine_harness import (
     ENGINE,
     FATAL,
@@ -128,3 +129,45 @@ def test_a_last_wait_completed_by_a_kept_signal_finishes_the_run() -> None:
     outcome = result(ended)
     assert outcome.status is WorkflowStatus.COMPLETED
     assert run.state.steps["approve"].output == {"ok": True}
+
+
+def test_a_wait_takes_only_the_signals_its_match_holds_for() -> None:
+    run = Run(
+        make(
+            step("charge"),
+            {"id": "paid", "depends_on": ["charge"],
+             "wait": {"event": "payment",
+                      "match": "event.status == 'succeeded' && event.amount == payload.amount"}},
+        ),
+        {"amount": 5},
+    )  # fmt: skip
+    run.complete("charge")
+    ignored = signal(run, "payment", {"status": "pending", "amount": 5}, T0 + 20)
+    assert ignored is not None and run.statuses()["paid"] == "waiting"
+    assert [e["payload"]["status"] for e in run.state.inbox or []] == ["pending"]  # kept
+    wrong = signal(run, "payment", {"status": "succeeded", "amount": 9}, T0 + 21)
+    assert wrong is not None and run.statuses()["paid"] == "waiting"
+    done = signal(run, "payment", {"status": "succeeded", "amount": 5}, T0 + 22)
+    assert done is not None and result(done).status is WorkflowStatus.COMPLETED
+    assert run.state.steps["paid"].output == {"status": "succeeded", "amount": 5}
+
+
+def test_a_wait_with_a_key_subscribes_its_run_to_it() -> None:
+    run = Run(
+        make(step("charge"), keyed_wait()),
+    )
+    started = run.complete("charge", {"id": "pi_42"})
+    subscribed = [e for e in started.effects if isinstance(e, Subscribe)]
+    assert subscribed == [Subscribe("payment", "pi_42", "paid", 1)]
+    # A key the run's data does not give (absent, or not a scalar): no subscription.
+    run = Run(
+        make(step("charge"), keyed_wait()),
+    )
+    started = run.complete("charge", {"no_id": True})
+    assert [e for e in started.effects if isinstance(e, Subscribe)] == []
+    assert run.statuses()["paid"] == "waiting"
+
+
+def keyed_wait() -> dict[str, Any]:
+    wait = {"event": "payment", "key": "steps.charge.id"}
+    return {"id": "paid", "depends_on": ["charge"], "wait": wait}

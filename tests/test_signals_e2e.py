@@ -84,3 +84,62 @@ async def test_a_wait_is_completed_by_a_signal_sent_after_or_before_it_or_times_
 async def _inbox(mediator: Any, wid: str) -> bool:
     state = await mediator.store.load(wid)
     return state is not None and bool(state.inbox)
+
+
+PAYMENT = {
+    "name": "payment",
+    "steps": [
+        {"id": "charge", "service": "psp", "action": "charge"},
+        {"id": "paid", "depends_on": ["charge"], "timeout": "20s",
+         "wait": {"event": "payment", "key": "steps.charge.intent",
+                  "match": "event.status == 'succeeded'"}},
+        {"id": "ship", "service": "psp", "action": "ship", "depends_on": ["paid"],
+         "input": "steps.paid"},
+    ],
+}  # fmt: skip
+
+
+async def test_a_wait_is_reached_by_its_correlation_key_before_or_after_it_starts(
+    make_system: Any,
+) -> None:
+    system = await make_system(PAYMENT)
+    shipped: dict[str, Any] = {}
+
+    async def charge(data: Any, command: Any) -> dict[str, Any]:
+        return {"intent": f"pi_{data['order']}"}
+
+    async def ship(data: Any, command: Any) -> dict[str, Any]:
+        shipped[command.workflow_id] = data
+        return {}
+
+    await system.worker("psp", {"charge": charge, "ship": ship})
+    mediator = await system.mediator()
+    client = await system.client()
+
+    # After: the run waits on key pi_a; the provider's webhook, relayed by key, arrives:
+    # first a status the step does not take (kept), then the one it does.
+    after = asyncio.create_task(
+        client.submit("payment", {"order": "a"}, request_id="a", timeout=30)
+    )
+    wid = workflow_id_for("a")
+    await wait_for(lambda: _paid_waits(mediator, wid), what="the run to wait on its key")
+    await client.signal_key("payment", "pi_a", {"status": "processing"}, signal_id="w-1")
+    await client.signal_key("payment", "pi_a", {"status": "succeeded"}, signal_id="w-2")
+    assert (await after).status is WorkflowStatus.COMPLETED
+    assert shipped[wid] == {"status": "succeeded"}
+
+    # Before: the webhook comes before the run exists; the key keeps it until the run
+    # subscribes, which hands it over.
+    code, out, err = await cli(
+        system.settings, "signal", "key:pi_b", "payment", '{"status": "succeeded"}'
+    )
+    assert code == 0, err
+    assert "signal key:pi_b: applied (kept: no run waits for signal payment key 'pi_b'" in out
+    before = await client.submit("payment", {"order": "b"}, request_id="b", timeout=30)
+    assert before.status is WorkflowStatus.COMPLETED
+    assert shipped[workflow_id_for("b")] == {"status": "succeeded"}
+
+
+async def _paid_waits(mediator: Any, wid: str) -> bool:
+    state = await mediator.store.load(wid)
+    return state is not None and state.steps["paid"].status.value == "waiting"

@@ -364,6 +364,9 @@ class ControlAction(StrEnum):
     #: Undo a completed run (its completed steps' compensations, in reverse) and reply to
     #: `reply` when done: what a parent sends the child run of a step it compensates.
     COMPENSATE = "compensate"
+    #: Sent by the mediator for a `wait` step with a correlation `key`: signals `signal`
+    #: sent for `key` go to the run `workflow_id` from now on (and those kept, at once).
+    SUBSCRIBE = "subscribe"
 
 
 class ControlEvent(Event):
@@ -389,6 +392,13 @@ class ControlEvent(Event):
     )
     payload: dict[str, Any] | None = Field(
         default=None, description="With `signal`: the output of the step it completes."
+    )
+    key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="With `signal`, instead of `workflow_id`: the correlation key a `wait` step "
+        "computed (the run waiting on it gets the signal); with `subscribe`: the key.",
     )
     reply: ParentRef | None = Field(
         default=None,

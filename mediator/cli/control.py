@@ -39,14 +39,7 @@ def _control(
     """Send one control to a service (or one of its instances); unless `wait` is None,
     wait that long for what became of it and exit 1 when it was refused or no replica
     answered. (Controls of runs: `_runs_control`.)"""
-    from mediator.ops.control import control_signer
-
-    settings = load(config)
-    quiet_libraries()
-    try:
-        signer = control_signer(settings.signing)
-    except MediatorError as exc:
-        raise fail(str(exc)) from None
+    settings, signer = _operator_settings(config)
     target = f"{service} {instance}" if instance else service
     sent, outcome = run_coroutine(
         _send_and_wait(settings, signer, action, service, instance, reason, wait)
@@ -172,7 +165,13 @@ def resume(
 
 
 def signal(
-    run: Annotated[str, typer.Argument(help="The run's workflow id, or its request id.")],
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="The run's workflow id, or its request id; or `key:<correlation key>` for "
+            "the run whose `wait` step waits on that key."
+        ),
+    ],
     event: Annotated[str, typer.Argument(help="The signal's name (what a `wait` waits for).")],
     payload: Annotated[
         str, typer.Argument(help="A JSON object: the output of the step it completes.")
@@ -182,7 +181,9 @@ def signal(
     config: ConfigOption = None,
 ) -> None:
     """Send a signal to a run: the step waiting on it completes with the payload (if none
-    waits yet, the run keeps it for the first that will)."""
+    waits yet, the run keeps it for the first that will). Sent by correlation key
+    (`key:<key>`), it goes to the run waiting on that key, or is kept for the first that
+    will."""
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -191,6 +192,9 @@ def signal(
     if not isinstance(body, dict):
         msg = f"payload must be a JSON object, not {type(body).__name__}"
         raise fail(msg)
+    if run.startswith("key:"):
+        _signal_by_key(config, event, run.removeprefix("key:"), body, timeout if wait else None)
+        return
     _runs_control(
         "signal",
         config,
@@ -201,6 +205,54 @@ def signal(
         timeout if wait else None,
         signal=(event, body),
     )
+
+
+def _operator_settings(config: Path | None) -> tuple[Any, Any]:
+    """The settings, and who this process signs controls as (None: unsigned)."""
+    from mediator.ops.control import control_signer
+
+    settings = load(config)
+    quiet_libraries()
+    try:
+        return settings, control_signer(settings.signing)
+    except MediatorError as exc:
+        raise fail(str(exc)) from None
+
+
+def _signal_by_key(
+    config: Path | None, event: str, key: str, payload: dict[str, Any], wait: float | None
+) -> None:
+    """Send the signal `event` for the correlation key `key`; report what became of it."""
+    from mediator.ops.control import ControlSender, control_event
+    from topics.events import ControlAction
+
+    if not key:
+        msg = "key: needs a correlation key after it (key:<key>)"
+        raise fail(msg)
+    settings, signer = _operator_settings(config)
+
+    async def send() -> tuple[Any, dict[str, Any] | None]:
+        from mediator.ops.control import control_outcomes
+
+        kafka = settings.kafka
+        sender = ControlSender(
+            kafka, kafka.topics, enable_idempotence=kafka.enable_idempotence, signer=signer
+        )
+        await sender.start()
+        try:
+            control = control_event(ControlAction.SIGNAL, signal=event, payload=payload, key=key)
+            sent = await sender.send(control)
+        finally:
+            await sender.stop()
+        if wait is None:
+            return sent, None
+        async with redis_session(settings) as (redis, keys):
+            outcomes = await control_outcomes(redis, keys, [sent.control_id], wait)
+        return sent, outcomes.get(sent.control_id)
+
+    sent, outcome = run_coroutine(send())
+    if not _report("signal", [f"key:{key}"], [(sent, outcome)], set(), wait):
+        raise typer.Exit(code=1)
 
 
 def _runs_control(
@@ -217,18 +269,12 @@ def _runs_control(
     """Send `action` to each run named and each run of `workflow` it applies to (one
     control per run, through one producer); unless `wait` is None, report what became of
     each and exit 1 if any was refused or not answered."""
-    from mediator.ops.control import control_signer
     from mediator.storage.keys import workflow_id_for
 
     if not runs and workflow is None:
         msg = f"{action} needs run ids or --workflow NAME"
         raise fail(msg)
-    settings = load(config)
-    quiet_libraries()
-    try:
-        signer = control_signer(settings.signing)
-    except MediatorError as exc:
-        raise fail(str(exc)) from None
+    settings, signer = _operator_settings(config)
     named = [r if RUN_ID.fullmatch(r) else workflow_id_for(r) for r in runs or ()]
     # Runs chosen by the filter may end before their control arrives: refused then, they
     # are reported as skipped, not as failures.

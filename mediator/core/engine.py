@@ -320,7 +320,7 @@ class Engine(Attempts):
         state.updated_ms = now_ms
         transition = Transition(state)
         event = control.signal or ""
-        sid = signals.waiting_step(workflow, state, event)
+        sid = signals.waiting_step(workflow, state, event, control.payload)
         if sid is None:
             signals.keep(
                 state, control.control_id, event, control.payload, now_ms, control.operator

@@ -2,6 +2,12 @@
 name, delivered to its run by an operator's ``signal`` control (the CLI, the SDK, the
 dashboard), and completes with the signal's payload as its output.
 
+A step may take only the signals its `match` holds for; it may also be reached by a
+correlation key it computes from the run (`key`: a payment id, an order number), for
+senders that do not know the run: starting to wait subscribes the run to the key
+(`Subscribe`, a ``subscribe`` control), and signals sent for the key before that are kept
+in Redis and handed over then (`mediator.storage.correlation`).
+
 A signal that comes before any step waits on it is kept with the run (its ``inbox``, at
 most `MAX_INBOX`, each for `INBOX_TTL_MS`) and taken by the first step that waits on one
 of that name. A step's timeout counts from when it starts waiting; when it passes the
@@ -13,12 +19,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from mediator.core.expressions import ExpressionError
 from mediator.core.state import StepState, StepStatus, WorkflowState
 from mediator.core.timers import SetTimer
-from mediator.core.transition import Transition, timer_name
+from mediator.core.transition import Subscribe, Transition, context, timer_name
 from mediator.core.workflow import Step, Workflow
 
-__all__ = ["INBOX_TTL_MS", "MAX_INBOX", "deliver", "keep", "start_wait", "waiting_step"]
+__all__ = [
+    "INBOX_TTL_MS",
+    "MAX_INBOX",
+    "correlation_key",
+    "deliver",
+    "keep",
+    "matches",
+    "start_wait",
+    "waiting_step",
+]
 
 #: Signals a run keeps for steps that do not wait yet.
 MAX_INBOX = 16
@@ -26,12 +42,47 @@ MAX_INBOX = 16
 INBOX_TTL_MS = 7 * 24 * 3_600_000
 
 
-def waiting_step(workflow: Workflow, state: WorkflowState, event: str) -> str | None:
-    """The first step (in plan order) waiting on the signal `event`, if any."""
+def waiting_step(
+    workflow: Workflow, state: WorkflowState, event: str, payload: dict[str, Any] | None
+) -> str | None:
+    """The first step (in plan order) waiting on the signal `event` whose `match` takes
+    `payload`, if any."""
     for sid in workflow.order:
-        if state.steps[sid].status is StepStatus.WAITING and workflow.steps[sid].wait == event:
+        step = workflow.steps[sid]
+        if (
+            state.steps[sid].status is StepStatus.WAITING
+            and step.wait == event
+            and matches(step, state, payload)
+        ):
             return sid
     return None
+
+
+def matches(step: Step, state: WorkflowState, payload: dict[str, Any] | None) -> bool:
+    """Whether the `wait` step `step` takes a signal with `payload`: its `match` holds on
+    it (``event``) and the run. A `match` that cannot be evaluated on it does not."""
+    if step.wait_match is None:
+        return True
+    values = context(state, state.steps)
+    values["event"] = payload or {}
+    try:
+        return step.wait_match.holds(values)
+    except ExpressionError:
+        return False
+
+
+def correlation_key(step: Step, state: WorkflowState) -> str | None:
+    """The correlation key of the `wait` step `step` for `state` (None: it has none, or
+    its expression gives nothing: only signals to the run reach it then)."""
+    if step.wait_key is None:
+        return None
+    try:
+        key = step.wait_key.render(context(state, state.steps))
+    except ExpressionError:
+        return None
+    if key is None or isinstance(key, dict | list) or key == "":
+        return None
+    return str(key).lower() if isinstance(key, bool) else str(key)
 
 
 def start_wait(
@@ -45,7 +96,7 @@ def start_wait(
     """`attempt` of the `wait` step `step` begins: completed at once by a signal the run
     kept for it, else waiting (with its timeout timer, if it has one)."""
     state = transition.state
-    kept = _take(state, step.wait or "", now_ms)
+    kept = _take(state, step, now_ms)
     if kept is not None:
         return StepState(
             StepStatus.COMPLETED,
@@ -61,6 +112,9 @@ def start_wait(
         transition.timers.append(
             SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
         )
+    key = correlation_key(step, state)
+    if key is not None:  # signals sent for the key reach this run from now on
+        transition.effects.append(Subscribe(step.wait or "", key, step.id, attempt))
     return StepState(
         StepStatus.WAITING, attempt=attempt, started_ms=now_ms, history=history, base=base
     )
@@ -107,11 +161,16 @@ def keep(
     state.inbox = [*fresh, entry][-MAX_INBOX:]
 
 
-def _take(state: WorkflowState, event: str, now_ms: int) -> dict[str, Any] | None:
-    """The oldest kept signal `event` still fresh, taken out of the run's inbox."""
+def _take(state: WorkflowState, step: Step, now_ms: int) -> dict[str, Any] | None:
+    """The oldest kept signal still fresh that `step` waits for (its event, matching),
+    taken out of the run's inbox."""
     inbox = state.inbox or []
     for index, entry in enumerate(inbox):
-        if entry["event"] == event and now_ms - entry["at_ms"] < INBOX_TTL_MS:
+        if (
+            entry["event"] == step.wait
+            and now_ms - entry["at_ms"] < INBOX_TTL_MS
+            and matches(step, state, entry.get("payload"))
+        ):
             rest = inbox[:index] + inbox[index + 1 :]
             state.inbox = rest or None
             return entry

@@ -20,6 +20,7 @@ __all__ = [
     "Observation",
     "PublishResult",
     "SendCommand",
+    "Subscribe",
     "Transition",
     "context",
     "deadline_timer",
@@ -49,10 +50,21 @@ class PublishResult:
     reply_to: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Route signals `event` sent for the correlation key `key` to the run (its `wait`
+    step `step` waits for one): published as a ``subscribe`` control."""
+
+    event: str
+    key: str
+    step: str
+    attempt: int
+
+
 #: What a transition publishes when it commits (through the outbox): commands (a child
 #: step's are its child's request and ``compensate`` control), the run's result, its
 #: outcome to the parent step waiting for it, and cancels of child runs it gave up.
-Effect = SendCommand | PublishResult | ReplyToParent | CancelChild
+Effect = SendCommand | PublishResult | ReplyToParent | CancelChild | Subscribe
 
 
 @dataclass(slots=True)

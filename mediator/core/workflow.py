@@ -113,6 +113,16 @@ class WaitSpec(_Spec):
     `MediatorClient.signal`, the dashboard) and completes with the signal's payload."""
 
     event: str = Field(pattern=_IDENT, description="The signal's name, e.g. ``approval``.")
+    match: str | None = Field(
+        default=None,
+        description="A condition on the signal (`event`: its payload) and the run (`payload`, "
+        "`steps`): only a signal for which it holds completes the step; others are kept.",
+    )
+    key: str | None = Field(
+        default=None,
+        description="An expression on the run (`payload`, `steps`) giving the correlation key: "
+        "a signal sent for this key (and event) instead of a run id reaches the step.",
+    )
 
 
 #: The service name a child step's commands and replies go by (``workflow.<name>``): no
@@ -265,6 +275,10 @@ class Step:
     #: The workflow a `workflow` step runs as a child run (its `service` is
     #: ``workflow.<name>``, its action ``run``, its compensation that of the child).
     child: Child | None = None
+    #: A `wait` step's condition on the signal (`event`) and the run: what it takes.
+    wait_match: Condition | None = None
+    #: A `wait` step's correlation key, rendered from the run when it starts waiting.
+    wait_key: Template | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +461,23 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         fallback,
         None if spec.wait is None else spec.wait.event,
         child,
+        *_wait_expressions(name, spec),
     )
+
+
+def _wait_expressions(name: str, spec: StepSpec) -> tuple[Condition | None, Template | None]:
+    """A `wait` step's compiled `match` and `key`."""
+    wait = spec.wait
+    if wait is None:
+        return None, None
+    match = None
+    if wait.match is not None:
+        try:
+            match = Condition.compile(wait.match)
+        except ExpressionError as exc:
+            raise BadExpression(name, spec.id, "wait.match", wait.match, str(exc)) from None
+    key = _template(name, spec.id, "wait.key", wait.key) if wait.key is not None else None
+    return match, key
 
 
 def _compensation(

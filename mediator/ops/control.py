@@ -63,6 +63,7 @@ def control_event(
     pause_deadline: bool = False,
     signal: str | None = None,
     payload: dict[str, Any] | None = None,
+    key: str | None = None,
 ) -> ControlEvent:
     """A control from the operator running this process (or `operator`)."""
     if operator is None:
@@ -82,6 +83,7 @@ def control_event(
         pause_deadline=pause_deadline,
         signal=signal,
         payload=payload,
+        key=key,
     )
 
 
@@ -114,7 +116,7 @@ class ControlSender:
     async def send(self, control: ControlEvent) -> ControlEvent:
         """Publish one control and wait for the broker's acknowledgement; signed by this
         sender's operator, whose id it carries."""
-        key = (control.workflow_id or control.service or control.control_id).encode()
+        key = (control.workflow_id or control.key or control.service or control.control_id).encode()
         keys = None
         if self.signer is not None:
             operator, keys = self.signer

@@ -37,6 +37,7 @@ from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings, LoadBalancingSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
+from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
 from topics.names import Topics
 
@@ -112,6 +113,10 @@ class Runtime(Health):
         #: unsigned (signing off, or no `signing.client` / `signing.operator`).
         self.request_signer = request_signer
         self.control_signer = control_signer
+        #: Signals by correlation key (`wait: {key: ...}`), in the store's Redis (None: a
+        #: store without one, as in tests of the runtime alone).
+        redis = getattr(store, "redis", None)
+        self.correlations = Correlations(redis, store.keys) if redis is not None else None
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []

@@ -17,6 +17,7 @@ from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, 
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
 from mediator.core.state import Failure, WorkflowState
+from mediator.core.transition import Subscribe
 from mediator.core.workflow import CHILD_PREFIX, Workflow
 from mediator.logs import run_fields
 from mediator.runtime.context import (
@@ -131,6 +132,19 @@ class Commits(Intake):
             elif isinstance(effect, ReplyToParent):
                 round_ = transition.state.round
                 messages.append(self._parent_reply(effect.reply, f"r{round_}", shard))
+            elif isinstance(effect, Subscribe):
+                state = transition.state
+                subscribe = ControlEvent(
+                    control_id=f"{state.workflow_id}.{effect.step}.{effect.attempt}.subscribe",
+                    action=ControlAction.SUBSCRIBE,
+                    workflow_id=state.workflow_id,
+                    signal=effect.event,
+                    key=effect.key,
+                    issued_ms=now_ms(),
+                )
+                messages.append(
+                    self._control_message(subscribe, subscribe.control_id, "result", shard)
+                )
             elif isinstance(effect, CancelChild):
                 cancel = ControlEvent(
                     control_id=effect.control_id,

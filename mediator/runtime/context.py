@@ -27,6 +27,7 @@ from mediator.runtime.tracing import Tracing
 from mediator.settings import LimitsSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
+from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
 from mediator.storage.store import Claimed, Commit
 from topics.events import (
@@ -134,6 +135,7 @@ class RuntimeContext:
     requests_signed: str
     clients: Keyring | None
     request_signer: tuple[str, Keyring] | None
+    correlations: Correlations | None
     control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]

@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+from mediator.codec import encode
+from mediator.core.signals import INBOX_TTL_MS
 from mediator.runtime.context import (
     BatchOutput,
     Event,
@@ -19,6 +21,15 @@ from topics.events import (
 )
 
 __all__ = ["Controls"]
+
+
+def _by_key(control: ControlEvent) -> bool:
+    """Whether `control` goes by correlation key: a run's subscription, or a signal that
+    names a key and no run."""
+    if control.action is ControlAction.SUBSCRIBE:
+        return True
+    return control.action is ControlAction.SIGNAL and not control.workflow_id and bool(control.key)
+
 
 log = logging.getLogger("mediator.runtime")
 
@@ -68,6 +79,10 @@ class Controls(Requests):
                     )
                     continue
                 reason = "reset_breaker needs `service`, and circuit breakers enabled"
+            elif _by_key(control):
+                reason = await self._correlate(control, out, groups)
+                if reason is None:
+                    continue
             elif control.workflow_id:
                 groups.setdefault(control.workflow_id, []).append(control)
                 continue
@@ -76,6 +91,42 @@ class Controls(Requests):
             out.controls[control.control_id] = (False, reason)
             self._dead_letter(record, reason, "invalid", out)
         await self._advance_groups(groups, out, received)
+
+    async def _correlate(
+        self, control: ControlEvent, out: BatchOutput, groups: dict[str, list[Event]]
+    ) -> str | None:
+        """A signal sent by correlation key goes to the run subscribed to it, or is kept
+        for the next; a run's subscription takes the signals kept for its key. Why it
+        cannot be applied, or None."""
+        event, key, wid = control.signal, control.key, control.workflow_id
+        if not event or not key:
+            return f"{control.action.value} by key needs `signal` and `key`"
+        if self.correlations is None:
+            return "signals by correlation key need the Redis store"
+        if control.action is ControlAction.SUBSCRIBE:
+            if not wid:
+                return "subscribe needs `workflow_id`"
+            kept = await self.correlations.subscribe(event, key, wid, INBOX_TTL_MS)
+            for raw in kept:
+                signal = ControlEvent.model_validate_json(raw)
+                groups.setdefault(wid, []).append(signal.model_copy(update={"workflow_id": wid}))
+            out.counts["signals:subscribed"] += 1
+            out.controls[control.control_id] = (
+                True,
+                f"run {wid} waits for signal {event} key {key!r}; {len(kept)} kept handed over",
+            )
+            return None
+        run = await self.correlations.route(event, key, encode(control))
+        if run is None:
+            out.counts["signals:kept_by_key"] += 1
+            out.controls[control.control_id] = (
+                True,
+                f"kept: no run waits for signal {event} key {key!r} yet (the first that does "
+                "takes it)",
+            )
+            return None
+        groups.setdefault(run, []).append(control.model_copy(update={"workflow_id": run}))
+        return None
 
     async def _drain(self, control: ControlEvent, out: BatchOutput) -> str | None:
         """Apply a drain or undrain; why it cannot be, if it cannot."""

@@ -249,7 +249,39 @@ class MediatorClient:
             operator=self.operator[0] if self.operator is not None else None,
             issued_ms=clock.now_ms(),
         )
-        key = workflow_id.encode()
+        return await self._control(control, workflow_id)
+
+    async def signal_key(
+        self,
+        event: str,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        signal_id: str | None = None,
+    ) -> str:
+        """Send the signal `event` for the correlation key `key` (what a `wait` step's
+        ``key`` computed, e.g. a payment id), for senders that do not know the run: the
+        run waiting on it gets it, or, none yet, it is kept (up to 16 per key, for 7 days)
+        for the first that will. Returns the signal's id once the broker acked it."""
+        if self._producer is None:
+            msg = "start the client (`await client.start()` or `async with client`) first"
+            raise ClientClosed(msg)
+        control = ControlEvent(
+            control_id=signal_id or uuid.uuid4().hex,
+            action=ControlAction.SIGNAL,
+            key=key,
+            signal=event,
+            payload=payload or {},
+            operator=self.operator[0] if self.operator is not None else None,
+            issued_ms=clock.now_ms(),
+        )
+        return await self._control(control, key)
+
+    async def _control(self, control: ControlEvent, record_key: str) -> str:
+        """Publish `control` under `record_key`, signed as this client's operator; its id
+        once the broker acked it."""
+        assert self._producer is not None
+        key = record_key.encode()
         keys = self.operator[1] if self.operator is not None else None
         value, headers = codec.record(control, self.topics.control, key, keys)
         await self._producer.send_and_wait(

@@ -77,6 +77,7 @@ Action = Literal[
     "resume",
     "signal",
     "compensate",
+    "subscribe",
     "reset_breaker",
     "drain",
     "undrain",

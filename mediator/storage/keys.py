@@ -53,6 +53,11 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:reg:marker                    string the replica writing markers, with a TTL
     med:{schedules}                   hash   per schedule: <name>:last (last tick seen, ms),
                                              <name>:fired, <name>:paused, <name>:spec (JSON)
+    med:sig:{<digest>}:run            string the run whose `wait` step waits for one
+                                             correlation key of a signal (BLAKE2b-64 of
+                                             event and key), with a TTL
+    med:sig:{<digest>}:pending        list   signals sent for that key before a run waited
+                                             on it (JSON controls), capped, with a TTL
     med:ctl:<control_id>              string JSON {applied, detail, at_ms}: what became of an
                                              operator's control, kept for a day
     med:alerts:active                 hash   alert key -> JSON of each alert now firing
@@ -62,12 +67,13 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
 from mediator.core.ids import workflow_id_for
 
-__all__ = ["KEY_SCHEMA_VERSION", "Keys", "workflow_id_for"]
+__all__ = ["KEY_SCHEMA_VERSION", "Keys", "correlation_digest", "workflow_id_for"]
 
 KEY_SCHEMA_VERSION = 1
 
@@ -186,6 +192,13 @@ class Keys:
         loaded, JSON)."""
         return f"{self.prefix}:{{schedules}}"
 
+    def correlation(self, digest: str) -> tuple[str, str]:
+        """String and list of one correlation key of a signal (`correlation_digest`, one
+        hash slot): the run whose `wait` step waits for it (with a TTL), and the signals
+        sent for it before any did (JSON controls, oldest first, capped, with a TTL)."""
+        base = f"{self.prefix}:sig:{{{digest}}}"
+        return f"{base}:run", f"{base}:pending"
+
     def control(self, control_id: str) -> str:
         """String: what became of one operator's control (JSON), kept for a day."""
         return f"{self.prefix}:ctl:{control_id}"
@@ -224,3 +237,8 @@ class Keys:
             f"{base}:drained",
             f"{base}:dead",
         )
+
+
+def correlation_digest(event: str, key: str) -> str:
+    """The digest naming the keys of the signal `event`'s correlation key `key`."""
+    return hashlib.blake2b(f"{event}\0{key}".encode(), digest_size=8).hexdigest()
