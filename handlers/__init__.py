@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from faststream.kafka import KafkaBroker
 
-from handlers import control, health, inbound, outbound
+from handlers import control, health, inbound, outbound, signals
 from mediator.kafka import broker_options
 from mediator.runtime.batches import Runtime
 from mediator.runtime.consumers import Subscription
@@ -27,6 +27,8 @@ def subscriptions(settings: Settings, runtime: Runtime) -> list[Subscription]:
     found = [inbound.subscription(settings, runtime), control.subscription(settings, runtime)]
     if settings.discovery.enabled:
         found.append(health.subscription(settings, runtime))
+    if settings.signals.sources:
+        found.append(signals.subscription(settings, runtime))
     return found
 
 
@@ -39,5 +41,7 @@ def document(settings: Settings, services: Iterable[str]) -> KafkaBroker:
     control.describe(broker, settings)
     if settings.discovery.enabled:
         health.describe(broker, settings)
+    if settings.signals.sources:
+        signals.describe(broker, settings)
     outbound.declare(broker, kafka.topics, services)
     return broker

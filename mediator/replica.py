@@ -140,6 +140,7 @@ class Mediator:
             clients=settings.signing.client_keys(),
             requests_signed=settings.signing.requests if settings.signing.enabled else "off",
             **_child_signers(settings, definitions),
+            signal_sources=settings.signals.sources,
         )
         self.flusher = MetricsFlusher(
             self.recorder, self.metrics, monitoring.flush_ms, settings.backoff

@@ -97,6 +97,7 @@ class System:
     async def create_topics(self) -> None:
         """The mediator's topics and every service topic the workflows use."""
         names = [self.topics.service(s) for s in service_names(self.definitions)]
+        names += [source.topic for source in self.settings.signals.sources]
         await create_topics(
             self.settings.kafka, [*self.topics.mediator_topics(), *names], partitions=4
         )

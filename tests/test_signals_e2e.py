@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
+
 from mediator.core.ids import workflow_id_for
-from tests.helpers import cli, wait_for
+from tests.helpers import cli, consume_all, produce, wait_for
 from topics.events import WorkflowStatus
 
 APPROVAL = {
@@ -143,3 +145,48 @@ async def test_a_wait_is_reached_by_its_correlation_key_before_or_after_it_start
 async def _paid_waits(mediator: Any, wid: str) -> bool:
     state = await mediator.store.load(wid)
     return state is not None and state.steps["paid"].status.value == "waiting"
+
+
+async def test_records_of_a_signal_source_reach_the_run_waiting_on_their_key(
+    make_system: Any, settings: Any
+) -> None:
+    from mediator.settings import SignalSettings
+
+    topic = f"{settings.kafka.topics.prefix}webhooks"
+    sources = SignalSettings.model_validate(
+        {"sources": [{"topic": topic, "event": "payment", "key": "value.data.id",
+                      "payload": "value.data"}]}
+    )  # fmt: skip
+    system = await make_system(PAYMENT, signals=sources)
+    shipped: dict[str, Any] = {}
+
+    async def charge(data: Any, command: Any) -> dict[str, Any]:
+        return {"intent": f"pi_{data['order']}"}
+
+    async def ship(data: Any, command: Any) -> dict[str, Any]:
+        shipped[command.workflow_id] = data
+        return {}
+
+    await system.worker("psp", {"charge": charge, "ship": ship})
+    await system.mediator()
+    client = await system.client()
+    running = asyncio.create_task(
+        client.submit("payment", {"order": "c"}, request_id="c", timeout=30)
+    )
+    # A record that is not JSON and one without the key are dead-lettered; the webhook
+    # for another payment is kept for its key; the run's own completes its wait.
+    await produce(
+        system.bootstrap,
+        topic,
+        [b"not json", b'{"data": {}}',
+         orjson.dumps({"data": {"id": "pi_x", "status": "succeeded"}}),
+         orjson.dumps({"data": {"id": "pi_c", "status": "succeeded", "amount": 7}})],
+        headers=[],
+    )  # fmt: skip
+    done = await running
+    assert done.status is WorkflowStatus.COMPLETED, done
+    assert shipped[workflow_id_for("c")] == {"id": "pi_c", "status": "succeeded", "amount": 7}
+    letters = await consume_all(system.bootstrap, system.topics.dlq, count=2, timeout=30)
+    reasons = sorted(orjson.loads(r.value)["reason"] for r in letters)
+    assert "not JSON" in reasons[1], reasons
+    assert "its key expression gave None" in reasons[0], reasons

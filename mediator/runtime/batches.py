@@ -21,10 +21,11 @@ import secrets
 from collections.abc import Sequence
 
 from mediator.core.engine import Engine
+from mediator.core.expressions import Template
 from mediator.core.signing import Keyring, Operators, Signatures
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
-from mediator.runtime.context import Record
+from mediator.runtime.context import CompiledSource, Record
 from mediator.runtime.failures import is_transient
 from mediator.runtime.health import Health
 from mediator.runtime.metrics import Samples
@@ -34,7 +35,7 @@ from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
 from mediator.runtime.stats import RuntimeStats
 from mediator.runtime.tracing import Tracing
-from mediator.settings import LimitsSettings, LoadBalancingSettings
+from mediator.settings import LimitsSettings, LoadBalancingSettings, SignalSource
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.correlation import Correlations
@@ -76,6 +77,7 @@ class Runtime(Health):
         requests_signed: str = "off",
         request_signer: tuple[str, Keyring] | None = None,
         control_signer: tuple[str, Keyring] | None = None,
+        signal_sources: Sequence[SignalSource] = (),
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -117,6 +119,15 @@ class Runtime(Health):
         #: store without one, as in tests of the runtime alone).
         redis = getattr(store, "redis", None)
         self.correlations = Correlations(redis, store.keys) if redis is not None else None
+        #: The signal sources (`signals.sources`) by topic, their expressions compiled.
+        self.signal_sources = {
+            source.topic: CompiledSource(
+                source.event,
+                Template.compile(source.key),
+                Template.compile(source.payload) if source.payload is not None else None,
+            )
+            for source in signal_sources
+        }
         self.overhead = Samples()
         #: The error boundaries of the subscribers feeding this runtime (for stats).
         self.boundaries: list[Boundary] = []

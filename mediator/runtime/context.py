@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mediator.core.engine import Engine, Transition
+from mediator.core.expressions import Template
 from mediator.core.signing import Keyring, Operators, Signatures
 from mediator.core.state import WorkflowState
 from mediator.core.timers import Fired
@@ -41,6 +42,7 @@ from topics.names import Topics
 __all__ = [
     "MAX_CONFLICT_RETRIES",
     "BatchOutput",
+    "CompiledSource",
     "Event",
     "Pending",
     "Record",
@@ -100,6 +102,15 @@ class BatchOutput:
     controls: dict[str, tuple[bool, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledSource:
+    """A signal source (`SignalSource`) with its expressions compiled."""
+
+    event: str
+    key: Template
+    payload: Template | None
+
+
 @dataclass(slots=True)
 class Start:
     """A request about to start a run."""
@@ -136,6 +147,7 @@ class RuntimeContext:
     clients: Keyring | None
     request_signer: tuple[str, Keyring] | None
     correlations: Correlations | None
+    signal_sources: dict[str, CompiledSource]
     control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]

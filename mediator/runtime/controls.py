@@ -7,7 +7,11 @@ import logging
 import time
 from collections.abc import Sequence
 
+import orjson
+
+from mediator.clock import now_ms
 from mediator.codec import encode
+from mediator.core.expressions import ExpressionError
 from mediator.core.signals import INBOX_TTL_MS
 from mediator.runtime.context import (
     BatchOutput,
@@ -91,6 +95,64 @@ class Controls(Requests):
             out.controls[control.control_id] = (False, reason)
             self._dead_letter(record, reason, "invalid", out)
         await self._advance_groups(groups, out, received)
+
+    async def handle_signals(self, records: Sequence[Record]) -> None:
+        """Records of the signal sources (`signals.sources`): each one a signal to the run
+        waiting on the correlation key its source computes from it. A record that gives no
+        key is dead-lettered. Its id is its place in the topic, so one read again (a
+        rebalance, a rewind) is applied once."""
+        received = time.perf_counter()
+        out = BatchOutput()
+        groups: dict[str, list[Event]] = {}
+        for record in records:
+            control = self._source_signal(record, out)
+            if control is None:
+                continue
+            self.stats.controls += 1
+            reason = await self._correlate(control, out, groups)
+            if reason is not None:
+                self._dead_letter(record, reason, "invalid", out)
+        await self._advance_groups(groups, out, received)
+
+    def _source_signal(self, record: Record, out: BatchOutput) -> ControlEvent | None:
+        """The signal one record of a source stands for; None (dead-lettered) when it is
+        not JSON or gives no correlation key."""
+        source = self.signal_sources.get(record.topic)
+        if source is None:
+            self._dead_letter(record, f"{record.topic} is no signal source", "invalid", out)
+            return None
+        try:
+            value = orjson.loads(record.value or b"null")
+        except orjson.JSONDecodeError as exc:
+            self._dead_letter(
+                record, f"signal source {record.topic}: not JSON: {exc}", "invalid", out
+            )
+            return None
+        values = {
+            "value": value,
+            "key": record.key.decode(errors="replace") if record.key else None,
+        }
+        try:
+            key = source.key.render(values)
+            payload = source.payload.render(values) if source.payload is not None else value
+        except ExpressionError as exc:
+            key, payload = None, None
+            problem = str(exc)
+        else:
+            problem = f"its key expression gave {key!r}, not a correlation key"
+        if key is None or key == "" or isinstance(key, dict | list | bool):
+            reason = f"signal source {record.topic}: {problem}"
+            self._dead_letter(record, reason, "invalid", out)
+            return None
+        return ControlEvent(
+            control_id=f"{record.topic}-{record.partition}-{record.offset}",
+            action=ControlAction.SIGNAL,
+            key=str(key),
+            signal=source.event,
+            payload=payload if isinstance(payload, dict) else {"value": payload},
+            operator=f"topic:{record.topic}",
+            issued_ms=now_ms(),
+        )
 
     async def _correlate(
         self, control: ControlEvent, out: BatchOutput, groups: dict[str, list[Event]]

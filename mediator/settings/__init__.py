@@ -45,6 +45,8 @@ from mediator.settings.delivery import (
     LoadBalancingSettings,
     OutboxSettings,
     ScheduleSettings,
+    SignalSettings,
+    SignalSource,
     TimerSettings,
 )
 from mediator.settings.operations import (
@@ -81,6 +83,8 @@ __all__ = [
     "RedisSettings",
     "ScheduleSettings",
     "Settings",
+    "SignalSettings",
+    "SignalSource",
     "SigningSettings",
     "TimerSettings",
     "TracingSettings",
@@ -122,6 +126,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = OutboxSettings()
     timers: TimerSettings = TimerSettings()
     schedules: ScheduleSettings = ScheduleSettings()
+    signals: SignalSettings = SignalSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()

@@ -17,7 +17,7 @@ from pydantic import (
 from pydantic_settings import NoDecode
 
 from mediator.core.balancer import Strategy
-from mediator.core.expressions import ExpressionError, compile_expression
+from mediator.core.expressions import ExpressionError, Template, compile_expression
 from mediator.settings.fields import DurationMs, comma_separated, renamed_durations
 
 
@@ -39,6 +39,54 @@ class ScheduleSettings(BaseModel):
         ge=0,
         description="With ``catch_up: none``, a tick this late still fires (later ones were "
         "missed: the mediator was down).",
+    )
+
+
+class SignalSource(BaseModel):
+    """A topic whose records are signals: each one is sent, as the signal `event`, to the
+    run waiting on the correlation key `key` computes from it (a webhook relay's topic,
+    another system's events)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$", description="The topic read.")
+    event: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$",
+        description="The signal each record is (what `wait: {event: ...}` waits for).",
+    )
+    key: str = Field(
+        description="An expression on the record (`value`: its JSON value, `key`: its Kafka "
+        "key as text) giving the correlation key, e.g. ``value.data.object.id``."
+    )
+    payload: str | None = Field(
+        default=None,
+        description="An expression on the record giving the signal's payload (an object; "
+        "anything else is wrapped as ``{value: ...}``). Default: the record's value.",
+    )
+
+    @model_validator(mode="after")
+    def _expressions(self) -> SignalSource:
+        for name in ("key", "payload"):
+            source = getattr(self, name)
+            if source is None:
+                continue
+            try:
+                Template.compile(source)
+            except ExpressionError as exc:
+                msg = f"signals.sources ({self.topic}): {name} {source!r}: {exc}"
+                raise ValueError(msg) from None
+        return self
+
+
+class SignalSettings(BaseModel):
+    """Signals read from topics other than the control topic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sources: list[SignalSource] = Field(
+        default_factory=list,
+        description="Topics whose records are signals by correlation key. Their records are "
+        "not signed: who may write them is up to Kafka ACLs.",
     )
 
 
