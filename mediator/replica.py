@@ -40,6 +40,7 @@ from mediator.runtime.breakers import Breakers
 from mediator.runtime.collector import tune_gc
 from mediator.runtime.consumers import BatchConsumer, Offsets
 from mediator.runtime.endpoints import Endpoints
+from mediator.runtime.flow import FlowUpkeep
 from mediator.runtime.groups import adopt_offsets, inbound_group, previous_groups
 from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
@@ -141,6 +142,22 @@ class Mediator:
             requests_signed=settings.signing.requests if settings.signing.enabled else "off",
             **_child_signers(settings, definitions),
             signal_sources=settings.signals.sources,
+            flow=settings.flow_control,
+        )
+        self.upkeep.limited = frozenset(settings.flow_control.services)
+        #: Releases queued commands of services with a flow-control limit (None: none).
+        self.flow = (
+            FlowUpkeep(
+                self.redis,
+                keys,
+                self.runtime.limiter,
+                settings.flow_control,
+                self.breakers if settings.circuit_breaker.enabled else None,
+                self.replica,
+                settings.backoff,
+            )
+            if self.runtime.limiter is not None
+            else None
         )
         self.flusher = MetricsFlusher(
             self.recorder, self.metrics, monitoring.flush_ms, settings.backoff
@@ -259,6 +276,8 @@ class Mediator:
             self.upkeep.start()
         if self.settings.discovery.enabled:
             self.registry_upkeep.start()
+        if self.flow is not None:
+            self.flow.start()
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
@@ -270,6 +289,8 @@ class Mediator:
             await _bounded("stop the HTTP endpoints", self.endpoints.stop())
         await _bounded("stop the registry upkeep", self.registry_upkeep.stop())
         await _bounded("stop the breaker upkeep", self.upkeep.stop())
+        if self.flow is not None:
+            await _bounded("stop the flow-control upkeep", self.flow.stop())
         await _bounded("stop the timer poller", self.timers.stop())
         if self.scheduler is not None:
             await _bounded("stop the scheduler", self.scheduler.stop())

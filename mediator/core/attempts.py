@@ -161,7 +161,9 @@ class Attempts(Sends):
                 previous, status=StepStatus.FAILED, error=failure, finished_ms=now_ms
             )
             return self._finish(workflow, transition, now_ms, failure)
-        if attempt == previous.attempt:  # a parked attempt: its timeout is running
+        if attempt == previous.attempt and previous.status is StepStatus.QUEUED:
+            history, started = previous.history, None  # its timeout starts now
+        elif attempt == previous.attempt:  # a parked attempt: its timeout is running
             history, started = previous.history, previous.started_ms
         else:
             history, started = history_of(previous), None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["REROUTED", "STEPS_SKIPPED", "CounterKey", "svc", "wf"]
+__all__ = ["QUEUED", "REROUTED", "STEPS_SKIPPED", "CounterKey", "svc", "wf"]
 
 
 class CounterKey(NamedTuple):
@@ -33,6 +33,9 @@ def wf(name: str, what: str) -> CounterKey:
     """An event of the workflow `name` (runs started, finished, compensated, ...)."""
     return CounterKey("wf", name, what)
 
+
+#: Commands a flow-control limit held in their service's queue (this replica's stats).
+QUEUED = CounterKey("", "", "steps:queued")
 
 #: Steps skipped because their `when` was false.
 STEPS_SKIPPED = CounterKey("", "", "steps:skipped")

@@ -54,6 +54,9 @@ from topics.headers import w3c_trace_id
 #: Step statuses whose timeout fails the attempt.
 _TIMED = frozenset({StepStatus.RUNNING, StepStatus.PARKED, StepStatus.WAITING})
 
+#: Steps held back in their service's queue: an ``unpark`` timer releases them.
+_HELD = frozenset({StepStatus.PARKED, StepStatus.QUEUED})
+
 #: Statuses an operator's retry starts again from.
 _RETRYABLE_RUNS = frozenset({WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 
@@ -232,7 +235,7 @@ class Engine(Attempts):
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt + 1)
         if timer.kind == "reroute" and status is StepStatus.RUNNING:
             return self._moved_off_dead(workflow, forked(state, now_ms, timer), step, now_ms)
-        if timer.kind == "unpark" and status is StepStatus.PARKED:
+        if timer.kind == "unpark" and status in _HELD:
             transition = forked(state, now_ms, timer)
             transition.count(svc(step.service, "unparked"))
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt)

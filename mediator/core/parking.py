@@ -27,7 +27,7 @@ def parked(workflow: Workflow | None, state: WorkflowState | None) -> set[tuple[
     found = set()
     wid = state.workflow_id
     for sid, step in state.steps.items():
-        if step.status is StepStatus.PARKED and sid in workflow.steps:
+        if step.status in (StepStatus.PARKED, StepStatus.QUEUED) and sid in workflow.steps:
             name = SetTimer("unpark", wid, 0, sid, step.attempt).member
             found.add((workflow.steps[sid].service, name))
     return found

@@ -28,7 +28,7 @@ from topics.events import (
 _CANCELS = frozenset({"cancelled", COMPENSATED})
 
 #: Steps that hold one of a workflow's `max_parallel` slots.
-_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
+_BUSY = frozenset({StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED, StepStatus.QUEUED})
 
 
 def command_id(workflow_id: str, step: str, attempt: int) -> str:

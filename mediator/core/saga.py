@@ -120,6 +120,8 @@ def abandon_in_flight(
                 continue
         if s.status is StepStatus.RETRYING:
             transition.cleared.append(timer_name("retry", state, sid, s.attempt))
+        elif s.status is StepStatus.QUEUED:  # released from its queue, maybe, not yet fired
+            transition.cleared.append(timer_name("unpark", state, sid, s.attempt))
         elif s.status in (StepStatus.PARKED, StepStatus.WAITING) or (
             s.status is StepStatus.RUNNING and (everything or not workflow.steps[sid].timeout_ms)
         ):

@@ -4,7 +4,7 @@ open breaker, rerouted to a fallback, routed to an instance, or refused (too lar
 from __future__ import annotations
 
 from mediator.core import saga
-from mediator.core.counters import svc, wf
+from mediator.core.counters import QUEUED, svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.lineage import ReplyToParent
 from mediator.core.progress import Progress
@@ -43,6 +43,26 @@ class Sends(Progress):
         transition.count(svc(primary, "parked"))
         unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
         transition.parked.append((primary, unpark.member))
+        return True
+
+    def queue(self, transition: Transition, command_id: str) -> bool:
+        """Hold back the command `command_id` of `transition` (not yet committed): its
+        service is at its flow-control limit. The step waits as `queued` in the service's
+        queue (the parked queue) until capacity frees; its timeout has not started (the
+        timer the dispatch set is dropped: it is set when the command goes out). False
+        when the command is not a step's current attempt (a compensation: never held)."""
+        command, step_state = _forward_command(transition, command_id)
+        if step_state is None:
+            return False
+        state = transition.state
+        withdraw(transition, command)
+        timeout = SetTimer("timeout", state.workflow_id, 0, command.step, command.attempt)
+        transition.timers = [t for t in transition.timers if t.member != timeout.member]
+        state.steps[command.step] = evolve(step_state, status=StepStatus.QUEUED, via=None)
+        transition.count(svc(command.service, "queued"))
+        transition.count(QUEUED)
+        unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
+        transition.parked.append((command.service, unpark.member))
         return True
 
     def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:

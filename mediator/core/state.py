@@ -37,6 +37,10 @@ class StepStatus(StrEnum):
     PARKED = "parked"
     #: A `wait` step: it waits for its signal (or its timeout).
     WAITING = "waiting"
+    #: Held by its service's flow-control limit (`flow_control.services`): the command
+    #: waits in the service's queue and goes out, oldest first, when capacity frees; its
+    #: timeout starts when it is sent.
+    QUEUED = "queued"
 
 
 #: A dependant may start once each of its dependencies is in one of these.

@@ -169,6 +169,8 @@ def clear_timers(transition: Transition) -> None:
             names.append(SetTimer("timeout", wid, 0, sid, step.attempt).member)
             if step.status is StepStatus.PARKED:  # released from its queue, not yet fired
                 names.append(SetTimer("unpark", wid, 0, sid, step.attempt).member)
+        elif step.status is StepStatus.QUEUED:
+            names.append(SetTimer("unpark", wid, 0, sid, step.attempt).member)
         elif step.status is StepStatus.RETRYING:
             names.append(SetTimer("retry", wid, 0, sid, step.attempt).member)
     for sid, undo in (state.compensations or {}).items():

@@ -12,7 +12,7 @@ import orjson
 from mediator import clock
 from mediator.clock import now_ms
 from mediator.core import saga
-from mediator.core.counters import REROUTED
+from mediator.core.counters import QUEUED, REROUTED
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.lineage import is_child_service
 from mediator.core.state import Failure, WorkflowState
@@ -20,7 +20,6 @@ from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable
 from mediator.logs import run_fields
-from mediator.runtime.commits import Commits
 from mediator.runtime.context import (
     MAX_CONFLICT_RETRIES,
     BatchOutput,
@@ -28,6 +27,7 @@ from mediator.runtime.context import (
     Pending,
     Record,
 )
+from mediator.runtime.limiting import Limiting
 from mediator.runtime.messages import Message
 from mediator.runtime.runlog import log_runs
 from mediator.storage.store import Claimed, CommitOutcome
@@ -44,7 +44,7 @@ __all__ = ["Advance"]
 log = logging.getLogger("mediator.runtime")
 
 
-class Advance(Commits):
+class Advance(Limiting):
     """Applies replies, timers and controls to the runs of a batch."""
 
     async def handle_replies(self, records: Sequence[Record]) -> None:
@@ -92,11 +92,18 @@ class Advance(Commits):
             self.tracing.record(committed)
 
     async def _prepare_sends(
-        self, workflow: Workflow | None, transition: Transition, now: int
+        self,
+        workflow: Workflow | None,
+        transition: Transition,
+        now: int,
+        base: WorkflowState | None = None,
     ) -> None:
-        """Before `transition` commits: the breakers hold back or reroute its commands,
-        then the router addresses the rest to chosen instances."""
+        """Before `transition` (from `base`) commits: the breakers hold back or reroute
+        its commands, flow-control limits queue those over them, then the router
+        addresses the rest to chosen instances."""
         await self._gate(workflow, transition, now)
+        if self.limiter is not None and workflow is not None:
+            await self._limit(workflow, transition, base, now)
         if self.router is not None:
             self.router.route(transition)
 
@@ -133,7 +140,9 @@ class Advance(Commits):
 
     def _parked_count(self, transition: Transition) -> None:
         if transition.parked:
-            self.stats.parked += len(transition.parked)
+            queued = transition.counters.get(QUEUED, 0)
+            self.stats.queued += queued
+            self.stats.parked += len(transition.parked) - queued
         if (rerouted := transition.counters.get(REROUTED)) is not None:
             self.stats.rerouted += rerouted
 
@@ -171,12 +180,13 @@ class Advance(Commits):
         outcomes: list[tuple[str, bool]] = []
         by_instance: list[tuple[str, str, bool]] = []
         committed: list[Transition] = []
+        permits: list[tuple[str, str]] = []
         since = clock.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
             for item in pending:
-                await self._prepare_sends(item.workflow, item.transition, now)
+                await self._prepare_sends(item.workflow, item.transition, now, item.base)
             prepared = [
                 self._commit_of(p.workflow, p.transition, p.base, now, p.events) for p in pending
             ]
@@ -192,6 +202,8 @@ class Advance(Commits):
                     self.cache.put(commit.state)
                     outcomes += item.transition.outcomes
                     by_instance += item.transition.instance_outcomes
+                    if self.limiter is not None:
+                        permits += self._permits_done(item.workflow, item.base, commit.state)
                     self._parked_count(item.transition)
                     committed.append(item.transition)
                 else:
@@ -213,6 +225,7 @@ class Advance(Commits):
         if outgoing:  # the commands are the producer's now: what follows does not delay them
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         await self._record(outcomes, by_instance, out)
+        await self._release_permits(permits)
         await self._flush(out)
         if out.stale_timers:
             self.stats.stale_timers += len(out.stale_timers)

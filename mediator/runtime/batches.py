@@ -35,11 +35,17 @@ from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
 from mediator.runtime.stats import RuntimeStats
 from mediator.runtime.tracing import Tracing
-from mediator.settings import LimitsSettings, LoadBalancingSettings, SignalSource
+from mediator.settings import (
+    FlowControlSettings,
+    LimitsSettings,
+    LoadBalancingSettings,
+    SignalSource,
+)
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
+from mediator.storage.limits import Limits
 from topics.names import Topics
 
 __all__ = ["Record", "Runtime"]
@@ -78,6 +84,7 @@ class Runtime(Health):
         request_signer: tuple[str, Keyring] | None = None,
         control_signer: tuple[str, Keyring] | None = None,
         signal_sources: Sequence[SignalSource] = (),
+        flow: FlowControlSettings | None = None,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -119,6 +126,13 @@ class Runtime(Health):
         #: store without one, as in tests of the runtime alone).
         redis = getattr(store, "redis", None)
         self.correlations = Correlations(redis, store.keys) if redis is not None else None
+        #: Flow-control limits per service, and their permits (None: no limit set).
+        self.flow = flow or FlowControlSettings()
+        self.limiter = (
+            Limits(redis, store.keys, self.flow.lease_ms)
+            if redis is not None and self.flow.services
+            else None
+        )
         #: The signal sources (`signals.sources`) by topic, their expressions compiled.
         self.signal_sources = {
             source.topic: CompiledSource(

@@ -25,11 +25,12 @@ from mediator.runtime.registry import Registry
 from mediator.runtime.routing import Router
 from mediator.runtime.stats import RuntimeStats
 from mediator.runtime.tracing import Tracing
-from mediator.settings import LimitsSettings
+from mediator.settings import FlowControlSettings, LimitsSettings
 from mediator.storage.cache import StateCache
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
+from mediator.storage.limits import Limits
 from mediator.storage.store import Claimed, Commit
 from topics.events import (
     ControlEvent,
@@ -148,6 +149,8 @@ class RuntimeContext:
     request_signer: tuple[str, Keyring] | None
     correlations: Correlations | None
     signal_sources: dict[str, CompiledSource]
+    flow: FlowControlSettings
+    limiter: Limits | None
     control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]

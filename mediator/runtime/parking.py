@@ -54,6 +54,8 @@ class BreakerUpkeep(Periodic):
         self.replica = replica
         self._credit: dict[str, float] = {}
         self.released = 0
+        #: Services with a flow-control limit: their queue drains as the limit allows.
+        self.limited: frozenset[str] = frozenset()
 
     @property
     def interval_s(self) -> float:
@@ -76,7 +78,8 @@ class BreakerUpkeep(Periodic):
                 if await self._lead(service):
                     released += await self._release(service, 1)
                 continue
-            if gate != "send":
+            if gate != "send" or service in self.limited:
+                # (A limited service's queue is released by its limit: `runtime.flow`.)
                 self._credit.pop(service, None)
                 continue
             # Credit accrues at `drain_rate` per second, and is capped at one second's.

@@ -44,6 +44,9 @@ class RuntimeStats(Stats):
     instances_down: int = 0
     rerouted_on_death: int = 0
     bad_signatures: int = 0
+    #: Commands held in their service's queue by a flow-control limit.
+    queued: int = 0
+    permit_release_errors: int = 0
 
 
 @dataclass(slots=True)

@@ -41,10 +41,12 @@ from mediator.settings.delivery import (
     BreakerPolicy,
     BreakerSettings,
     DiscoverySettings,
+    FlowControlSettings,
     LimitsSettings,
     LoadBalancingSettings,
     OutboxSettings,
     ScheduleSettings,
+    ServiceLimit,
     SignalSettings,
     SignalSource,
     TimerSettings,
@@ -71,6 +73,7 @@ __all__ = [
     "BreakerSettings",
     "DashboardSettings",
     "DiscoverySettings",
+    "FlowControlSettings",
     "GcSettings",
     "HttpSettings",
     "KafkaSettings",
@@ -82,6 +85,7 @@ __all__ = [
     "OutboxSettings",
     "RedisSettings",
     "ScheduleSettings",
+    "ServiceLimit",
     "Settings",
     "SignalSettings",
     "SignalSource",
@@ -127,6 +131,7 @@ class Settings(BaseSettings):
     timers: TimerSettings = TimerSettings()
     schedules: ScheduleSettings = ScheduleSettings()
     signals: SignalSettings = SignalSettings()
+    flow_control: FlowControlSettings = FlowControlSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()

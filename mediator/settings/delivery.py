@@ -4,6 +4,7 @@ load balancing."""
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Annotated, Any
 
 from pydantic import (
@@ -39,6 +40,54 @@ class ScheduleSettings(BaseModel):
         ge=0,
         description="With ``catch_up: none``, a tick this late still fires (later ones were "
         "missed: the mediator was down).",
+    )
+
+
+class ServiceLimit(BaseModel):
+    """One service's flow-control limit, enforced across every replica."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Commands sent and not yet answered, at most."
+    )
+    rate: float | None = Field(default=None, gt=0, description="Commands sent a second, at most.")
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="With `rate`: how many may go at once after a quiet spell (a token "
+        "bucket: at most rate x t + burst in any t seconds). Default: one second's worth.",
+    )
+
+    @property
+    def bucket(self) -> int:
+        """The token bucket's size (with a `rate`)."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, math.ceil(self.rate or 1))
+
+
+class FlowControlSettings(BaseModel):
+    """Limits on what the mediator sends each service, across all replicas: a command over
+    a limit waits in the service's queue (its step `queued`) and goes out, oldest first,
+    as capacity frees."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    services: dict[str, ServiceLimit] = Field(
+        default_factory=dict,
+        description="Per service: ``payment: {max_in_flight: 20, rate: 50, burst: 10}``.",
+    )
+    release_ms: DurationMs = Field(
+        default=100,
+        ge=10,
+        description="How often a replica looks for room to release queued commands.",
+    )
+    lease_ms: DurationMs = Field(
+        default=60_000,
+        ge=1000,
+        description="A permit whose release was lost (a replica died between committing a "
+        "reply and releasing it) lapses after this.",
     )
 
 

@@ -53,6 +53,12 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:reg:marker                    string the replica writing markers, with a TTL
     med:{schedules}                   hash   per schedule: <name>:last (last tick seen, ms),
                                              <name>:fired, <name>:paused, <name>:spec (JSON)
+    med:limit:{<service>}:inflight    zset   commands to <service> holding a flow-control
+                                             permit -> when it lapses (ms)
+    med:limit:{<service>}:state       hash   the limit's token bucket (tokens, at) and
+                                             queue length (queued)
+    med:flow:{<service>}              string the replica releasing <service>'s queued
+                                             commands, with a TTL
     med:sig:{<digest>}:run            string the run whose `wait` step waits for one
                                              correlation key of a signal (BLAKE2b-64 of
                                              event and key), with a TTL
@@ -191,6 +197,17 @@ class Keys:
         ``<name>:fired`` (the last tick fired), ``<name>:paused`` and ``<name>:spec`` (as
         loaded, JSON)."""
         return f"{self.prefix}:{{schedules}}"
+
+    def limit(self, service: str) -> tuple[str, str]:
+        """Zset and hash of one service's flow-control limit (one hash slot): the commands
+        in flight (command id -> when its permit lapses) and the limit's state (tokens,
+        at, queued)."""
+        base = f"{self.prefix}:limit:{{{service}}}"
+        return f"{base}:inflight", f"{base}:state"
+
+    def flow_lease(self, service: str) -> str:
+        """String: the replica releasing `service`'s queued commands, with a TTL."""
+        return f"{self.prefix}:flow:{{{service}}}"
 
     def correlation(self, digest: str) -> tuple[str, str]:
         """String and list of one correlation key of a signal (`correlation_digest`, one

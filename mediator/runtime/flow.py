@@ -1,0 +1,91 @@
+"""Flow control's release loop: on every replica, every ``flow_control.release_ms``, each
+limited service's queue (its parked queue: the `queued` steps) is released oldest first,
+as far as the limit has room (`Limits.room`), by one replica at a time (a short lease per
+service). A released step's ``unpark`` timer falls due at once; the replica that fires it
+sends the command, taking a permit first (`limit_acquire.lua` gives released commands
+precedence over new ones). A breaker that is not closed holds the queue (the breaker
+upkeep's probe rules apply)."""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from mediator.clock import now_ms
+from mediator.runtime.breakers import Breakers
+from mediator.runtime.periodic import Periodic
+from mediator.settings import BackoffSettings, FlowControlSettings
+from mediator.storage.errors import redis_errors
+from mediator.storage.keys import Keys
+from mediator.storage.leases import Leases
+from mediator.storage.limits import Limits
+from mediator.storage.parked import ParkedQueues
+
+__all__ = ["FlowUpkeep"]
+
+log = logging.getLogger("mediator.flow")
+
+
+class FlowUpkeep(Periodic):
+    """Releases queued commands of limited services as room frees."""
+
+    name = "flow-upkeep"
+    label = "flow-control upkeep"
+    failed = "flow-control upkeep failed"
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        limits: Limits,
+        flow: FlowControlSettings,
+        breakers: Breakers | None,
+        replica: str,
+        backoff: BackoffSettings | None = None,
+    ) -> None:
+        super().__init__(backoff, log)
+        self.keys = keys
+        self.limits = limits
+        self.flow = flow
+        self.breakers = breakers
+        self.replica = replica
+        self.queues = ParkedQueues(redis, keys)
+        self.leases = Leases(redis)
+        self.released = 0
+
+    @property
+    def interval_s(self) -> float:
+        return self.flow.release_ms / 1000
+
+    async def tick(self) -> int:
+        """Record each limited service's queue length and release what fits; how many."""
+        services = sorted(self.flow.services)
+        queued = await self.queues.counts(services)
+        now = now_ms()
+        released = 0
+        for service in services:
+            limit = self.flow.services[service]
+            room = await self.limits.room(service, limit, queued[service], now)
+            if not room or not self._closed(service, now) or not await self._lead(service):
+                continue
+            moved = await self.queues.release(service, room)
+            if moved:
+                log.debug("queued commands of %s: %d released", service, moved)
+            released += moved
+        self.released += released
+        return released
+
+    def _closed(self, service: str, now: int) -> bool:
+        breakers = self.breakers
+        return breakers is None or not breakers.enabled or breakers.gate(service, now) == "send"
+
+    async def _lead(self, service: str) -> bool:
+        ttl = max(100, self.flow.release_ms * 5)
+        with redis_errors(f"taking the flow-control lease of {service}"):
+            return await self.leases.hold(self.keys.flow_lease(service), self.replica, ttl)
+
+    async def round(self) -> float:
+        """One tick; one that fails leaves the queues as they are for the next."""
+        await self.tick()
+        return self.interval_s

@@ -1,0 +1,99 @@
+"""Flow control at the commit: a permit taken for each command to a limited service before
+its transition commits (or the step queued), and the permits of answered commands freed
+after (`mediator.storage.limits`; the queue's release loop is `mediator.runtime.flow`)."""
+
+from __future__ import annotations
+
+import logging
+
+from mediator.core.engine import SendCommand, Transition
+from mediator.core.state import StepStatus, WorkflowState
+from mediator.core.workflow import Workflow
+from mediator.runtime.commits import Commits
+
+__all__ = ["Limiting"]
+
+log = logging.getLogger("mediator.runtime")
+
+
+class Limiting(Commits):
+    """Takes and frees flow-control permits around commits."""
+
+    async def _limit(
+        self, workflow: Workflow, transition: Transition, base: WorkflowState | None, now: int
+    ) -> None:
+        """Take a permit for each new step command to a limited service (one script call
+        per service); a command that gets none waits in the service's queue (`queued`).
+        Commands released from the queue go first. Compensations are never held."""
+        assert self.limiter is not None
+        wanted: dict[str, tuple[list[str], list[str]]] = {}
+        steps = transition.state.steps
+        for effect in transition.effects:
+            if not isinstance(effect, SendCommand):
+                continue
+            command = effect.command
+            if command.service not in self.flow.services:
+                continue
+            step_state = steps.get(command.step)
+            if step_state is None or step_state.command_id != command.command_id:
+                continue  # a compensation's command
+            was = base.steps.get(command.step) if base is not None else None
+            released = (
+                was is not None
+                and was.status is StepStatus.QUEUED
+                and was.attempt == command.attempt
+            )
+            pair = wanted.setdefault(command.service, ([], []))
+            pair[0 if released else 1].append(command.command_id)
+        for service, (released_ids, new_ids) in wanted.items():
+            limit = self.flow.services[service]
+            granted = await self.limiter.acquire(service, limit, released_ids, new_ids, now)
+            for command_id in [*released_ids, *new_ids]:
+                if command_id not in granted:
+                    self.engine.queue(transition, command_id)
+
+    def _permits_done(
+        self, workflow: Workflow | None, base: WorkflowState, state: WorkflowState
+    ) -> list[tuple[str, str]]:
+        """(service, command id) of each attempt to a limited service that was in flight
+        in `base` and is not in `state`: answered, timed out or given up."""
+        if workflow is None:
+            return []
+        done = []
+        limited = self.flow.services
+        for sid, was in base.steps.items():
+            if was.status is not StepStatus.RUNNING or was.command_id is None:
+                continue
+            step = workflow.steps.get(sid)
+            service = was.via or (step.service if step is not None else "")
+            if service not in limited:
+                continue
+            now = state.steps.get(sid)
+            if (
+                now is None
+                or now.status is not StepStatus.RUNNING
+                or now.command_id != was.command_id
+            ):
+                done.append((service, was.command_id))
+        return done
+
+    async def _release_permits(self, done: list[tuple[str, str]]) -> None:
+        """Free the permits of answered commands. A failure is logged, not raised: the
+        transitions are committed, and the permits lapse after `flow_control.lease_ms`."""
+        if not done or self.limiter is None:
+            return
+        by_service: dict[str, list[str]] = {}
+        for service, command_id in done:
+            by_service.setdefault(service, []).append(command_id)
+        for service, ids in by_service.items():
+            try:
+                await self.limiter.release(service, ids)
+            except Exception as exc:
+                self.stats.permit_release_errors += 1
+                log.warning(
+                    "flow control: %d permits of %s not released (they lapse in %d ms): %s",
+                    len(ids),
+                    service,
+                    self.flow.lease_ms,
+                    exc,
+                )

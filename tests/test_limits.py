@@ -1,0 +1,59 @@
+"""Flow-control permits against the real Redis: at most `max_in_flight` held, a token
+bucket of `burst` refilled at `rate`, a command that holds one granted again, released
+commands before new ones while a queue waits, and lapsed permits dropped."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from mediator.settings import ServiceLimit
+from mediator.storage.keys import Keys
+from mediator.storage.limits import Limits
+
+
+def limits(redis: Redis, prefix: str, lease_ms: int = 60_000) -> Limits:
+    return Limits(redis, Keys(prefix, 4), lease_ms)
+
+
+async def test_in_flight_is_capped_and_freed_by_release(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    permits = limits(redis_client, key_prefix)
+    cap = ServiceLimit(max_in_flight=2)
+    assert await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_000) == {"c1", "c2"}
+    # Recomputed after a conflict, the same commands are granted again, not twice.
+    assert await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_001) == {"c1", "c2"}
+    assert (await permits.in_flight(["pay"]))["pay"] == 2
+    await permits.release("pay", ["c1"])
+    assert await permits.acquire("pay", cap, [], ["c3"], 1_002) == {"c3"}
+    assert await permits.room("pay", cap, 5, 1_003) == 0
+
+
+async def test_the_rate_is_a_token_bucket(redis_client: Redis, key_prefix: str) -> None:
+    permits = limits(redis_client, key_prefix)
+    rate = ServiceLimit(rate=10, burst=3)
+    ids = [f"r{n}" for n in range(5)]
+    assert len(await permits.acquire("pay", rate, [], ids, 10_000)) == 3  # the burst
+    assert await permits.acquire("pay", rate, [], ["r9"], 10_050) == set()  # half a token
+    assert await permits.acquire("pay", rate, [], ["r9"], 10_100) == {"r9"}  # one more
+    assert await permits.room("pay", rate, 10, 11_000) == 3  # refilled, capped at the burst
+
+
+async def test_released_commands_go_before_new_ones_while_a_queue_waits(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    permits = limits(redis_client, key_prefix)
+    cap = ServiceLimit(max_in_flight=3)
+    assert await permits.room("pay", cap, 2, 1_000) == 2  # two queued: recorded
+    granted = await permits.acquire("pay", cap, ["old1"], ["new1"], 1_001)
+    assert granted == {"old1"}  # the new one waits behind the queue
+    assert await permits.room("pay", cap, 0, 1_002) == 0  # the queue emptied: recorded
+    assert await permits.acquire("pay", cap, [], ["new1"], 1_003) == {"new1"}
+
+
+async def test_a_permit_whose_release_was_lost_lapses(redis_client: Redis, key_prefix: str) -> None:
+    permits = limits(redis_client, key_prefix, lease_ms=1_000)
+    cap = ServiceLimit(max_in_flight=1)
+    assert await permits.acquire("pay", cap, [], ["lost"], 1_000) == {"lost"}
+    assert await permits.acquire("pay", cap, [], ["next"], 1_500) == set()
+    assert await permits.acquire("pay", cap, [], ["next"], 2_001) == {"next"}
