@@ -155,6 +155,7 @@ class Mediator:
                 self.breakers if settings.circuit_breaker.enabled else None,
                 self.replica,
                 settings.backoff,
+                self.store,
             )
             if self.runtime.limiter is not None
             else None

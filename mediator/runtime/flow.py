@@ -13,8 +13,10 @@ import logging
 from redis.asyncio import Redis
 
 from mediator.clock import now_ms
+from mediator.core.state import StepStatus
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.periodic import Periodic
+from mediator.runtime.ports import StateStore
 from mediator.settings import BackoffSettings, FlowControlSettings
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
@@ -43,6 +45,7 @@ class FlowUpkeep(Periodic):
         breakers: Breakers | None,
         replica: str,
         backoff: BackoffSettings | None = None,
+        store: StateStore | None = None,
     ) -> None:
         super().__init__(backoff, log)
         self.keys = keys
@@ -53,6 +56,10 @@ class FlowUpkeep(Periodic):
         self.queues = ParkedQueues(redis, keys)
         self.leases = Leases(redis)
         self.released = 0
+        #: Permits freed because their command was no longer in flight.
+        self.reaped = 0
+        #: Where runs are looked up to free lost permits (None: they lapse).
+        self.store: StateStore | None = store
 
     @property
     def interval_s(self) -> float:
@@ -65,6 +72,7 @@ class FlowUpkeep(Periodic):
         now = now_ms()
         released = 0
         for service in services:
+            await self._reap(service, now)
             limit = self.flow.services[service]
             room = await self.limits.room(service, limit, queued[service], now)
             if not room or not self._closed(service, now) or not await self._lead(service):
@@ -75,6 +83,31 @@ class FlowUpkeep(Periodic):
             released += moved
         self.released += released
         return released
+
+    async def _reap(self, service: str, now: int) -> None:
+        """Free the permits of commands no run has in flight any more, whose release was
+        lost (a replica died between committing a reply and releasing the permit, or a
+        commit it was taken for lost to another replica's): looked up in their runs once
+        a tenth of the lease has passed (a permit is taken before its commit)."""
+        if self.store is None:
+            return
+        grace = self.flow.lease_ms // 10
+        old = [cid for cid, granted in await self.limits.oldest(service, 100)
+               if granted <= now - grace]  # fmt: skip
+        if not old:
+            return
+        states = await self.store.load_many(sorted({cid.split(".", 1)[0] for cid in old}))
+        stale = []
+        for cid in old:
+            wid, _, rest = cid.partition(".")
+            state = states.get(wid)
+            step = state.steps.get(rest.rsplit(".", 1)[0]) if state is not None else None
+            if step is None or step.status is not StepStatus.RUNNING or step.command_id != cid:
+                stale.append(cid)
+        if stale:
+            await self.limits.release(service, stale)
+            self.reaped += len(stale)
+            log.info("flow control: %d lost permits of %s freed", len(stale), service)
 
     def _closed(self, service: str, now: int) -> bool:
         breakers = self.breakers

@@ -70,6 +70,14 @@ class Limits:
             slots.append(int(tokens))
         return max(0, min(slots))
 
+    async def oldest(self, service: str, count: int) -> list[tuple[str, int]]:
+        """The `count` oldest permits of `service`: (command id, when it was granted)."""
+        with redis_errors(f"reading flow-control permits of {service}"):
+            held: list[tuple[bytes, float]] = await self.redis.zrange(
+                self.keys.limit(service)[0], 0, count - 1, withscores=True
+            )
+        return [(text(cid), int(score) - self.lease_ms) for cid, score in held]
+
     async def in_flight(self, services: Sequence[str]) -> dict[str, int]:
         """Commands holding a permit now, per service (lapsed ones included until pruned)."""
         with redis_errors("counting flow-control permits"):

@@ -285,6 +285,10 @@ async def _check_leftovers(world: World, states: dict[str, WorkflowState | None]
                     problems.append(f"leftovers: parked entry {name} outlived its run")
         if await redis.hlen(keys.outbox(shard)):
             problems.append(f"leftovers: outbox of shard {shard} not empty")
+    for service in world.settings.flow_control.services:
+        held = await redis.zrange(keys.limit(service)[0], 0, -1)
+        if held:  # lost ones (a replica killed before releasing) are freed by the upkeep
+            problems.append(f"leftovers: flow-control permits of {service}: {held}")
     return problems
 
 
@@ -338,8 +342,8 @@ def _waits(workflow: Workflow, state: WorkflowState, now_ms: int) -> list[tuple[
             continue  # its timer fell due while paused: the resume sets it again
         elif step.status is StepStatus.RETRYING:
             waits.append((f"retry of {sid}", [name("retry", step.attempt)]))
-        elif step.status is StepStatus.PARKED:
-            waits.append((f"parked {sid}", [name("unpark", step.attempt)]))
+        elif step.status in (StepStatus.PARKED, StepStatus.QUEUED):
+            waits.append((f"{step.status.value} {sid}", [name("unpark", step.attempt)]))
     for sid, undo in (state.compensations or {}).items():
         compensate = workflow.steps[sid].compensate
         if undo.status is StepStatus.RUNNING and compensate and compensate.timeout_ms:

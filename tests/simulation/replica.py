@@ -22,6 +22,7 @@ from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
+from mediator.runtime.flow import FlowUpkeep
 from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
@@ -175,10 +176,17 @@ class SimReplica:
             definitions=self.catalog, store=self.store, dispatcher=self.dispatcher,
             topics=topics, limits=settings.limits, breakers=self.breakers,
             registry=self.registry, balancing=settings.load_balancing, replica=name,
+            flow=settings.flow_control,
+        )  # fmt: skip
+        assert self.runtime.limiter is not None
+        self.flow = FlowUpkeep(
+            self.redis, keys, self.runtime.limiter, settings.flow_control, self.breakers, name,
+            settings.backoff, self.store,
         )  # fmt: skip
         self.upkeep = BreakerUpkeep(
             self.redis, keys, self.breakers, definitions.services, name, settings.backoff
         )
+        self.upkeep.limited = frozenset(settings.flow_control.services)
         marker = Marker(self.redis, keys, self.producer, topics.health, settings.discovery, name)
         self.registry_upkeep = RegistryUpkeep(self.registry, self.runtime.stats, marker=marker)
         router = self.runtime.router
@@ -222,6 +230,9 @@ class SimReplica:
 
     async def breaker_upkeep(self) -> None:
         await self.upkeep.tick()
+
+    async def flow_round(self) -> None:
+        await self.flow.tick()
 
     async def registry_round(self) -> None:
         await self.registry_upkeep.round()

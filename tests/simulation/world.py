@@ -40,10 +40,12 @@ from mediator.settings import (
     BackoffSettings,
     BreakerSettings,
     DiscoverySettings,
+    FlowControlSettings,
     KafkaSettings,
     MonitoringSettings,
     OutboxSettings,
     RedisSettings,
+    ServiceLimit,
     Settings,
     SigningSettings,
     TimerSettings,
@@ -137,6 +139,11 @@ def sim_settings() -> Settings:
         ),
         discovery=DiscoverySettings(sweep_ms=200, startup_grace="2s"),
         signing=SigningSettings(enabled=False),
+        flow_control=FlowControlSettings(
+            services={"shipping": ServiceLimit(max_in_flight=2, rate=4, burst=2)},
+            release_ms=100,
+            lease_ms=3_000,
+        ),
         service_monitoring=MonitoringSettings(enabled=False),
         audit=AuditSettings(enabled=False),
     )
@@ -645,6 +652,9 @@ class World:
         for shard in range(self.keys.shards):
             if await redis.zcard(self.keys.outbox_due(shard)):
                 return False
+        for service in self.settings.flow_control.services:
+            if await redis.zcard(self.keys.limit(service)[0]):
+                return False  # a lost permit, not freed yet
         return not any(
             group.backlog(name) for name in self.replicas for group in self.groups.values()
         )
