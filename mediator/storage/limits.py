@@ -5,6 +5,7 @@ and the release loop reads what room there is (`limit_status.lua`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -73,10 +74,10 @@ class Limits:
     async def oldest(self, service: str, count: int) -> list[tuple[str, int]]:
         """The `count` oldest permits of `service`: (command id, when it was granted)."""
         with redis_errors(f"reading flow-control permits of {service}"):
-            held: list[tuple[bytes, float]] = await self.redis.zrange(
+            held = await self.redis.zrange(
                 self.keys.limit(service)[0], 0, count - 1, withscores=True
             )
-        return [(text(cid), int(score) - self.lease_ms) for cid, score in held]
+        return [(text(cid), int(score) - self.lease_ms) for cid, score in _pairs(held)]
 
     async def in_flight(self, services: Sequence[str]) -> dict[str, int]:
         """Commands holding a permit now, per service (lapsed ones included until pruned)."""
@@ -86,3 +87,8 @@ class Limits:
                     pipe.zcard(self.keys.limit(service)[0])
                 counts = await pipe.execute()
         return dict(zip(services, (int(c) for c in counts), strict=True))
+
+
+def _pairs(held: Any) -> list[tuple[bytes, float]]:
+    """A ``ZRANGE ... WITHSCORES`` reply, typed."""
+    return list(held)
