@@ -331,6 +331,7 @@ def events_page() -> str:
         events.ControlEvent,
         events.DeadLetter,
         events.AlertEvent,
+        events.TransitionEvent,
     ]
     missing = set(events.EVENT_MODELS.values()) - set(order)
     if missing:

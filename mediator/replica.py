@@ -143,6 +143,7 @@ class Mediator:
             **_child_signers(settings, definitions),
             signal_sources=settings.signals.sources,
             flow=settings.flow_control,
+            events=settings.events.enabled,
         )
         self.upkeep.limited = frozenset(settings.flow_control.services)
         #: Releases queued commands of services with a flow-control limit (None: none).

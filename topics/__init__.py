@@ -24,6 +24,7 @@ from topics.events import (
     RequestEvent,
     ResultEvent,
     StepSummary,
+    TransitionEvent,
     WorkflowStatus,
 )
 from topics.headers import headers_for, parse_traceparent, span_id, traceparent, w3c_trace_id
@@ -50,6 +51,7 @@ __all__ = [
     "ResultEvent",
     "StepSummary",
     "Topics",
+    "TransitionEvent",
     "WorkflowStatus",
     "headers_for",
     "json_schemas",

@@ -35,6 +35,7 @@ __all__ = [
     "RequestEvent",
     "ResultEvent",
     "StepSummary",
+    "TransitionEvent",
     "WorkflowStatus",
 ]
 
@@ -406,6 +407,51 @@ class ControlEvent(Event):
     )
 
 
+class TransitionEvent(Event):
+    """One transition of a run or of one of its steps, as committed (with `events.enabled`,
+    on ``mediator.events``, key: the workflow id). Published through the outbox with the
+    commit that made it: at least once, in commit order per run; `event_id` is stable
+    (``<workflow_id>:<rev>:<n>``), so a consumer deduplicates on it, and `rev` orders a
+    run's events (a projection applies an event only if its `rev` is newer)."""
+
+    type: Literal["transition"] = "transition"
+    event_id: Identifier
+    workflow_id: Identifier
+    request_id: Identifier
+    workflow: str
+    version: int
+    rev: int = Field(ge=1, description="The run's revision this transition committed.")
+    kind: Literal[
+        "run_started",
+        "run_compensating",
+        "run_finished",
+        "run_reopened",
+        "run_paused",
+        "run_resumed",
+        "step_sent",
+        "step_completed",
+        "step_failed",
+        "step_retrying",
+        "step_parked",
+        "step_queued",
+        "step_waiting",
+        "step_skipped",
+        "step_reset",
+        "undo_sent",
+        "undo_completed",
+        "undo_failed",
+        "undo_retrying",
+    ]
+    status: WorkflowStatus = Field(description="The run's status after the transition.")
+    step: str | None = None
+    attempt: int | None = None
+    step_status: str | None = Field(
+        default=None, description="The step's (or its compensation's) status after it."
+    )
+    error: ErrorInfo | None = None
+    at_ms: int
+
+
 class DeadLetter(Event):
     """A message the mediator rejected, kept with the reason so it can be replayed."""
 
@@ -463,4 +509,5 @@ EVENT_MODELS: dict[str, type[Event]] = {
     "HealthEvent": HealthEvent,
     "MarkEvent": MarkEvent,
     "DeadLetter": DeadLetter,
+    "TransitionEvent": TransitionEvent,
 }

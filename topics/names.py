@@ -20,7 +20,7 @@ class Topics:
 
     ``Topics()`` gives the defaults: ``mediator.requests``, ``mediator.replies``,
     ``mediator.results``, ``mediator.health``, ``mediator.dlq``, ``mediator.control``,
-    ``mediator.alerts`` and ``svc.<service>``.
+    ``mediator.alerts``, ``mediator.events`` and ``svc.<service>``.
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -57,6 +57,12 @@ class Topics:
         return f"{self.prefix}alerts"
 
     @property
+    def events(self) -> str:
+        """With `events.enabled`, the mediator publishes every run's and step's transition
+        here as a `TransitionEvent` (key: workflow id)."""
+        return f"{self.prefix}events"
+
+    @property
     def control(self) -> str:
         """Operators publish `ControlEvent`s here (cancel, retry, reset a breaker)."""
         return f"{self.prefix}control"
@@ -75,4 +81,5 @@ class Topics:
             self.dlq,
             self.control,
             self.alerts,
+            self.events,
         )

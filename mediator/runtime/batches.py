@@ -85,6 +85,7 @@ class Runtime(Health):
         control_signer: tuple[str, Keyring] | None = None,
         signal_sources: Sequence[SignalSource] = (),
         flow: FlowControlSettings | None = None,
+        events: bool = False,
     ) -> None:
         self.cache = StateCache(state_cache_size)
         #: Each commit's stamp (`WorkflowState.stamp`): a random prefix per runtime and a
@@ -126,6 +127,8 @@ class Runtime(Health):
         #: store without one, as in tests of the runtime alone).
         redis = getattr(store, "redis", None)
         self.correlations = Correlations(redis, store.keys) if redis is not None else None
+        #: Publish every committed transition on the events topic (`events.enabled`).
+        self.events = events
         #: Flow-control limits per service, and their permits (None: no limit set).
         self.flow = flow or FlowControlSettings()
         self.limiter = (

@@ -17,6 +17,7 @@ from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, 
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
 from mediator.core.state import Failure, WorkflowState
+from mediator.core.stream import transitions
 from mediator.core.transition import Subscribe
 from mediator.core.workflow import CHILD_PREFIX, Workflow
 from mediator.logs import run_fields
@@ -83,6 +84,8 @@ class Commits(Intake):
         state = transition.state
         state.rev = expected_rev + 1
         state.stamp = f"{self._stamp_prefix}{next(self._stamps):x}"
+        if self.events:
+            messages += self._events(base, state, now)
         commit = Commit(
             state=state,
             expected_rev=expected_rev,
@@ -155,6 +158,15 @@ class Commits(Intake):
                 )
                 messages.append(self._control_message(cancel, effect.control_id, "result", shard))
         return messages
+
+    def _events(self, base: WorkflowState | None, state: WorkflowState, now: int) -> list[Message]:
+        """The transition stream's events of the commit from `base` to `state`."""
+        shard = self.keys.shard_of(state.workflow_id)
+        topic, key = self.topics.events, state.workflow_id.encode()
+        return [
+            Message(shard, event.event_id, topic, key, encode(event), headers(event), "event")
+            for event in transitions(base, state, now)
+        ]
 
     def _to_child(
         self, state: WorkflowState, workflow: Workflow | None, command: CommandEvent, shard: int

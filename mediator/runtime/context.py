@@ -150,6 +150,7 @@ class RuntimeContext:
     correlations: Correlations | None
     signal_sources: dict[str, CompiledSource]
     flow: FlowControlSettings
+    events: bool
     limiter: Limits | None
     control_signer: tuple[str, Keyring] | None
     overhead: Samples

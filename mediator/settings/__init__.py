@@ -55,6 +55,7 @@ from mediator.settings.operations import (
     AlertThreshold,
     AuditSettings,
     DashboardSettings,
+    EventSettings,
     GcSettings,
     HttpSettings,
     MonitoringSettings,
@@ -73,6 +74,7 @@ __all__ = [
     "BreakerSettings",
     "DashboardSettings",
     "DiscoverySettings",
+    "EventSettings",
     "FlowControlSettings",
     "GcSettings",
     "HttpSettings",
@@ -132,6 +134,7 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = ScheduleSettings()
     signals: SignalSettings = SignalSettings()
     flow_control: FlowControlSettings = FlowControlSettings()
+    events: EventSettings = EventSettings()
     limits: LimitsSettings = LimitsSettings()
     backoff: BackoffSettings = BackoffSettings()
     circuit_breaker: BreakerSettings = BreakerSettings()

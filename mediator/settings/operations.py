@@ -153,6 +153,18 @@ class MonitoringSettings(BaseModel):
     )
 
 
+class EventSettings(BaseModel):
+    """The transition stream: every run's and step's transition on ``mediator.events``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Publish a `TransitionEvent` for each run and step transition, through "
+        "the outbox with the commit that made it (at least once, in commit order per run).",
+    )
+
+
 class AuditSettings(BaseModel):
     """The audit log of every run: each transition, in a capped Redis stream."""
 

@@ -1,0 +1,97 @@
+"""The transition stream (pure): what one commit changed in a run, as `TransitionEvent`s
+(`events.enabled`). Derived from the stored state before and after the commit rather
+than from the engine's paths, so every way a run moves (replies, timers, controls,
+refusals, hand-ons, operators' retries) is reported the same way, and exactly what was
+committed is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mediator.core.state import Failure, StepState, StepStatus, WorkflowState
+from topics.events import ErrorInfo, TransitionEvent, WorkflowStatus
+
+__all__ = ["transitions"]
+
+#: The event a step (or a compensation) reaching a status is reported as.
+_STEP_KINDS = {
+    StepStatus.COMPLETED: "completed",
+    StepStatus.FAILED: "failed",
+    StepStatus.RETRYING: "retrying",
+    StepStatus.PARKED: "parked",
+    StepStatus.QUEUED: "queued",
+    StepStatus.WAITING: "waiting",
+    StepStatus.SKIPPED: "skipped",
+    StepStatus.PENDING: "reset",
+}
+
+
+def transitions(before: WorkflowState | None, after: WorkflowState, now_ms: int) -> list[Any]:
+    """The events of the commit from `before` (None: the run starts) to `after` (its new
+    revision): the run's own first, then its steps' in plan order, then compensations."""
+    found: list[dict[str, Any]] = []
+    if before is None:
+        found.append({"kind": "run_started"})
+    elif before.status is not after.status:
+        if after.status is WorkflowStatus.COMPENSATING:
+            found.append({"kind": "run_compensating"})
+        elif before.terminal and not after.terminal:
+            found.append({"kind": "run_reopened"})
+    if before is not None and (before.paused_ms is None) != (after.paused_ms is None):
+        found.append({"kind": "run_paused" if after.paused_ms is not None else "run_resumed"})
+    old_steps = before.steps if before is not None else {}
+    for sid, step in after.steps.items():
+        found += _changed("step", sid, old_steps.get(sid), step)
+    old_undos = (before.compensations or {}) if before is not None else {}
+    for sid, undo in (after.compensations or {}).items():
+        found += _changed("undo", sid, old_undos.get(sid), undo)
+    if after.terminal and (
+        before is None or not before.terminal or before.finished_ms != after.finished_ms
+    ):
+        found.append({"kind": "run_finished", "error": after.error})
+    return [
+        TransitionEvent(
+            event_id=f"{after.workflow_id}:{after.rev}:{n}",
+            workflow_id=after.workflow_id,
+            request_id=after.request_id,
+            workflow=after.workflow,
+            version=after.version,
+            rev=after.rev,
+            status=after.status,
+            at_ms=now_ms,
+            **{k: _error(v) if k == "error" else v for k, v in fields.items()},
+        )
+        for n, fields in enumerate(found)
+    ]
+
+
+def _changed(what: str, sid: str, old: StepState | None, new: StepState) -> list[dict[str, Any]]:
+    """The event of one step (or compensation) whose status or attempt changed."""
+    if old is not None and old.status is new.status and old.attempt == new.attempt:
+        return []
+    if old is None and new.status is StepStatus.PENDING:
+        return []
+    if new.status is StepStatus.RUNNING:
+        kind = "sent"
+    else:
+        kind = _STEP_KINDS.get(new.status, new.status.value)
+    fields: dict[str, Any] = {
+        "kind": f"{what}_{kind}",
+        "step": sid,
+        "attempt": new.attempt or None,
+        "step_status": new.status.value,
+    }
+    if new.status in (StepStatus.FAILED, StepStatus.RETRYING) and new.error:
+        fields["error"] = new.error
+    return [fields]
+
+
+def _error(failure: Failure | None) -> ErrorInfo | None:
+    if failure is None:
+        return None
+    return ErrorInfo(
+        message=failure.get("message", ""),
+        code=failure.get("code") or "error",
+        retryable=bool(failure.get("retryable")),
+        step=failure.get("step"),
+    )
