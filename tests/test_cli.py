@@ -101,6 +101,7 @@ async def test_schemas_prints_every_event() -> None:
         "HealthEvent",
         "MarkEvent",
         "DeadLetter",
+        "TransitionEvent",
         "AlertEvent",
     }
     command = schemas["CommandEvent"]["properties"]

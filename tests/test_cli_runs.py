@@ -204,7 +204,10 @@ async def test_pause_and_resume_say_what_they_did_and_refuse_what_does_not_apply
     await system.mediator()
     settings = system.settings
     code, _, err = await cli(settings, "pause")
-    assert code == 2 and err.strip() == "error: pause needs run ids or --workflow NAME", err
+    assert code == 2 and err.strip() == (
+        "error: pause needs run ids or a filter (--workflow, --version, --status, --since, "
+        "--until, --error-code, --step)"
+    ), err
 
     client = await system.client()
     assert (await client.submit("quick", {}, request_id="q-1")).status is WorkflowStatus.COMPLETED

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -86,6 +87,9 @@ async def _send_and_wait(
         return sent, await control_outcome(redis, keys, sent.control_id, wait)
 
 
+#: A bulk control reports progress every this many runs.
+PROGRESS_EVERY = 100
+
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (kept in the run's error).")]
 WaitOption = Annotated[
     bool,
@@ -104,11 +108,54 @@ WorkflowFilter = Annotated[
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="Print how many runs it would act on, and stop.")
 ]
+VersionFilter = Annotated[
+    int | None, typer.Option("--version", help="Only runs of this version of the workflow.")
+]
+StatusFilter = Annotated[
+    str | None,
+    typer.Option("--status", help="Only runs in this status (of those the action applies to)."),
+]
+SinceFilter = Annotated[
+    str | None,
+    typer.Option("--since", help="Only runs updated within this long ago (e.g. 2h, 30m)."),
+]
+UntilFilter = Annotated[
+    str | None,
+    typer.Option("--until", help="Only runs last updated at least this long ago (e.g. 10m)."),
+]
+ErrorFilter = Annotated[
+    str | None, typer.Option("--error-code", help="Only runs that ended with this error code.")
+]
+StepFilter = Annotated[
+    str | None, typer.Option("--step", help="Only runs whose error names this step.")
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Choose:
+    """Which runs a bulk control goes to, besides those named."""
+
+    workflow: str | None = None
+    version: int | None = None
+    status: str | None = None
+    since: str | None = None
+    until: str | None = None
+    error_code: str | None = None
+    step: str | None = None
+
+    def given(self) -> bool:
+        return any(getattr(self, name) is not None for name in self.__slots__)
 
 
 def cancel(
     runs: RunsArgument = None,
     workflow: WorkflowFilter = None,
+    version: VersionFilter = None,
+    status: StatusFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    error_code: ErrorFilter = None,
+    step: StepFilter = None,
     dry_run: DryRunOption = False,
     reason: ReasonOption = "",
     wait: WaitOption = True,
@@ -116,12 +163,19 @@ def cancel(
     config: ConfigOption = None,
 ) -> None:
     """Cancel running runs: their completed steps are compensated, then they end cancelled."""
-    _runs_control("cancel", config, runs, workflow, dry_run, reason, timeout if wait else None)
+    choose = Choose(workflow, version, status, since, until, error_code, step)
+    _runs_control("cancel", config, runs, choose, dry_run, reason, timeout if wait else None)
 
 
 def retry(
     runs: RunsArgument = None,
     workflow: WorkflowFilter = None,
+    version: VersionFilter = None,
+    status: StatusFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    error_code: ErrorFilter = None,
+    step: StepFilter = None,
     dry_run: DryRunOption = False,
     reason: ReasonOption = "",
     wait: WaitOption = True,
@@ -129,12 +183,19 @@ def retry(
     config: ConfigOption = None,
 ) -> None:
     """Run failed or cancelled runs again from their unfinished steps, keeping outputs."""
-    _runs_control("retry", config, runs, workflow, dry_run, reason, timeout if wait else None)
+    choose = Choose(workflow, version, status, since, until, error_code, step)
+    _runs_control("retry", config, runs, choose, dry_run, reason, timeout if wait else None)
 
 
 def pause(
     runs: RunsArgument = None,
     workflow: WorkflowFilter = None,
+    version: VersionFilter = None,
+    status: StatusFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    error_code: ErrorFilter = None,
+    step: StepFilter = None,
     deadline: Annotated[
         bool, typer.Option("--deadline", help="Stop the runs' deadlines until resumed, too.")
     ] = False,
@@ -146,14 +207,21 @@ def pause(
 ) -> None:
     """Pause runs: no command, retry or compensation goes out until they are resumed;
     replies to commands in flight are still applied and step timeouts keep running."""
+    choose = Choose(workflow, version, status, since, until, error_code, step)
     _runs_control(
-        "pause", config, runs, workflow, dry_run, reason, timeout if wait else None, deadline
+        "pause", config, runs, choose, dry_run, reason, timeout if wait else None, deadline
     )
 
 
 def resume(
     runs: RunsArgument = None,
     workflow: WorkflowFilter = None,
+    version: VersionFilter = None,
+    status: StatusFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    error_code: ErrorFilter = None,
+    step: StepFilter = None,
     dry_run: DryRunOption = False,
     reason: ReasonOption = "",
     wait: WaitOption = True,
@@ -161,7 +229,8 @@ def resume(
     config: ConfigOption = None,
 ) -> None:
     """Resume paused runs: what fell due or became ready while paused is sent now."""
-    _runs_control("resume", config, runs, workflow, dry_run, reason, timeout if wait else None)
+    choose = Choose(workflow, version, status, since, until, error_code, step)
+    _runs_control("resume", config, runs, choose, dry_run, reason, timeout if wait else None)
 
 
 def signal(
@@ -199,7 +268,7 @@ def signal(
         "signal",
         config,
         [run],
-        None,
+        Choose(),
         False,
         "",
         timeout if wait else None,
@@ -259,28 +328,31 @@ def _runs_control(
     action: str,
     config: Path | None,
     runs: list[str] | None,
-    workflow: str | None,
+    choose: Choose,
     dry_run: bool,
     reason: str,
     wait: float | None,
     pause_deadline: bool = False,
     signal: tuple[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Send `action` to each run named and each run of `workflow` it applies to (one
+    """Send `action` to each run named and each run `choose` picks that it applies to (one
     control per run, through one producer); unless `wait` is None, report what became of
     each and exit 1 if any was refused or not answered."""
     from mediator.storage.keys import workflow_id_for
 
-    if not runs and workflow is None:
-        msg = f"{action} needs run ids or --workflow NAME"
+    if not runs and not choose.given():
+        msg = (
+            f"{action} needs run ids or a filter (--workflow, --version, --status, --since, "
+            "--until, --error-code, --step)"
+        )
         raise fail(msg)
     settings, signer = _operator_settings(config)
     named = [r if RUN_ID.fullmatch(r) else workflow_id_for(r) for r in runs or ()]
     # Runs chosen by the filter may end before their control arrives: refused then, they
     # are reported as skipped, not as failures.
     chosen: list[str] = []
-    if workflow is not None:
-        chosen = run_coroutine(_runs_of(settings, workflow, action))
+    if choose.given():
+        chosen = run_coroutine(_runs_of(settings, choose, action))
     ids = list(dict.fromkeys([*named, *chosen]))
     optional = set(chosen) - set(named)
     if dry_run:
@@ -335,13 +407,38 @@ _APPLIES_TO: dict[str, tuple[tuple[str, ...], bool | None]] = {
 }
 
 
-async def _runs_of(settings: Any, workflow: str, action: str) -> list[str]:
-    """The runs of `workflow` that `action` applies to, as Redis has them now."""
-    from mediator.ops.runs import list_runs
+async def _runs_of(settings: Any, choose: Choose, action: str) -> list[str]:
+    """The runs `choose` picks that `action` applies to, as Redis has them now."""
+    from mediator.clock import now_ms
+    from mediator.core.durations import parse_duration_ms
+    from mediator.ops.runs import RunFilter, list_runs
 
     statuses, paused = _APPLIES_TO[action]
+    if choose.status is not None:
+        if choose.status not in statuses:
+            msg = f"{action} applies to runs {', '.join(statuses)}, not {choose.status}"
+            raise fail(msg)
+        statuses = (choose.status,)
+    bounds = []
+    for option, ago in (("--since", choose.since), ("--until", choose.until)):
+        millis = parse_duration_ms(ago) if ago is not None else None
+        if ago is not None and millis is None:
+            msg = f"{option} {ago!r} is not a duration (e.g. 90s, 15m, 2h)"
+            raise fail(msg)
+        bounds.append(None if millis is None else now_ms() - millis)
+    where = RunFilter(choose.version, choose.error_code, choose.step)
     async with redis_session(settings) as (redis, keys):
-        rows = await list_runs(redis, keys, workflow=workflow, paused=paused, limit=100_000)
+        rows = await list_runs(
+            redis,
+            keys,
+            status=statuses[0] if len(statuses) == 1 else None,
+            workflow=choose.workflow,
+            since_ms=bounds[0],
+            until_ms=bounds[1],
+            paused=paused,
+            where=where,
+            limit=100_000,
+        )
     return [r["workflow_id"] for r in rows if r["status"] in statuses]
 
 
@@ -365,20 +462,20 @@ async def _send_all(
         kafka, kafka.topics, enable_idempotence=kafka.enable_idempotence, signer=signer
     )
     await sender.start()
+    sent = []
     try:
-        sent = [
-            await sender.send(
-                control_event(
-                    ControlAction(action),
-                    workflow_id=wid,
-                    reason=reason or None,
-                    pause_deadline=pause_deadline,
-                    signal=signal[0] if signal else None,
-                    payload=signal[1] if signal else None,
-                )
+        for n, wid in enumerate(ids, start=1):
+            control = control_event(
+                ControlAction(action),
+                workflow_id=wid,
+                reason=reason or None,
+                pause_deadline=pause_deadline,
+                signal=signal[0] if signal else None,
+                payload=signal[1] if signal else None,
             )
-            for wid in ids
-        ]
+            sent.append(await sender.send(control))
+            if n % PROGRESS_EVERY == 0 and n < len(ids):
+                typer.echo(f"{action}: {n} of {len(ids)} sent", err=True)
     finally:
         await sender.stop()
     if wait is None:

@@ -5,6 +5,7 @@ audit log). Shared by ``mediator workflows`` and the dashboard."""
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,7 +20,7 @@ from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 
-__all__ = ["STATUS_INDEX", "list_runs", "show_run"]
+__all__ = ["STATUS_INDEX", "RunFilter", "list_runs", "show_run"]
 
 #: The index each status is kept in: live runs in ``running``; every finished end but
 #: ``completed`` in ``failed``.
@@ -33,6 +34,25 @@ STATUS_INDEX = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    """What bulk operations choose runs by, beyond status and workflow (`list_runs`):
+    the definition's version, the error code a run ended with, and the step it failed in."""
+
+    version: int | None = None
+    error_code: str | None = None
+    step: str | None = None
+
+    def matches(self, state: WorkflowState) -> bool:
+        """Whether `state` passes every filter given."""
+        error: Failure | dict[str, Any] = state.error or {}
+        if self.version is not None and state.version != self.version:
+            return False
+        if self.error_code is not None and error.get("code") != self.error_code:
+            return False
+        return self.step is None or error.get("step") == self.step
+
+
 async def list_runs(
     redis: Redis,
     keys: Keys,
@@ -43,6 +63,7 @@ async def list_runs(
     until_ms: int | None = None,
     request_id: str | None = None,
     paused: bool | None = None,
+    where: RunFilter | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Runs matching every filter given (`paused`: only those paused, or only those not),
@@ -64,6 +85,8 @@ async def list_runs(
             if workflow is not None and state.workflow != workflow:
                 continue
             if paused is not None and (state.paused_ms is not None) != paused:
+                continue
+            if where is not None and not where.matches(state):
                 continue
             runs.append(_row(state))
             if len(runs) >= limit:
@@ -96,6 +119,7 @@ async def _candidates(
         )
         indexes = [keys.status_index(s, i) for s in range(keys.shards) for i in chosen]
     fetch = limit * 4 if status or workflow or paused is not None else limit
+    fetch = max(fetch, limit)
     async with redis.pipeline(transaction=False) as pipe:
         for index in indexes:
             pipe.zrevrangebyscore(index, high, low, start=0, num=fetch, withscores=True)
