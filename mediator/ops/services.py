@@ -8,6 +8,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from mediator.ops.control import breaker_states
+from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 from mediator.storage.parked import parked_counts
 from mediator.storage.registry import read_registry
@@ -22,7 +23,8 @@ async def collect_services(redis: Redis, keys: Keys) -> dict[str, Any]:
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     registry = await read_registry(redis, keys)
     breakers = await breaker_states(redis, keys)
-    names = sorted(set(registry) | set(breakers))
+    flows = await flow_states(redis, keys)
+    names = sorted(set(registry) | set(breakers) | set(flows))
     parked = await parked_counts(redis, keys, names) if names else {}
     found: dict[str, Any] = {}
     for name in names:
@@ -36,7 +38,36 @@ async def collect_services(redis: Redis, keys: Keys) -> dict[str, Any]:
             "parked": parked.get(name, 0),
             "instances": instances,
         }
+        if name in flows:
+            found[name]["flow"] = flows[name]
     return found
+
+
+async def flow_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """Service -> its flow-control limit as the release loop last recorded it (limits,
+    commands in flight, queue length), for the services that have one."""
+    pattern = keys.limit("*")[1]
+    found: dict[str, dict[str, Any]] = {}
+    async for raw in redis.scan_iter(match=pattern, count=500):
+        key = text(raw)
+        service = key[key.index("{") + 1 : key.rindex("}")]
+        inflight, state = keys.limit(service)
+        fields = {text(k): text(v) for k, v in (await redis.hgetall(state)).items()}
+        found[service] = {
+            "max_in_flight": int(fields.get("max") or 0) or None,
+            "rate": float(fields.get("rate") or 0) or None,
+            "in_flight": int(await redis.zcard(inflight)),
+            "queued": int(fields.get("queued") or 0),
+        }
+    return found
+
+
+def _flow_line(flow: dict[str, Any] | None) -> str:
+    if not flow:
+        return ""
+    cap = flow["max_in_flight"] or "-"
+    rate = f"{flow['rate']:g}/s" if flow["rate"] else "-"
+    return f", in flight {flow['in_flight']}/{cap}, rate {rate}, queued {flow['queued']}"
 
 
 def format_services(services: dict[str, Any]) -> str:
@@ -50,6 +81,7 @@ def format_services(services: dict[str, Any]) -> str:
         lines.append(
             f"{name}: {up}/{len(doc['instances'])} up, breaker {breaker['state']}"
             f" ({breaker['failures']} failures), parked {doc['parked']}"
+            + _flow_line(doc.get("flow"))
         )
         for i in doc["instances"]:
             age = "never" if i["age_ms"] is None else f"{i['age_ms'] / 1000:.1f}s ago"

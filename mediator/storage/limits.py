@@ -61,7 +61,7 @@ class Limits:
 
     async def room(self, service: str, limit: ServiceLimit, queued: int, now_ms: int) -> int:
         """How many queued commands may go now (recording the queue's length)."""
-        args = [now_ms, limit.rate or 0, limit.bucket, queued]
+        args = [now_ms, limit.rate or 0, limit.bucket, queued, limit.max_in_flight or 0]
         with redis_errors(f"reading the flow-control limit of {service}"):
             inflight, tokens = await self._status(keys=list(self.keys.limit(service)), args=args)
         slots = [queued]

@@ -3,7 +3,7 @@
 
 const REFRESH_MS = 2000;
 const COLORS = { completed: "#3fb950", failed: "#f85149", running: "#58a6ff", retrying: "#d29922",
-  parked: "#d29922", waiting: "#d29922", skipped: "#6e7681", pending: "#2a3441", compensated: "#a371f7", compensation_failed: "#f85149" };
+  parked: "#d29922", queued: "#d29922", waiting: "#d29922", skipped: "#6e7681", pending: "#2a3441", compensated: "#a371f7", compensation_failed: "#f85149" };
 let timer = null;
 
 function esc(value) {
@@ -244,7 +244,7 @@ async function services() {
       <button data-drain="${esc(name)}/${esc(i.instance)}/${i.status === "draining" ? "undrain" : "drain"}">${i.status === "draining" ? "Undrain" : "Drain"}</button></div>`).join("");
     return `<tr data-service="${esc(name)}"><td><a href="#/service/${esc(name)}">${esc(name)}</a></td>
       <td data-testid="breaker-${esc(name)}">${badge(s.breaker.state)} ${s.breaker.state !== "closed" ? `<button data-reset="${esc(name)}">Reset</button>` : ""}</td>
-      <td>${esc(s.parked)}</td><td>${num(m.throughput, 2)}</td><td>${num(m.p50_ms, 0)} / ${num(m.p95_ms, 0)} / ${num(m.p99_ms, 0)}</td>
+      <td>${esc(s.parked)}${s.flow ? `<div class="muted" data-testid="flow-${esc(name)}">in flight ${esc(s.flow.in_flight)}/${esc(s.flow.max_in_flight ?? "-")}${s.flow.rate ? ` · ${esc(s.flow.rate)}/s` : ""} · queued ${esc(s.flow.queued)}</div>` : ""}</td><td>${num(m.throughput, 2)}</td><td>${num(m.p50_ms, 0)} / ${num(m.p95_ms, 0)} / ${num(m.p99_ms, 0)}</td>
       <td>${pct(m.error_rate)}</td><td>${pct(m.availability)}</td><td>${inst || '<span class="muted">no heartbeats</span>'}</td></tr>`;
   }).join("");
   return `<h2>Services</h2><table data-testid="services"><tr><th>Service</th><th>Breaker</th><th>Parked</th><th>Answers/s</th>
