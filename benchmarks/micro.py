@@ -131,8 +131,8 @@ def _lifecycle(engine: Engine, workflow: Workflow, keys: Keys, n: int, now: int)
         shard = keys.shard_of(state.workflow_id)
         outbox = []
         for effect in transition.effects:
-            event = effect.command if isinstance(effect, SendCommand) else effect.result
             assert isinstance(effect, SendCommand | PublishResult)
+            event = effect.command if isinstance(effect, SendCommand) else effect.result
             message_id = getattr(event, "command_id", f"result.{state.workflow_id}")
             outbox.append((message_id, frame(f"t{shard}", b"k", codec.encode(event), [])))
         commits.append(Commit(state, rev, outbox, transition.counters))

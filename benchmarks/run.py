@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from benchmarks import (
     celery_bench,
     floor,
+    flow_bench,
     mediator_bench,
     micro,
     monitoring_bench,
@@ -39,10 +40,12 @@ HERE = Path(__file__).resolve().parent
 # Micro-benchmarks first: they time single operations, and after the load sections the
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
-SECTIONS = ("micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring")
+SECTIONS = (
+    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow"
+)  # fmt: skip
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
-         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2}  # fmt: skip
+         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -86,8 +89,13 @@ async def _monitoring(stage: Stage, profile: Profile, out: list[Measure]) -> Non
     await monitoring_bench.run_monitoring(stage, profile, out)
 
 
+async def _flow(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await flow_bench.run_flow(stage, profile, out)
+
+
 RUNNERS: dict[str, Section] = {
     "monitoring": _monitoring,
+    "flow": _flow,
     "floor": _floor,
     "mediator": _mediator,
     "floor_latency": _floor_latency,
