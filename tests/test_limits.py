@@ -57,3 +57,13 @@ async def test_a_permit_whose_release_was_lost_lapses(redis_client: Redis, key_p
     assert await permits.acquire("pay", cap, [], ["lost"], 1_000) == {"lost"}
     assert await permits.acquire("pay", cap, [], ["next"], 1_500) == set()
     assert await permits.acquire("pay", cap, [], ["next"], 2_001) == {"next"}
+
+
+async def test_permits_of_answered_commands_are_freed_by_the_next_acquire(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    permits = limits(redis_client, key_prefix)
+    cap = ServiceLimit(max_in_flight=1)
+    assert await permits.acquire("pay", cap, [], ["a"], 1_000) == {"a"}
+    assert await permits.acquire("pay", cap, [], ["b"], 1_001) == set()
+    assert await permits.acquire("pay", cap, [], ["b"], 1_002, done=["a"]) == {"b"}

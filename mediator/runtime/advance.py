@@ -93,19 +93,20 @@ class Advance(Limiting):
 
     async def _prepare_sends(
         self,
-        workflow: Workflow | None,
-        transition: Transition,
+        items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-        base: WorkflowState | None = None,
     ) -> None:
-        """Before `transition` (from `base`) commits: the breakers hold back or reroute
-        its commands, flow-control limits queue those over them, then the router
-        addresses the rest to chosen instances."""
-        await self._gate(workflow, transition, now)
-        if self.limiter is not None and workflow is not None:
-            await self._limit(workflow, transition, base, now)
+        """Before a batch's transitions (each from its base state) commit: the breakers
+        hold back or reroute their commands, flow-control limits queue those over them
+        (for the whole batch at once), then the router addresses the rest to chosen
+        instances."""
+        for workflow, transition, _ in items:
+            await self._gate(workflow, transition, now)
+        if self.limiter is not None:
+            await self._limit(items, now)
         if self.router is not None:
-            self.router.route(transition)
+            for _, transition, _ in items:
+                self.router.route(transition)
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
         """Before `transition` commits: hold back (park) or reroute each command to a
@@ -185,8 +186,9 @@ class Advance(Limiting):
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
-            for item in pending:
-                await self._prepare_sends(item.workflow, item.transition, now, item.base)
+            await self._prepare_sends(
+                [(item.workflow, item.transition, item.base) for item in pending], now
+            )
             prepared = [
                 self._commit_of(p.workflow, p.transition, p.base, now, p.events) for p in pending
             ]

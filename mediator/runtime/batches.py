@@ -136,6 +136,10 @@ class Runtime(Health):
             if redis is not None and self.flow.services
             else None
         )
+        #: Permits of answered commands not released yet, per service: they go with the
+        #: next permits taken for the service, or in the background (`_release_task`).
+        self._releases: dict[str, list[str]] = {}
+        self._release_task: asyncio.Task[None] | None = None
         #: The signal sources (`signals.sources`) by topic, their expressions compiled.
         self.signal_sources = {
             source.topic: CompiledSource(

@@ -4,6 +4,7 @@ produces besides its commits, and the runtime's collaborators and counters (set 
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ class RuntimeContext:
     flow: FlowControlSettings
     events: bool
     limiter: Limits | None
+    _releases: dict[str, list[str]]
+    _release_task: asyncio.Task[None] | None
     control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]

@@ -4,7 +4,9 @@ after (`mediator.storage.limits`; the queue's release loop is `mediator.runtime.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
@@ -20,37 +22,46 @@ class Limiting(Commits):
     """Takes and frees flow-control permits around commits."""
 
     async def _limit(
-        self, workflow: Workflow, transition: Transition, base: WorkflowState | None, now: int
+        self,
+        items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
+        now: int,
     ) -> None:
-        """Take a permit for each new step command to a limited service (one script call
-        per service); a command that gets none waits in the service's queue (`queued`).
-        Commands released from the queue go first. Compensations are never held."""
+        """Take a permit for each new step command to a limited service, for every
+        transition of a batch at once (one script call per service per batch); a command
+        that gets none waits in the service's queue (`queued`). Commands released from the
+        queue go first. Compensations are never held."""
         assert self.limiter is not None
         wanted: dict[str, tuple[list[str], list[str]]] = {}
-        steps = transition.state.steps
-        for effect in transition.effects:
-            if not isinstance(effect, SendCommand):
+        owner: dict[str, Transition] = {}
+        for workflow, transition, base in items:
+            if workflow is None:
                 continue
-            command = effect.command
-            if command.service not in self.flow.services:
-                continue
-            step_state = steps.get(command.step)
-            if step_state is None or step_state.command_id != command.command_id:
-                continue  # a compensation's command
-            was = base.steps.get(command.step) if base is not None else None
-            released = (
-                was is not None
-                and was.status is StepStatus.QUEUED
-                and was.attempt == command.attempt
-            )
-            pair = wanted.setdefault(command.service, ([], []))
-            pair[0 if released else 1].append(command.command_id)
+            steps = transition.state.steps
+            for effect in transition.effects:
+                if not isinstance(effect, SendCommand):
+                    continue
+                command = effect.command
+                if command.service not in self.flow.services:
+                    continue
+                step_state = steps.get(command.step)
+                if step_state is None or step_state.command_id != command.command_id:
+                    continue  # a compensation's command
+                was = base.steps.get(command.step) if base is not None else None
+                released = (
+                    was is not None
+                    and was.status is StepStatus.QUEUED
+                    and was.attempt == command.attempt
+                )
+                pair = wanted.setdefault(command.service, ([], []))
+                pair[0 if released else 1].append(command.command_id)
+                owner[command.command_id] = transition
         for service, (released_ids, new_ids) in wanted.items():
             limit = self.flow.services[service]
-            granted = await self.limiter.acquire(service, limit, released_ids, new_ids, now)
+            done = self._releases.pop(service, [])
+            granted = await self.limiter.acquire(service, limit, released_ids, new_ids, now, done)
             for command_id in [*released_ids, *new_ids]:
                 if command_id not in granted:
-                    self.engine.queue(transition, command_id)
+                    self.engine.queue(owner[command_id], command_id)
 
     def _permits_done(
         self, workflow: Workflow | None, base: WorkflowState, state: WorkflowState
@@ -78,14 +89,23 @@ class Limiting(Commits):
         return done
 
     async def _release_permits(self, done: list[tuple[str, str]]) -> None:
-        """Free the permits of answered commands. A failure is logged, not raised: the
-        transitions are committed, and the permits lapse after `flow_control.lease_ms`."""
+        """Free the permits of answered commands: with the next permits taken for their
+        service (one script call for both), or else in the background at once. Not waited
+        for: the transitions are committed; a release lost is made good by the release
+        loop (`FlowUpkeep._reap`) or the permit's lease."""
         if not done or self.limiter is None:
             return
-        by_service: dict[str, list[str]] = {}
         for service, command_id in done:
-            by_service.setdefault(service, []).append(command_id)
-        for service, ids in by_service.items():
+            self._releases.setdefault(service, []).append(command_id)
+        if self._release_task is None or self._release_task.done():
+            self._release_task = asyncio.create_task(self._flush_releases())
+
+    async def _flush_releases(self) -> None:
+        """Release what no acquire took along (after the batch that produced them ends)."""
+        await asyncio.sleep(0)
+        assert self.limiter is not None
+        pending, self._releases = self._releases, {}
+        for service, ids in pending.items():
             try:
                 await self.limiter.release(service, ids)
             except Exception as exc:

@@ -47,11 +47,12 @@ class Requests(Advance):
         for record in records:
             start = self._start(record, now, out)
             if start is not None:
-                await self._prepare_sends(start.workflow, start.transition, now)
-                start.commit, start.messages = self._commit_of(
-                    start.workflow, start.transition, None, now, [start.request]
-                )
                 starts.append(start)
+        await self._prepare_sends([(s.workflow, s.transition, None) for s in starts], now)
+        for start in starts:
+            start.commit, start.messages = self._commit_of(
+                start.workflow, start.transition, None, now, [start.request]
+            )
         since = clock.monotonic()
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []

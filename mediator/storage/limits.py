@@ -37,11 +37,15 @@ class Limits:
         released: Sequence[str],
         new: Sequence[str],
         now_ms: int,
+        done: Sequence[str] = (),
     ) -> set[str]:
         """The command ids granted a permit: `released` (out of the queue) first, then
-        `new` ones while nothing is queued, as far as the limit allows."""
+        `new` ones while nothing is queued, as far as the limit allows; the permits of the
+        commands `done` (answered) are freed first, in the same call."""
         args = [
             now_ms,
+            len(done),
+            *done,
             limit.max_in_flight or 0,
             limit.rate or 0,
             limit.bucket,
