@@ -574,7 +574,10 @@ def _states() -> dict[str, WorkflowState]:
     waiting = Run(make(step("a", timeout="1s"), step("b")))
     assert ENGINE.park(waiting.last, waiting.outstanding["a"].command_id)
     signalled = Run(make(step("a"), {"id": "ok", "wait": {"event": "approval"}}))
+    held = Run(make(step("a"), step("b")))
+    assert ENGINE.queue(held.last, held.outstanding["b"].command_id)
     return {
+        "queued": held.last.state,
         "waiting": signalled.state,
         "parked": waiting.state,
         "compensating": compensating.state,

@@ -20,6 +20,7 @@ SAMPLES = {
     "bucket": "<bucket>",
     "what": "active",
     "control_id": "<control_id>",
+    "digest": "<digest>",
 }
 
 #: Builders whose output the layout writes in a more general form.
