@@ -85,8 +85,10 @@ async def run_dev(
                 "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout_ms": "1s"}},
                 "drain_rate": 20,
             },
-            # A rate-limited service, so the dashboard shows a queue forming and draining.
-            flow_control={"services": {"notification": {"max_in_flight": 4, "rate": 15}}},
+            # A rate-limited service, so the dashboard shows a queue forming when a burst
+            # comes (a breaker closing, a backlog draining) and draining; above the demo's
+            # steady demand, so a long-running demo never builds an endless backlog.
+            flow_control={"services": {"notification": {"max_in_flight": 8, "rate": 40}}},
             # Fixed keys, handed to the demo services below and written for one's own; the
             # dashboard and the CLI send controls as the `dev` operator.
             signing={
