@@ -42,6 +42,7 @@ from mediator.runtime.consumers import BatchConsumer, Offsets
 from mediator.runtime.endpoints import Endpoints
 from mediator.runtime.flow import FlowUpkeep
 from mediator.runtime.groups import adopt_offsets, inbound_group, previous_groups
+from mediator.runtime.keyed import KeyUpkeep
 from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
@@ -159,6 +160,14 @@ class Mediator:
                 self.store,
             )
             if self.runtime.limiter is not None
+            else None
+        )
+        #: Repairs concurrency keys' slots (always on: any workflow may declare a key).
+        self.keyed = (
+            KeyUpkeep(
+                self.redis, keys, self.runtime.slots, self.store, self.replica, settings.backoff
+            )
+            if self.runtime.slots is not None
             else None
         )
         self.flusher = MetricsFlusher(
@@ -280,6 +289,8 @@ class Mediator:
             self.registry_upkeep.start()
         if self.flow is not None:
             self.flow.start()
+        if self.keyed is not None:
+            self.keyed.start()
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
@@ -293,6 +304,8 @@ class Mediator:
         await _bounded("stop the breaker upkeep", self.upkeep.stop())
         if self.flow is not None:
             await _bounded("stop the flow-control upkeep", self.flow.stop())
+        if self.keyed is not None:
+            await _bounded("stop the concurrency-key upkeep", self.keyed.stop())
         await _bounded("stop the timer poller", self.timers.stop())
         if self.scheduler is not None:
             await _bounded("stop the scheduler", self.scheduler.stop())

@@ -154,6 +154,13 @@ class RequestEvent(Event):
         description="Set by the mediator on a child run's request: the parent's step that "
         "waits for it. Accepted only from the mediator (signed with its client key).",
     )
+    priority: int = Field(
+        default=0,
+        ge=0,
+        le=9,
+        description="Where the run goes in its concurrency key's queue, if it has to wait "
+        "for a slot: higher first, then oldest first.",
+    )
 
 
 class CommandEvent(Event):
@@ -428,6 +435,8 @@ class TransitionEvent(Event):
         "run_reopened",
         "run_paused",
         "run_resumed",
+        "run_queued",
+        "run_admitted",
         "step_sent",
         "step_completed",
         "step_failed",

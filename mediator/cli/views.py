@@ -51,23 +51,47 @@ async def _status(settings: Any, limit: int) -> dict[str, Any]:
 
 
 def services(json_output: JsonOption = False, config: ConfigOption = None) -> None:
-    """Service instances from the registry: health, last heartbeat, load, breaker, parked."""
-    from mediator.ops.services import format_services
+    """Service instances from the registry: health, last heartbeat, load, breaker, parked,
+    flow-control limits; then workflows' concurrency keys and their queues."""
+    from mediator.ops.services import format_keys, format_services
 
     settings = load(config)
     quiet_libraries()
-    found = run_coroutine(_services_view(settings))
-    if json_output:
+    found, concurrency = run_coroutine(_services_view(settings))
+    if json_output:  # the concurrency keys' JSON is `mediator keys --json`'s
         typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(format_services(found))
+        if concurrency["workflows"]:
+            typer.echo(format_keys(concurrency))
 
 
-async def _services_view(settings: Any) -> dict[str, Any]:
-    from mediator.ops.services import collect_services
+def concurrency_keys(json_output: JsonOption = False, config: ConfigOption = None) -> None:
+    """Workflows' concurrency keys: runs in progress and queued per workflow, and the
+    keys with the longest queues, with how long their oldest run has waited."""
+    from mediator.ops.services import format_keys
+
+    settings = load(config)
+    quiet_libraries()
+    found = run_coroutine(_keys_view(settings))
+    if json_output:
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(format_keys(found) or "no run holds or waits for a concurrency key's slot")
+
+
+async def _keys_view(settings: Any) -> dict[str, Any]:
+    from mediator.ops.services import collect_keys
 
     async with redis_session(settings) as (redis, keys):
-        return await collect_services(redis, keys)
+        return await collect_keys(redis, keys)
+
+
+async def _services_view(settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    from mediator.ops.services import collect_keys, collect_services
+
+    async with redis_session(settings) as (redis, keys):
+        return await collect_services(redis, keys), await collect_keys(redis, keys)
 
 
 def validate(

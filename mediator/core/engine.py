@@ -13,9 +13,10 @@ cancels, completed steps are compensated (`mediator.core.saga`) before the run e
 
 from __future__ import annotations
 
-from mediator.core import children, pausing, saga, signals
+from mediator.core import children, concurrency, pausing, saga, signals
 from mediator.core.attempts import Attempts
 from mediator.core.counters import svc, wf
+from mediator.core.expressions import ExpressionError
 from mediator.core.lineage import CancelChild, child_run_id, orphaned
 from mediator.core.progress import command_id, idempotency_key
 from mediator.core.results import history_of, result_of
@@ -115,6 +116,24 @@ class Engine(Attempts):
         transition.count(wf(workflow.name, "started"))
         if workflow.timeout_ms:
             transition.timers.append(deadline_timer(state, workflow.timeout_ms))
+        if workflow.concurrency is not None:
+            state.priority = request.priority or None
+            try:
+                state.concurrency_key = concurrency.key_of(workflow, state)
+            except ExpressionError as exc:
+                error: Failure = {"message": str(exc), "code": "expression_error"}
+                return self._finish(workflow, transition, now_ms, error)
+            return concurrency.hold(transition, now_ms)
+        return self._advance(workflow, transition, now_ms)
+
+    def admit(self, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:
+        """The run `transition` started (or reopened) queued got a slot of its concurrency
+        key: it runs, dispatching what is ready, in the same transition."""
+        state = transition.state
+        if state.queued_ms is None:
+            return transition
+        state.queued_ms = None
+        transition.count(wf(workflow.name, "admitted"))
         return self._advance(workflow, transition, now_ms)
 
     def apply_reply(
@@ -220,6 +239,8 @@ class Engine(Attempts):
             return pausing.hold(state, timer, now_ms)
         if timer.kind in ("undo_timeout", "undo_retry"):
             return saga.undo_timer(self.replies_topic, workflow, state, timer, now_ms)
+        if timer.kind == "admit":
+            return self._admitted(workflow, state, timer, now_ms)
         step_state = state.steps.get(timer.step)
         if step_state is None or step_state.attempt != timer.attempt:
             return None
@@ -240,6 +261,15 @@ class Engine(Attempts):
             transition.count(svc(step.service, "unparked"))
             return self._redispatch(workflow, transition, step, now_ms, step_state.attempt)
         return None
+
+    def _admitted(
+        self, workflow: Workflow, state: WorkflowState, timer: Fired, now_ms: int
+    ) -> Transition | None:
+        """A queued run's ``admit`` timer: its key's slot is its now (stale once the run
+        was admitted, or for an earlier round)."""
+        if state.queued_ms is None or timer.attempt != state.round:
+            return None
+        return self.admit(workflow, forked(state, now_ms, timer), now_ms)
 
     def apply_control(
         self, workflow: Workflow, state: WorkflowState, control: ControlEvent, now_ms: int
@@ -404,6 +434,8 @@ class Engine(Attempts):
         if workflow.timeout_ms:
             transition.timers.append(deadline_timer(state, workflow.timeout_ms))
         transition.count(wf(workflow.name, "retried"))
+        if state.concurrency_key is not None and workflow.concurrency is not None:
+            return concurrency.hold(transition, now_ms)  # it waits for a slot again
         return self._advance(workflow, transition, now_ms)
 
 

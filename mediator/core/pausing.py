@@ -16,7 +16,7 @@ from topics.events import WorkflowStatus
 __all__ = ["HELD_TIMERS", "can_pause", "hold", "pause", "resume"]
 
 #: Timers that would dispatch a command: while the run is paused they are held.
-HELD_TIMERS = frozenset({"retry", "unpark", "reroute", "undo_retry"})
+HELD_TIMERS = frozenset({"retry", "unpark", "reroute", "undo_retry", "admit"})
 
 #: Statuses a run can be paused in.
 _PAUSABLE = frozenset({WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING})

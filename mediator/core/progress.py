@@ -106,8 +106,8 @@ class Progress:
                 break
         if failure is not None:
             return self._finish(workflow, transition, now_ms, failure)
-        if ready and state.paused_ms is not None:
-            return transition  # they stay pending: resuming the run dispatches them
+        if ready and (state.paused_ms is not None or state.queued_ms is not None):
+            return transition  # they stay pending: resuming (admitting) the run sends them
         signalled = self._start(workflow, transition, ready, now_ms)
         if signalled:  # waits a kept signal completed at once: their dependants may be ready
             after = [d for sid in signalled for d in workflow.dependants[sid]]

@@ -153,6 +153,14 @@ class WorkflowState:
     #: The parent's compensation a `compensate` control asked this (completed) run to
     #: answer: told the outcome when the undoing ends, in place of `parent`.
     undo_reply: dict[str, Any] | None = None
+    #: The run's value of its workflow's concurrency key (`Workflow.concurrency`): it
+    #: holds one of the key's slots from when it is admitted until it ends.
+    concurrency_key: str | None = None
+    #: Since when the run waits in its concurrency key's queue (None: admitted, or no
+    #: limit): nothing is dispatched until a slot frees and an ``admit`` timer fires.
+    queued_ms: int | None = None
+    #: The request's priority (0-9, higher first; None: 0): orders its key's queue.
+    priority: int | None = None
 
     @property
     def terminal(self) -> bool:
@@ -161,8 +169,12 @@ class WorkflowState:
 
     @property
     def condition(self) -> str:
-        """The run's status, and whether it is paused: ``running, paused``."""
-        return f"{self.status.value}, paused" if self.paused_ms is not None else self.status.value
+        """The run's status, and whether it is paused or queued: ``running, paused``."""
+        if self.paused_ms is not None:
+            return f"{self.status.value}, paused"
+        if self.queued_ms is not None:
+            return f"{self.status.value}, queued"
+        return self.status.value
 
 
 def evolve(obj: _T, **changes: Any) -> _T:
@@ -223,6 +235,9 @@ _WF_OPTIONAL = (
     "inbox",
     "parent",
     "undo_reply",
+    "concurrency_key",
+    "queued_ms",
+    "priority",
 )
 
 

@@ -37,6 +37,11 @@ def transitions(before: WorkflowState | None, after: WorkflowState, now_ms: int)
             found.append({"kind": "run_compensating"})
         elif before.terminal and not after.terminal:
             found.append({"kind": "run_reopened"})
+    if (before is None or before.queued_ms is None) and after.queued_ms is not None:
+        found.append({"kind": "run_queued"})
+    elif before is not None and before.queued_ms is not None and after.queued_ms is None:
+        if not after.terminal:
+            found.append({"kind": "run_admitted"})
     if before is not None and (before.paused_ms is None) != (after.paused_ms is None):
         found.append({"kind": "run_paused" if after.paused_ms is not None else "run_resumed"})
     old_steps = before.steps if before is not None else {}

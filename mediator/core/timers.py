@@ -10,7 +10,9 @@ A timer belongs to one run and says what to look at when it falls due:
 - ``unpark``: the parked attempt ``attempt`` of ``step`` may go out (its service's breaker
   closed; the parked queue drains by setting these, a bounded number at a time);
 - ``reroute``: the instance running attempt ``attempt`` of ``step`` was marked down, so
-  the next attempt goes out now, to another instance (`mediator.core.routing`).
+  the next attempt goes out now, to another instance (`mediator.core.routing`);
+- ``admit``: the run, queued behind its concurrency key's limit, got a slot (`attempt` is
+  the run's round; `mediator.core.concurrency`).
 
 A timer is named by its *member* string, ``kind|workflow_id|step|attempt``, which is also
 its entry in the shard's timer set in Redis. The name is deterministic, so a recomputed
@@ -29,10 +31,10 @@ from mediator.core.workflow import RetryPolicy
 __all__ = ["TIMER_KINDS", "Fired", "SetTimer", "retry_delay_ms"]
 
 TimerKind = Literal[
-    "timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute"
+    "timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute", "admit"
 ]
 TIMER_KINDS: frozenset[str] = frozenset(
-    {"timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute"}
+    {"timeout", "retry", "deadline", "undo_timeout", "undo_retry", "unpark", "reroute", "admit"}
 )
 
 

@@ -91,6 +91,9 @@ class Transition:
     instance_outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
     #: Timed outcomes for the metrics: commands answered or timed out, runs that ended.
     observed: list[Observation] = field(default_factory=list)
+    #: The concurrency key of a run this transition (re)starts queued: the runtime asks
+    #: for a slot before the commit (`mediator.core.concurrency`).
+    admission: str | None = None
 
     def count(self, name: CounterKey, n: int = 1) -> None:
         """Add `n` to counter `name`."""
@@ -111,6 +114,7 @@ class Transition:
             parked=[*self.parked, *later.parked],
             instance_outcomes=[*self.instance_outcomes, *later.instance_outcomes],
             observed=[*self.observed, *later.observed],
+            admission=later.admission or self.admission,
         )
         for name, delta in later.counters.items():
             merged.count(name, delta)
@@ -143,7 +147,9 @@ def end(
     state.updated_ms = now_ms
     # A run that ends paused (its last reply came in, or it was cancelled with nothing to
     # undo) is over: nothing is left to hold back.
-    state.paused_ms = state.held = state.deadline_left_ms = None
+    if state.queued_ms is not None:  # ended in its key's queue (cancelled, deadline)
+        transition.cleared.append(SetTimer("admit", state.workflow_id, 0, "", state.round).member)
+    state.paused_ms = state.held = state.deadline_left_ms = state.queued_ms = None
     state.inbox = None  # signals kept for waits of this round: an operator's retry is another
     transition.count(wf(state.workflow, status.value))
     transition.observed.append(

@@ -38,6 +38,8 @@ __all__ = [
     "Child",
     "CompensateSpec",
     "Compensation",
+    "Concurrency",
+    "ConcurrencySpec",
     "Fallback",
     "FallbackSpec",
     "RetryPolicy",
@@ -201,6 +203,19 @@ class StepSpec(_Spec):
         return self
 
 
+class ConcurrencySpec(_Spec):
+    """At most `limit` runs of the workflow in progress per value of `key` (a customer, a
+    tenant, an account), across every replica; runs over it wait in the key's queue and
+    start, highest ``priority`` first and then oldest first, as runs of their key end."""
+
+    key: str = Field(
+        min_length=1,
+        description="An expression on the request (`payload`, `workflow`), e.g. "
+        "``payload.customer``: runs with the same value share the limit.",
+    )
+    limit: int = Field(default=1, ge=1, le=100_000, description="Runs in progress per key.")
+
+
 class WorkflowSpec(_Spec):
     """A workflow as written in a definition."""
 
@@ -209,6 +224,9 @@ class WorkflowSpec(_Spec):
     description: str = ""
     timeout: Duration | None = None
     max_parallel: int = Field(default=0, ge=0, description="0 means no limit.")
+    concurrency: ConcurrencySpec | None = Field(
+        default=None, description="Runs in progress at once per key (flow control)."
+    )
     steps: list[StepSpec] = Field(min_length=1)
     output: Any = None
 
@@ -244,6 +262,14 @@ class Fallback:
     action: str
     input: Template
     compensate: Compensation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    """Compiled `ConcurrencySpec`."""
+
+    key: Template
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +328,8 @@ class Workflow:
     spec_json: bytes = field(default=b"", repr=False, compare=False)
     #: BLAKE2b-128 of `spec_json`, in hex: equal hashes, equal definitions.
     content_hash: str = ""
+    #: Runs in progress at once per key (None: no limit).
+    concurrency: Concurrency | None = None
 
     @property
     def key(self) -> str:
@@ -368,7 +396,14 @@ def _compile(spec: WorkflowSpec, spec_json: bytes) -> Workflow:
         position={step_id: index for index, step_id in enumerate(order)},
         spec_json=spec_json,
         content_hash=hashlib.blake2b(spec_json, digest_size=16).hexdigest(),
+        concurrency=_concurrency(name, spec.concurrency),
     )
+
+
+def _concurrency(name: str, spec: ConcurrencySpec | None) -> Concurrency | None:
+    if spec is None:
+        return None
+    return Concurrency(_template(name, None, "concurrency.key", spec.key), spec.limit)
 
 
 def _topological_order(

@@ -12,8 +12,12 @@ from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 from mediator.storage.parked import parked_counts
 from mediator.storage.registry import read_registry
+from mediator.storage.slots import Slots
 
-__all__ = ["collect_services", "format_services"]
+__all__ = ["collect_keys", "collect_services", "format_keys", "format_services"]
+
+#: Concurrency keys shown (those with the longest queues first).
+KEYS_SHOWN = 20
 
 
 async def collect_services(redis: Redis, keys: Keys) -> dict[str, Any]:
@@ -60,6 +64,65 @@ async def flow_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
             "queued": int(fields.get("queued") or 0),
         }
     return found
+
+
+async def collect_keys(redis: Redis, keys: Keys, limit: int = KEYS_SHOWN) -> dict[str, Any]:
+    """The concurrency keys with runs holding or waiting for their slots: totals per
+    workflow, and the `limit` keys with the longest queues (then the longest waits), each
+    with its runs in progress, queued, and how long its oldest has waited (Redis clock)."""
+    seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    states = await Slots(redis, keys).known()
+    workflows: dict[str, dict[str, Any]] = {}
+    for state in states:
+        doc = workflows.setdefault(
+            state.workflow, {"keys": 0, "running": 0, "queued": 0, "oldest_wait_ms": None}
+        )
+        doc["keys"] += 1
+        doc["running"] += state.held
+        doc["queued"] += state.queued
+        if state.oldest_ms is not None:
+            wait = max(0, now_ms - state.oldest_ms)
+            doc["oldest_wait_ms"] = max(doc["oldest_wait_ms"] or 0, wait)
+    busiest = sorted(states, key=lambda s: (-s.queued, s.oldest_ms or now_ms, s.workflow, s.key))[
+        :limit
+    ]
+    return {
+        "workflows": workflows,
+        "keys": [
+            {
+                "workflow": s.workflow,
+                "key": s.key,
+                "limit": s.limit,
+                "running": s.held,
+                "queued": s.queued,
+                "oldest_wait_ms": None if s.oldest_ms is None else max(0, now_ms - s.oldest_ms),
+            }
+            for s in busiest
+        ],
+    }
+
+
+def format_keys(found: dict[str, Any]) -> str:
+    """Concurrency keys as text: a line per workflow, then the busiest keys."""
+    if not found["workflows"]:
+        return ""
+    lines = ["concurrency keys:"]
+    for name, doc in sorted(found["workflows"].items()):
+        lines.append(
+            f"  {name}: {doc['keys']} keys, {doc['running']} running, {doc['queued']} queued"
+            + _wait(doc["oldest_wait_ms"])
+        )
+    for key in found["keys"]:
+        lines.append(
+            f"    {key['workflow']} {key['key']!r}: running {key['running']}/{key['limit']}, "
+            f"queued {key['queued']}" + _wait(key["oldest_wait_ms"])
+        )
+    return "\n".join(lines)
+
+
+def _wait(ms: int | None) -> str:
+    return "" if ms is None else f", oldest waiting {ms / 1000:.1f}s"
 
 
 def _flow_line(flow: dict[str, Any] | None) -> str:

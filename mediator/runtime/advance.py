@@ -20,6 +20,7 @@ from mediator.core.timers import Fired
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable
 from mediator.logs import run_fields
+from mediator.runtime.admission import Freed
 from mediator.runtime.context import (
     MAX_CONFLICT_RETRIES,
     BatchOutput,
@@ -95,11 +96,13 @@ class Advance(Limiting):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> None:
-        """Before a batch's transitions (each from its base state) commit: the breakers
-        hold back or reroute their commands, flow-control limits queue those over them
-        (for the whole batch at once), then the router addresses the rest to chosen
-        instances."""
+    ) -> set[str]:
+        """Before a batch's transitions (each from its base state) commit: runs that start
+        under a concurrency key get a slot or wait for one, the breakers hold back or
+        reroute their commands, flow-control limits queue those over them (for the whole
+        batch at once), then the router addresses the rest to chosen instances. The
+        concurrency slots granted (`_admit`)."""
+        granted = await self._admit(items, now)
         for workflow, transition, _ in items:
             await self._gate(workflow, transition, now)
         if self.limiter is not None:
@@ -107,6 +110,7 @@ class Advance(Limiting):
         if self.router is not None:
             for _, transition, _ in items:
                 self.router.route(transition)
+        return granted
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
         """Before `transition` commits: hold back (park) or reroute each command to a
@@ -182,6 +186,7 @@ class Advance(Limiting):
         by_instance: list[tuple[str, str, bool]] = []
         committed: list[Transition] = []
         permits: list[tuple[str, str]] = []
+        freed: list[Freed] = []
         since = clock.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
@@ -206,6 +211,7 @@ class Advance(Limiting):
                     by_instance += item.transition.instance_outcomes
                     if self.limiter is not None:
                         permits += self._permits_done(item.workflow, item.base, commit.state)
+                    freed += self._slots_freed(item.workflow, item.base, commit.state)
                     self._parked_count(item.transition)
                     committed.append(item.transition)
                 else:
@@ -228,6 +234,7 @@ class Advance(Limiting):
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         await self._record(outcomes, by_instance, out)
         await self._release_permits(permits)
+        await self._free_slots(freed, now_ms())
         await self._flush(out)
         if out.stale_timers:
             self.stats.stale_timers += len(out.stale_timers)

@@ -46,6 +46,7 @@ from mediator.storage.catalog import DefinitionStore
 from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
 from mediator.storage.limits import Limits
+from mediator.storage.slots import Slots
 from topics.names import Topics
 
 __all__ = ["Record", "Runtime"]
@@ -136,6 +137,8 @@ class Runtime(Health):
             if redis is not None and self.flow.services
             else None
         )
+        #: Concurrency keys' slots (None: a store without Redis, as in runtime tests).
+        self.slots = Slots(redis, store.keys) if redis is not None else None
         #: Permits of answered commands not released yet, per service: they go with the
         #: next permits taken for the service, or in the background (`_release_task`).
         self._releases: dict[str, list[str]] = {}

@@ -32,6 +32,7 @@ from mediator.storage.catalog import DefinitionStore
 from mediator.storage.correlation import Correlations
 from mediator.storage.keys import Keys
 from mediator.storage.limits import Limits
+from mediator.storage.slots import Slots
 from mediator.storage.store import Claimed, Commit
 from topics.events import (
     ControlEvent,
@@ -153,6 +154,7 @@ class RuntimeContext:
     flow: FlowControlSettings
     events: bool
     limiter: Limits | None
+    slots: Slots | None
     _releases: dict[str, list[str]]
     _release_task: asyncio.Task[None] | None
     control_signer: tuple[str, Keyring] | None

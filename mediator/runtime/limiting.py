@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
-from mediator.runtime.commits import Commits
+from mediator.runtime.admission import Admitting
 
 __all__ = ["Limiting"]
 
 log = logging.getLogger("mediator.runtime")
 
 
-class Limiting(Commits):
+class Limiting(Admitting):
     """Takes and frees flow-control permits around commits."""
 
     async def _limit(

@@ -14,7 +14,9 @@ from mediator import clock
 from mediator.clock import now_ms
 from mediator.core.engine import Transition, result_of
 from mediator.core.signing import SignatureError
+from mediator.core.state import WorkflowState, evolve
 from mediator.errors import UnknownWorkflow
+from mediator.runtime.admission import Freed
 from mediator.runtime.advance import Advance
 from mediator.runtime.context import (
     BatchOutput,
@@ -23,6 +25,7 @@ from mediator.runtime.context import (
 )
 from mediator.runtime.messages import Message
 from mediator.storage.keys import workflow_id_for
+from mediator.storage.slots import slot_member
 from mediator.storage.store import CommitOutcome, CommitResult, Tombstone
 from topics.events import (
     RequestEvent,
@@ -48,7 +51,7 @@ class Requests(Advance):
             start = self._start(record, now, out)
             if start is not None:
                 starts.append(start)
-        await self._prepare_sends([(s.workflow, s.transition, None) for s in starts], now)
+        granted = await self._prepare_sends([(s.workflow, s.transition, None) for s in starts], now)
         for start in starts:
             start.commit, start.messages = self._commit_of(
                 start.workflow, start.transition, None, now, [start.request]
@@ -57,20 +60,28 @@ class Requests(Advance):
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
         committed: list[Transition] = []
+        freed: list[Freed] = []
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
+            state = start.commit.state
             if result.outcome is CommitOutcome.COMMITTED:
                 for message in start.messages:
                     message.lease = result.lease
                 outgoing += start.messages
-                self.cache.put(start.commit.state)
+                self.cache.put(state)
                 self._parked_count(start.transition)
                 committed.append(start.transition)
-            elif (answer := self._duplicate(start, result)) is not None:
-                out.direct.append(answer)
+                freed += self._slots_freed(start.workflow, None, state)  # ended at once
+            else:
+                if slot_member(state.workflow_id, state.round) in granted:
+                    # The run exists already (or existed): the slot it was given is not its.
+                    freed += self._slots_freed(start.workflow, None, _ended(state))
+                if (answer := self._duplicate(start, result)) is not None:
+                    out.direct.append(answer)
         self._observe(committed, now)
         await self.dispatcher.send(outgoing, since)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
+        await self._free_slots(freed, now)
         await self._flush(out)
 
     def _start(self, record: Record, now: int, out: BatchOutput) -> Start | None:
@@ -220,6 +231,11 @@ class Requests(Advance):
                 request, "result_expired", reason, asked.origin or "", WorkflowStatus(tomb.status)
             )
         return None
+
+
+def _ended(state: WorkflowState) -> WorkflowState:
+    """`state` as if it had ended (what frees its concurrency slot)."""
+    return evolve(state, status=WorkflowStatus.FAILED)
 
 
 def trace_context(

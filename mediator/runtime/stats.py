@@ -47,6 +47,9 @@ class RuntimeStats(Stats):
     #: Commands held in their service's queue by a flow-control limit.
     queued: int = 0
     permit_release_errors: int = 0
+    #: Runs queued under a concurrency key that this replica handed a freed slot.
+    admitted: int = 0
+    slot_release_errors: int = 0
 
 
 @dataclass(slots=True)

@@ -203,8 +203,11 @@ class MediatorClient:
         *,
         request_id: str | None = None,
         trace_id: str | None = None,
+        priority: int = 0,
     ) -> str:
-        """Send a request without waiting for its result; returns its id once the broker acked."""
+        """Send a request without waiting for its result; returns its id once the broker
+        acked. `priority` (0-9, higher first) orders the run in its concurrency key's
+        queue, if its workflow has one and the run has to wait for a slot."""
         request = RequestEvent(
             request_id=request_id or uuid.uuid4().hex,
             workflow=workflow,
@@ -212,6 +215,7 @@ class MediatorClient:
             reply_to=None if self.results_topic == self.topics.results else self.results_topic,
             trace_id=trace_id,
             created_ms=clock.now_ms(),
+            priority=priority,
         )
         if self._producer is None:
             msg = "start the client (`await client.start()` or `async with client`) first"
@@ -297,6 +301,7 @@ class MediatorClient:
         request_id: str | None = None,
         timeout: float = 30.0,  # noqa: ASYNC109 -- part of the contract: SubmitTimeout names it
         trace_id: str | None = None,
+        priority: int = 0,
     ) -> ResultEvent:
         """Run ``workflow`` on ``payload`` and return its result.
 
@@ -312,7 +317,9 @@ class MediatorClient:
         self._pending.setdefault(request_id, []).append(future)
         try:
             async with asyncio.timeout(timeout):
-                await self.publish(workflow, payload, request_id=request_id, trace_id=trace_id)
+                await self.publish(
+                    workflow, payload, request_id=request_id, trace_id=trace_id, priority=priority
+                )
                 return await future
         except TimeoutError as exc:
             raise SubmitTimeout(request_id, timeout) from exc

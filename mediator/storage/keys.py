@@ -64,6 +64,15 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              event and key), with a TTL
     med:sig:{<digest>}:pending        list   signals sent for that key before a run waited
                                              on it (JSON controls), capped, with a TTL
+    med:cc:{<digest>}:held            zset   runs holding a slot of one concurrency key of a
+                                             workflow (BLAKE2b-64 of workflow and key value),
+                                             ``<run id>|<round>`` -> when granted (ms)
+    med:cc:{<digest>}:queue           zset   runs waiting for one of its slots -> priority
+                                             rank and when queued (`slots.slot_score`)
+    med:cc:keys                       hash   digest -> JSON [workflow, key, limit] of every
+                                             concurrency key with runs holding or waiting
+    med:cc:lease                      string the replica repairing concurrency keys' slots,
+                                             with a TTL
     med:ctl:<control_id>              string JSON {applied, detail, at_ms}: what became of an
                                              operator's control, kept for a day
     med:alerts:active                 hash   alert key -> JSON of each alert now firing
@@ -79,7 +88,13 @@ from dataclasses import dataclass
 
 from mediator.core.ids import workflow_id_for
 
-__all__ = ["KEY_SCHEMA_VERSION", "Keys", "correlation_digest", "workflow_id_for"]
+__all__ = [
+    "KEY_SCHEMA_VERSION",
+    "Keys",
+    "concurrency_digest",
+    "correlation_digest",
+    "workflow_id_for",
+]
 
 KEY_SCHEMA_VERSION = 1
 
@@ -216,6 +231,24 @@ class Keys:
         base = f"{self.prefix}:sig:{{{digest}}}"
         return f"{base}:run", f"{base}:pending"
 
+    def concurrency(self, digest: str) -> tuple[str, str]:
+        """Sorted sets of one concurrency key of a workflow (`concurrency_digest`, one
+        hash slot): the runs holding its slots (run id -> when granted, ms) and the runs
+        waiting for one (run id -> priority rank and when queued, `slot_score`)."""
+        base = f"{self.prefix}:cc:{{{digest}}}"
+        return f"{base}:held", f"{base}:queue"
+
+    @property
+    def concurrency_keys(self) -> str:
+        """Hash: every concurrency key with runs holding or waiting for its slots, by
+        digest -> JSON ``[workflow, key, limit]``, for the upkeep and the ops views."""
+        return f"{self.prefix}:cc:keys"
+
+    @property
+    def concurrency_lease(self) -> str:
+        """String: the replica passing concurrency keys' free slots on, with a TTL."""
+        return f"{self.prefix}:cc:lease"
+
     def control(self, control_id: str) -> str:
         """String: what became of one operator's control (JSON), kept for a day."""
         return f"{self.prefix}:ctl:{control_id}"
@@ -254,6 +287,11 @@ class Keys:
             f"{base}:drained",
             f"{base}:dead",
         )
+
+
+def concurrency_digest(workflow: str, key: str) -> str:
+    """The digest naming the keys of workflow `workflow`'s concurrency key value `key`."""
+    return hashlib.blake2b(f"{workflow}\0{key}".encode(), digest_size=8).hexdigest()
 
 
 def correlation_digest(event: str, key: str) -> str:

@@ -1,0 +1,120 @@
+"""Concurrency keys' upkeep: on every replica, one at a time (a lease), every second.
+A run that ends frees its slot and hands it to its key's queue at once
+(`mediator.runtime.admission`); this repairs what a crash or a lost Redis reply left half
+done, key by key, so no key's queue is stranded:
+
+- a key with free slots and runs waiting hands the slots on (the release a dead replica
+  never made);
+- every `AUDIT_MS`, the slots held for longer than `GRACE_MS` are checked against their
+  runs: one whose run ended, is gone or moved to another round is freed; one whose run
+  still waits (its ``admit`` timer was never set) gets the timer again;
+- a key with nothing held or waiting leaves the index.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from mediator import clock
+from mediator.clock import now_ms
+from mediator.runtime.periodic import Periodic
+from mediator.runtime.ports import StateStore
+from mediator.settings import BackoffSettings
+from mediator.storage.errors import redis_errors
+from mediator.storage.keys import Keys
+from mediator.storage.leases import Leases
+from mediator.storage.slots import KeyState, Slots
+
+__all__ = ["AUDIT_MS", "GRACE_MS", "KeyUpkeep"]
+
+log = logging.getLogger("mediator.flow")
+
+#: How often the upkeep runs (ms).
+INTERVAL_MS = 1000
+#: How often held slots are checked against their runs (ms).
+AUDIT_MS = 5000
+#: How long a slot may be held before the check looks at it (ms): a slot is taken
+#: before the commit of the run it is for, which a slow Redis may delay for seconds.
+GRACE_MS = 10_000
+
+
+class KeyUpkeep(Periodic):
+    """Hands on concurrency keys' free slots a crash left behind; frees lost ones."""
+
+    name = "key-upkeep"
+    label = "concurrency-key upkeep"
+    failed = "concurrency-key upkeep failed"
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        slots: Slots,
+        store: StateStore,
+        replica: str,
+        backoff: BackoffSettings | None = None,
+    ) -> None:
+        super().__init__(backoff, log)
+        self.keys = keys
+        self.slots = slots
+        self.store = store
+        self.replica = replica
+        self.leases = Leases(redis)
+        self._audited = 0.0
+        #: Slots handed on by the upkeep (a release was lost), and lost ones freed.
+        self.handed_on = 0
+        self.freed = 0
+        self.timers_reset = 0
+
+    async def round(self) -> float:
+        await self.tick()
+        return INTERVAL_MS / 1000
+
+    async def tick(self) -> None:
+        """One pass over every key, if this replica holds the upkeep's lease."""
+        with redis_errors("taking the concurrency-key upkeep lease"):
+            lead = await self.leases.hold(
+                self.keys.concurrency_lease, self.replica, 3 * INTERVAL_MS
+            )
+        if not lead:
+            return
+        known = await self.slots.known(detail=False)
+        audit = clock.monotonic() - self._audited >= AUDIT_MS / 1000
+        if audit:
+            self._audited = clock.monotonic()
+        for state in known:
+            if state.queued and state.held < state.limit:
+                moved = await self.slots.release_digest(
+                    state.digest, state.limit, [], now_ms(), repr(state.key)
+                )
+                self.handed_on += len(moved)
+            if audit and state.held:
+                await self._audit(state)
+            elif not state.held and not state.queued:
+                await self.slots.forget(state.digest)
+
+    async def _audit(self, key: KeyState) -> None:
+        now = now_ms()
+        old = [(m, at) for m, at in await self.slots.holders(key.digest) if at <= now - GRACE_MS]
+        if not old:
+            return
+        states = await self.store.load_many(sorted({m.rpartition("|")[0] for m, _ in old}))
+        lost, waiting = [], []
+        for member, _ in old:
+            wid, _, round_ = member.rpartition("|")
+            state = states.get(wid)
+            if state is None or state.terminal or str(state.round) != round_:
+                lost.append(member)
+            elif state.queued_ms is not None:
+                waiting.append(member)
+        if lost:
+            await self.slots.release_digest(key.digest, key.limit, lost, now, repr(key.key))
+            self.freed += len(lost)
+            log.info(
+                "concurrency key %r of %s: %d lost slots freed", key.key, key.workflow, len(lost)
+            )
+        if waiting:
+            await self.slots.admit(waiting)
+            self.timers_reset += len(waiting)
