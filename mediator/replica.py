@@ -411,6 +411,7 @@ class Mediator:
                         {"quantile": q},
                         float(value),
                     )
+        yield from _queue_gauges(self.flow, self.keyed)
 
     async def __aenter__(self) -> Mediator:
         await self.start()
@@ -428,6 +429,45 @@ class Mediator:
         """Run until cancelled."""
         async with self:
             await asyncio.Event().wait()
+
+
+def _queue_gauges(
+    flow: FlowUpkeep | None, keyed: KeyUpkeep | None
+) -> Iterable[tuple[str, str, dict[str, str], float]]:
+    """Flow-control queues and concurrency keys, as this replica's upkeeps last read them
+    from Redis (figures for the whole deployment, the same on every replica)."""
+    if flow is not None:
+        for service, queued in sorted(flow.queued.items()):
+            labels = {"service": service}
+            yield (
+                "mediator_flow_queued",
+                "Steps waiting in a limited service's queue.",
+                labels,
+                float(queued),
+            )
+            yield (
+                "mediator_flow_oldest_wait_seconds",
+                "How long the step waiting longest in a service's queue has waited.",
+                labels,
+                flow.oldest_wait_s.get(service, 0.0),
+            )
+    if keyed is not None:
+        helps = {
+            "keys": "Concurrency keys of a workflow with runs holding or waiting for a slot.",
+            "running": "Runs of a workflow holding a slot of their concurrency key.",
+            "queued": "Runs of a workflow waiting for a slot of their concurrency key.",
+            "oldest_wait_s": "How long the run waiting longest for a slot of a workflow's "
+            "concurrency keys has waited.",
+        }
+        for workflow, doc in sorted(keyed.workflows.items()):
+            for field, help_text in helps.items():
+                name = field.replace("_s", "_seconds") if field.endswith("_s") else field
+                yield (
+                    f"mediator_concurrency_{name}",
+                    help_text,
+                    {"workflow": workflow},
+                    float(doc[field]),
+                )
 
 
 #: The longest any one step of `Mediator.stop` may take.

@@ -53,9 +53,13 @@ async def test_a_hot_key_does_not_delay_cold_keys(make_system: Any) -> None:
         what="the hot key's requests read",
     )
     await asyncio.sleep(0.5)
-    code, out, err = await cli(system.settings, "services")
+    code, out, err = await cli(system.settings, "keys")
     assert code == 0, err
-    assert "order" in out and "hot" in out, out
+    assert "'hot': running 5/5, queued" in out, out
+    # Every replica's gauges give the deployment's figures (its upkeep reads them).
+    await wait_for(lambda: _gauge(replicas[1], "mediator_concurrency_queued") > 500)
+    assert _gauge(replicas[0], "mediator_concurrency_running") == HOT_LIMIT
+    assert _gauge(replicas[0], "mediator_concurrency_oldest_wait_seconds") > 0
     submitted: dict[str, float] = {}
     cold = []
     for k in range(COLD_KEYS):
@@ -118,3 +122,11 @@ async def test_priority_orders_a_keys_queue(make_system: Any) -> None:
     results = await asyncio.gather(*runs)
     assert all(r.status is WorkflowStatus.COMPLETED for r in results)
     assert order == ["first", "urgent", "low0", "low1", "low2", "low3"]
+
+
+def _gauge(replica: Any, name: str) -> float:
+    """The gauge `name` of workflow ``order`` as `replica` would be scraped for it."""
+    for metric, _, labels, value in replica._gauges():
+        if metric == name and labels == {"workflow": "order"}:
+            return float(value)
+    return -1.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mediator.core.alerts import Rule, evaluate
+from mediator.core.alerts import QUEUE_WAIT, Rule, evaluate
 from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.metrics import Observation, Tally, bucket_field, percentile_ms, summarize
 from mediator.core.transition import Transition
@@ -185,3 +185,20 @@ def test_a_firing_alert_holds_through_a_window_with_too_few_samples() -> None:
     # A window with nothing answered at all: the service went quiet, nothing holds it.
     [quiet] = evaluate([rule], {"pay": summarize([{"sent": 0}], 5)}, active, T0 + 2_000, 5_000)
     assert quiet.state is AlertState.RESOLVED
+
+
+def test_a_queue_wait_alert_fires_on_the_oldest_wait_and_resolves_once_drained() -> None:
+    rule = AlertThreshold(metric="queue_wait", threshold="30s", severity="warning").rule()
+    assert rule.limit == 30_000 and rule.name == "queue_wait>30000ms"
+    waiting = summarize([], 60)
+    waiting.fields[QUEUE_WAIT] = 45_000
+    [fired] = evaluate([rule], {"keys:order": waiting}, {}, T0, 60_000)
+    assert fired.state is AlertState.FIRING and fired.value == 45_000
+    assert fired.message == "keys:order: oldest queued wait 45000 ms is above 30000 ms"
+    active = {fired.alert_id: fired}
+    drained = summarize([], 60)
+    drained.fields[QUEUE_WAIT] = 0
+    [resolved] = evaluate([rule], {"keys:order": drained}, active, T0 + 5_000, 60_000)
+    assert resolved.state is AlertState.RESOLVED
+    # A service with nothing sampled (no queue read) is not judged: nothing fires.
+    assert evaluate([rule], {"pay": summarize([{"n": 9}], 60)}, {}, T0, 60_000) == []

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from mediator.core.metrics import Summary
 from topics.events import AlertEvent, AlertState
 
-__all__ = ["Rule", "evaluate", "measure"]
+__all__ = ["QUEUE_WAIT", "Rule", "evaluate", "measure"]
+
+#: The summary field the evaluator sets to how long a queue's oldest entry has waited (ms)
+#: when it evaluates (`queue_wait` rules).
+QUEUE_WAIT = "queue_wait_ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,8 @@ class Rule:
     def name(self) -> str:
         if self.metric == "response_time":
             return f"response_time_p{self.percentile:g}>{self.limit:g}ms"
+        if self.metric == "queue_wait":
+            return f"queue_wait>{self.limit:g}ms"
         op = "<" if self.metric == "availability" else ">"
         return f"{self.metric}{op}{self.limit:g}"
 
@@ -47,6 +53,9 @@ def measure(rule: Rule, summary: Summary) -> float | None:
     """The rule's measure over the window, or None when there is too little to judge."""
     if rule.metric == "availability":
         return summary.availability
+    if rule.metric == "queue_wait":  # sampled now, not summed over the window
+        wait = summary.fields.get(QUEUE_WAIT)
+        return None if wait is None else float(wait)
     if summary.answered < rule.min_samples:
         return None
     if rule.metric == "response_time":
@@ -60,6 +69,8 @@ def _quiet(rule: Rule, summary: Summary) -> bool:
     """Whether the window holds nothing at all the rule could be measured on."""
     if rule.metric == "availability":
         return summary.availability is None
+    if rule.metric == "queue_wait":
+        return QUEUE_WAIT not in summary.fields
     return summary.answered == 0
 
 
@@ -68,15 +79,14 @@ def _breached(rule: Rule, value: float) -> bool:
 
 
 def _message(rule: Rule, service: str, value: float | None, firing: bool) -> str:
-    shown = (
-        "no data"
-        if value is None
-        else (f"{value:g} ms" if rule.metric == "response_time" else f"{value:.2%}")
-    )
-    limit = f"{rule.limit:g} ms" if rule.metric == "response_time" else f"{rule.limit:.2%}"
+    timed = rule.metric in ("response_time", "queue_wait")
+    shown = "no data" if value is None else (f"{value:g} ms" if timed else f"{value:.2%}")
+    limit = f"{rule.limit:g} ms" if timed else f"{rule.limit:.2%}"
     what = rule.metric.replace("_", " ")
     if rule.metric == "response_time":
         what = f"p{rule.percentile:g} response time"
+    elif rule.metric == "queue_wait":
+        what = "oldest queued wait"
     if value is None and not firing:
         return f"{service}: {what} no longer measured (nothing in the window)"
     if firing:

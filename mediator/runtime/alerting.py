@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 
 from mediator.clock import now_ms
 from mediator.codec import encode, headers
-from mediator.core.alerts import Rule, evaluate
-from mediator.core.metrics import Tally
+from mediator.core.alerts import QUEUE_WAIT, Rule, evaluate
+from mediator.core.metrics import Tally, summarize
 from mediator.runtime.messages import Message
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.periodic import Periodic
@@ -28,6 +28,7 @@ from mediator.storage.alerts import AlertRecords
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.parked import ParkedQueues
+from mediator.storage.slots import Slots
 from topics.events import AlertEvent, AlertState, HealthStatus
 
 __all__ = ["AlertEvaluator"]
@@ -68,6 +69,8 @@ class AlertEvaluator(Periodic):
         self.rules: Sequence[Rule] = [t.rule() for t in settings.alert_thresholds]
         self.records = AlertRecords(redis, keys)
         self.queues = ParkedQueues(redis, keys)
+        self.slots = Slots(redis, keys)
+        self.redis = redis
         self.leading = False
         self.published = 0
 
@@ -92,6 +95,11 @@ class AlertEvaluator(Periodic):
         until = now // 1000
         names = sorted({*await self.metrics.names("svc"), *self.services()})
         summaries = await self.metrics.summaries("svc", names, until - window // 1000, until)
+        if any(rule.metric == "queue_wait" for rule in self.rules):
+            for name, wait in (await self._waits(names)).items():
+                summary = summaries.get(name) or summarize([], window / 1000)
+                summary.fields[QUEUE_WAIT] = wait
+                summaries[name] = summary
         active = await self.records.active()
         held: list[AlertEvent] = []
         changes = evaluate(self.rules, summaries, active, now, window, held)
@@ -119,6 +127,20 @@ class AlertEvaluator(Periodic):
         for service, parked in (await self.queues.counts(services)).items():
             # A gauge: set even when zero, so a drained backlog reads as zero.
             self.tally.set("svc", service, "parked", now, parked)
+
+    async def _waits(self, services: Sequence[str]) -> dict[str, int]:
+        """How long (ms, Redis clock) the oldest entry of each service's queue (zero when
+        none waits) and of each workflow's concurrency keys' queues (``keys:<name>``, for
+        workflows with runs holding or waiting for a slot) has waited."""
+        seconds, micros = await self.redis.time()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        oldest = await self.queues.oldest(services)
+        waits = {s: max(0, now - oldest[s]) if s in oldest else 0 for s in services}
+        for key in await self.slots.known():
+            name = f"keys:{key.workflow}"
+            wait = max(0, now - key.oldest_ms) if key.oldest_ms is not None else 0
+            waits[name] = max(waits.get(name, 0), wait)
+        return waits
 
     def _message(self, alert: AlertEvent) -> Message:
         return Message(

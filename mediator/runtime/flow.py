@@ -12,6 +12,7 @@ import logging
 
 from redis.asyncio import Redis
 
+from mediator import clock
 from mediator.clock import now_ms
 from mediator.core.state import StepStatus
 from mediator.runtime.breakers import Breakers
@@ -60,6 +61,12 @@ class FlowUpkeep(Periodic):
         self.reaped = 0
         #: Where runs are looked up to free lost permits (None: they lapse).
         self.store: StateStore | None = store
+        self.redis = redis
+        #: Each limited service's queue as last seen (for the Prometheus gauges): its
+        #: length, and how long its oldest step has waited (seconds; 0: none waits).
+        self.queued: dict[str, int] = {}
+        self.oldest_wait_s: dict[str, float] = {}
+        self._measured = 0.0
 
     @property
     def interval_s(self) -> float:
@@ -69,6 +76,9 @@ class FlowUpkeep(Periodic):
         """Record each limited service's queue length and release what fits; how many."""
         services = sorted(self.flow.services)
         queued = await self.queues.counts(services)
+        self.queued = queued
+        if clock.monotonic() - self._measured >= 1.0:
+            await self._measure_waits(services)
         now = now_ms()
         released = 0
         for service in services:
@@ -83,6 +93,17 @@ class FlowUpkeep(Periodic):
             released += moved
         self.released += released
         return released
+
+    async def _measure_waits(self, services: list[str]) -> None:
+        """How long each queue's oldest step has waited (once a second; Redis clock)."""
+        self._measured = clock.monotonic()
+        with redis_errors("reading the flow-control queues' oldest entries"):
+            seconds, micros = await self.redis.time()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        oldest = await self.queues.oldest(services)
+        self.oldest_wait_s = {
+            s: max(0, now - oldest[s]) / 1000 if s in oldest else 0.0 for s in services
+        }
 
     async def _reap(self, service: str, now: int) -> None:
         """Free the permits of commands no run has in flight any more, whose release was

@@ -67,20 +67,26 @@ class KeyUpkeep(Periodic):
         self.handed_on = 0
         self.freed = 0
         self.timers_reset = 0
+        #: Per workflow, its concurrency keys as last seen (every replica reads them, for
+        #: the Prometheus gauges): keys in use, runs in progress, runs queued, and how long
+        #: the oldest queued run has waited (seconds).
+        self.workflows: dict[str, dict[str, float]] = {}
 
     async def round(self) -> float:
         await self.tick()
         return INTERVAL_MS / 1000
 
     async def tick(self) -> None:
-        """One pass over every key, if this replica holds the upkeep's lease."""
+        """Read every key (for the gauges); then one pass over them, if this replica
+        holds the upkeep's lease."""
+        known = await self.slots.known()
+        self._measure(known)
         with redis_errors("taking the concurrency-key upkeep lease"):
             lead = await self.leases.hold(
                 self.keys.concurrency_lease, self.replica, 3 * INTERVAL_MS
             )
         if not lead:
             return
-        known = await self.slots.known(detail=False)
         audit = clock.monotonic() - self._audited >= AUDIT_MS / 1000
         if audit:
             self._audited = clock.monotonic()
@@ -94,6 +100,24 @@ class KeyUpkeep(Periodic):
                 await self._audit(state)
             elif not state.held and not state.queued:
                 await self.slots.forget(state.digest)
+
+    def _measure(self, known: list[KeyState]) -> None:
+        now = now_ms()
+        workflows: dict[str, dict[str, float]] = {}
+        for key in known:
+            doc = workflows.setdefault(
+                key.workflow, {"keys": 0, "running": 0, "queued": 0, "oldest_wait_s": 0.0}
+            )
+            doc["keys"] += 1
+            doc["running"] += key.held
+            doc["queued"] += key.queued
+            if key.oldest_ms is not None:
+                wait = max(0, now - key.oldest_ms) / 1000
+                doc["oldest_wait_s"] = max(doc["oldest_wait_s"], wait)
+        # A workflow whose keys all went idle reads zero rather than its last figures.
+        for name in self.workflows.keys() - workflows.keys():
+            workflows[name] = {"keys": 0, "running": 0, "queued": 0, "oldest_wait_s": 0.0}
+        self.workflows = workflows
 
     async def _audit(self, key: KeyState) -> None:
         now = now_ms()

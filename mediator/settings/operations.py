@@ -45,12 +45,16 @@ class AlertThreshold(BaseModel):
     ``response_time`` fires when the window's `percentile` (p95 by default) is above the
     threshold (a duration); ``error_rate`` and ``timeout_rate`` when that share of the
     commands answered or timed out is above it (``"5%"``); ``availability`` when the
-    share of samples with an instance up is below it (``"99%"``; services that heartbeat).
+    share of samples with an instance up is below it (``"99%"``; services that heartbeat);
+    ``queue_wait`` when the step waiting longest in a service's queue (held by its
+    flow-control limit or its breaker), or the run waiting longest for a slot of a
+    workflow's concurrency keys (named ``keys:<workflow>``), has waited longer than the
+    threshold (a duration).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: Literal["response_time", "error_rate", "timeout_rate", "availability"]
+    metric: Literal["response_time", "error_rate", "timeout_rate", "availability", "queue_wait"]
     threshold: str | float
     severity: Literal["info", "warning", "critical"] = "warning"
     percentile: float = Field(default=95, gt=0, le=100)
@@ -73,7 +77,7 @@ class AlertThreshold(BaseModel):
     @property
     def limit(self) -> float:
         """The threshold as a number: milliseconds, or a fraction of one."""
-        if self.metric == "response_time":
+        if self.metric in ("response_time", "queue_wait"):
             return float(seconds_or_duration_ms(self.threshold))
         return float(_fraction(self.threshold))
 

@@ -14,7 +14,7 @@ from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from mediator.storage.leases import Leases
 
-__all__ = ["ParkedQueues", "parked_counts"]
+__all__ = ["ParkedQueues", "parked_counts", "parked_oldest"]
 
 _UNPARK = lua_source("unpark.lua")
 
@@ -31,6 +31,27 @@ async def parked_counts(redis: Redis, keys: Keys, services: Iterable[str]) -> di
     for index, service in enumerate(names):
         counts[service] = sum(sizes[index * keys.shards : (index + 1) * keys.shards])
     return counts
+
+
+async def parked_oldest(redis: Redis, keys: Keys, services: Iterable[str]) -> dict[str, int]:
+    """When the step that has waited longest in each service's parked queue was parked
+    (Redis clock, ms); services whose queue is empty are left out."""
+    names = sorted(services)
+    async with redis.pipeline(transaction=False) as pipe:
+        for service in names:
+            for shard in range(keys.shards):
+                pipe.zrange(keys.parked(shard, service), 0, 0, withscores=True)
+        heads = await pipe.execute()
+    oldest: dict[str, int] = {}
+    for index, service in enumerate(names):
+        scores = [
+            int(score)
+            for head in heads[index * keys.shards : (index + 1) * keys.shards]
+            for _, score in head
+        ]
+        if scores:
+            oldest[service] = min(scores)
+    return oldest
 
 
 class ParkedQueues:
@@ -73,6 +94,11 @@ class ParkedQueues:
             with redis_errors(f"releasing parked steps of {service}"):
                 moved += int(await self._unpark(keys=keys, args=members))
         return moved
+
+    async def oldest(self, services: Iterable[str]) -> dict[str, int]:
+        """When each service's longest-waiting parked step was parked (ms, Redis clock)."""
+        with redis_errors("reading the parked queues' oldest entries"):
+            return await parked_oldest(self.redis, self.keys, services)
 
     async def counts(self, services: Iterable[str]) -> dict[str, int]:
         """How many steps wait in each service's parked queue (every shard)."""
