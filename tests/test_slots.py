@@ -9,6 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from mediator.clock import now_ms
 from mediator.core.state import WorkflowState
 from mediator.runtime.keyed import GRACE_MS, KeyUpkeep
 from mediator.storage.keys import Keys
@@ -107,3 +108,20 @@ async def test_the_upkeep_repairs_lost_releases_and_lost_admit_timers(
     await upkeep.tick()
     assert upkeep.handed_on == 1
     assert "admit|late||0" in await _timers(redis_client, keys)
+
+
+async def test_a_slot_whose_run_is_not_there_yet_is_kept_until_long_after(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A slot is taken before its run's first commit, which a stalled replica may make
+    late: freeing it as lost would let a second run in beside the first."""
+    slots, keys = _slots(redis_client, key_prefix)
+    await slots.acquire("wf", "k", 1, [("ghost|0", 1)], now_ms() - GRACE_MS)
+    patient = KeyUpkeep(redis_client, keys, slots, _Runs(), "r1")  # type: ignore[arg-type]
+    await patient.tick()
+    assert patient.freed == 0
+    [state] = await slots.known()
+    assert state.held == 1
+    hasty = KeyUpkeep(redis_client, keys, slots, _Runs(), "r1", missing_ms=GRACE_MS)  # type: ignore[arg-type]
+    await hasty.tick()
+    assert hasty.freed == 1

@@ -38,7 +38,8 @@ class Admitting(Commits):
         others wait in their key's queue. The runs granted a slot by this call (not
         holding one already): a start whose commit fails gives it back."""
         wanted: dict[_Key, list[tuple[str, int]]] = {}
-        owner: dict[str, tuple[Workflow, Transition]] = {}
+        # A request read twice in one batch (published again) starts the run twice.
+        owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         for workflow, transition, _ in items:
             state = transition.state
             key = transition.admission
@@ -51,7 +52,7 @@ class Admitting(Commits):
             wanted.setdefault((workflow.name, key, workflow.concurrency.limit), []).append(
                 (member, score)
             )
-            owner[member] = (workflow, transition)
+            owners.setdefault(member, []).append((workflow, transition))
         if not wanted or self.slots is None:
             return set()
         fresh: set[str] = set()
@@ -59,8 +60,8 @@ class Admitting(Commits):
             granted, already = await self.slots.acquire(name, key, limit, runs, now)
             fresh |= granted
             for member in granted | already:
-                workflow, transition = owner[member]
-                self.engine.admit(workflow, transition, now)
+                for workflow, transition in owners[member]:
+                    self.engine.admit(workflow, transition, now)
         return fresh
 
     def _slots_freed(

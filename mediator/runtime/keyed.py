@@ -6,8 +6,11 @@ done, key by key, so no key's queue is stranded:
 - a key with free slots and runs waiting hands the slots on (the release a dead replica
   never made);
 - every `AUDIT_MS`, the slots held for longer than `GRACE_MS` are checked against their
-  runs: one whose run ended, is gone or moved to another round is freed; one whose run
-  still waits (its ``admit`` timer was never set) gets the timer again;
+  runs: one whose run ended or moved to another round is freed; one whose run still
+  waits (its ``admit`` timer was never set) gets the timer again. A slot whose run is
+  not there is freed only after `MISSING_MS`: it is taken before the run's first commit,
+  which a stalled replica may make late, and a replica that died before making it leaves
+  the request to be read again, by a replica that finds the slot its run's already;
 - a key with nothing held or waiting leaves the index.
 """
 
@@ -27,7 +30,7 @@ from mediator.storage.keys import Keys
 from mediator.storage.leases import Leases
 from mediator.storage.slots import KeyState, Slots
 
-__all__ = ["AUDIT_MS", "GRACE_MS", "KeyUpkeep"]
+__all__ = ["AUDIT_MS", "GRACE_MS", "MISSING_MS", "KeyUpkeep"]
 
 log = logging.getLogger("mediator.flow")
 
@@ -38,6 +41,8 @@ AUDIT_MS = 5000
 #: How long a slot may be held before the check looks at it (ms): a slot is taken
 #: before the commit of the run it is for, which a slow Redis may delay for seconds.
 GRACE_MS = 10_000
+#: How long a slot whose run does not exist (yet) is kept (ms).
+MISSING_MS = 600_000
 
 
 class KeyUpkeep(Periodic):
@@ -55,8 +60,14 @@ class KeyUpkeep(Periodic):
         store: StateStore,
         replica: str,
         backoff: BackoffSettings | None = None,
+        grace_ms: int = GRACE_MS,
+        audit_ms: int = AUDIT_MS,
+        missing_ms: int = MISSING_MS,
     ) -> None:
         super().__init__(backoff, log)
+        self.missing_ms = missing_ms
+        self.grace_ms = grace_ms
+        self.audit_ms = audit_ms
         self.keys = keys
         self.slots = slots
         self.store = store
@@ -87,7 +98,7 @@ class KeyUpkeep(Periodic):
             )
         if not lead:
             return
-        audit = clock.monotonic() - self._audited >= AUDIT_MS / 1000
+        audit = clock.monotonic() - self._audited >= self.audit_ms / 1000
         if audit:
             self._audited = clock.monotonic()
         for state in known:
@@ -121,15 +132,20 @@ class KeyUpkeep(Periodic):
 
     async def _audit(self, key: KeyState) -> None:
         now = now_ms()
-        old = [(m, at) for m, at in await self.slots.holders(key.digest) if at <= now - GRACE_MS]
+        old = [
+            (m, at) for m, at in await self.slots.holders(key.digest) if at <= now - self.grace_ms
+        ]
         if not old:
             return
         states = await self.store.load_many(sorted({m.rpartition("|")[0] for m, _ in old}))
         lost, waiting = [], []
-        for member, _ in old:
+        for member, granted in old:
             wid, _, round_ = member.rpartition("|")
             state = states.get(wid)
-            if state is None or state.terminal or str(state.round) != round_:
+            if state is None:
+                if granted <= now - self.missing_ms:
+                    lost.append(member)
+            elif state.terminal or str(state.round) != round_:
                 lost.append(member)
             elif state.queued_ms is not None:
                 waiting.append(member)

@@ -32,7 +32,8 @@ class Limiting(Admitting):
         queue go first. Compensations are never held."""
         assert self.limiter is not None
         wanted: dict[str, tuple[list[str], list[str]]] = {}
-        owner: dict[str, Transition] = {}
+        # A request read twice in one batch starts its run twice: both hold the command.
+        owners: dict[str, list[Transition]] = {}
         for workflow, transition, base in items:
             if workflow is None:
                 continue
@@ -53,15 +54,17 @@ class Limiting(Admitting):
                     and was.attempt == command.attempt
                 )
                 pair = wanted.setdefault(command.service, ([], []))
-                pair[0 if released else 1].append(command.command_id)
-                owner[command.command_id] = transition
+                if command.command_id not in owners:
+                    pair[0 if released else 1].append(command.command_id)
+                owners.setdefault(command.command_id, []).append(transition)
         for service, (released_ids, new_ids) in wanted.items():
             limit = self.flow.services[service]
             done = self._releases.pop(service, [])
             granted = await self.limiter.acquire(service, limit, released_ids, new_ids, now, done)
             for command_id in [*released_ids, *new_ids]:
                 if command_id not in granted:
-                    self.engine.queue(owner[command_id], command_id)
+                    for transition in owners[command_id]:
+                        self.engine.queue(transition, command_id)
 
     def _permits_done(
         self, workflow: Workflow | None, base: WorkflowState, state: WorkflowState

@@ -61,6 +61,11 @@ class Requests(Advance):
         outgoing: list[Message] = []
         committed: list[Transition] = []
         freed: list[Freed] = []
+        created = {
+            slot_member(s.transition.state.workflow_id, 0)
+            for s, r in zip(starts, results, strict=True)
+            if r.outcome is CommitOutcome.COMMITTED
+        }
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
             state = start.commit.state
@@ -73,7 +78,8 @@ class Requests(Advance):
                 committed.append(start.transition)
                 freed += self._slots_freed(start.workflow, None, state)  # ended at once
             else:
-                if slot_member(state.workflow_id, state.round) in granted:
+                member = slot_member(state.workflow_id, state.round)
+                if member in granted and member not in created:
                     # The run exists already (or existed): the slot it was given is not its.
                     freed += self._slots_freed(start.workflow, None, _ended(state))
                 if (answer := self._duplicate(start, result)) is not None:

@@ -37,7 +37,8 @@ from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.timers import SetTimer
 from mediator.core.workflow import Workflow
 from mediator.storage.connection import text
-from mediator.storage.keys import workflow_id_for
+from mediator.storage.keys import concurrency_digest, workflow_id_for
+from mediator.storage.slots import slot_member
 from tests.simulation.services import Life
 from topics.events import WorkflowStatus
 
@@ -285,10 +286,23 @@ async def _check_leftovers(world: World, states: dict[str, WorkflowState | None]
                     problems.append(f"leftovers: parked entry {name} outlived its run")
         if await redis.hlen(keys.outbox(shard)):
             problems.append(f"leftovers: outbox of shard {shard} not empty")
+    return problems + await _held_leftovers(world)
+
+
+async def _held_leftovers(world: World) -> list[str]:
+    """Flow-control permits and concurrency slots still held once every run ended (lost
+    ones, a replica killed before releasing them, are freed by the upkeeps)."""
+    redis = next(iter(world.replicas.values())).redis
+    keys = world.keys
+    problems = []
     for service in world.settings.flow_control.services:
         held = await redis.zrange(keys.limit(service)[0], 0, -1)
-        if held:  # lost ones (a replica killed before releasing) are freed by the upkeep
+        if held:
             problems.append(f"leftovers: flow-control permits of {service}: {held}")
+    for raw in await redis.hkeys(keys.concurrency_keys):
+        for name in keys.concurrency(text(raw)):
+            if left := await redis.zrange(name, 0, -1):
+                problems.append(f"leftovers: concurrency key {name}: {left}")
     return problems
 
 
@@ -310,6 +324,12 @@ async def check_waits(world: World) -> list[str]:
             continue
         workflow = world.definitions.find(state.workflow, state.version)
         assert workflow is not None
+        if state.queued_ms is not None and state.concurrency_key is not None:
+            member = slot_member(wid, state.round)
+            digest = concurrency_digest(state.workflow, state.concurrency_key)
+            sets = keys.concurrency(digest)
+            if not any([await redis.zscore(name, member) is not None for name in sets]):
+                problems.append(f"waits: {wid} is queued but neither holds nor waits for a slot")
         for what, names in _waits(workflow, state, world.clock.ms):
             if not any(name in timers or name in parked for name in names):
                 problems.append(f"waits: {wid} waits on {what} with no timer {names[0]!r}")

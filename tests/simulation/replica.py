@@ -23,6 +23,7 @@ from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.flow import FlowUpkeep
+from mediator.runtime.keyed import KeyUpkeep
 from mediator.runtime.liveness import Marker
 from mediator.runtime.outbox import Dispatcher
 from mediator.runtime.parking import BreakerUpkeep
@@ -49,14 +50,18 @@ class PauseWatch:
     paused. A commit that applied a control is not judged: a resume and a pause in one
     batch may rightly send between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
         self.last: dict[str, WorkflowState] = {}
         self.problems: list[str] = []
         self.seen: Counter[str] = Counter()
+        #: Concurrency limits per workflow, and the runs in progress per key as committed.
+        self.limits = limits or {}
+        self.admitted: dict[tuple[str, str], set[str]] = {}
 
     def saw(self, state: WorkflowState) -> None:
         before = self.last.get(state.workflow_id)
         self.last[state.workflow_id] = state
+        self._admission(before, state)
         if before is None:
             return
         if state.paused_ms is not None and before.paused_ms is None:
@@ -81,6 +86,24 @@ class PauseWatch:
         if sent:
             self.problems.append(
                 f"paused: {state.workflow_id} rev {state.rev} sent {sent} while paused"
+            )
+
+    def _admission(self, before: WorkflowState | None, state: WorkflowState) -> None:
+        """No more runs of a concurrency key in progress at once than its limit."""
+        if state.concurrency_key is None or state.workflow not in self.limits:
+            return
+        key = (state.workflow, state.concurrency_key)
+        running = self.admitted.setdefault(key, set())
+        if state.queued_ms is not None and (before is None or before.queued_ms is None):
+            self.seen["run_queued"] += 1
+        if state.terminal or state.queued_ms is not None:
+            running.discard(state.workflow_id)
+            return
+        running.add(state.workflow_id)
+        if len(running) > self.limits[state.workflow]:
+            self.problems.append(
+                f"concurrency: {sorted(running)} in progress at once under key {key}, "
+                f"limit {self.limits[state.workflow]}"
             )
 
 
@@ -183,6 +206,11 @@ class SimReplica:
             self.redis, keys, self.runtime.limiter, settings.flow_control, self.breakers, name,
             settings.backoff, self.store,
         )  # fmt: skip
+        assert self.runtime.slots is not None
+        self.keyed = KeyUpkeep(
+            self.redis, keys, self.runtime.slots, self.store, name, settings.backoff,
+            grace_ms=500, audit_ms=500, missing_ms=60_000,
+        )  # fmt: skip
         self.upkeep = BreakerUpkeep(
             self.redis, keys, self.breakers, definitions.services, name, settings.backoff
         )
@@ -233,6 +261,9 @@ class SimReplica:
 
     async def flow_round(self) -> None:
         await self.flow.tick()
+
+    async def key_round(self) -> None:
+        await self.keyed.tick()
 
     async def registry_round(self) -> None:
         await self.registry_upkeep.round()

@@ -74,6 +74,7 @@ def _replica_actions(world: World, name: str) -> list[Action]:
         ("sweep", 1.0, replica.sweep_outbox),
         ("breakers", 1.0, replica.breaker_upkeep),
         ("flow", 2.0, replica.flow_round),
+        ("keys", 1.0, replica.key_round),
         ("registry", 2.0, replica.registry_round),
     ):
         if not world.busy(name, kind):
@@ -128,7 +129,7 @@ async def heal(world: World, rounds: int = 400) -> bool:
             await world.drain_consumers(name)
             works = [replica.poll_timers, replica.sweep_outbox, replica.flow_round]
             if n % 4 == 0:  # the upkeeps' own periods are longer than a round
-                works += [replica.breaker_upkeep, replica.registry_round]
+                works += [replica.breaker_upkeep, replica.registry_round, replica.key_round]
             for work in works:
                 try:
                     await work()

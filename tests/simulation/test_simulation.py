@@ -46,6 +46,7 @@ FAULT_PATHS = (
     "child_runs",  # runs started by a parent's step...
     "children_cancelled",  # ...cancelled when the parent stopped waiting...
     "compensate_requested",  # ...undone when the parent compensated the step
+    "run_queued",  # runs that waited for their concurrency key's slot
 )
 
 

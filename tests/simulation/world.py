@@ -50,6 +50,7 @@ from mediator.settings import (
     SigningSettings,
     TimerSettings,
 )
+from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 from tests.simulation.kafka import Group, Log, SimProducer
 from tests.simulation.replica import PauseWatch, SimReplica
@@ -61,7 +62,8 @@ __all__ = ["WORKFLOWS", "World", "sim_settings"]
 
 #: The workflows the simulated clients ask for: a saga whose first step can fall back to
 #: another service and whose last waits for an approval (a signal), a one-step run with
-#: no step timeout (only its deadline), and a run whose first step is a child run (of
+#: no step timeout (only its deadline) of which one runs at a time (a concurrency key:
+#: the others queue), and a run whose first step is a child run (of
 #: `parcel`, compensated when the delivery after it fails).
 WORKFLOWS: list[dict[str, Any]] = [
     {
@@ -88,6 +90,7 @@ WORKFLOWS: list[dict[str, Any]] = [
     {
         "name": "audit",
         "timeout": "4s",
+        "concurrency": {"key": "workflow.name", "limit": 1},
         "steps": [{"id": "record", "service": "inventory", "action": "record"}],
     },
     {
@@ -210,7 +213,9 @@ class World:
         self.issued = Issued()
         self.revisions: list[tuple[str, int]] = []
         #: What paused runs did, commit by commit.
-        self.pauses = PauseWatch()
+        self.pauses = PauseWatch(
+            {w.name: w.concurrency.limit for w in self.definitions if w.concurrency}
+        )
         self.hand_ons: list[tuple[str, str, str, int]] = []
         self.deaths: list[tuple[str, str, int]] = []
         self.effects: list[Effect] = []
@@ -359,7 +364,7 @@ class World:
     def request(self) -> None:
         n = len(self.issued.requests) + 1
         roll = self.rng.random()
-        workflow = "order" if roll < 0.6 else "audit" if roll < 0.8 else "gift"
+        workflow = "order" if roll < 0.5 else "audit" if roll < 0.8 else "gift"
         request = RequestEvent(request_id=f"req-{n}", workflow=workflow,
                                payload={"amount": n}, created_ms=self.clock.ms)  # fmt: skip
         value = encode(request)
@@ -655,6 +660,9 @@ class World:
         for service in self.settings.flow_control.services:
             if await redis.zcard(self.keys.limit(service)[0]):
                 return False  # a lost permit, not freed yet
+        for digest in await redis.hkeys(self.keys.concurrency_keys):
+            if await redis.exists(*self.keys.concurrency(text(digest))):
+                return False  # a concurrency slot not freed yet
         return not any(
             group.backlog(name) for name in self.replicas for group in self.groups.values()
         )
