@@ -20,7 +20,7 @@ from mediator.core.tasks import cancel_and_wait
 from mediator.ops.status import collect_status
 from mediator.sdk.worker import ActionError
 from mediator.storage.keys import workflow_id_for
-from tests.helpers import wait_for
+from tests.helpers import cli, wait_for
 from tests.system import CHAIN3, echo
 from topics.events import WorkflowStatus
 
@@ -575,3 +575,54 @@ async def test_a_parent_and_its_child_run_link_to_each_other(
             what="the child's page naming its parent",
         )
         assert "step sub, attempt 1" in await browser.text("[data-testid=parent]")
+
+
+#: Runs that wait for an approval, one at a time per customer.
+HELD: dict[str, Any] = {
+    "name": "held",
+    "concurrency": {"key": "payload.customer", "limit": 1},
+    "steps": [{"id": "approve", "wait": {"event": "approval"}}],
+}
+
+
+async def test_concurrency_keys_are_shown_and_matching_runs_cancelled_in_bulk(
+    make_system: Any, browser: Browser
+) -> None:
+    """The Services page shows each key's runs in progress and queued; on the Workflows
+    page, a bulk cancel of every run matching the filter is counted and confirmed first,
+    and cancels the queued runs as well as the running ones."""
+    system = await make_system(HELD)
+    mediator = await system.mediator()
+    client = await system.client()
+    runs = [
+        asyncio.create_task(
+            client.submit("held", {"customer": c}, request_id=f"{c}{n}", timeout=60)
+        )
+        for c in ("ann", "bob")
+        for n in range(3)
+    ]
+    await wait_for(lambda: mediator.runtime.stats.requests >= 6, what="the requests read")
+    async with _dashboard(system) as base:
+        await browser.open(base + "#/services")
+        await wait_for(
+            lambda: _contains(browser.text("[data-testid=keys-held]"), "2 keys 2 4"),
+            timeout=15,
+            what="the workflow's keys: 2 running, 4 queued",
+        )
+        assert "1/1" in await browser.text("[data-testid=key-held-ann]")
+        await browser.open(base + "#/runs?workflow=held")
+        await wait_for(lambda: browser.count("[data-testid=bulk-matching]"), what="the bulk bar")
+        await browser.call(_choose, browser, "[data-testid=bulk-action]", "cancel")
+        await browser.click("[data-testid=bulk-matching]")
+        assert await browser.confirm() == "cancel 6 runs matching these filters?"
+        results = await asyncio.gather(*runs)
+    assert [r.status for r in results] == [WorkflowStatus.CANCELLED] * 6
+    code, out, err = await cli(system.settings, "keys")
+    assert code == 0 and "no run holds or waits" in out, (out, err)
+
+
+def _choose(browser: Browser, css: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.driver.find_element(By.CSS_SELECTOR, css)).select_by_value(value)

@@ -398,27 +398,12 @@ def _report(
     return applied + skipped == len(ids)
 
 
-#: Which runs of a workflow each action applies to: (statuses, paused or not, or either).
-_APPLIES_TO: dict[str, tuple[tuple[str, ...], bool | None]] = {
-    "cancel": (("running",), None),
-    "retry": (("failed", "cancelled"), None),
-    "pause": (("running", "compensating"), False),
-    "resume": (("running", "compensating"), True),
-}
-
-
 async def _runs_of(settings: Any, choose: Choose, action: str) -> list[str]:
     """The runs `choose` picks that `action` applies to, as Redis has them now."""
     from mediator.clock import now_ms
     from mediator.core.durations import parse_duration_ms
-    from mediator.ops.runs import RunFilter, list_runs
+    from mediator.ops.runs import RunFilter, runs_for
 
-    statuses, paused = _APPLIES_TO[action]
-    if choose.status is not None:
-        if choose.status not in statuses:
-            msg = f"{action} applies to runs {', '.join(statuses)}, not {choose.status}"
-            raise fail(msg)
-        statuses = (choose.status,)
     bounds = []
     for option, ago in (("--since", choose.since), ("--until", choose.until)):
         millis = parse_duration_ms(ago) if ago is not None else None
@@ -428,18 +413,12 @@ async def _runs_of(settings: Any, choose: Choose, action: str) -> list[str]:
         bounds.append(None if millis is None else now_ms() - millis)
     where = RunFilter(choose.version, choose.error_code, choose.step)
     async with redis_session(settings) as (redis, keys):
-        rows = await list_runs(
-            redis,
-            keys,
-            status=statuses[0] if len(statuses) == 1 else None,
-            workflow=choose.workflow,
-            since_ms=bounds[0],
-            until_ms=bounds[1],
-            paused=paused,
-            where=where,
-            limit=100_000,
-        )
-    return [r["workflow_id"] for r in rows if r["status"] in statuses]
+        try:
+            return await runs_for(
+                redis, keys, action, choose.workflow, choose.status, bounds[0], bounds[1], where
+            )
+        except ValueError as exc:
+            raise fail(str(exc)) from None
 
 
 async def _send_all(

@@ -30,11 +30,11 @@ from mediator.ops.dlq import (
     select,
 )
 from mediator.ops.guard import Guard, is_loopback
-from mediator.ops.runs import list_runs, show_run
+from mediator.ops.runs import APPLIES_TO, RunFilter, list_runs, runs_for, show_run
 from mediator.ops.schedules import compiled as compiled_schedule
 from mediator.ops.schedules import find as find_schedule
 from mediator.ops.schedules import manual_request, schedule_rows
-from mediator.ops.services import collect_services
+from mediator.ops.services import collect_keys, collect_services
 from mediator.ops.status import collect_status
 from mediator.ops.window import parse_moment
 from mediator.settings import Settings
@@ -50,6 +50,8 @@ log = logging.getLogger("mediator.dashboard")
 
 #: What the page reads its live figures over (seconds).
 RECENT_S = 300
+#: A bulk action logs its progress every this many controls sent.
+BULK_BATCH = 100
 #: Files the page is made of, served from ``mediator/ops/static``.
 ASSETS = {
     "dashboard.js": "text/javascript",
@@ -95,6 +97,8 @@ class Dashboard:
         app.router.add_post("/api/runs/{wid}/signal", self._signal)
         app.router.add_post("/api/runs/{wid}/{action}", self._run_action)
         app.router.add_post("/api/retry", self._bulk_retry)
+        app.router.add_post("/api/bulk/{action}", self._bulk)
+        app.router.add_get("/api/keys", self._keys)
         app.router.add_get("/api/controls/{control_id}", self._control_outcome)
         app.router.add_get("/api/services", self._services)
         app.router.add_get("/api/services/{service}/series", self._series)
@@ -294,6 +298,40 @@ class Dashboard:
             return web.json_response({"count": len(ids)})
         sent = [await self._control(ControlAction.RETRY, workflow_id=str(wid)) for wid in ids]
         return web.json_response({"sent": sent}, status=202)
+
+    async def _bulk(self, request: web.Request) -> web.Response:
+        """Cancel, retry, pause or resume the runs named (`workflow_ids`) or every run the
+        filters (`workflow`, `status`, `version`, `error_code`, `step`, `since`, `until`)
+        choose that the action applies to; with `dry_run`, only how many (for the page
+        to confirm). Sent in batches of `BULK_BATCH`, each control as this operator."""
+        action = request.match_info["action"]
+        if action not in APPLIES_TO:
+            raise web.HTTPNotFound(text=f"no bulk action {action!r}")
+        body = await _body(request)
+        ids = [str(wid) for wid in body.get("workflow_ids") or ()]
+        if not ids:
+            where = RunFilter(_int(body, "version"), body.get("error_code") or None,
+                              body.get("step") or None)  # fmt: skip
+            try:
+                ids = await runs_for(
+                    self.redis, self.keys, action, body.get("workflow") or None,
+                    body.get("status") or None, _moment(body, "since"), _moment(body, "until"),
+                    where,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from None
+        if body.get("dry_run"):
+            return web.json_response({"action": action, "count": len(ids)})
+        sent = 0
+        for start in range(0, len(ids), BULK_BATCH):
+            for wid in ids[start : start + BULK_BATCH]:
+                await self._control(ControlAction(action), workflow_id=wid)
+                sent += 1
+            log.info("bulk %s: %d of %d controls sent", action, sent, len(ids))
+        return web.json_response({"action": action, "sent": sent}, status=202)
+
+    async def _keys(self, request: web.Request) -> web.Response:
+        return web.json_response(await collect_keys(self.redis, self.keys))
 
     async def _schedules(self, request: web.Request) -> web.Response:
         now, rows = await schedule_rows(self.redis, self.keys)

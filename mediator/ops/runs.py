@@ -20,7 +20,14 @@ from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 
-__all__ = ["STATUS_INDEX", "RunFilter", "list_runs", "show_run"]
+__all__ = [
+    "APPLIES_TO",
+    "STATUS_INDEX",
+    "RunFilter",
+    "list_runs",
+    "runs_for",
+    "show_run",
+]
 
 #: The index each status is kept in: live runs in ``running``; every finished end but
 #: ``completed`` in ``failed``.
@@ -51,6 +58,48 @@ class RunFilter:
         if self.error_code is not None and error.get("code") != self.error_code:
             return False
         return self.step is None or error.get("step") == self.step
+
+
+#: Which runs each bulk action applies to: (statuses, paused or not, or either).
+APPLIES_TO: dict[str, tuple[tuple[str, ...], bool | None]] = {
+    "cancel": (("running",), None),
+    "retry": (("failed", "cancelled"), None),
+    "pause": (("running", "compensating"), False),
+    "resume": (("running", "compensating"), True),
+}
+
+
+async def runs_for(
+    redis: Redis,
+    keys: Keys,
+    action: str,
+    workflow: str | None = None,
+    status: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    where: RunFilter | None = None,
+) -> list[str]:
+    """The runs a bulk `action` (cancel, retry, pause, resume) chosen by these filters
+    applies to, as Redis has them now (the CLI's and the dashboard's bulk operations).
+    `ValueError` for a status the action does not apply to."""
+    statuses, paused = APPLIES_TO[action]
+    if status is not None:
+        if status not in statuses:
+            msg = f"{action} applies to runs {', '.join(statuses)}, not {status}"
+            raise ValueError(msg)
+        statuses = (status,)
+    rows = await list_runs(
+        redis,
+        keys,
+        status=statuses[0] if len(statuses) == 1 else None,
+        workflow=workflow,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        paused=paused,
+        where=where,
+        limit=100_000,
+    )
+    return [r["workflow_id"] for r in rows if r["status"] in statuses]
 
 
 async def list_runs(

@@ -72,7 +72,8 @@ async def collect_keys(redis: Redis, keys: Keys, limit: int = KEYS_SHOWN) -> dic
     with its runs in progress, queued, and how long its oldest has waited (Redis clock)."""
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    states = await Slots(redis, keys).known()
+    # Idle keys (nothing held or waiting) stay indexed until the upkeep drops them.
+    states = [s for s in await Slots(redis, keys).known() if s.held or s.queued]
     workflows: dict[str, dict[str, Any]] = {}
     for state in states:
         doc = workflows.setdefault(

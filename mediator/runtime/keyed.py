@@ -116,6 +116,8 @@ class KeyUpkeep(Periodic):
         now = now_ms()
         workflows: dict[str, dict[str, float]] = {}
         for key in known:
+            if not key.held and not key.queued:
+                continue  # idle: dropped from the index at the next pass
             doc = workflows.setdefault(
                 key.workflow, {"keys": 0, "running": 0, "queued": 0, "oldest_wait_s": 0.0}
             )

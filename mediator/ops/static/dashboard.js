@@ -98,6 +98,9 @@ async function runs(params) {
     <button type="submit">Filter</button>
     <button type="button" id="retry-selected" data-testid="retry-selected">Retry selected</button>
     <button type="button" id="retry-all-failed" class="danger" data-testid="retry-all-failed">Retry all failed</button>
+    <span class="bulk"><select id="bulk-action" data-testid="bulk-action">${["cancel", "retry", "pause", "resume"].map((a) => `<option value="${a}">${a}</option>`).join("")}</select>
+    <button type="button" id="bulk-selected" data-testid="bulk-selected">… selected</button>
+    <button type="button" id="bulk-matching" class="danger" data-testid="bulk-matching">… all matching</button></span>
   </form>${runTable(data.runs, true)}${pager(params, data.runs)}`;
 }
 // Newest first, a page at a time: "older" continues just before the last row shown.
@@ -119,6 +122,25 @@ function bindRuns() {
   document.getElementById("retry-selected").onclick = () => {
     const ids = [...document.querySelectorAll("table input:checked")].map((i) => i.value);
     if (ids.length) act("/api/retry", { workflow_ids: ids }, `retry ${ids.length} runs`);
+  };
+  const bulkAction = () => document.getElementById("bulk-action").value;
+  document.getElementById("bulk-selected").onclick = () => {
+    const ids = [...document.querySelectorAll("table input:checked")].map((i) => i.value);
+    const action = bulkAction();
+    if (ids.length && confirm(`${action} ${ids.length} selected run${ids.length === 1 ? "" : "s"}?`)) {
+      act(`/api/bulk/${action}`, { workflow_ids: ids }, `${action} ${ids.length} runs`);
+    }
+  };
+  // Every run the filters choose that the action applies to: counted first, then confirmed.
+  document.getElementById("bulk-matching").onclick = async () => {
+    const action = bulkAction();
+    const filters = Object.fromEntries([...new FormData(form)].filter(([k, v]) => v && k !== "request_id"));
+    let count;
+    try { ({ count } = await post(`/api/bulk/${action}`, { ...filters, dry_run: true })); } catch (e) { toast(`${action}: ${e.message}`); return; }
+    if (!count) { toast(`no run matches that ${action} applies to`); return; }
+    if (confirm(`${action} ${count} run${count === 1 ? "" : "s"} matching these filters?`)) {
+      act(`/api/bulk/${action}`, filters, `${action} ${count} runs`);
+    }
   };
   document.getElementById("retry-all-failed").onclick = async () => {
     const workflow = new FormData(form).get("workflow");
@@ -237,7 +259,7 @@ function timeline(r, services) {
 }
 
 async function services() {
-  const data = await api("/api/services");
+  const [data, keys] = await Promise.all([api("/api/services"), api("/api/keys")]);
   const rows = Object.entries(data.services).map(([name, s]) => {
     const m = s.metrics;
     const inst = s.instances.map((i) => `<div class="mono">${esc(i.instance)} ${badge(i.status)} load ${esc(i.load)}/${esc(i.capacity)}
@@ -249,7 +271,16 @@ async function services() {
   }).join("");
   return `<h2>Services</h2><table data-testid="services"><tr><th>Service</th><th>Breaker</th><th>Parked</th><th>Answers/s</th>
     <th>p50 / p95 / p99 ms</th><th>Errors</th><th>Availability</th><th>Instances</th></tr>${rows}</table>
-    <p class="muted">Over the last ${data.window_s / 60} minutes.</p>`;
+    <p class="muted">Over the last ${data.window_s / 60} minutes.</p>${concurrencyKeys(keys)}`;
+}
+// Workflows' concurrency keys: totals per workflow, then the keys with the longest queues.
+function concurrencyKeys(keys) {
+  const wait = (ms) => (ms == null ? "" : `${num(ms / 1000, 1)} s`);
+  const flows = Object.entries(keys.workflows);
+  if (!flows.length) return "";
+  return `<h2>Concurrency keys</h2><table data-testid="concurrency"><tr><th>Workflow</th><th>Key</th><th>Running</th><th>Queued</th><th>Oldest waiting</th></tr>
+    ${flows.map(([name, w]) => `<tr data-testid="keys-${esc(name)}"><td>${esc(name)}</td><td class="muted">${esc(w.keys)} keys</td><td>${esc(w.running)}</td><td>${esc(w.queued)}</td><td>${wait(w.oldest_wait_ms)}</td></tr>`).join("")}
+    ${keys.keys.map((k) => `<tr data-testid="key-${esc(k.workflow)}-${esc(k.key)}"><td class="muted">${esc(k.workflow)}</td><td class="mono">${esc(k.key)}</td><td>${esc(k.running)}/${esc(k.limit)}</td><td>${esc(k.queued)}</td><td>${wait(k.oldest_wait_ms)}</td></tr>`).join("")}</table>`;
 }
 function bindServices() {
   for (const b of document.querySelectorAll("button[data-reset]")) b.onclick = () => act(`/api/services/${encodeURIComponent(b.dataset.reset)}/reset`, {}, `reset breaker of ${b.dataset.reset}`);
