@@ -20,9 +20,11 @@ async def chain3_side_by_side(
     prefix: str,
     first: tuple[str, dict[str, Any]],
     second: tuple[str, dict[str, Any]],
+    workflows: tuple[str, str] = ("chain3", "chain3"),
 ) -> None:
     """Measures ``<prefix>.<label>.workflows_per_s`` for each of (label, setting
-    overrides), and ``<prefix>.<first>_over_<second>``."""
+    overrides), running `workflows` (first's, second's), and
+    ``<prefix>.<first>_over_<second>``."""
     note = f"chain3, closed loop, {profile.mediator_in_flight} in flight, one echo instance"
     measures = [
         Measure(f"{prefix}.{label}.workflows_per_s", "workflows/s", note=note)
@@ -32,20 +34,22 @@ async def chain3_side_by_side(
     out += [*measures, ratio]
     for _ in range(profile.repeat):
         rates = []
-        for (label, overrides), measure in zip((first, second), measures, strict=True):
+        for (label, overrides), measure, workflow in zip(
+            (first, second), measures, workflows, strict=True
+        ):
             async with (
                 stage.rig(prefix.replace(".", "-"), mediator=True, **overrides) as rig,
                 make_client(rig.settings) as client,
             ):
-                await warm_up(client, "chain3")
+                await warm_up(client, workflow)
                 result = await closed_loop(
-                    submitter(client, "chain3"),
+                    submitter(client, workflow),
                     in_flight=profile.mediator_in_flight,
                     warmup_s=profile.warmup_s,
                     measure_s=profile.measure_s,
                     drain_s=profile.drain_s,
                 )
-                result.check(f"chain3 {prefix} {label}")
+                result.check(f"{workflow} {prefix} {label}")
                 measure.values.append(round(result.rate, 1))
                 rates.append(result.rate)
         ratio.values.append(round(rates[0] / rates[1], 3))

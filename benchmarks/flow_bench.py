@@ -1,6 +1,7 @@
 """What the flow-control machinery costs when its limit never binds, and what the
 transition stream costs: chain3 throughput with each on and off, side by side in one run
-(issue targets: limits ≤ 10 % and machinery on ≤ 15 %)."""
+and what a concurrency key that never binds costs (chain3 with a key per run against plain
+chain3) (issue targets: limits ≤ 10 % and machinery on ≤ 15 %)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,6 @@ EVENTS = {"events": {"enabled": True}}
 async def run_flow(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await chain3_side_by_side(stage, profile, out, "flow.chain3", ("limits", LIMITS), ("off", {}))
     await chain3_side_by_side(stage, profile, out, "events.chain3", ("on", EVENTS), ("off", {}))
+    await chain3_side_by_side(
+        stage, profile, out, "keys.chain3", ("keyed", {}), ("off", {}), ("chain3_keyed", "chain3")
+    )

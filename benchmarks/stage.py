@@ -77,10 +77,20 @@ def with_timers(workflow: dict[str, Any]) -> dict[str, Any]:
 TIMEOUT1 = {"name": "timeout1", "steps": [{"id": "s0", "service": VOID, "action": ECHO,
                                            "timeout": "200ms"}]}  # fmt: skip
 
+#: chain3 under a concurrency key that never binds (a key per run): every run takes a slot
+#: before its first commit and frees it after its last.
+CHAIN3_KEYED = {
+    **chain(3),
+    "name": "chain3_keyed",
+    "concurrency": {"key": "payload.n", "limit": 1},
+}
+
 WORKFLOWS: dict[str, dict[str, Any]] = {
     wf["name"]: wf
-    for wf in (chain(1), chain(3), with_timers(chain(3)), chain(10), dag(4, 2), TIMEOUT1)
-}
+    for wf in (
+        chain(1), chain(3), with_timers(chain(3)), chain(10), dag(4, 2), TIMEOUT1, CHAIN3_KEYED
+    )
+}  # fmt: skip
 
 
 def steps_of(workflow: str) -> int:
