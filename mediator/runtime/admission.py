@@ -55,14 +55,11 @@ class Admitting(Commits):
             owners.setdefault(member, []).append((workflow, transition))
         if not wanted or self.slots is None:
             return set()
-        fresh: set[str] = set()
-        for (name, key, limit), runs in wanted.items():
-            granted, already = await self.slots.acquire(name, key, limit, runs, now)
-            fresh |= granted
-            for member in granted | already:
-                for workflow, transition in owners[member]:
-                    self.engine.admit(workflow, transition, now)
-        return fresh
+        granted, already = await self.slots.acquire_many(wanted, now)
+        for member in granted | already:
+            for workflow, transition in owners[member]:
+                self.engine.admit(workflow, transition, now)
+        return granted
 
     def _slots_freed(
         self, workflow: Workflow | None, base: WorkflowState | None, state: WorkflowState
@@ -88,17 +85,12 @@ class Admitting(Commits):
         by_key: dict[_Key, list[str]] = {}
         for which, member in freed:
             by_key.setdefault(which, []).append(member)
-        for (name, key, limit), members in by_key.items():
-            try:
-                admitted = await self.slots.release(name, key, limit, members, now)
-            except Exception as exc:
-                self.stats.slot_release_errors += 1
-                log.warning(
-                    "concurrency key %r of %s: %d slots not freed now (the upkeep will): %s",
-                    key,
-                    name,
-                    len(members),
-                    exc,
-                )
-                continue
-            self.stats.admitted += len(admitted)
+        try:
+            admitted = await self.slots.release_many(by_key, now)
+        except Exception as exc:
+            self.stats.slot_release_errors += 1
+            log.warning(
+                "concurrency keys: %d slots not freed now (the upkeep will): %s", len(freed), exc
+            )
+            return
+        self.stats.admitted += len(admitted)

@@ -103,9 +103,7 @@ class KeyUpkeep(Periodic):
             self._audited = clock.monotonic()
         for state in known:
             if state.queued and state.held < state.limit:
-                moved = await self.slots.release_digest(
-                    state.digest, state.limit, [], now_ms(), repr(state.key)
-                )
+                moved = await self.slots.release_digest(state.digest, state.limit, [], now_ms())
                 self.handed_on += len(moved)
             if audit and state.held:
                 await self._audit(state)
@@ -152,7 +150,7 @@ class KeyUpkeep(Periodic):
             elif state.queued_ms is not None:
                 waiting.append(member)
         if lost:
-            await self.slots.release_digest(key.digest, key.limit, lost, now, repr(key.key))
+            await self.slots.release_digest(key.digest, key.limit, lost, now)
             self.freed += len(lost)
             log.info(
                 "concurrency key %r of %s: %d lost slots freed", key.key, key.workflow, len(lost)

@@ -9,7 +9,7 @@ run again waits under another name, so nothing granted to the earlier round admi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from mediator.storage.connection import lua_source, text
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys, concurrency_digest
 
-__all__ = ["KeyState", "Slots", "slot_member", "slot_score"]
+__all__ = ["KeyState", "SlotKey", "Slots", "slot_member", "slot_score", "slot_timer"]
 
 _ACQUIRE = lua_source("slot_acquire.lua")
 _RELEASE = lua_source("slot_release.lua")
@@ -31,9 +31,26 @@ _DUE_NOW = lua_source("due_now.lua")
 _RANK = 10**13
 
 
+#: One concurrency key in a batch: its scope (the workflow's name, or ``<workflow>.<step>``
+#: for a step's key), its value, and its limit.
+SlotKey = tuple[str, str, int]
+
+
 def slot_member(workflow_id: str, round_: int) -> str:
     """How a run (in its round) is named in its key's sets."""
     return f"{workflow_id}|{round_}"
+
+
+def slot_timer(member: str) -> SetTimer:
+    """The timer that moves `member` on once it has a slot: a run's ``admit``
+    (``<run id>|<round>``), or a step attempt's ``unpark`` (its command id,
+    ``<run id>.<step>.<attempt>``)."""
+    if "|" in member:
+        wid, _, round_ = member.rpartition("|")
+        return SetTimer("admit", wid, 0, "", int(round_ or 0))
+    wid, _, rest = member.partition(".")
+    step, _, attempt = rest.rpartition(".")
+    return SetTimer("unpark", wid, 0, step, int(attempt or 0))
 
 
 def slot_score(priority: int, queued_ms: int) -> int:
@@ -71,54 +88,89 @@ class Slots:
         self._due_now = redis.register_script(_DUE_NOW)
 
     async def acquire(
-        self, workflow: str, key: str, limit: int, runs: Sequence[tuple[str, int]], now_ms: int
+        self, scope: str, key: str, limit: int, runs: Sequence[tuple[str, int]], now_ms: int
     ) -> tuple[set[str], set[str]]:
         """Slots for `runs` (member, queue score) of one key: (granted now, held already);
         the others joined the key's queue."""
-        digest = concurrency_digest(workflow, key)
-        args: list[str | int] = [now_ms, limit]
-        for member, score in runs:
-            args += [member, score]
-        with redis_errors(f"taking slots of concurrency key {key!r} of {workflow}"):
+        return await self.acquire_many({(scope, key, limit): runs}, now_ms)
+
+    async def acquire_many(
+        self, wanted: Mapping[SlotKey, Sequence[tuple[str, int]]], now_ms: int
+    ) -> tuple[set[str], set[str]]:
+        """`acquire` for the runs (or attempts) of several keys (`SlotKey`), in one round
+        trip: (granted now, held already), over every key."""
+        granted: set[str] = set()
+        already: set[str] = set()
+        if not wanted:
+            return granted, already
+        with redis_errors(f"taking slots of {len(wanted)} concurrency keys"):
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self._acquire(
-                    keys=list(self.keys.concurrency(digest)), args=args, client=pipe
-                )
-                pipe.hset(self.keys.concurrency_keys, digest, orjson.dumps([workflow, key, limit]))
-                reply, _ = await pipe.execute()
-        granted, already = reply
-        return {text(m) for m in granted}, {text(m) for m in already}
+                for (scope, key, limit), runs in wanted.items():
+                    digest = concurrency_digest(scope, key)
+                    args: list[str | int] = [now_ms, limit]
+                    for member, score in runs:
+                        args += [member, score]
+                    names = list(self.keys.concurrency(digest))
+                    await self._acquire(keys=names, args=args, client=pipe)
+                    doc = orjson.dumps([scope, key, limit])
+                    pipe.hset(self.keys.concurrency_keys, digest, doc)
+                replies = await pipe.execute()
+        for got, held in replies[::2]:
+            granted |= {text(m) for m in got}
+            already |= {text(m) for m in held}
+        return granted, already
 
     async def release(
-        self, workflow: str, key: str, limit: int, members: Sequence[str], now_ms: int
+        self, scope: str, key: str, limit: int, members: Sequence[str], now_ms: int
     ) -> list[str]:
         """Free the slots (or queue places) of `members`; the members granted the freed
-        slots, whose ``admit`` timers are set due at once."""
-        digest = concurrency_digest(workflow, key)
-        return await self.release_digest(digest, limit, members, now_ms, f"{key!r} of {workflow}")
+        slots, whose timers (``admit``, or ``unpark`` for a step's attempt) are set due."""
+        return await self.release_many({(scope, key, limit): members}, now_ms)
+
+    async def release_many(self, freed: Mapping[SlotKey, Sequence[str]], now_ms: int) -> list[str]:
+        """`release` for several keys, in one round trip (and one more to set the timers
+        of the members granted the freed slots, if any)."""
+        return await self._release_all(
+            [(concurrency_digest(scope, key), limit, members)
+             for (scope, key, limit), members in freed.items()],
+            now_ms,
+        )  # fmt: skip
 
     async def release_digest(
-        self, digest: str, limit: int, members: Sequence[str], now_ms: int, label: str
+        self, digest: str, limit: int, members: Sequence[str], now_ms: int
     ) -> list[str]:
         """`release`, by the key's digest."""
-        with redis_errors(f"freeing slots of concurrency key {label}"):
-            admitted = await self._release(
-                keys=list(self.keys.concurrency(digest)), args=[now_ms, limit, *members]
-            )
-        names = [text(m) for m in admitted]
-        await self.admit(names)
-        return names
+        return await self._release_all([(digest, limit, members)], now_ms)
+
+    async def _release_all(
+        self, freed: Sequence[tuple[str, int, Sequence[str]]], now_ms: int
+    ) -> list[str]:
+        if not freed:
+            return []
+        with redis_errors(f"freeing slots of {len(freed)} concurrency keys"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for digest, limit, members in freed:
+                    names = list(self.keys.concurrency(digest))
+                    await self._release(keys=names, args=[now_ms, limit, *members], client=pipe)
+                replies = await pipe.execute()
+        admitted = [text(m) for reply in replies for m in reply]
+        await self.admit(admitted)
+        return admitted
 
     async def admit(self, members: Iterable[str]) -> None:
-        """Set the ``admit`` timers of the runs `members` due now (each in its shard)."""
+        """Set the timers of `members` due now (each in its run's shard): a run's
+        ``admit`` timer, or the ``unpark`` timer of a step's queued attempt."""
         by_shard: dict[int, list[str]] = {}
         for member in members:
-            wid, _, round_ = member.rpartition("|")
-            timer = SetTimer("admit", wid, 0, "", int(round_ or 0))
-            by_shard.setdefault(self.keys.shard_of(wid), []).append(timer.member)
-        for shard, names in by_shard.items():
-            with redis_errors("setting admit timers"):
-                await self._due_now(keys=[self.keys.timers(shard)], args=names)
+            timer = slot_timer(member)
+            by_shard.setdefault(self.keys.shard_of(timer.workflow_id), []).append(timer.member)
+        if not by_shard:
+            return
+        with redis_errors("setting admit timers"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, names in by_shard.items():
+                    await self._due_now(keys=[self.keys.timers(shard)], args=names, client=pipe)
+                await pipe.execute()
 
     async def known(self, detail: bool = True) -> list[KeyState]:
         """Every key that has (or had, until the upkeep drops it) runs holding or waiting
