@@ -18,6 +18,7 @@ from tests.engine_harness import (
     T0,
     WID,
     Run,
+    commands,
     control,
     fire,
     make,
@@ -119,3 +120,31 @@ def test_a_concurrency_key_must_compile_and_its_limit_be_positive() -> None:
         make(step("a"), concurrency={"key": "payload.c", "limit": 0})
     assert make(step("a"), concurrency={"key": "payload.c"}).concurrency is not None
     assert WID
+
+
+def test_a_keyed_step_records_its_key_and_queues_by_key_not_in_its_services_queue() -> None:
+    keyed = step("pay", concurrency={"key": "payload.tenant", "limit": 1})
+    run = Run(make(step("a"), {**keyed, "depends_on": ["a"]}), {"tenant": "t-1"})
+    assert run.state.steps["a"].key is None
+    run.complete("a")
+    [command] = [c for c in commands(run.last) if c.step == "pay"]
+    assert run.state.steps["pay"].key == "t-1"
+    assert ENGINE.queue(run.last, command.command_id, by_key=True)
+    assert sent(run.last) == [] and run.last.parked == []  # the key's queue, not the service's
+    run.state = run.last.state
+    assert run.state.steps["pay"].status.value == "queued" and run.state.steps["pay"].key == "t-1"
+    released = fire(run, "unpark", "pay", 1, now=T0 + 900)
+    assert sent(released) == ["pay"] and commands(released)[0].command_id == command.command_id
+
+
+def test_a_step_key_that_does_not_render_fails_like_its_input() -> None:
+    keyed = step("pay", concurrency={"key": "payload.tenant", "limit": 1})
+    run = Run(make(keyed), {})
+    error = result(run.last).error
+    assert error is not None and error.code == "expression_error"
+    assert "concurrency key of step 'pay'" in error.message
+
+
+def test_concurrency_is_refused_on_a_wait_step() -> None:
+    with pytest.raises(DefinitionError, match="concurrency"):
+        make({"id": "w", "wait": {"event": "go"}, "concurrency": {"key": "payload.t"}})

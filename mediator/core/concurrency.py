@@ -10,29 +10,47 @@ oldest first). When a run of the key ends, its slot passes to the queue's head, 
 ``admit`` timer then falls due. Keys are independent queues, each behind its own limit
 only, so one hot key's backlog delays no other key. The run's deadline keeps running
 while it waits; a cancel or the deadline ends it in the queue.
+
+A step's ``concurrency`` does the same for the step's attempts, across runs: an attempt
+over its key's limit is held back before the commit (`queued`, in the key's queue rather
+than its service's), and its ``unpark`` timer falls due when an attempt of its key ends
+and hands it the slot. `StepState.key` keeps the key the attempt holds a slot under.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from mediator.core.expressions import ExpressionError
 from mediator.core.state import WorkflowState
 from mediator.core.timers import SetTimer
 from mediator.core.transition import Transition, context
-from mediator.core.workflow import Workflow
+from mediator.core.workflow import Concurrency, Step, Workflow
 
-__all__ = ["admit_timer", "hold", "key_of"]
+__all__ = ["admit_timer", "hold", "key_of", "key_value", "step_key"]
 
 
 def key_of(workflow: Workflow, state: WorkflowState) -> str:
     """The run's value of its workflow's concurrency key: a string or number from the
     request. `ExpressionError` when the expression gives anything else (null, an object)."""
     assert workflow.concurrency is not None
-    value = workflow.concurrency.key.render(context(state, state.steps))
+    values = context(state, state.steps)
+    return key_value(workflow.concurrency, values, f"workflow {workflow.name!r}")
+
+
+def step_key(step: Step, values: dict[str, Any]) -> str | None:
+    """The value of `step`'s concurrency key for the run's `values` (None: the step has
+    none). `ExpressionError` as `key_of`."""
+    if step.concurrency is None:
+        return None
+    return key_value(step.concurrency, values, f"step {step.id!r}")
+
+
+def key_value(limit: Concurrency, values: dict[str, Any], what: str) -> str:
+    """A concurrency key rendered: a string or a number, as a string."""
+    value = limit.key.render(values)
     if isinstance(value, bool) or value is None or value == "" or isinstance(value, dict | list):
-        msg = (
-            f"concurrency key of workflow {workflow.name!r} gave {value!r}: it must give "
-            "a string or a number"
-        )
+        msg = f"concurrency key of {what} gave {value!r}: it must give a string or a number"
         raise ExpressionError(msg)
     return str(value)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["QUEUED", "REROUTED", "STEPS_SKIPPED", "CounterKey", "svc", "wf"]
+__all__ = ["QUEUED", "QUEUED_BY_KEY", "REROUTED", "STEPS_SKIPPED", "CounterKey", "svc", "wf"]
 
 
 class CounterKey(NamedTuple):
@@ -36,6 +36,8 @@ def wf(name: str, what: str) -> CounterKey:
 
 #: Commands a flow-control limit held in their service's queue (this replica's stats).
 QUEUED = CounterKey("", "", "steps:queued")
+#: Step attempts a concurrency key held in its queue (this replica's stats).
+QUEUED_BY_KEY = CounterKey("", "", "steps:queued_by_key")
 
 #: Steps skipped because their `when` was false.
 STEPS_SKIPPED = CounterKey("", "", "steps:skipped")

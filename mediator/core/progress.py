@@ -7,7 +7,7 @@ import heapq
 from collections.abc import Iterable
 from typing import Any
 
-from mediator.core import saga, signals
+from mediator.core import concurrency, saga, signals
 from mediator.core.counters import STEPS_SKIPPED
 from mediator.core.expressions import ExpressionError
 from mediator.core.lineage import COMPENSATED
@@ -172,6 +172,9 @@ class Progress:
             transition.timers.append(
                 SetTimer("timeout", state.workflow_id, step.timeout_ms, step.id, attempt)
             )
+        key = None
+        if step.concurrency is not None:
+            key = concurrency.step_key(step, context(state, state.steps))
         return StepState(
             StepStatus.RUNNING,
             attempt=attempt,
@@ -179,6 +182,7 @@ class Progress:
             started_ms=started,
             history=history,
             base=base,
+            key=key,
         )
 
     def _finish(
@@ -213,6 +217,7 @@ def render_input(step: Step, values: dict[str, Any]) -> Any:
     """The input of `step`'s command from the run's `values`; a child run's payload must
     be an object (`ExpressionError` when it is not)."""
     rendered = step.input.render(values)
+    concurrency.step_key(step, values)  # a key that does not render fails like the input
     if step.child is not None and not isinstance(rendered, dict):
         msg = f"the input of a `workflow` step is the child's payload: an object, not {rendered!r}"
         raise ExpressionError(msg)

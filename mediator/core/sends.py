@@ -4,7 +4,7 @@ open breaker, rerouted to a fallback, routed to an instance, or refused (too lar
 from __future__ import annotations
 
 from mediator.core import saga
-from mediator.core.counters import QUEUED, svc, wf
+from mediator.core.counters import QUEUED, QUEUED_BY_KEY, svc, wf
 from mediator.core.expressions import ExpressionError
 from mediator.core.lineage import ReplyToParent
 from mediator.core.progress import Progress
@@ -45,12 +45,14 @@ class Sends(Progress):
         transition.parked.append((primary, unpark.member))
         return True
 
-    def queue(self, transition: Transition, command_id: str) -> bool:
+    def queue(self, transition: Transition, command_id: str, by_key: bool = False) -> bool:
         """Hold back the command `command_id` of `transition` (not yet committed): its
-        service is at its flow-control limit. The step waits as `queued` in the service's
-        queue (the parked queue) until capacity frees; its timeout has not started (the
-        timer the dispatch set is dropped: it is set when the command goes out). False
-        when the command is not a step's current attempt (a compensation: never held)."""
+        service is at its flow-control limit (or, `by_key`, its step's concurrency key is
+        at its limit). The step waits as `queued` in the service's queue (the parked
+        queue; `by_key`: the key's queue, kept by the runtime) until capacity frees; its
+        timeout has not started (the timer the dispatch set is dropped: it is set when the
+        command goes out). False when the command is not a step's current attempt (a
+        compensation: never held)."""
         command, step_state = _forward_command(transition, command_id)
         if step_state is None:
             return False
@@ -60,9 +62,10 @@ class Sends(Progress):
         transition.timers = [t for t in transition.timers if t.member != timeout.member]
         state.steps[command.step] = evolve(step_state, status=StepStatus.QUEUED, via=None)
         transition.count(svc(command.service, "queued"))
-        transition.count(QUEUED)
-        unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
-        transition.parked.append((command.service, unpark.member))
+        transition.count(QUEUED_BY_KEY if by_key else QUEUED)
+        if not by_key:
+            unpark = SetTimer("unpark", state.workflow_id, 0, command.step, command.attempt)
+            transition.parked.append((command.service, unpark.member))
         return True
 
     def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:

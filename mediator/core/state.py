@@ -86,6 +86,9 @@ class StepState:
     base: int = 0
     #: The fallback service the current attempt was rerouted to, if it was.
     via: str | None = None
+    #: The step's concurrency key value the current attempt holds (or waits for) a slot
+    #: under (`Step.concurrency`).
+    key: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -214,6 +217,7 @@ _STEP_OPTIONAL = (
     "instance",
     "history",
     "via",
+    "key",
 )
 _WF_OPTIONAL = (
     "stamp",

@@ -132,6 +132,20 @@ class WaitSpec(_Spec):
 CHILD_PREFIX = "workflow."
 
 
+class ConcurrencySpec(_Spec):
+    """On a workflow: at most `limit` runs of it in progress per value of `key` (a
+    customer, a tenant, an account), across every replica; runs over it wait in the key's
+    queue and start, highest ``priority`` first and then oldest first, as runs of their
+    key end. On a step: the same for the step's attempts in flight, across runs."""
+
+    key: str = Field(
+        min_length=1,
+        description="An expression on the request (`payload`, `workflow`), e.g. "
+        "``payload.customer``: runs with the same value share the limit.",
+    )
+    limit: int = Field(default=1, ge=1, le=100_000, description="Runs in progress per key.")
+
+
 class StepSpec(_Spec):
     """One step as written in a definition."""
 
@@ -161,9 +175,21 @@ class StepSpec(_Spec):
     retry: RetrySpec = _DEFAULT_RETRY_SPEC
     compensate: CompensateSpec | None = None
     fallback: FallbackSpec | None = None
+    concurrency: ConcurrencySpec | None = Field(
+        default=None,
+        description="At most `limit` attempts of this step in flight at once per value of "
+        "`key` (an expression on the run: `payload`, `steps`), across all runs; the others "
+        "wait (`queued`) in the key's queue.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> StepSpec:
+        if self.concurrency is not None and (self.wait is not None or self.workflow is not None):
+            msg = (
+                "`concurrency` on a step limits its commands to a service; a `wait` sends "
+                "none, and a child run is limited by its own workflow's `concurrency`"
+            )
+            raise ValueError(msg)
         if self.service is not None and self.service.startswith(CHILD_PREFIX):
             msg = f"service names starting {CHILD_PREFIX!r} are the mediator's (child runs)"
             raise ValueError(msg)
@@ -201,19 +227,6 @@ class StepSpec(_Spec):
             msg = f"a `wait` step calls no service: drop {', '.join(extra)}"
             raise ValueError(msg)
         return self
-
-
-class ConcurrencySpec(_Spec):
-    """At most `limit` runs of the workflow in progress per value of `key` (a customer, a
-    tenant, an account), across every replica; runs over it wait in the key's queue and
-    start, highest ``priority`` first and then oldest first, as runs of their key end."""
-
-    key: str = Field(
-        min_length=1,
-        description="An expression on the request (`payload`, `workflow`), e.g. "
-        "``payload.customer``: runs with the same value share the limit.",
-    )
-    limit: int = Field(default=1, ge=1, le=100_000, description="Runs in progress per key.")
 
 
 class WorkflowSpec(_Spec):
@@ -305,6 +318,8 @@ class Step:
     wait_match: Condition | None = None
     #: A `wait` step's correlation key, rendered from the run when it starts waiting.
     wait_key: Template | None = None
+    #: At most so many attempts in flight at once per key value, across runs.
+    concurrency: Concurrency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +345,8 @@ class Workflow:
     content_hash: str = ""
     #: Runs in progress at once per key (None: no limit).
     concurrency: Concurrency | None = None
+    #: The steps with a concurrency key of their own, in plan order.
+    keyed_steps: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -397,13 +414,16 @@ def _compile(spec: WorkflowSpec, spec_json: bytes) -> Workflow:
         spec_json=spec_json,
         content_hash=hashlib.blake2b(spec_json, digest_size=16).hexdigest(),
         concurrency=_concurrency(name, spec.concurrency),
+        keyed_steps=tuple(sid for sid in order if steps[sid].concurrency is not None),
     )
 
 
-def _concurrency(name: str, spec: ConcurrencySpec | None) -> Concurrency | None:
+def _concurrency(
+    name: str, spec: ConcurrencySpec | None, step: str | None = None
+) -> Concurrency | None:
     if spec is None:
         return None
-    return Concurrency(_template(name, None, "concurrency.key", spec.key), spec.limit)
+    return Concurrency(_template(name, step, "concurrency.key", spec.key), spec.limit)
 
 
 def _topological_order(
@@ -497,6 +517,7 @@ def _compile_step(name: str, spec: StepSpec) -> Step:
         None if spec.wait is None else spec.wait.event,
         child,
         *_wait_expressions(name, spec),
+        _concurrency(name, spec.concurrency, spec.id),
     )
 
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from mediator.core.engine import Transition
-from mediator.core.state import WorkflowState
+from mediator.core.engine import SendCommand, Transition
+from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.commits import Commits
 from mediator.storage.slots import slot_member, slot_score
+from topics.events import WorkflowStatus
 
-__all__ = ["Admitting", "Freed"]
+__all__ = ["HOLDING", "Admitting", "Freed"]
 
 log = logging.getLogger("mediator.runtime")
+
+#: Step statuses of an attempt that holds its key's slot, or waits in its key's queue.
+HOLDING = frozenset({StepStatus.RUNNING, StepStatus.QUEUED, StepStatus.PARKED})
 
 #: A concurrency key of a workflow, with the limit of the version that used it.
 _Key = tuple[str, str, int]
@@ -32,11 +36,12 @@ class Admitting(Commits):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> set[str]:
+    ) -> dict[str, _Key]:
         """Ask for a slot for each run a transition of the batch (re)starts queued (one
-        script call per key): a run granted one is admitted in the same transition, the
-        others wait in their key's queue. The runs granted a slot by this call (not
-        holding one already): a start whose commit fails gives it back."""
+        round trip for every key): a run granted one is admitted in the same transition,
+        the others wait in their key's queue. The runs granted a slot by this call (not
+        holding one already), with their keys: a slot whose transition does not commit
+        is given back (`_unclaimed`)."""
         wanted: dict[_Key, list[tuple[str, int]]] = {}
         # A request read twice in one batch (published again) starts the run twice.
         owners: dict[str, list[tuple[Workflow, Transition]]] = {}
@@ -54,27 +59,89 @@ class Admitting(Commits):
             )
             owners.setdefault(member, []).append((workflow, transition))
         if not wanted or self.slots is None:
-            return set()
+            return {}
         granted, already = await self.slots.acquire_many(wanted, now)
         for member in granted | already:
             for workflow, transition in owners[member]:
                 self.engine.admit(workflow, transition, now)
-        return granted
+        return _keys_of(wanted, granted)
+
+    async def _admit_steps(
+        self,
+        items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
+        now: int,
+    ) -> dict[str, _Key]:
+        """Ask for a slot of its step's concurrency key for each attempt a transition of
+        the batch sends (one round trip for every key): an attempt that gets none waits,
+        `queued`, in the key's queue; one that holds one already (released from the
+        queue) goes. Compensations, and the commands of a run being compensated (a step
+        awaited, sent again as the run fails), are never held. The attempts granted a
+        slot by this call, as `_admit`'s."""
+        wanted: dict[_Key, list[tuple[str, int]]] = {}
+        owners: dict[str, list[Transition]] = {}
+        for workflow, transition, _ in items:
+            score = slot_score(transition.state.priority or 0, now)
+            for scope, cid in _keyed_sends(workflow, transition):
+                if cid not in owners:
+                    wanted.setdefault(scope, []).append((cid, score))
+                owners.setdefault(cid, []).append(transition)
+        if not wanted or self.slots is None:
+            return {}
+        granted, already = await self.slots.acquire_many(wanted, now)
+        for cid, transitions in owners.items():
+            if cid not in granted and cid not in already:
+                for transition in transitions:
+                    self.engine.queue(transition, cid, by_key=True)
+        return _keys_of(wanted, granted)
+
+    def _unclaimed(
+        self,
+        granted: dict[str, _Key],
+        committed: Sequence[tuple[Workflow | None, WorkflowState]],
+    ) -> list[Freed]:
+        """The slots granted for transitions of a batch that no committed state holds:
+        their transition lost to a conflict (and its recomputation did without them), or
+        the run already existed. Given back at once rather than left to the upkeep."""
+        if not granted:
+            return []
+        live: set[str] = set()
+        for workflow, state in committed:
+            live |= _holds(workflow, state)
+        return [(key, member) for member, key in granted.items() if member not in live]
 
     def _slots_freed(
         self, workflow: Workflow | None, base: WorkflowState | None, state: WorkflowState
     ) -> list[Freed]:
-        """The slot (or queue place) the committed `state` gave up: the run ended."""
-        if (
-            workflow is None
-            or workflow.concurrency is None
-            or state.concurrency_key is None
-            or not state.terminal
-            or (base is not None and base.terminal)
-        ):
+        """The slots (or queue places) the committed `state` gave up: the run's, if it
+        ended; each step attempt's that is no longer in flight or waiting to be."""
+        if workflow is None:
             return []
-        key = (workflow.name, state.concurrency_key, workflow.concurrency.limit)
-        return [(key, slot_member(state.workflow_id, state.round))]
+        freed: list[Freed] = []
+        if (
+            workflow.concurrency is not None
+            and state.concurrency_key is not None
+            and state.terminal
+            and (base is None or not base.terminal)
+        ):
+            key = (workflow.name, state.concurrency_key, workflow.concurrency.limit)
+            freed.append((key, slot_member(state.workflow_id, state.round)))
+        if base is None or not workflow.keyed_steps:
+            return freed
+        for sid in workflow.keyed_steps:
+            was, now = base.steps.get(sid), state.steps.get(sid)
+            if was is None or was.key is None or was.status not in HOLDING:
+                continue
+            if (
+                not state.terminal
+                and now is not None
+                and now.status in HOLDING
+                and now.command_id == was.command_id
+            ):
+                continue
+            limit = workflow.steps[sid].concurrency
+            assert limit is not None and was.command_id is not None
+            freed.append(((f"{workflow.name}.{sid}", was.key, limit.limit), was.command_id))
+        return freed
 
     async def _free_slots(self, freed: list[Freed], now: int) -> None:
         """Free the slots of runs that ended (one script call per key), handing them to
@@ -94,3 +161,43 @@ class Admitting(Commits):
             )
             return
         self.stats.admitted += len(admitted)
+
+
+def _keys_of(wanted: dict[_Key, list[tuple[str, int]]], granted: set[str]) -> dict[str, _Key]:
+    """The key each member of `granted` was granted a slot of."""
+    return {member: key for key, runs in wanted.items() for member, _ in runs if member in granted}
+
+
+def _holds(workflow: Workflow | None, state: WorkflowState) -> set[str]:
+    """The members whose slots the stored `state` holds: the run's (admitted), and its
+    keyed steps' current attempts (in flight, or waiting to go)."""
+    if workflow is None or state.terminal:
+        return set()
+    held = set()
+    if workflow.concurrency is not None and state.concurrency_key and state.queued_ms is None:
+        held.add(slot_member(state.workflow_id, state.round))
+    for sid in workflow.keyed_steps:
+        step = state.steps.get(sid)
+        if step is not None and step.key and step.command_id and step.status in HOLDING:
+            held.add(step.command_id)
+    return held
+
+
+def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[_Key, str]]:
+    """(key, command id) of each attempt of a keyed step `transition` sends; none for a
+    run being compensated, nor for compensations."""
+    state = transition.state
+    if workflow is None or not workflow.keyed_steps or state.status is not WorkflowStatus.RUNNING:
+        return []
+    found = []
+    for effect in transition.effects:
+        if not isinstance(effect, SendCommand):
+            continue
+        cid, sid = effect.command.command_id, effect.command.step
+        step, step_state = workflow.steps.get(sid), state.steps.get(sid)
+        if step is None or step.concurrency is None or step_state is None:
+            continue
+        if step_state.command_id != cid or step_state.key is None:
+            continue  # a compensation's command
+        found.append(((f"{workflow.name}.{sid}", step_state.key, step.concurrency.limit), cid))
+    return found

@@ -12,7 +12,7 @@ import orjson
 from mediator import clock
 from mediator.clock import now_ms
 from mediator.core import saga
-from mediator.core.counters import QUEUED, REROUTED
+from mediator.core.counters import QUEUED, QUEUED_BY_KEY, REROUTED
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.lineage import is_child_service
 from mediator.core.state import Failure, WorkflowState
@@ -96,13 +96,14 @@ class Advance(Limiting):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> set[str]:
+    ) -> dict[str, tuple[str, str, int]]:
         """Before a batch's transitions (each from its base state) commit: runs that start
-        under a concurrency key get a slot or wait for one, the breakers hold back or
-        reroute their commands, flow-control limits queue those over them (for the whole
-        batch at once), then the router addresses the rest to chosen instances. The
-        concurrency slots granted (`_admit`)."""
+        under a concurrency key get a slot or wait for one (and keyed steps' attempts),
+        the breakers hold back or reroute their commands, flow-control limits queue those
+        over them (for the whole batch at once), then the router addresses the rest to
+        chosen instances. The concurrency slots granted (`_admit`)."""
         granted = await self._admit(items, now)
+        granted.update(await self._admit_steps(items, now))
         for workflow, transition, _ in items:
             await self._gate(workflow, transition, now)
         if self.limiter is not None:
@@ -144,9 +145,9 @@ class Advance(Limiting):
             self.engine.park(transition, command.command_id)
 
     def _parked_count(self, transition: Transition) -> None:
+        queued = transition.counters.get(QUEUED, 0)  # by a limit: in `parked` too
+        self.stats.queued += queued + transition.counters.get(QUEUED_BY_KEY, 0)
         if transition.parked:
-            queued = transition.counters.get(QUEUED, 0)
-            self.stats.queued += queued
             self.stats.parked += len(transition.parked) - queued
         if (rerouted := transition.counters.get(REROUTED)) is not None:
             self.stats.rerouted += rerouted
@@ -187,12 +188,16 @@ class Advance(Limiting):
         committed: list[Transition] = []
         permits: list[tuple[str, str]] = []
         freed: list[Freed] = []
+        granted: dict[str, tuple[str, str, int]] = {}
+        stored: list[tuple[Workflow | None, WorkflowState]] = []
         since = clock.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
-            await self._prepare_sends(
-                [(item.workflow, item.transition, item.base) for item in pending], now
+            granted.update(
+                await self._prepare_sends(
+                    [(item.workflow, item.transition, item.base) for item in pending], now
+                )
             )
             prepared = [
                 self._commit_of(p.workflow, p.transition, p.base, now, p.events) for p in pending
@@ -212,6 +217,7 @@ class Advance(Limiting):
                     if self.limiter is not None:
                         permits += self._permits_done(item.workflow, item.base, commit.state)
                     freed += self._slots_freed(item.workflow, item.base, commit.state)
+                    stored.append((item.workflow, commit.state))
                     self._parked_count(item.transition)
                     committed.append(item.transition)
                 else:
@@ -234,7 +240,7 @@ class Advance(Limiting):
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         await self._record(outcomes, by_instance, out)
         await self._release_permits(permits)
-        await self._free_slots(freed, now_ms())
+        await self._free_slots(freed + self._unclaimed(granted, stored), now_ms())
         await self._flush(out)
         if out.stale_timers:
             self.stats.stale_timers += len(out.stale_timers)

@@ -6,8 +6,9 @@ done, key by key, so no key's queue is stranded:
 - a key with free slots and runs waiting hands the slots on (the release a dead replica
   never made);
 - every `AUDIT_MS`, the slots held for longer than `GRACE_MS` are checked against their
-  runs: one whose run ended or moved to another round is freed; one whose run still
-  waits (its ``admit`` timer was never set) gets the timer again. A slot whose run is
+  runs: one whose run ended or moved to another round (or, a step's, whose attempt is no
+  longer in flight) is freed; one whose run (or attempt) still waits (its ``admit`` or
+  ``unpark`` timer was never set) gets the timer again. A slot whose run is
   not there is freed only after `MISSING_MS`: it is taken before the run's first commit,
   which a stalled replica may make late, and a replica that died before making it leaves
   the request to be read again, by a replica that finds the slot its run's already;
@@ -22,13 +23,15 @@ from redis.asyncio import Redis
 
 from mediator import clock
 from mediator.clock import now_ms
+from mediator.core.state import StepStatus, WorkflowState
+from mediator.runtime.admission import HOLDING
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.ports import StateStore
 from mediator.settings import BackoffSettings
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from mediator.storage.leases import Leases
-from mediator.storage.slots import KeyState, Slots
+from mediator.storage.slots import KeyState, Slots, slot_timer
 
 __all__ = ["AUDIT_MS", "GRACE_MS", "MISSING_MS", "KeyUpkeep"]
 
@@ -137,17 +140,14 @@ class KeyUpkeep(Periodic):
         ]
         if not old:
             return
-        states = await self.store.load_many(sorted({m.rpartition("|")[0] for m, _ in old}))
+        states = await self.store.load_many(sorted({slot_timer(m).workflow_id for m, _ in old}))
         lost, waiting = [], []
         for member, granted in old:
-            wid, _, round_ = member.rpartition("|")
-            state = states.get(wid)
-            if state is None:
-                if granted <= now - self.missing_ms:
-                    lost.append(member)
-            elif state.terminal or str(state.round) != round_:
+            state = states.get(slot_timer(member).workflow_id)
+            standing = "missing" if state is None else _standing(member, state)
+            if standing == "lost" or (standing == "missing" and granted <= now - self.missing_ms):
                 lost.append(member)
-            elif state.queued_ms is not None:
+            elif standing == "waiting":
                 waiting.append(member)
         if lost:
             await self.slots.release_digest(key.digest, key.limit, lost, now)
@@ -158,3 +158,19 @@ class KeyUpkeep(Periodic):
         if waiting:
             await self.slots.admit(waiting)
             self.timers_reset += len(waiting)
+
+
+def _standing(member: str, state: WorkflowState) -> str:
+    """Whether the slot `member` holds is ``lost`` (its run ended or moved on), is held
+    by a run or attempt still ``waiting`` for the timer that lets it go, or is ``live``."""
+    timer = slot_timer(member)
+    if state.terminal:
+        return "lost"
+    if timer.kind == "admit":  # a run's slot
+        if state.round != timer.attempt:
+            return "lost"
+        return "waiting" if state.queued_ms is not None else "live"
+    step = state.steps.get(timer.step)
+    if step is None or step.command_id != member or step.status not in HOLDING:
+        return "lost"
+    return "waiting" if step.status is StepStatus.QUEUED else "live"

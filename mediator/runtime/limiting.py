@@ -12,6 +12,7 @@ from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.admission import Admitting
+from topics.events import WorkflowStatus
 
 __all__ = ["Limiting"]
 
@@ -35,8 +36,8 @@ class Limiting(Admitting):
         # A request read twice in one batch starts its run twice: both hold the command.
         owners: dict[str, list[Transition]] = {}
         for workflow, transition, base in items:
-            if workflow is None:
-                continue
+            if workflow is None or transition.state.status is not WorkflowStatus.RUNNING:
+                continue  # a run being compensated: its commands are never held
             steps = transition.state.steps
             for effect in transition.effects:
                 if not isinstance(effect, SendCommand):

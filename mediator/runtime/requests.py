@@ -14,7 +14,6 @@ from mediator import clock
 from mediator.clock import now_ms
 from mediator.core.engine import Transition, result_of
 from mediator.core.signing import SignatureError
-from mediator.core.state import WorkflowState, evolve
 from mediator.errors import UnknownWorkflow
 from mediator.runtime.admission import Freed
 from mediator.runtime.advance import Advance
@@ -25,7 +24,6 @@ from mediator.runtime.context import (
 )
 from mediator.runtime.messages import Message
 from mediator.storage.keys import workflow_id_for
-from mediator.storage.slots import slot_member
 from mediator.storage.store import CommitOutcome, CommitResult, Tombstone
 from topics.events import (
     RequestEvent,
@@ -61,11 +59,7 @@ class Requests(Advance):
         outgoing: list[Message] = []
         committed: list[Transition] = []
         freed: list[Freed] = []
-        created = {
-            slot_member(s.transition.state.workflow_id, 0)
-            for s, r in zip(starts, results, strict=True)
-            if r.outcome is CommitOutcome.COMMITTED
-        }
+        stored = []
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
             state = start.commit.state
@@ -77,17 +71,15 @@ class Requests(Advance):
                 self._parked_count(start.transition)
                 committed.append(start.transition)
                 freed += self._slots_freed(start.workflow, None, state)  # ended at once
-            else:
-                member = slot_member(state.workflow_id, state.round)
-                if member in granted and member not in created:
-                    # The run exists already (or existed): the slot it was given is not its.
-                    freed += self._slots_freed(start.workflow, None, _ended(state))
-                if (answer := self._duplicate(start, result)) is not None:
-                    out.direct.append(answer)
+                stored.append((start.workflow, state))
+            elif (answer := self._duplicate(start, result)) is not None:
+                out.direct.append(answer)
         self._observe(committed, now)
         await self.dispatcher.send(outgoing, since)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
-        await self._free_slots(freed, now)
+        # A run that existed already (or was started twice in the batch): the slots given
+        # to the start that did not commit are not its.
+        await self._free_slots(freed + self._unclaimed(granted, stored), now)
         await self._flush(out)
 
     def _start(self, record: Record, now: int, out: BatchOutput) -> Start | None:
@@ -237,11 +229,6 @@ class Requests(Advance):
                 request, "result_expired", reason, asked.origin or "", WorkflowStatus(tomb.status)
             )
         return None
-
-
-def _ended(state: WorkflowState) -> WorkflowState:
-    """`state` as if it had ended (what frees its concurrency slot)."""
-    return evolve(state, status=WorkflowStatus.FAILED)
 
 
 def trace_context(

@@ -330,9 +330,38 @@ async def check_waits(world: World) -> list[str]:
             sets = keys.concurrency(digest)
             if not any([await redis.zscore(name, member) is not None for name in sets]):
                 problems.append(f"waits: {wid} is queued but neither holds nor waits for a slot")
+        problems += await _keyed_step_waits(world, workflow, state, timers | parked)
         for what, names in _waits(workflow, state, world.clock.ms):
+            if (
+                names[0].startswith("unpark|")
+                and state.steps.get(names[0].split("|")[2])
+                and (names[0].split("|")[2] in workflow.keyed_steps)
+            ):
+                continue  # checked above
             if not any(name in timers or name in parked for name in names):
                 problems.append(f"waits: {wid} waits on {what} with no timer {names[0]!r}")
+    return problems
+
+
+async def _keyed_step_waits(
+    world: World, workflow: Workflow, state: WorkflowState, timers: set[str]
+) -> list[str]:
+    """A step queued by its concurrency key waits in the key's queue, or holds its slot
+    (its ``unpark`` timer set, or the upkeep will set it)."""
+    redis = next(iter(world.replicas.values())).redis
+    problems = []
+    for sid in workflow.keyed_steps:
+        step = state.steps[sid]
+        if step.status is not StepStatus.QUEUED or step.key is None:
+            continue
+        digest = concurrency_digest(f"{workflow.name}.{sid}", step.key)
+        unpark = SetTimer("unpark", state.workflow_id, 0, sid, step.attempt).member
+        found = [await redis.zscore(n, step.command_id or "")
+                 for n in world.keys.concurrency(digest)]  # fmt: skip
+        if all(f is None for f in found) and unpark not in timers:
+            problems.append(
+                f"waits: step {sid} of {state.workflow_id} queued by its key, in no set"
+            )
     return problems
 
 

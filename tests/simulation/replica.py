@@ -89,7 +89,17 @@ class PauseWatch:
             )
 
     def _admission(self, before: WorkflowState | None, state: WorkflowState) -> None:
-        """No more runs of a concurrency key in progress at once than its limit."""
+        """No more runs of a concurrency key in progress at once than its limit, and no
+        more attempts of a keyed step in flight at once than its key's."""
+        for sid, step in state.steps.items():
+            scope = f"{state.workflow}.{sid}"
+            if scope not in self.limits:
+                continue
+            was = before.steps.get(sid) if before is not None else None
+            if step.status is StepStatus.QUEUED and (was is None or was.status is not step.status):
+                self.seen["step_queued_by_key"] += 1
+            self._hold(scope, step.key or "", f"{state.workflow_id}.{sid}",
+                       step.status is StepStatus.RUNNING and not state.terminal)  # fmt: skip
         if state.concurrency_key is None or state.workflow not in self.limits:
             return
         key = (state.workflow, state.concurrency_key)
@@ -104,6 +114,20 @@ class PauseWatch:
             self.problems.append(
                 f"concurrency: {sorted(running)} in progress at once under key {key}, "
                 f"limit {self.limits[state.workflow]}"
+            )
+
+    def _hold(self, scope: str, key: str, what: str, running: bool) -> None:
+        if not running:  # a completed step keeps no key: drop it under whichever it held
+            for (held_scope, _), holders in self.admitted.items():
+                if held_scope == scope:
+                    holders.discard(what)
+            return
+        holders = self.admitted.setdefault((scope, key), set())
+        holders.add(what)
+        if len(holders) > self.limits[scope]:
+            self.problems.append(
+                f"concurrency: {sorted(holders)} in flight at once under key {(scope, key)}, "
+                f"limit {self.limits[scope]}"
             )
 
 

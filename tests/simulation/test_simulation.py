@@ -46,7 +46,8 @@ FAULT_PATHS = (
     "child_runs",  # runs started by a parent's step...
     "children_cancelled",  # ...cancelled when the parent stopped waiting...
     "compensate_requested",  # ...undone when the parent compensated the step
-    "run_queued",  # runs that waited for their concurrency key's slot
+    "run_queued",  # runs that waited for their concurrency key's slot...
+    "step_queued_by_key",  # ...and steps for theirs
 )
 
 

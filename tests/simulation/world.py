@@ -99,6 +99,7 @@ WORKFLOWS: list[dict[str, Any]] = [
         "steps": [
             {"id": "pack", "service": "inventory", "action": "reserve",
              "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"},
+             "concurrency": {"key": "workflow.name", "limit": 1},
              "compensate": {"action": "release", "timeout": "2s",
                             "retry": {"max_attempts": 8, "backoff": "200ms"}}},
         ],
@@ -213,9 +214,13 @@ class World:
         self.issued = Issued()
         self.revisions: list[tuple[str, int]] = []
         #: What paused runs did, commit by commit.
-        self.pauses = PauseWatch(
-            {w.name: w.concurrency.limit for w in self.definitions if w.concurrency}
-        )
+        limits = {w.name: w.concurrency.limit for w in self.definitions if w.concurrency}
+        for workflow in self.definitions:
+            for sid in workflow.keyed_steps:
+                limit = workflow.steps[sid].concurrency
+                assert limit is not None
+                limits[f"{workflow.name}.{sid}"] = limit.limit
+        self.pauses = PauseWatch(limits)
         self.hand_ons: list[tuple[str, str, str, int]] = []
         self.deaths: list[tuple[str, str, int]] = []
         self.effects: list[Effect] = []
