@@ -147,6 +147,16 @@ class Mediator:
             events=settings.events.enabled,
         )
         self.upkeep.limited = frozenset(settings.flow_control.services)
+        per_instance = [
+            s for s, limit in settings.flow_control.services.items() if limit.per_instance
+        ]
+        if per_instance and self.runtime.router is None:
+            msg = (
+                f"flow_control.services.{per_instance[0]}.per_instance limits what each instance "
+                "is sent: it needs discovery.enabled and load_balancing.enabled (commands "
+                "routed to instances)"
+            )
+            raise ConfigurationError(msg)
         #: Releases queued commands of services with a flow-control limit (None: none).
         self.flow = (
             FlowUpkeep(
@@ -158,6 +168,7 @@ class Mediator:
                 self.replica,
                 settings.backoff,
                 self.store,
+                self.runtime.router,
             )
             if self.runtime.limiter is not None
             else None

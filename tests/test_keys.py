@@ -21,6 +21,7 @@ SAMPLES = {
     "what": "active",
     "control_id": "<control_id>",
     "digest": "<digest>",
+    "instance": "<instance>",
 }
 
 #: Builders whose output the layout writes in a more general form.

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from mediator.errors import ConfigurationError
 from mediator.replica import Mediator
-from mediator.settings import LoadBalancingSettings
+from mediator.settings import FlowControlSettings, LoadBalancingSettings
 from mediator.storage.registry import read_registry
 from tests.helpers import cli, records_on, step, wait_for
 from tests.processes import ServiceProcess
@@ -300,3 +301,50 @@ async def test_a_drained_instance_gets_no_new_command_and_finishes_its_own(
         assert by_instance(list(done))["drained"] == received_before
     finally:
         await mediator.stop()
+
+
+@pytest.mark.slow
+async def test_a_per_instance_limit_caps_what_each_instance_is_sent(
+    make_system: Any, fleet: Any
+) -> None:
+    """Two replicas route to three instances, each limited to 2 commands in flight:
+    measured at each instance, none ever has more than 2 at once, every instance is kept
+    at its limit, and the commands over them wait and go as instances free up."""
+    flow = FlowControlSettings.model_validate(
+        {"services": {"inventory": {"per_instance": 2}}, "release_ms": 50}
+    )
+    system = await make_system(WORK, flow_control=flow)
+    names = ["i-1", "i-2", "i-3"]
+    processes = await fleet(system, *({"instance": n, "delay": 0.3} for n in names))
+    replicas = [await run_mediator(system, "least_loaded") for _ in range(2)]
+    await wait_for(lambda: all_routable(replicas[0], names), timeout=60, what="three instances")
+    await submit(system, "pi", 60)
+    peaks = {p.instance: _most_at_once([at for _, _, at in p.received()], 300) for p in processes}
+    assert peaks == dict.fromkeys(names, 2), peaks
+    assert sum(r.runtime.stats.queued for r in replicas) > 0
+    code, out, err = await cli(system.settings, "services")
+    assert code == 0 and "(per instance: i-1 0, i-2 0, i-3 0)" in out, (out, err)
+    for mediator in replicas:
+        await mediator.stop()
+
+
+def _most_at_once(starts: list[int], took_ms: int) -> int:
+    """The most commands a service had at once, each taking `took_ms` from its start."""
+    events = sorted([(at, 1) for at in starts] + [(at + took_ms, -1) for at in starts])
+    most = now = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+async def test_a_per_instance_limit_without_routing_is_refused_naming_what_it_needs(
+    make_system: Any,
+) -> None:
+    flow = FlowControlSettings.model_validate({"services": {"inventory": {"per_instance": 2}}})
+    system = await make_system(WORK, flow_control=flow)
+    off = system.settings.model_copy(
+        update={"load_balancing": LoadBalancingSettings(enabled=False)}
+    )
+    with pytest.raises(ConfigurationError, match=r"inventory\.per_instance .* load_balancing"):
+        Mediator(off, system.definitions)

@@ -50,12 +50,16 @@ async def collect_services(redis: Redis, keys: Keys) -> dict[str, Any]:
 async def flow_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     """Service -> its flow-control limit as the release loop last recorded it (limits,
     commands in flight, queue length), for the services that have one."""
-    pattern = keys.limit("*")[1]
     found: dict[str, dict[str, Any]] = {}
-    async for raw in redis.scan_iter(match=pattern, count=500):
+    per_instance: dict[str, dict[str, int]] = {}
+    async for raw in redis.scan_iter(match=keys.limit("*")[1], count=500):
         key = text(raw)
-        service = key[key.index("{") + 1 : key.rindex("}")]
-        inflight, state = keys.limit(service)
+        scope = key[key.index("{") + 1 : key.rindex("}")]
+        inflight, state = keys.limit(scope)
+        service, _, instance = scope.partition("@")
+        if instance:  # a per-instance limit's permits
+            per_instance.setdefault(service, {})[instance] = int(await redis.zcard(inflight))
+            continue
         fields = {text(k): text(v) for k, v in (await redis.hgetall(state)).items()}
         found[service] = {
             "max_in_flight": int(fields.get("max") or 0) or None,
@@ -63,6 +67,9 @@ async def flow_states(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
             "in_flight": int(await redis.zcard(inflight)),
             "queued": int(fields.get("queued") or 0),
         }
+    for service, counts in per_instance.items():
+        if service in found:
+            found[service]["instances"] = dict(sorted(counts.items()))
     return found
 
 
@@ -131,7 +138,12 @@ def _flow_line(flow: dict[str, Any] | None) -> str:
         return ""
     cap = flow["max_in_flight"] or "-"
     rate = f"{flow['rate']:g}/s" if flow["rate"] else "-"
-    return f", in flight {flow['in_flight']}/{cap}, rate {rate}, queued {flow['queued']}"
+    line = f", in flight {flow['in_flight']}/{cap}, rate {rate}, queued {flow['queued']}"
+    if flow.get("instances"):
+        line += (
+            " (per instance: " + ", ".join(f"{i} {n}" for i, n in flow["instances"].items()) + ")"
+        )
+    return line
 
 
 def format_services(services: dict[str, Any]) -> str:

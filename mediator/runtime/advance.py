@@ -111,6 +111,8 @@ class Advance(Limiting):
         if self.router is not None:
             for _, transition, _ in items:
                 self.router.route(transition)
+            if self.limiter is not None and self.per_instance:
+                await self._limit_instances(items, now)
         return granted
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:

@@ -137,6 +137,10 @@ class Runtime(Health):
             if redis is not None and self.flow.services
             else None
         )
+        #: Whether any limited service has a per-instance limit (routing applies them).
+        self.per_instance = any(
+            limit.per_instance is not None for limit in self.flow.services.values()
+        )
         #: Concurrency keys' slots (None: a store without Redis, as in runtime tests).
         self.slots = Slots(redis, store.keys) if redis is not None else None
         #: Permits of answered commands not released yet, per service: they go with the

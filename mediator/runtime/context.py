@@ -154,6 +154,7 @@ class RuntimeContext:
     flow: FlowControlSettings
     events: bool
     limiter: Limits | None
+    per_instance: bool
     slots: Slots | None
     _releases: dict[str, list[str]]
     _release_task: asyncio.Task[None] | None

@@ -18,6 +18,7 @@ from mediator.core.state import StepStatus
 from mediator.runtime.breakers import Breakers
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.ports import StateStore
+from mediator.runtime.routing import Router
 from mediator.settings import BackoffSettings, FlowControlSettings
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
@@ -28,6 +29,10 @@ from mediator.storage.parked import ParkedQueues
 __all__ = ["FlowUpkeep"]
 
 log = logging.getLogger("mediator.flow")
+
+
+#: Room without a per-instance bound.
+UNBOUNDED = 1 << 30
 
 
 class FlowUpkeep(Periodic):
@@ -47,6 +52,7 @@ class FlowUpkeep(Periodic):
         replica: str,
         backoff: BackoffSettings | None = None,
         store: StateStore | None = None,
+        router: Router | None = None,
     ) -> None:
         super().__init__(backoff, log)
         self.keys = keys
@@ -61,6 +67,9 @@ class FlowUpkeep(Periodic):
         self.reaped = 0
         #: Where runs are looked up to free lost permits (None: they lapse).
         self.store: StateStore | None = store
+        #: The router, told which instances have no room (per-instance limits; None:
+        #: routing is off, and per-instance limits do not apply).
+        self.router = router
         self.redis = redis
         #: Each limited service's queue as last seen (for the Prometheus gauges): its
         #: length, and how long its oldest step has waited (seconds; 0: none waits).
@@ -85,6 +94,8 @@ class FlowUpkeep(Periodic):
             await self._reap(service, now)
             limit = self.flow.services[service]
             room = await self.limits.room(service, limit, queued[service], now)
+            if limit.per_instance is not None and self.router is not None:
+                room = min(room, await self._instance_room(service, limit.per_instance, now))
             if not room or not self._closed(service, now) or not await self._lead(service):
                 continue
             moved = await self.queues.release(service, room)
@@ -104,6 +115,23 @@ class FlowUpkeep(Periodic):
         self.oldest_wait_s = {
             s: max(0, now - oldest[s]) / 1000 if s in oldest else 0.0 for s in services
         }
+
+    async def _instance_room(self, service: str, cap: int, now: int) -> int:
+        """How many more commands the instances of `service` commands may go to can take
+        between them; the router learns which have none. Lost instance permits are freed
+        as a service's are."""
+        assert self.router is not None
+        instances = self.router.up_instances(service)
+        if not instances:  # none registered (or up): commands go unrouted, unlimited
+            self.router.full.pop(service, None)
+            return UNBOUNDED
+        scopes = [f"{service}@{instance}" for instance in instances]
+        for scope in scopes:
+            await self._reap(scope, now)
+        counts = await self.limits.in_flight(scopes)
+        free = {i: cap - counts[s] for i, s in zip(instances, scopes, strict=True)}
+        self.router.full[service] = {i for i, n in free.items() if n <= 0}
+        return sum(max(0, n) for n in free.values())
 
     async def _reap(self, service: str, now: int) -> None:
         """Free the permits of commands no run has in flight any more, whose release was

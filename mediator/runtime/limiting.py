@@ -12,7 +12,8 @@ from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.admission import Admitting
-from topics.events import WorkflowStatus
+from mediator.settings import ServiceLimit
+from topics.events import CommandEvent, WorkflowStatus
 
 __all__ = ["Limiting"]
 
@@ -67,6 +68,54 @@ class Limiting(Admitting):
                     for transition in owners[command_id]:
                         self.engine.queue(transition, command_id)
 
+    async def _limit_instances(
+        self,
+        items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
+        now: int,
+    ) -> None:
+        """After routing: take a permit of its instance for each command routed to an
+        instance of a service with a per-instance limit (one script call per instance);
+        a command refused one waits in the service's queue (its service permit given
+        back), and the instance counts as full until the upkeep counts again. A command
+        no instance could take (every one full) waits too."""
+        assert self.limiter is not None and self.router is not None
+        router = self.router
+        wanted: dict[tuple[str, str], list[str]] = {}
+        owners: dict[str, list[Transition]] = {}
+        held: list[tuple[str, str]] = []  # (service, command id)
+        for transition, command in _per_instance_sends(items, self.flow.services):
+            cid, service = command.command_id, command.service
+            if command.instance is None:
+                if router.saturated(service):
+                    held.append((service, cid))
+                    owners.setdefault(cid, []).append(transition)
+                continue
+            if cid not in owners:
+                wanted.setdefault((service, command.instance), []).append(cid)
+            owners.setdefault(cid, []).append(transition)
+        scopes = list(wanted)
+        grants = await asyncio.gather(
+            *(
+                self.limiter.acquire(
+                    f"{service}@{instance}",
+                    self.flow.services[service].instance_limit() or ServiceLimit(),
+                    [],
+                    wanted[(service, instance)],
+                    now,
+                )
+                for service, instance in scopes
+            )
+        )
+        for (service, instance), granted in zip(scopes, grants, strict=True):
+            refused = [cid for cid in wanted[(service, instance)] if cid not in granted]
+            if refused:
+                router.full.setdefault(service, set()).add(instance)
+            held += [(service, cid) for cid in refused]
+        for _, cid in held:
+            for transition in owners[cid]:
+                self.engine.queue(transition, cid)
+        await self._release_permits(held)
+
     def _permits_done(
         self, workflow: Workflow | None, base: WorkflowState, state: WorkflowState
     ) -> list[tuple[str, str]]:
@@ -90,6 +139,8 @@ class Limiting(Admitting):
                 or now.command_id != was.command_id
             ):
                 done.append((service, was.command_id))
+                if limited[service].per_instance is not None and was.instance:
+                    done.append((f"{service}@{was.instance}", was.command_id))
         return done
 
     async def _release_permits(self, done: list[tuple[str, str]]) -> None:
@@ -121,3 +172,25 @@ class Limiting(Admitting):
                     self.flow.lease_ms,
                     exc,
                 )
+
+
+def _per_instance_sends(
+    items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
+    limits: dict[str, ServiceLimit],
+) -> list[tuple[Transition, CommandEvent]]:
+    """The step commands of running runs to services with a per-instance limit."""
+    found = []
+    for workflow, transition, _ in items:
+        if workflow is None or transition.state.status is not WorkflowStatus.RUNNING:
+            continue
+        for effect in transition.effects:
+            if not isinstance(effect, SendCommand):
+                continue
+            command = effect.command
+            limit = limits.get(command.service)
+            step_state = transition.state.steps.get(command.step)
+            if limit is None or limit.per_instance is None or step_state is None:
+                continue
+            if step_state.command_id == command.command_id:  # not a compensation's
+                found.append((transition, command))
+    return found

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mediator.clock import now_ms
@@ -66,6 +66,10 @@ class Router:
         self._extra: dict[str, Counter[str]] = {}
         #: Per service: when each instance's last report (heartbeat) was, as last seen.
         self._reported: dict[str, dict[str, int]] = {}
+        #: Per service with a per-instance limit: the instances with no room now (as the
+        #: flow-control upkeep last counted, and as permits were refused since): not
+        #: chosen while another has room.
+        self.full: dict[str, set[str]] = {}
         #: Breakers per instance, from the outcomes this replica applies; None: off.
         self.breakers = (
             InstanceBreakers(lambda service: _policy(breakers, service))
@@ -92,6 +96,9 @@ class Router:
                 key = _key(key_expression, transition, command.input)
             extra = self._extra.setdefault(service, Counter())
             blocked = self.breakers.blocked(service, now_ms()) if self.breakers else None
+            full = self.full.get(service)
+            if full:
+                blocked = _either(full, blocked)
             try:
                 chosen = balancer.choose(fleet, key=key, blocked=blocked, extra=extra)
             except NoInstance:
@@ -159,6 +166,15 @@ class Router:
                     moved += await self.hand_on(service, view.instance)
         return moved
 
+    def up_instances(self, service: str) -> list[str]:
+        """The instances of `service` commands may be routed to now (up, not draining)."""
+        return [i.id for i in self._fleet(service) or () if i.eligible]
+
+    def saturated(self, service: str) -> bool:
+        """Whether every instance of `service` commands may go to has no room now."""
+        up = self.up_instances(service)
+        return bool(up) and set(up) <= self.full.get(service, set())
+
     def _fleet(self, service: str) -> list[Instance] | None:
         """The service's instances as the balancer sees them (None: none registered);
         the same list object until the registry view is refreshed."""
@@ -192,6 +208,13 @@ class Router:
             capacity=max(int(beat.get("capacity") or 1), 1),
             weight=float(beat.get("weight") or 1.0),
         )
+
+
+def _either(full: set[str], blocked: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """Blocked: an instance with no room, or whose breaker is open."""
+    if blocked is None:
+        return full.__contains__
+    return lambda instance: instance in full or blocked(instance)
 
 
 def _policy(settings: BreakerSettings, service: str) -> tuple[int, int]:

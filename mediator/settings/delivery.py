@@ -58,6 +58,16 @@ class ServiceLimit(BaseModel):
         description="With `rate`: how many may go at once after a quiet spell (a token "
         "bucket: at most rate x t + burst in any t seconds). Default: one second's worth.",
     )
+    per_instance: int | None = Field(
+        default=None,
+        ge=1,
+        description="Commands sent to any one instance and not yet answered, at most (needs "
+        "discovery and load balancing: commands are routed to instances with room).",
+    )
+
+    def instance_limit(self) -> ServiceLimit | None:
+        """The limit each instance's permits are taken under (None: no per-instance one)."""
+        return None if self.per_instance is None else ServiceLimit(max_in_flight=self.per_instance)
 
     @property
     def bucket(self) -> int:

@@ -57,6 +57,10 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              permit -> when it lapses (ms)
     med:limit:{<service>}:state       hash   the limit's token bucket (tokens, at) and
                                              queue length (queued)
+    med:limit:{<service>@<instance>}:inflight
+                                      zset   the same per instance (`per_instance` limits)
+    med:limit:{<service>@<instance>}:state
+                                      hash   its state (as a service's)
     med:flow:{<service>}              string the replica releasing <service>'s queued
                                              commands, with a TTL
     med:sig:{<digest>}:run            string the run whose `wait` step waits for one
@@ -219,6 +223,11 @@ class Keys:
         at, queued)."""
         base = f"{self.prefix}:limit:{{{service}}}"
         return f"{base}:inflight", f"{base}:state"
+
+    def instance_limit(self, service: str, instance: str) -> tuple[str, str]:
+        """`limit` for one instance of a service with a per-instance limit: its scope is
+        ``<service>@<instance>``."""
+        return self.limit(f"{service}@{instance}")
 
     def flow_lease(self, service: str) -> str:
         """String: the replica releasing `service`'s queued commands, with a TTL."""
