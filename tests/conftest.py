@@ -42,6 +42,26 @@ from topics.names import Topics
 SERVER_FIXTURES = frozenset({"kafka", "redis_server", "own_redis", "broker", "browser", "fleet"})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_hash_slots() -> Iterator[None]:
+    """With ``MEDIATOR_AUDIT_SLOTS=<file>``, every command the tests' in-process clients
+    send is checked for keys in more than one hash slot (what a Redis Cluster refuses),
+    and what was found is written to the file as JSON lines at the end."""
+    target = os.environ.get("MEDIATOR_AUDIT_SLOTS")
+    if not target:
+        yield
+        return
+    import orjson
+
+    from tests.slots_audit import audited
+
+    with audited() as audit:
+        yield
+    lines = [orjson.dumps({"command": c, "keys": k}) for c, k in sorted(set(audit.crossslot))]
+    summary = orjson.dumps({"seen": audit.seen, "scripts": audit.scripts})
+    Path(target).write_bytes(b"\n".join([summary, *lines]) + b"\n")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test `integration` (it needs a real server) or `unit` (it does not).
 
