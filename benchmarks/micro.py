@@ -237,7 +237,10 @@ async def _prefix_keys(redis: Redis, prefix: str) -> list[bytes]:
 async def _delete_prefix(redis: Redis, prefix: str) -> None:
     found = await _prefix_keys(redis, prefix)
     for start in range(0, len(found), 500):
-        await redis.delete(*found[start : start + 500])
+        async with redis.pipeline(transaction=False) as pipe:  # a key a command: any layout
+            for key in found[start : start + 500]:
+                pipe.unlink(key)
+            await pipe.execute()
 
 
 async def redis_bytes_per_workflow(stage: Stage, profile: Profile) -> list[Measure]:
