@@ -22,12 +22,24 @@ from __future__ import annotations
 from typing import Any
 
 from mediator.core.expressions import ExpressionError
-from mediator.core.state import WorkflowState
+from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.timers import SetTimer
 from mediator.core.transition import Transition, context
 from mediator.core.workflow import Concurrency, Step, Workflow
 
-__all__ = ["admit_timer", "hold", "key_of", "key_value", "step_key"]
+__all__ = [
+    "HOLDING",
+    "admit_timer",
+    "claims",
+    "hold",
+    "key_of",
+    "key_value",
+    "run_member",
+    "step_key",
+]
+
+#: Step statuses of an attempt that holds its key's slot, or waits in its key's queue.
+HOLDING = frozenset({StepStatus.RUNNING, StepStatus.QUEUED, StepStatus.PARKED})
 
 
 def key_of(workflow: Workflow, state: WorkflowState) -> str:
@@ -68,3 +80,26 @@ def admit_timer(state: WorkflowState) -> SetTimer:
     """The timer that admits the queued run `state` (named by its round: a retry that
     queues the run again waits for another)."""
     return SetTimer("admit", state.workflow_id, 0, "", state.round)
+
+
+def run_member(workflow_id: str, round_: int) -> str:
+    """How a run (in its round) is named in its key's sets (a step's attempt is named by
+    its command id)."""
+    return f"{workflow_id}|{round_}"
+
+
+def claims(state: WorkflowState) -> dict[str, tuple[str, str]]:
+    """The slots the stored run `state` holds or waits for, by member: (scope, key
+    value), the scope being the workflow's name for the run's own key and
+    ``<workflow>.<step>`` for a keyed step's attempt (in flight, or waiting to go). A
+    run that ended claims none."""
+    if state.terminal:
+        return {}
+    found = {}
+    if state.concurrency_key is not None:
+        member = run_member(state.workflow_id, state.round)
+        found[member] = (state.workflow, state.concurrency_key)
+    for sid, step in state.steps.items():
+        if step.key is not None and step.command_id and step.status in HOLDING:
+            found[step.command_id] = (f"{state.workflow}.{sid}", step.key)
+    return found

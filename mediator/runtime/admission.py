@@ -9,19 +9,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from mediator.core import concurrency
 from mediator.core.engine import SendCommand, Transition
-from mediator.core.state import StepStatus, WorkflowState
+from mediator.core.state import WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.commits import Commits
 from mediator.storage.slots import slot_member, slot_score
 from topics.events import WorkflowStatus
 
-__all__ = ["HOLDING", "Admitting", "Freed"]
+__all__ = ["Admitting", "Freed"]
 
 log = logging.getLogger("mediator.runtime")
-
-#: Step statuses of an attempt that holds its key's slot, or waits in its key's queue.
-HOLDING = frozenset({StepStatus.RUNNING, StepStatus.QUEUED, StepStatus.PARKED})
 
 #: A concurrency key of a workflow, with the limit of the version that used it.
 _Key = tuple[str, str, int]
@@ -105,43 +103,25 @@ class Admitting(Commits):
         if not granted:
             return []
         live: set[str] = set()
-        for workflow, state in committed:
-            live |= _holds(workflow, state)
+        for _, state in committed:
+            live |= concurrency.claims(state).keys()
         return [(key, member) for member, key in granted.items() if member not in live]
 
     def _slots_freed(
         self, workflow: Workflow | None, base: WorkflowState | None, state: WorkflowState
     ) -> list[Freed]:
-        """The slots (or queue places) the committed `state` gave up: the run's, if it
-        ended; each step attempt's that is no longer in flight or waiting to be."""
-        if workflow is None:
+        """The slots (or queue places) `base` claimed that the committed `state` no
+        longer does (`concurrency.claims`): the run's, once it ended; a keyed step
+        attempt's, once it is no longer in flight or waiting to be. (A start that ends at
+        once gives its fresh slot back through `_unclaimed`.)"""
+        if workflow is None or base is None:
             return []
-        freed: list[Freed] = []
-        if (
-            workflow.concurrency is not None
-            and state.concurrency_key is not None
-            and state.terminal
-            and (base is None or not base.terminal)
-        ):
-            key = (workflow.name, state.concurrency_key, workflow.concurrency.limit)
-            freed.append((key, slot_member(state.workflow_id, state.round)))
-        if base is None or not workflow.keyed_steps:
-            return freed
-        for sid in workflow.keyed_steps:
-            was, now = base.steps.get(sid), state.steps.get(sid)
-            if was is None or was.key is None or was.status not in HOLDING:
-                continue
-            if (
-                not state.terminal
-                and now is not None
-                and now.status in HOLDING
-                and now.command_id == was.command_id
-            ):
-                continue
-            limit = workflow.steps[sid].concurrency
-            assert limit is not None and was.command_id is not None
-            freed.append(((f"{workflow.name}.{sid}", was.key, limit.limit), was.command_id))
-        return freed
+        before, after = concurrency.claims(base), concurrency.claims(state)
+        return [
+            ((scope, key, _limit(workflow, scope)), member)
+            for member, (scope, key) in before.items()
+            if member not in after
+        ]
 
     async def _free_slots(self, freed: list[Freed], now: int) -> None:
         """Free the slots of runs that ended (one script call per key), handing them to
@@ -168,19 +148,14 @@ def _keys_of(wanted: dict[_Key, list[tuple[str, int]]], granted: set[str]) -> di
     return {member: key for key, runs in wanted.items() for member, _ in runs if member in granted}
 
 
-def _holds(workflow: Workflow | None, state: WorkflowState) -> set[str]:
-    """The members whose slots the stored `state` holds: the run's (admitted), and its
-    keyed steps' current attempts (in flight, or waiting to go)."""
-    if workflow is None or state.terminal:
-        return set()
-    held = set()
-    if workflow.concurrency is not None and state.concurrency_key and state.queued_ms is None:
-        held.add(slot_member(state.workflow_id, state.round))
-    for sid in workflow.keyed_steps:
-        step = state.steps.get(sid)
-        if step is not None and step.key and step.command_id and step.status in HOLDING:
-            held.add(step.command_id)
-    return held
+def _limit(workflow: Workflow, scope: str) -> int:
+    """The limit of the concurrency key of `scope` (the workflow's, or one step's)."""
+    if scope == workflow.name:
+        assert workflow.concurrency is not None
+        return workflow.concurrency.limit
+    step = workflow.steps[scope[len(workflow.name) + 1 :]].concurrency
+    assert step is not None
+    return step.limit
 
 
 def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[_Key, str]]:

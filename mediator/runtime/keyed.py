@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 
 from mediator import clock
 from mediator.clock import now_ms
+from mediator.core import concurrency
 from mediator.core.state import StepStatus, WorkflowState
-from mediator.runtime.admission import HOLDING
 from mediator.runtime.periodic import Periodic
 from mediator.runtime.ports import StateStore
 from mediator.settings import BackoffSettings
@@ -161,16 +161,12 @@ class KeyUpkeep(Periodic):
 
 
 def _standing(member: str, state: WorkflowState) -> str:
-    """Whether the slot `member` holds is ``lost`` (its run ended or moved on), is held
-    by a run or attempt still ``waiting`` for the timer that lets it go, or is ``live``."""
+    """Whether the slot `member` holds is ``lost`` (the run no longer claims it: it
+    ended or moved on), is held by a run or attempt still ``waiting`` for the timer that
+    lets it go, or is ``live``."""
+    if member not in concurrency.claims(state):
+        return "lost"
     timer = slot_timer(member)
-    if state.terminal:
-        return "lost"
     if timer.kind == "admit":  # a run's slot
-        if state.round != timer.attempt:
-            return "lost"
         return "waiting" if state.queued_ms is not None else "live"
-    step = state.steps.get(timer.step)
-    if step is None or step.command_id != member or step.status not in HOLDING:
-        return "lost"
-    return "waiting" if step.status is StepStatus.QUEUED else "live"
+    return "waiting" if state.steps[timer.step].status is StepStatus.QUEUED else "live"

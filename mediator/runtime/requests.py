@@ -15,7 +15,6 @@ from mediator.clock import now_ms
 from mediator.core.engine import Transition, result_of
 from mediator.core.signing import SignatureError
 from mediator.errors import UnknownWorkflow
-from mediator.runtime.admission import Freed
 from mediator.runtime.advance import Advance
 from mediator.runtime.context import (
     BatchOutput,
@@ -58,7 +57,6 @@ class Requests(Advance):
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
         committed: list[Transition] = []
-        freed: list[Freed] = []
         stored = []
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
@@ -70,16 +68,15 @@ class Requests(Advance):
                 self.cache.put(state)
                 self._parked_count(start.transition)
                 committed.append(start.transition)
-                freed += self._slots_freed(start.workflow, None, state)  # ended at once
                 stored.append((start.workflow, state))
             elif (answer := self._duplicate(start, result)) is not None:
                 out.direct.append(answer)
         self._observe(committed, now)
         await self.dispatcher.send(outgoing, since)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
-        # A run that existed already (or was started twice in the batch): the slots given
-        # to the start that did not commit are not its.
-        await self._free_slots(freed + self._unclaimed(granted, stored), now)
+        # A run that existed already (or was started twice in the batch), or ended at
+        # once: the slots given to its start are not held by anything committed.
+        await self._free_slots(self._unclaimed(granted, stored), now)
         await self._flush(out)
 
     def _start(self, record: Record, now: int, out: BatchOutput) -> Start | None:

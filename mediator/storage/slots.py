@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from mediator.core.concurrency import run_member
 from mediator.core.timers import SetTimer
 from mediator.storage.connection import lua_source, text
 from mediator.storage.errors import redis_errors
@@ -36,9 +37,8 @@ _RANK = 10**13
 SlotKey = tuple[str, str, int]
 
 
-def slot_member(workflow_id: str, round_: int) -> str:
-    """How a run (in its round) is named in its key's sets."""
-    return f"{workflow_id}|{round_}"
+#: How a run (in its round) is named in its key's sets.
+slot_member = run_member
 
 
 def slot_timer(member: str) -> SetTimer:
