@@ -116,6 +116,8 @@ class Admitting(Commits):
         once gives its fresh slot back through `_unclaimed`.)"""
         if workflow is None or base is None:
             return []
+        if workflow.concurrency is None and not workflow.keyed_steps:
+            return []  # nothing to claim: no work on the hot path of unkeyed workflows
         before, after = concurrency.claims(base), concurrency.claims(state)
         return [
             ((scope, key, _limit(workflow, scope)), member)
