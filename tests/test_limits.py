@@ -1,14 +1,25 @@
 """Flow-control permits against the real Redis: at most `max_in_flight` held, a token
 bucket of `burst` refilled at `rate`, a command that holds one granted again, released
-commands before new ones while a queue waits, and lapsed permits dropped."""
+commands before new ones while a queue waits, and lapsed permits dropped; a runtime gives
+back at once the permits it took for what it did not commit."""
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 
-from mediator.settings import ServiceLimit
+from mediator.core.workflow import parse_workflows
+from mediator.definitions import Definitions
+from mediator.runtime.batches import Runtime
+from mediator.settings import FlowControlSettings, ServiceLimit
+from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys
 from mediator.storage.limits import Limits
+from mediator.storage.store import Store
+from tests.engine_harness import ok
+from tests.helpers import TOPICS, Record, RecordingDispatcher
+from topics import CommandEvent, RequestEvent
 
 
 def limits(redis: Redis, prefix: str, lease_ms: int = 60_000) -> Limits:
@@ -20,9 +31,11 @@ async def test_in_flight_is_capped_and_freed_by_release(
 ) -> None:
     permits = limits(redis_client, key_prefix)
     cap = ServiceLimit(max_in_flight=2)
-    assert await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_000) == {"c1", "c2"}
+    first = await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_000)
+    assert first == {"c1", "c2"} and first.fresh == {"c1", "c2"}
     # Recomputed after a conflict, the same commands are granted again, not twice.
-    assert await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_001) == {"c1", "c2"}
+    again = await permits.acquire("pay", cap, [], ["c1", "c2", "c3"], 1_001)
+    assert again == {"c1", "c2"} and again.fresh == set()
     assert (await permits.in_flight(["pay"]))["pay"] == 2
     await permits.release("pay", ["c1"])
     assert await permits.acquire("pay", cap, [], ["c3"], 1_002) == {"c3"}
@@ -67,3 +80,37 @@ async def test_permits_of_answered_commands_are_freed_by_the_next_acquire(
     assert await permits.acquire("pay", cap, [], ["a"], 1_000) == {"a"}
     assert await permits.acquire("pay", cap, [], ["b"], 1_001) == set()
     assert await permits.acquire("pay", cap, [], ["b"], 1_002, done=["a"]) == {"b"}
+
+
+async def test_a_permit_taken_for_a_start_that_is_a_duplicate_is_given_back(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A request redelivered after its run moved on starts nothing: the permit its first
+    command was granted on the way is given back at once, not held from other runs until
+    the release loop finds nobody holds it."""
+    keys = Keys(key_prefix, 4)
+    definitions = Definitions(
+        parse_workflows({"name": "one", "steps": [{"id": "a", "service": "pay", "action": "x"}]})
+    )
+    dispatcher = RecordingDispatcher()
+    runtime = Runtime(
+        definitions=DefinitionStore(redis_client, keys, definitions),
+        store=Store(redis_client, keys, retention_ms=60_000),
+        dispatcher=dispatcher,
+        topics=TOPICS,
+        flow=FlowControlSettings.model_validate({"services": {"pay": {"max_in_flight": 1}}}),
+    )
+    assert runtime.limiter is not None
+    request = RequestEvent(request_id="r-1", workflow="one").model_dump_json().encode()
+    await runtime.handle_requests([Record(TOPICS.requests, 0, 0, request)])
+    [sent] = [m for m in dispatcher.sent if m.kind == "command"]
+    command = CommandEvent.model_validate_json(sent.value)
+    assert (await runtime.limiter.in_flight(["pay"]))["pay"] == 1
+    reply = ok(command).model_dump_json().encode()
+    await runtime.handle_replies([Record(TOPICS.replies, 0, 0, reply)])
+    await asyncio.sleep(0.05)  # the release is not waited for
+    assert (await runtime.limiter.in_flight(["pay"]))["pay"] == 0
+
+    await runtime.handle_requests([Record(TOPICS.requests, 0, 0, request)])  # redelivered
+    await asyncio.sleep(0.05)
+    assert (await runtime.limiter.in_flight(["pay"]))["pay"] == 0

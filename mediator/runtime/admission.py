@@ -17,14 +17,14 @@ from mediator.runtime.commits import Commits
 from mediator.storage.slots import slot_member, slot_score
 from topics.events import WorkflowStatus
 
-__all__ = ["Admitting", "Freed"]
+__all__ = ["Admitting", "Freed", "SlotKey"]
 
 log = logging.getLogger("mediator.runtime")
 
 #: A concurrency key of a workflow, with the limit of the version that used it.
-_Key = tuple[str, str, int]
+SlotKey = tuple[str, str, int]
 #: A slot a committed run gave up: its key, and the run as named in the key's sets.
-Freed = tuple[_Key, str]
+Freed = tuple[SlotKey, str]
 
 
 class Admitting(Commits):
@@ -34,13 +34,13 @@ class Admitting(Commits):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> dict[str, _Key]:
+    ) -> dict[str, SlotKey]:
         """Ask for a slot for each run a transition of the batch (re)starts queued (one
         round trip for every key): a run granted one is admitted in the same transition,
         the others wait in their key's queue. The runs granted a slot by this call (not
         holding one already), with their keys: a slot whose transition does not commit
         is given back (`_unclaimed`)."""
-        wanted: dict[_Key, list[tuple[str, int]]] = {}
+        wanted: dict[SlotKey, list[tuple[str, int]]] = {}
         # A request read twice in one batch (published again) starts the run twice.
         owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         for workflow, transition, _ in items:
@@ -68,14 +68,14 @@ class Admitting(Commits):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> dict[str, _Key]:
+    ) -> dict[str, SlotKey]:
         """Ask for a slot of its step's concurrency key for each attempt a transition of
         the batch sends (one round trip for every key): an attempt that gets none waits,
         `queued`, in the key's queue; one that holds one already (released from the
         queue) goes. Compensations, and the commands of a run being compensated (a step
         awaited, sent again as the run fails), are never held. The attempts granted a
         slot by this call, as `_admit`'s."""
-        wanted: dict[_Key, list[tuple[str, int]]] = {}
+        wanted: dict[SlotKey, list[tuple[str, int]]] = {}
         owners: dict[str, list[Transition]] = {}
         for workflow, transition, _ in items:
             score = slot_score(transition.state.priority or 0, now)
@@ -94,7 +94,7 @@ class Admitting(Commits):
 
     def _unclaimed(
         self,
-        granted: dict[str, _Key],
+        granted: dict[str, SlotKey],
         committed: Sequence[tuple[Workflow | None, WorkflowState]],
     ) -> list[Freed]:
         """The slots granted for transitions of a batch that no committed state holds:
@@ -131,7 +131,7 @@ class Admitting(Commits):
         now is freed by the upkeep, which finds its run ended."""
         if not freed or self.slots is None:
             return
-        by_key: dict[_Key, list[str]] = {}
+        by_key: dict[SlotKey, list[str]] = {}
         for which, member in freed:
             by_key.setdefault(which, []).append(member)
         try:
@@ -145,7 +145,7 @@ class Admitting(Commits):
         self.stats.admitted += len(admitted)
 
 
-def _keys_of(wanted: dict[_Key, list[tuple[str, int]]], granted: set[str]) -> dict[str, _Key]:
+def _keys_of(wanted: dict[SlotKey, list[tuple[str, int]]], granted: set[str]) -> dict[str, SlotKey]:
     """The key each member of `granted` was granted a slot of."""
     return {member: key for key, runs in wanted.items() for member, _ in runs if member in granted}
 
@@ -160,7 +160,7 @@ def _limit(workflow: Workflow, scope: str) -> int:
     return step.limit
 
 
-def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[_Key, str]]:
+def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[SlotKey, str]]:
     """(key, command id) of each attempt of a keyed step `transition` sends; none for a
     run being compensated, nor for compensations."""
     state = transition.state

@@ -28,7 +28,7 @@ from mediator.runtime.context import (
     Pending,
     Record,
 )
-from mediator.runtime.limiting import Limiting
+from mediator.runtime.limiting import Limiting, Taken
 from mediator.runtime.messages import Message
 from mediator.runtime.runlog import log_runs
 from mediator.storage.store import Claimed, CommitOutcome
@@ -96,24 +96,25 @@ class Advance(Limiting):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> dict[str, tuple[str, str, int]]:
+    ) -> Taken:
         """Before a batch's transitions (each from its base state) commit: runs that start
         under a concurrency key get a slot or wait for one (and keyed steps' attempts),
         the breakers hold back or reroute their commands, flow-control limits queue those
         over them (for the whole batch at once), then the router addresses the rest to
-        chosen instances. The concurrency slots granted (`_admit`)."""
-        granted = await self._admit(items, now)
-        granted.update(await self._admit_steps(items, now))
+        chosen instances. The concurrency slots (`_admit`) and permits taken, for what the
+        commit does not claim to be given back."""
+        taken = Taken(await self._admit(items, now))
+        taken.slots.update(await self._admit_steps(items, now))
         for workflow, transition, _ in items:
             await self._gate(workflow, transition, now)
         if self.limiter is not None:
-            await self._limit(items, now)
+            taken.permits += await self._limit(items, now)
         if self.router is not None:
             for _, transition, _ in items:
                 self.router.route(transition)
             if self.limiter is not None and self.per_instance:
-                await self._limit_instances(items, now)
-        return granted
+                taken.permits += await self._limit_instances(items, now)
+        return taken
 
     async def _gate(self, workflow: Workflow | None, transition: Transition, now: int) -> None:
         """Before `transition` commits: hold back (park) or reroute each command to a
@@ -190,13 +191,14 @@ class Advance(Limiting):
         committed: list[Transition] = []
         permits: list[tuple[str, str]] = []
         freed: list[Freed] = []
-        granted: dict[str, tuple[str, str, int]] = {}
+        taken = Taken({})
+        lost: dict[str, tuple[Workflow | None, WorkflowState | None]] = {}
         stored: list[tuple[Workflow | None, WorkflowState]] = []
         since = clock.monotonic()
         for _ in range(MAX_CONFLICT_RETRIES):
             now = now_ms()
             pending, recheck = await self._apply_all(groups, states, fresh, now, out)
-            granted.update(
+            taken.add(
                 await self._prepare_sends(
                     [(item.workflow, item.transition, item.base) for item in pending], now
                 )
@@ -209,6 +211,7 @@ class Advance(Limiting):
             for item, (commit, messages), result in zip(pending, prepared, results, strict=True):
                 wid = item.base.workflow_id
                 if result.outcome is CommitOutcome.COMMITTED:
+                    lost.pop(wid, None)
                     self._controls_applied(item.events, commit.state, out)
                     for message in messages:
                         message.lease = result.lease
@@ -224,6 +227,7 @@ class Advance(Limiting):
                     committed.append(item.transition)
                 else:
                     self.stats.conflicts += 1
+                    lost[wid] = (item.workflow, result.current)
                     retry[wid] = groups[wid]
                     states[wid] = result.current
                     fresh.add(wid)
@@ -241,8 +245,10 @@ class Advance(Limiting):
         if outgoing:  # the commands are the producer's now: what follows does not delay them
             self.overhead.add((time.perf_counter() - received) * 1000, len(outgoing))
         await self._record(outcomes, by_instance, out)
-        await self._release_permits(permits)
-        await self._free_slots(freed + self._unclaimed(granted, stored), now_ms())
+        # What a lost compare-and-set found is the latest known state of those runs.
+        latest = stored + list(lost.values())
+        await self._release_permits(permits + self._unclaimed_permits(taken.permits, latest))
+        await self._free_slots(freed + self._unclaimed(taken.slots, stored), now_ms())
         await self._flush(out)
         if out.stale_timers:
             self.stats.stale_timers += len(out.stale_timers)

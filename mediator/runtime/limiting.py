@@ -7,15 +7,33 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
-from mediator.runtime.admission import Admitting
+from mediator.runtime.admission import Admitting, SlotKey
 from mediator.settings import ServiceLimit
 from topics.events import CommandEvent, WorkflowStatus
 
-__all__ = ["Limiting"]
+__all__ = ["Limiting", "Permit", "Taken"]
+
+#: A flow-control permit: its scope (a service, or `service@instance`) and command id.
+Permit = tuple[str, str]
+
+
+@dataclass
+class Taken:
+    """What a batch took before its commit: concurrency slots (member -> key, as
+    `Admitting._admit` gives them) and flow-control permits no command held before."""
+
+    slots: dict[str, SlotKey]
+    permits: list[Permit] = field(default_factory=list)
+
+    def add(self, other: Taken) -> None:
+        self.slots.update(other.slots)
+        self.permits += other.permits
+
 
 log = logging.getLogger("mediator.runtime")
 
@@ -27,11 +45,12 @@ class Limiting(Admitting):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> None:
+    ) -> list[Permit]:
         """Take a permit for each new step command to a limited service, for every
         transition of a batch at once (one script call per service per batch); a command
         that gets none waits in the service's queue (`queued`). Commands released from the
-        queue go first. Compensations are never held."""
+        queue go first. Compensations are never held. The permits taken that no command
+        held before (`_unclaimed_permits`)."""
         assert self.limiter is not None
         wanted: dict[str, tuple[list[str], list[str]]] = {}
         # A request read twice in one batch starts its run twice: both hold the command.
@@ -59,25 +78,29 @@ class Limiting(Admitting):
                 if command.command_id not in owners:
                     pair[0 if released else 1].append(command.command_id)
                 owners.setdefault(command.command_id, []).append(transition)
+        taken: list[Permit] = []
         for service, (released_ids, new_ids) in wanted.items():
             limit = self.flow.services[service]
             done = self._releases.pop(service, [])
             granted = await self.limiter.acquire(service, limit, released_ids, new_ids, now, done)
+            taken += [(service, cid) for cid in granted.fresh]
             for command_id in [*released_ids, *new_ids]:
                 if command_id not in granted:
                     for transition in owners[command_id]:
                         self.engine.queue(transition, command_id)
+        return taken
 
     async def _limit_instances(
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> None:
+    ) -> list[Permit]:
         """After routing: take a permit of its instance for each command routed to an
         instance of a service with a per-instance limit (one script call per instance);
         a command refused one waits in the service's queue (its service permit given
         back), and the instance counts as full until the upkeep counts again. A command
-        no instance could take (every one full) waits too."""
+        no instance could take (every one full) waits too. The permits taken that no
+        command held before."""
         assert self.limiter is not None and self.router is not None
         router = self.router
         wanted: dict[tuple[str, str], list[str]] = {}
@@ -106,7 +129,9 @@ class Limiting(Admitting):
                 for service, instance in scopes
             )
         )
+        taken: list[Permit] = []
         for (service, instance), granted in zip(scopes, grants, strict=True):
+            taken += [(f"{service}@{instance}", cid) for cid in granted.fresh]
             refused = [cid for cid in wanted[(service, instance)] if cid not in granted]
             if refused:
                 router.full.setdefault(service, set()).add(instance)
@@ -115,33 +140,56 @@ class Limiting(Admitting):
             for transition in owners[cid]:
                 self.engine.queue(transition, cid)
         await self._release_permits(held)
+        return taken
 
     def _permits_done(
         self, workflow: Workflow | None, base: WorkflowState, state: WorkflowState
-    ) -> list[tuple[str, str]]:
-        """(service, command id) of each attempt to a limited service that was in flight
-        in `base` and is not in `state`: answered, timed out or given up."""
+    ) -> list[Permit]:
+        """(scope, command id) of each permit an attempt in flight in `base` held that
+        `state` no longer holds: answered, timed out or given up."""
         if workflow is None:
             return []
-        done = []
+        after = self._permits_held(workflow, state)
+        return [p for p in self._permits_held(workflow, base) if p not in after]
+
+    def _permits_held(self, workflow: Workflow | None, state: WorkflowState) -> list[Permit]:
+        """(scope, command id) of the permits the attempts in flight in `state` hold: one
+        of its service's limit, and one of its instance's under a per-instance limit."""
+        held: list[Permit] = []
         limited = self.flow.services
-        for sid, was in base.steps.items():
-            if was.status is not StepStatus.RUNNING or was.command_id is None:
+        if workflow is None or not limited:
+            return held
+        for sid, step_state in state.steps.items():
+            cid = step_state.command_id
+            if step_state.status is not StepStatus.RUNNING or cid is None:
                 continue
             step = workflow.steps.get(sid)
-            service = was.via or (step.service if step is not None else "")
+            service = step_state.via or (step.service if step is not None else "")
             if service not in limited:
                 continue
-            now = state.steps.get(sid)
-            if (
-                now is None
-                or now.status is not StepStatus.RUNNING
-                or now.command_id != was.command_id
-            ):
-                done.append((service, was.command_id))
-                if limited[service].per_instance is not None and was.instance:
-                    done.append((f"{service}@{was.instance}", was.command_id))
-        return done
+            held.append((service, cid))
+            if limited[service].per_instance is not None and step_state.instance:
+                held.append((f"{service}@{step_state.instance}", cid))
+        return held
+
+    def _unclaimed_permits(
+        self,
+        taken: list[Permit],
+        latest: Sequence[tuple[Workflow | None, WorkflowState | None]],
+    ) -> list[Permit]:
+        """The permits taken for a batch that no latest known state of their runs holds
+        (what was committed, or what a lost compare-and-set found): their transition lost
+        and its recomputation did without them, its command was queued after all, or it was
+        routed to another instance. Given back at once rather than left to the release
+        loop's audit (`FlowUpkeep._reap`), which would keep the room from others for a
+        tenth of the lease."""
+        if not taken:
+            return []
+        live: set[Permit] = set()
+        for workflow, state in latest:
+            if state is not None:
+                live.update(self._permits_held(workflow, state))
+        return [p for p in taken if p not in live]
 
     async def _release_permits(self, done: list[tuple[str, str]]) -> None:
         """Free the permits of answered commands: with the next permits taken for their

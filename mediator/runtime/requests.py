@@ -14,6 +14,8 @@ from mediator import clock
 from mediator.clock import now_ms
 from mediator.core.engine import Transition, result_of
 from mediator.core.signing import SignatureError
+from mediator.core.state import WorkflowState
+from mediator.core.workflow import Workflow
 from mediator.errors import UnknownWorkflow
 from mediator.runtime.advance import Advance
 from mediator.runtime.context import (
@@ -48,7 +50,7 @@ class Requests(Advance):
             start = self._start(record, now, out)
             if start is not None:
                 starts.append(start)
-        granted = await self._prepare_sends([(s.workflow, s.transition, None) for s in starts], now)
+        taken = await self._prepare_sends([(s.workflow, s.transition, None) for s in starts], now)
         for start in starts:
             start.commit, start.messages = self._commit_of(
                 start.workflow, start.transition, None, now, [start.request]
@@ -57,7 +59,8 @@ class Requests(Advance):
         results = await self.store.commit_many([s.commit for s in starts if s.commit], now)
         outgoing: list[Message] = []
         committed: list[Transition] = []
-        stored = []
+        stored: list[tuple[Workflow | None, WorkflowState]] = []
+        found: list[tuple[Workflow | None, WorkflowState | None]] = []  # runs that existed
         for start, result in zip(starts, results, strict=True):
             assert start.commit is not None
             state = start.commit.state
@@ -69,14 +72,17 @@ class Requests(Advance):
                 self._parked_count(start.transition)
                 committed.append(start.transition)
                 stored.append((start.workflow, state))
-            elif (answer := self._duplicate(start, result)) is not None:
-                out.direct.append(answer)
+            else:
+                found.append((start.workflow, result.current))
+                if (answer := self._duplicate(start, result)) is not None:
+                    out.direct.append(answer)
         self._observe(committed, now)
         await self.dispatcher.send(outgoing, since)
         self.overhead.add((time.perf_counter() - received) * 1000, len(starts) or 1)
         # A run that existed already (or was started twice in the batch), or ended at
         # once: the slots given to its start are not held by anything committed.
-        await self._free_slots(self._unclaimed(granted, stored), now)
+        await self._release_permits(self._unclaimed_permits(taken.permits, stored + found))
+        await self._free_slots(self._unclaimed(taken.slots, stored), now)
         await self._flush(out)
 
     def _start(self, record: Record, now: int, out: BatchOutput) -> Start | None:

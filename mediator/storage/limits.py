@@ -14,10 +14,23 @@ from mediator.storage.connection import lua_source, text
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 
-__all__ = ["Limits"]
+__all__ = ["Granted", "Limits"]
 
 _ACQUIRE = lua_source("limit_acquire.lua")
 _STATUS = lua_source("limit_status.lua")
+
+
+class Granted(frozenset[str]):
+    """The command ids granted a permit by one call; `fresh`: those among them that held
+    none before it (a recomputed transition is granted its permits again: those are not
+    fresh, and are not its to give back)."""
+
+    fresh: frozenset[str]
+
+    def __new__(cls, granted: Sequence[str], fresh: Sequence[str]) -> Granted:
+        made = super().__new__(cls, granted)
+        made.fresh = frozenset(fresh)
+        return made
 
 
 class Limits:
@@ -38,7 +51,7 @@ class Limits:
         new: Sequence[str],
         now_ms: int,
         done: Sequence[str] = (),
-    ) -> set[str]:
+    ) -> Granted:
         """The command ids granted a permit: `released` (out of the queue) first, then
         `new` ones while nothing is queued, as far as the limit allows; the permits of the
         commands `done` (answered) are freed first, in the same call."""
@@ -55,8 +68,8 @@ class Limits:
             *new,
         ]
         with redis_errors(f"taking flow-control permits of {service}"):
-            granted = await self._acquire(keys=list(self.keys.limit(service)), args=args)
-        return {text(g) for g in granted}
+            granted, fresh = await self._acquire(keys=list(self.keys.limit(service)), args=args)
+        return Granted([text(g) for g in granted], [text(g) for g in fresh])
 
     async def release(self, service: str, command_ids: Sequence[str]) -> None:
         """The commands `command_ids` were answered (or given up): their permits free."""

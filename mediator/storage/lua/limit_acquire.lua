@@ -11,7 +11,8 @@
 -- then those ids, then: max in flight (0: no limit), rate per second (0: no limit),
 -- burst (tokens), permit lease (ms), how many of the ids that follow were released
 -- (out of the queue), and the command ids wanting a permit: the released ones first.
--- Returns the ids granted a permit (one holding a permit already is granted again).
+-- Returns {the ids granted a permit (one holding a permit already is granted again),
+-- the ids of those that did not hold one before this call}.
 local now = tonumber(ARGV[1])
 local freed = tonumber(ARGV[2])
 for i = 3, 2 + freed do
@@ -30,7 +31,7 @@ if rate > 0 then
 end
 local queued = tonumber(state[3]) or 0
 local inflight = redis.call('ZCARD', KEYS[1])
-local granted = {}
+local granted, fresh = {}, {}
 for i = first, #ARGV do
   local id = ARGV[i]
   if redis.call('ZSCORE', KEYS[1], id) then
@@ -44,8 +45,9 @@ for i = first, #ARGV do
         tokens = tokens - 1
       end
       granted[#granted + 1] = id
+      fresh[#fresh + 1] = id
     end
   end
 end
 redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'at', now)
-return granted
+return {granted, fresh}
