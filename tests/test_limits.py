@@ -6,6 +6,7 @@ back at once the permits it took for what it did not commit."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
@@ -82,24 +83,29 @@ async def test_permits_of_answered_commands_are_freed_by_the_next_acquire(
     assert await permits.acquire("pay", cap, [], ["b"], 1_002, done=["a"]) == {"b"}
 
 
+def limited_runtime(redis: Redis, prefix: str, dispatcher: RecordingDispatcher) -> Runtime:
+    """A runtime whose one workflow sends one command to `pay`, limited to 1 in flight."""
+    keys = Keys(prefix, 4)
+    definitions = Definitions(
+        parse_workflows({"name": "one", "steps": [{"id": "a", "service": "pay", "action": "x"}]})
+    )
+    return Runtime(
+        definitions=DefinitionStore(redis, keys, definitions),
+        store=Store(redis, keys, retention_ms=60_000),
+        dispatcher=dispatcher,
+        topics=TOPICS,
+        flow=FlowControlSettings.model_validate({"services": {"pay": {"max_in_flight": 1}}}),
+    )
+
+
 async def test_a_permit_taken_for_a_start_that_is_a_duplicate_is_given_back(
     redis_client: Redis, key_prefix: str
 ) -> None:
     """A request redelivered after its run moved on starts nothing: the permit its first
     command was granted on the way is given back at once, not held from other runs until
     the release loop finds nobody holds it."""
-    keys = Keys(key_prefix, 4)
-    definitions = Definitions(
-        parse_workflows({"name": "one", "steps": [{"id": "a", "service": "pay", "action": "x"}]})
-    )
     dispatcher = RecordingDispatcher()
-    runtime = Runtime(
-        definitions=DefinitionStore(redis_client, keys, definitions),
-        store=Store(redis_client, keys, retention_ms=60_000),
-        dispatcher=dispatcher,
-        topics=TOPICS,
-        flow=FlowControlSettings.model_validate({"services": {"pay": {"max_in_flight": 1}}}),
-    )
+    runtime = limited_runtime(redis_client, key_prefix, dispatcher)
     assert runtime.limiter is not None
     request = RequestEvent(request_id="r-1", workflow="one").model_dump_json().encode()
     await runtime.handle_requests([Record(TOPICS.requests, 0, 0, request)])
@@ -114,3 +120,28 @@ async def test_a_permit_taken_for_a_start_that_is_a_duplicate_is_given_back(
     await runtime.handle_requests([Record(TOPICS.requests, 0, 0, request)])  # redelivered
     await asyncio.sleep(0.05)
     assert (await runtime.limiter.in_flight(["pay"]))["pay"] == 0
+
+
+async def test_releases_queued_while_a_release_is_under_way_are_made_too(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The permits of commands answered while the background release of earlier ones is
+    waiting on Redis are released when it is done, not left until some later batch."""
+    runtime = limited_runtime(redis_client, key_prefix, RecordingDispatcher())
+    limiter = runtime.limiter
+    assert limiter is not None
+    await limiter.acquire("pay", ServiceLimit(max_in_flight=5), [], ["c1", "c2"], 1_000)
+    slow, release = asyncio.Event(), limiter.release
+
+    async def held_up(service: str, ids: Sequence[str]) -> None:
+        await slow.wait()
+        await release(service, ids)
+
+    limiter.release = held_up  # type: ignore[method-assign]
+    await runtime._release_permits([("pay", "c1")])
+    await asyncio.sleep(0.01)  # the background release is waiting on Redis
+    await runtime._release_permits([("pay", "c2")])  # the last answer of a load
+    slow.set()
+    assert runtime._release_task is not None
+    await runtime._release_task
+    assert (await limiter.in_flight(["pay"]))["pay"] == 0

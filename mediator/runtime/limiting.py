@@ -204,22 +204,24 @@ class Limiting(Admitting):
             self._release_task = asyncio.create_task(self._flush_releases())
 
     async def _flush_releases(self) -> None:
-        """Release what no acquire took along (after the batch that produced them ends)."""
+        """Release what no acquire took along (after the batch that produced them ends),
+        and what later batches added while it was releasing, until nothing is left."""
         await asyncio.sleep(0)
         assert self.limiter is not None
-        pending, self._releases = self._releases, {}
-        for service, ids in pending.items():
-            try:
-                await self.limiter.release(service, ids)
-            except Exception as exc:
-                self.stats.permit_release_errors += 1
-                log.warning(
-                    "flow control: %d permits of %s not released (they lapse in %d ms): %s",
-                    len(ids),
-                    service,
-                    self.flow.lease_ms,
-                    exc,
-                )
+        while self._releases:
+            pending, self._releases = self._releases, {}
+            for service, ids in pending.items():
+                try:
+                    await self.limiter.release(service, ids)
+                except Exception as exc:
+                    self.stats.permit_release_errors += 1
+                    log.warning(
+                        "flow control: %d permits of %s not released (they lapse in %d ms): %s",
+                        len(ids),
+                        service,
+                        self.flow.lease_ms,
+                        exc,
+                    )
 
 
 def _per_instance_sends(
