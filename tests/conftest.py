@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, create_topics
+from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster, create_topics
 from mediator.settings import Settings, load_settings
 from tests.helpers import SERVICE, TEST_KEYS, TEST_OPERATORS
 from tests.system import System
@@ -124,6 +124,15 @@ async def redis_server() -> AsyncIterator[EmbeddedRedis]:
     """A Valkey (or Redis) server shared by the whole session."""
     async with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+async def redis_cluster() -> AsyncIterator[EmbeddedRedisCluster]:
+    """A Redis Cluster (3 primaries, a replica each) shared by the session's cluster tests.
+
+    Tests that kill or pause its nodes should start a cluster of their own."""
+    async with EmbeddedRedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

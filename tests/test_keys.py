@@ -31,7 +31,7 @@ GENERAL = {
     "name_index": "med:{s3}:name:<workflow name>",
     "metric": "med:m:<kind>:<name>:<bucket>",
     "metric_names": "med:m:series:<kind>",
-    "alerts": "med:alerts:active",
+    "alerts": "med:{alerts}:active",
     # A run's keys are in its own shard; the layout draws them in shard 3.
     "workflow": "med:{s3}:wf:<workflow_id>",
     "tombstone": "med:{s3}:done:<workflow_id>",

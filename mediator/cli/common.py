@@ -92,10 +92,11 @@ async def redis_session(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
     """A Redis client for `settings` and the key layout Redis holds (its shard count as
     stored), closed on exit."""
     from mediator.ops.status import stored_keys
-    from mediator.storage.connection import connect_to
+    from mediator.storage.connection import check_mode, connect_to
 
     redis = connect_to(settings.redis)
     try:
+        await check_mode(redis)
         yield redis, await stored_keys(redis, settings.redis.key_prefix, settings.redis.shards)
     finally:
         await redis.aclose()

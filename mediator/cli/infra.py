@@ -15,6 +15,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,6 +39,7 @@ __all__ = [
     "Embedded",
     "EmbeddedKafka",
     "EmbeddedRedis",
+    "EmbeddedRedisCluster",
     "create_topics",
     "embedded",
     "find_free_port",
@@ -363,6 +365,156 @@ class EmbeddedRedis(_Server):
         if self.process is None or info.get("process_id") != self.process.pid:
             msg = f"{self.url} is served by process {info.get('process_id')}, not ours"
             raise InfrastructureError(msg)
+
+
+class EmbeddedRedisCluster:
+    """A Redis Cluster of `masters` primaries with `replicas` replicas each (Valkey in
+    cluster mode, on loopback ports, never persisting), created with the bundled
+    ``valkey-cli --cluster create``. `nodes` can be killed, paused and restarted one by one
+    (a primary killed is replaced by its replica after ``node_timeout_ms``)."""
+
+    name = "valkey cluster"
+
+    def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 2000) -> None:
+        if masters < 3:
+            msg = "a Redis Cluster needs at least 3 primaries"
+            raise ValueError(msg)
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[EmbeddedRedis] = []
+
+    @property
+    def url(self) -> str:
+        """The ``redis://`` URL of one node: a cluster client discovers the rest from it."""
+        return self.nodes[0].url
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"{HOST}:{node.port}" for node in self.nodes]
+
+    async def start(self) -> None:
+        """Start every node, join them into one cluster and wait until it serves every slot."""
+        if self.nodes:
+            return
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--repl-diskless-sync-delay", "0"]  # fmt: skip
+        self.nodes = [
+            EmbeddedRedis(_cluster_port(), args=args)
+            for _ in range(self.masters * (1 + self.replicas))
+        ]
+        try:
+            await asyncio.gather(*(node.start() for node in self.nodes))
+            await self._create()
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _create(self) -> None:
+        server = self.nodes[0].binary or _locate(*EmbeddedRedis.binary_from)
+        cli = server.with_name(server.name.replace("-server", "-cli")) if server else None
+        if cli is None or not os.access(cli, os.X_OK):
+            msg = f"cannot create a {self.name}: no valkey-cli or redis-cli beside {server}"
+            raise InfrastructureError(msg)
+        process = await asyncio.create_subprocess_exec(
+            str(cli), "--cluster", "create", *self.addresses,
+            "--cluster-replicas", str(self.replicas), "--cluster-yes",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            msg = f"creating the {self.name} failed:\n{out.decode(errors='replace')[-2000:]}"
+            raise InfrastructureError(msg)
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Return once every running node says the cluster is ok (every slot served), they
+        agree on who serves what, and every running replica is in sync."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        state = ""
+        while loop.time() < deadline:
+            try:
+                state = await self._state()
+                if state == "ok":
+                    return
+            except Exception as exc:  # a node still starting or failing over
+                state = repr(exc)
+            await asyncio.sleep(0.1)
+        msg = f"the {self.name} was not ready within {timeout_s} s (last: {state})"
+        raise InfrastructureError(msg)
+
+    async def _state(self) -> str:
+        views: set[str] = set()
+        shards: list[tuple[str, ...]] = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            client = aioredis.Redis.from_url(node.url, socket_timeout=2.0)
+            try:
+                raw = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                info = raw.decode()
+                if "cluster_state:ok" not in info:
+                    return f"{node.port}: not ok"
+                slots = await client.execute_command("CLUSTER", "SHARDS")  # type: ignore[no-untyped-call]
+                shards = _primaries(slots)
+                views.add(repr(shards))
+            finally:
+                await client.aclose()
+        if len(views) != 1:
+            return "nodes disagree on the primaries"
+        running = sum(node.running for node in self.nodes)
+        seen = sum(len(shard) - 1 for shard in shards)
+        return "ok" if seen == running else f"{running - seen} nodes not in sync yet"
+
+    async def primaries(self) -> list[EmbeddedRedis]:
+        """The running nodes that are primaries now."""
+        found = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            client = aioredis.Redis.from_url(node.url, socket_timeout=2.0)
+            try:
+                role = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+            finally:
+                await client.aclose()
+            if role[0] in (b"master", "master"):
+                found.append(node)
+        return found
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(node.stop() for node in self.nodes), return_exceptions=True)
+        self.nodes = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, its bus port (10000 above) free too."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        if _port_free(port) and _port_free(port + 10_000):
+            return port
+    msg = "no free port pair (port, port + 10000) for a cluster node"
+    raise InfrastructureError(msg)
+
+
+def _primaries(shards: Any) -> list[tuple[str, ...]]:
+    """From ``CLUSTER SHARDS``: each shard's slot ranges, the port of its primary and of
+    its replicas that are in sync."""
+    found = []
+    for shard in shards:
+        nodes = shard[b"nodes"]
+        primary = [n for n in nodes if n[b"role"] == b"master" and n[b"health"] == b"online"]
+        synced = [n for n in nodes if n[b"role"] == b"replica" and n[b"health"] == b"online"]
+        found.append((repr(shard[b"slots"]), *(str(n[b"port"]) for n in primary + synced)))
+    return sorted(found)
 
 
 async def wait_for_replica(url: str, timeout_s: float = 20.0) -> None:

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator.ops.control import breaker_states
+from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys
 from mediator.storage.parked import parked_counts
 
@@ -45,7 +45,7 @@ class FaultWatch:
     async def run(self) -> None:
         """Until cancelled; a Redis error skips one look."""
         while True:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS, OSError):
                 await self.look()
             await asyncio.sleep(self.interval)
 

@@ -35,7 +35,6 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator import clock
 from mediator.errors import RecoverError, StateUnavailable
@@ -46,6 +45,7 @@ from mediator.ops.window import parse_time, read_window, window
 from mediator.producers import new_producer, start_producer
 from mediator.settings import Settings
 from mediator.storage.connection import connect_to
+from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys, workflow_id_for
 from topics.events import RequestEvent
 
@@ -237,7 +237,7 @@ class RequestScan:
                     # Both keys carry the workflow's shard tag: one slot, fine on a cluster.
                     pipe.exists(self.keys.workflow(wid), self.keys.tombstone(wid))
                 counts = await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             msg = f"Redis unavailable while checking which runs it has: {exc}"
             raise StateUnavailable(msg) from exc
         return [int(n) > 0 for n in counts]

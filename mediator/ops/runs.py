@@ -10,7 +10,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator.core.lineage import child_run_id
 from mediator.core.progress import command_id
@@ -18,6 +17,7 @@ from mediator.core.results import history_of, result_of
 from mediator.core.state import Failure, WorkflowState, loads
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
+from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys, workflow_id_for
 
 __all__ = [
@@ -141,7 +141,7 @@ async def list_runs(
             if len(runs) >= limit:
                 break
         return runs
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         msg = f"cannot read runs from Redis: {exc}"
         raise StateUnavailable(msg) from exc
 
@@ -221,7 +221,7 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
             return None
         state = loads(blob)
         definition = await redis.get(keys.definition(state.workflow, state.version))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         msg = f"cannot read run {workflow_id} from Redis: {exc}"
         raise StateUnavailable(msg) from exc
     result = result_of(state).model_dump(mode="json", exclude_none=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator.core.state import loads
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import text
+from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys
 
 __all__ = ["collect_status", "format_stats", "stored_keys"]
@@ -31,7 +31,7 @@ async def stored_keys(redis: Redis, prefix: str, default_shards: int) -> Keys:
     keys = Keys(prefix, default_shards)
     try:
         stored = await redis.hget(keys.meta, "shards")
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         msg = f"cannot read the key layout from Redis: {exc}"
         raise StateUnavailable(msg) from exc
     if stored is None:
@@ -55,7 +55,7 @@ async def collect_status(redis: Redis, keys: Keys, *, limit: int = 10) -> dict[s
     """
     try:
         return await _collect(redis, keys, limit)
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         msg = f"cannot read status from Redis: {exc}"
         raise StateUnavailable(msg) from exc
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,6 +113,11 @@ class RedisSettings(BaseModel):
         repr=False,
         description="``redis://`` or, for TLS, ``rediss://``. A password in it is never logged, "
         "but prefer `password` or `password_file`.",
+    )
+    mode: Literal["standalone", "cluster"] = Field(
+        default="standalone",
+        description="``standalone``: one Redis (with replicas, optionally). ``cluster``: a "
+        "Redis Cluster (Redis 7+ / Valkey 8); `url` names any one of its nodes.",
     )
     username: str | None = Field(
         default=None,

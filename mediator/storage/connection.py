@@ -10,14 +10,22 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
-__all__ = ["PackedConnection", "connect", "connect_to", "lua_source", "redacted", "text"]
+__all__ = [
+    "PackedConnection",
+    "check_mode",
+    "connect",
+    "connect_to",
+    "lua_source",
+    "redacted",
+    "text",
+]
 
 
 class PackedConnection(Connection):
@@ -44,8 +52,49 @@ def connect(url: str, *, timeout_s: float | None = None, **options: Any) -> Redi
 
 
 def connect_to(settings: Any) -> Redis:
-    """A client for `RedisSettings`: its URL, credentials, TLS and timeout."""
+    """A client for `RedisSettings`: its URL, credentials, TLS and timeout; with ``mode:
+    cluster`` a Redis Cluster client (`mediator.storage.cluster`), which answers the same
+    commands (the URL names any one node: the client discovers the rest)."""
+    if settings.mode == "cluster":
+        from mediator.storage.cluster import ClusterClient
+
+        options = settings.client_options() | {
+            "socket_timeout": settings.socket_timeout_s,
+            "socket_connect_timeout": settings.socket_timeout_s,
+        }
+        return cast(Redis, ClusterClient.from_url(settings.url, **options))
     return connect(settings.url, timeout_s=settings.socket_timeout_s, **settings.client_options())
+
+
+async def check_mode(redis: Any) -> None:
+    """Refuse, with what to set, a Redis whose kind is not the one `redis.mode` says: a
+    Redis Cluster node spoken to as one Redis answers MOVED to most keys, and a single
+    Redis cannot serve a cluster client."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException
+
+    from mediator.errors import ConfigurationError
+
+    if isinstance(redis, RedisCluster):
+        try:
+            await redis.initialize()
+        except RedisClusterException as exc:
+            if "not enabled" not in str(exc):
+                raise
+            msg = (
+                "redis.mode is cluster but the Redis at redis.url is not a Redis Cluster "
+                "node (cluster mode is not enabled on it): set redis.mode standalone "
+                "(MEDIATOR_REDIS__MODE=standalone)"
+            )
+            raise ConfigurationError(msg) from None
+        return
+    info = await redis.info("cluster")
+    if int(info.get("cluster_enabled", 0)):
+        msg = (
+            "the Redis at redis.url is a Redis Cluster node: set redis.mode cluster "
+            "(MEDIATOR_REDIS__MODE=cluster)"
+        )
+        raise ConfigurationError(msg)
 
 
 def redacted(url: str) -> str:

@@ -79,9 +79,9 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              with a TTL
     med:ctl:<control_id>              string JSON {applied, detail, at_ms}: what became of an
                                              operator's control, kept for a day
-    med:alerts:active                 hash   alert key -> JSON of each alert now firing
-    med:alerts:history                list   JSON of alerts fired and resolved, newest first
-    med:alerts:lease                  string the replica evaluating alerts, with a TTL
+    med:{alerts}:active               hash   alert key -> JSON of each alert now firing
+    med:{alerts}:history              list   JSON of alerts fired and resolved, newest first
+    med:{alerts}:lease                string the replica evaluating alerts, with a TTL
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class Keys:
 
     def alerts(self, what: str) -> str:
         """The alerts' ``active`` hash, ``history`` list or evaluation ``lease``."""
-        return f"{self.prefix}:alerts:{what}"
+        return f"{self.prefix}:{{alerts}}:{what}"
 
     @property
     def schedules(self) -> str:

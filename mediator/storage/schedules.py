@@ -10,11 +10,11 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from mediator.core.schedules import Schedule
 from mediator.errors import StateUnavailable
 from mediator.storage.connection import lua_source, text
+from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys
 
 __all__ = ["ScheduleState", "ScheduleStates"]
@@ -105,7 +105,7 @@ class ScheduleStates:
     async def _call(self, awaitable: Any, what: str) -> Any:
         try:
             return await awaitable
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             msg = f"Redis unavailable while {what} (schedules): {exc}"
             raise StateUnavailable(msg) from exc
 

@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 
 from mediator.core.state import WorkflowState
 from mediator.errors import ConfigurationError, StateUnavailable
+from mediator.storage.cluster import nodes_of
 from mediator.storage.commit import (
     Commit,
     CommitCodec,
@@ -26,7 +27,7 @@ from mediator.storage.commit import (
     Tombstone,
     decode_state,
 )
-from mediator.storage.connection import lua_source, text
+from mediator.storage.connection import check_mode, lua_source, text
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
 
@@ -93,6 +94,7 @@ class Store:
     async def check_layout(self) -> None:
         """Record the key schema and shard count, or refuse a shard count that differs."""
         with redis_errors("checking the key layout"):
+            await check_mode(self.redis)
             await self.redis.hsetnx(self.keys.meta, "shards", self.keys.shards)
             await self.redis.hsetnx(self.keys.meta, "schema", KEY_SCHEMA_VERSION)
             stored = await self.redis.hget(self.keys.meta, "shards")
@@ -176,17 +178,25 @@ class Store:
     async def _pipeline_evalsha(
         self, sha: str, calls: Sequence[tuple[list[str], list[Any]]], wait: bool
     ) -> list[Any]:
+        # On a cluster, one WAIT per primary written to, each sent with that primary's
+        # calls (the client sends each primary's share of a pipeline on one connection).
+        nodes = await nodes_of(self.redis, [keys[0] for keys, _ in calls]) if wait else None
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             if wait:
                 # WAIT on the connection that wrote: it counts replicas that have every
                 # write this connection made so far.
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                for node in nodes if nodes is not None else [None]:
+                    target = {} if node is None else {"target_nodes": node}
+                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
             replies = list(await pipe.execute(raise_on_error=False))
         if wait:
-            acked = replies.pop()
-            if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+            waited = len(nodes) if nodes is not None else 1
+            acks, replies = replies[len(replies) - waited :], replies[: len(replies) - waited]
+            short = [a for a in acks if isinstance(a, Exception) or int(a) < self.wait_replicas]
+            if short:
+                acked = short[0]
                 msg = (
                     f"only {acked} of {self.wait_replicas} Redis replicas acknowledged the "
                     f"commit within {self.wait_timeout_ms} ms; the batch will be redelivered"

@@ -1,0 +1,120 @@
+"""The mediator on a Redis Cluster (3 primaries, a replica each, real Valkey nodes): runs
+finish across replicas with each step's keys in one slot, the operators' commands read
+the state spread over the primaries, and a primary killed under load (its replica
+promoted) loses and doubles nothing with `wait_replicas: 1`."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mediator.cli.infra import EmbeddedRedisCluster
+from mediator.settings import Settings
+from mediator.storage.cluster import ClusterClient
+from mediator.storage.connection import connect_to
+from mediator.storage.keys import Keys
+from tests.helpers import cli, read_to_end, wait_for
+from tests.processes import MediatorProcess
+from tests.system import CHAIN3, RETRIED, echo, slow_echo
+from topics import ResultEvent, WorkflowStatus
+
+
+def on(cluster: EmbeddedRedisCluster, settings: Settings, **redis: Any) -> dict[str, Any]:
+    """`make_system` overrides pointing the Redis settings at `cluster`."""
+    return {
+        "redis": settings.redis.model_copy(update={"url": cluster.url, "mode": "cluster", **redis})
+    }
+
+
+@pytest.mark.slow
+async def test_two_replicas_finish_runs_on_a_cluster(
+    make_system: Any, settings: Settings, redis_cluster: EmbeddedRedisCluster
+) -> None:
+    """Chains and retried steps run to their end on two in-process replicas whose state
+    is spread over three primaries; `mediator status` and `workflows show` read it back."""
+    system = await make_system(CHAIN3, RETRIED, **on(redis_cluster, settings))
+    failures = collections.Counter[str]()
+
+    async def flaky(data: Any, command: Any) -> Any:
+        if command.workflow_id not in failures and command.workflow == "retried":
+            failures[command.workflow_id] += 1
+            msg = "the first attempt fails"
+            raise RuntimeError(msg)
+        return await echo(data, command)
+
+    await system.worker("svc", {"work": flaky}, concurrency=64)
+    await system.mediator()
+    await system.mediator()
+    client = await system.client()
+    results = await asyncio.gather(
+        *(client.submit("chain3", {"n": n}, request_id=f"c-{n}", timeout=60) for n in range(60)),
+        *(client.submit("retried", {"n": n}, request_id=f"r-{n}", timeout=60) for n in range(4)),
+    )
+    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
+    assert len({r.result_id for r in results}) == 64
+    redis = connect_to(system.settings.redis)
+    try:
+        assert isinstance(redis, ClusterClient)
+        await redis.initialize()
+        keys = Keys(settings.redis.key_prefix, settings.redis.shards)
+        nodes = {redis.get_node_from_key(keys.workflow(r.workflow_id)).name for r in results}
+        assert len(nodes) == 3, nodes  # the runs live on every primary
+    finally:
+        await redis.aclose()
+    code, out, err = await cli(system.settings, "status")
+    assert code == 0, err
+    assert "completed" in out
+    code, out, err = await cli(system.settings, "workflows", "show", results[-1].workflow_id)
+    assert code == 0 and "completed" in out, (out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.integration  # a cluster of its own: one of its primaries is killed
+async def test_a_primary_killed_under_load_loses_and_doubles_nothing(
+    make_system: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """With `wait_replicas: 1`, a primary `kill -9`ed while two replica processes run 300
+    chains: its replica is promoted, the mediators ride the failover out (commits fail
+    transiently and their batches are redelivered), and every request ends with exactly
+    one result."""
+    async with EmbeddedRedisCluster(node_timeout_ms=1000) as cluster:
+        system = await make_system(
+            CHAIN3, **on(cluster, settings, wait_replicas=1, wait_timeout_ms=500)
+        )
+        await system.worker("svc", {"work": slow_echo}, concurrency=32)
+        workflows = system.write_workflows(tmp_path)
+        replicas = [MediatorProcess(system.settings, workflows, tmp_path, f"r{i}") for i in (1, 2)]
+        for replica in replicas:
+            replica.start()
+        client = await system.client()
+        done: list[Any] = []
+
+        async def submit(n: int) -> None:
+            done.append(await client.submit("chain3", {"n": n}, request_id=f"k-{n}", timeout=180))
+
+        try:
+            runs = [asyncio.create_task(submit(n)) for n in range(300)]
+            await wait_for(lambda: len(done) >= 30, timeout=120, what="the first results")
+            [victim, *_] = await cluster.primaries()
+            victim.kill()
+            await asyncio.gather(*runs)
+        finally:
+            codes = [await replica.stop() for replica in replicas]
+        assert codes == [0, 0], [r.output()[-3000:] for r in replicas]
+        await cluster.wait_ready()  # the replica took over every slot of the dead primary
+        assert len(done) == 300
+        assert {r.status for r in done} == {WorkflowStatus.COMPLETED}
+        assert len({r.request_id for r in done}) == 300
+        # On the results topic: one result per request (a copy re-sent by the outbox
+        # carries the same result_id).
+        records = await read_to_end(system.bootstrap, system.topics.results)
+        ids: dict[str, set[str]] = collections.defaultdict(set)
+        for record in records:
+            event = ResultEvent.model_validate_json(record.value)
+            ids[event.request_id].add(event.result_id or "")
+        assert len(ids) == 300
+        assert {len(v) for v in ids.values()} == {1}
