@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from redis.asyncio import Redis
 
 from mediator import clock, codec, producers
+from mediator.cli.infra import EmbeddedRedisCluster
 from mediator.errors import BadTime, RecoverError
 from mediator.ops.recover import parse_time, recover
 from mediator.settings import Settings, settings_document
+from mediator.storage.connection import connect_to
 from mediator.storage.keys import Keys, workflow_id_for
 from tests.helpers import records_on, step, wait_for
 from topics.events import RequestEvent
@@ -96,6 +99,26 @@ async def request_copies(settings: Settings) -> tuple[Counter[str], int]:
     return copies, len(distinct)
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+async def on_either(
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    redis_client: Redis,
+    redis_cluster: EmbeddedRedisCluster,
+) -> AsyncIterator[tuple[Settings, Redis]]:
+    """The settings and a client of the session's Redis, or of its Redis Cluster."""
+    if request.param == "standalone":
+        yield settings, redis_client
+        return
+    cluster = {"url": redis_cluster.url, "mode": "cluster"}
+    on = settings.model_copy(update={"redis": settings.redis.model_copy(update=cluster)})
+    client = connect_to(on.redis)
+    try:
+        yield on, client
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def layout(redis_client: Redis, settings: Settings) -> Keys:
     """The prefix laid out with STORED_SHARDS shards, as a replica records it in med:meta."""
@@ -124,9 +147,10 @@ def test_time_forms() -> None:
             parse_time(bad, now_ms=now)
 
 
-async def test_republishes_exactly_the_runs_redis_lost(
-    settings: Settings, redis_client: Redis, layout: Keys
-) -> None:
+async def test_republishes_exactly_the_runs_redis_lost(on_either: tuple[Settings, Redis]) -> None:
+    settings, redis_client = on_either
+    layout = Keys(settings.redis.key_prefix, STORED_SHARDS)
+    await redis_client.hset(layout.meta, mapping={"shards": STORED_SHARDS, "schema": 1})
     since = clock.now_ms() - 1000
     ids = [f"r-{i}" for i in range(12)]
     await publish_requests(settings, ids)
