@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mediator.cli.infra import EmbeddedRedisCluster
-from mediator.settings import Settings
-from mediator.storage.cluster import ClusterClient
-from mediator.storage.connection import connect_to
+from mediator.core.schedules import parse_schedules
+from mediator.settings import FlowControlSettings, ScheduleSettings, Settings
+from mediator.storage.cluster import ClusterClient, ScriptedPipeline
+from mediator.storage.connection import connect_to, lua_source
 from mediator.storage.keys import Keys
 from tests.helpers import cli, read_to_end, wait_for
 from tests.processes import MediatorProcess
@@ -123,3 +125,97 @@ async def test_a_primary_killed_under_load_loses_and_doubles_nothing(
             ids[event.request_id].add(event.result_id or "")
         assert len(ids) == 300
         assert {len(v) for v in ids.values()} == {1}
+
+
+FEATURES = [
+    {"name": "keyed", "concurrency": {"key": "payload.customer", "limit": 1},
+     "steps": [{"id": "a", "service": "svc", "action": "work"}]},
+    {"name": "limited", "steps": [{"id": "pay", "service": "pay", "action": "charge"}]},
+    {"name": "payment", "steps": [
+        {"id": "charge", "service": "svc", "action": "intent"},
+        {"id": "paid", "depends_on": ["charge"], "timeout": "20s",
+         "wait": {"event": "payment", "key": "steps.charge.intent"}},
+    ]},
+    {"name": "tick", "steps": [{"id": "a", "service": "svc", "action": "work"}]},
+]  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_keys_limits_signals_and_schedules_run_on_a_cluster(
+    make_system: Any,
+    settings: Settings,
+    redis_cluster: EmbeddedRedisCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrency keys, a flow-control limit, a wait reached by a correlation key and a
+    schedule on a cluster: every run ends as it does on one Redis, and the scripts they
+    need (slots, permits, queues, signals, schedules) all run, none refused."""
+    ran: set[str] = set()
+    call, queue = ClusterClient.execute_command, ScriptedPipeline.execute_command
+
+    async def calling(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] == "EVALSHA":
+            ran.add(args[1])
+        return await call(self, *args, **kwargs)
+
+    def queueing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] == "EVALSHA":
+            ran.add(args[1])
+        return queue(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterClient, "execute_command", calling)
+    monkeypatch.setattr(ScriptedPipeline, "execute_command", queueing)
+    flow = FlowControlSettings.model_validate({"services": {"pay": {"max_in_flight": 2}}})
+    system = await make_system(
+        *FEATURES,
+        **on(redis_cluster, settings),
+        flow_control=flow,
+        schedules=ScheduleSettings(poll_ms=50),
+    )
+    for schedule in parse_schedules(
+        {"schedules": [{"name": "beat", "workflow": "tick", "every": "300ms"}]}
+    ):
+        system.definitions.add_schedule(schedule)
+    ticks: list[int] = []
+
+    async def work(data: Any, command: Any) -> dict[str, Any]:
+        if command.workflow == "tick":
+            ticks.append(1)
+        await asyncio.sleep(0.02)
+        return {}
+
+    async def intent(data: Any, command: Any) -> dict[str, Any]:
+        return {"intent": f"pi_{data['order']}"}
+
+    await system.worker("svc", {"work": work, "intent": intent})
+    await system.worker("pay", {"charge": slow_echo}, concurrency=16)
+    await system.mediator()
+    await system.mediator()
+    client = await system.client()
+    keyed = [
+        client.submit("keyed", {"customer": f"c{n % 3}"}, request_id=f"k-{n}", timeout=60)
+        for n in range(12)
+    ]
+    limited = [client.submit("limited", {}, request_id=f"l-{n}", timeout=60) for n in range(10)]
+    paid = asyncio.create_task(
+        client.submit("payment", {"order": "a"}, request_id="p-a", timeout=60)
+    )
+    await client.signal_key("payment", "pi_b", {"status": "ok"}, signal_id="early")  # kept
+    early = asyncio.create_task(
+        client.submit("payment", {"order": "b"}, request_id="p-b", timeout=60)
+    )
+    results = await asyncio.gather(*keyed, *limited)
+    assert {r.status for r in results} == {WorkflowStatus.COMPLETED}
+    assert (await early).status is WorkflowStatus.COMPLETED
+    await asyncio.sleep(0.5)  # the run on pi_a waits by now
+    await client.signal_key("payment", "pi_a", {"status": "ok"}, signal_id="late")
+    assert (await paid).status is WorkflowStatus.COMPLETED
+    await wait_for(lambda: len(ticks) >= 3, timeout=30, what="three ticks of the schedule")
+    scripts = {
+        hashlib.sha1(lua_source(name).encode()).hexdigest(): name
+        for name in ("slot_acquire.lua", "slot_release.lua", "limit_acquire.lua",
+                     "limit_status.lua", "signal_subscribe.lua", "signal_route.lua",
+                     "schedule_publish.lua", "schedule_advance.lua", "commit.lua",
+                     "claim_timers.lua", "heartbeat.lua", "due_now.lua", "unpark.lua")
+    }  # fmt: skip
+    assert sorted(n for sha, n in scripts.items() if sha not in ran) == []
