@@ -57,3 +57,22 @@ def test_mediator_dev_shows_retries_a_breaker_cycle_parking_and_compensation() -
     assert waiting, out
     under = [n for n, amount in waiting if float(amount) <= 900]
     assert any(re.search(rf"{n} completed ", out) for n in under) or not under, out
+
+
+@pytest.mark.slow
+@pytest.mark.integration  # `mediator dev --redis cluster` starts an embedded cluster
+def test_mediator_dev_runs_on_an_embedded_redis_cluster() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "mediator", "dev", "--redis", "cluster", "--requests", "20"],
+        capture_output=True,
+        text=True,
+        timeout=DEV_TIMEOUT_S,
+        check=False,
+    )
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.search(
+        r"^kafka .* redis  cluster (127\.0\.0\.1:\d+, ){5}127\.0\.0\.1:\d+$", out, re.M
+    )
+    assert re.search(r"^done: 20 results .*redis says running 0,", out, re.M), out

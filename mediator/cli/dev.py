@@ -27,7 +27,7 @@ from mediator.cli.demo import (
     sample_order,
 )
 from mediator.cli.flaky import Flakiness
-from mediator.cli.infra import create_topics, embedded
+from mediator.cli.infra import EmbeddedRedisCluster, create_topics, embedded
 from mediator.cli.watch import FaultWatch
 from mediator.cli.workflows import dashboard_site
 from mediator.definitions import Definitions, load_paths
@@ -63,12 +63,20 @@ APPROVE_AFTER_S = 2.0
 
 
 async def run_dev(
-    *, requests: int | None, rate: float, workflows: list[Path], echo: Echo
+    *,
+    requests: int | None,
+    rate: float,
+    workflows: list[Path],
+    echo: Echo,
+    redis_mode: str = "standalone",
 ) -> dict[str, Any]:
-    """Run the demo; return the status summary read from Redis at the end."""
+    """Run the demo; return the status summary read from Redis at the end. With
+    ``redis_mode="cluster"`` the state lives on an embedded Redis Cluster (3 primaries,
+    a replica each)."""
     definitions = load_paths([DEMO_WORKFLOWS, *workflows])
-    echo("starting embedded Kafka-protocol broker (Tansu) and Redis ...")
-    async with embedded() as infra:
+    what = "a Redis Cluster (3 primaries, 3 replicas)" if redis_mode == "cluster" else "Redis"
+    echo(f"starting embedded Kafka-protocol broker (Tansu) and {what} ...")
+    async with embedded(redis_mode=redis_mode) as infra:
         assert infra.kafka is not None and infra.redis is not None
         settings = load_settings(
             kafka={
@@ -79,7 +87,7 @@ async def run_dev(
                 "session_timeout_ms": 3000,
                 "heartbeat_interval_ms": 300,
             },
-            redis={"url": infra.redis.url, "shards": 4},
+            redis={"url": infra.redis.url, "shards": 4, "mode": redis_mode},
             # Quick to open and to probe, so a short demo shows a whole breaker cycle.
             circuit_breaker={
                 "services": {FLAKY_SERVICE: {"failure_threshold": 3, "recovery_timeout_ms": "1s"}},
@@ -105,7 +113,10 @@ async def run_dev(
             [*topics.mediator_topics(), *(topics.service(s) for s in service_names(definitions))],
             partitions=settings.kafka.partitions,
         )
-        echo(f"kafka  {infra.kafka.bootstrap_servers}   redis  {infra.redis.url}")
+        where = infra.redis.url
+        if isinstance(infra.redis, EmbeddedRedisCluster):
+            where = f"cluster {', '.join(infra.redis.addresses)}"
+        echo(f"kafka  {infra.kafka.bootstrap_servers}   redis  {where}")
         with dev_settings_file(settings, echo):
             return await _drive(settings, definitions, requests=requests, rate=rate, echo=echo)
 

@@ -577,13 +577,19 @@ class Embedded:
     """The servers `embedded` started; a field is None when that server was not asked for."""
 
     kafka: EmbeddedKafka | None
-    redis: EmbeddedRedis | None
+    redis: EmbeddedRedis | EmbeddedRedisCluster | None
 
 
 @contextlib.asynccontextmanager
-async def embedded(*, kafka: bool = True, redis: bool = True) -> AsyncIterator[Embedded]:
-    """Start the requested servers and stop them on exit, even on error or cancellation."""
+async def embedded(
+    *, kafka: bool = True, redis: bool = True, redis_mode: str = "standalone"
+) -> AsyncIterator[Embedded]:
+    """Start the requested servers and stop them on exit, even on error or cancellation;
+    with ``redis_mode="cluster"`` Redis is a cluster of 3 primaries with a replica each."""
     async with contextlib.AsyncExitStack() as stack:
         broker = await stack.enter_async_context(EmbeddedKafka()) if kafka else None
-        store = await stack.enter_async_context(EmbeddedRedis()) if redis else None
+        store: EmbeddedRedis | EmbeddedRedisCluster | None = None
+        if redis:
+            server = EmbeddedRedisCluster() if redis_mode == "cluster" else EmbeddedRedis()
+            store = await stack.enter_async_context(server)
         yield Embedded(kafka=broker, redis=store)

@@ -63,6 +63,14 @@ def dev(
     workflows: Annotated[
         list[Path] | None, typer.Option("--workflows", "-w", help="Extra workflow files.")
     ] = None,
+    redis: Annotated[
+        str,
+        typer.Option(
+            "--redis",
+            help="standalone: one embedded Redis; cluster: an embedded Redis Cluster "
+            "(3 primaries, 3 replicas).",
+        ),
+    ] = "standalone",
 ) -> None:
     """Run everything on an embedded broker and Redis: mediator, demo services, sample orders."""
     from mediator.cli.dev import run_dev
@@ -75,9 +83,19 @@ def dev(
     if rate <= 0:
         msg = "--rate must be positive"
         raise fail(msg)
+    mode = redis.strip().lower()
+    if mode not in ("standalone", "cluster"):
+        msg = f"unknown --redis {redis!r}; use standalone or cluster"
+        raise fail(msg)
     with contextlib.suppress(KeyboardInterrupt):
         run_coroutine(
-            run_dev(requests=requests, rate=rate, workflows=workflows or [], echo=typer.echo),
+            run_dev(
+                requests=requests,
+                rate=rate,
+                workflows=workflows or [],
+                echo=typer.echo,
+                redis_mode=mode,
+            ),
             "auto",
         )
 
