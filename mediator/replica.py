@@ -53,7 +53,7 @@ from mediator.runtime.timers import TimerPoller
 from mediator.runtime.tracing import Tracing
 from mediator.settings import Settings, load_settings
 from mediator.storage.catalog import DefinitionStore
-from mediator.storage.connection import connect_to, redacted
+from mediator.storage.connection import connect_to, describe
 from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.schedules import ScheduleStates
@@ -361,7 +361,7 @@ class Mediator:
             "mediator started: %d workflows, kafka %s, redis %s, %s event loop",
             len(self.definitions),
             self.settings.kafka.bootstrap_servers,
-            redacted(self.settings.redis.url),
+            describe(self.settings.redis),
             loop_name(),
         )
 

@@ -77,9 +77,9 @@ def set_verbose(value: bool) -> None:
 
 
 def _endpoints(settings: Any) -> str:
-    from mediator.storage.connection import redacted
+    from mediator.storage.connection import describe
 
-    return f"kafka {settings.kafka.bootstrap_servers}, redis {redacted(settings.redis.url)}"
+    return f"kafka {settings.kafka.bootstrap_servers}, redis {describe(settings.redis)}"
 
 
 def _where() -> str:

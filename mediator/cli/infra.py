@@ -40,6 +40,7 @@ __all__ = [
     "EmbeddedKafka",
     "EmbeddedRedis",
     "EmbeddedRedisCluster",
+    "EmbeddedSentinelSet",
     "create_topics",
     "embedded",
     "find_free_port",
@@ -486,6 +487,141 @@ class EmbeddedRedisCluster:
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes), return_exceptions=True)
         self.nodes = []
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+class EmbeddedSentinel(_Server):
+    """A Redis Sentinel (the Valkey server in sentinel mode) watching one primary."""
+
+    name = "sentinel"
+    binary_from = EmbeddedRedis.binary_from
+    install_hint = EmbeddedRedis.install_hint
+
+    def __init__(self, master: str, primary_port: int, *, quorum: int, down_after_ms: int) -> None:
+        super().__init__()
+        self.master = master
+        self.primary_port = primary_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+
+    def _command(self, binary: Path, workdir: Path) -> list[str]:
+        config = workdir / "sentinel.conf"
+        if not config.exists():  # a restarted sentinel keeps what it learnt
+            config.write_text(
+                f"port {self.port}\nbind {HOST}\ndir {workdir}\n"
+                f"sentinel monitor {self.master} {HOST} {self.primary_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} {max(1000, 3 * self.down_after_ms)}\n"
+                f"sentinel parallel-syncs {self.master} 1\n"
+            )
+        return [str(binary), str(config), "--sentinel"]
+
+    async def _probe(self) -> None:
+        client = aioredis.Redis(host=HOST, port=self.port, socket_timeout=2.0)
+        try:
+            await client.execute_command("SENTINEL", "MASTERS")  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
+
+
+class EmbeddedSentinelSet:
+    """A primary, `replicas` replicas and `sentinels` Sentinels watching them (quorum: a
+    majority), on loopback ports, never persisting: Redis HA without cluster mode. Kill
+    the primary and the Sentinels promote a replica after ``down_after_ms``."""
+
+    name = "sentinel set"
+
+    def __init__(
+        self,
+        master: str = "mymaster",
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.master = master
+        self.primary = EmbeddedRedis(args=["--repl-diskless-sync-delay", "0"])
+        self.replicas = [
+            EmbeddedRedis(
+                args=[
+                    "--replicaof",
+                    HOST,
+                    str(self.primary.port),
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ]
+            )
+            for _ in range(replicas)
+        ]
+        self.sentinels = [
+            EmbeddedSentinel(
+                master, self.primary.port, quorum=sentinels // 2 + 1, down_after_ms=down_after_ms
+            )
+            for _ in range(sentinels)
+        ]
+
+    @property
+    def nodes(self) -> list[EmbeddedRedis]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def addresses(self) -> list[str]:
+        """The Sentinels' ``host:port`` (what `redis.sentinels` lists)."""
+        return [f"{HOST}:{sentinel.port}" for sentinel in self.sentinels]
+
+    async def start(self) -> None:
+        try:
+            await self.primary.start()
+            await asyncio.gather(*(replica.start() for replica in self.replicas))
+            for replica in self.replicas:
+                await wait_for_replica(replica.url)
+            await asyncio.gather(*(sentinel.start() for sentinel in self.sentinels))
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Return once every Sentinel knows the other Sentinels and the replicas."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if all([await self._sees_all(s) for s in self.sentinels if s.running]):
+                return
+            await asyncio.sleep(0.1)
+        msg = f"the {self.name} was not ready within {timeout_s} s"
+        raise InfrastructureError(msg)
+
+    async def _sees_all(self, sentinel: EmbeddedSentinel) -> bool:
+        client = aioredis.Redis(host=HOST, port=sentinel.port, socket_timeout=2.0)
+        try:
+            info: Any = await client.sentinel_master(self.master)
+        except Exception:  # still starting
+            return False
+        finally:
+            await client.aclose()
+        others, seen = int(info.get("num-other-sentinels", 0)), int(info.get("num-slaves", 0))
+        return others >= len(self.sentinels) - 1 and seen >= len(self.replicas)
+
+    async def primary_now(self) -> EmbeddedRedis:
+        """The node the Sentinels say is the primary now."""
+        client = aioredis.Redis(host=HOST, port=self.sentinels[0].port, socket_timeout=2.0)
+        try:
+            found: Any = await client.sentinel_get_master_addr_by_name(self.master)
+            _, port = found
+        finally:
+            await client.aclose()
+        return next(node for node in self.nodes if node.port == int(port))
+
+    async def stop(self) -> None:
+        servers: list[_Server] = [*self.sentinels, *self.replicas, self.primary]
+        await asyncio.gather(*(server.stop() for server in servers), return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -10,6 +10,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    field_validator,
+    model_validator,
 )
 
 from mediator.errors import ConfigurationError
@@ -114,10 +116,26 @@ class RedisSettings(BaseModel):
         description="``redis://`` or, for TLS, ``rediss://``. A password in it is never logged, "
         "but prefer `password` or `password_file`.",
     )
-    mode: Literal["standalone", "cluster"] = Field(
+    mode: Literal["standalone", "cluster", "sentinel"] = Field(
         default="standalone",
         description="``standalone``: one Redis (with replicas, optionally). ``cluster``: a "
-        "Redis Cluster (Redis 7+ / Valkey 8); `url` names any one of its nodes.",
+        "Redis Cluster (Redis 7+ / Valkey 8); `url` names any one of its nodes. "
+        "``sentinel``: the primary the Sentinels in `sentinels` name for `sentinel_master`, "
+        "found again after a failover; `url` gives only the scheme, credentials and database.",
+    )
+    sentinels: list[str] = Field(
+        default_factory=list,
+        description="With ``mode: sentinel``: the Sentinels, as ``host:port`` (JSON list in "
+        "the environment).",
+    )
+    sentinel_master: str = Field(
+        default="mymaster",
+        description="With ``mode: sentinel``: the name the Sentinels monitor the primary by.",
+    )
+    sentinel_password: SecretStr | None = Field(
+        default=None,
+        description="With ``mode: sentinel``: the Sentinels' own password, when they require "
+        "one (the primary's is `password`).",
     )
     username: str | None = Field(
         default=None,
@@ -195,6 +213,29 @@ class RedisSettings(BaseModel):
         description="A finished run's request fingerprint and status are kept this long after its "
         "state expired, so a late duplicate is still recognised (and not run again).",
     )
+
+    @field_validator("sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                msg = f"a Sentinel is host:port, not {address!r}"
+                raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _sentinels_given(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            msg = "mode sentinel needs the Sentinels' addresses (redis.sentinels: [host:port])"
+            raise ValueError(msg)
+        return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """`sentinels` as (host, port) pairs."""
+        return [
+            (a.rpartition(":")[0].strip("[]"), int(a.rpartition(":")[2])) for a in self.sentinels
+        ]
 
     def client_options(self) -> dict[str, Any]:
         """redis-py's options for these settings: credentials and TLS (with the URL)."""

@@ -22,8 +22,10 @@ __all__ = [
     "check_mode",
     "connect",
     "connect_to",
+    "describe",
     "lua_source",
     "redacted",
+    "sentinel_client",
     "text",
 ]
 
@@ -63,6 +65,8 @@ def connect_to(settings: Any) -> Redis:
             "socket_connect_timeout": settings.socket_timeout_s,
         }
         return cast(Redis, ClusterClient.from_url(settings.url, **options))
+    if settings.mode == "sentinel":
+        return sentinel_client(settings)
     return connect(settings.url, timeout_s=settings.socket_timeout_s, **settings.client_options())
 
 
@@ -95,6 +99,40 @@ async def check_mode(redis: Any) -> None:
             "(MEDIATOR_REDIS__MODE=cluster)"
         )
         raise ConfigurationError(msg)
+
+
+def sentinel_client(settings: Any) -> Redis:
+    """A client of the primary the Sentinels name: each new connection asks them where it
+    is, so after a failover the connections to the old primary fail (transiently) and the
+    next ones reach the new one. The URL's scheme (TLS), credentials and database apply
+    to the primary; `sentinel_password` to the Sentinels."""
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(settings.url)
+    options = settings.client_options() | {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "db": int(parts.path.strip("/") or 0),
+    }
+    if parts.password is not None and "password" not in options:
+        options["password"] = parts.password
+    if parts.username and "username" not in options:
+        options["username"] = parts.username
+    if parts.scheme == "rediss":
+        options["ssl"] = True
+    sentinel_options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s}
+    if settings.sentinel_password is not None:
+        sentinel_options["password"] = settings.sentinel_password.get_secret_value()
+    sentinel = Sentinel(settings.sentinel_addresses(), sentinel_kwargs=sentinel_options)
+    return cast(Redis, sentinel.master_for(settings.sentinel_master, **options))
+
+
+def describe(settings: Any) -> str:
+    """Where `RedisSettings` point, for logs and errors (no password)."""
+    if settings.mode == "sentinel":
+        return f"sentinel {settings.sentinel_master} via {', '.join(settings.sentinels)}"
+    where = redacted(settings.url)
+    return f"cluster {where}" if settings.mode == "cluster" else where
 
 
 def redacted(url: str) -> str:
