@@ -25,6 +25,7 @@ from benchmarks import (
     celery_bench,
     floor,
     flow_bench,
+    growth,
     mediator_bench,
     micro,
     monitoring_bench,
@@ -41,11 +42,12 @@ HERE = Path(__file__).resolve().parent
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
 SECTIONS = (
-    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow"
+    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow", "growth"
 )  # fmt: skip
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
-         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25}  # fmt: skip
+         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25,
+         "growth": 0.2}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -93,7 +95,12 @@ async def _flow(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await flow_bench.run_flow(stage, profile, out)
 
 
+async def _growth(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await growth.run_growth(stage, profile, out)
+
+
 RUNNERS: dict[str, Section] = {
+    "growth": _growth,
     "monitoring": _monitoring,
     "flow": _flow,
     "floor": _floor,

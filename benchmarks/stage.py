@@ -74,21 +74,27 @@ def with_timers(workflow: dict[str, Any]) -> dict[str, Any]:
 
 
 #: One step that never gets a reply: its timeout timer fires (timer lag is measured on it).
-TIMEOUT1 = {"name": "timeout1", "steps": [{"id": "s0", "service": VOID, "action": ECHO,
-                                           "timeout": "200ms"}]}  # fmt: skip
+TIMEOUT1: dict[str, Any] = {
+    "name": "timeout1",
+    "steps": [{"id": "s0", "service": VOID, "action": ECHO, "timeout": "200ms"}],
+}
 
 #: chain3 under a concurrency key that never binds (a key per run): every run takes a slot
 #: before its first commit and frees it after its last.
-CHAIN3_KEYED = {
+CHAIN3_KEYED: dict[str, Any] = {
     **chain(3),
     "name": "chain3_keyed",
     "concurrency": {"key": "payload.n", "limit": 1},
 }
 
+#: A root, 1,000 steps side by side after it, and a join of all of them.
+FANOUT1000: dict[str, Any] = {**dag(1000, 1), "name": "fanout1000"}
+
 WORKFLOWS: dict[str, dict[str, Any]] = {
     wf["name"]: wf
     for wf in (
-        chain(1), chain(3), with_timers(chain(3)), chain(10), dag(4, 2), TIMEOUT1, CHAIN3_KEYED
+        chain(1), chain(3), with_timers(chain(3)), chain(10), dag(4, 2), TIMEOUT1, CHAIN3_KEYED,
+        chain(100), FANOUT1000,
     )
 }  # fmt: skip
 
