@@ -14,12 +14,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from mediator.core.engine import Engine
-from mediator.core.state import WorkflowState, dumps, evolve
+from mediator.core.state import WorkflowState, dumps, dumps_header, dumps_step, evolve
 from mediator.storage.keys import Keys
 from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store, Tombstone
 from tests.engine_harness import make, step
@@ -32,9 +33,10 @@ LEASE_MS = 1_000
 TIMERS = ("t1", "t2", "t3")
 SERVICES = ("svc1", "svc2")
 MEMBERS = ("m1", "m2", "m3")
-#: What each transition finds stored: nothing, a live run, a finished run, or only the
-#: tombstone of a finished run whose state expired (nothing, when tombstones are off).
-PRIORS = ("none", "live", "finished", "expired")
+#: What each transition finds stored: nothing, a live run, a finished run, only the
+#: tombstone of a finished run whose state expired (nothing, when tombstones are off), or
+#: a live run stored as one document (as runs were before steps had fields of their own).
+PRIORS = ("none", "live", "finished", "expired", "legacy")
 #: How it is guarded: as a create, on the stored revision and stamp, on the revision
 #: alone, on a revision that moved on, or on a stamp another commit wrote.
 GUARDS = ("create", "ok", "any_stamp", "stale_rev", "stale_stamp")
@@ -54,6 +56,10 @@ class Case:
     parked: list[tuple[str, str, str]]
     routed: list[tuple[str, str]]
     audit: list[bytes]
+    #: Written as a change from the state found (only the steps that changed), or whole.
+    delta: bool
+    #: Its step changes (else only the run's header does).
+    touch: bool
 
 
 cases = st.builds(
@@ -73,6 +79,8 @@ cases = st.builds(
     ),
     routed=st.lists(st.tuples(st.sampled_from("+-"), st.sampled_from(MEMBERS)), max_size=3),
     audit=st.lists(st.binary(max_size=20), max_size=3),
+    delta=st.booleans(),
+    touch=st.booleans(),
 )
 
 
@@ -127,6 +135,34 @@ class Model:
         self.run(commit, now, store)
         self.changes(commit, server_now, store)
 
+    def run_hash(self, commit: Commit, now: int) -> None:
+        """The run's own hash: a live run as a header and a field per step written, a
+        finished one as one document."""
+        state = commit.state
+        run_hash = self.hash(self.keys.workflow(state.workflow_id))
+        run_hash.update(
+            {
+                b"rev": b"%d" % (commit.expected_rev + 1),
+                b"stamp": (state.stamp or "").encode(),
+                b"status": state.status.encode(),
+                b"workflow": state.workflow.encode(),
+                b"updated_ms": b"%d" % now,
+            }
+        )
+        base = commit.base
+        if state.status in TERMINAL:
+            run_hash[b"state"] = dumps(state)
+            for name in [n for n in run_hash if n in (b"layout", b"order") or n[:2] == b"s:"]:
+                del run_hash[name]
+            return
+        run_hash[b"state"] = dumps_header(state)
+        run_hash[b"layout"] = b"2"
+        for sid, step_state in state.steps.items():
+            if base is None or base.steps.get(sid) is not step_state:
+                run_hash[b"s:" + sid.encode()] = dumps_step(step_state)
+        if base is None:
+            run_hash[b"order"] = orjson.dumps(list(state.steps))
+
     def run(self, commit: Commit, now: int, store: Store) -> None:
         """The run's hash, its indexes, its expiry and its tombstone."""
         keys, state, wid = self.keys, commit.state, commit.state.workflow_id
@@ -134,16 +170,7 @@ class Model:
         indexes = {s: self.zset(keys.status_index(0, s)) for s in ("completed", "failed")}
         stored = self.data.get(keys.workflow(wid).encode(), {})
         was_finished = stored.get(b"status", b"running").decode() in TERMINAL
-        self.hash(keys.workflow(wid)).update(
-            {
-                b"rev": b"%d" % (commit.expected_rev + 1),
-                b"stamp": (state.stamp or "").encode(),
-                b"status": state.status.encode(),
-                b"workflow": state.workflow.encode(),
-                b"updated_ms": b"%d" % now,
-                b"state": dumps(state),
-            }
-        )
+        self.run_hash(commit, now)
         name_index = self.zset(keys.name_index(0, state.workflow))
         if commit.expected_rev == 0:
             name_index[wid.encode()] = now
@@ -227,6 +254,13 @@ async def prepare(store: Store, wid: str, case: Case, then: int) -> WorkflowStat
     if case.prior == "none":
         return None
     state = evolve(run(wid, case.name), rev=1, stamp=f"old-{wid}", origin="topic/0/7")
+    if case.prior == "legacy":  # written before steps had fields: the whole state in one
+        await store.redis.hset(
+            store.keys.workflow(wid),
+            mapping={"rev": 1, "stamp": state.stamp or "", "status": "running",
+                     "workflow": state.workflow, "updated_ms": then, "state": dumps(state)},
+        )  # fmt: skip
+        return state
     if case.prior != "live":
         state = evolve(state, status=WorkflowStatus.FAILED, finished_ms=then)
     # An audit entry, so that a finished run's stream expires and a retried one's does not.
@@ -254,6 +288,9 @@ def transition(
         fingerprint=case.fingerprint,
         finished_ms=NOW if case.status in TERMINAL else None,
     )
+    if case.touch:  # a step state replaced (the others are the base's own objects)
+        state.steps = {**state.steps, "a": evolve(state.steps["a"], attempt=7)}
+    delta = case.delta and base is not None
     commit = Commit(
         state,
         rev,
@@ -265,13 +302,18 @@ def transition(
         routed=case.routed,
         audit=case.audit if audit else (),
         expected_stamp=None if rev == 0 else stamp,
+        base=base if delta else None,
     )
     if base is None:
         return commit, None
+    # Stored as one document: written before steps had fields, or finished.
+    legacy = case.prior in ("legacy", "finished")
     if guard == "create":
-        return commit, CommitResult(CommitOutcome.EXISTS, base)
-    if guard in ("stale_rev", "stale_stamp"):
-        return commit, CommitResult(CommitOutcome.CONFLICT, base)
+        return commit, CommitResult(CommitOutcome.EXISTS, base, whole=legacy)
+    if guard in ("stale_rev", "stale_stamp") or (legacy and delta and case.status not in TERMINAL):
+        # A run stored whole is not written in part (a finished one is written whole):
+        # refused, to be written whole.
+        return commit, CommitResult(CommitOutcome.CONFLICT, base, whole=legacy)
     return commit, None
 
 

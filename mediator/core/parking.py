@@ -11,22 +11,31 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
-from mediator.core.state import StepStatus, WorkflowState
-from mediator.core.timers import SetTimer
+from mediator.core.state import StepStatus, WorkflowState, touched
+from mediator.core.timers import Fired, SetTimer
 from mediator.core.workflow import Workflow
 
 __all__ = ["parked", "parking_delta"]
 
 
-def parked(workflow: Workflow | None, state: WorkflowState | None) -> set[tuple[str, str]]:
-    """(service, unpark timer name) of every step of `state` parked now."""
+def parked(
+    workflow: Workflow | None,
+    state: WorkflowState | None,
+    only: Collection[str] | None = None,
+) -> set[tuple[str, str]]:
+    """(service, unpark timer name) of every step of `state` parked now (of the steps
+    `only` names, if given)."""
     if state is None or workflow is None or state.terminal:
         return set()
     found = set()
     wid = state.workflow_id
-    for sid, step in state.steps.items():
+    steps = state.steps
+    for sid in steps if only is None else only:
+        step = steps.get(sid)
+        if step is None:
+            continue
         if step.status in (StepStatus.PARKED, StepStatus.QUEUED) and sid in workflow.steps:
             name = SetTimer("unpark", wid, 0, sid, step.attempt).member
             found.add((workflow.steps[sid].service, name))
@@ -44,6 +53,10 @@ def parking_delta(
     out already, or moved on otherwise), ``("+", service, name)`` for the steps the
     transition parked (`queued`: the engine's `Transition.parked`) that are still parked
     when it ends (adding one already queued changes nothing)."""
-    old, new = parked(workflow, before), parked(workflow, after)
+    queued = list(queued)
+    only = touched(before, after)
+    if only is not None:  # the steps that changed, and those the transition parked
+        only = {*only, *(fired.step for _, name in queued if (fired := Fired.parse(name)))}
+    old, new = parked(workflow, before, only), parked(workflow, after, only)
     added = sorted(set(queued) & new)
     return [("-", *m) for m in sorted(old - new)] + [("+", *m) for m in added]

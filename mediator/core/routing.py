@@ -12,7 +12,9 @@ elsewhere.
 
 from __future__ import annotations
 
-from mediator.core.state import StepStatus, WorkflowState
+from collections.abc import Collection
+
+from mediator.core.state import StepStatus, WorkflowState, touched
 from mediator.core.workflow import Workflow
 
 __all__ = ["in_flight", "instance_prefix", "member", "routing_delta"]
@@ -30,12 +32,21 @@ def instance_prefix(service: str, instance: str) -> str:
     return f"{service}{SEP}{instance}{SEP}"
 
 
-def in_flight(workflow: Workflow | None, state: WorkflowState | None) -> set[str]:
-    """The members of `state`'s step attempts running on a known instance."""
+def in_flight(
+    workflow: Workflow | None,
+    state: WorkflowState | None,
+    only: Collection[str] | None = None,
+) -> set[str]:
+    """The members of `state`'s step attempts running on a known instance (of the steps
+    `only` names, if given)."""
     if state is None or workflow is None or state.terminal:
         return set()
     members = set()
-    for sid, step in state.steps.items():
+    steps = state.steps
+    for sid in steps if only is None else only:
+        step = steps.get(sid)
+        if step is None:
+            continue
         if step.status is StepStatus.RUNNING and step.instance and sid in workflow.steps:
             service = step.via or workflow.steps[sid].service
             members.add(member(service, step.instance, state.workflow_id, sid, step.attempt))
@@ -47,5 +58,6 @@ def routing_delta(
 ) -> list[tuple[str, str]]:
     """What a commit from `before` to `after` changes in the routed index: ``("+", m)``
     for attempts newly in flight on an instance, ``("-", m)`` for those that left."""
-    old, new = in_flight(workflow, before), in_flight(workflow, after)
+    only = touched(before, after)  # only the steps that changed can change the index
+    old, new = in_flight(workflow, before, only), in_flight(workflow, after, only)
     return [("-", m) for m in sorted(old - new)] + [("+", m) for m in sorted(new - old)]

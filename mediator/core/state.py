@@ -2,13 +2,16 @@
 
 Plain slots dataclasses, treated as values: nothing changes a state it was given. The
 engine forks the state it is handed (`fork`) and changes only its private copy; step
-states are replaced, never changed. `dumps` and `loads` give the compact JSON blob kept
-under the workflow's key; default-valued fields are left out so a finished three-step
-workflow stays well under a kilobyte.
+states are replaced, never changed, so a step whose state object is the same in two
+states did not change between them: what a commit writes is the run's header
+(`dumps_header`) and the steps that changed (`dumps_step`), not the whole run. `dumps`
+gives the whole run as one JSON document, as runs were stored before. Default-valued
+fields are left out so a finished three-step workflow stays well under a kilobyte.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict, TypeVar
@@ -19,7 +22,18 @@ from topics.events import TERMINAL, WorkflowStatus
 
 _T = TypeVar("_T", "StepState", "WorkflowState")
 
-__all__ = ["StepState", "StepStatus", "WorkflowState", "dumps", "evolve", "fork", "loads"]
+__all__ = [
+    "StepState",
+    "StepStatus",
+    "WorkflowState",
+    "dumps",
+    "dumps_header",
+    "dumps_step",
+    "evolve",
+    "fork",
+    "loads",
+    "touched",
+]
 
 
 class StepStatus(StrEnum):
@@ -180,6 +194,20 @@ class WorkflowState:
         return self.status.value
 
 
+def touched(before: WorkflowState | None, after: WorkflowState) -> Collection[str] | None:
+    """The ids of the steps whose state differs between `before` and `after` (step states
+    are replaced, never changed: a step whose state object is the same did not change),
+    including steps only one of them has; None when that says too little (no `before`, or
+    the run started or stopped being finished: every step counts as touched)."""
+    if before is None or before.terminal != after.terminal:
+        return None
+    old, new = before.steps, after.steps
+    found = [sid for sid, step in new.items() if old.get(sid) is not step]
+    if len(old) != len(new) or any(sid not in old for sid in found):
+        found += [sid for sid in old if sid not in new]
+    return found
+
+
 def evolve(obj: _T, **changes: Any) -> _T:
     """A copy of a state with some fields changed (`dataclasses.replace`, but cheaper)."""
     return _COPIERS[type(obj)](obj, changes)  # type: ignore[no-any-return]
@@ -259,7 +287,23 @@ def _step_to_dict(step: StepState) -> dict[str, Any]:
 
 
 def dumps(state: WorkflowState) -> bytes:
-    """The JSON blob stored for `state`."""
+    """The JSON of `state` as one document (its steps inside, under ``steps``)."""
+    doc = _header_doc(state)
+    doc["steps"] = {sid: _step_to_dict(step) for sid, step in state.steps.items()}
+    return orjson.dumps(doc)
+
+
+def dumps_header(state: WorkflowState) -> bytes:
+    """The JSON of `state` without its steps (stored beside them, one per step)."""
+    return orjson.dumps(_header_doc(state))
+
+
+def dumps_step(step: StepState) -> bytes:
+    """The JSON of one step's state."""
+    return orjson.dumps(_step_to_dict(step))
+
+
+def _header_doc(state: WorkflowState) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "workflow_id": state.workflow_id,
         "request_id": state.request_id,
@@ -270,7 +314,6 @@ def dumps(state: WorkflowState) -> bytes:
         "created_ms": state.created_ms,
         "updated_ms": state.updated_ms,
         "rev": state.rev,
-        "steps": {sid: _step_to_dict(step) for sid, step in state.steps.items()},
     }
     for name in _WF_OPTIONAL:
         value = getattr(state, name)
@@ -282,17 +325,21 @@ def dumps(state: WorkflowState) -> bytes:
         doc["compensations"] = {
             sid: _step_to_dict(step) for sid, step in state.compensations.items()
         }
-    return orjson.dumps(doc)
+    return doc
 
 
-def loads(blob: bytes | str) -> WorkflowState:
-    """Rebuild a `WorkflowState` from `dumps` output."""
+def loads(blob: bytes | str, steps: Mapping[str, bytes | str] | None = None) -> WorkflowState:
+    """Rebuild a `WorkflowState` from `dumps` output, or from `dumps_header` output and
+    the `dumps_step` output of each step (`steps`, by step id)."""
     doc = orjson.loads(blob)
-    steps = _steps(doc.pop("steps"))
+    raw = doc.pop("steps", None) or {}
+    if steps is not None:
+        raw = {sid: orjson.loads(step) for sid, step in steps.items()}
+    steps_ = _steps(raw)
     if "compensations" in doc:
         doc["compensations"] = _steps(doc["compensations"])
     doc["status"] = WorkflowStatus(doc["status"])
-    return WorkflowState(steps=steps, **doc)
+    return WorkflowState(steps=steps_, **doc)
 
 
 def _steps(raw_steps: dict[str, Any]) -> dict[str, StepState]:

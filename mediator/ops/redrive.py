@@ -28,7 +28,9 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from mediator.core.state import StepStatus, WorkflowState, loads
+from mediator.core.state import StepStatus, WorkflowState
+from mediator.errors import CorruptState
+from mediator.storage.commit import state_of
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import Keys
 from topics.events import ReplyEvent
@@ -104,16 +106,16 @@ class Redrive:
         with redis_errors("reading runs to re-drive"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for wid in workflow_ids:
-                    pipe.hget(self.keys.workflow(wid), "state")
-                blobs = await pipe.execute()
+                    pipe.hgetall(self.keys.workflow(wid))
+                hashes = await pipe.execute()
         states = {}
-        for wid, blob in zip(workflow_ids, blobs, strict=True):
-            if blob is None:
-                continue
+        for wid, fields in zip(workflow_ids, hashes, strict=True):
             try:
-                states[wid] = loads(blob)
-            except (ValueError, TypeError, KeyError):
+                state = state_of(wid, fields)
+            except CorruptState:
                 continue  # a state that does not decode is not one to move on
+            if state is not None:
+                states[wid] = state
         return states
 
 

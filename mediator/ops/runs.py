@@ -14,8 +14,9 @@ from redis.asyncio import Redis
 from mediator.core.lineage import child_run_id
 from mediator.core.progress import command_id
 from mediator.core.results import history_of, result_of
-from mediator.core.state import Failure, WorkflowState, loads
+from mediator.core.state import Failure, WorkflowState
 from mediator.errors import StateUnavailable
+from mediator.storage.commit import state_of
 from mediator.storage.connection import text
 from mediator.storage.errors import REDIS_ERRORS
 from mediator.storage.keys import Keys, workflow_id_for
@@ -187,9 +188,9 @@ async def _states(redis: Redis, keys: Keys, ids: list[str]) -> list[WorkflowStat
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for wid in ids:
-            pipe.hget(keys.workflow(wid), "state")
-        blobs = await pipe.execute()
-    return [loads(blob) if blob is not None else None for blob in blobs]
+            pipe.hgetall(keys.workflow(wid))
+        hashes = await pipe.execute()
+    return [state_of(wid, fields) for wid, fields in zip(ids, hashes, strict=True)]
 
 
 def _row(state: WorkflowState) -> dict[str, Any]:
@@ -214,12 +215,12 @@ async def show_run(redis: Redis, keys: Keys, workflow_id: str) -> dict[str, Any]
     its attempts, compensations, the definition's steps (for its DAG) and the audit log."""
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.hget(keys.workflow(workflow_id), "state")
+            pipe.hgetall(keys.workflow(workflow_id))
             pipe.xrange(keys.audit(workflow_id))
-            blob, audit = await pipe.execute()
-        if blob is None:
+            fields, audit = await pipe.execute()
+        state = state_of(workflow_id, fields)
+        if state is None:
             return None
-        state = loads(blob)
         definition = await redis.get(keys.definition(state.workflow, state.version))
     except REDIS_ERRORS as exc:
         msg = f"cannot read run {workflow_id} from Redis: {exc}"

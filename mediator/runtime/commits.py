@@ -90,6 +90,7 @@ class Commits(Intake):
             state=state,
             expected_rev=expected_rev,
             expected_stamp=(base.stamp or "") if base is not None else "",
+            base=base,
             outbox=[(m.id, m.frame) for m in messages],
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],

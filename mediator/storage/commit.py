@@ -20,7 +20,7 @@ positional arguments did, and hiredis then packs six arguments instead of those 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -28,13 +28,22 @@ from typing import Any
 import orjson
 
 from mediator.core.counters import CounterKey
-from mediator.core.state import WorkflowState, dumps, loads
+from mediator.core.state import StepState, WorkflowState, dumps, dumps_header, dumps_step, loads
 from mediator.errors import CorruptState
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys
 from topics.events import TERMINAL, WorkflowStatus
 
-__all__ = ["Commit", "CommitCodec", "CommitOutcome", "CommitResult", "Tombstone"]
+__all__ = [
+    "Commit",
+    "CommitCodec",
+    "CommitOutcome",
+    "CommitResult",
+    "Tombstone",
+    "decode_state",
+    "state_of",
+    "stored_whole",
+]
 
 # The numbers in KEYS of the finished indexes (the nine keys every call starts with).
 _COMPLETED, _FAILED = 6, 7
@@ -90,6 +99,9 @@ class Commit:
     #: The stamp of the revision it moves on from (`WorkflowState.stamp`, "" for a state
     #: written before stamps or a new run); None checks the revision number alone.
     expected_stamp: str | None = None
+    #: The state it moves on from (the one stored at `expected_rev`): only the steps whose
+    #: state differs from it are written. None: every step is written.
+    base: WorkflowState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,8 @@ class CommitResult:
     current: WorkflowState | None = None
     tombstone: Tombstone | None = None
     lease: int = 0
+    #: The run is stored as one document (an earlier form): its next commit writes it whole.
+    whole: bool = False
 
 
 class CommitCodec:
@@ -136,9 +150,14 @@ class CommitCodec:
         )
 
     def pack(
-        self, shard: int, commits: Sequence[Commit], now_ms: int
+        self,
+        shard: int,
+        commits: Sequence[Commit],
+        now_ms: int,
+        whole: Container[str] = (),
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of one call committing `commits`, all of `shard`, in order."""
+        """KEYS and ARGV of one call committing `commits`, all of `shard`, in order; the
+        runs in `whole` are written whole (their stored form is an earlier one)."""
         keys = self.keys
         key_list = [
             keys.counters(shard),
@@ -197,9 +216,28 @@ class CommitCodec:
             }
             if commit.expected_stamp is not None:
                 header["expected_stamp"] = commit.expected_stamp
-            args += (orjson.dumps(header), dumps(state))
+            if state.status in TERMINAL:
+                # A finished run is kept as one document, as runs always were: its hash
+                # is written afresh (one whole write per run, not per step).
+                header["compact"] = True
+                header["steps"] = []
+                args += (orjson.dumps(header), dumps(state))
+                args += [frame for _, frame in commit.outbox]
+                args += audit
+                continue
+            base = None if wid in whole else commit.base
+            changed, gone, order = _step_changes(state, base)
+            header["steps"] = [sid for sid, _ in changed]
+            if base is None:
+                header["whole"] = True
+            if gone:
+                header["gone"] = gone
+            if order is not None:
+                header["order"] = orjson.dumps(order).decode()
+            args += (orjson.dumps(header), dumps_header(state))
             args += [frame for _, frame in commit.outbox]
             args += audit
+            args += [dumps_step(step) for _, step in changed]
         return key_list, args
 
     @staticmethod
@@ -212,6 +250,24 @@ class CommitCodec:
         ]
 
 
+def _step_changes(
+    state: WorkflowState, base: WorkflowState | None
+) -> tuple[list[tuple[str, StepState]], list[str], list[str] | None]:
+    """The steps to write (all of them without a `base`; else those whose state object is
+    not the base's: step states are replaced, never changed), the steps gone since the
+    base, and the order of the steps when it is written (whole, or steps added or gone)."""
+    steps = state.steps
+    if base is None:
+        return list(steps.items()), [], list(steps)
+    before = base.steps
+    changed = [(sid, step) for sid, step in steps.items() if before.get(sid) is not step]
+    added = sum(1 for sid, _ in changed if sid not in before)
+    if not added and len(steps) == len(before):
+        return changed, [], None
+    gone = [sid for sid in before if sid not in steps]
+    return changed, gone, list(steps)
+
+
 def _result(workflow_id: str, reply: Any, lease: int) -> CommitResult:
     code = int(reply[0])
     if code == 1:
@@ -220,13 +276,55 @@ def _result(workflow_id: str, reply: Any, lease: int) -> CommitResult:
         fingerprint, origin, status, finished = (text(v) for v in reply[1:5])
         tomb = Tombstone(fingerprint, origin, status, int(finished))
         return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
-    current = decode_state(workflow_id, reply[1]) if len(reply) > 1 and reply[1] else None
+    fields = _pairs(reply[1]) if len(reply) > 1 and reply[1] else {}
+    current = state_of(workflow_id, fields)
     outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
-    return CommitResult(outcome, current)
+    return CommitResult(outcome, current, whole=stored_whole(fields))
+
+
+def _pairs(flat: Any) -> dict[bytes, bytes]:
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+#: The run hash's field marking its state stored as a header and a field per step.
+LAYOUT, STEPWISE = b"layout", b"2"
+_STEP_PREFIX = b"s:"
+
+
+def stored_whole(fields: Mapping[bytes, bytes]) -> bool:
+    """Whether a run hash holds its state as one document (as stored before steps got
+    fields of their own), so its next commit must write every step."""
+    return b"state" in fields and fields.get(LAYOUT) != STEPWISE
+
+
+def state_of(workflow_id: str, fields: Mapping[bytes, bytes]) -> WorkflowState | None:
+    """The state a run hash (its fields, as HGETALL gives them) holds: None if none;
+    `CorruptState` if it no longer decodes. Reads both forms: one document in ``state``,
+    or (``layout`` 2) the header there, a field ``s:<step id>`` per step and their order
+    in ``order``."""
+    blob = fields.get(b"state")
+    if blob is None:
+        return None
+    try:
+        if fields.get(LAYOUT) != STEPWISE:
+            return loads(blob)
+        steps = {
+            text(name[2:]): value for name, value in fields.items() if name[:2] == _STEP_PREFIX
+        }
+        order = fields.get(b"order")
+        if order is not None:
+            ordered = {sid: steps.pop(sid) for sid in orjson.loads(order) if sid in steps}
+            steps = ordered | steps
+        return loads(blob, steps)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptState(workflow_id, exc) from exc
 
 
 def decode_state(workflow_id: str, blob: bytes | str) -> WorkflowState:
-    """A stored state blob as a `WorkflowState`; `CorruptState` if it no longer decodes."""
+    """A state stored as one document as a `WorkflowState`; `CorruptState` if it no
+    longer decodes."""
     try:
         return loads(blob)
     except (ValueError, TypeError, KeyError) as exc:

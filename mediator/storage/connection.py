@@ -75,7 +75,7 @@ async def check_mode(redis: Any) -> None:
     Redis Cluster node spoken to as one Redis answers MOVED to most keys, and a single
     Redis cannot serve a cluster client."""
     from redis.asyncio.cluster import RedisCluster
-    from redis.exceptions import RedisClusterException
+    from redis.exceptions import RedisClusterException, ResponseError
 
     from mediator.errors import ConfigurationError
 
@@ -92,7 +92,12 @@ async def check_mode(redis: Any) -> None:
             )
             raise ConfigurationError(msg) from None
         return
-    info = await redis.info("cluster")
+    try:
+        info = await redis.info("cluster")
+    except ResponseError as exc:  # a Redis-compatible store without INFO: not a cluster
+        if "unknown command" not in str(exc):
+            raise
+        return
     if int(info.get("cluster_enabled", 0)):
         msg = (
             "the Redis at redis.url is a Redis Cluster node: set redis.mode cluster "

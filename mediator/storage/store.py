@@ -25,7 +25,8 @@ from mediator.storage.commit import (
     CommitOutcome,
     CommitResult,
     Tombstone,
-    decode_state,
+    state_of,
+    stored_whole,
 )
 from mediator.storage.connection import check_mode, lua_source, text
 from mediator.storage.errors import redis_errors
@@ -76,6 +77,9 @@ class Store:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._commit = redis.register_script(lua_source("commit.lua"))
+        #: Runs read stored as one document (as before steps had fields of their own):
+        #: their next commit writes every step (`CommitCodec.pack`).
+        self._whole: set[str] = set()
         self._codec = CommitCodec(
             keys,
             retention_ms=retention_ms,
@@ -113,12 +117,22 @@ class Store:
         with redis_errors("loading state"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for wid in workflow_ids:
-                    pipe.hget(self.keys.workflow(wid), "state")
-                blobs = await pipe.execute()
-        return {
-            wid: decode_state(wid, blob) if blob is not None else None
-            for wid, blob in zip(workflow_ids, blobs, strict=True)
-        }
+                    pipe.hgetall(self.keys.workflow(wid))
+                hashes = await pipe.execute()
+        found: dict[str, WorkflowState | None] = {}
+        for wid, fields in zip(workflow_ids, hashes, strict=True):
+            self._note_form(wid, fields)
+            found[wid] = state_of(wid, fields)
+        return found
+
+    def _note_form(self, workflow_id: str, fields: Mapping[bytes, bytes]) -> None:
+        """Remember the runs stored as one document: their next commit writes them whole."""
+        if stored_whole(fields):
+            if len(self._whole) > 10_000:  # a lost mark costs a refused commit, no more
+                self._whole.clear()
+            self._whole.add(workflow_id)
+        else:
+            self._whole.discard(workflow_id)
 
     async def load(self, workflow_id: str) -> WorkflowState | None:
         """The current state of one workflow."""
@@ -137,7 +151,7 @@ class Store:
         shards = list(by_shard)
         batches = [[commits[i] for i in by_shard[shard]] for shard in shards]
         calls = [
-            self._codec.pack(shard, batch, now_ms)
+            self._codec.pack(shard, batch, now_ms, self._whole)
             for shard, batch in zip(shards, batches, strict=True)
         ]
         with redis_errors("committing"):
@@ -151,6 +165,11 @@ class Store:
                 by_shard[shard], self._codec.unpack(batch, reply), strict=True
             ):
                 results[index] = result
+                wid = commits[index].state.workflow_id
+                if result.whole:
+                    self._whole.add(wid)
+                elif result.outcome is CommitOutcome.COMMITTED:
+                    self._whole.discard(wid)
         return [r for r in results if r is not None]
 
     async def _evalsha_many(

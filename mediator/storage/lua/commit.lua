@@ -11,8 +11,9 @@
 -- ARGV: 1 now (ms), 2 the settings (JSON): retention_ms, recent_limit, lease_ms,
 --       tombstone_ms (how long a tombstone outlives the state), audit_limit (entries kept
 --       in a run's audit stream; 0: none written), live (the statuses of a live run).
--- Then per transition its header (JSON), its state blob, one frame per outbox id and its
--- audit entries (these are bytes: JSON cannot carry them). Header fields:
+-- Then per transition its header (JSON), the run's state header (JSON: the state without
+-- its steps), one frame per outbox id, its audit entries and one JSON per step it writes
+-- (these are bytes: JSON cannot carry them). Header fields:
 --   rev            expected revision (0: a create)
 --   expected_stamp the stamp that revision was written with (absent: any)
 --   stamp, id, workflow, status, fingerprint, origin   what is written
@@ -27,13 +28,25 @@
 --                  service's queue, oldest first, and leave it when no longer parked
 --   routed         {"+" or "-", member}: attempts now in flight on an instance, or no longer
 --   audit          how many audit entries follow the frames (appended to its stream)
+--   steps          ids of the steps whose state follows the audit entries (field s:<id>)
+--   whole          every step is written (a new run, or one stored as one document)
+--   gone           ids of steps no longer in the run (their fields are removed)
+--   order          the steps' ids in order (JSON), when whole or when steps came or went
+--   compact        the run finished: its whole state (steps inside) is in the state blob,
+--                  and its hash is written afresh (no step fields)
 --
+-- A live run's hash holds rev, stamp, status, workflow, updated_ms, the state header in
+-- `state`, a field per step, their `order` and `layout` 2. A finished run's holds its whole
+-- state in `state` (no step fields, no `layout`), as every run's did before steps had fields
+-- of their own. A run stored whole is only written whole: a commit of some steps of it is
+-- refused with {-2, fields} (write it whole), so no step is lost in the change of form.
 -- A live run made from a finished one (an operator's retry) leaves its finished index and
 -- no longer expires. A finished run expires after the retention and leaves a tombstone.
 -- Returns {results, lease deadline}: one result per transition, {1} committed,
--- {0, state} the workflow already exists (a create), {2, fingerprint, origin, status,
--- finished ms} a create found only the tombstone of a finished run, {-1, state or false}
--- the revision moved on (recompute and retry). The outbox lease deadline is on Redis's
+-- {0, fields} the workflow already exists (a create), {2, fingerprint, origin, status,
+-- finished ms} a create found only the tombstone of a finished run, {-1, fields or false}
+-- the revision moved on (recompute and retry), {-2, fields} a run stored whole is not
+-- written in part (recompute and write it whole). `fields`: the run hash's fields and values (HGETALL). The outbox lease deadline is on Redis's
 -- clock, so replicas with skewed clocks agree on when a lease runs out.
 --- @include "prelude"
 local now = tonumber(ARGV[1])
@@ -57,14 +70,15 @@ while h <= #ARGV do
   local state = ARGV[h + 1]
   local frames = h + 1 -- the j-th frame is ARGV[frames + j]
   local audits = frames + #t.outbox -- the j-th audit entry is ARGV[audits + j]
-  h = audits + t.audit + 1
+  local blobs = audits + t.audit -- the j-th step's state is ARGV[blobs + j]
+  h = blobs + #t.steps + 1
   i = i + 1
   local wf, tomb, audit = KEYS[t.run_key], KEYS[t.tomb_key], KEYS[t.audit_key]
   local name_key = KEYS[t.name_key]
   local expected, wid = t.rev, t.id
 
   local finished_audit = false
-  local was = redis.call('HMGET', wf, 'rev', 'status', 'stamp')
+  local was = redis.call('HMGET', wf, 'rev', 'status', 'stamp', 'layout')
   local current = was[1]
   -- The revision and the stamp of the commit that wrote it: after a failover that lost
   -- writes, the same revision number can stand for another state.
@@ -75,14 +89,35 @@ while h <= #ARGV do
     gone = redis.call('HMGET', tomb, 'fingerprint', 'origin', 'status', 'finished_ms')
   end
   if expected == 0 and current then
-    results[i] = {0, redis.call('HGET', wf, 'state')}
+    results[i] = {0, redis.call('HGETALL', wf)}
   elseif gone and gone[3] then
     results[i] = {2, gone[1] or '', gone[2] or '', gone[3], gone[4] or '0'}
   elseif expected ~= 0 and moved then
-    results[i] = {-1, current and redis.call('HGET', wf, 'state') or false}
+    results[i] = {-1, current and redis.call('HGETALL', wf) or false}
+  elseif not t.whole and not t.compact and was[4] ~= '2' then
+    results[i] = {-2, redis.call('HGETALL', wf)}
   else
+    if t.compact then
+      -- Written afresh rather than its step fields deleted: a hash keeps the table it
+      -- grew to, and a finished run is kept for the whole retention.
+      redis.call('DEL', wf)
+    end
     redis.call('HSET', wf, 'rev', expected + 1, 'stamp', t.stamp, 'status', t.status,
       'workflow', t.workflow, 'updated_ms', now, 'state', state)
+    if not t.compact then
+      redis.call('HSET', wf, 'layout', '2')
+    end
+    for j, sid in ipairs(t.steps) do
+      redis.call('HSET', wf, 's:' .. sid, ARGV[blobs + j])
+    end
+    if t.gone then
+      for _, sid in ipairs(t.gone) do
+        redis.call('HDEL', wf, 's:' .. sid)
+      end
+    end
+    if t.order then
+      redis.call('HSET', wf, 'order', t.order)
+    end
     if expected == 0 then
       redis.call('ZADD', name_key, now, wid)
     end
