@@ -1,6 +1,12 @@
 """The commit protocol: what a transition commits, what came of it, and how both cross
 to and from ``lua/commit.lua``.
 
+A live run's hash holds its state's header (`dumps_header`) in ``state`` and each step in a
+field ``s:<step id>``, so a transition writes what changed, not the whole run (a 100-step
+chain would otherwise pay for its whole state on every reply); a finished run is written
+afresh as one document (``state`` with its steps inside), the form every run had before,
+which a run stored so keeps until its next commit writes it whole (`state_of` reads both).
+
 One call of the script commits a batch of transitions of one shard. Its first arguments
 are the time and the store's settings (JSON: retention, lease, the live statuses); then each
 transition passes a header of named fields (JSON) followed by the bytes JSON cannot carry:

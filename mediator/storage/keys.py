@@ -10,7 +10,8 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
                                              replies:unknown_workflow, outbox:retried, ...
     med:def:<name>@<version>          string JSON {content_hash, format, spec} of a definition,
                                              written once (SET NX) by each replica at start
-    med:{s3}:wf:<workflow_id>         hash   rev, stamp, status, workflow, updated_ms, state (JSON)
+    med:{s3}:wf:<workflow_id>         hash   rev, stamp, status, workflow, updated_ms, state (JSON);
+                                             live: layout, s:<step id> per step, order
     med:{s3}:st:<status>              zset   workflow ids by last update (running/completed/failed)
     med:{s3}:name:<workflow name>     zset   workflow ids by start time
     med:{s3}:recent                   zset   finished workflow ids by finish time (capped)
