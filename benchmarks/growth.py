@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+from redis.asyncio import Redis
+
 from benchmarks.common import Measure, Profile, run_count
 from benchmarks.cpu import cpu_seconds
 from benchmarks.mediator_bench import make_client, submitter, warm_up
@@ -37,11 +39,21 @@ async def run_growth(stage: Stage, profile: Profile, out: list[Measure]) -> list
         for wf, runs, flight in GROWTH
     }  # fmt: skip
     rate = {wf: Measure(f"growth.{wf}.steps_per_s", "steps/s") for wf, _, _ in GROWTH}
+    redis_cpu = {
+        wf: Measure(f"growth.{wf}.cpu_per_step.redis", "ms CPU", note="the Redis server's")
+        for wf, _, _ in GROWTH
+    }
+    calls = {
+        wf: Measure(f"growth.{wf}.redis_calls_per_step", "calls",
+                    note="commands Redis processed (a script call counts once)")
+        for wf, _, _ in GROWTH
+    }  # fmt: skip
     ratios = {
         wf: Measure(f"growth.{wf}_over_chain3", "ratio", note="replica CPU per step")
         for wf, _, _ in GROWTH[1:]
     }
-    out += [*cpu.values(), *rate.values(), *ratios.values()]
+    out += [*cpu.values(), *redis_cpu.values(), *calls.values(), *rate.values(), *ratios.values()]
+    redis = Redis.from_url(stage.redis_url)
     async with Rigs(stage, "growth", fresh=profile.fresh_rigs, mediator=True) as rigs:
         for _ in range(profile.repeat):
             async with rigs.use() as rig, make_client(rig.settings) as client:
@@ -52,6 +64,7 @@ async def run_growth(stage: Stage, profile: Profile, out: list[Measure]) -> list
                 for workflow, runs, in_flight in GROWTH:
                     runs = max(1, int(runs * scale))
                     began, used = time.perf_counter(), cpu_seconds(pid)
+                    served = await _redis_work(redis)
                     done = await run_count(
                         submitter(client, workflow), runs, in_flight=in_flight,
                         timeout_s=RUN_TIMEOUT_S,
@@ -61,8 +74,22 @@ async def run_growth(stage: Stage, profile: Profile, out: list[Measure]) -> list
                         raise RuntimeError(msg)
                     steps = runs * steps_of(workflow)
                     per_step[workflow] = (cpu_seconds(pid) - used) * 1000 / steps
+                    redis_s, commands = (
+                        b - a for a, b in zip(served, await _redis_work(redis), strict=True)
+                    )
+                    redis_cpu[workflow].values.append(round(redis_s * 1000 / steps, 4))
+                    calls[workflow].values.append(round(commands / steps, 2))
                     cpu[workflow].values.append(round(per_step[workflow], 4))
                     rate[workflow].values.append(round(steps / (time.perf_counter() - began), 1))
                 for workflow, measure in ratios.items():
                     measure.values.append(round(per_step[workflow] / per_step["chain3"], 3))
+    await redis.aclose()
     return out
+
+
+async def _redis_work(redis: Redis) -> tuple[float, float]:
+    """CPU seconds the Redis server has used, and commands it has processed, so far (the
+    whole server: the suite's Redis serves nothing else while this runs)."""
+    cpu, stats = await redis.info("cpu"), await redis.info("stats")
+    used = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return used, float(stats["total_commands_processed"])

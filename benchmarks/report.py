@@ -85,6 +85,8 @@ RATIOS = {
         "mediator.chain3.workflows_per_s", "celery.chain3.chains_per_s"),
     "ratio.replicas2_over_replicas1.chain3": (
         "scaling.replicas2.chain3.workflows_per_s", "scaling.replicas1.chain3.workflows_per_s"),
+    "ratio.replicas4_over_replicas1.chain3": (
+        "scaling.replicas4.chain3.workflows_per_s", "scaling.replicas1.chain3.workflows_per_s"),
 }  # fmt: skip
 
 

@@ -80,7 +80,8 @@ async def _micro(stage: Stage, profile: Profile, out: list[Measure]) -> None:
 
 
 async def _scaling(stage: Stage, profile: Profile, out: list[Measure]) -> None:
-    await scaling.run_scaling(stage, profile, profile.mediator_in_flight, out=out)
+    await scaling.run_scaling(stage, profile, profile.mediator_in_flight, max_replicas=4, out=out)
+    await scaling.cluster_side_by_side(stage, profile, out)
 
 
 async def _routing(stage: Stage, profile: Profile, out: list[Measure]) -> None:

@@ -1,9 +1,12 @@
-"""Scaling: one versus two mediator replicas as separate processes, same broker and Redis.
+"""Scaling: one to four mediator replicas as separate processes, same broker and Redis; and
+one replica on a Redis Cluster against one Redis.
 
 Each replica is ``python -m mediator run --config FILE``, exactly as deployed. One replica
 is measured, then a second joins the same consumer groups and both are measured together.
 On a 2-core machine already running the broker, Redis, the services and the load generator,
-a second replica mostly adds contention: the point is to show that cost honestly.
+a second replica mostly adds contention: the point is to show that cost honestly. The
+cluster (3 primaries, 3 replicas, all on this machine) measures what the cluster client
+costs the replica, not what more Redis cores would give.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import asyncio
 from aiokafka.admin import AIOKafkaAdminClient
 
 from benchmarks.common import Measure, Profile, closed_loop
+from benchmarks.compare import chain3_side_by_side
 from benchmarks.mediator_bench import make_client, submitter, warm_up
 from benchmarks.procs import Child
 from benchmarks.stage import Rig, Stage, steps_of
+from mediator.cli.infra import EmbeddedRedisCluster
 from mediator.runtime.groups import inbound_group
 
-__all__ = ["run_scaling"]
+__all__ = ["cluster_side_by_side", "run_scaling"]
 
 WORKFLOW = "chain3"
 JOIN_TIMEOUT_S = 60.0
@@ -127,3 +132,12 @@ async def _session(
     finally:
         for child in children:
             await child.stop()
+
+
+async def cluster_side_by_side(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    """chain3 workflows/s with the state on a Redis Cluster and on one Redis, alternating."""
+    async with EmbeddedRedisCluster() as cluster:
+        on_cluster = {"redis": {"url": cluster.url, "mode": "cluster", "shards": 16}}
+        await chain3_side_by_side(
+            stage, profile, out, "scaling.redis", ("cluster", on_cluster), ("standalone", {})
+        )

@@ -44,6 +44,12 @@ class KafkaConnection(BaseModel):
         default="127.0.0.1:9092",
         description="Brokers to bootstrap from, host:port separated by commas.",
     )
+    metadata_max_age_ms: int = Field(
+        default=30_000,
+        ge=1_000,
+        description="How often every client refreshes the topics' metadata: partitions added "
+        "to a topic are read and written within this (Kafka's default is 5 minutes).",
+    )
     security_protocol: Protocol = Field(
         default="PLAINTEXT",
         description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS).",
@@ -190,6 +196,7 @@ def client_options(kafka: str | KafkaConnection) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": connection.bootstrap_servers,
         "security_protocol": connection.security_protocol,
+        "metadata_max_age_ms": connection.metadata_max_age_ms,
     }
     if connection.tls:
         options["ssl_context"] = connection.ssl_context()
