@@ -452,3 +452,33 @@ async def test_a_command_for_another_service_or_long_past_its_deadline_is_not_ru
     assert worker.stats["executed"] == 1
     [letter] = [DeadLetter.model_validate_json(v) for v in await read(broker, names.dlq, 1)]
     assert letter.code == "misdelivered" and "'payments'" in letter.reason
+
+
+async def test_a_result_on_a_partition_added_after_the_client_started_is_read(
+    broker: str, names: Topics
+) -> None:
+    """A client that started when the results topic had fewer partitions (here: it is
+    made to read only partition 0) reads a partition that appears later from its start,
+    so a result published there before it looked is not skipped."""
+    client = MediatorClient(broker, topics=names, enable_idempotence=False)
+    async with client:
+        assert client._consumer is not None
+        first = TopicPartition(names.results, 0)
+        client._consumer.assign([first])  # as if partitions 1-3 did not exist at start
+        await client._consumer.seek_to_end(first)
+        await client._consumer.position(first)
+        waiting = asyncio.create_task(client.submit("order", {}, request_id="late", timeout=20))
+        await asyncio.sleep(0.2)
+        result = ResultEvent(request_id="late", workflow_id="wf-late", workflow="order",
+                             status=WorkflowStatus.COMPLETED, result_id="res-late",
+                             finished_ms=1)  # fmt: skip
+        producer = AIOKafkaProducer(bootstrap_servers=broker, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                names.results, result.model_dump_json().encode(), key=b"late", partition=3
+            )
+        finally:
+            await producer.stop()
+        assert (await waiting).result_id == "res-late"  # read once the client looked again
+        assert len(client._consumer.assignment()) == 4

@@ -8,7 +8,8 @@
 The client reads the results topic without a consumer group: on start it is assigned
 every partition and positioned at the end *before* any request can be sent, so no result
 of its own requests can be missed, and thousands of submits can wait at once on a single
-consumer. Results for request ids it is not waiting for are ignored, unless an
+consumer. Partitions added to the topic later are read from their beginning once its
+metadata shows them. Results for request ids it is not waiting for are ignored, unless an
 ``on_result`` callback observes every result read.
 
 Results are delivered at least once, so the same result can arrive twice. The client keeps
@@ -44,6 +45,10 @@ __all__ = [
     "ResultsTopicMissing",
     "SubmitTimeout",
 ]
+
+#: How often the client looks for partitions added to the results topic (its producer's
+#: metadata is refreshed every `kafka.metadata_max_age_ms` in the background).
+PARTITIONS_CHECK_S = 5.0
 
 log = logging.getLogger("mediator.client")
 
@@ -356,6 +361,28 @@ class MediatorClient:
         """How many submits are waiting for their result."""
         return sum(len(waiters) for waiters in self._pending.values())
 
+    async def _added_partitions(self) -> None:
+        """Read partitions added to the results topic since the client started, from their
+        beginning (results published to them before this saw them are read, not skipped);
+        the partitions read already keep their positions."""
+        assert self._producer is not None and self._consumer is not None
+        consumer = self._consumer
+        partitions = await self._producer.partitions_for(self.results_topic)
+        held = consumer.assignment()
+        added = [
+            TopicPartition(self.results_topic, p)
+            for p in sorted(partitions or ())
+            if TopicPartition(self.results_topic, p) not in held
+        ]
+        if not added:
+            return
+        positions = {tp: await consumer.position(tp) for tp in held}
+        consumer.assign([*held, *added])
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)
+        await consumer.seek_to_beginning(*added)
+        log.info("results topic %s: reading %d added partitions", self.results_topic, len(added))
+
     async def _assign_results(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
         # `topics()` asks for full metadata, which never auto-creates a topic (asking for
         # one topic by name may, with a broker default partition count).
@@ -374,12 +401,17 @@ class MediatorClient:
 
     async def _read(self) -> None:
         assert self._consumer is not None
+        checked = asyncio.get_running_loop().time()
         try:
             while True:
                 batch = await self._consumer.getmany(timeout_ms=500, max_records=1000)
                 for records in batch.values():
                     for record in records:
                         self._deliver(record.key, record.value)
+                now = asyncio.get_running_loop().time()
+                if now - checked >= PARTITIONS_CHECK_S:
+                    checked = now
+                    await self._added_partitions()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
