@@ -26,7 +26,9 @@ Every error derives from one root, so callers can catch the family at once::
     ├── ActionError              a service's handler fails its step (sdk.worker)
     ├── SubmitTimeout            no result within a submit's timeout (sdk.client)
     ├── ResultsTopicMissing      the client's results topic does not exist (sdk.client)
-    └── ClientClosed             the client is not started, or its reader stopped (sdk.client)
+    ├── ClientClosed             the client is not started, or its reader stopped (sdk.client)
+    ├── ClaimMissing             a value stored by reference is not there (sdk.claims)
+    └── ClaimUnavailable         the store of values by reference cannot answer (sdk.claims)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
+from mediator.claims import CLAIM
 from mediator.errors import MediatorError
 
 __all__ = ["Condition", "ExpressionError", "FieldPath", "Template", "compile_expression", "truthy"]
@@ -50,10 +51,18 @@ class FieldPath:
         self.parts = tuple(expression.split("."))
 
     def search(self, value: Any) -> Any:
-        """The value at the path, or None."""
-        for part in self.parts:
+        """The value at the path, or None. A path reaching into a value stored by
+        reference (`mediator.claims`) is an `ExpressionError`: the mediator never opens one."""
+        for depth, part in enumerate(self.parts):
             if not isinstance(value, dict):
                 return None
+            if CLAIM in value and depth:
+                where = ".".join(self.parts[:depth])
+                msg = (
+                    f"{self.expression}: {where} is stored by reference (too large to travel "
+                    f"in a record): a step can take {where} whole, not a field of it"
+                )
+                raise ExpressionError(msg)
             value = value.get(part)
         return value
 

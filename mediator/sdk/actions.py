@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from pydantic_core import PydanticSerializationError
 
 from mediator.errors import MediatorError
+from mediator.sdk.claims import ClaimMissing, Claims, ClaimUnavailable
 from mediator.sdk.replies import Replies
 from mediator.sdk.tracing import action_span
 from topics.events import (
@@ -42,6 +43,10 @@ class ActionError(MediatorError):
 
 class Actions(Replies):
     """Registers actions and runs them."""
+
+    #: Large values by reference: references in a command's input are resolved before
+    #: its action runs, and an output over the threshold is stored and sent as one.
+    claims: Claims | None
 
     def action(self, name: str, *, idempotent: bool = False) -> Callable[[H], H]:
         """Decorator registering ``fn`` as the handler of action ``name``; with
@@ -77,9 +82,11 @@ class Actions(Replies):
             try:
                 # A failure is recorded on the span (when tracing) as it leaves it.
                 with action_span(self.service, command) if tracing else _UNTRACED:
-                    result = fn(command.input, command) if wants_command else fn(command.input)
-                    if inspect.isawaitable(result):
-                        result = await result
+                    result = await self._call(fn, wants_command, command)
+            except ClaimMissing as exc:
+                info = ErrorInfo(message=str(exc), code="claim_missing", retryable=False)
+            except ClaimUnavailable as exc:
+                info = ErrorInfo(message=str(exc), code="claim_unavailable", retryable=True)
             except ActionError as exc:
                 info = ErrorInfo(message=exc.message, code=exc.code, retryable=exc.retryable)
             except (Exception, asyncio.CancelledError) as exc:
@@ -113,6 +120,19 @@ class Actions(Replies):
                     return reply
             self._tally.record((time.perf_counter() - started) * 1000, error=True)
         return self._error(command, info)
+
+    async def _call(self, fn: Handler, wants_command: bool, command: CommandEvent) -> Any:
+        """The handler's output for `command`: its input's references resolved first, and
+        the output stored by reference when it is over the threshold."""
+        data = command.input
+        if self.claims is not None:
+            data = await self.claims.resolve(data)
+        result = fn(data, command) if wants_command else fn(data)
+        if inspect.isawaitable(result):
+            result = await result
+        if self.claims is not None:
+            result = await self.claims.offload(result)
+        return result
 
 
 def _wants_command(fn: Handler, name: str) -> bool:

@@ -36,6 +36,7 @@ from mediator.core.signing import Keyring
 from mediator.errors import MediatorError
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer, start_producer
+from mediator.sdk.claims import Claims
 from topics.events import ControlAction, ControlEvent, RequestEvent, ResultEvent
 from topics.names import Topics
 
@@ -96,8 +97,14 @@ class MediatorClient:
         dedup_size: int = 100_000,
         keys: Keyring | None = None,
         operator: tuple[str, Keyring] | None = None,
+        claims: Claims | None = None,
     ) -> None:
         """A client of the broker at ``bootstrap_servers`` (options: see the README).
+
+        With ``claims``, a payload whose JSON is over its threshold is stored there and
+        sent by reference, and references in a result's output are resolved before
+        `submit` returns it (`mediator.sdk.claims`; failures raise `ClaimMissing` or
+        `ClaimUnavailable`).
 
         ``on_result`` is called once for every distinct result read from the results topic
         while the client runs, on the reader task, before any submit waiting for it
@@ -109,6 +116,7 @@ class MediatorClient:
             msg = f"dedup_size must be at least 1, got {dedup_size}"
             raise ValueError(msg)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.claims = claims
         self.topics = topics or Topics()
         self.results_topic = results_topic or self.topics.results
         self.bootstrap_servers = bootstrap_servers
@@ -213,10 +221,13 @@ class MediatorClient:
         """Send a request without waiting for its result; returns its id once the broker
         acked. `priority` (0-9, higher first) orders the run in its concurrency key's
         queue, if its workflow has one and the run has to wait for a slot."""
+        payload = payload or {}
+        if self.claims is not None:
+            payload = await self.claims.offload(payload)
         request = RequestEvent(
             request_id=request_id or uuid.uuid4().hex,
             workflow=workflow,
-            payload=payload or {},
+            payload=payload,
             reply_to=None if self.results_topic == self.topics.results else self.results_topic,
             trace_id=trace_id,
             created_ms=clock.now_ms(),
@@ -325,7 +336,11 @@ class MediatorClient:
                 await self.publish(
                     workflow, payload, request_id=request_id, trace_id=trace_id, priority=priority
                 )
-                return await future
+                result = await future
+            if self.claims is not None and result.output is not None:
+                output = await self.claims.resolve(result.output)
+                result = result.model_copy(update={"output": output})
+            return result
         except TimeoutError as exc:
             raise SubmitTimeout(request_id, timeout) from exc
         finally:

@@ -63,6 +63,7 @@ from mediator.core.tasks import cancel_and_wait
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer
 from mediator.sdk.actions import ActionError, Handler
+from mediator.sdk.claims import Claims
 from mediator.sdk.intake import Intake
 from mediator.sdk.keys import service_keyring
 from mediator.sdk.offsets import OffsetTracker
@@ -123,8 +124,10 @@ class Worker(Intake):
         expiry_grace_ms: int | None = 60_000,
         consumer_options: Mapping[str, Any] | None = None,
         producer_options: Mapping[str, Any] | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.service = service
+        self.claims = claims
         self.topics = topics or Topics()
         #: Random per start: this process's heartbeats are told from an earlier start's.
         self.boot = secrets.token_hex(4)
