@@ -45,7 +45,7 @@ async def run_growth(stage: Stage, profile: Profile, out: list[Measure]) -> list
     }
     calls = {
         wf: Measure(f"growth.{wf}.redis_calls_per_step", "calls",
-                    note="commands Redis processed (a script call counts once)")
+                    note="commands Redis ran, those inside scripts included")
         for wf, _, _ in GROWTH
     }  # fmt: skip
     ratios = {
