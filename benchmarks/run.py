@@ -32,6 +32,7 @@ from benchmarks import (
     report,
     routing_bench,
     scaling,
+    stages,
 )
 from benchmarks.common import Budget, Measure, Profile
 from benchmarks.stage import Stage, machine, open_stage
@@ -42,12 +43,13 @@ HERE = Path(__file__).resolve().parent
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
 SECTIONS = (
-    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow", "growth"
+    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow", "growth",
+    "stages",
 )  # fmt: skip
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
          "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25,
-         "growth": 0.2}  # fmt: skip
+         "growth": 0.2, "stages": 0.15}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -100,7 +102,12 @@ async def _growth(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await growth.run_growth(stage, profile, out)
 
 
+async def _stages(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await stages.run_stages(stage, profile, out)
+
+
 RUNNERS: dict[str, Section] = {
+    "stages": _stages,
     "growth": _growth,
     "monitoring": _monitoring,
     "flow": _flow,
