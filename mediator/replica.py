@@ -103,6 +103,7 @@ class Mediator:
             sweep_interval_ms=settings.outbox.sweep_interval_ms,
             sweep_batch=settings.outbox.sweep_batch,
             signatures=self.signatures,
+            clear_ms=settings.outbox.clear_ms,
         )
         #: This replica's name, in logs and in the breakers and drain leases it holds.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"

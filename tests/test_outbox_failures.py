@@ -78,6 +78,7 @@ class FakeStore:
         self.keys = Keys("t", shards)
         self.lease_ms = 1000
         self.done: list[tuple[int, str]] = []
+        self.clears = 0
         self.renewed: list[tuple[int, list[tuple[str, int]], int | None]] = []
         self.lost: set[str] = set()
         self.claimable: dict[int, list[tuple[str, bytes]]] = {}
@@ -85,6 +86,7 @@ class FakeStore:
 
     async def outbox_done(self, entries: Sequence[tuple[int, str]]) -> None:
         self.done += entries
+        self.clears += 1
 
     async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
         if shard in self.broken_shards:
@@ -114,19 +116,37 @@ def command(n: int, size: int = 10) -> Message:
                    "command", 7)  # fmt: skip
 
 
-def dispatcher(store: FakeStore, producer: FakeProducer) -> Dispatcher:
+def dispatcher(store: FakeStore, producer: FakeProducer, clear_ms: int = 0) -> Dispatcher:
     return Dispatcher(
         store,
         producer,
         topics=TOPICS,
         backoff=BackoffSettings(initial_ms=250, max_ms=1000),
         excerpt_bytes=256,
+        clear_ms=clear_ms,
     )
 
 
 async def settle(d: Dispatcher) -> None:
-    if d._pending:
-        await asyncio.wait(d._pending)
+    while d._pending:  # a publish settling schedules its clearing
+        await asyncio.wait(set(d._pending))
+
+
+async def test_acknowledged_entries_of_several_batches_are_cleared_in_one_call() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    d = dispatcher(store, producer, clear_ms=50)
+    await d.send([command(1), command(2)])
+    await asyncio.sleep(0.01)
+    await d.send([command(3)])
+    await settle(d)
+    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
+    assert store.clears == 1
+    # Later acknowledgements start a new clearing; stop waits for it.
+    await d.send([command(4)])
+    await asyncio.sleep(0)
+    await d.stop()
+    assert (0, "wf-4.a.1") in store.done
+    assert store.clears == 2
 
 
 async def test_a_refused_command_is_dead_lettered_and_fails_its_step_the_rest_go() -> None:

@@ -59,6 +59,7 @@ class Dispatcher:
         sweep_interval_ms: int = 1000,
         sweep_batch: int = 500,
         signatures: Signatures | None = None,
+        clear_ms: int = 0,
     ) -> None:
         self.store = store
         #: Signs the error replies written in a service's stead (None: signing is off).
@@ -70,6 +71,12 @@ class Dispatcher:
         self.lease_ms = store.lease_ms
         self.sweep_interval_ms = sweep_interval_ms
         self.sweep_batch = sweep_batch
+        #: Entries Kafka acknowledged are cleared from Redis together, at most this long
+        #: after the first of them (0: each batch's at once): one round trip for the
+        #: acknowledgements of many batches instead of one per batch.
+        self.clear_ms = clear_ms
+        self._acked: list[tuple[int, str]] = []
+        self._clearing: asyncio.Task[None] | None = None
         self.published = 0
         self.swept = 0
         self.stats = OutboxStats()
@@ -87,11 +94,13 @@ class Dispatcher:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="outbox-sweeper")
 
     async def stop(self) -> None:
-        """Stop sweeping and wait for publishes in flight (bounded)."""
+        """Stop sweeping and wait for publishes in flight and their clearing (bounded)."""
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=10)
+        deadline = clock.monotonic() + 10
+        # A publish settling schedules its clearing: wait for that too.
+        while self._pending and (left := deadline - clock.monotonic()) > 0:
+            await asyncio.wait(set(self._pending), timeout=left)
 
     async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
         """Hand outbox `messages` to the producer now; clear them once acknowledged.
@@ -301,6 +310,24 @@ class Dispatcher:
             self.published += 1
             if message.shard >= 0:
                 done.append(slot)
+        if not done:
+            return
+        self._acked += done
+        if self._clearing is None:
+            self._clearing = task = asyncio.create_task(self._clear(), name="outbox-clear")
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _clear(self) -> None:
+        """Forget the acknowledged entries in Redis, those of every batch settled within
+        `clear_ms` at once. An entry not cleared (Redis unreachable) stays until its lease
+        runs out and is re-sent: a duplicate consumers drop by id, never a loss."""
+        try:
+            if self.clear_ms:
+                await asyncio.sleep(self.clear_ms / 1000)
+        finally:
+            self._clearing = None
+        done, self._acked = self._acked, []
         try:
             await self.store.outbox_done(done)
         except StateUnavailable as exc:

@@ -197,6 +197,14 @@ class OutboxSettings(BaseModel):
         ge=1,
         description="Most entries one sweep takes over per shard.",
     )
+    clear_ms: DurationMs = Field(
+        default=20,
+        ge=0,
+        le=1_000,
+        description="Entries Kafka acknowledged are deleted from Redis together, at most this "
+        "long after the first (one round trip for many batches; 0: each batch at once). An "
+        "entry not yet deleted when its replica dies is re-sent: consumers drop it by id.",
+    )
 
 
 class LimitsSettings(BaseModel):

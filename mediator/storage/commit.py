@@ -143,6 +143,7 @@ class CommitCodec:
         self.keys = keys
         #: Entries kept in each run's audit stream (0: none written).
         self.audit_limit = audit_limit
+        self._by_shard: dict[int, tuple[str, ...]] = {}
         # The same in every call: packed once.
         self._settings = orjson.dumps(
             {
@@ -155,6 +156,24 @@ class CommitCodec:
             }
         )
 
+    def _shard_keys(self, shard: int) -> tuple[str, ...]:
+        """The keys of `shard` every call names first (built once per shard)."""
+        found = self._by_shard.get(shard)
+        if found is None:
+            keys = self.keys
+            found = self._by_shard[shard] = (
+                keys.counters(shard),
+                keys.outbox(shard),
+                keys.outbox_due(shard),
+                keys.recent(shard),
+                keys.status_index(shard, "running"),
+                keys.status_index(shard, "completed"),
+                keys.status_index(shard, "failed"),
+                keys.timers(shard),
+                keys.routed(shard),
+            )
+        return found
+
     def pack(
         self,
         shard: int,
@@ -165,17 +184,7 @@ class CommitCodec:
         """KEYS and ARGV of one call committing `commits`, all of `shard`, in order; the
         runs in `whole` are written whole (their stored form is an earlier one)."""
         keys = self.keys
-        key_list = [
-            keys.counters(shard),
-            keys.outbox(shard),
-            keys.outbox_due(shard),
-            keys.recent(shard),
-            keys.status_index(shard, "running"),
-            keys.status_index(shard, "completed"),
-            keys.status_index(shard, "failed"),
-            keys.timers(shard),
-            keys.routed(shard),
-        ]
+        key_list = list(self._shard_keys(shard))
         args: list[Any] = [now_ms, self._settings]
         names: dict[str, int] = {}  # workflow name -> the number of its name index in KEYS
         queues: dict[str, int] = {}  # service -> the number of its parked queue in KEYS
