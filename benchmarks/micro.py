@@ -23,6 +23,7 @@ from benchmarks.mediator_bench import make_client, submitter
 from benchmarks.stage import ECHO, WORKFLOWS, Stage
 from mediator import clock, codec
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition
+from mediator.core.stream import transition_fields, transitions
 from mediator.core.workflow import Workflow, parse_workflows
 from mediator.definitions import Definitions, load_file
 from mediator.replica import Mediator
@@ -151,6 +152,37 @@ def _lifecycle(engine: Engine, workflow: Workflow, keys: Keys, n: int, now: int)
             state = step.state
         assert step is not None
         transition = step
+
+
+def transition_events(profile: Profile) -> list[Measure]:
+    """Microseconds to write one 3-step run's transition events (``events.enabled``): as
+    the contract's models (`transitions`, `codec.encode`, `codec.headers`), and as the
+    commit path writes them (`transition_fields`, `codec.encode_plain`), side by side."""
+    workflow = parse_workflows(WORKFLOWS["chain3"])[0]
+    engine = Engine(replies_topic="bench.replies")
+    keys = Keys(tag("events"), 16)
+    pairs = []
+    for n in range(50):
+        states = [c.state for c in _lifecycle(engine, workflow, keys, n, clock.now_ms())]
+        pairs += list(zip([None, *states[:-1]], states, strict=True))
+
+    def as_models() -> None:
+        for before, after in pairs:
+            for event in transitions(before, after, 1):
+                codec.encode(event), codec.headers(event)
+
+    def plain() -> None:
+        for before, after in pairs:
+            for fields in transition_fields(before, after, 1):
+                codec.encode_plain(fields)
+
+    models_us = Measure("micro.events.models", "us/run", note="events of a 3-step run as models")
+    plain_us = Measure("micro.events.plain", "us/run", note="the same events written plain")
+    for _ in range(profile.repeat):
+        for measure, fn in ((models_us, as_models), (plain_us, plain)):
+            runs = [_per_call_us(fn, 1) / 50 for _ in range(max(5, profile.micro_iterations))]
+            measure.values.append(round(statistics.median(runs), 2))
+    return [models_us, plain_us]
 
 
 async def commit_per_transition(stage: Stage, profile: Profile) -> list[Measure]:

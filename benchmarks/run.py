@@ -76,6 +76,7 @@ async def _celery(stage: Stage, profile: Profile, out: list[Measure]) -> None:
 
 async def _micro(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     out += micro.balancer_decision(profile) + micro.plan_dag(profile)
+    out += micro.transition_events(profile)
     out += await micro.commit_per_transition(stage, profile)
     out += await micro.commit_with_wait(profile)
     out += await micro.redis_bytes_per_workflow(stage, profile)

@@ -23,13 +23,14 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import Measure, Profile, run_count
 from benchmarks.cpu import cpu_seconds
 from benchmarks.mediator_bench import make_client, submitter, warm_up
-from benchmarks.stage import Rigs, Stage, steps_of
+from benchmarks.stage import Rig, Stage, steps_of
 
-__all__ = ["RULES", "STAGES", "attribute", "classify", "run_stages"]
+__all__ = ["RULES", "STAGES", "VARIANTS", "attribute", "classify", "run_stages"]
 
 #: (workflow, runs, runs in flight): 9,000 steps, with about 100 steps in flight as the
 #: growth section runs them.
@@ -52,6 +53,9 @@ RULES: tuple[tuple[str, str], ...] = (
     ("mediator/core/metrics.py", "counters and metrics"),
     ("mediator/runtime/tracing.py", "counters and metrics"),
     ("mediator/runtime/outbox.py", "outbox encode and produce"),
+    ("mediator/codec.py:encode", "outbox encode and produce"),
+    ("mediator/codec.py:headers", "outbox encode and produce"),
+    ("topics/headers.py", "outbox encode and produce"),
     ("aiokafka/producer/", "outbox encode and produce"),
     ("mediator/producers.py", "outbox encode and produce"),
     ("mediator/storage/", "commit build and Redis"),
@@ -130,53 +134,73 @@ def attribute(raw: str) -> tuple[dict[str, int], collections.Counter[str]]:
     return per_stage, leaves
 
 
+#: The variants profiled: (name, settings overrides). With the transition stream on, a
+#: step also writes its events through the outbox: where that costs shows beside plain.
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("chain3", {}),
+    ("chain3_events", {"events": {"enabled": True}}),
+)
+
+
 async def run_stages(stage: Stage, profile: Profile, out: list[Measure]) -> list[Measure]:
-    """``stages.chain3.<stage>.us_per_step`` for every stage, and the CPU per step they split."""
+    """``stages.<variant>.<stage>.us_per_step`` for every stage, and the CPU per step they
+    split, for each variant, side by side in every repetition."""
     spy = shutil.which("py-spy")
     if spy is None:
         print("stages: py-spy is not installed (pip install py-spy): section skipped")
         return out
     workflow, runs, in_flight = LOAD
     runs = runs // 4 if profile.name == "quick" else runs
-    steps = runs * steps_of(workflow)
-    note = f"the replica, {runs} runs to completion, {in_flight} in flight"
-    total = Measure(f"stages.{workflow}.cpu_per_step", "us CPU", note=note)
-    per = {
-        name: Measure(f"stages.{workflow}.{_slug(name)}.us_per_step", "us CPU", note=name)
-        for name in STAGES
-    }
-    out += [total, *per.values()]
-    async with Rigs(stage, "stages", fresh=profile.fresh_rigs, mediator=True) as rigs:
-        for _ in range(profile.repeat):
-            async with rigs.use() as rig, make_client(rig.settings) as client:
-                assert rig.replica is not None and rig.replica.process is not None
-                pid = rig.replica.process.pid
-                await warm_up(client, workflow)
-                with tempfile.TemporaryDirectory() as tmp:
-                    raw_path = Path(tmp) / "stacks.txt"
-                    sampler = await _start(spy, pid, raw_path)
-                    used = cpu_seconds(pid)
-                    done = await run_count(
-                        submitter(client, workflow), runs, in_flight=in_flight, timeout_s=300
-                    )
-                    used = cpu_seconds(pid) - used
-                    await _stop(sampler)
-                    raw = raw_path.read_text() if raw_path.exists() else ""
-                _keep(raw)
-                if done != runs:
-                    msg = f"stages: {done} of {runs} {workflow} runs completed"
-                    raise RuntimeError(msg)
-                counts, leaves = attribute(raw)
-                sampled = sum(counts.values())
-                if not sampled:
-                    msg = "stages: py-spy took no samples (is ptrace allowed?)"
-                    raise RuntimeError(msg)
-                us = used * 1e6 / steps
-                total.values.append(round(us, 1))
-                for name, measure in per.items():
-                    measure.values.append(round(us * counts[name] / sampled, 1))
-                _print_leaves(leaves, us)
+    note = f"the replica, {runs} {workflow} runs to completion, {in_flight} in flight"
+    measures: dict[str, list[Measure]] = {}
+    for variant, _ in VARIANTS:
+        measures[variant] = [
+            Measure(f"stages.{variant}.cpu_per_step", "us CPU", note=note),
+            *(Measure(f"stages.{variant}.{_slug(name)}.us_per_step", "us CPU", note=name)
+              for name in STAGES),
+        ]  # fmt: skip
+        out += measures[variant]
+    for _ in range(profile.repeat):
+        for variant, overrides in VARIANTS:
+            async with stage.rig("stages", mediator=True, **overrides) as rig:
+                us, counts, leaves = await _profile(spy, rig, workflow, runs, in_flight)
+            sampled = sum(counts.values())
+            total, *per = measures[variant]
+            total.values.append(round(us, 1))
+            for name, measure in zip(STAGES, per, strict=True):
+                measure.values.append(round(us * counts[name] / sampled, 1))
+            print(f"stages ({variant}):", end=" ")
+            _print_leaves(leaves, us)
     return out
+
+
+async def _profile(
+    spy: str, rig: Rig, workflow: str, runs: int, in_flight: int
+) -> tuple[float, dict[str, int], collections.Counter[str]]:
+    """The replica's CPU per step over `runs` runs, and its samples per stage and leaf."""
+    assert rig.replica is not None and rig.replica.process is not None
+    pid = rig.replica.process.pid
+    async with make_client(rig.settings) as client:
+        await warm_up(client, workflow)
+        with tempfile.TemporaryDirectory() as tmp:
+            raw_path = Path(tmp) / "stacks.txt"
+            sampler = await _start(spy, pid, raw_path)
+            used = cpu_seconds(pid)
+            done = await run_count(
+                submitter(client, workflow), runs, in_flight=in_flight, timeout_s=300
+            )
+            used = cpu_seconds(pid) - used
+            await _stop(sampler)
+            raw = raw_path.read_text() if raw_path.exists() else ""
+    _keep(raw)
+    if done != runs:
+        msg = f"stages: {done} of {runs} {workflow} runs completed"
+        raise RuntimeError(msg)
+    counts, leaves = attribute(raw)
+    if not sum(counts.values()):
+        msg = "stages: py-spy took no samples (is ptrace allowed?)"
+        raise RuntimeError(msg)
+    return used * 1e6 / (runs * steps_of(workflow)), counts, leaves
 
 
 async def _start(spy: str, pid: int, raw_path: Path) -> asyncio.subprocess.Process:

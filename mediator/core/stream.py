@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState
-from topics.events import ErrorInfo, TransitionEvent, WorkflowStatus
+from topics.events import TransitionEvent, WorkflowStatus
 
-__all__ = ["transitions"]
+__all__ = ["transition_fields", "transitions"]
 
 #: The event a step (or a compensation) reaching a status is reported as.
 _STEP_KINDS = {
@@ -26,9 +26,15 @@ _STEP_KINDS = {
 }
 
 
-def transitions(before: WorkflowState | None, after: WorkflowState, now_ms: int) -> list[Any]:
+def transition_fields(
+    before: WorkflowState | None, after: WorkflowState, now_ms: int
+) -> list[dict[str, Any]]:
     """The events of the commit from `before` (None: the run starts) to `after` (its new
-    revision): the run's own first, then its steps' in plan order, then compensations."""
+    revision): the run's own first, then its steps' in plan order, then compensations.
+
+    Each is a `TransitionEvent`'s fields as plain JSON values, ``None`` ones left out:
+    what `mediator.codec.encode` writes of the model, built without the model (the
+    commit path writes several per step; tests hold the two to the same output)."""
     found: list[dict[str, Any]] = []
     if before is None:
         found.append({"kind": "run_started"})
@@ -54,20 +60,37 @@ def transitions(before: WorkflowState | None, after: WorkflowState, now_ms: int)
         before is None or not before.terminal or before.finished_ms != after.finished_ms
     ):
         found.append({"kind": "run_finished", "error": after.error})
-    return [
-        TransitionEvent(
-            event_id=f"{after.workflow_id}:{after.rev}:{n}",
-            workflow_id=after.workflow_id,
-            request_id=after.request_id,
-            workflow=after.workflow,
-            version=after.version,
-            rev=after.rev,
-            status=after.status,
-            at_ms=now_ms,
-            **{k: _error(v) if k == "error" else v for k, v in fields.items()},
-        )
-        for n, fields in enumerate(found)
-    ]
+    return _events(after, found, now_ms)
+
+
+def _events(after: WorkflowState, found: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """The events `found` in the commit that made `after`, each with the run's fields."""
+    head = {
+        "type": "transition",
+        "schema_version": 1,
+        "workflow_id": after.workflow_id,
+        "request_id": after.request_id,
+        "workflow": after.workflow,
+        "version": after.version,
+        "rev": after.rev,
+        "status": after.status.value,
+        "at_ms": now_ms,
+    }
+    events = []
+    for n, fields in enumerate(found):
+        event = {"event_id": f"{after.workflow_id}:{after.rev}:{n}", **head}
+        for name, value in fields.items():
+            if value is not None:
+                event[name] = _error(value) if name == "error" else value
+        events.append(event)
+    return events
+
+
+def transitions(
+    before: WorkflowState | None, after: WorkflowState, now_ms: int
+) -> list[TransitionEvent]:
+    """`transition_fields` as the contract's models."""
+    return [TransitionEvent.model_validate(f) for f in transition_fields(before, after, now_ms)]
 
 
 def _changed(what: str, sid: str, old: StepState | None, new: StepState) -> list[dict[str, Any]]:
@@ -91,12 +114,13 @@ def _changed(what: str, sid: str, old: StepState | None, new: StepState) -> list
     return [fields]
 
 
-def _error(failure: Failure | None) -> ErrorInfo | None:
-    if failure is None:
-        return None
-    return ErrorInfo(
-        message=failure.get("message", ""),
-        code=failure.get("code") or "error",
-        retryable=bool(failure.get("retryable")),
-        step=failure.get("step"),
-    )
+def _error(failure: Failure) -> dict[str, Any]:
+    """A step's or run's failure as an `ErrorInfo`'s fields."""
+    error = {
+        "message": str(failure.get("message", "")),
+        "code": str(failure.get("code") or "error"),
+        "retryable": bool(failure.get("retryable")),
+    }
+    if (step := failure.get("step")) is not None:
+        error["step"] = step
+    return error

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from mediator.clock import now_ms
-from mediator.codec import encode, headers, record
+from mediator.codec import encode, encode_plain, headers, record
 from mediator.core import audit
 from mediator.core.audit import AuditEvent
 from mediator.core.engine import PublishResult, SendCommand, Transition
@@ -17,7 +17,7 @@ from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, 
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
 from mediator.core.state import Failure, WorkflowState
-from mediator.core.stream import transitions
+from mediator.core.stream import transition_fields
 from mediator.core.transition import Subscribe
 from mediator.core.workflow import CHILD_PREFIX, Workflow
 from mediator.logs import run_fields
@@ -37,12 +37,17 @@ from topics.events import (
     ReplyStatus,
     RequestEvent,
     ResultEvent,
+    TransitionEvent,
     WorkflowStatus,
 )
+from topics.headers import headers_for
 
 __all__ = ["Commits"]
 
 log = logging.getLogger("mediator.runtime")
+
+#: The contract headers of every transition event (they carry no trace id).
+_EVENT_HEADERS = tuple(headers_for("transition", 1, None))
 
 
 class Commits(Intake):
@@ -164,10 +169,14 @@ class Commits(Intake):
         """The transition stream's events of the commit from `base` to `state`."""
         shard = self.keys.shard_of(state.workflow_id)
         topic, key = self.topics.events, state.workflow_id.encode()
-        return [
-            Message(shard, event.event_id, topic, key, encode(event), headers(event), "event")
-            for event in transitions(base, state, now)
-        ]
+        messages = []
+        for fields in transition_fields(base, state, now):
+            value = encode_plain(fields)
+            if value is None:  # a value orjson would not write as pydantic does
+                value = encode(TransitionEvent.model_validate(fields))
+            event_id = fields["event_id"]
+            messages.append(Message(shard, event_id, topic, key, value, [*_EVENT_HEADERS], "event"))
+        return messages
 
     def _to_child(
         self, state: WorkflowState, workflow: Workflow | None, command: CommandEvent, shard: int
