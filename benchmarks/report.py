@@ -50,6 +50,10 @@ TARGETS = [
            5.0, operator.ge, ">="),
     Target("mediator chains/s >= 5 x Celery (3-step)", "ratio.mediator_over_celery.chain3",
            5.0, operator.ge, ">="),
+    Target("mediator chains/s >= 10 x DBOS, async commit (1-step)",
+           "ratio.mediator_over_dbos_async_commit.chain1", 10.0, operator.ge, ">="),
+    Target("mediator chains/s >= 10 x DBOS, async commit (3-step)",
+           "ratio.mediator_over_dbos_async_commit.chain3", 10.0, operator.ge, ">="),
     Target("timers on cost <= 15 % of 3-step throughput", "ratio.timers_over_plain.chain3",
            0.85, operator.ge, ">="),
     Target("timer firing lag p99 at half load < 100 ms", "mediator.chain3.half_load.timer_lag_p99",
@@ -83,6 +87,14 @@ RATIOS = {
         "mediator.chain1.workflows_per_s", "celery.chain1.chains_per_s"),
     "ratio.mediator_over_celery.chain3": (
         "mediator.chain3.workflows_per_s", "celery.chain3.chains_per_s"),
+    "ratio.mediator_over_dbos.chain1": (
+        "mediator.chain1.workflows_per_s", "dbos.chain1.chains_per_s"),
+    "ratio.mediator_over_dbos.chain3": (
+        "mediator.chain3.workflows_per_s", "dbos.chain3.chains_per_s"),
+    "ratio.mediator_over_dbos_async_commit.chain1": (
+        "mediator.chain1.workflows_per_s", "dbos_async_commit.chain1.chains_per_s"),
+    "ratio.mediator_over_dbos_async_commit.chain3": (
+        "mediator.chain3.workflows_per_s", "dbos_async_commit.chain3.chains_per_s"),
     "ratio.replicas2_over_replicas1.chain3": (
         "scaling.replicas2.chain3.workflows_per_s", "scaling.replicas1.chain3.workflows_per_s"),
     "ratio.replicas4_over_replicas1.chain3": (

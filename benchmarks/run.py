@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from benchmarks import (
     celery_bench,
+    dbos_bench,
     floor,
     flow_bench,
     growth,
@@ -43,12 +44,12 @@ HERE = Path(__file__).resolve().parent
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
 SECTIONS = (
-    "micro", "floor", "mediator", "celery", "scaling", "routing", "monitoring", "flow", "growth",
-    "stages",
+    "micro", "floor", "mediator", "celery", "dbos", "scaling", "routing", "monitoring", "flow",
+    "growth", "stages",
 )  # fmt: skip
 #: The share of the overall budget one section may use at most.
-SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "micro": 0.12,
-         "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25,
+SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "dbos": 0.1,
+         "micro": 0.12, "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25,
          "growth": 0.2, "stages": 0.15}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
@@ -72,6 +73,10 @@ async def _floor_latency(stage: Stage, profile: Profile, out: list[Measure]) -> 
 
 async def _celery(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     await celery_bench.run_celery(stage, profile, out=out)
+
+
+async def _dbos(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await dbos_bench.run_dbos(profile, out)
 
 
 async def _micro(stage: Stage, profile: Profile, out: list[Measure]) -> None:
@@ -116,6 +121,7 @@ RUNNERS: dict[str, Section] = {
     "mediator": _mediator,
     "floor_latency": _floor_latency,
     "celery": _celery,
+    "dbos": _dbos,
     "micro": _micro,
     "scaling": _scaling,
     "routing": _routing,
