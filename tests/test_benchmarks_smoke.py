@@ -44,6 +44,7 @@ async def test_every_section_reports_positive_numbers(
         measures += await floor.run_floor_latency(stage, TINY, rate=50.0)
         measures += await celery_bench.run_celery(stage, TINY, chains=(3,))
         measures += micro.balancer_decision(TINY) + micro.plan_dag(TINY)
+        measures += micro.transition_events(TINY)
         measures += await micro.commit_per_transition(stage, TINY)
         measures += await micro.redis_bytes_per_workflow(stage, TINY)
         measures += await scaling.run_scaling(stage, TINY, in_flight=20, max_replicas=1)
@@ -67,6 +68,8 @@ async def test_every_section_reports_positive_numbers(
         "celery.chain3.chains_per_s",
         "micro.dag1000.plan_from_dict",
         "micro.dag1000.plan_from_yaml",
+        "micro.events.models",
+        "micro.events.plain",
         "micro.commit.single",
         "micro.commit.pipelined100",
         "micro.redis.bytes_per_chain3",
