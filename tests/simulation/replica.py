@@ -215,7 +215,7 @@ class SimReplica:
         self.dispatcher = Dispatcher(
             self.store, self.producer, topics=topics, backoff=settings.backoff,
             sweep_interval_ms=settings.outbox.sweep_interval_ms,
-            sweep_batch=settings.outbox.sweep_batch,
+            sweep_batch=settings.outbox.sweep_batch, clear_ms=settings.outbox.clear_ms,
         )  # fmt: skip
         self.breakers = Breakers(self.redis, keys, settings.circuit_breaker, name)
         self.registry = Registry(self.redis, keys, settings.discovery)
