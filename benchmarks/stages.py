@@ -1,9 +1,10 @@
 """Where a step's CPU goes: the replica sampled by ``py-spy`` while it runs 3-step chains,
 each sample given to the stage of the step's work it was in.
 
-Each repetition takes a fresh rig (one echo instance, one replica in its own process),
-warms it up, then runs chain3 to completion with ``py-spy record --nonblocking`` attached
-to the replica. The replica's CPU per step (from /proc) is split between the stages in
+Each repetition takes, for each of `VARIANTS` (plain chain3, and chain3 with the transition
+stream on), a fresh rig (one echo instance, one replica in its own process), warms it up,
+then runs chain3 to completion with ``py-spy record --nonblocking`` attached to the
+replica. The replica's CPU per step (from /proc) is split between the stages in
 proportion to their samples. A sample belongs to the innermost frame that names a stage
 (see ``RULES``): a pydantic or orjson call made by the commit builder is the commit's, one
 made by the consumer's decoding is decoding's.
@@ -192,7 +193,7 @@ async def _profile(
             used = cpu_seconds(pid) - used
             await _stop(sampler)
             raw = raw_path.read_text() if raw_path.exists() else ""
-    _keep(raw)
+    _keep(raw, rig.settings.events.enabled)
     if done != runs:
         msg = f"stages: {done} of {runs} {workflow} runs completed"
         raise RuntimeError(msg)
@@ -232,13 +233,15 @@ def _print_leaves(leaves: collections.Counter[str], us_per_step: float, top: int
         print(f"  {us_per_step * count / total:7.2f}  {where}")
 
 
-def _keep(raw: str) -> None:
+def _keep(raw: str, events: bool) -> None:
     """With ``MEDIATOR_STAGES_OUT=<dir>``, the sampled stacks of every repetition are kept
-    there (py-spy's collapsed format, for a flame graph)."""
+    there (py-spy's collapsed format, for a flame graph), named by variant and time."""
     folder = os.environ.get("MEDIATOR_STAGES_OUT")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"stacks-{time.strftime('%H%M%S')}.txt").write_text(raw)
+        variant = "events" if events else "plain"
+        name = f"stacks-{variant}-{time.strftime('%H%M%S')}.txt"
+        (Path(folder) / name).write_text(raw)
 
 
 def _slug(name: str) -> str:
