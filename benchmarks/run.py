@@ -27,6 +27,7 @@ from benchmarks import (
     floor,
     flow_bench,
     growth,
+    inproc,
     mediator_bench,
     micro,
     monitoring_bench,
@@ -44,13 +45,13 @@ HERE = Path(__file__).resolve().parent
 # machine stays busy for a while (the broker works through what it holds), which was
 # seen to double their figures.
 SECTIONS = (
-    "micro", "floor", "mediator", "celery", "dbos", "scaling", "routing", "monitoring", "flow",
-    "growth", "stages",
+    "micro", "inproc", "floor", "mediator", "celery", "dbos", "scaling", "routing", "monitoring",
+    "flow", "growth", "stages",
 )  # fmt: skip
 #: The share of the overall budget one section may use at most.
 SHARE = {"floor": 0.25, "mediator": 0.45, "floor_latency": 0.08, "celery": 0.15, "dbos": 0.1,
          "micro": 0.12, "scaling": 0.3, "routing": 0.35, "monitoring": 0.2, "flow": 0.25,
-         "growth": 0.2, "stages": 0.15}  # fmt: skip
+         "growth": 0.2, "stages": 0.15, "inproc": 0.08}  # fmt: skip
 
 # Each section appends its measures to ``out`` as they start, so one that is cut short by
 # its time share keeps the repetitions it finished.
@@ -85,6 +86,10 @@ async def _micro(stage: Stage, profile: Profile, out: list[Measure]) -> None:
     out += await micro.commit_per_transition(stage, profile)
     out += await micro.commit_with_wait(profile)
     out += await micro.redis_bytes_per_workflow(stage, profile)
+
+
+async def _inproc(stage: Stage, profile: Profile, out: list[Measure]) -> None:
+    await inproc.run_inproc(stage.redis_url, profile, out)
 
 
 async def _scaling(stage: Stage, profile: Profile, out: list[Measure]) -> None:
@@ -123,6 +128,7 @@ RUNNERS: dict[str, Section] = {
     "celery": _celery,
     "dbos": _dbos,
     "micro": _micro,
+    "inproc": _inproc,
     "scaling": _scaling,
     "routing": _routing,
 }

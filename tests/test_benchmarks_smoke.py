@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import celery_bench, floor, mediator_bench, micro, report, scaling
+from benchmarks import celery_bench, floor, inproc, mediator_bench, micro, report, scaling
 from benchmarks.common import Measure, Profile
 from benchmarks.stage import open_stage
 from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis
@@ -48,6 +48,7 @@ async def test_every_section_reports_positive_numbers(
         measures += await micro.commit_per_transition(stage, TINY)
         measures += await micro.redis_bytes_per_workflow(stage, TINY)
         measures += await scaling.run_scaling(stage, TINY, in_flight=20, max_replicas=1)
+    measures += await inproc.run_inproc(redis_server.url, TINY, [], runs=50)
 
     _positive(
         measures,
@@ -74,6 +75,9 @@ async def test_every_section_reports_positive_numbers(
         "micro.commit.pipelined100",
         "micro.redis.bytes_per_chain3",
         "scaling.replicas1.chain3.workflows_per_s",
+        "inproc.chain3.cpu_per_step",
+        "inproc.chain3.redis_cpu_per_step",
+        "inproc.chain1.cpu_per_step",
     )
     balancer = [m for m in measures if m.name.startswith("micro.balancer.")]
     assert balancer and all(m.values or "n/a" in m.note for m in balancer)
