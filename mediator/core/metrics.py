@@ -51,11 +51,15 @@ def counter_series(key: CounterKey) -> tuple[str, str, str] | None:
     return key if key.kind else None
 
 
+#: The histogram's field names, bound by bound.
+_BUCKET_FIELDS = tuple((bound, f"h:{bound}") for bound in BOUNDS_MS)
+
+
 def bucket_field(ms: float) -> str:
     """The histogram field an observation of `ms` milliseconds falls in."""
-    for bound in BOUNDS_MS:
+    for bound, field in _BUCKET_FIELDS:
         if ms <= bound:
-            return f"h:{bound}"
+            return field
     return "h:inf"
 
 
@@ -102,16 +106,33 @@ class Tally:
 
     def observe(self, observation: Observation, now_ms: int) -> None:
         """Add one timed outcome to its series' histogram (and its instance's)."""
-        ms = max(0, observation.ms)
-        names = [(observation.kind, observation.name)]
-        if observation.instance is not None and observation.kind == "svc":
-            names.append(("inst", f"{observation.name}/{observation.instance}"))
-        for kind, name in names:
-            fields = self.series.setdefault((kind, name, self.bucket(now_ms)), {})
-            for field, n in (("n", 1), ("sum", ms), (bucket_field(ms), 1)):
-                fields[field] = fields.get(field, 0) + n
-            if kind == "inst":
-                fields[observation.outcome] = fields.get(observation.outcome, 0) + 1
+        self.observe_many((observation,), now_ms)
+
+    def observe_many(self, observations: Iterable[Observation], now_ms: int) -> None:
+        """Add timed outcomes, all of the bucket of `now_ms`, to their series' histograms
+        (and their instances')."""
+        bucket = self.bucket(now_ms)
+        series = self.series
+        for observation in observations:
+            ms = max(0, observation.ms)
+            field = bucket_field(ms)
+            kind, name = observation.kind, observation.name
+            fields = series.get((kind, name, bucket))
+            if fields is None:
+                fields = series[(kind, name, bucket)] = {}
+            fields["n"] = fields.get("n", 0) + 1
+            fields["sum"] = fields.get("sum", 0) + ms
+            fields[field] = fields.get(field, 0) + 1
+            if observation.instance is not None and kind == "svc":
+                key = ("inst", f"{name}/{observation.instance}", bucket)
+                fields = series.get(key)
+                if fields is None:
+                    fields = series[key] = {}
+                fields["n"] = fields.get("n", 0) + 1
+                fields["sum"] = fields.get("sum", 0) + ms
+                fields[field] = fields.get(field, 0) + 1
+                outcome = observation.outcome
+                fields[outcome] = fields.get(outcome, 0) + 1
 
     def counters(self, counters: Mapping[CounterKey, int], now_ms: int) -> None:
         """Add the engine's counters of services and workflows.

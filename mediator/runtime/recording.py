@@ -80,29 +80,35 @@ class Recorder:
         self._children: dict[object, Any] = {}
 
     def record(self, transitions: Iterable[Transition], now_ms: int) -> None:
-        """Tally committed transitions."""
+        """Tally committed transitions: a batch's counters are summed first, so each
+        series is added to once per batch, not once per transition."""
         tally = self.tally
         children = self._children
+        totals: dict[CounterKey, int] = {}
+        observed: list[Observation] = []
         for transition in transitions:
-            tally.counters(transition.counters, now_ms)
             for name, delta in transition.counters.items():
-                if delta <= 0:
-                    continue
-                child = children.get(name)
-                if child is None:
-                    child = children[name] = self._counter_child(name)
-                if child is not False:
-                    child.inc(delta)
-            for seen in transition.observed:
-                tally.observe(seen, now_ms)
-                key = (seen.kind, seen.name, seen.outcome, seen.instance)
-                timers = children.get(key)
-                if timers is None:
-                    timers = children[key] = self._observation_children(seen)
-                seconds = max(0, seen.ms) / 1000
-                timers[0].observe(seconds)
-                if timers[1] is not None:
-                    timers[1].inc()
+                if delta > 0:
+                    totals[name] = totals.get(name, 0) + delta
+            observed += transition.observed
+        tally.counters(totals, now_ms)
+        for name, delta in totals.items():
+            child = children.get(name)
+            if child is None:
+                child = children[name] = self._counter_child(name)
+            if child is not False:
+                child.inc(delta)
+        if not observed:
+            return
+        tally.observe_many(observed, now_ms)
+        for seen in observed:
+            key = (seen.kind, seen.name, seen.outcome, seen.instance)
+            timers = children.get(key)
+            if timers is None:
+                timers = children[key] = self._observation_children(seen)
+            timers[0].observe(max(0, seen.ms) / 1000)
+            if timers[1] is not None:
+                timers[1].inc()
 
     def _counter_child(self, name: CounterKey) -> Any:
         """The Prometheus counter an engine counter feeds (False: none)."""
