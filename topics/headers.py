@@ -65,16 +65,23 @@ SIGNATURE = "mediator-signature"
 SIGNATURE_2 = "mediator-signature-2"
 
 
+#: The headers every event of a type and schema version starts with, built once each.
+_FIXED: dict[tuple[str, int], tuple[tuple[str, bytes], ...]] = {}
+
+
 def headers_for(
     event_type: str, schema_version: int, trace_id: str | None, span: str | None = None
 ) -> list[tuple[str, bytes]]:
     """The headers every event is published with; with a trace id and the key of the
     span that sends it (a command id, a workflow id), a ``traceparent`` too."""
-    headers = [
-        (EVENT_TYPE, event_type.encode()),
-        (SCHEMA_VERSION, str(schema_version).encode()),
-        (CONTENT_TYPE, JSON),
-    ]
+    fixed = _FIXED.get((event_type, schema_version))
+    if fixed is None:
+        fixed = _FIXED[(event_type, schema_version)] = (
+            (EVENT_TYPE, event_type.encode()),
+            (SCHEMA_VERSION, str(schema_version).encode()),
+            (CONTENT_TYPE, JSON),
+        )
+    headers = list(fixed)
     if trace_id:
         headers.append((TRACE_ID, trace_id.encode()))
         if span:

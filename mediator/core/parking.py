@@ -12,6 +12,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from typing import Literal
 
 from mediator.core.state import StepStatus, WorkflowState, touched
 from mediator.core.timers import Fired, SetTimer
@@ -47,14 +48,17 @@ def parking_delta(
     before: WorkflowState | None,
     after: WorkflowState,
     queued: Iterable[tuple[str, str]] = (),
+    only: Collection[str] | Literal[False] | None = False,
 ) -> list[tuple[str, str, str]]:
     """What a commit from `before` to `after` changes in the parked queues: ``("-",
     service, name)`` for steps no longer parked (released by their timer, which took them
     out already, or moved on otherwise), ``("+", service, name)`` for the steps the
     transition parked (`queued`: the engine's `Transition.parked`) that are still parked
-    when it ends (adding one already queued changes nothing)."""
+    when it ends (adding one already queued changes nothing). `only`: `touched` of
+    `before` and `after`, when the caller has it already."""
     queued = list(queued)
-    only = touched(before, after)
+    if only is False:
+        only = touched(before, after)
     if only is not None:  # the steps that changed, and those the transition parked
         only = {*only, *(fired.step for _, name in queued if (fired := Fired.parse(name)))}
     old, new = parked(workflow, before, only), parked(workflow, after, only)

@@ -13,6 +13,7 @@ elsewhere.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Literal
 
 from mediator.core.state import StepStatus, WorkflowState, touched
 from mediator.core.workflow import Workflow
@@ -54,10 +55,15 @@ def in_flight(
 
 
 def routing_delta(
-    workflow: Workflow | None, before: WorkflowState | None, after: WorkflowState
+    workflow: Workflow | None,
+    before: WorkflowState | None,
+    after: WorkflowState,
+    only: Collection[str] | Literal[False] | None = False,
 ) -> list[tuple[str, str]]:
     """What a commit from `before` to `after` changes in the routed index: ``("+", m)``
-    for attempts newly in flight on an instance, ``("-", m)`` for those that left."""
-    only = touched(before, after)  # only the steps that changed can change the index
+    for attempts newly in flight on an instance, ``("-", m)`` for those that left.
+    `only`: `touched` of `before` and `after`, when the caller has it already."""
+    if only is False:
+        only = touched(before, after)  # only the steps that changed can change the index
     old, new = in_flight(workflow, before, only), in_flight(workflow, after, only)
     return [("-", m) for m in sorted(old - new)] + [("+", m) for m in sorted(new - old)]

@@ -16,7 +16,7 @@ from mediator.core.engine import PublishResult, SendCommand, Transition
 from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, parent_ref
 from mediator.core.parking import parking_delta
 from mediator.core.routing import routing_delta
-from mediator.core.state import Failure, WorkflowState
+from mediator.core.state import Failure, WorkflowState, touched
 from mediator.core.stream import transition_fields
 from mediator.core.transition import Subscribe
 from mediator.core.workflow import CHILD_PREFIX, Workflow
@@ -91,6 +91,7 @@ class Commits(Intake):
         state.stamp = f"{self._stamp_prefix}{next(self._stamps):x}"
         if self.events:
             messages += self._events(base, state, now)
+        changed = touched(base, state)
         commit = Commit(
             state=state,
             expected_rev=expected_rev,
@@ -100,8 +101,8 @@ class Commits(Intake):
             counters=transition.counters,
             timers=[(t.member, t.delay_ms) for t in transition.timers],
             cleared=transition.cleared,
-            parked=parking_delta(workflow, base, state, transition.parked),
-            routed=routing_delta(workflow, base, state) if self.router is not None else (),
+            parked=parking_delta(workflow, base, state, transition.parked, changed),
+            routed=routing_delta(workflow, base, state, changed) if self.router is not None else (),
             audit=audit.entries(events, transition, now, self.replica)
             if self.store.audit_limit
             else (),
