@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from mediator.core.state import StepStatus, WorkflowState, evolve
+from mediator.core.state import StepState, StepStatus, WorkflowState, evolve
 from mediator.errors import CorruptState
 from mediator.runtime.messages import frame, unframe
 from mediator.storage.keys import Keys
@@ -72,6 +72,24 @@ async def test_a_revision_rolled_back_by_a_failover_is_not_taken_for_the_lost_on
     [stale] = await store.commit_many([Commit(on_lost, 2, expected_stamp=lost.stamp)], NOW)
     assert stale.outcome is CommitOutcome.CONFLICT and stale.current == other
     assert await store.load("wf-fo") == other
+
+
+async def test_a_run_with_thousands_of_steps_and_messages_is_written_whole(store: Store) -> None:
+    # The script writes a run's fields, and its outbox entries, with as few calls as it
+    # can: more than one call's worth (Lua's unpack is bounded) must all arrive.
+    state = started("wf-big")
+    steps = {f"s{i}": StepState(StepStatus.RUNNING, attempt=1) for i in range(4_500)}
+    big = evolve(state, steps=steps)
+    outbox = [(f"m{i}", frame("t", b"k", b"v%d" % i, [])) for i in range(4_500)]
+    [created] = await store.commit_many([Commit(big, 0, outbox)], NOW)
+    assert created.outcome is CommitOutcome.COMMITTED
+    loaded = await store.load("wf-big")
+    assert loaded is not None and loaded.steps == steps and list(loaded.steps) == list(steps)
+    shard = store.keys.shard_of("wf-big")
+    assert await store.redis.hlen(store.keys.outbox(shard)) == 4_500
+    assert await store.redis.zcard(store.keys.outbox_due(shard)) == 4_500
+    stored = await store.redis.hget(store.keys.outbox(shard), "m4499")
+    assert stored is not None and unframe(shard, "m4499", stored).value == b"v4499"
 
 
 async def test_a_batch_spanning_shards_commits_each_in_order(store: Store) -> None:

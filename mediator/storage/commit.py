@@ -206,43 +206,19 @@ class CommitCodec:
             run_key = len(key_list) - 2
             index_key = _FINISHED_INDEX.get(state.status, 0)
             audit = commit.audit if self.audit_limit else ()
-            header = {
-                "rev": commit.expected_rev,
-                "stamp": state.stamp or "",
-                "id": wid,
-                "workflow": state.workflow,
-                "status": state.status,
-                "live": index_key == 0,
-                "index_key": index_key,
-                "name_key": name_key,
-                "run_key": run_key,
-                "tomb_key": run_key + 1,
-                "audit_key": run_key + 2,
-                "fingerprint": state.fingerprint or "",
-                "origin": state.origin or "",
-                "outbox": [message_id for message_id, _ in commit.outbox],
-                # A counter becomes a hash field here, at the Redis boundary.
-                "counters": {str(name): delta for name, delta in commit.counters.items()},
-                "timers": commit.timers,
-                "cleared": commit.cleared,
-                "parked": parked,
-                "routed": commit.routed,
-                "audit": len(audit),
-            }
-            if commit.expected_stamp is not None:
-                header["expected_stamp"] = commit.expected_stamp
+            header = _header(commit, name_key, run_key, index_key, parked, len(audit))
             if state.status in TERMINAL:
                 # A finished run is kept as one document, as runs always were: its hash
                 # is written afresh (one whole write per run, not per step).
                 header["compact"] = True
-                header["steps"] = []
                 args += (orjson.dumps(header), dumps(state))
                 args += [frame for _, frame in commit.outbox]
                 args += audit
                 continue
             base = None if wid in whole else commit.base
             changed, gone, order = _step_changes(state, base)
-            header["steps"] = [sid for sid, _ in changed]
+            if changed:
+                header["steps"] = [sid for sid, _ in changed]
             if base is None:
                 header["whole"] = True
             if gone:
@@ -263,6 +239,53 @@ class CommitCodec:
             _result(commit.state.workflow_id, outcome, int(lease))
             for commit, outcome in zip(commits, outcomes, strict=True)
         ]
+
+
+def _header(
+    commit: Commit,
+    name_key: int,
+    run_key: int,
+    index_key: int,
+    parked: list[tuple[str, int, str]],
+    audits: int,
+) -> dict[str, Any]:
+    """The header of one transition in a call of the script (see ``commit.lua``)."""
+    state = commit.state
+    # Fields left out are empty (or false): the script reads them so, and a typical
+    # header is half as long to write and to decode.
+    header: dict[str, Any] = {
+        "rev": commit.expected_rev,
+        "stamp": state.stamp or "",
+        "id": state.workflow_id,
+        "workflow": state.workflow,
+        "status": state.status,
+        "name_key": name_key,
+        "run_key": run_key,
+    }
+    if index_key == 0:
+        header["live"] = True
+    else:
+        header["index_key"] = index_key
+        header["fingerprint"] = state.fingerprint or ""
+        header["origin"] = state.origin or ""
+    if commit.outbox:
+        header["outbox"] = [message_id for message_id, _ in commit.outbox]
+    if commit.counters:
+        # A counter becomes a hash field here, at the Redis boundary.
+        header["counters"] = {str(name): delta for name, delta in commit.counters.items()}
+    if commit.timers:
+        header["timers"] = commit.timers
+    if commit.cleared:
+        header["cleared"] = commit.cleared
+    if parked:
+        header["parked"] = parked
+    if commit.routed:
+        header["routed"] = commit.routed
+    if audits:
+        header["audit"] = audits
+    if commit.expected_stamp is not None:
+        header["expected_stamp"] = commit.expected_stamp
+    return header
 
 
 def _step_changes(

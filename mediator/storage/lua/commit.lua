@@ -19,7 +19,8 @@
 --   stamp, id, workflow, status, fingerprint, origin   what is written
 --   live           the run stays in the running index; else it finished and joins
 --   index_key      its finished index (completed, or failed for every other end)
---   run_key, tomb_key, audit_key, name_key   its hash, tombstone, audit stream, name index
+--   run_key, name_key   its hash (its tombstone and audit stream follow it in KEYS), its
+--                  name index
 --   outbox         ids of its outbox entries (the frames follow the state blob)
 --   counters       {field: delta} added to the shard's counters
 --   timers         {name, delay ms}: due `delay` after Redis's clock at commit
@@ -34,6 +35,8 @@
 --   order          the steps' ids in order (JSON), when whole or when steps came or went
 --   compact        the run finished: its whole state (steps inside) is in the state blob,
 --                  and its hash is written afresh (no step fields)
+-- A field left out is empty (a list or map), 0 (audit) or false (live, whole, compact):
+-- most transitions set few of them.
 --
 -- A live run's hash holds rev, stamp, status, workflow, updated_ms, the state header in
 -- `state`, a field per step, their `order` and `layout` 2. A finished run's holds its whole
@@ -64,16 +67,26 @@ local timers, routed = KEYS[8], KEYS[9]
 local horizon = now - retention
 local finished = false
 local results = {}
+local none = {}
+-- `command` of `key` and the values of `list`, in calls of at most 4000 values (Lua's
+-- unpack is bounded by its C stack): pairs of a hash or sorted set written at once.
+local function variadic(command, key, list)
+  for from = 1, #list, 4000 do
+    redis.call(command, key, unpack(list, from, math.min(from + 3999, #list)))
+  end
+end
+local counts = {} -- counter field -> delta, summed over the committed transitions
 local i, h = 0, 3
 while h <= #ARGV do
   local t = cjson.decode(ARGV[h])
   local state = ARGV[h + 1]
+  local outbox, steps, n_audit = t.outbox or none, t.steps or none, t.audit or 0
   local frames = h + 1 -- the j-th frame is ARGV[frames + j]
-  local audits = frames + #t.outbox -- the j-th audit entry is ARGV[audits + j]
-  local blobs = audits + t.audit -- the j-th step's state is ARGV[blobs + j]
-  h = blobs + #t.steps + 1
+  local audits = frames + #outbox -- the j-th audit entry is ARGV[audits + j]
+  local blobs = audits + n_audit -- the j-th step's state is ARGV[blobs + j]
+  h = blobs + #steps + 1
   i = i + 1
-  local wf, tomb, audit = KEYS[t.run_key], KEYS[t.tomb_key], KEYS[t.audit_key]
+  local wf, tomb, audit = KEYS[t.run_key], KEYS[t.run_key + 1], KEYS[t.run_key + 2]
   local name_key = KEYS[t.name_key]
   local expected, wid = t.rev, t.id
 
@@ -102,21 +115,26 @@ while h <= #ARGV do
       -- grew to, and a finished run is kept for the whole retention.
       redis.call('DEL', wf)
     end
-    redis.call('HSET', wf, 'rev', expected + 1, 'stamp', t.stamp, 'status', t.status,
-      'workflow', t.workflow, 'updated_ms', now, 'state', state)
+    -- The header, the layout of a live run and the steps written: one HSET.
+    local fields = {'rev', expected + 1, 'stamp', t.stamp, 'status', t.status,
+      'workflow', t.workflow, 'updated_ms', now, 'state', state}
     if not t.compact then
-      redis.call('HSET', wf, 'layout', '2')
+      fields[#fields + 1] = 'layout'
+      fields[#fields + 1] = '2'
     end
-    for j, sid in ipairs(t.steps) do
-      redis.call('HSET', wf, 's:' .. sid, ARGV[blobs + j])
+    for j, sid in ipairs(steps) do
+      fields[#fields + 1] = 's:' .. sid
+      fields[#fields + 1] = ARGV[blobs + j]
     end
+    if t.order then
+      fields[#fields + 1] = 'order'
+      fields[#fields + 1] = t.order
+    end
+    variadic('HSET', wf, fields)
     if t.gone then
       for _, sid in ipairs(t.gone) do
         redis.call('HDEL', wf, 's:' .. sid)
       end
-    end
-    if t.order then
-      redis.call('HSET', wf, 'order', t.order)
     end
     if expected == 0 then
       redis.call('ZADD', name_key, now, wid)
@@ -151,27 +169,32 @@ while h <= #ARGV do
       end
       finished = true
     end
-    for j, id in ipairs(t.outbox) do
-      redis.call('HSET', KEYS[2], id, ARGV[frames + j])
-      redis.call('ZADD', KEYS[3], lease, id)
+    if #outbox > 0 then
+      local entries, due = {}, {}
+      for j, id in ipairs(outbox) do
+        entries[2 * j - 1], entries[2 * j] = id, ARGV[frames + j]
+        due[2 * j - 1], due[2 * j] = lease, id
+      end
+      variadic('HSET', KEYS[2], entries)
+      variadic('ZADD', KEYS[3], due)
     end
-    for field, delta in pairs(t.counters) do
-      redis.call('HINCRBY', KEYS[1], field, delta)
+    for field, delta in pairs(t.counters or none) do
+      counts[field] = (counts[field] or 0) + delta
     end
-    for _, name in ipairs(t.cleared) do
+    for _, name in ipairs(t.cleared or none) do
       redis.call('ZREM', timers, name)
     end
-    for _, timer in ipairs(t.timers) do
+    for _, timer in ipairs(t.timers or none) do
       redis.call('ZADD', timers, server_now + timer[2], timer[1])
     end
-    for _, change in ipairs(t.parked) do
+    for _, change in ipairs(t.parked or none) do
       if change[1] == '+' then
         redis.call('ZADD', KEYS[change[2]], 'NX', server_now, change[3])
       else
         redis.call('ZREM', KEYS[change[2]], change[3])
       end
     end
-    for _, change in ipairs(t.routed) do
+    for _, change in ipairs(t.routed or none) do
       if change[1] == '+' then
         redis.call('ZADD', routed, 0, change[2])
       else
@@ -179,15 +202,19 @@ while h <= #ARGV do
       end
     end
     if audit_cap > 0 then
-      for j = 1, t.audit do
+      for j = 1, n_audit do
         redis.call('XADD', audit, 'MAXLEN', audit_cap, '*', 'e', ARGV[audits + j])
       end
-      if finished_audit and t.audit > 0 then
+      if finished_audit and n_audit > 0 then
         redis.call('PEXPIRE', audit, retention)
       end
     end
     results[i] = {1}
   end
+end
+-- Counters once per field for the whole call (committed transitions only).
+for field, delta in pairs(counts) do
+  redis.call('HINCRBY', KEYS[1], field, delta)
 end
 if finished then
   -- Keep the finished indexes to the retention window and `recent` to its cap.
