@@ -237,6 +237,7 @@ class Mediator:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
+        self.runtime.on_timer_set = self.timers.nudge
         self.schedule_states = ScheduleStates(self.redis, keys)
         #: Fires the loaded schedules' ticks (None: none loaded, or schedules disabled).
         self.scheduler = (

@@ -6,6 +6,7 @@ definition names."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -191,6 +192,55 @@ async def test_a_timer_that_cannot_be_applied_is_set_aside_alone(
     assert "CorruptState" in orjson.loads(next(iter(dead.values())))["reason"]
     assert (await redis_client.hgetall(keys.stats))[b"timers:poisoned"] == b"1"
     assert not [t for t in await harness.timers(0) if bad in t]  # not claimed again
+
+
+async def _timed_out(harness: _Harness, wid: str, within: float) -> float:
+    """Seconds until run `wid`'s step ``a`` failed (its timeout fired), at most `within`."""
+    started = time.monotonic()
+
+    async def failed() -> bool:
+        state = await harness.store.load(wid)
+        return state is not None and state.steps["a"].status.value == "failed"
+
+    await wait_for(failed, timeout=within, interval=0.01, what="the step's timeout to fire")
+    return time.monotonic() - started
+
+
+async def test_a_timer_this_replica_sets_fires_when_due_not_a_poll_interval_later(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "s", "action": "x", "timeout": "150ms"}]}
+    harness = _Harness(redis_client, keys, _workflows(spec))
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(poll_interval_ms=10_000))
+    harness.runtime.on_timer_set = poller.nudge  # as `Mediator` wires them
+    poller.start()
+    try:
+        await asyncio.sleep(0.1)  # the first poll found nothing: it sleeps the interval
+        wid = await harness.request("r-1", "w")
+        # Due after 150 ms: the commit that set it woke the poller for it.
+        assert await _timed_out(harness, wid, within=5.0) < 5.0
+    finally:
+        await poller.stop()
+
+
+async def test_a_poll_sleeps_only_until_the_earliest_timer_falls_due(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "s", "action": "x", "timeout": "400ms"}]}
+    setter = _Harness(redis_client, keys, _workflows(spec))
+    wid = await setter.request("r-1", "w")  # set by another replica: nothing nudges
+    firing = _Harness(
+        redis_client, keys, _workflows(spec), store=Store(redis_client, keys, retention_ms=60_000)
+    )
+    poller = TimerPoller(firing.store, firing.runtime, TimerSettings(poll_interval_ms=10_000))
+    poller.start()
+    try:
+        # The first poll finds it due in ~400 ms and sleeps that long, not 10 s.
+        assert await _timed_out(setter, wid, within=5.0) < 5.0
+    finally:
+        await poller.stop()
 
 
 _OPEN = {"version": 1, "state": "open", "counter": 3, "success": 0, "opened_ms": 10**13}

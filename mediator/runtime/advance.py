@@ -85,8 +85,13 @@ class Advance(Limiting):
         await self._advance_groups(groups, out, received)
 
     def _observe(self, committed: list[Transition], now: int) -> None:
-        """Tally the committed transitions' metrics, write their spans, log their news."""
+        """Tally the committed transitions' metrics, write their spans, log their news;
+        tell the timer poller when the soonest timer they set falls due."""
         log_runs(committed)
+        if self.on_timer_set is not None:
+            soonest = min((t.delay_ms for tr in committed for t in tr.timers), default=None)
+            if soonest is not None:
+                self.on_timer_set(soonest)
         if self.recorder is not None:
             self.recorder.record(committed, now)
         if self.tracing is not None:

@@ -62,4 +62,8 @@ class Periodic:
                 await asyncio.sleep(delay / 1000)
                 continue
             if pause > 0:
-                await asyncio.sleep(pause)
+                await self.pause(pause)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds` before the next round (subclasses may wake sooner)."""
+        await asyncio.sleep(seconds)

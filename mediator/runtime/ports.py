@@ -86,6 +86,9 @@ class StateStore(Protocol):
         """Record what became of operators' controls (the first outcome of each stays)."""
         ...
 
+    #: After `claim_timers`: in how many ms the earliest timer left falls due (None: none).
+    next_timer_in_ms: int | None
+
     async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
         """Claim the timers that fell due, per shard, with how late each is (ms)."""
         ...

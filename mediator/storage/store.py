@@ -91,6 +91,9 @@ class Store:
         self._claim = redis.register_script(lua_source("claim.lua"))
         self._renew = redis.register_script(lua_source("renew.lua"))
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
+        #: How long after the last claim of timers the earliest timer left falls due (ms,
+        #: Redis's clock; None: none left, or no claim yet).
+        self.next_timer_in_ms: int | None = None
         self._reroute = redis.register_script(lua_source("reroute.lua"))
         self._timers_done = redis.register_script(lua_source("timers_done.lua"))
         self._park_timer = redis.register_script(lua_source("park_timer.lua"))
@@ -271,24 +274,29 @@ class Store:
 
     async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
         """Claim the timers that fell due, per shard (one round trip for all shards): each
-        claimed timer is leased for `lease_ms` and returned with its lateness in ms."""
+        claimed timer is leased for `lease_ms` and returned with its lateness in ms. Sets
+        `next_timer_in_ms`."""
         calls = [
             ([self.keys.timers(shard)], [lease_ms, limit]) for shard in range(self.keys.shards)
         ]
         with redis_errors("claiming timers"):
             replies = await self._evalsha_many(self._claim_timers, calls)
         claimed: dict[int, list[Claimed]] = {}
+        soonest: int | None = None
         for shard, reply in enumerate(replies):
             if isinstance(reply, Exception):
                 msg = f"timer claim script failed: {reply}"
                 raise StateUnavailable(msg)
-            now = int(reply[0])
+            now, following = int(reply[0]), int(float(reply[1]))
+            if following >= 0 and (soonest is None or following - now < soonest):
+                soonest = max(0, following - now)
             due = [
                 Claimed(text(reply[i]), now - int(float(reply[i + 1])), now + lease_ms)
-                for i in range(1, len(reply), 2)
+                for i in range(2, len(reply), 2)
             ]
             if due:
                 claimed[shard] = due
+        self.next_timer_in_ms = soonest
         return claimed
 
     async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:
