@@ -157,8 +157,10 @@ class TimerSettings(BaseModel):
     poll_interval_ms: DurationMs = Field(
         default=50,
         ge=5,
-        description="Every replica polls for due timers this often: a timer fires at most this "
-        "late (plus the time to commit what it causes) when the replica is not busy.",
+        description="Every replica polls for due timers at least this often. It also polls when "
+        "the earliest timer it saw falls due, and when it commits a timer due sooner, so a "
+        "timer fires within milliseconds of its due time; this bounds how late one set by "
+        "another replica after the last poll can be.",
     )
     lease_ms: DurationMs = Field(
         default=2_000,
