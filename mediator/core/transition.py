@@ -9,7 +9,7 @@ from typing import Any
 from mediator.core.counters import CounterKey, svc, wf
 from mediator.core.lineage import CancelChild, ReplyToParent, give_up, owed_reply
 from mediator.core.metrics import Observation
-from mediator.core.results import result_of
+from mediator.core.results import result_fields
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, fork
 from mediator.core.timers import Fired, SetTimer, TimerKind
 from mediator.core.workflow import Workflow
@@ -44,10 +44,15 @@ class SendCommand:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """Publish the workflow's result to the requester."""
+    """Publish the workflow's result to the requester: `fields` are the result event's
+    JSON fields (`mediator.core.results.result_fields`), `result` the event itself."""
 
-    result: ResultEvent
+    fields: dict[str, Any]
     reply_to: str | None
+
+    @property
+    def result(self) -> ResultEvent:
+        return ResultEvent.model_validate(self.fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +160,7 @@ def end(
     transition.observed.append(
         Observation("wf", state.workflow, status.value, now_ms - state.created_ms)
     )
-    transition.effects.append(PublishResult(result_of(state), state.reply_to))
+    transition.effects.append(PublishResult(result_fields(state), state.reply_to))
     if (state.parent or state.undo_reply) is not None:
         reply = owed_reply(state, now_ms)
         if reply is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -136,9 +137,7 @@ class Commits(Intake):
                     )
                 )
             elif isinstance(effect, PublishResult):
-                messages.append(
-                    self._result_message(effect.result, effect.reply_to, "result", shard)
-                )
+                messages.append(self._result_of(effect.fields, effect.reply_to, shard))
             elif isinstance(effect, ReplyToParent):
                 round_ = transition.state.round
                 messages.append(self._parent_reply(effect.reply, f"r{round_}", shard))
@@ -234,6 +233,27 @@ class Commits(Intake):
             signed += self.signatures.sign(reply.service, value, topic, key)
         id_ = f"reply.{reply.command_id}.{suffix}"
         return Message(shard, id_, topic, key, value, signed, "reply")
+
+    def _result_of(self, fields: dict[str, Any], reply_to: str | None, shard: int) -> Message:
+        """A finished run's result from its fields (`PublishResult`): the same record
+        `_result_message` makes of the event, without building the event."""
+        value = encode_plain(fields)
+        if value is None:  # a value orjson would not write as pydantic does
+            value = encode(ResultEvent.model_validate(fields))
+        request_id, workflow_id = fields["request_id"], fields.get("workflow_id")
+        return Message(
+            shard,
+            f"result.{workflow_id or request_id}",
+            reply_to or self.topics.results,
+            request_id.encode(),
+            value,
+            headers_for(
+                "result",
+                fields["schema_version"],
+                fields.get("trace_id"),
+                workflow_id or request_id,
+            ),
+        )
 
     def _result_message(
         self, result: ResultEvent, reply_to: str | None, kind: str, shard: int = -1
