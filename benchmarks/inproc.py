@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import cProfile
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -118,7 +119,13 @@ class InProcess:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.mediator = Mediator(settings, load_paths(settings.workflows))
+        app = logging.getLogger("mediator.app")
+        level = app.level
+        app.setLevel(logging.ERROR)  # the suite's settings are warned about: signing keys
+        try:
+            self.mediator = Mediator(settings, load_paths(settings.workflows))
+        finally:
+            app.setLevel(level)
         self.producer = _Producer()
         self.mediator.producer._producer = self.producer
         self.topics = settings.kafka.topics
