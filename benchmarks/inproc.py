@@ -59,25 +59,6 @@ class _Record:
     headers: Sequence[tuple[str, bytes]]
 
 
-class _Future:
-    """A delivery Kafka acknowledged at once."""
-
-    __slots__ = ()
-
-    def done(self) -> bool:
-        return True
-
-    def result(self) -> object:
-        return None
-
-    def exception(self) -> None:
-        return None
-
-    def __await__(self) -> Any:
-        return None
-        yield  # pragma: no cover - makes this a generator
-
-
 @dataclass
 class _Producer:
     """Takes what the outbox publishes; every send is acknowledged at once."""
