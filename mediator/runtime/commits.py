@@ -240,31 +240,49 @@ class Commits(Intake):
         value = encode_plain(fields)
         if value is None:  # a value orjson would not write as pydantic does
             value = encode(ResultEvent.model_validate(fields))
-        request_id, workflow_id = fields["request_id"], fields.get("workflow_id")
-        return Message(
-            shard,
-            f"result.{workflow_id or request_id}",
-            reply_to or self.topics.results,
-            request_id.encode(),
+        return self._result_record(
+            "result",
+            fields["request_id"],
+            fields.get("workflow_id"),
+            fields.get("trace_id"),
             value,
-            headers_for(
-                "result",
-                fields["schema_version"],
-                fields.get("trace_id"),
-                workflow_id or request_id,
-            ),
+            reply_to,
+            shard,
         )
 
     def _result_message(
         self, result: ResultEvent, reply_to: str | None, kind: str, shard: int = -1
     ) -> Message:
+        return self._result_record(
+            kind,
+            result.request_id,
+            result.workflow_id,
+            result.trace_id,
+            encode(result),
+            reply_to,
+            shard,
+        )
+
+    def _result_record(
+        self,
+        kind: str,
+        request_id: str,
+        workflow_id: str | None,
+        trace_id: str | None,
+        value: bytes,
+        reply_to: str | None,
+        shard: int,
+    ) -> Message:
+        """A result's record: its outbox id, topic, key and contract headers (the span
+        of its ``traceparent`` is the run, or the request when no run started)."""
+        span = workflow_id or request_id
         return Message(
             shard,
-            f"{kind}.{result.workflow_id or result.request_id}",
+            f"{kind}.{span}",
             reply_to or self.topics.results,
-            result.request_id.encode(),
-            encode(result),
-            headers(result),
+            request_id.encode(),
+            value,
+            headers_for("result", 1, trace_id, span),
         )
 
     def _rejection(
