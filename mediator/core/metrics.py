@@ -83,6 +83,13 @@ class Observation:
 Key = tuple[str, str, int]
 
 
+def _add_observation(fields: dict[str, int], ms: int, field: str) -> None:
+    """One observation of `ms` (histogram field `field`) added to a bucket's fields."""
+    fields["n"] = fields.get("n", 0) + 1
+    fields["sum"] = fields.get("sum", 0) + ms
+    fields[field] = fields.get(field, 0) + 1
+
+
 class Tally:
     """Counts and histograms per (kind, name, bucket start in seconds), until drained."""
 
@@ -117,20 +124,11 @@ class Tally:
             ms = max(0, observation.ms)
             field = bucket_field(ms)
             kind, name = observation.kind, observation.name
-            fields = series.get((kind, name, bucket))
-            if fields is None:
-                fields = series[(kind, name, bucket)] = {}
-            fields["n"] = fields.get("n", 0) + 1
-            fields["sum"] = fields.get("sum", 0) + ms
-            fields[field] = fields.get(field, 0) + 1
+            _add_observation(series.setdefault((kind, name, bucket), {}), ms, field)
             if observation.instance is not None and kind == "svc":
                 key = ("inst", f"{name}/{observation.instance}", bucket)
-                fields = series.get(key)
-                if fields is None:
-                    fields = series[key] = {}
-                fields["n"] = fields.get("n", 0) + 1
-                fields["sum"] = fields.get("sum", 0) + ms
-                fields[field] = fields.get(field, 0) + 1
+                fields = series.setdefault(key, {})
+                _add_observation(fields, ms, field)
                 outcome = observation.outcome
                 fields[outcome] = fields.get(outcome, 0) + 1
 

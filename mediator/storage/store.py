@@ -288,8 +288,9 @@ class Store:
                 msg = f"timer claim script failed: {reply}"
                 raise StateUnavailable(msg)
             now, following = int(reply[0]), int(float(reply[1]))
-            if following >= 0 and (soonest is None or following - now < soonest):
-                soonest = max(0, following - now)
+            if following >= 0:
+                wait = max(0, following - now)
+                soonest = wait if soonest is None else min(soonest, wait)
             due = [
                 Claimed(text(reply[i]), now - int(float(reply[i + 1])), now + lease_ms)
                 for i in range(2, len(reply), 2)
