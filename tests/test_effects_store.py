@@ -123,8 +123,8 @@ class _ClaimHook(Store):
         self.after_claim: list[Any] = []
         self.before_removal: list[Any] = []
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> Any:
-        claimed = await super().claim_timers(limit, lease_ms)
+    async def claim_timers(self, limit: int, lease_ms: int, shards: Any = None) -> Any:
+        claimed = await super().claim_timers(limit, lease_ms, shards)
         while claimed and self.after_claim:
             await self.after_claim.pop(0)()
         return claimed
@@ -241,6 +241,47 @@ async def test_a_poll_sleeps_only_until_the_earliest_timer_falls_due(
         assert await _timed_out(setter, wid, within=5.0) < 5.0
     finally:
         await poller.stop()
+
+
+class _ShardsPolled(Store):
+    """The real store, noting which shards each timer claim polled (None: every one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.polled: list[list[int] | None] = []
+
+    async def claim_timers(self, limit: int, lease_ms: int, shards: Any = None) -> Any:
+        self.polled.append(None if shards is None else list(shards))
+        return await super().claim_timers(limit, lease_ms, shards)
+
+
+async def test_a_poll_between_full_ones_claims_only_the_shards_with_a_timer_due(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """Timers falling due one after another cost a script call on their own shard, not
+    one on every shard: 16 shards, one run's timeout set by this replica (nudged) and one
+    set by another (seen by the first poll), each claimed by a poll of its shard alone."""
+    keys = Keys(key_prefix, 16)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "s", "action": "x", "timeout": "300ms"}]}
+    setter = _Harness(redis_client, keys, _workflows(spec))
+    theirs = await setter.request("r-theirs", "w")
+    store = _ShardsPolled(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
+    poller = TimerPoller(store, harness.runtime, TimerSettings(poll_interval_ms=10_000))
+    harness.runtime.on_timer_set = poller.nudge
+    poller.start()
+    try:
+        await asyncio.sleep(0.1)  # the first poll: every shard, it learns of theirs
+        ours = await harness.request("r-ours", "w")
+        await _timed_out(harness, theirs, within=5.0)
+        await _timed_out(harness, ours, within=5.0)
+    finally:
+        await poller.stop()
+    assert store.polled[0] is None
+    assert store.polled[1:], "no poll after the first"
+    expected = {keys.shard_of(theirs), keys.shard_of(ours)}
+    assert len(expected) == 2
+    assert all(p is not None and set(p) <= expected for p in store.polled[1:]), store.polled
 
 
 _OPEN = {"version": 1, "state": "open", "counter": 3, "success": 0, "opened_ms": 10**13}

@@ -59,10 +59,10 @@ from mediator.runtime.timers import TimerPoller
 if "AFTER_HELD_FILE" in os.environ:
     _poll_once = TimerPoller.poll_once
 
-    async def _after_held(self):
+    async def _after_held(self, *args):
         if not Path(os.environ["AFTER_HELD_FILE"]).exists():
             return 0
-        return await _poll_once(self)
+        return await _poll_once(self, *args)
 
     TimerPoller.poll_once = _after_held
 

@@ -89,8 +89,13 @@ class Advance(Limiting):
         tell the timer poller when the soonest timer they set falls due."""
         log_runs(committed)
         if self.on_timer_set is not None:
-            soonest = min((t.delay_ms for tr in committed for t in tr.timers), default=None)
-            if soonest is not None:
+            soonest: dict[int, int] = {}
+            for tr in committed:
+                if tr.timers:
+                    shard = self.keys.shard_of(tr.state.workflow_id)
+                    delay = min(t.delay_ms for t in tr.timers)
+                    soonest[shard] = min(delay, soonest.get(shard, delay))
+            if soonest:
                 self.on_timer_set(soonest)
         if self.recorder is not None:
             self.recorder.record(committed, now)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from mediator.core.engine import Engine
 from mediator.core.expressions import Template
@@ -177,9 +177,9 @@ class Runtime(Health):
         #: How late timers fired (ms after their due time, Redis clock). A timer claimed
         #: again after a lease ran out counts from that lease's end, not its first due time.
         self.timer_lag = Samples()
-        #: Told the delay (ms) of the soonest timer each batch committed, so the timer
+        #: Told the delay (ms) of the soonest timer each batch committed, by shard, so the timer
         #: poller can wake for it (None: nobody listens).
-        self.on_timer_set: Callable[[int], None] | None = None
+        self.on_timer_set: Callable[[Mapping[int, int]], None] | None = None
 
     # -- inbound ---------------------------------------------------------------------------
 

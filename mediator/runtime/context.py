@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -164,4 +164,4 @@ class RuntimeContext:
     stats: RuntimeStats
     router: Router | None
     timer_lag: Samples
-    on_timer_set: Callable[[int], None] | None
+    on_timer_set: Callable[[Mapping[int, int]], None] | None

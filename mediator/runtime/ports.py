@@ -86,11 +86,15 @@ class StateStore(Protocol):
         """Record what became of operators' controls (the first outcome of each stays)."""
         ...
 
-    #: After `claim_timers`: in how many ms the earliest timer left falls due (None: none).
-    next_timer_in_ms: int | None
+    #: After `claim_timers`: for each shard it polled, in how many ms the earliest timer
+    #: left there falls due (None: none left).
+    timer_waits: dict[int, int | None]
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
-        """Claim the timers that fell due, per shard, with how late each is (ms)."""
+    async def claim_timers(
+        self, limit: int, lease_ms: int, shards: Sequence[int] | None = None
+    ) -> dict[int, list[Claimed]]:
+        """Claim the timers that fell due in `shards` (default: all), per shard, with how
+        late each is (ms)."""
         ...
 
     async def timers_done(self, done: Sequence[tuple[int, Claimed]]) -> None:

@@ -1,18 +1,19 @@
 """The timer poller: every replica claims the timers that fell due and applies them.
 
 Timers live in Redis (`Keys.timers`, one sorted set per shard, due times on Redis's clock),
-written by the same commit as the transition that set them. Each replica polls every
-`timers.poll_interval_ms`: one round trip claims the due timers of every shard under a
-lease (`timers.lease_ms`), and the runtime applies them like replies, through the same
+written by the same commit as the transition that set them. Each replica polls every shard
+every `timers.poll_interval_ms`: one round trip claims the due timers of every shard under
+a lease (`timers.lease_ms`), and the runtime applies them like replies, through the same
 commit path. A claimed timer is removed by the commit of the transition it causes, or as
 stale; if the claiming replica dies first, the lease runs out and another replica fires it.
 A transition happens once whatever fires it twice: the commit's revision check sees to it.
 
-A poll learns when the earliest timer left falls due, and the poller sleeps no longer than
-that (at least `MIN_GAP_MS`); a timer this replica commits that falls due before the next
-poll wakes it sooner (`nudge`). So a timer fires within a few milliseconds of its due time
-rather than up to a whole interval late, and no poll is spent when nothing falls due
-(timers set by other replicas are seen within one interval at worst).
+A poll learns when each shard's earliest timer left falls due. In between full polls the
+poller wakes when one of those falls due, or one this replica commits itself (`nudge`),
+and polls only the shards whose timers fell due (polls at least `MIN_GAP_MS` apart). So a
+timer fires within a few milliseconds of its due time rather than up to a whole interval
+late, at the cost of one script call on its shard, and no poll is spent when nothing falls
+due (timers set by other replicas after the last full poll are seen within one interval).
 
 Timers have the error boundary records have: a round that fails for a reason that is not
 transient is narrowed down to the timer that causes it (its run's state does not decode,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from mediator import clock
 from mediator.clock import now_ms
@@ -65,17 +66,35 @@ class TimerPoller(Periodic):
         self.settings = settings or TimerSettings()
         #: Timers set aside because they could not be applied.
         self.poisoned = 0
-        #: While pausing: when the next poll is due (monotonic seconds), and what wakes
-        #: the pause to look again. Between pauses: the soonest poll a nudge asked for.
+        #: When each shard's earliest known timer falls due (monotonic seconds), learnt
+        #: from the last poll of the shard or from this replica's own commits (`nudge`).
+        self._due: dict[int, float] = {}
+        #: What `nudge` learnt while a claim was under way: newer than what it returns.
+        self._nudged: dict[int, float] = {}
+        #: When every shard is polled next (monotonic seconds): timers another replica
+        #: set since this one's last poll are found then.
+        self._full_at = 0.0
+        #: When the last round started, and when the pause under way ends (monotonic).
+        self._started = 0.0
         self._wake_at = 0.0
         self._woken = asyncio.Event()
         self._paused = False
-        self._nudged: float | None = None
 
-    async def poll_once(self) -> int:
-        """Claim and apply the timers due now; how many were claimed."""
+    async def poll_once(self, shards: Sequence[int] | None = None) -> int:
+        """Claim and apply the timers due now in `shards` (default: all); how many were
+        claimed. Learns when each polled shard's earliest timer left falls due."""
         settings = self.settings
-        claimed = await self.store.claim_timers(settings.batch, settings.lease_ms)
+        self._nudged = {}
+        claimed = await self.store.claim_timers(settings.batch, settings.lease_ms, shards)
+        seen = clock.monotonic()
+        for shard, wait in self.store.timer_waits.items():
+            due = [seen + wait / 1000] if wait is not None else []
+            if shard in self._nudged:
+                due.append(self._nudged[shard])
+            if due:
+                self._due[shard] = min(due)
+            else:
+                self._due.pop(shard, None)
         if claimed:
             timers = [(shard, timer) for shard, batch in claimed.items() for timer in batch]
             await isolate(timers, self._apply, self._poisoned)
@@ -102,23 +121,27 @@ class TimerPoller(Periodic):
             await self.store.count({"timers:poisoned": 1})
 
     async def round(self) -> float:
-        """One poll; poll again at once when the batch was full, else when the earliest
-        timer left falls due, or after the interval if that is sooner."""
-        count = await self.poll_once()
-        if count >= self.settings.batch:
-            return 0
-        pause_ms = self.settings.poll_interval_ms
-        following = self.store.next_timer_in_ms
-        if following is not None:
-            pause_ms = min(pause_ms, max(following, MIN_GAP_MS))
-        return pause_ms / 1000
+        """One poll: of every shard once `timers.poll_interval_ms` has passed since the
+        last such poll, else only of the shards whose earliest known timer fell due. Then
+        the pause until the next: none when a shard's batch was full, else until a known
+        timer falls due or the next poll of every shard, whichever is sooner (and at
+        least `MIN_GAP_MS` after this round started)."""
+        self._started = started = clock.monotonic()
+        shards: list[int] | None = None
+        if started < self._full_at:
+            shards = sorted(shard for shard, at in self._due.items() if at <= started)
+        if shards != []:
+            count = await self.poll_once(shards)
+            if shards is None:  # a poll of every shard that failed is tried again
+                self._full_at = started + self.settings.poll_interval_ms / 1000
+            if count >= self.settings.batch:
+                return 0
+        wake_at = max(min(self._full_at, *self._due.values()), started + MIN_GAP_MS / 1000)
+        return max(0.0, wake_at - clock.monotonic())
 
     async def pause(self, seconds: float) -> None:
-        """Sleep `seconds`, or less if `nudge` asked (or asks meanwhile) for a sooner poll."""
-        wake_at = clock.monotonic() + seconds
-        if self._nudged is not None:
-            wake_at, self._nudged = min(wake_at, self._nudged), None
-        self._wake_at = wake_at
+        """Sleep `seconds`, or less if `nudge` asks meanwhile for a sooner poll."""
+        self._wake_at = clock.monotonic() + seconds
         self._woken.clear()
         self._paused = True
         try:
@@ -131,13 +154,18 @@ class TimerPoller(Periodic):
         finally:
             self._paused = False
 
-    def nudge(self, delay_ms: int) -> None:
-        """A timer this replica committed falls due in `delay_ms`: poll by then (never
-        sooner than `MIN_GAP_MS` from now)."""
-        wake_at = clock.monotonic() + max(delay_ms, MIN_GAP_MS) / 1000
-        if self._paused:
-            if wake_at < self._wake_at:
+    def nudge(self, soonest: Mapping[int, int]) -> None:
+        """Timers this replica committed fall due in so many ms, by shard (the soonest of
+        each): poll those shards by then (never sooner than `MIN_GAP_MS` after the last
+        round started)."""
+        now = clock.monotonic()
+        for shard, delay_ms in soonest.items():
+            at = now + delay_ms / 1000
+            known = self._due.get(shard)
+            if known is None or at < known:
+                self._due[shard] = at
+            self._nudged[shard] = min(at, self._nudged.get(shard, at))
+            wake_at = max(at, self._started + MIN_GAP_MS / 1000)
+            if self._paused and wake_at < self._wake_at:
                 self._wake_at = wake_at
                 self._woken.set()
-        elif self._nudged is None or wake_at < self._nudged:
-            self._nudged = wake_at  # taken by the next pause

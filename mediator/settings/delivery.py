@@ -157,10 +157,10 @@ class TimerSettings(BaseModel):
     poll_interval_ms: DurationMs = Field(
         default=50,
         ge=5,
-        description="Every replica polls for due timers at least this often. It also polls when "
-        "the earliest timer it saw falls due, and when it commits a timer due sooner, so a "
-        "timer fires within milliseconds of its due time; this bounds how late one set by "
-        "another replica after the last poll can be.",
+        description="Every replica polls every shard for due timers this often. In between it "
+        "polls a shard alone when the earliest timer it saw there falls due, or one it "
+        "committed itself, so a timer fires within milliseconds of its due time; this bounds "
+        "how late one set by another replica after the last poll can be.",
     )
     lease_ms: DurationMs = Field(
         default=2_000,

@@ -93,7 +93,7 @@ class Store:
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
         #: How long after the last claim of timers the earliest timer left falls due (ms,
         #: Redis's clock; None: none left, or no claim yet).
-        self.next_timer_in_ms: int | None = None
+        self.timer_waits: dict[int, int | None] = {}
         self._reroute = redis.register_script(lua_source("reroute.lua"))
         self._timers_done = redis.register_script(lua_source("timers_done.lua"))
         self._park_timer = redis.register_script(lua_source("park_timer.lua"))
@@ -272,32 +272,31 @@ class Store:
 
     # -- timers ----------------------------------------------------------------------------
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[Claimed]]:
-        """Claim the timers that fell due, per shard (one round trip for all shards): each
-        claimed timer is leased for `lease_ms` and returned with its lateness in ms. Sets
-        `next_timer_in_ms`."""
-        calls = [
-            ([self.keys.timers(shard)], [lease_ms, limit]) for shard in range(self.keys.shards)
-        ]
+    async def claim_timers(
+        self, limit: int, lease_ms: int, shards: Sequence[int] | None = None
+    ) -> dict[int, list[Claimed]]:
+        """Claim the timers that fell due in `shards` (default: every shard; one round trip
+        for all of them): each claimed timer is leased for `lease_ms` and returned with its
+        lateness in ms. Sets `timer_waits`."""
+        polled = range(self.keys.shards) if shards is None else shards
+        calls = [([self.keys.timers(shard)], [lease_ms, limit]) for shard in polled]
         with redis_errors("claiming timers"):
             replies = await self._evalsha_many(self._claim_timers, calls)
         claimed: dict[int, list[Claimed]] = {}
-        soonest: int | None = None
-        for shard, reply in enumerate(replies):
+        waits: dict[int, int | None] = {}
+        for shard, reply in zip(polled, replies, strict=True):
             if isinstance(reply, Exception):
                 msg = f"timer claim script failed: {reply}"
                 raise StateUnavailable(msg)
             now, following = int(reply[0]), int(float(reply[1]))
-            if following >= 0:
-                wait = max(0, following - now)
-                soonest = wait if soonest is None else min(soonest, wait)
+            waits[shard] = max(0, following - now) if following >= 0 else None
             due = [
                 Claimed(text(reply[i]), now - int(float(reply[i + 1])), now + lease_ms)
                 for i in range(2, len(reply), 2)
             ]
             if due:
                 claimed[shard] = due
-        self.next_timer_in_ms = soonest
+        self.timer_waits = waits
         return claimed
 
     async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:

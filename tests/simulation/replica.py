@@ -172,8 +172,10 @@ class GatedStore(Store):
             await self._gate("committed")  # in the outbox, leased, not yet sent
         return results
 
-    async def claim_timers(self, limit: int, lease_ms: int) -> dict[int, list[tuple[str, int]]]:
-        claimed = await super().claim_timers(limit, lease_ms)
+    async def claim_timers(
+        self, limit: int, lease_ms: int, shards: Sequence[int] | None = None
+    ) -> dict[int, list[tuple[str, int]]]:
+        claimed = await super().claim_timers(limit, lease_ms, shards)
         if claimed:
             await self._gate("timers")  # claimed, not yet applied
         return claimed
