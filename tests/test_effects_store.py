@@ -277,11 +277,31 @@ async def test_a_poll_between_full_ones_claims_only_the_shards_with_a_timer_due(
         await _timed_out(harness, ours, within=5.0)
     finally:
         await poller.stop()
+    assert poller.failures == 0
     assert store.polled[0] is None
     assert store.polled[1:], "no poll after the first"
     expected = {keys.shard_of(theirs), keys.shard_of(ours)}
     assert len(expected) == 2
     assert all(p is not None and set(p) <= expected for p in store.polled[1:]), store.polled
+
+
+async def test_a_poller_with_no_timers_known_polls_every_interval_without_failing(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """No timer anywhere: every round polls every shard once an interval, and none fails
+    (a failed round would wait out a backoff, firing timers set meanwhile that late)."""
+    keys = Keys(key_prefix, 4)
+    store = _ShardsPolled(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(), store=store)
+    poller = TimerPoller(store, harness.runtime, TimerSettings(poll_interval_ms=20))
+    poller.start()
+    try:
+        await asyncio.sleep(0.5)
+    finally:
+        await poller.stop()
+    assert poller.failures == 0
+    assert len(store.polled) >= 10, store.polled
+    assert set(map(str, store.polled)) == {"None"}  # only full polls: nothing else is due
 
 
 _OPEN = {"version": 1, "state": "open", "counter": 3, "success": 0, "opened_ms": 10**13}

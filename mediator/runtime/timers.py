@@ -136,7 +136,8 @@ class TimerPoller(Periodic):
                 self._full_at = started + self.settings.poll_interval_ms / 1000
             if count >= self.settings.batch:
                 return 0
-        wake_at = max(min(self._full_at, *self._due.values()), started + MIN_GAP_MS / 1000)
+        soonest = min(self._full_at, min(self._due.values(), default=self._full_at))
+        wake_at = max(soonest, started + MIN_GAP_MS / 1000)
         return max(0.0, wake_at - clock.monotonic())
 
     async def pause(self, seconds: float) -> None:
