@@ -39,8 +39,8 @@ def result_fields(state: WorkflowState) -> dict[str, Any]:
     """The JSON fields of `result_of(state)`, as `mediator.codec.encode` writes them
     (``None`` fields left out), built without the models: the commit path writes one per
     finished run. A stored value the models would not take as it is (a failure with a
-    field of the wrong type, say) goes through them, so it is refused or coerced exactly
-    as before."""
+    field of the wrong type, or a field the engine sets that a hand-edited store holds as
+    another type) goes through them, so it is refused or coerced exactly as before."""
     try:
         return _plain_result(state)
     except _NotPlain:
@@ -52,15 +52,15 @@ class _NotPlain(Exception):
 
 
 def _plain_result(state: WorkflowState) -> dict[str, Any]:
-    finished_ms = state.finished_ms or state.updated_ms
+    finished_ms = _int(state.finished_ms or state.updated_ms)
     rounds = f".r{state.round}" if state.round else ""
     fields: dict[str, Any] = {
         "schema_version": 1,
         "type": "result",
         "result_id": f"{state.workflow_id}{rounds}@{finished_ms}",
-        "request_id": state.request_id,
-        "workflow_id": state.workflow_id,
-        "workflow": state.workflow,
+        "request_id": _str(state.request_id),
+        "workflow_id": _str(state.workflow_id),
+        "workflow": _str(state.workflow),
         "status": state.status.value,
     }
     if state.output is not None:
@@ -73,24 +73,24 @@ def _plain_result(state: WorkflowState) -> dict[str, Any]:
     fields["compensations"] = {
         sid: _plain_summary(undo) for sid, undo in (state.compensations or {}).items()
     }
-    fields["started_ms"] = state.created_ms
+    fields["started_ms"] = _int(state.created_ms)
     fields["finished_ms"] = finished_ms
     if state.trace_id is not None:
-        fields["trace_id"] = state.trace_id
+        fields["trace_id"] = _str(state.trace_id)
     return fields
 
 
 def _plain_summary(step: StepState) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": step.status.value, "attempts": step.attempt}
+    out: dict[str, Any] = {"status": step.status.value, "attempts": _int(step.attempt)}
     if step.finished_ms is not None and step.started_ms is not None:
-        out["duration_ms"] = step.finished_ms - step.started_ms
+        out["duration_ms"] = _int(step.finished_ms) - _int(step.started_ms)
     if step.error:
         out["error"] = _plain_error(step.error)
     out["history"] = [_plain_attempt(entry) for entry in step.history or ()]
     if step.via is not None:
-        out["service"] = step.via
+        out["service"] = _str(step.via)
     if step.instance is not None:
-        out["instance"] = step.instance
+        out["instance"] = _str(step.instance)
     return out
 
 
@@ -104,9 +104,7 @@ def _plain_attempt(entry: Any) -> dict[str, Any]:
     if error := entry.get("error"):
         out["error"] = _plain_error(error)
     if (instance := entry.get("instance")) is not None:
-        if type(instance) is not str:
-            raise _NotPlain
-        out["instance"] = instance
+        out["instance"] = _str(instance)
     return out
 
 
@@ -120,14 +118,18 @@ def _plain_error(error: Any) -> dict[str, Any]:
         raise _NotPlain
     out: dict[str, Any] = {"message": message, "code": code, "retryable": retryable}
     if step is not None:
-        if type(step) is not str:
-            raise _NotPlain
-        out["step"] = step
+        out["step"] = _str(step)
     return out
 
 
 def _int(value: Any) -> int:
     if type(value) is not int:
+        raise _NotPlain
+    return value
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
         raise _NotPlain
     return value
 
