@@ -93,7 +93,7 @@ class Profile:
         return cls(
             "full", repeat, warmup_s=1.5, measure_s=5.0, half_load_s=8.0, floor_in_flight=500,
             mediator_in_flight=1000, celery_in_flight=200, micro_iterations=30,
-            memory_workflows=1000, budget_s=15 * 60.0,
+            memory_workflows=1000, budget_s=30 * 60.0,
         )  # fmt: skip
 
 
