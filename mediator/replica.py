@@ -237,7 +237,13 @@ class Mediator:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
         self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
+        # Timers this replica sets, or makes due now, are polled for when due.
         self.runtime.on_timer_set = self.timers.nudge
+        self.upkeep.queues.on_due = self.timers.nudge
+        if self.flow is not None:
+            self.flow.queues.on_due = self.timers.nudge
+        if self.runtime.slots is not None:
+            self.runtime.slots.on_due = self.timers.nudge
         self.schedule_states = ScheduleStates(self.redis, keys)
         #: Fires the loaded schedules' ticks (None: none loaded, or schedules disabled).
         self.scheduler = (

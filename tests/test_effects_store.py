@@ -35,6 +35,8 @@ from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import text
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.metrics import MetricsStore
+from mediator.storage.parked import ParkedQueues
+from mediator.storage.slots import Slots
 from mediator.storage.store import Store
 from tests.helpers import TEST_KEYS, TOPICS, Record, RecordingDispatcher, wait_for
 from topics.events import (
@@ -302,6 +304,42 @@ async def test_a_poller_with_no_timers_known_polls_every_interval_without_failin
     assert poller.failures == 0
     assert len(store.polled) >= 10, store.polled
     assert set(map(str, store.polled)) == {"None"}  # only full polls: nothing else is due
+
+
+async def test_a_timer_a_freed_slot_makes_due_is_polled_for_at_once(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A slot handed on (or a parked step released) makes a timer due now without a
+    commit: the replica that did it polls that timer's shard at once, not a whole
+    interval later."""
+    keys = Keys(key_prefix, 4)
+    store = _ShardsPolled(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(), store=store)
+    poller = TimerPoller(store, harness.runtime, TimerSettings(poll_interval_ms=10_000))
+    slots = Slots(redis_client, keys)
+    slots.on_due = poller.nudge  # as `Mediator` wires them
+    poller.start()
+    try:
+        await asyncio.sleep(0.1)  # the first poll found nothing: the next full one is 10 s off
+        await slots.admit(["run-9|0"])
+        shard = keys.shard_of("run-9")
+        await wait_for(lambda: [shard] in store.polled, timeout=2.0, what="a poll of its shard")
+    finally:
+        await poller.stop()
+
+
+async def test_releasing_parked_steps_tells_which_shards_have_timers_due_now(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix, 4)
+    queues = ParkedQueues(redis_client, keys)
+    heard: list[dict[int, int]] = []
+    queues.on_due = lambda due: heard.append(dict(due))
+    await redis_client.zadd(keys.parked(2, "pay"), {"unpark|run-1|a|1": 5})
+    assert await queues.release("pay", 10) == 1
+    assert heard == [{2: 0}]
+    assert await queues.release("pay", 10) == 0  # nothing moved: nothing to tell
+    assert heard == [{2: 0}]
 
 
 _OPEN = {"version": 1, "state": "open", "counter": 3, "success": 0, "opened_ms": 10**13}

@@ -9,8 +9,9 @@ stale; if the claiming replica dies first, the lease runs out and another replic
 A transition happens once whatever fires it twice: the commit's revision check sees to it.
 
 A poll learns when each shard's earliest timer left falls due. In between full polls the
-poller wakes when one of those falls due, or one this replica commits itself (`nudge`),
-and polls only the shards whose timers fell due (polls at least `MIN_GAP_MS` apart). So a
+poller wakes when one of those falls due, or one this replica sets itself (`nudge`: a
+commit's timers, a slot handed on, parked steps released), and polls only the shards whose
+timers fell due (polls at least `MIN_GAP_MS` apart). So a
 timer fires within a few milliseconds of its due time rather than up to a whole interval
 late, at the cost of one script call on its shard, and no poll is spent when nothing falls
 due (timers set by other replicas after the last full poll are seen within one interval).

@@ -5,7 +5,7 @@ per shard and service, scored by when each was parked (the drain's pace and orde
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from redis.asyncio import Redis
 
@@ -62,6 +62,9 @@ class ParkedQueues:
         self.keys = keys
         self.leases = Leases(redis)
         self._unpark = redis.register_script(_UNPARK)
+        #: Told the shards whose timer sets got released steps' timers, due now (their
+        #: soonest delay, 0), so this replica's timer poller polls them at once.
+        self.on_due: Callable[[Mapping[int, int]], None] | None = None
 
     async def lead(self, service: str, replica: str, ttl_ms: int) -> bool:
         """Take or keep the drain lease of `service` for `replica` (one drains at a time)."""
@@ -93,6 +96,8 @@ class ParkedQueues:
             keys = [self.keys.parked(shard, service), self.keys.timers(shard)]
             with redis_errors(f"releasing parked steps of {service}"):
                 moved += int(await self._unpark(keys=keys, args=members))
+        if moved and self.on_due is not None:
+            self.on_due(dict.fromkeys(by_shard, 0))
         return moved
 
     async def oldest(self, services: Iterable[str]) -> dict[str, int]:

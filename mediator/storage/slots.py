@@ -9,7 +9,7 @@ run again waits under another name, so nothing granted to the earlier round admi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,9 @@ class Slots:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._due_now = redis.register_script(_DUE_NOW)
+        #: Told the shards whose timer sets got a timer due now (their soonest delay, 0), so
+        #: this replica's timer poller polls them at once (None: nobody listens).
+        self.on_due: Callable[[Mapping[int, int]], None] | None = None
 
     async def acquire(
         self, scope: str, key: str, limit: int, runs: Sequence[tuple[str, int]], now_ms: int
@@ -171,6 +174,8 @@ class Slots:
                 for shard, names in by_shard.items():
                     await self._due_now(keys=[self.keys.timers(shard)], args=names, client=pipe)
                 await pipe.execute()
+        if self.on_due is not None:
+            self.on_due(dict.fromkeys(by_shard, 0))
 
     async def known(self, detail: bool = True) -> list[KeyState]:
         """Every key that has (or had, until the upkeep drops it) runs holding or waiting
