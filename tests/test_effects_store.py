@@ -302,7 +302,7 @@ async def test_a_poller_with_no_timers_known_polls_every_interval_without_failin
     finally:
         await poller.stop()
     assert poller.failures == 0
-    assert len(store.polled) >= 10, store.polled
+    assert len(store.polled) >= 5, store.polled  # every 20 ms for 0.5 s: ~25
     assert set(map(str, store.polled)) == {"None"}  # only full polls: nothing else is due
 
 
