@@ -11,10 +11,10 @@ A transition happens once whatever fires it twice: the commit's revision check s
 A poll learns when each shard's earliest timer left falls due. In between full polls the
 poller wakes when one of those falls due, or one this replica sets itself (`nudge`: a
 commit's timers, a slot handed on, parked steps released), and polls only the shards whose
-timers fell due (polls at least `MIN_GAP_MS` apart). So a
-timer fires within a few milliseconds of its due time rather than up to a whole interval
-late, at the cost of one script call on its shard, and no poll is spent when nothing falls
-due (timers set by other replicas after the last full poll are seen within one interval).
+timers fell due (polls at least `MIN_GAP_MS` apart). So a timer fires within a few
+milliseconds of its due time rather than up to a whole interval late, at the cost of one
+script call on its shard, and no poll is spent when nothing falls due (timers set by other
+replicas after the last full poll are seen within one interval).
 
 Timers have the error boundary records have: a round that fails for a reason that is not
 transient is narrowed down to the timer that causes it (its run's state does not decode,
@@ -68,7 +68,7 @@ class TimerPoller(Periodic):
         #: Timers set aside because they could not be applied.
         self.poisoned = 0
         #: When each shard's earliest known timer falls due (monotonic seconds), learnt
-        #: from the last poll of the shard or from this replica's own commits (`nudge`).
+        #: from the last poll of the shard or from what this replica sets itself (`nudge`).
         self._due: dict[int, float] = {}
         #: What `nudge` learnt while a claim was under way: newer than what it returns.
         self._nudged: dict[int, float] = {}
@@ -137,8 +137,7 @@ class TimerPoller(Periodic):
                 self._full_at = started + self.settings.poll_interval_ms / 1000
             if count >= self.settings.batch:
                 return 0
-        soonest = min(self._full_at, min(self._due.values(), default=self._full_at))
-        wake_at = max(soonest, started + MIN_GAP_MS / 1000)
+        wake_at = max(min([self._full_at, *self._due.values()]), started + MIN_GAP_MS / 1000)
         return max(0.0, wake_at - clock.monotonic())
 
     async def pause(self, seconds: float) -> None:
@@ -157,9 +156,9 @@ class TimerPoller(Periodic):
             self._paused = False
 
     def nudge(self, soonest: Mapping[int, int]) -> None:
-        """Timers this replica committed fall due in so many ms, by shard (the soonest of
-        each): poll those shards by then (never sooner than `MIN_GAP_MS` after the last
-        round started)."""
+        """Timers this replica set (committed, or made due now) fall due in so many ms, by
+        shard (the soonest of each): poll those shards by then (never sooner than
+        `MIN_GAP_MS` after the last round started)."""
         now = clock.monotonic()
         for shard, delay_ms in soonest.items():
             at = now + delay_ms / 1000

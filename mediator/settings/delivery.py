@@ -158,8 +158,8 @@ class TimerSettings(BaseModel):
         default=50,
         ge=5,
         description="Every replica polls every shard for due timers this often. In between it "
-        "polls a shard alone when the earliest timer it saw there falls due, or one it "
-        "committed itself, so a timer fires within milliseconds of its due time; this bounds "
+        "polls a shard alone when the earliest timer it saw there falls due, or one it set "
+        "itself, so a timer fires within milliseconds of its due time; this bounds "
         "how late one set by another replica after the last poll can be.",
     )
     lease_ms: DurationMs = Field(

@@ -91,8 +91,8 @@ class Store:
         self._claim = redis.register_script(lua_source("claim.lua"))
         self._renew = redis.register_script(lua_source("renew.lua"))
         self._claim_timers = redis.register_script(lua_source("claim_timers.lua"))
-        #: How long after the last claim of timers the earliest timer left falls due (ms,
-        #: Redis's clock; None: none left, or no claim yet).
+        #: For each shard the last claim of timers polled: how long after it the earliest
+        #: timer left there falls due (ms, Redis's clock; None: none left).
         self.timer_waits: dict[int, int | None] = {}
         self._reroute = redis.register_script(lua_source("reroute.lua"))
         self._timers_done = redis.register_script(lua_source("timers_done.lua"))
