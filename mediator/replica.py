@@ -200,6 +200,7 @@ class Mediator:
         )
         if monitoring.enabled:  # else nothing would drain what it tallies
             self.breakers.on_change.append(self.recorder.breaker_changed(now_ms))
+        self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         self.prometheus.register(
             StatsCollector(
                 {
@@ -236,7 +237,6 @@ class Mediator:
         if self.runtime.router is not None:
             self.registry_upkeep.on_deaths.append(self.runtime.router.on_deaths)
             self.registry_upkeep.catch_up = self.runtime.router.sweep_down
-        self.timers = TimerPoller(self.store, self.runtime, settings.timers, settings.backoff)
         # Timers this replica sets, or makes due now, are polled for when due.
         self.runtime.on_timer_set = self.timers.nudge
         self.upkeep.queues.on_due = self.timers.nudge
@@ -430,6 +430,14 @@ class Mediator:
                         {"quantile": q},
                         float(value),
                     )
+        yield (
+            "mediator_timer_shards_failing",
+            "Shards whose timers this replica cannot claim now (their claim fails on its "
+            "own: its cluster primary out of memory, say); polled again after a capped "
+            "backoff.",
+            {},
+            float(self.timers.failing_shards),
+        )
         yield from _queue_gauges(self.flow, self.keyed)
 
     async def __aenter__(self) -> Mediator:

@@ -306,6 +306,43 @@ async def test_a_poller_with_no_timers_known_polls_every_interval_without_failin
     assert set(map(str, store.polled)) == {"None"}  # only full polls: nothing else is due
 
 
+async def test_a_shard_whose_claim_fails_holds_up_no_other_shards_timers(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """One shard's claim fails on its own (its timers key holds a string, so Redis answers
+    WRONGTYPE for that shard alone, as a cluster node away fails only its slots): the
+    timers of the other shards fire on time, and the failing shard is left out of the
+    polls for its backoff rather than polled again every interval."""
+    keys = Keys(key_prefix, 4)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "s", "action": "x", "timeout": "200ms"}]}
+    setter = _Harness(redis_client, keys, _workflows(spec))
+    wid = await setter.request("r-1", "w")
+    bad = (keys.shard_of(wid) + 1) % keys.shards
+    await redis_client.set(keys.timers(bad), "not a sorted set")
+    store = _ShardsPolled(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
+    backoff = BackoffSettings(initial_ms=5_000, max_ms=5_000)
+    poller = TimerPoller(store, harness.runtime, TimerSettings(poll_interval_ms=50), backoff)
+    poller.start()
+    try:
+        assert await _timed_out(setter, wid, within=3.0) < 3.0
+        await asyncio.sleep(0.2)  # a few more full polls
+    finally:
+        await poller.stop()
+    assert poller.failures == 0  # no round failed: the others' timers were applied
+    assert (poller.failing_shards, poller.shard_failures) == (1, 1)
+    assert store.polled[0] is None
+    assert len(store.polled) >= 3, store.polled
+    assert all(p is not None and bad not in p for p in store.polled[1:]), store.polled
+    # A timer this replica sets there is not polled for before the backoff ends either.
+    poller.nudge({bad: 0})
+    assert poller._due[bad] > clock.monotonic() + 4
+    # Once the shard answers again it is polled as any other.
+    await redis_client.delete(keys.timers(bad))
+    await poller.poll_once([bad])
+    assert poller.failing_shards == 0
+
+
 async def test_a_timer_a_freed_slot_makes_due_is_polled_for_at_once(
     redis_client: Redis, key_prefix: str
 ) -> None:

@@ -88,6 +88,7 @@ async def test_metrics_in_redis_and_on_the_metrics_endpoint_match_what_ran(
                    status="completed") == 9  # fmt: skip
     assert _sample(text, "mediator_runtime_total", event="replies") == 33
     assert _sample(text, "mediator_breaker_state", service="svc") == 0
+    assert "mediator_timer_shards_failing 0.0" in text.splitlines()
 
     assert (await _scrape(mediator.endpoints.port, "/healthz"))[0] == 200
     assert (await _scrape(mediator.endpoints.port, "/readyz"))[0] == 200

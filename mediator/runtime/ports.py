@@ -89,6 +89,9 @@ class StateStore(Protocol):
     #: After `claim_timers`: for each shard it polled, in how many ms the earliest timer
     #: left there falls due (None: none left).
     timer_waits: dict[int, int | None]
+    #: After `claim_timers`: the shards whose claim failed, with the error (nothing of
+    #: theirs was claimed; the other shards' timers were).
+    timer_failures: dict[int, Exception]
 
     async def claim_timers(
         self, limit: int, lease_ms: int, shards: Sequence[int] | None = None

@@ -20,6 +20,9 @@ Timers have the error boundary records have: a round that fails for a reason tha
 transient is narrowed down to the timer that causes it (its run's state does not decode,
 say); that one is set aside with the reason (`Store.park_timer`), logged and counted, and
 the timers claimed with it fire. A transient failure leaves the whole round to its lease.
+A shard whose claim fails on its own (its cluster primary out of memory, its key of the
+wrong type) is left out of the polls for a capped, doubling backoff, logged each time; the
+timers of every other shard fire meanwhile.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ class TimerPoller(Periodic):
         self._wake_at = 0.0
         self._woken = asyncio.Event()
         self._paused = False
+        #: Shards whose claim failed on its own: failures in a row, and when (monotonic
+        #: seconds) the shard is polled again.
+        self._failing: dict[int, tuple[int, float]] = {}
+        #: Claims of one shard that failed, since start.
+        self.shard_failures = 0
 
     async def poll_once(self, shards: Sequence[int] | None = None) -> int:
         """Claim and apply the timers due now in `shards` (default: all); how many were
@@ -88,7 +96,10 @@ class TimerPoller(Periodic):
         self._nudged = {}
         claimed = await self.store.claim_timers(settings.batch, settings.lease_ms, shards)
         seen = clock.monotonic()
+        for shard, exc in self.store.timer_failures.items():
+            self._shard_failed(shard, exc, seen)
         for shard, wait in self.store.timer_waits.items():
+            self._failing.pop(shard, None)
             due = [seen + wait / 1000] if wait is not None else []
             if shard in self._nudged:
                 due.append(self._nudged[shard])
@@ -100,6 +111,20 @@ class TimerPoller(Periodic):
             timers = [(shard, timer) for shard, batch in claimed.items() for timer in batch]
             await isolate(timers, self._apply, self._poisoned)
         return sum(len(timers) for timers in claimed.values())
+
+    def _shard_failed(self, shard: int, exc: Exception, now: float) -> None:
+        """Poll `shard` again after a backoff that doubles with each failure in a row."""
+        failures = self._failing.get(shard, (0, 0.0))[0] + 1
+        delay_ms = self.backoff.delay_ms(failures)
+        self._failing[shard] = (failures, now + delay_ms / 1000)
+        self._due[shard] = now + delay_ms / 1000
+        self.shard_failures += 1
+        log.warning("%s: %s; shard %d polled again in %d ms", self.label, exc, shard, delay_ms)
+
+    @property
+    def failing_shards(self) -> int:
+        """How many shards' claims are failing now (their timers wait for them)."""
+        return len(self._failing)
 
     async def _apply(self, timers: Sequence[tuple[int, Claimed]]) -> None:
         by_shard: dict[int, list[Claimed]] = {}
@@ -126,17 +151,20 @@ class TimerPoller(Periodic):
         last such poll, else only of the shards whose earliest known timer fell due. Then
         the pause until the next: none when a shard's batch was full, else until a known
         timer falls due or the next poll of every shard, whichever is sooner (and at
-        least `MIN_GAP_MS` after this round started)."""
+        least `MIN_GAP_MS` after this round started). A shard whose claim is failing is
+        left out of both until its backoff ends."""
         self._started = started = clock.monotonic()
+        full = started >= self._full_at
         shards: list[int] | None = None
-        if started < self._full_at:
+        if not full:
             shards = sorted(shard for shard, at in self._due.items() if at <= started)
-        if shards != []:
-            count = await self.poll_once(shards)
-            if shards is None:  # a poll of every shard that failed is tried again
-                self._full_at = started + self.settings.poll_interval_ms / 1000
-            if count >= self.settings.batch:
-                return 0
+        elif held := {shard for shard, (_, at) in self._failing.items() if at > started}:
+            shards = [shard for shard in range(self.store.keys.shards) if shard not in held]
+        count = await self.poll_once(shards) if shards != [] else 0
+        if full:  # only once it is done: a full poll that raised is the next round too
+            self._full_at = started + self.settings.poll_interval_ms / 1000
+        if count >= self.settings.batch:
+            return 0
         wake_at = max(min([self._full_at, *self._due.values()]), started + MIN_GAP_MS / 1000)
         return max(0.0, wake_at - clock.monotonic())
 
@@ -162,6 +190,9 @@ class TimerPoller(Periodic):
         now = clock.monotonic()
         for shard, delay_ms in soonest.items():
             at = now + delay_ms / 1000
+            failing = self._failing.get(shard)
+            if failing is not None:  # not before its backoff ends
+                at = max(at, failing[1])
             known = self._due.get(shard)
             if known is None or at < known:
                 self._due[shard] = at

@@ -94,6 +94,9 @@ class Store:
         #: For each shard the last claim of timers polled: how long after it the earliest
         #: timer left there falls due (ms, Redis's clock; None: none left).
         self.timer_waits: dict[int, int | None] = {}
+        #: The shards whose claim failed in the last claim of timers, with the error: none
+        #: of their timers were claimed (the other shards' were).
+        self.timer_failures: dict[int, Exception] = {}
         self._reroute = redis.register_script(lua_source("reroute.lua"))
         self._timers_done = redis.register_script(lua_source("timers_done.lua"))
         self._park_timer = redis.register_script(lua_source("park_timer.lua"))
@@ -277,17 +280,21 @@ class Store:
     ) -> dict[int, list[Claimed]]:
         """Claim the timers that fell due in `shards` (default: every shard; one round trip
         for all of them): each claimed timer is leased for `lease_ms` and returned with its
-        lateness in ms. Sets `timer_waits`."""
+        lateness in ms. Sets `timer_waits`, and `timer_failures` for the shards whose claim
+        failed on its own (a cluster primary out of memory, a key of the wrong type): the
+        timers claimed in the others are returned all the same, so one bad shard holds up
+        no other. Raises `StateUnavailable` only when Redis could not be asked at all."""
         polled = range(self.keys.shards) if shards is None else shards
         calls = [([self.keys.timers(shard)], [lease_ms, limit]) for shard in polled]
         with redis_errors("claiming timers"):
             replies = await self._evalsha_many(self._claim_timers, calls)
         claimed: dict[int, list[Claimed]] = {}
         waits: dict[int, int | None] = {}
+        failures: dict[int, Exception] = {}
         for shard, reply in zip(polled, replies, strict=True):
             if isinstance(reply, Exception):
-                msg = f"timer claim script failed: {reply}"
-                raise StateUnavailable(msg)
+                failures[shard] = StateUnavailable(f"claiming the timers of shard {shard}: {reply}")
+                continue
             now, following = int(reply[0]), int(float(reply[1]))
             waits[shard] = max(0, following - now) if following >= 0 else None
             due = [
@@ -296,7 +303,7 @@ class Store:
             ]
             if due:
                 claimed[shard] = due
-        self.timer_waits = waits
+        self.timer_waits, self.timer_failures = waits, failures
         return claimed
 
     async def reroute_instance(self, prefix: str, batch: int = 1000) -> int:
