@@ -101,6 +101,65 @@ async def test_a_batch_spanning_shards_commits_each_in_order(store: Store) -> No
     assert loaded == {s.workflow_id: s for s in states}
 
 
+async def test_one_call_commits_every_shard_of_a_batch_each_to_its_own_keys(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a single Redis a batch is one script call whatever shards it spans: each run's
+    indexes, outbox entries, timers, routed members and counters land in its own shard's
+    keys, and each result answers its own commit, a conflict among them included."""
+    keys = store.keys
+    calls: list[int] = []
+    evalsha_many = store._evalsha_many
+
+    async def counted(script: object, batch: list[object], **kw: object) -> list[object]:
+        calls.append(len(batch))
+        return await evalsha_many(script, batch, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_evalsha_many", counted)
+    states = [started(f"wf-s{n}", name=f"w{n % 3}") for n in range(24)]
+    shards = {s.workflow_id: keys.shard_of(s.workflow_id) for s in states}
+    assert set(shards.values()) == set(range(keys.shards))
+    creates = [
+        Commit(s, 0, outbox=[(f"{s.workflow_id}.m", b"frame")], counters={"runs": 1},
+               timers=[(f"deadline|{s.workflow_id}", 60_000)],
+               routed=[("+", f"svc|i1|{s.workflow_id}")])
+        for s in states
+    ]  # fmt: skip
+    created = await store.commit_many(creates, NOW)
+    assert [r.outcome for r in created] == [CommitOutcome.COMMITTED] * 24
+    ends = [
+        evolve(s, status=WorkflowStatus.COMPLETED if n % 2 else WorkflowStatus.FAILED,
+               finished_ms=NOW + 5, rev=2)
+        for n, s in enumerate(states)
+    ]  # fmt: skip
+    stale = evolve(states[5], rev=9)  # a revision that moved on: a conflict
+    finishing = [Commit(e, 1, cleared=[f"deadline|{e.workflow_id}"]) for e in ends[:5]]
+    finishing += [Commit(stale, 8), *(Commit(e, 1) for e in ends[6:])]
+    done = await store.commit_many(finishing, NOW + 5)
+    assert calls == [1, 1]  # one script call per batch
+    assert [r.outcome for r in done] == [CommitOutcome.COMMITTED] * 5 + [CommitOutcome.CONFLICT] + [
+        CommitOutcome.COMMITTED
+    ] * 18
+    assert done[5].current == states[5]
+    for shard in range(keys.shards):
+        mine = {wid for wid, at in shards.items() if at == shard}
+        ended = {e.workflow_id: e.status.value for e in ends if e.workflow_id in mine}
+        ended.pop(states[5].workflow_id, None)
+        running = await store.redis.zrange(keys.status_index(shard, "running"), 0, -1)
+        assert {m.decode() for m in running} == mine - set(ended)
+        for status in ("completed", "failed"):
+            index = await store.redis.zrange(keys.status_index(shard, status), 0, -1)
+            assert {m.decode() for m in index} == {w for w, st in ended.items() if st == status}
+        outbox = await store.redis.hkeys(keys.outbox(shard))
+        assert {m.decode() for m in outbox} == {f"{wid}.m" for wid in mine}
+        timers = await store.redis.zrange(keys.timers(shard), 0, -1)
+        cleared = {e.workflow_id for e in ends[:5]}
+        assert {t.decode() for t in timers} == {f"deadline|{w}" for w in mine - cleared}
+        routed = await store.redis.zrange(keys.routed(shard), 0, -1)
+        assert {m.decode() for m in routed} == {f"svc|i1|{wid}" for wid in mine}
+        assert await store.redis.hget(keys.counters(shard), "runs") == str(len(mine)).encode()
+
+
 async def test_indexes_follow_the_status_and_finished_runs_expire(store: Store) -> None:
     keys = store.keys
     state = started("wf-idx", name="orders")
