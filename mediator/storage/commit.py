@@ -7,11 +7,9 @@ chain would otherwise pay for its whole state on every reply); a finished run is
 afresh as one document (``state`` with its steps inside), the form every run had before,
 which a run stored so keeps until its next commit writes it whole (`state_of` reads both).
 
-One call of the script commits a batch of transitions, shard by shard: on Redis Cluster one
-shard per call (every key of a call must share a slot), on a single Redis every shard of
-the batch in one call. Its first arguments are the time, the store's settings (JSON:
-retention, lease, the live statuses) and where each shard's keys and arguments start; then
-each transition passes a header of named fields (JSON) followed by the bytes JSON cannot carry:
+One call of the script commits a batch of transitions of one shard. Its first arguments
+are the time and the store's settings (JSON: retention, lease, the live statuses); then each
+transition passes a header of named fields (JSON) followed by the bytes JSON cannot carry:
 its state blob, one Kafka record frame per outbox id, its audit entries. Keys are named by
 their number in KEYS (``*_key`` fields), so the script does no offset arithmetic over
 variable-length sections, and it knows no status: Python says whether a run is `live` and
@@ -53,8 +51,7 @@ __all__ = [
     "stored_whole",
 ]
 
-# The numbers in KEYS of the finished indexes among the nine keys each shard's part of a
-# call starts with (after the keys of the shards before it).
+# The numbers in KEYS of the finished indexes (the nine keys every call starts with).
 _COMPLETED, _FAILED = 6, 7
 
 #: The statuses of a live run (kept in the running index, never expiring): what the
@@ -179,37 +176,16 @@ class CommitCodec:
 
     def pack(
         self,
-        shards: Sequence[tuple[int, Sequence[Commit]]],
+        shard: int,
+        commits: Sequence[Commit],
         now_ms: int,
         whole: Container[str] = (),
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of one call committing, shard by shard, the commits of each
-        (shard, commits) pair in order (on Redis Cluster a call holds one shard: its keys
-        must share a slot); the runs in `whole` are written whole (their stored form is an
-        earlier one)."""
-        key_list: list[str] = []
-        args: list[Any] = [now_ms, self._settings, b""]
-        bounds: list[tuple[int, int]] = []
-        for shard, commits in shards:
-            base = len(key_list)
-            self._pack_shard(shard, commits, whole, key_list, args)
-            bounds.append((base, len(args)))
-        args[2] = orjson.dumps(bounds)
-        return key_list, args
-
-    def _pack_shard(
-        self,
-        shard: int,
-        commits: Sequence[Commit],
-        whole: Container[str],
-        key_list: list[str],
-        args: list[Any],
-    ) -> None:
-        """Append to `key_list` and `args` the keys and arguments committing `commits`,
-        all of `shard`: its keys follow those already in `key_list` (their base)."""
+        """KEYS and ARGV of one call committing `commits`, all of `shard`, in order; the
+        runs in `whole` are written whole (their stored form is an earlier one)."""
         keys = self.keys
-        offset = len(key_list)  # the base of this shard's keys
-        key_list += self._shard_keys(shard)
+        key_list = list(self._shard_keys(shard))
+        args: list[Any] = [now_ms, self._settings]
         names: dict[str, int] = {}  # workflow name -> the number of its name index in KEYS
         queues: dict[str, int] = {}  # service -> the number of its parked queue in KEYS
         for commit in commits:
@@ -229,8 +205,6 @@ class CommitCodec:
             key_list += (keys.workflow(wid), keys.tombstone(wid), keys.audit(wid))
             run_key = len(key_list) - 2
             index_key = _FINISHED_INDEX.get(state.status, 0)
-            if index_key:
-                index_key += offset
             audit = commit.audit if self.audit_limit else ()
             header = _header(commit, name_key, run_key, index_key, parked, len(audit))
             if state.status in TERMINAL:
@@ -255,18 +229,15 @@ class CommitCodec:
             args += [frame for _, frame in commit.outbox]
             args += audit
             args += [dumps_step(step) for _, step in changed]
+        return key_list, args
 
     @staticmethod
-    def unpack(shards: Sequence[Sequence[Commit]], reply: Any) -> list[list[CommitResult]]:
-        """The results of the call that committed `shards` (each shard's commits), per
-        shard, in their order."""
-        replies, lease = reply
+    def unpack(commits: Sequence[Commit], reply: Any) -> list[CommitResult]:
+        """The results of the call that committed `commits`, in their order."""
+        outcomes, lease = reply
         return [
-            [
-                _result(commit.state.workflow_id, outcome, int(lease))
-                for commit, outcome in zip(commits, outcomes, strict=True)
-            ]
-            for commits, outcomes in zip(shards, replies, strict=True)
+            _result(commit.state.workflow_id, outcome, int(lease))
+            for commit, outcome in zip(commits, outcomes, strict=True)
         ]
 
 

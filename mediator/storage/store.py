@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -78,8 +77,6 @@ class Store:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._commit = redis.register_script(lua_source("commit.lua"))
-        #: A Redis Cluster: a script call keeps to one shard's slot.
-        self._cluster = isinstance(redis, RedisCluster)
         #: Runs read stored as one document (as before steps had fields of their own):
         #: their next commit writes every step (`CommitCodec.pack`).
         self._whole: set[str] = set()
@@ -148,8 +145,7 @@ class Store:
         return (await self.load_many([workflow_id]))[workflow_id]
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
-        """Commit transitions in one round trip: one script call for every shard touched
-        (on Redis Cluster, whose script calls each keep to one slot, one per shard).
+        """Commit transitions in one round trip: one script call per shard touched.
 
         Each transition is atomic on its own and applied in the order given.
         """
@@ -158,26 +154,28 @@ class Store:
         by_shard: dict[int, list[int]] = {}
         for index, commit in enumerate(commits):
             by_shard.setdefault(self.keys.shard_of(commit.state.workflow_id), []).append(index)
-        shards = [(shard, [commits[i] for i in indexes]) for shard, indexes in by_shard.items()]
-        # The shards each call commits, in order.
-        parts = [[part] for part in shards] if self._cluster else [shards]
-        calls = [self._codec.pack(part, now_ms, self._whole) for part in parts]
+        shards = list(by_shard)
+        batches = [[commits[i] for i in by_shard[shard]] for shard in shards]
+        calls = [
+            self._codec.pack(shard, batch, now_ms, self._whole)
+            for shard, batch in zip(shards, batches, strict=True)
+        ]
         with redis_errors("committing"):
             replies = await self._evalsha_many(self._commit, calls, wait=self.wait_replicas > 0)
         results: list[CommitResult | None] = [None] * len(commits)
-        for part, reply in zip(parts, replies, strict=True):
+        for shard, batch, reply in zip(shards, batches, replies, strict=True):
             if isinstance(reply, Exception):
                 msg = f"commit script failed: {reply}"
                 raise StateUnavailable(msg)
-            done = self._codec.unpack([batch for _, batch in part], reply)
-            for (shard, _), shard_results in zip(part, done, strict=True):
-                for index, result in zip(by_shard[shard], shard_results, strict=True):
-                    results[index] = result
-                    wid = commits[index].state.workflow_id
-                    if result.whole:
-                        self._whole.add(wid)
-                    elif result.outcome is CommitOutcome.COMMITTED:
-                        self._whole.discard(wid)
+            for index, result in zip(
+                by_shard[shard], self._codec.unpack(batch, reply), strict=True
+            ):
+                results[index] = result
+                wid = commits[index].state.workflow_id
+                if result.whole:
+                    self._whole.add(wid)
+                elif result.outcome is CommitOutcome.COMMITTED:
+                    self._whole.discard(wid)
         return [r for r in results if r is not None]
 
     async def _evalsha_many(
