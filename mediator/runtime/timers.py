@@ -99,7 +99,8 @@ class TimerPoller(Periodic):
         for shard, exc in self.store.timer_failures.items():
             self._shard_failed(shard, exc, seen)
         for shard, wait in self.store.timer_waits.items():
-            self._failing.pop(shard, None)
+            if self._failing.pop(shard, None) is not None:
+                log.info("%s: shard %d answers again", self.label, shard)
             due = [seen + wait / 1000] if wait is not None else []
             if shard in self._nudged:
                 due.append(self._nudged[shard])
