@@ -564,6 +564,44 @@ async def test_a_step_released_and_parked_again_is_queued_again(
     assert member not in await harness.timers(0)
 
 
+async def test_a_step_released_and_queued_again_keeps_its_place_in_the_queue(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The oldest parked step is released, and the replica that fires its release parks
+    it again (the breaker open again, or flow control refusing it a permit): it goes back
+    at the score it had, ahead of the steps parked after it, not behind them (under
+    sustained overload a step sent to the back again and again would wait for ever)."""
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "pay", "action": "x"}]}
+    await _open_breaker(redis_client, keys, "pay")
+    stale = Breakers(redis_client, keys, BreakerSettings(), "r1")
+    await stale.refresh(["pay"])
+    harness = _Harness(redis_client, keys, _workflows(spec), breakers=stale)
+    first = await harness.request("r-1", "w")
+    await asyncio.sleep(0.01)
+    second = await harness.request("r-2", "w")
+
+    async def queue() -> list[tuple[str, float]]:
+        found = []
+        for shard in range(keys.shards):
+            found += await redis_client.zrange(keys.parked(shard, "pay"), 0, -1, withscores=True)
+        return sorted(((text(m), s) for m, s in found), key=lambda pair: pair[1])
+
+    before = await queue()
+    assert [m for m, _ in before] == [f"unpark|{first}|a|1", f"unpark|{second}|a|1"]
+    assert await ParkedQueues(redis_client, keys).release("pay", 1) == 1
+    shard = keys.shard_of(first)
+    released = keys.released(shard, "pay")
+    assert await redis_client.hgetall(released) == {
+        f"unpark|{first}|a|1".encode(): str(int(before[0][1])).encode()
+    }
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 1
+    assert harness.commands() == []  # parked again: the breaker is still open here
+    assert await queue() == before  # in its place, at its first score
+    assert await redis_client.exists(released) == 0
+
+
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
     redis_client: Redis, key_prefix: str
 ) -> None:

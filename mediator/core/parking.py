@@ -4,9 +4,9 @@ A step whose service's breaker is open waits as ``parked``, named in its service
 queue by the ``unpark`` timer that will release it (`mediator.core.timers`). The queue
 holds exactly the steps parked now: a commit adds the steps the transition parked (a step
 released by its timer and parked again at once, the breaker still open, goes back in under
-the same name) and removes the ones that stopped being parked by any other way (their
-timeout, the run ending), so a step parks once per attempt at most and a finished run
-leaves nothing behind.
+the same name, in the place it had: the store keeps a released step's score) and removes
+the ones that stopped being parked by any other way (their timeout, the run ending), so a
+step parks once per attempt at most and a finished run leaves nothing behind.
 """
 
 from __future__ import annotations

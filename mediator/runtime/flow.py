@@ -3,8 +3,9 @@ limited service's queue (its parked queue: the `queued` steps) is released oldes
 as far as the limit has room (`Limits.room`), by one replica at a time (a short lease per
 service). A released step's ``unpark`` timer falls due at once; the replica that fires it
 sends the command, taking a permit first (`limit_acquire.lua` gives released commands
-precedence over new ones). A breaker that is not closed holds the queue (the breaker
-upkeep's probe rules apply)."""
+precedence over new ones); one refused a permit is queued again in its place (the queue
+score it had, kept by the release in `Keys.released`), not at the end. A breaker that
+is not closed holds the queue (the breaker upkeep's probe rules apply)."""
 
 from __future__ import annotations
 

@@ -199,8 +199,9 @@ class CommitCodec:
             for op, service, timer in commit.parked:
                 queue_key = queues.get(service)
                 if queue_key is None:
-                    key_list.append(keys.parked(shard, service))
-                    queue_key = queues[service] = len(key_list)
+                    # The queue, then its released hash (the script finds it next).
+                    key_list += (keys.parked(shard, service), keys.released(shard, service))
+                    queue_key = queues[service] = len(key_list) - 1
                 parked.append((op, queue_key, timer))
             key_list += (keys.workflow(wid), keys.tombstone(wid), keys.audit(wid))
             run_key = len(key_list) - 2

@@ -29,6 +29,9 @@ Redis and on Redis Cluster. With the default prefix ``med`` and shard 3::
     med:{s3}:parked:<service>         zset   the shard's steps parked for <service> while its
                                              breaker is open (``unpark`` timer names), by
                                              when parked
+    med:{s3}:released:<service>       hash   the shard's steps released from that queue and
+                                             not gone out yet -> their score there, so
+                                             one queued again keeps its place
     med:{s3}:routed                   zset   the shard's attempts in flight on a registered
                                              instance (every score 0; one instance's are one
                                              lex range)
@@ -178,6 +181,13 @@ class Keys:
         """Sorted set: the parked steps of one service in one shard (``unpark`` timer
         names), scored by when they were parked, so the queue drains oldest first."""
         return f"{self.tag(shard)}:parked:{service}"
+
+    def released(self, shard: int, service: str) -> str:
+        """Hash: the parked steps of one service in one shard released from its queue and
+        not yet gone out (``unpark`` timer name -> its score in the queue): one queued
+        again (flow control refused it a permit, or the breaker opened again) goes back in
+        its place, not at the end."""
+        return f"{self.tag(shard)}:released:{service}"
 
     def drain(self, service: str) -> str:
         """String: the replica draining one service's parked queues now, with a TTL."""

@@ -93,7 +93,11 @@ class ParkedQueues:
             by_shard.setdefault(shard, []).append(member)
         moved = 0
         for shard, members in by_shard.items():
-            keys = [self.keys.parked(shard, service), self.keys.timers(shard)]
+            keys = [
+                self.keys.parked(shard, service),
+                self.keys.timers(shard),
+                self.keys.released(shard, service),
+            ]
             with redis_errors(f"releasing parked steps of {service}"):
                 moved += int(await self._unpark(keys=keys, args=members))
         if moved and self.on_due is not None:

@@ -7,7 +7,7 @@
 -- KEYS: 1 counters, 2 outbox, 3 outbox due, 4 recent, 5 st:running, 6 st:completed,
 --       7 st:failed, 8 the timer set, 9 the routed index, then the keys the transitions
 --       name by their number (`*_key` fields): name indexes, each run's hash, tombstone
---       and audit stream, parked queues.
+--       and audit stream, parked queues (each followed by its released hash).
 -- ARGV: 1 now (ms), 2 the settings (JSON): retention_ms, recent_limit, lease_ms,
 --       tombstone_ms (how long a tombstone outlives the state), audit_limit (entries kept
 --       in a run's audit stream; 0: none written), live (the statuses of a live run).
@@ -26,7 +26,9 @@
 --   timers         {name, delay ms}: due `delay` after Redis's clock at commit
 --   cleared        timer names removed (the timer that fired, timers no longer needed)
 --   parked         {"+" or "-", queue key, unpark timer name}: parked steps join their
---                  service's queue, oldest first, and leave it when no longer parked
+--                  service's queue, oldest first, and leave it when no longer parked; the
+--                  queue's released hash is the key after it (a step released and
+--                  queued again goes back at the score it had)
 --   routed         {"+" or "-", member}: attempts now in flight on an instance, or no longer
 --   audit          how many audit entries follow the frames (appended to its stream)
 --   steps          ids of the steps whose state follows the audit entries (field s:<id>)
@@ -188,11 +190,15 @@ while h <= #ARGV do
       redis.call('ZADD', timers, server_now + timer[2], timer[1])
     end
     for _, change in ipairs(t.parked or none) do
+      -- A step released from the queue and queued again goes back in its place.
+      local released = KEYS[change[2] + 1]
       if change[1] == '+' then
-        redis.call('ZADD', KEYS[change[2]], 'NX', server_now, change[3])
+        local at = redis.call('HGET', released, change[3])
+        redis.call('ZADD', KEYS[change[2]], 'NX', at or server_now, change[3])
       else
         redis.call('ZREM', KEYS[change[2]], change[3])
       end
+      redis.call('HDEL', released, change[3])
     end
     for _, change in ipairs(t.routed or none) do
       if change[1] == '+' then
