@@ -335,7 +335,7 @@ async def test_a_shard_whose_claim_fails_holds_up_no_other_shards_timers(
     assert len(store.polled) >= 3, store.polled
     assert all(p is not None and bad not in p for p in store.polled[1:]), store.polled
     # A timer this replica sets there is not polled for before the backoff ends either.
-    retry_at = poller._failing[bad][1]
+    retry_at = poller._due[bad]  # the end of its backoff
     poller.nudge({bad: 0})
     assert poller._due[bad] == retry_at
     # Once the shard answers again it is polled as any other.

@@ -83,9 +83,9 @@ class TimerPoller(Periodic):
         self._wake_at = 0.0
         self._woken = asyncio.Event()
         self._paused = False
-        #: Shards whose claim failed on its own: failures in a row, and when (monotonic
-        #: seconds) the shard is polled again.
-        self._failing: dict[int, tuple[int, float]] = {}
+        #: Shards whose claim failed on its own, with their failures in a row; each is
+        #: polled again at its `_due` time, the end of its backoff.
+        self._failing: dict[int, int] = {}
         #: Claims of one shard that failed, since start.
         self.shard_failures = 0
 
@@ -115,9 +115,8 @@ class TimerPoller(Periodic):
 
     def _shard_failed(self, shard: int, exc: Exception, now: float) -> None:
         """Poll `shard` again after a backoff that doubles with each failure in a row."""
-        failures = self._failing.get(shard, (0, 0.0))[0] + 1
+        failures = self._failing[shard] = self._failing.get(shard, 0) + 1
         delay_ms = self.backoff.delay_ms(failures)
-        self._failing[shard] = (failures, now + delay_ms / 1000)
         self._due[shard] = now + delay_ms / 1000
         self.shard_failures += 1
         log.warning("%s: %s; shard %d polled again in %d ms", self.label, exc, shard, delay_ms)
@@ -159,7 +158,7 @@ class TimerPoller(Periodic):
         shards: list[int] | None = None
         if not full:
             shards = sorted(shard for shard, at in self._due.items() if at <= started)
-        elif held := {shard for shard, (_, at) in self._failing.items() if at > started}:
+        elif held := {shard for shard in self._failing if self._due[shard] > started}:
             shards = [shard for shard in range(self.store.keys.shards) if shard not in held]
         count = await self.poll_once(shards) if shards != [] else 0
         if full:  # only once it is done: a full poll that raised is the next round too
@@ -191,9 +190,8 @@ class TimerPoller(Periodic):
         now = clock.monotonic()
         for shard, delay_ms in soonest.items():
             at = now + delay_ms / 1000
-            failing = self._failing.get(shard)
-            if failing is not None:  # not before its backoff ends
-                at = max(at, failing[1])
+            if shard in self._failing:  # not before its backoff ends
+                at = max(at, self._due[shard])
             known = self._due.get(shard)
             if known is None or at < known:
                 self._due[shard] = at
