@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from mediator.runtime.groups import inbound_group
 from mediator.sdk.worker import ActionError
-from mediator.settings import BreakerSettings
+from mediator.settings import BreakerSettings, FlowControlSettings
 from mediator.storage.keys import Keys, workflow_id_for
 from mediator.storage.parked import parked_counts
 from tests.helpers import step, wait_for
@@ -107,11 +107,62 @@ async def test_open_breaker_parks_then_one_probe_then_a_bounded_drain(make_syste
 async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
     workflow = checkout(timeout="30s", fallback={"service": "backup", "action": "pay"})
     system = await make_system(workflow, circuit_breaker=BREAKER)
-    payments = Payments()
     backup = Payments()
     backup.broken = False
+    payments, mediator, client = await _with_payments_broken(system, backup.pay)
+
+    results = await asyncio.gather(
+        *(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=10) for n in range(4))
+    )
+
+    assert all(r.status is WorkflowStatus.COMPLETED for r in results)
+    assert all(r.steps["pay"].service == "backup" for r in results)
+    assert len(payments.calls) == 3
+    assert len(backup.calls) == 4
+    assert mediator.runtime.stats.rerouted == 4
+
+
+async def test_a_step_rerouted_to_a_full_fallback_waits_in_its_queue(make_system: Any) -> None:
+    # The fallback has a flow-control limit of one command in flight: the commands
+    # rerouted to it beyond that wait in its queue and go out one at a time as it answers.
+    workflow = checkout(timeout="30s", fallback={"service": "backup", "action": "pay"})
+    flow = FlowControlSettings.model_validate(
+        {"services": {"backup": {"max_in_flight": 1}}, "release_ms": 50}
+    )
+    system = await make_system(workflow, circuit_breaker=BREAKER, flow_control=flow)
+    backup = Payments()
+    backup.broken = False
+    in_flight: list[int] = [0, 0]  # now, most at once
+
+    async def slow_pay(data: Any, command: Any) -> dict[str, Any]:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return await backup.pay(data, command)
+        finally:
+            in_flight[0] -= 1
+
+    payments, mediator, client = await _with_payments_broken(system, slow_pay)
+
+    results = await asyncio.gather(
+        *(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=20) for n in range(4))
+    )
+
+    assert all(r.status is WorkflowStatus.COMPLETED for r in results)
+    assert all(r.steps["pay"].service == "backup" for r in results)
+    assert len(payments.calls) == 3
+    assert len(backup.calls) == 4
+    assert in_flight[1] == 1
+    assert mediator.runtime.stats.queued >= 1
+
+
+async def _with_payments_broken(system: Any, backup: Any) -> tuple[Payments, Any, Any]:
+    """A failing payments service, a backup answering with `backup`, one replica and a
+    client; three failed runs open the payments breaker, as the replica sees it."""
+    payments = Payments()
     await system.worker("payments", {"pay": payments.pay})
-    await system.worker("backup", {"pay": backup.pay})
+    await system.worker("backup", {"pay": backup})
     mediator = await system.mediator()
     client = await system.client()
     for n in range(3):
@@ -124,16 +175,7 @@ async def test_open_breaker_reroutes_to_the_fallback(make_system: Any) -> None:
         lambda: mediator.breakers.state("payments") == "open",
         what="the replica's view of the breaker to be open",
     )
-
-    results = await asyncio.gather(
-        *(client.submit("checkout", {}, request_id=f"ok-{n}", timeout=10) for n in range(4))
-    )
-
-    assert all(r.status is WorkflowStatus.COMPLETED for r in results)
-    assert all(r.steps["pay"].service == "backup" for r in results)
-    assert len(payments.calls) == 3
-    assert len(backup.calls) == 4
-    assert mediator.runtime.stats.rerouted == 4
+    return payments, mediator, client
 
 
 def _request_ids_one_per_partition(prefix: str, partitions: int) -> list[str]:

@@ -27,7 +27,8 @@ def parked(
     only: Collection[str] | None = None,
 ) -> set[tuple[str, str]]:
     """(service, unpark timer name) of every step of `state` parked now (of the steps
-    `only` names, if given)."""
+    `only` names, if given). A step waits in its own service's queue, or, queued after it
+    was rerouted, in its fallback's (`via`)."""
     if state is None or workflow is None or state.terminal:
         return set()
     found = set()
@@ -39,7 +40,7 @@ def parked(
             continue
         if step.status in (StepStatus.PARKED, StepStatus.QUEUED) and sid in workflow.steps:
             name = SetTimer("unpark", wid, 0, sid, step.attempt).member
-            found.add((workflow.steps[sid].service, name))
+            found.add((step.via or workflow.steps[sid].service, name))
     return found
 
 

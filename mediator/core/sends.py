@@ -52,7 +52,9 @@ class Sends(Progress):
         queue; `by_key`: the key's queue, kept by the runtime) until capacity frees; its
         timeout has not started (the timer the dispatch set is dropped: it is set when the
         command goes out). False when the command is not a step's current attempt (a
-        compensation: never held)."""
+        compensation: never held). A command rerouted to its step's fallback waits in the
+        fallback's queue (its limit refused it), and the step keeps that service as `via`
+        so that the queue it waits in can be named from its state (`parking.parked`)."""
         command, step_state = _forward_command(transition, command_id)
         if step_state is None:
             return False
@@ -60,7 +62,8 @@ class Sends(Progress):
         withdraw(transition, command)
         timeout = SetTimer("timeout", state.workflow_id, 0, command.step, command.attempt)
         transition.timers = [t for t in transition.timers if t.member != timeout.member]
-        state.steps[command.step] = evolve(step_state, status=StepStatus.QUEUED, via=None)
+        via = command.service if step_state.via == command.service else None
+        state.steps[command.step] = evolve(step_state, status=StepStatus.QUEUED, via=via)
         transition.count(svc(command.service, "queued"))
         transition.count(QUEUED_BY_KEY if by_key else QUEUED)
         if not by_key:

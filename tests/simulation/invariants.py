@@ -11,8 +11,8 @@ accounting.
   once per round of its run, whatever retries, reroutes and hand-ons happened.
 - ``compensation``: every undo the results report was really done, once per round, by a
   service that did the work it undoes.
-- ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, routed
-  entry or outbox entry.
+- ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, released
+  step's queue place, routed entry or outbox entry.
 - ``revisions``: each run's revisions go up by one, commit after commit.
 - ``waits``: a live run has a timer (or a parked entry) for everything it waits on, so it
   cannot be stuck for ever; ``stuck``: every run ends.
@@ -284,6 +284,10 @@ async def _check_leftovers(world: World, states: dict[str, WorkflowState | None]
                 name = text(member)
                 if name.split("|")[1] in finished:
                     problems.append(f"leftovers: parked entry {name} outlived its run")
+            for field in await redis.hkeys(keys.released(shard, service)):
+                name = text(field)
+                if name.split("|")[1] in finished:
+                    problems.append(f"leftovers: released entry {name} outlived its run")
         if await redis.hlen(keys.outbox(shard)):
             problems.append(f"leftovers: outbox of shard {shard} not empty")
     return problems + await _held_leftovers(world)

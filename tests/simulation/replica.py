@@ -62,6 +62,7 @@ class PauseWatch:
         before = self.last.get(state.workflow_id)
         self.last[state.workflow_id] = state
         self._admission(before, state)
+        self._queued_on_fallback(before, state)
         if before is None:
             return
         if state.paused_ms is not None and before.paused_ms is None:
@@ -87,6 +88,14 @@ class PauseWatch:
             self.problems.append(
                 f"paused: {state.workflow_id} rev {state.rev} sent {sent} while paused"
             )
+
+    def _queued_on_fallback(self, before: WorkflowState | None, state: WorkflowState) -> None:
+        """Counts steps rerouted to their fallback and queued by its flow-control limit."""
+        was = before.steps.get("charge") if before is not None else None
+        now = state.steps.get("charge")
+        if now is not None and now.status is StepStatus.QUEUED and now.via is not None:
+            if was is None or was.status is not StepStatus.QUEUED:
+                self.seen["queued_on_fallback"] += 1
 
     def _admission(self, before: WorkflowState | None, state: WorkflowState) -> None:
         """No more runs of a concurrency key in progress at once than its limit, and no

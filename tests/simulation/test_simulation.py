@@ -32,7 +32,8 @@ FAULT_PATHS = (
     "breakers_opened",
     "breaker_probes",
     "parked",
-    "rerouted",  # to a fallback, while a breaker was open
+    "rerouted",  # to a fallback, while a breaker was open...
+    "queued_on_fallback",  # ...and queued there by the fallback's flow-control limit
     "real_deaths_handed_on",  # a killed instance's work sent elsewhere
     "undone",  # compensations
     "retries_asked",  # operators' retries: new rounds

@@ -144,7 +144,10 @@ def sim_settings() -> Settings:
         discovery=DiscoverySettings(sweep_ms=200, startup_grace="2s"),
         signing=SigningSettings(enabled=False),
         flow_control=FlowControlSettings(
-            services={"shipping": ServiceLimit(max_in_flight=2, rate=4, burst=2)},
+            services={
+                "shipping": ServiceLimit(max_in_flight=2, rate=4, burst=2),
+                "backup": ServiceLimit(max_in_flight=1),
+            },
             release_ms=100,
             lease_ms=3_000,
         ),
