@@ -1,7 +1,10 @@
 """Timers on a Redis Cluster whose primaries fail one by one: a primary that refuses the
-claim (here it is out of memory) holds up the timers of its own shards alone."""
+claim (here it is out of memory) holds up the timers of its own shards alone, and one
+that dies with no replica fails the claims within the call deadline, not minutes later."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from redis.asyncio import Redis
@@ -13,6 +16,7 @@ from mediator.storage.cluster import ClusterClient
 from mediator.storage.connection import connect_to
 from mediator.storage.keys import Keys
 from mediator.storage.store import Store
+from tests.helpers import wait_for
 
 
 @pytest.mark.integration  # a cluster of its own: one of its primaries is made to refuse writes
@@ -56,3 +60,37 @@ async def test_a_primary_refusing_the_claim_holds_up_only_its_own_shards_timers(
             assert set(again) == refusing and store.timer_failures == {}
         finally:
             await redis.aclose()
+
+
+@pytest.mark.integration  # a cluster of its own: one of its primaries is killed
+async def test_a_cluster_call_fails_within_its_deadline_while_a_slot_has_no_primary() -> None:
+    # A primary with no replica dies: its slots have no primary, and the cluster client
+    # would retry a pipeline to them for minutes. The call fails, as Redis unavailable,
+    # once `call_timeout_s` has passed; when the primary is back, calls answer again.
+    async with EmbeddedRedisCluster(replicas=0) as cluster:
+        settings = RedisSettings(url=cluster.url, mode="cluster", call_timeout_s=6)
+        redis = connect_to(settings)
+        try:
+            keys = Keys("ct:", 16)
+            store = Store(redis, keys, retention_ms=60_000)
+            await store.claim_timers(100, 5_000)
+            victim = cluster.nodes[0]
+            victim.kill()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(StateUnavailable, match="call_timeout_s"):
+                for _ in range(3):  # the first call may meet the dead primary's reset alone
+                    await asyncio.wait_for(store.claim_timers(100, 5_000), 60)
+            assert loop.time() - started < 2 * 6 + 5
+            await victim.restart()
+            await wait_for(lambda: _claims(store), what="the claims to answer again", timeout=30)
+        finally:
+            await redis.aclose()
+
+
+async def _claims(store: Store) -> bool:
+    try:
+        await store.claim_timers(100, 5_000)
+    except StateUnavailable:
+        return False
+    return not store.timer_failures

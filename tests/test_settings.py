@@ -108,6 +108,17 @@ def test_every_mistake_is_a_configuration_error_saying_where(
         load_settings()
 
 
+def test_a_redis_call_deadline_shorter_than_one_answer_may_take_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mediator.yaml"
+    config.write_text("redis: {socket_timeout_s: 10, call_timeout_s: 8}\n")
+    with pytest.raises(ConfigurationError, match=r"call_timeout_s \(8\) must be at least"):
+        load_settings(config)
+    config.write_text("redis: {socket_timeout_s: 10s, call_timeout_s: 12s}\n")
+    assert load_settings(config).redis.call_timeout_s == 12
+
+
 def test_a_settings_document_loads_back_the_same(tmp_path: Path) -> None:
     settings = load_settings(
         timers={"lease_ms": "3s"},

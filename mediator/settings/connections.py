@@ -194,6 +194,15 @@ class RedisSettings(BaseModel):
         description="Without a timeout a stalled Redis would hang a handler forever; with one, "
         "the batch is rewound and redelivered once Redis answers again.",
     )
+    call_timeout_s: DurationS = Field(
+        default=15.0,
+        gt=0,
+        description="With ``mode: cluster``: how long one Redis call (a command, or a pipeline "
+        "of them) may take in all, its client's retries, reconnections and layout refreshes "
+        "included; past it the call fails as Redis unavailable (transient: what waited is "
+        "retried with backoff). Without it, a cluster with a slot that no primary serves keeps "
+        "a call retrying for minutes. At least `socket_timeout_s` plus `wait_timeout_ms`.",
+    )
     wait_replicas: int = Field(
         default=0,
         ge=0,
@@ -228,6 +237,18 @@ class RedisSettings(BaseModel):
     def _sentinels_given(self) -> RedisSettings:
         if self.mode == "sentinel" and not self.sentinels:
             msg = "mode sentinel needs the Sentinels' addresses (redis.sentinels: [host:port])"
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _call_outlasts_its_parts(self) -> RedisSettings:
+        least = self.socket_timeout_s + self.wait_timeout_ms / 1000
+        if self.call_timeout_s < least:
+            msg = (
+                f"redis.call_timeout_s ({self.call_timeout_s:g}) must be at least "
+                f"socket_timeout_s plus wait_timeout_ms ({least:g} s): a call that waits "
+                "that long for one answer would be cut short"
+            )
             raise ValueError(msg)
         return self
 

@@ -12,31 +12,65 @@ them all on every primary when it connects, and when a pipeline meets ``NOSCRIPT
 them again and re-sends only the calls that failed (a call refused for ``NOSCRIPT`` did not
 run, so nothing runs twice). Script calls outside pipelines load their script themselves;
 the commit pipeline, which ends with a ``WAIT`` per primary, re-sends its own.
+
+Nor does the cluster client bound how long a call takes: while a slot has no primary (one
+died with no replica to replace it), a pipeline to it is retried, layout refresh after
+layout refresh, for minutes. `ClusterClient` gives every command and pipeline a deadline
+(`redis.call_timeout_s`): past it the call fails with a Redis `TimeoutError`, which the
+mediator treats as Redis unavailable (transient), so what waited backs off and says so.
+A call cut short this way has its connections closed by redis-py (a reply half read is
+never read by the next call); a write it had sent may or may not have run, as with any
+Redis timeout, which every caller already allows for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 __all__ = ["ClusterClient", "ScriptedPipeline", "nodes_of"]
 
 log = logging.getLogger("mediator.storage")
 
+T = TypeVar("T")
+
+
+async def within(deadline_s: float | None, call: Awaitable[T]) -> T:
+    """`call`'s result, or a Redis `TimeoutError` once `deadline_s` has passed (None: no
+    deadline)."""
+    if deadline_s is None:
+        return await call
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await call
+    except TimeoutError:  # the deadline's (redis-py's own TimeoutError is no subclass)
+        msg = (
+            f"the Redis Cluster did not answer within {deadline_s:g} s "
+            "(redis.call_timeout_s, its client's retries included)"
+        )
+        raise RedisTimeout(msg) from None
+
 
 class ClusterClient(RedisCluster):
     """A cluster client that keeps the scripts registered on it loaded on every primary."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, call_timeout_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: How long one command or pipeline may take in all (None: as long as it takes).
+        self.call_timeout_s = call_timeout_s
         self.scripts: dict[str, str] = {}
         #: How many times a pipeline met NOSCRIPT and loaded the scripts again.
         self.script_reloads = 0
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await within(self.call_timeout_s, super().execute_command(*args, **kwargs))
 
     def register_script(self, script: str | bytes) -> AsyncScript:  # type: ignore[override]
         registered = super().register_script(script)
@@ -87,6 +121,11 @@ class ScriptedPipeline(ClusterPipeline):
         await super().reset()  # type: ignore[no-untyped-call]
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        return await within(
+            self._owner.call_timeout_s, self._execute_all(raise_on_error, allow_redirections)
+        )
+
+    async def _execute_all(self, raise_on_error: bool, allow_redirections: bool) -> Any:
         calls, self._calls = self._calls, []
         if self._transaction:  # MULTI/EXEC: not re-sent piecemeal
             return await super().execute(raise_on_error, allow_redirections)

@@ -63,6 +63,7 @@ def connect_to(settings: Any) -> Redis:
         options = settings.client_options() | {
             "socket_timeout": settings.socket_timeout_s,
             "socket_connect_timeout": settings.socket_timeout_s,
+            "call_timeout_s": settings.call_timeout_s,
         }
         return cast(Redis, ClusterClient.from_url(settings.url, **options))
     if settings.mode == "sentinel":
