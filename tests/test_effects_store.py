@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -28,6 +28,7 @@ from mediator.settings import (
     BackoffSettings,
     BreakerSettings,
     DiscoverySettings,
+    FlowControlSettings,
     LoadBalancingSettings,
     TimerSettings,
 )
@@ -69,6 +70,7 @@ class _Harness:
         breakers: Breakers | None = None,
         registry: Registry | None = None,
         signatures: Signatures | None = None,
+        flow: FlowControlSettings | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -84,6 +86,7 @@ class _Harness:
             registry=registry,
             balancing=LoadBalancingSettings() if registry is not None else None,
             signatures=signatures,
+            flow=flow,
         )
         self.offset = 0
 
@@ -564,6 +567,15 @@ async def test_a_step_released_and_parked_again_is_queued_again(
     assert member not in await harness.timers(0)
 
 
+async def _parked_queue(redis: Redis, keys: Keys, service: str) -> list[tuple[str, float]]:
+    """The members of `service`'s parked queue in every shard, with their scores, in
+    queue order."""
+    found = []
+    for shard in range(keys.shards):
+        found += await redis.zrange(keys.parked(shard, service), 0, -1, withscores=True)
+    return sorted(((text(m), s) for m, s in found), key=lambda pair: pair[1])
+
+
 async def test_a_step_released_and_queued_again_keeps_its_place_in_the_queue(
     redis_client: Redis, key_prefix: str
 ) -> None:
@@ -581,11 +593,8 @@ async def test_a_step_released_and_queued_again_keeps_its_place_in_the_queue(
     await asyncio.sleep(0.01)
     second = await harness.request("r-2", "w")
 
-    async def queue() -> list[tuple[str, float]]:
-        found = []
-        for shard in range(keys.shards):
-            found += await redis_client.zrange(keys.parked(shard, "pay"), 0, -1, withscores=True)
-        return sorted(((text(m), s) for m, s in found), key=lambda pair: pair[1])
+    def queue() -> Awaitable[list[tuple[str, float]]]:
+        return _parked_queue(redis_client, keys, "pay")
 
     before = await queue()
     assert [m for m, _ in before] == [f"unpark|{first}|a|1", f"unpark|{second}|a|1"]
@@ -600,6 +609,36 @@ async def test_a_step_released_and_queued_again_keeps_its_place_in_the_queue(
     assert harness.commands() == []  # parked again: the breaker is still open here
     assert await queue() == before  # in its place, at its first score
     assert await redis_client.exists(released) == 0
+
+
+async def test_a_step_released_and_refused_a_permit_keeps_its_place_in_the_queue(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The same with flow control: the oldest queued step is released while the one
+    command in flight still holds the only permit, so the replica that fires its release
+    is refused a permit and queues it again, in its place ahead of the younger step."""
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "steps": [{"id": "a", "service": "pay", "action": "x"}]}
+    flow = FlowControlSettings.model_validate({"services": {"pay": {"max_in_flight": 1}}})
+    harness = _Harness(redis_client, keys, _workflows(spec), flow=flow)
+    await harness.request("r-0", "w")
+    assert len(harness.commands()) == 1  # holds the only permit
+    first = await harness.request("r-1", "w")
+    await asyncio.sleep(0.01)
+    second = await harness.request("r-2", "w")
+    assert len(harness.commands()) == 1
+
+    def queue() -> Awaitable[list[tuple[str, float]]]:
+        return _parked_queue(redis_client, keys, "pay")
+
+    before = await queue()
+    assert [m for m, _ in before] == [f"unpark|{first}|a|1", f"unpark|{second}|a|1"]
+    assert await ParkedQueues(redis_client, keys).release("pay", 1) == 1
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 1
+    assert len(harness.commands()) == 1  # refused a permit: queued again
+    assert await queue() == before  # in its place, at its first score
+    assert await redis_client.exists(keys.released(keys.shard_of(first), "pay")) == 0
 
 
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
