@@ -125,3 +125,23 @@ async def test_a_slot_whose_run_is_not_there_yet_is_kept_until_long_after(
     hasty = KeyUpkeep(redis_client, keys, slots, _Runs(), "r1", missing_ms=GRACE_MS)  # type: ignore[arg-type]
     await hasty.tick()
     assert hasty.freed == 1
+
+
+async def test_a_slot_taken_for_a_round_the_run_has_not_committed_yet_is_kept(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """An operator's retry takes the next round's slot before the commit that reopens
+    the run; a replica stalled in between leaves the stored run ended, at the round
+    before. The slot is not lost: freeing it would admit the next run in the queue while
+    the stalled replica's commit reopens this one beside it. The slot of a round the run
+    has moved past is."""
+    slots, keys = _slots(redis_client, key_prefix)
+    await slots.acquire("wf", "k", 2, [("retried|1", 1), ("over|0", 2)], now_ms() - GRACE_MS)
+    store = _Runs(_run("retried", WorkflowStatus.CANCELLED), _run("over", WorkflowStatus.FAILED))
+    store.states["over"].round = 1  # retried already, its round-0 slot left behind
+    upkeep = KeyUpkeep(redis_client, keys, slots, store, "r1")  # type: ignore[arg-type]
+    await upkeep.tick()
+    assert upkeep.freed == 1
+    [state] = await slots.known()
+    assert state.held == 1
+    assert [m for m, _ in await slots.holders(state.digest)] == ["retried|1"]

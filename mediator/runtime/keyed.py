@@ -9,9 +9,13 @@ done, key by key, so no key's queue is stranded:
   runs: one whose run ended or moved to another round (or, a step's, whose attempt is no
   longer in flight) is freed; one whose run (or attempt) still waits (its ``admit`` or
   ``unpark`` timer was never set) gets the timer again. A slot whose run is
-  not there is freed only after `MISSING_MS`: it is taken before the run's first commit,
-  which a stalled replica may make late, and a replica that died before making it leaves
-  the request to be read again, by a replica that finds the slot its run's already;
+  not there, or is there at an earlier round (or its step at an earlier attempt) than
+  the slot was taken for, is freed only after `MISSING_MS`: it is taken before the
+  commit that makes the run claim it (the run's first, an operator's retry, a step's
+  next attempt), which a stalled replica may make late, and a replica that died before
+  making it leaves its input to be read again, by a replica that finds the slot its
+  run's already. Freeing it sooner would let the stalled replica's commit run the run
+  beside the one the slot went to;
 - a key with nothing held or waiting leaves the index.
 """
 
@@ -145,7 +149,9 @@ class KeyUpkeep(Periodic):
         for member, granted in old:
             state = states.get(slot_timer(member).workflow_id)
             standing = "missing" if state is None else _standing(member, state)
-            if standing == "lost" or (standing == "missing" and granted <= now - self.missing_ms):
+            if standing == "lost" or (
+                standing in ("missing", "ahead") and granted <= now - self.missing_ms
+            ):
                 lost.append(member)
             elif standing == "waiting":
                 waiting.append(member)
@@ -162,11 +168,16 @@ class KeyUpkeep(Periodic):
 
 def _standing(member: str, state: WorkflowState) -> str:
     """Whether the slot `member` holds is ``lost`` (the run no longer claims it: it
-    ended or moved on), is held by a run or attempt still ``waiting`` for the timer that
-    lets it go, or is ``live``."""
-    if member not in concurrency.claims(state):
-        return "lost"
+    ended or moved on), is ``ahead`` of the stored run (taken for a round or an attempt
+    the run has not committed yet: a replica stalled between taking it and committing),
+    is held by a run or attempt still ``waiting`` for the timer that lets it go, or is
+    ``live``."""
     timer = slot_timer(member)
+    if member not in concurrency.claims(state):
+        if timer.kind == "admit":
+            return "ahead" if timer.attempt > state.round else "lost"
+        step = state.steps.get(timer.step)
+        return "ahead" if step is not None and timer.attempt > step.attempt else "lost"
     if timer.kind == "admit":  # a run's slot
         return "waiting" if state.queued_ms is not None else "live"
     return "waiting" if state.steps[timer.step].status is StepStatus.QUEUED else "live"
