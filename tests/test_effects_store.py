@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from mediator import clock
 from mediator.cli.infra import EmbeddedRedis
 from mediator.core.signing import Keyring, Signatures
+from mediator.core.state import StepStatus
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
@@ -51,6 +52,7 @@ from topics.events import (
     ReplyEvent,
     ReplyStatus,
     RequestEvent,
+    WorkflowStatus,
 )
 
 
@@ -639,6 +641,45 @@ async def test_a_step_released_and_refused_a_permit_keeps_its_place_in_the_queue
     assert len(harness.commands()) == 1  # refused a permit: queued again
     assert await queue() == before  # in its place, at its first score
     assert await redis_client.exists(keys.released(keys.shard_of(first), "pay")) == 0
+
+
+async def test_a_retry_that_falls_due_with_the_deadline_takes_no_slot_it_cannot_have(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A keyed step's retry and its run's deadline fall due in one batch: the retry's
+    attempt is sent, then the deadline starts the compensation, which awaits it. That
+    attempt must hold its key's slot like any other: here another run holds the only
+    one, so it is withdrawn (never sent: nothing to await or undo) and the run ends,
+    rather than going out beside the other run's attempt."""
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "timeout": "1s", "steps": [
+        {"id": "pack", "service": "inv", "action": "reserve", "timeout": "5s",
+         "retry": {"max_attempts": 3, "backoff": "10s"},
+         "concurrency": {"key": "workflow.name", "limit": 1},
+         "compensate": {"action": "release"}},
+    ]}  # fmt: skip
+    harness = _Harness(redis_client, keys, _workflows(spec))
+    first = await harness.request("r-1", "w")
+    [attempt] = harness.commands()
+    busy = ReplyEvent(
+        command_id=attempt.command_id, workflow_id=first, step="pack", attempt=1,
+        status=ReplyStatus.ERROR, error=ErrorInfo(message="busy", code="busy", retryable=True),
+    )  # fmt: skip
+    await harness.runtime.handle_replies([harness.record(TOPICS.replies, busy)])
+    await asyncio.sleep(1.1)  # past the first run's deadline
+    second = await harness.request("r-2", "w")  # takes the slot the retrying step let go
+    assert [c.workflow_id for c in harness.commands()] == [first, second]
+    # The retry and then the deadline are due now.
+    await redis_client.zadd(keys.timers(0), {f"retry|{first}|pack|1": 0, f"deadline|{first}||0": 1})
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 2
+    assert [c.workflow_id for c in harness.commands()] == [first, second]  # nothing more
+    state = await harness.store.load(first)
+    assert state is not None and state.status is WorkflowStatus.FAILED
+    assert state.error is not None and state.error["code"] == "deadline_exceeded"
+    pack = state.steps["pack"]
+    assert (pack.status, pack.attempt) == (StepStatus.FAILED, 2)
+    assert pack.error is not None and pack.error["code"] == "abandoned"
 
 
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(

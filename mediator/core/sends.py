@@ -71,6 +71,40 @@ class Sends(Progress):
             transition.parked.append((command.service, unpark.member))
         return True
 
+    def hold(
+        self,
+        workflow: Workflow,
+        transition: Transition,
+        command_id: str,
+        now_ms: int,
+        by_key: bool = False,
+    ) -> None:
+        """The command `command_id` of `transition` (not yet committed) gets no capacity
+        (a flow-control permit, or `by_key` its step's concurrency slot): a running run's
+        step waits for it in the queue (`queue`). A run being compensated cannot wait: its
+        forward command (a retry that fell due in the batch whose deadline or cancel
+        began the compensation) is withdrawn instead. It has not gone out, so there is
+        nothing to await or undo: its step is given up and the compensation goes on."""
+        if transition.state.status is WorkflowStatus.RUNNING:
+            self.queue(transition, command_id, by_key)
+            return
+        command, step_state = _forward_command(transition, command_id)
+        if step_state is None or transition.state.status is not WorkflowStatus.COMPENSATING:
+            return
+        state = transition.state
+        withdraw(transition, command)
+        timeout = SetTimer("timeout", state.workflow_id, 0, command.step, command.attempt)
+        transition.timers = [t for t in transition.timers if t.member != timeout.member]
+        abandoned: Failure = {
+            "message": f"step {command.step!r} was given up: the run is being compensated",
+            "code": "abandoned",
+            "step": command.step,
+        }
+        state.steps[command.step] = evolve(
+            step_state, status=StepStatus.FAILED, error=abandoned, finished_ms=now_ms
+        )
+        saga.progress(self.replies_topic, workflow, transition, now_ms)
+
     def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:
         """Send the command `command_id` of `transition` (not yet committed) to its step's
         fallback instead: its service's breaker is open. False when the step declares no

@@ -11,15 +11,18 @@ from collections.abc import Sequence
 
 from mediator.core import concurrency
 from mediator.core.engine import SendCommand, Transition
-from mediator.core.state import WorkflowState
+from mediator.core.state import StepState, StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.commits import Commits
 from mediator.storage.slots import slot_member, slot_score
-from topics.events import WorkflowStatus
+from topics.events import CommandEvent, WorkflowStatus
 
-__all__ = ["Admitting", "Freed", "SlotKey"]
+__all__ = ["Admitting", "Freed", "SlotKey", "step_sends"]
 
 log = logging.getLogger("mediator.runtime")
+
+#: The runs whose step attempts take their capacity (slots, permits) before they go.
+_SENDING = frozenset({WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING})
 
 #: A concurrency key of a workflow, with the limit of the version that used it.
 SlotKey = tuple[str, str, int]
@@ -72,24 +75,27 @@ class Admitting(Commits):
         """Ask for a slot of its step's concurrency key for each attempt a transition of
         the batch sends (one round trip for every key): an attempt that gets none waits,
         `queued`, in the key's queue; one that holds one already (released from the
-        queue) goes. Compensations, and the commands of a run being compensated (a step
-        awaited, sent again as the run fails), are never held. The attempts granted a
-        slot by this call, as `_admit`'s."""
+        queue) goes. Compensations are never held; an attempt of a run being compensated
+        (a retry that fell due in the batch that began the compensation) takes a slot too,
+        and one that gets none is withdrawn (`Sends.hold`). The attempts granted a slot by
+        this call, as `_admit`'s."""
         wanted: dict[SlotKey, list[tuple[str, int]]] = {}
-        owners: dict[str, list[Transition]] = {}
+        owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         for workflow, transition, _ in items:
+            if workflow is None:
+                continue
             score = slot_score(transition.state.priority or 0, now)
             for scope, cid in _keyed_sends(workflow, transition):
                 if cid not in owners:
                     wanted.setdefault(scope, []).append((cid, score))
-                owners.setdefault(cid, []).append(transition)
+                owners.setdefault(cid, []).append((workflow, transition))
         if not wanted or self.slots is None:
             return {}
         granted, already = await self.slots.acquire_many(wanted, now)
-        for cid, transitions in owners.items():
+        for cid, holders in owners.items():
             if cid not in granted and cid not in already:
-                for transition in transitions:
-                    self.engine.queue(transition, cid, by_key=True)
+                for workflow, transition in holders:
+                    self.engine.hold(workflow, transition, cid, now, by_key=True)
         return _keys_of(wanted, granted)
 
     def _unclaimed(
@@ -160,21 +166,35 @@ def _limit(workflow: Workflow, scope: str) -> int:
     return step.limit
 
 
-def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[SlotKey, str]]:
-    """(key, command id) of each attempt of a keyed step `transition` sends; none for a
-    run being compensated, nor for compensations."""
+def step_sends(transition: Transition) -> list[tuple[CommandEvent, StepState]]:
+    """Each command `transition` sends for a step's current attempt, with the step's
+    state, in a run running or being compensated (none for compensations, nor for steps
+    the run's end gave up in the same transition)."""
     state = transition.state
-    if workflow is None or not workflow.keyed_steps or state.status is not WorkflowStatus.RUNNING:
+    if state.status not in _SENDING:
         return []
     found = []
     for effect in transition.effects:
         if not isinstance(effect, SendCommand):
             continue
-        cid, sid = effect.command.command_id, effect.command.step
-        step, step_state = workflow.steps.get(sid), state.steps.get(sid)
-        if step is None or step.concurrency is None or step_state is None:
-            continue
-        if step_state.command_id != cid or step_state.key is None:
+        command = effect.command
+        step_state = state.steps.get(command.step)
+        if step_state is None or step_state.command_id != command.command_id:
             continue  # a compensation's command
-        found.append(((f"{workflow.name}.{sid}", step_state.key, step.concurrency.limit), cid))
+        if step_state.status is StepStatus.RUNNING:
+            found.append((command, step_state))
+    return found
+
+
+def _keyed_sends(workflow: Workflow | None, transition: Transition) -> list[tuple[SlotKey, str]]:
+    """(key, command id) of each attempt of a keyed step `transition` sends."""
+    if workflow is None or not workflow.keyed_steps:
+        return []
+    found = []
+    for command, step_state in step_sends(transition):
+        step = workflow.steps.get(command.step)
+        if step is None or step.concurrency is None or step_state.key is None:
+            continue
+        scope = f"{workflow.name}.{command.step}"
+        found.append(((scope, step_state.key, step.concurrency.limit), command.command_id))
     return found

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
-from mediator.runtime.admission import Admitting, SlotKey
+from mediator.runtime.admission import Admitting, SlotKey, step_sends
 from mediator.settings import ServiceLimit
 from topics.events import CommandEvent, WorkflowStatus
 
@@ -49,25 +49,20 @@ class Limiting(Admitting):
         """Take a permit for each new step command to a limited service, for every
         transition of a batch at once (one script call per service per batch); a command
         that gets none waits in the service's queue (`queued`). Commands released from the
-        queue go first. Compensations are never held. The permits taken that no command
-        held before (`_unclaimed_permits`)."""
+        queue go first. Compensations are never held; a step's attempt in a run being
+        compensated (a retry that fell due in the batch that began the compensation) takes
+        a permit too, and one refused is withdrawn (`Sends.hold`). The permits taken that
+        no command held before (`_unclaimed_permits`)."""
         assert self.limiter is not None
         wanted: dict[str, tuple[list[str], list[str]]] = {}
         # A request read twice in one batch starts its run twice: both hold the command.
-        owners: dict[str, list[Transition]] = {}
+        owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         for workflow, transition, base in items:
-            if workflow is None or transition.state.status is not WorkflowStatus.RUNNING:
-                continue  # a run being compensated: its commands are never held
-            steps = transition.state.steps
-            for effect in transition.effects:
-                if not isinstance(effect, SendCommand):
-                    continue
-                command = effect.command
+            if workflow is None:
+                continue
+            for command, _ in step_sends(transition):
                 if command.service not in self.flow.services:
                     continue
-                step_state = steps.get(command.step)
-                if step_state is None or step_state.command_id != command.command_id:
-                    continue  # a compensation's command
                 was = base.steps.get(command.step) if base is not None else None
                 released = (
                     was is not None
@@ -77,7 +72,7 @@ class Limiting(Admitting):
                 pair = wanted.setdefault(command.service, ([], []))
                 if command.command_id not in owners:
                     pair[0 if released else 1].append(command.command_id)
-                owners.setdefault(command.command_id, []).append(transition)
+                owners.setdefault(command.command_id, []).append((workflow, transition))
         taken: list[Permit] = []
         for service, (released_ids, new_ids) in wanted.items():
             limit = self.flow.services[service]
@@ -86,8 +81,8 @@ class Limiting(Admitting):
             taken += [(service, cid) for cid in granted.fresh]
             for command_id in [*released_ids, *new_ids]:
                 if command_id not in granted:
-                    for transition in owners[command_id]:
-                        self.engine.queue(transition, command_id)
+                    for workflow, transition in owners[command_id]:
+                        self.engine.hold(workflow, transition, command_id, now)
         return taken
 
     async def _limit_instances(
