@@ -35,7 +35,7 @@ from mediator.settings import (
 )
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.connection import text
-from mediator.storage.keys import Keys, workflow_id_for
+from mediator.storage.keys import Keys, concurrency_digest, workflow_id_for
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.parked import ParkedQueues
 from mediator.storage.slots import Slots
@@ -680,6 +680,51 @@ async def test_a_retry_that_falls_due_with_the_deadline_takes_no_slot_it_cannot_
     pack = state.steps["pack"]
     assert (pack.status, pack.attempt) == (StepStatus.FAILED, 2)
     assert pack.error is not None and pack.error["code"] == "abandoned"
+
+
+class _LosingStore(Store):
+    """The real store; before each commit, Redis loses the writes `lose` names, as a
+    failover that promotes a replica without the latest writes loses them while the
+    commit that follows lands on the promoted replica."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lose: list[Any] = []
+
+    async def commit_many(self, commits: Any, now_ms: int) -> Any:
+        while self.lose:
+            await self.lose.pop(0)()
+        return await super().commit_many(commits, now_ms)
+
+
+async def test_a_queue_place_lost_before_the_commit_is_taken_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A run queued for its concurrency key's slot whose place in the key's queue Redis
+    lost before the run's commit (a lossy failover): nothing else would ever hand it the
+    slot, and a run with no deadline would wait for ever. The batch takes the place again
+    after the commit, and the run is admitted when the slot frees."""
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "concurrency": {"key": "workflow.name", "limit": 1},
+            "steps": [{"id": "a", "service": "pay", "action": "x"}]}  # fmt: skip
+    store = _LosingStore(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
+    first = await harness.request("r-1", "w")
+    [command] = harness.commands()
+    held, queue = keys.concurrency(concurrency_digest("w", "w"))
+    second = workflow_id_for("r-2")
+    store.lose.append(lambda: redis_client.zrem(queue, f"{second}|0"))
+    await harness.request("r-2", "w")
+    state = await harness.store.load(second)
+    assert state is not None and state.queued_ms is not None
+    assert await redis_client.zscore(queue, f"{second}|0") is not None
+    done = ReplyEvent(command_id=command.command_id, workflow_id=first, step="a", attempt=1,
+                      status=ReplyStatus.OK)  # fmt: skip
+    await harness.runtime.handle_replies([harness.record(TOPICS.replies, done)])
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 1  # its admit timer
+    assert [c.workflow_id for c in harness.commands()] == [first, second]
+    assert [text(m) for m in await redis_client.zrange(held, 0, -1)] == [f"{second}|0"]
 
 
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(

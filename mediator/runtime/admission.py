@@ -13,11 +13,12 @@ from mediator.core import concurrency
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepState, StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
+from mediator.errors import StateUnavailable
 from mediator.runtime.commits import Commits
 from mediator.storage.slots import slot_member, slot_score
 from topics.events import CommandEvent, WorkflowStatus
 
-__all__ = ["Admitting", "Freed", "SlotKey", "step_sends"]
+__all__ = ["Admitting", "Freed", "Places", "SlotKey", "step_sends"]
 
 log = logging.getLogger("mediator.runtime")
 
@@ -28,6 +29,9 @@ _SENDING = frozenset({WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING})
 SlotKey = tuple[str, str, int]
 #: A slot a committed run gave up: its key, and the run as named in the key's sets.
 Freed = tuple[SlotKey, str]
+#: What a batch asked of the keys: the slots granted (member -> key), and the places in
+#: the keys' queues taken (member -> key, score).
+Places = tuple[dict[str, SlotKey], dict[str, tuple[SlotKey, int]]]
 
 
 class Admitting(Commits):
@@ -37,12 +41,13 @@ class Admitting(Commits):
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> dict[str, SlotKey]:
+    ) -> Places:
         """Ask for a slot for each run a transition of the batch (re)starts queued (one
         round trip for every key): a run granted one is admitted in the same transition,
         the others wait in their key's queue. The runs granted a slot by this call (not
         holding one already), with their keys: a slot whose transition does not commit
-        is given back (`_unclaimed`)."""
+        is given back (`_unclaimed`); and the runs queued, with their keys and scores
+        (`_keep_queue_places`)."""
         wanted: dict[SlotKey, list[tuple[str, int]]] = {}
         # A request read twice in one batch (published again) starts the run twice.
         owners: dict[str, list[tuple[Workflow, Transition]]] = {}
@@ -60,25 +65,25 @@ class Admitting(Commits):
             )
             owners.setdefault(member, []).append((workflow, transition))
         if not wanted or self.slots is None:
-            return {}
+            return {}, {}
         granted, already = await self.slots.acquire_many(wanted, now)
         for member in granted | already:
             for workflow, transition in owners[member]:
                 self.engine.admit(workflow, transition, now)
-        return _keys_of(wanted, granted)
+        return _places(wanted, granted, already)
 
     async def _admit_steps(
         self,
         items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
         now: int,
-    ) -> dict[str, SlotKey]:
+    ) -> Places:
         """Ask for a slot of its step's concurrency key for each attempt a transition of
         the batch sends (one round trip for every key): an attempt that gets none waits,
         `queued`, in the key's queue; one that holds one already (released from the
         queue) goes. Compensations are never held; an attempt of a run being compensated
         (a retry that fell due in the batch that began the compensation) takes a slot too,
         and one that gets none is withdrawn (`Sends.hold`). The attempts granted a slot by
-        this call, as `_admit`'s."""
+        this call, and those queued, as `_admit`'s."""
         wanted: dict[SlotKey, list[tuple[str, int]]] = {}
         owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         for workflow, transition, _ in items:
@@ -90,13 +95,52 @@ class Admitting(Commits):
                     wanted.setdefault(scope, []).append((cid, score))
                 owners.setdefault(cid, []).append((workflow, transition))
         if not wanted or self.slots is None:
-            return {}
+            return {}, {}
         granted, already = await self.slots.acquire_many(wanted, now)
         for cid, holders in owners.items():
             if cid not in granted and cid not in already:
                 for workflow, transition in holders:
                     self.engine.hold(workflow, transition, cid, now, by_key=True)
-        return _keys_of(wanted, granted)
+        return _places(wanted, granted, already)
+
+    async def _keep_queue_places(
+        self,
+        queued: dict[str, tuple[SlotKey, int]],
+        committed: Sequence[tuple[Workflow | None, WorkflowState]],
+        now: int,
+    ) -> None:
+        """After the commit, ask again for the queue places of the runs (and attempts)
+        this batch queued that still wait: a no-op (each is in its queue, or was handed a
+        slot meanwhile) unless Redis lost the place between taking it and the commit (a
+        failover that dropped its latest writes, the commit landing on the promoted
+        replica). Nothing else would ever put it back, and the run would wait until its
+        deadline, or for ever. A lost place is taken again at its first score, or, if a
+        slot is free, the slot is (and its timer set, as a release sets it). Not raised:
+        the transitions are committed."""
+        if not queued or self.slots is None:
+            return
+        live: set[str] = set()
+        for _, state in committed:
+            live |= concurrency.claims(state).keys()
+        wanted: dict[SlotKey, list[tuple[str, int]]] = {}
+        for member, (key, score) in queued.items():
+            if member in live:
+                wanted.setdefault(key, []).append((member, score))
+        if not wanted:
+            return
+        try:
+            granted, _ = await self.slots.acquire_many(wanted, now)
+            if granted:
+                await self.slots.admit(granted)
+        except StateUnavailable as exc:
+            log.warning("could not check the queue places of %d runs: %s", len(queued), exc)
+            return
+        if granted:
+            log.warning(
+                "%d queued runs or steps had lost their place in their key's queue (a Redis "
+                "failover that dropped writes?); a free slot was theirs: admitted",
+                len(granted),
+            )
 
     def _unclaimed(
         self,
@@ -151,9 +195,20 @@ class Admitting(Commits):
         self.stats.admitted += len(admitted)
 
 
-def _keys_of(wanted: dict[SlotKey, list[tuple[str, int]]], granted: set[str]) -> dict[str, SlotKey]:
-    """The key each member of `granted` was granted a slot of."""
-    return {member: key for key, runs in wanted.items() for member, _ in runs if member in granted}
+def _places(
+    wanted: dict[SlotKey, list[tuple[str, int]]], granted: set[str], already: set[str]
+) -> Places:
+    """The key each member of `granted` was granted a slot of; and the key and score of
+    each member queued (neither granted nor holding one already)."""
+    slots: dict[str, SlotKey] = {}
+    queued: dict[str, tuple[SlotKey, int]] = {}
+    for key, runs in wanted.items():
+        for member, score in runs:
+            if member in granted:
+                slots[member] = key
+            elif member not in already:
+                queued[member] = (key, score)
+    return slots, queued
 
 
 def _limit(workflow: Workflow, scope: str) -> int:

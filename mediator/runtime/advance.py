@@ -112,9 +112,10 @@ class Advance(Limiting):
         the breakers hold back or reroute their commands, flow-control limits queue those
         over them (for the whole batch at once), then the router addresses the rest to
         chosen instances. The concurrency slots (`_admit`) and permits taken, for what the
-        commit does not claim to be given back."""
-        taken = Taken(await self._admit(items, now))
-        taken.slots.update(await self._admit_steps(items, now))
+        commit does not claim to be given back, and the queue places taken, to be checked
+        after it."""
+        taken = Taken(*await self._admit(items, now))
+        taken.add(Taken(*await self._admit_steps(items, now)))
         for workflow, transition, _ in items:
             await self._gate(workflow, transition, now)
         if self.limiter is not None:
@@ -259,6 +260,7 @@ class Advance(Limiting):
         latest = stored + list(lost.values())
         await self._release_permits(permits + self._unclaimed_permits(taken.permits, latest))
         await self._free_slots(freed + self._unclaimed(taken.slots, stored), now_ms())
+        await self._keep_queue_places(taken.queued, stored, now_ms())
         await self._flush(out)
         if out.stale_timers:
             self.stats.stale_timers += len(out.stale_timers)

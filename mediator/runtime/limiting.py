@@ -25,13 +25,16 @@ Permit = tuple[str, str]
 @dataclass
 class Taken:
     """What a batch took before its commit: concurrency slots (member -> key, as
-    `Admitting._admit` gives them) and flow-control permits no command held before."""
+    `Admitting._admit` gives them), places in the keys' queues (member -> key, score) and
+    flow-control permits no command held before."""
 
     slots: dict[str, SlotKey]
+    queued: dict[str, tuple[SlotKey, int]] = field(default_factory=dict)
     permits: list[Permit] = field(default_factory=list)
 
     def add(self, other: Taken) -> None:
         self.slots.update(other.slots)
+        self.queued.update(other.queued)
         self.permits += other.permits
 
 

@@ -83,6 +83,7 @@ class Requests(Advance):
         # once: the slots given to its start are not held by anything committed.
         await self._release_permits(self._unclaimed_permits(taken.permits, stored + found))
         await self._free_slots(self._unclaimed(taken.slots, stored), now)
+        await self._keep_queue_places(taken.queued, stored, now)
         await self._flush(out)
 
     def _start(self, record: Record, now: int, out: BatchOutput) -> Start | None:

@@ -11,6 +11,7 @@ publishing: leases running out).
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -163,6 +164,9 @@ class GatedStore(Store):
         self._gate = gate
         self._revisions = revisions
         self._watch = watch
+        #: The runs each batch still in progress has committed: what follows its commit
+        #: (a queue place put back after a failover lost it) is not done yet.
+        self.unsettled: dict[asyncio.Task[Any], set[str]] = {}
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
         if commits:
@@ -171,6 +175,7 @@ class GatedStore(Store):
         committed = False
         for commit, result in zip(commits, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
+                self._settling(commit.state.workflow_id)
                 self._revisions.append((commit.state.workflow_id, commit.state.rev))
                 self._watch.saw(commit.state)
                 for key, n in commit.counters.items():
@@ -180,6 +185,15 @@ class GatedStore(Store):
         if committed and any(commit.outbox for commit in commits):
             await self._gate("committed")  # in the outbox, leased, not yet sent
         return results
+
+    def _settling(self, workflow_id: str) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return
+        if task not in self.unsettled:
+            self.unsettled[task] = set()
+            task.add_done_callback(lambda done: self.unsettled.pop(done, None))
+        self.unsettled[task].add(workflow_id)
 
     async def claim_timers(
         self, limit: int, lease_ms: int, shards: Sequence[int] | None = None
