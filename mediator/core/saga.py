@@ -129,13 +129,18 @@ def abandon_in_flight(
         else:
             continue
         error = s.error if s.status is StepStatus.RETRYING else None
-        if error is None:
-            error = {
-                "message": f"step {sid!r} was given up: the run is being compensated",
-                "code": "abandoned",
-                "step": sid,
-            }
-        state.steps[sid] = evolve(s, status=StepStatus.FAILED, error=error, finished_ms=now_ms)
+        state.steps[sid] = evolve(
+            s, status=StepStatus.FAILED, error=error or abandoned(sid), finished_ms=now_ms
+        )
+
+
+def abandoned(sid: str) -> Failure:
+    """Why a step given up because its run began to compensate failed."""
+    return {
+        "message": f"step {sid!r} was given up: the run is being compensated",
+        "code": "abandoned",
+        "step": sid,
+    }
 
 
 def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: int) -> Transition:

@@ -59,9 +59,7 @@ class Sends(Progress):
         if step_state is None:
             return False
         state = transition.state
-        withdraw(transition, command)
-        timeout = SetTimer("timeout", state.workflow_id, 0, command.step, command.attempt)
-        transition.timers = [t for t in transition.timers if t.member != timeout.member]
+        _take_back(transition, command)
         via = command.service if step_state.via == command.service else None
         state.steps[command.step] = evolve(step_state, status=StepStatus.QUEUED, via=via)
         transition.count(svc(command.service, "queued"))
@@ -91,17 +89,10 @@ class Sends(Progress):
         command, step_state = _forward_command(transition, command_id)
         if step_state is None or transition.state.status is not WorkflowStatus.COMPENSATING:
             return
-        state = transition.state
-        withdraw(transition, command)
-        timeout = SetTimer("timeout", state.workflow_id, 0, command.step, command.attempt)
-        transition.timers = [t for t in transition.timers if t.member != timeout.member]
-        abandoned: Failure = {
-            "message": f"step {command.step!r} was given up: the run is being compensated",
-            "code": "abandoned",
-            "step": command.step,
-        }
-        state.steps[command.step] = evolve(
-            step_state, status=StepStatus.FAILED, error=abandoned, finished_ms=now_ms
+        _take_back(transition, command)
+        failure = saga.abandoned(command.step)
+        transition.state.steps[command.step] = evolve(
+            step_state, status=StepStatus.FAILED, error=failure, finished_ms=now_ms
         )
         saga.progress(self.replies_topic, workflow, transition, now_ms)
 
@@ -219,3 +210,11 @@ def _forward_command(
     if step_state is None or step_state.command_id != command_id:
         return command, None
     return command, step_state
+
+
+def _take_back(transition: Transition, command: CommandEvent) -> None:
+    """Withdraw `command`, not yet sent, with the timeout its dispatch set (it is set when
+    the command goes out)."""
+    withdraw(transition, command)
+    timeout = SetTimer("timeout", transition.state.workflow_id, 0, command.step, command.attempt)
+    transition.timers = [t for t in transition.timers if t.member != timeout.member]

@@ -119,9 +119,7 @@ class Admitting(Commits):
         the transitions are committed."""
         if not queued or self.slots is None:
             return
-        live: set[str] = set()
-        for _, state in committed:
-            live |= concurrency.claims(state).keys()
+        live = _claimed(committed)
         wanted: dict[SlotKey, list[tuple[str, int]]] = {}
         for member, (key, score) in queued.items():
             if member in live:
@@ -152,9 +150,7 @@ class Admitting(Commits):
         the run already existed. Given back at once rather than left to the upkeep."""
         if not granted:
             return []
-        live: set[str] = set()
-        for _, state in committed:
-            live |= concurrency.claims(state).keys()
+        live = _claimed(committed)
         return [(key, member) for member, key in granted.items() if member not in live]
 
     def _slots_freed(
@@ -193,6 +189,14 @@ class Admitting(Commits):
             )
             return
         self.stats.admitted += len(admitted)
+
+
+def _claimed(committed: Sequence[tuple[Workflow | None, WorkflowState]]) -> set[str]:
+    """The slots and queue places the committed states claim, by member."""
+    live: set[str] = set()
+    for _, state in committed:
+        live |= concurrency.claims(state).keys()
+    return live
 
 
 def _places(

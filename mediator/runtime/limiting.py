@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mediator.core.engine import SendCommand, Transition
+from mediator.core.engine import Transition
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.workflow import Workflow
 from mediator.runtime.admission import Admitting, SlotKey, step_sends
@@ -231,14 +231,8 @@ def _per_instance_sends(
     for workflow, transition, _ in items:
         if workflow is None or transition.state.status is not WorkflowStatus.RUNNING:
             continue
-        for effect in transition.effects:
-            if not isinstance(effect, SendCommand):
-                continue
-            command = effect.command
+        for command, _ in step_sends(transition):
             limit = limits.get(command.service)
-            step_state = transition.state.steps.get(command.step)
-            if limit is None or limit.per_instance is None or step_state is None:
-                continue
-            if step_state.command_id == command.command_id:  # not a compensation's
+            if limit is not None and limit.per_instance is not None:
                 found.append((transition, command))
     return found
