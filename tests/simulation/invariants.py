@@ -14,6 +14,9 @@ accounting.
 - ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, released
   step's queue place, routed entry or outbox entry.
 - ``revisions``: each run's revisions go up by one, commit after commit.
+- ``stream``: the transition events published, folded as docs/events.md's projection
+  folds them, say what Redis holds of every run (its status, its steps' and
+  compensations' statuses and attempts).
 - ``waits``: a live run has a timer (or a parked entry) for everything it waits on, so it
   cannot be stuck for ever; ``stuck``: every run ends.
 - ``deadline``: a run fails for its deadline only once the deadline has passed.
@@ -75,6 +78,8 @@ async def check_end(world: World, healed: bool) -> list[str]:
     problems += _check_signals(world, states)
     if not world.failovers:  # a lossy failover rolls a parent back past its child's reply
         problems += _check_children(world, states)
+    if not world.failovers:  # a lossy failover rolls back revisions the stream reported
+        problems += _check_stream(world, states)
     problems += [f"paused: {wid} ended {s.status.value} but is still paused"
                  for wid, s in states.items() if s and s.terminal and s.paused_ms]  # fmt: skip
     return problems
@@ -240,6 +245,53 @@ def _check_undone(
                 f"compensations done, the services did {undone[slot]}"
             )
     return problems
+
+
+def _check_stream(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
+    """The transition events published, folded as docs/events.md's projection folds them
+    (for the run and for each step and compensation, what its highest revision's event
+    says), say what Redis holds: every run's status and every step's and compensation's
+    status and attempt."""
+    runs = _fold_stream(world)
+    problems = []
+    for wid, state in sorted(states.items()):
+        if state is None:
+            continue
+        run = runs.get(wid)
+        if run is None:
+            problems.append(f"stream: {wid} (rev {state.rev}) published no transition event")
+            continue
+        if run["status"] != state.status.value or run["rev"] > state.rev:
+            problems.append(
+                f"stream: {wid} is {state.status.value} at rev {state.rev}, its events say "
+                f"{run['status']} at rev {run['rev']}"
+            )
+        for table, steps in (("steps", state.steps), ("undos", state.compensations or {})):
+            for sid, step in steps.items():
+                said = run[table].get(sid, (0,))[1:] or None
+                if said is None and step.status is StepStatus.PENDING:
+                    continue
+                if said != (step.status.value, step.attempt or None):
+                    problems.append(
+                        f"stream: {wid} {table} {sid} is {step.status.value} attempt "
+                        f"{step.attempt}, its events say {said}"
+                    )
+    return problems
+
+
+def _fold_stream(world: World) -> dict[str, dict[str, Any]]:
+    """Per run, what its published transition events say, folded by revision."""
+    runs: dict[str, dict[str, Any]] = {}
+    for record in world.log.records(world.topics.events):
+        event = orjson.loads(record.value or b"")
+        run = runs.setdefault(event["workflow_id"], {"rev": 0, "steps": {}, "undos": {}})
+        if event["rev"] >= run["rev"]:
+            run["rev"], run["status"] = event["rev"], event["status"]
+        if (sid := event.get("step")) is not None:
+            table = run["undos"] if event["kind"].startswith("undo_") else run["steps"]
+            if event["rev"] >= table.get(sid, (0,))[0]:
+                table[sid] = (event["rev"], event["step_status"], event.get("attempt"))
+    return runs
 
 
 def _check_revisions(world: World) -> list[str]:

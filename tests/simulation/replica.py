@@ -248,7 +248,7 @@ class SimReplica:
             definitions=self.catalog, store=self.store, dispatcher=self.dispatcher,
             topics=topics, limits=settings.limits, breakers=self.breakers,
             registry=self.registry, balancing=settings.load_balancing, replica=name,
-            flow=settings.flow_control,
+            flow=settings.flow_control, events=True,
         )  # fmt: skip
         assert self.runtime.limiter is not None
         self.flow = FlowUpkeep(
