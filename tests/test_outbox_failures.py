@@ -20,7 +20,7 @@ from aiokafka.errors import (
 )
 
 from mediator.errors import StateUnavailable
-from mediator.runtime.messages import Message
+from mediator.runtime.messages import EVENTS, Message
 from mediator.runtime.outbox import Dispatcher
 from mediator.settings import BackoffSettings
 from mediator.storage.keys import Keys
@@ -245,6 +245,70 @@ async def test_a_failing_shard_does_not_stop_the_sweep_of_the_others() -> None:
 
     assert sorted(v for _, v in producer.published) == sorted([command(5).value, command(6).value])
     assert d.stats.sweep_failures == 1
+
+
+def events(n: int, count: int = 3) -> Message:
+    """A commit's transition events: one outbox entry of `count` records."""
+    values = [orjson.dumps({"event_id": f"wf-{n}:2:{i}", "rev": 2}) for i in range(count)]
+    return Message(0, f"wf-{n}:2:events", TOPICS.events, f"wf-{n}".encode(), b"\n".join(values),
+                   [("type", b"transition")], EVENTS)  # fmt: skip
+
+
+async def test_a_commits_events_are_one_entry_published_as_one_record_each() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    entry = events(1)
+    d = dispatcher(store, producer)
+
+    await d.send([command(1), entry])
+    await settle(d)
+
+    assert [v for t, v in producer.published if t == TOPICS.events] == entry.records
+    assert [orjson.loads(v)["event_id"] for v in entry.records] == [f"wf-1:2:{i}" for i in range(3)]
+    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-1:2:events")]
+    assert d.published == 4
+
+
+async def test_an_events_entry_with_one_record_failing_is_retried_whole() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    entry = events(1)
+    producer.fail_later[entry.records[1]] = KafkaTimeoutError()
+    d = dispatcher(store, producer)
+
+    await d.send([entry])
+    await settle(d)
+    assert store.done == [] and store.renewed == [(0, [("wf-1:2:events", 0)], 250)]
+    del producer.fail_later[entry.records[1]]
+    await d.send([entry])  # the retry: the records that got through go again (same ids)
+    await settle(d)
+
+    sent = [orjson.loads(v)["event_id"] for _, v in producer.published]
+    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-1:2:0", "wf-1:2:1", "wf-1:2:2"]
+    assert store.done == [(0, "wf-1:2:events")]
+    assert d.stats.retried == 1 and d.stats.dead == 0
+
+
+async def test_an_events_entry_the_broker_refuses_is_dead_lettered_record_by_record() -> None:
+    store, producer = FakeStore(), FakeProducer()
+    entry = events(1, count=2)
+    producer.refuse_now[entry.records[1]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([entry])
+    await settle(d)
+
+    dead = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
+    assert [(x.source_topic, x.code) for x in dead] == [(TOPICS.events, "too_large")] * 2
+    assert [orjson.loads(x.value) for x in dead] == [orjson.loads(v) for v in entry.records]
+    assert store.done == [(0, "wf-1:2:events")]
+
+
+def test_an_events_entry_round_trips_through_its_outbox_frame() -> None:
+    from mediator.runtime.messages import unframe
+
+    entry = events(7)
+    back = unframe(0, entry.id, entry.frame)
+    assert (back.kind, back.records, back.headers) == (EVENTS, entry.records, entry.headers)
+    assert back.size == entry.size == len(b"wf-7") + max(map(len, entry.records)) + 14
 
 
 def test_a_message_round_trips_through_its_outbox_frame() -> None:

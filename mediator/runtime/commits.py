@@ -27,7 +27,7 @@ from mediator.runtime.context import (
     Record,
 )
 from mediator.runtime.intake import Intake
-from mediator.runtime.messages import Message
+from mediator.runtime.messages import EVENTS, Message
 from mediator.storage.store import Commit
 from topics.events import (
     CommandEvent,
@@ -166,17 +166,20 @@ class Commits(Intake):
         return messages
 
     def _events(self, base: WorkflowState | None, state: WorkflowState, now: int) -> list[Message]:
-        """The transition stream's events of the commit from `base` to `state`."""
-        shard = self.keys.shard_of(state.workflow_id)
-        topic, key = self.topics.events, state.workflow_id.encode()
-        messages = []
+        """The transition stream's events of the commit from `base` to `state`: one outbox
+        entry for all of them (kind "events", published as one record each, in order)."""
+        values = []
         for fields in transition_fields(base, state, now):
             value = encode_plain(fields)
             if value is None:  # a value orjson would not write as pydantic does
                 value = encode(TransitionEvent.model_validate(fields))
-            event_id = fields["event_id"]
-            messages.append(Message(shard, event_id, topic, key, value, [*_EVENT_HEADERS], "event"))
-        return messages
+            values.append(value)
+        if not values:
+            return []
+        shard = self.keys.shard_of(state.workflow_id)
+        topic, key = self.topics.events, state.workflow_id.encode()
+        entry = f"{state.workflow_id}:{state.rev}:events"
+        return [Message(shard, entry, topic, key, b"\n".join(values), [*_EVENT_HEADERS], EVENTS)]
 
     def _to_child(
         self, state: WorkflowState, workflow: Workflow | None, command: CommandEvent, shard: int

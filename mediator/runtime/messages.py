@@ -9,7 +9,10 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Message", "frame", "unframe"]
+__all__ = ["EVENTS", "Message", "frame", "unframe"]
+
+#: The kind of a message that stands for several records (see `Message`).
+EVENTS = "events"
 
 
 @dataclass(slots=True)
@@ -18,8 +21,14 @@ class Message:
 
     `lease` is the outbox lease deadline this replica was given when it committed or
     claimed the message (Redis clock, ms): its fencing token. `kind` is "command",
-    "result" or "dead_letter". `partition`, when set, is the partition of `topic` it goes
-    to (a command routed to the instance that owns it); otherwise the key chooses.
+    "result", "reply", "dead_letter" or "events". `partition`, when set, is the partition
+    of `topic` it goes to (a command routed to the instance that owns it); otherwise the
+    key chooses.
+
+    A message of kind "events" is one outbox entry for several records of one topic and
+    key with the same headers (a commit's transition events): `value` holds their values
+    one per line (compact JSON has no raw newline), and it is published as that many
+    records, in order (`records`).
     """
 
     shard: int
@@ -33,6 +42,11 @@ class Message:
     partition: int | None = None
 
     @property
+    def records(self) -> list[bytes]:
+        """The values of the Kafka records it is published as."""
+        return self.value.split(b"\n") if self.kind == EVENTS else [self.value]
+
+    @property
     def frame(self) -> bytes:
         """How it is stored in Redis."""
         return frame(self.topic, self.key, self.value, self.headers, self.kind, self.partition)
@@ -40,9 +54,10 @@ class Message:
     @property
     def size(self) -> int:
         """Bytes of key, value and headers: what a broker's size limit is measured on
-        (less the few dozen bytes of record framing)."""
+        (less the few dozen bytes of record framing); of "events", its largest record's."""
         key = len(self.key) if self.key is not None else 0
-        return key + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
+        value = max(map(len, self.records)) if self.kind == EVENTS else len(self.value)
+        return key + value + sum(len(k) + len(v) for k, v in self.headers)
 
 
 def frame(

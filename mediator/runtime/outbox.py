@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -24,7 +24,7 @@ from mediator.core.tasks import cancel_and_wait
 from mediator.core.workflow import CHILD_PREFIX
 from mediator.errors import StateUnavailable
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
-from mediator.runtime.messages import Message, unframe
+from mediator.runtime.messages import EVENTS, Message, unframe
 from mediator.runtime.ports import OutboxStore, Producer
 from mediator.runtime.stats import OutboxStats
 from mediator.settings import BackoffSettings
@@ -118,7 +118,7 @@ class Dispatcher:
         elif clock.monotonic() - since > self.lease_ms / 2000:
             since = clock.monotonic()
             messages = await self._still_held(messages)
-        sent: list[tuple[Message, asyncio.Future[object]]] = []
+        sent: list[tuple[Message, list[asyncio.Future[object]]]] = []
         for message in messages:
             try:
                 future = await self._produce(message)
@@ -151,10 +151,11 @@ class Dispatcher:
                 futures.append((message, await self._produce(message)))
             except Exception as exc:
                 failed.append((message, exc))
-        for message, future in futures:
+        for message, records in futures:
             try:
-                await future
-                self.published += 1
+                for future in records:
+                    await future
+                self.published += len(records)
             except Exception as exc:
                 failed.append((message, exc))
         for message, error in failed:
@@ -212,26 +213,31 @@ class Dispatcher:
         code = failure_code(exc)
         reason = f"{message.kind} to {message.topic} cannot be published: {exc}"
         log.error("dead-lettering %s %s: %s", message.kind, message.id, reason)
-        dead = dead_letter(
-            reason=reason,
-            code=code,
-            topic=message.topic,
-            value=message.value,
-            key=message.key,
-            headers=message.headers,
-            excerpt_bytes=self.excerpt_bytes,
-        )
-        out = [
-            Message(
-                -1,
-                f"dlq.{message.id}",
-                self.topics.dlq,
-                message.key,
-                encode(dead),
-                headers(dead),
-                "dead_letter",
-            ),
-        ]
+        records = message.records
+        out = []
+        for n, value in enumerate(records):
+            dead = dead_letter(
+                reason=reason,
+                code=code,
+                topic=message.topic,
+                value=value,
+                key=message.key,
+                headers=message.headers,
+                excerpt_bytes=self.excerpt_bytes,
+            )
+            # An "events" entry's records are dead-lettered one by one, each as it was.
+            dead_id = f"dlq.{message.id}" if len(records) == 1 else f"dlq.{message.id}.{n}"
+            out.append(
+                Message(
+                    -1,
+                    dead_id,
+                    self.topics.dlq,
+                    message.key,
+                    encode(dead),
+                    headers(dead),
+                    "dead_letter",
+                )
+            )
         if message.kind == "command":
             reply = _undeliverable(message, reason, code)
             if reply is not None:
@@ -277,26 +283,47 @@ class Dispatcher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def _produce(self, message: Message) -> asyncio.Future[object]:
+    async def _produce(self, message: Message) -> list[asyncio.Future[object]]:
+        """Hand `message` to the producer: the futures of its records, which resolve once
+        the broker has them (an "events" entry has several: a failure of any fails the
+        entry, and its retry publishes again those that did get through, which consumers
+        drop by their event ids)."""
+        if message.kind == EVENTS:
+            return [
+                await self.producer.send(
+                    message.topic, value, key=message.key, headers=message.headers
+                )
+                for value in message.records
+            ]
         partition = message.partition
         if partition is not None:
             if partition in await self.producer.partitions_for(message.topic):
-                return await self.producer.send(
-                    message.topic, message.value, message.key, partition, headers=message.headers
-                )
+                return [
+                    await self.producer.send(
+                        message.topic,
+                        message.value,
+                        message.key,
+                        partition,
+                        headers=message.headers,
+                    )
+                ]
             # A partition the topic does not have (an instance announced one it cannot
             # own, or the topic shrank): the key chooses instead.
             self.stats.unknown_partition += 1
             log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
-        future: asyncio.Future[object] = await self.producer.send(
-            message.topic, message.value, key=message.key, headers=message.headers
-        )
-        return future
+        return [
+            await self.producer.send(
+                message.topic, message.value, key=message.key, headers=message.headers
+            )
+        ]
 
-    async def _settle(self, sent: Sequence[tuple[Message, asyncio.Future[object]]]) -> None:
-        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+    async def _settle(self, sent: Sequence[tuple[Message, list[asyncio.Future[object]]]]) -> None:
+        outcomes = iter(
+            await asyncio.gather(*(f for _, fs in sent for f in fs), return_exceptions=True)
+        )
         done = []
-        for (message, _), result in zip(sent, results, strict=True):
+        for message, records in sent:
+            result = next(outcomes) if len(records) == 1 else _outcome(outcomes, len(records))
             slot = (message.shard, message.id)
             if isinstance(result, asyncio.CancelledError):
                 # The producer is stopping: the entry stays, and its lease runs out.
@@ -307,7 +334,7 @@ class Dispatcher:
                 continue
             self._inflight.pop(slot, None)
             self._tries.pop(slot, None)
-            self.published += 1
+            self.published += len(records)
             if message.shard >= 0:
                 done.append(slot)
         if not done:
@@ -394,6 +421,15 @@ class Dispatcher:
                 raise
             except Exception:
                 log.exception("outbox sweep failed; retrying")
+
+
+def _outcome(outcomes: Iterator[object], records: int) -> object:
+    """The outcome of an entry of several `records`, the next in `outcomes`: a cancelled
+    record's, else the first failed record's, else the first record's."""
+    results = [next(outcomes) for _ in range(records)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    cancelled = [r for r in failures if isinstance(r, asyncio.CancelledError)]
+    return (cancelled or failures or results)[0]
 
 
 def _undeliverable(message: Message, reason: str, code: str) -> ReplyEvent | None:
