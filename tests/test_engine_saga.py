@@ -311,3 +311,38 @@ def test_breaker_outcomes_count_timeouts_and_retryable_errors_only() -> None:
     assert run3.fail("a", FATAL).outcomes == []
     run4 = Run(make(step("a", timeout="1s"), step("b")))
     assert fire(run4, "timeout", "a", 1).outcomes == [("svc", False)]
+
+
+def test_a_retry_due_in_the_batch_whose_cancel_ends_the_run_is_not_sent() -> None:
+    # The retry timer and the cancel are applied in one batch and committed as one
+    # transition: the run ends cancelled (nothing to undo), so the retry's attempt, which
+    # no one would wait on, must not go out.
+    workflow = make(step("a", retry={"max_attempts": 3, "backoff": "10ms"}))
+    run = Run(workflow)
+    run.fail("a", BUSY)
+    assert run.state.steps["a"].status is StepStatus.RETRYING
+    retry = fire(run, "retry", "a", 1)
+    assert [c.attempt for c in commands(retry)] == [2]
+    cancel = ENGINE.apply_control(workflow, run.state, control(ControlAction.CANCEL), T0 + 60)
+    assert cancel is not None
+    merged = retry.then(cancel)
+    assert result(merged).status is WS.CANCELLED
+    assert commands(merged) == []
+    assert merged.counters.get(svc("svc", "sent"), 0) == 0
+
+
+def test_a_retry_due_in_the_batch_whose_deadline_gives_its_step_up_is_not_sent() -> None:
+    # A step without a timeout is given up when its run begins to compensate: its retry's
+    # attempt, applied first in the same batch, is not sent (only the undo of `a` is).
+    workflow = make(
+        undoable("a"), step("b", "a", retry={"max_attempts": 3, "backoff": "10ms"}), timeout="1m"
+    )
+    run = Run(workflow)
+    run.complete("a")
+    run.fail("b", BUSY)
+    retry = fire(run, "retry", "b", 1, now=T0 + 59_000)
+    assert [c.step for c in commands(retry)] == ["b"]
+    deadline = fire(run, "deadline", now=T0 + 60_000)
+    merged = retry.then(deadline)
+    assert run.state.steps["b"].status is StepStatus.FAILED
+    assert [(c.step, c.action) for c in commands(merged)] == [("a", "undo_a")]

@@ -12,7 +12,7 @@ from mediator.core.metrics import Observation
 from mediator.core.results import result_fields
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, fork
 from mediator.core.timers import Fired, SetTimer, TimerKind
-from mediator.core.workflow import Workflow
+from mediator.core.workflow import CHILD_PREFIX, Workflow
 from topics.events import CommandEvent, ResultEvent, WorkflowStatus
 
 __all__ = [
@@ -107,11 +107,18 @@ class Transition:
     def then(self, later: Transition) -> Transition:
         """This transition followed by `later` (computed from this one's state), as one to
         commit. A timer this one sets and `later` removes is not set at all: the commit
-        removes timers before it sets them, so it would outlive its use."""
+        removes timers before it sets them, so it would outlive its use. Likewise a step's
+        command this one sends and `later` gives up (a retry that fell due in the batch
+        whose cancel or deadline ended the run, or began its compensation without awaiting
+        the step) is not sent at all: nothing goes out for a step no one waits on, so no
+        work is done that nothing would undo."""
         removed = set(later.cleared)
+        effects = self.effects
+        if later.state.status is not WorkflowStatus.RUNNING:
+            effects = [e for e in effects if not _given_up(e, later.state)]
         merged = Transition(
             later.state,
-            effects=[*self.effects, *later.effects],
+            effects=[*effects, *later.effects],
             counters=dict(self.counters),
             timers=[*(t for t in self.timers if t.member not in removed), *later.timers],
             cleared=[*self.cleared, *later.cleared],
@@ -123,7 +130,25 @@ class Transition:
         )
         for name, delta in later.counters.items():
             merged.count(name, delta)
+        for effect in self.effects:
+            if effect not in effects and isinstance(effect, SendCommand):
+                merged.count(svc(effect.command.service, "sent"), -1)
         return merged
+
+
+def _given_up(effect: Effect, state: WorkflowState) -> bool:
+    """Whether `effect` is a step's command that `state` no longer waits on: the step's
+    attempt it sends is no longer running, or the run has ended (a child run's request
+    still goes: the run's end cancels that child by its step's policy)."""
+    if not isinstance(effect, SendCommand):
+        return False
+    command = effect.command
+    step = state.steps.get(command.step)
+    if step is None or step.command_id != command.command_id:
+        return False
+    if step.status is not StepStatus.RUNNING:
+        return True
+    return state.terminal and not command.service.startswith(CHILD_PREFIX)
 
 
 def end(
