@@ -761,3 +761,47 @@ async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
     assert state is not None and state.steps["b"].status.value == "running"
     letters = [DeadLetter.model_validate_json(m.value) for m in harness.dispatcher.direct]
     assert [d.code for d in letters] == ["bad_signature"]
+
+
+async def test_a_retry_due_with_the_deadline_behind_an_open_breaker_is_withdrawn(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """A step's retry and its run's deadline fall due in one batch while the step's
+    service has its breaker open: the compensation awaits the retry's attempt (the step
+    has a timeout), which the breaker holds back. A run being compensated cannot wait in
+    the breaker's queue (its release is only for running runs), so the attempt is
+    withdrawn, never sent, and the compensation goes on at once instead of waiting out
+    the step's timeout: the undo of the completed step goes out in the same commit."""
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "timeout": "1s", "steps": [
+        {"id": "hold", "service": "inv", "action": "reserve", "compensate": {"action": "release"}},
+        {"id": "pay", "service": "pay", "action": "charge", "timeout": "1h",
+         "depends_on": ["hold"], "retry": {"max_attempts": 3, "backoff": "10s"}},
+    ]}  # fmt: skip
+    breakers = Breakers(redis_client, keys, BreakerSettings(), "r1")
+    harness = _Harness(redis_client, keys, _workflows(spec), breakers=breakers)
+    wid = await harness.request("r-1", "w")
+    [hold] = harness.commands()
+    done = ReplyEvent(command_id=hold.command_id, workflow_id=wid, step="hold", attempt=1,
+                      status=ReplyStatus.OK, output={})  # fmt: skip
+    await harness.runtime.handle_replies([harness.record(TOPICS.replies, done)])
+    [_, pay] = harness.commands()
+    busy = ReplyEvent(
+        command_id=pay.command_id, workflow_id=wid, step="pay", attempt=1,
+        status=ReplyStatus.ERROR, error=ErrorInfo(message="busy", code="busy", retryable=True),
+    )  # fmt: skip
+    await harness.runtime.handle_replies([harness.record(TOPICS.replies, busy)])
+    await _open_breaker(redis_client, keys, "pay")
+    await breakers.refresh(["pay"])
+    await asyncio.sleep(1.1)  # past the run's deadline
+    await redis_client.zadd(keys.timers(0), {f"retry|{wid}|pay|1": 0, f"deadline|{wid}||0": 1})
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 2
+    assert [(c.step, c.action) for c in harness.commands()[2:]] == [("hold", "release")]
+    state = await harness.store.load(wid)
+    assert state is not None and state.status is WorkflowStatus.COMPENSATING
+    pay_state = state.steps["pay"]
+    assert (pay_state.status, pay_state.attempt) == (StepStatus.FAILED, 2)
+    assert pay_state.error is not None and pay_state.error["code"] == "abandoned"
+    assert await redis_client.zcard(keys.parked(0, "pay")) == 0
+    assert not [t for t in await harness.timers(0) if f"|{wid}|pay|" in t]

@@ -81,20 +81,32 @@ class Sends(Progress):
         (a flow-control permit, or `by_key` its step's concurrency slot): a running run's
         step waits for it in the queue (`queue`). A run being compensated cannot wait: its
         forward command (a retry that fell due in the batch whose deadline or cancel
-        began the compensation) is withdrawn instead. It has not gone out, so there is
-        nothing to await or undo: its step is given up and the compensation goes on."""
+        began the compensation) is withdrawn instead (`withhold`)."""
         if transition.state.status is WorkflowStatus.RUNNING:
             self.queue(transition, command_id, by_key)
             return
+        self.withhold(workflow, transition, command_id, now_ms)
+
+    def withhold(
+        self, workflow: Workflow, transition: Transition, command_id: str, now_ms: int
+    ) -> bool:
+        """Withdraw the forward command `command_id` of a run being compensated (not yet
+        committed), which cannot go out now (no capacity, or its service's breaker is
+        open): it has not gone out, so there is nothing to await or undo; its step is given
+        up and the compensation goes on. False (nothing done) for a run not compensating
+        or a command that is not a step's current attempt."""
+        if transition.state.status is not WorkflowStatus.COMPENSATING:
+            return False
         command, step_state = _forward_command(transition, command_id)
-        if step_state is None or transition.state.status is not WorkflowStatus.COMPENSATING:
-            return
+        if step_state is None:
+            return False
         _take_back(transition, command)
         failure = saga.abandoned(command.step)
         transition.state.steps[command.step] = evolve(
             step_state, status=StepStatus.FAILED, error=failure, finished_ms=now_ms
         )
         saga.progress(self.replies_topic, workflow, transition, now_ms)
+        return True
 
     def reroute(self, workflow: Workflow, transition: Transition, command_id: str) -> bool:
         """Send the command `command_id` of `transition` (not yet committed) to its step's

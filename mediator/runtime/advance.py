@@ -144,6 +144,8 @@ class Advance(Limiting):
             step = workflow.steps.get(command.step)
             if step is None or step.service != service:
                 continue  # a compensation: undo goes out whatever the breaker says
+            if self.engine.withhold(workflow, transition, command.command_id, now):
+                continue  # a run being compensated does not wait for the breaker
             if decision == "probe":
                 hold = step.timeout_ms or breakers.settings.probe_timeout_ms
                 if await breakers.take_probe(service, now, hold):
