@@ -805,3 +805,57 @@ async def test_a_retry_due_with_the_deadline_behind_an_open_breaker_is_withdrawn
     assert pay_state.error is not None and pay_state.error["code"] == "abandoned"
     assert await redis_client.zcard(keys.parked(0, "pay")) == 0
     assert not [t for t in await harness.timers(0) if f"|{wid}|pay|" in t]
+
+
+async def test_a_retry_due_with_the_deadline_takes_no_instance_permit_it_cannot_have(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """The batch shape above under a per-instance limit: the retry's attempt, awaited by
+    the compensation its run's deadline begins, is routed to the only instance, whose
+    one permit another run's attempt holds. It is withdrawn (never sent beside the other
+    run's) and the compensation goes on: the undo of the completed step goes out."""
+    keys = Keys(key_prefix, 1)
+    spec = {"name": "w", "timeout": "1s", "steps": [
+        {"id": "hold", "service": "stock", "action": "reserve", "compensate": {"action": "free"}},
+        {"id": "pay", "service": "inventory", "action": "x", "timeout": "1h",
+         "depends_on": ["hold"], "retry": {"max_attempts": 3, "backoff": "10s"}},
+    ]}  # fmt: skip
+    registry = Registry(redis_client, keys, DiscoverySettings())
+    beat = HealthEvent(service="inventory", instance="inv-1", ts_ms=0, partitions=[0],
+                       interval_ms=60_000)  # fmt: skip
+    await registry.apply([beat])
+    await registry.refresh()
+    flow = FlowControlSettings.model_validate({"services": {"inventory": {"per_instance": 1}}})
+    harness = _Harness(redis_client, keys, _workflows(spec), registry=registry, flow=flow)
+
+    async def reply(wid: str, step: str, status: ReplyStatus) -> None:
+        [command] = [c for c in harness.commands() if (c.workflow_id, c.step) == (wid, step)][-1:]
+        error = ErrorInfo(message="busy", code="busy", retryable=True)
+        event = ReplyEvent(command_id=command.command_id, workflow_id=wid, step=step,
+                           attempt=command.attempt, status=status,
+                           error=error if status is ReplyStatus.ERROR else None)  # fmt: skip
+        await harness.runtime.handle_replies([harness.record(TOPICS.replies, event)])
+
+    first = await harness.request("r-1", "w")
+    await reply(first, "hold", ReplyStatus.OK)
+    await reply(first, "pay", ReplyStatus.ERROR)  # retrying: its permit is given back
+    await asyncio.sleep(1.1)  # past the first run's deadline
+    second = await harness.request("r-2", "w")
+    await reply(second, "hold", ReplyStatus.OK)  # its `pay` takes inv-1's only permit
+    assert [(c.workflow_id, c.step, c.instance) for c in harness.commands()][-1] == (
+        second,
+        "pay",
+        "inv-1",
+    )
+    sent = len(harness.commands())
+    await redis_client.zadd(keys.timers(0), {f"retry|{first}|pay|1": 0, f"deadline|{first}||0": 1})
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 2
+    assert [(c.workflow_id, c.step, c.action) for c in harness.commands()[sent:]] == [
+        (first, "hold", "free")
+    ]
+    state = await harness.store.load(first)
+    assert state is not None and state.status is WorkflowStatus.COMPENSATING
+    pay = state.steps["pay"]
+    assert (pay.status, pay.attempt) == (StepStatus.FAILED, 2)
+    assert pay.error is not None and pay.error["code"] == "abandoned"

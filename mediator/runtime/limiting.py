@@ -102,18 +102,18 @@ class Limiting(Admitting):
         assert self.limiter is not None and self.router is not None
         router = self.router
         wanted: dict[tuple[str, str], list[str]] = {}
-        owners: dict[str, list[Transition]] = {}
+        owners: dict[str, list[tuple[Workflow, Transition]]] = {}
         held: list[tuple[str, str]] = []  # (service, command id)
-        for transition, command in _per_instance_sends(items, self.flow.services):
+        for workflow, transition, command in _per_instance_sends(items, self.flow.services):
             cid, service = command.command_id, command.service
             if command.instance is None:
                 if router.saturated(service):
                     held.append((service, cid))
-                    owners.setdefault(cid, []).append(transition)
+                    owners.setdefault(cid, []).append((workflow, transition))
                 continue
             if cid not in owners:
                 wanted.setdefault((service, command.instance), []).append(cid)
-            owners.setdefault(cid, []).append(transition)
+            owners.setdefault(cid, []).append((workflow, transition))
         scopes = list(wanted)
         grants = await asyncio.gather(
             *(
@@ -135,8 +135,11 @@ class Limiting(Admitting):
                 router.full.setdefault(service, set()).add(instance)
             held += [(service, cid) for cid in refused]
         for _, cid in held:
-            for transition in owners[cid]:
-                self.engine.queue(transition, cid)
+            for workflow, transition in owners[cid]:
+                if transition.state.status is WorkflowStatus.RUNNING:
+                    self.engine.queue(transition, cid)
+                elif self.engine.withhold(workflow, transition, cid, now):
+                    router.route(transition)  # the undos the compensation sent meanwhile
         await self._release_permits(held)
         return taken
 
@@ -225,14 +228,15 @@ class Limiting(Admitting):
 def _per_instance_sends(
     items: Sequence[tuple[Workflow | None, Transition, WorkflowState | None]],
     limits: dict[str, ServiceLimit],
-) -> list[tuple[Transition, CommandEvent]]:
-    """The step commands of running runs to services with a per-instance limit."""
+) -> list[tuple[Workflow, Transition, CommandEvent]]:
+    """The step commands to services with a per-instance limit (of runs running or being
+    compensated: see `step_sends`)."""
     found = []
     for workflow, transition, _ in items:
-        if workflow is None or transition.state.status is not WorkflowStatus.RUNNING:
+        if workflow is None:
             continue
         for command, _ in step_sends(transition):
             limit = limits.get(command.service)
             if limit is not None and limit.per_instance is not None:
-                found.append((transition, command))
+                found.append((workflow, transition, command))
     return found
