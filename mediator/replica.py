@@ -326,6 +326,7 @@ class Mediator:
         if self.keyed is not None:
             await _bounded("stop the concurrency-key upkeep", self.keyed.stop())
         await _bounded("stop the timer poller", self.timers.stop())
+        await _bounded("stop the queue places' checks", self.runtime.stop_place_checks())
         if self.scheduler is not None:
             await _bounded("stop the scheduler", self.scheduler.stop())
         await _bounded("stop the outbox", self.dispatcher.stop())

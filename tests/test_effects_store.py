@@ -19,6 +19,7 @@ from mediator.core.signing import Keyring, Signatures
 from mediator.core.state import StepStatus
 from mediator.core.workflow import parse_workflows
 from mediator.definitions import Definitions
+from mediator.errors import StateUnavailable
 from mediator.runtime.batches import Runtime
 from mediator.runtime.boundary import Boundary
 from mediator.runtime.breakers import Breakers
@@ -725,6 +726,55 @@ async def test_a_queue_place_lost_before_the_commit_is_taken_again(
     assert await poller.poll_once() == 1  # its admit timer
     assert [c.workflow_id for c in harness.commands()] == [first, second]
     assert [text(m) for m in await redis_client.zrange(held, 0, -1)] == [f"{second}|0"]
+
+
+class _FailingSlots(Slots):
+    """The real slots; the calls of `acquire_many` numbered in `fail` find Redis
+    unavailable."""
+
+    def __init__(self, *args: Any, fail: set[int]) -> None:
+        super().__init__(*args)
+        self.fail, self.calls = fail, 0
+
+    async def acquire_many(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls in self.fail:
+            msg = "redis: connection refused (injected)"
+            raise StateUnavailable(msg)
+        return await super().acquire_many(*args, **kwargs)
+
+
+async def test_a_lost_queue_place_is_taken_again_when_redis_fails_right_after_the_commit(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    """As above, and Redis does not answer the check right after the commit either (the
+    failover still under way): the check is made again in the background, with backoff,
+    and the run is admitted when the slot frees. Before, the batch gave up at once, and
+    the run, which has no deadline, would have waited for ever."""
+    keys = Keys(key_prefix, 2)
+    spec = {"name": "w", "concurrency": {"key": "workflow.name", "limit": 1},
+            "steps": [{"id": "a", "service": "pay", "action": "x"}]}  # fmt: skip
+    store = _LosingStore(redis_client, keys, retention_ms=60_000)
+    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
+    first = await harness.request("r-1", "w")
+    [command] = harness.commands()
+    slots = harness.runtime.slots = _FailingSlots(redis_client, keys, fail={2, 3})
+    _, queue = keys.concurrency(concurrency_digest("w", "w"))
+    second = workflow_id_for("r-2")
+    store.lose.append(lambda: redis_client.zrem(queue, f"{second}|0"))
+    await harness.request("r-2", "w")  # call 1 queues it, call 2 (the check) fails
+    assert await redis_client.zscore(queue, f"{second}|0") is None
+    await wait_for(lambda: slots.calls >= 3, timeout=5)  # the first retry fails too
+    assert await redis_client.zscore(queue, f"{second}|0") is None
+    await asyncio.gather(*harness.runtime._place_checks)  # the second is answered
+    assert slots.calls == 4
+    assert await redis_client.zscore(queue, f"{second}|0") is not None
+    done = ReplyEvent(command_id=command.command_id, workflow_id=first, step="a", attempt=1,
+                      status=ReplyStatus.OK)  # fmt: skip
+    await harness.runtime.handle_replies([harness.record(TOPICS.replies, done)])
+    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
+    assert await poller.poll_once() == 1  # its admit timer
+    assert [c.workflow_id for c in harness.commands()] == [first, second]
 
 
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(

@@ -6,12 +6,16 @@ crash left half done is `mediator.runtime.keyed`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
+from mediator import clock
+from mediator.clock import now_ms
 from mediator.core import concurrency
 from mediator.core.engine import SendCommand, Transition
 from mediator.core.state import StepState, StepStatus, WorkflowState
+from mediator.core.tasks import cancel_and_wait
 from mediator.core.workflow import Workflow
 from mediator.errors import StateUnavailable
 from mediator.runtime.commits import Commits
@@ -21,6 +25,10 @@ from topics.events import CommandEvent, WorkflowStatus
 __all__ = ["Admitting", "Freed", "Places", "SlotKey", "step_sends"]
 
 log = logging.getLogger("mediator.runtime")
+
+#: How long queue places Redis did not answer about right after a commit are asked for
+#: again, in the background (s).
+PLACE_RETRY_S = 60.0
 
 #: The runs whose step attempts take their capacity (slots, permits) before they go.
 _SENDING = frozenset({WorkflowStatus.RUNNING, WorkflowStatus.COMPENSATING})
@@ -119,26 +127,81 @@ class Admitting(Commits):
         the transitions are committed."""
         if not queued or self.slots is None:
             return
-        live = _claimed(committed)
-        wanted: dict[SlotKey, list[tuple[str, int]]] = {}
-        for member, (key, score) in queued.items():
-            if member in live:
-                wanted.setdefault(key, []).append((member, score))
+        runs = {
+            member: state.workflow_id
+            for _, state in committed
+            for member in concurrency.claims(state)
+            if member in queued
+        }
+        wanted = {member: queued[member] for member in runs}
         if not wanted:
             return
         try:
-            granted, _ = await self.slots.acquire_many(wanted, now)
-            if granted:
-                await self.slots.admit(granted)
+            await self._take_places(wanted, now)
         except StateUnavailable as exc:
-            log.warning("could not check the queue places of %d runs: %s", len(queued), exc)
-            return
+            log.warning(
+                "could not check the queue places of %d runs or steps (trying again in "
+                "the background): %s",
+                len(wanted),
+                exc,
+            )
+            task = asyncio.create_task(self._retake_places(wanted, runs))
+            self._place_checks.add(task)
+            task.add_done_callback(self._place_checks.discard)
+
+    async def stop_place_checks(self) -> None:
+        """Stop the queue places' checks still retrying (`_retake_places`): the replica is
+        stopping; a place they would have restored waits for its run's deadline."""
+        checks, self._place_checks = self._place_checks, set()
+        for task in checks:
+            if not task.done():
+                log.warning("stopping with a queue places' check still retrying")
+            await cancel_and_wait(task)
+
+    async def _take_places(self, wanted: dict[str, tuple[SlotKey, int]], now: int) -> None:
+        """Ask for the queue places `wanted` (member: its key and score); a member handed a
+        free slot gets its timer."""
+        assert self.slots is not None
+        by_key: dict[SlotKey, list[tuple[str, int]]] = {}
+        for member, (key, score) in wanted.items():
+            by_key.setdefault(key, []).append((member, score))
+        granted, _ = await self.slots.acquire_many(by_key, now)
         if granted:
+            await self.slots.admit(granted)
             log.warning(
                 "%d queued runs or steps had lost their place in their key's queue (a Redis "
                 "failover that dropped writes?); a free slot was theirs: admitted",
                 len(granted),
             )
+
+    async def _retake_places(
+        self, wanted: dict[str, tuple[SlotKey, int]], runs: dict[str, str]
+    ) -> None:
+        """`_take_places` for the places Redis did not answer about right after the
+        commit, retried with capped backoff for as long as `PLACE_RETRY_S`, each time for
+        the members their runs (as stored now) still claim. Given up (logged) past it:
+        the run then waits for its deadline, or for an operator."""
+        deadline = clock.monotonic() + PLACE_RETRY_S
+        tries = 0
+        while wanted:
+            tries += 1
+            await asyncio.sleep(min(0.25 * 2**tries, 10.0))
+            try:
+                states = await self.store.load_many(sorted(set(runs.values())))
+                live = _claimed([(None, s) for s in states.values() if s is not None])
+                wanted = {m: place for m, place in wanted.items() if m in live}
+                if wanted:
+                    await self._take_places(wanted, now_ms())
+                return
+            except Exception as exc:
+                if not isinstance(exc, StateUnavailable) or clock.monotonic() > deadline:
+                    log.error(
+                        "gave up checking the queue places of %d runs or steps after %d tries: %s",
+                        len(wanted),
+                        tries,
+                        exc,
+                    )
+                    return
 
     def _unclaimed(
         self,

@@ -147,6 +147,8 @@ class Runtime(Health):
         #: next permits taken for the service, or in the background (`_release_task`).
         self._releases: dict[str, list[str]] = {}
         self._release_task: asyncio.Task[None] | None = None
+        #: Queue places asked for again in the background (`_retake_places`).
+        self._place_checks: set[asyncio.Task[None]] = set()
         #: The signal sources (`signals.sources`) by topic, their expressions compiled.
         self.signal_sources = {
             source.topic: CompiledSource(

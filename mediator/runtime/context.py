@@ -158,6 +158,7 @@ class RuntimeContext:
     slots: Slots | None
     _releases: dict[str, list[str]]
     _release_task: asyncio.Task[None] | None
+    _place_checks: set[asyncio.Task[None]]
     control_signer: tuple[str, Keyring] | None
     overhead: Samples
     boundaries: list[Boundary]
