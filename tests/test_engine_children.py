@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mediator.core.counters import wf
 from mediator.core.engine import Transition
 from mediator.core.ids import workflow_id_for
 from mediator.core.lineage import CancelChild, ReplyToParent, child_run_id, parent_ref
@@ -415,3 +416,22 @@ def test_a_child_cancelled_by_an_operator_fails_the_step_not_the_parents_status(
     assert reply.error is not None and reply.error.code == "child_cancelled"
     ended = run.reply(reply, T0 + 7)
     assert result(ended).status is WorkflowStatus.FAILED  # the parent was not cancelled
+
+
+def test_a_child_request_given_up_in_its_own_batch_is_neither_sent_nor_cancelled() -> None:
+    # One batch: `a` completes (the child step `c` is dispatched: its run's request),
+    # `x` fails for good (the compensation begins; `c` has no timeout, so the child is
+    # cancelled and awaited), then the deadline gives everything up. The child was never
+    # started: neither its request nor a cancel for it goes out.
+    workflow = make(undoable("a"), step("x"), child_step("c", "a"), timeout="1m")
+    run = Run(workflow)
+    started = run.complete("a")
+    assert [(c.step, c.service) for c in commands(started)] == [("c", "workflow.fulfil")]
+    failed = run.fail("x", FATAL)
+    assert any(isinstance(e, CancelChild) for e in failed.effects)
+    deadline = fire(run, "deadline", now=T0 + 60_000)
+    merged = started.then(failed).then(deadline)
+    assert run.state.steps["c"].status is StepStatus.FAILED
+    assert [(c.step, c.action) for c in commands(merged)] == [("a", "undo_a")]
+    assert not [e for e in merged.effects if isinstance(e, CancelChild)]
+    assert merged.counters.get(wf("wf", "children_cancelled"), 0) == 0

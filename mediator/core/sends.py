@@ -226,7 +226,9 @@ def _forward_command(
 
 def _take_back(transition: Transition, command: CommandEvent) -> None:
     """Withdraw `command`, not yet sent, with the timeout its dispatch set (it is set when
-    the command goes out)."""
+    the command goes out). An attempt sent again (a parked step released) kept the timer
+    its first dispatch committed: that one is removed with the commit."""
     withdraw(transition, command)
     timeout = SetTimer("timeout", transition.state.workflow_id, 0, command.step, command.attempt)
     transition.timers = [t for t in transition.timers if t.member != timeout.member]
+    transition.cleared.append(timeout.member)

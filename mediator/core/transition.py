@@ -7,7 +7,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from mediator.core.counters import CounterKey, svc, wf
-from mediator.core.lineage import CancelChild, ReplyToParent, give_up, owed_reply
+from mediator.core.lineage import CancelChild, ReplyToParent, child_run_id, give_up, owed_reply
 from mediator.core.metrics import Observation
 from mediator.core.results import result_fields
 from mediator.core.state import Failure, StepState, StepStatus, WorkflowState, fork
@@ -113,12 +113,20 @@ class Transition:
         the step) is not sent at all: nothing goes out for a step no one waits on, so no
         work is done that nothing would undo."""
         removed = set(later.cleared)
-        effects = self.effects
+        effects, later_effects = self.effects, later.effects
+        dropped: list[Effect] = []
         if later.state.status is not WorkflowStatus.RUNNING:
-            effects = [e for e in effects if not _given_up(e, later.state)]
+            dropped = [e for e in effects if _given_up(e, later.state)]
+        if dropped:
+            # A child run whose request is not sent is not cancelled either.
+            unborn = {child_run_id(e.command.command_id)
+                      for e in dropped if isinstance(e, SendCommand)}  # fmt: skip
+            dropped += [e for e in [*effects, *later_effects] if _cancels(e, unborn)]
+            effects = [e for e in effects if not any(e is d for d in dropped)]
+            later_effects = [e for e in later_effects if not any(e is d for d in dropped)]
         merged = Transition(
             later.state,
-            effects=[*effects, *later.effects],
+            effects=[*effects, *later_effects],
             counters=dict(self.counters),
             timers=[*(t for t in self.timers if t.member not in removed), *later.timers],
             cleared=[*self.cleared, *later.cleared],
@@ -130,10 +138,17 @@ class Transition:
         )
         for name, delta in later.counters.items():
             merged.count(name, delta)
-        for effect in self.effects:
-            if effect not in effects and isinstance(effect, SendCommand):
+        for effect in dropped:
+            if isinstance(effect, SendCommand):
                 merged.count(svc(effect.command.service, "sent"), -1)
+            elif isinstance(effect, CancelChild):
+                merged.count(wf(merged.state.workflow, "children_cancelled"), -1)
         return merged
+
+
+def _cancels(effect: Effect, runs: set[str]) -> bool:
+    """Whether `effect` cancels one of the child `runs`."""
+    return isinstance(effect, CancelChild) and effect.run in runs
 
 
 def _given_up(effect: Effect, state: WorkflowState) -> bool:
