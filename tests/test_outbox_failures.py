@@ -287,19 +287,27 @@ async def test_an_events_entry_with_one_record_failing_is_retried_whole() -> Non
     assert d.stats.retried == 1 and d.stats.dead == 0
 
 
-async def test_an_events_entry_the_broker_refuses_is_dead_lettered_record_by_record() -> None:
+async def test_an_events_record_refused_for_good_is_dead_lettered_alone_the_others_go() -> None:
+    # One event too large (a step's error message near the size limit) must not take the
+    # commit's other events, its `run_finished` among them, off the stream.
     store, producer = FakeStore(), FakeProducer()
-    entry = events(1, count=2)
+    entry, later = events(1), events(2)
     producer.refuse_now[entry.records[1]] = MessageSizeTooLargeError("too big")
+    producer.fail_later[later.records[0]] = MessageSizeTooLargeError("too big")
     d = dispatcher(store, producer)
 
-    await d.send([entry])
+    await d.send([entry, later])
     await settle(d)
 
+    sent = [orjson.loads(v)["event_id"] for t, v in producer.published if t == TOPICS.events]
+    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:1", "wf-2:2:2"]
     dead = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
-    assert [(x.source_topic, x.code) for x in dead] == [(TOPICS.events, "too_large")] * 2
-    assert [orjson.loads(x.value) for x in dead] == [orjson.loads(v) for v in entry.records]
-    assert store.done == [(0, "wf-1:2:events")]
+    assert [(x.source_topic, x.code, orjson.loads(x.value)["event_id"]) for x in dead] == [
+        (TOPICS.events, "too_large", "wf-1:2:1"),
+        (TOPICS.events, "too_large", "wf-2:2:0"),
+    ]
+    assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
+    assert d.stats.dead == 2 and d.stats.retried == 0
 
 
 def test_an_events_entry_round_trips_through_its_outbox_frame() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -152,12 +152,14 @@ class Dispatcher:
             except Exception as exc:
                 failed.append((message, exc))
         for message, records in futures:
-            try:
-                for future in records:
-                    await future
+            outcomes = await asyncio.gather(*records, return_exceptions=True)
+            error = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if isinstance(error, asyncio.CancelledError):
+                raise error  # the producer is stopping
+            if error is None:
                 self.published += len(records)
-            except Exception as exc:
-                failed.append((message, exc))
+            else:
+                failed.append((message, error))
         for message, error in failed:
             if self._transient(error):
                 raise error
@@ -213,31 +215,26 @@ class Dispatcher:
         code = failure_code(exc)
         reason = f"{message.kind} to {message.topic} cannot be published: {exc}"
         log.error("dead-lettering %s %s: %s", message.kind, message.id, reason)
-        records = message.records
-        out = []
-        for n, value in enumerate(records):
-            dead = dead_letter(
-                reason=reason,
-                code=code,
-                topic=message.topic,
-                value=value,
-                key=message.key,
-                headers=message.headers,
-                excerpt_bytes=self.excerpt_bytes,
-            )
-            # An "events" entry's records are dead-lettered one by one, each as it was.
-            dead_id = f"dlq.{message.id}" if len(records) == 1 else f"dlq.{message.id}.{n}"
-            out.append(
-                Message(
-                    -1,
-                    dead_id,
-                    self.topics.dlq,
-                    message.key,
-                    encode(dead),
-                    headers(dead),
-                    "dead_letter",
-                )
-            )
+        dead = dead_letter(
+            reason=reason,
+            code=code,
+            topic=message.topic,
+            value=message.value,
+            key=message.key,
+            headers=message.headers,
+            excerpt_bytes=self.excerpt_bytes,
+        )
+        out = [
+            Message(
+                -1,
+                f"dlq.{message.id}",
+                self.topics.dlq,
+                message.key,
+                encode(dead),
+                headers(dead),
+                "dead_letter",
+            ),
+        ]
         if message.kind == "command":
             reply = _undeliverable(message, reason, code)
             if reply is not None:
@@ -289,12 +286,7 @@ class Dispatcher:
         entry, and its retry publishes again those that did get through, which consumers
         drop by their event ids)."""
         if message.kind == EVENTS:
-            return [
-                await self.producer.send(
-                    message.topic, value, key=message.key, headers=message.headers
-                )
-                for value in message.records
-            ]
+            return await self._produce_records(message)
         partition = message.partition
         if partition is not None:
             if partition in await self.producer.partitions_for(message.topic):
@@ -317,13 +309,73 @@ class Dispatcher:
             )
         ]
 
+    async def _produce_records(self, message: Message) -> list[asyncio.Future[object]]:
+        """`_produce` for an "events" entry: one record per value. A record the producer
+        refuses for good (too large) is dead-lettered alone and the others go; a transient
+        refusal fails the entry (raised: it is sent again whole, and consumers drop the
+        records that got through twice by their event ids)."""
+        futures: list[asyncio.Future[object]] = []
+        try:
+            for n, value in enumerate(message.records):
+                try:
+                    futures.append(
+                        await self.producer.send(
+                            message.topic, value, key=message.key, headers=message.headers
+                        )
+                    )
+                except Exception as exc:
+                    if self._transient(exc):
+                        raise
+                    await self._bury_record(message, n, exc)
+        except BaseException:
+            for future in futures:  # published or not, their outcome is not awaited
+                future.add_done_callback(_observed)
+            raise
+        if not futures:  # every record dead-lettered: the entry is done
+            done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            futures.append(done)
+        return futures
+
+    async def _bury_record(self, message: Message, n: int, exc: BaseException) -> None:
+        """Dead-letter record `n` of an "events" entry alone."""
+        self.stats.dead += 1
+        value = message.records[n]
+        event = Message(message.shard, f"{message.id}.{n}", message.topic, message.key, value,
+                        message.headers, "event")  # fmt: skip
+        await self._bury(event, exc)
+
+    async def _records_outcome(self, message: Message, results: list[object]) -> object:
+        """The outcome of an "events" entry from its records' (in order): a cancelled
+        record's (the producer is stopping), else a transient failure's (the entry is sent
+        again whole); records refused for good are dead-lettered one by one, and then the
+        entry is done (None), or the failure to dead-letter them is its outcome."""
+        failures = [(n, r) for n, r in enumerate(results) if isinstance(r, BaseException)]
+        if not failures:
+            return None
+        for _, failure in failures:
+            if isinstance(failure, asyncio.CancelledError):
+                return failure
+        for _, failure in failures:
+            if self._transient(failure):
+                return failure
+        try:
+            for n, failure in failures:
+                await self._bury_record(message, n, failure)
+        except Exception as exc:
+            return exc
+        return None
+
     async def _settle(self, sent: Sequence[tuple[Message, list[asyncio.Future[object]]]]) -> None:
         outcomes = iter(
             await asyncio.gather(*(f for _, fs in sent for f in fs), return_exceptions=True)
         )
         done = []
         for message, records in sent:
-            result = next(outcomes) if len(records) == 1 else _outcome(outcomes, len(records))
+            if len(records) == 1:
+                result = next(outcomes)
+            else:
+                result = await self._records_outcome(message, [next(outcomes) for _ in records])
             slot = (message.shard, message.id)
             if isinstance(result, asyncio.CancelledError):
                 # The producer is stopping: the entry stays, and its lease runs out.
@@ -423,13 +475,10 @@ class Dispatcher:
                 log.exception("outbox sweep failed; retrying")
 
 
-def _outcome(outcomes: Iterator[object], records: int) -> object:
-    """The outcome of an entry of several `records`, the next in `outcomes`: a cancelled
-    record's, else the first failed record's, else the first record's."""
-    results = [next(outcomes) for _ in range(records)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    cancelled = [r for r in failures if isinstance(r, asyncio.CancelledError)]
-    return (cancelled or failures or results)[0]
+def _observed(future: asyncio.Future[object]) -> None:
+    """Take a future's outcome, so that a failure no one awaits is not reported as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _undeliverable(message: Message, reason: str, code: str) -> ReplyEvent | None:
