@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from mediator import clock
@@ -698,36 +699,6 @@ class _LosingStore(Store):
         return await super().commit_many(commits, now_ms)
 
 
-async def test_a_queue_place_lost_before_the_commit_is_taken_again(
-    redis_client: Redis, key_prefix: str
-) -> None:
-    """A run queued for its concurrency key's slot whose place in the key's queue Redis
-    lost before the run's commit (a lossy failover): nothing else would ever hand it the
-    slot, and a run with no deadline would wait for ever. The batch takes the place again
-    after the commit, and the run is admitted when the slot frees."""
-    keys = Keys(key_prefix, 2)
-    spec = {"name": "w", "concurrency": {"key": "workflow.name", "limit": 1},
-            "steps": [{"id": "a", "service": "pay", "action": "x"}]}  # fmt: skip
-    store = _LosingStore(redis_client, keys, retention_ms=60_000)
-    harness = _Harness(redis_client, keys, _workflows(spec), store=store)
-    first = await harness.request("r-1", "w")
-    [command] = harness.commands()
-    held, queue = keys.concurrency(concurrency_digest("w", "w"))
-    second = workflow_id_for("r-2")
-    store.lose.append(lambda: redis_client.zrem(queue, f"{second}|0"))
-    await harness.request("r-2", "w")
-    state = await harness.store.load(second)
-    assert state is not None and state.queued_ms is not None
-    assert await redis_client.zscore(queue, f"{second}|0") is not None
-    done = ReplyEvent(command_id=command.command_id, workflow_id=first, step="a", attempt=1,
-                      status=ReplyStatus.OK)  # fmt: skip
-    await harness.runtime.handle_replies([harness.record(TOPICS.replies, done)])
-    poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
-    assert await poller.poll_once() == 1  # its admit timer
-    assert [c.workflow_id for c in harness.commands()] == [first, second]
-    assert [text(m) for m in await redis_client.zrange(held, 0, -1)] == [f"{second}|0"]
-
-
 class _FailingSlots(Slots):
     """The real slots; the calls of `acquire_many` numbered in `fail` find Redis
     unavailable."""
@@ -744,13 +715,16 @@ class _FailingSlots(Slots):
         return await super().acquire_many(*args, **kwargs)
 
 
-async def test_a_lost_queue_place_is_taken_again_when_redis_fails_right_after_the_commit(
-    redis_client: Redis, key_prefix: str
+@pytest.mark.parametrize("check_fails", [False, True], ids=["answered", "check-fails-twice"])
+async def test_a_queue_place_lost_before_the_commit_is_taken_again(
+    redis_client: Redis, key_prefix: str, check_fails: bool
 ) -> None:
-    """As above, and Redis does not answer the check right after the commit either (the
-    failover still under way): the check is made again in the background, with backoff,
-    and the run is admitted when the slot frees. Before, the batch gave up at once, and
-    the run, which has no deadline, would have waited for ever."""
+    """A run queued for its concurrency key's slot whose place in the key's queue Redis
+    lost before the run's commit (a lossy failover): nothing else would ever hand it the
+    slot, and a run with no deadline would wait for ever. The batch takes the place again
+    after the commit, and the run is admitted when the slot frees. When Redis does not
+    answer that check either (`check_fails`: the failover still under way), the check is
+    made again in the background, with backoff, until it is answered."""
     keys = Keys(key_prefix, 2)
     spec = {"name": "w", "concurrency": {"key": "workflow.name", "limit": 1},
             "steps": [{"id": "a", "service": "pay", "action": "x"}]}  # fmt: skip
@@ -758,16 +732,21 @@ async def test_a_lost_queue_place_is_taken_again_when_redis_fails_right_after_th
     harness = _Harness(redis_client, keys, _workflows(spec), store=store)
     first = await harness.request("r-1", "w")
     [command] = harness.commands()
-    slots = harness.runtime.slots = _FailingSlots(redis_client, keys, fail={2, 3})
-    _, queue = keys.concurrency(concurrency_digest("w", "w"))
+    slots = harness.runtime.slots = _FailingSlots(
+        redis_client, keys, fail={2, 3} if check_fails else set()
+    )
+    held, queue = keys.concurrency(concurrency_digest("w", "w"))
     second = workflow_id_for("r-2")
     store.lose.append(lambda: redis_client.zrem(queue, f"{second}|0"))
-    await harness.request("r-2", "w")  # call 1 queues it, call 2 (the check) fails
-    assert await redis_client.zscore(queue, f"{second}|0") is None
-    await wait_for(lambda: slots.calls >= 3, timeout=5)  # the first retry fails too
-    assert await redis_client.zscore(queue, f"{second}|0") is None
-    await asyncio.gather(*harness.runtime._place_checks)  # the second is answered
-    assert slots.calls == 4
+    await harness.request("r-2", "w")  # call 1 queues it, call 2 checks its place
+    state = await harness.store.load(second)
+    assert state is not None and state.queued_ms is not None
+    if check_fails:
+        assert await redis_client.zscore(queue, f"{second}|0") is None
+        await wait_for(lambda: slots.calls >= 3, timeout=5)  # the first retry fails too
+        assert await redis_client.zscore(queue, f"{second}|0") is None
+        await asyncio.gather(*harness.runtime._place_checks)  # the second is answered
+        assert slots.calls == 4
     assert await redis_client.zscore(queue, f"{second}|0") is not None
     done = ReplyEvent(command_id=command.command_id, workflow_id=first, step="a", attempt=1,
                       status=ReplyStatus.OK)  # fmt: skip
@@ -775,6 +754,7 @@ async def test_a_lost_queue_place_is_taken_again_when_redis_fails_right_after_th
     poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
     assert await poller.poll_once() == 1  # its admit timer
     assert [c.workflow_id for c in harness.commands()] == [first, second]
+    assert [text(m) for m in await redis_client.zrange(held, 0, -1)] == [f"{second}|0"]
 
 
 async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
@@ -813,6 +793,17 @@ async def test_a_forged_reply_stays_refused_when_its_run_is_looked_at_again(
     assert [d.code for d in letters] == ["bad_signature"]
 
 
+def _hold_then_pay(service: str) -> dict[str, Any]:
+    """A run with a one-second deadline: `hold` (undone by `release`), then `pay` on
+    `service`, with an hour's timeout and retries ten seconds apart."""
+    return {"name": "w", "timeout": "1s", "steps": [
+        {"id": "hold", "service": "stock", "action": "reserve",
+         "compensate": {"action": "release"}},
+        {"id": "pay", "service": service, "action": "charge", "timeout": "1h",
+         "depends_on": ["hold"], "retry": {"max_attempts": 3, "backoff": "10s"}},
+    ]}  # fmt: skip
+
+
 async def test_a_retry_due_with_the_deadline_behind_an_open_breaker_is_withdrawn(
     redis_client: Redis, key_prefix: str
 ) -> None:
@@ -823,11 +814,7 @@ async def test_a_retry_due_with_the_deadline_behind_an_open_breaker_is_withdrawn
     withdrawn, never sent, and the compensation goes on at once instead of waiting out
     the step's timeout: the undo of the completed step goes out in the same commit."""
     keys = Keys(key_prefix, 1)
-    spec = {"name": "w", "timeout": "1s", "steps": [
-        {"id": "hold", "service": "inv", "action": "reserve", "compensate": {"action": "release"}},
-        {"id": "pay", "service": "pay", "action": "charge", "timeout": "1h",
-         "depends_on": ["hold"], "retry": {"max_attempts": 3, "backoff": "10s"}},
-    ]}  # fmt: skip
+    spec = _hold_then_pay("pay")
     breakers = Breakers(redis_client, keys, BreakerSettings(), "r1")
     harness = _Harness(redis_client, keys, _workflows(spec), breakers=breakers)
     wid = await harness.request("r-1", "w")
@@ -865,11 +852,7 @@ async def test_a_retry_due_with_the_deadline_takes_no_instance_permit_it_cannot_
     one permit another run's attempt holds. It is withdrawn (never sent beside the other
     run's) and the compensation goes on: the undo of the completed step goes out."""
     keys = Keys(key_prefix, 1)
-    spec = {"name": "w", "timeout": "1s", "steps": [
-        {"id": "hold", "service": "stock", "action": "reserve", "compensate": {"action": "free"}},
-        {"id": "pay", "service": "inventory", "action": "x", "timeout": "1h",
-         "depends_on": ["hold"], "retry": {"max_attempts": 3, "backoff": "10s"}},
-    ]}  # fmt: skip
+    spec = _hold_then_pay("inventory")
     registry = Registry(redis_client, keys, DiscoverySettings())
     beat = HealthEvent(service="inventory", instance="inv-1", ts_ms=0, partitions=[0],
                        interval_ms=60_000)  # fmt: skip
@@ -902,7 +885,7 @@ async def test_a_retry_due_with_the_deadline_takes_no_instance_permit_it_cannot_
     poller = TimerPoller(harness.store, harness.runtime, TimerSettings(lease_ms=5_000))
     assert await poller.poll_once() == 2
     assert [(c.workflow_id, c.step, c.action) for c in harness.commands()[sent:]] == [
-        (first, "hold", "free")
+        (first, "hold", "release")
     ]
     state = await harness.store.load(first)
     assert state is not None and state.status is WorkflowStatus.COMPENSATING
