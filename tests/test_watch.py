@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mediator.cli.watch import FaultWatch
 from mediator.storage.keys import Keys
@@ -60,3 +63,37 @@ async def test_a_growing_backlog_is_said_at_most_once_per_interval(
     await redis_client.delete(keys.parked(0, "shipping"))
     await watch.look()
     assert said == ["  ! parked shipping: 1 step waiting", "  ! parked shipping: drained"]
+
+
+class _CutShort:
+    """A Redis client whose reads wait, and which, cancelled mid-read, raises a Redis
+    error of its own, as a client closing its connection on a cancelled read may."""
+
+    waits = True
+
+    async def smembers(self, key: str) -> set[bytes]:
+        if not self.waits:
+            return set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            msg = "connection closed by the cancelled read"
+            raise RedisConnectionError(msg) from None
+        return set()
+
+
+async def test_the_watch_stops_when_cancelled_mid_look() -> None:
+    # `mediator dev` waited for ever on its Ctrl-C when the cancel reached the watch while
+    # a look waited on Redis: the error it surfaced as was taken for a look that failed.
+    redis = _CutShort()
+    watch = FaultWatch(redis, Keys("t", 1), ["shipping"], print)  # type: ignore[arg-type]
+    task = asyncio.create_task(watch.run())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    if not done:  # let a second cancel land outside the look, so the test itself can end
+        redis.waits = False
+        task.cancel()
+        await asyncio.wait({task}, timeout=2)
+    assert done, "the watch ran on after its cancel"
+    assert task.cancelled()

@@ -30,6 +30,7 @@ from mediator.cli.flaky import Flakiness
 from mediator.cli.infra import EmbeddedRedisCluster, create_topics, embedded
 from mediator.cli.watch import FaultWatch
 from mediator.cli.workflows import dashboard_site
+from mediator.core.tasks import cancel_and_wait
 from mediator.definitions import Definitions, load_paths
 from mediator.ops.status import collect_status
 from mediator.replica import Mediator
@@ -197,9 +198,7 @@ async def _drive(
         try:
             outcomes = await _submit_orders(client, requests=requests, rate=rate, echo=echo)
         finally:
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
+            await cancel_and_wait(watching)
         # The last results can land between two looks: say where things ended.
         await watch.look()
         summary = await collect_status(mediator.redis, keys)

@@ -4,7 +4,6 @@ and parked backlogs growing and draining, read from the state every replica shar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,10 +42,16 @@ class FaultWatch:
         self._said_backlog: dict[str, float] = {}
 
     async def run(self) -> None:
-        """Until cancelled; a Redis error skips one look."""
+        """Until cancelled; a Redis error skips one look. A cancel that arrives while a
+        look waits on Redis can surface as a Redis error (redis-py cuts the read short and
+        raises its own): the watch stops then too, rather than swallow it and run on."""
+        task = asyncio.current_task()
         while True:
-            with contextlib.suppress(*REDIS_ERRORS, OSError):
+            try:
                 await self.look()
+            except (*REDIS_ERRORS, OSError):
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
             await asyncio.sleep(self.interval)
 
     async def look(self) -> None:
