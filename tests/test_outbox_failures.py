@@ -293,21 +293,24 @@ async def test_an_events_record_refused_for_good_is_dead_lettered_alone_the_othe
     store, producer = FakeStore(), FakeProducer()
     entry, later = events(1), events(2)
     producer.refuse_now[entry.records[1]] = MessageSizeTooLargeError("too big")
-    producer.fail_later[later.records[0]] = MessageSizeTooLargeError("too big")
+    producer.refuse_now[later.records[0]] = MessageSizeTooLargeError("too big")  # both ways
+    producer.fail_later[later.records[2]] = MessageSizeTooLargeError("too big")
     d = dispatcher(store, producer)
 
     await d.send([entry, later])
     await settle(d)
 
     sent = [orjson.loads(v)["event_id"] for t, v in producer.published if t == TOPICS.events]
-    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:1", "wf-2:2:2"]
+    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:1"]
     dead = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
     assert [(x.source_topic, x.code, orjson.loads(x.value)["event_id"]) for x in dead] == [
         (TOPICS.events, "too_large", "wf-1:2:1"),
         (TOPICS.events, "too_large", "wf-2:2:0"),
+        (TOPICS.events, "too_large", "wf-2:2:2"),
     ]
     assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
-    assert d.stats.dead == 2 and d.stats.retried == 0
+    assert d.stats.dead == 3 and d.stats.retried == 0
+    assert d.published == 6  # the three events that went, and the three dead letters
 
 
 def test_an_events_entry_round_trips_through_its_outbox_frame() -> None:

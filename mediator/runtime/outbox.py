@@ -327,14 +327,14 @@ class Dispatcher:
                     if self._transient(exc):
                         raise
                     await self._bury_record(message, n, exc)
+                    # In its place, so that the futures stay aligned with the records.
+                    buried: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                    buried.set_result(_DEAD_LETTERED)
+                    futures.append(buried)
         except BaseException:
             for future in futures:  # published or not, their outcome is not awaited
                 future.add_done_callback(_observed)
             raise
-        if not futures:  # every record dead-lettered: the entry is done
-            done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            futures.append(done)
         return futures
 
     async def _bury_record(self, message: Message, n: int, exc: BaseException) -> None:
@@ -373,9 +373,15 @@ class Dispatcher:
         done = []
         for message, records in sent:
             if len(records) == 1:
-                result = next(outcomes)
+                result, published = next(outcomes), 1
+                if result is _DEAD_LETTERED:
+                    result, published = None, 0
             else:
-                result = await self._records_outcome(message, [next(outcomes) for _ in records])
+                results = [next(outcomes) for _ in records]
+                result = await self._records_outcome(message, results)
+                published = sum(
+                    r is not _DEAD_LETTERED and not isinstance(r, BaseException) for r in results
+                )
             slot = (message.shard, message.id)
             if isinstance(result, asyncio.CancelledError):
                 # The producer is stopping: the entry stays, and its lease runs out.
@@ -386,7 +392,7 @@ class Dispatcher:
                 continue
             self._inflight.pop(slot, None)
             self._tries.pop(slot, None)
-            self.published += len(records)
+            self.published += published
             if message.shard >= 0:
                 done.append(slot)
         if not done:
@@ -473,6 +479,11 @@ class Dispatcher:
                 raise
             except Exception:
                 log.exception("outbox sweep failed; retrying")
+
+
+#: The outcome standing in for a record of an "events" entry dead-lettered when it was
+#: handed to the producer.
+_DEAD_LETTERED = object()
 
 
 def _observed(future: asyncio.Future[object]) -> None:
