@@ -122,8 +122,9 @@ class Transition:
             unborn = {child_run_id(e.command.command_id)
                       for e in dropped if isinstance(e, SendCommand)}  # fmt: skip
             dropped += [e for e in [*effects, *later_effects] if _cancels(e, unborn)]
-            effects = [e for e in effects if not any(e is d for d in dropped)]
-            later_effects = [e for e in later_effects if not any(e is d for d in dropped)]
+            gone = {id(e) for e in dropped}
+            effects = [e for e in effects if id(e) not in gone]
+            later_effects = [e for e in later_effects if id(e) not in gone]
         merged = Transition(
             later.state,
             effects=[*effects, *later_effects],
