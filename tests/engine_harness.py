@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mediator.core import saga
 from mediator.core.engine import Engine, PublishResult, SendCommand, Transition
 from mediator.core.state import StepStatus, WorkflowState, evolve
 from mediator.core.timers import Fired
@@ -121,7 +122,14 @@ class Run:
         self.outstanding = {c.step: c for c in commands(self.last)}
         self.history: list[Transition] = [self.last]
 
+    def commit(self) -> None:
+        """What the runtime does to the last transition as it commits it (before any
+        other transition starts from its state)."""
+        if self.workflow.undo_attempts:
+            saga.mark_sent(self.workflow, self.last)
+
     def reply(self, reply: ReplyEvent, now: int) -> Transition:
+        self.commit()
         self.last = apply(self.workflow, self.state, reply, now)
         self.state = self.last.state
         self.outstanding.pop(reply.step, None)
@@ -165,6 +173,7 @@ def fire(run: Run, kind: str, step_id: str = "", attempt: int = 0, now: int = T0
     """Fire `run`'s timer `kind` (for `step_id`, `attempt`) and keep what it does in `run`."""
     fired = Fired.parse(f"{kind}|{WID}|{step_id}|{attempt}")
     assert fired is not None
+    run.commit()
     transition = ENGINE.apply_timer(run.workflow, run.state, fired, now)
     if transition is not None:
         run.last = transition
@@ -188,6 +197,7 @@ def undo_reply(command: CommandEvent, ok: bool = True, retryable: bool = False) 
 
 def apply_undo(run: Run, reply: ReplyEvent, now: int = T0 + 60) -> Transition:
     """Apply the reply to a compensating command to `run`."""
+    run.commit()
     transition = ENGINE.apply_reply(run.workflow, run.state, reply, now)
     assert transition is not None
     run.last = transition

@@ -336,3 +336,42 @@ async def test_a_control_that_cannot_apply_is_dead_lettered_with_its_reason(
 
 async def _signed(producer: AIOKafkaProducer, topic: str, value: bytes, keys: Keyring) -> None:
     await producer.send_and_wait(topic, value, headers=keys.headers(value, topic, None))
+
+
+async def test_a_step_that_timed_out_is_undone_when_its_compensation_is_on_attempted(
+    make_system: Any,
+) -> None:
+    # `ship` does its work and answers too late: with `on: attempted` its undo goes out
+    # as well as the completed `reserve`'s, in reverse order.
+    undo = {"action": "unship", "on": "attempted"}
+    workflow = {
+        "name": "order",
+        "steps": [
+            step("reserve", action="reserve", compensate={"action": "release"}),
+            step("ship", action="ship", depends_on=["reserve"], timeout="300ms", compensate=undo),
+        ],
+    }
+    system = await make_system(workflow)
+    ledger = Ledger()
+
+    async def late(data: Any, command: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return {"shipped": True}
+
+    actions = {name: ledger.action(name) for name in ("reserve", "release", "unship")}
+    await system.worker("svc", {**actions, "ship": ledger.action("ship", late)})
+    await system.mediator()
+    client = await system.client()
+
+    result = await client.submit("order", {}, timeout=15)
+
+    assert result.status is WorkflowStatus.FAILED
+    assert result.error is not None and (result.error.step, result.error.code) == (
+        "ship",
+        "timeout",
+    )
+    assert ledger.names() == ["reserve", "ship", "unship", "release"]
+    assert {k: v.status for k, v in result.compensations.items()} == {
+        "ship": "completed",
+        "reserve": "completed",
+    }

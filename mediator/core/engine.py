@@ -197,6 +197,7 @@ class Engine(Attempts):
             history=step_state.history,
             base=step_state.base,
             via=step_state.via,
+            sent=step_state.sent,
         )
         transition.count(svc(service, "ok"))
         transition.outcomes.append((service, True))

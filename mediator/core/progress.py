@@ -183,6 +183,7 @@ class Progress:
             history=history,
             base=base,
             key=key,
+            sent=state.steps[step.id].sent,  # what went out before this attempt
         )
 
     def _finish(

@@ -5,8 +5,9 @@ When compensation begins the run is ``compensating``: steps waiting to retry or 
 give up, and steps still in flight that have a timeout are awaited (their reply or timeout
 decides whether they completed, and so need undoing); in-flight steps without a timeout
 are not awaited (child runs are cancelled and awaited: `mediator.core.children`). Then
-every completed step that declares ``compensate`` is undone, in
-reverse dependency order: a step's compensation starts only once every step that
+every completed step that declares ``compensate`` is undone (and, ``on: attempted``,
+every step an attempt of which went out in this round: `owed`), in reverse dependency
+order: a step's compensation starts only once every step that
 depended on it, directly or not, has settled and been compensated. Each compensation is
 retried by its own policy. When nothing is left in flight the run ends: ``failed`` (or
 ``cancelled``) with the original error, or ``compensation_failed`` when an undo gave up.
@@ -32,6 +33,7 @@ from mediator.core.state import (
 )
 from mediator.core.timers import Fired, SetTimer, retry_delay_ms
 from mediator.core.transition import (
+    SendCommand,
     Transition,
     context,
     end,
@@ -48,7 +50,9 @@ __all__ = [
     "abandon_in_flight",
     "begin",
     "compensation",
+    "mark_sent",
     "needed",
+    "owed",
     "progress",
     "refuse_undo",
     "undo_command_id",
@@ -58,6 +62,11 @@ __all__ = [
 ]
 
 _IN_FLIGHT = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
+#: A step given up or failed, or put back to pending by a withdrawn retry: it will not run
+#: again in this round.
+_SETTLED = frozenset({StepStatus.FAILED, StepStatus.PENDING})
+#: A step whose attempt may yet complete.
+_MAY_DO = frozenset({StepStatus.COMPLETED, StepStatus.RUNNING})
 
 
 def undo_command_id(workflow_id: str, step: str, attempt: int) -> str:
@@ -74,9 +83,12 @@ def undo_key(workflow_id: str, step: str, round_: int) -> str:
 def compensation(step: Step, forward: StepState) -> Compensation | None:
     """How `step` is undone, given how it ran: whoever did the work undoes it. A step that
     ran on its fallback is undone by the fallback's own ``compensate``, else by the step's
-    compensation sent to the fallback's service."""
+    compensation sent to the fallback's service. A step that did not complete is undone
+    by the service its last attempt that went out was sent to."""
     fallback = step.fallback
-    if forward.via is None or fallback is None or forward.via != fallback.service:
+    done = forward.sent is None or forward.status is StepStatus.COMPLETED
+    via = forward.via if done else forward.sent
+    if via is None or fallback is None or via != fallback.service:
         return step.compensate
     if fallback.compensate is not None:
         return fallback.compensate
@@ -85,14 +97,42 @@ def compensation(step: Step, forward: StepState) -> Compensation | None:
     return dataclasses.replace(step.compensate, service=fallback.service)
 
 
+def owed(step: Step, forward: StepState) -> Compensation | None:
+    """The compensation `step` is owed once it settled: it completed, or (``on:
+    attempted``) an attempt of it went out in this round and it did not complete."""
+    undo = compensation(step, forward)
+    if undo is None or forward.status is StepStatus.COMPLETED:
+        return undo
+    if undo.attempted and forward.sent is not None and forward.status in _SETTLED:
+        return undo
+    return None
+
+
 def needed(workflow: Workflow, state: WorkflowState) -> bool:
     """Whether ending `state` now would leave work to undo: a step with a compensation
-    completed, or is in flight and may still complete."""
-    return any(
-        s.status in (StepStatus.COMPLETED, StepStatus.RUNNING)
-        and compensation(workflow.steps[sid], s) is not None
-        for sid, s in state.steps.items()
-    )
+    completed, or is in flight and may still complete, or (``on: attempted``) had an
+    attempt go out."""
+    for sid, s in state.steps.items():
+        if s.status in _MAY_DO or s.sent is not None:
+            undo = compensation(workflow.steps[sid], s)
+            if undo is not None and (s.status in _MAY_DO or undo.attempted):
+                return True
+    return False
+
+
+def mark_sent(workflow: Workflow, transition: Transition) -> None:
+    """Note, in the state about to be committed, where each step undone once attempted
+    (`Workflow.undo_attempts`) had its attempt sent: called with the commands that will go
+    out, after whatever held, queued or withdrew some of them."""
+    steps = transition.state.steps
+    for effect in transition.effects:
+        if not isinstance(effect, SendCommand) or effect.command.step not in workflow.undo_attempts:
+            continue
+        command = effect.command
+        current = steps.get(command.step)
+        if current is not None and current.command_id == command.command_id:
+            if current.sent != command.service:
+                steps[command.step] = evolve(current, sent=command.service)
 
 
 def begin(workflow: Workflow, transition: Transition, now_ms: int) -> None:
@@ -155,7 +195,7 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         forward = steps[sid]
         below = any(busy[d] for d in workflow.dependants[sid])
         undo = undos.get(sid)
-        owes = forward.status is StepStatus.COMPLETED and compensation(step, forward) is not None
+        owes = owed(step, forward) is not None
         if owes and undo is None and not below and state.paused_ms is None:
             base = (state.undo_base or {}).get(sid, 0)
             undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, base + 1, None, base)

@@ -181,7 +181,7 @@ class Sends(Progress):
                     # Never sent: the attempt number is free again (ids stay unique).
                     was = state.steps[withdrawn]
                     state.steps[withdrawn] = StepState(
-                        attempt=was.attempt - 1, history=was.history, base=was.base
+                        attempt=was.attempt - 1, history=was.history, base=was.base, sent=was.sent
                     )
         return self._finish(workflow, transition, now_ms, failure)
 

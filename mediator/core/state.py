@@ -103,6 +103,9 @@ class StepState:
     #: The step's concurrency key value the current attempt holds (or waits for) a slot
     #: under (`Step.concurrency`).
     key: str | None = None
+    #: The service the last attempt that went out in this round was sent to; kept only
+    #: for a step undone once attempted (`Compensation.attempted`).
+    sent: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -246,6 +249,7 @@ _STEP_OPTIONAL = (
     "history",
     "via",
     "key",
+    "sent",
 )
 _WF_OPTIONAL = (
     "stamp",

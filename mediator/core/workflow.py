@@ -89,6 +89,14 @@ class CompensateSpec(_Spec):
     """The action that undoes a completed step when the run fails or is cancelled."""
 
     action: str = Field(min_length=1)
+    on: Literal["completed", "attempted"] = Field(
+        default="completed",
+        description="Which steps are undone: only those that completed, or (``attempted``) "
+        "also those that may have done their work without saying so: an attempt of the "
+        "step went out in this round and it did not complete (it timed out, its instance "
+        "died, the run gave it up in flight, or it failed). The undo must then do nothing "
+        "when there is nothing to undo.",
+    )
     service: str | None = Field(default=None, pattern=_NAME)
     input: Any = None
     timeout: Duration | None = Field(
@@ -264,6 +272,8 @@ class Compensation:
     input: Template
     timeout_ms: int | None = None
     retry: RetryPolicy = RetryPolicy()
+    #: ``on: attempted``: also undo a step that did not complete once an attempt went out.
+    attempted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +357,9 @@ class Workflow:
     concurrency: Concurrency | None = None
     #: The steps with a concurrency key of their own, in plan order.
     keyed_steps: tuple[str, ...] = ()
+    #: The steps undone once attempted (a compensation, or the fallback's, ``on:
+    #: attempted``): the service each of their attempts went to is kept in their state.
+    undo_attempts: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -415,7 +428,13 @@ def _compile(spec: WorkflowSpec, spec_json: bytes) -> Workflow:
         content_hash=hashlib.blake2b(spec_json, digest_size=16).hexdigest(),
         concurrency=_concurrency(name, spec.concurrency),
         keyed_steps=tuple(sid for sid in order if steps[sid].concurrency is not None),
+        undo_attempts=frozenset(sid for sid in order if _undoes_attempts(steps[sid])),
     )
+
+
+def _undoes_attempts(step: Step) -> bool:
+    undos = (step.compensate, step.fallback.compensate if step.fallback else None)
+    return any(undo is not None and undo.attempted for undo in undos)
 
 
 def _concurrency(
@@ -556,6 +575,7 @@ def _compensation(
         if undo.timeout is None
         else _duration(name, step, f"{where}.timeout", undo.timeout),
         retry=_retry_policy(name, step, undo.retry),
+        attempted=undo.on == "attempted",
     )
 
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from mediator.clock import now_ms
 from mediator.codec import encode, encode_plain, headers, record
-from mediator.core import audit
+from mediator.core import audit, saga
 from mediator.core.audit import AuditEvent
 from mediator.core.engine import PublishResult, SendCommand, Transition
 from mediator.core.lineage import CancelChild, ReplyToParent, is_child_service, parent_ref
@@ -86,6 +86,8 @@ class Commits(Intake):
             else:
                 transition = self.engine.refuse_result(transition, error, now)
             messages = self._messages(transition, workflow)
+        if workflow is not None and workflow.undo_attempts:
+            saga.mark_sent(workflow, transition)
         # The engine hands over a state of its own (a fork or a new one): stamp it in place.
         state = transition.state
         state.rev = expected_rev + 1

@@ -10,7 +10,10 @@ accounting.
 - ``effects``: a service that deduplicates on idempotency keys does a step's work at most
   once per round of its run, whatever retries, reroutes and hand-ons happened.
 - ``compensation``: every undo the results report was really done, once per round, by a
-  service that did the work it undoes.
+  service that did the work it undoes (or, for a step undone once attempted, that was
+  sent an attempt: it may have done nothing); ``left standing``: in a run that failed or
+  was cancelled, the work a step undone once attempted did in the run's last round was
+  undone by the service that did it, however the step ended.
 - ``leftovers``: nothing of a finished run stays behind: no timer, parked entry, released
   step's queue place, routed entry or outbox entry.
 - ``revisions``: each run's revisions go up by one, commit after commit.
@@ -35,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from mediator.core.progress import idempotency_key
 from mediator.core.routing import SEP
+from mediator.core.saga import undo_key
 from mediator.core.state import StepStatus, WorkflowState
 from mediator.core.timers import SetTimer
 from mediator.core.workflow import Workflow
@@ -70,6 +75,7 @@ async def check_end(world: World, healed: bool) -> list[str]:
     else:
         problems += _check_results(world, states, results)
         problems += _check_effects(world, results)
+        problems += _check_left_standing(world, states)
         problems += _check_revisions(world)
     problems += _check_deadlines(states)
     problems += await _check_leftovers(world, states)
@@ -198,11 +204,13 @@ def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) 
     work: Counter[tuple[str, str, str]] = Counter()
     undone: Counter[tuple[str, str]] = Counter()
     did: dict[tuple[str, str], set[str]] = defaultdict(set)
+    attempted = {(wid, sid) for wid, published in results.items() for result in published.values()
+                 for sid in world.definitions.get(result["workflow"]).undo_attempts}  # fmt: skip
     for effect in world.effects:
         slot = (effect.workflow_id, effect.step)
         if effect.undo:
             undone[slot] += 1
-            if effect.service not in did[slot]:
+            if effect.service not in did[slot] and slot not in attempted:
                 problems.append(
                     f"compensation: {effect.command_id} undone by {effect.service}, but the "
                     f"work was done by {sorted(did[slot])}"
@@ -222,6 +230,34 @@ def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) 
                 f"{rounds} round(s): {commands}"
             )
     return problems + _check_undone(world, results, undone)
+
+
+def _check_left_standing(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
+    """In a run that ended failed or cancelled, every piece of work a step undone once
+    attempted (`on: attempted`) did in the run's last round was undone by its service."""
+    compensated = (WorkflowStatus.FAILED, WorkflowStatus.CANCELLED)
+    ended = {wid: s for wid, s in states.items() if s is not None and s.status in compensated}
+    undone = {(e.service, e.key) for e in world.effects if e.undo}
+    problems = []
+    for effect in world.effects:
+        state = ended.get(effect.workflow_id)
+        if (
+            effect.undo
+            or state is None
+            or effect.key != idempotency_key(effect.workflow_id, effect.step, state.round)
+        ):
+            continue
+        if effect.step not in world.definitions.get(state.workflow).undo_attempts:
+            continue
+        wanted = undo_key(effect.workflow_id, effect.step, state.round)
+        if (effect.service, wanted) not in undone:
+            forward = state.steps[effect.step]
+            problems.append(
+                f"left standing: {effect.service} did {effect.command_id} of {effect.workflow_id} "
+                f"(the step ended {forward.status.value}, attempt {forward.attempt}), which "
+                f"ended {state.status.value} without undoing it"
+            )
+    return problems
 
 
 def _check_undone(

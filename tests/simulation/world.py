@@ -61,7 +61,8 @@ from topics.events import ControlAction, ControlEvent, HealthStatus, RequestEven
 __all__ = ["WORKFLOWS", "World", "sim_settings"]
 
 #: The workflows the simulated clients ask for: a saga whose first step can fall back to
-#: another service and whose last waits for an approval (a signal), a one-step run with
+#: another service, whose second is undone whenever it was attempted and whose last
+#: waits for an approval (a signal), a one-step run with
 #: no step timeout (only its deadline) of which one runs at a time (a concurrency key:
 #: the others queue), and a run whose first step is a child run (of
 #: `parcel`, compensated when the delivery after it fails).
@@ -77,7 +78,7 @@ WORKFLOWS: list[dict[str, Any]] = [
              "fallback": {"service": "backup"}},
             {"id": "reserve", "service": "inventory", "action": "reserve",
              "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"},
-             "compensate": {"action": "release", "timeout": "2s",
+             "compensate": {"action": "release", "timeout": "2s", "on": "attempted",
                             "retry": {"max_attempts": 8, "backoff": "200ms"}}},
             {"id": "approve", "depends_on": ["charge", "reserve"],
              "wait": {"event": "approval"}, "timeout": "3s",

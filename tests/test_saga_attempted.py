@@ -1,0 +1,133 @@
+"""Compensations ``on: attempted``: a step whose work may have been done without a
+success reply (its attempt timed out, its instance died, the run gave it up in flight)
+is undone as a completed one is; a step none of whose attempts went out is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mediator.core.state import StepStatus, dumps, loads
+from mediator.errors import DefinitionError
+from tests.engine_harness import (
+    BUSY,
+    ENGINE,
+    FATAL,
+    T0,
+    Run,
+    apply_undo,
+    commands,
+    fire,
+    make,
+    result,
+    step,
+    undo_reply,
+)
+from topics.events import WorkflowStatus as WS
+
+
+def attempted(step_id: str, *deps: str, **fields: Any) -> dict[str, Any]:
+    """A step undone by ``undo_<step_id>`` once an attempt of it went out."""
+    undo = {"action": f"undo_{step_id}", "on": "attempted"}
+    return step(step_id, *deps, compensate=undo, **fields)
+
+
+@pytest.mark.parametrize("on", ["completed", "attempted"])
+def test_a_step_that_timed_out_for_good_is_undone_only_on_attempted(on: str) -> None:
+    undo = {"action": "refund", "on": on}
+    run = Run(make(step("charge", timeout="2s", compensate=undo), step("ship", "charge")))
+    ended = fire(run, "timeout", "charge", 1)
+    if on == "completed":
+        assert result(ended).status is WS.FAILED  # nothing completed: nothing to undo
+        assert commands(ended) == []
+        return
+    assert run.state.status is WS.COMPENSATING
+    [refund] = commands(ended)
+    assert (refund.step, refund.action, refund.service) == ("charge", "refund", "svc")
+    outcome = result(apply_undo(run, undo_reply(refund)))
+    assert outcome.status is WS.FAILED
+    assert outcome.error is not None and outcome.error.code == "timeout"
+    assert {k: v.status for k, v in outcome.compensations.items()} == {"charge": "completed"}
+
+
+def test_a_step_given_up_in_flight_is_undone_and_a_step_never_sent_is_not() -> None:
+    # `hold` (no timeout) is in flight when `pay` fails for good; `late` never went out:
+    # its breaker was open, so it was parked.
+    workflow = make(attempted("hold"), attempted("late"), step("pay"), step("end", "hold", "pay"))
+    run = Run(workflow)
+    parked = run.outstanding.pop("late")
+    assert ENGINE.park(run.last, parked.command_id)
+    failing = run.fail("pay", FATAL)
+    assert run.state.steps["hold"].status is StepStatus.FAILED
+    assert run.state.steps["late"].status is StepStatus.FAILED
+    [undo] = commands(failing)
+    assert (undo.step, undo.action) == ("hold", "undo_hold")
+    outcome = result(apply_undo(run, undo_reply(undo)))
+    assert set(outcome.compensations) == {"hold"}
+
+
+def test_a_retry_withheld_still_undoes_the_attempt_that_went_out_before_it() -> None:
+    workflow = make(
+        attempted("charge", timeout="2s", retry={"max_attempts": 3}), step("x"), step("e", "x")
+    )
+    run = Run(workflow)
+    fire(run, "timeout", "charge", 1)  # attempt 1 went out and timed out: it may have run
+    assert run.state.steps["charge"].status is StepStatus.RETRYING
+    again = fire(run, "retry", "charge", 1, now=T0 + 5_000)
+    [retry] = commands(again)
+    assert ENGINE.park(again, retry.command_id)  # attempt 2 never goes out
+    failing = run.fail("x", FATAL)
+    [undo] = commands(failing)
+    assert undo.step == "charge"
+    assert result(apply_undo(run, undo_reply(undo))).status is WS.FAILED
+
+
+def test_a_parked_attempt_that_times_out_owes_no_undo() -> None:
+    run = Run(make(attempted("charge", timeout="2s"), step("ship", "charge")))
+    [command] = commands(run.last)
+    assert ENGINE.park(run.last, command.command_id)  # it never went out
+    ended = fire(run, "timeout", "charge", 1)
+    assert commands(ended) == []
+    assert result(ended).status is WS.FAILED
+
+
+def test_the_undo_goes_to_the_service_the_last_attempt_went_to() -> None:
+    undo = {"action": "refund", "on": "attempted"}
+    workflow = make(
+        step("charge", timeout="2s", compensate=undo, fallback={"service": "backup"}),
+        step("ship", "charge"),
+    )
+    run = Run(workflow)
+    [command] = commands(run.last)
+    assert ENGINE.reroute(workflow, run.last, command.command_id)
+    [refund] = commands(fire(run, "timeout", "charge", 1))
+    assert (refund.service, refund.action) == ("backup", "refund")
+
+
+def test_a_retryable_failure_then_success_is_undone_once_like_any_completed_step() -> None:
+    workflow = make(attempted("charge", retry={"max_attempts": 2}), step("ship", "charge"))
+    run = Run(workflow)
+    run.fail("charge", BUSY)
+    run.outstanding.update(
+        {c.step: c for c in commands(fire(run, "retry", "charge", 1, now=T0 + 5_000))}
+    )
+    run.complete("charge")
+    [refund] = commands(run.fail("ship", FATAL))
+    assert refund.step == "charge"
+    assert result(apply_undo(run, undo_reply(refund))).compensations["charge"].attempts == 1
+
+
+def test_where_the_attempt_went_is_stored_with_the_step() -> None:
+    run = Run(make(attempted("charge", timeout="2s"), step("ship", "charge")))
+    run.commit()
+    assert run.state.steps["charge"].sent == "svc"
+    assert loads(dumps(run.state)).steps["charge"].sent == "svc"
+    plain = Run(make(step("charge", compensate={"action": "refund"}), step("ship", "charge")))
+    plain.commit()
+    assert plain.state.steps["charge"].sent is None  # kept only where it is needed
+
+
+def test_an_unknown_on_is_refused() -> None:
+    with pytest.raises(DefinitionError, match="on"):
+        make(step("a", compensate={"action": "undo", "on": "sometimes"}))
