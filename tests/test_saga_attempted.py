@@ -1,14 +1,16 @@
-"""Compensations ``on: attempted``: a step whose work may have been done without a
+"""Compensations ``after: attempted``: a step whose work may have been done without a
 success reply (its attempt timed out, its instance died, the run gave it up in flight)
 is undone as a completed one is; a step none of whose attempts went out is not."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mediator.core.state import StepStatus, dumps, loads
+from mediator.definitions import load_file
 from mediator.errors import DefinitionError
 from tests.engine_harness import (
     BUSY,
@@ -29,16 +31,16 @@ from topics.events import WorkflowStatus as WS
 
 def attempted(step_id: str, *deps: str, **fields: Any) -> dict[str, Any]:
     """A step undone by ``undo_<step_id>`` once an attempt of it went out."""
-    undo = {"action": f"undo_{step_id}", "on": "attempted"}
+    undo = {"action": f"undo_{step_id}", "after": "attempted"}
     return step(step_id, *deps, compensate=undo, **fields)
 
 
-@pytest.mark.parametrize("on", ["completed", "attempted"])
-def test_a_step_that_timed_out_for_good_is_undone_only_on_attempted(on: str) -> None:
-    undo = {"action": "refund", "on": on}
+@pytest.mark.parametrize("after", ["completed", "attempted"])
+def test_a_step_that_timed_out_for_good_is_undone_only_after_attempted(after: str) -> None:
+    undo = {"action": "refund", "after": after}
     run = Run(make(step("charge", timeout="2s", compensate=undo), step("ship", "charge")))
     ended = fire(run, "timeout", "charge", 1)
-    if on == "completed":
+    if after == "completed":
         assert result(ended).status is WS.FAILED  # nothing completed: nothing to undo
         assert commands(ended) == []
         return
@@ -93,7 +95,7 @@ def test_a_parked_attempt_that_times_out_owes_no_undo() -> None:
 
 
 def test_the_undo_goes_to_the_service_the_last_attempt_went_to() -> None:
-    undo = {"action": "refund", "on": "attempted"}
+    undo = {"action": "refund", "after": "attempted"}
     workflow = make(
         step("charge", timeout="2s", compensate=undo, fallback={"service": "backup"}),
         step("ship", "charge"),
@@ -129,5 +131,21 @@ def test_where_the_attempt_went_is_stored_with_the_step() -> None:
 
 
 def test_an_unknown_on_is_refused() -> None:
-    with pytest.raises(DefinitionError, match="on"):
-        make(step("a", compensate={"action": "undo", "on": "sometimes"}))
+    with pytest.raises(DefinitionError, match="after"):
+        make(step("a", compensate={"action": "undo", "after": "sometimes"}))
+
+
+def test_a_yaml_definition_sets_it(tmp_path: Path) -> None:
+    # A key YAML reads as a boolean (`on`, `yes`) would be refused with a puzzling error.
+    path = tmp_path / "order.yaml"
+    path.write_text(
+        "workflows:\n"
+        "  - name: order\n"
+        "    steps:\n"
+        "      - {id: charge, service: payment, action: charge, timeout: 5s,\n"
+        "         compensate: {action: refund, after: attempted}}\n"
+    )
+    [workflow] = load_file(path)
+    compensate = workflow.steps["charge"].compensate
+    assert compensate is not None and compensate.attempted
+    assert workflow.undo_attempts == {"charge"}

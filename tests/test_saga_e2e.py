@@ -341,9 +341,9 @@ async def _signed(producer: AIOKafkaProducer, topic: str, value: bytes, keys: Ke
 async def test_a_step_that_timed_out_is_undone_when_its_compensation_is_on_attempted(
     make_system: Any,
 ) -> None:
-    # `ship` does its work and answers too late: with `on: attempted` its undo goes out
+    # `ship` does its work and answers too late: with `after: attempted` its undo goes out
     # as well as the completed `reserve`'s, in reverse order.
-    undo = {"action": "unship", "on": "attempted"}
+    undo = {"action": "unship", "after": "attempted"}
     workflow = {
         "name": "order",
         "steps": [

@@ -5,7 +5,7 @@ When compensation begins the run is ``compensating``: steps waiting to retry or 
 give up, and steps still in flight that have a timeout are awaited (their reply or timeout
 decides whether they completed, and so need undoing); in-flight steps without a timeout
 are not awaited (child runs are cancelled and awaited: `mediator.core.children`). Then
-every completed step that declares ``compensate`` is undone (and, ``on: attempted``,
+every completed step that declares ``compensate`` is undone (and, ``after: attempted``,
 every step an attempt of which went out in this round: `owed`), in reverse dependency
 order: a step's compensation starts only once every step that
 depended on it, directly or not, has settled and been compensated. Each compensation is
@@ -98,7 +98,7 @@ def compensation(step: Step, forward: StepState) -> Compensation | None:
 
 
 def owed(step: Step, forward: StepState) -> Compensation | None:
-    """The compensation `step` is owed once it settled: it completed, or (``on:
+    """The compensation `step` is owed once it settled: it completed, or (``after:
     attempted``) an attempt of it went out in this round and it did not complete."""
     undo = compensation(step, forward)
     if undo is None or forward.status is StepStatus.COMPLETED:
@@ -110,7 +110,7 @@ def owed(step: Step, forward: StepState) -> Compensation | None:
 
 def needed(workflow: Workflow, state: WorkflowState) -> bool:
     """Whether ending `state` now would leave work to undo: a step with a compensation
-    completed, or is in flight and may still complete, or (``on: attempted``) had an
+    completed, or is in flight and may still complete, or (``after: attempted``) had an
     attempt go out."""
     for sid, s in state.steps.items():
         if s.status in _MAY_DO or s.sent is not None:

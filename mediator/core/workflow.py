@@ -89,7 +89,7 @@ class CompensateSpec(_Spec):
     """The action that undoes a completed step when the run fails or is cancelled."""
 
     action: str = Field(min_length=1)
-    on: Literal["completed", "attempted"] = Field(
+    after: Literal["completed", "attempted"] = Field(
         default="completed",
         description="Which steps are undone: only those that completed, or (``attempted``) "
         "also those that may have done their work without saying so: an attempt of the "
@@ -272,7 +272,7 @@ class Compensation:
     input: Template
     timeout_ms: int | None = None
     retry: RetryPolicy = RetryPolicy()
-    #: ``on: attempted``: also undo a step that did not complete once an attempt went out.
+    #: ``after: attempted``: also undo a step that did not complete once an attempt went out.
     attempted: bool = False
 
 
@@ -357,7 +357,7 @@ class Workflow:
     concurrency: Concurrency | None = None
     #: The steps with a concurrency key of their own, in plan order.
     keyed_steps: tuple[str, ...] = ()
-    #: The steps undone once attempted (a compensation, or the fallback's, ``on:
+    #: The steps undone once attempted (a compensation, or the fallback's, ``after:
     #: attempted``): the service each of their attempts went to is kept in their state.
     undo_attempts: frozenset[str] = frozenset()
 
@@ -575,7 +575,7 @@ def _compensation(
         if undo.timeout is None
         else _duration(name, step, f"{where}.timeout", undo.timeout),
         retry=_retry_policy(name, step, undo.retry),
-        attempted=undo.on == "attempted",
+        attempted=undo.after == "attempted",
     )
 
 

@@ -234,7 +234,7 @@ def _check_effects(world: World, results: dict[str, dict[str, dict[str, Any]]]) 
 
 def _check_left_standing(world: World, states: dict[str, WorkflowState | None]) -> list[str]:
     """In a run that ended failed or cancelled, every piece of work a step undone once
-    attempted (`on: attempted`) did in the run's last round was undone by its service."""
+    attempted (`after: attempted`) did in the run's last round was undone by its service."""
     compensated = (WorkflowStatus.FAILED, WorkflowStatus.CANCELLED)
     ended = {wid: s for wid, s in states.items() if s is not None and s.status in compensated}
     undone = {(e.service, e.key) for e in world.effects if e.undo}

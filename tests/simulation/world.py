@@ -78,7 +78,7 @@ WORKFLOWS: list[dict[str, Any]] = [
              "fallback": {"service": "backup"}},
             {"id": "reserve", "service": "inventory", "action": "reserve",
              "timeout": "2s", "retry": {"max_attempts": 2, "backoff": "200ms"},
-             "compensate": {"action": "release", "timeout": "2s", "on": "attempted",
+             "compensate": {"action": "release", "timeout": "2s", "after": "attempted",
                             "retry": {"max_attempts": 8, "backoff": "200ms"}}},
             {"id": "approve", "depends_on": ["charge", "reserve"],
              "wait": {"event": "approval"}, "timeout": "3s",
