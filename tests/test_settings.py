@@ -128,3 +128,14 @@ def test_a_settings_document_loads_back_the_same(tmp_path: Path) -> None:
     config = tmp_path / "mediator.yaml"
     config.write_text(yaml.safe_dump(settings_document(settings)))
     assert load_settings(config) == settings
+
+
+def test_an_unquoted_off_in_a_yaml_file_is_off(tmp_path: Path) -> None:
+    # YAML reads `off` as false: the documented value must work as written.
+    config = tmp_path / "mediator.yaml"
+    config.write_text("signing:\n  requests: off\n  controls: off\n")
+    settings = load_settings(config)
+    assert (settings.signing.requests, settings.signing.controls) == ("off", "off")
+    config.write_text("signing:\n  requests: yes\n")
+    with pytest.raises(ConfigurationError, match=r"signing\.requests"):
+        load_settings(config)

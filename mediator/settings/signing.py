@@ -155,6 +155,12 @@ class SigningSettings(KeySet):
         "value upgrade.",
     )
 
+    @field_validator("controls", "requests", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: Any) -> Any:
+        # YAML reads an unquoted `off` as false: `requests: off` means "off".
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _valid_keys(self) -> SigningSettings:
         self.signatures()
