@@ -4,7 +4,7 @@ rerouting while a circuit breaker is open."""
 from __future__ import annotations
 
 from mediator.core.counters import svc, wf
-from mediator.core.state import StepStatus
+from mediator.core.state import Failure, StepStatus
 from mediator.core.workflow import Workflow
 from tests.engine_harness import (
     BUSY,
@@ -346,3 +346,32 @@ def test_a_retry_due_in_the_batch_whose_deadline_gives_its_step_up_is_not_sent()
     merged = retry.then(deadline)
     assert run.state.steps["b"].status is StepStatus.FAILED
     assert [(c.step, c.action) for c in commands(merged)] == [("a", "undo_a")]
+
+
+def test_a_command_refused_while_compensating_leaves_the_undos_in_flight() -> None:
+    # `u` completed; in one batch `s`'s retry falls due and `t` fails for good: the
+    # compensation sends u's undo while s (it has a timeout) is awaited; then s's command
+    # turns out too large. The undo must stay, and u must stay completed.
+    workflow = make(
+        undoable("u"),
+        step("s", timeout="5s", retry={"max_attempts": 2}),
+        step("t"),
+        step("end", "u", "s", "t"),
+    )
+    run = Run(workflow)
+    run.complete("u")
+    run.fail("s", BUSY)
+    retry = fire(run, "retry", "s", 1, now=T0 + 5_000)
+    [s_command] = commands(retry)
+    failing = run.fail("t", FATAL, now=T0 + 5_000)
+    merged = retry.then(failing)
+    assert sorted(c.step for c in commands(merged)) == ["s", "u"]
+    too_large: Failure = {"message": "too large", "code": "payload_too_large"}
+    refused = ENGINE.refuse_command(workflow, merged, s_command.command_id, too_large, T0)
+    [undo] = commands(refused)
+    assert (undo.step, undo.action) == ("u", "undo_u")
+    state = refused.state
+    assert state.status is WS.COMPENSATING
+    assert state.steps["u"].status is StepStatus.COMPLETED
+    assert state.steps["s"].status is StepStatus.FAILED
+    assert state.compensations is not None and state.compensations["u"].status is StepStatus.RUNNING

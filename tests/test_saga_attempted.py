@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import (
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
-from mediator.core.state import StepStatus, dumps, loads
+from mediator.core import saga
+from mediator.core.state import Failure, StepStatus, dumps, loads
 from mediator.definitions import load_file
 from mediator.errors import DefinitionError
+from mediator.runtime.failures import failure_code
 from tests.engine_harness import (
     BUSY,
     ENGINE,
@@ -20,12 +27,14 @@ from tests.engine_harness import (
     Run,
     apply_undo,
     commands,
+    control,
     fire,
     make,
     result,
     step,
     undo_reply,
 )
+from topics.events import ControlAction, ErrorInfo
 from topics.events import WorkflowStatus as WS
 
 
@@ -149,3 +158,54 @@ def test_a_yaml_definition_sets_it(tmp_path: Path) -> None:
     compensate = workflow.steps["charge"].compensate
     assert compensate is not None and compensate.attempted
     assert workflow.undo_attempts == {"charge"}
+
+
+def test_an_attempt_kafka_refused_for_good_did_not_go_out() -> None:
+    # The outbox answers a command Kafka refused (unknown topic) with an error reply of
+    # no instance: the step's only attempt never went out, so there is nothing to undo.
+    run = Run(make(attempted("charge"), step("ship", "charge")))
+    refused = ErrorInfo(message="cannot be published", code="unknown_topic")
+    ended = run.fail("charge", refused)
+    assert commands(ended) == []
+    assert result(ended).status is WS.FAILED
+
+
+def test_an_attempt_refused_after_one_that_went_out_is_still_undone() -> None:
+    run = Run(make(attempted("charge", retry={"max_attempts": 2}), step("ship", "charge")))
+    run.fail("charge", BUSY)
+    run.outstanding.update({c.step: c for c in commands(fire(run, "retry", "charge", 1))})
+    refused = ErrorInfo(message="cannot be published", code="unknown_topic")
+    [undo] = commands(run.fail("charge", refused))
+    assert undo.step == "charge"
+
+
+def test_the_outbox_refusal_codes_are_the_ones_the_engine_knows() -> None:
+    excs = [RecordTooLargeError(), UnknownTopicOrPartitionError(),
+            TopicAuthorizationFailedError(), ValueError("?")]  # fmt: skip
+    assert {failure_code(e) for e in excs} == saga.UNDELIVERED
+
+
+def test_a_refused_retry_keeps_what_went_out_before_it_and_a_new_round_forgets_it() -> None:
+    workflow = make(
+        attempted("charge", timeout="2s", retry={"max_attempts": 2}),
+        step("big", retry={"max_attempts": 2}),
+    )
+    run = Run(workflow)
+    fire(run, "timeout", "charge", 1)  # attempt 1 went out: it may have charged
+    run.fail("big", BUSY)
+    # Both retries fall due in one batch, committed as one transition; big's command is
+    # too large, so the run fails and charge's retry is withdrawn (back to pending).
+    first = fire(run, "retry", "charge", 1, now=T0 + 5_000)
+    second = fire(run, "retry", "big", 1, now=T0 + 5_000)
+    [big] = commands(second)
+    too_large: Failure = {"message": "too large", "code": "payload_too_large"}
+    refused = ENGINE.refuse_command(workflow, first.then(second), big.command_id, too_large, T0)
+    run.last, run.state = refused, refused.state
+    assert run.state.steps["charge"].status is StepStatus.PENDING
+    [undo] = commands(refused)  # attempt 1 of charge is undone all the same
+    assert undo.step == "charge"
+    apply_undo(run, undo_reply(undo))
+    assert run.state.status is WS.FAILED
+    again = ENGINE.apply_control(workflow, run.state, control(ControlAction.RETRY), T0 + 9_000)
+    assert again is not None
+    assert again.state.steps["charge"].sent is None  # nothing went out in the new round

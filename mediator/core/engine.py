@@ -25,6 +25,7 @@ from mediator.core.state import (
     StepState,
     StepStatus,
     WorkflowState,
+    evolve,
     failure_of,
     fork,
 )
@@ -166,6 +167,8 @@ class Engine(Attempts):
         failure = failure_of(error)
         failure["step"] = reply.step
         outcome = _outcome(error)
+        if step_state.sent is not None and saga.undelivered(step_state, error, reply.instance):
+            state.steps[reply.step] = evolve(step_state, sent=None)
         transition.count(svc(service, outcome))
         observe(transition, service, outcome, reply.step, step_state, now_ms, reply.instance)
         if error.retryable:
@@ -416,7 +419,11 @@ class Engine(Attempts):
             kept = step_state.status is StepStatus.COMPLETED and (
                 sid not in undone or undone[sid].status is not StepStatus.COMPLETED
             )
-            if kept or step_state.status is StepStatus.PENDING:
+            if kept:
+                continue
+            if step_state.status is StepStatus.PENDING:
+                if step_state.sent is not None:  # what went out did in the round before
+                    state.steps[sid] = evolve(step_state, sent=None)
                 continue
             history = history_of(step_state) if step_state.attempt else step_state.history
             state.steps[sid] = StepState(

@@ -55,6 +55,7 @@ __all__ = [
     "owed",
     "progress",
     "refuse_undo",
+    "undelivered",
     "undo_command_id",
     "undo_key",
     "undo_replied",
@@ -118,6 +119,18 @@ def needed(workflow: Workflow, state: WorkflowState) -> bool:
             if undo is not None and (s.status in _MAY_DO or undo.attempted):
                 return True
     return False
+
+
+#: The codes of the error reply the outbox gives a step whose command Kafka refused for
+#: good (`mediator.runtime.failures.failure_code`): that attempt did not go out.
+UNDELIVERED = frozenset({"too_large", "unknown_topic", "not_authorized", "unprocessable"})
+
+
+def undelivered(forward: StepState, error: ErrorInfo, instance: str | None) -> bool:
+    """Whether an error reply says the step's only attempt never went out: the outbox's
+    reply for a command Kafka refused (no instance answered it) to a step with no attempt
+    before it, so that nothing of the step went out in this round."""
+    return error.code in UNDELIVERED and instance is None and not forward.history
 
 
 def mark_sent(workflow: Workflow, transition: Transition) -> None:

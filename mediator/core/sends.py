@@ -161,7 +161,8 @@ class Sends(Progress):
     ) -> Transition:
         """`transition` (not yet committed) sends a command that cannot be delivered, e.g.
         it is larger than the broker accepts: the command is withdrawn, its step fails with
-        `error` and the run ends (its other new commands are withdrawn too)."""
+        `error` and the run ends (its other new forward commands are withdrawn too), or, if
+        it is compensating already, its compensation goes on (its undos stay)."""
         state = transition.state
         command, step_state = _forward_command(transition, command_id)
         transition.count(svc(command.service, "refused"))
@@ -170,19 +171,23 @@ class Sends(Progress):
             return saga.refuse_undo(
                 self.replies_topic, workflow, transition, command, failure, now_ms
             )
+        withdraw(transition, command)
         state.steps[command.step] = evolve(
             step_state, status=StepStatus.FAILED, output=None, error=failure, finished_ms=now_ms
         )
         for effect in list(transition.effects):
-            if isinstance(effect, SendCommand):
-                withdraw(transition, effect.command)
-                withdrawn = effect.command.step
-                if withdrawn != command.step:
-                    # Never sent: the attempt number is free again (ids stay unique).
-                    was = state.steps[withdrawn]
-                    state.steps[withdrawn] = StepState(
-                        attempt=was.attempt - 1, history=was.history, base=was.base, sent=was.sent
-                    )
+            if not isinstance(effect, SendCommand):
+                continue
+            other, was = _forward_command(transition, effect.command.command_id)
+            if was is None:
+                continue  # an undo: the compensation it belongs to goes on
+            withdraw(transition, other)
+            # Never sent: the attempt number is free again (ids stay unique).
+            state.steps[other.step] = StepState(
+                attempt=was.attempt - 1, history=was.history, base=was.base, sent=was.sent
+            )
+        if state.status is WorkflowStatus.COMPENSATING:
+            return saga.progress(self.replies_topic, workflow, transition, now_ms)
         return self._finish(workflow, transition, now_ms, failure)
 
     @staticmethod
