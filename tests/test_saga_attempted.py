@@ -209,3 +209,61 @@ def test_a_refused_retry_keeps_what_went_out_before_it_and_a_new_round_forgets_i
     again = ENGINE.apply_control(workflow, run.state, control(ControlAction.RETRY), T0 + 9_000)
     assert again is not None
     assert again.state.steps["charge"].sent is None  # nothing went out in the new round
+
+
+def _charged_twice(after: str) -> Run:
+    """charge's attempt 1 goes to its own service and times out; attempt 2, its breaker
+    now open, goes to the fallback `backup`."""
+    undo = {"action": "refund", "after": after}
+    workflow = make(
+        step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
+             compensate=undo, fallback={"service": "backup"}),
+        step("ship", "charge"),
+    )  # fmt: skip
+    run = Run(workflow)
+    fire(run, "timeout", "charge", 1)
+    retry = fire(run, "retry", "charge", 1, now=T0 + 3_000)
+    [second] = commands(retry)
+    assert ENGINE.reroute(workflow, retry, second.command_id)
+    run.outstanding.update({c.step: c for c in commands(retry)})
+    return run
+
+
+def test_work_maybe_done_at_the_step_s_service_and_its_fallback_is_undone_at_both() -> None:
+    run = _charged_twice("attempted")
+    failing = fire(run, "timeout", "charge", 2, now=T0 + 6_000)
+    [at_backup] = commands(failing)  # the last attempt's service first
+    assert (at_backup.service, at_backup.action, at_backup.attempt) == ("backup", "refund", 1)
+    [at_svc] = commands(apply_undo(run, undo_reply(at_backup)))
+    assert (at_svc.service, at_svc.action, at_svc.attempt) == ("svc", "refund", 2)
+    assert at_svc.command_id != at_backup.command_id
+    outcome = result(apply_undo(run, undo_reply(at_svc)))
+    assert outcome.status is WS.FAILED
+    assert outcome.compensations["charge"].status == "completed"
+
+
+def test_a_step_completed_on_its_fallback_after_a_timeout_is_undone_at_both() -> None:
+    run = _charged_twice("attempted")
+    run.complete("charge")
+    [at_backup] = commands(run.fail("ship", FATAL))
+    assert at_backup.service == "backup"
+    [at_svc] = commands(apply_undo(run, undo_reply(at_backup)))
+    assert at_svc.service == "svc"
+    assert result(apply_undo(run, undo_reply(at_svc))).status is WS.FAILED
+
+
+def test_an_undo_that_gives_up_at_one_service_ends_the_run_compensation_failed() -> None:
+    run = _charged_twice("attempted")
+    run.complete("charge")
+    [at_backup] = commands(run.fail("ship", FATAL))
+    ended = apply_undo(run, undo_reply(at_backup, ok=False))  # not retryable
+    assert commands(ended) == []
+    assert result(ended).status is WS.COMPENSATION_FAILED
+
+
+def test_after_completed_undoes_only_where_the_step_completed() -> None:
+    run = _charged_twice("completed")
+    run.complete("charge")
+    [at_backup] = commands(run.fail("ship", FATAL))
+    assert at_backup.service == "backup"
+    assert result(apply_undo(run, undo_reply(at_backup))).status is WS.FAILED

@@ -226,7 +226,9 @@ class Engine(Attempts):
             or undo.command_id != reply.command_id
             or undo.status is not StepStatus.RUNNING
             or undo.attempt != reply.attempt
-            or not _from(reply, saga.compensation(workflow.steps[reply.step], step_state))
+            or not _from(
+                reply, saga.undo_compensation(workflow.steps[reply.step], step_state, undo)
+            )
         ):
             return None
         return saga.undo_replied(self.replies_topic, workflow, state, reply, now_ms)

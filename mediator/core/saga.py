@@ -50,6 +50,7 @@ __all__ = [
     "abandon_in_flight",
     "begin",
     "compensation",
+    "compensation_at",
     "mark_sent",
     "needed",
     "owed",
@@ -57,6 +58,7 @@ __all__ = [
     "refuse_undo",
     "undelivered",
     "undo_command_id",
+    "undo_compensation",
     "undo_key",
     "undo_replied",
     "undo_timer",
@@ -86,10 +88,14 @@ def compensation(step: Step, forward: StepState) -> Compensation | None:
     ran on its fallback is undone by the fallback's own ``compensate``, else by the step's
     compensation sent to the fallback's service. A step that did not complete is undone
     by the service its last attempt that went out was sent to."""
-    fallback = step.fallback
     done = forward.sent is None or forward.status is StepStatus.COMPLETED
-    via = forward.via if done else forward.sent
-    if via is None or fallback is None or via != fallback.service:
+    return compensation_at(step, forward.via if done else _sent(forward)[-1])
+
+
+def compensation_at(step: Step, service: str | None) -> Compensation | None:
+    """How work `step` did at `service` (None: its own) is undone."""
+    fallback = step.fallback
+    if service is None or fallback is None or service != fallback.service:
         return step.compensate
     if fallback.compensate is not None:
         return fallback.compensate
@@ -98,15 +104,47 @@ def compensation(step: Step, forward: StepState) -> Compensation | None:
     return dataclasses.replace(step.compensate, service=fallback.service)
 
 
-def owed(step: Step, forward: StepState) -> Compensation | None:
-    """The compensation `step` is owed once it settled: it completed, or (``after:
-    attempted``) an attempt of it went out in this round and it did not complete."""
+def undo_compensation(step: Step, forward: StepState, undo: StepState) -> Compensation | None:
+    """The compensation that `undo` (the state of `step`'s undo) runs."""
+    return compensation_at(step, undo.via) if undo.via is not None else compensation(step, forward)
+
+
+def owed(step: Step, forward: StepState) -> tuple[str, ...]:
+    """The services whose work `step`, settled, is owed an undo for, in the order they are
+    asked: the one whose attempt completed; or (``after: attempted``) the one the last
+    attempt that went out in this round went to, when the step did not complete. Then,
+    ``after: attempted``, every other service an attempt went to (with a fallback: the
+    step's own and the fallback's), latest first. Empty: nothing is owed."""
     undo = compensation(step, forward)
-    if undo is None or forward.status is StepStatus.COMPLETED:
-        return undo
-    if undo.attempted and forward.sent is not None and forward.status in _SETTLED:
-        return undo
-    return None
+    if undo is None:
+        return ()
+    if forward.status is StepStatus.COMPLETED:
+        lead = forward.via or step.service
+    elif undo.attempted and forward.sent is not None and forward.status in _SETTLED:
+        lead = _sent(forward)[-1]
+    else:
+        return ()
+    rest = [
+        service
+        for service in reversed(_sent(forward))
+        if service != lead and (other := compensation_at(step, service)) and other.attempted
+    ]
+    return (lead, *rest)
+
+
+def _sent(forward: StepState) -> list[str]:
+    """The services attempts of the step went to in this round, the latest last."""
+    return forward.sent.split(",") if forward.sent else []
+
+
+def _next(targets: tuple[str, ...], undo: StepState) -> str | None:
+    """The service to undo at next, `undo` (at one of `targets`) having completed; None
+    when it was the last, or has not completed (an undo given up ends the sequence: the
+    run ends ``compensation_failed``)."""
+    if undo.status is not StepStatus.COMPLETED or undo.via is None or undo.via not in targets:
+        return None
+    at = targets.index(undo.via) + 1
+    return targets[at] if at < len(targets) else None
 
 
 def needed(workflow: Workflow, state: WorkflowState) -> bool:
@@ -144,8 +182,10 @@ def mark_sent(workflow: Workflow, transition: Transition) -> None:
         command = effect.command
         current = steps.get(command.step)
         if current is not None and current.command_id == command.command_id:
-            if current.sent != command.service:
-                steps[command.step] = evolve(current, sent=command.service)
+            went = [service for service in _sent(current) if service != command.service]
+            sent = ",".join([*went, command.service])
+            if current.sent != sent:
+                steps[command.step] = evolve(current, sent=sent)
 
 
 def begin(workflow: Workflow, transition: Transition, now_ms: int) -> None:
@@ -208,14 +248,25 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         forward = steps[sid]
         below = any(busy[d] for d in workflow.dependants[sid])
         undo = undos.get(sid)
-        owes = owed(step, forward) is not None
-        if owes and undo is None and not below and state.paused_ms is None:
-            base = (state.undo_base or {}).get(sid, 0)
-            undo = undos[sid] = _dispatch(reply_to, transition, step, now_ms, base + 1, None, base)
+        targets = owed(step, forward)
+        # With work done at more than one service, each undo says where it goes (`via`).
+        first = targets[0] if len(targets) > 1 else None
+        if targets and not below and state.paused_ms is None:
+            if undo is None:
+                base = (state.undo_base or {}).get(sid, 0)
+                undo = undos[sid] = _dispatch(
+                    reply_to, transition, step, now_ms, base + 1, None, base, first
+                )
+            elif then := _next(targets, undo):
+                # Undone there: the next service's undo, its retries counted afresh.
+                undo = undos[sid] = _dispatch(
+                    reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo),
+                    undo.attempt, then,
+                )  # fmt: skip
         busy[sid] = (
             below
             or forward.status in _IN_FLIGHT
-            or (owes and (undo is None or undo.status in _IN_FLIGHT))
+            or bool(targets and (undo is None or undo.status in _IN_FLIGHT or _next(targets, undo)))
         )  # a paused run's undo not yet sent keeps it compensating until it is resumed
     if any(busy.values()):
         return transition
@@ -243,7 +294,7 @@ def undo_replied(
     undos = state.compensations = dict(state.compensations or {})
     undo = undos[reply.step]
     step = workflow.steps[reply.step]
-    compensate = compensation(step, state.steps[step.id])
+    compensate = undo_compensation(step, state.steps[step.id], undo)
     assert compensate is not None  # an undo was only started for a step that has one
     if compensate.timeout_ms:
         transition.cleared.append(timer_name("undo_timeout", state, step.id, undo.attempt))
@@ -282,7 +333,7 @@ def undo_timer(
     if undo is None or undo.attempt != timer.attempt:
         return None
     step = workflow.steps[timer.step]
-    compensate = compensation(step, state.steps[step.id])
+    compensate = undo_compensation(step, state.steps[step.id], undo)
     if compensate is None:
         return None
     if timer.kind == "undo_timeout" and undo.status is StepStatus.RUNNING:
@@ -312,8 +363,9 @@ def undo_timer(
         undos = transition.state.compensations = dict(state.compensations or {})
         transition.count(svc(compensate.service, "retried"))
         undos[step.id] = _dispatch(
-            reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo), undo.base
-        )
+            reply_to, transition, step, now_ms, undo.attempt + 1, history_of(undo), undo.base,
+            undo.via,
+        )  # fmt: skip
         return progress(reply_to, workflow, transition, now_ms)
     return None
 
@@ -349,7 +401,7 @@ def _fail(
     state = transition.state
     undos = state.compensations = dict(state.compensations or {})
     undo = undos[step.id]
-    compensate = compensation(step, state.steps[step.id])
+    compensate = undo_compensation(step, state.steps[step.id], undo)
     assert compensate is not None
     policy = compensate.retry
     if failure.get("retryable") and undo.attempt - undo.base < policy.max_attempts:
@@ -376,11 +428,17 @@ def _dispatch(
     attempt: int,
     history: list[dict[str, Any]] | None,
     base: int = 0,
+    service: str | None = None,
 ) -> StepState:
     """Send `attempt` of `step`'s compensation (`base` of them were made in earlier
-    rounds); its state."""
+    rounds or at another service) of the work done at `service` (None: the one
+    `compensation` names); its state."""
     state = transition.state
-    compensate = compensation(step, state.steps[step.id])
+    compensate = (
+        compensation_at(step, service)
+        if service is not None
+        else compensation(step, state.steps[step.id])
+    )
     assert compensate is not None
     try:
         if step.child is not None:  # the child run the step's completed attempt started
@@ -401,6 +459,7 @@ def _dispatch(
             finished_ms=now_ms,
             history=history,
             base=base,
+            via=service,
         )
     cid = undo_command_id(state.workflow_id, step.id, attempt)
     timeout = compensate.timeout_ms
@@ -430,4 +489,5 @@ def _dispatch(
         started_ms=now_ms,
         history=history,
         base=base,
+        via=service,
     )

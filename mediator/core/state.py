@@ -98,13 +98,15 @@ class StepState:
     #: Attempts made before the current round (an operator's retry starts a new round;
     #: attempt numbers go on, so every command id stays unique).
     base: int = 0
-    #: The fallback service the current attempt was rerouted to, if it was.
+    #: The fallback service the current attempt was rerouted to, if it was. For a
+    #: compensation of work done at more than one service: the service it undoes now.
     via: str | None = None
     #: The step's concurrency key value the current attempt holds (or waits for) a slot
     #: under (`Step.concurrency`).
     key: str | None = None
-    #: The service the last attempt that went out in this round was sent to; kept only
-    #: for a step undone once attempted (`Compensation.attempted`).
+    #: The services attempts that went out in this round were sent to, comma-separated,
+    #: the latest last; kept only for a step undone once attempted
+    #: (`Compensation.attempted`).
     sent: str | None = None
 
 

@@ -386,7 +386,12 @@ class Advance(Limiting):
         if step_state.command_id == event.command_id:
             service: str | None = step_state.via or step.service
         else:
-            undo = saga.compensation(step, step_state)
+            current = (state.compensations or {}).get(event.step)
+            undo = (
+                saga.undo_compensation(step, step_state, current)
+                if current is not None
+                else saga.compensation(step, step_state)
+            )
             service = undo.service if undo is not None else None
         if service is None or not self.signatures.has_own_keys(service):
             return False

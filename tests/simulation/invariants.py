@@ -272,7 +272,10 @@ def _check_undone(
                 if steps[step].child is not None:
                     continue  # undone by the child run's own steps (`children`)
                 if undo.get("status") == StepStatus.COMPLETED.value:
-                    reported[(wid, step)] += 1
+                    # Work done at a step's service and its fallback is undone at each in
+                    # turn: an earlier attempt that ended without an error completed too.
+                    earlier = [h for h in undo.get("history") or () if not h.get("error")]
+                    reported[(wid, step)] += 1 + len(earlier)
     for slot in sorted(set(reported) | set(undone)):
         if reported[slot] != undone[slot]:
             wid, step = slot

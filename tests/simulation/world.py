@@ -60,9 +60,9 @@ from topics.events import ControlAction, ControlEvent, HealthStatus, RequestEven
 
 __all__ = ["WORKFLOWS", "World", "sim_settings"]
 
-#: The workflows the simulated clients ask for: a saga whose first step can fall back to
-#: another service, whose second is undone whenever it was attempted and whose last
-#: waits for an approval (a signal), a one-step run with
+#: The workflows the simulated clients ask for: a saga whose first two steps are undone
+#: wherever they were attempted (the first can fall back to another service) and whose
+#: last waits for an approval (a signal), a one-step run with
 #: no step timeout (only its deadline) of which one runs at a time (a concurrency key:
 #: the others queue), and a run whose first step is a child run (of
 #: `parcel`, compensated when the delivery after it fails).
@@ -73,7 +73,7 @@ WORKFLOWS: list[dict[str, Any]] = [
         "steps": [
             {"id": "charge", "service": "payment", "action": "charge",
              "timeout": "2s", "retry": {"max_attempts": 3, "backoff": "300ms"},
-             "compensate": {"action": "refund", "timeout": "2s",
+             "compensate": {"action": "refund", "timeout": "2s", "after": "attempted",
                             "retry": {"max_attempts": 8, "backoff": "200ms"}},
              "fallback": {"service": "backup"}},
             {"id": "reserve", "service": "inventory", "action": "reserve",
