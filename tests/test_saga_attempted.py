@@ -24,6 +24,7 @@ from tests.engine_harness import (
     ENGINE,
     FATAL,
     T0,
+    WID,
     Run,
     apply_undo,
     commands,
@@ -267,3 +268,49 @@ def test_after_completed_undoes_only_where_the_step_completed() -> None:
     [at_backup] = commands(run.fail("ship", FATAL))
     assert at_backup.service == "backup"
     assert result(apply_undo(run, undo_reply(at_backup))).status is WS.FAILED
+
+
+def test_work_at_an_attempted_service_is_undone_when_the_last_one_s_is_not() -> None:
+    # charge's own compensation is `after: attempted`; its fallback's is not. Attempt 1
+    # timed out at svc, attempt 2 at backup: svc's refund is owed all the same.
+    workflow = make(
+        step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
+             compensate={"action": "refund", "after": "attempted"},
+             fallback={"service": "backup", "compensate": {"action": "refund_b"}}),
+        step("ship", "charge"),
+    )  # fmt: skip
+    run = Run(workflow)
+    fire(run, "timeout", "charge", 1)
+    retry = fire(run, "retry", "charge", 1, now=T0 + 3_000)
+    [second] = commands(retry)
+    assert ENGINE.reroute(workflow, retry, second.command_id)
+    [refund] = commands(fire(run, "timeout", "charge", 2, now=T0 + 6_000))
+    assert (refund.service, refund.action) == ("svc", "refund")
+    assert result(apply_undo(run, undo_reply(refund))).status is WS.FAILED
+
+
+def test_undos_of_work_at_two_services_carry_keys_of_their_own() -> None:
+    # Both compensations go to one ledger service: a service that deduplicates on the
+    # key must not answer the second from the first.
+    undo = {"action": "refund", "service": "ledger", "after": "attempted"}
+    workflow = make(
+        step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
+             compensate=undo, fallback={"service": "backup", "compensate": undo}),
+        step("ship", "charge"),
+    )  # fmt: skip
+    run = Run(workflow)
+    fire(run, "timeout", "charge", 1)
+    retry = fire(run, "retry", "charge", 1, now=T0 + 3_000)
+    [second] = commands(retry)
+    assert ENGINE.reroute(workflow, retry, second.command_id)
+    [first] = commands(fire(run, "timeout", "charge", 2, now=T0 + 6_000))
+    [then] = commands(apply_undo(run, undo_reply(first)))
+    assert first.service == then.service == "ledger"
+    assert first.idempotency_key == f"{WID}.charge.undo.r0.backup"
+    assert then.idempotency_key == f"{WID}.charge.undo.r0.svc"
+
+
+def test_a_single_undo_keeps_its_key() -> None:
+    run = Run(make(attempted("charge", timeout="2s"), step("ship", "charge")))
+    [refund] = commands(fire(run, "timeout", "charge", 1))
+    assert refund.idempotency_key == f"{WID}.charge.undo.r0"

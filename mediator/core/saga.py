@@ -68,8 +68,6 @@ _IN_FLIGHT = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
 #: A step given up or failed, or put back to pending by a withdrawn retry: it will not run
 #: again in this round.
 _SETTLED = frozenset({StepStatus.FAILED, StepStatus.PENDING})
-#: A step whose attempt may yet complete.
-_MAY_DO = frozenset({StepStatus.COMPLETED, StepStatus.RUNNING})
 
 
 def undo_command_id(workflow_id: str, step: str, attempt: int) -> str:
@@ -78,9 +76,11 @@ def undo_command_id(workflow_id: str, step: str, attempt: int) -> str:
     return f"{workflow_id}.{step}.undo.{attempt}"
 
 
-def undo_key(workflow_id: str, step: str, round_: int) -> str:
-    """The idempotency key of a step's compensation in one round of its run."""
-    return f"{workflow_id}.{step}.undo.r{round_}"
+def undo_key(workflow_id: str, step: str, round_: int, service: str | None = None) -> str:
+    """The idempotency key of a step's compensation in one round of its run; of the undo
+    of its work at `service`, when that work was done at more than one."""
+    key = f"{workflow_id}.{step}.undo.r{round_}"
+    return key if service is None else f"{key}.{service}"
 
 
 def compensation(step: Step, forward: StepState) -> Compensation | None:
@@ -111,25 +111,32 @@ def undo_compensation(step: Step, forward: StepState, undo: StepState) -> Compen
 
 def owed(step: Step, forward: StepState) -> tuple[str, ...]:
     """The services whose work `step`, settled, is owed an undo for, in the order they are
-    asked: the one whose attempt completed; or (``after: attempted``) the one the last
-    attempt that went out in this round went to, when the step did not complete. Then,
-    ``after: attempted``, every other service an attempt went to (with a fallback: the
-    step's own and the fallback's), latest first. Empty: nothing is owed."""
-    undo = compensation(step, forward)
-    if undo is None:
-        return ()
+    asked: the one where it completed (if its compensation there is declared); then every
+    service an attempt went to in this round whose compensation is ``after: attempted``
+    (with a fallback: the step's own and the fallback's), latest first. Empty: nothing
+    is owed (or the step is not settled)."""
     if forward.status is StepStatus.COMPLETED:
-        lead = forward.via or step.service
-    elif undo.attempted and forward.sent is not None and forward.status in _SETTLED:
-        lead = _sent(forward)[-1]
+        where = forward.via or step.service
+        first = [where] if compensation_at(step, forward.via) is not None else []
+    elif forward.status in _SETTLED:
+        first = []
     else:
         return ()
-    rest = [
-        service
-        for service in reversed(_sent(forward))
-        if service != lead and (other := compensation_at(step, service)) and other.attempted
-    ]
-    return (lead, *rest)
+    rest = [service for service in reversed(_sent(forward))
+            if service not in first and _attempted_at(step, service)]  # fmt: skip
+    return (*first, *rest)
+
+
+def _named(step: Step, forward: StepState, service: str) -> bool:
+    """Whether `service` is the one `compensation(step, forward)` undoes the work of."""
+    if forward.status is StepStatus.COMPLETED or forward.sent is None:
+        return service == (forward.via or step.service)
+    return service == _sent(forward)[-1]
+
+
+def _attempted_at(step: Step, service: str) -> bool:
+    undo = compensation_at(step, service)
+    return undo is not None and undo.attempted
 
 
 def _sent(forward: StepState) -> list[str]:
@@ -152,10 +159,13 @@ def needed(workflow: Workflow, state: WorkflowState) -> bool:
     completed, or is in flight and may still complete, or (``after: attempted``) had an
     attempt go out."""
     for sid, s in state.steps.items():
-        if s.status in _MAY_DO or s.sent is not None:
-            undo = compensation(workflow.steps[sid], s)
-            if undo is not None and (s.status in _MAY_DO or undo.attempted):
-                return True
+        step = workflow.steps[sid]
+        if s.status is StepStatus.COMPLETED and owed(step, s):
+            return True
+        if s.status is StepStatus.RUNNING and compensation_at(step, s.via) is not None:
+            return True
+        if any(_attempted_at(step, service) for service in _sent(s)):
+            return True
     return False
 
 
@@ -249,8 +259,13 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         below = any(busy[d] for d in workflow.dependants[sid])
         undo = undos.get(sid)
         targets = owed(step, forward)
-        # With work done at more than one service, each undo says where it goes (`via`).
-        first = targets[0] if len(targets) > 1 else None
+        # An undo says whose work it undoes (`via`) unless it is the one `compensation`
+        # names: with work done at more than one service, each does.
+        first = (
+            None
+            if len(targets) == 1 and _named(step, forward, targets[0])
+            else (targets[0] if targets else None)
+        )
         if targets and not below and state.paused_ms is None:
             if undo is None:
                 base = (state.undo_base or {}).get(sid, 0)
@@ -475,7 +490,7 @@ def _dispatch(
         reply_to,
         now_ms,
         deadline,
-        undo_key(state.workflow_id, step.id, state.round),
+        undo_key(state.workflow_id, step.id, state.round, service),
     )
     transition.count(svc(compensate.service, "compensations"))
     if compensate.timeout_ms:
