@@ -16,6 +16,7 @@ from aiokafka.errors import (
 
 from mediator.core import saga
 from mediator.core.state import Failure, StepStatus, dumps, loads
+from mediator.core.stream import transition_fields
 from mediator.definitions import load_file
 from mediator.errors import DefinitionError
 from mediator.runtime.failures import failure_code
@@ -314,3 +315,13 @@ def test_a_single_undo_keeps_its_key() -> None:
     run = Run(make(attempted("charge", timeout="2s"), step("ship", "charge")))
     [refund] = commands(fire(run, "timeout", "charge", 1))
     assert refund.idempotency_key == f"{WID}.charge.undo.r0"
+
+
+def test_the_stream_reports_each_service_s_undo_completing() -> None:
+    run = _charged_twice("attempted")
+    fire(run, "timeout", "charge", 2, now=T0 + 6_000)
+    before = run.state
+    [at_svc] = commands(apply_undo(run, undo_reply(commands(run.last)[0])))
+    told = [(e["kind"], e.get("attempt")) for e in transition_fields(before, run.state, T0)]
+    assert told == [("undo_completed", 1), ("undo_sent", 2)]
+    assert at_svc.attempt == 2

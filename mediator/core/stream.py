@@ -99,6 +99,7 @@ def _changed(what: str, sid: str, old: StepState | None, new: StepState) -> list
         return []
     if old is None and new.status is StepStatus.PENDING:
         return []
+    found = _undone_before(sid, old, new) if what == "undo" else []
     if new.status is StepStatus.RUNNING:
         kind = "sent"
     else:
@@ -111,7 +112,19 @@ def _changed(what: str, sid: str, old: StepState | None, new: StepState) -> list
     }
     if new.status in (StepStatus.FAILED, StepStatus.RETRYING) and new.error:
         fields["error"] = new.error
-    return [fields]
+    return [*found, fields]
+
+
+def _undone_before(sid: str, old: StepState | None, new: StepState) -> list[dict[str, Any]]:
+    """The completion of a compensation's attempt that the same commit followed with the
+    undo of the step's work at another service (`saga.owed`): reported before it."""
+    if old is None or old.status is not StepStatus.RUNNING or new.attempt <= old.attempt:
+        return []
+    done = next((h for h in new.history or () if h.get("attempt") == old.attempt), None)
+    if done is None or done.get("error"):
+        return []
+    return [{"kind": "undo_completed", "step": sid, "attempt": old.attempt,
+             "step_status": StepStatus.COMPLETED.value}]  # fmt: skip
 
 
 def _error(failure: Failure) -> dict[str, Any]:
