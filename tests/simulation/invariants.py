@@ -249,8 +249,10 @@ def _check_left_standing(world: World, states: dict[str, WorkflowState | None]) 
             continue
         if effect.step not in world.definitions.get(state.workflow).undo_attempts:
             continue
-        wanted = undo_key(effect.workflow_id, effect.step, state.round)
-        if (effect.service, wanted) not in undone:
+        # Its undo's key names the service whose work it undoes when there were several.
+        keys = [undo_key(effect.workflow_id, effect.step, state.round, at)
+                for at in (None, effect.service)]  # fmt: skip
+        if not any((effect.service, key) in undone for key in keys):
             forward = state.steps[effect.step]
             problems.append(
                 f"left standing: {effect.service} did {effect.command_id} of {effect.workflow_id} "
