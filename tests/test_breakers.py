@@ -153,3 +153,39 @@ async def test_upkeep_sorts_a_redis_stall_as_transient(
             "breaker upkeep: Redis unavailable while listing services with parked steps: Timeout"
         )
     )
+
+
+async def test_a_refresh_read_before_a_write_does_not_undo_it(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    # A refresh reads the hash; a write lands; the refresh's older read then reaches the
+    # mirror while the write is still returning. The count written must hold: the
+    # third failure opens the breaker (it was left at two in Redis: never opened).
+    [first, _] = two_replicas(redis_client, key_prefix)
+    await first.record([("pay", False)])
+    key = Keys(key_prefix, 4).breaker("pay")
+    stale = await redis_client.hgetall(key)
+    write = first.hashes.compare_and_set
+
+    async def landing_with_a_stale_refresh(*args: object) -> object:
+        done = await write(*args)  # type: ignore[arg-type]
+        first._load("pay", stale)
+        return done
+
+    first.hashes.compare_and_set = landing_with_a_stale_refresh  # type: ignore[method-assign]
+    await first.record([("pay", False)])
+    first.hashes.compare_and_set = write  # type: ignore[method-assign]
+    assert first.breaker("pay")[1].counter == 2
+    reads = first.hashes.read
+
+    async def older(names: object) -> list[object]:
+        return [stale]
+
+    first.hashes.read = older  # type: ignore[method-assign,assignment]
+    await first.refresh(["pay"])  # a read older than the mirror is not taken back
+    first.hashes.read = reads  # type: ignore[method-assign]
+    assert first.breaker("pay")[1].counter == 2
+    await first.record([("pay", False)])
+    assert first.state("pay") == "open"
+    assert (await redis_client.hgetall(key))[b"state"] == b"open"
+    assert first.stats.opened == 1

@@ -282,7 +282,9 @@ class Breakers:
             return
         raws = await self.hashes.read(names)
         for name, raw in zip(names, raws, strict=True):
-            if raw:
+            # A read older than what this replica wrote since (its write was in flight
+            # while the read was) is not taken back.
+            if raw and _version(raw) >= self.breaker(name)[1].version:
                 self._load(name, raw)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -301,16 +303,24 @@ class Breakers:
         """Compare-and-set the mirror into Redis. False after a conflict (the mirror then
         holds what Redis has)."""
         _, storage = self.breaker(service)
+        expected, written = storage.version, storage.fields()
+        # What was fed is this write's: a refresh during it must not take it back.
+        changes, self._listener.changes = self._listener.changes, []
         try:
             version, held = await self.hashes.compare_and_set(
-                service, storage.version, storage.fields(), self.replica
+                service, expected, written, self.replica
             )
         except StateUnavailable:
             self.stats.errors += 1
             self._listener.changes.clear()
             raise
         if held is None:
+            if (storage.version, storage.fields()) != (expected, written):
+                # A refresh that read the hash before this write landed loaded it while
+                # the write was in flight: the mirror holds what was just written.
+                self._load(service, {"version": version, **_named(written)})
             storage.version = version
+            self._listener.changes = changes
             self._announce()
             return True
         self.stats.conflicts += 1
@@ -341,6 +351,18 @@ class Breakers:
             for callback in self.on_change:
                 callback(service, old, new)
         self._listener.changes.clear()
+
+
+def _version(raw: dict[Any, Any]) -> int:
+    """The version of a breaker's hash as HGETALL returned it."""
+    value = raw.get(b"version", raw.get("version", 0))
+    return int(text(value) if isinstance(value, bytes | str) else value)
+
+
+def _named(fields: tuple[str, int, int, int, int]) -> dict[str, Any]:
+    """`MirrorStorage.fields` by name, as `MirrorStorage.load` takes them."""
+    names = ("state", "counter", "success", "opened_ms", "probe_until_ms")
+    return {name: str(value) for name, value in zip(names, fields, strict=True)}
 
 
 def _feed(cb: pybreaker.CircuitBreaker, ok: bool) -> None:
