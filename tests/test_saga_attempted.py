@@ -213,13 +213,14 @@ def test_a_refused_retry_keeps_what_went_out_before_it_and_a_new_round_forgets_i
     assert again.state.steps["charge"].sent is None  # nothing went out in the new round
 
 
-def _charged_twice(after: str) -> Run:
+def _charged_twice(after: str, undo: dict[str, Any] | None = None, **fallback: Any) -> Run:
     """charge's attempt 1 goes to its own service and times out; attempt 2, its breaker
-    now open, goes to the fallback `backup`."""
-    undo = {"action": "refund", "after": after}
+    now open, goes to the fallback `backup` (with the `fallback` fields given). charge is
+    undone by `undo`, by default ``refund`` `after` as given."""
     workflow = make(
         step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
-             compensate=undo, fallback={"service": "backup"}),
+             compensate=undo or {"action": "refund", "after": after},
+             fallback={"service": "backup", **fallback}),
         step("ship", "charge"),
     )  # fmt: skip
     run = Run(workflow)
@@ -274,17 +275,7 @@ def test_after_completed_undoes_only_where_the_step_completed() -> None:
 def test_work_at_an_attempted_service_is_undone_when_the_last_one_s_is_not() -> None:
     # charge's own compensation is `after: attempted`; its fallback's is not. Attempt 1
     # timed out at svc, attempt 2 at backup: svc's refund is owed all the same.
-    workflow = make(
-        step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
-             compensate={"action": "refund", "after": "attempted"},
-             fallback={"service": "backup", "compensate": {"action": "refund_b"}}),
-        step("ship", "charge"),
-    )  # fmt: skip
-    run = Run(workflow)
-    fire(run, "timeout", "charge", 1)
-    retry = fire(run, "retry", "charge", 1, now=T0 + 3_000)
-    [second] = commands(retry)
-    assert ENGINE.reroute(workflow, retry, second.command_id)
+    run = _charged_twice("attempted", compensate={"action": "refund_b"})
     [refund] = commands(fire(run, "timeout", "charge", 2, now=T0 + 6_000))
     assert (refund.service, refund.action) == ("svc", "refund")
     assert result(apply_undo(run, undo_reply(refund))).status is WS.FAILED
@@ -294,16 +285,7 @@ def test_undos_of_work_at_two_services_carry_keys_of_their_own() -> None:
     # Both compensations go to one ledger service: a service that deduplicates on the
     # key must not answer the second from the first.
     undo = {"action": "refund", "service": "ledger", "after": "attempted"}
-    workflow = make(
-        step("charge", timeout="2s", retry={"max_attempts": 2, "backoff": "10ms"},
-             compensate=undo, fallback={"service": "backup", "compensate": undo}),
-        step("ship", "charge"),
-    )  # fmt: skip
-    run = Run(workflow)
-    fire(run, "timeout", "charge", 1)
-    retry = fire(run, "retry", "charge", 1, now=T0 + 3_000)
-    [second] = commands(retry)
-    assert ENGINE.reroute(workflow, retry, second.command_id)
+    run = _charged_twice("attempted", undo=undo, compensate=undo)
     [first] = commands(fire(run, "timeout", "charge", 2, now=T0 + 6_000))
     [then] = commands(apply_undo(run, undo_reply(first)))
     assert first.service == then.service == "ledger"
