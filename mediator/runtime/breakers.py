@@ -303,22 +303,22 @@ class Breakers:
         """Compare-and-set the mirror into Redis. False after a conflict (the mirror then
         holds what Redis has)."""
         _, storage = self.breaker(service)
-        expected, written = storage.version, storage.fields()
+        expected, written = storage.version, storage.as_fields()
         # What was fed is this write's: a refresh during it must not take it back.
         changes, self._listener.changes = self._listener.changes, []
         try:
             version, held = await self.hashes.compare_and_set(
-                service, expected, written, self.replica
+                service, expected, storage.fields(), self.replica
             )
         except StateUnavailable:
             self.stats.errors += 1
             self._listener.changes.clear()
             raise
         if held is None:
-            if (storage.version, storage.fields()) != (expected, written):
+            if (storage.version, storage.as_fields()) != (expected, written):
                 # A refresh that read the hash before this write landed loaded it while
                 # the write was in flight: the mirror holds what was just written.
-                self._load(service, {"version": version, **_named(written)})
+                self._load(service, {"version": version, **written})
             storage.version = version
             self._listener.changes = changes
             self._announce()
@@ -357,12 +357,6 @@ def _version(raw: dict[Any, Any]) -> int:
     """The version of a breaker's hash as HGETALL returned it."""
     value = raw.get(b"version", raw.get("version", 0))
     return int(text(value) if isinstance(value, bytes | str) else value)
-
-
-def _named(fields: tuple[str, int, int, int, int]) -> dict[str, Any]:
-    """`MirrorStorage.fields` by name, as `MirrorStorage.load` takes them."""
-    names = ("state", "counter", "success", "opened_ms", "probe_until_ms")
-    return {name: str(value) for name, value in zip(names, fields, strict=True)}
 
 
 def _feed(cb: pybreaker.CircuitBreaker, ok: bool) -> None:
