@@ -176,16 +176,38 @@ async def test_a_refresh_read_before_a_write_does_not_undo_it(
     await first.record([("pay", False)])
     first.hashes.compare_and_set = write  # type: ignore[method-assign]
     assert first.breaker("pay")[1].counter == 2
+    assert first.stats.opened == 0
     reads = first.hashes.read
 
-    async def older(names: object) -> list[object]:
-        return [stale]
+    async def overtaken(names: list[str]) -> list[object]:
+        # The refresh reads the count of two; the third failure is written before the
+        # read comes back.
+        raws = await reads(names)
+        await first.record([("pay", False)])
+        return raws
 
-    first.hashes.read = older  # type: ignore[method-assign,assignment]
-    await first.refresh(["pay"])  # a read older than the mirror is not taken back
+    first.hashes.read = overtaken  # type: ignore[method-assign]
+    await first.refresh(["pay"])  # what a write overtook is not taken back
     first.hashes.read = reads  # type: ignore[method-assign]
-    assert first.breaker("pay")[1].counter == 2
-    await first.record([("pay", False)])
     assert first.state("pay") == "open"
     assert (await redis_client.hgetall(key))[b"state"] == b"open"
     assert first.stats.opened == 1
+
+
+async def test_a_refresh_takes_a_hash_redis_began_again(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    # Redis lost the hash (restarted empty) after this replica's mirror reached version
+    # 4; another replica then opened the breaker, at a lower version. That is
+    # what Redis holds: a refresh takes it, so commands to `pay` park here too.
+    first, second = two_replicas(redis_client, key_prefix)
+    for _ in range(2):
+        await first.record([("pay", False)])
+        await first.record([("pay", True)])
+    assert first.breaker("pay")[1].version == 4
+    await redis_client.delete(Keys(key_prefix, 4).breaker("pay"))
+    await second.record([("pay", False)] * 3)
+    assert second.state("pay") == "open"
+    await first.refresh(["pay"])
+    assert first.state("pay") == "open"
+    assert first.gate("pay", NOW) == "park"

@@ -165,6 +165,9 @@ class Breakers:
         self.on_change: list[Callable[[str, str, str], None]] = []
         #: Services this replica knows are in `Keys.parked_services`.
         self._parking: set[str] = set()
+        #: Per service, bumped when a write of its breaker starts and when it ends (odd:
+        #: one is in flight). A refresh loads only what no write overlapped.
+        self._writes: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -280,11 +283,13 @@ class Breakers:
         names = sorted({*self._breakers, *services})
         if not names:
             return
+        writes = [self._writes.get(name, 0) for name in names]
         raws = await self.hashes.read(names)
-        for name, raw in zip(names, raws, strict=True):
-            # A read older than what this replica wrote since (its write was in flight
-            # while the read was) is not taken back.
-            if raw and _version(raw) >= self.breaker(name)[1].version:
+        for name, raw, before in zip(names, raws, writes, strict=True):
+            # A read that a write of this replica overlapped may be older than what was
+            # written: the write leaves the mirror as it should be. Otherwise Redis is
+            # taken as it is, even at a lower version (it lost the hash and began again).
+            if raw and before % 2 == 0 and self._writes.get(name, 0) == before:
                 self._load(name, raw)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -306,6 +311,7 @@ class Breakers:
         expected, written = storage.version, storage.as_fields()
         # What was fed is this write's: a refresh during it must not take it back.
         changes, self._listener.changes = self._listener.changes, []
+        self._writes[service] = self._writes.get(service, 0) + 1
         try:
             version, held = await self.hashes.compare_and_set(
                 service, expected, storage.fields(), self.replica
@@ -314,10 +320,12 @@ class Breakers:
             self.stats.errors += 1
             self._listener.changes.clear()
             raise
+        finally:
+            self._writes[service] += 1
         if held is None:
             if (storage.version, storage.as_fields()) != (expected, written):
-                # A refresh that read the hash before this write landed loaded it while
-                # the write was in flight: the mirror holds what was just written.
+                # Something loaded the mirror while this write was in flight: it holds
+                # what was just written.
                 self._load(service, {"version": version, **written})
             storage.version = version
             self._listener.changes = changes
@@ -351,12 +359,6 @@ class Breakers:
             for callback in self.on_change:
                 callback(service, old, new)
         self._listener.changes.clear()
-
-
-def _version(raw: dict[Any, Any]) -> int:
-    """The version of a breaker's hash as HGETALL returned it."""
-    value = raw.get(b"version", raw.get("version", 0))
-    return int(text(value) if isinstance(value, bytes | str) else value)
 
 
 def _feed(cb: pybreaker.CircuitBreaker, ok: bool) -> None:
