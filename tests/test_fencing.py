@@ -20,8 +20,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from mediator.core.ids import workflow_id_for
 from mediator.runtime.groups import inbound_group
 from mediator.runtime.messages import frame
+from mediator.sdk.client import SubmitTimeout
 from mediator.settings import Settings
 from mediator.storage.keys import Keys
 from tests.helpers import read_to_end, wait_for
@@ -90,9 +92,14 @@ async def test_replica_frozen_past_session_and_lease_gives_each_request_one_resu
     distinct: list[ResultEvent] = []
     client.on_result = distinct.append
     done: list[ResultEvent] = []
+    missing: list[str] = []
 
     async def submit(n: int) -> None:
-        done.append(await client.submit("chain3", {"n": n}, request_id=f"fz-{n}", timeout=180))
+        request_id = f"fz-{n}"
+        try:
+            done.append(await client.submit("chain3", {"n": n}, request_id=request_id, timeout=90))
+        except SubmitTimeout:
+            missing.append(request_id)
 
     tasks: list[asyncio.Task[None]] = []
 
@@ -168,6 +175,8 @@ async def test_replica_frozen_past_session_and_lease_gives_each_request_one_resu
     )
 
     assert codes == [0, 0], [r.output()[-3000:] for r in (frozen, survivor)]
+    if missing:
+        pytest.fail(await _stuck(redis_client, keys, sorted(missing), (frozen, survivor)))
     assert frozen_at < REQUESTS, "the run finished before the freeze; make the service slower"
     assert {r.request_id for r in done} == {f"fz-{n}" for n in range(REQUESTS)}
     assert all(r.status is WorkflowStatus.COMPLETED for r in done)
@@ -183,6 +192,32 @@ async def test_replica_frozen_past_session_and_lease_gives_each_request_one_resu
     assert {rid: ids.pop() for rid, ids in mixed.items()} == {
         r.request_id: r.result_id for r in distinct
     }
+
+
+async def _stuck(
+    redis: Redis, keys: Keys, missing: list[str], replicas: tuple[MediatorProcess, ...]
+) -> str:
+    """What Redis and the replicas' logs say about requests that got no result."""
+    lines = [f"{len(missing)} requests got no result: {missing[:20]}"]
+    for request_id in missing[:5]:
+        workflow_id = workflow_id_for(request_id)
+        state = await redis.hgetall(keys.workflow(workflow_id))
+        fields = {k.decode(): v.decode(errors="replace") for k, v in state.items()}
+        if "state" in fields:
+            run = orjson.loads(fields.pop("state"))
+            fields["steps"] = {
+                name: {k: v for k, v in step.items() if k not in ("output", "history")}
+                for name, step in run.get("steps", {}).items()
+            }
+        outbox = await redis.hgetall(keys.outbox(keys.shard_of(workflow_id)))
+        pending = [k.decode() for k in outbox if k.decode().startswith(workflow_id)]
+        lines.append(f"{request_id} ({workflow_id}): state {fields}; outbox {pending}")
+        for replica in replicas:
+            said = [ln for ln in replica.output().splitlines() if workflow_id in ln]
+            lines.append(f"  {replica.name} logged: {said[-10:]}")
+    for replica in replicas:
+        lines.append(f"{replica.name}'s last lines:\n{replica.output()[-2000:]}")
+    return "\n".join(lines)
 
 
 async def _outbox_empty(redis: Redis, keys: Keys) -> bool:
