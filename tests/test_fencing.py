@@ -62,6 +62,7 @@ def _shutdown_stats(output: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # beyond a request's 90 s, so that a stuck one is reported
 async def test_replica_frozen_past_session_and_lease_gives_each_request_one_result(
     make_system: Any, redis_client: Redis, tmp_path: Path
 ) -> None:
@@ -141,7 +142,10 @@ async def test_replica_frozen_past_session_and_lease_gives_each_request_one_resu
         await submitter
         await asyncio.gather(*tasks)
         rest_s = time.monotonic() - started
-        await wait_for(lambda: _outbox_empty(redis_client, keys), timeout=30, what="outbox drained")
+        if not missing:  # else what is left is reported below
+            await wait_for(
+                lambda: _outbox_empty(redis_client, keys), timeout=30, what="outbox drained"
+            )
         # Anything the frozen replica still had in hand went out when it resumed.
         await asyncio.sleep(1.0)
     finally:
