@@ -88,8 +88,16 @@ def compensation(step: Step, forward: StepState) -> Compensation | None:
     ran on its fallback is undone by the fallback's own ``compensate``, else by the step's
     compensation sent to the fallback's service. A step that did not complete is undone
     by the service its last attempt that went out was sent to."""
-    done = forward.sent is None or forward.status is StepStatus.COMPLETED
-    return compensation_at(step, forward.via if done else _sent(forward)[-1])
+    return compensation_at(step, _worked_at(forward))
+
+
+def _worked_at(forward: StepState) -> str | None:
+    """The service whose work `compensation` undoes: the one the step completed at or,
+    when no attempt is recorded as sent, the one it was routed to (None: its own); else
+    the one its last attempt that went out was sent to."""
+    if forward.sent is None or forward.status is StepStatus.COMPLETED:
+        return forward.via
+    return _sent(forward)[-1]
 
 
 def compensation_at(step: Step, service: str | None) -> Compensation | None:
@@ -125,13 +133,6 @@ def owed(step: Step, forward: StepState) -> tuple[str, ...]:
     rest = [service for service in reversed(_sent(forward))
             if service not in first and _attempted_at(step, service)]  # fmt: skip
     return (*first, *rest)
-
-
-def _named(step: Step, forward: StepState, service: str) -> bool:
-    """Whether `service` is the one `compensation(step, forward)` undoes the work of."""
-    if forward.status is StepStatus.COMPLETED or forward.sent is None:
-        return service == (forward.via or step.service)
-    return service == _sent(forward)[-1]
 
 
 def _attempted_at(step: Step, service: str) -> bool:
@@ -261,11 +262,8 @@ def progress(reply_to: str, workflow: Workflow, transition: Transition, now_ms: 
         targets = owed(step, forward)
         # An undo says whose work it undoes (`via`) unless it is the one `compensation`
         # names: with work done at more than one service, each does.
-        first = (
-            None
-            if len(targets) == 1 and _named(step, forward, targets[0])
-            else (targets[0] if targets else None)
-        )
+        named = (_worked_at(forward) or step.service,)
+        first = targets[0] if targets and targets != named else None
         if targets and not below and state.paused_ms is None:
             if undo is None:
                 base = (state.undo_base or {}).get(sid, 0)
