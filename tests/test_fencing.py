@@ -25,6 +25,7 @@ from mediator.runtime.groups import inbound_group
 from mediator.runtime.messages import frame
 from mediator.sdk.client import SubmitTimeout
 from mediator.settings import Settings
+from mediator.storage.commit import state_of
 from mediator.storage.keys import Keys
 from tests.helpers import read_to_end, wait_for
 from tests.processes import MediatorProcess, group_members
@@ -205,17 +206,17 @@ async def _stuck(
     lines = [f"{len(missing)} requests got no result: {missing[:20]}"]
     for request_id in missing[:5]:
         workflow_id = workflow_id_for(request_id)
-        state = await redis.hgetall(keys.workflow(workflow_id))
-        fields = {k.decode(): v.decode(errors="replace") for k, v in state.items()}
-        if "state" in fields:
-            run = orjson.loads(fields.pop("state"))
-            fields["steps"] = {
-                name: {k: v for k, v in step.items() if k not in ("output", "history")}
-                for name, step in run.get("steps", {}).items()
-            }
-        outbox = await redis.hgetall(keys.outbox(keys.shard_of(workflow_id)))
+        state = state_of(workflow_id, await redis.hgetall(keys.workflow(workflow_id)))
+        run = (
+            "no state"
+            if state is None
+            else f"{state.status.value}, steps "
+            + str({sid: (s.status.value, s.attempt, s.command_id, s.instance)
+                   for sid, s in state.steps.items()})
+        )  # fmt: skip
+        outbox = await redis.hkeys(keys.outbox(keys.shard_of(workflow_id)))
         pending = [k.decode() for k in outbox if k.decode().startswith(workflow_id)]
-        lines.append(f"{request_id} ({workflow_id}): state {fields}; outbox {pending}")
+        lines.append(f"{request_id} ({workflow_id}): {run}; outbox {pending}")
         for replica in replicas:
             said = [ln for ln in replica.output().splitlines() if workflow_id in ln]
             lines.append(f"  {replica.name} logged: {said[-10:]}")
