@@ -417,8 +417,9 @@ async def check_waits(world: World) -> list[str]:
             parked |= {text(m) for m in await redis.zrange(keys.parked(shard, service), 0, -1)}
     # A run committed by a batch still in progress may lack its place in its concurrency
     # key's queue for a moment: after a failover lost it, the batch puts it back once its
-    # commit is made (its timers, written with the commit, have no such moment).
-    unsettled = {
+    # commit is made (its timers, written with the commit, have no such moment). If the
+    # replica died first, the batch that reads its input again does it.
+    unsettled = world.orphans() | {
         wid
         for replica in world.replicas.values()
         for runs in replica.store.unsettled.values()

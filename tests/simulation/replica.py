@@ -167,6 +167,8 @@ class GatedStore(Store):
         #: The runs each batch still in progress has committed: what follows its commit
         #: (a queue place put back after a failover lost it) is not done yet.
         self.unsettled: dict[asyncio.Task[Any], set[str]] = {}
+        #: Told the runs of each batch that finished (see `World.orphaned`).
+        self.on_settled: Callable[[set[str]], None] = lambda runs: None
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
         if commits:
@@ -192,7 +194,7 @@ class GatedStore(Store):
             return
         if task not in self.unsettled:
             self.unsettled[task] = set()
-            task.add_done_callback(lambda done: self.unsettled.pop(done, None))
+            task.add_done_callback(lambda done: self.on_settled(self.unsettled.pop(done, set())))
         self.unsettled[task].add(workflow_id)
 
     async def claim_timers(

@@ -224,6 +224,10 @@ class World:
         }
         self.instances: list[Instance] = []
         self.replicas: dict[str, SimReplica] = {}
+        #: Runs a killed replica's batches committed and did not finish with (a queue
+        #: place a failover lost is put back after the commit), with the reads it had not
+        #: committed: its input is read again, and the batch that reads it finishes them.
+        self.orphaned: list[tuple[set[str], list[tuple[Group, tuple[str, int], int]]]] = []
         #: Every replica that ran, killed ones too (for `coverage`).
         self.every_replica: list[SimReplica] = []
         self.incarnations = 0
@@ -329,6 +333,7 @@ class World:
             name, self.server, self.log, self.settings, self.definitions, self.gate,
             self.revisions, self.hand_ons, self.pauses,
         )  # fmt: skip
+        replica.store.on_settled = self._settled
         sweep = replica.registry.sweep
 
         async def recorded_sweep(services: Any = None) -> Any:
@@ -538,7 +543,30 @@ class World:
         group.rewind(tp, to)
         self.note(f"{name} {kind} rewound {tp[0].split('.')[-1]}[{tp[1]}] {position} -> {to}")
 
+    def orphans(self) -> set[str]:
+        """The runs of `orphaned` whose input is not read again yet, nor committed since."""
+        return {
+            wid
+            for runs, unread in self.orphaned
+            if any(group.committed.get(tp, 0) < position for group, tp, position in unread)
+            for wid in runs
+        }
+
+    def _settled(self, runs: set[str]) -> None:
+        for orphans, _ in self.orphaned:
+            orphans -= runs
+
     def crash(self, name: str) -> None:
+        # What its batches in progress committed waits for their input to be read again.
+        runs = {w for done in self.replicas[name].store.unsettled.values() for w in done}
+        if runs:
+            unread = [
+                (group, tp, group.position[tp])
+                for group in self.groups.values()
+                for tp in group.owned(name)
+                if group.position.get(tp, 0) > group.committed.get(tp, 0)
+            ]
+            self.orphaned.append((runs, unread))
         del self.replicas[name]
         for task, paused in list(self.paused.items()):
             if paused.owner == name:
