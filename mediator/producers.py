@@ -15,7 +15,9 @@ from mediator.errors import IdempotenceUnsupported
 from mediator.kafka import KafkaConnection, as_connection, client_options
 
 __all__ = [
+    "DEFAULT_MAX_REQUEST_SIZE",
     "DeferredProducer",
+    "fits_a_batch",
     "idempotence_refused",
     "new_producer",
     "partition_for",
@@ -42,6 +44,20 @@ def partition_for(
 #: small events) made hundreds of concurrent sends queue behind one broker round trip.
 #: Kept well under a broker's default message.max.bytes (1 MiB).
 MAX_BATCH_BYTES = 512 * 1024
+
+
+#: aiokafka's default `max_request_size`.
+DEFAULT_MAX_REQUEST_SIZE = 1_048_576
+#: Room for a record's framing and its batch's header within `max_request_size`.
+_FRAMING_BYTES = 512
+
+
+def fits_a_batch(size: int, max_request_size: int) -> bool:
+    """Whether a record of `size` bytes (key, value and headers) may go in a record batch
+    its sender builds: the producer checks a record against its `max_request_size` only
+    when it is given by `send`, so one near the limit goes that way, where a record over
+    it is refused at once, as the producer would refuse it."""
+    return size + _FRAMING_BYTES <= max_request_size
 
 
 def new_producer(

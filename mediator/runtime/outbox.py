@@ -24,7 +24,7 @@ from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
 from mediator.core.workflow import CHILD_PREFIX
 from mediator.errors import StateUnavailable
-from mediator.producers import partition_for
+from mediator.producers import DEFAULT_MAX_REQUEST_SIZE, fits_a_batch, partition_for
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.messages import EVENTS, Message, unframe
 from mediator.runtime.ports import BatchBuilder, BatchingProducer, OutboxStore, Producer
@@ -62,8 +62,12 @@ class Dispatcher:
         sweep_batch: int = 500,
         signatures: Signatures | None = None,
         clear_ms: int = 0,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     ) -> None:
         self.store = store
+        #: The producer's `max_request_size`: a message near it is sent alone (`send`),
+        #: where the producer checks it.
+        self.max_request_size = max_request_size
         #: Signs the error replies written in a service's stead (None: signing is off).
         self.signatures = signatures
         self.producer = producer
@@ -192,8 +196,8 @@ class Dispatcher:
         `create_batch` and `send_batch`: about a third of the CPU of a `send` per record).
         Appends what went to `sent` and sorts the failure of those whose batch the
         producer refused; returns those left to `send` one by one: without a key or a
-        partition (the producer chooses at random), or of a topic whose partitions the
-        producer could not tell.
+        partition (the producer chooses at random), of a topic whose partitions the
+        producer could not tell, or near the producer's size limit (`fits_a_batch`).
 
         A key goes to the partition the producer's own partitioner gives it
         (`partition_for`, over the same partitions), so a run's messages take the same
@@ -211,7 +215,7 @@ class Dispatcher:
             if known is None:
                 known = partitions[topic] = await self._partitions(producer, topic)
             partition = self._partition_of(message, known) if known else None
-            if partition is None:
+            if partition is None or not fits_a_batch(message.size, self.max_request_size):
                 singles.append(message)
                 continue
             used: list[_Batch] = []
