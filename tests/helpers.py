@@ -439,3 +439,26 @@ class RecordingDispatcher:
     async def send_now(self, messages: Sequence[Message]) -> None:
         await asyncio.sleep(0)
         self.direct += messages
+
+
+class FakeBatch:
+    """A record batch its sender fills (aiokafka's `BatchBuilder`), of at most `limit`
+    bytes of values; like aiokafka's, it takes its first record whatever its size."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+
+    def append(
+        self,
+        *,
+        timestamp: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> object | None:
+        assert value is not None
+        if self.records and sum(len(v) for _, v, _ in self.records) + len(value) > self.limit:
+            return None  # full; like aiokafka's, it takes its first record whatever its size
+        self.records.append((key, value, list(headers)))
+        return object()

@@ -26,6 +26,7 @@ from mediator.runtime.messages import EVENTS, Message
 from mediator.runtime.outbox import Dispatcher
 from mediator.settings import BackoffSettings
 from mediator.storage.keys import Keys
+from tests.helpers import FakeBatch
 from topics import DeadLetter, ReplyEvent
 from topics.names import Topics
 
@@ -367,26 +368,6 @@ async def test_leases_of_slow_publishes_are_renewed_by_elapsed_time_not_wall_clo
     assert set(d._inflight) == {(0, slow.id)}  # the lost one is no longer renewed
     assert d.stats.lost_in_flight == 1 and d.stats.fenced == 0
     pending.cancel()
-
-
-class FakeBatch:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
-
-    def append(
-        self,
-        *,
-        timestamp: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] = (),
-    ) -> object | None:
-        assert value is not None
-        if self.records and sum(len(v) for _, v, _ in self.records) + len(value) > self.limit:
-            return None  # full; like aiokafka's, it takes its first record whatever its size
-        self.records.append((key, value, list(headers)))
-        return object()
 
 
 class BatchingProducer(FakeProducer):

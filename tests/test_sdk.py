@@ -13,10 +13,12 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError, RequestTimedOutError
 
 from mediator import clock, codec
 from mediator.core.signing import Keyring
 from mediator.errors import IdempotenceUnsupported
+from mediator.producers import partition_for
 from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
 from mediator.sdk.worker import ActionError, Worker
 from tests.helpers import (
@@ -24,6 +26,7 @@ from tests.helpers import (
     SERVICE,
     TEST_KEYRING,
     TEST_KEYS,
+    FakeBatch,
     command,
     committed,
     read,
@@ -482,3 +485,108 @@ async def test_a_result_on_a_partition_added_after_the_client_started_is_read(
             await producer.stop()
         assert (await waiting).result_id == "res-late"  # read once the client looked again
         assert len(client._consumer.assignment()) == 4
+
+
+class ReplyProducer:
+    """The part of aiokafka's producer a worker's replies use: batches built by the worker
+    (`send_batch`, answered with `batch_failure` if set), and `send` and `send_and_wait`
+    one by one (a value in `refuse` is refused for good, as too large)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, list[bytes]]] = []
+        self.alone: list[bytes] = []
+        self.batch_failure: BaseException | None = None
+        self.refuse: set[bytes] = set()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(1 << 20)
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        delivery: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if self.batch_failure is not None:
+            delivery.set_exception(self.batch_failure)
+        else:
+            self.batches.append((topic, partition, [value for _, value, _ in batch.records]))
+            delivery.set_result(None)
+        return delivery
+
+    async def send_and_wait(self, topic: str, value: bytes, **_: Any) -> None:
+        if value in self.refuse:
+            raise MessageSizeTooLargeError
+        self.alone.append(value)
+
+
+def reply_worker(producer: ReplyProducer) -> tuple[Worker, TopicPartition]:
+    w = Worker(SERVICE, "127.0.0.1:1", signing=False)
+    w._producer = producer  # type: ignore[assignment]
+    tp = TopicPartition("inbox", 0)
+    for offset in range(10):
+        w._offsets.add(tp, offset)
+    return w, tp
+
+
+async def replied(w: Worker, *pairs: tuple[CommandEvent, bytes]) -> None:
+    """Queue one reply per pair, as commands finishing in one turn of the loop do, and wait
+    until each is delivered or given up."""
+    tp = TopicPartition("inbox", 0)
+    for offset, (cmd, reply) in enumerate(pairs):
+        await w._send(cmd, reply, tp, offset)
+    while w._flusher is not None or w._tasks:
+        await asyncio.gather(*[t for t in (w._flusher, *w._tasks) if t is not None])
+        await asyncio.sleep(0)
+
+
+def answer(n: int, size: int = 10) -> tuple[CommandEvent, bytes]:
+    cmd = command(Topics(), "echo", workflow_id=f"wf-{n}")
+    return cmd, orjson.dumps({"command_id": cmd.command_id, "pad": "x" * size})
+
+
+async def test_replies_of_one_turn_go_in_batches_one_per_partition() -> None:
+    producer = ReplyProducer()
+    w, tp = reply_worker(producer)
+    pairs = [answer(n) for n in range(6)]
+
+    await replied(w, *pairs)
+
+    expected: dict[int, list[bytes]] = {}
+    for cmd, reply in pairs:
+        expected.setdefault(partition_for(cmd.workflow_id.encode(), [0, 1], []), []).append(reply)
+    assert {p: values for _, p, values in producer.batches} == expected
+    assert len(producer.batches) == len(expected) and producer.alone == []
+    assert w._offsets.committable([tp]) == {tp: 6}
+
+
+async def test_a_batch_refused_for_good_sends_each_reply_alone_only_the_culprit_is_replaced() -> (
+    None
+):
+    producer = ReplyProducer()
+    producer.batch_failure = MessageSizeTooLargeError("too big")
+    w, tp = reply_worker(producer)
+    ok1, big, ok2 = answer(1), answer(1, size=5000), answer(1)  # one key: one batch
+    producer.refuse.add(big[1])
+
+    await replied(w, ok1, big, ok2)
+
+    assert producer.batches == []
+    assert ok1[1] in producer.alone and ok2[1] in producer.alone and len(producer.alone) == 3
+    [error] = [orjson.loads(v) for v in producer.alone if v not in (ok1[1], ok2[1])]
+    assert error["command_id"] == big[0].command_id
+    assert error["status"] == "error" and error["error"]["code"] == "undeliverable"
+    assert w.stats["undeliverable"] == 1 and w.stats["send_retries"] == 0
+    assert w._offsets.committable([tp]) == {tp: 3}
+
+
+async def test_a_batch_failing_for_now_retries_each_of_its_replies() -> None:
+    producer = ReplyProducer()
+    producer.batch_failure = RequestTimedOutError()
+    w, tp = reply_worker(producer)
+    pairs = [answer(1), answer(1)]
+
+    await replied(w, *pairs)
+
+    assert sorted(producer.alone) == sorted(reply for _, reply in pairs)
+    assert w.stats["send_retries"] == 2 and w.stats["undeliverable"] == 0
+    assert w._offsets.committable([tp]) == {tp: 2}

@@ -23,13 +23,17 @@ from mediator.kafka import KafkaConnection
 from mediator.sdk.offsets import OffsetTracker
 from mediator.sdk.tally import Tally
 from topics.events import (
+    CommandEvent,
     HealthStatus,
 )
 from topics.names import Topics
 
-__all__ = ["InFlight"]
+__all__ = ["InFlight", "Queued"]
 
 log = logging.getLogger("mediator.worker")
+
+#: A reply waiting for the producer: its command, its bytes, and where the command was read.
+Queued = tuple[CommandEvent, bytes, TopicPartition, int]
 
 
 class InFlight:
@@ -75,6 +79,9 @@ class InFlight:
     _consumer: AIOKafkaConsumer | None
     _producer: AIOKafkaProducer | None
     _task: asyncio.Task[None] | None
+    #: Replies waiting for the producer, and the task handing them over (see `Replies`).
+    _outgoing: list[Queued]
+    _flusher: asyncio.Task[None] | None
 
     def _done(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` is dealt with: its offset may be committed."""

@@ -64,6 +64,7 @@ from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer
 from mediator.sdk.actions import ActionError, Handler
 from mediator.sdk.claims import Claims
+from mediator.sdk.inflight import Queued
 from mediator.sdk.intake import Intake
 from mediator.sdk.keys import service_keyring
 from mediator.sdk.offsets import OffsetTracker
@@ -180,6 +181,8 @@ class Worker(Intake):
         self._running: dict[str, asyncio.Future[bytes] | None] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._outgoing: list[Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -256,6 +259,9 @@ class Worker(Intake):
                 if pending:
                     log.warning("worker stop: %d commands did not finish in time", len(pending))
                     await asyncio.gather(*(cancel_and_wait(t) for t in pending))
+            if self._flusher is not None:
+                # Replies queued by the commands that finished go to the producer first.
+                await asyncio.wait({self._flusher}, timeout=self.stop_timeout)
             if self._producer is not None:
                 # Replies handed to the producer are delivered before the last commit.
                 with contextlib.suppress(TimeoutError, KafkaError):
