@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
 import pytest
@@ -21,12 +20,10 @@ from aiokafka.errors import (
 )
 
 from mediator.errors import StateUnavailable
-from mediator.producers import partition_for
 from mediator.runtime.messages import EVENTS, Message
 from mediator.runtime.outbox import Dispatcher
 from mediator.settings import BackoffSettings
 from mediator.storage.keys import Keys
-from tests.helpers import FakeBatch
 from topics import DeadLetter, ReplyEvent
 from topics.names import Topics
 
@@ -368,154 +365,3 @@ async def test_leases_of_slow_publishes_are_renewed_by_elapsed_time_not_wall_clo
     assert set(d._inflight) == {(0, slow.id)}  # the lost one is no longer renewed
     assert d.stats.lost_in_flight == 1 and d.stats.fenced == 0
     pending.cancel()
-
-
-class BatchingProducer(FakeProducer):
-    """Also takes batches its caller built, as aiokafka's producer does. A batch with a
-    record in `fail_later` fails whole (the broker answers for the batch); `refuse_batch`
-    makes `send_batch` raise for a topic."""
-
-    def __init__(self, partitions: int = 4, batch_bytes: int = 1 << 20) -> None:
-        super().__init__()
-        self.partitions = partitions
-        self.batch_bytes = batch_bytes
-        self.batches: list[tuple[str, int, list[bytes]]] = []
-        self.refuse_batch: dict[str, BaseException] = {}
-        self.no_metadata: set[str] = set()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        if topic in self.no_metadata:
-            raise KafkaTimeoutError
-        return set(range(self.partitions))
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch(self.batch_bytes)
-
-    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
-        if topic in self.refuse_batch:
-            raise self.refuse_batch[topic]
-        assert 0 <= partition < self.partitions, "Unrecognized partition"
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        values = [value for _, value, _ in batch.records]
-        failure = next((self.fail_later[v] for v in values if v in self.fail_later), None)
-        if failure is not None:
-            future.set_exception(failure)
-        else:
-            self.batches.append((topic, partition, values))
-            self.published += [(topic, value) for value in values]
-            future.set_result(None)
-        return future
-
-
-def routed(n: int, partition: int | None, size: int = 10) -> Message:
-    message = command(n, size)
-    message.partition = partition
-    return message
-
-
-async def test_messages_go_in_batches_one_per_partition_where_the_partitioner_puts_them() -> None:
-    store, producer = FakeStore(), BatchingProducer()
-    keyed = [command(n) for n in range(1, 7)]
-    pinned, nowhere, entry = routed(7, 2), routed(8, 9), events(9)
-    d = dispatcher(store, producer)
-
-    await d.send([*keyed, pinned, nowhere, entry])
-    await settle(d)
-
-    svc = TOPICS.service("svc")
-    by_partition: dict[int, list[bytes]] = {}
-    for m in [*keyed, nowhere]:  # a partition the topic lacks: the key chooses instead
-        assert m.key is not None
-        by_partition.setdefault(partition_for(m.key, [0, 1, 2, 3], []), []).append(m.value)
-    by_partition.setdefault(2, []).append(pinned.value)
-    expected = {(svc, p): sorted(v) for p, v in by_partition.items()}
-    assert {(t, p): sorted(v) for t, p, v in producer.batches if t == svc} == expected
-    assert len([b for b in producer.batches if b[0] == svc]) == len(expected)
-    assert entry.key is not None
-    assert [(t, p, v) for t, p, v in producer.batches if t == TOPICS.events] == [
-        (TOPICS.events, partition_for(entry.key, [0, 1, 2, 3], []), entry.records)
-    ]
-    assert len(store.done) == 9 and d.published == 11
-    assert d.stats.unknown_partition == 1 and d.stats.dead == 0
-
-
-async def test_a_full_batch_is_followed_by_another_and_order_is_kept() -> None:
-    store, producer = FakeStore(), BatchingProducer(batch_bytes=300)
-    messages = [routed(n, 1, size=100) for n in range(1, 6)]
-    d = dispatcher(store, producer)
-
-    await d.send(messages)
-    await settle(d)
-
-    assert len(producer.batches) > 1
-    assert [v for _, _, vs in producer.batches for v in vs] == [m.value for m in messages]
-    assert len(store.done) == 5
-
-
-async def test_a_batch_refused_for_good_goes_again_one_by_one_only_the_culprit_is_buried() -> None:
-    # The broker refuses a batch for one record in it: the others must not be
-    # dead-lettered with it.
-    store, producer = FakeStore(), BatchingProducer()
-    ok1, big, ok2 = routed(1, 0), routed(2, 0, size=5000), routed(3, 0)
-    producer.fail_later[big.value] = MessageSizeTooLargeError("too big")
-    producer.refuse_now[big.value] = MessageSizeTooLargeError("too big")
-    d = dispatcher(store, producer)
-
-    await d.send([ok1, big, ok2])
-    await settle(d)
-
-    svc = TOPICS.service("svc")
-    assert producer.batches == []  # the one batch was refused
-    assert [v for t, v in producer.published if t == svc] == [ok1.value, ok2.value]
-    [dead] = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
-    assert dead.code == "too_large" and dead.size == len(big.value)
-    [reply] = [ReplyEvent.model_validate_json(v) for t, v in producer.published
-               if t == TOPICS.replies]  # fmt: skip
-    assert reply.command_id == "wf-2.a.1" and reply.status == "error"
-    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
-    assert d.stats.dead == 1 and d.stats.retried == 0
-
-
-async def test_a_batch_failing_for_now_reschedules_each_of_its_messages_with_backoff() -> None:
-    store, producer = FakeStore(), BatchingProducer()
-    first, second, other = routed(1, 0), routed(2, 0), routed(3, 1)
-    producer.fail_later[second.value] = KafkaTimeoutError()
-    d = dispatcher(store, producer)
-
-    await d.send([first, second, other])
-    await settle(d)
-
-    assert store.done == [(0, "wf-3.a.1")]
-    assert sorted((held, delay) for _, held, delay in store.renewed) == [
-        ([("wf-1.a.1", 7)], 250),
-        ([("wf-2.a.1", 7)], 250),
-    ]
-    assert d.stats.retried == 2 and d.stats.dead == 0
-
-
-async def test_a_batch_the_producer_will_not_take_reschedules_its_messages() -> None:
-    store, producer = FakeStore(), BatchingProducer()
-    producer.refuse_batch[TOPICS.service("svc")] = KafkaTimeoutError()
-    entry = events(3)
-    d = dispatcher(store, producer)
-
-    await d.send([command(1), command(2), entry])
-    await settle(d)
-
-    assert store.done == [(0, "wf-3:2:events")]
-    assert sorted(held[0][0] for _, held, _ in store.renewed) == ["wf-1.a.1", "wf-2.a.1"]
-    assert d.stats.retried == 2
-
-
-async def test_without_a_topics_partitions_each_message_is_sent_and_sorted_alone() -> None:
-    store, producer = FakeStore(), BatchingProducer()
-    producer.no_metadata.add(TOPICS.service("svc"))
-    keyless = Message(0, "r-1", TOPICS.results, None, b'{"r":1}', [], "result")
-    d = dispatcher(store, producer)
-
-    await d.send([command(1), keyless])
-    await settle(d)
-
-    assert producer.batches == []
-    assert sorted(v for _, v in producer.published) == sorted([command(1).value, keyless.value])
-    assert sorted(store.done) == [(0, "r-1"), (0, "wf-1.a.1")]

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import cast
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -24,10 +23,9 @@ from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
 from mediator.core.workflow import CHILD_PREFIX
 from mediator.errors import StateUnavailable
-from mediator.producers import DEFAULT_MAX_REQUEST_SIZE, fits_a_batch, partition_for
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.messages import EVENTS, Message, unframe
-from mediator.runtime.ports import BatchBuilder, BatchingProducer, OutboxStore, Producer
+from mediator.runtime.ports import OutboxStore, Producer
 from mediator.runtime.stats import OutboxStats
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
@@ -62,12 +60,8 @@ class Dispatcher:
         sweep_batch: int = 500,
         signatures: Signatures | None = None,
         clear_ms: int = 0,
-        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     ) -> None:
         self.store = store
-        #: The producer's `max_request_size`: a message near it is sent alone (`send`),
-        #: where the producer checks it.
-        self.max_request_size = max_request_size
         #: Signs the error replies written in a service's stead (None: signing is off).
         self.signatures = signatures
         self.producer = producer
@@ -108,17 +102,14 @@ class Dispatcher:
         while self._pending and (left := deadline - clock.monotonic()) > 0:
             await asyncio.wait(set(self._pending), timeout=left)
 
-    async def send(
-        self, messages: Sequence[Message], since: float | None = None, *, singly: bool = False
-    ) -> None:
+    async def send(self, messages: Sequence[Message], since: float | None = None) -> None:
         """Hand outbox `messages` to the producer now; clear them once acknowledged.
 
         `since` is the monotonic time just before their leases were taken: if this
         replica stalled for a good part of a lease since (a long GC pause, SIGSTOP), it
         first checks with Redis which entries it still holds and sends only those.
         Returns as soon as the producer holds them. Backpressure: if too many batches are
-        still unacknowledged, waits for the oldest first. They are handed over in record
-        batches built here, one per partition (`singly`: one `send` each).
+        still unacknowledged, waits for the oldest first.
         """
         if not messages:
             return
@@ -127,7 +118,15 @@ class Dispatcher:
         elif clock.monotonic() - since > self.lease_ms / 2000:
             since = clock.monotonic()
             messages = await self._still_held(messages)
-        sent = await self._hand_over(messages, since, singly)
+        sent: list[tuple[Message, list[asyncio.Future[object]]]] = []
+        for message in messages:
+            try:
+                future = await self._produce(message)
+            except Exception as exc:  # sorted per message, never the whole batch
+                await self._failed(message, exc)
+                continue
+            self._inflight[(message.shard, message.id)] = (message, since)
+            sent.append((message, future))
         if not sent:
             return
         task = asyncio.create_task(self._settle(sent))
@@ -170,120 +169,6 @@ class Dispatcher:
                 log.error("dead letter to %s could not be published: %s", message.topic, error)
                 continue
             await self._bury(message, error)
-
-    async def _hand_over(
-        self, messages: Sequence[Message], since: float, singly: bool
-    ) -> list[_Sent]:
-        """Give `messages` to the producer: those it can take as record batches built here
-        (one per partition of a topic, in order), the others one `send` each. Those the
-        producer refused at once are sorted by `_failed`; the rest are in flight."""
-        sent: list[_Sent] = []
-        if not singly and hasattr(self.producer, "send_batch"):
-            messages = await self._batches(messages, sent)
-        for message in messages:
-            try:
-                futures = await self._produce(message)
-            except Exception as exc:  # sorted per message, never the whole batch
-                await self._failed(message, exc)
-                continue
-            sent.append((message, futures, False))
-        for message, _, _ in sent:
-            self._inflight[(message.shard, message.id)] = (message, since)
-        return sent
-
-    async def _batches(self, messages: Sequence[Message], sent: list[_Sent]) -> list[Message]:
-        """`_hand_over` for a producer that takes batches built by its caller (aiokafka's
-        `create_batch` and `send_batch`: about a third of the CPU of a `send` per record).
-        Appends what went to `sent` and sorts the failure of those whose batch the
-        producer refused; returns those left to `send` one by one: without a key or a
-        partition (the producer chooses at random), of a topic whose partitions the
-        producer could not tell, or near the producer's size limit (`fits_a_batch`).
-
-        A key goes to the partition the producer's own partitioner gives it
-        (`partition_for`, over the same partitions), so a run's messages take the same
-        partition by either way.
-        """
-        producer = cast(BatchingProducer, self.producer)
-        partitions: dict[str, list[int]] = {}
-        open_batches: dict[tuple[str, int], _Batch] = {}
-        batches: list[_Batch] = []
-        placed: list[tuple[Message, list[_Batch]]] = []
-        singles: list[Message] = []
-        for message in messages:
-            topic = message.topic
-            known = partitions.get(topic)
-            if known is None:
-                known = partitions[topic] = await self._partitions(producer, topic)
-            partition = self._partition_of(message, known) if known else None
-            if partition is None or not fits_a_batch(message.size, self.max_request_size):
-                singles.append(message)
-                continue
-            used: list[_Batch] = []
-            for value in message.records:
-                batch = open_batches.get((topic, partition))
-                if batch is None or not batch.add(message, value):
-                    batch = open_batches[(topic, partition)] = _Batch(
-                        producer.create_batch(), topic, partition
-                    )
-                    batches.append(batch)
-                    batch.add(message, value)
-                if not used or used[-1] is not batch:
-                    used.append(batch)
-            placed.append((message, used))
-        await self._submit(producer, batches, placed, sent)
-        return singles
-
-    async def _submit(
-        self,
-        producer: BatchingProducer,
-        batches: list[_Batch],
-        placed: list[tuple[Message, list[_Batch]]],
-        sent: list[_Sent],
-    ) -> None:
-        """Hand `batches` to the producer; each message of `placed` (with the batches it is
-        in) goes to `sent`, or has its failure sorted if one of them was refused."""
-        for batch in batches:
-            try:
-                batch.future = await producer.send_batch(
-                    batch.builder, batch.topic, partition=batch.partition
-                )
-            except Exception as exc:
-                batch.refused = exc
-        for message, used in placed:
-            error = next((b.refused for b in used if b.refused is not None), None)
-            futures = [b.future for b in used if b.future is not None]
-            if error is None:
-                sent.append((message, futures, True))
-                continue
-            for future in futures:  # its other records' outcome is not awaited
-                future.add_done_callback(_observed)
-            await self._failed(message, error)
-
-    @staticmethod
-    async def _partitions(producer: Producer, topic: str) -> list[int]:
-        """The partitions of `topic` in the order the producer's partitioner is given them;
-        none if it cannot tell (`send` then sorts the failure of each message)."""
-        try:
-            return list(await producer.partitions_for(topic))
-        except Exception:
-            return []
-
-    def _partition_of(self, message: Message, partitions: list[int]) -> int | None:
-        """The partition `message` goes to, None if the producer is to choose."""
-        partition = message.partition
-        if partition is not None:
-            if partition in partitions:
-                return partition
-            self._unknown_partition(message, partition)
-        if message.key is None:
-            return None
-        return partition_for(message.key, partitions, partitions)
-
-    def _unknown_partition(self, message: Message, partition: int) -> None:
-        # A partition the topic does not have (an instance announced one it cannot own, or
-        # the topic shrank): the key chooses instead.
-        self.stats.unknown_partition += 1
-        log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
 
     # -- failures --------------------------------------------------------------------------
 
@@ -414,7 +299,10 @@ class Dispatcher:
                         headers=message.headers,
                     )
                 ]
-            self._unknown_partition(message, partition)
+            # A partition the topic does not have (an instance announced one it cannot
+            # own, or the topic shrank): the key chooses instead.
+            self.stats.unknown_partition += 1
+            log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
         return [
             await self.producer.send(
                 message.topic, message.value, key=message.key, headers=message.headers
@@ -457,19 +345,6 @@ class Dispatcher:
                         message.headers, "event")  # fmt: skip
         await self._bury(event, exc)
 
-    def _batched_outcome(self, results: list[object]) -> object:
-        """The outcome of a message sent in batches built here, from theirs: a cancelled
-        batch's (the producer is stopping), else a transient failure's, else any other
-        failure's, else None."""
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            if isinstance(failure, asyncio.CancelledError):
-                return failure
-        for failure in failures:
-            if self._transient(failure):
-                return failure
-        return failures[0] if failures else None
-
     async def _records_outcome(self, message: Message, results: list[object]) -> object:
         """The outcome of an "events" entry from its records' (in order): a cancelled
         record's (the producer is stopping), else a transient failure's (the entry is sent
@@ -491,23 +366,18 @@ class Dispatcher:
             return exc
         return None
 
-    async def _settle(self, sent: Sequence[_Sent]) -> None:
-        futures = {id(f): f for _, fs, _ in sent for f in fs}
-        gathered = await asyncio.gather(*futures.values(), return_exceptions=True)
-        outcomes = dict(zip(futures, gathered, strict=True))
+    async def _settle(self, sent: Sequence[tuple[Message, list[asyncio.Future[object]]]]) -> None:
+        outcomes = iter(
+            await asyncio.gather(*(f for _, fs in sent for f in fs), return_exceptions=True)
+        )
         done = []
-        again: list[Message] = []
-        for message, records, batched in sent:
-            results = [outcomes[id(f)] for f in records]
-            result: object
-            if batched:
-                result = self._batched_outcome(results)
-                published = len(message.records)
-            elif len(records) == 1:
-                result, published = results[0], 1
+        for message, records in sent:
+            if len(records) == 1:
+                result, published = next(outcomes), 1
                 if result is _DEAD_LETTERED:
                     result, published = None, 0
             else:
+                results = [next(outcomes) for _ in records]
                 result = await self._records_outcome(message, results)
                 published = sum(
                     r is not _DEAD_LETTERED and not isinstance(r, BaseException) for r in results
@@ -517,11 +387,6 @@ class Dispatcher:
                 # The producer is stopping: the entry stays, and its lease runs out.
                 self._inflight.pop(slot, None)
                 continue
-            if batched and isinstance(result, BaseException) and not self._transient(result):
-                # Refused for good: for this message, or for another in its batch? Sent
-                # again alone, where a refusal is its own.
-                again.append(message)
-                continue
             if isinstance(result, BaseException):
                 await self._failed(message, result)
                 continue
@@ -530,10 +395,6 @@ class Dispatcher:
             self.published += published
             if message.shard >= 0:
                 done.append(slot)
-        if again:
-            held = [self._inflight.get((m.shard, m.id)) for m in again]
-            since = min((h[1] for h in held if h is not None), default=clock.monotonic())
-            await self.send(again, since, singly=True)
         if not done:
             return
         self._acked += done
@@ -623,31 +484,6 @@ class Dispatcher:
 #: The outcome standing in for a record of an "events" entry dead-lettered when it was
 #: handed to the producer.
 _DEAD_LETTERED = object()
-
-#: A message with the producer: its records' futures, and whether it went in batches built
-#: here (whose outcome is shared with the other messages in them).
-_Sent = tuple[Message, list["asyncio.Future[object]"], bool]
-
-
-class _Batch:
-    """A record batch being built for one partition of a topic."""
-
-    __slots__ = ("builder", "future", "partition", "refused", "topic")
-
-    def __init__(self, builder: BatchBuilder, topic: str, partition: int) -> None:
-        self.builder = builder
-        self.topic = topic
-        self.partition = partition
-        self.future: asyncio.Future[object] | None = None
-        self.refused: BaseException | None = None
-
-    def add(self, message: Message, value: bytes) -> bool:
-        """Append one record of `message`; False if the batch is full (a batch takes its
-        first record whatever its size)."""
-        added = self.builder.append(
-            timestamp=None, key=message.key, value=value, headers=message.headers
-        )
-        return added is not None
 
 
 def _observed(future: asyncio.Future[object]) -> None:

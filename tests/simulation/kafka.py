@@ -130,33 +130,10 @@ class Group:
         self.position[tp] = max(0, min(to, self.position.get(tp, 0)))
 
 
-class SimBatch:
-    """A record batch the outbox fills (aiokafka's `BatchBuilder`), of at most `limit`
-    records; the first always fits."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.records: list[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]] = []
-
-    def append(
-        self,
-        *,
-        timestamp: int | None,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] = (),
-    ) -> object | None:
-        if len(self.records) >= self.limit:
-            return None
-        self.records.append((key, value, headers))
-        return len(self.records)
-
-
 class SimProducer:
     """The outbox's producer port: waits at its owner's gate (a replica can stall there,
-    between committing and publishing), then appends, a record or a batch of them. Like
-    aiokafka, it refuses a partition the topic does not have with an `AssertionError`.
-    Batches hold few records, so that a publish often takes several."""
+    between committing and publishing), then appends. Like aiokafka, it refuses a
+    partition the topic does not have with an `AssertionError`."""
 
     def __init__(self, log: Log, gate: Callable[[str], Any]) -> None:
         self.log = log
@@ -180,18 +157,4 @@ class SimProducer:
         record = self.log.append(topic, value, key, partition, headers or ())
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         done.set_result(record)
-        return done
-
-    def create_batch(self) -> SimBatch:
-        return SimBatch(limit=3)
-
-    async def send_batch(
-        self, batch: SimBatch, topic: str, *, partition: int
-    ) -> asyncio.Future[object]:
-        await self._gate("publish")
-        assert 0 <= partition < self.log.partitions(topic), "Unrecognized partition"
-        for key, value, headers in batch.records:
-            self.log.append(topic, value, key, partition, headers)
-        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
         return done
