@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError, RequestTimedOutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, RequestTimedOutError
 
 from mediator import clock, codec
 from mediator.core.signing import Keyring
@@ -496,15 +497,18 @@ class ReplyProducer:
         self.batches: list[tuple[str, int, list[bytes]]] = []
         self.alone: list[bytes] = []
         self.batch_failure: BaseException | None = None
+        self.refuse_batch: BaseException | None = None
         self.refuse: set[bytes] = set()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return {0, 1}
+        self.client = SimpleNamespace(
+            cluster=SimpleNamespace(partitions_for_topic=lambda topic: {0, 1})
+        )
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch(1 << 20)
 
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        if self.refuse_batch is not None:
+            raise self.refuse_batch
         delivery: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         if self.batch_failure is not None:
             delivery.set_exception(self.batch_failure)
@@ -534,8 +538,9 @@ async def replied(w: Worker, *pairs: tuple[CommandEvent, bytes]) -> None:
     tp = TopicPartition("inbox", 0)
     for offset, (cmd, reply) in enumerate(pairs):
         await w._send(cmd, reply, tp, offset)
-    while w._flusher is not None or w._tasks:
-        await asyncio.gather(*[t for t in (w._flusher, *w._tasks) if t is not None])
+    await asyncio.sleep(0)  # the hand-over, scheduled for the loop's next turn
+    while w._flush_due or w._submits or w._tasks:
+        await asyncio.gather(*w._submits, *w._tasks, return_exceptions=True)
         await asyncio.sleep(0)
 
 
@@ -576,6 +581,47 @@ async def test_a_batch_refused_for_good_sends_each_reply_alone_only_the_culprit_
     assert error["command_id"] == big[0].command_id
     assert error["status"] == "error" and error["error"]["code"] == "undeliverable"
     assert w.stats["undeliverable"] == 1 and w.stats["send_retries"] == 0
+    assert w._offsets.committable([tp]) == {tp: 3}
+
+
+async def test_a_batch_the_producer_will_not_take_sends_each_reply_alone() -> None:
+    # aiokafka waits for room in the partition and then refuses with a KafkaTimeoutError,
+    # which is not retriable: the replies must not become error replies for it.
+    producer = ReplyProducer()
+    producer.refuse_batch = KafkaTimeoutError()
+    w, tp = reply_worker(producer)
+    pairs = [answer(1), answer(2), answer(1)]
+
+    await replied(w, *pairs)
+
+    assert sorted(producer.alone) == sorted(reply for _, reply in pairs)
+    assert w.stats["undeliverable"] == 0 and not w._submits
+    assert w._offsets.committable([tp]) == {tp: 3}
+
+
+async def test_a_reply_that_cannot_be_signed_releases_its_offset_the_others_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    producer = ReplyProducer()
+    w, tp = reply_worker(producer)
+    pairs = [answer(1), answer(2), answer(3)]
+    broken = pairs[1][1]
+    signed = w._reply_headers
+
+    def headers(command: CommandEvent, reply: bytes) -> list[tuple[str, bytes]]:
+        if reply == broken:
+            msg = "signing failed"
+            raise RuntimeError(msg)
+        return signed(command, reply)
+
+    w._reply_headers = headers  # type: ignore[method-assign]
+
+    await replied(w, *pairs)
+
+    assert sorted(v for _, _, vs in producer.batches for v in vs) == sorted(
+        [pairs[0][1], pairs[2][1]]
+    )
+    assert "signing failed" in caplog.text
     assert w._offsets.committable([tp]) == {tp: 3}
 
 

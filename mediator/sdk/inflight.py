@@ -79,9 +79,11 @@ class InFlight:
     _consumer: AIOKafkaConsumer | None
     _producer: AIOKafkaProducer | None
     _task: asyncio.Task[None] | None
-    #: Replies waiting for the producer, and the task handing them over (see `Replies`).
+    #: Replies waiting for the producer, whether handing them over is scheduled, and the
+    #: tasks handing their batches over (see `Replies`).
     _outgoing: list[Queued]
-    _flusher: asyncio.Task[None] | None
+    _flush_due: bool
+    _submits: set[asyncio.Future[Any]]
 
     def _done(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` is dealt with: its offset may be committed."""

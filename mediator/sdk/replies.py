@@ -50,75 +50,77 @@ class Replies(InFlight):
         commands that finish at once, say) go together, in record batches built per
         partition (`_flush`): about a third of the CPU of a `send` each."""
         self._outgoing.append((command, reply, tp, offset))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name=f"replies:{self.service}")
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _flush(self) -> None:
-        """Hand the queued replies to the producer until none is left."""
-        try:
-            while self._outgoing:
-                replies, self._outgoing = self._outgoing, []
-                await self._hand_over(replies)
-        finally:
-            self._flusher = None
-
-    async def _hand_over(self, replies: list[Queued]) -> None:
-        """`_flush` for one lot of replies: a key goes where the producer's partitioner
-        puts it, over the same partitions; a reply to a topic whose partitions the
-        producer cannot tell, or near its size limit (`fits_a_batch`), goes alone, by
-        `send`."""
+    def _flush(self) -> None:
+        """Hand the queued replies to the producer, without waiting for it: a key goes
+        where the producer's partitioner puts it, over the same partitions, and each
+        batch is handed over by a task of its own, so a partition the producer has no
+        room in yet holds up no other. A reply to a topic the producer knows no
+        partitions of yet, or near its size limit (`fits_a_batch`), goes alone, by
+        `send`, in a task of its own."""
+        self._flush_due = False
+        replies, self._outgoing = self._outgoing, []
         producer = self._producer
-        assert producer is not None
+        if not replies or producer is None:
+            return  # stopped: not committed, consumed again later
         limit = self._producer_options.get("max_request_size", DEFAULT_MAX_REQUEST_SIZE)
-        partitions: dict[str, list[int]] = {}
-        batches: list[tuple[Any, str, int, list[Queued]]] = []
-        open_batches: dict[tuple[str, int], tuple[Any, str, int, list[Queued]]] = {}
+        batches: dict[tuple[str, int], tuple[Any, list[Queued]]] = {}
         for queued in replies:
             command, reply, tp, offset = queued
-            topic = command.reply_to
-            known = partitions.get(topic)
-            if known is None:
-                try:
-                    known = list(await producer.partitions_for(topic))
-                except KafkaError:
-                    known = []
-                partitions[topic] = known
-            key = command.workflow_id.encode()
-            headers = self._reply_headers(command, reply)
-            size = len(key) + len(reply) + sum(len(k) + len(v) for k, v in headers)
-            if not known or not fits_a_batch(size, limit):
-                await self._send_one(command, reply, tp, offset)
-                continue
-            partition = partition_for(key, known, known)
-            batch = open_batches.get((topic, partition))
-            if (
-                batch is None
-                or batch[0].append(timestamp=None, key=key, value=reply, headers=headers) is None
-            ):
-                batch = open_batches[(topic, partition)] = (
-                    producer.create_batch(),
-                    topic,
-                    partition,
-                    [],
-                )
-                batches.append(batch)
-                batch[0].append(timestamp=None, key=key, value=reply, headers=headers)
-            batch[3].append(queued)
-        for builder, topic, partition, members in batches:
             try:
-                delivery = await producer.send_batch(builder, topic, partition=partition)
-            except KafkaError as exc:
-                for command, reply, tp, offset in members:
-                    self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
-                continue
+                key = command.workflow_id.encode()
+                headers = self._reply_headers(command, reply)
+                size = len(key) + len(reply) + sum(len(k) + len(v) for k, v in headers)
+                known = producer.client.cluster.partitions_for_topic(command.reply_to)
+                if not known or not fits_a_batch(size, limit):
+                    self._spawn(self._send_one(command, reply, tp, offset), tp, offset)
+                    continue
+                where = (command.reply_to, partition_for(key, list(known), ()))
+                batch = batches.get(where)
+                if (
+                    batch is None
+                    or batch[0].append(timestamp=None, key=key, value=reply, headers=headers)
+                    is None
+                ):
+                    self._submit(producer, where, batch)
+                    batch = batches[where] = (producer.create_batch(), [])
+                    batch[0].append(timestamp=None, key=key, value=reply, headers=headers)
+                batch[1].append(queued)
             except Exception as exc:
-                # Not a broker's answer: as a command whose handling raised, logged, and
-                # the partition's commits are not held by them.
-                log.error("%d replies to %s failed: %r", len(members), topic, exc)
-                for _, _, tp, offset in members:
-                    self._done(tp, offset)
-                continue
-            delivery.add_done_callback(functools.partial(self._batch_delivered, members))
+                # As a command whose handling raised (signing, say): logged, and the
+                # partition's commits are not held by it.
+                log.error("reply to %s failed: %r", command.reply_to, exc)
+                self._done(tp, offset)
+        for where, batch in batches.items():
+            self._submit(producer, where, batch)
+
+    def _submit(
+        self, producer: Any, where: tuple[str, int], batch: tuple[Any, list[Queued]] | None
+    ) -> None:
+        """Hand `batch` (its builder and its replies) to `producer` for partition `where`,
+        by a task; nothing if there is none. Tasks started in order reach the producer in
+        order, so a partition's batches keep the order of their replies."""
+        if batch is None or not batch[1]:
+            return
+        builder, members = batch
+        topic, partition = where
+        task = asyncio.ensure_future(producer.send_batch(builder, topic, partition=partition))
+        self._submits.add(task)
+        task.add_done_callback(functools.partial(self._submitted, members))
+
+    def _submitted(self, members: list[Queued], task: asyncio.Future[Any]) -> None:
+        self._submits.discard(task)
+        if task.cancelled():
+            return  # stopped: not committed, consumed again later
+        if task.exception() is not None:
+            # Not taken (the producer found no room in time, or the partition is gone):
+            # each is sent again alone, by `send`, which sorts its own failure.
+            self._resend_each(members)
+            return
+        task.result().add_done_callback(functools.partial(self._batch_delivered, members))
 
     def _batch_delivered(self, members: list[Queued], delivery: asyncio.Future[Any]) -> None:
         if delivery.cancelled():
@@ -133,11 +135,24 @@ class Replies(InFlight):
             for _, _, tp, offset in members:
                 self._done(tp, offset)
             return
-        # Refused for good, but for which of them? Each is sent again alone, where a
-        # refusal is its own (`_resend` without a failure).
-        again = None if not exc.retriable and len(members) > 1 else exc
+        if not exc.retriable and len(members) > 1:
+            # Refused for good, but for which of them? Each is sent again alone.
+            self._resend_each(members)
+            return
         for command, reply, tp, offset in members:
-            self._spawn(self._resend(command, reply, tp, offset, again), tp, offset)
+            self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
+
+    def _resend_each(self, members: list[Queued]) -> None:
+        """Send `members` again one after another, each waited for before the next, so
+        that each is a batch of its own and a refusal is its own (`_resend` without a
+        failure)."""
+
+        async def each() -> None:
+            for command, reply, tp, offset in members:
+                await self._resend(command, reply, tp, offset, None)
+
+        _, _, tp, offset = members[0]
+        self._spawn(each(), tp, offset)
 
     async def _send_one(
         self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int

@@ -182,7 +182,8 @@ class Worker(Intake):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._outgoing: list[Queued] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flush_due = False
+        self._submits: set[asyncio.Future[Any]] = set()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -259,9 +260,12 @@ class Worker(Intake):
                 if pending:
                     log.warning("worker stop: %d commands did not finish in time", len(pending))
                     await asyncio.gather(*(cancel_and_wait(t) for t in pending))
-            if self._flusher is not None:
-                # Replies queued by the commands that finished go to the producer first.
-                await asyncio.wait({self._flusher}, timeout=self.stop_timeout)
+            # Replies queued by the commands that finished go to the producer first.
+            self._flush()
+            if self._submits:
+                _, late = await asyncio.wait(set(self._submits), timeout=self.stop_timeout)
+                for submit in late:  # not committed: consumed again later
+                    submit.cancel()
             if self._producer is not None:
                 # Replies handed to the producer are delivered before the last commit.
                 with contextlib.suppress(TimeoutError, KafkaError):
