@@ -319,7 +319,7 @@ async def test_a_delivery_failing_outside_kafka_releases_its_offset(
     w._offsets.add(tp, 7)
     failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     failed.set_exception(RuntimeError("serialiser crashed"))
-    w._delivered(command(Topics(), "echo"), b"{}", tp, 7, failed)
+    w._batch_delivered([(command(Topics(), "echo"), b"{}", tp, 7)], failed)
     assert w._offsets.committable([tp]) == {tp: 8}
     assert "serialiser crashed" in caplog.text
 

@@ -76,7 +76,7 @@ class Replies(InFlight):
                 size = len(key) + len(reply) + sum(len(k) + len(v) for k, v in headers)
                 known = producer.client.cluster.partitions_for_topic(command.reply_to)
                 if not known or not fits_a_batch(size, limit):
-                    self._spawn(self._send_one(command, reply, tp, offset), tp, offset)
+                    self._spawn(self._send_one(queued, key, headers), tp, offset)
                     continue
                 where = (command.reply_to, partition_for(key, list(known), ()))
                 batch = batches.get(where)
@@ -131,6 +131,8 @@ class Replies(InFlight):
                 self._done(tp, offset)
             return
         if not isinstance(exc, KafkaError):
+            # Not a broker's answer, so not one to retry: logged, and the partition's
+            # commits are not held by them (as a command whose handling raised).
             log.error("%d replies failed: %r", len(members), exc)
             for _, _, tp, offset in members:
                 self._done(tp, offset)
@@ -154,40 +156,16 @@ class Replies(InFlight):
         _, _, tp, offset = members[0]
         self._spawn(each(), tp, offset)
 
-    async def _send_one(
-        self, command: CommandEvent, reply: bytes, tp: TopicPartition, offset: int
-    ) -> None:
-        """Hand one reply to the producer by `send`; a failed delivery goes to `_resend`."""
+    async def _send_one(self, queued: Queued, key: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """Hand one reply (its key and signed headers) to the producer by `send`; its
+        delivery is settled as a batch of one's."""
         assert self._producer is not None
+        command, reply, tp, offset = queued
         try:
-            delivery = await self._producer.send(
-                command.reply_to,
-                reply,
-                key=command.workflow_id.encode(),
-                headers=self._reply_headers(command, reply),
-            )
+            delivery = await self._producer.send(command.reply_to, reply, key=key, headers=headers)
         except KafkaError as exc:
             return self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
-        delivery.add_done_callback(functools.partial(self._delivered, command, reply, tp, offset))
-
-    def _delivered(
-        self,
-        command: CommandEvent,
-        reply: bytes,
-        tp: TopicPartition,
-        offset: int,
-        delivery: asyncio.Future[Any],
-    ) -> None:
-        if delivery.cancelled():
-            return  # the producer stopped first: not committed, consumed again later
-        exc = delivery.exception()
-        if isinstance(exc, KafkaError):
-            return self._spawn(self._resend(command, reply, tp, offset, exc), tp, offset)
-        if exc is not None:
-            # Not a broker's answer, so not one to retry: logged, and the partition's
-            # commits are not held by it (as a command whose handling raised).
-            log.error("reply to %s failed: %r", command.reply_to, exc)
-        self._done(tp, offset)
+        delivery.add_done_callback(functools.partial(self._batch_delivered, [queued]))
 
     def _reply_headers(self, command: CommandEvent, reply: bytes) -> list[tuple[str, bytes]]:
         # The reply may come from the cache as bytes; its headers follow from the command.
