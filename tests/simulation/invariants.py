@@ -418,13 +418,19 @@ async def check_waits(world: World) -> list[str]:
     # A run committed by a batch still in progress may lack its place in its concurrency
     # key's queue for a moment: after a failover lost it, the batch puts it back once its
     # commit is made (its timers, written with the commit, have no such moment). If the
-    # replica died first, the batch that reads its input again does it.
-    unsettled = world.orphans() | {
-        wid
-        for replica in world.replicas.values()
-        for runs in replica.store.unsettled.values()
-        for wid in runs
-    }
+    # replica died first, the batch that reads its input again does it. And a run whose
+    # place a batch freed after a failover rolled back the commit that freed it lacks it
+    # until it is committed again (`World.rolled_back`).
+    unsettled = (
+        world.orphans()
+        | world.rolled_back
+        | {
+            wid
+            for replica in world.replicas.values()
+            for runs in replica.store.unsettled.values()
+            for wid in runs
+        }
+    )
     problems = []
     for wid, state in states.items():
         if state is None or state.terminal:

@@ -18,6 +18,7 @@ from typing import Any
 
 from fakeredis import FakeAsyncRedis, FakeServer
 
+from mediator.core import concurrency
 from mediator.core.state import StepState, StepStatus, WorkflowState
 from mediator.definitions import Definitions
 from mediator.runtime.batches import Runtime
@@ -33,6 +34,7 @@ from mediator.runtime.timers import TimerPoller
 from mediator.settings import Settings
 from mediator.storage.catalog import DefinitionStore
 from mediator.storage.keys import Keys
+from mediator.storage.slots import SlotKey, slot_timer
 from mediator.storage.store import Commit, CommitOutcome, CommitResult, Store
 from tests.simulation.kafka import Log, SimProducer
 
@@ -169,6 +171,8 @@ class GatedStore(Store):
         self.unsettled: dict[asyncio.Task[Any], set[str]] = {}
         #: Told the runs of each batch that finished (see `World.orphaned`).
         self.on_settled: Callable[[set[str]], None] = lambda runs: None
+        #: Told each run committed (see `World.rolled_back`).
+        self.on_commit: Callable[[str], None] = lambda workflow_id: None
 
     async def commit_many(self, commits: Sequence[Commit], now_ms: int) -> list[CommitResult]:
         if commits:
@@ -178,6 +182,7 @@ class GatedStore(Store):
         for commit, result in zip(commits, results, strict=True):
             if result.outcome is CommitOutcome.COMMITTED:
                 self._settling(commit.state.workflow_id)
+                self.on_commit(commit.state.workflow_id)
                 self._revisions.append((commit.state.workflow_id, commit.state.rev))
                 self._watch.saw(commit.state)
                 for key, n in commit.counters.items():
@@ -258,6 +263,16 @@ class SimReplica:
             settings.backoff, self.store,
         )  # fmt: skip
         assert self.runtime.slots is not None
+        #: Told each run whose slot or queue place a batch frees while the run, as Redis
+        #: holds it, still claims it (see `World.rolled_back`).
+        self.on_stale_release: Callable[[str, str], None] = lambda workflow_id, member: None
+        release_many = self.runtime.slots.release_many
+
+        async def recorded_release(freed: Any, now_ms: int) -> list[str]:
+            await self._stale_releases(freed)
+            return await release_many(freed, now_ms)
+
+        self.runtime.slots.release_many = recorded_release  # type: ignore[method-assign]
         self.keyed = KeyUpkeep(
             self.redis, keys, self.runtime.slots, self.store, name, settings.backoff,
             grace_ms=500, audit_ms=500, missing_ms=60_000,
@@ -290,6 +305,18 @@ class SimReplica:
             "control": self.runtime.handle_controls,
             "health": self.runtime.handle_health,
         }
+
+    async def _stale_releases(self, freed: dict[SlotKey, Sequence[str]]) -> None:
+        """Tell `on_stale_release` of the members being freed that their run, as stored,
+        still claims: the commit that gave them up was lost (a failover rolled it back
+        while the batch that made it was between its commit and freeing them)."""
+        members = [member for group in freed.values() for member in group]
+        runs = sorted({slot_timer(member).workflow_id for member in members})
+        stored = await Store.load_many(self.store, runs)
+        for member in members:
+            state = stored.get(slot_timer(member).workflow_id)
+            if state is not None and member in concurrency.claims(state):
+                self.on_stale_release(state.workflow_id, member)
 
     async def start(self) -> None:
         await self.store.check_layout()

@@ -228,6 +228,11 @@ class World:
         #: place a failover lost is put back after the commit), with the reads it had not
         #: committed: its input is read again, and the batch that reads it finishes them.
         self.orphaned: list[tuple[set[str], list[tuple[Group, tuple[str, int], int]]]] = []
+        #: Runs whose slot or queue place a batch freed after a lossy failover rolled back
+        #: the commit that gave it up (the batch was between the two): Redis holds the run
+        #: as it was, without it, until the run is committed again. What ended it comes
+        #: again (a timer the failover restored, a reply `recover` publishes again).
+        self.rolled_back: set[str] = set()
         #: Every replica that ran, killed ones too (for `coverage`).
         self.every_replica: list[SimReplica] = []
         self.incarnations = 0
@@ -334,6 +339,8 @@ class World:
             self.revisions, self.hand_ons, self.pauses,
         )  # fmt: skip
         replica.store.on_settled = self._settled
+        replica.store.on_commit = self.rolled_back.discard
+        replica.on_stale_release = self._stale_release
         sweep = replica.registry.sweep
 
         async def recorded_sweep(services: Any = None) -> Any:
@@ -551,6 +558,10 @@ class World:
             if any(group.committed.get(tp, 0) < position for group, tp, position in unread)
             for wid in runs
         }
+
+    def _stale_release(self, workflow_id: str, member: str) -> None:
+        self.rolled_back.add(workflow_id)
+        self.note(f"{member} freed: the commit that gave it up was rolled back")
 
     def _settled(self, runs: set[str]) -> None:
         for orphans, _ in self.orphaned:
