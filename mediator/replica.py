@@ -104,6 +104,7 @@ class Mediator:
             sweep_batch=settings.outbox.sweep_batch,
             signatures=self.signatures,
             clear_ms=settings.outbox.clear_ms,
+            max_request_size=settings.limits.max_message_bytes,
         )
         #: This replica's name, in logs and in the breakers and drain leases it holds.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"

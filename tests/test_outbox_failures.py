@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -20,10 +21,12 @@ from aiokafka.errors import (
 )
 
 from mediator.errors import StateUnavailable
+from mediator.producers import partition_for
 from mediator.runtime.messages import EVENTS, Message
 from mediator.runtime.outbox import Dispatcher
 from mediator.settings import BackoffSettings
 from mediator.storage.keys import Keys
+from tests.helpers import FakeBatch
 from topics import DeadLetter, ReplyEvent
 from topics.names import Topics
 
@@ -365,3 +368,176 @@ async def test_leases_of_slow_publishes_are_renewed_by_elapsed_time_not_wall_clo
     assert set(d._inflight) == {(0, slow.id)}  # the lost one is no longer renewed
     assert d.stats.lost_in_flight == 1 and d.stats.fenced == 0
     pending.cancel()
+
+
+class BatchingProducer(FakeProducer):
+    """Also takes batches its caller built, as aiokafka's producer does: records go in
+    whole batches, and a batch with a record in `fail_later` fails whole (the broker
+    answers for the batch). `refuse_batch` makes `send_batch` raise for a topic; while
+    `hold` is set, `send_batch` waits for it to be released."""
+
+    def __init__(self, partitions: int = 4, batch_bytes: int = 1 << 20) -> None:
+        super().__init__()
+        self.partitions = partitions
+        self.batch_bytes = batch_bytes
+        self.batches: list[tuple[str, int, list[bytes]]] = []
+        self.refuse_batch: dict[str, BaseException] = {}
+        self.hold: asyncio.Event | None = None
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(range(self.partitions))
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.batch_bytes)
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        if self.hold is not None:
+            await self.hold.wait()
+        if topic in self.refuse_batch:
+            raise self.refuse_batch[topic]
+        assert 0 <= partition < self.partitions, "Unrecognized partition"
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        values = [value for _, value, _ in batch.records]
+        failure = next((self.fail_later[v] for v in values if v in self.fail_later), None)
+        if failure is not None:
+            future.set_exception(failure)
+        else:
+            self.batches.append((topic, partition, values))
+            self.published += [(topic, value) for value in values]
+            future.set_result(None)
+        return future
+
+
+def partition_of(entry: Message) -> int:
+    assert entry.key is not None
+    return partition_for(entry.key, [0, 1, 2, 3], [])
+
+
+def event_ids(values: Sequence[bytes]) -> list[str]:
+    return [orjson.loads(v)["event_id"] for v in values]
+
+
+async def test_events_go_in_batches_one_per_partition_in_order_commands_by_send() -> None:
+    store, producer = FakeStore(), BatchingProducer()
+    entries = [events(n) for n in range(1, 9)]
+    d = dispatcher(store, producer)
+
+    await d.send([command(1), *entries])
+    await settle(d)
+
+    expected: dict[int, list[bytes]] = {}
+    for entry in entries:
+        expected.setdefault(partition_of(entry), []).extend(entry.records)
+    assert len(expected) > 1  # the keys spread over partitions
+    assert {p: v for t, p, v in producer.batches if t == TOPICS.events} == expected
+    assert len(producer.batches) == len(expected)  # the command went by `send`
+    assert (TOPICS.service("svc"), command(1).value) in producer.published
+    assert len(store.done) == 9 and d.published == 1 + 3 * 8
+    assert not d._queues and not d._submitters
+
+
+async def test_events_queued_while_a_partitions_batch_waits_go_together_in_the_next() -> None:
+    store, producer = FakeStore(), BatchingProducer(partitions=1)
+    producer.hold = asyncio.Event()
+    first, second, third = events(1), events(2), events(3)
+    d = dispatcher(store, producer)
+
+    await d.send([first])
+    await asyncio.sleep(0)  # its batch is with the producer, which has no room yet
+    await d.send([second])
+    await d.send([third])
+    assert store.done == [] and producer.batches == []
+    producer.hold.set()
+    await settle(d)
+
+    assert [event_ids(v) for _, _, v in producer.batches] == [
+        event_ids(first.records),
+        event_ids(second.records + third.records),
+    ]
+    assert sorted(store.done) == sorted((0, e.id) for e in (first, second, third))
+
+
+async def test_an_events_batch_refused_for_good_sends_each_entry_again_record_by_record() -> None:
+    # The broker refuses a batch for one record in it: only that record is dead-lettered;
+    # the other entries' records, and the culprit's siblings, are published.
+    store, producer = FakeStore(), BatchingProducer(partitions=1)
+    entry, other = events(1), events(2)
+    producer.fail_later[entry.records[1]] = MessageSizeTooLargeError("too big")
+    producer.refuse_now[entry.records[1]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([entry, other])
+    await settle(d)
+
+    assert producer.batches == []  # the one batch was refused
+    sent = event_ids([v for t, v in producer.published if t == TOPICS.events])
+    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:0", "wf-2:2:1", "wf-2:2:2"]
+    [dead] = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
+    assert dead.code == "too_large" and orjson.loads(dead.value)["event_id"] == "wf-1:2:1"
+    assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
+    assert d.stats.dead == 1 and d.stats.retried == 0
+
+
+async def test_an_events_batch_failing_for_now_reschedules_each_of_its_entries() -> None:
+    store, producer = FakeStore(), BatchingProducer(partitions=1)
+    entry, other = events(1), events(2)
+    producer.fail_later[other.records[0]] = KafkaTimeoutError()
+    d = dispatcher(store, producer)
+
+    await d.send([entry, other])
+    await settle(d)
+
+    assert store.done == [] and producer.batches == []
+    assert sorted((held, delay) for _, held, delay in store.renewed) == [
+        ([("wf-1:2:events", 0)], 250),
+        ([("wf-2:2:events", 0)], 250),
+    ]
+    assert d.stats.retried == 2 and d.stats.dead == 0
+
+
+async def test_an_events_batch_the_producer_will_not_take_reschedules_its_entries() -> None:
+    # aiokafka raises KafkaTimeoutError when no room was made for a batch in time.
+    store, producer = FakeStore(), BatchingProducer()
+    producer.refuse_batch[TOPICS.events] = KafkaTimeoutError()
+    d = dispatcher(store, producer)
+
+    await d.send([command(1), events(2), events(3)])
+    await settle(d)
+
+    assert store.done == [(0, "wf-1.a.1")]
+    assert sorted(held[0][0] for _, held, _ in store.renewed) == ["wf-2:2:events", "wf-3:2:events"]
+    assert d.stats.retried == 2 and not d._submitters
+
+
+async def test_an_events_record_near_the_producers_size_limit_goes_by_send() -> None:
+    # A batch built here is not checked against max_request_size; `send` checks it.
+    store, producer = FakeStore(), BatchingProducer()
+    big = events(1)
+    big.value = b"\n".join([orjson.dumps({"event_id": "wf-1:2:0", "pad": "x" * 2000}),
+                            orjson.dumps({"event_id": "wf-1:2:1"})])  # fmt: skip
+    small = events(2)
+    d = Dispatcher(store, producer, topics=TOPICS, max_request_size=2048)
+
+    await d.send([big, small])
+    await settle(d)
+
+    assert [event_ids(v) for _, _, v in producer.batches] == [event_ids(small.records)]
+    assert event_ids([v for t, v in producer.published if t == TOPICS.events]) == [
+        "wf-1:2:0",
+        "wf-1:2:1",
+        *event_ids(small.records),
+    ]
+    assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
+
+
+async def test_stopping_leaves_the_events_the_producer_has_not_taken_in_the_outbox() -> None:
+    store, producer = FakeStore(), BatchingProducer()
+    producer.hold = asyncio.Event()
+    d = dispatcher(store, producer)
+    await d.send([events(1), events(2)])
+
+    await asyncio.wait_for(d.stop(wait_s=0.2), 5)  # the producer never took them
+
+    assert store.done == [] and producer.published == [] and not d._submitters
+    await settle(d)
+    assert not d._inflight and d.stats.dead == 0 and d.stats.retried == 0

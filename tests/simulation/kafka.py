@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.helpers import FakeBatch
+
 __all__ = ["Group", "Log", "SimProducer", "SimRecord"]
 
 
@@ -130,10 +132,16 @@ class Group:
         self.position[tp] = max(0, min(to, self.position.get(tp, 0)))
 
 
+#: Bytes of values a batch of the simulated producer holds: two or three events.
+BATCH_BYTES = 600
+
+
 class SimProducer:
     """The outbox's producer port: waits at its owner's gate (a replica can stall there,
-    between committing and publishing), then appends. Like aiokafka, it refuses a
-    partition the topic does not have with an `AssertionError`."""
+    between committing and publishing), then appends, a record or a batch of them. Like
+    aiokafka, it refuses a partition the topic does not have with an `AssertionError`.
+    Batches hold few records (`BATCH_BYTES` of values), so that an entry of the
+    transition stream often spans several."""
 
     def __init__(self, log: Log, gate: Callable[[str], Any]) -> None:
         self.log = log
@@ -157,4 +165,18 @@ class SimProducer:
         record = self.log.append(topic, value, key, partition, headers or ())
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         done.set_result(record)
+        return done
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(limit=BATCH_BYTES)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
+    ) -> asyncio.Future[object]:
+        await self._gate("publish")
+        assert 0 <= partition < self.log.partitions(topic), "Unrecognized partition"
+        for key, value, headers in batch.records:
+            self.log.append(topic, value, key, partition, headers)
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
         return done
