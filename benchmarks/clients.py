@@ -9,7 +9,8 @@ against one embedded broker, alternated:
 - ``send``: aiokafka's `AIOKafkaProducer.send` per record, 200 futures awaited together
   (how the outbox handed records over before);
 - ``batch``: records appended to batches built here (`create_batch`, one per partition)
-  and handed over with `send_batch` (how the outbox hands them over now);
+  and handed over with `send_batch` (how the SDK worker hands its replies over, and the
+  outbox the transition stream's records);
 - ``librdkafka``: confluent-kafka's `Producer.produce` with a delivery callback per
   record, resolved in the event loop once per `poll` (only if confluent-kafka is
   installed: ``pip install confluent-kafka``);

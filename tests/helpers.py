@@ -462,3 +462,6 @@ class FakeBatch:
             return None  # full; like aiokafka's, it takes its first record whatever its size
         self.records.append((key, value, list(headers)))
         return object()
+
+    def close(self) -> None:
+        """Closed to records `send` would add (no such thing here)."""

@@ -385,6 +385,8 @@ class BatchingProducer(FakeProducer):
         self.hold: asyncio.Event | None = None
 
     async def partitions_for(self, topic: str) -> set[int]:
+        if topic in self.missing_topics:
+            raise UnknownTopicOrPartitionError
         return set(range(self.partitions))
 
     def create_batch(self) -> FakeBatch:
@@ -541,3 +543,65 @@ async def test_stopping_leaves_the_events_the_producer_has_not_taken_in_the_outb
     assert store.done == [] and producer.published == [] and not d._submitters
     await settle(d)
     assert not d._inflight and d.stats.dead == 0 and d.stats.retried == 0
+
+
+async def test_entries_of_a_refused_batch_redis_cannot_check_are_left_to_the_sweeper() -> None:
+    # The batch waited past half a lease; sending its entries again first asks Redis
+    # whether this replica still holds them, and Redis does not answer: they must not
+    # stay "in flight" for ever (renewed, never sent), and nothing may escape the task.
+    class Unreachable(FakeStore):
+        down = False
+
+        async def renew(
+            self, shard: int, held: Sequence[tuple[str, int]], *, delay_ms: int | None = None
+        ) -> tuple[int, list[bool]]:
+            if self.down:
+                msg = "redis unreachable"
+                raise StateUnavailable(msg)
+            return await super().renew(shard, held, delay_ms=delay_ms)
+
+    store, producer = Unreachable(), BatchingProducer(partitions=1)
+    store.lease_ms = 100
+    producer.hold = asyncio.Event()
+    entry = events(1)
+    producer.fail_later[entry.records[0]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([entry])
+    await asyncio.sleep(0.08)  # past half the lease
+    store.down = True
+    producer.hold.set()
+    await settle(d)  # raises if the settling task failed
+
+    assert not d._inflight
+    assert store.done == [] and producer.published == [] and d.stats.dead == 0
+
+
+async def test_stopping_before_a_partitions_batches_were_handed_over_lets_their_entries_go() -> (
+    None
+):
+    store, producer = FakeStore(), BatchingProducer()
+    producer.hold = asyncio.Event()  # the producer takes none of them
+    d = dispatcher(store, producer)
+
+    await d.send([events(1), events(2)])  # their partitions' submitters have not run yet
+    await d.stop(wait_s=0)
+    await asyncio.wait_for(settle(d), 5)
+
+    assert not d._submitters and not d._queues and not d._inflight
+    assert store.done == [] and producer.published == []
+
+
+async def test_an_events_topic_the_producer_cannot_place_is_sorted_record_by_record() -> None:
+    store, producer = FakeStore(), BatchingProducer()
+    producer.missing_topics.add(TOPICS.events)  # `partitions_for` and `send` refuse it
+    entry = events(1)
+    d = dispatcher(store, producer)
+
+    await d.send([entry])
+    await settle(d)
+
+    dead = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
+    assert [orjson.loads(x.value)["event_id"] for x in dead] == event_ids(entry.records)
+    assert {x.code for x in dead} == {"unknown_topic"} and producer.batches == []
+    assert store.done == [(0, entry.id)]

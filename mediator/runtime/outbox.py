@@ -115,8 +115,14 @@ class Dispatcher:
         while self._pending and (left := deadline - clock.monotonic()) > 0:
             await asyncio.wait(set(self._pending), timeout=left)
         # Stream records the producer never took stay in the outbox; their leases run out.
+        # (A submitter cancelled before it ever ran leaves its queue to be emptied here.)
         for task in list(self._submitters.values()):
             await cancel_and_wait(task)
+        for queue in self._queues.values():
+            for batch in queue:
+                batch.delivered.cancel()
+        self._queues.clear()
+        self._submitters.clear()
 
     async def send(
         self, messages: Sequence[Message], since: float | None = None, *, singly: bool = False
@@ -383,7 +389,13 @@ class Dispatcher:
         producer = cast(BatchingProducer, self.producer)
         known = partitions.get(topic)
         if known is None:
-            known = partitions[topic] = list(await producer.partitions_for(topic))
+            try:
+                known = list(await producer.partitions_for(topic))
+            except Exception:
+                known = []  # `send` sorts the failure of each record
+            partitions[topic] = known
+        if not known:
+            return None
         where = (topic, partition_for(key, known, known))
         queue = self._queues.setdefault(where, collections.deque())
         futures: list[asyncio.Future[object]] = []
@@ -413,6 +425,7 @@ class Dispatcher:
         try:
             while queue:
                 batch = queue.popleft()
+                batch.builder.close()  # records the producer's `send` adds must not join it
                 try:
                     delivery = await producer.send_batch(batch.builder, topic, partition=partition)
                 except asyncio.CancelledError:
@@ -509,17 +522,27 @@ class Dispatcher:
             self.published += published
             if message.shard >= 0:
                 done.append(slot)
+        if done:
+            self._acked += done
+            if self._clearing is None:
+                self._clearing = task = asyncio.create_task(self._clear(), name="outbox-clear")
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
         if again:
-            held = [self._inflight.get((m.shard, m.id)) for m in again]
-            since = min((h[1] for h in held if h is not None), default=clock.monotonic())
-            await self.send(again, since, singly=True)
-        if not done:
-            return
-        self._acked += done
-        if self._clearing is None:
-            self._clearing = task = asyncio.create_task(self._clear(), name="outbox-clear")
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            await self._send_again(again)
+
+    async def _send_again(self, entries: list[Message]) -> None:
+        """Send again, record by record, the entries of a batch refused for good. If that
+        cannot even begin (Redis unreachable while checking this replica still holds
+        them), they are let go: their leases run out and the sweeper sends them."""
+        held = [self._inflight.get((m.shard, m.id)) for m in entries]
+        since = min((h[1] for h in held if h is not None), default=clock.monotonic())
+        try:
+            await self.send(entries, since, singly=True)
+        except Exception as exc:
+            for message in entries:
+                self._inflight.pop((message.shard, message.id), None)
+            log.warning("%d outbox entries left to the sweeper: %s", len(entries), exc)
 
     async def _clear(self) -> None:
         """Forget the acknowledged entries in Redis, those of every batch settled within

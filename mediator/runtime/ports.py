@@ -56,6 +56,10 @@ class BatchBuilder(Protocol):
         """Add one record; None if the batch is full (its first record always fits)."""
         ...
 
+    def close(self) -> None:
+        """Take no more records: those the producer's `send` would add included."""
+        ...
+
 
 class BatchingProducer(Producer, Protocol):
     """A producer that also takes record batches its caller built (aiokafka's does): the

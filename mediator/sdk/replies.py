@@ -107,6 +107,7 @@ class Replies(InFlight):
             return
         builder, members = batch
         topic, partition = where
+        builder.close()  # a reply sent alone by `send` must not join it
         task = asyncio.ensure_future(producer.send_batch(builder, topic, partition=partition))
         self._submits.add(task)
         task.add_done_callback(functools.partial(self._submitted, members))
