@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from mediator import codec
 from mediator.cli.infra import EmbeddedKafka
@@ -151,3 +151,31 @@ async def test_submit_gets_its_result_again_after_seeing_it(
         assert len({r.request_id for r in many}) == 20
         assert sorted(e.request_id for e in seen) == sorted(["r-1", *(r.request_id for r in many)])
         assert c.pending == 0
+
+
+async def test_a_reader_whose_position_is_out_of_range_reads_what_the_log_still_holds(
+    kafka: EmbeddedKafka, topics: Topics
+) -> None:
+    # A broker answers OffsetOutOfRange when the reader's position left the log (records
+    # deleted by retention while it lagged, or a log truncated behind it); the reader
+    # then resets by its policy. From the log's start it reads what is still there; from
+    # the end it would skip those results, and their submits would wait for ever.
+    seen: list[ResultEvent] = []
+    a, b = result("r-a", "res-a"), result("r-b", "res-b")
+    async with client(kafka, topics, seen) as c:
+        consumer = c._consumer
+        assert consumer is not None
+        tp = TopicPartition(topics.results, 0)
+        consumer.seek(tp, 5)  # past where a and b go: out of the log
+        await publish(kafka.bootstrap_servers, topics.results, a, b, partition=0)
+        await asyncio.sleep(0.3)
+        assert seen == []
+        # What aiokafka's fetcher does with an OffsetOutOfRange answer (this broker
+        # answers a fetch past the end with no records instead).
+        fetcher = consumer._fetcher
+        consumer._subscription.subscription.assignment.state_value(tp).await_reset(
+            fetcher._default_reset_strategy
+        )
+
+        await wait_for(lambda: len(seen) == 2, what="the results still in the log")
+        assert [e.result_id for e in seen] == ["res-a", "res-b"]

@@ -175,6 +175,10 @@ class MediatorClient:
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=self.fetch_max_wait_ms,
+            # A position that left the log (retention deleted what the reader had not
+            # read yet, or a log truncated behind it) resumes at the log's start: the
+            # results still there are read, not skipped; repeats are dropped by id.
+            auto_offset_reset="earliest",
         )
         try:
             await start_producer(self._producer, self.bootstrap_servers, self.enable_idempotence)
