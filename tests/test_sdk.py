@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, Request
 
 from mediator import clock, codec
 from mediator.core.signing import Keyring
-from mediator.errors import IdempotenceUnsupported
+from mediator.errors import ConfigurationError, IdempotenceUnsupported
 from mediator.producers import partition_for
 from mediator.sdk.client import ClientClosed, MediatorClient, ResultsTopicMissing, SubmitTimeout
 from mediator.sdk.worker import ActionError, Worker
@@ -636,3 +636,11 @@ async def test_a_batch_failing_for_now_retries_each_of_its_replies() -> None:
     assert sorted(producer.alone) == sorted(reply for _, reply in pairs)
     assert w.stats["send_retries"] == 2 and w.stats["undeliverable"] == 0
     assert w._offsets.committable([tp]) == {tp: 2}
+
+
+@pytest.mark.parametrize("option", ["key_serializer", "value_serializer", "partitioner"])
+def test_producer_options_the_worker_decides_itself_are_refused(option: str) -> None:
+    # Its reply batches are placed by the raw key, as the mediator's producers place them:
+    # a serializer or a partitioner of the caller's would make `send` disagree.
+    with pytest.raises(ConfigurationError, match=option):
+        Worker("svc", "localhost:9092", signing=False, producer_options={option: lambda *a: b""})

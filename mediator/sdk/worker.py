@@ -60,6 +60,7 @@ from aiokafka.errors import KafkaError
 
 from mediator.core.signing import Keyring
 from mediator.core.tasks import cancel_and_wait
+from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection, new_consumer
 from mediator.producers import new_producer
 from mediator.sdk.actions import ActionError, Handler
@@ -96,6 +97,11 @@ STAT_NAMES = (
     "misdelivered",
     "expired",
 )
+
+
+#: Producer options a worker decides itself: its replies are bytes it builds, and the
+#: record batches it builds go to the partition `partition_for` gives their key.
+FIXED_PRODUCER_OPTIONS = frozenset({"key_serializer", "value_serializer", "partitioner"})
 
 
 class Worker(Intake):
@@ -149,6 +155,12 @@ class Worker(Intake):
         self.stop_timeout = stop_timeout
         self._consumer_options = dict(consumer_options or {})
         self._producer_options = dict(producer_options or {})
+        if fixed := sorted(FIXED_PRODUCER_OPTIONS & self._producer_options.keys()):
+            msg = (
+                f"producer_options may not set {', '.join(fixed)}: the worker sends the bytes "
+                "it builds, in record batches it places by the key as the mediator does"
+            )
+            raise ConfigurationError(msg)
         self.stats: Counter[str] = Counter(dict.fromkeys(STAT_NAMES, 0))
         self._actions: dict[str, tuple[Handler, bool]] = {}
         self._idempotent: set[str] = set()
