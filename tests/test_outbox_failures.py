@@ -605,3 +605,22 @@ async def test_an_events_topic_the_producer_cannot_place_is_sorted_record_by_rec
     assert [orjson.loads(x.value)["event_id"] for x in dead] == event_ids(entry.records)
     assert {x.code for x in dead} == {"unknown_topic"} and producer.batches == []
     assert store.done == [(0, entry.id)]
+
+
+async def test_an_entry_taken_over_before_it_is_sent_again_is_counted_once_and_let_go() -> None:
+    store, producer = FakeStore(), BatchingProducer(partitions=1)
+    store.lease_ms = 100
+    producer.hold = asyncio.Event()
+    entry = events(1)
+    producer.fail_later[entry.records[0]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([entry])
+    await asyncio.sleep(0.08)  # past half the lease: sending again checks it first
+    store.lost.add(entry.id)  # another replica took it over meanwhile
+    producer.hold.set()
+    await settle(d)
+    await d.renew_inflight()
+
+    assert not d._inflight and producer.published == [] and store.done == []
+    assert d.stats.fenced == 1 and d.stats.lost_in_flight == 0

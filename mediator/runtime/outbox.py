@@ -535,7 +535,9 @@ class Dispatcher:
         """Send again, record by record, the entries of a batch refused for good. If that
         cannot even begin (Redis unreachable while checking this replica still holds
         them), they are let go: their leases run out and the sweeper sends them."""
-        held = [self._inflight.get((m.shard, m.id)) for m in entries]
+        # Out of `_inflight` until `send` puts back those this replica still holds: one it
+        # no longer holds is counted once (fenced), not again when leases are renewed.
+        held = [self._inflight.pop((m.shard, m.id), None) for m in entries]
         since = min((h[1] for h in held if h is not None), default=clock.monotonic())
         try:
             await self.send(entries, since, singly=True)
