@@ -383,6 +383,40 @@ class BatchingProducer(FakeProducer):
         self.batches: list[tuple[str, int, list[bytes]]] = []
         self.refuse_batch: dict[str, BaseException] = {}
         self.hold: asyncio.Event | None = None
+        #: Records `send` takes in one turn of the loop go in one batch, which the broker
+        #: takes or refuses whole (`fail_later` of any of them), as aiokafka's do.
+        self.shared_fate = False
+        self._open: list[tuple[str, bytes, asyncio.Future[object]]] = []
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[object]:
+        if not self.shared_fate:
+            return await super().send(topic, value, key, partition, timestamp_ms, headers)
+        assert value is not None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
+        self._open.append((topic, value, future))
+        if len(self._open) == 1:
+            loop.call_soon(self._deliver_open)
+        return future
+
+    def _deliver_open(self) -> None:
+        batch, self._open = self._open, []
+        values = [value for _, value, _ in batch]
+        failure = next((self.fail_later[v] for v in values if v in self.fail_later), None)
+        for topic, value, future in batch:
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                self.published.append((topic, value))
+                future.set_result(None)
 
     async def partitions_for(self, topic: str) -> set[int]:
         if topic in self.missing_topics:
@@ -624,3 +658,23 @@ async def test_an_entry_taken_over_before_it_is_sent_again_is_counted_once_and_l
 
     assert not d._inflight and producer.published == [] and store.done == []
     assert d.stats.fenced == 1 and d.stats.lost_in_flight == 0
+
+
+async def test_entries_sent_again_go_record_by_record_so_a_batch_refusal_is_the_culprits() -> None:
+    # The broker refuses batches whole: sent again together, the records of a refused
+    # batch would share a batch again, and all be dead-lettered with the one at fault.
+    store, producer = FakeStore(), BatchingProducer(partitions=1)
+    producer.shared_fate = True
+    entry, other = events(1), events(2)
+    producer.fail_later[entry.records[1]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([entry, other])
+    await settle(d)
+
+    sent = event_ids([v for t, v in producer.published if t == TOPICS.events])
+    assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:0", "wf-2:2:1", "wf-2:2:2"]
+    [dead] = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
+    assert orjson.loads(dead.value)["event_id"] == "wf-1:2:1"
+    assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
+    assert d.stats.dead == 1

@@ -133,7 +133,9 @@ class Dispatcher:
         replica stalled for a good part of a lease since (a long GC pause, SIGSTOP), it
         first checks with Redis which entries it still holds and sends only those.
         Returns as soon as the producer holds them, or (the transition stream's records)
-        has them queued in batches built here (`_enqueue`; `singly`: by `send`, each).
+        has them queued in batches built here (`_enqueue`). `singly`: the stream's records
+        by `send`, each delivered before the next goes, so each is a batch of its own and
+        a refusal of it is its own.
         Backpressure: if too many batches are still unacknowledged, waits for the oldest
         first.
         """
@@ -153,7 +155,7 @@ class Dispatcher:
                     futures = await self._enqueue(message, partitions)
                 batched = futures is not None
                 if futures is None:
-                    futures = await self._produce(message)
+                    futures = await self._produce(message, alone=singly)
             except Exception as exc:  # sorted per message, never the whole batch
                 await self._failed(message, exc)
                 continue
@@ -312,13 +314,15 @@ class Dispatcher:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def _produce(self, message: Message) -> list[asyncio.Future[object]]:
+    async def _produce(
+        self, message: Message, *, alone: bool = False
+    ) -> list[asyncio.Future[object]]:
         """Hand `message` to the producer: the futures of its records, which resolve once
         the broker has them (an "events" entry has several: a failure of any fails the
         entry, and its retry publishes again those that did get through, which consumers
         drop by their event ids)."""
         if message.kind == EVENTS:
-            return await self._produce_records(message)
+            return await self._produce_records(message, alone)
         partition = message.partition
         if partition is not None:
             if partition in await self.producer.partitions_for(message.topic):
@@ -341,11 +345,15 @@ class Dispatcher:
             )
         ]
 
-    async def _produce_records(self, message: Message) -> list[asyncio.Future[object]]:
+    async def _produce_records(
+        self, message: Message, alone: bool = False
+    ) -> list[asyncio.Future[object]]:
         """`_produce` for an "events" entry: one record per value. A record the producer
         refuses for good (too large) is dead-lettered alone and the others go; a transient
         refusal fails the entry (raised: it is sent again whole, and consumers drop the
-        records that got through twice by their event ids)."""
+        records that got through twice by their event ids). `alone`: each record's
+        delivery is waited for before the next is sent, so that the producer puts no two
+        in one batch (a broker refuses a batch whole)."""
         futures: list[asyncio.Future[object]] = []
         try:
             for n, value in enumerate(message.records):
@@ -355,6 +363,8 @@ class Dispatcher:
                             message.topic, value, key=message.key, headers=message.headers
                         )
                     )
+                    if alone:
+                        await asyncio.wait([futures[-1]])
                 except Exception as exc:
                     if self._transient(exc):
                         raise
