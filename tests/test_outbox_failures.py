@@ -52,6 +52,10 @@ class FakeProducer:
         self.refuse_now: dict[bytes, BaseException] = {}
         self.fail_later: dict[bytes, BaseException] = {}
         self.missing_topics: set[str] = set()
+        #: Records `send` takes in one turn of the loop go in one batch, which the broker
+        #: takes or refuses whole (`fail_later` of any of them), as aiokafka's do.
+        self.shared_fate = False
+        self._open: list[tuple[str, bytes, asyncio.Future[object]]] = []
 
     async def send(
         self,
@@ -68,12 +72,27 @@ class FakeProducer:
         if value in self.refuse_now:
             raise self.refuse_now[value]
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        if value in self.fail_later:
+        if self.shared_fate:
+            self._open.append((topic, value, future))
+            if len(self._open) == 1:
+                asyncio.get_running_loop().call_soon(self._deliver_open)
+        elif value in self.fail_later:
             future.set_exception(self.fail_later[value])
         else:
             self.published.append((topic, value))
             future.set_result(None)
         return future
+
+    def _deliver_open(self) -> None:
+        batch, self._open = self._open, []
+        values = [value for _, value, _ in batch]
+        failure = next((self.fail_later[v] for v in values if v in self.fail_later), None)
+        for topic, value, future in batch:
+            if failure is not None:
+                future.set_exception(failure)
+            else:
+                self.published.append((topic, value))
+                future.set_result(None)
 
 
 class FakeStore:
@@ -383,40 +402,6 @@ class BatchingProducer(FakeProducer):
         self.batches: list[tuple[str, int, list[bytes]]] = []
         self.refuse_batch: dict[str, BaseException] = {}
         self.hold: asyncio.Event | None = None
-        #: Records `send` takes in one turn of the loop go in one batch, which the broker
-        #: takes or refuses whole (`fail_later` of any of them), as aiokafka's do.
-        self.shared_fate = False
-        self._open: list[tuple[str, bytes, asyncio.Future[object]]] = []
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future[object]:
-        if not self.shared_fate:
-            return await super().send(topic, value, key, partition, timestamp_ms, headers)
-        assert value is not None
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[object] = loop.create_future()
-        self._open.append((topic, value, future))
-        if len(self._open) == 1:
-            loop.call_soon(self._deliver_open)
-        return future
-
-    def _deliver_open(self) -> None:
-        batch, self._open = self._open, []
-        values = [value for _, value, _ in batch]
-        failure = next((self.fail_later[v] for v in values if v in self.fail_later), None)
-        for topic, value, future in batch:
-            if failure is not None:
-                future.set_exception(failure)
-            else:
-                self.published.append((topic, value))
-                future.set_result(None)
 
     async def partitions_for(self, topic: str) -> set[int]:
         if topic in self.missing_topics:
