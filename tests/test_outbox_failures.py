@@ -564,6 +564,28 @@ async def test_stopping_leaves_the_events_the_producer_has_not_taken_in_the_outb
     assert not d._inflight and d.stats.dead == 0 and d.stats.retried == 0
 
 
+async def refused_after_half_a_lease(
+    store: FakeStore,
+) -> tuple[Dispatcher, BatchingProducer, Message]:
+    """An events entry in a batch the producer holds past half a lease (so sending it
+    again first checks Redis still leases it), and then refuses for good."""
+    producer = BatchingProducer(partitions=1)
+    store.lease_ms = 100
+    producer.hold = asyncio.Event()
+    entry = events(1)
+    producer.fail_later[entry.records[0]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+    await d.send([entry])
+    await asyncio.sleep(0.08)
+    return d, producer, entry
+
+
+async def release(d: Dispatcher, producer: BatchingProducer) -> None:
+    assert producer.hold is not None
+    producer.hold.set()
+    await settle(d)
+
+
 async def test_entries_of_a_refused_batch_redis_cannot_check_are_left_to_the_sweeper() -> None:
     # The batch waited past half a lease; sending its entries again first asks Redis
     # whether this replica still holds them, and Redis does not answer: they must not
@@ -579,18 +601,10 @@ async def test_entries_of_a_refused_batch_redis_cannot_check_are_left_to_the_swe
                 raise StateUnavailable(msg)
             return await super().renew(shard, held, delay_ms=delay_ms)
 
-    store, producer = Unreachable(), BatchingProducer(partitions=1)
-    store.lease_ms = 100
-    producer.hold = asyncio.Event()
-    entry = events(1)
-    producer.fail_later[entry.records[0]] = MessageSizeTooLargeError("too big")
-    d = dispatcher(store, producer)
-
-    await d.send([entry])
-    await asyncio.sleep(0.08)  # past half the lease
+    store = Unreachable()
+    d, producer, _ = await refused_after_half_a_lease(store)
     store.down = True
-    producer.hold.set()
-    await settle(d)  # raises if the settling task failed
+    await release(d, producer)  # raises if the settling task failed
 
     assert not d._inflight
     assert store.done == [] and producer.published == [] and d.stats.dead == 0
@@ -627,18 +641,10 @@ async def test_an_events_topic_the_producer_cannot_place_is_sorted_record_by_rec
 
 
 async def test_an_entry_taken_over_before_it_is_sent_again_is_counted_once_and_let_go() -> None:
-    store, producer = FakeStore(), BatchingProducer(partitions=1)
-    store.lease_ms = 100
-    producer.hold = asyncio.Event()
-    entry = events(1)
-    producer.fail_later[entry.records[0]] = MessageSizeTooLargeError("too big")
-    d = dispatcher(store, producer)
-
-    await d.send([entry])
-    await asyncio.sleep(0.08)  # past half the lease: sending again checks it first
+    store = FakeStore()
+    d, producer, entry = await refused_after_half_a_lease(store)
     store.lost.add(entry.id)  # another replica took it over meanwhile
-    producer.hold.set()
-    await settle(d)
+    await release(d, producer)
     await d.renew_inflight()
 
     assert not d._inflight and producer.published == [] and store.done == []
