@@ -461,30 +461,28 @@ class Dispatcher:
         await self._bury(event, exc)
 
     async def _records_outcome(self, message: Message, results: list[object]) -> object:
-        """The outcome of an "events" entry from its records' (in order): a cancelled
-        record's (the producer is stopping), else a transient failure's (the entry is sent
-        again whole); records refused for good are dead-lettered one by one, and then the
-        entry is done (None), or the failure to dead-letter them is its outcome."""
-        failures = [(n, r) for n, r in enumerate(results) if isinstance(r, BaseException)]
-        if not failures:
-            return None
-        for _, failure in failures:
-            if isinstance(failure, asyncio.CancelledError):
-                return failure
-        for _, failure in failures:
-            if self._transient(failure):
-                return failure
+        """The outcome of an "events" entry from its records' (in order): what
+        `_deciding_failure` picks if it is a cancellation or transient; else the records
+        refused for good are dead-lettered one by one, and then the entry is done (None),
+        or the failure to dead-letter them is its outcome."""
+        failure = self._deciding_failure(results)
+        if failure is None or isinstance(failure, asyncio.CancelledError):
+            return failure
+        if self._transient(failure):
+            return failure
         try:
-            for n, failure in failures:
-                await self._bury_record(message, n, failure)
+            for n, result in enumerate(results):
+                if isinstance(result, BaseException):
+                    await self._bury_record(message, n, result)
         except Exception as exc:
             return exc
         return None
 
-    def _batched_outcome(self, results: list[object]) -> object:
-        """The outcome of an entry sent in batches built here, from theirs: a cancelled
-        batch's (stopping), else a transient failure's, else any other failure's, else
-        None."""
+    def _deciding_failure(self, results: list[object]) -> BaseException | None:
+        """Of the outcomes of an entry's records, or of the batches built here that hold
+        them, the one that decides the entry: a cancellation (the producer is stopping:
+        the entry stays), else a transient failure (it is sent again whole), else any
+        other failure, else None (all delivered)."""
         failures = [r for r in results if isinstance(r, BaseException)]
         for failure in failures:
             if isinstance(failure, asyncio.CancelledError):
@@ -504,7 +502,7 @@ class Dispatcher:
             results = [outcomes[id(f)] for f in records]
             result: object
             if batched:
-                result, published = self._batched_outcome(results), len(message.records)
+                result, published = self._deciding_failure(results), len(message.records)
             elif len(records) == 1:
                 result, published = results[0], 1
                 if result is _DEAD_LETTERED:
