@@ -47,6 +47,7 @@ __all__ = [
     "CommitResult",
     "Tombstone",
     "decode_state",
+    "pairs",
     "state_of",
     "stored_whole",
 ]
@@ -315,13 +316,14 @@ def _result(workflow_id: str, reply: Any, lease: int) -> CommitResult:
         fingerprint, origin, status, finished = (text(v) for v in reply[1:5])
         tomb = Tombstone(fingerprint, origin, status, int(finished))
         return CommitResult(CommitOutcome.FINISHED, tombstone=tomb)
-    fields = _pairs(reply[1]) if len(reply) > 1 and reply[1] else {}
+    fields = pairs(reply[1]) if len(reply) > 1 and reply[1] else {}
     current = state_of(workflow_id, fields)
     outcome = CommitOutcome.EXISTS if code == 0 else CommitOutcome.CONFLICT
     return CommitResult(outcome, current, whole=stored_whole(fields))
 
 
-def _pairs(flat: Any) -> dict[bytes, bytes]:
+def pairs(flat: Any) -> dict[bytes, bytes]:
+    """A hash's fields as HGETALL answers them (a flat list, or a map), as a dict."""
     if isinstance(flat, dict):
         return flat
     return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -25,12 +25,14 @@ from mediator.storage.commit import (
     CommitOutcome,
     CommitResult,
     Tombstone,
+    pairs,
     state_of,
     stored_whole,
 )
 from mediator.storage.connection import check_mode, lua_source, text
 from mediator.storage.errors import redis_errors
 from mediator.storage.keys import KEY_SCHEMA_VERSION, Keys
+from mediator.storage.pipeline import pipelined
 
 __all__ = ["Claimed", "Commit", "CommitOutcome", "CommitResult", "Store", "Tombstone"]
 
@@ -121,12 +123,15 @@ class Store:
         if not workflow_ids:
             return {}
         with redis_errors("loading state"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for wid in workflow_ids:
-                    pipe.hgetall(self.keys.workflow(wid))
-                hashes = await pipe.execute()
+            replies = await pipelined(
+                self.redis, [("HGETALL", self.keys.workflow(wid)) for wid in workflow_ids]
+            )
         found: dict[str, WorkflowState | None] = {}
-        for wid, fields in zip(workflow_ids, hashes, strict=True):
+        for wid, reply in zip(workflow_ids, replies, strict=True):
+            if isinstance(reply, Exception):
+                msg = f"Redis unavailable while loading state: {reply}"
+                raise StateUnavailable(msg) from reply
+            fields = pairs(reply)
             self._note_form(wid, fields)
             found[wid] = state_of(wid, fields)
         return found
@@ -205,28 +210,30 @@ class Store:
     ) -> list[Any]:
         # On a cluster, one WAIT per primary written to, each sent with that primary's
         # calls (the client sends each primary's share of a pipeline on one connection).
-        nodes = await nodes_of(self.redis, [keys[0] for keys, _ in calls]) if wait else None
+        if not wait:
+            return await pipelined(
+                self.redis, [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+            )
+        nodes = await nodes_of(self.redis, [keys[0] for keys, _ in calls])
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
-            if wait:
-                # WAIT on the connection that wrote: it counts replicas that have every
-                # write this connection made so far.
-                for node in nodes if nodes is not None else [None]:
-                    target = {} if node is None else {"target_nodes": node}
-                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
+            # WAIT on the connection that wrote: it counts replicas that have every
+            # write this connection made so far.
+            for node in nodes if nodes is not None else [None]:
+                target = {} if node is None else {"target_nodes": node}
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
             replies = list(await pipe.execute(raise_on_error=False))
-        if wait:
-            waited = len(nodes) if nodes is not None else 1
-            acks, replies = replies[len(replies) - waited :], replies[: len(replies) - waited]
-            short = [a for a in acks if isinstance(a, Exception) or int(a) < self.wait_replicas]
-            if short:
-                acked = short[0]
-                msg = (
-                    f"only {acked} of {self.wait_replicas} Redis replicas acknowledged the "
-                    f"commit within {self.wait_timeout_ms} ms; the batch will be redelivered"
-                )
-                raise StateUnavailable(msg)
+        waited = len(nodes) if nodes is not None else 1
+        acks, replies = replies[len(replies) - waited :], replies[: len(replies) - waited]
+        short = [a for a in acks if isinstance(a, Exception) or int(a) < self.wait_replicas]
+        if short:
+            acked = short[0]
+            msg = (
+                f"only {acked} of {self.wait_replicas} Redis replicas acknowledged the "
+                f"commit within {self.wait_timeout_ms} ms; the batch will be redelivered"
+            )
+            raise StateUnavailable(msg)
         return replies
 
     # -- outbox ----------------------------------------------------------------------------
@@ -238,12 +245,18 @@ class Store:
         by_shard: dict[int, list[str]] = {}
         for shard, message_id in entries:
             by_shard.setdefault(shard, []).append(message_id)
+        commands: list[tuple[Any, ...]] = []
+        for shard, ids in by_shard.items():
+            commands += (
+                ("HDEL", self.keys.outbox(shard), *ids),
+                ("ZREM", self.keys.outbox_due(shard), *ids),
+            )
         with redis_errors("clearing the outbox"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for shard, ids in by_shard.items():
-                    pipe.hdel(self.keys.outbox(shard), *ids)
-                    pipe.zrem(self.keys.outbox_due(shard), *ids)
-                await pipe.execute()
+            replies = await pipelined(self.redis, commands)
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            msg = f"Redis unavailable while clearing the outbox: {failed}"
+            raise StateUnavailable(msg) from failed
 
     async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Take over outbox entries whose lease expired (their publisher died or stalled),

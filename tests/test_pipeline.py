@@ -1,0 +1,126 @@
+"""`pipelined`: the hot path's pipelines, against real Redis servers (one paused, to see
+that a deadline passed or a cancelled read never leaves a reply on a pooled connection for
+the next call to take as its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mediator.cli.infra import EmbeddedRedis, EmbeddedRedisCluster
+from mediator.storage.cluster import ClusterClient
+from mediator.storage.commit import pairs
+from mediator.storage.connection import PackedConnection, connect
+from mediator.storage.pipeline import pipelined
+
+FAILING_SCRIPT = "return redis.error_reply('ERR refused on purpose')"
+
+
+async def test_replies_are_redis_pys_raw_replies_and_errors_take_their_place(
+    redis_server: EmbeddedRedis, key_prefix: str
+) -> None:
+    redis = connect(redis_server.url, timeout_s=5)
+    try:
+        key, counter, table = f"{key_prefix}:k", f"{key_prefix}:n", f"{key_prefix}:h"
+        await redis.hset(table, mapping={"a": "1", "b": "2"})
+        sha = await redis.script_load(FAILING_SCRIPT)
+        commands = [
+            ("SET", key, b"v"),
+            ("GET", key),
+            ("INCRBY", counter, 5),
+            ("HGETALL", table),
+            ("EVALSHA", "0" * 40, 0),
+            ("EVALSHA", sha, 0),
+            ("EVAL", "return {1, 'two', ARGV[1]}", 0, "three"),
+        ]
+        replies = await pipelined(redis, commands)
+        assert replies[:3] == [True, b"v", 5] or replies[:3] == [b"OK", b"v", 5]
+        assert pairs(replies[3]) == {b"a": b"1", b"b": b"2"}
+        assert isinstance(replies[4], NoScriptError)
+        assert isinstance(replies[5], ResponseError)
+        assert "refused on purpose" in str(replies[5])
+        assert replies[6] == [1, b"two", b"three"]
+        # The connection went back to the pool in step: the next call reads its own.
+        assert await pipelined(redis, [("GET", key), ("GET", counter)]) == [b"v", b"5"]
+        assert await pipelined(redis, []) == []
+    finally:
+        await redis.aclose()
+
+
+async def test_a_paused_redis_times_out_once_for_the_whole_pipeline_and_poisons_nothing(
+    own_redis: EmbeddedRedis,
+) -> None:
+    redis = Redis.from_url(
+        own_redis.url,
+        socket_timeout=0.5,
+        connection_class=PackedConnection,
+        retry=Retry(NoBackoff(), 1),
+    )
+    try:
+        await redis.set("k", "before")
+        own_redis.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await pipelined(redis, [("SET", "k", f"v{i}") for i in range(50)])
+            elapsed = time.monotonic() - started
+        finally:
+            own_redis.resume()
+        # Each attempt (the first and one retry) waited one socket timeout for its replies.
+        assert 0.9 < elapsed < 3.0
+        # The server ran what it had read once continued; the dropped connections' replies
+        # never reach a later call.
+        for _ in range(5):
+            assert await pipelined(redis, [("GET", "k"), ("PING",)]) in (
+                [b"v49", True],
+                [b"v49", b"PONG"],
+            )
+    finally:
+        await redis.aclose()
+
+
+async def test_a_pipeline_cancelled_mid_read_leaves_no_reply_behind(
+    own_redis: EmbeddedRedis,
+) -> None:
+    redis = connect(own_redis.url, timeout_s=10, max_connections=1)
+    try:
+        await redis.set("k", "0")
+        own_redis.pause()
+        try:
+            call = asyncio.create_task(pipelined(redis, [("INCR", "k")] * 20))
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        finally:
+            own_redis.resume()
+        # One connection in the pool: the next call gets it, or a new one if it was
+        # dropped, and reads only its own replies.
+        replies = await pipelined(redis, [("SET", "k", "x"), ("GET", "k")])
+        assert replies[1] == b"x"
+        assert await pipelined(redis, [("GET", "k")]) == [b"x"]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_cluster_client_gets_redis_pys_pipeline(
+    redis_cluster: EmbeddedRedisCluster, key_prefix: str
+) -> None:
+    redis = ClusterClient.from_url(redis_cluster.url)
+    try:
+        key = f"{{{key_prefix}}}:k"
+        replies = await pipelined(
+            redis, [("SET", key, "v"), ("GET", key), ("EVAL", FAILING_SCRIPT, 1, key)]
+        )
+        assert replies[1] == b"v"
+        assert isinstance(replies[2], ResponseError)
+        assert "refused on purpose" in str(replies[2])
+    finally:
+        await redis.aclose()
