@@ -86,6 +86,41 @@ async def test_a_paused_redis_times_out_once_for_the_whole_pipeline_and_poisons_
         await redis.aclose()
 
 
+#: Spins for ARGV[1] loop turns (a script's clock stands still: it cannot wait on it).
+BUSY_SCRIPT = """
+local x = 0
+for i = 1, tonumber(ARGV[1]) do x = x + i end
+return redis.call('INCR', KEYS[1])
+"""
+
+
+async def test_the_deadline_bounds_the_wait_for_each_reply_not_the_whole_pipeline(
+    own_redis: EmbeddedRedis,
+) -> None:
+    """Five calls of about 0.4 s each with a 1 s timeout: redis-py's pipeline waits for
+    each reply in turn and succeeds; so must this, each call run once (a deadline over
+    the whole lot would time out, send them all again, and time out again)."""
+    redis = Redis.from_url(
+        own_redis.url,
+        socket_timeout=1.0,
+        connection_class=PackedConnection,
+        retry=Retry(NoBackoff(), 1),
+    )
+    try:
+        turns = 1_000_000
+        started = time.monotonic()
+        await redis.eval(BUSY_SCRIPT, 1, "calibrating", turns)
+        turns = int(turns * 0.4 / max(time.monotonic() - started, 0.001))
+        filler = "x" * 20_000  # Redis reads a pipeline this large in parts
+        commands = [("EVAL", BUSY_SCRIPT, 1, "runs", turns, filler) for _ in range(5)]
+        started = time.monotonic()
+        assert await pipelined(redis, commands) == [1, 2, 3, 4, 5]
+        assert time.monotonic() - started > 1.0  # longer than one timeout in all
+        assert await redis.get("runs") == b"5"
+    finally:
+        await redis.aclose()
+
+
 async def test_a_pipeline_cancelled_mid_read_leaves_no_reply_behind(
     own_redis: EmbeddedRedis,
 ) -> None:

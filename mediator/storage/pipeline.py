@@ -4,9 +4,10 @@ deadline.
 redis-py's pipeline reads each reply under a deadline of its own (an asyncio timer armed
 and cancelled per reply) and passes it through its response callbacks; for a batch's
 commits (a script call per shard) and the outbox's clearing, that bookkeeping cost the
-replica more CPU than building the commits. `pipelined` sends the same bytes on one
-pooled connection and reads every reply under one deadline, `socket_timeout`, as long as
-redis-py allows for one reply. A connection lost or timed out is dropped and the whole
+replica about as much CPU as building the commits. `pipelined` sends the same bytes on one
+pooled connection and reads the replies under one deadline: as redis-py's timeout, it
+fails a call that waits `socket_timeout` for its next reply, but it is one timer per call,
+moved on as replies come. A connection lost or timed out is dropped and the whole
 pipeline sent again as redis-py's pipeline does it (the client's `Retry`); what still
 fails raises redis-py's `ConnectionError` or `TimeoutError`, which callers sort as Redis
 unavailable. A command's own error reply (``NOSCRIPT``, a script's error) is returned in
@@ -20,7 +21,6 @@ that does not pool plain connections (a Redis Cluster client) gets redis-py's pi
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +32,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = ["pipelined"]
 
 Command = Sequence[Any]
+
+#: A wait for the next reply fails after `socket_timeout` times between one and this.
+_SLACK = 1.5
 
 
 async def pipelined(redis: Any, commands: Sequence[Command]) -> list[Any]:
@@ -56,16 +59,28 @@ async def pipelined(redis: Any, commands: Sequence[Command]) -> list[Any]:
 
 
 async def _exchange(conn: Connection, commands: Sequence[Command]) -> list[Any]:
-    await conn.send_packed_command(conn.pack_commands(commands))
+    window = conn.socket_timeout
+    loop = asyncio.get_running_loop()
     replies: list[Any] = []
+    # The connection is this call's alone until it is released: its own timeout is lifted
+    # meanwhile (redis-py would arm a timer for the write and for every reply) and the
+    # deadline below bounds them instead.
+    conn.socket_timeout = None
     try:
-        async with asyncio.timeout(conn.socket_timeout):
+        async with asyncio.timeout(window and _SLACK * window) as deadline:
+            await conn.send_packed_command(conn.pack_commands(commands))
             for _ in commands:
                 try:
-                    # No deadline per reply: the one around them all holds.
-                    replies.append(await conn.read_response(timeout=math.inf))
+                    replies.append(await conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
+                # As redis-py's timeout, the deadline bounds a wait for the next reply,
+                # not the whole pipeline (Redis answers a long pipeline in parts, as it
+                # reads it): between one and `_SLACK` windows. It is moved on at most
+                # once per half window.
+                due = deadline.when()
+                if due is not None and window and due - loop.time() < window:
+                    deadline.reschedule(loop.time() + _SLACK * window)
     except TimeoutError:
         # The replies still owed are on the socket: the connection is dropped (the read
         # cancelled by the deadline already did) and its pipeline may be sent again.
@@ -75,6 +90,9 @@ async def _exchange(conn: Connection, commands: Sequence[Command]) -> list[Any]:
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
+    finally:
+        if conn.socket_timeout is None:  # not changed meanwhile (a maintenance notice)
+            conn.socket_timeout = window
     return replies
 
 
