@@ -159,3 +159,20 @@ async def test_a_cluster_client_gets_redis_pys_pipeline(
         assert "refused on purpose" in str(replies[2])
     finally:
         await redis.aclose()
+
+
+async def test_a_sha_no_primary_knows_ends_as_noscript_on_a_cluster(
+    redis_cluster: EmbeddedRedisCluster, key_prefix: str
+) -> None:
+    """The cluster pipeline loads the scripts and sends calls refused for NOSCRIPT again,
+    once: a SHA never registered comes back as the error it is (it used to load and send
+    again until the stack ran out)."""
+    redis = ClusterClient.from_url(redis_cluster.url)
+    try:
+        key = f"{{{key_prefix}}}:k"
+        replies = await pipelined(redis, [("EVALSHA", "0" * 40, 1, key), ("SET", key, "v")])
+        assert isinstance(replies[0], NoScriptError)
+        assert replies[1] in (True, b"OK")
+        assert redis.script_reloads == 1
+    finally:
+        await redis.aclose()

@@ -111,6 +111,10 @@ class ScriptedPipeline(ClusterPipeline):
         super().__init__(client, transaction)
         self._owner = client
         self._calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        #: Whether calls refused for ``NOSCRIPT`` load the scripts and go again (once: the
+        #: pipeline that sends them again does not, so a script no primary will keep, or
+        #: a SHA never registered, ends as the `NoScriptError` it is, not as recursion).
+        self.reload = True
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         self._calls.append((args, kwargs))
@@ -134,13 +138,14 @@ class ScriptedPipeline(ClusterPipeline):
         # A pipeline that WAITs for replicas re-sends its calls itself (`Store`), so that
         # the WAIT follows them on their connection.
         waits = any(args and args[0] == "WAIT" for args, _ in calls)
-        if missing and len(replies) == len(calls) and not waits:
+        if missing and len(replies) == len(calls) and not waits and self.reload:
             self._owner.script_reloads += 1
             log.info(
                 "Redis Cluster: %d script calls met NOSCRIPT; loading the scripts", len(missing)
             )
             await self._owner.load_scripts()
             again = self._owner.pipeline()
+            again.reload = False
             for i in missing:
                 args, kwargs = calls[i]
                 again.execute_command(*args, **kwargs)
