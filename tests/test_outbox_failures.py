@@ -669,3 +669,28 @@ async def test_entries_sent_again_go_record_by_record_so_a_batch_refusal_is_the_
     assert orjson.loads(dead.value)["event_id"] == "wf-1:2:1"
     assert sorted(store.done) == [(0, "wf-1:2:events"), (0, "wf-2:2:events")]
     assert d.stats.dead == 1
+
+
+async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culprit_fails() -> None:
+    # aiokafka puts the commands `send` takes in one turn of the loop in one batch, and a
+    # broker refuses a batch whole (a record over its message.max.bytes): the others in
+    # it must not become error replies with the one at fault.
+    store, producer = FakeStore(), FakeProducer()
+    producer.shared_fate = True
+    ok1, big, ok2 = command(1), command(2, size=5000), command(3)
+    producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
+    d = dispatcher(store, producer)
+
+    await d.send([ok1, big, ok2])
+    await settle(d)
+
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, value in producer.published:
+        by_topic.setdefault(topic, []).append(value)
+    assert sorted(by_topic[TOPICS.service("svc")]) == sorted([ok1.value, ok2.value])
+    [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
+    assert dead.code == "too_large"
+    [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
+    assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
+    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
+    assert d.stats.dead == 1

@@ -133,9 +133,9 @@ class Dispatcher:
         replica stalled for a good part of a lease since (a long GC pause, SIGSTOP), it
         first checks with Redis which entries it still holds and sends only those.
         Returns as soon as the producer holds them, or (the transition stream's records)
-        has them queued in batches built here (`_enqueue`). `singly`: the stream's records
-        by `send`, each delivered before the next goes, so each is a batch of its own and
-        a refusal of it is its own.
+        has them queued in batches built here (`_enqueue`). `singly`: every record by
+        `send`, each delivered before the next goes, so each is a batch of its own and a
+        refusal of it is its own (entries whose batch was refused for good, sent again).
         Backpressure: if too many batches are still unacknowledged, waits for the oldest
         first.
         """
@@ -163,7 +163,7 @@ class Dispatcher:
             sent.append((message, futures, batched))
         if not sent:
             return
-        task = asyncio.create_task(self._settle(sent))
+        task = asyncio.create_task(self._settle(sent, singly))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         if len(self._pending) > 64:
@@ -326,24 +326,22 @@ class Dispatcher:
         partition = message.partition
         if partition is not None:
             if partition in await self.producer.partitions_for(message.topic):
-                return [
-                    await self.producer.send(
-                        message.topic,
-                        message.value,
-                        message.key,
-                        partition,
-                        headers=message.headers,
-                    )
-                ]
+                future = await self.producer.send(
+                    message.topic, message.value, message.key, partition, headers=message.headers
+                )
+                if alone:
+                    await asyncio.wait([future])
+                return [future]
             # A partition the topic does not have (an instance announced one it cannot
             # own, or the topic shrank): the key chooses instead.
             self.stats.unknown_partition += 1
             log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
-        return [
-            await self.producer.send(
-                message.topic, message.value, key=message.key, headers=message.headers
-            )
-        ]
+        future = await self.producer.send(
+            message.topic, message.value, key=message.key, headers=message.headers
+        )
+        if alone:  # delivered before the next goes: a batch of its own
+            await asyncio.wait([future])
+        return [future]
 
     async def _produce_records(
         self, message: Message, alone: bool = False
@@ -492,7 +490,9 @@ class Dispatcher:
                 return failure
         return failures[0] if failures else None
 
-    async def _settle(self, sent: Sequence[_Sent]) -> None:
+    async def _settle(self, sent: Sequence[_Sent], singly: bool = False) -> None:
+        """Sort the outcome of each entry `send` handed over. `singly`: they were sent
+        one at a time, each in a batch of its own."""
         futures = {id(f): f for _, fs, _ in sent for f in fs}  # batches are shared
         gathered = await asyncio.gather(*futures.values(), return_exceptions=True)
         outcomes = dict(zip(futures, gathered, strict=True))
@@ -517,9 +517,15 @@ class Dispatcher:
                 # The producer is stopping: the entry stays, and its lease runs out.
                 self._inflight.pop(slot, None)
                 continue
-            if batched and isinstance(result, BaseException) and not self._transient(result):
-                # Refused for good: for this entry's records, or another's in the batch?
-                # Sent again by `send`, record by record, where a refusal is its own.
+            if (
+                (batched or (len(records) == 1 and not singly))
+                and isinstance(result, BaseException)
+                and not self._transient(result)
+            ):
+                # Refused for good: for this entry's records, or another's in the batch
+                # (ours, or the one the producer gathered its `send`s in: a broker refuses
+                # a batch whole)? Sent again by `send`, one record at a time, where a
+                # refusal is its own.
                 again.append(message)
                 continue
             if isinstance(result, BaseException):
