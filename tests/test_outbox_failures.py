@@ -149,6 +149,13 @@ def dispatcher(store: FakeStore, producer: FakeProducer, clear_ms: int = 0) -> D
     )
 
 
+def published_by_topic(producer: FakeProducer) -> dict[str, list[bytes]]:
+    by_topic: dict[str, list[bytes]] = {}
+    for topic, value in producer.published:
+        by_topic.setdefault(topic, []).append(value)
+    return by_topic
+
+
 async def settle(d: Dispatcher) -> None:
     while d._pending:  # a publish settling schedules its clearing
         await asyncio.wait(set(d._pending))
@@ -180,9 +187,7 @@ async def test_a_refused_command_is_dead_lettered_and_fails_its_step_the_rest_go
     await d.send([ok1, big, ok2])
     await settle(d)
 
-    by_topic: dict[str, list[bytes]] = {}
-    for topic, value in producer.published:
-        by_topic.setdefault(topic, []).append(value)
+    by_topic = published_by_topic(producer)
     assert by_topic[TOPICS.service("svc")] == [ok1.value, ok2.value]
     [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
     assert dead.code == "too_large"
@@ -684,9 +689,7 @@ async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culpr
     await d.send([ok1, big, ok2])
     await settle(d)
 
-    by_topic: dict[str, list[bytes]] = {}
-    for topic, value in producer.published:
-        by_topic.setdefault(topic, []).append(value)
+    by_topic = published_by_topic(producer)
     assert sorted(by_topic[TOPICS.service("svc")]) == sorted([ok1.value, ok2.value])
     [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
     assert dead.code == "too_large"

@@ -23,6 +23,17 @@ from mediator.storage.pipeline import pipelined
 FAILING_SCRIPT = "return redis.error_reply('ERR refused on purpose')"
 
 
+def retrying_once(server: EmbeddedRedis, timeout_s: float) -> Redis:
+    """A client of `server` whose calls time out after `timeout_s` and are sent again
+    once, at once."""
+    return Redis.from_url(
+        server.url,
+        socket_timeout=timeout_s,
+        connection_class=PackedConnection,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
 async def test_replies_are_redis_pys_raw_replies_and_errors_take_their_place(
     redis_server: EmbeddedRedis, key_prefix: str
 ) -> None:
@@ -57,12 +68,7 @@ async def test_replies_are_redis_pys_raw_replies_and_errors_take_their_place(
 async def test_a_paused_redis_times_out_once_for_the_whole_pipeline_and_poisons_nothing(
     own_redis: EmbeddedRedis,
 ) -> None:
-    redis = Redis.from_url(
-        own_redis.url,
-        socket_timeout=0.5,
-        connection_class=PackedConnection,
-        retry=Retry(NoBackoff(), 1),
-    )
+    redis = retrying_once(own_redis, timeout_s=0.5)
     try:
         await redis.set("k", "before")
         own_redis.pause()
@@ -100,12 +106,7 @@ async def test_the_deadline_bounds_the_wait_for_each_reply_not_the_whole_pipelin
     """Five calls of about 0.4 s each with a 1 s timeout: redis-py's pipeline waits for
     each reply in turn and succeeds; so must this, each call run once (a deadline over
     the whole lot would time out, send them all again, and time out again)."""
-    redis = Redis.from_url(
-        own_redis.url,
-        socket_timeout=1.0,
-        connection_class=PackedConnection,
-        retry=Retry(NoBackoff(), 1),
-    )
+    redis = retrying_once(own_redis, timeout_s=1.0)
     try:
         turns = 1_000_000
         started = time.monotonic()
