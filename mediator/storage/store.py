@@ -208,22 +208,26 @@ class Store:
     async def _pipeline_evalsha(
         self, sha: str, calls: Sequence[tuple[list[str], list[Any]]], wait: bool
     ) -> list[Any]:
-        # On a cluster, one WAIT per primary written to, each sent with that primary's
-        # calls (the client sends each primary's share of a pipeline on one connection).
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         if not wait:
-            return await pipelined(
-                self.redis, [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-            )
+            return await pipelined(self.redis, commands)
+        # WAIT on the connection that wrote: it counts replicas that have every write this
+        # connection made so far. On a cluster, one WAIT per primary written to, each sent
+        # with that primary's calls (the client sends each primary's share of a pipeline on
+        # one connection).
         nodes = await nodes_of(self.redis, [keys[0] for keys, _ in calls])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            # WAIT on the connection that wrote: it counts replicas that have every
-            # write this connection made so far.
-            for node in nodes if nodes is not None else [None]:
-                target = {} if node is None else {"target_nodes": node}
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
-            replies = list(await pipe.execute(raise_on_error=False))
+        if nodes is None:
+            wait_for = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            replies = await pipelined(self.redis, [*commands, wait_for])
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                for node in nodes:
+                    pipe.execute_command(
+                        "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+                    )
+                replies = list(await pipe.execute(raise_on_error=False))
         waited = len(nodes) if nodes is not None else 1
         acks, replies = replies[len(replies) - waited :], replies[: len(replies) - waited]
         short = [a for a in acks if isinstance(a, Exception) or int(a) < self.wait_replicas]
