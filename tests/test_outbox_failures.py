@@ -495,7 +495,8 @@ async def test_an_events_batch_refused_for_good_sends_each_entry_again_record_by
     await d.send([entry, other])
     await settle(d)
 
-    assert producer.batches == []  # the one batch was refused
+    # The one batch was refused; each record went again in a batch of its own.
+    assert [len(values) for _, _, values in producer.batches] == [1] * 5
     sent = event_ids([v for t, v in producer.published if t == TOPICS.events])
     assert sent == ["wf-1:2:0", "wf-1:2:2", "wf-2:2:0", "wf-2:2:1", "wf-2:2:2"]
     [dead] = [DeadLetter.model_validate_json(v) for t, v in producer.published if t == TOPICS.dlq]
@@ -697,3 +698,71 @@ async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culpr
     assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
     assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
     assert d.stats.dead == 1
+
+
+async def test_an_entry_let_go_in_flight_is_not_sent_again_when_its_batch_is_refused() -> None:
+    # Leases renewed while the batch waited found the entry taken over (counted lost in
+    # flight, let go); the batch is then refused: another replica has it, so not this one.
+    store = FakeStore()
+    d, producer, entry = await refused_after_half_a_lease(store)
+    store.lost.add(entry.id)
+    await d.renew_inflight()
+    await release(d, producer)
+
+    assert producer.published == [] and store.done == [] and not d._inflight
+    assert d.stats.lost_in_flight == 1 and d.stats.fenced == 0 and d.stats.dead == 0
+
+
+class HoldsSingles(BatchingProducer):
+    """Holds batches of one record (those of entries sent again) until `singles` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(partitions=1)
+        self.singles = asyncio.Event()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        if len(batch.records) == 1:
+            await self.singles.wait()
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+async def test_entries_waiting_their_turn_to_go_again_keep_their_leases_or_are_let_go() -> None:
+    store, producer = FakeStore(), HoldsSingles()
+    store.lease_ms = 100
+    first, second = events(1), events(2)
+    producer.fail_later[first.records[1]] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([first, second])  # one batch, refused: each record goes again alone
+    await asyncio.sleep(0.05)  # the first record sent again is held; a third of a lease on
+    assert {(0, first.id), (0, second.id)} <= set(d._inflight)  # renewed while they wait
+    store.lost.add(second.id)  # another replica took the second over meanwhile
+    await d.renew_inflight()
+    producer.singles.set()
+    await settle(d)
+
+    sent = event_ids([v for t, v in producer.published if t == TOPICS.events])
+    assert sent == ["wf-1:2:0", "wf-1:2:2"]  # none of the second's: it is the other's now
+    assert store.done == [(0, first.id)] and not d._inflight
+    assert d.stats.lost_in_flight == 1 and d.stats.dead == 1
+
+
+async def test_entries_sent_again_side_by_side_each_go_in_a_batch_of_their_own() -> None:
+    # Two refused batches' entries sent again at the same time: by `send`, the producer
+    # would put one's good command in a batch with the other's bad one.
+    store, producer = FakeStore(), BatchingProducer(partitions=8)
+    producer.shared_fate = True
+    good1, bad1, good2, bad2 = command(1), command(2, 600), command(3), command(4, 600)
+    producer.fail_later[bad1.value] = MessageSizeTooLargeError("too big")
+    producer.fail_later[bad2.value] = MessageSizeTooLargeError("too big")
+    d = dispatcher(store, producer)
+
+    await d.send([bad1, good1])
+    await d.send([good2, bad2])  # in step, each one's bad beside the other's good
+    await settle(d)
+
+    by_topic = published_by_topic(producer)
+    assert sorted(by_topic[TOPICS.service("svc")]) == sorted([good1.value, good2.value])
+    replies = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
+    assert sorted(r.command_id for r in replies) == ["wf-2.a.1", "wf-4.a.1"]
+    assert d.stats.dead == 2

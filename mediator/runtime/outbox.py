@@ -145,10 +145,12 @@ class Dispatcher:
             since = clock.monotonic()
         elif clock.monotonic() - since > self.lease_ms / 2000:
             since = clock.monotonic()
-            messages = await self._still_held(messages)
+            messages = await self._fence(messages)
         sent: list[_Sent] = []
         partitions: dict[str, list[int]] = {}
         for message in messages:
+            if singly and (message.shard, message.id) not in self._inflight:
+                continue  # taken over while the entries before it went (`renew_inflight`)
             try:
                 futures = None
                 if message.kind == EVENTS and not singly and hasattr(self.producer, "send_batch"):
@@ -286,6 +288,17 @@ class Dispatcher:
                 )
         await self.send_now(out)
 
+    async def _fence(self, messages: Sequence[Message]) -> list[Message]:
+        """`_still_held`, for `send`: those no longer held leave `_inflight` (entries sent
+        again are there), so each is counted once, fenced, not again as lost in flight."""
+        held = await self._still_held(messages)
+        if len(held) < len(messages):
+            kept = {id(message) for message in held}
+            for message in messages:
+                if id(message) not in kept:
+                    self._inflight.pop((message.shard, message.id), None)
+        return held
+
     async def _still_held(
         self, messages: Sequence[Message], *, in_flight: bool = False
     ) -> list[Message]:
@@ -326,22 +339,56 @@ class Dispatcher:
         partition = message.partition
         if partition is not None:
             if partition in await self.producer.partitions_for(message.topic):
-                future = await self.producer.send(
-                    message.topic, message.value, message.key, partition, headers=message.headers
-                )
                 if alone:
-                    await asyncio.wait([future])
-                return [future]
+                    return [await self._send_alone(message, message.value, partition)]
+                return [
+                    await self.producer.send(
+                        message.topic,
+                        message.value,
+                        message.key,
+                        partition,
+                        headers=message.headers,
+                    )
+                ]
             # A partition the topic does not have (an instance announced one it cannot
             # own, or the topic shrank): the key chooses instead.
             self.stats.unknown_partition += 1
             log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
-        future = await self.producer.send(
-            message.topic, message.value, key=message.key, headers=message.headers
+        if alone:
+            return [await self._send_alone(message, message.value)]
+        return [
+            await self.producer.send(
+                message.topic, message.value, key=message.key, headers=message.headers
+            )
+        ]
+
+    async def _send_alone(
+        self, message: Message, value: bytes, partition: int | None = None
+    ) -> asyncio.Future[object]:
+        """Publish one record of `message` in a batch of its own and wait for its outcome:
+        a broker's refusal of that batch is this record's. The producer's `send` would
+        put it in the batch open for its partition, with whatever else goes there
+        meanwhile (another entry sent again, a new command), so a batch is built for it
+        where the producer takes batches and the record's partition is known (given, or
+        its key's); else `send` it is, waited for before the next goes."""
+        producer, topic, key = self.producer, message.topic, message.key
+        batching = hasattr(producer, "send_batch")
+        if batching and partition is None and key is not None:
+            known = list(await producer.partitions_for(topic))
+            partition = partition_for(key, known, known) if known else None
+        if batching and partition is not None:
+            builder = cast(BatchingProducer, producer).create_batch()
+            if builder.append(timestamp=None, key=key, value=value, headers=message.headers):
+                builder.close()
+                batched = cast(BatchingProducer, producer)
+                delivery = await batched.send_batch(builder, topic, partition=partition)
+                await asyncio.wait([delivery])
+                return delivery
+        future = await producer.send(
+            topic, value, key=key, partition=partition, headers=message.headers
         )
-        if alone:  # delivered before the next goes: a batch of its own
-            await asyncio.wait([future])
-        return [future]
+        await asyncio.wait([future])
+        return future
 
     async def _produce_records(
         self, message: Message, alone: bool = False
@@ -356,13 +403,14 @@ class Dispatcher:
         try:
             for n, value in enumerate(message.records):
                 try:
-                    futures.append(
-                        await self.producer.send(
-                            message.topic, value, key=message.key, headers=message.headers
-                        )
-                    )
                     if alone:
-                        await asyncio.wait([futures[-1]])
+                        futures.append(await self._send_alone(message, value))
+                    else:
+                        futures.append(
+                            await self.producer.send(
+                                message.topic, value, key=message.key, headers=message.headers
+                            )
+                        )
                 except Exception as exc:
                     if self._transient(exc):
                         raise
@@ -546,13 +594,17 @@ class Dispatcher:
             await self._send_again(again)
 
     async def _send_again(self, entries: list[Message]) -> None:
-        """Send again, record by record, the entries of a batch refused for good. If that
-        cannot even begin (Redis unreachable while checking this replica still holds
-        them), they are let go: their leases run out and the sweeper sends them."""
-        # Out of `_inflight` until `send` puts back those this replica still holds: one it
-        # no longer holds is counted once (fenced), not again when leases are renewed.
-        held = [self._inflight.pop((m.shard, m.id), None) for m in entries]
-        since = min((h[1] for h in held if h is not None), default=clock.monotonic())
+        """Send again, record by record, the entries of a batch refused for good. They stay
+        in flight meanwhile, their leases renewed while they wait their turn; one taken
+        over before its turn (`renew_inflight` let it go, and counted it) is not sent, nor
+        one let go already. If sending cannot even begin (Redis unreachable while
+        checking this replica still holds them), they are let go: their leases run out
+        and the sweeper sends them."""
+        held = [(m, self._inflight.get((m.shard, m.id))) for m in entries]
+        entries = [m for m, h in held if h is not None]
+        if not entries:
+            return
+        since = min(h[1] for _, h in held if h is not None)
         try:
             await self.send(entries, since, singly=True)
         except Exception as exc:
