@@ -61,6 +61,10 @@ async def test_replies_are_redis_pys_raw_replies_and_errors_take_their_place(
         # The connection went back to the pool in step: the next call reads its own.
         assert await pipelined(redis, [("GET", key), ("GET", counter)]) == [b"v", b"5"]
         assert await pipelined(redis, []) == []
+        # Raised instead, as redis-py's execute() does, once every reply is read.
+        with pytest.raises(NoScriptError):
+            await pipelined(redis, [("EVALSHA", "0" * 40, 0), ("GET", key)], raise_on_error=True)
+        assert await pipelined(redis, [("GET", key)]) == [b"v"]
     finally:
         await redis.aclose()
 

@@ -37,10 +37,23 @@ Command = Sequence[Any]
 _SLACK = 1.5
 
 
-async def pipelined(redis: Any, commands: Sequence[Command]) -> list[Any]:
-    """The raw reply of each of `commands`, or the `ResponseError` it got, in order."""
+async def pipelined(
+    redis: Any, commands: Sequence[Command], *, raise_on_error: bool = False
+) -> list[Any]:
+    """The raw reply of each of `commands`, or the `ResponseError` it got, in order; with
+    `raise_on_error`, the first such error is raised instead (once every reply is read),
+    as redis-py's ``execute()`` does."""
     if not commands:
         return []
+    replies = await _replies(redis, commands)
+    if raise_on_error:
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+    return replies
+
+
+async def _replies(redis: Any, commands: Sequence[Command]) -> list[Any]:
     pool = getattr(redis, "connection_pool", None)
     if (
         not isinstance(redis, Redis)

@@ -124,13 +124,12 @@ class Store:
             return {}
         with redis_errors("loading state"):
             replies = await pipelined(
-                self.redis, [("HGETALL", self.keys.workflow(wid)) for wid in workflow_ids]
+                self.redis,
+                [("HGETALL", self.keys.workflow(wid)) for wid in workflow_ids],
+                raise_on_error=True,
             )
         found: dict[str, WorkflowState | None] = {}
         for wid, reply in zip(workflow_ids, replies, strict=True):
-            if isinstance(reply, Exception):
-                msg = f"Redis unavailable while loading state: {reply}"
-                raise StateUnavailable(msg) from reply
             fields = pairs(reply)
             self._note_form(wid, fields)
             found[wid] = state_of(wid, fields)
@@ -256,11 +255,7 @@ class Store:
                 ("ZREM", self.keys.outbox_due(shard), *ids),
             )
         with redis_errors("clearing the outbox"):
-            replies = await pipelined(self.redis, commands)
-        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
-        if failed is not None:
-            msg = f"Redis unavailable while clearing the outbox: {failed}"
-            raise StateUnavailable(msg) from failed
+            await pipelined(self.redis, commands, raise_on_error=True)
 
     async def claim_expired(self, shard: int, limit: int) -> tuple[int, list[tuple[str, bytes]]]:
         """Take over outbox entries whose lease expired (their publisher died or stalled),
