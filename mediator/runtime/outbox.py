@@ -133,9 +133,9 @@ class Dispatcher:
         replica stalled for a good part of a lease since (a long GC pause, SIGSTOP), it
         first checks with Redis which entries it still holds and sends only those.
         Returns as soon as the producer holds them, or (the transition stream's records)
-        has them queued in batches built here (`_enqueue`). `singly`: every record by
-        `send`, each delivered before the next goes, so each is a batch of its own and a
-        refusal of it is its own (entries whose batch was refused for good, sent again).
+        has them queued in batches built here (`_enqueue`). `singly`: every record in a
+        batch of its own (`_send_alone`), delivered before the next goes, so a refusal of
+        it is its own (entries whose batch was refused for good, sent again).
         Backpressure: if too many batches are still unacknowledged, waits for the oldest
         first.
         """
@@ -337,28 +337,19 @@ class Dispatcher:
         if message.kind == EVENTS:
             return await self._produce_records(message, alone)
         partition = message.partition
-        if partition is not None:
-            if partition in await self.producer.partitions_for(message.topic):
-                if alone:
-                    return [await self._send_alone(message, message.value, partition)]
-                return [
-                    await self.producer.send(
-                        message.topic,
-                        message.value,
-                        message.key,
-                        partition,
-                        headers=message.headers,
-                    )
-                ]
+        if partition is not None and partition not in await self.producer.partitions_for(
+            message.topic
+        ):
             # A partition the topic does not have (an instance announced one it cannot
             # own, or the topic shrank): the key chooses instead.
             self.stats.unknown_partition += 1
             log.warning("%s: %s has no partition %d", message.id, message.topic, partition)
+            partition = None
         if alone:
-            return [await self._send_alone(message, message.value)]
+            return [await self._send_alone(message, message.value, partition)]
         return [
             await self.producer.send(
-                message.topic, message.value, key=message.key, headers=message.headers
+                message.topic, message.value, message.key, partition, headers=message.headers
             )
         ]
 
@@ -372,19 +363,21 @@ class Dispatcher:
         where the producer takes batches and the record's partition is known (given, or
         its key's); else `send` it is, waited for before the next goes."""
         producer, topic, key = self.producer, message.topic, message.key
-        batching = hasattr(producer, "send_batch")
-        if batching and partition is None and key is not None:
-            known = list(await producer.partitions_for(topic))
-            partition = partition_for(key, known, known) if known else None
-        if batching and partition is not None:
-            builder = cast(BatchingProducer, producer).create_batch()
-            added = builder.append(timestamp=None, key=key, value=value, headers=message.headers)
-            if added is not None:  # an empty batch takes any record: this is for the fakes
-                builder.close()
-                batched = cast(BatchingProducer, producer)
-                delivery = await batched.send_batch(builder, topic, partition=partition)
-                await asyncio.wait([delivery])
-                return delivery
+        if hasattr(producer, "send_batch"):
+            batching = cast(BatchingProducer, producer)
+            if partition is None and key is not None:
+                known = list(await producer.partitions_for(topic))
+                partition = partition_for(key, known, known) if known else None
+            if partition is not None:
+                builder = batching.create_batch()
+                added = builder.append(
+                    timestamp=None, key=key, value=value, headers=message.headers
+                )
+                if added is not None:  # an empty batch takes any record (aiokafka's does)
+                    builder.close()
+                    delivery = await batching.send_batch(builder, topic, partition=partition)
+                    await asyncio.wait([delivery])
+                    return delivery
         future = await producer.send(
             topic, value, key=key, partition=partition, headers=message.headers
         )
@@ -397,9 +390,9 @@ class Dispatcher:
         """`_produce` for an "events" entry: one record per value. A record the producer
         refuses for good (too large) is dead-lettered alone and the others go; a transient
         refusal fails the entry (raised: it is sent again whole, and consumers drop the
-        records that got through twice by their event ids). `alone`: each record's
-        delivery is waited for before the next is sent, so that the producer puts no two
-        in one batch (a broker refuses a batch whole)."""
+        records that got through twice by their event ids). `alone`: each record in a
+        batch of its own (`_send_alone`), delivered before the next is sent (a broker
+        refuses a batch whole)."""
         futures: list[asyncio.Future[object]] = []
         try:
             for n, value in enumerate(message.records):
