@@ -766,3 +766,23 @@ async def test_entries_sent_again_side_by_side_each_go_in_a_batch_of_their_own()
     replies = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
     assert sorted(r.command_id for r in replies) == ["wf-2.a.1", "wf-4.a.1"]
     assert d.stats.dead == 2
+
+
+async def test_messages_published_directly_whose_batch_was_refused_go_again_alone() -> None:
+    # `send_now` (results of refused requests, dead letters, error replies): a broker
+    # refuses a batch whole, so the message at fault is the only one dead-lettered.
+    store, producer = FakeStore(), FakeProducer()
+    producer.shared_fate = True
+    ok1, big, ok2 = command(1), command(2, size=5000), command(3)
+    producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
+    d = dispatcher(store, producer)
+
+    await d.send_now([ok1, big, ok2])
+
+    by_topic = published_by_topic(producer)
+    assert sorted(by_topic[TOPICS.service("svc")]) == sorted([ok1.value, ok2.value])
+    [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
+    assert (dead.code, dead.source_topic) == ("too_large", TOPICS.service("svc"))
+    [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
+    assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
+    assert (d.stats.dead, d.published) == (1, 4)

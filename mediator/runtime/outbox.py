@@ -175,8 +175,10 @@ class Dispatcher:
         """Publish messages that are not in the outbox and wait until Kafka has them all.
 
         A message that can never be published (too large, unknown topic) is
-        dead-lettered instead. Raises on a transient failure, so the caller rewinds its
-        batch and does not commit its offsets.
+        dead-lettered instead. A record whose batch the broker refused for good is first
+        sent again alone (`_send_alone`): the broker refuses a batch whole, so the refusal
+        may have been another record's in it. Raises on a transient failure, so the caller
+        rewinds its batch and does not commit its offsets.
         """
         if not messages:
             return
@@ -185,13 +187,17 @@ class Dispatcher:
         for message in messages:
             try:
                 futures.append((message, await self._produce(message)))
-            except Exception as exc:
+            except Exception as exc:  # the producer's own check: this message's refusal
                 failed.append((message, exc))
         for message, records in futures:
-            outcomes = await asyncio.gather(*records, return_exceptions=True)
-            error = next((o for o in outcomes if isinstance(o, BaseException)), None)
-            if isinstance(error, asyncio.CancelledError):
-                raise error  # the producer is stopping
+            error = await self._first_failure(records)
+            if error is not None and len(records) == 1 and not self._transient(error):
+                try:
+                    records = await self._produce(message, alone=True)
+                except Exception as exc:
+                    error = exc
+                else:
+                    error = await self._first_failure(records)
             if error is None:
                 self.published += len(records)
             else:
@@ -205,6 +211,16 @@ class Dispatcher:
                 log.error("dead letter to %s could not be published: %s", message.topic, error)
                 continue
             await self._bury(message, error)
+
+    @staticmethod
+    async def _first_failure(records: Sequence[asyncio.Future[object]]) -> BaseException | None:
+        """The first failure among the outcomes of a message's records, once all are
+        known; a cancellation (the producer is stopping) is raised."""
+        outcomes = await asyncio.gather(*records, return_exceptions=True)
+        error = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+        return error
 
     # -- failures --------------------------------------------------------------------------
 
