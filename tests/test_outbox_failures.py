@@ -677,27 +677,35 @@ async def test_entries_sent_again_go_record_by_record_so_a_batch_refusal_is_the_
     assert d.stats.dead == 1
 
 
-async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culprit_fails() -> None:
-    # aiokafka puts the commands `send` takes in one turn of the loop in one batch, and a
+@pytest.mark.parametrize("publish", ["send", "send_now"])
+async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culprit_fails(
+    publish: str,
+) -> None:
+    # aiokafka puts the records `send` takes in one turn of the loop in one batch, and a
     # broker refuses a batch whole (a record over its message.max.bytes): the others in
-    # it must not become error replies with the one at fault.
+    # it must not become error replies with the one at fault. So for outbox entries
+    # (`send`) and for what is published directly (`send_now`: answers to refused
+    # requests, dead letters, error replies).
     store, producer = FakeStore(), FakeProducer()
     producer.shared_fate = True
     ok1, big, ok2 = command(1), command(2, size=5000), command(3)
     producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
     d = dispatcher(store, producer)
 
-    await d.send([ok1, big, ok2])
-    await settle(d)
+    if publish == "send":
+        await d.send([ok1, big, ok2])
+        await settle(d)
+        assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
+    else:
+        await d.send_now([ok1, big, ok2])
 
     by_topic = published_by_topic(producer)
     assert sorted(by_topic[TOPICS.service("svc")]) == sorted([ok1.value, ok2.value])
     [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
-    assert dead.code == "too_large"
+    assert (dead.code, dead.source_topic) == ("too_large", TOPICS.service("svc"))
     [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
     assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
-    assert sorted(store.done) == [(0, "wf-1.a.1"), (0, "wf-2.a.1"), (0, "wf-3.a.1")]
-    assert d.stats.dead == 1
+    assert (d.stats.dead, d.published) == (1, 4)
 
 
 async def test_an_entry_let_go_in_flight_is_not_sent_again_when_its_batch_is_refused() -> None:
@@ -766,23 +774,3 @@ async def test_entries_sent_again_side_by_side_each_go_in_a_batch_of_their_own()
     replies = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
     assert sorted(r.command_id for r in replies) == ["wf-2.a.1", "wf-4.a.1"]
     assert d.stats.dead == 2
-
-
-async def test_messages_published_directly_whose_batch_was_refused_go_again_alone() -> None:
-    # `send_now` (results of refused requests, dead letters, error replies): a broker
-    # refuses a batch whole, so the message at fault is the only one dead-lettered.
-    store, producer = FakeStore(), FakeProducer()
-    producer.shared_fate = True
-    ok1, big, ok2 = command(1), command(2, size=5000), command(3)
-    producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
-    d = dispatcher(store, producer)
-
-    await d.send_now([ok1, big, ok2])
-
-    by_topic = published_by_topic(producer)
-    assert sorted(by_topic[TOPICS.service("svc")]) == sorted([ok1.value, ok2.value])
-    [dead] = [DeadLetter.model_validate_json(v) for v in by_topic[TOPICS.dlq]]
-    assert (dead.code, dead.source_topic) == ("too_large", TOPICS.service("svc"))
-    [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
-    assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
-    assert (d.stats.dead, d.published) == (1, 4)
