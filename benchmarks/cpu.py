@@ -1,4 +1,5 @@
-"""CPU per step of every process of a rig: broker, echo service, replica and the client."""
+"""CPU per step of every process of a rig: replica, echo service, broker, the state Redis
+and the client."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from benchmarks.stage import Rig
 __all__ = ["ROLES", "cpu_measures", "cpu_probe", "cpu_seconds", "measure_saturated", "record_cpu"]
 
 #: Who the processes are, in the order the table lists them.
-ROLES = ("replica", "echo", "broker", "client")
+ROLES = ("replica", "echo", "broker", "redis", "client")
 _NOTES = {
     "replica": "the mediator replica's process",
     "echo": "the echo service's process",
     "broker": "the broker's process (Tansu)",
+    "redis": "the state Redis's process (Valkey; not measured against a given Redis)",
     "client": "the load generator's process (the client)",
 }
 

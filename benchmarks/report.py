@@ -101,6 +101,30 @@ RATIOS = {
         "scaling.replicas4.chain3.workflows_per_s", "scaling.replicas1.chain3.workflows_per_s"),
 }  # fmt: skip
 
+#: What the throughput targets allow at most on this machine: the steps/s a replica that
+#: cost no CPU at all would reach, every other process (echo service, broker, the state
+#: Redis, client) spending what it spent per step in this run and the cores as busy, over
+#: the raw floor's steps/s. An estimate (the others' cost per step falls a little as
+#: batches grow with the rate), but it bounds what any replica can reach here.
+CEILINGS = {
+    "ratio.free_replica_over_raw_floor.chain3_steps": (
+        "mediator.chain3", "floor.raw.chain3.steps_per_s"),
+    "ratio.free_replica_over_raw_floor.chain1_steps": (
+        "mediator.chain1", "floor.raw.chain1.steps_per_s"),
+}  # fmt: skip
+
+#: From the same figures: the CPU per step (ms) the replica could spend and the workflow
+#: still reach its throughput target (`TARGETS`' ratio to the raw floor), the cores as busy.
+REPLICA_BUDGETS = {
+    "budget.replica_cpu_for_target.chain3": (
+        "mediator.chain3", "floor.raw.chain3.steps_per_s", 0.5),
+    "budget.replica_cpu_for_target.chain1": (
+        "mediator.chain1", "floor.raw.chain1.steps_per_s", 0.35),
+}  # fmt: skip
+
+#: The processes whose CPU per step make up a mediator rig's (`benchmarks.cpu.ROLES`).
+_RIG_ROLES = ("replica", "echo", "broker", "redis", "client")
+
 
 def derived(measures: list[Measure]) -> dict[str, float | None]:
     """Medians by name, plus the ratios of medians taken within this run."""
@@ -108,10 +132,47 @@ def derived(measures: list[Measure]) -> dict[str, float | None]:
     for name, (top, bottom) in RATIOS.items():
         a, b = values.get(top), values.get(bottom)
         values[name] = round(a / b, 3) if a is not None and b else None
+    for name, (prefix, floor) in CEILINGS.items():
+        values[name] = _free_replica_ratio(values, prefix, values.get(floor))
+    for name, (prefix, floor, ratio) in REPLICA_BUDGETS.items():
+        values[name] = _replica_budget(values, prefix, values.get(floor), ratio)
     balancer = [m.median for m in measures
                 if m.name.startswith("micro.balancer.") and m.median is not None]  # fmt: skip
     values["micro.balancer.slowest"] = max(balancer) if balancer else None
     return values
+
+
+def _rig_cpu(values: dict[str, float | None], prefix: str) -> tuple[float, float, float] | None:
+    """The workflow's steps/s, its rig's CPU per step (ms) and the replica's share of it;
+    None without every figure."""
+    cpu = [values.get(f"{prefix}.cpu_per_step.{role}") for role in _RIG_ROLES]
+    rate = values.get(f"{prefix}.steps_per_s")
+    if rate is None or any(v is None for v in cpu):
+        return None
+    return rate, sum(v for v in cpu if v is not None), cpu[0] or 0.0
+
+
+def _free_replica_ratio(
+    values: dict[str, float | None], prefix: str, floor: float | None
+) -> float | None:
+    """`CEILINGS`' estimate for the workflow `prefix`, or None without every figure."""
+    found = _rig_cpu(values, prefix)
+    if found is None or not floor:
+        return None
+    rate, total, replica = found
+    others = total - replica
+    return round(rate * total / others / floor, 3) if others > 0 else None
+
+
+def _replica_budget(
+    values: dict[str, float | None], prefix: str, floor: float | None, ratio: float
+) -> float | None:
+    """`REPLICA_BUDGETS`' figure (negative: out of reach whatever the replica spends)."""
+    found = _rig_cpu(values, prefix)
+    if found is None or not floor:
+        return None
+    rate, total, replica = found
+    return round(rate * total / (ratio * floor) - (total - replica), 4)
 
 
 def _fmt(value: float | None) -> str:
@@ -132,7 +193,9 @@ def render_table(measures: list[Measure], errors: dict[str, str]) -> str:
         reps = ", ".join(_fmt(v) for v in m.values) or "-"
         lines.append(f"| {m.name} | {_fmt(m.median)} | {m.unit} | {reps} | {m.note} |")
     lines += ["", "| ratio (medians, same run) | value |", "|---|---:|"]
-    lines += [f"| {name} | {_fmt(values[name])} |" for name in RATIOS]
+    lines += [
+        f"| {name} | {_fmt(values[name])} |" for name in [*RATIOS, *CEILINGS, *REPLICA_BUDGETS]
+    ]
     lines += ["", "| target | value | status |", "|---|---:|---|"]
     for target in TARGETS:
         value, status = target.verdict(values)
@@ -161,7 +224,7 @@ def to_json(
     return {
         "meta": meta,
         "measures": {m.name: m.to_json() for m in measures},
-        "ratios": {name: values[name] for name in RATIOS},
+        "ratios": {name: values[name] for name in [*RATIOS, *CEILINGS, *REPLICA_BUDGETS]},
         "targets": targets,
         "errors": errors,
     }

@@ -114,10 +114,18 @@ class Rig:
     echo: Child | None = None
     #: The rig's own broker's process id (None against a given broker).
     broker_pid: int | None = None
+    #: The state Redis's process id, for a rig with a replica on a Redis the suite started
+    #: (one rig runs at a time, so its CPU is this rig's).
+    redis_pid: int | None = None
 
     def pids(self) -> dict[str, int]:
         """The processes of this rig the suite started, by role (for CPU accounting)."""
-        found = {"broker": self.broker_pid, "echo": _pid(self.echo), "replica": _pid(self.replica)}
+        found = {
+            "broker": self.broker_pid,
+            "echo": _pid(self.echo),
+            "replica": _pid(self.replica),
+            "redis": self.redis_pid,
+        }
         return {role: pid for role, pid in found.items() if pid is not None}
 
     @property
@@ -146,6 +154,8 @@ class Stage:
     celery_redis_url: str
     broker: str
     workdir: Path
+    #: The state Redis's process id, when the suite started it (for CPU accounting).
+    redis_pid: int | None = None
 
     def settings(self, name: str, bootstrap: str) -> Settings:
         """Settings with fresh topics, consumer groups and Redis key prefix.
@@ -223,7 +233,9 @@ class Stage:
                 stack.push_async_callback(child.stop)
             # Side by side: each start is mostly waiting for a consumer group join.
             await asyncio.gather(*(child.start(ready_timeout_s=60) for child in children))
-            yield Rig(settings, children[1] if mediator else None, children[0], broker_pid)
+            replica = children[1] if mediator else None
+            redis_pid = self.redis_pid if mediator else None
+            yield Rig(settings, replica, children[0], broker_pid, redis_pid)
 
     def _host(self, role: str, config: Path, *extra: str, name: str | None = None) -> Child:
         args = ["-m", "benchmarks.hosts", role, "--config", str(config), *extra]
@@ -276,14 +288,16 @@ async def open_stage(bootstrap: str | None, redis_url: str | None) -> AsyncItera
     """
     with tempfile.TemporaryDirectory(prefix="mediator-bench-") as scratch:
         async with contextlib.AsyncExitStack() as stack:
+            redis_pid = None
             if redis_url:
                 stores = (redis_url, redis_url)
             else:
                 state = await stack.enter_async_context(EmbeddedRedis())
                 celery = await stack.enter_async_context(EmbeddedRedis())
                 stores = (state.url, celery.url)
+                redis_pid = state.process.pid if state.process is not None else None
             broker = bootstrap or "Tansu (embedded, in-memory, a fresh one per measurement)"
-            yield Stage(bootstrap, *stores, broker, Path(scratch))
+            yield Stage(bootstrap, *stores, broker, Path(scratch), redis_pid)
 
 
 def _pid(child: Child | None) -> int | None:

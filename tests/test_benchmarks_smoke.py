@@ -93,3 +93,29 @@ async def test_every_section_reports_positive_numbers(
     report.update_readme(readme, table, meta)
     report.update_readme(readme, table, meta)  # idempotent: one section, replaced
     assert readme.read_text().count(report.README_START) == 1
+
+
+def _measure(name: str, value: float) -> Measure:
+    return Measure(name, "x", values=[value])
+
+
+def test_the_free_replica_ceiling_is_the_rate_with_the_replicas_cpu_taken_out() -> None:
+    # 4,000 steps/s at 0.4 ms of CPU per step over the rig, half of it the replica's: the
+    # same cores busy with only the other half would give 8,000 steps/s, 0.5 x a floor
+    # of 16,000.
+    cpu = {"replica": 0.2, "echo": 0.05, "broker": 0.05, "redis": 0.04, "client": 0.06}
+    measures = [
+        _measure("mediator.chain3.steps_per_s", 4000.0),
+        _measure("floor.raw.chain3.steps_per_s", 16000.0),
+        *(_measure(f"mediator.chain3.cpu_per_step.{role}", ms) for role, ms in cpu.items()),
+    ]
+    values = report.derived(measures)
+    assert values["ratio.free_replica_over_raw_floor.chain3_steps"] == 0.5
+    # The target, 0.5 x the floor (8,000 steps/s), allows the rig 1.6 cores / 8,000 =
+    # 0.2 ms per step, all of it the others': nothing is left for the replica.
+    assert report.REPLICA_BUDGETS["budget.replica_cpu_for_target.chain3"][2] == 0.5
+    assert values["budget.replica_cpu_for_target.chain3"] == 0.0
+    # Without the state Redis's CPU (a Redis the suite did not start) there is no estimate.
+    values = report.derived([m for m in measures if not m.name.endswith(".redis")])
+    assert values["ratio.free_replica_over_raw_floor.chain3_steps"] is None
+    assert values["ratio.free_replica_over_raw_floor.chain1_steps"] is None
