@@ -678,17 +678,21 @@ async def test_entries_sent_again_go_record_by_record_so_a_batch_refusal_is_the_
 
 
 @pytest.mark.parametrize("publish", ["send", "send_now"])
+@pytest.mark.parametrize("batches", [False, True], ids=["send only", "takes batches"])
 async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culprit_fails(
-    publish: str,
+    publish: str, batches: bool
 ) -> None:
     # aiokafka puts the records `send` takes in one turn of the loop in one batch, and a
     # broker refuses a batch whole (a record over its message.max.bytes): the others in
     # it must not become error replies with the one at fault. So for outbox entries
     # (`send`) and for what is published directly (`send_now`: answers to refused
-    # requests, dead letters, error replies).
-    store, producer = FakeStore(), FakeProducer()
+    # requests, dead letters, error replies), each sent again in a batch of its own where
+    # the producer takes batches, a record without a key too.
+    store = FakeStore()
+    producer = BatchingProducer(partitions=1) if batches else FakeProducer()
     producer.shared_fate = True
     ok1, big, ok2 = command(1), command(2, size=5000), command(3)
+    ok2.key = None
     producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
     d = dispatcher(store, producer)
 
@@ -706,6 +710,34 @@ async def test_commands_whose_batch_was_refused_go_again_alone_so_only_the_culpr
     [reply] = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
     assert (reply.command_id, reply.status) == ("wf-2.a.1", "error")
     assert (d.stats.dead, d.published) == (1, 4)
+    if isinstance(producer, BatchingProducer):
+        sent_again = [values for topic, _, values in producer.batches if topic != TOPICS.dlq]
+        assert sorted(sent_again) == sorted([[ok1.value], [ok2.value]])
+
+
+async def test_nothing_is_dead_lettered_by_a_direct_publish_that_fails_for_now() -> None:
+    # The caller publishes the lot again after a transient failure: a message refused for
+    # good in the same call must not be dead-lettered now and again then.
+    store, producer = FakeStore(), FakeProducer()
+    producer.shared_fate = True
+    big, ok = command(1, size=5000), command(2)
+    producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
+    d = dispatcher(store, producer)
+    produce = d._produce
+
+    async def busy_when_alone(message: Message, *, alone: bool = False) -> Any:
+        if alone and message is ok:
+            msg = "the producer's buffer is full"
+            raise KafkaTimeoutError(msg)
+        return await produce(message, alone=alone)
+
+    d._produce = busy_when_alone  # type: ignore[method-assign]
+
+    with pytest.raises(KafkaTimeoutError):
+        await d.send_now([big, ok])
+
+    assert TOPICS.dlq not in published_by_topic(producer)
+    assert d.stats.dead == 0
 
 
 async def test_an_entry_let_go_in_flight_is_not_sent_again_when_its_batch_is_refused() -> None:

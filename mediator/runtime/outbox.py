@@ -187,7 +187,7 @@ class Dispatcher:
         for message in messages:
             try:
                 futures.append((message, await self._produce(message)))
-            except Exception as exc:  # the producer's own check: this message's refusal
+            except Exception as exc:  # refused before it reached a batch, or transient
                 failed.append((message, exc))
         for message, records in futures:
             error = await self._first_failure(records)
@@ -202,9 +202,12 @@ class Dispatcher:
                 self.published += len(records)
             else:
                 failed.append((message, error))
+        # Any transient failure first: the caller publishes the lot again, so nothing is
+        # dead-lettered now that would be dead-lettered again then.
+        transient = next((error for _, error in failed if self._transient(error)), None)
+        if transient is not None:
+            raise transient
         for message, error in failed:
-            if self._transient(error):
-                raise error
             self.stats.dead += 1
             if message.kind == "dead_letter":
                 # Bounded by construction; if even that is refused, say so loudly.
@@ -376,12 +379,13 @@ class Dispatcher:
         a broker's refusal of that batch is this record's. The producer's `send` would
         put it in the batch open for its partition, with whatever else goes there
         meanwhile (another entry sent again, a new command), so a batch is built for it
-        where the producer takes batches and the record's partition is known (given, or
-        its key's); else `send` it is, waited for before the next goes."""
+        where the producer takes batches and the record's partition is known (given, its
+        key's, or any for a record without a key); else `send` it is, waited for before
+        the next goes."""
         producer, topic, key = self.producer, message.topic, message.key
         if hasattr(producer, "send_batch"):
             batching = cast(BatchingProducer, producer)
-            if partition is None and key is not None:
+            if partition is None:  # the key's partition (any, for a record without a key)
                 known = list(await producer.partitions_for(topic))
                 partition = partition_for(key, known, known) if known else None
             if partition is not None:
