@@ -69,8 +69,10 @@ def new_producer(
     **options: Any,
 ) -> AIOKafkaProducer:
     """A producer as every part of the project uses one: acks from all in-sync replicas,
-    CRC32 partitioning, a short linger, batches of up to `MAX_BATCH_BYTES`, the connection's
-    transport security; `options` go to aiokafka as they are."""
+    CRC32 partitioning, a short linger, batches of up to `MAX_BATCH_BYTES` and never over
+    `max_request_size` (so that bounds every batch the broker is sent, not only each
+    record), the connection's transport security; `options` go to aiokafka as they are."""
+    batch_bytes = min(MAX_BATCH_BYTES, options.get("max_request_size", MAX_BATCH_BYTES))
     return AIOKafkaProducer(
         **client_options(kafka),
         client_id=client_id,
@@ -78,7 +80,7 @@ def new_producer(
         enable_idempotence=enable_idempotence,
         partitioner=partition_for,
         linger_ms=linger_ms,
-        **({"max_batch_size": MAX_BATCH_BYTES} | options),
+        **({"max_batch_size": batch_bytes} | options),
     )
 
 

@@ -58,6 +58,7 @@ from mediator.storage.keys import Keys
 from mediator.storage.metrics import MetricsStore
 from mediator.storage.schedules import ScheduleStates
 from mediator.storage.store import Store
+from mediator.topic_limits import warn_of_small_topics
 
 __all__ = ["Mediator", "create_app"]
 
@@ -276,6 +277,9 @@ class Mediator:
         await self.store.check_layout()
         await self.catalog.publish()
         await self.producer.start()
+        await warn_of_small_topics(
+            self.settings.kafka, self._published_topics(), self.settings.limits.max_message_bytes
+        )
         if self.endpoints is not None:
             try:
                 await self.endpoints.start()
@@ -311,6 +315,18 @@ class Mediator:
             self.flow.start()
         if self.keyed is not None:
             self.keyed.start()
+
+    def _published_topics(self) -> list[str]:
+        """The topics this replica publishes to, as far as it knows them at start (not the
+        `reply_to` topics of requests yet to come)."""
+        topics = self.settings.kafka.topics
+        names = {topics.replies, topics.results, topics.dlq, topics.requests, topics.control}
+        names.update(topics.service(service) for service in self.definitions.services())
+        if self.settings.events.enabled:
+            names.add(topics.events)
+        if self.settings.service_monitoring.alerts:
+            names.add(topics.alerts)
+        return sorted(names)
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""

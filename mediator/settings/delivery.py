@@ -218,10 +218,11 @@ class LimitsSettings(BaseModel):
         default=1_000_000,
         ge=1024,
         description="Apache Kafka's default `message.max.bytes` is 1 MiB plus a little. Applied "
-        "to the producer (max_request_size) and checked before anything enters the "
-        "outbox: a command or result that would not fit fails its step or run with "
-        "`payload_too_large` instead of jamming the outbox. Inbound records over it "
-        "are refused the same way.",
+        "to the producer (max_request_size, and the most its batches hold) and checked "
+        "before anything enters the outbox: a command or result that would not fit fails "
+        "its step or run with `payload_too_large` instead of jamming the outbox. Inbound "
+        "records over it are refused the same way. A replica warns at start of every "
+        "topic it publishes to whose `max.message.bytes` is lower.",
     )
     dead_letter_excerpt_bytes: int = Field(
         default=16_384,
