@@ -69,11 +69,15 @@ def too_small(limits: dict[str, int], batch_bytes: int) -> list[tuple[str, int]]
 
 
 async def warn_of_small_topics(
-    kafka: str | KafkaConnection, topics: Sequence[str], batch_bytes: int
+    kafka: str | KafkaConnection,
+    topics: Sequence[str],
+    batch_bytes: int,
+    setting: str = "limits.max_message_bytes",
 ) -> list[tuple[str, int]]:
     """Log a warning for each of `topics` that takes less than `batch_bytes`, the most a
-    batch of ours can hold (`limits.max_message_bytes`); a broker that cannot say is
-    logged and left alone: this never stops a start. Returns the topics warned of."""
+    batch of ours can hold (`setting`, the producer's `max_request_size`); a broker that
+    cannot say is logged and left alone: this never stops a start. Returns the topics
+    warned of."""
     try:
         limits = await topic_size_limits(kafka, topics)
     except Exception as exc:
@@ -82,15 +86,16 @@ async def warn_of_small_topics(
     small = too_small(limits, batch_bytes)
     for name, size in small:
         log.warning(
-            "topic %s takes record batches of at most %d bytes (%s), under the %d of "
-            "limits.max_message_bytes: the broker would refuse a batch of commands or "
-            "results over it (with kafka.enable_idempotence on, every later batch to that "
-            "partition too, until the replica restarts). Set limits.max_message_bytes to "
-            "%d or less, or raise the topic's %s",
+            "topic %s takes record batches of at most %d bytes (%s), under the %d of %s: "
+            "the broker would refuse a batch over it whole (with idempotence on, every "
+            "later batch to that partition too, until the producer is made again). Set %s "
+            "to %d or less, or raise the topic's %s",
             name,
             size,
             MAX_MESSAGE_BYTES,
             batch_bytes,
+            setting,
+            setting,
             size,
             MAX_MESSAGE_BYTES,
         )

@@ -3,6 +3,7 @@ less than a batch of ours may hold is named in a warning before a batch is refus
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiokafka.admin import NewTopic
 from mediator.cli.infra import EmbeddedKafka
 from mediator.kafka import new_admin
 from mediator.producers import MAX_BATCH_BYTES, new_producer
+from mediator.sdk.worker import Worker
 from mediator.settings import Settings
 from mediator.topic_limits import too_small, topic_size_limits, warn_of_small_topics
 from tests.helpers import step
@@ -65,7 +67,25 @@ async def test_a_replica_warns_at_start_of_a_service_topic_smaller_than_its_batc
     warned = [r.getMessage() for r in caplog.records if r.name == "mediator.kafka"]
     assert len(warned) == 1, warned
     assert f"topic {svc} takes record batches of at most 50000 bytes" in warned[0]
-    assert "limits.max_message_bytes to 50000 or less" in warned[0]
+    assert "Set limits.max_message_bytes to 50000 or less" in warned[0]
+
+
+async def test_a_worker_warns_at_start_of_a_replies_topic_smaller_than_its_batches(
+    kafka: EmbeddedKafka, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    topics = dataclasses.replace(settings.kafka.topics, prefix=f"{settings.kafka.topics.prefix}w.")
+    await create_topic(kafka.bootstrap_servers, topics.replies, **{"max.message.bytes": "60000"})
+    worker = Worker("svc", kafka.bootstrap_servers, topics=topics, enable_idempotence=False,
+                    signing=False, heartbeat_interval=None)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mediator.kafka"):
+        await worker.start()
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.name == "mediator.kafka"]
+        assert len(warned) == 1, warned
+        assert f"topic {topics.replies} takes record batches of at most 60000" in warned[0]
+        assert "Set producer_options['max_request_size'] to 60000 or less" in warned[0]
+    finally:
+        await worker.stop()
 
 
 async def test_the_producers_batches_never_exceed_its_largest_request() -> None:

@@ -62,7 +62,7 @@ from mediator.core.signing import Keyring
 from mediator.core.tasks import cancel_and_wait
 from mediator.errors import ConfigurationError
 from mediator.kafka import KafkaConnection, new_consumer
-from mediator.producers import new_producer
+from mediator.producers import DEFAULT_MAX_REQUEST_SIZE, new_producer
 from mediator.sdk.actions import ActionError, Handler
 from mediator.sdk.claims import Claims
 from mediator.sdk.inflight import Queued
@@ -72,6 +72,7 @@ from mediator.sdk.offsets import OffsetTracker
 from mediator.sdk.signals import on_sigterm
 from mediator.sdk.tally import Tally
 from mediator.sdk.tracing import tracing_active
+from mediator.topic_limits import warn_of_small_topics
 from topics.events import (
     HealthStatus,
 )
@@ -247,6 +248,13 @@ class Worker(Intake):
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer
+        largest = self._producer_options.get("max_request_size", DEFAULT_MAX_REQUEST_SIZE)
+        await warn_of_small_topics(
+            self.bootstrap_servers,
+            [self.topics.replies, self.topics.health],
+            largest,
+            "producer_options['max_request_size']",
+        )
         self._task = asyncio.create_task(self._loop(), name=f"worker:{self.service}")
         if self.heartbeat_interval:
             self._beats = asyncio.create_task(self._heartbeats(), name=f"heartbeat:{self.service}")
