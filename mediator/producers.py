@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import BrokerResponseError, KafkaError
+from aiokafka.errors import (
+    BrokerResponseError,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 
 from mediator.errors import IdempotenceUnsupported
 from mediator.kafka import KafkaConnection, as_connection, client_options
@@ -45,6 +50,10 @@ def partition_for(
 #: Kept well under a broker's default message.max.bytes (1 MiB).
 MAX_BATCH_BYTES = 512 * 1024
 
+
+#: Failures that say an idempotent producer's sequence numbers are out of step with the
+#: broker's: only a new producer (a new producer id) gets past them.
+OUT_OF_STEP = (OutOfOrderSequenceNumber, UnknownProducerId)
 
 #: aiokafka's default `max_request_size`.
 DEFAULT_MAX_REQUEST_SIZE = 1_048_576
@@ -110,6 +119,21 @@ class DeferredProducer:
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
+
+    async def renew(self) -> None:
+        """Put a new, started producer in place of the current one, then close the old
+        (what it still held fails or is cancelled: the outbox retries it). A new producer
+        gets a new producer id, so its sequence numbers start again in step with the
+        broker's."""
+        fresh = new_producer(self._kafka, **self._options)
+        try:
+            await fresh.start()
+        except BaseException:
+            await fresh.stop()
+            raise
+        old, self._producer = self._producer, fresh
+        if old is not None:
+            await old.stop()
 
     async def send(
         self,

@@ -6,7 +6,8 @@ records the producer gathered in it with it. The mediator bounds every batch it 
 topic that takes less than that can refuse batches of commands that are each small; with
 `kafka.enable_idempotence` on, aiokafka does not take back the sequence numbers of a
 refused batch, and every later batch to that partition is refused as out of order until
-the producer is made again. Reading the limits at start says so before it happens.
+the producer is made again (the outbox does that). Reading the limits at start says so
+before it happens.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ async def warn_of_small_topics(
     for name, size in small:
         log.warning(
             "topic %s takes record batches of at most %d bytes (%s), under the %d of %s: "
-            "the broker would refuse a batch over it whole (with idempotence on, every "
-            "later batch to that partition too, until the producer is made again). Set %s "
+            "the broker would refuse a batch over it whole (with idempotence on, the later "
+            "ones to that partition too, until the producer is made again). Set %s "
             "to %d or less, or raise the topic's %s",
             name,
             size,

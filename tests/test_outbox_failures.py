@@ -17,6 +17,7 @@ import pytest
 from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     UnknownTopicOrPartitionError,
 )
 
@@ -806,3 +807,51 @@ async def test_entries_sent_again_side_by_side_each_go_in_a_batch_of_their_own()
     replies = [ReplyEvent.model_validate_json(v) for v in by_topic[TOPICS.replies]]
     assert sorted(r.command_id for r in replies) == ["wf-2.a.1", "wf-4.a.1"]
     assert d.stats.dead == 2
+
+
+class OutOfStep(FakeProducer):
+    """As an idempotent aiokafka producer after the broker refused a batch: it does not
+    take back that batch's sequence numbers, so every later send fails as out of order,
+    until it is made again (`renew`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_of_step = False
+        self.renewed = 0
+
+    async def send(self, topic: str, value: bytes | None = None, *args: Any,
+                   **kwargs: Any) -> asyncio.Future[object]:  # fmt: skip
+        if self.out_of_step:
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            future.set_exception(OutOfOrderSequenceNumber())
+            return future
+        assert value is not None
+        if value in self.fail_later:
+            self.out_of_step = True
+        return await super().send(topic, value, *args, **kwargs)
+
+    async def renew(self) -> None:
+        self.renewed += 1
+        self.out_of_step = False
+
+
+async def test_a_producer_out_of_step_with_the_broker_is_made_again() -> None:
+    store, producer = FakeStore(), OutOfStep()
+    big, ok = command(1, size=5000), command(2)
+    producer.fail_later[big.value] = MessageSizeTooLargeError("too big for the broker")
+    d = dispatcher(store, producer)
+
+    await d.send([big])
+    await settle(d)
+    # Sent again alone, it failed as out of order: retried later (transient), and the
+    # producer is made again meanwhile, once.
+    if d._renewing is not None:
+        await d._renewing
+    assert (producer.renewed, d.stats.producer_renewed) == (1, 1)
+    assert d.stats.dead == 0 and d.stats.retried == 1
+
+    await d.send([ok])
+    await settle(d)
+    assert producer.published == [(ok.topic, ok.value)]
+    assert (0, ok.id) in store.done
+    await d.stop()

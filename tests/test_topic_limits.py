@@ -1,5 +1,6 @@
-"""The topics' `max.message.bytes`, read from the real broker at start: a topic that takes
-less than a batch of ours may hold is named in a warning before a batch is refused."""
+"""What the broker takes per topic, and a producer out of step with it, on the real broker:
+each topic's `max.message.bytes` read at start, a topic that takes less than a batch of
+ours may hold named in a warning before a batch is refused, and a producer made again."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from aiokafka.admin import NewTopic
 
 from mediator.cli.infra import EmbeddedKafka
 from mediator.kafka import new_admin
-from mediator.producers import MAX_BATCH_BYTES, new_producer
+from mediator.producers import MAX_BATCH_BYTES, DeferredProducer, new_producer
 from mediator.sdk.worker import Worker
 from mediator.settings import Settings
 from mediator.topic_limits import too_small, topic_size_limits, warn_of_small_topics
-from tests.helpers import step
+from tests.helpers import consume_all, step
 
 ONE = {"name": "one", "steps": [step("a", action="work")]}
 
@@ -100,3 +101,25 @@ async def test_the_producers_batches_never_exceed_its_largest_request() -> None:
     finally:
         await small.stop()
         await default.stop()
+
+
+async def test_a_producer_made_again_sends_on_and_the_old_one_is_closed(
+    kafka: EmbeddedKafka, topics: Any
+) -> None:
+    # What the outbox does when an idempotent producer's sequence numbers are out of step
+    # with the broker's: a new client in the old one's place (Tansu has no idempotent
+    # producers, so here the renewal itself, on the real broker).
+    producer = DeferredProducer(kafka.bootstrap_servers, client_id="t-renew",
+                                enable_idempotence=False)  # fmt: skip
+    await producer.start()
+    try:
+        first = producer.producer
+        await (await producer.send(topics.results, b"before", b"k"))
+        await producer.renew()
+        assert producer.producer is not first
+        assert first._closed
+        await (await producer.send(topics.results, b"after", b"k"))
+    finally:
+        await producer.stop()
+    records = await consume_all(kafka.bootstrap_servers, topics.results, count=2, timeout=15)
+    assert [r.value for r in records] == [b"before", b"after"]

@@ -26,10 +26,21 @@ from mediator.core.signing import Signatures
 from mediator.core.tasks import cancel_and_wait
 from mediator.core.workflow import CHILD_PREFIX
 from mediator.errors import StateUnavailable
-from mediator.producers import DEFAULT_MAX_REQUEST_SIZE, fits_a_batch, partition_for
+from mediator.producers import (
+    DEFAULT_MAX_REQUEST_SIZE,
+    OUT_OF_STEP,
+    fits_a_batch,
+    partition_for,
+)
 from mediator.runtime.failures import dead_letter, failure_code, is_transient, metadata_age_s
 from mediator.runtime.messages import EVENTS, Message, unframe
-from mediator.runtime.ports import BatchBuilder, BatchingProducer, OutboxStore, Producer
+from mediator.runtime.ports import (
+    BatchBuilder,
+    BatchingProducer,
+    OutboxStore,
+    Producer,
+    Renewable,
+)
 from mediator.runtime.stats import OutboxStats
 from mediator.settings import BackoffSettings
 from topics.events import ErrorInfo, ReplyEvent, ReplyStatus
@@ -100,6 +111,8 @@ class Dispatcher:
         #: batches built here (`_enqueue`), and the task handing each partition's over.
         self._queues: dict[tuple[str, int], collections.deque[_Batch]] = {}
         self._submitters: dict[tuple[str, int], asyncio.Task[None]] = {}
+        #: Making the producer again (`_renew_producer`), while it is under way.
+        self._renewing: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the sweeper."""
@@ -123,6 +136,8 @@ class Dispatcher:
                 batch.delivered.cancel()
         self._queues.clear()
         self._submitters.clear()
+        if self._renewing is not None:
+            await cancel_and_wait(self._renewing)
 
     async def send(
         self, messages: Sequence[Message], since: float | None = None, *, singly: bool = False
@@ -206,6 +221,7 @@ class Dispatcher:
         # dead-lettered now that would be dead-lettered again then.
         transient = next((error for _, error in failed if self._transient(error)), None)
         if transient is not None:
+            self._out_of_step(transient)
             raise transient
         for message, error in failed:
             self.stats.dead += 1
@@ -230,10 +246,35 @@ class Dispatcher:
     def _transient(self, exc: BaseException) -> bool:
         return is_transient(exc, metadata_age_s=metadata_age_s(self.producer))
 
+    def _out_of_step(self, exc: BaseException) -> None:
+        """After a failure that says the producer's sequence numbers are out of step with
+        the broker's, make the producer again (once at a time). An idempotent aiokafka
+        producer does not take back the numbers of a batch the broker refused, so every
+        later batch to that partition would fail as out of order until then; a new
+        producer starts from a new producer id. The entries that failed meanwhile are
+        retried as transient."""
+        if not isinstance(exc, OUT_OF_STEP) or self._renewing is not None:
+            return
+        if not hasattr(self.producer, "renew"):
+            return
+        self._renewing = asyncio.create_task(self._renew_producer(exc), name="outbox-renew")
+
+    async def _renew_producer(self, cause: BaseException) -> None:
+        log.warning("the producer is out of step with the broker (%s); making it again", cause)
+        try:
+            await cast(Renewable, self.producer).renew()
+        except Exception as exc:  # the next failure out of step tries again
+            log.warning("could not make the producer again: %s", exc)
+        else:
+            self.stats.producer_renewed += 1
+        finally:
+            self._renewing = None
+
     async def _failed(self, message: Message, exc: BaseException) -> None:
         """Sort one message's failure; never raises for a transient one."""
         slot = (message.shard, message.id)
         self._inflight.pop(slot, None)
+        self._out_of_step(exc)
         if self._transient(exc):
             tries = self._tries[slot] = self._tries.get(slot, 0) + 1
             delay = self.backoff.delay_ms(tries)

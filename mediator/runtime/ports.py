@@ -78,6 +78,15 @@ class BatchingProducer(Producer, Protocol):
         ...
 
 
+class Renewable(Protocol):
+    """A producer that can be made again (`mediator.producers.DeferredProducer`): a new
+    client, with a new producer id, in the old one's place."""
+
+    async def renew(self) -> None:
+        """Start a new client, put it in place, then close the old one."""
+        ...
+
+
 class OutboxStore(Protocol):
     """The part of the Redis store the outbox uses (`mediator.store.Store`)."""
 

@@ -62,6 +62,9 @@ class OutboxStats(Stats):
     lost_in_flight: int = 0
     sweep_failures: int = 0
     unknown_partition: int = 0
+    #: Times the producer was made again: its sequence numbers out of step with the
+    #: broker's (an idempotent producer after a batch the broker refused).
+    producer_renewed: int = 0
 
 
 @dataclass(slots=True)
