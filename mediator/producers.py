@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import traceback
 import zlib
@@ -13,6 +14,7 @@ from aiokafka.errors import (
     BrokerResponseError,
     KafkaError,
     OutOfOrderSequenceNumber,
+    ProducerClosed,
     UnknownProducerId,
 )
 
@@ -54,6 +56,9 @@ MAX_BATCH_BYTES = 512 * 1024
 #: Failures that say an idempotent producer's sequence numbers are out of step with the
 #: broker's: only a new producer (a new producer id) gets past them.
 OUT_OF_STEP = (OutOfOrderSequenceNumber, UnknownProducerId)
+
+#: How long `DeferredProducer.renew` lets a new producer take to start.
+RENEW_START_S = 30.0
 
 #: aiokafka's default `max_request_size`.
 DEFAULT_MAX_REQUEST_SIZE = 1_048_576
@@ -103,6 +108,9 @@ class DeferredProducer:
         self._kafka = kafka
         self._options = options
         self._producer: AIOKafkaProducer | None = None
+        #: Producers put aside by `renew`, while they stop (flush); `stop` waits for them.
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     @property
     def producer(self) -> AIOKafkaProducer:
@@ -112,28 +120,45 @@ class DeferredProducer:
         return self._producer
 
     async def start(self) -> None:
+        self._stopped = False
         if self._producer is None:
             self._producer = new_producer(self._kafka, **self._options)
         await self._producer.start()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._producer is not None:
             await self._producer.stop()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def renew(self) -> None:
         """Put a new, started producer in place of the current one, then close the old
-        (what it still held fails or is cancelled: the outbox retries it). A new producer
+        (`_retire`: what it holds is flushed, each record getting its real outcome, and
+        what it never took fails as closed, which the outbox retries). A new producer
         gets a new producer id, so its sequence numbers start again in step with the
-        broker's."""
+        broker's. Nothing once stopped; the old producer is closed even if the caller
+        is cancelled meanwhile (`stop` waits for it)."""
+        if self._stopped:
+            return
         fresh = new_producer(self._kafka, **self._options)
         try:
-            await fresh.start()
+            # Bounded: an idempotent producer's start waits for its producer id for ever.
+            async with asyncio.timeout(RENEW_START_S):
+                await fresh.start()
         except BaseException:
-            await fresh.stop()
+            await asyncio.shield(fresh.stop())
             raise
+        if self._stopped:  # stopped while the new one started
+            await fresh.stop()
+            return
         old, self._producer = self._producer, fresh
         if old is not None:
-            await old.stop()
+            # Not cancelled with the caller: `stop` waits for it.
+            task = asyncio.create_task(_retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            await asyncio.shield(task)
 
     async def send(
         self,
@@ -149,6 +174,17 @@ class DeferredProducer:
     def __getattr__(self, name: str) -> Any:
         # Only reached for what this class does not define (client, partitions_for, ...).
         return getattr(self.producer, name)
+
+
+async def _retire(old: AIOKafkaProducer) -> None:
+    """Stop a producer `renew` put aside. aiokafka's `add_batch` takes a batch after the
+    producer began to close (it does not look again once it waited for the partition's
+    batch before): one its sender did not take before it stopped would never be settled,
+    so it is failed (transient: the outbox sends it again)."""
+    await old.stop()
+    accumulator = getattr(old, "_message_accumulator", None)
+    if accumulator is not None:
+        accumulator.fail_all(ProducerClosed())
 
 
 # aiokafka.producer.sender: Sender._maybe_wait_for_pid -> _do_init_pid -> InitPIDHandler.

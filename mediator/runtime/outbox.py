@@ -50,6 +50,10 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("mediator.outbox")
 
+#: After a renewal, out-of-step failures are not a reason for another for this long (those
+#: of the producer it replaced, settled late; a broker answering so for another reason).
+RENEW_QUIET_S = 5.0
+
 
 class Dispatcher:
     """Publishes outbox messages and clears them once Kafka has them; sweeps leftovers.
@@ -113,6 +117,10 @@ class Dispatcher:
         self._submitters: dict[tuple[str, int], asyncio.Task[None]] = {}
         #: Making the producer again (`_renew_producer`), while it is under way.
         self._renewing: asyncio.Task[None] | None = None
+        #: When the last renewal ended: out-of-step failures of the producer it replaced
+        #: still arrive for a while after it, and are no reason to renew again.
+        self._renewed_at = float("-inf")
+        self._stopping = False
 
     def start(self) -> None:
         """Start the sweeper."""
@@ -121,6 +129,7 @@ class Dispatcher:
     async def stop(self, wait_s: float = 10) -> None:
         """Stop sweeping and wait for publishes in flight and their clearing, up to
         `wait_s` seconds."""
+        self._stopping = True
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
         deadline = clock.monotonic() + wait_s
@@ -217,11 +226,16 @@ class Dispatcher:
                 self.published += len(records)
             else:
                 failed.append((message, error))
-        # Any transient failure first: the caller publishes the lot again, so nothing is
-        # dead-lettered now that would be dead-lettered again then.
+        await self._sort_direct(failed)
+
+    async def _sort_direct(self, failed: list[tuple[Message, BaseException]]) -> None:
+        """`send_now`'s failures: any transient one is raised before anything is
+        dead-lettered (the caller publishes the lot again, so nothing dead-lettered now
+        would be dead-lettered again then); else each is dead-lettered."""
+        for _, error in failed:
+            self._out_of_step(error)
         transient = next((error for _, error in failed if self._transient(error)), None)
         if transient is not None:
-            self._out_of_step(transient)
             raise transient
         for message, error in failed:
             self.stats.dead += 1
@@ -253,7 +267,9 @@ class Dispatcher:
         later batch to that partition would fail as out of order until then; a new
         producer starts from a new producer id. The entries that failed meanwhile are
         retried as transient."""
-        if not isinstance(exc, OUT_OF_STEP) or self._renewing is not None:
+        if not isinstance(exc, OUT_OF_STEP) or self._renewing is not None or self._stopping:
+            return
+        if clock.monotonic() - self._renewed_at < RENEW_QUIET_S:
             return
         if not hasattr(self.producer, "renew"):
             return
@@ -269,6 +285,7 @@ class Dispatcher:
             self.stats.producer_renewed += 1
         finally:
             self._renewing = None
+            self._renewed_at = clock.monotonic()
 
     async def _failed(self, message: Message, exc: BaseException) -> None:
         """Sort one message's failure; never raises for a transient one."""
