@@ -317,16 +317,12 @@ class Mediator:
             self.keyed.start()
 
     def _published_topics(self) -> list[str]:
-        """The topics this replica publishes to, as far as it knows them at start (not the
-        `reply_to` topics of requests yet to come)."""
+        """The topics this replica may publish to, as far as it knows them at start: the
+        mediator's own and every service's (not the `reply_to` topics of requests yet to
+        come)."""
         topics = self.settings.kafka.topics
-        names = {topics.replies, topics.results, topics.dlq, topics.requests, topics.control}
-        names.update(topics.service(service) for service in self.definitions.services())
-        if self.settings.events.enabled:
-            names.add(topics.events)
-        if self.settings.service_monitoring.alerts:
-            names.add(topics.alerts)
-        return sorted(names)
+        services = (topics.service(service) for service in self.definitions.services())
+        return sorted({*topics.mediator_topics(), *services})
 
     async def disconnect(self) -> None:
         """Stop the timers and the outbox (flushing publishes in flight), close the clients."""
