@@ -89,7 +89,7 @@ async def warn_of_small_topics(
         log.warning(
             "topic %s takes record batches of at most %d bytes (%s), under the %d of %s: "
             "the broker would refuse a batch over it whole (with idempotence on, the later "
-            "ones to that partition too, until the producer is made again). Set %s "
+            "ones to that partition too, until a new producer takes over). Set %s "
             "to %d or less, or raise the topic's %s",
             name,
             size,
